@@ -1,0 +1,7 @@
+//! Stockade: a self-hosted tool-execution sandbox for AI agent sessions.
+//!
+//! The binary (`src/main.rs`) is a thin CLI over this library, so tests and benchmarks exercise
+//! the same code paths as operators do.
+
+pub mod policy;
+pub mod util;

@@ -1,0 +1,579 @@
+//! Reading policy layers, following `extends`, merging, and turning the result into a `Policy`.
+
+use serde::de::{self, Deserializer, Visitor};
+use serde::Deserialize;
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::{Component, Path, PathBuf};
+use toml::Spanned;
+
+use super::types::*;
+use super::{builtin_text, syscalls, PolicyError};
+use crate::util::{nearest, parse_duration, parse_size};
+
+/// Where a field was written: file, line and column (1-based).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Origin {
+    pub file: String,
+    pub line: usize,
+    pub col: usize,
+}
+
+impl fmt::Display for Origin {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}:{}", self.file, self.line, self.col)
+    }
+}
+
+/// Field path (`limits.memory`) → where its effective value was last written.
+pub type Origins = BTreeMap<String, Origin>;
+
+struct Source<'a> {
+    name: String,
+    text: &'a str,
+}
+
+impl Source<'_> {
+    fn origin(&self, offset: usize) -> Origin {
+        let before = &self.text[..offset.min(self.text.len())];
+        let line = before.matches('\n').count() + 1;
+        let col = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+        Origin { file: self.name.clone(), line, col }
+    }
+    fn whole(&self) -> Origin {
+        Origin { file: self.name.clone(), line: 1, col: 1 }
+    }
+}
+
+/// A number or a string, for sizes (`"1G"` or `1073741824`) and durations (`"30m"` or `1800`).
+#[derive(Debug, Clone)]
+pub(crate) enum NumOrStr {
+    Num(u64),
+    Str(String),
+}
+
+impl<'de> Deserialize<'de> for NumOrStr {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl Visitor<'_> for V {
+            type Value = NumOrStr;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a number or a string with a unit such as \"512M\" or \"30m\"")
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<NumOrStr, E> {
+                u64::try_from(v).map(NumOrStr::Num).map_err(|_| E::custom("must not be negative"))
+            }
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<NumOrStr, E> {
+                Ok(NumOrStr::Num(v))
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<NumOrStr, E> {
+                Ok(NumOrStr::Str(v.to_owned()))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// Declares a policy section twice: as written in one file (`$layer`, every field optional and
+/// spanned, `X_add`/`X_remove` beside every list `X`) and as merged across files (`$raw`).
+macro_rules! section {
+    ($sect:literal, $layer:ident => $raw:ident {
+        scalars { $($s:ident : $st:ty),* $(,)? }
+        lists { $($l:ident / $la:ident / $lr:ident : $lt:ty),* $(,)? }
+        maps { $($mp:ident : $mt:ty),* $(,)? }
+    }) => {
+        #[derive(Debug, Default, Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct $layer {
+            $( $s: Option<Spanned<$st>>, )*
+            $( $l: Option<Spanned<Vec<$lt>>>, $la: Option<Spanned<Vec<$lt>>>, $lr: Option<Spanned<Vec<$lt>>>, )*
+            $( $mp: Option<Spanned<BTreeMap<String, $mt>>>, )*
+        }
+
+        #[derive(Debug, Default, Clone)]
+        pub(crate) struct $raw {
+            $( pub $s: Option<$st>, )*
+            $( pub $l: Option<Vec<$lt>>, )*
+            $( pub $mp: BTreeMap<String, $mt>, )*
+        }
+
+        impl $layer {
+            #[allow(unused_variables)]
+            fn merge(self, into: &mut $raw, o: &mut Origins, src: &Source) {
+                $(
+                    if let Some(v) = self.$s {
+                        o.insert(concat!($sect, stringify!($s)).into(), src.origin(v.span().start));
+                        into.$s = Some(v.into_inner());
+                    }
+                )*
+                $(
+                    let key: String = concat!($sect, stringify!($l)).into();
+                    if let Some(v) = self.$l {
+                        o.insert(key.clone(), src.origin(v.span().start));
+                        into.$l = Some(v.into_inner());
+                    }
+                    if let Some(v) = self.$la {
+                        o.insert(key.clone(), src.origin(v.span().start));
+                        let list = into.$l.get_or_insert_with(Vec::new);
+                        for x in v.into_inner() {
+                            if !list.contains(&x) {
+                                list.push(x);
+                            }
+                        }
+                    }
+                    if let Some(v) = self.$lr {
+                        o.insert(key.clone(), src.origin(v.span().start));
+                        let rm = v.into_inner();
+                        if let Some(list) = into.$l.as_mut() {
+                            list.retain(|x| !rm.contains(x));
+                        }
+                    }
+                )*
+                $(
+                    if let Some(v) = self.$mp {
+                        o.insert(concat!($sect, stringify!($mp)).into(), src.origin(v.span().start));
+                        into.$mp.extend(v.into_inner());
+                    }
+                )*
+            }
+        }
+    };
+}
+
+section!("user.", UserLayer => UserRaw {
+    scalars { uid: u32, gid: u32, name: String, host_id_base: u32 }
+    lists {}
+    maps {}
+});
+section!("filesystem.", FsLayer => FsRaw {
+    scalars { rootfs: String, sys: SysModeW, workspace: AccessW }
+    lists {
+        read_only / read_only_add / read_only_remove: String,
+        read_write / read_write_add / read_write_remove: String,
+        etc / etc_add / etc_remove: String,
+    }
+    maps {}
+});
+section!("env.", EnvLayer => EnvRaw {
+    scalars {}
+    lists {
+        pass / pass_add / pass_remove: String,
+        allow_secrets / allow_secrets_add / allow_secrets_remove: String,
+    }
+    maps { set: String }
+});
+section!("limits.", LimitsLayer => LimitsRaw {
+    scalars {
+        memory: NumOrStr, pids: u64, cpu: f64, nofile: u64, nproc: u64, fsize: NumOrStr,
+        address_space: NumOrStr, tmp_size: NumOrStr, timeout: NumOrStr, enforcement: EnforcementW,
+    }
+    lists {}
+    maps {}
+});
+section!("network.", NetLayer => NetRaw {
+    scalars { mode: NetModeW }
+    lists {
+        allow / allow_add / allow_remove: String,
+        allow_domains / allow_domains_add / allow_domains_remove: String,
+        upstream_dns / upstream_dns_add / upstream_dns_remove: String,
+    }
+    maps {}
+});
+section!("landlock.", LandlockLayer => LandlockRaw {
+    scalars { compatibility: CompatibilityW }
+    lists {
+        tcp_bind / tcp_bind_add / tcp_bind_remove: u16,
+        tcp_connect / tcp_connect_add / tcp_connect_remove: u16,
+    }
+    maps {}
+});
+section!("seccomp.", SeccompLayer => SeccompRaw {
+    scalars { default_action: SeccompActionW }
+    lists {
+        allow / allow_add / allow_remove: String,
+        deny / deny_add / deny_remove: String,
+        socket_families / socket_families_add / socket_families_remove: String,
+    }
+    maps {}
+});
+section!("capabilities.", CapsLayer => CapsRaw {
+    scalars {}
+    lists { keep / keep_add / keep_remove: String }
+    maps {}
+});
+
+// Enum fields as written in TOML; serde's "unknown variant" error lists the valid ones.
+macro_rules! wire_enum {
+    ($w:ident => $t:ident { $($v:ident = $s:literal),* }) => {
+        #[derive(Debug, Clone, Copy, Deserialize)]
+        pub(crate) enum $w { $( #[serde(rename = $s)] $v ),* }
+        impl From<$w> for $t {
+            fn from(w: $w) -> $t { match w { $( $w::$v => $t::$v ),* } }
+        }
+    };
+}
+wire_enum!(SysModeW => SysMode { None = "none", ReadOnly = "read_only" });
+wire_enum!(AccessW => Access { ReadWrite = "read_write", ReadOnly = "read_only" });
+wire_enum!(EnforcementW => Enforcement { Hard = "hard", BestEffort = "best_effort" });
+wire_enum!(NetModeW => NetMode { None = "none", Loopback = "loopback", Veth = "veth" });
+wire_enum!(CompatibilityW => Compatibility { Hard = "hard", BestEffort = "best_effort" });
+wire_enum!(SeccompActionW => SeccompAction { Errno = "errno", Kill = "kill", Log = "log" });
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Layer {
+    extends: Option<Spanned<String>>,
+    hostname: Option<Spanned<String>>,
+    #[serde(default)]
+    user: UserLayer,
+    #[serde(default)]
+    filesystem: FsLayer,
+    #[serde(default)]
+    env: EnvLayer,
+    #[serde(default)]
+    limits: LimitsLayer,
+    #[serde(default)]
+    network: NetLayer,
+    #[serde(default)]
+    landlock: LandlockLayer,
+    #[serde(default)]
+    seccomp: SeccompLayer,
+    #[serde(default)]
+    capabilities: CapsLayer,
+}
+
+#[derive(Debug, Default, Clone)]
+pub(crate) struct Raw {
+    hostname: Option<String>,
+    user: UserRaw,
+    filesystem: FsRaw,
+    env: EnvRaw,
+    limits: LimitsRaw,
+    network: NetRaw,
+    landlock: LandlockRaw,
+    seccomp: SeccompRaw,
+    capabilities: CapsRaw,
+}
+
+fn parse_layer(src: &Source) -> Result<Layer, PolicyError> {
+    toml::from_str::<Layer>(src.text).map_err(|e| {
+        let at = e.span().map_or_else(|| src.whole(), |s| src.origin(s.start));
+        PolicyError::Invalid { at, msg: explain_toml_error(e.message()) }
+    })
+}
+
+/// serde reports unknown fields and variants with the list of valid names; add the nearest one.
+fn explain_toml_error(msg: &str) -> String {
+    let msg = msg.trim_end();
+    for kind in ["unknown field `", "unknown variant `"] {
+        if let Some(rest) = msg.strip_prefix(kind) {
+            let Some((word, tail)) = rest.split_once('`') else { break };
+            let known: Vec<&str> = tail.split('`').skip(1).step_by(2).collect();
+            if let Some(s) = nearest(word, known.iter().copied()) {
+                return format!("{msg} (did you mean `{s}`?)");
+            }
+        }
+    }
+    msg.to_owned()
+}
+
+/// Resolves a layer and everything it extends, oldest first, into `raw`.
+fn resolve_into(
+    src: &Source,
+    dir: Option<&Path>,
+    chain: &mut Vec<String>,
+    raw: &mut Raw,
+    origins: &mut Origins,
+) -> Result<(), PolicyError> {
+    if chain.contains(&src.name) {
+        chain.push(src.name.clone());
+        return Err(PolicyError::Cycle(chain.join(" -> ")));
+    }
+    chain.push(src.name.clone());
+    let layer = parse_layer(src)?;
+    if let Some(ext) = &layer.extends {
+        let at = src.origin(ext.span().start);
+        let name = ext.get_ref();
+        let is_path = name.contains('/') || name.ends_with(".toml");
+        if !is_path {
+            let text = builtin_text(name).ok_or_else(|| {
+                PolicyError::invalid(&at, unknown_builtin(name).to_string())
+            })?;
+            let base = Source { name: format!("builtin:{name}"), text };
+            resolve_into(&base, None, chain, raw, origins)?;
+        } else {
+            let Some(dir) = dir else {
+                return Err(PolicyError::invalid(&at, "a built-in policy can only extend built-ins"));
+            };
+            let path = dir.join(name);
+            let text = std::fs::read_to_string(&path)
+                .map_err(|e| PolicyError::invalid(&at, format!("extends `{}`: {e}", path.display())))?;
+            let base = Source { name: path.display().to_string(), text: &text };
+            resolve_into(&base, path.parent(), chain, raw, origins)?;
+        }
+    }
+    if let Some(h) = layer.hostname {
+        origins.insert("hostname".into(), src.origin(h.span().start));
+        raw.hostname = Some(h.into_inner());
+    }
+    layer.user.merge(&mut raw.user, origins, src);
+    layer.filesystem.merge(&mut raw.filesystem, origins, src);
+    layer.env.merge(&mut raw.env, origins, src);
+    layer.limits.merge(&mut raw.limits, origins, src);
+    layer.network.merge(&mut raw.network, origins, src);
+    layer.landlock.merge(&mut raw.landlock, origins, src);
+    layer.seccomp.merge(&mut raw.seccomp, origins, src);
+    layer.capabilities.merge(&mut raw.capabilities, origins, src);
+    chain.pop();
+    Ok(())
+}
+
+fn unknown_builtin(name: &str) -> PolicyError {
+    let hint = nearest(name, super::BUILTINS.iter().map(|(n, _)| *n))
+        .map(|s| format!(" (did you mean `{s}`?)"))
+        .unwrap_or_default();
+    PolicyError::UnknownBuiltin { name: name.to_owned(), hint }
+}
+
+/// Parses policy text; `name` is used in error messages, `dir` resolves relative `extends`.
+pub fn load_str(name: &str, text: &str, dir: Option<&Path>) -> Result<(Policy, Origins), PolicyError> {
+    let src = Source { name: name.to_owned(), text };
+    let mut raw = Raw::default();
+    let mut origins = Origins::new();
+    resolve_into(&src, dir, &mut Vec::new(), &mut raw, &mut origins)?;
+    let policy = finish(name, raw, &origins)?;
+    Ok((policy, origins))
+}
+
+pub fn load_file(path: &Path) -> Result<(Policy, Origins), PolicyError> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|source| PolicyError::Read { path: path.to_owned(), source })?;
+    let dir = path.parent().map(|p| if p.as_os_str().is_empty() { Path::new(".") } else { p });
+    load_str(&path.display().to_string(), &text, dir)
+}
+
+pub fn load_builtin(name: &str) -> Result<(Policy, Origins), PolicyError> {
+    let text = builtin_text(name).ok_or_else(|| unknown_builtin(name))?;
+    load_str(&format!("builtin:{name}"), text, None)
+}
+
+/// Validation and defaults: turns the merged layers into a `Policy`.
+fn finish(source: &str, raw: Raw, o: &Origins) -> Result<Policy, PolicyError> {
+    let at = |key: &str| o.get(key).cloned().unwrap_or(Origin { file: source.to_owned(), line: 1, col: 1 });
+    let bad = |key: &str, msg: String| PolicyError::invalid(&at(key), format!("{key}: {msg}"));
+
+    let hostname = raw.hostname.unwrap_or_else(|| "stockade".into());
+    if hostname.is_empty()
+        || hostname.len() > 64
+        || !hostname.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.')
+    {
+        return Err(bad("hostname", format!("`{hostname}` is not a valid host name")));
+    }
+
+    let user = User {
+        uid: raw.user.uid.unwrap_or(1000),
+        gid: raw.user.gid.unwrap_or(1000),
+        name: raw.user.name.unwrap_or_else(|| "agent".into()),
+        host_id_base: raw.user.host_id_base.unwrap_or(100_000),
+    };
+    for (k, v) in [("user.uid", user.uid), ("user.gid", user.gid)] {
+        if v >= 65536 {
+            return Err(bad(k, format!("{v} is outside the jail's id range 0..65536")));
+        }
+    }
+    if user.host_id_base == 0 || user.host_id_base.checked_add(65536).is_none() {
+        return Err(bad("user.host_id_base", format!("{} would map jail ids onto host root or overflow", user.host_id_base)));
+    }
+    if user.name.is_empty() || !user.name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-') {
+        return Err(bad("user.name", format!("`{}` is not a valid user name", user.name)));
+    }
+
+    let binds = |key: &str, list: Option<Vec<String>>| -> Result<Vec<Bind>, PolicyError> {
+        let under_etc = key == "filesystem.etc";
+        list.unwrap_or_default().iter().map(|s| parse_bind(s, under_etc).map_err(|m| bad(key, m))).collect()
+    };
+    let filesystem = Filesystem {
+        read_only: binds("filesystem.read_only", raw.filesystem.read_only)?,
+        read_write: binds("filesystem.read_write", raw.filesystem.read_write)?,
+        etc: binds("filesystem.etc", raw.filesystem.etc)?,
+        rootfs: raw.filesystem.rootfs.map(PathBuf::from),
+        sys: raw.filesystem.sys.map_or(SysMode::None, Into::into),
+        workspace: raw.filesystem.workspace.map_or(Access::ReadWrite, Into::into),
+    };
+    for b in &filesystem.etc {
+        if !b.dst.starts_with("/etc") || b.dst == Path::new("/etc") {
+            return Err(bad("filesystem.etc", format!("`{b}`: entries must name files or directories below /etc")));
+        }
+    }
+    if let Some(r) = &filesystem.rootfs {
+        if !r.is_absolute() {
+            return Err(bad("filesystem.rootfs", format!("`{}` must be an absolute path", r.display())));
+        }
+    }
+
+    let env = Env {
+        set: raw.env.set,
+        pass: raw.env.pass.unwrap_or_default(),
+        allow_secrets: raw.env.allow_secrets.unwrap_or_default(),
+    };
+    for name in env.set.keys().chain(env.pass.iter()) {
+        if name.is_empty() || name.contains('=') || name.contains('\0') {
+            return Err(bad("env", format!("`{name}` is not a valid variable name")));
+        }
+        if is_secret_name(name) && !env.allow_secrets.contains(name) {
+            let key = if env.set.contains_key(name) { "env.set" } else { "env.pass" };
+            return Err(bad(key, format!(
+                "`{name}` looks like a credential; secrets never enter a jail unless listed in env.allow_secrets"
+            )));
+        }
+    }
+
+    let size = |key: &str, v: Option<NumOrStr>| -> Result<Option<Size>, PolicyError> {
+        match v {
+            None => Ok(None),
+            Some(NumOrStr::Num(n)) => Ok(Some(Size(n))),
+            Some(NumOrStr::Str(s)) => parse_size(&s).map(|n| Some(Size(n))).map_err(|m| bad(key, m)),
+        }
+    };
+    let timeout = match raw.limits.timeout {
+        None => None,
+        Some(NumOrStr::Num(n)) => Some(Dur(std::time::Duration::from_secs(n))),
+        Some(NumOrStr::Str(s)) => Some(Dur(parse_duration(&s).map_err(|m| bad("limits.timeout", m))?)),
+    };
+    let limits = Limits {
+        memory: size("limits.memory", raw.limits.memory)?,
+        pids: raw.limits.pids,
+        cpu: raw.limits.cpu,
+        nofile: raw.limits.nofile,
+        nproc: raw.limits.nproc,
+        fsize: size("limits.fsize", raw.limits.fsize)?,
+        address_space: size("limits.address_space", raw.limits.address_space)?,
+        tmp_size: size("limits.tmp_size", raw.limits.tmp_size)?.unwrap_or(Size(256 << 20)),
+        timeout,
+        enforcement: raw.limits.enforcement.map_or(Enforcement::Hard, Into::into),
+    };
+    if let Some(c) = limits.cpu {
+        if !(c > 0.0 && c <= 1024.0) {
+            return Err(bad("limits.cpu", format!("{c} must be a positive number of CPUs")));
+        }
+    }
+    for (k, v) in [("limits.pids", limits.pids), ("limits.nofile", limits.nofile), ("limits.nproc", limits.nproc)] {
+        if v == Some(0) {
+            return Err(bad(k, "0 would stop every program; omit the field for no limit".into()));
+        }
+    }
+    if let Some(m) = limits.memory {
+        if m.0 < (8 << 20) {
+            return Err(bad("limits.memory", format!("{} bytes is too small to start a program (minimum 8M)", m.0)));
+        }
+    }
+    if limits.tmp_size.0 == 0 {
+        return Err(bad("limits.tmp_size", "must be greater than zero".into()));
+    }
+    if limits.timeout.is_some_and(|t| t.0.is_zero()) {
+        return Err(bad("limits.timeout", "must be greater than zero; omit the field for no timeout".into()));
+    }
+
+    let network = Network {
+        mode: raw.network.mode.map_or(NetMode::None, Into::into),
+        allow: raw.network.allow.unwrap_or_default(),
+        allow_domains: raw.network.allow_domains.unwrap_or_default(),
+        upstream_dns: raw.network.upstream_dns.unwrap_or_default(),
+    };
+    match network.mode {
+        NetMode::Veth => {
+            return Err(bad("network.mode", "\"veth\" needs the veth network module, which this build does not have yet; use \"none\" or \"loopback\"".into()));
+        }
+        NetMode::None | NetMode::Loopback => {
+            for (k, l) in [("network.allow", &network.allow), ("network.allow_domains", &network.allow_domains), ("network.upstream_dns", &network.upstream_dns)] {
+                if !l.is_empty() {
+                    return Err(bad(k, "has no effect unless network.mode = \"veth\"; remove it or change the mode".into()));
+                }
+            }
+        }
+    }
+
+    let landlock = Landlock {
+        compatibility: raw.landlock.compatibility.map_or(Compatibility::Hard, Into::into),
+        tcp_bind: raw.landlock.tcp_bind,
+        tcp_connect: raw.landlock.tcp_connect,
+    };
+
+    let seccomp = Seccomp {
+        default_action: raw.seccomp.default_action.map_or(SeccompAction::Errno, Into::into),
+        allow: raw.seccomp.allow.unwrap_or_else(|| vec!["@system-service".into()]),
+        deny: raw.seccomp.deny.unwrap_or_default(),
+        socket_families: raw
+            .seccomp
+            .socket_families
+            .unwrap_or_else(|| vec!["unix".into(), "inet".into(), "inet6".into()]),
+    };
+    for (key, list) in [("seccomp.allow", &seccomp.allow), ("seccomp.deny", &seccomp.deny)] {
+        for e in list {
+            syscalls::resolve_entry(e).map_err(|m| bad(key, m))?;
+        }
+    }
+    for f in &seccomp.socket_families {
+        if !SOCKET_FAMILIES.iter().any(|(n, _)| n == f) {
+            let hint = nearest(f, SOCKET_FAMILIES.iter().map(|(n, _)| *n))
+                .map(|s| format!(" (did you mean `{s}`?)"))
+                .unwrap_or_default();
+            return Err(bad("seccomp.socket_families", format!("unknown family `{f}`{hint}; known: unix, inet, inet6, netlink")));
+        }
+    }
+
+    let capabilities = Capabilities { keep: raw.capabilities.keep.unwrap_or_default() };
+    for c in &capabilities.keep {
+        let norm = c.to_ascii_uppercase();
+        let norm = if norm.starts_with("CAP_") { norm } else { format!("CAP_{norm}") };
+        if norm.parse::<caps::Capability>().is_err() {
+            return Err(bad("capabilities.keep", format!("unknown capability `{c}`")));
+        }
+    }
+
+    Ok(Policy {
+        source: source.to_owned(),
+        hostname,
+        user,
+        filesystem,
+        env,
+        limits,
+        network,
+        landlock,
+        seccomp,
+        capabilities,
+    })
+}
+
+/// `[-]SRC[:DST]`: absolute, normalised paths without `..`.
+fn parse_bind(s: &str, under_etc: bool) -> Result<Bind, String> {
+    let (optional, rest) = match s.strip_prefix('-') {
+        Some(r) => (true, r),
+        None => (false, s),
+    };
+    let (src, dst) = match rest.split_once(':') {
+        Some((a, b)) => (a, b),
+        None => (rest, rest),
+    };
+    let check = |p: &str| -> Result<PathBuf, String> {
+        let path = Path::new(p);
+        if !path.is_absolute() {
+            return Err(format!("`{s}`: `{p}` must be an absolute path"));
+        }
+        if path.components().any(|c| matches!(c, Component::ParentDir)) {
+            return Err(format!("`{s}`: `{p}` must not contain `..`"));
+        }
+        Ok(path.components().collect())
+    };
+    let src = check(src)?;
+    let dst = check(dst)?;
+    for reserved in ["/proc", "/dev", "/sys", "/workspace", "/mnt/session", "/tmp"] {
+        if dst.starts_with(reserved) || dst == Path::new("/") {
+            return Err(format!("`{s}`: {} is managed by Stockade and cannot be a bind target", dst.display()));
+        }
+    }
+    if !under_etc && dst.starts_with("/etc") {
+        return Err(format!("`{s}`: the jail's /etc is generated; list single host files in filesystem.etc"));
+    }
+    Ok(Bind { src, dst, optional })
+}

@@ -1,0 +1,226 @@
+//! The resolved, validated policy.
+
+use serde::{Serialize, Serializer};
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::util::{format_duration, format_size};
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Policy {
+    /// Where the policy came from (a path or `builtin:NAME`); not a policy field.
+    #[serde(skip)]
+    pub source: String,
+    pub hostname: String,
+    pub user: User,
+    pub filesystem: Filesystem,
+    pub env: Env,
+    pub limits: Limits,
+    pub network: Network,
+    pub landlock: Landlock,
+    pub seccomp: Seccomp,
+    pub capabilities: Capabilities,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct User {
+    /// The uid the jailed command runs as, inside the jail.
+    pub uid: u32,
+    pub gid: u32,
+    /// Name written to the jail's /etc/passwd.
+    pub name: String,
+    /// When Stockade runs as host root, jail ids 0..65536 map to host ids
+    /// host_id_base..host_id_base+65536; never to host root.
+    pub host_id_base: u32,
+}
+
+/// A host path bound into the jail, at the same path or at `dst`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Bind {
+    pub src: PathBuf,
+    pub dst: PathBuf,
+    /// Written with a leading `-`: skipped when the host path does not exist.
+    pub optional: bool,
+}
+
+impl Serialize for Bind {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.to_string())
+    }
+}
+
+impl std::fmt::Display for Bind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.optional {
+            f.write_str("-")?;
+        }
+        write!(f, "{}", self.src.display())?;
+        if self.dst != self.src {
+            write!(f, ":{}", self.dst.display())?;
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SysMode {
+    /// No /sys at all.
+    None,
+    /// A read-only sysfs with /sys/firmware, /sys/kernel and /sys/fs masked.
+    ReadOnly,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Filesystem {
+    pub read_only: Vec<Bind>,
+    pub read_write: Vec<Bind>,
+    /// Host files copied into the generated /etc (e.g. certificates); same-path binds, read-only.
+    pub etc: Vec<Bind>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rootfs: Option<PathBuf>,
+    pub sys: SysMode,
+    /// How /workspace is mounted; outputs are always read-write.
+    pub workspace: Access,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Access {
+    ReadWrite,
+    ReadOnly,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Env {
+    pub set: BTreeMap<String, String>,
+    pub pass: Vec<String>,
+    pub allow_secrets: Vec<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Enforcement {
+    /// Refuse to run when a requested protection cannot be applied.
+    Hard,
+    /// Run anyway and report what was dropped.
+    BestEffort,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Size(pub u64);
+impl Serialize for Size {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&format_size(self.0))
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Dur(pub Duration);
+impl Serialize for Dur {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&format_duration(self.0))
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Limits {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub memory: Option<Size>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pids: Option<u64>,
+    /// CPUs' worth of time per period (1.0 = one full core).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cpu: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub nofile: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub nproc: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fsize: Option<Size>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub address_space: Option<Size>,
+    pub tmp_size: Size,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub timeout: Option<Dur>,
+    /// What happens when a cgroup limit cannot be applied on this host.
+    pub enforcement: Enforcement,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum NetMode {
+    None,
+    Loopback,
+    Veth,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Network {
+    pub mode: NetMode,
+    pub allow: Vec<String>,
+    pub allow_domains: Vec<String>,
+    pub upstream_dns: Vec<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Compatibility {
+    Hard,
+    BestEffort,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Landlock {
+    pub compatibility: Compatibility,
+    /// TCP ports the jail may bind/connect. `None` leaves TCP ports unrestricted by landlock
+    /// (the network namespace still applies); an empty list forbids all.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tcp_bind: Option<Vec<u16>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tcp_connect: Option<Vec<u16>>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SeccompAction {
+    Errno,
+    Kill,
+    Log,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Seccomp {
+    pub default_action: SeccompAction,
+    pub allow: Vec<String>,
+    pub deny: Vec<String>,
+    /// Address families socket(2)/socketpair(2) may use: unix, inet, inet6, netlink.
+    pub socket_families: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Capabilities {
+    pub keep: Vec<String>,
+}
+
+/// Socket families a policy may name, with their numbers.
+pub const SOCKET_FAMILIES: &[(&str, u64)] = &[
+    ("unix", libc::AF_UNIX as u64),
+    ("inet", libc::AF_INET as u64),
+    ("inet6", libc::AF_INET6 as u64),
+    ("netlink", libc::AF_NETLINK as u64),
+];
+
+/// Environment names that look like credentials: never passed into a jail unless the policy
+/// names them in `env.allow_secrets`.
+pub fn is_secret_name(name: &str) -> bool {
+    let n = name.to_ascii_uppercase();
+    n.starts_with("ANTHROPIC_")
+        || n.starts_with("AWS_")
+        || n.ends_with("_KEY")
+        || n.ends_with("_TOKEN")
+        || n.ends_with("_SECRET")
+        || n.ends_with("_PASSWORD")
+        || n.ends_with("_CREDENTIALS")
+}
