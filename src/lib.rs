@@ -3,5 +3,6 @@
 //! The binary (`src/main.rs`) is a thin CLI over this library, so tests and benchmarks exercise
 //! the same code paths as operators do.
 
+pub mod jail;
 pub mod policy;
 pub mod util;

@@ -48,7 +48,10 @@ const fn m(name: &'static str) -> Member {
     Member { name, cond: None }
 }
 const fn c(name: &'static str, cond: ArgCond) -> Member {
-    Member { name, cond: Some(cond) }
+    Member {
+        name,
+        cond: Some(cond),
+    }
 }
 
 /// Every group, in documentation order.
@@ -58,46 +61,143 @@ pub static GROUPS: &[Group] = &[
         description: "What ordinary programs need: all of the safe groups below",
         dangerous: false,
         includes: &[
-            "@basic-io", "@file-system", "@io-event", "@process", "@signal", "@timer", "@memory",
-            "@ipc", "@network-io", "@credentials", "@sync", "@aio", "@sandbox", "@system-info",
+            "@basic-io",
+            "@file-system",
+            "@io-event",
+            "@process",
+            "@signal",
+            "@timer",
+            "@memory",
+            "@ipc",
+            "@network-io",
+            "@credentials",
+            "@sync",
+            "@aio",
+            "@sandbox",
+            "@system-info",
         ],
         members: &[],
     },
     Group {
         name: "@basic-io",
-        description: "Reading, writing and closing file descriptors; ioctl without TIOCSTI/TIOCLINUX",
+        description:
+            "Reading, writing and closing file descriptors; ioctl without TIOCSTI/TIOCLINUX",
         dangerous: false,
         includes: &[],
         members: &[
-            m("read"), m("write"), m("readv"), m("writev"), m("pread64"), m("pwrite64"),
-            m("preadv"), m("preadv2"), m("pwritev"), m("pwritev2"), m("close"), m("close_range"),
-            m("lseek"), m("dup"), m("dup2"), m("dup3"), m("fcntl"),
+            m("read"),
+            m("write"),
+            m("readv"),
+            m("writev"),
+            m("pread64"),
+            m("pwrite64"),
+            m("preadv"),
+            m("preadv2"),
+            m("pwritev"),
+            m("pwritev2"),
+            m("close"),
+            m("close_range"),
+            m("lseek"),
+            m("dup"),
+            m("dup2"),
+            m("dup3"),
+            m("fcntl"),
             c("ioctl", ArgCond::NoTtyInjection),
         ],
     },
     Group {
         name: "@file-system",
-        description: "File and directory operations, xattrs, inotify; mknod only for fifos and sockets",
+        description:
+            "File and directory operations, xattrs, inotify; mknod only for fifos and sockets",
         dangerous: false,
         includes: &[],
         members: &[
-            m("open"), m("openat"), m("openat2"), m("creat"), m("access"), m("faccessat"),
-            m("faccessat2"), m("stat"), m("lstat"), m("fstat"), m("newfstatat"), m("statx"),
-            m("statfs"), m("fstatfs"), m("chdir"), m("fchdir"), m("getcwd"), m("mkdir"),
-            m("mkdirat"), m("rmdir"), m("rename"), m("renameat"), m("renameat2"), m("link"),
-            m("linkat"), m("unlink"), m("unlinkat"), m("symlink"), m("symlinkat"), m("readlink"),
-            m("readlinkat"), m("chmod"), m("fchmod"), m("fchmodat"), m("fchmodat2"), m("chown"),
-            m("fchown"), m("lchown"), m("fchownat"), m("truncate"), m("ftruncate"),
-            m("fallocate"), m("getdents"), m("getdents64"), m("utime"), m("utimes"),
-            m("utimensat"), m("futimesat"), m("inotify_init"), m("inotify_init1"),
-            m("inotify_add_watch"), m("inotify_rm_watch"), m("fsync"), m("fdatasync"),
-            m("syncfs"), m("sync"), m("sync_file_range"), m("flock"), m("fadvise64"),
-            m("readahead"), m("umask"), m("getxattr"), m("lgetxattr"), m("fgetxattr"),
-            m("listxattr"), m("llistxattr"), m("flistxattr"), m("setxattr"), m("lsetxattr"),
-            m("fsetxattr"), m("removexattr"), m("lremovexattr"), m("fremovexattr"),
-            m("getxattrat"), m("setxattrat"), m("listxattrat"), m("removexattrat"),
-            m("memfd_create"), m("copy_file_range"), m("sendfile"), m("splice"), m("tee"),
-            m("vmsplice"), m("cachestat"), m("file_getattr"), m("file_setattr"),
+            m("open"),
+            m("openat"),
+            m("openat2"),
+            m("creat"),
+            m("access"),
+            m("faccessat"),
+            m("faccessat2"),
+            m("stat"),
+            m("lstat"),
+            m("fstat"),
+            m("newfstatat"),
+            m("statx"),
+            m("statfs"),
+            m("fstatfs"),
+            m("chdir"),
+            m("fchdir"),
+            m("getcwd"),
+            m("mkdir"),
+            m("mkdirat"),
+            m("rmdir"),
+            m("rename"),
+            m("renameat"),
+            m("renameat2"),
+            m("link"),
+            m("linkat"),
+            m("unlink"),
+            m("unlinkat"),
+            m("symlink"),
+            m("symlinkat"),
+            m("readlink"),
+            m("readlinkat"),
+            m("chmod"),
+            m("fchmod"),
+            m("fchmodat"),
+            m("fchmodat2"),
+            m("chown"),
+            m("fchown"),
+            m("lchown"),
+            m("fchownat"),
+            m("truncate"),
+            m("ftruncate"),
+            m("fallocate"),
+            m("getdents"),
+            m("getdents64"),
+            m("utime"),
+            m("utimes"),
+            m("utimensat"),
+            m("futimesat"),
+            m("inotify_init"),
+            m("inotify_init1"),
+            m("inotify_add_watch"),
+            m("inotify_rm_watch"),
+            m("fsync"),
+            m("fdatasync"),
+            m("syncfs"),
+            m("sync"),
+            m("sync_file_range"),
+            m("flock"),
+            m("fadvise64"),
+            m("readahead"),
+            m("umask"),
+            m("getxattr"),
+            m("lgetxattr"),
+            m("fgetxattr"),
+            m("listxattr"),
+            m("llistxattr"),
+            m("flistxattr"),
+            m("setxattr"),
+            m("lsetxattr"),
+            m("fsetxattr"),
+            m("removexattr"),
+            m("lremovexattr"),
+            m("fremovexattr"),
+            m("getxattrat"),
+            m("setxattrat"),
+            m("listxattrat"),
+            m("removexattrat"),
+            m("memfd_create"),
+            m("copy_file_range"),
+            m("sendfile"),
+            m("splice"),
+            m("tee"),
+            m("vmsplice"),
+            m("cachestat"),
+            m("file_getattr"),
+            m("file_setattr"),
             c("mknod", ArgCond::NoDeviceNodes { mode_arg: 1 }),
             c("mknodat", ArgCond::NoDeviceNodes { mode_arg: 2 }),
         ],
@@ -108,9 +208,18 @@ pub static GROUPS: &[Group] = &[
         dangerous: false,
         includes: &[],
         members: &[
-            m("poll"), m("ppoll"), m("select"), m("pselect6"), m("epoll_create"),
-            m("epoll_create1"), m("epoll_ctl"), m("epoll_wait"), m("epoll_pwait"),
-            m("epoll_pwait2"), m("eventfd"), m("eventfd2"),
+            m("poll"),
+            m("ppoll"),
+            m("select"),
+            m("pselect6"),
+            m("epoll_create"),
+            m("epoll_create1"),
+            m("epoll_ctl"),
+            m("epoll_wait"),
+            m("epoll_pwait"),
+            m("epoll_pwait2"),
+            m("eventfd"),
+            m("eventfd2"),
         ],
     },
     Group {
@@ -119,19 +228,56 @@ pub static GROUPS: &[Group] = &[
         dangerous: false,
         includes: &[],
         members: &[
-            c("clone", ArgCond::NoNamespaceFlags), m("clone3"), m("fork"), m("vfork"),
-            m("execve"), m("execveat"), m("exit"), m("exit_group"), m("wait4"), m("waitid"),
-            m("getpid"), m("getppid"), m("gettid"), m("getpgid"), m("getpgrp"), m("getsid"),
-            m("setsid"), m("setpgid"), m("set_tid_address"), m("prctl"), m("arch_prctl"),
-            m("getrusage"), m("pidfd_open"), m("pidfd_send_signal"), m("rseq"),
-            m("set_robust_list"), m("get_robust_list"), m("sched_yield"),
-            m("sched_getaffinity"), m("sched_setaffinity"), m("sched_getparam"),
-            m("sched_setparam"), m("sched_getscheduler"), m("sched_setscheduler"),
-            m("sched_get_priority_min"), m("sched_get_priority_max"),
-            m("sched_rr_get_interval"), m("sched_getattr"), m("sched_setattr"),
-            m("getpriority"), m("setpriority"), m("ioprio_get"), m("ioprio_set"),
-            m("prlimit64"), m("getrlimit"), m("setrlimit"), m("times"), m("getcpu"),
-            m("restart_syscall"), c("personality", ArgCond::SafePersonality),
+            c("clone", ArgCond::NoNamespaceFlags),
+            m("clone3"),
+            m("fork"),
+            m("vfork"),
+            m("execve"),
+            m("execveat"),
+            m("exit"),
+            m("exit_group"),
+            m("wait4"),
+            m("waitid"),
+            m("getpid"),
+            m("getppid"),
+            m("gettid"),
+            m("getpgid"),
+            m("getpgrp"),
+            m("getsid"),
+            m("setsid"),
+            m("setpgid"),
+            m("set_tid_address"),
+            m("prctl"),
+            m("arch_prctl"),
+            m("getrusage"),
+            m("pidfd_open"),
+            m("pidfd_send_signal"),
+            m("rseq"),
+            m("set_robust_list"),
+            m("get_robust_list"),
+            m("sched_yield"),
+            m("sched_getaffinity"),
+            m("sched_setaffinity"),
+            m("sched_getparam"),
+            m("sched_setparam"),
+            m("sched_getscheduler"),
+            m("sched_setscheduler"),
+            m("sched_get_priority_min"),
+            m("sched_get_priority_max"),
+            m("sched_rr_get_interval"),
+            m("sched_getattr"),
+            m("sched_setattr"),
+            m("getpriority"),
+            m("setpriority"),
+            m("ioprio_get"),
+            m("ioprio_set"),
+            m("prlimit64"),
+            m("getrlimit"),
+            m("setrlimit"),
+            m("times"),
+            m("getcpu"),
+            m("restart_syscall"),
+            c("personality", ArgCond::SafePersonality),
         ],
     },
     Group {
@@ -140,10 +286,21 @@ pub static GROUPS: &[Group] = &[
         dangerous: false,
         includes: &[],
         members: &[
-            m("rt_sigaction"), m("rt_sigprocmask"), m("rt_sigreturn"), m("rt_sigpending"),
-            m("rt_sigtimedwait"), m("rt_sigqueueinfo"), m("rt_tgsigqueueinfo"),
-            m("rt_sigsuspend"), m("sigaltstack"), m("signalfd"), m("signalfd4"), m("kill"),
-            m("tkill"), m("tgkill"), m("pause"),
+            m("rt_sigaction"),
+            m("rt_sigprocmask"),
+            m("rt_sigreturn"),
+            m("rt_sigpending"),
+            m("rt_sigtimedwait"),
+            m("rt_sigqueueinfo"),
+            m("rt_tgsigqueueinfo"),
+            m("rt_sigsuspend"),
+            m("sigaltstack"),
+            m("signalfd"),
+            m("signalfd4"),
+            m("kill"),
+            m("tkill"),
+            m("tgkill"),
+            m("pause"),
         ],
     },
     Group {
@@ -152,10 +309,23 @@ pub static GROUPS: &[Group] = &[
         dangerous: false,
         includes: &[],
         members: &[
-            m("alarm"), m("getitimer"), m("setitimer"), m("timer_create"), m("timer_settime"),
-            m("timer_gettime"), m("timer_getoverrun"), m("timer_delete"), m("timerfd_create"),
-            m("timerfd_settime"), m("timerfd_gettime"), m("nanosleep"), m("clock_nanosleep"),
-            m("clock_gettime"), m("clock_getres"), m("gettimeofday"), m("time"),
+            m("alarm"),
+            m("getitimer"),
+            m("setitimer"),
+            m("timer_create"),
+            m("timer_settime"),
+            m("timer_gettime"),
+            m("timer_getoverrun"),
+            m("timer_delete"),
+            m("timerfd_create"),
+            m("timerfd_settime"),
+            m("timerfd_gettime"),
+            m("nanosleep"),
+            m("clock_nanosleep"),
+            m("clock_gettime"),
+            m("clock_getres"),
+            m("gettimeofday"),
+            m("time"),
         ],
     },
     Group {
@@ -164,37 +334,86 @@ pub static GROUPS: &[Group] = &[
         dangerous: false,
         includes: &[],
         members: &[
-            m("brk"), m("mmap"), m("munmap"), m("mprotect"), m("mremap"), m("madvise"),
-            m("msync"), m("mincore"), m("mlock"), m("munlock"), m("mlock2"), m("mlockall"),
-            m("munlockall"), m("membarrier"), m("pkey_mprotect"), m("pkey_alloc"),
-            m("pkey_free"), m("mbind"), m("get_mempolicy"), m("set_mempolicy"),
-            m("set_mempolicy_home_node"), m("mseal"), m("map_shadow_stack"),
+            m("brk"),
+            m("mmap"),
+            m("munmap"),
+            m("mprotect"),
+            m("mremap"),
+            m("madvise"),
+            m("msync"),
+            m("mincore"),
+            m("mlock"),
+            m("munlock"),
+            m("mlock2"),
+            m("mlockall"),
+            m("munlockall"),
+            m("membarrier"),
+            m("pkey_mprotect"),
+            m("pkey_alloc"),
+            m("pkey_free"),
+            m("mbind"),
+            m("get_mempolicy"),
+            m("set_mempolicy"),
+            m("set_mempolicy_home_node"),
+            m("mseal"),
+            m("map_shadow_stack"),
             m("remap_file_pages"),
         ],
     },
     Group {
         name: "@ipc",
-        description: "Pipes, SysV IPC and POSIX message queues (private to the jail's IPC namespace)",
+        description:
+            "Pipes, SysV IPC and POSIX message queues (private to the jail's IPC namespace)",
         dangerous: false,
         includes: &[],
         members: &[
-            m("pipe"), m("pipe2"), m("shmget"), m("shmat"), m("shmdt"), m("shmctl"),
-            m("semget"), m("semop"), m("semtimedop"), m("semctl"), m("msgget"), m("msgsnd"),
-            m("msgrcv"), m("msgctl"), m("mq_open"), m("mq_unlink"), m("mq_timedsend"),
-            m("mq_timedreceive"), m("mq_notify"), m("mq_getsetattr"),
+            m("pipe"),
+            m("pipe2"),
+            m("shmget"),
+            m("shmat"),
+            m("shmdt"),
+            m("shmctl"),
+            m("semget"),
+            m("semop"),
+            m("semtimedop"),
+            m("semctl"),
+            m("msgget"),
+            m("msgsnd"),
+            m("msgrcv"),
+            m("msgctl"),
+            m("mq_open"),
+            m("mq_unlink"),
+            m("mq_timedsend"),
+            m("mq_timedreceive"),
+            m("mq_notify"),
+            m("mq_getsetattr"),
         ],
     },
     Group {
         name: "@network-io",
-        description: "Sockets of the allowed families (default unix, inet, inet6; never raw or packet)",
+        description:
+            "Sockets of the allowed families (default unix, inet, inet6; never raw or packet)",
         dangerous: false,
         includes: &[],
         members: &[
             c("socket", ArgCond::AllowedSocketFamily),
-            c("socketpair", ArgCond::AllowedSocketFamily), m("bind"), m("listen"), m("accept"),
-            m("accept4"), m("connect"), m("getsockname"), m("getpeername"), m("setsockopt"),
-            m("getsockopt"), m("sendto"), m("recvfrom"), m("sendmsg"), m("recvmsg"),
-            m("sendmmsg"), m("recvmmsg"), m("shutdown"),
+            c("socketpair", ArgCond::AllowedSocketFamily),
+            m("bind"),
+            m("listen"),
+            m("accept"),
+            m("accept4"),
+            m("connect"),
+            m("getsockname"),
+            m("getpeername"),
+            m("setsockopt"),
+            m("getsockopt"),
+            m("sendto"),
+            m("recvfrom"),
+            m("sendmsg"),
+            m("recvmsg"),
+            m("sendmmsg"),
+            m("recvmmsg"),
+            m("shutdown"),
         ],
     },
     Group {
@@ -203,10 +422,24 @@ pub static GROUPS: &[Group] = &[
         dangerous: false,
         includes: &[],
         members: &[
-            m("getuid"), m("geteuid"), m("getgid"), m("getegid"), m("getresuid"),
-            m("getresgid"), m("getgroups"), m("setuid"), m("setgid"), m("setreuid"),
-            m("setregid"), m("setresuid"), m("setresgid"), m("setgroups"), m("setfsuid"),
-            m("setfsgid"), m("capget"), m("capset"),
+            m("getuid"),
+            m("geteuid"),
+            m("getgid"),
+            m("getegid"),
+            m("getresuid"),
+            m("getresgid"),
+            m("getgroups"),
+            m("setuid"),
+            m("setgid"),
+            m("setreuid"),
+            m("setregid"),
+            m("setresuid"),
+            m("setresgid"),
+            m("setgroups"),
+            m("setfsuid"),
+            m("setfsgid"),
+            m("capget"),
+            m("capset"),
         ],
     },
     Group {
@@ -215,7 +448,11 @@ pub static GROUPS: &[Group] = &[
         dangerous: false,
         includes: &[],
         members: &[
-            m("futex"), m("futex_waitv"), m("futex_wake"), m("futex_wait"), m("futex_requeue"),
+            m("futex"),
+            m("futex_waitv"),
+            m("futex_wake"),
+            m("futex_wait"),
+            m("futex_requeue"),
         ],
     },
     Group {
@@ -224,8 +461,12 @@ pub static GROUPS: &[Group] = &[
         dangerous: false,
         includes: &[],
         members: &[
-            m("io_setup"), m("io_destroy"), m("io_getevents"), m("io_pgetevents"),
-            m("io_submit"), m("io_cancel"),
+            m("io_setup"),
+            m("io_destroy"),
+            m("io_getevents"),
+            m("io_pgetevents"),
+            m("io_submit"),
+            m("io_cancel"),
         ],
     },
     Group {
@@ -234,7 +475,9 @@ pub static GROUPS: &[Group] = &[
         dangerous: false,
         includes: &[],
         members: &[
-            m("seccomp"), m("landlock_create_ruleset"), m("landlock_add_rule"),
+            m("seccomp"),
+            m("landlock_create_ruleset"),
+            m("landlock_add_rule"),
             m("landlock_restrict_self"),
         ],
     },
@@ -252,9 +495,20 @@ pub static GROUPS: &[Group] = &[
         dangerous: true,
         includes: &[],
         members: &[
-            m("mount"), m("umount2"), m("fsopen"), m("fsconfig"), m("fsmount"), m("fspick"),
-            m("move_mount"), m("open_tree"), m("open_tree_attr"), m("mount_setattr"),
-            m("pivot_root"), m("chroot"), m("statmount"), m("listmount"),
+            m("mount"),
+            m("umount2"),
+            m("fsopen"),
+            m("fsconfig"),
+            m("fsmount"),
+            m("fspick"),
+            m("move_mount"),
+            m("open_tree"),
+            m("open_tree_attr"),
+            m("mount_setattr"),
+            m("pivot_root"),
+            m("chroot"),
+            m("statmount"),
+            m("listmount"),
         ],
     },
     Group {
@@ -263,8 +517,12 @@ pub static GROUPS: &[Group] = &[
         dangerous: true,
         includes: &[],
         members: &[
-            m("init_module"), m("finit_module"), m("delete_module"), m("create_module"),
-            m("query_module"), m("get_kernel_syms"),
+            m("init_module"),
+            m("finit_module"),
+            m("delete_module"),
+            m("create_module"),
+            m("query_module"),
+            m("get_kernel_syms"),
         ],
     },
     Group {
@@ -293,7 +551,12 @@ pub static GROUPS: &[Group] = &[
         description: "Setting the system clock",
         dangerous: true,
         includes: &[],
-        members: &[m("settimeofday"), m("clock_settime"), m("clock_adjtime"), m("adjtimex")],
+        members: &[
+            m("settimeofday"),
+            m("clock_settime"),
+            m("clock_adjtime"),
+            m("adjtimex"),
+        ],
     },
     Group {
         name: "@debug",
@@ -301,8 +564,14 @@ pub static GROUPS: &[Group] = &[
         dangerous: true,
         includes: &[],
         members: &[
-            m("ptrace"), m("process_vm_readv"), m("process_vm_writev"), m("perf_event_open"),
-            m("kcmp"), m("pidfd_getfd"), m("process_madvise"), m("lookup_dcookie"),
+            m("ptrace"),
+            m("process_vm_readv"),
+            m("process_vm_writev"),
+            m("perf_event_open"),
+            m("kcmp"),
+            m("pidfd_getfd"),
+            m("process_madvise"),
+            m("lookup_dcookie"),
         ],
     },
     Group {
@@ -324,7 +593,11 @@ pub static GROUPS: &[Group] = &[
         description: "io_uring, whose I/O bypasses seccomp's view",
         dangerous: true,
         includes: &[],
-        members: &[m("io_uring_setup"), m("io_uring_enter"), m("io_uring_register")],
+        members: &[
+            m("io_uring_setup"),
+            m("io_uring_enter"),
+            m("io_uring_register"),
+        ],
     },
     Group {
         name: "@namespaces",
@@ -339,10 +612,21 @@ pub static GROUPS: &[Group] = &[
         dangerous: true,
         includes: &[],
         members: &[
-            m("_sysctl"), m("uselib"), m("ustat"), m("sysfs"), m("afs_syscall"),
-            m("getpmsg"), m("putpmsg"), m("security"), m("tuxcall"), m("vserver"),
-            m("epoll_ctl_old"), m("epoll_wait_old"), m("set_thread_area"),
-            m("get_thread_area"), m("modify_ldt"),
+            m("_sysctl"),
+            m("uselib"),
+            m("ustat"),
+            m("sysfs"),
+            m("afs_syscall"),
+            m("getpmsg"),
+            m("putpmsg"),
+            m("security"),
+            m("tuxcall"),
+            m("vserver"),
+            m("epoll_ctl_old"),
+            m("epoll_wait_old"),
+            m("set_thread_area"),
+            m("get_thread_area"),
+            m("modify_ldt"),
         ],
     },
     Group {
@@ -352,11 +636,25 @@ pub static GROUPS: &[Group] = &[
         dangerous: true,
         includes: &[],
         members: &[
-            m("acct"), m("quotactl"), m("quotactl_fd"), m("open_by_handle_at"),
-            m("name_to_handle_at"), m("syslog"), m("vhangup"), m("sethostname"),
-            m("setdomainname"), m("fanotify_init"), m("fanotify_mark"), m("userfaultfd"),
-            m("nfsservctl"), m("memfd_secret"), m("process_mrelease"), m("migrate_pages"),
-            m("move_pages"), m("lsm_get_self_attr"), m("lsm_set_self_attr"),
+            m("acct"),
+            m("quotactl"),
+            m("quotactl_fd"),
+            m("open_by_handle_at"),
+            m("name_to_handle_at"),
+            m("syslog"),
+            m("vhangup"),
+            m("sethostname"),
+            m("setdomainname"),
+            m("fanotify_init"),
+            m("fanotify_mark"),
+            m("userfaultfd"),
+            m("nfsservctl"),
+            m("memfd_secret"),
+            m("process_mrelease"),
+            m("migrate_pages"),
+            m("move_pages"),
+            m("lsm_get_self_attr"),
+            m("lsm_set_self_attr"),
             m("lsm_list_modules"),
         ],
     },
@@ -376,7 +674,10 @@ pub fn native_table() -> &'static [(&'static str, i64)] {
 
 /// The syscall number for `name` on the native architecture.
 pub fn number(name: &str) -> Option<i64> {
-    native_table().iter().find(|(n, _)| *n == name).map(|(_, nr)| *nr)
+    native_table()
+        .iter()
+        .find(|(n, _)| *n == name)
+        .map(|(_, nr)| *nr)
 }
 
 pub fn group(name: &str) -> Option<&'static Group> {
@@ -408,7 +709,10 @@ pub fn resolve_entry(entry: &str) -> Result<Vec<Member>, String> {
     }
     if number(entry).is_some() {
         // A bare syscall name in `allow` is unconditional: the policy author asked for it.
-        return Ok(vec![Member { name: leak_name(entry), cond: None }]);
+        return Ok(vec![Member {
+            name: leak_name(entry),
+            cond: None,
+        }]);
     }
     let names: Vec<&str> = native_table().iter().map(|(n, _)| *n).collect();
     Err(unknown("syscall", entry, &names))
@@ -416,7 +720,11 @@ pub fn resolve_entry(entry: &str) -> Result<Vec<Member>, String> {
 
 fn leak_name(entry: &str) -> &'static str {
     // Names come from the static table, so this lookup always succeeds for a known syscall.
-    native_table().iter().find(|(n, _)| *n == entry).map(|(n, _)| *n).unwrap_or("")
+    native_table()
+        .iter()
+        .find(|(n, _)| *n == entry)
+        .map(|(n, _)| *n)
+        .unwrap_or("")
 }
 
 fn unknown(kind: &str, entry: &str, known: &[&str]) -> String {
@@ -437,14 +745,22 @@ mod tests {
                 assert!(group(inc).is_some(), "{} includes unknown {inc}", g.name);
             }
             for mem in g.members {
-                assert!(number(mem.name).is_some(), "{}: unknown syscall {}", g.name, mem.name);
+                assert!(
+                    number(mem.name).is_some(),
+                    "{}: unknown syscall {}",
+                    g.name,
+                    mem.name
+                );
             }
         }
     }
 
     #[test]
     fn system_service_excludes_every_dangerous_group() {
-        let safe: Vec<&str> = expand_group("@system-service").iter().map(|m| m.name).collect();
+        let safe: Vec<&str> = expand_group("@system-service")
+            .iter()
+            .map(|m| m.name)
+            .collect();
         for g in GROUPS.iter().filter(|g| g.dangerous) {
             for mem in g.members {
                 // clone/clone3 appear in @process with a condition (clone) or an ENOSYS answer
@@ -452,7 +768,12 @@ mod tests {
                 if g.name == "@namespaces" && (mem.name == "clone" || mem.name == "clone3") {
                     continue;
                 }
-                assert!(!safe.contains(&mem.name), "{} from {} is in @system-service", mem.name, g.name);
+                assert!(
+                    !safe.contains(&mem.name),
+                    "{} from {} is in @system-service",
+                    mem.name,
+                    g.name
+                );
             }
         }
     }
@@ -460,7 +781,10 @@ mod tests {
     #[test]
     fn typo_suggests_nearest() {
         let e = resolve_entry("@sytem-service").unwrap_err();
-        assert_eq!(e, "unknown syscall group `@sytem-service` (did you mean `@system-service`?)");
+        assert_eq!(
+            e,
+            "unknown syscall group `@sytem-service` (did you mean `@system-service`?)"
+        );
         let e = resolve_entry("opennat").unwrap_err();
         assert!(e.contains("did you mean `openat`"), "{e}");
     }

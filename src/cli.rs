@@ -1,0 +1,363 @@
+//! Command-line interface. Errors are reported here, with context, as one line on stderr.
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use std::ffi::OsString;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use stockade::jail::{
+    self, JailError, JailSpec, Step, EXIT_NOT_EXECUTABLE, EXIT_NOT_FOUND, EXIT_SETUP_FAILED,
+};
+use stockade::policy::{self, syscalls, Policy};
+
+#[derive(Parser)]
+#[command(
+    name = "stockade",
+    version,
+    about = "A self-hosted tool-execution sandbox for AI agent sessions"
+)]
+#[command(
+    after_help = "Exit status of `run`: the command's own; 128+N when it died of signal N; 124 on timeout;\n\
+125 when Stockade could not build the jail; 126 when the command is not executable; 127 when it is not found."
+)]
+pub struct Cli {
+    /// Log format on stderr.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    log: LogFormat,
+    /// More output (-v: info, -vv: debug). RUST_LOG overrides.
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    verbose: u8,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run a command in a fresh jail built from a policy.
+    Run(RunArgs),
+    /// Report what this host can enforce (user namespaces, landlock ABI, seccomp, cgroups, nft).
+    Check {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Inspect policies.
+    Policy {
+        #[command(subcommand)]
+        command: PolicyCommand,
+    },
+    /// Run a shell command in the default jail and show what confines it.
+    Demo,
+}
+
+#[derive(Args)]
+struct RunArgs {
+    /// Policy file, or a built-in name (default, strict, ci).
+    #[arg(long, short = 'p')]
+    policy: Option<String>,
+    /// Host directory mounted read-write at /workspace (default: an empty tmpfs).
+    #[arg(long)]
+    workspace: Option<PathBuf>,
+    /// Host directory mounted read-write at /mnt/session/outputs (default: an empty tmpfs).
+    #[arg(long)]
+    outputs: Option<PathBuf>,
+    /// Extra environment variable for the command (repeatable); secret-looking names are refused.
+    #[arg(long = "env", short = 'e', value_name = "K=V")]
+    env: Vec<String>,
+    /// Kill the whole jail after this long (e.g. 30s, 5m); overrides limits.timeout.
+    #[arg(long, value_name = "DURATION")]
+    timeout: Option<String>,
+    /// Uid of the command inside the jail; overrides user.uid.
+    #[arg(long)]
+    uid: Option<u32>,
+    /// Print what confined the command on stderr when it ends.
+    #[arg(long)]
+    report: bool,
+    /// The command and its arguments.
+    #[arg(required = true, last = true, value_name = "CMD")]
+    command: Vec<OsString>,
+}
+
+#[derive(Subcommand)]
+enum PolicyCommand {
+    /// Print the fully resolved policy (after `extends`).
+    Show {
+        /// Policy file or built-in name.
+        file: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// List the syscall groups and their members.
+    Groups {
+        /// Show only this group.
+        name: Option<String>,
+    },
+}
+
+pub fn main() -> i32 {
+    let cli = Cli::parse();
+    init_logging(cli.log, cli.verbose);
+    match cli.command {
+        Command::Run(args) => cmd_run(args),
+        Command::Check { json } => cmd_check(json),
+        Command::Policy { command } => cmd_policy(command),
+        Command::Demo => cmd_demo(),
+    }
+}
+
+fn init_logging(format: LogFormat, verbose: u8) {
+    use tracing_subscriber::EnvFilter;
+    let level = match verbose {
+        0 => "warn",
+        1 => "info",
+        _ => "debug",
+    };
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(level));
+    let b = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Json => b.json().init(),
+        LogFormat::Text => b.with_target(false).init(),
+    }
+}
+
+fn fail(msg: impl std::fmt::Display) -> i32 {
+    eprintln!("stockade: {msg}");
+    EXIT_SETUP_FAILED
+}
+
+fn load_policy(spec: Option<&str>) -> Result<Policy, i32> {
+    policy::load(spec).map(|(p, _)| p).map_err(fail)
+}
+
+fn jail_exit_code(e: &JailError) -> i32 {
+    match (e.step, e.errno) {
+        (Step::Exec, Some(libc::ENOENT)) => EXIT_NOT_FOUND,
+        (Step::Exec, Some(_)) => EXIT_NOT_EXECUTABLE,
+        _ => EXIT_SETUP_FAILED,
+    }
+}
+
+fn cmd_run(a: RunArgs) -> i32 {
+    let mut policy = match load_policy(a.policy.as_deref()) {
+        Ok(p) => p,
+        Err(c) => return c,
+    };
+    if let Some(uid) = a.uid {
+        if uid >= 65536 {
+            return fail(format!("--uid {uid}: outside the jail's id range 0..65536"));
+        }
+        policy.user.uid = uid;
+    }
+    let mut env = Vec::new();
+    for kv in &a.env {
+        match kv.split_once('=') {
+            Some((k, v)) if !k.is_empty() => env.push((k.to_owned(), v.to_owned())),
+            _ => return fail(format!("--env {kv:?}: expected K=V")),
+        }
+    }
+    let timeout = match a.timeout.as_deref().map(stockade::util::parse_duration) {
+        None => None,
+        Some(Ok(d)) if !d.is_zero() => Some(d),
+        Some(Ok(_)) => return fail("--timeout must be greater than zero"),
+        Some(Err(e)) => return fail(format!("--timeout: {e}")),
+    };
+    let spec = JailSpec {
+        policy,
+        workspace: a.workspace,
+        outputs: a.outputs,
+        argv: a.command,
+        env,
+        timeout,
+    };
+    match jail::run(&spec) {
+        Ok(out) => {
+            tracing::info!(status = ?out.status, "jail finished");
+            if a.report {
+                eprint!("{}", describe(&spec.policy, &out.report));
+            }
+            if out.status == jail::Status::TimedOut {
+                eprintln!("stockade: timed out; the jail was killed");
+            }
+            out.status.code()
+        }
+        Err(e) => {
+            eprintln!("stockade: {e}");
+            jail_exit_code(&e)
+        }
+    }
+}
+
+/// A human summary of what confines a jail.
+fn describe(p: &Policy, r: &jail::Report) -> String {
+    use std::fmt::Write;
+    let mut s = String::new();
+    let _ = writeln!(s, "confined by policy {}:", p.source);
+    let _ = writeln!(
+        s,
+        "  namespaces   user, mount, pid, ipc, uts, net, cgroup; hostname {:?}",
+        p.hostname
+    );
+    let _ = writeln!(s, "  identity     {}", r.id_mapping);
+    let _ = writeln!(s, "  filesystem   new tmpfs root, read-only; rw: /workspace, /mnt/session/outputs, /tmp, /dev/shm");
+    let _ = writeln!(s, "  network      {:?}", p.network.mode);
+    let _ = writeln!(s, "  capabilities none (all five sets empty), no_new_privs");
+    let dropped = if r.landlock_dropped.is_empty() {
+        String::new()
+    } else {
+        format!(", dropped: {}", r.landlock_dropped.join(", "))
+    };
+    let _ = writeln!(
+        s,
+        "  landlock     kernel ABI {}, {:?}{dropped}",
+        r.landlock_abi, p.landlock.compatibility
+    );
+    let _ = writeln!(
+        s,
+        "  seccomp      {} syscalls allowed ({}), default {:?}, x32/ia32 refused",
+        r.seccomp_allowed,
+        p.seccomp.allow.join(" "),
+        p.seccomp.default_action
+    );
+    let cg = if r.cgroup.applied.is_empty() {
+        "none".to_owned()
+    } else {
+        r.cgroup.applied.join(", ")
+    };
+    let _ = writeln!(s, "  cgroup       {cg}");
+    if !r.cgroup.skipped.is_empty() {
+        let _ = writeln!(
+            s,
+            "  NOT applied  {} (best_effort)",
+            r.cgroup.skipped.join("; ")
+        );
+    }
+    let l = &p.limits;
+    let _ = writeln!(
+        s,
+        "  rlimits      nofile {:?}, nproc {:?}, fsize {}, core 0; /tmp {}",
+        l.nofile,
+        l.nproc,
+        l.fsize
+            .map(|f| stockade::util::format_size(f.0))
+            .unwrap_or_else(|| "unlimited".into()),
+        stockade::util::format_size(l.tmp_size.0)
+    );
+    s
+}
+
+fn cmd_check(json: bool) -> i32 {
+    let items = jail::check::run();
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&items).unwrap_or_default()
+        );
+    } else {
+        for i in &items {
+            println!(
+                "{:<4} {:<16} {}",
+                if i.ok { "ok" } else { "NO" },
+                i.name,
+                i.detail
+            );
+        }
+    }
+    0
+}
+
+fn cmd_policy(c: PolicyCommand) -> i32 {
+    match c {
+        PolicyCommand::Show { file, json } => {
+            let p = match load_policy(Some(&file)) {
+                Ok(p) => p,
+                Err(c) => return c,
+            };
+            let out = if json {
+                serde_json::to_string_pretty(&p).map_err(|e| e.to_string())
+            } else {
+                toml::to_string(&p).map_err(|e| e.to_string())
+            };
+            match out {
+                Ok(s) => {
+                    println!("# resolved from {}\n{s}", p.source);
+                    0
+                }
+                Err(e) => fail(e),
+            }
+        }
+        PolicyCommand::Groups { name } => {
+            let mut shown = 0;
+            for g in syscalls::GROUPS
+                .iter()
+                .filter(|g| name.as_deref().is_none_or(|n| n == g.name))
+            {
+                shown += 1;
+                println!(
+                    "{}{}  {}",
+                    g.name,
+                    if g.dangerous { " (dangerous)" } else { "" },
+                    g.description
+                );
+                if !g.includes.is_empty() {
+                    println!("    includes: {}", g.includes.join(" "));
+                }
+                let members: Vec<String> = g
+                    .members
+                    .iter()
+                    .map(|m| match m.cond {
+                        Some(c) => format!("{}[{c:?}]", m.name),
+                        None => m.name.to_owned(),
+                    })
+                    .collect();
+                if !members.is_empty() {
+                    println!("    {}", members.join(" "));
+                }
+            }
+            if shown == 0 {
+                return fail(format!("unknown group {}", name.unwrap_or_default()));
+            }
+            0
+        }
+    }
+}
+
+fn cmd_demo() -> i32 {
+    let policy = match load_policy(None) {
+        Ok(p) => p,
+        Err(c) => return c,
+    };
+    let script = "echo \"inside: $(id)\"; echo \"hostname: $(hostname)\"; echo \"cwd: $(pwd)\"; \
+                  echo \"processes visible: $(ls /proc | grep -c '^[0-9]')\"; \
+                  grep -E '^(CapEff|NoNewPrivs|Seccomp):' /proc/self/status; \
+                  if cat /etc/shadow >/dev/null 2>&1; then echo 'read /etc/shadow: ALLOWED'; else echo 'read /etc/shadow: denied'; fi; \
+                  if touch /usr/stockade-demo 2>/dev/null; then echo 'write /usr: ALLOWED'; else echo 'write /usr: denied'; fi; \
+                  echo hello > /workspace/hello.txt && echo \"write /workspace: ok ($(cat /workspace/hello.txt))\"";
+    println!("$ stockade run -- sh -c '<demo script>'");
+    let spec = JailSpec {
+        policy,
+        workspace: None,
+        outputs: None,
+        argv: vec!["sh".into(), "-c".into(), script.into()],
+        env: Vec::new(),
+        timeout: Some(Duration::from_secs(60)),
+    };
+    match jail::run(&spec) {
+        Ok(out) => {
+            println!();
+            print!("{}", describe(&spec.policy, &out.report));
+            println!("exit status: {}", out.status.code());
+            out.status.code()
+        }
+        Err(e) => {
+            eprintln!("stockade: {e}");
+            jail_exit_code(&e)
+        }
+    }
+}

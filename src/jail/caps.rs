@@ -1,0 +1,119 @@
+//! Step 6: credentials and capabilities.
+//!
+//! Order is forced by the kernel: the bounding set can only be reduced while CAP_SETPCAP is still
+//! effective, and securebits likewise; then the ids change; then the remaining sets are cleared.
+//! Finally no_new_privs, which also makes landlock and seccomp installable without privilege.
+//! The result is verified rather than assumed.
+
+use caps::{CapSet, Capability, CapsHashSet};
+use nix::unistd::{setgroups, setresgid, setresuid, Gid, Uid};
+
+use super::error::{JailError, Step, StepExt};
+
+pub fn drop_to(
+    uid: u32,
+    gid: u32,
+    keep_names: &[String],
+    clear_groups: bool,
+) -> Result<(), JailError> {
+    let keep: CapsHashSet = keep_names
+        .iter()
+        .map(|n| {
+            let n = n.to_ascii_uppercase();
+            let n = if n.starts_with("CAP_") {
+                n
+            } else {
+                format!("CAP_{n}")
+            };
+            n.parse::<Capability>()
+                .map_err(|e| JailError::new(Step::Capabilities, format!("{n}: {e}")))
+        })
+        .collect::<Result<_, _>>()?;
+
+    // Lock root out of privilege: uid 0 inside gains nothing from exec or setuid transitions.
+    let mut bits =
+        libc::SECBIT_NOROOT | libc::SECBIT_NOROOT_LOCKED | libc::SECBIT_NO_SETUID_FIXUP_LOCKED;
+    if keep.is_empty() {
+        bits |= libc::SECBIT_KEEP_CAPS_LOCKED
+            | libc::SECBIT_NO_CAP_AMBIENT_RAISE
+            | libc::SECBIT_NO_CAP_AMBIENT_RAISE_LOCKED;
+    }
+    prctl(
+        libc::PR_SET_SECUREBITS,
+        bits as libc::c_ulong,
+        "PR_SET_SECUREBITS",
+    )?;
+
+    for cap in caps::all() {
+        if !keep.contains(&cap) {
+            caps::drop(None, CapSet::Bounding, cap).step(Step::Capabilities, || {
+                format!("drop {cap} from bounding set")
+            })?;
+        }
+    }
+    caps::clear(None, CapSet::Ambient).step(Step::Capabilities, || "clear ambient".into())?;
+    if !keep.is_empty() {
+        prctl(libc::PR_SET_KEEPCAPS, 1, "PR_SET_KEEPCAPS")?;
+    }
+
+    if clear_groups {
+        setgroups(&[]).step(Step::Capabilities, || "setgroups([])".into())?;
+    }
+    setresgid(Gid::from_raw(gid), Gid::from_raw(gid), Gid::from_raw(gid))
+        .step(Step::Capabilities, || format!("setresgid {gid}"))?;
+    setresuid(Uid::from_raw(uid), Uid::from_raw(uid), Uid::from_raw(uid))
+        .step(Step::Capabilities, || format!("setresuid {uid}"))?;
+
+    for set in [CapSet::Effective, CapSet::Permitted, CapSet::Inheritable] {
+        caps::set(None, set, &keep).step(Step::Capabilities, || format!("set {set:?}"))?;
+    }
+    for cap in &keep {
+        // Ambient capabilities are the only ones an unprivileged uid keeps across execve.
+        caps::raise(None, CapSet::Ambient, *cap)
+            .step(Step::Capabilities, || format!("raise ambient {cap}"))?;
+    }
+    prctl(libc::PR_SET_NO_NEW_PRIVS, 1, "PR_SET_NO_NEW_PRIVS")?;
+
+    for set in [
+        CapSet::Effective,
+        CapSet::Permitted,
+        CapSet::Inheritable,
+        CapSet::Ambient,
+        CapSet::Bounding,
+    ] {
+        let have = caps::read(None, set).step(Step::Capabilities, || format!("read {set:?}"))?;
+        if have.iter().any(|c| !keep.contains(c)) {
+            return Err(JailError::new(
+                Step::Capabilities,
+                format!("{set:?} set still holds {have:?} after dropping"),
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn prctl(op: libc::c_int, arg: libc::c_ulong, name: &str) -> Result<(), JailError> {
+    // SAFETY: prctl with integer arguments only; no pointers are passed.
+    let r = unsafe {
+        libc::prctl(
+            op,
+            arg,
+            0 as libc::c_ulong,
+            0 as libc::c_ulong,
+            0 as libc::c_ulong,
+        )
+    };
+    if r < 0 {
+        return Err(JailError::new(
+            Step::Capabilities,
+            format!("{name}: {}", std::io::Error::last_os_error()),
+        ));
+    }
+    Ok(())
+}
+
+/// Makes the calling process non-dumpable: its /proc entries become root-owned and it cannot be
+/// ptrace-attached, even by the jail user.
+pub fn set_non_dumpable() -> Result<(), JailError> {
+    prctl(libc::PR_SET_DUMPABLE, 0, "PR_SET_DUMPABLE")
+}

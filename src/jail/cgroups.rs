@@ -1,0 +1,330 @@
+//! Step 5b: cgroup limits (memory, pids, cpu), created by the supervisor before the jail runs.
+//!
+//! Each controller is taken from cgroup v2 when the v2 hierarchy offers it to Stockade's own
+//! cgroup, and otherwise from a v1 hierarchy (hybrid hosts). The jail's cgroup is created below
+//! Stockade's own cgroup in that hierarchy, so a delegated subtree (systemd `Delegate=yes`) works
+//! without touching the rest of the host. A limit that cannot be applied is an error unless
+//! `limits.enforcement = "best_effort"`.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use super::error::{JailError, Step};
+use crate::policy::{Enforcement, Limits};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Controller {
+    Memory,
+    Pids,
+    Cpu,
+}
+
+impl Controller {
+    fn name(self) -> &'static str {
+        match self {
+            Controller::Memory => "memory",
+            Controller::Pids => "pids",
+            Controller::Cpu => "cpu",
+        }
+    }
+}
+
+/// What the host offers: the v2 mount (if any) and v1 mounts by controller.
+#[derive(Debug, Clone, Default)]
+pub struct Layout {
+    pub v2_mount: Option<PathBuf>,
+    /// Stockade's own cgroup in the v2 hierarchy.
+    pub v2_self: Option<String>,
+    pub v2_controllers: Vec<String>,
+    /// (controller, mount point, Stockade's own cgroup in that hierarchy)
+    pub v1: Vec<(String, PathBuf, String)>,
+}
+
+impl Layout {
+    pub fn detect() -> Layout {
+        let mut l = Layout::default();
+        let mountinfo = fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+        let own = fs::read_to_string("/proc/self/cgroup").unwrap_or_default();
+        for line in mountinfo.lines() {
+            // mountinfo: ID PARENT MAJ:MIN ROOT MOUNTPOINT OPTS [OPTIONAL...] - FSTYPE SOURCE SUPEROPTS
+            let Some((pre, post)) = line.split_once(" - ") else {
+                continue;
+            };
+            let mut pf = pre.split(' ');
+            let mount_point = pf.nth(4).unwrap_or("");
+            let mut qf = post.split(' ');
+            let fstype = qf.next().unwrap_or("");
+            let superopts = qf.nth(1).unwrap_or("");
+            if fstype == "cgroup2" && l.v2_mount.is_none() {
+                l.v2_mount = Some(PathBuf::from(mount_point));
+            } else if fstype == "cgroup" {
+                for opt in superopts.split(',') {
+                    if ["memory", "pids", "cpu"].contains(&opt) {
+                        let own_path = own
+                            .lines()
+                            .filter_map(|c| c.splitn(3, ':').collect::<Vec<_>>().try_into().ok())
+                            .find(|[_, ctrls, _]: &[&str; 3]| ctrls.split(',').any(|c| c == opt))
+                            .map(|[_, _, p]| p.to_owned())
+                            .unwrap_or_else(|| "/".into());
+                        l.v1.push((opt.to_owned(), PathBuf::from(mount_point), own_path));
+                    }
+                }
+            }
+        }
+        if let Some(m) = &l.v2_mount {
+            let own_path = own
+                .lines()
+                .find_map(|c| c.strip_prefix("0::"))
+                .unwrap_or("/")
+                .to_owned();
+            let dir = join(m, &own_path);
+            l.v2_controllers = fs::read_to_string(dir.join("cgroup.controllers"))
+                .unwrap_or_default()
+                .split_whitespace()
+                .map(str::to_owned)
+                .collect();
+            l.v2_self = Some(own_path);
+        }
+        l
+    }
+
+    /// Where a controller would come from: "v2", "v1", or None.
+    pub fn source(&self, c: Controller) -> Option<&'static str> {
+        if self.v2_controllers.iter().any(|x| x == c.name()) {
+            Some("v2")
+        } else if self.v1.iter().any(|(n, _, _)| n == c.name()) {
+            Some("v1")
+        } else {
+            None
+        }
+    }
+}
+
+fn join(mount: &Path, cg: &str) -> PathBuf {
+    mount.join(cg.trim_start_matches('/'))
+}
+
+/// The jail's cgroup: one directory per hierarchy used.
+#[derive(Debug)]
+pub struct JailCgroup {
+    dirs: Vec<PathBuf>,
+    v2_dir: Option<PathBuf>,
+}
+
+/// What was applied, for the CLI's report.
+#[derive(Debug, Clone, Default)]
+pub struct CgroupReport {
+    pub applied: Vec<String>,
+    pub skipped: Vec<String>,
+}
+
+impl JailCgroup {
+    /// Creates the cgroup and writes the limits. `Ok(None)` when the policy asks for no cgroup limit.
+    pub fn create(
+        name: &str,
+        limits: &Limits,
+    ) -> Result<(Option<JailCgroup>, CgroupReport), JailError> {
+        let wanted: Vec<Controller> = [
+            (Controller::Memory, limits.memory.is_some()),
+            (Controller::Pids, limits.pids.is_some()),
+            (Controller::Cpu, limits.cpu.is_some()),
+        ]
+        .into_iter()
+        .filter(|(_, w)| *w)
+        .map(|(c, _)| c)
+        .collect();
+        let mut report = CgroupReport::default();
+        if wanted.is_empty() {
+            return Ok((None, report));
+        }
+        let best_effort = limits.enforcement == Enforcement::BestEffort;
+        let layout = Layout::detect();
+        let mut cg = JailCgroup {
+            dirs: Vec::new(),
+            v2_dir: None,
+        };
+
+        let result = (|| -> Result<(), JailError> {
+            for c in &wanted {
+                match cg.apply_one(&layout, *c, name, limits) {
+                    Ok(desc) => report.applied.push(desc),
+                    Err(e) if best_effort => report.skipped.push(e.msg),
+                    Err(e) => return Err(e),
+                }
+            }
+            Ok(())
+        })();
+        if let Err(e) = result {
+            cg.remove();
+            return Err(JailError::new(
+                Step::Cgroups,
+                format!(
+                    "{} (set limits.enforcement = \"best_effort\" to run without)",
+                    e.msg
+                ),
+            ));
+        }
+        Ok(((!cg.dirs.is_empty()).then_some(cg), report))
+    }
+
+    fn apply_one(
+        &mut self,
+        layout: &Layout,
+        c: Controller,
+        name: &str,
+        l: &Limits,
+    ) -> Result<String, JailError> {
+        let e = |m: String| JailError::new(Step::Cgroups, m);
+        let use_v2 = layout.v2_controllers.iter().any(|x| x == c.name());
+        let dir = if use_v2 {
+            match &self.v2_dir {
+                Some(d) => d.clone(),
+                None => {
+                    let mount = layout
+                        .v2_mount
+                        .as_ref()
+                        .expect("v2 controllers imply a v2 mount");
+                    let parent = join(mount, layout.v2_self.as_deref().unwrap_or("/"));
+                    let d = parent.join(name);
+                    fs::create_dir(&d)
+                        .map_err(|err| e(format!("create {}: {err}", d.display())))?;
+                    self.dirs.push(d.clone());
+                    self.v2_dir = Some(d.clone());
+                    d
+                }
+            }
+        } else {
+            let Some((_, mount, own)) = layout.v1.iter().find(|(n, _, _)| n == c.name()) else {
+                return Err(e(format!(
+                    "no {} controller on this host (neither cgroup v2 nor v1)",
+                    c.name()
+                )));
+            };
+            let d = join(mount, own).join(name);
+            if !d.exists() {
+                fs::create_dir(&d).map_err(|err| e(format!("create {}: {err}", d.display())))?;
+                self.dirs.push(d.clone());
+            }
+            d
+        };
+        if use_v2 {
+            enable_v2_controller(&dir, c.name()).map_err(e)?;
+        }
+        let w = |file: &str, v: String| -> Result<(), JailError> {
+            fs::write(dir.join(file), &v)
+                .map_err(|err| e(format!("write {} = {v}: {err}", dir.join(file).display())))
+        };
+        let ver = if use_v2 { "v2" } else { "v1" };
+        match c {
+            Controller::Memory => {
+                let m = l.memory.map(|s| s.0).unwrap_or(u64::MAX);
+                if use_v2 {
+                    w("memory.max", m.to_string())?;
+                    if dir.join("memory.swap.max").exists() {
+                        w("memory.swap.max", "0".into())?;
+                    }
+                } else {
+                    w("memory.limit_in_bytes", m.to_string())?;
+                    if dir.join("memory.memsw.limit_in_bytes").exists() {
+                        w("memory.memsw.limit_in_bytes", m.to_string())?;
+                    }
+                }
+                Ok(format!("memory {} ({ver})", crate::util::format_size(m)))
+            }
+            Controller::Pids => {
+                let n = l.pids.unwrap_or(0);
+                w("pids.max", n.to_string())?;
+                Ok(format!("pids {n} ({ver})"))
+            }
+            Controller::Cpu => {
+                let cpus = l.cpu.unwrap_or(1.0);
+                let period: u64 = 100_000;
+                let quota = ((cpus * period as f64) as u64).max(1000);
+                if use_v2 {
+                    w("cpu.max", format!("{quota} {period}"))?;
+                } else {
+                    w("cpu.cfs_period_us", period.to_string())?;
+                    w("cpu.cfs_quota_us", quota.to_string())?;
+                }
+                Ok(format!("cpu {cpus} ({ver})"))
+            }
+        }
+    }
+
+    pub fn add(&self, pid: i32) -> Result<(), JailError> {
+        for d in &self.dirs {
+            fs::write(d.join("cgroup.procs"), pid.to_string()).map_err(|e| {
+                JailError::new(
+                    Step::Cgroups,
+                    format!("add pid {pid} to {}: {e}", d.display()),
+                )
+            })?;
+        }
+        Ok(())
+    }
+
+    /// Kills anything left and removes the directories. Called once the jail's init is gone, when
+    /// the pid namespace teardown has already signalled every member; waits briefly for the
+    /// kernel to finish reaping before rmdir.
+    pub fn remove(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        for d in self.dirs.drain(..).rev() {
+            let kill = d.join("cgroup.kill");
+            if kill.exists() {
+                let _ = fs::write(&kill, "1");
+            }
+            loop {
+                for pid in fs::read_to_string(d.join("cgroup.procs"))
+                    .unwrap_or_default()
+                    .lines()
+                {
+                    if let Ok(p) = pid.trim().parse::<i32>() {
+                        let _ = nix::sys::signal::kill(
+                            nix::unistd::Pid::from_raw(p),
+                            nix::sys::signal::Signal::SIGKILL,
+                        );
+                    }
+                }
+                match fs::remove_dir(&d) {
+                    Ok(()) => break,
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => break,
+                    Err(e) if Instant::now() > deadline => {
+                        tracing::warn!(cgroup = %d.display(), error = %e, "could not remove jail cgroup");
+                        break;
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(5)),
+                }
+            }
+        }
+    }
+}
+
+impl Drop for JailCgroup {
+    fn drop(&mut self) {
+        self.remove();
+    }
+}
+
+/// Enables a controller for the jail's cgroup in its parent's cgroup.subtree_control. A v2
+/// cgroup holding processes cannot delegate controllers ("no internal processes"), so when
+/// Stockade's own cgroup is such a cgroup, Stockade first moves itself into a leaf beside the jails.
+fn enable_v2_controller(jail_dir: &Path, ctrl: &str) -> Result<(), String> {
+    let parent = jail_dir.parent().ok_or("cgroup has no parent")?;
+    let enabled = fs::read_to_string(parent.join("cgroup.subtree_control")).unwrap_or_default();
+    if enabled.split_whitespace().any(|c| c == ctrl) {
+        return Ok(());
+    }
+    let write = || fs::write(parent.join("cgroup.subtree_control"), format!("+{ctrl}"));
+    match write() {
+        Ok(()) => Ok(()),
+        Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
+            let leaf = parent.join("stockade-supervisor");
+            let _ = fs::create_dir(&leaf);
+            fs::write(leaf.join("cgroup.procs"), std::process::id().to_string())
+                .map_err(|e| format!("move Stockade into {}: {e}", leaf.display()))?;
+            write().map_err(|e| format!("enable {ctrl} in {}: {e}", parent.display()))
+        }
+        Err(e) => Err(format!("enable {ctrl} in {}: {e}", parent.display())),
+    }
+}

@@ -1,0 +1,132 @@
+//! `stockade check`: what this host can enforce, probed rather than guessed.
+
+use serde::Serialize;
+
+use super::cgroups::{Controller, Layout};
+use super::landlock;
+
+#[derive(Debug, Serialize)]
+pub struct Item {
+    pub name: &'static str,
+    pub ok: bool,
+    pub detail: String,
+}
+
+pub fn run() -> Vec<Item> {
+    let mut items = Vec::new();
+    let uname = nix::sys::utsname::uname().ok();
+    items.push(Item {
+        name: "kernel",
+        ok: true,
+        detail: uname
+            .map(|u| {
+                format!(
+                    "{} {} {}",
+                    u.sysname().to_string_lossy(),
+                    u.release().to_string_lossy(),
+                    u.machine().to_string_lossy()
+                )
+            })
+            .unwrap_or_default(),
+    });
+    let root = nix::unistd::geteuid().is_root();
+    items.push(Item {
+        name: "privileges",
+        ok: true,
+        detail: if root {
+            "host root: jail ids map to an unprivileged host range; all network modes".into()
+        } else {
+            "unprivileged (rootless): the jail user maps to the invoking user; network none/loopback".into()
+        },
+    });
+    let userns = probe_userns();
+    items.push(Item {
+        name: "user namespaces",
+        ok: userns.is_ok(),
+        detail: userns.unwrap_or_else(|e| e),
+    });
+    let abi = landlock::kernel_abi();
+    items.push(Item {
+        name: "landlock",
+        ok: abi >= landlock::TARGET_ABI,
+        detail: if abi == 0 {
+            "unavailable (not built or not enabled at boot: add `landlock` to the lsm= boot parameter)".into()
+        } else {
+            format!("ABI {abi} (Stockade asks for {}{})", landlock::TARGET_ABI, if abi >= landlock::TARGET_ABI { "" } else { "; hard policies will refuse to run" })
+        },
+    });
+    let seccomp_actions =
+        std::fs::read_to_string("/proc/sys/kernel/seccomp/actions_avail").unwrap_or_default();
+    items.push(Item {
+        name: "seccomp",
+        ok: seccomp_actions.contains("errno") && seccomp_actions.contains("kill_process"),
+        detail: if seccomp_actions.is_empty() {
+            "unavailable".into()
+        } else {
+            format!("filter actions: {}", seccomp_actions.trim())
+        },
+    });
+    let layout = Layout::detect();
+    items.push(Item {
+        name: "cgroup v2",
+        ok: layout.v2_mount.is_some(),
+        detail: match &layout.v2_mount {
+            Some(m) => format!(
+                "{} (controllers for Stockade's cgroup: {})",
+                m.display(),
+                if layout.v2_controllers.is_empty() {
+                    "none".into()
+                } else {
+                    layout.v2_controllers.join(" ")
+                }
+            ),
+            None => "not mounted".into(),
+        },
+    });
+    for (c, name) in [
+        (Controller::Memory, "cgroup memory"),
+        (Controller::Pids, "cgroup pids"),
+        (Controller::Cpu, "cgroup cpu"),
+    ] {
+        let src = layout.source(c);
+        items.push(Item {
+            name,
+            ok: src.is_some(),
+            detail: match src {
+                Some(v) => format!("from cgroup {v}"),
+                None => "unavailable: policies with this limit need limits.enforcement = \"best_effort\"".into(),
+            },
+        });
+    }
+    let nft = ["/usr/sbin/nft", "/sbin/nft", "/usr/bin/nft"]
+        .iter()
+        .find(|p| std::path::Path::new(p).exists());
+    items.push(Item {
+        name: "nftables",
+        ok: nft.is_some(),
+        detail: nft
+            .map(|p| format!("{p} (needed for network mode veth)"))
+            .unwrap_or_else(|| "nft not found (needed for network mode veth only)".into()),
+    });
+    items
+}
+
+/// Forks a child that creates a user namespace, the way a jail would.
+fn probe_userns() -> Result<String, String> {
+    let max = std::fs::read_to_string("/proc/sys/user/max_user_namespaces").unwrap_or_default();
+    // SAFETY: fork in a process that may be multi-threaded; the child only calls the
+    // async-signal-safe unshare(2) and _exit(2).
+    match unsafe { nix::unistd::fork() } {
+        Ok(nix::unistd::ForkResult::Child) => {
+            // SAFETY: unshare and _exit are async-signal-safe.
+            let r = unsafe { libc::unshare(libc::CLONE_NEWUSER) };
+            // SAFETY: see above.
+            unsafe { libc::_exit(if r == 0 { 0 } else { 1 }) }
+        }
+        Ok(nix::unistd::ForkResult::Parent { child }) => match nix::sys::wait::waitpid(child, None) {
+            Ok(nix::sys::wait::WaitStatus::Exited(_, 0)) => Ok(format!("available (max_user_namespaces {})", max.trim())),
+            _ => Err("unshare(CLONE_NEWUSER) failed: enable user namespaces (user.max_user_namespaces, kernel.unprivileged_userns_clone, AppArmor userns restrictions)".into()),
+        },
+        Err(e) => Err(format!("fork: {e}")),
+    }
+}

@@ -1,0 +1,85 @@
+//! Step 4b: the jailed command's environment, rebuilt from scratch.
+//!
+//! Nothing of Stockade's own environment passes unless the policy names it in `env.pass`, and a
+//! name that looks like a credential never passes unless `env.allow_secrets` names it too. The
+//! policy validator already refuses such names in the policy; this is the runtime guard for
+//! `--env` and for values assembled by callers.
+
+use std::collections::BTreeMap;
+
+use super::error::{JailError, Step};
+use crate::policy::{is_secret_name, Policy};
+
+pub fn build(
+    policy: &Policy,
+    host_env: &[(String, String)],
+    extra: &[(String, String)],
+) -> Result<Vec<(String, String)>, JailError> {
+    let allowed_secret = |k: &str| policy.env.allow_secrets.iter().any(|a| a == k);
+    let mut env: BTreeMap<String, String> = BTreeMap::new();
+    env.insert("PATH".into(), "/usr/local/bin:/usr/bin:/bin".into());
+    env.insert("HOME".into(), "/workspace".into());
+    env.insert("LANG".into(), "C.UTF-8".into());
+    env.insert("TERM".into(), "dumb".into());
+    env.insert("USER".into(), policy.user.name.clone());
+    env.insert("LOGNAME".into(), policy.user.name.clone());
+    env.insert("HOSTNAME".into(), policy.hostname.clone());
+    for name in &policy.env.pass {
+        if is_secret_name(name) && !allowed_secret(name) {
+            continue;
+        }
+        if let Some((_, v)) = host_env.iter().find(|(k, _)| k == name) {
+            env.insert(name.clone(), v.clone());
+        }
+    }
+    for (k, v) in policy
+        .env
+        .set
+        .iter()
+        .map(|(k, v)| (k, v))
+        .chain(extra.iter().map(|(k, v)| (k, v)))
+    {
+        if k.is_empty() || k.contains('=') || k.contains('\0') || v.contains('\0') {
+            return Err(JailError::new(
+                Step::Preflight,
+                format!("env: `{k}` is not a valid variable"),
+            ));
+        }
+        if is_secret_name(k) && !allowed_secret(k) {
+            return Err(JailError::new(
+                Step::Preflight,
+                format!("env: `{k}` looks like a credential; list it in env.allow_secrets to pass it into a jail"),
+            ));
+        }
+        env.insert(k.clone(), v.clone());
+    }
+    Ok(env.into_iter().collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::policy::load_builtin;
+
+    #[test]
+    fn secrets_never_pass_and_extra_secret_is_refused() {
+        let (mut p, _) = load_builtin("default").unwrap();
+        p.env.pass.push("ANTHROPIC_ENVIRONMENT_KEY".into());
+        let host = vec![
+            (
+                "ANTHROPIC_ENVIRONMENT_KEY".to_string(),
+                "sk-secret".to_string(),
+            ),
+            ("TERM".to_string(), "xterm".to_string()),
+            ("HOME".to_string(), "/root".to_string()),
+        ];
+        let env = build(&p, &host, &[]).unwrap();
+        assert!(env
+            .iter()
+            .all(|(k, v)| k != "ANTHROPIC_ENVIRONMENT_KEY" && v != "sk-secret"));
+        assert!(env.contains(&("TERM".into(), "xterm".into())));
+        assert!(env.contains(&("HOME".into(), "/workspace".into())));
+        let err = build(&p, &host, &[("GH_TOKEN".into(), "x".into())]).unwrap_err();
+        assert!(err.msg.contains("GH_TOKEN"), "{err}");
+    }
+}

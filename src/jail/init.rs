@@ -1,0 +1,241 @@
+//! The jail side: everything that runs inside the new namespaces, in order, and then Stockade's
+//! small init, which stays as PID 1 of the jail.
+//!
+//! PID 1 reaps orphans, forwards signals to the command, and exits with the command's status
+//! (128+N for a signal). When it exits the kernel tears the pid namespace down, so nothing the
+//! command started — daemons, double forks, new sessions — outlives it. It dies with the
+//! supervisor too (PDEATHSIG), and it is confined exactly like the command (same landlock
+//! domain, same seccomp allowlist, no capabilities) and non-dumpable, so the command can
+//! neither ptrace it nor open its /proc entries.
+
+use nix::sys::signal::{kill, SigSet, SigmaskHow, Signal};
+use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+use nix::unistd::{chdir, fork, setresgid, setresuid, setsid, ForkResult, Gid, Pid, Uid};
+use std::ffi::CString;
+use std::os::fd::AsRawFd;
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+
+use super::error::{JailError, Step, StepExt};
+use super::mounts::{self, MountPlan};
+use super::namespaces::IdMapping;
+use super::seccomp::Filters;
+use super::sync::{send_failure, wait_go, SyncPipes};
+use super::{
+    caps, landlock, netif, rlimits, uts, EXIT_NOT_EXECUTABLE, EXIT_NOT_FOUND, EXIT_SETUP_FAILED,
+};
+use crate::policy::{NetMode, Policy};
+
+/// Signals PID 1 passes on to the command.
+pub(crate) const FORWARDED: &[Signal] = &[
+    Signal::SIGTERM,
+    Signal::SIGINT,
+    Signal::SIGHUP,
+    Signal::SIGQUIT,
+    Signal::SIGUSR1,
+    Signal::SIGUSR2,
+    Signal::SIGWINCH,
+    Signal::SIGCONT,
+];
+
+pub(crate) struct ChildCtx<'a> {
+    pub policy: &'a Policy,
+    pub ids: &'a IdMapping,
+    pub plan: MountPlan<'a>,
+    pub env: &'a [CString],
+    pub argv: &'a [CString],
+    pub filters: &'a Filters,
+    pub pipes: &'a SyncPipes,
+}
+
+/// Entry point of the cloned child. Never returns.
+pub(crate) fn child_main(ctx: ChildCtx) -> ! {
+    // The supervisor's ends of the pipes: without closing our copies, a dead supervisor would
+    // not show up as EOF on `go`.
+    close_raw(ctx.pipes.go_write.as_raw_fd());
+    close_raw(ctx.pipes.report_read.as_raw_fd());
+    let code = match setup(&ctx) {
+        Ok(child) => supervise_command(child),
+        Err(e) => {
+            send_failure(&ctx.pipes.report_write, &e);
+            EXIT_SETUP_FAILED
+        }
+    };
+    // SAFETY: _exit ends the process without running the parent's atexit handlers or
+    // destructors, which belong to the supervisor's copy of this address space.
+    unsafe { libc::_exit(code) }
+}
+
+fn close_raw(fd: i32) {
+    // SAFETY: the fd is one of the sync pipes, inherited from the supervisor and not used again
+    // in this process; its OwnedFd is never dropped here because the child ends with _exit.
+    unsafe { libc::close(fd) };
+}
+
+fn setup(ctx: &ChildCtx) -> Result<Pid, JailError> {
+    // SAFETY: prctl(PR_SET_PDEATHSIG) takes integer arguments only.
+    unsafe {
+        libc::prctl(
+            libc::PR_SET_PDEATHSIG,
+            libc::SIGKILL as libc::c_ulong,
+            0,
+            0,
+            0,
+        )
+    };
+    if !wait_go(&ctx.pipes.go_read) {
+        // The supervisor is gone before the maps were written: leave quietly.
+        // SAFETY: see child_main.
+        unsafe { libc::_exit(EXIT_SETUP_FAILED) };
+    }
+    let p = ctx.policy;
+    if let Some((uid, gid)) = ctx.ids.setup_ids() {
+        setresgid(Gid::from_raw(gid), Gid::from_raw(gid), Gid::from_raw(gid))
+            .step(Step::IdMap, || "become setup gid".into())?;
+        setresuid(Uid::from_raw(uid), Uid::from_raw(uid), Uid::from_raw(uid))
+            .step(Step::IdMap, || "become setup uid".into())?;
+    }
+    nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWCGROUP)
+        .step(Step::Namespaces, || "unshare cgroup namespace".into())?;
+    mounts::build_root(&ctx.plan)?;
+    uts::set_names(&p.hostname)?;
+    if p.network.mode == NetMode::Loopback {
+        netif::loopback_up()?;
+    }
+    rlimits::apply(&p.limits)?;
+    let root_mode = ctx.ids.setup_ids().is_some();
+    caps::drop_to(p.user.uid, p.user.gid, &p.capabilities.keep, root_mode)?;
+    landlock::apply(p)?;
+    caps::set_non_dumpable()?;
+    // Installed here, before the fork, so PID 1 and the command share one filter stack.
+    super::seccomp::install(ctx.filters)?;
+
+    // SAFETY: the jail child is single-threaded (it is a fork of a single-threaded supervisor),
+    // so fork cannot leave another thread's locks held in the copy.
+    match unsafe { fork() }.step(Step::Exec, || "fork command".into())? {
+        ForkResult::Child => exec_command(ctx),
+        ForkResult::Parent { child } => {
+            close_raw(ctx.pipes.report_write.as_raw_fd());
+            close_raw(ctx.pipes.go_read.as_raw_fd());
+            Ok(child)
+        }
+    }
+}
+
+fn exec_command(ctx: &ChildCtx) -> ! {
+    let err = run_exec(ctx);
+    let code = match err.errno {
+        Some(libc::ENOENT) => EXIT_NOT_FOUND,
+        Some(_) => EXIT_NOT_EXECUTABLE,
+        None => EXIT_SETUP_FAILED,
+    };
+    send_failure(&ctx.pipes.report_write, &err);
+    // SAFETY: see child_main.
+    unsafe { libc::_exit(code) }
+}
+
+/// Returns only on failure.
+fn run_exec(ctx: &ChildCtx) -> JailError {
+    let _ = nix::sys::signal::sigprocmask(SigmaskHow::SIG_SETMASK, Some(&SigSet::empty()), None);
+    // A new session without a controlling terminal: TIOCSTI-style injection into the caller's
+    // terminal needs one (the seccomp filter refuses TIOCSTI as well).
+    if let Err(e) = setsid() {
+        return JailError::new(Step::Exec, format!("setsid: {e}"));
+    }
+    if let Err(e) = chdir(mounts::WORKSPACE) {
+        return JailError::new(Step::Exec, format!("chdir {}: {e}", mounts::WORKSPACE));
+    }
+    // Every descriptor above stderr is closed at exec, whatever the supervisor or a library
+    // left open; the report pipe stays usable until then.
+    // SAFETY: close_range with CLOSE_RANGE_CLOEXEC only changes descriptor flags.
+    if unsafe { libc::close_range(3, u32::MAX, libc::CLOSE_RANGE_CLOEXEC as i32) } != 0 {
+        return JailError::new(
+            Step::Exec,
+            format!("close_range: {}", std::io::Error::last_os_error()),
+        );
+    }
+    let prog = match resolve_program(ctx) {
+        Ok(p) => p,
+        Err(e) => return e,
+    };
+    let e = nix::unistd::execve(&prog, ctx.argv, ctx.env).unwrap_err();
+    JailError {
+        step: Step::Exec,
+        msg: format!("{}: {}", prog.to_string_lossy(), e.desc()),
+        errno: Some(e as i32),
+    }
+}
+
+fn resolve_program(ctx: &ChildCtx) -> Result<CString, JailError> {
+    let name = ctx
+        .argv
+        .first()
+        .ok_or_else(|| JailError::new(Step::Exec, "no command given"))?;
+    let name_b = name.as_bytes();
+    let not_found = |errno: i32, msg: String| JailError {
+        step: Step::Exec,
+        msg,
+        errno: Some(errno),
+    };
+    if name_b.contains(&b'/') {
+        return Ok(name.clone());
+    }
+    let path = ctx
+        .env
+        .iter()
+        .find_map(|kv| kv.as_bytes().strip_prefix(b"PATH="))
+        .map(|p| String::from_utf8_lossy(p).into_owned())
+        .unwrap_or_else(|| "/usr/bin:/bin".into());
+    let mut denied = None;
+    for dir in path.split(':').filter(|d| !d.is_empty()) {
+        let cand: PathBuf = Path::new(dir).join(std::ffi::OsStr::from_bytes(name_b));
+        match nix::unistd::access(&cand, nix::unistd::AccessFlags::X_OK) {
+            Ok(()) if cand.is_file() => {
+                return CString::new(cand.as_os_str().as_bytes())
+                    .map_err(|_| not_found(libc::EINVAL, "NUL in path".into()));
+            }
+            Ok(()) => {}
+            Err(nix::errno::Errno::EACCES) => denied = Some(cand),
+            Err(_) => {}
+        }
+    }
+    let shown = String::from_utf8_lossy(name_b);
+    match denied {
+        Some(c) => Err(not_found(
+            libc::EACCES,
+            format!("{}: permission denied", c.display()),
+        )),
+        None => Err(not_found(
+            libc::ENOENT,
+            format!("{shown}: command not found in PATH {path}"),
+        )),
+    }
+}
+
+/// PID 1's loop. Returns the exit code to leave with.
+fn supervise_command(child: Pid) -> i32 {
+    let mut set = SigSet::empty();
+    set.add(Signal::SIGCHLD);
+    for s in FORWARDED {
+        set.add(*s);
+    }
+    let _ = nix::sys::signal::sigprocmask(SigmaskHow::SIG_BLOCK, Some(&set), None);
+    loop {
+        let sig = match set.wait() {
+            Ok(s) => s,
+            Err(_) => continue,
+        };
+        if sig != Signal::SIGCHLD {
+            let _ = kill(child, sig);
+            continue;
+        }
+        loop {
+            match waitpid(None, Some(WaitPidFlag::WNOHANG)) {
+                Ok(WaitStatus::Exited(pid, code)) if pid == child => return code,
+                Ok(WaitStatus::Signaled(pid, s, _)) if pid == child => return 128 + s as i32,
+                Ok(WaitStatus::StillAlive) | Err(_) => break,
+                Ok(_) => continue,
+            }
+        }
+    }
+}

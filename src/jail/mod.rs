@@ -1,0 +1,345 @@
+//! The jail: build a fresh, confined environment from a policy and run one command in it.
+//!
+//! The supervisor (this module, on the host side) validates and prepares everything it can
+//! before any namespace exists — landlock ABI, seccomp program, environment, cgroup — so that
+//! most refusals happen before a process is created. It then forks the jail child into new
+//! namespaces, writes its id maps, places it in the cgroup and releases it. The child (see
+//! `init`) performs the in-namespace steps, each in its own module:
+//!
+//! | step | module |
+//! |------|--------|
+//! | 1 namespaces, uid/gid maps | `namespaces` |
+//! | 2 mounts, generated /etc, pivot_root | `mounts`, `etc` |
+//! | 3 hostname, loopback | `uts`, `netif` |
+//! | 4 fds, environment | `init`, `environ` |
+//! | 5 rlimits, cgroups | `rlimits`, `cgroups` |
+//! | 6 capabilities, no_new_privs | `caps` |
+//! | 7 landlock | `landlock` |
+//! | 8 seccomp | `seccomp` |
+//! | 9 exec, PID 1 | `init` |
+
+pub mod caps;
+pub mod cgroups;
+pub mod check;
+pub mod environ;
+pub mod error;
+pub mod etc;
+mod init;
+pub mod landlock;
+pub mod mounts;
+pub mod namespaces;
+pub mod netif;
+pub mod rlimits;
+pub mod seccomp;
+mod sync;
+pub mod uts;
+
+use nix::sys::signal::{kill, SigSet, SigmaskHow, Signal};
+use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+use nix::unistd::Pid;
+use std::ffi::{CString, OsString};
+use std::os::unix::ffi::OsStrExt;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+pub use error::{JailError, Step};
+
+use crate::policy::Policy;
+use cgroups::{CgroupReport, JailCgroup};
+use namespaces::IdMapping;
+
+/// Exit status when the command ran past `--timeout` and the jail was killed (as timeout(1)).
+pub const EXIT_TIMEOUT: i32 = 124;
+/// Exit status when Stockade could not build the jail.
+pub const EXIT_SETUP_FAILED: i32 = 125;
+/// Exit status when the command exists but cannot be executed.
+pub const EXIT_NOT_EXECUTABLE: i32 = 126;
+/// Exit status when the command does not exist in the jail.
+pub const EXIT_NOT_FOUND: i32 = 127;
+
+/// How long a jail gets between a forwarded SIGTERM/SIGINT and SIGKILL.
+pub const KILL_GRACE: Duration = Duration::from_secs(2);
+
+/// What to run and where.
+#[derive(Debug, Clone)]
+pub struct JailSpec {
+    pub policy: Policy,
+    /// Host directory mounted at /workspace; `None` gives the jail an empty tmpfs workspace.
+    pub workspace: Option<PathBuf>,
+    /// Host directory mounted at /mnt/session/outputs; `None` gives an empty tmpfs.
+    pub outputs: Option<PathBuf>,
+    pub argv: Vec<OsString>,
+    /// Extra variables (`--env K=V`), subject to the same secret rules as `env.set`.
+    pub env: Vec<(String, String)>,
+    /// Overrides `limits.timeout`.
+    pub timeout: Option<Duration>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Status {
+    Exited(i32),
+    /// The command was killed by this signal.
+    Signaled(i32),
+    TimedOut,
+}
+
+impl Status {
+    /// The exit code Stockade itself should leave with.
+    pub fn code(self) -> i32 {
+        match self {
+            Status::Exited(c) => c,
+            Status::Signaled(s) => 128 + s,
+            Status::TimedOut => EXIT_TIMEOUT,
+        }
+    }
+}
+
+/// What confined the command, for `stockade run -v` and the demo.
+#[derive(Debug, Clone, Default)]
+pub struct Report {
+    pub landlock_abi: i32,
+    pub landlock_dropped: Vec<&'static str>,
+    pub cgroup: CgroupReport,
+    pub seccomp_allowed: usize,
+    pub id_mapping: String,
+}
+
+#[derive(Debug)]
+pub struct Outcome {
+    pub status: Status,
+    pub report: Report,
+}
+
+static JAIL_SEQ: AtomicU32 = AtomicU32::new(0);
+
+/// Builds the jail, runs the command to completion and tears everything down.
+pub fn run(spec: &JailSpec) -> Result<Outcome, JailError> {
+    let p = &spec.policy;
+    let mut report = Report::default();
+
+    // ---- preflight: refuse before creating anything ----
+    let abi = landlock::kernel_abi();
+    let missing = landlock::missing_features(abi, p);
+    if p.landlock.compatibility == crate::policy::Compatibility::Hard && !missing.is_empty() {
+        return Err(JailError::new(
+            Step::Landlock,
+            format!(
+                "kernel ABI {abi} < required {}: missing {}",
+                landlock::requirements(p),
+                missing.join(", ")
+            ),
+        ));
+    }
+    report.landlock_abi = abi;
+    if p.landlock.compatibility == crate::policy::Compatibility::BestEffort {
+        report.landlock_dropped = missing;
+    }
+    let filters = seccomp::compile(&p.seccomp)?;
+    report.seccomp_allowed = filters.allowed.len();
+    let host_env: Vec<(String, String)> = std::env::vars().collect();
+    let env = environ::build(p, &host_env, &spec.env)?;
+    let env_c: Vec<CString> = env
+        .iter()
+        .map(|(k, v)| CString::new(format!("{k}={v}")))
+        .collect::<Result<_, _>>()
+        .map_err(|_| JailError::new(Step::Preflight, "environment contains a NUL byte"))?;
+    if spec.argv.is_empty() {
+        return Err(JailError::new(Step::Exec, "no command given"));
+    }
+    let argv_c: Vec<CString> = spec
+        .argv
+        .iter()
+        .map(|a| CString::new(a.as_bytes()))
+        .collect::<Result<_, _>>()
+        .map_err(|_| JailError::new(Step::Exec, "command line contains a NUL byte"))?;
+    for (what, dir) in [("workspace", &spec.workspace), ("outputs", &spec.outputs)] {
+        if let Some(d) = dir {
+            if !d.is_dir() {
+                return Err(JailError::new(
+                    Step::Workspace,
+                    format!("{what} {} is not a directory", d.display()),
+                ));
+            }
+        }
+    }
+    let ids = IdMapping::for_host(&p.user);
+    let (host_uid, host_gid) = ids.host_ids(&p.user);
+    report.id_mapping = format!(
+        "jail uid {} -> host uid {host_uid}, gid {} -> host gid {host_gid}",
+        p.user.uid, p.user.gid
+    );
+
+    // ---- cgroup ----
+    let name = format!(
+        "stockade-{}-{}",
+        std::process::id(),
+        JAIL_SEQ.fetch_add(1, Ordering::Relaxed)
+    );
+    let (mut cgroup, cg_report) = JailCgroup::create(&name, &p.limits)?;
+    report.cgroup = cg_report;
+
+    let pipes = sync::SyncPipes::new()
+        .map_err(|e| JailError::new(Step::Preflight, format!("pipe: {e}")))?;
+    let mut blocked = SigSet::empty();
+    blocked.add(Signal::SIGCHLD);
+    for s in [
+        Signal::SIGINT,
+        Signal::SIGTERM,
+        Signal::SIGHUP,
+        Signal::SIGQUIT,
+    ] {
+        blocked.add(s);
+    }
+    let mut old_mask = SigSet::empty();
+    nix::sys::signal::sigprocmask(SigmaskHow::SIG_BLOCK, Some(&blocked), Some(&mut old_mask))
+        .map_err(|e| JailError::new(Step::Supervise, format!("sigprocmask: {e}")))?;
+
+    let result = (|| {
+        let plan = mounts::MountPlan {
+            policy: p,
+            workspace: spec.workspace.as_deref(),
+            outputs: spec.outputs.as_deref(),
+            workspace_tree: None,
+            outputs_tree: None,
+        };
+        let child = match namespaces::fork_into_namespaces()? {
+            None => init::child_main(init::ChildCtx {
+                policy: p,
+                ids: &ids,
+                plan,
+                env: &env_c,
+                argv: &argv_c,
+                filters: &filters,
+                pipes: &pipes,
+            }),
+            Some(pid) => pid,
+        };
+        let sync::SyncPipes {
+            go_read,
+            go_write,
+            report_read,
+            report_write,
+        } = pipes;
+        drop(go_read);
+        drop(report_write);
+        let kill_child = |e: JailError| {
+            let _ = kill(child, Signal::SIGKILL);
+            let _ = waitpid(child, None);
+            e
+        };
+        ids.write(child).map_err(kill_child)?;
+        if let Some(cg) = &cgroup {
+            cg.add(child.as_raw()).map_err(kill_child)?;
+        }
+        sync::send_go(&go_write).map_err(|e| {
+            kill_child(JailError::new(
+                Step::Supervise,
+                format!("release jail: {e}"),
+            ))
+        })?;
+        drop(go_write);
+        if let Some(err) = sync::read_report(&report_read) {
+            let _ = waitpid(child, None);
+            return Err(err);
+        }
+        let deadline = spec
+            .timeout
+            .or(p.limits.timeout.map(|d| d.0))
+            .map(|t| Instant::now() + t);
+        supervise(child, deadline)
+    })();
+
+    let _ = nix::sys::signal::sigprocmask(SigmaskHow::SIG_SETMASK, Some(&old_mask), None);
+    if let Some(cg) = cgroup.as_mut() {
+        cg.remove();
+    }
+    result.map(|status| Outcome { status, report })
+}
+
+/// Waits for the jail's init, enforcing the deadline and forwarding termination signals.
+fn supervise(init: Pid, deadline: Option<Instant>) -> Result<Status, JailError> {
+    let mut set = SigSet::empty();
+    for s in [
+        Signal::SIGCHLD,
+        Signal::SIGINT,
+        Signal::SIGTERM,
+        Signal::SIGHUP,
+        Signal::SIGQUIT,
+    ] {
+        set.add(s);
+    }
+    let mut kill_at: Option<Instant> = None;
+    let mut timed_out = false;
+    loop {
+        match waitpid(init, Some(WaitPidFlag::WNOHANG)) {
+            Ok(WaitStatus::Exited(_, code)) => {
+                return Ok(if timed_out {
+                    Status::TimedOut
+                } else {
+                    split_status(code)
+                });
+            }
+            Ok(WaitStatus::Signaled(_, sig, _)) => {
+                return Ok(if timed_out {
+                    Status::TimedOut
+                } else {
+                    Status::Signaled(sig as i32)
+                });
+            }
+            Ok(_) => {}
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(e) => return Err(JailError::new(Step::Supervise, format!("waitpid: {e}"))),
+        }
+        let now = Instant::now();
+        if let Some(d) = deadline {
+            if now >= d && !timed_out {
+                timed_out = true;
+                let _ = kill(init, Signal::SIGKILL);
+                continue;
+            }
+        }
+        if let Some(k) = kill_at {
+            if now >= k {
+                let _ = kill(init, Signal::SIGKILL);
+                kill_at = None;
+            }
+        }
+        let next = [deadline.filter(|_| !timed_out), kill_at]
+            .into_iter()
+            .flatten()
+            .min();
+        let wait = next
+            .map(|n| n.saturating_duration_since(now))
+            .unwrap_or(Duration::from_secs(3600));
+        match wait_signal(&set, wait) {
+            Some(sig) if sig != libc::SIGCHLD => {
+                // Termination requested: let the command handle it, then make sure.
+                if let Ok(s) = Signal::try_from(sig) {
+                    let _ = kill(init, s);
+                }
+                kill_at.get_or_insert(Instant::now() + KILL_GRACE);
+            }
+            _ => {}
+        }
+    }
+}
+
+/// The init exits with the command's status; 128+N stands for death by signal N.
+fn split_status(code: i32) -> Status {
+    if code > 128 && code < 128 + 65 {
+        Status::Signaled(code - 128)
+    } else {
+        Status::Exited(code)
+    }
+}
+
+fn wait_signal(set: &SigSet, timeout: Duration) -> Option<i32> {
+    let ts = libc::timespec {
+        tv_sec: timeout.as_secs().min(i64::MAX as u64) as libc::time_t,
+        tv_nsec: timeout.subsec_nanos() as libc::c_long,
+    };
+    // SAFETY: `set` is a valid sigset_t, `ts` a valid timespec, and siginfo may be NULL.
+    let r = unsafe { libc::sigtimedwait(set.as_ref(), std::ptr::null_mut(), &ts) };
+    (r > 0).then_some(r)
+}

@@ -1,0 +1,590 @@
+//! Step 2: the jail's filesystem.
+//!
+//! Runs inside the new mount namespace, as the namespace's privileged setup user. Order matters:
+//! 1. make every inherited mount private, so nothing propagates back to the host;
+//! 2. resolve every source (lstat + O_PATH open) while the host tree is still fully visible —
+//!    later steps mount over the staging directory, which may hide sources below it;
+//! 3. mount a tmpfs as the new root and populate it: read-only binds, generated /etc, the
+//!    workspace and outputs, /tmp, /dev, /proc (masked), optionally /sys;
+//! 4. pivot_root into it, detach the old root, remount the root read-only.
+//!
+//! Binds are made from the O_PATH descriptors (`/proc/self/fd/N`), so a path that changes after
+//! it was resolved (a symlink swapped in by a previous session) cannot redirect a mount.
+
+use nix::fcntl::{open, OFlag};
+use nix::mount::{mount, umount2, MntFlags, MsFlags};
+use nix::sys::stat::Mode;
+use nix::unistd::{chdir, pivot_root};
+use std::ffi::CString;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{symlink, DirBuilderExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+
+use super::error::{JailError, Step, StepExt};
+use crate::policy::{Access, Bind, Policy, SysMode};
+
+/// Where the new root is assembled, inside the jail's private mount namespace only.
+const STAGING: &str = "/tmp";
+
+pub const WORKSPACE: &str = "/workspace";
+pub const OUTPUTS: &str = "/mnt/session/outputs";
+
+/// Device nodes bound from the host's /dev. Nothing else: no block devices, no mem/kmem/port/kmsg.
+pub const DEVICES: &[&str] = &["null", "zero", "full", "random", "urandom", "tty"];
+
+/// /proc entries hidden behind /dev/null (files) or an empty read-only tmpfs (directories).
+const PROC_MASKED: &[&str] = &[
+    "kcore",
+    "keys",
+    "key-users",
+    "timer_list",
+    "sched_debug",
+    "latency_stats",
+    "kallsyms",
+    "kmsg",
+    "vmallocinfo",
+    "kpagecount",
+    "kpageflags",
+    "kpagecgroup",
+    "acpi",
+    "scsi",
+    "asound",
+    "firmware",
+    "driver",
+];
+/// /proc entries left visible but read-only: writing /proc/sys/kernel/core_pattern or
+/// /proc/sysrq-trigger must not reach the host.
+const PROC_READ_ONLY: &[&str] = &["sys", "sysrq-trigger", "irq", "bus", "fs"];
+const SYS_MASKED: &[&str] = &[
+    "firmware",
+    "kernel/security",
+    "kernel/debug",
+    "fs/cgroup",
+    "fs/bpf",
+];
+
+/// What the supervisor hands to the mount step.
+pub struct MountPlan<'a> {
+    pub policy: &'a Policy,
+    pub workspace: Option<&'a Path>,
+    pub outputs: Option<&'a Path>,
+    /// Detached, id-mapped mount trees prepared by the supervisor for a workspace/outputs owned
+    /// by another host user (see `idmap`). When present they replace the plain bind.
+    pub workspace_tree: Option<&'a OwnedFd>,
+    pub outputs_tree: Option<&'a OwnedFd>,
+}
+
+enum Source {
+    /// A fresh, size-limited tmpfs (workspace or outputs with no host directory).
+    Tmpfs,
+    /// An O_PATH descriptor of the host object.
+    Fd { fd: OwnedFd, is_dir: bool },
+    /// A detached mount tree to attach with move_mount(2).
+    Tree(i32),
+    /// A symlink recreated as-is (e.g. /bin -> usr/bin on merged-/usr systems).
+    Symlink(PathBuf),
+}
+
+struct Entry {
+    dst: PathBuf,
+    src: Source,
+    read_only: bool,
+    /// Jail uid/gid owning a tmpfs source.
+    owner: (u32, u32),
+}
+
+pub fn build_root(plan: &MountPlan) -> Result<(), JailError> {
+    let p = plan.policy;
+    mount(
+        None::<&str>,
+        "/",
+        None::<&str>,
+        MsFlags::MS_REC | MsFlags::MS_PRIVATE,
+        None::<&str>,
+    )
+    .step(Step::Mounts, || "make / private".into())?;
+
+    // --- resolve everything first ---
+    let system_root = p.filesystem.rootfs.as_deref();
+    let mut entries = Vec::new();
+    for b in &p.filesystem.read_only {
+        if let Some(e) = resolve(b, system_root, true)? {
+            entries.push(e);
+        }
+    }
+    for b in &p.filesystem.read_write {
+        if let Some(e) = resolve(b, None, false)? {
+            entries.push(e);
+        }
+    }
+    let mut etc_entries = Vec::new();
+    for b in &p.filesystem.etc {
+        if let Some(e) = resolve(b, system_root, true)? {
+            etc_entries.push(e);
+        }
+    }
+    let ws_ro = p.filesystem.workspace == Access::ReadOnly;
+    let owner = (p.user.uid, p.user.gid);
+    let workspace = match (plan.workspace_tree, plan.workspace) {
+        (Some(t), _) => Entry {
+            dst: WORKSPACE.into(),
+            src: Source::Tree(t.as_raw_fd()),
+            read_only: ws_ro,
+            owner,
+        },
+        (None, Some(w)) => Entry {
+            dst: WORKSPACE.into(),
+            src: open_dir(w, "workspace")?,
+            read_only: ws_ro,
+            owner,
+        },
+        (None, None) => Entry {
+            dst: WORKSPACE.into(),
+            src: Source::Tmpfs,
+            read_only: ws_ro,
+            owner,
+        },
+    };
+    let outputs = match (plan.outputs_tree, plan.outputs) {
+        (Some(t), _) => Entry {
+            dst: OUTPUTS.into(),
+            src: Source::Tree(t.as_raw_fd()),
+            read_only: false,
+            owner,
+        },
+        (None, Some(o)) => Entry {
+            dst: OUTPUTS.into(),
+            src: open_dir(o, "outputs")?,
+            read_only: false,
+            owner,
+        },
+        (None, None) => Entry {
+            dst: OUTPUTS.into(),
+            src: Source::Tmpfs,
+            read_only: false,
+            owner,
+        },
+    };
+    let mut devices = Vec::new();
+    for d in DEVICES {
+        let host = Path::new("/dev").join(d);
+        let fd = open(&host, OFlag::O_PATH | OFlag::O_CLOEXEC, Mode::empty())
+            .step(Step::Mounts, || format!("open host {}", host.display()))?;
+        devices.push((*d, fd));
+    }
+
+    // --- the new root ---
+    let root = Path::new(STAGING);
+    mount(
+        Some("tmpfs"),
+        root,
+        Some("tmpfs"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+        Some("mode=0755,size=16m"),
+    )
+    .step(Step::Mounts, || format!("tmpfs root at {STAGING}"))?;
+
+    entries.sort_by_key(|e| e.dst.components().count());
+    for e in &entries {
+        attach(root, e, 0)?;
+    }
+
+    let etc = root.join("etc");
+    mkdir_p(&etc)?;
+    for (name, content) in super::etc::generated_files(p) {
+        write_file(&etc.join(name), content.as_bytes())?;
+    }
+    etc_entries.sort_by_key(|e| e.dst.components().count());
+    for e in &etc_entries {
+        attach(root, e, 0)?;
+    }
+
+    let size = p.limits.tmp_size.0;
+    attach(root, &workspace, size)?;
+    attach(root, &outputs, size)?;
+
+    let tmp = root.join("tmp");
+    mkdir_p(&tmp)?;
+    mount(
+        Some("tmpfs"),
+        &tmp,
+        Some("tmpfs"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+        Some(format!("mode=1777,size={size}").as_str()),
+    )
+    .step(Step::Mounts, || "tmpfs /tmp".into())?;
+
+    build_dev(root, &devices, size)?;
+    build_proc(root)?;
+    if p.filesystem.sys == SysMode::ReadOnly {
+        build_sys(root)?;
+    }
+    drop(devices);
+    drop(entries);
+    drop(etc_entries);
+
+    // --- switch ---
+    chdir(root).step(Step::Mounts, || "chdir new root".into())?;
+    pivot_root(".", ".").step(Step::Mounts, || "pivot_root".into())?;
+    // The old root now sits on top of the new one at "/"; detaching it leaves only our tree.
+    umount2(".", MntFlags::MNT_DETACH).step(Step::Mounts, || "detach old root".into())?;
+    chdir("/").step(Step::Mounts, || "chdir /".into())?;
+    set_attr(
+        Path::new("/"),
+        false,
+        MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV,
+    )
+    .step(Step::Mounts, || "remount / read-only".into())?;
+    Ok(())
+}
+
+fn resolve(
+    b: &Bind,
+    system_root: Option<&Path>,
+    read_only: bool,
+) -> Result<Option<Entry>, JailError> {
+    let host = match system_root {
+        Some(r) => r.join(b.src.strip_prefix("/").unwrap_or(&b.src)),
+        None => b.src.clone(),
+    };
+    let meta = match std::fs::symlink_metadata(&host) {
+        Ok(m) => m,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound && b.optional => return Ok(None),
+        Err(e) => {
+            return Err(JailError::new(
+                Step::Mounts,
+                format!(
+                    "{} (from `{b}`): {e}{}",
+                    host.display(),
+                    if b.optional {
+                        ""
+                    } else {
+                        "; prefix the entry with `-` to skip it when missing"
+                    }
+                ),
+            ))
+        }
+    };
+    let src = if meta.file_type().is_symlink() {
+        Source::Symlink(
+            std::fs::read_link(&host)
+                .step(Step::Mounts, || format!("readlink {}", host.display()))?,
+        )
+    } else {
+        let fd = open(
+            &host,
+            OFlag::O_PATH | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+            Mode::empty(),
+        )
+        .step(Step::Mounts, || format!("open {}", host.display()))?;
+        Source::Fd {
+            fd,
+            is_dir: meta.is_dir(),
+        }
+    };
+    Ok(Some(Entry {
+        dst: b.dst.clone(),
+        src,
+        read_only,
+        owner: (0, 0),
+    }))
+}
+
+fn open_dir(path: &Path, what: &str) -> Result<Source, JailError> {
+    let fd = open(
+        path,
+        OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(|e| JailError::new(Step::Mounts, format!("{what} {}: {e}", path.display())))?;
+    Ok(Source::Fd { fd, is_dir: true })
+}
+
+fn attach(root: &Path, e: &Entry, tmpfs_size: u64) -> Result<(), JailError> {
+    let target = root.join(e.dst.strip_prefix("/").unwrap_or(&e.dst));
+    let ctx = || format!("{}", e.dst.display());
+    match &e.src {
+        Source::Symlink(to) => {
+            if let Some(parent) = target.parent() {
+                mkdir_p(parent)?;
+            }
+            symlink(to, &target).step(Step::Mounts, || {
+                format!("symlink {} -> {}", e.dst.display(), to.display())
+            })?;
+            return Ok(());
+        }
+        Source::Fd { fd, is_dir } => {
+            if *is_dir {
+                mkdir_p(&target)?;
+            } else {
+                if let Some(parent) = target.parent() {
+                    mkdir_p(parent)?;
+                }
+                write_file(&target, b"")?;
+            }
+            let from = format!("/proc/self/fd/{}", fd.as_raw_fd());
+            mount(
+                Some(from.as_str()),
+                &target,
+                None::<&str>,
+                MsFlags::MS_BIND | MsFlags::MS_REC,
+                None::<&str>,
+            )
+            .step(Step::Mounts, || format!("bind {}", ctx()))?;
+        }
+        Source::Tmpfs => {
+            mkdir_p(&target)?;
+            // Owned by the jail user, who must be able to write it (setup runs as jail root).
+            let opts = format!(
+                "mode=0755,size={tmpfs_size},uid={},gid={}",
+                e.owner.0, e.owner.1
+            );
+            mount(
+                Some("tmpfs"),
+                &target,
+                Some("tmpfs"),
+                MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+                Some(opts.as_str()),
+            )
+            .step(Step::Mounts, || format!("tmpfs {}", ctx()))?;
+        }
+        Source::Tree(fd) => {
+            mkdir_p(&target)?;
+            move_tree(*fd, &target).step(Step::Mounts, || format!("attach id-mapped {}", ctx()))?;
+        }
+    }
+    let mut attrs = MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV;
+    if e.read_only {
+        attrs |= MOUNT_ATTR_RDONLY;
+    }
+    set_attr(&target, true, attrs).step(Step::Mounts, || format!("restrict {}", ctx()))
+}
+
+fn build_dev(root: &Path, devices: &[(&str, OwnedFd)], shm_size: u64) -> Result<(), JailError> {
+    let dev = root.join("dev");
+    mkdir_p(&dev)?;
+    mount(
+        Some("tmpfs"),
+        &dev,
+        Some("tmpfs"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
+        Some("mode=0755,size=64k"),
+    )
+    .step(Step::Mounts, || "tmpfs /dev".into())?;
+    for (name, fd) in devices {
+        let target = dev.join(name);
+        write_file(&target, b"")?;
+        let from = format!("/proc/self/fd/{}", fd.as_raw_fd());
+        mount(
+            Some(from.as_str()),
+            &target,
+            None::<&str>,
+            MsFlags::MS_BIND,
+            None::<&str>,
+        )
+        .step(Step::Mounts, || format!("bind /dev/{name}"))?;
+        set_attr(&target, false, MOUNT_ATTR_NOSUID | MOUNT_ATTR_NOEXEC)
+            .step(Step::Mounts, || format!("restrict /dev/{name}"))?;
+    }
+    let pts = dev.join("pts");
+    mkdir_p(&pts)?;
+    mount(
+        Some("devpts"),
+        &pts,
+        Some("devpts"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
+        Some("newinstance,ptmxmode=0666,mode=0620"),
+    )
+    .step(Step::Mounts, || "devpts /dev/pts".into())?;
+    symlink("pts/ptmx", dev.join("ptmx")).step(Step::Mounts, || "/dev/ptmx".into())?;
+    for (name, to) in [
+        ("fd", "/proc/self/fd"),
+        ("stdin", "/proc/self/fd/0"),
+        ("stdout", "/proc/self/fd/1"),
+        ("stderr", "/proc/self/fd/2"),
+    ] {
+        symlink(to, dev.join(name)).step(Step::Mounts, || format!("/dev/{name}"))?;
+    }
+    let shm = dev.join("shm");
+    mkdir_p(&shm)?;
+    mount(
+        Some("tmpfs"),
+        &shm,
+        Some("tmpfs"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+        Some(format!("mode=1777,size={shm_size}").as_str()),
+    )
+    .step(Step::Mounts, || "tmpfs /dev/shm".into())?;
+    set_attr(
+        &dev,
+        false,
+        MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID | MOUNT_ATTR_NOEXEC,
+    )
+    .step(Step::Mounts, || "remount /dev read-only".into())
+}
+
+fn build_proc(root: &Path) -> Result<(), JailError> {
+    let proc = root.join("proc");
+    mkdir_p(&proc)?;
+    mount(
+        Some("proc"),
+        &proc,
+        Some("proc"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
+        None::<&str>,
+    )
+    .step(Step::Mounts, || "mount /proc".into())?;
+    let null = format!("{}/dev/null", root.display());
+    for name in PROC_MASKED {
+        let path = proc.join(name);
+        let Ok(meta) = std::fs::symlink_metadata(&path) else {
+            continue;
+        };
+        let r = if meta.is_dir() {
+            mount(
+                Some("tmpfs"),
+                &path,
+                Some("tmpfs"),
+                MsFlags::MS_RDONLY | MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
+                Some("size=0,mode=0555"),
+            )
+        } else {
+            mount(
+                Some(null.as_str()),
+                &path,
+                None::<&str>,
+                MsFlags::MS_BIND,
+                None::<&str>,
+            )
+        };
+        r.step(Step::Mounts, || format!("mask /proc/{name}"))?;
+    }
+    for name in PROC_READ_ONLY {
+        let path = proc.join(name);
+        if std::fs::symlink_metadata(&path).is_err() {
+            continue;
+        }
+        mount(
+            Some(&path),
+            &path,
+            None::<&str>,
+            MsFlags::MS_BIND | MsFlags::MS_REC,
+            None::<&str>,
+        )
+        .step(Step::Mounts, || format!("bind /proc/{name}"))?;
+        set_attr(
+            &path,
+            true,
+            MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV | MOUNT_ATTR_NOEXEC,
+        )
+        .step(Step::Mounts, || format!("read-only /proc/{name}"))?;
+    }
+    Ok(())
+}
+
+fn build_sys(root: &Path) -> Result<(), JailError> {
+    let sys = root.join("sys");
+    mkdir_p(&sys)?;
+    mount(
+        Some("sysfs"),
+        &sys,
+        Some("sysfs"),
+        MsFlags::MS_RDONLY | MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
+        None::<&str>,
+    )
+    .step(Step::Mounts, || "mount /sys read-only".into())?;
+    for name in SYS_MASKED {
+        let path = sys.join(name);
+        if path.is_dir() {
+            mount(
+                Some("tmpfs"),
+                &path,
+                Some("tmpfs"),
+                MsFlags::MS_RDONLY | MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
+                Some("size=0,mode=0555"),
+            )
+            .step(Step::Mounts, || format!("mask /sys/{name}"))?;
+        }
+    }
+    Ok(())
+}
+
+fn mkdir_p(path: &Path) -> Result<(), JailError> {
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o755)
+        .create(path)
+        .step(Step::Mounts, || format!("mkdir {}", path.display()))
+}
+
+fn write_file(path: &Path, content: &[u8]) -> Result<(), JailError> {
+    use std::io::Write;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o644)
+        .open(path)
+        .and_then(|mut f| f.write_all(content))
+        .step(Step::Mounts, || format!("write {}", path.display()))
+}
+
+pub(crate) const MOUNT_ATTR_RDONLY: u64 = libc::MOUNT_ATTR_RDONLY;
+pub(crate) const MOUNT_ATTR_NOSUID: u64 = libc::MOUNT_ATTR_NOSUID;
+pub(crate) const MOUNT_ATTR_NODEV: u64 = libc::MOUNT_ATTR_NODEV;
+pub(crate) const MOUNT_ATTR_NOEXEC: u64 = libc::MOUNT_ATTR_NOEXEC;
+
+/// mount_setattr(2): sets flags on a mount (and, with `recursive`, every mount below it).
+/// Unlike a MS_REMOUNT it only adds restrictions, so it works on mounts whose flags the user
+/// namespace inherited locked.
+fn set_attr(path: &Path, recursive: bool, set: u64) -> std::io::Result<()> {
+    let c = CString::new(path.as_os_str().as_bytes())?;
+    let attr = libc::mount_attr {
+        attr_set: set,
+        attr_clr: 0,
+        propagation: 0,
+        userns_fd: 0,
+    };
+    let flags = if recursive { libc::AT_RECURSIVE } else { 0 } as libc::c_uint;
+    // SAFETY: `c` is a valid NUL-terminated path and `attr` a properly initialised mount_attr
+    // whose size we pass; the kernel reads both and writes nothing back.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_mount_setattr,
+            libc::AT_FDCWD,
+            c.as_ptr(),
+            flags,
+            &attr as *const libc::mount_attr,
+            std::mem::size_of::<libc::mount_attr>(),
+        )
+    };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+/// move_mount(2) of a detached tree onto `target`.
+fn move_tree(tree: i32, target: &Path) -> std::io::Result<()> {
+    let c = CString::new(target.as_os_str().as_bytes())?;
+    let empty = c"";
+    // SAFETY: `tree` is an open mount-tree fd owned by the caller for the duration of the call;
+    // both strings are valid and NUL-terminated.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_move_mount,
+            tree,
+            empty.as_ptr(),
+            libc::AT_FDCWD,
+            c.as_ptr(),
+            libc::MOVE_MOUNT_F_EMPTY_PATH,
+        )
+    };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}

@@ -1,0 +1,146 @@
+//! Step 1: a child in new user, mount, pid, ipc, uts and net namespaces, and its uid/gid maps.
+//!
+//! The cgroup namespace is entered later, by the child itself, once the supervisor has moved it
+//! into the jail's cgroup, so that the jail's cgroup becomes the root of its view.
+
+use nix::sched::CloneFlags;
+use nix::unistd::Pid;
+use std::fmt::Write as _;
+
+use super::error::{JailError, Step, StepExt};
+use crate::policy::User;
+
+pub const JAIL_NAMESPACES: CloneFlags = CloneFlags::CLONE_NEWUSER
+    .union(CloneFlags::CLONE_NEWNS)
+    .union(CloneFlags::CLONE_NEWPID)
+    .union(CloneFlags::CLONE_NEWIPC)
+    .union(CloneFlags::CLONE_NEWUTS)
+    .union(CloneFlags::CLONE_NEWNET);
+
+/// Forks into new namespaces. Returns `None` in the child, `Some(pid)` in the parent.
+///
+/// Must be called from a single-threaded process: the child continues with a copy of the
+/// parent's memory and may allocate, which is only sound when no other thread could have held
+/// an allocator or stdio lock at the moment of the fork.
+pub fn fork_into_namespaces() -> Result<Option<Pid>, JailError> {
+    ensure_single_threaded()?;
+    let flags = JAIL_NAMESPACES.bits() as libc::c_ulong | libc::SIGCHLD as libc::c_ulong;
+    // SAFETY: raw clone(2) without CLONE_VM behaves like fork(2): the child gets a private copy
+    // of the address space and returns 0 on a valid stack. The process is single-threaded
+    // (checked above), so no lock can be held across the fork.
+    let ret = unsafe { libc::syscall(libc::SYS_clone, flags, 0usize, 0usize, 0usize, 0usize) };
+    match ret {
+        -1 => Err(JailError::new(
+            Step::Namespaces,
+            format!(
+                "clone(NEWUSER|NEWNS|NEWPID|NEWIPC|NEWUTS|NEWNET): {} (are user namespaces enabled? see `stockade check`)",
+                std::io::Error::last_os_error()
+            ),
+        )),
+        0 => Ok(None),
+        pid => Ok(Some(Pid::from_raw(pid as i32))),
+    }
+}
+
+fn ensure_single_threaded() -> Result<(), JailError> {
+    let n = std::fs::read_dir("/proc/self/task")
+        .map(|d| d.count())
+        .unwrap_or(1);
+    if n != 1 {
+        return Err(JailError::new(
+            Step::Namespaces,
+            format!("a jail must be built from a single-threaded process ({n} threads running)"),
+        ));
+    }
+    Ok(())
+}
+
+/// How jail ids map to host ids.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum IdMapping {
+    /// Stockade runs as host root: jail ids 0..65536 map to host_base.. (never host 0).
+    Range { host_base: u32 },
+    /// Stockade runs unprivileged: the jail user is the invoking user; nothing else is mapped.
+    Single {
+        jail_uid: u32,
+        jail_gid: u32,
+        host_uid: u32,
+        host_gid: u32,
+    },
+}
+
+impl IdMapping {
+    pub fn for_host(user: &User) -> Self {
+        let euid = nix::unistd::geteuid().as_raw();
+        if euid == 0 {
+            IdMapping::Range {
+                host_base: user.host_id_base,
+            }
+        } else {
+            IdMapping::Single {
+                jail_uid: user.uid,
+                jail_gid: user.gid,
+                host_uid: euid,
+                host_gid: nix::unistd::getegid().as_raw(),
+            }
+        }
+    }
+
+    /// The host uid/gid the jailed command runs as.
+    pub fn host_ids(&self, user: &User) -> (u32, u32) {
+        match *self {
+            IdMapping::Range { host_base } => (host_base + user.uid, host_base + user.gid),
+            IdMapping::Single {
+                host_uid, host_gid, ..
+            } => (host_uid, host_gid),
+        }
+    }
+
+    /// The id the jail's setup runs as inside (before dropping to the jail user): 0 where it is
+    /// mapped, so setup creates root-owned files; otherwise the jail user itself.
+    pub fn setup_ids(&self) -> Option<(u32, u32)> {
+        match *self {
+            IdMapping::Range { .. } => Some((0, 0)),
+            IdMapping::Single { .. } => None,
+        }
+    }
+
+    /// Writes the child's maps. Runs in the supervisor.
+    pub fn write(&self, child: Pid) -> Result<(), JailError> {
+        let (uid_map, gid_map, deny_setgroups) = match *self {
+            IdMapping::Range { host_base } => {
+                if host_base == 0 {
+                    return Err(JailError::new(
+                        Step::IdMap,
+                        "refusing to map jail ids onto host root",
+                    ));
+                }
+                let line = format!("0 {host_base} 65536\n");
+                (line.clone(), line, false)
+            }
+            IdMapping::Single {
+                jail_uid,
+                jail_gid,
+                host_uid,
+                host_gid,
+            } => {
+                let mut u = String::new();
+                let mut g = String::new();
+                let _ = writeln!(u, "{jail_uid} {host_uid} 1");
+                let _ = writeln!(g, "{jail_gid} {host_gid} 1");
+                // An unprivileged writer may map its gid only after giving up setgroups(2).
+                (u, g, true)
+            }
+        };
+        let base = format!("/proc/{child}");
+        if deny_setgroups {
+            std::fs::write(format!("{base}/setgroups"), "deny")
+                .step(Step::IdMap, || "setgroups".into())?;
+        }
+        std::fs::write(format!("{base}/uid_map"), &uid_map)
+            .step(Step::IdMap, || format!("uid_map {:?}", uid_map.trim()))?;
+        std::fs::write(format!("{base}/gid_map"), &gid_map)
+            .step(Step::IdMap, || format!("gid_map {:?}", gid_map.trim()))?;
+        Ok(())
+    }
+}
