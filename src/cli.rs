@@ -5,21 +5,13 @@ use std::ffi::OsString;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use stockade::jail::{
-    self, JailError, JailSpec, Step, EXIT_NOT_EXECUTABLE, EXIT_NOT_FOUND, EXIT_SETUP_FAILED,
-};
+use stockade::jail::{self, JailError, JailSpec, Step, EXIT_NOT_EXECUTABLE, EXIT_NOT_FOUND, EXIT_SETUP_FAILED};
 use stockade::policy::{self, syscalls, Policy};
 
 #[derive(Parser)]
-#[command(
-    name = "stockade",
-    version,
-    about = "A self-hosted tool-execution sandbox for AI agent sessions"
-)]
-#[command(
-    after_help = "Exit status of `run`: the command's own; 128+N when it died of signal N; 124 on timeout;\n\
-125 when Stockade could not build the jail; 126 when the command is not executable; 127 when it is not found."
-)]
+#[command(name = "stockade", version, about = "A self-hosted tool-execution sandbox for AI agent sessions")]
+#[command(after_help = "Exit status of `run`: the command's own; 128+N when it died of signal N; 124 on timeout;\n\
+125 when Stockade could not build the jail; 126 when the command is not executable; 127 when it is not found.")]
 pub struct Cli {
     /// Log format on stderr.
     #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
@@ -53,6 +45,9 @@ enum Command {
     },
     /// Run a shell command in the default jail and show what confines it.
     Demo,
+    /// Internal: run escape probes in the current process (used inside jails by tests and `probe`).
+    #[command(name = "__probe", hide = true)]
+    Probe { names: Vec<String> },
 }
 
 #[derive(Args)]
@@ -107,6 +102,7 @@ pub fn main() -> i32 {
         Command::Check { json } => cmd_check(json),
         Command::Policy { command } => cmd_policy(command),
         Command::Demo => cmd_demo(),
+        Command::Probe { names } => stockade::probe::main(&names),
     }
 }
 
@@ -118,9 +114,7 @@ fn init_logging(format: LogFormat, verbose: u8) {
         _ => "debug",
     };
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(level));
-    let b = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+    let b = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
     match format {
         LogFormat::Json => b.json().init(),
         LogFormat::Text => b.with_target(false).init(),
@@ -168,14 +162,7 @@ fn cmd_run(a: RunArgs) -> i32 {
         Some(Ok(_)) => return fail("--timeout must be greater than zero"),
         Some(Err(e)) => return fail(format!("--timeout: {e}")),
     };
-    let spec = JailSpec {
-        policy,
-        workspace: a.workspace,
-        outputs: a.outputs,
-        argv: a.command,
-        env,
-        timeout,
-    };
+    let spec = JailSpec { policy, workspace: a.workspace, outputs: a.outputs, argv: a.command, env, timeout };
     match jail::run(&spec) {
         Ok(out) => {
             tracing::info!(status = ?out.status, "jail finished");
@@ -199,13 +186,10 @@ fn describe(p: &Policy, r: &jail::Report) -> String {
     use std::fmt::Write;
     let mut s = String::new();
     let _ = writeln!(s, "confined by policy {}:", p.source);
-    let _ = writeln!(
-        s,
-        "  namespaces   user, mount, pid, ipc, uts, net, cgroup; hostname {:?}",
-        p.hostname
-    );
+    let _ = writeln!(s, "  namespaces   user, mount, pid, ipc, uts, net, cgroup; hostname {:?}", p.hostname);
     let _ = writeln!(s, "  identity     {}", r.id_mapping);
-    let _ = writeln!(s, "  filesystem   new tmpfs root, read-only; rw: /workspace, /mnt/session/outputs, /tmp, /dev/shm");
+    let _ =
+        writeln!(s, "  filesystem   new tmpfs root, read-only; rw: /workspace, /mnt/session/outputs, /tmp, /dev/shm");
     let _ = writeln!(s, "  network      {:?}", p.network.mode);
     let _ = writeln!(s, "  capabilities none (all five sets empty), no_new_privs");
     let dropped = if r.landlock_dropped.is_empty() {
@@ -213,11 +197,7 @@ fn describe(p: &Policy, r: &jail::Report) -> String {
     } else {
         format!(", dropped: {}", r.landlock_dropped.join(", "))
     };
-    let _ = writeln!(
-        s,
-        "  landlock     kernel ABI {}, {:?}{dropped}",
-        r.landlock_abi, p.landlock.compatibility
-    );
+    let _ = writeln!(s, "  landlock     kernel ABI {}, {:?}{dropped}", r.landlock_abi, p.landlock.compatibility);
     let _ = writeln!(
         s,
         "  seccomp      {} syscalls allowed ({}), default {:?}, x32/ia32 refused",
@@ -225,28 +205,19 @@ fn describe(p: &Policy, r: &jail::Report) -> String {
         p.seccomp.allow.join(" "),
         p.seccomp.default_action
     );
-    let cg = if r.cgroup.applied.is_empty() {
-        "none".to_owned()
-    } else {
-        r.cgroup.applied.join(", ")
-    };
+    let cg = if r.cgroup.applied.is_empty() { "none".to_owned() } else { r.cgroup.applied.join(", ") };
     let _ = writeln!(s, "  cgroup       {cg}");
     if !r.cgroup.skipped.is_empty() {
-        let _ = writeln!(
-            s,
-            "  NOT applied  {} (best_effort)",
-            r.cgroup.skipped.join("; ")
-        );
+        let _ = writeln!(s, "  NOT applied  {} (best_effort)", r.cgroup.skipped.join("; "));
     }
     let l = &p.limits;
+    let num = |v: Option<u64>| v.map_or_else(|| "unlimited".to_owned(), |n| n.to_string());
     let _ = writeln!(
         s,
-        "  rlimits      nofile {:?}, nproc {:?}, fsize {}, core 0; /tmp {}",
-        l.nofile,
-        l.nproc,
-        l.fsize
-            .map(|f| stockade::util::format_size(f.0))
-            .unwrap_or_else(|| "unlimited".into()),
+        "  rlimits      nofile {}, nproc {}, fsize {}, core 0; /tmp {}",
+        num(l.nofile),
+        num(l.nproc),
+        l.fsize.map(|f| stockade::util::format_size(f.0)).unwrap_or_else(|| "unlimited".into()),
         stockade::util::format_size(l.tmp_size.0)
     );
     s
@@ -255,18 +226,10 @@ fn describe(p: &Policy, r: &jail::Report) -> String {
 fn cmd_check(json: bool) -> i32 {
     let items = jail::check::run();
     if json {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&items).unwrap_or_default()
-        );
+        println!("{}", serde_json::to_string_pretty(&items).unwrap_or_default());
     } else {
         for i in &items {
-            println!(
-                "{:<4} {:<16} {}",
-                if i.ok { "ok" } else { "NO" },
-                i.name,
-                i.detail
-            );
+            println!("{:<4} {:<16} {}", if i.ok { "ok" } else { "NO" }, i.name, i.detail);
         }
     }
     0
@@ -294,17 +257,9 @@ fn cmd_policy(c: PolicyCommand) -> i32 {
         }
         PolicyCommand::Groups { name } => {
             let mut shown = 0;
-            for g in syscalls::GROUPS
-                .iter()
-                .filter(|g| name.as_deref().is_none_or(|n| n == g.name))
-            {
+            for g in syscalls::GROUPS.iter().filter(|g| name.as_deref().is_none_or(|n| n == g.name)) {
                 shown += 1;
-                println!(
-                    "{}{}  {}",
-                    g.name,
-                    if g.dangerous { " (dangerous)" } else { "" },
-                    g.description
-                );
+                println!("{}{}  {}", g.name, if g.dangerous { " (dangerous)" } else { "" }, g.description);
                 if !g.includes.is_empty() {
                     println!("    includes: {}", g.includes.join(" "));
                 }

@@ -5,4 +5,5 @@
 
 pub mod jail;
 pub mod policy;
+pub mod probe;
 pub mod util;

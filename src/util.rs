@@ -32,13 +32,9 @@ pub fn nearest<'a>(word: &str, candidates: impl IntoIterator<Item = &'a str>) ->
 /// Parses `512`, `64K`, `256M`, `1G`, `1.5G`, `2GiB` (binary units) into bytes.
 pub fn parse_size(s: &str) -> Result<u64, String> {
     let t = s.trim();
-    let split = t
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(t.len());
+    let split = t.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(t.len());
     let (num, unit) = t.split_at(split);
-    let n: f64 = num
-        .parse()
-        .map_err(|_| format!("invalid size `{s}` (expected e.g. 512M, 1G)"))?;
+    let n: f64 = num.parse().map_err(|_| format!("invalid size `{s}` (expected e.g. 512M, 1G)"))?;
     let mult: u64 = match unit.trim().to_ascii_uppercase().as_str() {
         "" | "B" => 1,
         "K" | "KB" | "KIB" => 1 << 10,
@@ -66,21 +62,13 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let mut total = Duration::ZERO;
     let mut rest = t;
     while !rest.is_empty() {
-        let d = rest
-            .find(|c: char| !c.is_ascii_digit())
-            .unwrap_or(rest.len());
+        let d = rest.find(|c: char| !c.is_ascii_digit()).unwrap_or(rest.len());
         if d == 0 {
-            return Err(format!(
-                "invalid duration `{s}` (expected e.g. 30s, 5m, 1h)"
-            ));
+            return Err(format!("invalid duration `{s}` (expected e.g. 30s, 5m, 1h)"));
         }
-        let n: u64 = rest[..d]
-            .parse()
-            .map_err(|_| format!("invalid duration `{s}`"))?;
+        let n: u64 = rest[..d].parse().map_err(|_| format!("invalid duration `{s}`"))?;
         rest = &rest[d..];
-        let u = rest
-            .find(|c: char| c.is_ascii_digit())
-            .unwrap_or(rest.len());
+        let u = rest.find(|c: char| c.is_ascii_digit()).unwrap_or(rest.len());
         let unit = &rest[..u];
         rest = &rest[u..];
         total += match unit {
@@ -88,23 +76,14 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
             "s" | "" => Duration::from_secs(n),
             "m" | "min" => Duration::from_secs(n * 60),
             "h" => Duration::from_secs(n * 3600),
-            _ => {
-                return Err(format!(
-                    "invalid duration unit `{unit}` in `{s}` (use ms, s, m, h)"
-                ))
-            }
+            _ => return Err(format!("invalid duration unit `{unit}` in `{s}` (use ms, s, m, h)")),
         };
     }
     Ok(total)
 }
 
 pub fn format_size(bytes: u64) -> String {
-    const UNITS: [(&str, u64); 4] = [
-        ("T", 1 << 40),
-        ("G", 1 << 30),
-        ("M", 1 << 20),
-        ("K", 1 << 10),
-    ];
+    const UNITS: [(&str, u64); 4] = [("T", 1 << 40), ("G", 1 << 30), ("M", 1 << 20), ("K", 1 << 10)];
     for (u, m) in UNITS {
         if bytes >= m && bytes % m == 0 {
             return format!("{}{u}", bytes / m);
@@ -145,10 +124,7 @@ mod tests {
     fn durations() {
         assert_eq!(parse_duration("30m").unwrap(), Duration::from_secs(1800));
         assert_eq!(parse_duration("1h30m").unwrap(), Duration::from_secs(5400));
-        assert_eq!(
-            parse_duration("1500ms").unwrap(),
-            Duration::from_millis(1500)
-        );
+        assert_eq!(parse_duration("1500ms").unwrap(), Duration::from_millis(1500));
         assert_eq!(parse_duration("45").unwrap(), Duration::from_secs(45));
         assert!(parse_duration("5x").is_err());
         assert_eq!(format_duration(Duration::from_secs(1800)), "30m");
@@ -156,10 +132,7 @@ mod tests {
 
     #[test]
     fn suggestions() {
-        assert_eq!(
-            nearest("hostnme", ["hostname", "filesystem"]),
-            Some("hostname")
-        );
+        assert_eq!(nearest("hostnme", ["hostname", "filesystem"]), Some("hostname"));
         assert_eq!(nearest("zzzzzz", ["hostname"]), None);
     }
 }

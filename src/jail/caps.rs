@@ -10,45 +10,29 @@ use nix::unistd::{setgroups, setresgid, setresuid, Gid, Uid};
 
 use super::error::{JailError, Step, StepExt};
 
-pub fn drop_to(
-    uid: u32,
-    gid: u32,
-    keep_names: &[String],
-    clear_groups: bool,
-) -> Result<(), JailError> {
+pub fn drop_to(uid: u32, gid: u32, keep_names: &[String], clear_groups: bool) -> Result<(), JailError> {
     let keep: CapsHashSet = keep_names
         .iter()
         .map(|n| {
             let n = n.to_ascii_uppercase();
-            let n = if n.starts_with("CAP_") {
-                n
-            } else {
-                format!("CAP_{n}")
-            };
-            n.parse::<Capability>()
-                .map_err(|e| JailError::new(Step::Capabilities, format!("{n}: {e}")))
+            let n = if n.starts_with("CAP_") { n } else { format!("CAP_{n}") };
+            n.parse::<Capability>().map_err(|e| JailError::new(Step::Capabilities, format!("{n}: {e}")))
         })
         .collect::<Result<_, _>>()?;
 
     // Lock root out of privilege: uid 0 inside gains nothing from exec or setuid transitions.
-    let mut bits =
-        libc::SECBIT_NOROOT | libc::SECBIT_NOROOT_LOCKED | libc::SECBIT_NO_SETUID_FIXUP_LOCKED;
+    let mut bits = libc::SECBIT_NOROOT | libc::SECBIT_NOROOT_LOCKED | libc::SECBIT_NO_SETUID_FIXUP_LOCKED;
     if keep.is_empty() {
         bits |= libc::SECBIT_KEEP_CAPS_LOCKED
             | libc::SECBIT_NO_CAP_AMBIENT_RAISE
             | libc::SECBIT_NO_CAP_AMBIENT_RAISE_LOCKED;
     }
-    prctl(
-        libc::PR_SET_SECUREBITS,
-        bits as libc::c_ulong,
-        "PR_SET_SECUREBITS",
-    )?;
+    prctl(libc::PR_SET_SECUREBITS, bits as libc::c_ulong, "PR_SET_SECUREBITS")?;
 
     for cap in caps::all() {
         if !keep.contains(&cap) {
-            caps::drop(None, CapSet::Bounding, cap).step(Step::Capabilities, || {
-                format!("drop {cap} from bounding set")
-            })?;
+            caps::drop(None, CapSet::Bounding, cap)
+                .step(Step::Capabilities, || format!("drop {cap} from bounding set"))?;
         }
     }
     caps::clear(None, CapSet::Ambient).step(Step::Capabilities, || "clear ambient".into())?;
@@ -69,24 +53,14 @@ pub fn drop_to(
     }
     for cap in &keep {
         // Ambient capabilities are the only ones an unprivileged uid keeps across execve.
-        caps::raise(None, CapSet::Ambient, *cap)
-            .step(Step::Capabilities, || format!("raise ambient {cap}"))?;
+        caps::raise(None, CapSet::Ambient, *cap).step(Step::Capabilities, || format!("raise ambient {cap}"))?;
     }
     prctl(libc::PR_SET_NO_NEW_PRIVS, 1, "PR_SET_NO_NEW_PRIVS")?;
 
-    for set in [
-        CapSet::Effective,
-        CapSet::Permitted,
-        CapSet::Inheritable,
-        CapSet::Ambient,
-        CapSet::Bounding,
-    ] {
+    for set in [CapSet::Effective, CapSet::Permitted, CapSet::Inheritable, CapSet::Ambient, CapSet::Bounding] {
         let have = caps::read(None, set).step(Step::Capabilities, || format!("read {set:?}"))?;
         if have.iter().any(|c| !keep.contains(c)) {
-            return Err(JailError::new(
-                Step::Capabilities,
-                format!("{set:?} set still holds {have:?} after dropping"),
-            ));
+            return Err(JailError::new(Step::Capabilities, format!("{set:?} set still holds {have:?} after dropping")));
         }
     }
     Ok(())
@@ -94,20 +68,9 @@ pub fn drop_to(
 
 fn prctl(op: libc::c_int, arg: libc::c_ulong, name: &str) -> Result<(), JailError> {
     // SAFETY: prctl with integer arguments only; no pointers are passed.
-    let r = unsafe {
-        libc::prctl(
-            op,
-            arg,
-            0 as libc::c_ulong,
-            0 as libc::c_ulong,
-            0 as libc::c_ulong,
-        )
-    };
+    let r = unsafe { libc::prctl(op, arg, 0 as libc::c_ulong, 0 as libc::c_ulong, 0 as libc::c_ulong) };
     if r < 0 {
-        return Err(JailError::new(
-            Step::Capabilities,
-            format!("{name}: {}", std::io::Error::last_os_error()),
-        ));
+        return Err(JailError::new(Step::Capabilities, format!("{name}: {}", std::io::Error::last_os_error())));
     }
     Ok(())
 }

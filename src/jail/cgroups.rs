@@ -73,11 +73,7 @@ impl Layout {
             }
         }
         if let Some(m) = &l.v2_mount {
-            let own_path = own
-                .lines()
-                .find_map(|c| c.strip_prefix("0::"))
-                .unwrap_or("/")
-                .to_owned();
+            let own_path = own.lines().find_map(|c| c.strip_prefix("0::")).unwrap_or("/").to_owned();
             let dir = join(m, &own_path);
             l.v2_controllers = fs::read_to_string(dir.join("cgroup.controllers"))
                 .unwrap_or_default()
@@ -121,10 +117,7 @@ pub struct CgroupReport {
 
 impl JailCgroup {
     /// Creates the cgroup and writes the limits. `Ok(None)` when the policy asks for no cgroup limit.
-    pub fn create(
-        name: &str,
-        limits: &Limits,
-    ) -> Result<(Option<JailCgroup>, CgroupReport), JailError> {
+    pub fn create(name: &str, limits: &Limits) -> Result<(Option<JailCgroup>, CgroupReport), JailError> {
         let wanted: Vec<Controller> = [
             (Controller::Memory, limits.memory.is_some()),
             (Controller::Pids, limits.pids.is_some()),
@@ -140,10 +133,7 @@ impl JailCgroup {
         }
         let best_effort = limits.enforcement == Enforcement::BestEffort;
         let layout = Layout::detect();
-        let mut cg = JailCgroup {
-            dirs: Vec::new(),
-            v2_dir: None,
-        };
+        let mut cg = JailCgroup { dirs: Vec::new(), v2_dir: None };
 
         let result = (|| -> Result<(), JailError> {
             for c in &wanted {
@@ -159,36 +149,23 @@ impl JailCgroup {
             cg.remove();
             return Err(JailError::new(
                 Step::Cgroups,
-                format!(
-                    "{} (set limits.enforcement = \"best_effort\" to run without)",
-                    e.msg
-                ),
+                format!("{} (set limits.enforcement = \"best_effort\" to run without)", e.msg),
             ));
         }
         Ok(((!cg.dirs.is_empty()).then_some(cg), report))
     }
 
-    fn apply_one(
-        &mut self,
-        layout: &Layout,
-        c: Controller,
-        name: &str,
-        l: &Limits,
-    ) -> Result<String, JailError> {
+    fn apply_one(&mut self, layout: &Layout, c: Controller, name: &str, l: &Limits) -> Result<String, JailError> {
         let e = |m: String| JailError::new(Step::Cgroups, m);
         let use_v2 = layout.v2_controllers.iter().any(|x| x == c.name());
         let dir = if use_v2 {
             match &self.v2_dir {
                 Some(d) => d.clone(),
                 None => {
-                    let mount = layout
-                        .v2_mount
-                        .as_ref()
-                        .expect("v2 controllers imply a v2 mount");
+                    let mount = layout.v2_mount.as_ref().expect("v2 controllers imply a v2 mount");
                     let parent = join(mount, layout.v2_self.as_deref().unwrap_or("/"));
                     let d = parent.join(name);
-                    fs::create_dir(&d)
-                        .map_err(|err| e(format!("create {}: {err}", d.display())))?;
+                    fs::create_dir(&d).map_err(|err| e(format!("create {}: {err}", d.display())))?;
                     self.dirs.push(d.clone());
                     self.v2_dir = Some(d.clone());
                     d
@@ -196,10 +173,7 @@ impl JailCgroup {
             }
         } else {
             let Some((_, mount, own)) = layout.v1.iter().find(|(n, _, _)| n == c.name()) else {
-                return Err(e(format!(
-                    "no {} controller on this host (neither cgroup v2 nor v1)",
-                    c.name()
-                )));
+                return Err(e(format!("no {} controller on this host (neither cgroup v2 nor v1)", c.name())));
             };
             let d = join(mount, own).join(name);
             if !d.exists() {
@@ -212,8 +186,7 @@ impl JailCgroup {
             enable_v2_controller(&dir, c.name()).map_err(e)?;
         }
         let w = |file: &str, v: String| -> Result<(), JailError> {
-            fs::write(dir.join(file), &v)
-                .map_err(|err| e(format!("write {} = {v}: {err}", dir.join(file).display())))
+            fs::write(dir.join(file), &v).map_err(|err| e(format!("write {} = {v}: {err}", dir.join(file).display())))
         };
         let ver = if use_v2 { "v2" } else { "v1" };
         match c {
@@ -254,12 +227,8 @@ impl JailCgroup {
 
     pub fn add(&self, pid: i32) -> Result<(), JailError> {
         for d in &self.dirs {
-            fs::write(d.join("cgroup.procs"), pid.to_string()).map_err(|e| {
-                JailError::new(
-                    Step::Cgroups,
-                    format!("add pid {pid} to {}: {e}", d.display()),
-                )
-            })?;
+            fs::write(d.join("cgroup.procs"), pid.to_string())
+                .map_err(|e| JailError::new(Step::Cgroups, format!("add pid {pid} to {}: {e}", d.display())))?;
         }
         Ok(())
     }
@@ -275,15 +244,10 @@ impl JailCgroup {
                 let _ = fs::write(&kill, "1");
             }
             loop {
-                for pid in fs::read_to_string(d.join("cgroup.procs"))
-                    .unwrap_or_default()
-                    .lines()
-                {
+                for pid in fs::read_to_string(d.join("cgroup.procs")).unwrap_or_default().lines() {
                     if let Ok(p) = pid.trim().parse::<i32>() {
-                        let _ = nix::sys::signal::kill(
-                            nix::unistd::Pid::from_raw(p),
-                            nix::sys::signal::Signal::SIGKILL,
-                        );
+                        let _ =
+                            nix::sys::signal::kill(nix::unistd::Pid::from_raw(p), nix::sys::signal::Signal::SIGKILL);
                     }
                 }
                 match fs::remove_dir(&d) {

@@ -40,11 +40,7 @@ pub fn run() -> Vec<Item> {
         },
     });
     let userns = probe_userns();
-    items.push(Item {
-        name: "user namespaces",
-        ok: userns.is_ok(),
-        detail: userns.unwrap_or_else(|e| e),
-    });
+    items.push(Item { name: "user namespaces", ok: userns.is_ok(), detail: userns.unwrap_or_else(|e| e) });
     let abi = landlock::kernel_abi();
     items.push(Item {
         name: "landlock",
@@ -52,11 +48,14 @@ pub fn run() -> Vec<Item> {
         detail: if abi == 0 {
             "unavailable (not built or not enabled at boot: add `landlock` to the lsm= boot parameter)".into()
         } else {
-            format!("ABI {abi} (Stockade asks for {}{})", landlock::TARGET_ABI, if abi >= landlock::TARGET_ABI { "" } else { "; hard policies will refuse to run" })
+            format!(
+                "ABI {abi} (Stockade asks for {}{})",
+                landlock::TARGET_ABI,
+                if abi >= landlock::TARGET_ABI { "" } else { "; hard policies will refuse to run" }
+            )
         },
     });
-    let seccomp_actions =
-        std::fs::read_to_string("/proc/sys/kernel/seccomp/actions_avail").unwrap_or_default();
+    let seccomp_actions = std::fs::read_to_string("/proc/sys/kernel/seccomp/actions_avail").unwrap_or_default();
     items.push(Item {
         name: "seccomp",
         ok: seccomp_actions.contains("errno") && seccomp_actions.contains("kill_process"),
@@ -74,20 +73,14 @@ pub fn run() -> Vec<Item> {
             Some(m) => format!(
                 "{} (controllers for Stockade's cgroup: {})",
                 m.display(),
-                if layout.v2_controllers.is_empty() {
-                    "none".into()
-                } else {
-                    layout.v2_controllers.join(" ")
-                }
+                if layout.v2_controllers.is_empty() { "none".into() } else { layout.v2_controllers.join(" ") }
             ),
             None => "not mounted".into(),
         },
     });
-    for (c, name) in [
-        (Controller::Memory, "cgroup memory"),
-        (Controller::Pids, "cgroup pids"),
-        (Controller::Cpu, "cgroup cpu"),
-    ] {
+    for (c, name) in
+        [(Controller::Memory, "cgroup memory"), (Controller::Pids, "cgroup pids"), (Controller::Cpu, "cgroup cpu")]
+    {
         let src = layout.source(c);
         items.push(Item {
             name,
@@ -98,9 +91,7 @@ pub fn run() -> Vec<Item> {
             },
         });
     }
-    let nft = ["/usr/sbin/nft", "/sbin/nft", "/usr/bin/nft"]
-        .iter()
-        .find(|p| std::path::Path::new(p).exists());
+    let nft = ["/usr/sbin/nft", "/sbin/nft", "/usr/bin/nft"].iter().find(|p| std::path::Path::new(p).exists());
     items.push(Item {
         name: "nftables",
         ok: nft.is_some(),

@@ -32,18 +32,9 @@ pub fn build(
             env.insert(name.clone(), v.clone());
         }
     }
-    for (k, v) in policy
-        .env
-        .set
-        .iter()
-        .map(|(k, v)| (k, v))
-        .chain(extra.iter().map(|(k, v)| (k, v)))
-    {
+    for (k, v) in policy.env.set.iter().map(|(k, v)| (k, v)).chain(extra.iter().map(|(k, v)| (k, v))) {
         if k.is_empty() || k.contains('=') || k.contains('\0') || v.contains('\0') {
-            return Err(JailError::new(
-                Step::Preflight,
-                format!("env: `{k}` is not a valid variable"),
-            ));
+            return Err(JailError::new(Step::Preflight, format!("env: `{k}` is not a valid variable")));
         }
         if is_secret_name(k) && !allowed_secret(k) {
             return Err(JailError::new(
@@ -66,17 +57,12 @@ mod tests {
         let (mut p, _) = load_builtin("default").unwrap();
         p.env.pass.push("ANTHROPIC_ENVIRONMENT_KEY".into());
         let host = vec![
-            (
-                "ANTHROPIC_ENVIRONMENT_KEY".to_string(),
-                "sk-secret".to_string(),
-            ),
+            ("ANTHROPIC_ENVIRONMENT_KEY".to_string(), "sk-secret".to_string()),
             ("TERM".to_string(), "xterm".to_string()),
             ("HOME".to_string(), "/root".to_string()),
         ];
         let env = build(&p, &host, &[]).unwrap();
-        assert!(env
-            .iter()
-            .all(|(k, v)| k != "ANTHROPIC_ENVIRONMENT_KEY" && v != "sk-secret"));
+        assert!(env.iter().all(|(k, v)| k != "ANTHROPIC_ENVIRONMENT_KEY" && v != "sk-secret"));
         assert!(env.contains(&("TERM".into(), "xterm".into())));
         assert!(env.contains(&("HOME".into(), "/workspace".into())));
         let err = build(&p, &host, &[("GH_TOKEN".into(), "x".into())]).unwrap_err();

@@ -58,9 +58,7 @@ impl Step {
             Step::Exec,
             Step::Supervise,
         ];
-        ALL.into_iter()
-            .find(|st| st.name() == s)
-            .unwrap_or(Step::Supervise)
+        ALL.into_iter().find(|st| st.name() == s).unwrap_or(Step::Supervise)
     }
 }
 
@@ -81,11 +79,7 @@ pub struct JailError {
 
 impl JailError {
     pub fn new(step: Step, msg: impl Into<String>) -> Self {
-        JailError {
-            step,
-            msg: msg.into(),
-            errno: None,
-        }
+        JailError { step, msg: msg.into(), errno: None }
     }
 }
 

@@ -21,9 +21,7 @@ use super::mounts::{self, MountPlan};
 use super::namespaces::IdMapping;
 use super::seccomp::Filters;
 use super::sync::{send_failure, wait_go, SyncPipes};
-use super::{
-    caps, landlock, netif, rlimits, uts, EXIT_NOT_EXECUTABLE, EXIT_NOT_FOUND, EXIT_SETUP_FAILED,
-};
+use super::{caps, landlock, netif, rlimits, uts, EXIT_NOT_EXECUTABLE, EXIT_NOT_FOUND, EXIT_SETUP_FAILED};
 use crate::policy::{NetMode, Policy};
 
 /// Signals PID 1 passes on to the command.
@@ -74,15 +72,7 @@ fn close_raw(fd: i32) {
 
 fn setup(ctx: &ChildCtx) -> Result<Pid, JailError> {
     // SAFETY: prctl(PR_SET_PDEATHSIG) takes integer arguments only.
-    unsafe {
-        libc::prctl(
-            libc::PR_SET_PDEATHSIG,
-            libc::SIGKILL as libc::c_ulong,
-            0,
-            0,
-            0,
-        )
-    };
+    unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong, 0, 0, 0) };
     if !wait_go(&ctx.pipes.go_read) {
         // The supervisor is gone before the maps were written: leave quietly.
         // SAFETY: see child_main.
@@ -107,6 +97,7 @@ fn setup(ctx: &ChildCtx) -> Result<Pid, JailError> {
     caps::drop_to(p.user.uid, p.user.gid, &p.capabilities.keep, root_mode)?;
     landlock::apply(p)?;
     caps::set_non_dumpable()?;
+    arm_parent_death_signal(&ctx.pipes.go_read)?;
     // Installed here, before the fork, so PID 1 and the command share one filter stack.
     super::seccomp::install(ctx.filters)?;
 
@@ -119,6 +110,26 @@ fn setup(ctx: &ChildCtx) -> Result<Pid, JailError> {
             close_raw(ctx.pipes.go_read.as_raw_fd());
             Ok(child)
         }
+    }
+}
+
+/// The kernel clears PDEATHSIG whenever credentials change, so it is armed again after the last
+/// change. The supervisor keeps its end of `go` open for the jail's whole life: a hang-up on our
+/// end means it died before the signal was armed, and then nothing else would kill us.
+fn arm_parent_death_signal(go_read: &std::os::fd::OwnedFd) -> Result<(), JailError> {
+    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+    use std::os::fd::AsFd;
+    // SAFETY: prctl(PR_SET_PDEATHSIG) takes integer arguments only.
+    if unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong, 0, 0, 0) } != 0 {
+        return Err(JailError::new(Step::Supervise, format!("PR_SET_PDEATHSIG: {}", std::io::Error::last_os_error())));
+    }
+    let mut fds = [PollFd::new(go_read.as_fd(), PollFlags::POLLIN)];
+    match poll(&mut fds, PollTimeout::ZERO) {
+        Ok(_) if fds[0].revents().is_some_and(|r| r.contains(PollFlags::POLLHUP)) => {
+            // SAFETY: see child_main.
+            unsafe { libc::_exit(EXIT_SETUP_FAILED) }
+        }
+        _ => Ok(()),
     }
 }
 
@@ -149,34 +160,20 @@ fn run_exec(ctx: &ChildCtx) -> JailError {
     // left open; the report pipe stays usable until then.
     // SAFETY: close_range with CLOSE_RANGE_CLOEXEC only changes descriptor flags.
     if unsafe { libc::close_range(3, u32::MAX, libc::CLOSE_RANGE_CLOEXEC as i32) } != 0 {
-        return JailError::new(
-            Step::Exec,
-            format!("close_range: {}", std::io::Error::last_os_error()),
-        );
+        return JailError::new(Step::Exec, format!("close_range: {}", std::io::Error::last_os_error()));
     }
     let prog = match resolve_program(ctx) {
         Ok(p) => p,
         Err(e) => return e,
     };
     let e = nix::unistd::execve(&prog, ctx.argv, ctx.env).unwrap_err();
-    JailError {
-        step: Step::Exec,
-        msg: format!("{}: {}", prog.to_string_lossy(), e.desc()),
-        errno: Some(e as i32),
-    }
+    JailError { step: Step::Exec, msg: format!("{}: {}", prog.to_string_lossy(), e.desc()), errno: Some(e as i32) }
 }
 
 fn resolve_program(ctx: &ChildCtx) -> Result<CString, JailError> {
-    let name = ctx
-        .argv
-        .first()
-        .ok_or_else(|| JailError::new(Step::Exec, "no command given"))?;
+    let name = ctx.argv.first().ok_or_else(|| JailError::new(Step::Exec, "no command given"))?;
     let name_b = name.as_bytes();
-    let not_found = |errno: i32, msg: String| JailError {
-        step: Step::Exec,
-        msg,
-        errno: Some(errno),
-    };
+    let not_found = |errno: i32, msg: String| JailError { step: Step::Exec, msg, errno: Some(errno) };
     if name_b.contains(&b'/') {
         return Ok(name.clone());
     }
@@ -201,14 +198,8 @@ fn resolve_program(ctx: &ChildCtx) -> Result<CString, JailError> {
     }
     let shown = String::from_utf8_lossy(name_b);
     match denied {
-        Some(c) => Err(not_found(
-            libc::EACCES,
-            format!("{}: permission denied", c.display()),
-        )),
-        None => Err(not_found(
-            libc::ENOENT,
-            format!("{shown}: command not found in PATH {path}"),
-        )),
+        Some(c) => Err(not_found(libc::EACCES, format!("{}: permission denied", c.display()))),
+        None => Err(not_found(libc::ENOENT, format!("{shown}: command not found in PATH {path}"))),
     }
 }
 

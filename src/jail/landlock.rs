@@ -6,10 +6,10 @@
 //! error; with `"best_effort"` the missing parts are dropped and reported.
 
 use landlock::{
-    Access, AccessFs, AccessNet, BitFlags, CompatLevel, Compatible, NetPort, PathBeneath, PathFd,
-    Ruleset, RulesetAttr, RulesetCreatedAttr, RulesetStatus, Scope, ABI,
+    Access, AccessFs, AccessNet, BitFlags, CompatLevel, Compatible, NetPort, PathBeneath, PathFd, Ruleset, RulesetAttr,
+    RulesetCreatedAttr, RulesetStatus, Scope, ABI,
 };
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use super::error::{JailError, Step};
 use super::mounts::{OUTPUTS, WORKSPACE};
@@ -18,17 +18,26 @@ use crate::policy::{Access as WsAccess, Compatibility, Policy, SysMode};
 /// The ABI whose rights Stockade asks for: 6 brings the IPC scopes.
 pub const TARGET_ABI: i32 = 6;
 
+/// Environment variable that caps the landlock ABI Stockade uses below what the kernel offers,
+/// to check how a policy behaves on an older kernel. It can only lower protection, never raise
+/// it, and `hard` policies refuse to run under a cap that drops anything they need.
+pub const ABI_CAP_ENV: &str = "STOCKADE_LANDLOCK_ABI_CAP";
+
+/// The ABI Stockade will use: the kernel's, lowered by `STOCKADE_LANDLOCK_ABI_CAP` if set.
+pub fn effective_abi() -> i32 {
+    let k = kernel_abi();
+    match std::env::var(ABI_CAP_ENV).ok().and_then(|v| v.parse::<i32>().ok()) {
+        Some(cap) => k.min(cap.max(0)),
+        None => k,
+    }
+}
+
 /// The running kernel's landlock ABI version (0 when landlock is unavailable or disabled).
 pub fn kernel_abi() -> i32 {
     // SAFETY: LANDLOCK_CREATE_RULESET_VERSION with a NULL attribute and size 0 only queries the
     // ABI version; no memory is read or written.
     let v = unsafe {
-        libc::syscall(
-            libc::SYS_landlock_create_ruleset,
-            std::ptr::null::<u8>(),
-            0usize,
-            1u32, /* VERSION */
-        )
+        libc::syscall(libc::SYS_landlock_create_ruleset, std::ptr::null::<u8>(), 0usize, 1u32 /* VERSION */)
     };
     if v < 0 {
         0
@@ -93,60 +102,26 @@ pub enum RuleKind {
 /// The path rules a policy implies, in jail paths.
 pub fn path_rules(p: &Policy) -> Vec<PathRule> {
     let mut rules = vec![
-        PathRule {
-            path: "/".into(),
-            kind: RuleKind::ListOnly,
-        },
-        PathRule {
-            path: "/etc".into(),
-            kind: RuleKind::Read,
-        },
-        PathRule {
-            path: "/proc".into(),
-            kind: RuleKind::Read,
-        },
-        PathRule {
-            path: "/dev".into(),
-            kind: RuleKind::Device,
-        },
-        PathRule {
-            path: "/tmp".into(),
-            kind: RuleKind::ReadWrite,
-        },
-        PathRule {
-            path: "/dev/shm".into(),
-            kind: RuleKind::ReadWrite,
-        },
+        PathRule { path: "/".into(), kind: RuleKind::ListOnly },
+        PathRule { path: "/etc".into(), kind: RuleKind::Read },
+        PathRule { path: "/proc".into(), kind: RuleKind::Read },
+        PathRule { path: "/dev".into(), kind: RuleKind::Device },
+        PathRule { path: "/tmp".into(), kind: RuleKind::ReadWrite },
+        PathRule { path: "/dev/shm".into(), kind: RuleKind::ReadWrite },
         PathRule {
             path: WORKSPACE.into(),
-            kind: if p.filesystem.workspace == WsAccess::ReadOnly {
-                RuleKind::ReadExec
-            } else {
-                RuleKind::ReadWrite
-            },
+            kind: if p.filesystem.workspace == WsAccess::ReadOnly { RuleKind::ReadExec } else { RuleKind::ReadWrite },
         },
-        PathRule {
-            path: OUTPUTS.into(),
-            kind: RuleKind::ReadWrite,
-        },
+        PathRule { path: OUTPUTS.into(), kind: RuleKind::ReadWrite },
     ];
     if p.filesystem.sys == SysMode::ReadOnly {
-        rules.push(PathRule {
-            path: "/sys".into(),
-            kind: RuleKind::Read,
-        });
+        rules.push(PathRule { path: "/sys".into(), kind: RuleKind::Read });
     }
     for b in &p.filesystem.read_only {
-        rules.push(PathRule {
-            path: b.dst.clone(),
-            kind: RuleKind::ReadExec,
-        });
+        rules.push(PathRule { path: b.dst.clone(), kind: RuleKind::ReadExec });
     }
     for b in &p.filesystem.read_write {
-        rules.push(PathRule {
-            path: b.dst.clone(),
-            kind: RuleKind::ReadWrite,
-        });
+        rules.push(PathRule { path: b.dst.clone(), kind: RuleKind::ReadWrite });
     }
     rules
 }
@@ -157,9 +132,7 @@ fn access_for(kind: RuleKind, abi: ABI) -> BitFlags<AccessFs> {
         RuleKind::ListOnly => AccessFs::ReadDir.into(),
         RuleKind::Read => read,
         RuleKind::ReadExec => read | AccessFs::Execute,
-        RuleKind::ReadWrite => {
-            AccessFs::from_all(abi) & !(AccessFs::MakeChar | AccessFs::MakeBlock)
-        }
+        RuleKind::ReadWrite => AccessFs::from_all(abi) & !(AccessFs::MakeChar | AccessFs::MakeBlock),
         RuleKind::Device => read | AccessFs::WriteFile | AccessFs::IoctlDev | AccessFs::Truncate,
     }
 }
@@ -172,7 +145,7 @@ pub struct LandlockReport {
 }
 
 pub fn apply(p: &Policy) -> Result<LandlockReport, JailError> {
-    let kabi = kernel_abi();
+    let kabi = effective_abi();
     let dropped = missing_features(kabi, p);
     let hard = p.landlock.compatibility == Compatibility::Hard;
     if hard && !dropped.is_empty() {
@@ -185,23 +158,18 @@ pub fn apply(p: &Policy) -> Result<LandlockReport, JailError> {
             ),
         ));
     }
-    let level = if hard {
-        CompatLevel::HardRequirement
-    } else {
-        CompatLevel::BestEffort
-    };
+    let level = if hard { CompatLevel::HardRequirement } else { CompatLevel::BestEffort };
     let abi = ABI::V6;
-    let err = |what: &str, e: &dyn std::fmt::Display| {
-        JailError::new(Step::Landlock, format!("{what}: {e}"))
-    };
+    let err = |what: &str, e: &dyn std::fmt::Display| JailError::new(Step::Landlock, format!("{what}: {e}"));
 
     let mut ruleset = Ruleset::default()
         .set_compatibility(level)
         .handle_access(AccessFs::from_all(abi))
-        .map_err(|e| err("handle filesystem rights", &e))?
-        .scope(Scope::AbstractUnixSocket | Scope::Signal)
-        .map_err(|e| err("scopes", &e))?;
-    let net_rules = p.landlock.tcp_bind.is_some() || p.landlock.tcp_connect.is_some();
+        .map_err(|e| err("handle filesystem rights", &e))?;
+    if kabi >= 6 {
+        ruleset = ruleset.scope(Scope::AbstractUnixSocket | Scope::Signal).map_err(|e| err("scopes", &e))?;
+    }
+    let net_rules = kabi >= 4 && (p.landlock.tcp_bind.is_some() || p.landlock.tcp_connect.is_some());
     if net_rules {
         let mut handled = BitFlags::<AccessNet>::empty();
         if p.landlock.tcp_bind.is_some() {
@@ -210,9 +178,7 @@ pub fn apply(p: &Policy) -> Result<LandlockReport, JailError> {
         if p.landlock.tcp_connect.is_some() {
             handled |= AccessNet::ConnectTcp;
         }
-        ruleset = ruleset
-            .handle_access(handled)
-            .map_err(|e| err("handle TCP rights", &e))?;
+        ruleset = ruleset.handle_access(handled).map_err(|e| err("handle TCP rights", &e))?;
     }
     let mut created = ruleset.create().map_err(|e| err("create ruleset", &e))?;
 
@@ -225,47 +191,26 @@ pub fn apply(p: &Policy) -> Result<LandlockReport, JailError> {
         if !meta.is_dir() {
             access &= AccessFs::from_file(abi);
         }
-        let fd = PathFd::new(&rule.path)
-            .map_err(|e| err(&format!("open {}", rule.path.display()), &e))?;
+        let fd = PathFd::new(&rule.path).map_err(|e| err(&format!("open {}", rule.path.display()), &e))?;
         created = created
             .add_rule(PathBeneath::new(fd, access))
             .map_err(|e| err(&format!("rule {}", rule.path.display()), &e))?;
     }
     for port in p.landlock.tcp_bind.iter().flatten() {
-        created = created
-            .add_rule(NetPort::new(*port, AccessNet::BindTcp))
-            .map_err(|e| err("tcp_bind rule", &e))?;
+        created = created.add_rule(NetPort::new(*port, AccessNet::BindTcp)).map_err(|e| err("tcp_bind rule", &e))?;
     }
     for port in p.landlock.tcp_connect.iter().flatten() {
-        created = created
-            .add_rule(NetPort::new(*port, AccessNet::ConnectTcp))
-            .map_err(|e| err("tcp_connect rule", &e))?;
+        created =
+            created.add_rule(NetPort::new(*port, AccessNet::ConnectTcp)).map_err(|e| err("tcp_connect rule", &e))?;
     }
-    let status = created
-        .restrict_self()
-        .map_err(|e| err("restrict_self", &e))?;
+    let status = created.restrict_self().map_err(|e| err("restrict_self", &e))?;
     match status.ruleset {
         RulesetStatus::FullyEnforced => {}
         RulesetStatus::PartiallyEnforced if !hard => {}
         RulesetStatus::NotEnforced if !hard && kabi == 0 => {}
         other => {
-            return Err(JailError::new(
-                Step::Landlock,
-                format!("ruleset {other:?} on kernel ABI {kabi}"),
-            ));
+            return Err(JailError::new(Step::Landlock, format!("ruleset {other:?} on kernel ABI {kabi}")));
         }
     }
-    Ok(LandlockReport {
-        kernel_abi: kabi,
-        dropped: if hard { Vec::new() } else { dropped },
-    })
-}
-
-/// For reports: whether `path` lies under a rule of `kind` in `rules`.
-pub fn covered(rules: &[PathRule], path: &Path) -> Option<RuleKind> {
-    rules
-        .iter()
-        .filter(|r| path.starts_with(&r.path))
-        .max_by_key(|r| r.path.components().count())
-        .map(|r| r.kind)
+    Ok(LandlockReport { kernel_abi: kabi, dropped: if hard { Vec::new() } else { dropped } })
 }

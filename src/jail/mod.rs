@@ -119,16 +119,12 @@ pub fn run(spec: &JailSpec) -> Result<Outcome, JailError> {
     let mut report = Report::default();
 
     // ---- preflight: refuse before creating anything ----
-    let abi = landlock::kernel_abi();
+    let abi = landlock::effective_abi();
     let missing = landlock::missing_features(abi, p);
     if p.landlock.compatibility == crate::policy::Compatibility::Hard && !missing.is_empty() {
         return Err(JailError::new(
             Step::Landlock,
-            format!(
-                "kernel ABI {abi} < required {}: missing {}",
-                landlock::requirements(p),
-                missing.join(", ")
-            ),
+            format!("kernel ABI {abi} < required {}: missing {}", landlock::requirements(p), missing.join(", ")),
         ));
     }
     report.landlock_abi = abi;
@@ -156,39 +152,24 @@ pub fn run(spec: &JailSpec) -> Result<Outcome, JailError> {
     for (what, dir) in [("workspace", &spec.workspace), ("outputs", &spec.outputs)] {
         if let Some(d) = dir {
             if !d.is_dir() {
-                return Err(JailError::new(
-                    Step::Workspace,
-                    format!("{what} {} is not a directory", d.display()),
-                ));
+                return Err(JailError::new(Step::Workspace, format!("{what} {} is not a directory", d.display())));
             }
         }
     }
     let ids = IdMapping::for_host(&p.user);
     let (host_uid, host_gid) = ids.host_ids(&p.user);
-    report.id_mapping = format!(
-        "jail uid {} -> host uid {host_uid}, gid {} -> host gid {host_gid}",
-        p.user.uid, p.user.gid
-    );
+    report.id_mapping =
+        format!("jail uid {} -> host uid {host_uid}, gid {} -> host gid {host_gid}", p.user.uid, p.user.gid);
 
     // ---- cgroup ----
-    let name = format!(
-        "stockade-{}-{}",
-        std::process::id(),
-        JAIL_SEQ.fetch_add(1, Ordering::Relaxed)
-    );
+    let name = format!("stockade-{}-{}", std::process::id(), JAIL_SEQ.fetch_add(1, Ordering::Relaxed));
     let (mut cgroup, cg_report) = JailCgroup::create(&name, &p.limits)?;
     report.cgroup = cg_report;
 
-    let pipes = sync::SyncPipes::new()
-        .map_err(|e| JailError::new(Step::Preflight, format!("pipe: {e}")))?;
+    let pipes = sync::SyncPipes::new().map_err(|e| JailError::new(Step::Preflight, format!("pipe: {e}")))?;
     let mut blocked = SigSet::empty();
     blocked.add(Signal::SIGCHLD);
-    for s in [
-        Signal::SIGINT,
-        Signal::SIGTERM,
-        Signal::SIGHUP,
-        Signal::SIGQUIT,
-    ] {
+    for s in [Signal::SIGINT, Signal::SIGTERM, Signal::SIGHUP, Signal::SIGQUIT] {
         blocked.add(s);
     }
     let mut old_mask = SigSet::empty();
@@ -215,12 +196,7 @@ pub fn run(spec: &JailSpec) -> Result<Outcome, JailError> {
             }),
             Some(pid) => pid,
         };
-        let sync::SyncPipes {
-            go_read,
-            go_write,
-            report_read,
-            report_write,
-        } = pipes;
+        let sync::SyncPipes { go_read, go_write, report_read, report_write } = pipes;
         drop(go_read);
         drop(report_write);
         let kill_child = |e: JailError| {
@@ -232,22 +208,18 @@ pub fn run(spec: &JailSpec) -> Result<Outcome, JailError> {
         if let Some(cg) = &cgroup {
             cg.add(child.as_raw()).map_err(kill_child)?;
         }
-        sync::send_go(&go_write).map_err(|e| {
-            kill_child(JailError::new(
-                Step::Supervise,
-                format!("release jail: {e}"),
-            ))
-        })?;
-        drop(go_write);
+        sync::send_go(&go_write)
+            .map_err(|e| kill_child(JailError::new(Step::Supervise, format!("release jail: {e}"))))?;
+        // `go_write` stays open until the jail ends: the jail checks it for a hang-up to learn
+        // whether this supervisor is still alive (see init::arm_parent_death_signal).
         if let Some(err) = sync::read_report(&report_read) {
             let _ = waitpid(child, None);
             return Err(err);
         }
-        let deadline = spec
-            .timeout
-            .or(p.limits.timeout.map(|d| d.0))
-            .map(|t| Instant::now() + t);
-        supervise(child, deadline)
+        let deadline = spec.timeout.or(p.limits.timeout.map(|d| d.0)).map(|t| Instant::now() + t);
+        let status = supervise(child, deadline);
+        drop(go_write);
+        status
     })();
 
     let _ = nix::sys::signal::sigprocmask(SigmaskHow::SIG_SETMASK, Some(&old_mask), None);
@@ -260,13 +232,7 @@ pub fn run(spec: &JailSpec) -> Result<Outcome, JailError> {
 /// Waits for the jail's init, enforcing the deadline and forwarding termination signals.
 fn supervise(init: Pid, deadline: Option<Instant>) -> Result<Status, JailError> {
     let mut set = SigSet::empty();
-    for s in [
-        Signal::SIGCHLD,
-        Signal::SIGINT,
-        Signal::SIGTERM,
-        Signal::SIGHUP,
-        Signal::SIGQUIT,
-    ] {
+    for s in [Signal::SIGCHLD, Signal::SIGINT, Signal::SIGTERM, Signal::SIGHUP, Signal::SIGQUIT] {
         set.add(s);
     }
     let mut kill_at: Option<Instant> = None;
@@ -274,18 +240,10 @@ fn supervise(init: Pid, deadline: Option<Instant>) -> Result<Status, JailError> 
     loop {
         match waitpid(init, Some(WaitPidFlag::WNOHANG)) {
             Ok(WaitStatus::Exited(_, code)) => {
-                return Ok(if timed_out {
-                    Status::TimedOut
-                } else {
-                    split_status(code)
-                });
+                return Ok(if timed_out { Status::TimedOut } else { split_status(code) });
             }
             Ok(WaitStatus::Signaled(_, sig, _)) => {
-                return Ok(if timed_out {
-                    Status::TimedOut
-                } else {
-                    Status::Signaled(sig as i32)
-                });
+                return Ok(if timed_out { Status::TimedOut } else { Status::Signaled(sig as i32) });
             }
             Ok(_) => {}
             Err(nix::errno::Errno::EINTR) => continue,
@@ -305,13 +263,8 @@ fn supervise(init: Pid, deadline: Option<Instant>) -> Result<Status, JailError> 
                 kill_at = None;
             }
         }
-        let next = [deadline.filter(|_| !timed_out), kill_at]
-            .into_iter()
-            .flatten()
-            .min();
-        let wait = next
-            .map(|n| n.saturating_duration_since(now))
-            .unwrap_or(Duration::from_secs(3600));
+        let next = [deadline.filter(|_| !timed_out), kill_at].into_iter().flatten().min();
+        let wait = next.map(|n| n.saturating_duration_since(now)).unwrap_or(Duration::from_secs(3600));
         match wait_signal(&set, wait) {
             Some(sig) if sig != libc::SIGCHLD => {
                 // Termination requested: let the command handle it, then make sure.

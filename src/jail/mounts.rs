@@ -56,13 +56,7 @@ const PROC_MASKED: &[&str] = &[
 /// /proc entries left visible but read-only: writing /proc/sys/kernel/core_pattern or
 /// /proc/sysrq-trigger must not reach the host.
 const PROC_READ_ONLY: &[&str] = &["sys", "sysrq-trigger", "irq", "bus", "fs"];
-const SYS_MASKED: &[&str] = &[
-    "firmware",
-    "kernel/security",
-    "kernel/debug",
-    "fs/cgroup",
-    "fs/bpf",
-];
+const SYS_MASKED: &[&str] = &["firmware", "kernel/security", "kernel/debug", "fs/cgroup", "fs/bpf"];
 
 /// What the supervisor hands to the mount step.
 pub struct MountPlan<'a> {
@@ -96,14 +90,8 @@ struct Entry {
 
 pub fn build_root(plan: &MountPlan) -> Result<(), JailError> {
     let p = plan.policy;
-    mount(
-        None::<&str>,
-        "/",
-        None::<&str>,
-        MsFlags::MS_REC | MsFlags::MS_PRIVATE,
-        None::<&str>,
-    )
-    .step(Step::Mounts, || "make / private".into())?;
+    mount(None::<&str>, "/", None::<&str>, MsFlags::MS_REC | MsFlags::MS_PRIVATE, None::<&str>)
+        .step(Step::Mounts, || "make / private".into())?;
 
     // --- resolve everything first ---
     let system_root = p.filesystem.rootfs.as_deref();
@@ -127,44 +115,14 @@ pub fn build_root(plan: &MountPlan) -> Result<(), JailError> {
     let ws_ro = p.filesystem.workspace == Access::ReadOnly;
     let owner = (p.user.uid, p.user.gid);
     let workspace = match (plan.workspace_tree, plan.workspace) {
-        (Some(t), _) => Entry {
-            dst: WORKSPACE.into(),
-            src: Source::Tree(t.as_raw_fd()),
-            read_only: ws_ro,
-            owner,
-        },
-        (None, Some(w)) => Entry {
-            dst: WORKSPACE.into(),
-            src: open_dir(w, "workspace")?,
-            read_only: ws_ro,
-            owner,
-        },
-        (None, None) => Entry {
-            dst: WORKSPACE.into(),
-            src: Source::Tmpfs,
-            read_only: ws_ro,
-            owner,
-        },
+        (Some(t), _) => Entry { dst: WORKSPACE.into(), src: Source::Tree(t.as_raw_fd()), read_only: ws_ro, owner },
+        (None, Some(w)) => Entry { dst: WORKSPACE.into(), src: open_dir(w, "workspace")?, read_only: ws_ro, owner },
+        (None, None) => Entry { dst: WORKSPACE.into(), src: Source::Tmpfs, read_only: ws_ro, owner },
     };
     let outputs = match (plan.outputs_tree, plan.outputs) {
-        (Some(t), _) => Entry {
-            dst: OUTPUTS.into(),
-            src: Source::Tree(t.as_raw_fd()),
-            read_only: false,
-            owner,
-        },
-        (None, Some(o)) => Entry {
-            dst: OUTPUTS.into(),
-            src: open_dir(o, "outputs")?,
-            read_only: false,
-            owner,
-        },
-        (None, None) => Entry {
-            dst: OUTPUTS.into(),
-            src: Source::Tmpfs,
-            read_only: false,
-            owner,
-        },
+        (Some(t), _) => Entry { dst: OUTPUTS.into(), src: Source::Tree(t.as_raw_fd()), read_only: false, owner },
+        (None, Some(o)) => Entry { dst: OUTPUTS.into(), src: open_dir(o, "outputs")?, read_only: false, owner },
+        (None, None) => Entry { dst: OUTPUTS.into(), src: Source::Tmpfs, read_only: false, owner },
     };
     let mut devices = Vec::new();
     for d in DEVICES {
@@ -176,14 +134,8 @@ pub fn build_root(plan: &MountPlan) -> Result<(), JailError> {
 
     // --- the new root ---
     let root = Path::new(STAGING);
-    mount(
-        Some("tmpfs"),
-        root,
-        Some("tmpfs"),
-        MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
-        Some("mode=0755,size=16m"),
-    )
-    .step(Step::Mounts, || format!("tmpfs root at {STAGING}"))?;
+    mount(Some("tmpfs"), root, Some("tmpfs"), MsFlags::MS_NOSUID | MsFlags::MS_NODEV, Some("mode=0755,size=16m"))
+        .step(Step::Mounts, || format!("tmpfs root at {STAGING}"))?;
 
     entries.sort_by_key(|e| e.dst.components().count());
     for e in &entries {
@@ -230,20 +182,12 @@ pub fn build_root(plan: &MountPlan) -> Result<(), JailError> {
     // The old root now sits on top of the new one at "/"; detaching it leaves only our tree.
     umount2(".", MntFlags::MNT_DETACH).step(Step::Mounts, || "detach old root".into())?;
     chdir("/").step(Step::Mounts, || "chdir /".into())?;
-    set_attr(
-        Path::new("/"),
-        false,
-        MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV,
-    )
-    .step(Step::Mounts, || "remount / read-only".into())?;
+    set_attr(Path::new("/"), false, MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV)
+        .step(Step::Mounts, || "remount / read-only".into())?;
     Ok(())
 }
 
-fn resolve(
-    b: &Bind,
-    system_root: Option<&Path>,
-    read_only: bool,
-) -> Result<Option<Entry>, JailError> {
+fn resolve(b: &Bind, system_root: Option<&Path>, read_only: bool) -> Result<Option<Entry>, JailError> {
     let host = match system_root {
         Some(r) => r.join(b.src.strip_prefix("/").unwrap_or(&b.src)),
         None => b.src.clone(),
@@ -257,47 +201,24 @@ fn resolve(
                 format!(
                     "{} (from `{b}`): {e}{}",
                     host.display(),
-                    if b.optional {
-                        ""
-                    } else {
-                        "; prefix the entry with `-` to skip it when missing"
-                    }
+                    if b.optional { "" } else { "; prefix the entry with `-` to skip it when missing" }
                 ),
             ))
         }
     };
     let src = if meta.file_type().is_symlink() {
-        Source::Symlink(
-            std::fs::read_link(&host)
-                .step(Step::Mounts, || format!("readlink {}", host.display()))?,
-        )
+        Source::Symlink(std::fs::read_link(&host).step(Step::Mounts, || format!("readlink {}", host.display()))?)
     } else {
-        let fd = open(
-            &host,
-            OFlag::O_PATH | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
-            Mode::empty(),
-        )
-        .step(Step::Mounts, || format!("open {}", host.display()))?;
-        Source::Fd {
-            fd,
-            is_dir: meta.is_dir(),
-        }
+        let fd = open(&host, OFlag::O_PATH | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC, Mode::empty())
+            .step(Step::Mounts, || format!("open {}", host.display()))?;
+        Source::Fd { fd, is_dir: meta.is_dir() }
     };
-    Ok(Some(Entry {
-        dst: b.dst.clone(),
-        src,
-        read_only,
-        owner: (0, 0),
-    }))
+    Ok(Some(Entry { dst: b.dst.clone(), src, read_only, owner: (0, 0) }))
 }
 
 fn open_dir(path: &Path, what: &str) -> Result<Source, JailError> {
-    let fd = open(
-        path,
-        OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
-        Mode::empty(),
-    )
-    .map_err(|e| JailError::new(Step::Mounts, format!("{what} {}: {e}", path.display())))?;
+    let fd = open(path, OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC, Mode::empty())
+        .map_err(|e| JailError::new(Step::Mounts, format!("{what} {}: {e}", path.display())))?;
     Ok(Source::Fd { fd, is_dir: true })
 }
 
@@ -309,9 +230,7 @@ fn attach(root: &Path, e: &Entry, tmpfs_size: u64) -> Result<(), JailError> {
             if let Some(parent) = target.parent() {
                 mkdir_p(parent)?;
             }
-            symlink(to, &target).step(Step::Mounts, || {
-                format!("symlink {} -> {}", e.dst.display(), to.display())
-            })?;
+            symlink(to, &target).step(Step::Mounts, || format!("symlink {} -> {}", e.dst.display(), to.display()))?;
             return Ok(());
         }
         Source::Fd { fd, is_dir } => {
@@ -324,30 +243,15 @@ fn attach(root: &Path, e: &Entry, tmpfs_size: u64) -> Result<(), JailError> {
                 write_file(&target, b"")?;
             }
             let from = format!("/proc/self/fd/{}", fd.as_raw_fd());
-            mount(
-                Some(from.as_str()),
-                &target,
-                None::<&str>,
-                MsFlags::MS_BIND | MsFlags::MS_REC,
-                None::<&str>,
-            )
-            .step(Step::Mounts, || format!("bind {}", ctx()))?;
+            mount(Some(from.as_str()), &target, None::<&str>, MsFlags::MS_BIND | MsFlags::MS_REC, None::<&str>)
+                .step(Step::Mounts, || format!("bind {}", ctx()))?;
         }
         Source::Tmpfs => {
             mkdir_p(&target)?;
             // Owned by the jail user, who must be able to write it (setup runs as jail root).
-            let opts = format!(
-                "mode=0755,size={tmpfs_size},uid={},gid={}",
-                e.owner.0, e.owner.1
-            );
-            mount(
-                Some("tmpfs"),
-                &target,
-                Some("tmpfs"),
-                MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
-                Some(opts.as_str()),
-            )
-            .step(Step::Mounts, || format!("tmpfs {}", ctx()))?;
+            let opts = format!("mode=0755,size={tmpfs_size},uid={},gid={}", e.owner.0, e.owner.1);
+            mount(Some("tmpfs"), &target, Some("tmpfs"), MsFlags::MS_NOSUID | MsFlags::MS_NODEV, Some(opts.as_str()))
+                .step(Step::Mounts, || format!("tmpfs {}", ctx()))?;
         }
         Source::Tree(fd) => {
             mkdir_p(&target)?;
@@ -364,26 +268,14 @@ fn attach(root: &Path, e: &Entry, tmpfs_size: u64) -> Result<(), JailError> {
 fn build_dev(root: &Path, devices: &[(&str, OwnedFd)], shm_size: u64) -> Result<(), JailError> {
     let dev = root.join("dev");
     mkdir_p(&dev)?;
-    mount(
-        Some("tmpfs"),
-        &dev,
-        Some("tmpfs"),
-        MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
-        Some("mode=0755,size=64k"),
-    )
-    .step(Step::Mounts, || "tmpfs /dev".into())?;
+    mount(Some("tmpfs"), &dev, Some("tmpfs"), MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC, Some("mode=0755,size=64k"))
+        .step(Step::Mounts, || "tmpfs /dev".into())?;
     for (name, fd) in devices {
         let target = dev.join(name);
         write_file(&target, b"")?;
         let from = format!("/proc/self/fd/{}", fd.as_raw_fd());
-        mount(
-            Some(from.as_str()),
-            &target,
-            None::<&str>,
-            MsFlags::MS_BIND,
-            None::<&str>,
-        )
-        .step(Step::Mounts, || format!("bind /dev/{name}"))?;
+        mount(Some(from.as_str()), &target, None::<&str>, MsFlags::MS_BIND, None::<&str>)
+            .step(Step::Mounts, || format!("bind /dev/{name}"))?;
         set_attr(&target, false, MOUNT_ATTR_NOSUID | MOUNT_ATTR_NOEXEC)
             .step(Step::Mounts, || format!("restrict /dev/{name}"))?;
     }
@@ -416,25 +308,15 @@ fn build_dev(root: &Path, devices: &[(&str, OwnedFd)], shm_size: u64) -> Result<
         Some(format!("mode=1777,size={shm_size}").as_str()),
     )
     .step(Step::Mounts, || "tmpfs /dev/shm".into())?;
-    set_attr(
-        &dev,
-        false,
-        MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID | MOUNT_ATTR_NOEXEC,
-    )
-    .step(Step::Mounts, || "remount /dev read-only".into())
+    set_attr(&dev, false, MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID | MOUNT_ATTR_NOEXEC)
+        .step(Step::Mounts, || "remount /dev read-only".into())
 }
 
 fn build_proc(root: &Path) -> Result<(), JailError> {
     let proc = root.join("proc");
     mkdir_p(&proc)?;
-    mount(
-        Some("proc"),
-        &proc,
-        Some("proc"),
-        MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
-        None::<&str>,
-    )
-    .step(Step::Mounts, || "mount /proc".into())?;
+    mount(Some("proc"), &proc, Some("proc"), MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC, None::<&str>)
+        .step(Step::Mounts, || "mount /proc".into())?;
     let null = format!("{}/dev/null", root.display());
     for name in PROC_MASKED {
         let path = proc.join(name);
@@ -450,13 +332,7 @@ fn build_proc(root: &Path) -> Result<(), JailError> {
                 Some("size=0,mode=0555"),
             )
         } else {
-            mount(
-                Some(null.as_str()),
-                &path,
-                None::<&str>,
-                MsFlags::MS_BIND,
-                None::<&str>,
-            )
+            mount(Some(null.as_str()), &path, None::<&str>, MsFlags::MS_BIND, None::<&str>)
         };
         r.step(Step::Mounts, || format!("mask /proc/{name}"))?;
     }
@@ -465,20 +341,10 @@ fn build_proc(root: &Path) -> Result<(), JailError> {
         if std::fs::symlink_metadata(&path).is_err() {
             continue;
         }
-        mount(
-            Some(&path),
-            &path,
-            None::<&str>,
-            MsFlags::MS_BIND | MsFlags::MS_REC,
-            None::<&str>,
-        )
-        .step(Step::Mounts, || format!("bind /proc/{name}"))?;
-        set_attr(
-            &path,
-            true,
-            MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV | MOUNT_ATTR_NOEXEC,
-        )
-        .step(Step::Mounts, || format!("read-only /proc/{name}"))?;
+        mount(Some(&path), &path, None::<&str>, MsFlags::MS_BIND | MsFlags::MS_REC, None::<&str>)
+            .step(Step::Mounts, || format!("bind /proc/{name}"))?;
+        set_attr(&path, true, MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV | MOUNT_ATTR_NOEXEC)
+            .step(Step::Mounts, || format!("read-only /proc/{name}"))?;
     }
     Ok(())
 }
@@ -540,12 +406,7 @@ pub(crate) const MOUNT_ATTR_NOEXEC: u64 = libc::MOUNT_ATTR_NOEXEC;
 /// namespace inherited locked.
 fn set_attr(path: &Path, recursive: bool, set: u64) -> std::io::Result<()> {
     let c = CString::new(path.as_os_str().as_bytes())?;
-    let attr = libc::mount_attr {
-        attr_set: set,
-        attr_clr: 0,
-        propagation: 0,
-        userns_fd: 0,
-    };
+    let attr = libc::mount_attr { attr_set: set, attr_clr: 0, propagation: 0, userns_fd: 0 };
     let flags = if recursive { libc::AT_RECURSIVE } else { 0 } as libc::c_uint;
     // SAFETY: `c` is a valid NUL-terminated path and `attr` a properly initialised mount_attr
     // whose size we pass; the kernel reads both and writes nothing back.

@@ -43,9 +43,7 @@ pub fn fork_into_namespaces() -> Result<Option<Pid>, JailError> {
 }
 
 fn ensure_single_threaded() -> Result<(), JailError> {
-    let n = std::fs::read_dir("/proc/self/task")
-        .map(|d| d.count())
-        .unwrap_or(1);
+    let n = std::fs::read_dir("/proc/self/task").map(|d| d.count()).unwrap_or(1);
     if n != 1 {
         return Err(JailError::new(
             Step::Namespaces,
@@ -61,21 +59,14 @@ pub enum IdMapping {
     /// Stockade runs as host root: jail ids 0..65536 map to host_base.. (never host 0).
     Range { host_base: u32 },
     /// Stockade runs unprivileged: the jail user is the invoking user; nothing else is mapped.
-    Single {
-        jail_uid: u32,
-        jail_gid: u32,
-        host_uid: u32,
-        host_gid: u32,
-    },
+    Single { jail_uid: u32, jail_gid: u32, host_uid: u32, host_gid: u32 },
 }
 
 impl IdMapping {
     pub fn for_host(user: &User) -> Self {
         let euid = nix::unistd::geteuid().as_raw();
         if euid == 0 {
-            IdMapping::Range {
-                host_base: user.host_id_base,
-            }
+            IdMapping::Range { host_base: user.host_id_base }
         } else {
             IdMapping::Single {
                 jail_uid: user.uid,
@@ -90,9 +81,7 @@ impl IdMapping {
     pub fn host_ids(&self, user: &User) -> (u32, u32) {
         match *self {
             IdMapping::Range { host_base } => (host_base + user.uid, host_base + user.gid),
-            IdMapping::Single {
-                host_uid, host_gid, ..
-            } => (host_uid, host_gid),
+            IdMapping::Single { host_uid, host_gid, .. } => (host_uid, host_gid),
         }
     }
 
@@ -110,20 +99,12 @@ impl IdMapping {
         let (uid_map, gid_map, deny_setgroups) = match *self {
             IdMapping::Range { host_base } => {
                 if host_base == 0 {
-                    return Err(JailError::new(
-                        Step::IdMap,
-                        "refusing to map jail ids onto host root",
-                    ));
+                    return Err(JailError::new(Step::IdMap, "refusing to map jail ids onto host root"));
                 }
                 let line = format!("0 {host_base} 65536\n");
                 (line.clone(), line, false)
             }
-            IdMapping::Single {
-                jail_uid,
-                jail_gid,
-                host_uid,
-                host_gid,
-            } => {
+            IdMapping::Single { jail_uid, jail_gid, host_uid, host_gid } => {
                 let mut u = String::new();
                 let mut g = String::new();
                 let _ = writeln!(u, "{jail_uid} {host_uid} 1");
@@ -134,8 +115,7 @@ impl IdMapping {
         };
         let base = format!("/proc/{child}");
         if deny_setgroups {
-            std::fs::write(format!("{base}/setgroups"), "deny")
-                .step(Step::IdMap, || "setgroups".into())?;
+            std::fs::write(format!("{base}/setgroups"), "deny").step(Step::IdMap, || "setgroups".into())?;
         }
         std::fs::write(format!("{base}/uid_map"), &uid_map)
             .step(Step::IdMap, || format!("uid_map {:?}", uid_map.trim()))?;

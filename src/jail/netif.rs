@@ -4,12 +4,7 @@
 use super::error::{JailError, Step};
 
 pub fn loopback_up() -> Result<(), JailError> {
-    let err = |what: &str| {
-        JailError::new(
-            Step::Network,
-            format!("{what}: {}", std::io::Error::last_os_error()),
-        )
-    };
+    let err = |what: &str| JailError::new(Step::Network, format!("{what}: {}", std::io::Error::last_os_error()));
     // SAFETY: plain socket(2) call; the returned fd is checked and closed below.
     let sock = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
     if sock < 0 {

@@ -7,9 +7,7 @@ use super::error::{JailError, Step, StepExt};
 use crate::policy::Limits;
 
 pub fn apply(l: &Limits) -> Result<(), JailError> {
-    let set = |res: Resource, name: &str, v: u64| {
-        setrlimit(res, v, v).step(Step::Rlimits, || format!("{name}={v}"))
-    };
+    let set = |res: Resource, name: &str, v: u64| setrlimit(res, v, v).step(Step::Rlimits, || format!("{name}={v}"));
     set(Resource::RLIMIT_CORE, "core", 0)?;
     if let Some(n) = l.nofile {
         set(Resource::RLIMIT_NOFILE, "nofile", n)?;

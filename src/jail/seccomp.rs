@@ -41,15 +41,10 @@ pub struct Filters {
 #[cfg(target_arch = "x86_64")]
 const ARCH: (TargetArch, u32) = (TargetArch::x86_64, 0xC000_003E /* AUDIT_ARCH_X86_64 */);
 #[cfg(target_arch = "aarch64")]
-const ARCH: (TargetArch, u32) = (
-    TargetArch::aarch64,
-    0xC000_00B7, /* AUDIT_ARCH_AARCH64 */
-);
+const ARCH: (TargetArch, u32) = (TargetArch::aarch64, 0xC000_00B7 /* AUDIT_ARCH_AARCH64 */);
 
 /// Which syscalls a policy admits, and under which conditions (`None` = unconditionally).
-pub fn allowed_set(
-    p: &Seccomp,
-) -> Result<BTreeMap<&'static str, Option<BTreeSet<ArgCond>>>, JailError> {
+pub fn allowed_set(p: &Seccomp) -> Result<BTreeMap<&'static str, Option<BTreeSet<ArgCond>>>, JailError> {
     let bad = |m: String| JailError::new(Step::Seccomp, m);
     let mut allowed: BTreeMap<&'static str, Option<BTreeSet<ArgCond>>> = BTreeMap::new();
     for entry in &p.allow {
@@ -84,9 +79,7 @@ pub fn allowed_set(
 }
 
 pub fn compile(p: &Seccomp) -> Result<Filters, JailError> {
-    let err = |what: &str, e: &dyn std::fmt::Display| {
-        JailError::new(Step::Seccomp, format!("{what}: {e}"))
-    };
+    let err = |what: &str, e: &dyn std::fmt::Display| JailError::new(Step::Seccomp, format!("{what}: {e}"));
     if syscalls::native_table().is_empty() {
         return Err(JailError::new(
             Step::Seccomp,
@@ -97,18 +90,13 @@ pub fn compile(p: &Seccomp) -> Result<Filters, JailError> {
     let families: Vec<u64> = p
         .socket_families
         .iter()
-        .filter_map(|f| {
-            SOCKET_FAMILIES
-                .iter()
-                .find(|(n, _)| n == f)
-                .map(|(_, v)| *v)
-        })
+        .filter_map(|f| SOCKET_FAMILIES.iter().find(|(n, _)| n == f).map(|(_, v)| *v))
         .collect();
 
     let mut rules: BTreeMap<i64, Vec<SeccompRule>> = BTreeMap::new();
     for (name, conds) in &allowed {
-        let nr = syscalls::number(name)
-            .ok_or_else(|| JailError::new(Step::Seccomp, format!("unknown syscall {name}")))?;
+        let nr =
+            syscalls::number(name).ok_or_else(|| JailError::new(Step::Seccomp, format!("unknown syscall {name}")))?;
         let list = match conds {
             None => Vec::new(),
             Some(set) => {
@@ -126,21 +114,14 @@ pub fn compile(p: &Seccomp) -> Result<Filters, JailError> {
         SeccompAction::Kill => Action::KillProcess,
         SeccompAction::Log => Action::Log,
     };
-    let filter = SeccompFilter::new(rules, mismatch, Action::Allow, ARCH.0)
-        .map_err(|e| err("build filter", &e))?;
-    let allowlist: BpfProgram = filter
-        .try_into()
-        .map_err(|e: seccompiler::BackendError| err("compile filter", &e))?;
+    let filter = SeccompFilter::new(rules, mismatch, Action::Allow, ARCH.0).map_err(|e| err("build filter", &e))?;
+    let allowlist: BpfProgram = filter.try_into().map_err(|e: seccompiler::BackendError| err("compile filter", &e))?;
     let x32 = if p.default_action == SeccompAction::Kill {
         libc::SECCOMP_RET_KILL_PROCESS
     } else {
         libc::SECCOMP_RET_ERRNO | libc::EPERM as u32
     };
-    Ok(Filters {
-        allowlist,
-        prelude: prelude(x32),
-        allowed,
-    })
+    Ok(Filters { allowlist, prelude: prelude(x32), allowed })
 }
 
 fn cond(arg: u8, len: Len, op: Op, v: u64) -> Result<Cond, seccompiler::BackendError> {
@@ -148,19 +129,10 @@ fn cond(arg: u8, len: Len, op: Op, v: u64) -> Result<Cond, seccompiler::BackendE
 }
 
 /// The seccompiler rules (OR-ed) that admit a call under one argument condition.
-fn rules_for(
-    c: ArgCond,
-    name: &str,
-    families: &[u64],
-) -> Result<Vec<SeccompRule>, seccompiler::BackendError> {
+fn rules_for(c: ArgCond, name: &str, families: &[u64]) -> Result<Vec<SeccompRule>, seccompiler::BackendError> {
     let one = |conds: Vec<Cond>| SeccompRule::new(conds);
     Ok(match c {
-        ArgCond::NoNamespaceFlags => vec![one(vec![cond(
-            0,
-            Len::Qword,
-            Op::MaskedEq(CLONE_NAMESPACE_FLAGS),
-            0,
-        )?])?],
+        ArgCond::NoNamespaceFlags => vec![one(vec![cond(0, Len::Qword, Op::MaskedEq(CLONE_NAMESPACE_FLAGS), 0)?])?],
         ArgCond::NoTtyInjection => vec![one(vec![
             cond(1, Len::Dword, Op::Ne, libc::TIOCSTI as u64)?,
             cond(1, Len::Dword, Op::Ne, libc::TIOCLINUX as u64)?,
@@ -176,10 +148,7 @@ fn rules_for(
                     v.push(one(vec![cond(0, Len::Dword, Op::Eq, f)?])?);
                 } else if f == libc::AF_NETLINK as u64 {
                     // Only the routing protocol (what getifaddrs/getaddrinfo need).
-                    v.push(one(vec![
-                        cond(0, Len::Dword, Op::Eq, f)?,
-                        cond(2, Len::Dword, Op::Eq, NETLINK_ROUTE)?,
-                    ])?);
+                    v.push(one(vec![cond(0, Len::Dword, Op::Eq, f)?, cond(2, Len::Dword, Op::Eq, NETLINK_ROUTE)?])?);
                 } else {
                     // Stream, datagram and seqpacket only: never SOCK_RAW or SOCK_PACKET.
                     for t in [libc::SOCK_STREAM, libc::SOCK_DGRAM, libc::SOCK_SEQPACKET] {
@@ -194,25 +163,13 @@ fn rules_for(
         }
         ArgCond::NoDeviceNodes { mode_arg } => [0, libc::S_IFREG, libc::S_IFIFO, libc::S_IFSOCK]
             .into_iter()
-            .map(|t| {
-                one(vec![cond(
-                    mode_arg,
-                    Len::Dword,
-                    Op::MaskedEq(libc::S_IFMT as u64),
-                    t as u64,
-                )?])
-            })
+            .map(|t| one(vec![cond(mode_arg, Len::Dword, Op::MaskedEq(libc::S_IFMT as u64), t as u64)?]))
             .collect::<Result<_, _>>()?,
     })
 }
 
 fn stmt(code: u16, k: u32) -> sock_filter {
-    sock_filter {
-        code,
-        jt: 0,
-        jf: 0,
-        k,
-    }
+    sock_filter { code, jt: 0, jf: 0, k }
 }
 fn jump(code: u16, k: u32, jt: u8, jf: u8) -> sock_filter {
     sock_filter { code, jt, jf, k }
@@ -242,8 +199,7 @@ fn prelude(x32_action: u32) -> BpfProgram {
 pub fn install(f: &Filters) -> Result<(), JailError> {
     seccompiler::apply_filter(&f.allowlist)
         .map_err(|e| JailError::new(Step::Seccomp, format!("install allowlist: {e}")))?;
-    seccompiler::apply_filter(&f.prelude)
-        .map_err(|e| JailError::new(Step::Seccomp, format!("install prelude: {e}")))
+    seccompiler::apply_filter(&f.prelude).map_err(|e| JailError::new(Step::Seccomp, format!("install prelude: {e}")))
 }
 
 #[cfg(test)]
@@ -255,16 +211,9 @@ mod tests {
     fn default_policy_compiles_within_bpf_limits() {
         let (p, _) = load_builtin("default").unwrap();
         let f = compile(&p.seccomp).unwrap();
-        assert!(
-            f.allowlist.len() < 4096,
-            "{} instructions",
-            f.allowlist.len()
-        );
+        assert!(f.allowlist.len() < 4096, "{} instructions", f.allowlist.len());
         assert!(f.allowed.contains_key("read"));
-        assert_eq!(
-            f.allowed["clone"],
-            Some(BTreeSet::from([ArgCond::NoNamespaceFlags]))
-        );
+        assert_eq!(f.allowed["clone"], Some(BTreeSet::from([ArgCond::NoNamespaceFlags])));
         for banned in [
             "mount",
             "unshare",
@@ -279,10 +228,7 @@ mod tests {
             "userfaultfd",
             "perf_event_open",
         ] {
-            assert!(
-                !f.allowed.contains_key(banned),
-                "{banned} allowed by default"
-            );
+            assert!(!f.allowed.contains_key(banned), "{banned} allowed by default");
         }
     }
 

@@ -22,12 +22,7 @@ impl SyncPipes {
     pub fn new() -> nix::Result<Self> {
         let (go_read, go_write) = pipe2(OFlag::O_CLOEXEC)?;
         let (report_read, report_write) = pipe2(OFlag::O_CLOEXEC)?;
-        Ok(SyncPipes {
-            go_read,
-            go_write,
-            report_read,
-            report_write,
-        })
+        Ok(SyncPipes { go_read, go_write, report_read, report_write })
     }
 }
 
@@ -75,13 +70,7 @@ pub fn read_report(fd: &OwnedFd) -> Option<JailError> {
     let text = String::from_utf8_lossy(&buf);
     let mut parts = text.splitn(3, '\t');
     let step = Step::from_name(parts.next().unwrap_or(""));
-    let errno = parts
-        .next()
-        .and_then(|e| e.parse::<i32>().ok())
-        .filter(|e| *e != 0);
-    let msg = parts
-        .next()
-        .unwrap_or("jail reported a malformed failure")
-        .to_owned();
+    let errno = parts.next().and_then(|e| e.parse::<i32>().ok()).filter(|e| *e != 0);
+    let msg = parts.next().unwrap_or("jail reported a malformed failure").to_owned();
     Some(JailError { step, msg, errno })
 }

@@ -4,16 +4,12 @@
 use super::error::{JailError, Step, StepExt};
 
 pub fn set_names(hostname: &str) -> Result<(), JailError> {
-    nix::unistd::sethostname(hostname)
-        .step(Step::Hostname, || format!("sethostname {hostname}"))?;
+    nix::unistd::sethostname(hostname).step(Step::Hostname, || format!("sethostname {hostname}"))?;
     let domain = c"(none)";
     // SAFETY: the pointer and length describe a valid, NUL-free byte string that outlives the call.
     let r = unsafe { libc::setdomainname(domain.as_ptr(), domain.to_bytes().len()) };
     if r != 0 {
-        return Err(JailError::new(
-            Step::Hostname,
-            format!("setdomainname: {}", std::io::Error::last_os_error()),
-        ));
+        return Err(JailError::new(Step::Hostname, format!("setdomainname: {}", std::io::Error::last_os_error())));
     }
     Ok(())
 }

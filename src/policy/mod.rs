@@ -31,10 +31,7 @@ pub fn builtin_text(name: &str) -> Option<&'static str> {
 #[derive(Debug, thiserror::Error)]
 pub enum PolicyError {
     #[error("{path}: cannot read policy: {source}")]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Read { path: PathBuf, source: std::io::Error },
     #[error("{at}: {msg}")]
     Invalid { at: Origin, msg: String },
     #[error("{0}: `extends` cycle")]
@@ -45,10 +42,7 @@ pub enum PolicyError {
 
 impl PolicyError {
     pub(crate) fn invalid(at: &Origin, msg: impl Into<String>) -> Self {
-        PolicyError::Invalid {
-            at: at.clone(),
-            msg: msg.into(),
-        }
+        PolicyError::Invalid { at: at.clone(), msg: msg.into() }
     }
 }
 
@@ -57,9 +51,7 @@ impl PolicyError {
 pub fn load(spec: Option<&str>) -> Result<(Policy, Origins), PolicyError> {
     match spec {
         None => load_builtin("default"),
-        Some(s) if builtin_text(s).is_some() && !std::path::Path::new(s).exists() => {
-            load_builtin(s)
-        }
+        Some(s) if builtin_text(s).is_some() && !std::path::Path::new(s).exists() => load_builtin(s),
         Some(s) => load_file(std::path::Path::new(s)),
     }
 }

@@ -38,18 +38,10 @@ impl Source<'_> {
         let before = &self.text[..offset.min(self.text.len())];
         let line = before.matches('\n').count() + 1;
         let col = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
-        Origin {
-            file: self.name.clone(),
-            line,
-            col,
-        }
+        Origin { file: self.name.clone(), line, col }
     }
     fn whole(&self) -> Origin {
-        Origin {
-            file: self.name.clone(),
-            line: 1,
-            col: 1,
-        }
+        Origin { file: self.name.clone(), line: 1, col: 1 }
     }
 }
 
@@ -69,9 +61,7 @@ impl<'de> Deserialize<'de> for NumOrStr {
                 f.write_str("a number or a string with a unit such as \"512M\" or \"30m\"")
             }
             fn visit_i64<E: de::Error>(self, v: i64) -> Result<NumOrStr, E> {
-                u64::try_from(v)
-                    .map(NumOrStr::Num)
-                    .map_err(|_| E::custom("must not be negative"))
+                u64::try_from(v).map(NumOrStr::Num).map_err(|_| E::custom("must not be negative"))
             }
             fn visit_u64<E: de::Error>(self, v: u64) -> Result<NumOrStr, E> {
                 Ok(NumOrStr::Num(v))
@@ -267,13 +257,8 @@ pub(crate) struct Raw {
 
 fn parse_layer(src: &Source) -> Result<Layer, PolicyError> {
     toml::from_str::<Layer>(src.text).map_err(|e| {
-        let at = e
-            .span()
-            .map_or_else(|| src.whole(), |s| src.origin(s.start));
-        PolicyError::Invalid {
-            at,
-            msg: explain_toml_error(e.message()),
-        }
+        let at = e.span().map_or_else(|| src.whole(), |s| src.origin(s.start));
+        PolicyError::Invalid { at, msg: explain_toml_error(e.message()) }
     })
 }
 
@@ -313,28 +298,18 @@ fn resolve_into(
         let name = ext.get_ref();
         let is_path = name.contains('/') || name.ends_with(".toml");
         if !is_path {
-            let text = builtin_text(name)
-                .ok_or_else(|| PolicyError::invalid(&at, unknown_builtin(name).to_string()))?;
-            let base = Source {
-                name: format!("builtin:{name}"),
-                text,
-            };
+            let text =
+                builtin_text(name).ok_or_else(|| PolicyError::invalid(&at, unknown_builtin(name).to_string()))?;
+            let base = Source { name: format!("builtin:{name}"), text };
             resolve_into(&base, None, chain, raw, origins)?;
         } else {
             let Some(dir) = dir else {
-                return Err(PolicyError::invalid(
-                    &at,
-                    "a built-in policy can only extend built-ins",
-                ));
+                return Err(PolicyError::invalid(&at, "a built-in policy can only extend built-ins"));
             };
             let path = dir.join(name);
-            let text = std::fs::read_to_string(&path).map_err(|e| {
-                PolicyError::invalid(&at, format!("extends `{}`: {e}", path.display()))
-            })?;
-            let base = Source {
-                name: path.display().to_string(),
-                text: &text,
-            };
+            let text = std::fs::read_to_string(&path)
+                .map_err(|e| PolicyError::invalid(&at, format!("extends `{}`: {e}", path.display())))?;
+            let base = Source { name: path.display().to_string(), text: &text };
             resolve_into(&base, path.parent(), chain, raw, origins)?;
         }
     }
@@ -349,9 +324,7 @@ fn resolve_into(
     layer.network.merge(&mut raw.network, origins, src);
     layer.landlock.merge(&mut raw.landlock, origins, src);
     layer.seccomp.merge(&mut raw.seccomp, origins, src);
-    layer
-        .capabilities
-        .merge(&mut raw.capabilities, origins, src);
+    layer.capabilities.merge(&mut raw.capabilities, origins, src);
     chain.pop();
     Ok(())
 }
@@ -360,22 +333,12 @@ fn unknown_builtin(name: &str) -> PolicyError {
     let hint = nearest(name, super::BUILTINS.iter().map(|(n, _)| *n))
         .map(|s| format!(" (did you mean `{s}`?)"))
         .unwrap_or_default();
-    PolicyError::UnknownBuiltin {
-        name: name.to_owned(),
-        hint,
-    }
+    PolicyError::UnknownBuiltin { name: name.to_owned(), hint }
 }
 
 /// Parses policy text; `name` is used in error messages, `dir` resolves relative `extends`.
-pub fn load_str(
-    name: &str,
-    text: &str,
-    dir: Option<&Path>,
-) -> Result<(Policy, Origins), PolicyError> {
-    let src = Source {
-        name: name.to_owned(),
-        text,
-    };
+pub fn load_str(name: &str, text: &str, dir: Option<&Path>) -> Result<(Policy, Origins), PolicyError> {
+    let src = Source { name: name.to_owned(), text };
     let mut raw = Raw::default();
     let mut origins = Origins::new();
     resolve_into(&src, dir, &mut Vec::new(), &mut raw, &mut origins)?;
@@ -384,17 +347,8 @@ pub fn load_str(
 }
 
 pub fn load_file(path: &Path) -> Result<(Policy, Origins), PolicyError> {
-    let text = std::fs::read_to_string(path).map_err(|source| PolicyError::Read {
-        path: path.to_owned(),
-        source,
-    })?;
-    let dir = path.parent().map(|p| {
-        if p.as_os_str().is_empty() {
-            Path::new(".")
-        } else {
-            p
-        }
-    });
+    let text = std::fs::read_to_string(path).map_err(|source| PolicyError::Read { path: path.to_owned(), source })?;
+    let dir = path.parent().map(|p| if p.as_os_str().is_empty() { Path::new(".") } else { p });
     load_str(&path.display().to_string(), &text, dir)
 }
 
@@ -405,26 +359,15 @@ pub fn load_builtin(name: &str) -> Result<(Policy, Origins), PolicyError> {
 
 /// Validation and defaults: turns the merged layers into a `Policy`.
 fn finish(source: &str, raw: Raw, o: &Origins) -> Result<Policy, PolicyError> {
-    let at = |key: &str| {
-        o.get(key).cloned().unwrap_or(Origin {
-            file: source.to_owned(),
-            line: 1,
-            col: 1,
-        })
-    };
+    let at = |key: &str| o.get(key).cloned().unwrap_or(Origin { file: source.to_owned(), line: 1, col: 1 });
     let bad = |key: &str, msg: String| PolicyError::invalid(&at(key), format!("{key}: {msg}"));
 
     let hostname = raw.hostname.unwrap_or_else(|| "stockade".into());
     if hostname.is_empty()
         || hostname.len() > 64
-        || !hostname
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.')
+        || !hostname.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.')
     {
-        return Err(bad(
-            "hostname",
-            format!("`{hostname}` is not a valid host name"),
-        ));
+        return Err(bad("hostname", format!("`{hostname}` is not a valid host name")));
     }
 
     let user = User {
@@ -435,39 +378,22 @@ fn finish(source: &str, raw: Raw, o: &Origins) -> Result<Policy, PolicyError> {
     };
     for (k, v) in [("user.uid", user.uid), ("user.gid", user.gid)] {
         if v >= 65536 {
-            return Err(bad(
-                k,
-                format!("{v} is outside the jail's id range 0..65536"),
-            ));
+            return Err(bad(k, format!("{v} is outside the jail's id range 0..65536")));
         }
     }
     if user.host_id_base == 0 || user.host_id_base.checked_add(65536).is_none() {
         return Err(bad(
             "user.host_id_base",
-            format!(
-                "{} would map jail ids onto host root or overflow",
-                user.host_id_base
-            ),
+            format!("{} would map jail ids onto host root or overflow", user.host_id_base),
         ));
     }
-    if user.name.is_empty()
-        || !user
-            .name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
-    {
-        return Err(bad(
-            "user.name",
-            format!("`{}` is not a valid user name", user.name),
-        ));
+    if user.name.is_empty() || !user.name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-') {
+        return Err(bad("user.name", format!("`{}` is not a valid user name", user.name)));
     }
 
     let binds = |key: &str, list: Option<Vec<String>>| -> Result<Vec<Bind>, PolicyError> {
         let under_etc = key == "filesystem.etc";
-        list.unwrap_or_default()
-            .iter()
-            .map(|s| parse_bind(s, under_etc).map_err(|m| bad(key, m)))
-            .collect()
+        list.unwrap_or_default().iter().map(|s| parse_bind(s, under_etc).map_err(|m| bad(key, m))).collect()
     };
     let filesystem = Filesystem {
         read_only: binds("filesystem.read_only", raw.filesystem.read_only)?,
@@ -475,25 +401,16 @@ fn finish(source: &str, raw: Raw, o: &Origins) -> Result<Policy, PolicyError> {
         etc: binds("filesystem.etc", raw.filesystem.etc)?,
         rootfs: raw.filesystem.rootfs.map(PathBuf::from),
         sys: raw.filesystem.sys.map_or(SysMode::None, Into::into),
-        workspace: raw
-            .filesystem
-            .workspace
-            .map_or(Access::ReadWrite, Into::into),
+        workspace: raw.filesystem.workspace.map_or(Access::ReadWrite, Into::into),
     };
     for b in &filesystem.etc {
         if !b.dst.starts_with("/etc") || b.dst == Path::new("/etc") {
-            return Err(bad(
-                "filesystem.etc",
-                format!("`{b}`: entries must name files or directories below /etc"),
-            ));
+            return Err(bad("filesystem.etc", format!("`{b}`: entries must name files or directories below /etc")));
         }
     }
     if let Some(r) = &filesystem.rootfs {
         if !r.is_absolute() {
-            return Err(bad(
-                "filesystem.rootfs",
-                format!("`{}` must be an absolute path", r.display()),
-            ));
+            return Err(bad("filesystem.rootfs", format!("`{}` must be an absolute path", r.display())));
         }
     }
 
@@ -507,14 +424,13 @@ fn finish(source: &str, raw: Raw, o: &Origins) -> Result<Policy, PolicyError> {
             return Err(bad("env", format!("`{name}` is not a valid variable name")));
         }
         if is_secret_name(name) && !env.allow_secrets.contains(name) {
-            let key = if env.set.contains_key(name) {
-                "env.set"
-            } else {
-                "env.pass"
-            };
-            return Err(bad(key, format!(
-                "`{name}` looks like a credential; secrets never enter a jail unless listed in env.allow_secrets"
-            )));
+            let key = if env.set.contains_key(name) { "env.set" } else { "env.pass" };
+            return Err(bad(
+                key,
+                format!(
+                    "`{name}` looks like a credential; secrets never enter a jail unless listed in env.allow_secrets"
+                ),
+            ));
         }
     }
 
@@ -522,17 +438,13 @@ fn finish(source: &str, raw: Raw, o: &Origins) -> Result<Policy, PolicyError> {
         match v {
             None => Ok(None),
             Some(NumOrStr::Num(n)) => Ok(Some(Size(n))),
-            Some(NumOrStr::Str(s)) => parse_size(&s)
-                .map(|n| Some(Size(n)))
-                .map_err(|m| bad(key, m)),
+            Some(NumOrStr::Str(s)) => parse_size(&s).map(|n| Some(Size(n))).map_err(|m| bad(key, m)),
         }
     };
     let timeout = match raw.limits.timeout {
         None => None,
         Some(NumOrStr::Num(n)) => Some(Dur(std::time::Duration::from_secs(n))),
-        Some(NumOrStr::Str(s)) => Some(Dur(
-            parse_duration(&s).map_err(|m| bad("limits.timeout", m))?
-        )),
+        Some(NumOrStr::Str(s)) => Some(Dur(parse_duration(&s).map_err(|m| bad("limits.timeout", m))?)),
     };
     let limits = Limits {
         memory: size("limits.memory", raw.limits.memory)?,
@@ -548,40 +460,24 @@ fn finish(source: &str, raw: Raw, o: &Origins) -> Result<Policy, PolicyError> {
     };
     if let Some(c) = limits.cpu {
         if !(c > 0.0 && c <= 1024.0) {
-            return Err(bad(
-                "limits.cpu",
-                format!("{c} must be a positive number of CPUs"),
-            ));
+            return Err(bad("limits.cpu", format!("{c} must be a positive number of CPUs")));
         }
     }
-    for (k, v) in [
-        ("limits.pids", limits.pids),
-        ("limits.nofile", limits.nofile),
-        ("limits.nproc", limits.nproc),
-    ] {
+    for (k, v) in [("limits.pids", limits.pids), ("limits.nofile", limits.nofile), ("limits.nproc", limits.nproc)] {
         if v == Some(0) {
-            return Err(bad(
-                k,
-                "0 would stop every program; omit the field for no limit".into(),
-            ));
+            return Err(bad(k, "0 would stop every program; omit the field for no limit".into()));
         }
     }
     if let Some(m) = limits.memory {
         if m.0 < (8 << 20) {
-            return Err(bad(
-                "limits.memory",
-                format!("{} bytes is too small to start a program (minimum 8M)", m.0),
-            ));
+            return Err(bad("limits.memory", format!("{} bytes is too small to start a program (minimum 8M)", m.0)));
         }
     }
     if limits.tmp_size.0 == 0 {
         return Err(bad("limits.tmp_size", "must be greater than zero".into()));
     }
     if limits.timeout.is_some_and(|t| t.0.is_zero()) {
-        return Err(bad(
-            "limits.timeout",
-            "must be greater than zero; omit the field for no timeout".into(),
-        ));
+        return Err(bad("limits.timeout", "must be greater than zero; omit the field for no timeout".into()));
     }
 
     let network = Network {
@@ -601,40 +497,31 @@ fn finish(source: &str, raw: Raw, o: &Origins) -> Result<Policy, PolicyError> {
                 ("network.upstream_dns", &network.upstream_dns),
             ] {
                 if !l.is_empty() {
-                    return Err(bad(k, "has no effect unless network.mode = \"veth\"; remove it or change the mode".into()));
+                    return Err(bad(
+                        k,
+                        "has no effect unless network.mode = \"veth\"; remove it or change the mode".into(),
+                    ));
                 }
             }
         }
     }
 
     let landlock = Landlock {
-        compatibility: raw
-            .landlock
-            .compatibility
-            .map_or(Compatibility::Hard, Into::into),
+        compatibility: raw.landlock.compatibility.map_or(Compatibility::Hard, Into::into),
         tcp_bind: raw.landlock.tcp_bind,
         tcp_connect: raw.landlock.tcp_connect,
     };
 
     let seccomp = Seccomp {
-        default_action: raw
-            .seccomp
-            .default_action
-            .map_or(SeccompAction::Errno, Into::into),
-        allow: raw
-            .seccomp
-            .allow
-            .unwrap_or_else(|| vec!["@system-service".into()]),
+        default_action: raw.seccomp.default_action.map_or(SeccompAction::Errno, Into::into),
+        allow: raw.seccomp.allow.unwrap_or_else(|| vec!["@system-service".into()]),
         deny: raw.seccomp.deny.unwrap_or_default(),
         socket_families: raw
             .seccomp
             .socket_families
             .unwrap_or_else(|| vec!["unix".into(), "inet".into(), "inet6".into()]),
     };
-    for (key, list) in [
-        ("seccomp.allow", &seccomp.allow),
-        ("seccomp.deny", &seccomp.deny),
-    ] {
+    for (key, list) in [("seccomp.allow", &seccomp.allow), ("seccomp.deny", &seccomp.deny)] {
         for e in list {
             syscalls::resolve_entry(e).map_err(|m| bad(key, m))?;
         }
@@ -651,21 +538,12 @@ fn finish(source: &str, raw: Raw, o: &Origins) -> Result<Policy, PolicyError> {
         }
     }
 
-    let capabilities = Capabilities {
-        keep: raw.capabilities.keep.unwrap_or_default(),
-    };
+    let capabilities = Capabilities { keep: raw.capabilities.keep.unwrap_or_default() };
     for c in &capabilities.keep {
         let norm = c.to_ascii_uppercase();
-        let norm = if norm.starts_with("CAP_") {
-            norm
-        } else {
-            format!("CAP_{norm}")
-        };
+        let norm = if norm.starts_with("CAP_") { norm } else { format!("CAP_{norm}") };
         if norm.parse::<caps::Capability>().is_err() {
-            return Err(bad(
-                "capabilities.keep",
-                format!("unknown capability `{c}`"),
-            ));
+            return Err(bad("capabilities.keep", format!("unknown capability `{c}`")));
         }
     }
 
@@ -705,25 +583,13 @@ fn parse_bind(s: &str, under_etc: bool) -> Result<Bind, String> {
     };
     let src = check(src)?;
     let dst = check(dst)?;
-    for reserved in [
-        "/proc",
-        "/dev",
-        "/sys",
-        "/workspace",
-        "/mnt/session",
-        "/tmp",
-    ] {
+    for reserved in ["/proc", "/dev", "/sys", "/workspace", "/mnt/session", "/tmp"] {
         if dst.starts_with(reserved) || dst == Path::new("/") {
-            return Err(format!(
-                "`{s}`: {} is managed by Stockade and cannot be a bind target",
-                dst.display()
-            ));
+            return Err(format!("`{s}`: {} is managed by Stockade and cannot be a bind target", dst.display()));
         }
     }
     if !under_etc && dst.starts_with("/etc") {
-        return Err(format!(
-            "`{s}`: the jail's /etc is generated; list single host files in filesystem.etc"
-        ));
+        return Err(format!("`{s}`: the jail's /etc is generated; list single host files in filesystem.etc"));
     }
     Ok(Bind { src, dst, optional })
 }

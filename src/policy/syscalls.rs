@@ -48,10 +48,7 @@ const fn m(name: &'static str) -> Member {
     Member { name, cond: None }
 }
 const fn c(name: &'static str, cond: ArgCond) -> Member {
-    Member {
-        name,
-        cond: Some(cond),
-    }
+    Member { name, cond: Some(cond) }
 }
 
 /// Every group, in documentation order.
@@ -80,8 +77,7 @@ pub static GROUPS: &[Group] = &[
     },
     Group {
         name: "@basic-io",
-        description:
-            "Reading, writing and closing file descriptors; ioctl without TIOCSTI/TIOCLINUX",
+        description: "Reading, writing and closing file descriptors; ioctl without TIOCSTI/TIOCLINUX",
         dangerous: false,
         includes: &[],
         members: &[
@@ -107,8 +103,7 @@ pub static GROUPS: &[Group] = &[
     },
     Group {
         name: "@file-system",
-        description:
-            "File and directory operations, xattrs, inotify; mknod only for fifos and sockets",
+        description: "File and directory operations, xattrs, inotify; mknod only for fifos and sockets",
         dangerous: false,
         includes: &[],
         members: &[
@@ -362,8 +357,7 @@ pub static GROUPS: &[Group] = &[
     },
     Group {
         name: "@ipc",
-        description:
-            "Pipes, SysV IPC and POSIX message queues (private to the jail's IPC namespace)",
+        description: "Pipes, SysV IPC and POSIX message queues (private to the jail's IPC namespace)",
         dangerous: false,
         includes: &[],
         members: &[
@@ -391,8 +385,7 @@ pub static GROUPS: &[Group] = &[
     },
     Group {
         name: "@network-io",
-        description:
-            "Sockets of the allowed families (default unix, inet, inet6; never raw or packet)",
+        description: "Sockets of the allowed families (default unix, inet, inet6; never raw or packet)",
         dangerous: false,
         includes: &[],
         members: &[
@@ -447,13 +440,7 @@ pub static GROUPS: &[Group] = &[
         description: "Futexes",
         dangerous: false,
         includes: &[],
-        members: &[
-            m("futex"),
-            m("futex_waitv"),
-            m("futex_wake"),
-            m("futex_wait"),
-            m("futex_requeue"),
-        ],
+        members: &[m("futex"), m("futex_waitv"), m("futex_wake"), m("futex_wait"), m("futex_requeue")],
     },
     Group {
         name: "@aio",
@@ -474,12 +461,7 @@ pub static GROUPS: &[Group] = &[
         description: "Self-restriction: seccomp and landlock can only narrow what a process may do",
         dangerous: false,
         includes: &[],
-        members: &[
-            m("seccomp"),
-            m("landlock_create_ruleset"),
-            m("landlock_add_rule"),
-            m("landlock_restrict_self"),
-        ],
+        members: &[m("seccomp"), m("landlock_create_ruleset"), m("landlock_add_rule"), m("landlock_restrict_self")],
     },
     Group {
         name: "@system-info",
@@ -551,12 +533,7 @@ pub static GROUPS: &[Group] = &[
         description: "Setting the system clock",
         dangerous: true,
         includes: &[],
-        members: &[
-            m("settimeofday"),
-            m("clock_settime"),
-            m("clock_adjtime"),
-            m("adjtimex"),
-        ],
+        members: &[m("settimeofday"), m("clock_settime"), m("clock_adjtime"), m("adjtimex")],
     },
     Group {
         name: "@debug",
@@ -581,23 +558,13 @@ pub static GROUPS: &[Group] = &[
         includes: &[],
         members: &[m("keyctl"), m("add_key"), m("request_key")],
     },
-    Group {
-        name: "@bpf",
-        description: "eBPF programs and maps",
-        dangerous: true,
-        includes: &[],
-        members: &[m("bpf")],
-    },
+    Group { name: "@bpf", description: "eBPF programs and maps", dangerous: true, includes: &[], members: &[m("bpf")] },
     Group {
         name: "@io-uring",
         description: "io_uring, whose I/O bypasses seccomp's view",
         dangerous: true,
         includes: &[],
-        members: &[
-            m("io_uring_setup"),
-            m("io_uring_enter"),
-            m("io_uring_register"),
-        ],
+        members: &[m("io_uring_setup"), m("io_uring_enter"), m("io_uring_register")],
     },
     Group {
         name: "@namespaces",
@@ -674,10 +641,7 @@ pub fn native_table() -> &'static [(&'static str, i64)] {
 
 /// The syscall number for `name` on the native architecture.
 pub fn number(name: &str) -> Option<i64> {
-    native_table()
-        .iter()
-        .find(|(n, _)| *n == name)
-        .map(|(_, nr)| *nr)
+    native_table().iter().find(|(n, _)| *n == name).map(|(_, nr)| *nr)
 }
 
 pub fn group(name: &str) -> Option<&'static Group> {
@@ -709,10 +673,7 @@ pub fn resolve_entry(entry: &str) -> Result<Vec<Member>, String> {
     }
     if number(entry).is_some() {
         // A bare syscall name in `allow` is unconditional: the policy author asked for it.
-        return Ok(vec![Member {
-            name: leak_name(entry),
-            cond: None,
-        }]);
+        return Ok(vec![Member { name: leak_name(entry), cond: None }]);
     }
     let names: Vec<&str> = native_table().iter().map(|(n, _)| *n).collect();
     Err(unknown("syscall", entry, &names))
@@ -720,11 +681,7 @@ pub fn resolve_entry(entry: &str) -> Result<Vec<Member>, String> {
 
 fn leak_name(entry: &str) -> &'static str {
     // Names come from the static table, so this lookup always succeeds for a known syscall.
-    native_table()
-        .iter()
-        .find(|(n, _)| *n == entry)
-        .map(|(n, _)| *n)
-        .unwrap_or("")
+    native_table().iter().find(|(n, _)| *n == entry).map(|(n, _)| *n).unwrap_or("")
 }
 
 fn unknown(kind: &str, entry: &str, known: &[&str]) -> String {
@@ -745,22 +702,14 @@ mod tests {
                 assert!(group(inc).is_some(), "{} includes unknown {inc}", g.name);
             }
             for mem in g.members {
-                assert!(
-                    number(mem.name).is_some(),
-                    "{}: unknown syscall {}",
-                    g.name,
-                    mem.name
-                );
+                assert!(number(mem.name).is_some(), "{}: unknown syscall {}", g.name, mem.name);
             }
         }
     }
 
     #[test]
     fn system_service_excludes_every_dangerous_group() {
-        let safe: Vec<&str> = expand_group("@system-service")
-            .iter()
-            .map(|m| m.name)
-            .collect();
+        let safe: Vec<&str> = expand_group("@system-service").iter().map(|m| m.name).collect();
         for g in GROUPS.iter().filter(|g| g.dangerous) {
             for mem in g.members {
                 // clone/clone3 appear in @process with a condition (clone) or an ENOSYS answer
@@ -768,12 +717,7 @@ mod tests {
                 if g.name == "@namespaces" && (mem.name == "clone" || mem.name == "clone3") {
                     continue;
                 }
-                assert!(
-                    !safe.contains(&mem.name),
-                    "{} from {} is in @system-service",
-                    mem.name,
-                    g.name
-                );
+                assert!(!safe.contains(&mem.name), "{} from {} is in @system-service", mem.name, g.name);
             }
         }
     }
@@ -781,10 +725,7 @@ mod tests {
     #[test]
     fn typo_suggests_nearest() {
         let e = resolve_entry("@sytem-service").unwrap_err();
-        assert_eq!(
-            e,
-            "unknown syscall group `@sytem-service` (did you mean `@system-service`?)"
-        );
+        assert_eq!(e, "unknown syscall group `@sytem-service` (did you mean `@system-service`?)");
         let e = resolve_entry("opennat").unwrap_err();
         assert!(e.contains("did you mean `openat`"), "{e}");
     }

@@ -22,55 +22,34 @@ fn builtins_load_and_differ() {
 #[test]
 fn shipped_files_match_embedded_text() {
     for (name, text) in BUILTINS {
-        let on_disk = std::fs::read_to_string(format!(
-            "{}/policies/{name}.toml",
-            env!("CARGO_MANIFEST_DIR")
-        ))
-        .unwrap();
+        let on_disk = std::fs::read_to_string(format!("{}/policies/{name}.toml", env!("CARGO_MANIFEST_DIR"))).unwrap();
         assert_eq!(&on_disk, text);
     }
 }
 
 #[test]
 fn unknown_field_names_line_column_and_nearest() {
-    let err = load_text("extends = \"default\"\n\n[limits]\nmemroy = \"1G\"\n")
-        .unwrap_err()
-        .to_string();
-    assert!(
-        err.starts_with("test.toml:4:1: unknown field `memroy`"),
-        "{err}"
-    );
+    let err = load_text("extends = \"default\"\n\n[limits]\nmemroy = \"1G\"\n").unwrap_err().to_string();
+    assert!(err.starts_with("test.toml:4:1: unknown field `memroy`"), "{err}");
     assert!(err.ends_with("(did you mean `memory`?)"), "{err}");
 }
 
 #[test]
 fn unknown_syscall_in_allow_suggests() {
-    let err = load_text("[seccomp]\nallow = [\"@system-service\", \"ptrase\"]\n")
-        .unwrap_err()
-        .to_string();
-    assert_eq!(
-        err,
-        "test.toml:2:9: seccomp.allow: unknown syscall `ptrase` (did you mean `ptrace`?)"
-    );
+    let err = load_text("[seccomp]\nallow = [\"@system-service\", \"ptrase\"]\n").unwrap_err().to_string();
+    assert_eq!(err, "test.toml:2:9: seccomp.allow: unknown syscall `ptrase` (did you mean `ptrace`?)");
 }
 
 #[test]
 fn bad_enum_value_lists_choices() {
-    let err = load_text("[network]\nmode = \"lopback\"\n")
-        .unwrap_err()
-        .to_string();
-    assert!(
-        err.starts_with("test.toml:2:8: unknown variant `lopback`"),
-        "{err}"
-    );
+    let err = load_text("[network]\nmode = \"lopback\"\n").unwrap_err().to_string();
+    assert!(err.starts_with("test.toml:2:8: unknown variant `lopback`"), "{err}");
     assert!(err.contains("did you mean `loopback`"), "{err}");
 }
 
 #[test]
 fn malformed_toml_is_located() {
-    let err = load_text("hostname = \"a\"\n[limits\n")
-        .unwrap_err()
-        .to_string();
+    let err = load_text("hostname = \"a\"\n[limits\n").unwrap_err().to_string();
     assert!(err.starts_with("test.toml:2:"), "{err}");
 }
 
@@ -79,11 +58,7 @@ fn lists_replace_or_edit_uniformly() {
     let p = load_text("extends = \"default\"\n[seccomp]\nallow_add = [\"ptrace\"]\ndeny_add = [\"@timer\"]\n[filesystem]\nread_only_remove = [\"-/opt\"]\n").unwrap();
     assert_eq!(p.seccomp.allow, vec!["@system-service", "ptrace"]);
     assert_eq!(p.seccomp.deny, vec!["@timer"]);
-    assert!(!p
-        .filesystem
-        .read_only
-        .iter()
-        .any(|b| b.src == std::path::Path::new("/opt")));
+    assert!(!p.filesystem.read_only.iter().any(|b| b.src == std::path::Path::new("/opt")));
     let p = load_text("extends = \"default\"\n[seccomp]\nallow = [\"@basic-io\"]\n").unwrap();
     assert_eq!(p.seccomp.allow, vec!["@basic-io"]);
 }
@@ -97,19 +72,11 @@ fn maps_merge_key_by_key() {
 
 #[test]
 fn secrets_refused_unless_allowed() {
-    let err = load_text("[env]\npass = [\"GITHUB_TOKEN\"]\n")
-        .unwrap_err()
-        .to_string();
-    assert!(
-        err.contains("env.pass: `GITHUB_TOKEN` looks like a credential"),
-        "{err}"
-    );
-    let err = load_text("[env]\nset = { ANTHROPIC_API_KEY = \"x\" }\n")
-        .unwrap_err()
-        .to_string();
+    let err = load_text("[env]\npass = [\"GITHUB_TOKEN\"]\n").unwrap_err().to_string();
+    assert!(err.contains("env.pass: `GITHUB_TOKEN` looks like a credential"), "{err}");
+    let err = load_text("[env]\nset = { ANTHROPIC_API_KEY = \"x\" }\n").unwrap_err().to_string();
     assert!(err.contains("env.set"), "{err}");
-    let p = load_text("[env]\npass = [\"GITHUB_TOKEN\"]\nallow_secrets = [\"GITHUB_TOKEN\"]\n")
-        .unwrap();
+    let p = load_text("[env]\npass = [\"GITHUB_TOKEN\"]\nallow_secrets = [\"GITHUB_TOKEN\"]\n").unwrap();
     assert_eq!(p.env.pass, vec!["GITHUB_TOKEN"]);
 }
 
@@ -117,16 +84,8 @@ fn secrets_refused_unless_allowed() {
 fn extends_files_relative_and_cycles() {
     let dir = std::env::temp_dir().join(format!("stockade-policy-test-{}", std::process::id()));
     std::fs::create_dir_all(dir.join("sub")).unwrap();
-    std::fs::write(
-        dir.join("base.toml"),
-        "extends = \"strict\"\nhostname = \"base\"\n",
-    )
-    .unwrap();
-    std::fs::write(
-        dir.join("sub/child.toml"),
-        "extends = \"../base.toml\"\n[limits]\npids = 7\n",
-    )
-    .unwrap();
+    std::fs::write(dir.join("base.toml"), "extends = \"strict\"\nhostname = \"base\"\n").unwrap();
+    std::fs::write(dir.join("sub/child.toml"), "extends = \"../base.toml\"\n[limits]\npids = 7\n").unwrap();
     let (p, o) = load_file(&dir.join("sub/child.toml")).unwrap();
     assert_eq!(p.hostname, "base");
     assert_eq!(p.limits.pids, Some(7));
@@ -143,40 +102,19 @@ fn extends_files_relative_and_cycles() {
 #[test]
 fn hostile_values_rejected() {
     for (text, needle) in [
-        (
-            "[filesystem]\nread_write = [\"relative/path\"]\n",
-            "must be an absolute path",
-        ),
-        (
-            "[filesystem]\nread_only = [\"/usr/../etc\"]\n",
-            "must not contain `..`",
-        ),
-        (
-            "[filesystem]\nread_only = [\"/host:/proc/x\"]\n",
-            "managed by Stockade",
-        ),
+        ("[filesystem]\nread_write = [\"relative/path\"]\n", "must be an absolute path"),
+        ("[filesystem]\nread_only = [\"/usr/../etc\"]\n", "must not contain `..`"),
+        ("[filesystem]\nread_only = [\"/host:/proc/x\"]\n", "managed by Stockade"),
         ("[filesystem]\nread_only = [\"/etc\"]\n", "generated"),
-        (
-            "[limits]\nmemory = \"12Q\"\n",
-            "limits.memory: invalid size unit",
-        ),
+        ("[limits]\nmemory = \"12Q\"\n", "limits.memory: invalid size unit"),
         ("[limits]\npids = 0\n", "limits.pids: 0 would stop"),
         ("[limits]\nmemory = -5\n", "must not be negative"),
         ("[user]\nuid = 70000\n", "user.uid"),
         ("[user]\nhost_id_base = 0\n", "host root"),
         ("hostname = \"a b\"\n", "not a valid host name"),
-        (
-            "[network]\nmode = \"none\"\nallow = [\"1.2.3.4:80\"]\n",
-            "has no effect",
-        ),
-        (
-            "[seccomp]\nsocket_families = [\"packet\"]\n",
-            "unknown family `packet`",
-        ),
-        (
-            "[capabilities]\nkeep = [\"CAP_SYS_ADMN\"]\n",
-            "unknown capability",
-        ),
+        ("[network]\nmode = \"none\"\nallow = [\"1.2.3.4:80\"]\n", "has no effect"),
+        ("[seccomp]\nsocket_families = [\"packet\"]\n", "unknown family `packet`"),
+        ("[capabilities]\nkeep = [\"CAP_SYS_ADMN\"]\n", "unknown capability"),
         ("extends = \"defualt\"\n", "did you mean `default`"),
     ] {
         let err = load_text(text).unwrap_err().to_string();
@@ -190,13 +128,6 @@ fn show_output_round_trips() {
         let (p, _) = load_builtin(name).unwrap();
         let text = toml::to_string(&p).unwrap();
         let (q, _) = load_str("shown.toml", &text, None).unwrap();
-        assert_eq!(
-            Policy {
-                source: p.source.clone(),
-                ..q
-            },
-            p,
-            "{name}"
-        );
+        assert_eq!(Policy { source: p.source.clone(), ..q }, p, "{name}");
     }
 }

@@ -1,0 +1,106 @@
+//! Helpers for tests that run real jails through the `stockade` binary.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+
+pub const STOCKADE: &str = env!("CARGO_BIN_EXE_stockade");
+/// Where tests bind the stockade binary inside jails, to run `__probe` there.
+pub const JAILED_STOCKADE: &str = "/.stockade/stockade";
+
+pub fn is_root() -> bool {
+    nix::unistd::geteuid().is_root()
+}
+
+static SEQ: AtomicU32 = AtomicU32::new(0);
+
+/// A fresh directory under the host's temp dir, removed on drop.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new(tag: &str) -> TempDir {
+        let p = std::env::temp_dir().join(format!(
+            "stockade-test-{tag}-{}-{}",
+            std::process::id(),
+            SEQ.fetch_add(1, Ordering::Relaxed)
+        ));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p).unwrap();
+        TempDir(p)
+    }
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+    /// Makes the directory owned by the jail user's host uid (root mode maps jail uid 1000 to 101000).
+    pub fn owned_by_jail_user(self) -> TempDir {
+        if is_root() {
+            std::os::unix::fs::chown(&self.0, Some(101000), Some(101000)).unwrap();
+        }
+        self
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Writes a policy that extends `base` with `extra` TOML and binds the stockade binary in.
+/// The returned TempDir holds the file and must outlive the run.
+pub fn policy(base: &str, extra: &str) -> (TempDir, PathBuf) {
+    let dir = TempDir::new("policy");
+    let path = dir.path().join("policy.toml");
+    let text = format!(
+        "extends = \"{base}\"\n{}\n[filesystem]\nread_only_add = [\"{STOCKADE}:{JAILED_STOCKADE}\"]\n",
+        extra.trim()
+    );
+    std::fs::write(&path, text).unwrap();
+    (dir, path)
+}
+
+pub struct Run {
+    pub code: i32,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl std::fmt::Debug for Run {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "exit {}\n--- stdout\n{}--- stderr\n{}", self.code, self.stdout, self.stderr)
+    }
+}
+
+pub fn to_run(o: Output) -> Run {
+    use std::os::unix::process::ExitStatusExt;
+    let code = o.status.code().unwrap_or_else(|| 128 + o.status.signal().unwrap_or(0));
+    Run { code, stdout: String::from_utf8_lossy(&o.stdout).into(), stderr: String::from_utf8_lossy(&o.stderr).into() }
+}
+
+/// `stockade run [args] -- cmd...`
+pub fn stockade_run(args: &[&str], cmd: &[&str]) -> Run {
+    let mut c = Command::new(STOCKADE);
+    c.arg("run").args(args).arg("--").args(cmd).stdin(Stdio::null());
+    to_run(c.output().unwrap())
+}
+
+/// Runs a shell snippet in a jail built from `policy_path`.
+pub fn sh(policy_path: &Path, script: &str) -> Run {
+    stockade_run(&["--policy", policy_path.to_str().unwrap()], &["/bin/sh", "-c", script])
+}
+
+pub fn probe(policy_path: &Path, names: &[&str]) -> Run {
+    let mut cmd = vec![JAILED_STOCKADE, "__probe"];
+    cmd.extend_from_slice(names);
+    stockade_run(&["--policy", policy_path.to_str().unwrap()], &cmd)
+}
+
+/// Skips (returns true) when the test needs host root and we are not root.
+pub fn needs_root() -> bool {
+    if !is_root() {
+        eprintln!("skipped: needs host root (CI runs as root)");
+        return true;
+    }
+    false
+}

@@ -1,0 +1,640 @@
+//! Real jails, no mocks: every step of the jail observably in effect, plus exit codes, signals,
+//! timeouts, teardown and hostile policies.
+
+mod common;
+use common::*;
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+// ---------- step 1: namespaces and id maps ----------
+
+#[test]
+fn namespaces_are_all_new_and_ids_map_to_an_unprivileged_range() {
+    if needs_root() {
+        return;
+    }
+    let (_d, p) = policy("default", "");
+    let r = sh(
+        &p,
+        "for n in user mnt pid ipc uts net cgroup; do echo $n $(readlink /proc/self/ns/$n); done; \
+                    cat /proc/self/uid_map /proc/self/gid_map; id -u; id -g; echo pid $$",
+    );
+    assert_eq!(r.code, 0, "{r:?}");
+    for line in r.stdout.lines().take(7) {
+        let (name, inside) = line.split_once(' ').unwrap();
+        let host = std::fs::read_link(format!("/proc/self/ns/{name}")).unwrap();
+        assert_ne!(inside, host.to_str().unwrap(), "{name} namespace shared with host");
+    }
+    let rest: Vec<&str> = r.stdout.lines().skip(7).map(str::trim).collect();
+    let squash = |s: &str| s.split_whitespace().collect::<Vec<_>>().join(" ");
+    assert_eq!(squash(rest[0]), "0 100000 65536", "uid_map");
+    assert_eq!(squash(rest[1]), "0 100000 65536", "gid_map");
+    assert_eq!(rest[2], "1000");
+    assert_eq!(rest[3], "1000");
+    assert_eq!(rest[4], "pid 2", "the command is the first child of the jail's init");
+}
+
+#[test]
+fn pid_namespace_shows_only_the_jail() {
+    let (_d, p) = policy("default", "");
+    let r = sh(&p, "ls /proc | grep -c '^[0-9]'; cat /proc/1/cmdline | tr '\\0' ' '");
+    assert_eq!(r.code, 0, "{r:?}");
+    let n: usize = r.stdout.lines().next().unwrap().parse().unwrap();
+    // init, sh, and the pipeline's ls and grep
+    assert!(n <= 4, "saw {n} processes: {r:?}");
+    assert!(r.stdout.contains("stockade"), "pid 1 is Stockade's init: {r:?}");
+}
+
+// ---------- step 2: mounts ----------
+
+#[test]
+fn root_holds_only_what_the_policy_names() {
+    let (_d, p) = policy("default", "");
+    let r = sh(
+        &p,
+        "ls -A / | tr '\\n' ' '; echo; ls -A /dev | tr '\\n' ' '; echo; cat /etc/passwd /etc/group /etc/hostname",
+    );
+    assert_eq!(r.code, 0, "{r:?}");
+    let mut lines = r.stdout.lines();
+    let root: Vec<&str> = lines.next().unwrap().split_whitespace().collect();
+    for must in ["usr", "etc", "proc", "dev", "tmp", "workspace", "mnt"] {
+        assert!(root.contains(&must), "missing /{must}: {root:?}");
+    }
+    for never in ["root", "home", "var", "sys", "boot", "run", "srv", "work"] {
+        assert!(!root.contains(&never), "/{never} visible: {root:?}");
+    }
+    let dev: Vec<&str> = lines.next().unwrap().split_whitespace().collect();
+    let mut dev_sorted = dev.clone();
+    dev_sorted.sort();
+    assert_eq!(
+        dev_sorted,
+        ["fd", "full", "null", "ptmx", "pts", "random", "shm", "stderr", "stdin", "stdout", "tty", "urandom", "zero"],
+        "only the minimal device set"
+    );
+    let rest: Vec<&str> = lines.collect();
+    assert_eq!(rest, ["agent:x:1000:1000:agent:/workspace:/bin/sh", "agent:x:1000:", "stockade"]);
+}
+
+#[test]
+fn host_secrets_are_absent_and_system_paths_read_only() {
+    let (_d, p) = policy("default", "");
+    let r = sh(
+        &p,
+        "for f in /etc/shadow /root /home /var/run/docker.sock /run; do [ -e $f ] && echo \"VISIBLE $f\"; done; \
+         for f in /usr/x /etc/x /x /bin/x /lib/x /dev/x; do if touch $f 2>/dev/null; then echo \"WROTE $f\"; fi; done; \
+         if echo c > /proc/sys/kernel/core_pattern 2>/dev/null; then echo WROTE core_pattern; fi; \
+         if [ -e /sys/kernel ]; then echo VISIBLE /sys; fi; \
+         touch /tmp/ok /workspace/ok /mnt/session/outputs/ok /dev/shm/ok && echo writable-ok; \
+         awk '$2==\"/\"{print $4}' /proc/self/mounts | cut -d, -f1",
+    );
+    assert_eq!(r.code, 0, "{r:?}");
+    assert!(!r.stdout.contains("VISIBLE") && !r.stdout.contains("WROTE"), "{r:?}");
+    assert!(r.stdout.contains("writable-ok"), "{r:?}");
+    assert!(r.stdout.trim_end().ends_with("ro"), "root mount not read-only: {r:?}");
+}
+
+#[test]
+fn setuid_bits_are_ignored_by_nosuid_mounts() {
+    let (_d, p) = policy("default", "");
+    let r = sh(&p, "grep -E ' /(usr|workspace|tmp) ' /proc/self/mounts | grep -vc nosuid");
+    assert_eq!(r.stdout.trim(), "0", "a mount without nosuid: {r:?}");
+}
+
+#[test]
+fn workspace_symlinks_to_host_paths_confer_nothing() {
+    if needs_root() {
+        return;
+    }
+    let ws = TempDir::new("ws").owned_by_jail_user();
+    std::os::unix::fs::symlink("/etc/shadow", ws.path().join("shadow")).unwrap();
+    std::os::unix::fs::symlink("../../../../../../../../etc/passwd", ws.path().join("passwd")).unwrap();
+    std::os::unix::fs::symlink("/root", ws.path().join("rootdir")).unwrap();
+    let (_d, p) = policy("default", "");
+    let r = stockade_run(
+        &["--policy", p.to_str().unwrap(), "--workspace", ws.path().to_str().unwrap()],
+        &["/bin/sh", "-c", "cat shadow; cat passwd; ls rootdir; echo done"],
+    );
+    assert!(r.stdout.contains("done"), "{r:?}");
+    assert!(!r.stdout.contains("root:"), "host /etc/passwd or /etc/shadow leaked: {r:?}");
+    assert!(r.stdout.starts_with("agent:x:1000"), "`..` resolved inside the jail's root: {r:?}");
+}
+
+#[test]
+fn workspace_writes_land_on_the_host_and_strict_makes_it_read_only() {
+    if needs_root() {
+        return;
+    }
+    let ws = TempDir::new("ws").owned_by_jail_user();
+    let out = TempDir::new("out").owned_by_jail_user();
+    let (_d, p) = policy("default", "");
+    let args = ["--workspace", ws.path().to_str().unwrap(), "--outputs", out.path().to_str().unwrap()];
+    let r = stockade_run(
+        &[&["--policy", p.to_str().unwrap()][..], &args].concat(),
+        &["/bin/sh", "-c", "printf 'a\\nb' > f.txt && echo result > /mnt/session/outputs/r.txt"],
+    );
+    assert_eq!(r.code, 0, "{r:?}");
+    assert_eq!(std::fs::read(ws.path().join("f.txt")).unwrap(), b"a\nb");
+    assert_eq!(std::fs::read(out.path().join("r.txt")).unwrap(), b"result\n");
+
+    let (_d2, strict) = policy("strict", "");
+    let r = stockade_run(
+        &[&["--policy", strict.to_str().unwrap()][..], &args].concat(),
+        &[
+            "/bin/sh",
+            "-c",
+            "cat f.txt; echo; if echo x > g.txt; then echo WROTE; fi; echo copy > /mnt/session/outputs/c.txt",
+        ],
+    );
+    assert!(r.stdout.starts_with("a\nb"), "{r:?}");
+    assert!(!r.stdout.contains("WROTE") && !ws.path().join("g.txt").exists(), "{r:?}");
+    assert_eq!(std::fs::read(out.path().join("c.txt")).unwrap(), b"copy\n");
+}
+
+#[test]
+fn proc_is_masked_and_read_only_where_it_matters() {
+    let (_d, p) = policy("default", "");
+    let r = sh(
+        &p,
+        "for f in /proc/keys /proc/timer_list /proc/kallsyms /proc/kmsg /proc/kcore; do [ -e $f ] && echo \"$f $(head -c 64 $f | wc -c)\"; done; \
+         if echo 1 > /proc/sys/vm/drop_caches 2>/dev/null; then echo WROTE; fi",
+    );
+    assert_eq!(r.code, 0, "{r:?}");
+    for line in r.stdout.lines() {
+        assert!(line.ends_with(" 0"), "unmasked: {line} ({r:?})");
+        assert!(!line.contains("WROTE"), "{r:?}");
+    }
+}
+
+// ---------- step 3: hostname and network ----------
+
+#[test]
+fn hostname_is_the_policys_and_loopback_follows_the_mode() {
+    let (_d, p) = policy("default", "hostname = \"jail-7\"");
+    let r = sh(&p, "hostname; cat /proc/sys/kernel/hostname; bash -c 'exec 3<>/dev/tcp/127.0.0.1/9' 2>&1; cat /proc/net/dev | awk 'NR>2{print $1}'");
+    assert_eq!(r.code, 0, "{r:?}");
+    let host = nix::unistd::gethostname().unwrap();
+    assert!(!r.stdout.contains(host.to_str().unwrap()) || host == "jail-7", "host name leaked: {r:?}");
+    assert!(r.stdout.starts_with("jail-7\njail-7\n"), "{r:?}");
+    assert!(r.stdout.contains("Connection refused"), "loopback mode: lo is up: {r:?}");
+    assert_eq!(r.stdout.lines().last().unwrap().trim(), "lo:", "no interface but lo: {r:?}");
+
+    let (_d2, none) = policy("default", "[network]\nmode = \"none\"");
+    let r = sh(&none, "bash -c 'exec 3<>/dev/tcp/127.0.0.1/9' 2>&1");
+    assert!(r.stdout.contains("Network is unreachable"), "none mode: lo is down: {r:?}");
+}
+
+// ---------- step 4: fds and environment ----------
+
+#[test]
+fn only_stdio_reaches_the_command() {
+    let (_d, p) = policy("default", "");
+    // The outer shell opens fds 7 and 9 that Stockade inherits; none may reach the jail.
+    let script = format!(
+        "exec 7</etc/hostname 9</etc/passwd; exec {STOCKADE} run --policy {} -- /bin/sh -c 'ls /proc/self/fd | tr \"\\n\" \" \"'",
+        p.display()
+    );
+    let r = to_run(Command::new("/bin/sh").arg("-c").arg(script).stdin(Stdio::null()).output().unwrap());
+    assert_eq!(r.code, 0, "{r:?}");
+    // 0 1 2, plus the fd `ls` itself uses to read the directory
+    assert_eq!(r.stdout.trim(), "0 1 2 3", "{r:?}");
+}
+
+#[test]
+fn planted_secrets_never_reach_the_jail() {
+    let (_d, p) = policy("default", "[env]\npass_add = [\"VISIBLE_VAR\"]");
+    let mut c = Command::new(STOCKADE);
+    c.args([
+        "run",
+        "--policy",
+        p.to_str().unwrap(),
+        "--",
+        "/bin/sh",
+        "-c",
+        "env; cat /proc/1/environ; cat /proc/1/cmdline",
+    ])
+    .env("ANTHROPIC_API_KEY", "sk-planted-org-key")
+    .env("ANTHROPIC_ENVIRONMENT_KEY", "sk-planted-env-key")
+    .env("GITHUB_TOKEN", "ghp-planted")
+    .env("AWS_SECRET_ACCESS_KEY", "aws-planted")
+    .env("VISIBLE_VAR", "passes")
+    .stdin(Stdio::null());
+    let r = to_run(c.output().unwrap());
+    assert!(!r.stdout.contains("planted") && !r.stderr.contains("planted"), "{r:?}");
+    assert!(r.stdout.contains("VISIBLE_VAR=passes"), "{r:?}");
+    assert!(r.stdout.contains("HOME=/workspace"), "{r:?}");
+    assert!(r.stderr.contains("/proc/1/environ: Permission denied"), "init's environ must be unreadable: {r:?}");
+
+    let r = stockade_run(&["--env", "MY_TOKEN=x"], &["/bin/true"]);
+    assert_eq!(r.code, 125, "{r:?}");
+    assert!(r.stderr.contains("MY_TOKEN") && r.stderr.contains("env.allow_secrets"), "{r:?}");
+}
+
+// ---------- step 5: rlimits and cgroups ----------
+
+#[test]
+fn rlimits_follow_the_policy() {
+    let (_d, p) = policy("default", "[limits]\nnofile = 321\nfsize = \"1M\"\nnproc = 77");
+    let r = sh(
+        &p,
+        "grep -E 'Max (open files|file size|processes|core file size)' /proc/self/limits | awk '{print $(NF-2)}'; \
+                    head -c 2000000 /dev/zero > /tmp/big; echo \"rc=$?\"; stat -c %s /tmp/big",
+    );
+    let v: Vec<&str> = r.stdout.lines().collect();
+    assert_eq!(&v[..4], ["1048576", "0", "77", "321"], "fsize, core, nproc, nofile: {r:?}");
+    assert_eq!(v[4], "rc=153", "SIGXFSZ (128+25) when a file outgrows fsize: {r:?}");
+    assert_eq!(v[5], "1048576", "{r:?}");
+}
+
+#[test]
+fn fork_bomb_stops_at_the_pids_limit() {
+    if needs_root() {
+        return;
+    }
+    let (_d, p) = policy("default", "[limits]\npids = 24\nnproc = 10000");
+    let r = probe(&p, &["fork-bomb"]);
+    // init and the probe itself count against the 24.
+    assert!(r.stdout.starts_with("fork-bomb stopped after 22 forks\n"), "{r:?}");
+    assert!(r.stdout.trim_end().ends_with("EAGAIN"), "{r:?}");
+}
+
+#[test]
+fn memory_hog_is_killed_inside_the_jail() {
+    if needs_root() {
+        return;
+    }
+    let (_d, p) = policy("default", "[limits]\nmemory = \"48M\"");
+    let t = Instant::now();
+    let r = sh(&p, "tail /dev/zero; echo \"tail status $?\"");
+    assert!(r.stdout.contains("tail status 137"), "OOM-killed with SIGKILL: {r:?}");
+    assert_eq!(r.code, 0, "the shell survives its child's OOM kill: {r:?}");
+    assert!(t.elapsed() < Duration::from_secs(60));
+}
+
+#[test]
+fn tmp_is_size_limited() {
+    let (_d, p) = policy("default", "[limits]\ntmp_size = \"4M\"");
+    let r = sh(&p, "head -c 8000000 /dev/zero > /tmp/fill 2>&1; echo rc=$?; stat -c %s /tmp/fill");
+    assert!(r.stdout.contains("rc=1"), "{r:?}");
+    let size: u64 = r.stdout.lines().last().unwrap().parse().unwrap();
+    assert!(size <= 4 << 20, "{r:?}");
+}
+
+#[test]
+fn cgroup_is_created_and_removed() {
+    if needs_root() {
+        return;
+    }
+    let (_d, p) = policy("default", "[limits]\npids = 99");
+    let r = sh(&p, "cat /proc/self/cgroup | grep pids");
+    assert_eq!(r.code, 0, "{r:?}");
+    // cgroup namespace: the jail's own cgroup is its root
+    assert!(r.stdout.trim().ends_with(":pids:/"), "{r:?}");
+    let leftovers = find_stockade_cgroups();
+    assert!(leftovers.iter().all(|l| !l.contains(&format!("stockade-{}-", std::process::id()))), "{leftovers:?}");
+}
+
+fn find_stockade_cgroups() -> Vec<String> {
+    let mut out = Vec::new();
+    for root in [
+        "/sys/fs/cgroup/pids",
+        "/sys/fs/cgroup/memory",
+        "/sys/fs/cgroup/cpu",
+        "/sys/fs/cgroup/unified",
+        "/sys/fs/cgroup",
+    ] {
+        let Ok(rd) = std::fs::read_dir(root) else { continue };
+        let mut stack: Vec<std::path::PathBuf> = rd.flatten().map(|e| e.path()).collect();
+        while let Some(p) = stack.pop() {
+            if !p.is_dir() {
+                continue;
+            }
+            let name = p.file_name().unwrap().to_string_lossy().to_string();
+            if name.starts_with("stockade-") && name != "stockade-supervisor" {
+                out.push(p.display().to_string());
+            }
+            if p.components().count() < 9 {
+                if let Ok(rd) = std::fs::read_dir(&p) {
+                    stack.extend(rd.flatten().map(|e| e.path()));
+                }
+            }
+        }
+    }
+    out
+}
+
+// ---------- step 6: capabilities ----------
+
+#[test]
+fn no_capabilities_and_no_new_privs_even_as_uid_0_inside() {
+    let (_d, p) = policy("default", "");
+    for uid in ["1000", "0"] {
+        let r = stockade_run(
+            &["--policy", p.to_str().unwrap(), "--uid", uid],
+            &["/bin/sh", "-c", "grep -E '^(Cap(Inh|Prm|Eff|Bnd|Amb)|NoNewPrivs):' /proc/self/status; id -u"],
+        );
+        assert_eq!(r.code, 0, "{r:?}");
+        let lines: Vec<&str> = r.stdout.lines().collect();
+        for l in &lines[..5] {
+            assert!(l.ends_with("0000000000000000"), "uid {uid}: {l}");
+        }
+        assert_eq!(lines[5].split_whitespace().last(), Some("1"), "uid {uid}: {r:?}");
+        assert_eq!(lines[6], uid);
+    }
+}
+
+// ---------- step 7: landlock ----------
+
+#[test]
+fn landlock_denies_what_the_mounts_would_allow() {
+    let (_d, p) = policy("default", "");
+    // /proc is a writable mount and /proc/self/comm belongs to the caller: only landlock stops this.
+    let r = sh(&p, "echo pwned > /proc/self/comm && echo WROTE; grep -c . /proc/self/comm");
+    assert!(!r.stdout.contains("WROTE"), "{r:?}");
+    assert!(r.stderr.contains("Permission denied"), "{r:?}");
+}
+
+#[test]
+fn landlock_hard_refuses_an_older_abi_and_best_effort_reports_the_drop() {
+    let (_d, p) = policy("default", "");
+    let r = to_run(
+        Command::new(STOCKADE)
+            .args(["run", "--policy", p.to_str().unwrap(), "--", "/bin/true"])
+            .env("STOCKADE_LANDLOCK_ABI_CAP", "3")
+            .output()
+            .unwrap(),
+    );
+    assert_eq!(r.code, 125, "{r:?}");
+    assert!(r.stderr.contains("landlock: kernel ABI 3 < required 6"), "{r:?}");
+
+    let (_d2, be) = policy("default", "[landlock]\ncompatibility = \"best_effort\"");
+    let r = to_run(
+        Command::new(STOCKADE)
+            .args([
+                "run",
+                "--report",
+                "--policy",
+                be.to_str().unwrap(),
+                "--",
+                "/bin/sh",
+                "-c",
+                "echo pwned > /proc/self/comm && echo still-confined-fs",
+            ])
+            .env("STOCKADE_LANDLOCK_ABI_CAP", "3")
+            .output()
+            .unwrap(),
+    );
+    assert!(r.stderr.contains("cannot create /proc/self/comm: Permission denied"), "{r:?}");
+    assert!(r.stderr.contains("kernel ABI 3") && r.stderr.contains("dropped: ioctl on devices (ABI 5)"), "{r:?}");
+    assert!(!r.stdout.contains("still-confined-fs"), "ABI 3 still enforces filesystem rules: {r:?}");
+}
+
+// ---------- step 8: seccomp ----------
+
+#[test]
+fn every_excluded_syscall_is_refused_with_eperm() {
+    let (_d, p) = policy("default", "");
+    let names: Vec<&str> = stockade::probe::SYSCALL_PROBES.iter().copied().filter(|n| *n != "int80-getpid").collect();
+    let r = probe(&p, &names);
+    assert_eq!(r.code, 0, "{r:?}");
+    assert_eq!(r.stdout.lines().count(), names.len(), "{r:?}");
+    for line in r.stdout.lines() {
+        let (name, result) = line.split_once(' ').unwrap();
+        let want = if name == "clone3" { "ENOSYS" } else { "EPERM" };
+        assert_eq!(result, want, "{name}: {r:?}");
+    }
+    let r = probe(&p, stockade::probe::ALLOWED_PROBES);
+    assert_eq!(r.code, 0, "{r:?}");
+    assert!(r.stdout.lines().all(|l| l.contains(" ok ")), "allowed calls must work: {r:?}");
+}
+
+#[test]
+fn kill_policy_kills_on_each_excluded_syscall() {
+    let (_d, p) = policy("default", "[seccomp]\ndefault_action = \"kill\"");
+    for name in stockade::probe::SYSCALL_PROBES {
+        if *name == "clone3" {
+            continue; // always ENOSYS, so libc falls back to clone
+        }
+        let r = probe(&p, &[name]);
+        assert_eq!(r.code, 128 + libc::SIGSYS, "{name} was not killed: {r:?}");
+    }
+    let r = probe(&p, stockade::probe::ALLOWED_PROBES);
+    assert_eq!(r.code, 0, "{r:?}");
+}
+
+#[test]
+fn foreign_abis_are_refused() {
+    let (_d, p) = policy("default", "");
+    let r = probe(&p, &["x32-getpid"]);
+    assert_eq!(r.stdout.trim(), "x32-getpid EPERM", "{r:?}");
+    let r = probe(&p, &["int80-getpid"]);
+    assert_eq!(r.code, 128 + libc::SIGSYS, "int 0x80 must die on the arch check: {r:?}");
+}
+
+// ---------- step 9: init, exit codes, signals, teardown ----------
+
+#[test]
+fn exit_codes_and_signals_propagate() {
+    assert_eq!(stockade_run(&[], &["/bin/sh", "-c", "exit 42"]).code, 42);
+    assert_eq!(stockade_run(&[], &["/bin/true"]).code, 0);
+    assert_eq!(stockade_run(&[], &["/bin/sh", "-c", "kill -KILL $$"]).code, 137);
+    assert_eq!(stockade_run(&[], &["/bin/sh", "-c", "kill -TERM $$"]).code, 143);
+    let r = stockade_run(&[], &["no-such-command"]);
+    assert_eq!(r.code, 127, "{r:?}");
+    assert!(r.stderr.contains("exec: no-such-command: command not found"), "{r:?}");
+    let r = stockade_run(&[], &["/etc/passwd"]);
+    assert_eq!(r.code, 126, "{r:?}");
+}
+
+#[test]
+fn stdio_passes_through() {
+    use std::io::Write;
+    let mut child = Command::new(STOCKADE)
+        .args(["run", "--", "/bin/sh", "-c", "tr a-z A-Z; echo err >&2"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(b"hello jail\n").unwrap();
+    let r = to_run(child.wait_with_output().unwrap());
+    assert_eq!(r.stdout, "HELLO JAIL\n");
+    assert_eq!(r.stderr, "err\n");
+}
+
+fn host_processes_matching(marker: &str) -> Vec<String> {
+    let mut v = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        if let Ok(cmd) = std::fs::read(e.path().join("cmdline")) {
+            let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+            if cmd.contains(marker) && !cmd.contains("stockade") && !cmd.contains("/bin/sh -c") {
+                v.push(format!("{} {cmd}", e.file_name().to_string_lossy()));
+            }
+        }
+    }
+    v
+}
+
+#[test]
+fn timeout_kills_everything_including_daemons() {
+    let marker = format!("{}.{}", 4000 + std::process::id() % 1000, std::process::id());
+    let before = std::fs::read_to_string("/proc/self/mountinfo").unwrap().lines().count();
+    let t = Instant::now();
+    let r = stockade_run(
+        &["--timeout", "1s"],
+        &[
+            "/bin/sh",
+            "-c",
+            &format!(
+                "sleep {marker} & (setsid sleep {marker} &) ; nohup sleep {marker} >/dev/null 2>&1 & sleep {marker}"
+            ),
+        ],
+    );
+    assert_eq!(r.code, 124, "{r:?}");
+    assert!(t.elapsed() < Duration::from_secs(10), "{:?}", t.elapsed());
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(host_processes_matching(&format!("sleep {marker}")), Vec::<String>::new());
+    let after = std::fs::read_to_string("/proc/self/mountinfo").unwrap().lines().count();
+    assert_eq!(before, after, "host mount table changed");
+}
+
+#[test]
+fn killing_stockade_kills_the_jail() {
+    let marker = format!("{}.{}", 5000 + std::process::id() % 1000, std::process::id());
+    let mut child = Command::new(STOCKADE)
+        .args(["run", "--", "/bin/sh", "-c", &format!("(setsid sleep {marker} &); sleep {marker}")])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while host_processes_matching(&format!("sleep {marker}")).len() < 2 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(host_processes_matching(&format!("sleep {marker}")).len(), 2, "jail did not start");
+    child.kill().unwrap(); // SIGKILL: no cleanup code runs in Stockade
+    child.wait().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !host_processes_matching(&format!("sleep {marker}")).is_empty() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(host_processes_matching(&format!("sleep {marker}")), Vec::<String>::new());
+}
+
+#[test]
+fn sigterm_to_stockade_is_forwarded_then_enforced() {
+    let mut child = Command::new(STOCKADE)
+        .args([
+            "run",
+            "--",
+            "/bin/sh",
+            "-c",
+            "trap 'echo got-term; exit 3' TERM; echo ready; while :; do sleep 0.05; done",
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = child.stdout.take().unwrap();
+    let mut buf = [0u8; 6];
+    std::io::Read::read_exact(&mut out, &mut buf).unwrap();
+    assert_eq!(&buf, b"ready\n");
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGTERM).unwrap();
+    let status = child.wait().unwrap();
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut out, &mut rest).unwrap();
+    assert_eq!(rest, "got-term\n");
+    assert_eq!(status.code(), Some(3));
+}
+
+// ---------- policies ----------
+
+#[test]
+fn malformed_and_hostile_policies_fail_with_located_errors() {
+    let d = TempDir::new("bad");
+    for (text, needle) in [
+        ("[limits]\nmemroy = \"1G\"\n", "policy.toml:2:1: unknown field `memroy`"),
+        ("[seccomp]\nallow = [\"@sytem-service\"]\n", "did you mean `@system-service`"),
+        ("[filesystem]\nread_only = [\"/nonexistent-stockade-path\"]\n", "mounts: /nonexistent-stockade-path"),
+        (
+            "[filesystem]\nread_write = [\"/:/host\"]\n[landlock]\ncompatibility = \"strict\"\n",
+            "unknown variant `strict`",
+        ),
+    ] {
+        let p = d.path().join("policy.toml");
+        std::fs::write(&p, text).unwrap();
+        let r = stockade_run(&["--policy", p.to_str().unwrap()], &["/bin/true"]);
+        assert_eq!(r.code, 125, "{text:?}: {r:?}");
+        assert!(r.stderr.contains(needle), "{text:?}: {r:?}");
+        assert_eq!(r.stderr.lines().count(), 1, "one-line error: {r:?}");
+    }
+}
+
+#[test]
+fn policy_show_resolves_extends() {
+    let (_d, p) = policy("strict", "hostname = \"shown\"");
+    let o = Command::new(STOCKADE).args(["policy", "show", p.to_str().unwrap()]).output().unwrap();
+    let s = String::from_utf8(o.stdout).unwrap();
+    assert!(o.status.success());
+    assert!(
+        s.contains("hostname = \"shown\"")
+            && s.contains("default_action = \"kill\"")
+            && s.contains("memory = \"512M\""),
+        "{s}"
+    );
+}
+
+// ---------- rootless ----------
+
+#[test]
+fn rootless_jail_as_an_unprivileged_user() {
+    if needs_root() {
+        return;
+    }
+    use std::os::unix::process::CommandExt;
+    let (_d, p) = policy("default", "[limits]\nenforcement = \"best_effort\"\n[network]\nmode = \"none\"");
+    let p_str = p.to_str().unwrap().to_owned();
+    let perms = std::os::unix::fs::PermissionsExt::from_mode(0o755);
+    std::fs::set_permissions(p.parent().unwrap(), perms).unwrap();
+    let r = to_run(
+        Command::new(STOCKADE)
+            .args([
+                "run",
+                "--report",
+                "--policy",
+                &p_str,
+                "--",
+                "/bin/sh",
+                "-c",
+                "id -u; cat /proc/self/uid_map; grep CapEff /proc/self/status; touch /workspace/x && echo ws-ok",
+            ])
+            .uid(65534)
+            .gid(65534)
+            .env_clear()
+            .stdin(Stdio::null())
+            .output()
+            .unwrap(),
+    );
+    assert_eq!(r.code, 0, "{r:?}");
+    let lines: Vec<&str> = r.stdout.lines().collect();
+    assert_eq!(lines[0], "1000");
+    assert_eq!(lines[1].split_whitespace().collect::<Vec<_>>(), ["1000", "65534", "1"]);
+    assert!(lines[2].ends_with("0000000000000000"));
+    assert_eq!(lines[3], "ws-ok");
+    assert!(r.stderr.contains("NOT applied"), "best_effort reports the skipped cgroup limits: {r:?}");
+
+    // With the default (hard) enforcement, missing cgroup delegation is a refusal, not a silent run.
+    let (_d2, hard) = policy("default", "[network]\nmode = \"none\"");
+    std::fs::set_permissions(hard.parent().unwrap(), std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let r = to_run(
+        Command::new(STOCKADE)
+            .args(["run", "--policy", hard.to_str().unwrap(), "--", "/bin/true"])
+            .uid(65534)
+            .gid(65534)
+            .env_clear()
+            .output()
+            .unwrap(),
+    );
+    assert_eq!(r.code, 125, "{r:?}");
+    assert!(r.stderr.starts_with("stockade: cgroups:") && r.stderr.contains("best_effort"), "{r:?}");
+}
