@@ -20,7 +20,7 @@ use super::error::{JailError, Step, StepExt};
 use super::mounts::{self, MountPlan};
 use super::namespaces::IdMapping;
 use super::seccomp::Filters;
-use super::sync::{send_failure, wait_go, SyncPipes};
+use super::sync::{send_failure, wait_for, SyncPipes, CGROUP_READY, GO};
 use super::{caps, landlock, netif, rlimits, uts, EXIT_NOT_EXECUTABLE, EXIT_NOT_FOUND, EXIT_SETUP_FAILED};
 use crate::policy::{NetMode, Policy};
 
@@ -73,7 +73,7 @@ fn close_raw(fd: i32) {
 fn setup(ctx: &ChildCtx) -> Result<Pid, JailError> {
     // SAFETY: prctl(PR_SET_PDEATHSIG) takes integer arguments only.
     unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong, 0, 0, 0) };
-    if !wait_go(&ctx.pipes.go_read) {
+    if !wait_for(&ctx.pipes.go_read, GO) {
         // The supervisor is gone before the maps were written: leave quietly.
         // SAFETY: see child_main.
         unsafe { libc::_exit(EXIT_SETUP_FAILED) };
@@ -85,14 +85,19 @@ fn setup(ctx: &ChildCtx) -> Result<Pid, JailError> {
         setresuid(Uid::from_raw(uid), Uid::from_raw(uid), Uid::from_raw(uid))
             .step(Step::IdMap, || "become setup uid".into())?;
     }
-    nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWCGROUP)
-        .step(Step::Namespaces, || "unshare cgroup namespace".into())?;
     mounts::build_root(&ctx.plan)?;
     uts::set_names(&p.hostname)?;
     if p.network.mode == NetMode::Loopback {
         netif::loopback_up()?;
     }
     rlimits::apply(&p.limits)?;
+    if !wait_for(&ctx.pipes.go_read, CGROUP_READY) {
+        // SAFETY: see child_main.
+        unsafe { libc::_exit(EXIT_SETUP_FAILED) };
+    }
+    // Now that we are in the jail's cgroup, make it the root of our cgroup view.
+    nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWCGROUP)
+        .step(Step::Namespaces, || "unshare cgroup namespace".into())?;
     let root_mode = ctx.ids.setup_ids().is_some();
     caps::drop_to(p.user.uid, p.user.gid, &p.capabilities.keep, root_mode)?;
     landlock::apply(p)?;

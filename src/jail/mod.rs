@@ -18,6 +18,7 @@
 //! | 8 seccomp | `seccomp` |
 //! | 9 exec, PID 1 | `init` |
 
+pub mod bpf;
 pub mod caps;
 pub mod cgroups;
 pub mod check;
@@ -116,6 +117,7 @@ static JAIL_SEQ: AtomicU32 = AtomicU32::new(0);
 /// Builds the jail, runs the command to completion and tears everything down.
 pub fn run(spec: &JailSpec) -> Result<Outcome, JailError> {
     let p = &spec.policy;
+    let t0 = Instant::now();
     let mut report = Report::default();
 
     // ---- preflight: refuse before creating anything ----
@@ -163,7 +165,9 @@ pub fn run(spec: &JailSpec) -> Result<Outcome, JailError> {
 
     // ---- cgroup ----
     let name = format!("stockade-{}-{}", std::process::id(), JAIL_SEQ.fetch_add(1, Ordering::Relaxed));
+    let t_pre = t0.elapsed();
     let (mut cgroup, cg_report) = JailCgroup::create(&name, &p.limits)?;
+    let t_cg = t0.elapsed();
     report.cgroup = cg_report;
 
     let pipes = sync::SyncPipes::new().map_err(|e| JailError::new(Step::Preflight, format!("pipe: {e}")))?;
@@ -205,27 +209,46 @@ pub fn run(spec: &JailSpec) -> Result<Outcome, JailError> {
             e
         };
         ids.write(child).map_err(kill_child)?;
+        let release = |what: u8| {
+            sync::send(&go_write, what).map_err(|e| JailError::new(Step::Supervise, format!("signal jail: {e}")))
+        };
+        release(sync::GO).map_err(kill_child)?;
         if let Some(cg) = &cgroup {
             cg.add(child.as_raw()).map_err(kill_child)?;
         }
-        sync::send_go(&go_write)
-            .map_err(|e| kill_child(JailError::new(Step::Supervise, format!("release jail: {e}"))))?;
+        if let Err(e) = release(sync::CGROUP_READY) {
+            // The jail ended before it was released; its own report says why.
+            let _ = waitpid(child, None);
+            return Err(sync::read_report(&report_read).unwrap_or(e));
+        }
         // `go_write` stays open until the jail ends: the jail checks it for a hang-up to learn
         // whether this supervisor is still alive (see init::arm_parent_death_signal).
+        let t_released = t0.elapsed();
         if let Some(err) = sync::read_report(&report_read) {
             let _ = waitpid(child, None);
             return Err(err);
         }
         let deadline = spec.timeout.or(p.limits.timeout.map(|d| d.0)).map(|t| Instant::now() + t);
+        let t_exec = t0.elapsed();
         let status = supervise(child, deadline);
+        tracing::debug!(
+            preflight_us = t_pre.as_micros() as u64,
+            cgroup_us = (t_cg - t_pre).as_micros() as u64,
+            clone_to_release_us = (t_released - t_cg).as_micros() as u64,
+            jail_setup_us = (t_exec - t_released).as_micros() as u64,
+            command_us = (t0.elapsed() - t_exec).as_micros() as u64,
+            "jail timings"
+        );
         drop(go_write);
         status
     })();
 
     let _ = nix::sys::signal::sigprocmask(SigmaskHow::SIG_SETMASK, Some(&old_mask), None);
+    let t_cleanup = Instant::now();
     if let Some(cg) = cgroup.as_mut() {
         cg.remove();
     }
+    tracing::debug!(cleanup_us = t_cleanup.elapsed().as_micros() as u64, "jail torn down");
     result.map(|status| Outcome { status, report })
 }
 

@@ -1,19 +1,19 @@
 //! Step 8: the seccomp allowlist.
 //!
-//! Two filters are installed; the kernel runs both and the most restrictive answer wins.
-//! * The allowlist, compiled by seccompiler from the policy's groups. Its architecture check
-//!   kills any call made through a foreign ABI (`int 0x80` arrives as AUDIT_ARCH_I386).
-//! * A four-instruction prelude that refuses x32 calls (same arch value, syscall numbers with
-//!   bit 30 set) even under `default_action = "log"`, and answers clone3 with ENOSYS: clone3's
-//!   flags live in memory that seccomp cannot inspect, and ENOSYS makes libc fall back to clone,
-//!   whose flags the allowlist does check.
+//! One filter, in this order:
+//! * an architecture check that kills any call made through a foreign ABI (`int 0x80` arrives
+//!   as AUDIT_ARCH_I386);
+//! * a refusal of x32 calls (same arch value, syscall numbers with bit 30 set), even under
+//!   `default_action = "log"`;
+//! * the allowlist from the policy's groups, dispatched by a binary search (`bpf`), with the
+//!   argument conditions compiled by seccompiler;
+//! * clone3 answers ENOSYS: its flags live in memory that seccomp cannot inspect, and ENOSYS
+//!   makes libc fall back to clone, whose flags the filter does check.
 
-use seccompiler::{
-    sock_filter, BpfProgram, SeccompAction as Action, SeccompCmpArgLen as Len, SeccompCmpOp as Op,
-    SeccompCondition as Cond, SeccompFilter, SeccompRule, TargetArch,
-};
+use seccompiler::{BpfProgram, SeccompCmpArgLen as Len, SeccompCmpOp as Op, SeccompCondition as Cond, SeccompRule};
 use std::collections::{BTreeMap, BTreeSet};
 
+use super::bpf::{self, Verdict};
 use super::error::{JailError, Step};
 use crate::policy::syscalls::{self, ArgCond};
 use crate::policy::{Seccomp, SeccompAction, SOCKET_FAMILIES};
@@ -25,23 +25,23 @@ const CLONE_NAMESPACE_FLAGS: u64 = (libc::CLONE_NEWNS
     | libc::CLONE_NEWUSER
     | libc::CLONE_NEWPID
     | libc::CLONE_NEWNET) as u64;
-const X32_SYSCALL_BIT: u32 = 0x4000_0000;
 const PER_LINUX: u64 = 0;
 const READ_IMPLIES_EXEC: u64 = 0x0040_0000;
 const PERSONALITY_QUERY: u64 = 0xffff_ffff;
 const NETLINK_ROUTE: u64 = 0;
 
 pub struct Filters {
-    pub allowlist: BpfProgram,
-    pub prelude: BpfProgram,
+    pub program: BpfProgram,
     /// Syscall names the allowlist admits (some under argument conditions).
     pub allowed: BTreeMap<&'static str, Option<BTreeSet<ArgCond>>>,
 }
 
 #[cfg(target_arch = "x86_64")]
-const ARCH: (TargetArch, u32) = (TargetArch::x86_64, 0xC000_003E /* AUDIT_ARCH_X86_64 */);
+const ARCH: (seccompiler::TargetArch, u32) =
+    (seccompiler::TargetArch::x86_64, 0xC000_003E /* AUDIT_ARCH_X86_64 */);
 #[cfg(target_arch = "aarch64")]
-const ARCH: (TargetArch, u32) = (TargetArch::aarch64, 0xC000_00B7 /* AUDIT_ARCH_AARCH64 */);
+const ARCH: (seccompiler::TargetArch, u32) =
+    (seccompiler::TargetArch::aarch64, 0xC000_00B7 /* AUDIT_ARCH_AARCH64 */);
 
 /// Which syscalls a policy admits, and under which conditions (`None` = unconditionally).
 pub fn allowed_set(p: &Seccomp) -> Result<BTreeMap<&'static str, Option<BTreeSet<ArgCond>>>, JailError> {
@@ -93,35 +93,41 @@ pub fn compile(p: &Seccomp) -> Result<Filters, JailError> {
         .filter_map(|f| SOCKET_FAMILIES.iter().find(|(n, _)| n == f).map(|(_, v)| *v))
         .collect();
 
-    let mut rules: BTreeMap<i64, Vec<SeccompRule>> = BTreeMap::new();
+    let mut dispatch: BTreeMap<u32, Verdict> = BTreeMap::new();
     for (name, conds) in &allowed {
         let nr =
             syscalls::number(name).ok_or_else(|| JailError::new(Step::Seccomp, format!("unknown syscall {name}")))?;
-        let list = match conds {
-            None => Vec::new(),
+        let verdict = match conds {
+            None if *name == "clone3" => Verdict::Return(libc::SECCOMP_RET_ERRNO | libc::ENOSYS as u32),
+            None => Verdict::Allow,
             Some(set) => {
                 let mut v = Vec::new();
                 for c in set {
-                    v.extend(rules_for(*c, name, &families).map_err(|e| err(name, &e))?);
+                    for rule in rules_for(*c, name, &families).map_err(|e| err(name, &e))? {
+                        v.push(BpfProgram::from(rule));
+                    }
                 }
-                v
+                Verdict::Rules(v)
             }
         };
-        rules.insert(nr, list);
+        dispatch.insert(nr as u32, verdict);
     }
-    let mismatch = match p.default_action {
-        SeccompAction::Errno => Action::Errno(libc::EPERM as u32),
-        SeccompAction::Kill => Action::KillProcess,
-        SeccompAction::Log => Action::Log,
+    let default = match p.default_action {
+        SeccompAction::Errno => libc::SECCOMP_RET_ERRNO | libc::EPERM as u32,
+        SeccompAction::Kill => libc::SECCOMP_RET_KILL_PROCESS,
+        SeccompAction::Log => libc::SECCOMP_RET_LOG,
     };
-    let filter = SeccompFilter::new(rules, mismatch, Action::Allow, ARCH.0).map_err(|e| err("build filter", &e))?;
-    let allowlist: BpfProgram = filter.try_into().map_err(|e: seccompiler::BackendError| err("compile filter", &e))?;
+    // x32 calls reach a different syscall table: refused even when the default only logs.
     let x32 = if p.default_action == SeccompAction::Kill {
         libc::SECCOMP_RET_KILL_PROCESS
     } else {
         libc::SECCOMP_RET_ERRNO | libc::EPERM as u32
     };
-    Ok(Filters { allowlist, prelude: prelude(x32), allowed })
+    let program = bpf::build(ARCH.1, x32, default, &dispatch);
+    if program.len() >= 4096 {
+        return Err(JailError::new(Step::Seccomp, format!("filter has {} instructions (limit 4096)", program.len())));
+    }
+    Ok(Filters { program, allowed })
 }
 
 fn cond(arg: u8, len: Len, op: Op, v: u64) -> Result<Cond, seccompiler::BackendError> {
@@ -168,38 +174,9 @@ fn rules_for(c: ArgCond, name: &str, families: &[u64]) -> Result<Vec<SeccompRule
     })
 }
 
-fn stmt(code: u16, k: u32) -> sock_filter {
-    sock_filter { code, jt: 0, jf: 0, k }
-}
-fn jump(code: u16, k: u32, jt: u8, jf: u8) -> sock_filter {
-    sock_filter { code, jt, jf, k }
-}
-
-/// arch check, x32 rejection, clone3 → ENOSYS, otherwise allow (the allowlist decides).
-fn prelude(x32_action: u32) -> BpfProgram {
-    const LD_W_ABS: u16 = (libc::BPF_LD | libc::BPF_W | libc::BPF_ABS) as u16;
-    const JEQ: u16 = (libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K) as u16;
-    const JGE: u16 = (libc::BPF_JMP | libc::BPF_JGE | libc::BPF_K) as u16;
-    const RET: u16 = (libc::BPF_RET | libc::BPF_K) as u16;
-    let clone3 = syscalls::number("clone3").unwrap_or(435) as u32;
-    vec![
-        stmt(LD_W_ABS, 4), // seccomp_data.arch
-        jump(JEQ, ARCH.1, 1, 0),
-        stmt(RET, libc::SECCOMP_RET_KILL_PROCESS),
-        stmt(LD_W_ABS, 0), // seccomp_data.nr
-        jump(JGE, X32_SYSCALL_BIT, 0, 1),
-        stmt(RET, x32_action),
-        jump(JEQ, clone3, 0, 1),
-        stmt(RET, libc::SECCOMP_RET_ERRNO | libc::ENOSYS as u32),
-        stmt(RET, libc::SECCOMP_RET_ALLOW),
-    ]
-}
-
-/// Installs both filters on the calling thread. no_new_privs must already be set.
+/// Installs the filter on the calling thread. no_new_privs must already be set.
 pub fn install(f: &Filters) -> Result<(), JailError> {
-    seccompiler::apply_filter(&f.allowlist)
-        .map_err(|e| JailError::new(Step::Seccomp, format!("install allowlist: {e}")))?;
-    seccompiler::apply_filter(&f.prelude).map_err(|e| JailError::new(Step::Seccomp, format!("install prelude: {e}")))
+    seccompiler::apply_filter(&f.program).map_err(|e| JailError::new(Step::Seccomp, format!("install filter: {e}")))
 }
 
 #[cfg(test)]
@@ -211,7 +188,8 @@ mod tests {
     fn default_policy_compiles_within_bpf_limits() {
         let (p, _) = load_builtin("default").unwrap();
         let f = compile(&p.seccomp).unwrap();
-        assert!(f.allowlist.len() < 4096, "{} instructions", f.allowlist.len());
+        // A fraction of seccompiler's linear layout (~1,600 instructions for this policy).
+        assert!(f.program.len() < 1200, "{} instructions", f.program.len());
         assert!(f.allowed.contains_key("read"));
         assert_eq!(f.allowed["clone"], Some(BTreeSet::from([ArgCond::NoNamespaceFlags])));
         for banned in [
@@ -241,5 +219,122 @@ mod tests {
         assert_eq!(set["clone"], None);
         assert_eq!(set["unshare"], None);
         assert!(!set.contains_key("setns"));
+    }
+
+    /// seccompiler's own linear layout of the same allowlist plus the old two-filter prelude,
+    /// combined with the kernel's precedence rule: the filter installed last is evaluated first
+    /// and keeps its answer unless the other's action is more restrictive.
+    fn reference_linear(p: &Seccomp) -> BpfProgram {
+        use seccompiler::{SeccompAction as A, SeccompFilter};
+        let allowed = allowed_set(p).unwrap();
+        let families: Vec<u64> = p
+            .socket_families
+            .iter()
+            .filter_map(|f| SOCKET_FAMILIES.iter().find(|(n, _)| n == f).map(|(_, v)| *v))
+            .collect();
+        let mut rules = BTreeMap::new();
+        for (name, conds) in &allowed {
+            let list = match conds {
+                None => Vec::new(),
+                Some(set) => set.iter().flat_map(|c| rules_for(*c, name, &families).unwrap()).collect(),
+            };
+            rules.insert(syscalls::number(name).unwrap(), list);
+        }
+        let mismatch = match p.default_action {
+            SeccompAction::Errno => A::Errno(libc::EPERM as u32),
+            SeccompAction::Kill => A::KillProcess,
+            SeccompAction::Log => A::Log,
+        };
+        SeccompFilter::new(rules, mismatch, A::Allow, ARCH.0).unwrap().try_into().unwrap()
+    }
+
+    fn reference(p: &Seccomp, linear: &[seccompiler::sock_filter], nr: u32, arch: u32, args: [u64; 6]) -> u32 {
+        let x32 = if p.default_action == SeccompAction::Kill {
+            libc::SECCOMP_RET_KILL_PROCESS
+        } else {
+            libc::SECCOMP_RET_ERRNO | libc::EPERM as u32
+        };
+        let first = if arch != ARCH.1 {
+            libc::SECCOMP_RET_KILL_PROCESS
+        } else if nr >= 0x4000_0000 {
+            x32
+        } else if nr == syscalls::number("clone3").unwrap() as u32 {
+            libc::SECCOMP_RET_ERRNO | libc::ENOSYS as u32
+        } else {
+            libc::SECCOMP_RET_ALLOW
+        };
+        let second = bpf::run(linear, nr, arch, args);
+        let action = |r: u32| (r & libc::SECCOMP_RET_ACTION_FULL) as i32;
+        if action(second) < action(first) {
+            second
+        } else {
+            first
+        }
+    }
+
+    #[test]
+    fn tree_layout_matches_seccompilers_linear_filter_for_every_syscall() {
+        let mut policies = Vec::new();
+        for name in ["default", "strict", "ci"] {
+            policies.push(load_builtin(name).unwrap().0.seccomp);
+        }
+        let (mut p, _) = load_builtin("default").unwrap();
+        p.seccomp.allow = vec!["@basic-io".into(), "@namespaces".into(), "ptrace".into()];
+        p.seccomp.default_action = SeccompAction::Log;
+        p.seccomp.socket_families.push("netlink".into());
+        policies.push(p.seccomp);
+
+        let args_samples: Vec<[u64; 6]> = {
+            let interesting = [
+                0u64,
+                libc::SIGCHLD as u64,
+                (libc::CLONE_NEWUSER | libc::SIGCHLD) as u64,
+                (libc::CLONE_VM | libc::CLONE_THREAD) as u64,
+                libc::CLONE_NEWNET as u64 | (1 << 40),
+                libc::TIOCSTI as u64,
+                libc::TIOCLINUX as u64,
+                libc::TCGETS as u64,
+                libc::TIOCSTI as u64 | (1 << 32),
+                libc::AF_INET as u64,
+                libc::AF_PACKET as u64,
+                libc::AF_NETLINK as u64,
+                libc::SOCK_RAW as u64,
+                (libc::SOCK_STREAM | libc::SOCK_CLOEXEC) as u64,
+                (libc::S_IFCHR | 0o600) as u64,
+                (libc::S_IFIFO | 0o600) as u64,
+                0x0040_0000,
+                0xffff_ffff,
+                u64::MAX,
+            ];
+            let mut v = Vec::new();
+            for a in interesting {
+                for b in interesting {
+                    v.push([a, b, a, 0, 0, 0]);
+                    v.push([a, a, b, 0, 0, 0]);
+                }
+            }
+            v
+        };
+        for sc in &policies {
+            let program = compile(sc).unwrap().program;
+            let linear = reference_linear(sc);
+            for nr in (0..520u32).chain([0x4000_0000 + 39, 0x4000_0000 + 16, u32::MAX]) {
+                let conditional = matches!(
+                    syscalls::native_table().iter().find(|(_, n)| *n == nr as i64).map(|(n, _)| *n),
+                    Some("clone" | "ioctl" | "socket" | "socketpair" | "personality" | "mknod" | "mknodat")
+                );
+                let samples: &[[u64; 6]] = if conditional { &args_samples } else { &args_samples[..3] };
+                for args in samples {
+                    for arch in [ARCH.1, 0x4000_0003 /* AUDIT_ARCH_I386 */] {
+                        assert_eq!(
+                            bpf::run(&program, nr, arch, *args),
+                            reference(sc, &linear, nr, arch, *args),
+                            "nr {nr} arch {arch:#x} args {args:x?} policy {:?}",
+                            sc.allow
+                        );
+                    }
+                }
+            }
+        }
     }
 }

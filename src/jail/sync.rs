@@ -1,7 +1,9 @@
 //! The two pipes between the host-side supervisor and the jail.
 //!
-//! * `go`: the supervisor writes one byte once uid/gid maps and the cgroup are in place; the jail
-//!   blocks on it, and treats EOF (the supervisor died) as the order to exit.
+//! * `go`: the supervisor writes `G` once the uid/gid maps are written, and `C` once the jail is
+//!   in its cgroup. The jail builds its filesystem between the two — attaching to a cgroup can
+//!   cost an RCU grace period, which this overlaps with useful work — and waits for `C` before it
+//!   drops privileges or forks anything. EOF (the supervisor died) is the order to exit.
 //! * `report`: the jail writes at most one failure record; every copy of the write end is
 //!   close-on-exec, so EOF with no record means the command was exec'd.
 
@@ -26,17 +28,20 @@ impl SyncPipes {
     }
 }
 
-/// Supervisor side: release the jail.
-pub fn send_go(fd: &OwnedFd) -> nix::Result<()> {
-    write(fd.as_fd(), b"G").map(|_| ())
+pub const GO: u8 = b'G';
+pub const CGROUP_READY: u8 = b'C';
+
+/// Supervisor side: release the jail (`GO`) or tell it that it is in its cgroup (`CGROUP_READY`).
+pub fn send(fd: &OwnedFd, what: u8) -> nix::Result<()> {
+    write(fd.as_fd(), &[what]).map(|_| ())
 }
 
-/// Jail side: wait for the supervisor. Returns false when the supervisor went away.
-pub fn wait_go(fd: &OwnedFd) -> bool {
+/// Jail side: wait for `what`. Returns false when the supervisor went away.
+pub fn wait_for(fd: &OwnedFd, what: u8) -> bool {
     let mut b = [0u8; 1];
     loop {
         match read(fd.as_fd(), &mut b) {
-            Ok(1) => return b[0] == b'G',
+            Ok(1) => return b[0] == what,
             Ok(_) => return false,
             Err(nix::errno::Errno::EINTR) => continue,
             Err(_) => return false,
