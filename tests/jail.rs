@@ -638,3 +638,44 @@ fn rootless_jail_as_an_unprivileged_user() {
     assert_eq!(r.code, 125, "{r:?}");
     assert!(r.stderr.starts_with("stockade: cgroups:") && r.stderr.contains("best_effort"), "{r:?}");
 }
+
+// ---------- rootfs ----------
+
+#[test]
+fn rootfs_replaces_the_hosts_system_directories() {
+    if needs_root() {
+        return;
+    }
+    // A tiny tool image: dash and the libraries it links, nothing else.
+    let root = TempDir::new("rootfs");
+    let r = root.path();
+    for (from, to) in [
+        ("/bin/dash", "usr/bin/sh"),
+        ("/lib/x86_64-linux-gnu/libc.so.6", "usr/lib/x86_64-linux-gnu/libc.so.6"),
+        ("/lib64/ld-linux-x86-64.so.2", "usr/lib64/ld-linux-x86-64.so.2"),
+    ] {
+        std::fs::create_dir_all(r.join(to).parent().unwrap()).unwrap();
+        std::fs::copy(from, r.join(to)).unwrap();
+    }
+    for (link, target) in [("bin", "usr/bin"), ("lib", "usr/lib"), ("lib64", "usr/lib64")] {
+        std::os::unix::fs::symlink(target, r.join(link)).unwrap();
+    }
+    std::fs::create_dir_all(r.join("etc")).unwrap();
+    std::fs::write(r.join("etc/image-release"), "tiny 1\n").unwrap();
+    let d = TempDir::new("policy");
+    let p = d.path().join("rootfs.toml");
+    std::fs::write(
+        &p,
+        format!(
+            "extends = \"default\"\n[filesystem]\nrootfs = \"{}\"\nread_only = [\"/usr\", \"-/bin\", \"-/lib\", \"-/lib64\", \"-/opt\"]\netc = [\"/etc/image-release\"]\n",
+            r.display()
+        ),
+    )
+    .unwrap();
+    let out = stockade_run(
+        &["--policy", p.to_str().unwrap()],
+        &["/bin/sh", "-c", "echo /usr/bin/*; read l < /etc/image-release; echo $l; [ -e /opt ] || echo no-opt"],
+    );
+    assert_eq!(out.code, 0, "{out:?}");
+    assert_eq!(out.stdout, "/usr/bin/sh\ntiny 1\nno-opt\n", "only the image's files: {out:?}");
+}
