@@ -679,3 +679,31 @@ fn rootfs_replaces_the_hosts_system_directories() {
     assert_eq!(out.code, 0, "{out:?}");
     assert_eq!(out.stdout, "/usr/bin/sh\ntiny 1\nno-opt\n", "only the image's files: {out:?}");
 }
+
+#[test]
+fn landlock_tcp_rules_admit_only_listed_ports() {
+    let (_d, p) = policy("default", "[landlock]\ntcp_connect = [9]\ntcp_bind = []");
+    let r = sh(
+        &p,
+        "bash -c 'exec 3<>/dev/tcp/127.0.0.1/9' 2>&1; bash -c 'exec 3<>/dev/tcp/127.0.0.1/10' 2>&1; \
+         python3 -c 'import socket; socket.socket().bind((\"127.0.0.1\", 8080))' 2>&1 | tail -1",
+    );
+    assert!(
+        r.stdout.contains("/dev/tcp/127.0.0.1/9: Connection refused"),
+        "port 9 is allowed (nothing listens): {r:?}"
+    );
+    assert!(r.stdout.contains("/dev/tcp/127.0.0.1/10: Permission denied"), "port 10 is refused by landlock: {r:?}");
+    assert!(r.stdout.contains("PermissionError"), "bind refused: {r:?}");
+}
+
+#[test]
+fn sys_read_only_is_masked_and_unwritable() {
+    let (_d, p) = policy("default", "[filesystem]\nsys = \"read_only\"");
+    let r = sh(
+        &p,
+        "find /sys/kernel/security /sys/firmware -mindepth 1 | wc -l; ls /sys/class >/dev/null && echo class-ok; \
+                    if echo 1 > /sys/kernel/mm/ksm/run 2>/dev/null; then echo WROTE; fi",
+    );
+    assert_eq!(r.code, 0, "{r:?}");
+    assert_eq!(r.stdout, "0\nclass-ok\n", "{r:?}");
+}

@@ -52,10 +52,15 @@ impl Drop for TempDir {
 pub fn policy(base: &str, extra: &str) -> (TempDir, PathBuf) {
     let dir = TempDir::new("policy");
     let path = dir.path().join("policy.toml");
-    let text = format!(
-        "extends = \"{base}\"\n{}\n[filesystem]\nread_only_add = [\"{STOCKADE}:{JAILED_STOCKADE}\"]\n",
-        extra.trim()
-    );
+    let bind = format!("read_only_add = [\"{STOCKADE}:{JAILED_STOCKADE}\"]");
+    let text = if extra.contains("[filesystem]") {
+        format!(
+            "extends = \"{base}\"\n{}\n",
+            extra.trim().replacen("[filesystem]", &format!("[filesystem]\n{bind}"), 1)
+        )
+    } else {
+        format!("extends = \"{base}\"\n{}\n[filesystem]\n{bind}\n", extra.trim())
+    };
     std::fs::write(&path, text).unwrap();
     (dir, path)
 }
