@@ -707,3 +707,35 @@ fn sys_read_only_is_masked_and_unwritable() {
     assert_eq!(r.code, 0, "{r:?}");
     assert_eq!(r.stdout, "0\nclass-ok\n", "{r:?}");
 }
+
+#[test]
+fn foreign_owned_workspace_is_id_mapped_and_system_owned_refused() {
+    if needs_root() {
+        return;
+    }
+    let ws = TempDir::new("idmap");
+    std::fs::write(ws.path().join("existing"), "hi\n").unwrap();
+    for p in [ws.path().to_path_buf(), ws.path().join("existing")] {
+        std::os::unix::fs::chown(&p, Some(4321), Some(4322)).unwrap();
+    }
+    let (_d, p) = policy("default", "");
+    let r = stockade_run(
+        &["--policy", p.to_str().unwrap(), "--workspace", ws.path().to_str().unwrap()],
+        &[
+            "/bin/sh",
+            "-c",
+            "stat -c '%u:%g' existing; echo more >> existing; echo new > new.txt; stat -c '%u:%g' new.txt",
+        ],
+    );
+    assert_eq!(r.code, 0, "{r:?}");
+    assert_eq!(r.stdout, "1000:1000\n1000:1000\n", "the owner appears as the jail user: {r:?}");
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(ws.path().join("new.txt")).unwrap();
+    assert_eq!((m.uid(), m.gid()), (4321, 4322), "created files belong to the directory's owner");
+    assert_eq!(std::fs::read_to_string(ws.path().join("existing")).unwrap(), "hi\nmore\n");
+
+    let root_owned = TempDir::new("idmap-root");
+    let r = stockade_run(&["--workspace", root_owned.path().to_str().unwrap()], &["/bin/true"]);
+    assert_eq!(r.code, 125, "{r:?}");
+    assert!(r.stderr.contains("refusing to id-map it onto a system account") && r.stderr.contains("chown"), "{r:?}");
+}

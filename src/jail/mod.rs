@@ -25,6 +25,7 @@ pub mod check;
 pub mod environ;
 pub mod error;
 pub mod etc;
+pub mod idmap;
 mod init;
 pub mod landlock;
 pub mod mounts;
@@ -160,6 +161,17 @@ pub fn run(spec: &JailSpec) -> Result<Outcome, JailError> {
     }
     let ids = IdMapping::for_host(&p.user);
     let (host_uid, host_gid) = ids.host_ids(&p.user);
+    // As root, a workspace owned by someone else is shown to the jail user through an id-mapped
+    // mount; rootless, the jail user is the invoking user and owns what it can reach.
+    let (mut workspace_tree, mut outputs_tree) = (None, None);
+    if matches!(ids, IdMapping::Range { .. }) {
+        if let Some(w) = &spec.workspace {
+            workspace_tree = idmap::prepare(w, "workspace", host_uid, host_gid)?;
+        }
+        if let Some(o) = &spec.outputs {
+            outputs_tree = idmap::prepare(o, "outputs", host_uid, host_gid)?;
+        }
+    }
     report.id_mapping =
         format!("jail uid {} -> host uid {host_uid}, gid {} -> host gid {host_gid}", p.user.uid, p.user.gid);
 
@@ -185,8 +197,8 @@ pub fn run(spec: &JailSpec) -> Result<Outcome, JailError> {
             policy: p,
             workspace: spec.workspace.as_deref(),
             outputs: spec.outputs.as_deref(),
-            workspace_tree: None,
-            outputs_tree: None,
+            workspace_tree: workspace_tree.as_ref(),
+            outputs_tree: outputs_tree.as_ref(),
         };
         let child = match namespaces::fork_into_namespaces()? {
             None => init::child_main(init::ChildCtx {
