@@ -6,4 +6,5 @@
 pub mod jail;
 pub mod policy;
 pub mod probe;
+pub mod tools;
 pub mod util;
