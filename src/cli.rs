@@ -43,6 +43,8 @@ enum Command {
         #[command(subcommand)]
         command: PolicyCommand,
     },
+    /// Run a session: tool calls as JSON lines on stdin, results as JSON lines on stdout.
+    Session(SessionArgs),
     /// Run a shell command in the default jail and show what confines it.
     Demo,
     /// Internal: run escape probes in the current process (used inside jails by tests and `probe`).
@@ -78,6 +80,19 @@ struct RunArgs {
     command: Vec<OsString>,
 }
 
+#[derive(Args)]
+struct SessionArgs {
+    /// Policy file, or a built-in name (default, strict, ci).
+    #[arg(long, short = 'p')]
+    policy: Option<String>,
+    /// Host directory mounted read-write at /workspace (default: an empty tmpfs).
+    #[arg(long)]
+    workspace: Option<PathBuf>,
+    /// Host directory mounted read-write at /mnt/session/outputs (default: an empty tmpfs).
+    #[arg(long)]
+    outputs: Option<PathBuf>,
+}
+
 #[derive(Subcommand)]
 enum PolicyCommand {
     /// Print the fully resolved policy (after `extends`).
@@ -101,6 +116,7 @@ pub fn main() -> i32 {
         Command::Run(args) => cmd_run(args),
         Command::Check { json } => cmd_check(json),
         Command::Policy { command } => cmd_policy(command),
+        Command::Session(a) => cmd_session(a),
         Command::Demo => cmd_demo(),
         Command::Probe { names } => stockade::probe::main(&names),
     }
@@ -225,6 +241,30 @@ fn describe(p: &Policy, r: &jail::Report) -> String {
         stockade::util::format_size(l.tmp_size.0)
     );
     s
+}
+
+fn cmd_session(a: SessionArgs) -> i32 {
+    let policy = match load_policy(a.policy.as_deref()) {
+        Ok(p) => p,
+        Err(c) => return c,
+    };
+    let spec = JailSpec {
+        policy,
+        workspace: a.workspace,
+        outputs: a.outputs,
+        argv: Vec::new(),
+        env: Vec::new(),
+        timeout: None,
+    };
+    let stdin = std::io::stdin().lock();
+    let stdout = std::io::stdout().lock();
+    match stockade::session::run_json_lines(&spec, stdin, stdout) {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("stockade: {e}");
+            jail_exit_code(&e)
+        }
+    }
 }
 
 fn cmd_check(json: bool) -> i32 {

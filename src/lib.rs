@@ -6,5 +6,6 @@
 pub mod jail;
 pub mod policy;
 pub mod probe;
+pub mod session;
 pub mod tools;
 pub mod util;

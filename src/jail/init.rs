@@ -41,7 +41,10 @@ pub(crate) struct ChildCtx<'a> {
     pub ids: &'a IdMapping,
     pub plan: MountPlan<'a>,
     pub env: &'a [CString],
+    /// The same environment as pairs, for the session's shell.
+    pub env_pairs: &'a [(String, String)],
     pub argv: &'a [CString],
+    pub payload: &'a super::Payload,
     pub filters: &'a Filters,
     pub pipes: &'a SyncPipes,
 }
@@ -52,8 +55,21 @@ pub(crate) fn child_main(ctx: ChildCtx) -> ! {
     // not show up as EOF on `go`.
     close_raw(ctx.pipes.go_write.as_raw_fd());
     close_raw(ctx.pipes.report_read.as_raw_fd());
+    if let super::Payload::Session { host_end, .. } = ctx.payload {
+        close_raw(*host_end);
+    }
     let code = match setup(&ctx) {
-        Ok(child) => supervise_command(child),
+        Ok(Some(child)) => supervise_command(child),
+        Ok(None) => match ctx.payload {
+            super::Payload::Session { channel, .. } => {
+                // Ready: the supervisor sees EOF on the report pipe once our copy is closed
+                // (nothing has been forked yet, so no other copy exists).
+                close_raw(ctx.pipes.report_write.as_raw_fd());
+                close_raw(ctx.pipes.go_read.as_raw_fd());
+                crate::session::server::serve(channel, ctx.env_pairs)
+            }
+            super::Payload::Command => EXIT_SETUP_FAILED,
+        },
         Err(e) => {
             send_failure(&ctx.pipes.report_write, &e);
             EXIT_SETUP_FAILED
@@ -70,7 +86,8 @@ fn close_raw(fd: i32) {
     unsafe { libc::close(fd) };
 }
 
-fn setup(ctx: &ChildCtx) -> Result<Pid, JailError> {
+/// Builds the jail from the inside. Returns the command's pid, or `None` for a session.
+fn setup(ctx: &ChildCtx) -> Result<Option<Pid>, JailError> {
     // SAFETY: prctl(PR_SET_PDEATHSIG) takes integer arguments only.
     unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong, 0, 0, 0) };
     if !wait_for(&ctx.pipes.go_read, GO) {
@@ -105,6 +122,9 @@ fn setup(ctx: &ChildCtx) -> Result<Pid, JailError> {
     arm_parent_death_signal(&ctx.pipes.go_read)?;
     // Installed here, before the fork, so PID 1 and the command share one filter stack.
     super::seccomp::install(ctx.filters)?;
+    if matches!(ctx.payload, super::Payload::Session { .. }) {
+        return Ok(None);
+    }
 
     // SAFETY: the jail child is single-threaded (it is a fork of a single-threaded supervisor),
     // so fork cannot leave another thread's locks held in the copy.
@@ -113,7 +133,7 @@ fn setup(ctx: &ChildCtx) -> Result<Pid, JailError> {
         ForkResult::Parent { child } => {
             close_raw(ctx.pipes.report_write.as_raw_fd());
             close_raw(ctx.pipes.go_read.as_raw_fd());
-            Ok(child)
+            Ok(Some(child))
         }
     }
 }

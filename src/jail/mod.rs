@@ -115,84 +115,120 @@ pub struct Outcome {
 
 static JAIL_SEQ: AtomicU32 = AtomicU32::new(0);
 
+/// What the jail's PID 1 does once the jail is built.
+pub enum Payload {
+    /// Exec the spec's command and supervise it.
+    Command,
+    /// Serve tool calls on `channel`, one end of a socketpair (see `session`); `host_end` is the
+    /// caller's end, which the jail closes. Both must be close-on-exec.
+    Session { channel: std::os::fd::OwnedFd, host_end: std::os::fd::RawFd },
+}
+
+/// A built, running jail.
+pub struct Jail {
+    init: Pid,
+    cgroup: Option<JailCgroup>,
+    /// Kept open for the jail's life: the jail reads its hang-up as "the supervisor died".
+    go_write: std::os::fd::OwnedFd,
+    old_mask: SigSet,
+    deadline: Option<Instant>,
+    pub report: Report,
+    t0: Instant,
+    finished: bool,
+}
+
 /// Builds the jail, runs the command to completion and tears everything down.
 pub fn run(spec: &JailSpec) -> Result<Outcome, JailError> {
-    let p = &spec.policy;
-    let t0 = Instant::now();
-    let mut report = Report::default();
+    let jail = Jail::start(spec, Payload::Command)?;
+    jail.wait()
+}
 
-    // ---- preflight: refuse before creating anything ----
-    let abi = landlock::effective_abi();
-    let missing = landlock::missing_features(abi, p);
-    if p.landlock.compatibility == crate::policy::Compatibility::Hard && !missing.is_empty() {
-        return Err(JailError::new(
-            Step::Landlock,
-            format!("kernel ABI {abi} < required {}: missing {}", landlock::requirements(p), missing.join(", ")),
-        ));
-    }
-    report.landlock_abi = abi;
-    if p.landlock.compatibility == crate::policy::Compatibility::BestEffort {
-        report.landlock_dropped = missing;
-    }
-    let filters = seccomp::compile(&p.seccomp)?;
-    report.seccomp_allowed = filters.allowed.len();
-    let host_env: Vec<(String, String)> = std::env::vars().collect();
-    let env = environ::build(p, &host_env, &spec.env)?;
-    let env_c: Vec<CString> = env
-        .iter()
-        .map(|(k, v)| CString::new(format!("{k}={v}")))
-        .collect::<Result<_, _>>()
-        .map_err(|_| JailError::new(Step::Preflight, "environment contains a NUL byte"))?;
-    if spec.argv.is_empty() {
-        return Err(JailError::new(Step::Exec, "no command given"));
-    }
-    let argv_c: Vec<CString> = spec
-        .argv
-        .iter()
-        .map(|a| CString::new(a.as_bytes()))
-        .collect::<Result<_, _>>()
-        .map_err(|_| JailError::new(Step::Exec, "command line contains a NUL byte"))?;
-    for (what, dir) in [("workspace", &spec.workspace), ("outputs", &spec.outputs)] {
-        if let Some(d) = dir {
-            if !d.is_dir() {
-                return Err(JailError::new(Step::Workspace, format!("{what} {} is not a directory", d.display())));
+impl Jail {
+    /// Builds the jail and returns once its payload is running (the command exec'd, or the
+    /// session server ready).
+    pub fn start(spec: &JailSpec, payload: Payload) -> Result<Jail, JailError> {
+        let p = &spec.policy;
+        let t0 = Instant::now();
+        let mut report = Report::default();
+
+        // ---- preflight: refuse before creating anything ----
+        let abi = landlock::effective_abi();
+        let missing = landlock::missing_features(abi, p);
+        if p.landlock.compatibility == crate::policy::Compatibility::Hard && !missing.is_empty() {
+            return Err(JailError::new(
+                Step::Landlock,
+                format!("kernel ABI {abi} < required {}: missing {}", landlock::requirements(p), missing.join(", ")),
+            ));
+        }
+        report.landlock_abi = abi;
+        if p.landlock.compatibility == crate::policy::Compatibility::BestEffort {
+            report.landlock_dropped = missing;
+        }
+        let filters = seccomp::compile(&p.seccomp)?;
+        report.seccomp_allowed = filters.allowed.len();
+        let host_env: Vec<(String, String)> = std::env::vars().collect();
+        let env = environ::build(p, &host_env, &spec.env)?;
+        let env_c: Vec<CString> = env
+            .iter()
+            .map(|(k, v)| CString::new(format!("{k}={v}")))
+            .collect::<Result<_, _>>()
+            .map_err(|_| JailError::new(Step::Preflight, "environment contains a NUL byte"))?;
+        if matches!(payload, Payload::Command) && spec.argv.is_empty() {
+            return Err(JailError::new(Step::Exec, "no command given"));
+        }
+        let argv_c: Vec<CString> = spec
+            .argv
+            .iter()
+            .map(|a| CString::new(a.as_bytes()))
+            .collect::<Result<_, _>>()
+            .map_err(|_| JailError::new(Step::Exec, "command line contains a NUL byte"))?;
+        for (what, dir) in [("workspace", &spec.workspace), ("outputs", &spec.outputs)] {
+            if let Some(d) = dir {
+                if !d.is_dir() {
+                    return Err(JailError::new(Step::Workspace, format!("{what} {} is not a directory", d.display())));
+                }
             }
         }
-    }
-    let ids = IdMapping::for_host(&p.user);
-    let (host_uid, host_gid) = ids.host_ids(&p.user);
-    // As root, a workspace owned by someone else is shown to the jail user through an id-mapped
-    // mount; rootless, the jail user is the invoking user and owns what it can reach.
-    let (mut workspace_tree, mut outputs_tree) = (None, None);
-    if matches!(ids, IdMapping::Range { .. }) {
-        if let Some(w) = &spec.workspace {
-            workspace_tree = idmap::prepare(w, "workspace", host_uid, host_gid)?;
+        let ids = IdMapping::for_host(&p.user);
+        let (host_uid, host_gid) = ids.host_ids(&p.user);
+        // As root, a workspace owned by someone else is shown to the jail user through an
+        // id-mapped mount; rootless, the jail user is the invoking user and owns what it reaches.
+        let (mut workspace_tree, mut outputs_tree) = (None, None);
+        if matches!(ids, IdMapping::Range { .. }) {
+            if let Some(w) = &spec.workspace {
+                workspace_tree = idmap::prepare(w, "workspace", host_uid, host_gid)?;
+            }
+            if let Some(o) = &spec.outputs {
+                outputs_tree = idmap::prepare(o, "outputs", host_uid, host_gid)?;
+            }
         }
-        if let Some(o) = &spec.outputs {
-            outputs_tree = idmap::prepare(o, "outputs", host_uid, host_gid)?;
+        report.id_mapping =
+            format!("jail uid {} -> host uid {host_uid}, gid {} -> host gid {host_gid}", p.user.uid, p.user.gid);
+
+        // ---- cgroup ----
+        let t_pre = t0.elapsed();
+        let name = format!("stockade-{}-{}", std::process::id(), JAIL_SEQ.fetch_add(1, Ordering::Relaxed));
+        let (mut cgroup, cg_report) = JailCgroup::create(&name, &p.limits)?;
+        report.cgroup = cg_report;
+        let t_cg = t0.elapsed();
+
+        let pipes = sync::SyncPipes::new().map_err(|e| JailError::new(Step::Preflight, format!("pipe: {e}")))?;
+        let mut blocked = SigSet::empty();
+        blocked.add(Signal::SIGCHLD);
+        for s in [Signal::SIGINT, Signal::SIGTERM, Signal::SIGHUP, Signal::SIGQUIT] {
+            blocked.add(s);
         }
-    }
-    report.id_mapping =
-        format!("jail uid {} -> host uid {host_uid}, gid {} -> host gid {host_gid}", p.user.uid, p.user.gid);
+        let mut old_mask = SigSet::empty();
+        nix::sys::signal::sigprocmask(SigmaskHow::SIG_BLOCK, Some(&blocked), Some(&mut old_mask))
+            .map_err(|e| JailError::new(Step::Supervise, format!("sigprocmask: {e}")))?;
+        let restore = |e: JailError, cgroup: &mut Option<JailCgroup>| {
+            let _ = nix::sys::signal::sigprocmask(SigmaskHow::SIG_SETMASK, Some(&old_mask), None);
+            if let Some(cg) = cgroup.as_mut() {
+                cg.remove();
+            }
+            e
+        };
 
-    // ---- cgroup ----
-    let name = format!("stockade-{}-{}", std::process::id(), JAIL_SEQ.fetch_add(1, Ordering::Relaxed));
-    let t_pre = t0.elapsed();
-    let (mut cgroup, cg_report) = JailCgroup::create(&name, &p.limits)?;
-    let t_cg = t0.elapsed();
-    report.cgroup = cg_report;
-
-    let pipes = sync::SyncPipes::new().map_err(|e| JailError::new(Step::Preflight, format!("pipe: {e}")))?;
-    let mut blocked = SigSet::empty();
-    blocked.add(Signal::SIGCHLD);
-    for s in [Signal::SIGINT, Signal::SIGTERM, Signal::SIGHUP, Signal::SIGQUIT] {
-        blocked.add(s);
-    }
-    let mut old_mask = SigSet::empty();
-    nix::sys::signal::sigprocmask(SigmaskHow::SIG_BLOCK, Some(&blocked), Some(&mut old_mask))
-        .map_err(|e| JailError::new(Step::Supervise, format!("sigprocmask: {e}")))?;
-
-    let result = (|| {
         let plan = mounts::MountPlan {
             policy: p,
             workspace: spec.workspace.as_deref(),
@@ -200,68 +236,104 @@ pub fn run(spec: &JailSpec) -> Result<Outcome, JailError> {
             workspace_tree: workspace_tree.as_ref(),
             outputs_tree: outputs_tree.as_ref(),
         };
-        let child = match namespaces::fork_into_namespaces()? {
-            None => init::child_main(init::ChildCtx {
+        let child = match namespaces::fork_into_namespaces() {
+            Err(e) => return Err(restore(e, &mut cgroup)),
+            Ok(None) => init::child_main(init::ChildCtx {
                 policy: p,
                 ids: &ids,
                 plan,
                 env: &env_c,
+                env_pairs: &env,
                 argv: &argv_c,
                 filters: &filters,
                 pipes: &pipes,
+                payload: &payload,
             }),
-            Some(pid) => pid,
+            Ok(Some(pid)) => pid,
         };
+        drop(payload); // the session end now lives in the jail only
+        drop(workspace_tree);
+        drop(outputs_tree);
         let sync::SyncPipes { go_read, go_write, report_read, report_write } = pipes;
         drop(go_read);
         drop(report_write);
-        let kill_child = |e: JailError| {
-            let _ = kill(child, Signal::SIGKILL);
-            let _ = waitpid(child, None);
-            e
-        };
-        ids.write(child).map_err(kill_child)?;
-        let release = |what: u8| {
-            sync::send(&go_write, what).map_err(|e| JailError::new(Step::Supervise, format!("signal jail: {e}")))
-        };
-        release(sync::GO).map_err(kill_child)?;
-        if let Some(cg) = &cgroup {
-            cg.add(child.as_raw()).map_err(kill_child)?;
-        }
-        if let Err(e) = release(sync::CGROUP_READY) {
-            // The jail ended before it was released; its own report says why.
-            let _ = waitpid(child, None);
-            return Err(sync::read_report(&report_read).unwrap_or(e));
-        }
-        // `go_write` stays open until the jail ends: the jail checks it for a hang-up to learn
-        // whether this supervisor is still alive (see init::arm_parent_death_signal).
-        let t_released = t0.elapsed();
-        if let Some(err) = sync::read_report(&report_read) {
-            let _ = waitpid(child, None);
-            return Err(err);
+        let started = (|| {
+            let kill_child = |e: JailError| {
+                let _ = kill(child, Signal::SIGKILL);
+                let _ = waitpid(child, None);
+                e
+            };
+            ids.write(child).map_err(kill_child)?;
+            let release = |what: u8| {
+                sync::send(&go_write, what).map_err(|e| JailError::new(Step::Supervise, format!("signal jail: {e}")))
+            };
+            release(sync::GO).map_err(kill_child)?;
+            if let Some(cg) = &cgroup {
+                cg.add(child.as_raw()).map_err(kill_child)?;
+            }
+            if let Err(e) = release(sync::CGROUP_READY) {
+                // The jail ended before it was released; its own report says why.
+                let _ = waitpid(child, None);
+                return Err(sync::read_report(&report_read).unwrap_or(e));
+            }
+            let t_released = t0.elapsed();
+            if let Some(err) = sync::read_report(&report_read) {
+                let _ = waitpid(child, None);
+                return Err(err);
+            }
+            tracing::debug!(
+                preflight_us = t_pre.as_micros() as u64,
+                cgroup_us = (t_cg - t_pre).as_micros() as u64,
+                clone_to_release_us = (t_released - t_cg).as_micros() as u64,
+                jail_setup_us = (t0.elapsed() - t_released).as_micros() as u64,
+                "jail started"
+            );
+            Ok(())
+        })();
+        if let Err(e) = started {
+            return Err(restore(e, &mut cgroup));
         }
         let deadline = spec.timeout.or(p.limits.timeout.map(|d| d.0)).map(|t| Instant::now() + t);
-        let t_exec = t0.elapsed();
-        let status = supervise(child, deadline);
-        tracing::debug!(
-            preflight_us = t_pre.as_micros() as u64,
-            cgroup_us = (t_cg - t_pre).as_micros() as u64,
-            clone_to_release_us = (t_released - t_cg).as_micros() as u64,
-            jail_setup_us = (t_exec - t_released).as_micros() as u64,
-            command_us = (t0.elapsed() - t_exec).as_micros() as u64,
-            "jail timings"
-        );
-        drop(go_write);
-        status
-    })();
-
-    let _ = nix::sys::signal::sigprocmask(SigmaskHow::SIG_SETMASK, Some(&old_mask), None);
-    let t_cleanup = Instant::now();
-    if let Some(cg) = cgroup.as_mut() {
-        cg.remove();
+        Ok(Jail { init: child, cgroup, go_write, old_mask, deadline, report, t0, finished: false })
     }
-    tracing::debug!(cleanup_us = t_cleanup.elapsed().as_micros() as u64, "jail torn down");
-    result.map(|status| Outcome { status, report })
+
+    /// The jail's init, as seen from the host.
+    pub fn pid(&self) -> i32 {
+        self.init.as_raw()
+    }
+
+    /// Waits for the jail to end (enforcing its deadline and forwarding termination signals),
+    /// then tears it down.
+    pub fn wait(mut self) -> Result<Outcome, JailError> {
+        let status = supervise(self.init, self.deadline);
+        self.finished = true;
+        tracing::debug!(total_us = self.t0.elapsed().as_micros() as u64, "jail ended");
+        let report = std::mem::take(&mut self.report);
+        drop(self);
+        status.map(|status| Outcome { status, report })
+    }
+
+    /// Kills everything in the jail at once.
+    pub fn kill(&mut self) {
+        if !self.finished {
+            let _ = kill(self.init, Signal::SIGKILL);
+            let _ = waitpid(self.init, None);
+            self.finished = true;
+        }
+    }
+}
+
+impl Drop for Jail {
+    fn drop(&mut self) {
+        self.kill();
+        let t = Instant::now();
+        if let Some(cg) = self.cgroup.as_mut() {
+            cg.remove();
+        }
+        let _ = &self.go_write;
+        let _ = nix::sys::signal::sigprocmask(SigmaskHow::SIG_SETMASK, Some(&self.old_mask), None);
+        tracing::debug!(cleanup_us = t.elapsed().as_micros() as u64, "jail torn down");
+    }
 }
 
 /// Waits for the jail's init, enforcing the deadline and forwarding termination signals.

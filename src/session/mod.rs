@@ -1,0 +1,116 @@
+//! Sessions: one long-lived jail per agent session, executing its tool calls in order.
+//!
+//! The jail is built exactly as `stockade run` builds one (`jail::Jail::start`), with a
+//! `Session` payload: its PID 1 serves tool calls (see `server`) over one end of a socketpair
+//! created before the jail. Only PID 1 holds that end — it is close-on-exec, the helper drops it,
+//! and no listener exists that anything else could reach.
+//!
+//! `stockade session` speaks JSON lines on stdin/stdout (`run_json_lines`); the worker drives
+//! the same code through a subprocess, since jails must be built from single-threaded processes.
+
+mod frame;
+pub mod server;
+
+use serde::{Deserialize, Serialize};
+use std::io::{BufRead, Write};
+use std::os::fd::AsRawFd;
+use std::os::unix::net::UnixStream;
+
+use crate::jail::{Jail, JailError, JailSpec, Payload, Step};
+use crate::tools::{unknown_tool, ToolResult, TOOLS};
+
+/// A tool call.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Request {
+    pub id: String,
+    pub name: String,
+    #[serde(default)]
+    pub input: serde_json::Value,
+}
+
+/// A tool result, tagged with its call's id.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Response {
+    pub id: Option<String>,
+    pub content: String,
+    pub is_error: bool,
+}
+
+impl Response {
+    pub fn new(id: impl Into<Option<String>>, r: ToolResult) -> Response {
+        Response { id: id.into(), content: r.content, is_error: r.is_error }
+    }
+}
+
+/// A running session jail.
+pub struct Session {
+    jail: Jail,
+    chan: UnixStream,
+}
+
+impl Session {
+    pub fn start(spec: &JailSpec) -> Result<Session, JailError> {
+        let (host, jail_end) =
+            UnixStream::pair().map_err(|e| JailError::new(Step::Preflight, format!("socketpair: {e}")))?;
+        let host_end = host.as_raw_fd();
+        let jail = Jail::start(spec, Payload::Session { channel: jail_end.into(), host_end })?;
+        Ok(Session { jail, chan: host })
+    }
+
+    /// The jail's init, as seen from the host.
+    pub fn pid(&self) -> i32 {
+        self.jail.pid()
+    }
+
+    /// Runs one tool call. `Err` means the jail itself is gone and the session cannot continue.
+    pub fn call(&mut self, id: &str, name: &str, input: &serde_json::Value) -> Result<ToolResult, JailError> {
+        if !TOOLS.contains(&name) {
+            return Ok(ToolResult::err(unknown_tool(name)));
+        }
+        let req = Request { id: id.to_owned(), name: name.to_owned(), input: input.clone() };
+        let lost = |e: std::io::Error| JailError::new(Step::Supervise, format!("session jail is gone: {e}"));
+        frame::write(&mut self.chan, &req).map_err(lost)?;
+        match frame::read::<_, Response>(&mut self.chan).map_err(lost)? {
+            Some(r) => Ok(ToolResult { content: r.content, is_error: r.is_error }),
+            None => Err(JailError::new(Step::Supervise, "session jail is gone: its init exited")),
+        }
+    }
+
+    /// Ends the session: everything in the jail is killed and its cgroup removed; the workspace
+    /// and outputs directories are left to the caller.
+    pub fn end(self) -> Result<crate::jail::Outcome, JailError> {
+        let Session { jail, chan } = self;
+        drop(chan); // PID 1 sees EOF, kills the shell and exits
+        jail.wait()
+    }
+}
+
+/// `stockade session`: one JSON object per input line (`{"id", "name", "input"}`), one result
+/// per output line (`{"id", "content", "is_error"}`), in order. EOF ends the session. A line
+/// that is not a valid request gets an error result and the session goes on.
+pub fn run_json_lines<R: BufRead, W: Write>(spec: &JailSpec, input: R, mut out: W) -> Result<(), JailError> {
+    let mut session = Session::start(spec)?;
+    let io_err = |e: std::io::Error| JailError::new(Step::Supervise, format!("writing results: {e}"));
+    for line in input.lines() {
+        let line = line.map_err(|e| JailError::new(Step::Supervise, format!("reading requests: {e}")))?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        let resp = match serde_json::from_str::<Request>(&line) {
+            Err(e) => {
+                let id = serde_json::from_str::<serde_json::Value>(&line)
+                    .ok()
+                    .and_then(|v| v.get("id").and_then(|i| i.as_str()).map(str::to_owned));
+                Response::new(id, ToolResult::err(format!("invalid request line: {e}")))
+            }
+            Ok(req) => {
+                let r = session.call(&req.id, &req.name, &req.input)?;
+                Response::new(req.id, r)
+            }
+        };
+        serde_json::to_writer(&mut out, &resp).map_err(|e| io_err(e.into()))?;
+        out.write_all(b"\n").map_err(io_err)?;
+        out.flush().map_err(io_err)?;
+    }
+    session.end().map(|_| ())
+}

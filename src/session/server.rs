@@ -1,0 +1,149 @@
+//! The session's side inside the jail: PID 1 serves tool calls from the supervisor.
+//!
+//! PID 1 runs `bash` calls itself, through the persistent shell, and hands the file tools to a
+//! helper process it forks (same landlock domain, seccomp filter and uid — the helper is a fork
+//! of this confined process). A helper that crashes costs at most the call it was running; the
+//! next call gets a new one. PID 1 also reaps every orphan the shell leaves behind.
+
+use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+use nix::unistd::{fork, ForkResult, Pid};
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::net::UnixStream;
+
+use super::frame;
+use super::{Request, Response};
+use crate::tools::bash::{KillScope, Shell};
+use crate::tools::{run_file_tool, Ctx, ToolResult};
+
+const WORKSPACE: &str = crate::jail::mounts::WORKSPACE;
+
+struct Helper {
+    pid: Pid,
+    chan: UnixStream,
+}
+
+impl Helper {
+    fn spawn() -> std::io::Result<Helper> {
+        let (ours, theirs) = UnixStream::pair()?;
+        // SAFETY: PID 1 of the jail is single-threaded, so the forked helper starts with no
+        // lock held by another thread.
+        match unsafe { fork() }.map_err(std::io::Error::from)? {
+            ForkResult::Child => {
+                drop(ours);
+                let code = helper_main(theirs);
+                // SAFETY: leave without running destructors that belong to PID 1.
+                unsafe { libc::_exit(code) }
+            }
+            ForkResult::Parent { child } => Ok(Helper { pid: child, chan: ours }),
+        }
+    }
+}
+
+fn helper_main(mut chan: UnixStream) -> i32 {
+    let ctx = Ctx { cwd: WORKSPACE.into() };
+    loop {
+        let req: Request = match frame::read(&mut chan) {
+            Ok(Some(r)) => r,
+            _ => return 0,
+        };
+        let result = run_file_tool(&ctx, &req.name, &req.input);
+        if frame::write(&mut chan, &Response::new(req.id, result)).is_err() {
+            return 0;
+        }
+    }
+}
+
+struct Server {
+    shell: Shell,
+    helper: Option<Helper>,
+}
+
+impl Server {
+    /// Collects exited children: orphans of the shell, the shell, the helper.
+    fn reap(&mut self) {
+        loop {
+            match waitpid(None, Some(WaitPidFlag::WNOHANG)) {
+                Ok(WaitStatus::StillAlive) | Err(_) => return,
+                Ok(st) => {
+                    let (pid, code) = match st {
+                        WaitStatus::Exited(p, c) => (p, c),
+                        WaitStatus::Signaled(p, s, _) => (p, 128 + s as i32),
+                        _ => continue,
+                    };
+                    if Some(pid.as_raw()) == self.shell.pid() {
+                        self.shell.note_exit(code);
+                    }
+                    if self.helper.as_ref().is_some_and(|h| h.pid == pid) {
+                        self.helper = None;
+                    }
+                }
+            }
+        }
+    }
+
+    fn helper(&mut self) -> std::io::Result<&mut Helper> {
+        if self.helper.is_none() {
+            let h = Helper::spawn()?;
+            self.shell.spare = vec![h.pid.as_raw()];
+            self.helper = Some(h);
+        }
+        Ok(self.helper.as_mut().expect("spawned"))
+    }
+
+    fn file_tool(&mut self, req: &Request) -> ToolResult {
+        let h = match self.helper() {
+            Ok(h) => h,
+            Err(e) => return ToolResult::err(format!("could not start the file tool helper: {e}")),
+        };
+        let sent = frame::write(&mut h.chan, req);
+        let got: std::io::Result<Option<Response>> = sent.and_then(|()| frame::read(&mut h.chan));
+        match got {
+            Ok(Some(r)) => ToolResult { content: r.content, is_error: r.is_error },
+            _ => {
+                // The helper died mid-call. Report how, and start afresh on the next call.
+                let pid = h.pid;
+                let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+                let how = match waitpid(pid, None) {
+                    Ok(WaitStatus::Signaled(_, s, _)) => format!("was killed by {s}"),
+                    Ok(WaitStatus::Exited(_, c)) => format!("exited with status {c}"),
+                    _ => "died".into(),
+                };
+                self.helper = None;
+                ToolResult::err(format!(
+                    "the file tool helper {how} while running `{}`; the session continues and the next call gets a new helper",
+                    req.name
+                ))
+            }
+        }
+    }
+}
+
+/// PID 1's loop. Returns the exit code when the supervisor closes the channel.
+pub fn serve(channel: &OwnedFd, env: &[(String, String)]) -> i32 {
+    // Nothing in the jail needs the supervisor's stdio.
+    if let Ok(null) = std::fs::OpenOptions::new().read(true).write(true).open("/dev/null") {
+        for fd in 0..3 {
+            // SAFETY: dup2 onto the standard descriptors, which this process owns.
+            unsafe { libc::dup2(null.as_raw_fd(), fd) };
+        }
+    }
+    let mut chan = match channel.try_clone() {
+        Ok(fd) => UnixStream::from(fd),
+        Err(_) => return 1,
+    };
+    let mut server = Server { shell: Shell::new(WORKSPACE.into(), env.to_vec(), KillScope::Namespace), helper: None };
+    loop {
+        let req: Request = match frame::read(&mut chan) {
+            Ok(Some(r)) => r,
+            _ => break,
+        };
+        server.reap();
+        let result = if req.name == "bash" { server.shell.call(&req.input) } else { server.file_tool(&req) };
+        server.reap();
+        if frame::write(&mut chan, &Response::new(req.id, result)).is_err() {
+            break;
+        }
+    }
+    server.shell.kill();
+    0
+}
