@@ -69,3 +69,28 @@ mod tests {
         assert!(err.msg.contains("GH_TOKEN"), "{err}");
     }
 }
+
+/// Wipes this process's own environment: the libc `environ` list, and the original environment
+/// block that /proc/PID/environ keeps showing even after `clearenv`. The jail's processes are
+/// forks of the supervisor and would otherwise carry its environment — and any key in it — in
+/// memory for their whole life. Callers must not hold references into the environment.
+pub fn scrub_own_environment() {
+    let range = std::fs::read_to_string("/proc/self/stat").ok().and_then(|stat| {
+        // Fields after the command name (which may contain spaces) start at field 3; env_start
+        // and env_end are fields 50 and 51.
+        let rest = &stat[stat.rfind(')')? + 1..];
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        Some((f.get(47)?.parse::<usize>().ok()?, f.get(48)?.parse::<usize>().ok()?))
+    });
+    // SAFETY: clearenv only resets libc's `environ`; nothing in this single-threaded child reads
+    // the environment concurrently.
+    unsafe { libc::clearenv() };
+    if let Some((start, end)) = range {
+        if start != 0 && end > start && end - start < (1 << 24) {
+            // SAFETY: [env_start, env_end) is this process's initial environment strings, mapped
+            // read-write at the top of its stack by the kernel at exec; after clearenv nothing
+            // refers to it, so overwriting it cannot invalidate a live reference.
+            unsafe { std::ptr::write_bytes(start as *mut u8, 0, end - start) };
+        }
+    }
+}

@@ -51,6 +51,9 @@ pub(crate) struct ChildCtx<'a> {
 
 /// Entry point of the cloned child. Never returns.
 pub(crate) fn child_main(ctx: ChildCtx) -> ! {
+    // First of all: the supervisor's environment (and any secret in it) must not live on in
+    // the jail's processes.
+    super::environ::scrub_own_environment();
     // The supervisor's ends of the pipes: without closing our copies, a dead supervisor would
     // not show up as EOF on `go`.
     close_raw(ctx.pipes.go_write.as_raw_fd());

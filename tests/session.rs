@@ -1,0 +1,294 @@
+//! Session jails driven through `stockade session` (JSON lines), as the worker drives them.
+
+mod common;
+use common::*;
+
+use serde_json::{json, Value};
+use std::io::{BufRead, BufReader, Write};
+use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
+use std::time::{Duration, Instant};
+
+struct Sess {
+    child: Child,
+    stdin: Option<ChildStdin>,
+    stdout: BufReader<ChildStdout>,
+    n: u64,
+}
+
+impl Sess {
+    fn start(args: &[&str]) -> Sess {
+        let mut child = Command::new(STOCKADE)
+            .arg("session")
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .env("ANTHROPIC_API_KEY", "sk-planted-org-key")
+            .env("ANTHROPIC_ENVIRONMENT_KEY", "sk-planted-env-key")
+            .spawn()
+            .unwrap();
+        let stdin = child.stdin.take();
+        let stdout = BufReader::new(child.stdout.take().unwrap());
+        Sess { child, stdin, stdout, n: 0 }
+    }
+
+    fn raw(&mut self, line: &str) -> Value {
+        let w = self.stdin.as_mut().unwrap();
+        w.write_all(line.as_bytes()).unwrap();
+        w.write_all(b"\n").unwrap();
+        w.flush().unwrap();
+        let mut out = String::new();
+        self.stdout.read_line(&mut out).unwrap();
+        assert!(!out.is_empty(), "session ended unexpectedly");
+        serde_json::from_str(&out).unwrap()
+    }
+
+    /// (content, is_error)
+    fn call(&mut self, name: &str, input: Value) -> (String, bool) {
+        self.n += 1;
+        let id = format!("c{}", self.n);
+        let v = self.raw(&json!({"id": id, "name": name, "input": input}).to_string());
+        assert_eq!(v["id"], json!(id), "results come back in order");
+        (v["content"].as_str().unwrap().to_owned(), v["is_error"].as_bool().unwrap())
+    }
+
+    fn bash(&mut self, cmd: &str) -> String {
+        let (c, e) = self.call("bash", json!({"command": cmd}));
+        assert!(!e, "bash `{cmd}` failed: {c}");
+        c
+    }
+
+    fn end(mut self) -> i32 {
+        drop(self.stdin.take());
+        let st = self.child.wait().unwrap();
+        st.code().unwrap_or(-1)
+    }
+}
+
+#[test]
+fn shell_state_persists_and_tools_share_the_workspace() {
+    let mut s = Sess::start(&[]);
+    assert_eq!(s.bash("cd /tmp && export GREETING=hello && shout() { echo \"$1!\"; }"), "");
+    assert_eq!(s.bash("pwd; echo $GREETING; shout hey"), "/tmp\nhello\nhey!\n");
+    let (c, e) = s.call("write", json!({"file_path": "/workspace/src/a.py", "content": "print('x')\nprint('y')\n"}));
+    assert!(!e, "{c}");
+    assert_eq!(
+        s.call("read", json!({"file_path": "/workspace/src/a.py"})),
+        ("     1\tprint('x')\n     2\tprint('y')".into(), false)
+    );
+    let (c, e) = s.call("edit", json!({"file_path": "/workspace/src/a.py", "old_string": "'y'", "new_string": "'z'"}));
+    assert!(!e, "{c}");
+    assert_eq!(s.bash("cat /workspace/src/a.py"), "print('x')\nprint('z')\n");
+    assert_eq!(s.call("glob", json!({"pattern": "**/*.py"})), ("/workspace/src/a.py".into(), false));
+    assert_eq!(
+        s.call("grep", json!({"pattern": "z", "output_mode": "content", "-n": true})),
+        ("/workspace/src/a.py:2:print('z')".into(), false)
+    );
+    assert_eq!(s.end(), 0);
+}
+
+#[test]
+fn timeout_kills_the_whole_process_group_and_the_session_continues() {
+    let mut s = Sess::start(&[]);
+    s.bash("cd /tmp; export KEEP=yes");
+    let t = Instant::now();
+    let (c, e) =
+        s.call("bash", json!({"command": "sleep 300 & (setsid sleep 301 &); echo waiting; sleep 302", "timeout": 500}));
+    assert!(e && c.starts_with("waiting\nCommand timed out after 500ms"), "{c}");
+    assert!(t.elapsed() < Duration::from_secs(10));
+    // Everything the command started is gone; the shell is fresh.
+    assert_eq!(s.bash("ps -eo args | grep -c '^sleep 30[0-2]' || true"), "0\n");
+    assert_eq!(s.bash("echo ${KEEP:-reset}; pwd"), "reset\n/workspace\n");
+    let (c, e) = s.call("bash", json!({"restart": true}));
+    assert_eq!((c.as_str(), e), ("The shell was restarted.", false));
+    assert_eq!(s.end(), 0);
+}
+
+#[test]
+fn a_crashed_helper_does_not_end_the_session() {
+    let mut s = Sess::start(&[]);
+    s.call("write", json!({"file_path": "/workspace/x", "content": "1\n"}));
+    // The helper is PID 1's first child; kill it from inside, as a crash would.
+    let helper = s.bash("ps -eo pid,ppid,args | awk '$2 == 1 && $3 ~ /stockade/ {print $1}'");
+    assert!(!helper.trim().is_empty(), "helper not found");
+    s.bash(&format!("kill -9 {}", helper.trim()));
+    assert_eq!(s.call("read", json!({"file_path": "/workspace/x"})), ("     1\t1".into(), false));
+    assert_eq!(s.bash("echo still here"), "still here\n");
+    assert_eq!(s.end(), 0);
+}
+
+#[test]
+fn paths_are_resolved_by_the_kernel_inside_the_jail() {
+    let mut s = Sess::start(&[]);
+    s.bash("ln -s /etc/shadow /workspace/shadow; ln -s ../../../../etc/passwd /workspace/pw; ln -s /proc/1/environ /workspace/env");
+    let (c, e) = s.call("read", json!({"file_path": "/workspace/shadow"}));
+    assert!(e && c.contains("does not exist"), "{c}");
+    let (c, e) = s.call("read", json!({"file_path": "/workspace/pw"}));
+    assert_eq!(
+        (c.as_str(), e),
+        ("     1\tagent:x:1000:1000:agent:/workspace:/bin/sh", false),
+        "the jail's passwd, not the host's"
+    );
+    let (c, e) = s.call("read", json!({"file_path": "/workspace/../../etc/hostname"}));
+    assert_eq!((c.as_str(), e), ("     1\tstockade", false));
+    let (c, e) = s.call("read", json!({"file_path": "/workspace/env"}));
+    assert!(e && c.contains("permission denied"), "PID 1's environment is unreadable: {c}");
+    for target in ["/usr/bin/evil", "/etc/passwd", "/proc/self/comm", "/workspace/../usr/x"] {
+        let (c, e) = s.call("write", json!({"file_path": target, "content": "x"}));
+        assert!(e, "write to {target} must fail: {c}");
+    }
+    let (c, e) = s.call("edit", json!({"file_path": "/etc/hostname", "old_string": "stockade", "new_string": "owned"}));
+    assert!(e, "{c}");
+    assert_eq!(s.end(), 0);
+}
+
+#[test]
+fn hostile_inputs_are_errors_not_failures() {
+    let mut s = Sess::start(&[]);
+    let cases: Vec<(&str, Value, &str)> = vec![
+        ("read", json!({}), "missing field `file_path`"),
+        ("read", json!({"file_path": ["x"]}), "invalid type"),
+        ("read", json!({"file_path": "relative.txt"}), "absolute path"),
+        ("read", json!({"file_path": "/dev/zero"}), "character device"),
+        ("read", json!({"file_path": "/workspace"}), "is a directory"),
+        ("read", json!({"file_path": "/work\u{0}space"}), "NUL"),
+        ("grep", json!({"pattern": "(((("}), "invalid regex"),
+        ("glob", json!({"pattern": ""}), "non-empty"),
+        ("bash", json!({"command": 5}), "invalid type"),
+        ("bash", json!({"command": "echo", "timeout": 9_999_999}), "maximum"),
+        ("frobnicate", json!({}), "Unknown tool"),
+    ];
+    for (name, input, needle) in cases {
+        let (c, e) = s.call(name, input.clone());
+        assert!(e && c.contains(needle), "{name} {input}: {c}");
+    }
+    s.bash("mkfifo /tmp/fifo");
+    let (c, e) = s.call("read", json!({"file_path": "/tmp/fifo"}));
+    assert!(e && c.contains("FIFO"), "{c}");
+    // A 2 GiB sparse file: bounded time and memory.
+    s.bash("truncate -s 2G /tmp/huge");
+    let t = Instant::now();
+    let (c, e) = s.call("read", json!({"file_path": "/tmp/huge"}));
+    assert!(e && c.contains("binary"), "{c}");
+    let (c, _) = s.call("grep", json!({"pattern": "x", "path": "/tmp/huge"}));
+    assert_eq!(c, "No matches found");
+    assert!(t.elapsed() < Duration::from_secs(20));
+    // Invalid UTF-8 on disk, and a malformed request line.
+    s.bash("printf 'ok\\n\\xff\\xfe\\n' > /tmp/bad");
+    let (c, e) = s.call("read", json!({"file_path": "/tmp/bad"}));
+    assert_eq!((c.as_str(), e), ("     1\tok\n     2\t\u{fffd}\u{fffd}", false));
+    let v = s.raw("{not json");
+    assert_eq!(v["is_error"], json!(true));
+    let v = s.raw(r#"{"id":"x7","name":"read"}"#);
+    assert_eq!((v["id"].as_str(), v["is_error"].as_bool()), (Some("x7"), Some(true)));
+    assert_eq!(s.bash("echo alive"), "alive\n");
+    assert_eq!(s.end(), 0);
+}
+
+#[test]
+fn the_channel_never_reaches_tool_processes() {
+    let mut s = Sess::start(&[]);
+    // Only the shell's own pipes and /dev/null: no socket of the channel, no stray descriptor.
+    let fds = s.bash("for f in /proc/self/fd/*; do readlink $f; done | sed 's/:\\[[0-9]*\\]//' | sort | uniq -c | awk '{print $2}' | tr '\\n' ' '");
+    assert!(!fds.contains("socket"), "{fds}");
+    let env = s.bash("env | grep -c planted || true");
+    assert_eq!(env, "0\n", "secrets in Stockade's environment never reach the shell");
+    let (c, _) = s.call("grep", json!({"pattern": "planted", "path": "/proc/self/environ"}));
+    assert_eq!(c, "No matches found", "nor the file-tool helper");
+    assert_eq!(s.end(), 0);
+}
+
+#[test]
+fn fifty_sessions_in_parallel_share_nothing() {
+    let n = 50;
+    let mut sessions: Vec<Sess> = (0..n).map(|_| Sess::start(&[])).collect();
+    for (i, s) in sessions.iter_mut().enumerate() {
+        s.call("write", json!({"file_path": "/workspace/id.txt", "content": format!("session {i}\n")}));
+        s.bash(&format!("sleep 60 & echo $! > /tmp/bg; echo marker-{i} > /dev/shm/m"));
+    }
+    // Host pids of every session's background job: what one session would need to signal another's.
+    let host_pids = host_pids_of("sleep 60");
+    assert!(host_pids.len() >= n, "{host_pids:?}");
+    let targets = host_pids.iter().map(|p| p.to_string()).collect::<Vec<_>>().join(" ");
+    for (i, s) in sessions.iter_mut().enumerate() {
+        assert_eq!(s.call("read", json!({"file_path": "/workspace/id.txt"})), (format!("     1\tsession {i}"), false));
+        assert_eq!(s.bash("ls /dev/shm; cat /dev/shm/m"), format!("m\nmarker-{i}\n"));
+        // Its own processes only: init, helper, shell, its one background sleep, and ps.
+        let procs = s.bash("ps -e --no-headers | wc -l");
+        assert!(procs.trim().parse::<u32>().unwrap() <= 6, "session {i} sees {procs} processes");
+        let r = s.bash(&format!("n=0; for p in {targets}; do kill -0 $p 2>/dev/null && n=$((n+1)); done; echo $n"));
+        assert_eq!(r, "0\n", "session {i} reached another session's process");
+    }
+    for s in sessions {
+        assert_eq!(s.end(), 0);
+    }
+}
+
+fn host_pids_of(cmdline: &str) -> Vec<u32> {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| {
+            let pid: u32 = e.file_name().to_str()?.parse().ok()?;
+            let c = std::fs::read(e.path().join("cmdline")).ok()?;
+            (String::from_utf8_lossy(&c).replace('\0', " ").trim() == cmdline).then_some(pid)
+        })
+        .collect()
+}
+
+#[test]
+fn ending_the_session_leaves_workspace_and_outputs_and_nothing_else() {
+    if needs_root() {
+        return;
+    }
+    let ws = TempDir::new("sess-ws").owned_by_jail_user();
+    let out = TempDir::new("sess-out").owned_by_jail_user();
+    let marker = format!("sleep 7{}", std::process::id() % 1000);
+    let mut s = Sess::start(&["--workspace", ws.path().to_str().unwrap(), "--outputs", out.path().to_str().unwrap()]);
+    s.bash(&format!("echo kept > /workspace/w; echo result > /mnt/session/outputs/r; ({marker} &)"));
+    let init = s.child.id();
+    assert_eq!(s.end(), 0);
+    assert_eq!(std::fs::read_to_string(ws.path().join("w")).unwrap(), "kept\n");
+    assert_eq!(std::fs::read_to_string(out.path().join("r")).unwrap(), "result\n");
+    std::thread::sleep(Duration::from_millis(100));
+    let procs: Vec<String> = std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
+        .map(|c| String::from_utf8_lossy(&c).replace('\0', " "))
+        .filter(|c| c.trim() == marker)
+        .collect();
+    assert!(procs.is_empty(), "{procs:?}");
+    let _ = init;
+}
+
+fn descendants(pid: u32) -> Vec<u32> {
+    let mut out = Vec::new();
+    let mut stack = vec![pid];
+    while let Some(p) = stack.pop() {
+        let kids = std::fs::read_to_string(format!("/proc/{p}/task/{p}/children")).unwrap_or_default();
+        for k in kids.split_whitespace().filter_map(|k| k.parse().ok()) {
+            out.push(k);
+            stack.push(k);
+        }
+    }
+    out
+}
+
+#[test]
+fn no_jailed_process_carries_the_supervisors_secrets_in_proc_environ() {
+    if needs_root() {
+        return; // reading other processes' environ from the host needs root
+    }
+    let mut s = Sess::start(&[]);
+    s.call("read", json!({"file_path": "/etc/hostname"})); // starts the helper
+    s.bash("true"); // starts the shell
+    let jailed = descendants(s.child.id());
+    assert!(jailed.len() >= 3, "init, helper and shell: {jailed:?}");
+    for pid in jailed {
+        let env = std::fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();
+        let env = String::from_utf8_lossy(&env);
+        assert!(!env.contains("planted"), "pid {pid} holds a secret in its environ");
+    }
+    assert_eq!(s.end(), 0);
+}
