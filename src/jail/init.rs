@@ -69,7 +69,12 @@ pub(crate) fn child_main(ctx: ChildCtx) -> ! {
                 // (nothing has been forked yet, so no other copy exists).
                 close_raw(ctx.pipes.report_write.as_raw_fd());
                 close_raw(ctx.pipes.go_read.as_raw_fd());
-                crate::session::server::serve(channel, ctx.env_pairs)
+                crate::session::server::serve(
+                    channel,
+                    ctx.env_pairs,
+                    std::path::Path::new(mounts::WORKSPACE),
+                    crate::tools::bash::KillScope::Namespace,
+                )
             }
             super::Payload::Command => EXIT_SETUP_FAILED,
         },

@@ -42,10 +42,29 @@ impl Response {
     }
 }
 
+/// The supervisor's end of a session server's channel.
+pub struct Channel(UnixStream);
+
+impl Channel {
+    pub fn new(s: UnixStream) -> Channel {
+        Channel(s)
+    }
+
+    /// Sends one call and waits for its result; `Err` when the server is gone.
+    pub fn call(&mut self, id: &str, name: &str, input: &serde_json::Value) -> std::io::Result<ToolResult> {
+        let req = Request { id: id.to_owned(), name: name.to_owned(), input: input.clone() };
+        frame::write(&mut self.0, &req)?;
+        match frame::read::<_, Response>(&mut self.0)? {
+            Some(r) => Ok(ToolResult { content: r.content, is_error: r.is_error }),
+            None => Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "the session server exited")),
+        }
+    }
+}
+
 /// A running session jail.
 pub struct Session {
     jail: Jail,
-    chan: UnixStream,
+    chan: Channel,
 }
 
 impl Session {
@@ -54,7 +73,7 @@ impl Session {
             UnixStream::pair().map_err(|e| JailError::new(Step::Preflight, format!("socketpair: {e}")))?;
         let host_end = host.as_raw_fd();
         let jail = Jail::start(spec, Payload::Session { channel: jail_end.into(), host_end })?;
-        Ok(Session { jail, chan: host })
+        Ok(Session { jail, chan: Channel(host) })
     }
 
     /// The jail's init, as seen from the host.
@@ -67,13 +86,9 @@ impl Session {
         if !TOOLS.contains(&name) {
             return Ok(ToolResult::err(unknown_tool(name)));
         }
-        let req = Request { id: id.to_owned(), name: name.to_owned(), input: input.clone() };
-        let lost = |e: std::io::Error| JailError::new(Step::Supervise, format!("session jail is gone: {e}"));
-        frame::write(&mut self.chan, &req).map_err(lost)?;
-        match frame::read::<_, Response>(&mut self.chan).map_err(lost)? {
-            Some(r) => Ok(ToolResult { content: r.content, is_error: r.is_error }),
-            None => Err(JailError::new(Step::Supervise, "session jail is gone: its init exited")),
-        }
+        self.chan
+            .call(id, name, input)
+            .map_err(|e| JailError::new(Step::Supervise, format!("session jail is gone: {e}")))
     }
 
     /// Ends the session: everything in the jail is killed and its cgroup removed; the workspace

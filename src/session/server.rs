@@ -9,13 +9,12 @@ use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::{fork, ForkResult, Pid};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
 
 use super::frame;
 use super::{Request, Response};
 use crate::tools::bash::{KillScope, Shell};
 use crate::tools::{run_file_tool, Ctx, ToolResult};
-
-const WORKSPACE: &str = crate::jail::mounts::WORKSPACE;
 
 struct Helper {
     pid: Pid,
@@ -23,14 +22,14 @@ struct Helper {
 }
 
 impl Helper {
-    fn spawn() -> std::io::Result<Helper> {
+    fn spawn(workspace: &Path) -> std::io::Result<Helper> {
         let (ours, theirs) = UnixStream::pair()?;
         // SAFETY: PID 1 of the jail is single-threaded, so the forked helper starts with no
         // lock held by another thread.
         match unsafe { fork() }.map_err(std::io::Error::from)? {
             ForkResult::Child => {
                 drop(ours);
-                let code = helper_main(theirs);
+                let code = helper_main(theirs, workspace);
                 // SAFETY: leave without running destructors that belong to PID 1.
                 unsafe { libc::_exit(code) }
             }
@@ -39,8 +38,8 @@ impl Helper {
     }
 }
 
-fn helper_main(mut chan: UnixStream) -> i32 {
-    let ctx = Ctx { cwd: WORKSPACE.into() };
+fn helper_main(mut chan: UnixStream, workspace: &Path) -> i32 {
+    let ctx = Ctx { cwd: workspace.to_path_buf() };
     loop {
         let req: Request = match frame::read(&mut chan) {
             Ok(Some(r)) => r,
@@ -56,6 +55,7 @@ fn helper_main(mut chan: UnixStream) -> i32 {
 struct Server {
     shell: Shell,
     helper: Option<Helper>,
+    workspace: PathBuf,
 }
 
 impl Server {
@@ -83,7 +83,7 @@ impl Server {
 
     fn helper(&mut self) -> std::io::Result<&mut Helper> {
         if self.helper.is_none() {
-            let h = Helper::spawn()?;
+            let h = Helper::spawn(&self.workspace)?;
             self.shell.spare = vec![h.pid.as_raw()];
             self.helper = Some(h);
         }
@@ -118,8 +118,9 @@ impl Server {
     }
 }
 
-/// PID 1's loop. Returns the exit code when the supervisor closes the channel.
-pub fn serve(channel: &OwnedFd, env: &[(String, String)]) -> i32 {
+/// PID 1's loop. Returns the exit code when the supervisor closes the channel. `workspace` is
+/// the tools' working directory (/workspace in a jail).
+pub fn serve(channel: &OwnedFd, env: &[(String, String)], workspace: &Path, scope: KillScope) -> i32 {
     // Nothing in the jail needs the supervisor's stdio.
     if let Ok(null) = std::fs::OpenOptions::new().read(true).write(true).open("/dev/null") {
         for fd in 0..3 {
@@ -131,7 +132,11 @@ pub fn serve(channel: &OwnedFd, env: &[(String, String)]) -> i32 {
         Ok(fd) => UnixStream::from(fd),
         Err(_) => return 1,
     };
-    let mut server = Server { shell: Shell::new(WORKSPACE.into(), env.to_vec(), KillScope::Namespace), helper: None };
+    let mut server = Server {
+        shell: Shell::new(workspace.to_path_buf(), env.to_vec(), scope),
+        helper: None,
+        workspace: workspace.to_path_buf(),
+    };
     loop {
         let req: Request = match frame::read(&mut chan) {
             Ok(Some(r)) => r,

@@ -1,0 +1,202 @@
+//! Per-call tool latency in a session jail against the same session server running unconfined,
+//! and against a bare in-process call, in one run; plus a session's idle memory.
+//!
+//!     cargo bench --bench session            (as root: the jail maps ids and uses cgroups)
+//!
+//! "jailed" is `Session` (the `stockade session` path); "unjailed" is the identical server
+//! (`session::server::serve`) forked from this process without namespaces, landlock or
+//! seccomp, over the same channel and framing, so the ratio isolates what the jail costs.
+
+use serde_json::{json, Value};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use stockade::jail::JailSpec;
+use stockade::session::{server, Channel, Session};
+use stockade::tools::bash::{KillScope, Shell};
+use stockade::tools::{run_file_tool, Ctx};
+
+fn fixture() -> PathBuf {
+    let root = std::env::temp_dir().join(format!("stockade-bench-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&root);
+    std::fs::create_dir_all(root.join("tree")).unwrap();
+    let line = "the quick brown fox jumps over the lazy dog 0123456789\n";
+    std::fs::write(root.join("file4k.txt"), line.repeat(4096 / line.len() + 1)[..4096].as_bytes()).unwrap();
+    // ~10 MB of text in 500 files, a few lines of which match.
+    for i in 0..500 {
+        let mut s = line.repeat(20_000 / line.len());
+        if i % 50 == 0 {
+            s.push_str(&format!("needle{i}\n"));
+        }
+        let dir = root.join("tree").join(format!("d{}", i % 20));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join(format!("f{i}.txt")), s).unwrap();
+    }
+    if nix::unistd::geteuid().is_root() {
+        // The jail user (host uid 101000) owns the workspace, as a worker-created one would be.
+        let _ = std::process::Command::new("chown").args(["-R", "101000:101000"]).arg(&root).status();
+    }
+    root
+}
+
+struct Stats {
+    median: Duration,
+    p90: Duration,
+}
+
+fn measure(n: usize, mut f: impl FnMut()) -> Stats {
+    for _ in 0..n.min(20) {
+        f();
+    }
+    let mut v: Vec<Duration> = (0..n)
+        .map(|_| {
+            let t = Instant::now();
+            f();
+            t.elapsed()
+        })
+        .collect();
+    v.sort();
+    Stats { median: v[n / 2], p90: v[n * 9 / 10] }
+}
+
+fn ops(ws: &Path) -> Vec<(&'static str, usize, Value)> {
+    let w = ws.display();
+    vec![
+        ("read 4 KiB", 500, json!({"file_path": format!("{w}/file4k.txt")})),
+        ("write 4 KiB", 500, json!({"file_path": format!("{w}/out.txt"), "content": "x".repeat(4096)})),
+        ("grep 10 MB tree", 20, json!({"pattern": "needle\\d+", "path": format!("{w}/tree")})),
+        ("bash true", 300, json!({"command": "true"})),
+    ]
+}
+
+fn name_of(op: &str) -> &'static str {
+    match op.split(' ').next().unwrap() {
+        "read" => "read",
+        "write" => "write",
+        "grep" => "grep",
+        _ => "bash",
+    }
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+fn children(pid: u32) -> Vec<u32> {
+    std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+        .unwrap_or_default()
+        .split_whitespace()
+        .filter_map(|p| p.parse().ok())
+        .collect()
+}
+
+fn cmdline(pid: u32) -> String {
+    String::from_utf8_lossy(&std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default()).replace('\0', " ")
+}
+
+fn main() {
+    let ws = fixture();
+    let env: Vec<(String, String)> = vec![
+        ("PATH".into(), "/usr/local/bin:/usr/bin:/bin".into()),
+        ("HOME".into(), ws.display().to_string()),
+        ("LANG".into(), "C.UTF-8".into()),
+    ];
+
+    // In-process: the tool functions called directly.
+    let ctx = Ctx { cwd: ws.clone() };
+    let mut shell = Shell::new(ws.clone(), env.clone(), KillScope::ProcessGroup);
+    let mut inproc = Vec::new();
+    for (op, n, input) in ops(&ws) {
+        inproc.push(if name_of(op) == "bash" {
+            measure(n, || assert!(!shell.call(&input).is_error))
+        } else {
+            measure(n, || assert!(!run_file_tool(&ctx, name_of(op), &input).is_error))
+        });
+    }
+    drop(shell);
+
+    // Unjailed: the session server, forked without any confinement.
+    let (ours, theirs) = UnixStream::pair().unwrap();
+    // SAFETY: the benchmark is single-threaded; the child runs the server loop and exits.
+    let server_pid = match unsafe { nix::unistd::fork() }.unwrap() {
+        nix::unistd::ForkResult::Child => {
+            drop(ours);
+            let code = server::serve(&theirs.into(), &env, &ws, KillScope::ProcessGroup);
+            std::process::exit(code)
+        }
+        nix::unistd::ForkResult::Parent { child } => child,
+    };
+    drop(theirs);
+    let mut chan = Channel::new(ours);
+    let mut unjailed = Vec::new();
+    for (op, n, input) in ops(&ws) {
+        unjailed.push(measure(n, || assert!(!chan.call("b", name_of(op), &input).unwrap().is_error)));
+    }
+    drop(chan);
+    let _ = nix::sys::wait::waitpid(server_pid, None);
+
+    // Jailed: a real session jail, default policy, the fixture as /workspace.
+    let (policy, _) = stockade::policy::load_builtin("default").unwrap();
+    let spec =
+        JailSpec { policy, workspace: Some(ws.clone()), outputs: None, argv: vec![], env: vec![], timeout: None };
+    let t = Instant::now();
+    let mut session = Session::start(&spec).unwrap();
+    let start_time = t.elapsed();
+    let jail_ops = ops(Path::new("/workspace"));
+    let mut jailed = Vec::new();
+    for (op, n, input) in &jail_ops {
+        jailed.push(measure(*n, || {
+            let r = session.call("b", name_of(op), input).unwrap();
+            assert!(!r.is_error, "{}", r.content)
+        }));
+    }
+
+    // Idle memory: PID 1 of the jail, its shell, its file-tool helper.
+    std::thread::sleep(Duration::from_millis(200));
+    let init = session.pid() as u32;
+    let mut bash = 0;
+    let mut helper = 0;
+    for c in children(init) {
+        if cmdline(c).starts_with("bash") {
+            bash = rss_kib(c);
+        } else {
+            helper = rss_kib(c);
+        }
+    }
+    let init_rss = rss_kib(init);
+    session.end().unwrap();
+
+    println!("session start (jail build + server ready): {:.2} ms\n", start_time.as_secs_f64() * 1e3);
+    println!(
+        "{:<18} {:>12} {:>12} {:>12} {:>10} {:>12}",
+        "per call (median)", "in-process", "unjailed", "jailed", "jail/unj.", "jailed p90"
+    );
+    for (i, (op, _, _)) in ops(&ws).iter().enumerate() {
+        let us = |d: Duration| d.as_secs_f64() * 1e6;
+        println!(
+            "{:<18} {:>10.1}µs {:>10.1}µs {:>10.1}µs {:>9.2}x {:>10.1}µs",
+            op,
+            us(inproc[i].median),
+            us(unjailed[i].median),
+            us(jailed[i].median),
+            us(jailed[i].median) / us(unjailed[i].median),
+            us(jailed[i].p90)
+        );
+    }
+    let bash_over = jailed[3].median.as_secs_f64() * 1e3 - unjailed[3].median.as_secs_f64() * 1e3;
+    println!("\nbash true: jailed minus unjailed = {bash_over:.3} ms (goal <= 1 ms)");
+    println!(
+        "idle memory (VmRSS): init {} KiB + bash {} KiB = {:.1} MiB (goal <= 20 MiB); file-tool helper {} KiB",
+        init_rss,
+        bash,
+        (init_rss + bash) as f64 / 1024.0,
+        helper
+    );
+    let _ = std::fs::remove_dir_all(&ws);
+}
