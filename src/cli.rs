@@ -52,8 +52,9 @@ enum Command {
     Probe { names: Vec<String> },
 }
 
+/// Where a jail's policy, workspace and outputs come from (run and session).
 #[derive(Args)]
-struct RunArgs {
+struct JailArgs {
     /// Policy file, or a built-in name (default, strict, ci).
     #[arg(long, short = 'p')]
     policy: Option<String>,
@@ -63,6 +64,12 @@ struct RunArgs {
     /// Host directory mounted read-write at /mnt/session/outputs (default: an empty tmpfs).
     #[arg(long)]
     outputs: Option<PathBuf>,
+}
+
+#[derive(Args)]
+struct RunArgs {
+    #[command(flatten)]
+    jail: JailArgs,
     /// Extra environment variable for the command (repeatable); secret-looking names are refused.
     #[arg(long = "env", short = 'e', value_name = "K=V")]
     env: Vec<String>,
@@ -82,15 +89,8 @@ struct RunArgs {
 
 #[derive(Args)]
 struct SessionArgs {
-    /// Policy file, or a built-in name (default, strict, ci).
-    #[arg(long, short = 'p')]
-    policy: Option<String>,
-    /// Host directory mounted read-write at /workspace (default: an empty tmpfs).
-    #[arg(long)]
-    workspace: Option<PathBuf>,
-    /// Host directory mounted read-write at /mnt/session/outputs (default: an empty tmpfs).
-    #[arg(long)]
-    outputs: Option<PathBuf>,
+    #[command(flatten)]
+    jail: JailArgs,
 }
 
 #[derive(Subcommand)]
@@ -159,7 +159,7 @@ fn jail_exit_code(e: &JailError) -> i32 {
 }
 
 fn cmd_run(a: RunArgs) -> i32 {
-    let mut policy = match load_policy(a.policy.as_deref()) {
+    let mut policy = match load_policy(a.jail.policy.as_deref()) {
         Ok(p) => p,
         Err(c) => return c,
     };
@@ -182,7 +182,7 @@ fn cmd_run(a: RunArgs) -> i32 {
         Some(Ok(_)) => return fail("--timeout must be greater than zero"),
         Some(Err(e)) => return fail(format!("--timeout: {e}")),
     };
-    let spec = JailSpec { policy, workspace: a.workspace, outputs: a.outputs, argv: a.command, env, timeout };
+    let spec = JailSpec { policy, workspace: a.jail.workspace, outputs: a.jail.outputs, argv: a.command, env, timeout };
     match jail::run(&spec) {
         Ok(out) => {
             tracing::info!(status = ?out.status, "jail finished");
@@ -244,14 +244,14 @@ fn describe(p: &Policy, r: &jail::Report) -> String {
 }
 
 fn cmd_session(a: SessionArgs) -> i32 {
-    let policy = match load_policy(a.policy.as_deref()) {
+    let policy = match load_policy(a.jail.policy.as_deref()) {
         Ok(p) => p,
         Err(c) => return c,
     };
     let spec = JailSpec {
         policy,
-        workspace: a.workspace,
-        outputs: a.outputs,
+        workspace: a.jail.workspace,
+        outputs: a.jail.outputs,
         argv: Vec::new(),
         env: Vec::new(),
         timeout: None,

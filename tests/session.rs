@@ -111,7 +111,11 @@ fn a_crashed_helper_does_not_end_the_session() {
     // The helper is PID 1's first child; kill it from inside, as a crash would.
     let helper = s.bash("ps -eo pid,ppid,args | awk '$2 == 1 && $3 ~ /stockade/ {print $1}'");
     assert!(!helper.trim().is_empty(), "helper not found");
-    s.bash(&format!("kill -9 {}", helper.trim()));
+    // Kill it and wait until it is dead (a zombie awaiting PID 1), i.e. it died between calls.
+    let pid = helper.trim();
+    s.bash(&format!(
+        "kill -9 {pid}; until awk '{{exit $3 != \"Z\"}}' /proc/{pid}/stat 2>/dev/null; do sleep 0.01; done"
+    ));
     assert_eq!(s.call("read", json!({"file_path": "/workspace/x"})), ("     1\t1".into(), false));
     assert_eq!(s.bash("echo still here"), "still here\n");
     assert_eq!(s.end(), 0);

@@ -119,21 +119,5 @@ fn set_idmap(tree: &OwnedFd, userns: &OwnedFd) -> std::io::Result<()> {
         propagation: 0,
         userns_fd: userns.as_raw_fd() as u64,
     };
-    let empty = c"";
-    // SAFETY: `tree` is a detached mount fd, `attr` a valid mount_attr whose size we pass.
-    let r = unsafe {
-        libc::syscall(
-            libc::SYS_mount_setattr,
-            tree.as_raw_fd(),
-            empty.as_ptr(),
-            libc::AT_EMPTY_PATH as libc::c_uint,
-            &attr as *const libc::mount_attr,
-            std::mem::size_of::<libc::mount_attr>(),
-        )
-    };
-    if r == 0 {
-        Ok(())
-    } else {
-        Err(std::io::Error::last_os_error())
-    }
+    super::mounts::mount_setattr(tree.as_raw_fd(), c"", libc::AT_EMPTY_PATH as libc::c_uint, &attr)
 }

@@ -111,6 +111,10 @@ fn setup(ctx: &ChildCtx) -> Result<Option<Pid>, JailError> {
             .step(Step::IdMap, || "become setup uid".into())?;
     }
     mounts::build_root(&ctx.plan)?;
+    // The id-mapped trees are attached now; their descriptors must not linger in the jail.
+    for tree in [ctx.plan.workspace_tree, ctx.plan.outputs_tree].into_iter().flatten() {
+        close_raw(tree.as_raw_fd());
+    }
     uts::set_names(&p.hostname)?;
     if p.network.mode == NetMode::Loopback {
         netif::loopback_up()?;

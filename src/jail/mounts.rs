@@ -156,16 +156,7 @@ pub fn build_root(plan: &MountPlan) -> Result<(), JailError> {
     attach(root, &workspace, size)?;
     attach(root, &outputs, size)?;
 
-    let tmp = root.join("tmp");
-    mkdir_p(&tmp)?;
-    mount(
-        Some("tmpfs"),
-        &tmp,
-        Some("tmpfs"),
-        MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
-        Some(format!("mode=1777,size={size}").as_str()),
-    )
-    .step(Step::Mounts, || "tmpfs /tmp".into())?;
+    scratch_tmpfs(&root.join("tmp"), size)?;
 
     build_dev(root, &devices, size)?;
     build_proc(root)?;
@@ -298,16 +289,7 @@ fn build_dev(root: &Path, devices: &[(&str, OwnedFd)], shm_size: u64) -> Result<
     ] {
         symlink(to, dev.join(name)).step(Step::Mounts, || format!("/dev/{name}"))?;
     }
-    let shm = dev.join("shm");
-    mkdir_p(&shm)?;
-    mount(
-        Some("tmpfs"),
-        &shm,
-        Some("tmpfs"),
-        MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
-        Some(format!("mode=1777,size={shm_size}").as_str()),
-    )
-    .step(Step::Mounts, || "tmpfs /dev/shm".into())?;
+    scratch_tmpfs(&dev.join("shm"), shm_size)?;
     set_attr(&dev, false, MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID | MOUNT_ATTR_NOEXEC)
         .step(Step::Mounts, || "remount /dev read-only".into())
 }
@@ -324,13 +306,7 @@ fn build_proc(root: &Path) -> Result<(), JailError> {
             continue;
         };
         let r = if meta.is_dir() {
-            mount(
-                Some("tmpfs"),
-                &path,
-                Some("tmpfs"),
-                MsFlags::MS_RDONLY | MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
-                Some("size=0,mode=0555"),
-            )
+            mask_dir(&path)
         } else {
             mount(Some(null.as_str()), &path, None::<&str>, MsFlags::MS_BIND, None::<&str>)
         };
@@ -363,17 +339,34 @@ fn build_sys(root: &Path) -> Result<(), JailError> {
     for name in SYS_MASKED {
         let path = sys.join(name);
         if path.is_dir() {
-            mount(
-                Some("tmpfs"),
-                &path,
-                Some("tmpfs"),
-                MsFlags::MS_RDONLY | MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
-                Some("size=0,mode=0555"),
-            )
-            .step(Step::Mounts, || format!("mask /sys/{name}"))?;
+            mask_dir(&path).step(Step::Mounts, || format!("mask /sys/{name}"))?;
         }
     }
     Ok(())
+}
+
+/// A world-writable, sticky, size-limited tmpfs (/tmp, /dev/shm).
+fn scratch_tmpfs(path: &Path, size: u64) -> Result<(), JailError> {
+    mkdir_p(path)?;
+    mount(
+        Some("tmpfs"),
+        path,
+        Some("tmpfs"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+        Some(format!("mode=1777,size={size}").as_str()),
+    )
+    .step(Step::Mounts, || format!("tmpfs {}", path.display()))
+}
+
+/// Hides a directory behind an empty, read-only tmpfs.
+fn mask_dir(path: &Path) -> nix::Result<()> {
+    mount(
+        Some("tmpfs"),
+        path,
+        Some("tmpfs"),
+        MsFlags::MS_RDONLY | MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
+        Some("size=0,mode=0555"),
+    )
 }
 
 fn mkdir_p(path: &Path) -> Result<(), JailError> {
@@ -408,15 +401,25 @@ fn set_attr(path: &Path, recursive: bool, set: u64) -> std::io::Result<()> {
     let c = CString::new(path.as_os_str().as_bytes())?;
     let attr = libc::mount_attr { attr_set: set, attr_clr: 0, propagation: 0, userns_fd: 0 };
     let flags = if recursive { libc::AT_RECURSIVE } else { 0 } as libc::c_uint;
-    // SAFETY: `c` is a valid NUL-terminated path and `attr` a properly initialised mount_attr
-    // whose size we pass; the kernel reads both and writes nothing back.
+    mount_setattr(libc::AT_FDCWD, &c, flags, &attr)
+}
+
+/// mount_setattr(2) on `dirfd`/`path`.
+pub(crate) fn mount_setattr(
+    dirfd: i32,
+    path: &std::ffi::CStr,
+    flags: libc::c_uint,
+    attr: &libc::mount_attr,
+) -> std::io::Result<()> {
+    // SAFETY: `path` is a valid NUL-terminated string and `attr` a properly initialised
+    // mount_attr whose size we pass; the kernel reads both and writes nothing back.
     let r = unsafe {
         libc::syscall(
             libc::SYS_mount_setattr,
-            libc::AT_FDCWD,
-            c.as_ptr(),
+            dirfd,
+            path.as_ptr(),
             flags,
-            &attr as *const libc::mount_attr,
+            attr as *const libc::mount_attr,
             std::mem::size_of::<libc::mount_attr>(),
         )
     };

@@ -81,6 +81,13 @@ impl Server {
         }
     }
 
+    fn discard_helper(&mut self) {
+        if let Some(h) = self.helper.take() {
+            let _ = nix::sys::signal::kill(h.pid, nix::sys::signal::Signal::SIGKILL);
+            let _ = waitpid(h.pid, None);
+        }
+    }
+
     fn helper(&mut self) -> std::io::Result<&mut Helper> {
         if self.helper.is_none() {
             let h = Helper::spawn(&self.workspace)?;
@@ -95,8 +102,17 @@ impl Server {
             Ok(h) => h,
             Err(e) => return ToolResult::err(format!("could not start the file tool helper: {e}")),
         };
-        let sent = frame::write(&mut h.chan, req);
-        let got: std::io::Result<Option<Response>> = sent.and_then(|()| frame::read(&mut h.chan));
+        if frame::write(&mut h.chan, req).is_err() {
+            // The helper was already gone: the request never reached it, so it is safe to
+            // hand it to a new one.
+            self.discard_helper();
+            let resent = self.helper().and_then(|h| frame::write(&mut h.chan, req));
+            if let Err(e) = resent {
+                return ToolResult::err(format!("could not start the file tool helper: {e}"));
+            }
+        }
+        let h = self.helper.as_mut().expect("helper present");
+        let got: std::io::Result<Option<Response>> = frame::read(&mut h.chan);
         match got {
             Ok(Some(r)) => ToolResult { content: r.content, is_error: r.is_error },
             _ => {
