@@ -519,6 +519,14 @@ fn killing_stockade_kills_the_jail() {
         std::thread::sleep(Duration::from_millis(20));
     }
     assert_eq!(host_processes_matching(&format!("sleep {marker}")), Vec::<String>::new());
+    // Its cgroup could not be removed by the killed Stockade; the next jail removes it.
+    if is_root() {
+        let stale = format!("stockade-{}-", child.id());
+        assert!(find_stockade_cgroups().iter().any(|c| c.contains(&stale)), "expected a leftover to clean up");
+        assert_eq!(stockade_run(&[], &["/bin/true"]).code, 0);
+        let left: Vec<String> = find_stockade_cgroups().into_iter().filter(|c| c.contains(&stale)).collect();
+        assert_eq!(left, Vec::<String>::new());
+    }
 }
 
 #[test]

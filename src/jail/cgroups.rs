@@ -164,6 +164,7 @@ impl JailCgroup {
                 None => {
                     let mount = layout.v2_mount.as_ref().expect("v2 controllers imply a v2 mount");
                     let parent = join(mount, layout.v2_self.as_deref().unwrap_or("/"));
+                    remove_stale(&parent);
                     let d = parent.join(name);
                     fs::create_dir(&d).map_err(|err| e(format!("create {}: {err}", d.display())))?;
                     self.dirs.push(d.clone());
@@ -175,7 +176,9 @@ impl JailCgroup {
             let Some((_, mount, own)) = layout.v1.iter().find(|(n, _, _)| n == c.name()) else {
                 return Err(e(format!("no {} controller on this host (neither cgroup v2 nor v1)", c.name())));
             };
-            let d = join(mount, own).join(name);
+            let parent = join(mount, own);
+            remove_stale(&parent);
+            let d = parent.join(name);
             if !d.exists() {
                 fs::create_dir(&d).map_err(|err| e(format!("create {}: {err}", d.display())))?;
                 self.dirs.push(d.clone());
@@ -267,6 +270,25 @@ impl JailCgroup {
 impl Drop for JailCgroup {
     fn drop(&mut self) {
         self.remove();
+    }
+}
+
+/// Removes the empty cgroups of jails whose Stockade process no longer exists: a Stockade killed
+/// with SIGKILL takes its jail with it (PDEATHSIG) but cannot remove the jail's cgroup.
+pub fn remove_stale(parent: &Path) {
+    let Ok(rd) = fs::read_dir(parent) else { return };
+    for e in rd.flatten() {
+        let name = e.file_name();
+        let Some(rest) = name.to_str().and_then(|n| n.strip_prefix("stockade-")) else { continue };
+        let Some(owner) = rest.split('-').next().and_then(|p| p.parse::<u32>().ok()) else { continue };
+        if Path::new(&format!("/proc/{owner}")).exists() {
+            continue; // its Stockade is alive (or the pid was reused: leave it, to be safe)
+        }
+        let dir = e.path();
+        let empty = fs::read_to_string(dir.join("cgroup.procs")).map(|p| p.trim().is_empty()).unwrap_or(false);
+        if empty && fs::remove_dir(&dir).is_ok() {
+            tracing::info!(cgroup = %dir.display(), "removed the cgroup of a jail whose Stockade was killed");
+        }
     }
 }
 

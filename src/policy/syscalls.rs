@@ -639,9 +639,14 @@ pub fn native_table() -> &'static [(&'static str, i64)] {
     }
 }
 
+fn index() -> &'static std::collections::HashMap<&'static str, i64> {
+    static INDEX: std::sync::OnceLock<std::collections::HashMap<&'static str, i64>> = std::sync::OnceLock::new();
+    INDEX.get_or_init(|| native_table().iter().copied().collect())
+}
+
 /// The syscall number for `name` on the native architecture.
 pub fn number(name: &str) -> Option<i64> {
-    native_table().iter().find(|(n, _)| *n == name).map(|(_, nr)| *nr)
+    index().get(name).copied()
 }
 
 pub fn group(name: &str) -> Option<&'static Group> {
@@ -681,7 +686,7 @@ pub fn resolve_entry(entry: &str) -> Result<Vec<Member>, String> {
 
 fn leak_name(entry: &str) -> &'static str {
     // Names come from the static table, so this lookup always succeeds for a known syscall.
-    native_table().iter().find(|(n, _)| *n == entry).map(|(n, _)| *n).unwrap_or("")
+    index().get_key_value(entry).map(|(n, _)| *n).unwrap_or("")
 }
 
 fn unknown(kind: &str, entry: &str, known: &[&str]) -> String {
