@@ -512,6 +512,12 @@ fn killing_stockade_kills_the_jail() {
         std::thread::sleep(Duration::from_millis(20));
     }
     assert_eq!(host_processes_matching(&format!("sleep {marker}")).len(), 2, "jail did not start");
+    // Seen while the jail runs, so that a concurrent test's jail start removing the leftover
+    // early cannot be mistaken for a cgroup that never existed.
+    let stale = format!("stockade-{}-", child.id());
+    if is_root() {
+        assert!(find_stockade_cgroups().iter().any(|c| c.contains(&stale)), "the jail has no cgroup");
+    }
     child.kill().unwrap(); // SIGKILL: no cleanup code runs in Stockade
     child.wait().unwrap();
     let deadline = Instant::now() + Duration::from_secs(5);
@@ -521,8 +527,6 @@ fn killing_stockade_kills_the_jail() {
     assert_eq!(host_processes_matching(&format!("sleep {marker}")), Vec::<String>::new());
     // Its cgroup could not be removed by the killed Stockade; the next jail removes it.
     if is_root() {
-        let stale = format!("stockade-{}-", child.id());
-        assert!(find_stockade_cgroups().iter().any(|c| c.contains(&stale)), "expected a leftover to clean up");
         assert_eq!(stockade_run(&[], &["/bin/true"]).code, 0);
         let left: Vec<String> = find_stockade_cgroups().into_iter().filter(|c| c.contains(&stale)).collect();
         assert_eq!(left, Vec::<String>::new());
