@@ -3,10 +3,12 @@
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use std::ffi::OsString;
 use std::path::PathBuf;
-use std::time::Duration;
 
 use stockade::jail::{self, JailError, JailSpec, Step, EXIT_NOT_EXECUTABLE, EXIT_NOT_FOUND, EXIT_SETUP_FAILED};
 use stockade::policy::{self, syscalls, Policy};
+
+mod ops;
+use ops::{ControlPlaneArgs, StatsArgs, StopArgs, WebhookArgs, WorkerArgs};
 
 #[derive(Parser)]
 #[command(name = "stockade", version, about = "A self-hosted tool-execution sandbox for AI agent sessions")]
@@ -23,7 +25,7 @@ pub struct Cli {
     command: Command,
 }
 
-#[derive(Clone, Copy, ValueEnum)]
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum LogFormat {
     Text,
     Json,
@@ -45,8 +47,20 @@ enum Command {
     },
     /// Run a session: tool calls as JSON lines on stdin, results as JSON lines on stdout.
     Session(SessionArgs),
-    /// Run a shell command in the default jail and show what confines it.
+    /// Run the main job end to end: a local control plane and a worker in one process, a bundled
+    /// scripted session in a default-policy jail; prints the transcript.
     Demo,
+    /// Claim sessions from an environment's work queue and run them in jails (always-on).
+    Worker(WorkerArgs),
+    /// The worker, woken by signed webhook deliveries instead of long-polling.
+    Webhook(WebhookArgs),
+    /// The local control plane: the Work API and scripted sessions on loopback.
+    #[command(name = "control-plane", args_conflicts_with_subcommands = true)]
+    ControlPlane(ControlPlaneArgs),
+    /// Work queue statistics of an environment (organisation key).
+    Stats(StatsArgs),
+    /// Ask the worker holding a work item to stop it (organisation key).
+    Stop(StopArgs),
     /// Internal: run escape probes in the current process (used inside jails by tests and `probe`).
     #[command(name = "__probe", hide = true)]
     Probe { names: Vec<String> },
@@ -91,6 +105,9 @@ struct RunArgs {
 struct SessionArgs {
     #[command(flatten)]
     jail: JailArgs,
+    /// Print `{"ready": true, "pid": N}` once the jail is built (for the worker).
+    #[arg(long)]
+    announce: bool,
 }
 
 #[derive(Subcommand)]
@@ -117,7 +134,12 @@ pub fn main() -> i32 {
         Command::Check { json } => cmd_check(json),
         Command::Policy { command } => cmd_policy(command),
         Command::Session(a) => cmd_session(a),
-        Command::Demo => cmd_demo(),
+        Command::Demo => ops::demo(),
+        Command::Worker(a) => ops::worker(a, None, cli.log),
+        Command::Webhook(a) => ops::webhook(a, cli.log),
+        Command::ControlPlane(a) => ops::control_plane(a),
+        Command::Stats(a) => ops::stats(a),
+        Command::Stop(a) => ops::stop(a),
         Command::Probe { names } => stockade::probe::main(&names),
     }
 }
@@ -258,7 +280,7 @@ fn cmd_session(a: SessionArgs) -> i32 {
     };
     let stdin = std::io::stdin().lock();
     let stdout = std::io::stdout().lock();
-    match stockade::session::run_json_lines(&spec, stdin, stdout) {
+    match stockade::session::run_json_lines(&spec, stdin, stdout, a.announce) {
         Ok(()) => 0,
         Err(e) => {
             eprintln!("stockade: {e}");
@@ -323,40 +345,6 @@ fn cmd_policy(c: PolicyCommand) -> i32 {
                 return fail(format!("unknown group {}", name.unwrap_or_default()));
             }
             0
-        }
-    }
-}
-
-fn cmd_demo() -> i32 {
-    let policy = match load_policy(None) {
-        Ok(p) => p,
-        Err(c) => return c,
-    };
-    let script = "echo \"inside: $(id)\"; echo \"hostname: $(hostname)\"; echo \"cwd: $(pwd)\"; \
-                  echo \"processes visible: $(ls /proc | grep -c '^[0-9]')\"; \
-                  grep -E '^(CapEff|NoNewPrivs|Seccomp):' /proc/self/status; \
-                  if cat /etc/shadow >/dev/null 2>&1; then echo 'read /etc/shadow: ALLOWED'; else echo 'read /etc/shadow: denied'; fi; \
-                  if touch /usr/stockade-demo 2>/dev/null; then echo 'write /usr: ALLOWED'; else echo 'write /usr: denied'; fi; \
-                  echo hello > /workspace/hello.txt && echo \"write /workspace: ok ($(cat /workspace/hello.txt))\"";
-    println!("$ stockade run -- sh -c '<demo script>'");
-    let spec = JailSpec {
-        policy,
-        workspace: None,
-        outputs: None,
-        argv: vec!["sh".into(), "-c".into(), script.into()],
-        env: Vec::new(),
-        timeout: Some(Duration::from_secs(60)),
-    };
-    match jail::run(&spec) {
-        Ok(out) => {
-            println!();
-            print!("{}", describe(&spec.policy, &out.report));
-            println!("exit status: {}", out.status.code());
-            out.status.code()
-        }
-        Err(e) => {
-            eprintln!("stockade: {e}");
-            jail_exit_code(&e)
         }
     }
 }

@@ -105,6 +105,81 @@ pub fn format_duration(d: Duration) -> String {
     }
 }
 
+/// Formats a time as RFC 3339 UTC with millisecond precision (`2026-11-23T10:00:00.000Z`).
+pub fn rfc3339(t: std::time::SystemTime) -> String {
+    let d = t.duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    let secs = d.as_secs() as i64;
+    let (days, sod) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
+    // Civil-from-days (proleptic Gregorian), days since 1970-01-01.
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z",
+        sod / 3600,
+        sod % 3600 / 60,
+        sod % 60,
+        d.subsec_millis()
+    )
+}
+
+/// Parses an RFC 3339 timestamp (`Z` or a numeric offset, optional fraction).
+pub fn parse_rfc3339(s: &str) -> Result<std::time::SystemTime, String> {
+    let bad = || format!("invalid RFC 3339 timestamp `{s}`");
+    let b = s.as_bytes();
+    if b.len() < 20 || b[4] != b'-' || b[7] != b'-' || !matches!(b[10], b'T' | b't' | b' ') {
+        return Err(bad());
+    }
+    let num = |r: std::ops::Range<usize>| s.get(r).and_then(|x| x.parse::<i64>().ok()).ok_or_else(bad);
+    let (year, month, day) = (num(0..4)?, num(5..7)?, num(8..10)?);
+    let (h, m, sec) = (num(11..13)?, num(14..16)?, num(17..19)?);
+    if !(1..=12).contains(&month) || !(1..=31).contains(&day) || h > 23 || m > 59 || sec > 60 {
+        return Err(bad());
+    }
+    let mut rest = &s[19..];
+    let mut nanos = 0u32;
+    if let Some(f) = rest.strip_prefix('.') {
+        let n = f.find(|c: char| !c.is_ascii_digit()).unwrap_or(f.len());
+        if n == 0 {
+            return Err(bad());
+        }
+        let digits = &f[..n.min(9)];
+        nanos = digits.parse::<u32>().map_err(|_| bad())? * 10u32.pow(9 - digits.len() as u32);
+        rest = &f[n..];
+    }
+    let offset = match rest {
+        "Z" | "z" => 0,
+        o if o.len() == 6 && (o.starts_with('+') || o.starts_with('-')) && &o[3..4] == ":" => {
+            let v = o[1..3].parse::<i64>().map_err(|_| bad())? * 3600 + o[4..6].parse::<i64>().map_err(|_| bad())? * 60;
+            if o.starts_with('-') {
+                -v
+            } else {
+                v
+            }
+        }
+        _ => return Err(bad()),
+    };
+    // Days-from-civil, the inverse of the above.
+    let y = if month <= 2 { year - 1 } else { year };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = if month > 2 { month - 3 } else { month + 9 };
+    let doy = (153 * mp + 2) / 5 + day - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    let secs = days * 86_400 + h * 3600 + m * 60 + sec - offset;
+    if secs < 0 {
+        return Err(bad());
+    }
+    Ok(std::time::UNIX_EPOCH + Duration::new(secs as u64, nanos))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -134,5 +209,17 @@ mod tests {
     fn suggestions() {
         assert_eq!(nearest("hostnme", ["hostname", "filesystem"]), Some("hostname"));
         assert_eq!(nearest("zzzzzz", ["hostname"]), None);
+    }
+
+    #[test]
+    fn timestamps_round_trip() {
+        let t = std::time::UNIX_EPOCH + Duration::from_millis(1_795_426_200_123);
+        assert_eq!(rfc3339(t), "2026-11-23T09:30:00.123Z");
+        assert_eq!(parse_rfc3339("2026-11-23T09:30:00.123Z").unwrap(), t);
+        assert_eq!(parse_rfc3339("2026-11-23T11:30:00.123+02:00").unwrap(), t);
+        assert_eq!(rfc3339(std::time::UNIX_EPOCH), "1970-01-01T00:00:00.000Z");
+        assert_eq!(rfc3339(parse_rfc3339("2000-02-29T23:59:59Z").unwrap()), "2000-02-29T23:59:59.000Z");
+        assert!(parse_rfc3339("2026-13-01T00:00:00Z").is_err());
+        assert!(parse_rfc3339("yesterday").is_err());
     }
 }

@@ -314,3 +314,15 @@ fn enable_v2_controller(jail_dir: &Path, ctrl: &str) -> Result<(), String> {
         Err(e) => Err(format!("enable {ctrl} in {}: {e}", parent.display())),
     }
 }
+
+/// `remove_stale` for every hierarchy this process's jails would be created in: for a long-lived
+/// worker, which clears what a killed session supervisor left without waiting for the next jail.
+pub fn remove_stale_all() {
+    let layout = Layout::detect();
+    if let (Some(m), Some(own)) = (&layout.v2_mount, &layout.v2_self) {
+        remove_stale(&join(m, own));
+    }
+    for (_, mount, own) in &layout.v1 {
+        remove_stale(&join(mount, own));
+    }
+}

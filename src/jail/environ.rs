@@ -94,3 +94,34 @@ pub fn scrub_own_environment() {
         }
     }
 }
+
+/// Removes `names` from this process's environment: from libc's list and, value bytes zeroed,
+/// from the original block behind /proc/PID/environ. Unlike `scrub_own_environment` it keeps
+/// everything else (PATH, proxies, RUST_LOG) — for the worker, which lives on with its
+/// environment. Call it while the process is still single-threaded.
+pub fn scrub_variables(names: &[&str]) {
+    for n in names {
+        // SAFETY: documented precondition: no other thread exists yet that could read the
+        // environment concurrently.
+        unsafe { std::env::remove_var(n) };
+    }
+    let range = std::fs::read_to_string("/proc/self/stat").ok().and_then(|stat| {
+        let rest = &stat[stat.rfind(')')? + 1..];
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        Some((f.get(47)?.parse::<usize>().ok()?, f.get(48)?.parse::<usize>().ok()?))
+    });
+    let Some((start, end)) = range.filter(|(s, e)| *s != 0 && e > s && e - s < (1 << 24)) else { return };
+    // SAFETY: [env_start, env_end) is this process's initial environment block, mapped
+    // read-write by the kernel at exec; libc's environ no longer points at the entries removed
+    // above, and only those entries' bytes are overwritten.
+    let block = unsafe { std::slice::from_raw_parts_mut(start as *mut u8, end - start) };
+    let mut i = 0;
+    while i < block.len() {
+        let len = block[i..].iter().position(|&b| b == 0).unwrap_or(block.len() - i);
+        let entry = &block[i..i + len];
+        if names.iter().any(|n| entry.len() > n.len() && entry.starts_with(n.as_bytes()) && entry[n.len()] == b'=') {
+            block[i..i + len].fill(0);
+        }
+        i += len + 1;
+    }
+}

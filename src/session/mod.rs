@@ -102,10 +102,20 @@ impl Session {
 
 /// `stockade session`: one JSON object per input line (`{"id", "name", "input"}`), one result
 /// per output line (`{"id", "content", "is_error"}`), in order. EOF ends the session. A line
-/// that is not a valid request gets an error result and the session goes on.
-pub fn run_json_lines<R: BufRead, W: Write>(spec: &JailSpec, input: R, mut out: W) -> Result<(), JailError> {
+/// that is not a valid request gets an error result and the session goes on. With `announce`,
+/// a first line `{"ready": true, "pid": N}` tells the caller that the jail is built.
+pub fn run_json_lines<R: BufRead, W: Write>(
+    spec: &JailSpec,
+    input: R,
+    mut out: W,
+    announce: bool,
+) -> Result<(), JailError> {
     let mut session = Session::start(spec)?;
     let io_err = |e: std::io::Error| JailError::new(Step::Supervise, format!("writing results: {e}"));
+    if announce {
+        let line = serde_json::json!({"ready": true, "pid": session.pid()});
+        writeln!(out, "{line}").and_then(|()| out.flush()).map_err(io_err)?;
+    }
     for line in input.lines() {
         let line = line.map_err(|e| JailError::new(Step::Supervise, format!("reading requests: {e}")))?;
         if line.trim().is_empty() {

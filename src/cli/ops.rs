@@ -1,0 +1,599 @@
+//! The commands around the worker: `worker`, `webhook`, `control-plane`, `stats`, `stop`, `demo`.
+
+use clap::{Args, Subcommand};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+use tokio::sync::{watch, Notify};
+
+use stockade::control_plane::local::{self, CreateSession, LocalConfig, LocalControlPlane, SessionView};
+use stockade::control_plane::webhook::{self, Verifier};
+use stockade::control_plane::wire::{self, AuthScheme};
+use stockade::control_plane::{Client, Secret};
+use stockade::util::parse_duration;
+use stockade::worker::{self, key, Shutdown, WorkerConfig};
+
+use super::{fail, LogFormat};
+
+fn duration(s: &str) -> Result<Duration, String> {
+    parse_duration(s)
+}
+
+#[derive(Args)]
+pub struct WorkerArgs {
+    /// The environment whose work queue to serve.
+    #[arg(long, env = "ANTHROPIC_ENVIRONMENT_ID")]
+    environment_id: String,
+    /// API base URL.
+    #[arg(long, default_value = wire::DEFAULT_API_URL)]
+    api_url: String,
+    /// File holding the environment key (mode 0600). Otherwise the systemd credential
+    /// `anthropic-environment-key`, then $ANTHROPIC_ENVIRONMENT_KEY.
+    #[arg(long)]
+    environment_key_file: Option<PathBuf>,
+    /// How the key is sent.
+    #[arg(long, value_enum, default_value_t = AuthScheme::XApiKey)]
+    auth: AuthScheme,
+    /// Policy file or built-in name for every session jail.
+    #[arg(long, short = 'p', default_value = "default")]
+    policy: String,
+    /// Sessions run at once.
+    #[arg(long, default_value_t = 8)]
+    max_sessions: usize,
+    /// Held items, workspaces and retained outputs [default: /var/lib/stockade as root,
+    /// ~/.local/state/stockade otherwise].
+    #[arg(long)]
+    state_dir: Option<PathBuf>,
+    /// Working directory of sessions (the jail mounts the workspace at /workspace).
+    #[arg(long, default_value = "/workspace")]
+    workdir: String,
+    /// Serve Prometheus metrics at http://ADDR/metrics.
+    #[arg(long, value_name = "ADDR")]
+    metrics: Option<SocketAddr>,
+    /// Graceful stop bound on SIGTERM; then sessions are killed.
+    #[arg(long, default_value = "60s", value_parser = duration)]
+    shutdown_timeout: Duration,
+    /// How long ended sessions' outputs are kept under the state directory.
+    #[arg(long, default_value = "168h", value_parser = duration)]
+    outputs_retention: Duration,
+    /// Heartbeat period [default: a third of the lease].
+    #[arg(long, value_parser = duration)]
+    heartbeat_interval: Option<Duration>,
+    /// How long one claim waits for work (long poll).
+    #[arg(long, default_value = "20s", value_parser = duration)]
+    poll_wait: Duration,
+    /// Timeout of one API call.
+    #[arg(long, default_value = "15s", value_parser = duration)]
+    api_timeout: Duration,
+    /// Start even though ANTHROPIC_API_KEY is set (it is scrubbed, but it was on this host).
+    #[arg(long)]
+    allow_org_key_in_env: bool,
+}
+
+#[derive(Args)]
+pub struct WebhookArgs {
+    #[command(flatten)]
+    worker: WorkerArgs,
+    /// Where deliveries arrive (POST, any path).
+    #[arg(long, value_name = "ADDR")]
+    listen: SocketAddr,
+    /// File holding the webhook secret (`whsec_…`).
+    #[arg(long)]
+    secret_file: PathBuf,
+}
+
+#[derive(Args)]
+pub struct ControlPlaneArgs {
+    #[command(subcommand)]
+    command: Option<CpCommand>,
+    /// Address to serve on (loopback).
+    #[arg(long, default_value = "127.0.0.1:8787")]
+    listen: SocketAddr,
+    /// Directory for the state file and keys; without it, state is in memory and keys go to a
+    /// fresh directory under /tmp.
+    #[arg(long)]
+    state: Option<PathBuf>,
+    /// Lease length of a claim.
+    #[arg(long, default_value = "30s", value_parser = duration)]
+    lease: Duration,
+}
+
+#[derive(Args)]
+struct OrgAccess {
+    /// API base URL.
+    #[arg(long, default_value = "http://127.0.0.1:8787")]
+    api_url: String,
+    /// File holding the organisation key; otherwise $ANTHROPIC_API_KEY.
+    #[arg(long)]
+    api_key_file: Option<PathBuf>,
+}
+
+#[derive(Subcommand)]
+enum CpCommand {
+    /// Sessions of a running local control plane.
+    Session {
+        #[command(subcommand)]
+        command: SessionCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum SessionCommand {
+    /// Create a session driven by a JSON-lines script of tool calls
+    /// (`{"name": "bash", "input": {"command": "ls"}}` per line; `"end_session": true` ends early).
+    Create {
+        #[arg(long)]
+        script: PathBuf,
+        #[arg(long, env = "ANTHROPIC_ENVIRONMENT_ID", default_value = local::DEFAULT_ENVIRONMENT)]
+        environment_id: String,
+        #[command(flatten)]
+        access: OrgAccess,
+    },
+    /// Print a session's transcript: calls, results, timings.
+    Show {
+        id: String,
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        access: OrgAccess,
+    },
+}
+
+#[derive(Args)]
+pub struct StatsArgs {
+    #[arg(long, env = "ANTHROPIC_ENVIRONMENT_ID")]
+    environment_id: String,
+    #[arg(long, default_value = wire::DEFAULT_API_URL)]
+    api_url: String,
+    #[arg(long)]
+    api_key_file: Option<PathBuf>,
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+pub struct StopArgs {
+    /// The work item.
+    #[arg(env = "ANTHROPIC_WORK_ID")]
+    work_id: String,
+    #[arg(long, env = "ANTHROPIC_ENVIRONMENT_ID")]
+    environment_id: String,
+    /// Kill the session's jail at once instead of finishing the in-flight tool call.
+    #[arg(long)]
+    force: bool,
+    #[arg(long, default_value = wire::DEFAULT_API_URL)]
+    api_url: String,
+    #[arg(long)]
+    api_key_file: Option<PathBuf>,
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("building the async runtime")
+}
+
+fn default_state_dir() -> PathBuf {
+    if nix::unistd::geteuid().is_root() {
+        return PathBuf::from("/var/lib/stockade");
+    }
+    let base = std::env::var_os("XDG_STATE_HOME").map(PathBuf::from).unwrap_or_else(|| {
+        PathBuf::from(std::env::var_os("HOME").unwrap_or_else(|| "/tmp".into())).join(".local/state")
+    });
+    base.join("stockade")
+}
+
+/// The organisation key for ops commands: a file, or $ANTHROPIC_API_KEY.
+fn org_key(file: Option<&Path>) -> Result<Secret, String> {
+    match file {
+        Some(p) => std::fs::read_to_string(p)
+            .map(|s| Secret::new(s.trim()))
+            .map_err(|e| format!("--api-key-file {}: {e}", p.display())),
+        None => std::env::var(key::ORG_KEY_VAR)
+            .map(|s| Secret::new(s.trim()))
+            .map_err(|_| format!("no organisation key: set {} or pass --api-key-file", key::ORG_KEY_VAR)),
+    }
+}
+
+/// SIGTERM/SIGINT: the first asks for a graceful stop, the second forces.
+fn watch_signals(tx: watch::Sender<Shutdown>) {
+    tokio::spawn(async move {
+        use tokio::signal::unix::{signal, SignalKind};
+        let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+            tracing::error!("cannot handle signals");
+            return;
+        };
+        for level in [Shutdown::Graceful, Shutdown::Force] {
+            tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
+            tracing::warn!(?level, "signal received");
+            let _ = tx.send(level);
+        }
+    });
+}
+
+fn worker_config(a: &WorkerArgs, log: LogFormat) -> Result<WorkerConfig, String> {
+    // Read once, before any thread exists, and scrubbed from our environment.
+    let (k, source) =
+        key::load(a.environment_key_file.as_deref(), a.allow_org_key_in_env).map_err(|e| e.to_string())?;
+    tracing::info!(%source, "environment key loaded");
+    let mut c = WorkerConfig::new(&a.environment_id, &a.api_url, k);
+    c.auth = a.auth;
+    c.policy = a.policy.clone();
+    c.max_sessions = a.max_sessions;
+    c.state_dir = a.state_dir.clone().unwrap_or_else(default_state_dir);
+    c.workdir = a.workdir.clone();
+    c.metrics = a.metrics;
+    c.shutdown_timeout = a.shutdown_timeout;
+    c.log_json = log == LogFormat::Json;
+    c.poll_wait = a.poll_wait;
+    c.heartbeat_every = a.heartbeat_interval;
+    c.api_timeout = a.api_timeout;
+    c.outputs_retention = a.outputs_retention;
+    Ok(c)
+}
+
+pub fn worker(a: WorkerArgs, wake: Option<Arc<Notify>>, log: LogFormat) -> i32 {
+    let mut cfg = match worker_config(&a, log) {
+        Ok(c) => c,
+        Err(e) => return fail(e),
+    };
+    cfg.wake = wake;
+    let rt = runtime();
+    rt.block_on(async {
+        let (tx, rx) = watch::channel(Shutdown::Running);
+        watch_signals(tx);
+        match worker::run(cfg, rx).await {
+            Ok(()) => 0,
+            Err(e) => fail(e),
+        }
+    })
+}
+
+pub fn webhook(a: WebhookArgs, log: LogFormat) -> i32 {
+    let secret = match std::fs::read_to_string(&a.secret_file)
+        .map_err(|e| format!("--secret-file {}: {e}", a.secret_file.display()))
+        .and_then(|s| webhook::parse_secret(&s).map_err(|e| format!("--secret-file {}: {e}", a.secret_file.display())))
+    {
+        Ok(k) => k,
+        Err(e) => return fail(e),
+    };
+    let mut cfg = match worker_config(&a.worker, log) {
+        Ok(c) => c,
+        Err(e) => return fail(e),
+    };
+    let wake = Arc::new(Notify::new());
+    cfg.wake = Some(wake.clone());
+    let verifier = Arc::new(Verifier::new(secret, webhook::DEFAULT_TOLERANCE));
+    let rt = runtime();
+    rt.block_on(async move {
+        let listener = match tokio::net::TcpListener::bind(a.listen).await {
+            Ok(l) => l,
+            Err(e) => return fail(format!("--listen {}: {e}", a.listen)),
+        };
+        let app = axum::Router::new().fallback(axum::routing::post(
+            move |headers: axum::http::HeaderMap, body: axum::body::Bytes| {
+                let (verifier, wake) = (verifier.clone(), wake.clone());
+                async move {
+                    let h = |n: &str| headers.get(n).and_then(|v| v.to_str().ok());
+                    let r = verifier.verify(
+                        h(wire::webhook_header::ID),
+                        h(wire::webhook_header::TIMESTAMP),
+                        h(wire::webhook_header::SIGNATURE),
+                        &body,
+                        SystemTime::now(),
+                    );
+                    match r {
+                        Ok(()) => {
+                            let kind = serde_json::from_slice::<serde_json::Value>(&body)
+                                .ok()
+                                .and_then(|v| {
+                                    let d = v.get("data").unwrap_or(&v);
+                                    d.get("type").and_then(|t| t.as_str()).map(str::to_owned)
+                                })
+                                .unwrap_or_default();
+                            tracing::info!(event = %kind, "webhook delivery verified");
+                            // Any verified delivery drains the queue: one recovers missed ones.
+                            wake.notify_one();
+                            axum::http::StatusCode::NO_CONTENT
+                        }
+                        Err(e) => {
+                            tracing::warn!(error = %e, "webhook delivery rejected");
+                            axum::http::StatusCode::UNAUTHORIZED
+                        }
+                    }
+                }
+            },
+        ));
+        tokio::spawn(async move {
+            if let Err(e) = axum::serve(listener, app).await {
+                tracing::error!(error = %e, "webhook listener stopped");
+            }
+        });
+        let (tx, rx) = watch::channel(Shutdown::Running);
+        watch_signals(tx);
+        match worker::run(cfg, rx).await {
+            Ok(()) => 0,
+            Err(e) => fail(e),
+        }
+    })
+}
+
+pub fn control_plane(a: ControlPlaneArgs) -> i32 {
+    match a.command {
+        Some(CpCommand::Session { command }) => return session_command(command),
+        None => {}
+    }
+    let cfg = LocalConfig { lease: a.lease, state_file: a.state.as_ref().map(|d| d.join("control-plane.json")) };
+    if let Some(d) = &a.state {
+        if let Err(e) = std::fs::create_dir_all(d) {
+            return fail(format!("--state {}: {e}", d.display()));
+        }
+    }
+    let cp = match LocalControlPlane::new(cfg) {
+        Ok(cp) => cp,
+        Err(e) => return fail(e),
+    };
+    let keys =
+        a.state.clone().unwrap_or_else(|| std::env::temp_dir().join(format!("stockade-cp-{}", std::process::id())));
+    if let Err(e) = std::fs::create_dir_all(&keys).and_then(|()| {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&keys, std::fs::Permissions::from_mode(0o700))?;
+        cp.write_keys(&keys)
+    }) {
+        return fail(format!("writing keys to {}: {e}", keys.display()));
+    }
+    runtime().block_on(async move {
+        let listener = match tokio::net::TcpListener::bind(a.listen).await {
+            Ok(l) => l,
+            Err(e) => return fail(format!("--listen {}: {e}", a.listen)),
+        };
+        let addr = listener.local_addr().map(|a| a.to_string()).unwrap_or_default();
+        eprintln!(
+            "stockade control plane on http://{addr}\n  environment {env}: key in {k}\n  organisation key in {o}\n\
+             run a worker:  stockade worker --environment-id {env} --api-url http://{addr} --environment-key-file {k}",
+            env = local::DEFAULT_ENVIRONMENT,
+            k = keys.join(format!("{}.key", local::DEFAULT_ENVIRONMENT)).display(),
+            o = keys.join("org.key").display(),
+        );
+        let shutdown = async {
+            let _ = tokio::signal::ctrl_c().await;
+        };
+        match cp.serve(listener, shutdown).await {
+            Ok(()) => 0,
+            Err(e) => fail(e),
+        }
+    })
+}
+
+fn session_command(c: SessionCommand) -> i32 {
+    let access = match &c {
+        SessionCommand::Create { access, .. } | SessionCommand::Show { access, .. } => access,
+    };
+    let k = match org_key(access.api_key_file.as_deref()) {
+        Ok(k) => k,
+        Err(e) => return fail(e),
+    };
+    let client = match Client::new(&access.api_url, k, AuthScheme::XApiKey) {
+        Ok(c) => c,
+        Err(e) => return fail(e),
+    };
+    runtime().block_on(async move {
+        match c {
+            SessionCommand::Create { script, environment_id, .. } => {
+                let text = match std::fs::read_to_string(&script) {
+                    Ok(t) => t,
+                    Err(e) => return fail(format!("--script {}: {e}", script.display())),
+                };
+                let steps = match local::parse_script(&text, &script.display().to_string()) {
+                    Ok(s) => s,
+                    Err(e) => return fail(e),
+                };
+                let req =
+                    CreateSession { environment_id, script: steps, metadata: Default::default(), skills: Vec::new() };
+                match client
+                    .local::<local::CreatedSession, _>(reqwest::Method::POST, "/v1/local/sessions", Some(&req))
+                    .await
+                {
+                    Ok(Some(s)) => {
+                        println!("{}", serde_json::to_string(&s).expect("serialises"));
+                        0
+                    }
+                    Ok(None) => fail("empty answer"),
+                    Err(e) => fail(e),
+                }
+            }
+            SessionCommand::Show { id, json, .. } => {
+                let p = format!("/v1/local/sessions/{id}");
+                match client.local::<SessionView, ()>(reqwest::Method::GET, &p, None).await {
+                    Ok(Some(v)) if json => {
+                        println!("{}", serde_json::to_string_pretty(&v).expect("serialises"));
+                        0
+                    }
+                    Ok(Some(v)) => {
+                        print!("{}", transcript(&v));
+                        0
+                    }
+                    Ok(None) => fail("empty answer"),
+                    Err(e) => fail(e),
+                }
+            }
+        }
+    })
+}
+
+/// A human-readable transcript of a session.
+pub fn transcript(v: &SessionView) -> String {
+    use std::fmt::Write;
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "session {} ({}), work item {} ({:?}, claimed {}×)",
+        v.id, v.status, v.work_id, v.work_state, v.claims
+    );
+    for (i, c) in v.calls.iter().enumerate() {
+        let input = serde_json::to_string(&c.input).unwrap_or_default();
+        let took = c.latency_ms.map(|ms| format!("{ms} ms")).unwrap_or_else(|| "pending".into());
+        let _ = writeln!(s, "\n[{}] {} {}  ({took})", i + 1, c.name, input);
+        let mark = if c.is_error == Some(true) { "error: " } else { "" };
+        for line in c.result.as_deref().unwrap_or("(no result yet)").lines() {
+            let _ = writeln!(s, "    {mark}{line}");
+        }
+    }
+    if v.duplicate_results > 0 {
+        let _ = writeln!(s, "\nWARNING: {} duplicate results were refused", v.duplicate_results);
+    }
+    s
+}
+
+pub fn stats(a: StatsArgs) -> i32 {
+    let k = match org_key(a.api_key_file.as_deref()) {
+        Ok(k) => k,
+        Err(e) => return fail(e),
+    };
+    runtime().block_on(async move {
+        let client = match Client::new(&a.api_url, k, AuthScheme::XApiKey) {
+            Ok(c) => c,
+            Err(e) => return fail(e),
+        };
+        match client.stats(&a.environment_id).await {
+            Ok(s) if a.json => {
+                println!("{}", serde_json::to_string(&s).expect("serialises"));
+                0
+            }
+            Ok(s) => {
+                println!(
+                    "depth {}  pending {}  workers_polling {}  oldest_queued_at {}",
+                    s.depth,
+                    s.pending,
+                    s.workers_polling,
+                    s.oldest_queued_at.as_deref().unwrap_or("-")
+                );
+                0
+            }
+            Err(e) => fail(e),
+        }
+    })
+}
+
+pub fn stop(a: StopArgs) -> i32 {
+    let k = match org_key(a.api_key_file.as_deref()) {
+        Ok(k) => k,
+        Err(e) => return fail(e),
+    };
+    runtime().block_on(async move {
+        let client = match Client::new(&a.api_url, k, AuthScheme::XApiKey) {
+            Ok(c) => c,
+            Err(e) => return fail(e),
+        };
+        match client.stop(&a.environment_id, &a.work_id, a.force).await {
+            Ok(w) => {
+                println!("{} {:?}", w.id, w.state);
+                0
+            }
+            Err(e) => fail(e),
+        }
+    })
+}
+
+const DEMO_SCRIPT: &str = include_str!("demo.jsonl");
+
+/// `stockade demo`: the whole main job in one process.
+pub fn demo() -> i32 {
+    let steps = match local::parse_script(DEMO_SCRIPT, "demo.jsonl") {
+        Ok(s) => s,
+        Err(e) => return fail(e),
+    };
+    let cp = match LocalControlPlane::new(LocalConfig::default()) {
+        Ok(cp) => cp,
+        Err(e) => return fail(e),
+    };
+    let state = std::env::temp_dir().join(format!("stockade-demo-{}", std::process::id()));
+    let env_key = cp.environment_key(local::DEFAULT_ENVIRONMENT).expect("default environment");
+    let code = runtime().block_on(async {
+        let listener = match tokio::net::TcpListener::bind("127.0.0.1:0").await {
+            Ok(l) => l,
+            Err(e) => return fail(format!("binding a loopback port: {e}")),
+        };
+        let url = format!("http://{}", listener.local_addr().expect("bound"));
+        let (stop_cp, stopped) = tokio::sync::oneshot::channel::<()>();
+        tokio::spawn(cp.clone().serve(listener, async {
+            let _ = stopped.await;
+        }));
+        println!("local control plane on {url}; environment {}", local::DEFAULT_ENVIRONMENT);
+        let created = match cp.create_session(CreateSession {
+            environment_id: local::DEFAULT_ENVIRONMENT.into(),
+            script: steps,
+            metadata: Default::default(),
+            skills: Vec::new(),
+        }) {
+            Ok(c) => c,
+            Err(e) => return fail(e),
+        };
+        println!(
+            "session {} queued as work item {}; starting a worker (policy: default)\n",
+            created.session_id, created.work_id
+        );
+        let mut cfg = WorkerConfig::new(local::DEFAULT_ENVIRONMENT, &url, env_key);
+        cfg.state_dir = state.clone();
+        cfg.max_sessions = 1;
+        cfg.poll_wait = Duration::from_secs(2);
+        cfg.events_wait = Duration::from_secs(2);
+        let (tx, rx) = watch::channel(Shutdown::Running);
+        let w = tokio::spawn(worker::run(cfg, rx));
+        let t = Instant::now();
+        let view = loop {
+            let v = cp.session_view(&created.session_id).expect("session exists");
+            let done = v.work_state != wire::WorkState::Queued
+                && !matches!(v.work_state, wire::WorkState::Claimed | wire::WorkState::Running);
+            if done || t.elapsed() > Duration::from_secs(120) || w.is_finished() {
+                break v;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        let _ = tx.send(Shutdown::Graceful);
+        let worker_result = w.await;
+        let _ = stop_cp.send(());
+        print!("{}", transcript(&view));
+        println!("\n{}", confinement_summary());
+        let answered = view.calls.iter().all(|c| c.result.is_some());
+        match worker_result {
+            Ok(Err(e)) => fail(e),
+            _ if view.work_state == wire::WorkState::Completed && answered => {
+                println!(
+                    "demo finished: {} tool calls, all answered, in {:.1} s",
+                    view.calls.len(),
+                    t.elapsed().as_secs_f64()
+                );
+                0
+            }
+            _ => fail(format!("the demo session did not complete (work item {:?})", view.work_state)),
+        }
+    });
+    let _ = std::fs::remove_dir_all(&state);
+    code
+}
+
+fn confinement_summary() -> String {
+    let Ok((p, _)) = stockade::policy::load(None) else { return String::new() };
+    let l = &p.limits;
+    format!(
+        "what confined the session (policy {}):\n  \
+         namespaces   user, mount, pid, ipc, uts, net, cgroup; network {:?}; hostname {:?}\n  \
+         filesystem   tmpfs root, read-only system dirs, rw /workspace, /mnt/session/outputs, /tmp\n  \
+         privileges   no capabilities, no_new_privs, jail uid {}\n  \
+         landlock     {:?}; seccomp allowlist of groups {}, default {:?}\n  \
+         limits       memory {}, pids {}, the worker's environment key never entered the jail",
+        p.source,
+        p.network.mode,
+        p.hostname,
+        p.user.uid,
+        p.landlock.compatibility,
+        p.seccomp.allow.join(" "),
+        p.seccomp.default_action,
+        l.memory.map(|m| stockade::util::format_size(m.0)).unwrap_or_else(|| "unlimited".into()),
+        l.pids.map(|n| n.to_string()).unwrap_or_else(|| "unlimited".into()),
+    )
+}

@@ -1,0 +1,150 @@
+//! Prometheus text-format metrics, kept by hand: a few counters, gauges and histograms do not
+//! justify a metrics framework.
+
+use std::collections::BTreeMap;
+use std::fmt::Write;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
+use std::sync::Mutex;
+use std::time::Duration;
+
+const BUCKETS: [f64; 12] = [0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0, 30.0, 120.0];
+
+#[derive(Default)]
+struct Histogram {
+    counts: [u64; BUCKETS.len()],
+    sum: f64,
+    count: u64,
+}
+
+impl Histogram {
+    fn observe(&mut self, v: f64) {
+        for (i, b) in BUCKETS.iter().enumerate() {
+            if v <= *b {
+                self.counts[i] += 1;
+            }
+        }
+        self.sum += v;
+        self.count += 1;
+    }
+
+    fn render(&self, out: &mut String, name: &str, labels: &str) {
+        let sep = if labels.is_empty() { "" } else { "," };
+        for (i, b) in BUCKETS.iter().enumerate() {
+            let _ = writeln!(out, "{name}_bucket{{{labels}{sep}le=\"{b}\"}} {}", self.counts[i]);
+        }
+        let _ = writeln!(out, "{name}_bucket{{{labels}{sep}le=\"+Inf\"}} {}", self.count);
+        let braces = if labels.is_empty() { String::new() } else { format!("{{{labels}}}") };
+        let _ = writeln!(out, "{name}_sum{braces} {}", self.sum);
+        let _ = writeln!(out, "{name}_count{braces} {}", self.count);
+    }
+}
+
+#[derive(Default)]
+pub struct Metrics {
+    pub active_sessions: AtomicI64,
+    pub claims: AtomicU64,
+    pub heartbeat_failures: AtomicU64,
+    pub lease_losses: AtomicU64,
+    pub result_post_retries: AtomicU64,
+    polls: Mutex<BTreeMap<&'static str, u64>>,
+    tool_calls: Mutex<BTreeMap<(String, &'static str), u64>>,
+    tool_latency: Mutex<BTreeMap<String, Histogram>>,
+    jail_build: Mutex<Histogram>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Metrics {
+    /// `outcome`: item, empty or error.
+    pub fn poll(&self, outcome: &'static str) {
+        *lock(&self.polls).entry(outcome).or_default() += 1;
+    }
+
+    pub fn tool_call(&self, tool: &str, is_error: bool, took: Duration) {
+        let outcome = if is_error { "error" } else { "ok" };
+        // Tool names come from the agent: keep the label set bounded.
+        let tool = if crate::tools::TOOLS.contains(&tool) { tool } else { "unknown" };
+        *lock(&self.tool_calls).entry((tool.to_owned(), outcome)).or_default() += 1;
+        lock(&self.tool_latency).entry(tool.to_owned()).or_default().observe(took.as_secs_f64());
+    }
+
+    pub fn jail_built(&self, took: Duration) {
+        lock(&self.jail_build).observe(took.as_secs_f64());
+    }
+
+    pub fn render(&self) -> String {
+        let mut o = String::new();
+        let mut simple = |name: &str, kind: &str, help: &str, v: String| {
+            let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}");
+        };
+        simple(
+            "stockade_active_sessions",
+            "gauge",
+            "Sessions with a live jail.",
+            self.active_sessions.load(Relaxed).to_string(),
+        );
+        simple("stockade_claims_total", "counter", "Work items claimed.", self.claims.load(Relaxed).to_string());
+        simple(
+            "stockade_heartbeat_failures_total",
+            "counter",
+            "Lease heartbeats that failed.",
+            self.heartbeat_failures.load(Relaxed).to_string(),
+        );
+        simple(
+            "stockade_lease_losses_total",
+            "counter",
+            "Items whose lease was lost.",
+            self.lease_losses.load(Relaxed).to_string(),
+        );
+        simple(
+            "stockade_result_post_retries_total",
+            "counter",
+            "Tool results posted again after a failure.",
+            self.result_post_retries.load(Relaxed).to_string(),
+        );
+        let _ = writeln!(
+            o,
+            "# HELP stockade_queue_polls_total Claim requests by outcome.\n# TYPE stockade_queue_polls_total counter"
+        );
+        for (k, v) in lock(&self.polls).iter() {
+            let _ = writeln!(o, "stockade_queue_polls_total{{outcome=\"{k}\"}} {v}");
+        }
+        let _ = writeln!(o, "# HELP stockade_tool_calls_total Tool calls by tool and outcome.\n# TYPE stockade_tool_calls_total counter");
+        for ((t, oc), v) in lock(&self.tool_calls).iter() {
+            let _ = writeln!(o, "stockade_tool_calls_total{{tool=\"{t}\",outcome=\"{oc}\"}} {v}");
+        }
+        let _ = writeln!(
+            o,
+            "# HELP stockade_tool_duration_seconds Tool call latency.\n# TYPE stockade_tool_duration_seconds histogram"
+        );
+        for (t, h) in lock(&self.tool_latency).iter() {
+            h.render(&mut o, "stockade_tool_duration_seconds", &format!("tool=\"{t}\""));
+        }
+        let _ = writeln!(o, "# HELP stockade_jail_build_seconds Time to build a session jail.\n# TYPE stockade_jail_build_seconds histogram");
+        lock(&self.jail_build).render(&mut o, "stockade_jail_build_seconds", "");
+        o
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_prometheus_text() {
+        let m = Metrics::default();
+        m.claims.fetch_add(2, Relaxed);
+        m.tool_call("bash", false, Duration::from_millis(3));
+        m.tool_call("evil\"name", true, Duration::from_secs(2));
+        m.poll("empty");
+        let t = m.render();
+        assert!(t.contains("stockade_claims_total 2\n"), "{t}");
+        assert!(t.contains("stockade_tool_calls_total{tool=\"bash\",outcome=\"ok\"} 1\n"), "{t}");
+        assert!(t.contains("stockade_tool_calls_total{tool=\"unknown\",outcome=\"error\"} 1\n"), "{t}");
+        assert!(t.contains("stockade_tool_duration_seconds_bucket{tool=\"bash\",le=\"0.005\"} 1\n"), "{t}");
+        assert!(t.contains("stockade_tool_duration_seconds_bucket{tool=\"bash\",le=\"0.001\"} 0\n"), "{t}");
+        assert!(t.contains("stockade_queue_polls_total{outcome=\"empty\"} 1\n"), "{t}");
+    }
+}

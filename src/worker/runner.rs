@@ -1,0 +1,121 @@
+//! A session's jail, driven from the worker. Jails must be built by a single-threaded process
+//! and the worker is a tokio runtime, so each session runs `stockade session --announce` as a
+//! child with an empty environment; the child builds the jail and relays tool calls as JSON
+//! lines. The child dies with the worker (PDEATHSIG), and the jail with the child.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader, Lines};
+use tokio::process::{Child, ChildStdin, ChildStdout, Command};
+
+use crate::session::{Request, Response};
+use crate::tools::ToolResult;
+
+/// How a session subprocess is started.
+#[derive(Debug, Clone)]
+pub struct RunnerConfig {
+    /// The `stockade` binary (normally /proc/self/exe).
+    pub exe: PathBuf,
+    /// `--policy` for the jail: a built-in name or a file.
+    pub policy: String,
+    pub log_json: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RunnerError {
+    #[error("starting the session process: {0}")]
+    Spawn(std::io::Error),
+    #[error("the session jail could not be built (exit status {0}); its error is in the log")]
+    Build(String),
+    #[error("the session jail is gone: {0}")]
+    Gone(String),
+}
+
+pub struct SessionProcess {
+    child: Child,
+    stdin: Option<ChildStdin>,
+    stdout: Lines<BufReader<ChildStdout>>,
+    /// The jail's init, as seen from the host.
+    pub jail_pid: i32,
+    pub build_time: Duration,
+}
+
+impl SessionProcess {
+    pub async fn start(cfg: &RunnerConfig, workspace: &Path, outputs: &Path) -> Result<SessionProcess, RunnerError> {
+        let t = Instant::now();
+        let mut cmd = Command::new(&cfg.exe);
+        if cfg.log_json {
+            cmd.args(["--log", "json"]);
+        }
+        cmd.args(["session", "--announce", "--policy", &cfg.policy, "--workspace"])
+            .arg(workspace)
+            .arg("--outputs")
+            .arg(outputs)
+            .env_clear()
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .kill_on_drop(true);
+        // SAFETY: the closure runs in the forked child before exec and only calls prctl, which
+        // is async-signal-safe; it touches no memory shared with the parent.
+        unsafe {
+            cmd.pre_exec(|| {
+                nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL).map_err(std::io::Error::from)
+            });
+        }
+        let mut child = cmd.spawn().map_err(RunnerError::Spawn)?;
+        let stdin = child.stdin.take();
+        let mut stdout = BufReader::new(child.stdout.take().expect("piped")).lines();
+        let ready = match stdout.next_line().await {
+            Ok(Some(l)) => serde_json::from_str::<serde_json::Value>(&l).ok(),
+            _ => None,
+        };
+        let Some(pid) = ready.as_ref().and_then(|r| r.get("pid")).and_then(|p| p.as_i64()) else {
+            let status = child.wait().await.map(|s| s.to_string()).unwrap_or_else(|e| e.to_string());
+            return Err(RunnerError::Build(status));
+        };
+        Ok(SessionProcess { child, stdin, stdout, jail_pid: pid as i32, build_time: t.elapsed() })
+    }
+
+    /// The supervising process's pid.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.id()
+    }
+
+    /// One tool call. `Err` means the jail is gone: the session needs a new one.
+    pub async fn call(&mut self, id: &str, name: &str, input: &serde_json::Value) -> Result<ToolResult, RunnerError> {
+        let gone = |e: String| RunnerError::Gone(e);
+        let req = Request { id: id.into(), name: name.into(), input: input.clone() };
+        let mut line = serde_json::to_vec(&req).expect("requests serialise");
+        line.push(b'\n');
+        let stdin = self.stdin.as_mut().ok_or_else(|| gone("already closed".into()))?;
+        stdin.write_all(&line).await.map_err(|e| gone(e.to_string()))?;
+        stdin.flush().await.map_err(|e| gone(e.to_string()))?;
+        let l = self.stdout.next_line().await.map_err(|e| gone(e.to_string()))?.ok_or_else(|| gone("exited".into()))?;
+        let r: Response = serde_json::from_str(&l).map_err(|e| gone(format!("unreadable result: {e}")))?;
+        if r.id.as_deref() != Some(id) {
+            return Err(gone(format!("result for {:?} while waiting for {id}", r.id)));
+        }
+        Ok(ToolResult { content: r.content, is_error: r.is_error })
+    }
+
+    /// Kills the jail at once (the supervisor's death takes the jail with it).
+    pub async fn kill(mut self) {
+        let _ = self.child.start_kill();
+        let _ = self.child.wait().await;
+        // The killed supervisor could not remove the jail's cgroup.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        tokio::task::spawn_blocking(crate::jail::cgroups::remove_stale_all).await.ok();
+    }
+
+    /// Ends the session cleanly: EOF makes the jail's init kill everything and exit; the
+    /// supervisor removes the cgroup. Killed if that takes longer than `grace`.
+    pub async fn end(mut self, grace: Duration) {
+        drop(self.stdin.take());
+        match tokio::time::timeout(grace, self.child.wait()).await {
+            Ok(_) => {}
+            Err(_) => self.kill().await,
+        }
+    }
+}

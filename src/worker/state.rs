@@ -1,0 +1,268 @@
+//! The worker's state directory: who this worker is, which items it holds, results not yet
+//! posted, and retained outputs. What survives a crash is exactly what is written here.
+//!
+//! ```text
+//! STATE/worker.lock              flock: one worker per state directory
+//! STATE/worker-id                the worker's identity across restarts (leases are held by it)
+//! STATE/items/WORK/item.json     a held item
+//! STATE/items/WORK/workspace/    the session's /workspace
+//! STATE/items/WORK/outputs/      the session's /mnt/session/outputs
+//! STATE/items/WORK/outbox/ID.json  a tool result produced but not yet known to be posted
+//! STATE/outputs/SESSION-WORK/    outputs of ended sessions, kept for the retention period
+//! ```
+
+use serde::{Deserialize, Serialize};
+use std::fs;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
+
+use crate::control_plane::wire::WorkItem;
+use crate::tools::ToolResult;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    #[error("state directory {0}: {1}")]
+    Io(PathBuf, std::io::Error),
+    #[error("state directory {0} is in use by another worker (pid in {0}/worker.lock)")]
+    Locked(PathBuf),
+    #[error("{0}: {1}")]
+    Corrupt(PathBuf, String),
+}
+
+fn io(p: &Path) -> impl FnOnce(std::io::Error) -> StateError + '_ {
+    move |e| StateError::Io(p.to_path_buf(), e)
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ItemRecord {
+    pub item: WorkItem,
+    pub environment_id: String,
+    pub started_at: String,
+}
+
+/// A result waiting in the outbox.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Pending {
+    pub tool_use_id: String,
+    pub content: String,
+    pub is_error: bool,
+}
+
+pub struct StateDir {
+    root: PathBuf,
+    _lock: fs::File,
+    pub worker_id: String,
+}
+
+/// The directories of one held item.
+#[derive(Debug, Clone)]
+pub struct ItemDirs {
+    pub dir: PathBuf,
+    pub workspace: PathBuf,
+    pub outputs: PathBuf,
+    pub outbox: PathBuf,
+    /// The workspace was created now (not a resumed one).
+    pub fresh: bool,
+}
+
+fn mkdir(p: &Path, mode: u32) -> Result<(), StateError> {
+    match fs::DirBuilder::new().recursive(true).mode(mode).create(p) {
+        Ok(()) => Ok(()),
+        Err(e) => Err(StateError::Io(p.into(), e)),
+    }
+}
+
+fn safe_component(s: &str) -> bool {
+    !s.is_empty() && s.len() <= 128 && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+}
+
+impl StateDir {
+    /// Opens (creating) the state directory and takes its lock.
+    pub fn open(root: &Path) -> Result<StateDir, StateError> {
+        // 0711: the jail's supervisor must traverse into the session directories; nobody
+        // needs to list them.
+        mkdir(root, 0o711)?;
+        mkdir(&root.join("items"), 0o711)?;
+        mkdir(&root.join("outputs"), 0o700)?;
+        let lock_path = root.join("worker.lock");
+        let lock =
+            fs::OpenOptions::new().create(true).truncate(false).write(true).open(&lock_path).map_err(io(&lock_path))?;
+        // SAFETY: flock on an fd we own; no memory is involved.
+        if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            return Err(StateError::Locked(root.into()));
+        }
+        lock.set_len(0).map_err(io(&lock_path))?;
+        std::io::Write::write_all(&mut &lock, std::process::id().to_string().as_bytes()).map_err(io(&lock_path))?;
+        let id_path = root.join("worker-id");
+        let worker_id = match fs::read_to_string(&id_path) {
+            Ok(s) if safe_component(s.trim()) => s.trim().to_owned(),
+            Ok(_) => return Err(StateError::Corrupt(id_path, "not a worker id".into())),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                let host = nix::unistd::gethostname().ok().and_then(|h| h.into_string().ok()).unwrap_or_default();
+                let host: String = host.chars().filter(|c| c.is_ascii_alphanumeric() || *c == '-').take(32).collect();
+                let id = format!("wkr_{host}_{:016x}", fastrand::u64(..));
+                fs::write(&id_path, &id).map_err(io(&id_path))?;
+                id
+            }
+            Err(e) => return Err(StateError::Io(id_path, e)),
+        };
+        Ok(StateDir { root: root.into(), _lock: lock, worker_id })
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    fn item_dir(&self, work_id: &str) -> Result<PathBuf, StateError> {
+        if !safe_component(work_id) {
+            return Err(StateError::Corrupt(self.root.join("items"), format!("unsafe work id {work_id:?}")));
+        }
+        Ok(self.root.join("items").join(work_id))
+    }
+
+    /// Records a held item and makes its directories, owned by the jail user's host ids.
+    pub fn hold(&self, rec: &ItemRecord, owner: (u32, u32)) -> Result<ItemDirs, StateError> {
+        let dir = self.item_dir(&rec.item.id)?;
+        mkdir(&dir, 0o711)?;
+        let dirs = ItemDirs {
+            workspace: dir.join("workspace"),
+            outputs: dir.join("outputs"),
+            outbox: dir.join("outbox"),
+            fresh: !dir.join("workspace").exists(),
+            dir: dir.clone(),
+        };
+        for d in [&dirs.workspace, &dirs.outputs] {
+            if !d.exists() {
+                mkdir(d, 0o755)?;
+                nix::unistd::chown(d.as_path(), Some(owner.0.into()), Some(owner.1.into()))
+                    .map_err(|e| StateError::Io(d.clone(), e.into()))?;
+            }
+        }
+        mkdir(&dirs.outbox, 0o700)?;
+        let p = dir.join("item.json");
+        write_atomic(&p, &serde_json::to_vec_pretty(rec).expect("records serialise"))?;
+        Ok(dirs)
+    }
+
+    /// Items recorded by an earlier run.
+    pub fn held(&self) -> Vec<ItemRecord> {
+        let mut v = Vec::new();
+        let Ok(rd) = fs::read_dir(self.root.join("items")) else { return v };
+        for e in rd.flatten() {
+            let p = e.path().join("item.json");
+            match fs::read(&p).map(|b| serde_json::from_slice::<ItemRecord>(&b)) {
+                Ok(Ok(r)) => v.push(r),
+                Ok(Err(err)) => {
+                    tracing::error!(file = %p.display(), error = %err, "unreadable item record; left alone")
+                }
+                Err(_) => {
+                    // A directory without a record: a crash between mkdir and the write.
+                    let _ = fs::remove_dir_all(e.path());
+                }
+            }
+        }
+        v
+    }
+
+    pub fn put_outbox(&self, dirs: &ItemDirs, id: &str, r: &ToolResult) -> Result<(), StateError> {
+        let p = dirs.outbox.join(format!("{}.json", outbox_name(id)));
+        let rec = Pending { tool_use_id: id.into(), content: r.content.clone(), is_error: r.is_error };
+        write_atomic(&p, &serde_json::to_vec(&rec).expect("serialises"))
+    }
+
+    pub fn take_outbox(&self, dirs: &ItemDirs, id: &str) {
+        let _ = fs::remove_file(dirs.outbox.join(format!("{}.json", outbox_name(id))));
+    }
+
+    pub fn outbox(&self, dirs: &ItemDirs) -> Vec<Pending> {
+        let mut v: Vec<(SystemTime, Pending)> = Vec::new();
+        if let Ok(rd) = fs::read_dir(&dirs.outbox) {
+            for e in rd.flatten() {
+                let t = e.metadata().and_then(|m| m.modified()).unwrap_or(SystemTime::UNIX_EPOCH);
+                if let Ok(Ok(p)) = fs::read(e.path()).map(|b| serde_json::from_slice::<Pending>(&b)) {
+                    v.push((t, p));
+                }
+            }
+        }
+        v.sort_by_key(|(t, _)| *t);
+        v.into_iter().map(|(_, p)| p).collect()
+    }
+
+    /// Lets go of an item: its outputs move to the retention area, everything else goes.
+    /// Returns where the outputs are and the files they hold.
+    pub fn retire(&self, rec: &ItemRecord) -> (Option<PathBuf>, Vec<String>) {
+        let Ok(dir) = self.item_dir(&rec.item.id) else { return (None, Vec::new()) };
+        let mut kept = None;
+        let mut files = Vec::new();
+        let outputs = dir.join("outputs");
+        if outputs.exists() {
+            list_files(&outputs, &outputs, &mut files);
+            let name = format!(
+                "{}-{}",
+                if safe_component(&rec.item.session_id) { rec.item.session_id.as_str() } else { "session" },
+                rec.item.id
+            );
+            let dest = self.root.join("outputs").join(name);
+            let _ = fs::remove_dir_all(&dest);
+            match fs::rename(&outputs, &dest) {
+                Ok(()) => kept = Some(dest),
+                Err(e) => tracing::error!(error = %e, "could not keep the outputs of {}", rec.item.id),
+            }
+        }
+        // std's remove_dir_all does not follow symlinks the session may have planted.
+        if let Err(e) = fs::remove_dir_all(&dir) {
+            tracing::error!(dir = %dir.display(), error = %e, "could not remove a session's directory");
+        }
+        (kept, files)
+    }
+
+    /// Removes retained outputs older than `retention`.
+    pub fn prune_outputs(&self, retention: Duration) {
+        let Ok(rd) = fs::read_dir(self.root.join("outputs")) else { return };
+        for e in rd.flatten() {
+            let old = e
+                .metadata()
+                .and_then(|m| m.modified())
+                .ok()
+                .and_then(|t| t.elapsed().ok())
+                .is_some_and(|a| a > retention);
+            if old {
+                tracing::info!(dir = %e.path().display(), "removing outputs past their retention");
+                let _ = fs::remove_dir_all(e.path());
+            }
+        }
+    }
+}
+
+fn outbox_name(id: &str) -> String {
+    if safe_component(id) {
+        id.to_owned()
+    } else {
+        id.bytes().map(|b| format!("{b:02x}")).collect()
+    }
+}
+
+fn list_files(root: &Path, dir: &Path, out: &mut Vec<String>) {
+    let Ok(rd) = fs::read_dir(dir) else { return };
+    for e in rd.flatten() {
+        let p = e.path();
+        match e.file_type() {
+            Ok(t) if t.is_dir() => list_files(root, &p, out),
+            Ok(_) => out.push(p.strip_prefix(root).unwrap_or(&p).display().to_string()),
+            Err(_) => {}
+        }
+        if out.len() >= 1000 {
+            return;
+        }
+    }
+}
+
+fn write_atomic(p: &Path, data: &[u8]) -> Result<(), StateError> {
+    let tmp = p.with_extension("tmp");
+    fs::write(&tmp, data).map_err(io(&tmp))?;
+    fs::set_permissions(&tmp, fs::Permissions::from_mode(0o600)).map_err(io(&tmp))?;
+    fs::File::open(&tmp).and_then(|f| f.sync_all()).map_err(io(&tmp))?;
+    fs::rename(&tmp, p).map_err(io(p))
+}
