@@ -69,6 +69,17 @@ pub(crate) fn child_main(ctx: ChildCtx) -> ! {
                 // (nothing has been forked yet, so no other copy exists).
                 close_raw(ctx.pipes.report_write.as_raw_fd());
                 close_raw(ctx.pipes.go_read.as_raw_fd());
+                // Whatever else the supervisor inherited from its own parent must not reach the
+                // tools: the helper is forked without exec, so close-on-exec would not do.
+                let keep = channel.as_raw_fd() as u32;
+                // SAFETY: close_range only closes descriptors; none of those closed is used again
+                // (stdio and the channel are kept, everything else was the supervisor's).
+                unsafe {
+                    if keep > 3 {
+                        libc::close_range(3, keep - 1, 0);
+                    }
+                    libc::close_range(keep + 1, u32::MAX, 0);
+                }
                 crate::session::server::serve(
                     channel,
                     ctx.env_pairs,

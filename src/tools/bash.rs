@@ -5,7 +5,7 @@
 //! ```text
 //! IFS= LC_ALL=C read -r -N <len> __stockade_cmd
 //! <exactly len bytes of command>
-//! eval "$__stockade_cmd" </dev/null; printf '%s %d\n' <nonce> "$?" >&3
+//! eval "$__stockade_cmd" </dev/null 3>&-; printf '%s %d\n' <nonce> "$?" >&3
 //! ```
 //!
 //! so the command runs in the shell itself (cd, exports and functions persist), cannot be
@@ -202,7 +202,7 @@ impl Shell {
         let mut script = format!("IFS= LC_ALL=C read -r -N {} __stockade_cmd\n", command.len()).into_bytes();
         script.extend_from_slice(command.as_bytes());
         script.extend_from_slice(
-            format!("\neval \"$__stockade_cmd\" </dev/null; printf '%s %d\\n' {nonce} \"$?\" >&3\n").as_bytes(),
+            format!("\neval \"$__stockade_cmd\" </dev/null 3>&-; printf '%s %d\\n' {nonce} \"$?\" >&3\n").as_bytes(),
         );
         let r = self.running.as_mut().expect("spawned above");
         if r.stdin.write_all(&script).is_err() {

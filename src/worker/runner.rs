@@ -57,10 +57,13 @@ impl SessionProcess {
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .kill_on_drop(true);
-        // SAFETY: the closure runs in the forked child before exec and only calls prctl, which
-        // is async-signal-safe; it touches no memory shared with the parent.
+        // SAFETY: the closure runs in the forked child before exec and only calls close_range and
+        // prctl, which are async-signal-safe; it touches no memory shared with the parent.
         unsafe {
             cmd.pre_exec(|| {
+                // Only stdio passes: descriptors the worker inherited from whoever started it
+                // stay out of the session process.
+                libc::close_range(3, u32::MAX, libc::CLOSE_RANGE_CLOEXEC as i32);
                 nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL).map_err(std::io::Error::from)
             });
         }

@@ -109,3 +109,45 @@ pub fn needs_root() -> bool {
     }
     false
 }
+
+pub fn find_stockade_cgroups() -> Vec<String> {
+    let mut out = Vec::new();
+    for root in [
+        "/sys/fs/cgroup/pids",
+        "/sys/fs/cgroup/memory",
+        "/sys/fs/cgroup/cpu",
+        "/sys/fs/cgroup/unified",
+        "/sys/fs/cgroup",
+    ] {
+        let Ok(rd) = std::fs::read_dir(root) else { continue };
+        let mut stack: Vec<std::path::PathBuf> = rd.flatten().map(|e| e.path()).collect();
+        while let Some(p) = stack.pop() {
+            if !p.is_dir() {
+                continue;
+            }
+            let name = p.file_name().unwrap().to_string_lossy().to_string();
+            if name.starts_with("stockade-") && name != "stockade-supervisor" {
+                out.push(p.display().to_string());
+            }
+            if p.components().count() < 9 {
+                if let Ok(rd) = std::fs::read_dir(&p) {
+                    stack.extend(rd.flatten().map(|e| e.path()));
+                }
+            }
+        }
+    }
+    out
+}
+
+pub fn host_processes_matching(marker: &str) -> Vec<String> {
+    let mut v = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        if let Ok(cmd) = std::fs::read(e.path().join("cmdline")) {
+            let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+            if cmd.contains(marker) && !cmd.contains("stockade") && !cmd.contains("/bin/sh -c") {
+                v.push(format!("{} {cmd}", e.file_name().to_string_lossy()));
+            }
+        }
+    }
+    v
+}

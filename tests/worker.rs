@@ -1,0 +1,548 @@
+//! End to end on loopback: `stockade worker` (a real process building real jails) against the
+//! local control plane, served in-process by each test.
+
+mod common;
+
+use common::*;
+use serde_json::json;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use stockade::control_plane::local::{
+    CreateSession, Fault, FaultKind, LocalConfig, LocalControlPlane, LocalSkill, ScriptStep, SessionView,
+    DEFAULT_ENVIRONMENT,
+};
+use stockade::control_plane::wire::{AuthScheme, WorkState};
+use stockade::control_plane::{ApiError, Client, Secret};
+
+/// A local control plane on a loopback port, with its own runtime.
+struct Cp {
+    rt: tokio::runtime::Runtime,
+    cp: LocalControlPlane,
+    url: String,
+    dir: TempDir,
+}
+
+impl Cp {
+    fn start(lease: Duration) -> Cp {
+        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+        let cp = LocalControlPlane::new(LocalConfig { lease, state_file: None }).unwrap();
+        let listener = rt.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        rt.spawn(cp.clone().serve(listener, std::future::pending()));
+        let dir = TempDir::new("cp");
+        cp.write_keys(dir.path()).unwrap();
+        Cp { rt, cp, url, dir }
+    }
+
+    fn key_file(&self) -> PathBuf {
+        self.dir.path().join(format!("{DEFAULT_ENVIRONMENT}.key"))
+    }
+
+    fn env_key(&self) -> String {
+        std::fs::read_to_string(self.key_file()).unwrap()
+    }
+
+    fn client(&self, key: Secret) -> Client {
+        let mut c = Client::new(&self.url, key, AuthScheme::XApiKey).unwrap();
+        c.timeout = Duration::from_secs(3);
+        c
+    }
+
+    fn org(&self) -> Client {
+        self.client(self.cp.org_key())
+    }
+
+    fn session(&self, steps: Vec<ScriptStep>) -> (String, String) {
+        self.session_with(steps, Vec::new())
+    }
+
+    fn session_with(&self, steps: Vec<ScriptStep>, skills: Vec<LocalSkill>) -> (String, String) {
+        let c = self
+            .cp
+            .create_session(CreateSession {
+                environment_id: DEFAULT_ENVIRONMENT.into(),
+                script: steps,
+                metadata: Default::default(),
+                skills,
+            })
+            .unwrap();
+        (c.session_id, c.work_id)
+    }
+
+    fn view(&self, session: &str) -> SessionView {
+        self.cp.session_view(session).unwrap()
+    }
+
+    /// Waits until the session's work item has ended (or `limit` passes).
+    fn wait_ended(&self, session: &str, limit: Duration) -> SessionView {
+        let t = Instant::now();
+        loop {
+            let v = self.view(session);
+            if matches!(v.work_state, WorkState::Completed | WorkState::Stopped | WorkState::Failed)
+                || t.elapsed() > limit
+            {
+                return v;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn wait_for(&self, what: &str, limit: Duration, mut f: impl FnMut() -> bool) {
+        let t = Instant::now();
+        while !f() {
+            assert!(t.elapsed() < limit, "timed out waiting for {what}");
+            std::thread::sleep(Duration::from_millis(25));
+        }
+    }
+
+    fn faults(&self, faults: Vec<Fault>) {
+        let org = self.org();
+        let body = stockade::control_plane::local::Faults { faults };
+        self.rt
+            .block_on(org.local::<serde_json::Value, _>(reqwest::Method::POST, "/v1/local/faults", Some(&body)))
+            .unwrap();
+    }
+}
+
+fn bash(cmd: &str) -> ScriptStep {
+    ScriptStep { id: None, name: "bash".into(), input: json!({ "command": cmd }), end_session: false }
+}
+
+fn step(name: &str, input: serde_json::Value) -> ScriptStep {
+    ScriptStep { id: None, name: name.into(), input, end_session: false }
+}
+
+struct Worker {
+    child: Child,
+}
+
+impl Worker {
+    fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    fn sigterm(&mut self) -> std::process::ExitStatus {
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.child.id() as i32), nix::sys::signal::Signal::SIGTERM)
+            .unwrap();
+        self.child.wait().unwrap()
+    }
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+fn worker_cmd(cp: &Cp, state: &Path, extra: &[&str]) -> Command {
+    let mut c = Command::new(STOCKADE);
+    c.args(["-v", "worker", "--environment-id", DEFAULT_ENVIRONMENT, "--api-url", &cp.url, "--state-dir"])
+        .arg(state)
+        .args(["--poll-wait", "1s", "--api-timeout", "2s", "--shutdown-timeout", "20s"])
+        .args(extra)
+        .env_remove("ANTHROPIC_API_KEY")
+        .env_remove("ANTHROPIC_ENVIRONMENT_KEY")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null());
+    c
+}
+
+fn start_worker(cp: &Cp, state: &Path, extra: &[&str]) -> Worker {
+    let key = cp.key_file();
+    let mut c = worker_cmd(cp, state, extra);
+    c.arg("--environment-key-file").arg(&key);
+    Worker { child: c.spawn().unwrap() }
+}
+
+fn result_of(v: &SessionView, i: usize) -> &str {
+    v.calls.get(i).and_then(|c| c.result.as_deref()).unwrap_or("<none>")
+}
+
+#[test]
+fn twenty_concurrent_sessions_complete_with_every_result_in_order() {
+    let cp = Cp::start(Duration::from_secs(30));
+    let state = TempDir::new("w-state");
+    let metrics_port = free_port();
+    let _w =
+        start_worker(&cp, state.path(), &["--max-sessions", "20", "--metrics", &format!("127.0.0.1:{metrics_port}")]);
+    let sessions: Vec<(String, String)> = (0..20)
+        .map(|n| {
+            cp.session(vec![
+                step("write", json!({"file_path": "/workspace/n.txt", "content": format!("session {n}\n")})),
+                bash(&format!("cd /workspace && export N={n} && mkdir -p d{n} && touch d{n}/f.txt")),
+                bash("echo \"$N $(pwd) $(cat n.txt)\""),
+                step("read", json!({"file_path": "/workspace/n.txt"})),
+                step("glob", json!({"pattern": "d*/*.txt"})),
+                bash("exit 3"),
+            ])
+        })
+        .collect();
+    for (n, (s, _)) in sessions.iter().enumerate() {
+        let v = cp.wait_ended(s, Duration::from_secs(120));
+        assert_eq!(v.work_state, WorkState::Completed, "{v:#?}");
+        assert_eq!(v.status, "idle");
+        assert_eq!(v.claims, 1);
+        assert_eq!(v.duplicate_results, 0);
+        assert_eq!(v.calls.len(), 6);
+        let size = format!("session {n}\n").len();
+        assert_eq!(result_of(&v, 0), format!("File created successfully at: /workspace/n.txt ({size} bytes)"));
+        assert_eq!(result_of(&v, 1), "");
+        assert_eq!(result_of(&v, 2), format!("{n} /workspace session {n}\n"));
+        assert_eq!(result_of(&v, 3), format!("     1\tsession {n}"));
+        assert_eq!(result_of(&v, 4), format!("/workspace/d{n}/f.txt"));
+        assert!(result_of(&v, 5).contains("3"), "{:?}", result_of(&v, 5));
+        assert_eq!(v.calls[5].is_error, Some(true));
+        // In order: each call was issued after the previous one's result.
+        for w in v.calls.windows(2) {
+            assert!(w[0].answered_at.as_deref().unwrap() <= w[1].issued_at.as_str());
+        }
+        // Ended sessions keep their outputs under the state directory; workspaces go.
+        cp.wait_for("the item's directory to go", Duration::from_secs(10), || {
+            !state.path().join("items").join(&v.work_id).exists()
+        });
+        assert!(state.path().join("outputs").join(format!("{}-{}", s, v.work_id)).is_dir());
+    }
+    let m = http_get(&format!("http://127.0.0.1:{metrics_port}/metrics"));
+    assert!(m.contains("stockade_claims_total 20\n"), "{m}");
+    assert!(m.contains("stockade_tool_calls_total{tool=\"bash\",outcome=\"ok\"} 40\n"), "{m}");
+    assert!(m.contains("stockade_tool_calls_total{tool=\"bash\",outcome=\"error\"} 20\n"), "{m}");
+    assert!(m.contains("stockade_active_sessions 0\n"), "{m}");
+    let stats = cp.rt.block_on(cp.org().stats(DEFAULT_ENVIRONMENT)).unwrap();
+    assert_eq!((stats.depth, stats.pending, stats.oldest_queued_at), (0, 0, None));
+    assert_eq!(stats.workers_polling, 1);
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+fn http_get(url: &str) -> String {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    rt.block_on(async { reqwest::get(url).await.unwrap().text().await.unwrap() })
+}
+
+#[test]
+fn heartbeats_keep_a_lease_and_a_silent_holder_loses_it() {
+    let cp = Cp::start(Duration::from_secs(2));
+    let state = TempDir::new("w-state");
+    let _w = start_worker(&cp, state.path(), &[]);
+    // A call three times longer than the lease.
+    let (s, _) = cp.session(vec![bash("sleep 6; echo slept")]);
+    let v = cp.wait_ended(&s, Duration::from_secs(30));
+    assert_eq!(v.work_state, WorkState::Completed, "{v:#?}");
+    assert_eq!(v.claims, 1, "the lease expired while heartbeating");
+    assert_eq!(result_of(&v, 0), "slept\n");
+
+    // A holder that never heartbeats: the item returns to the queue and can be claimed again.
+    let env = cp.client(Secret::new(cp.env_key()));
+    drop(_w); // the real worker must not take the next item
+    let (s2, w2) = cp.session(vec![bash("true")]);
+    let got = cp.rt.block_on(env.claim(DEFAULT_ENVIRONMENT, "silent", Duration::from_secs(5))).unwrap().unwrap();
+    assert_eq!(got.id, w2);
+    std::thread::sleep(Duration::from_millis(2500));
+    let stats = cp.rt.block_on(cp.org().stats(DEFAULT_ENVIRONMENT)).unwrap();
+    assert_eq!(stats.depth, 1);
+    let again = cp.rt.block_on(env.claim(DEFAULT_ENVIRONMENT, "other", Duration::from_secs(1))).unwrap().unwrap();
+    assert_eq!(again.id, w2);
+    let lost = cp.rt.block_on(env.heartbeat(DEFAULT_ENVIRONMENT, &w2, "silent")).unwrap_err();
+    assert!(matches!(lost, ApiError::LeaseLost(_)), "{lost:?}");
+    assert_eq!(cp.view(&s2).claims, 2);
+}
+
+#[test]
+fn graceful_stop_finishes_the_call_and_forced_stop_kills_at_once() {
+    let cp = Cp::start(Duration::from_secs(10));
+    let state = TempDir::new("w-state");
+    let _w = start_worker(&cp, state.path(), &["--heartbeat-interval", "200ms"]);
+    let org = cp.org();
+    let marker = format!("7{}", std::process::id());
+
+    let (s, w) = cp.session(vec![bash("sleep 2; echo finished"), bash("echo never")]);
+    cp.wait_for("the call to start", Duration::from_secs(20), || cp.view(&s).work_state == WorkState::Running);
+    std::thread::sleep(Duration::from_millis(300));
+    let item = cp.rt.block_on(org.stop(DEFAULT_ENVIRONMENT, &w, false)).unwrap();
+    assert_eq!(item.state, WorkState::Stopping);
+    let v = cp.wait_ended(&s, Duration::from_secs(20));
+    assert_eq!(v.work_state, WorkState::Stopped, "{v:#?}");
+    assert_eq!(result_of(&v, 0), "finished\n", "the in-flight call was not finished");
+    assert!(v.calls.len() == 1 || v.calls[1].result.is_none(), "a call ran after the stop: {v:#?}");
+    assert_eq!(v.status, "terminated");
+
+    let (s, w) = cp.session(vec![bash(&format!("sleep 30.{marker}; echo never"))]);
+    cp.wait_for("the sleep to start", Duration::from_secs(20), || {
+        !host_processes_matching(&format!("sleep 30.{marker}")).is_empty()
+    });
+    let t = Instant::now();
+    cp.rt.block_on(org.stop(DEFAULT_ENVIRONMENT, &w, true)).unwrap();
+    let v = cp.wait_ended(&s, Duration::from_secs(20));
+    assert_eq!(v.work_state, WorkState::Stopped, "{v:#?}");
+    assert!(t.elapsed() < Duration::from_secs(5), "forced stop took {:?}", t.elapsed());
+    assert_eq!(v.calls[0].result, None);
+    cp.wait_for("the jail to die", Duration::from_secs(5), || {
+        host_processes_matching(&format!("sleep 30.{marker}")).is_empty()
+    });
+}
+
+#[test]
+fn control_plane_failures_lose_nothing_and_duplicate_nothing() {
+    let cp = Cp::start(Duration::from_secs(4));
+    let state = TempDir::new("w-state");
+    let sessions: Vec<String> =
+        (0..3).map(|n| cp.session((0..5).map(|i| bash(&format!("echo s{n} c{i}"))).collect()).0).collect();
+    let f = |kind, count, path: &str, after| Fault { kind, count, path_contains: Some(path.into()), after };
+    cp.faults(vec![
+        f(FaultKind::ServerError, 2, "/claim", false),
+        f(FaultKind::Garbage, 1, "/claim", true),
+        f(FaultKind::ServerError, 3, "/events", true),
+        f(FaultKind::RateLimited, 2, "/events", false),
+        f(FaultKind::Truncated, 2, "/events", true),
+        f(FaultKind::Garbage, 2, "/events", true),
+        f(FaultKind::Timeout, 1, "/events", true),
+        f(FaultKind::ServerError, 2, "/heartbeat", false),
+        f(FaultKind::Timeout, 1, "/complete", true),
+    ]);
+    let _w = start_worker(&cp, state.path(), &["--heartbeat-interval", "500ms"]);
+    for (n, s) in sessions.iter().enumerate() {
+        let v = cp.wait_ended(s, Duration::from_secs(90));
+        assert_eq!(v.work_state, WorkState::Completed, "{v:#?}");
+        assert_eq!(v.duplicate_results, 0, "a result was posted twice: {v:#?}");
+        assert_eq!(v.calls.len(), 5);
+        for i in 0..5 {
+            assert_eq!(result_of(&v, i), format!("s{n} c{i}\n"), "{v:#?}");
+        }
+    }
+}
+
+#[test]
+fn a_killed_worker_is_restarted_and_the_session_completes_without_leftovers() {
+    let cp = Cp::start(Duration::from_secs(30));
+    let state = TempDir::new("w-state");
+    let marker = format!("3.{}", std::process::id());
+    let (s, _) = cp.session(vec![
+        bash("echo one > /workspace/one; echo one"),
+        bash(&format!("sleep {marker}; echo two >> /workspace/two; echo two")),
+        bash("cat /workspace/one /workspace/two; echo three"),
+    ]);
+    let mut w = start_worker(&cp, state.path(), &[]);
+    cp.wait_for("the second call to start", Duration::from_secs(20), || {
+        !host_processes_matching(&format!("sleep {marker}")).is_empty()
+    });
+    // The worker's session processes: their pids name the jails' cgroups.
+    let session_pids = processes_whose_cmdline_has(&format!("{}/items/", state.path().display()));
+    assert!(!session_pids.is_empty());
+    w.kill9();
+    cp.wait_for("the jail to die with its worker", Duration::from_secs(5), || {
+        host_processes_matching(&format!("sleep {marker}")).is_empty()
+    });
+    assert_eq!(processes_whose_cmdline_has(&format!("{}/items/", state.path().display())), Vec::<u32>::new());
+    assert_eq!(cp.view(&s).calls[1].result, None);
+
+    let _w2 = start_worker(&cp, state.path(), &[]);
+    let v = cp.wait_ended(&s, Duration::from_secs(60));
+    assert_eq!(v.work_state, WorkState::Completed, "{v:#?}");
+    assert_eq!(v.claims, 1, "resumed under the same lease, not re-queued");
+    assert_eq!(v.duplicate_results, 0);
+    assert_eq!(result_of(&v, 0), "one\n");
+    assert_eq!(result_of(&v, 1), "two\n");
+    // The workspace survived the crash; the interrupted call ran once more, to completion.
+    assert_eq!(result_of(&v, 2), "one\ntwo\nthree\n");
+    if is_root() {
+        // The restarted worker removed the cgroups the killed one's jails left.
+        let left: Vec<String> = find_stockade_cgroups()
+            .into_iter()
+            .filter(|c| session_pids.iter().any(|p| c.contains(&format!("/stockade-{p}-"))))
+            .collect();
+        assert_eq!(left, Vec::<String>::new());
+    }
+}
+
+#[test]
+fn the_environment_key_never_reaches_a_jailed_process() {
+    let cp = Cp::start(Duration::from_secs(30));
+    let state = TempDir::new("w-state");
+    let key = cp.env_key();
+    // Passed the riskiest way, through the worker's environment.
+    let mut c = worker_cmd(&cp, state.path(), &[]);
+    c.env("ANTHROPIC_ENVIRONMENT_KEY", &key);
+    // And an inherited descriptor open on a file holding it, as a careless parent might leave.
+    let key_fd = std::fs::File::open(cp.key_file()).unwrap();
+    let raw = std::os::fd::AsRawFd::as_raw_fd(&key_fd);
+    // SAFETY: dup2 in the forked child before exec; async-signal-safe, no shared memory touched.
+    unsafe {
+        std::os::unix::process::CommandExt::pre_exec(&mut c, move || {
+            if libc::dup2(raw, 9) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut w = Worker { child: c.spawn().unwrap() };
+    let tail = &key[key.len() - 16..];
+    // Split, so that the command line holding the pattern does not itself match.
+    let (a, b) = tail.split_at(8);
+    let (s, _) = cp.session(vec![
+        bash(&format!(
+            "printf '%s' '{a}' > /tmp/.pat; printf '%s' '{b}' >> /tmp/.pat; \
+             for p in /proc/[0-9]*; do tr '\\0' '\\n' < $p/environ; tr '\\0' ' ' < $p/cmdline; done 2>/dev/null | grep -cFf /tmp/.pat; \
+             grep -rlsFf /tmp/.pat --exclude=.pat /etc /tmp /workspace /mnt /dev/shm /run /var /root /home 2>/dev/null | head -3; \
+             ls /proc/self/fd | tr '\\n' ' '; echo; env | grep -c ANTHROPIC"
+        )),
+        step("grep", json!({"pattern": tail, "path": "/etc", "output_mode": "files_with_matches"})),
+    ]);
+    let v = cp.wait_ended(&s, Duration::from_secs(60));
+    assert_eq!(v.work_state, WorkState::Completed, "{v:#?}");
+    let out = result_of(&v, 0);
+    assert!(!out.contains(&key));
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines.first(), Some(&"0"), "the key is in a jailed process's environ or argv: {out}");
+    // Only stdio and the directory ls itself opened: fd 9 stayed out; no file matched the key.
+    assert_eq!(lines.get(1).map(|l| l.trim()), Some("0 1 2 3"), "{out}");
+    assert_eq!(lines.get(2), Some(&"0"), "{out}");
+    assert!(!result_of(&v, 1).contains('/'), "{}", result_of(&v, 1));
+    // Host side: scrubbed from the worker's own /proc environ, absent from the session processes.
+    let worker_env = std::fs::read(format!("/proc/{}/environ", w.child.id())).unwrap();
+    assert!(!String::from_utf8_lossy(&worker_env).contains(tail), "the worker's /proc environ still holds the key");
+    w.kill9();
+
+    // An organisation key in the worker's environment is refused.
+    let out = worker_cmd(&cp, state.path(), &[])
+        .env("ANTHROPIC_ENVIRONMENT_KEY", &key)
+        .env("ANTHROPIC_API_KEY", "sk-ant-org-test")
+        .stderr(Stdio::piped())
+        .output()
+        .unwrap();
+    assert_ne!(out.status.code(), Some(0));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("organization-scoped credential to agent tool calls"), "{err}");
+}
+
+#[test]
+fn webhook_deliveries_wake_the_worker_and_bad_ones_are_refused() {
+    use base64::Engine;
+    let cp = Cp::start(Duration::from_secs(30));
+    let state = TempDir::new("w-state");
+    let key = b"0123456789abcdef0123456789abcdef";
+    let secret = format!("whsec_{}", base64::engine::general_purpose::STANDARD.encode(key));
+    let secret_file = cp.dir.path().join("whsec");
+    std::fs::write(&secret_file, &secret).unwrap();
+    let port = free_port();
+    let mut c = Command::new(STOCKADE);
+    c.args(["-v", "webhook", "--listen", &format!("127.0.0.1:{port}"), "--secret-file"])
+        .arg(&secret_file)
+        .args(["--environment-id", DEFAULT_ENVIRONMENT, "--api-url", &cp.url, "--state-dir"])
+        .arg(state.path())
+        .args(["--poll-wait", "120s", "--environment-key-file"])
+        .arg(cp.key_file())
+        .env_remove("ANTHROPIC_API_KEY")
+        .stdin(Stdio::null());
+    let _w = Worker { child: c.spawn().unwrap() };
+    let url = format!("http://127.0.0.1:{port}/hooks/stockade");
+    cp.wait_for("the webhook listener", Duration::from_secs(10), || {
+        std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+    });
+    // The first drain at start finds nothing; then only a delivery wakes the worker.
+    std::thread::sleep(Duration::from_millis(500));
+    let (s, _) = cp.session(vec![bash("echo woken")]);
+    let body = br#"{"type":"event","data":{"type":"session.status_run_started","id":"sesn_x"}}"#;
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
+    let post = |id: &str, ts: u64, sig: &str, body: &[u8]| -> u16 {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        rt.block_on(async {
+            reqwest::Client::new()
+                .post(&url)
+                .header("webhook-id", id)
+                .header("webhook-timestamp", ts.to_string())
+                .header("webhook-signature", sig)
+                .body(body.to_vec())
+                .send()
+                .await
+                .unwrap()
+                .status()
+                .as_u16()
+        })
+    };
+    let sign = |id: &str, ts: u64, body: &[u8]| stockade::control_plane::webhook::sign(key, id, &ts.to_string(), body);
+    assert_eq!(
+        post(
+            "m1",
+            now,
+            &stockade::control_plane::webhook::sign(b"wrong-secret-wrong-secret", "m1", &now.to_string(), body),
+            body
+        ),
+        401
+    );
+    assert_eq!(post("m2", now - 3600, &sign("m2", now - 3600, body), body), 401);
+    assert_eq!(post("m3", now, &sign("m3", now, body), &body[..body.len() - 5]), 401);
+    assert_eq!(post("m4", now, "v1,", body), 401);
+    std::thread::sleep(Duration::from_millis(700));
+    assert_eq!(cp.view(&s).work_state, WorkState::Queued, "a rejected delivery woke the worker");
+    assert_eq!(post("m5", now, &sign("m5", now, body), body), 204);
+    let v = cp.wait_ended(&s, Duration::from_secs(30));
+    assert_eq!(v.work_state, WorkState::Completed);
+    assert_eq!(result_of(&v, 0), "woken\n");
+    assert_eq!(post("m5", now, &sign("m5", now, body), body), 401, "a replayed delivery was accepted");
+}
+
+#[test]
+fn skills_are_downloaded_into_the_workspace_and_hostile_ones_fail_the_item() {
+    use base64::Engine;
+    let b64 = |s: &str| base64::engine::general_purpose::STANDARD.encode(s);
+    let cp = Cp::start(Duration::from_secs(30));
+    let state = TempDir::new("w-state");
+    let _w = start_worker(&cp, state.path(), &[]);
+    let skill = |name: &str, path: &str| LocalSkill {
+        name: name.into(),
+        files: vec![stockade::control_plane::wire::SkillFile {
+            path: path.into(),
+            content_base64: b64("#!/bin/sh\necho skill ran in $(pwd)\n"),
+            executable: true,
+        }],
+    };
+    let (s, _) = cp.session_with(vec![bash("/workspace/skills/hello/bin/run.sh")], vec![skill("hello", "bin/run.sh")]);
+    let v = cp.wait_ended(&s, Duration::from_secs(30));
+    assert_eq!(result_of(&v, 0), "skill ran in /workspace\n", "{v:#?}");
+    let (s, _) = cp.session_with(vec![bash("true")], vec![skill("evil", "../../../../tmp/planted")]);
+    let v = cp.wait_ended(&s, Duration::from_secs(30));
+    assert_eq!(v.work_state, WorkState::Failed, "{v:#?}");
+    assert_eq!(v.calls[0].result, None);
+    assert!(!Path::new("/tmp/planted").exists());
+}
+
+fn processes_whose_cmdline_has(needle: &str) -> Vec<u32> {
+    let mut v = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else { continue };
+        if let Ok(cmd) = std::fs::read(e.path().join("cmdline")) {
+            if String::from_utf8_lossy(&cmd).replace('\0', " ").contains(needle) {
+                v.push(pid);
+            }
+        }
+    }
+    v
+}
+
+#[test]
+fn sigterm_finishes_the_call_and_releases_the_item_to_another_worker() {
+    let cp = Cp::start(Duration::from_secs(30));
+    let state = TempDir::new("w-state");
+    let mut w = start_worker(&cp, state.path(), &[]);
+    let (s, _) = cp.session(vec![bash("sleep 1.5; echo first"), bash("echo second")]);
+    cp.wait_for("the call to start", Duration::from_secs(20), || {
+        cp.view(&s).calls.first().is_some_and(|c| c.result.is_none()) && cp.view(&s).work_state != WorkState::Queued
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    let status = w.sigterm();
+    assert!(status.success(), "{status:?}");
+    let v = cp.view(&s);
+    assert_eq!(result_of(&v, 0), "first\n", "the in-flight call was not finished: {v:#?}");
+    assert_eq!(v.work_state, WorkState::Queued, "the item was not released: {v:#?}");
+    let other = TempDir::new("w-state");
+    let _w2 = start_worker(&cp, other.path(), &[]);
+    let v = cp.wait_ended(&s, Duration::from_secs(30));
+    assert_eq!(v.work_state, WorkState::Completed, "{v:#?}");
+    assert_eq!(result_of(&v, 1), "second\n");
+    assert_eq!((v.claims, v.duplicate_results), (2, 0));
+}
