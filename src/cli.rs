@@ -108,6 +108,10 @@ struct SessionArgs {
     /// Print `{"ready": true, "pid": N}` once the jail is built (for the worker).
     #[arg(long)]
     announce: bool,
+    /// Narrow the policy for this session (JSON: network, memory, pids, cpu, timeout, tmp_size,
+    /// workspace); asking for more than the policy allows keeps the policy's value.
+    #[arg(long, value_name = "JSON")]
+    narrow: Option<String>,
 }
 
 #[derive(Subcommand)]
@@ -266,10 +270,24 @@ fn describe(p: &Policy, r: &jail::Report) -> String {
 }
 
 fn cmd_session(a: SessionArgs) -> i32 {
-    let policy = match load_policy(a.jail.policy.as_deref()) {
+    let mut policy = match load_policy(a.jail.policy.as_deref()) {
         Ok(p) => p,
         Err(c) => return c,
     };
+    if let Some(j) = &a.narrow {
+        let n = serde_json::from_str(j)
+            .map_err(|e| e.to_string())
+            .and_then(|v| policy::narrow::Narrowing::from_json(&v))
+            .and_then(|n| policy::narrow::apply(&mut policy, &n));
+        match n {
+            Ok(kept) => {
+                for k in kept {
+                    tracing::warn!("narrowing: {k}; kept the policy's value");
+                }
+            }
+            Err(e) => return fail(format!("--narrow: {e}")),
+        }
+    }
     let spec = JailSpec {
         policy,
         workspace: a.jail.workspace,

@@ -59,12 +59,21 @@ impl Cp {
     }
 
     fn session_with(&self, steps: Vec<ScriptStep>, skills: Vec<LocalSkill>) -> (String, String) {
+        self.session_full(steps, skills, serde_json::Map::new())
+    }
+
+    fn session_full(
+        &self,
+        steps: Vec<ScriptStep>,
+        skills: Vec<LocalSkill>,
+        metadata: serde_json::Map<String, serde_json::Value>,
+    ) -> (String, String) {
         let c = self
             .cp
             .create_session(CreateSession {
                 environment_id: DEFAULT_ENVIRONMENT.into(),
                 script: steps,
-                metadata: Default::default(),
+                metadata,
                 skills,
             })
             .unwrap();
@@ -545,4 +554,35 @@ fn sigterm_finishes_the_call_and_releases_the_item_to_another_worker() {
     assert_eq!(v.work_state, WorkState::Completed, "{v:#?}");
     assert_eq!(result_of(&v, 1), "second\n");
     assert_eq!((v.claims, v.duplicate_results), (2, 0));
+}
+
+#[test]
+fn session_metadata_narrows_the_policy_but_never_widens_it() {
+    let cp = Cp::start(Duration::from_secs(30));
+    let state = TempDir::new("w-state");
+    let _w = start_worker(&cp, state.path(), &[]);
+    let meta = |v: serde_json::Value| {
+        let mut m = serde_json::Map::new();
+        m.insert("stockade_narrow".into(), v);
+        m
+    };
+    let probe = bash("touch /workspace/x 2>&1 || true; echo probed");
+    let (s, _) =
+        cp.session_full(vec![probe.clone()], vec![], meta(json!({"workspace": "read_only", "network": "none"})));
+    let v = cp.wait_ended(&s, Duration::from_secs(30));
+    let out = result_of(&v, 0);
+    assert!(out.contains("Read-only file system"), "{out}");
+    let (s, _) = cp.session_full(vec![probe.clone()], vec![], serde_json::Map::new());
+    let plain = cp.wait_ended(&s, Duration::from_secs(30));
+    assert!(!result_of(&plain, 0).contains("Read-only"), "{}", result_of(&plain, 0));
+    // Asking for more than the policy allows changes nothing.
+    let (s, _) = cp.session_full(vec![probe], vec![], meta(json!({"network": "veth", "memory": "512G"})));
+    let wide = cp.wait_ended(&s, Duration::from_secs(30));
+    assert_eq!(wide.work_state, WorkState::Completed);
+    assert_eq!(result_of(&wide, 0), result_of(&plain, 0));
+    // A request Stockade does not understand fails the item before any call runs.
+    let (s, _) = cp.session_full(vec![bash("echo ran")], vec![], meta(json!({"netwrok": "none"})));
+    let v = cp.wait_ended(&s, Duration::from_secs(30));
+    assert_eq!(v.work_state, WorkState::Failed, "{v:#?}");
+    assert_eq!(v.calls[0].result, None);
 }

@@ -12,6 +12,7 @@ use super::state::{ItemDirs, ItemRecord};
 use super::{Ctx, Shutdown};
 use crate::control_plane::wire::{Event, FinalStatus, WorkItem};
 use crate::control_plane::{ApiError, Backoff};
+use crate::policy::narrow::{self, Narrowing};
 use crate::tools::ToolResult;
 use crate::util::{parse_rfc3339, rfc3339};
 
@@ -149,8 +150,8 @@ async fn heartbeat(ctx: Arc<Ctx>, item: WorkItem, tx: watch::Sender<Lease>) {
     }
 }
 
-async fn start_jail(ctx: &Ctx, dirs: &ItemDirs) -> Result<SessionProcess, RunnerError> {
-    let p = SessionProcess::start(&ctx.runner, &dirs.workspace, &dirs.outputs).await?;
+async fn start_jail(ctx: &Ctx, dirs: &ItemDirs, narrow: Option<&str>) -> Result<SessionProcess, RunnerError> {
+    let p = SessionProcess::start(&ctx.runner, &dirs.workspace, &dirs.outputs, narrow).await?;
     ctx.metrics.jail_built(p.build_time);
     tracing::info!(jail_pid = p.jail_pid, build_ms = p.build_time.as_millis() as u64, "session jail ready");
     Ok(p)
@@ -170,7 +171,14 @@ async fn drive(
             return End::Failed(format!("downloading skills: {e}"));
         }
     }
-    let mut jail = match start_jail(ctx, dirs).await {
+    // Session metadata may narrow the worker's policy, never widen it (see policy::narrow).
+    let narrow = match item.metadata.get(narrow::METADATA_KEY).map(Narrowing::from_json) {
+        None => None,
+        Some(Ok(n)) => Some(serde_json::to_string(&n).expect("serialises")),
+        Some(Err(e)) => return End::Failed(e),
+    };
+    let narrow = narrow.as_deref();
+    let mut jail = match start_jail(ctx, dirs, narrow).await {
         Ok(p) => p,
         Err(e) => return End::Failed(e.to_string()),
     };
@@ -239,7 +247,7 @@ async fn drive(
                         if restarts > 3 {
                             return End::Failed(format!("the session jail died {restarts} times"));
                         }
-                        jail = match start_jail(ctx, dirs).await {
+                        jail = match start_jail(ctx, dirs, narrow).await {
                             Ok(p) => p,
                             Err(e) => return End::Failed(e.to_string()),
                         };

@@ -42,7 +42,12 @@ pub struct SessionProcess {
 }
 
 impl SessionProcess {
-    pub async fn start(cfg: &RunnerConfig, workspace: &Path, outputs: &Path) -> Result<SessionProcess, RunnerError> {
+    pub async fn start(
+        cfg: &RunnerConfig,
+        workspace: &Path,
+        outputs: &Path,
+        narrow: Option<&str>,
+    ) -> Result<SessionProcess, RunnerError> {
         let t = Instant::now();
         let mut cmd = Command::new(&cfg.exe);
         if cfg.log_json {
@@ -52,6 +57,7 @@ impl SessionProcess {
             .arg(workspace)
             .arg("--outputs")
             .arg(outputs)
+            .args(narrow.map(|n| ["--narrow", n]).into_iter().flatten())
             .env_clear()
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())

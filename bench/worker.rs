@@ -1,0 +1,164 @@
+//! Worker benchmark against the local control plane: claim → first tool result latency, tool
+//! calls per second with N concurrent sessions, and per-session overhead of the worker (RSS,
+//! fds) and of each session's supervising process.
+//!
+//! `cargo bench --bench worker` (root: sessions build real jails). Figures go to stdout.
+
+use serde_json::json;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use stockade::control_plane::local::{CreateSession, LocalConfig, LocalControlPlane, ScriptStep, DEFAULT_ENVIRONMENT};
+use stockade::control_plane::wire::WorkState;
+use stockade::util::parse_rfc3339;
+
+const STOCKADE: &str = env!("CARGO_BIN_EXE_stockade");
+
+fn status_kib(pid: u32, field: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix(field).map(|v| v.trim().trim_end_matches(" kB").trim().parse().unwrap_or(0)))
+        .unwrap_or(0)
+}
+
+fn fds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd")).map(|d| d.count()).unwrap_or(0)
+}
+
+fn children_with(needle: &str) -> Vec<u32> {
+    let mut v = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else { continue };
+        if let Ok(c) = std::fs::read(e.path().join("cmdline")) {
+            if String::from_utf8_lossy(&c).replace('\0', " ").contains(needle) {
+                v.push(pid);
+            }
+        }
+    }
+    v
+}
+
+fn percentile(v: &mut [f64], p: f64) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    v[((v.len() as f64 - 1.0) * p).round() as usize]
+}
+
+fn main() {
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let cp = LocalControlPlane::new(LocalConfig::default()).unwrap();
+    let listener = rt.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    rt.spawn(cp.clone().serve(listener, std::future::pending()));
+    let dir = std::env::temp_dir().join(format!("stockade-bench-worker-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    cp.write_keys(&dir).unwrap();
+    let state = dir.join("state");
+    let mut worker = Command::new(STOCKADE)
+        .args(["worker", "--environment-id", DEFAULT_ENVIRONMENT, "--api-url", &url, "--max-sessions", "32"])
+        .arg("--state-dir")
+        .arg(&state)
+        .arg("--environment-key-file")
+        .arg(dir.join(format!("{DEFAULT_ENVIRONMENT}.key")))
+        .args(["--poll-wait", "5s"])
+        .env_remove("ANTHROPIC_API_KEY")
+        .stdin(Stdio::null())
+        .spawn()
+        .unwrap();
+    let wpid = worker.id();
+    std::thread::sleep(Duration::from_millis(500));
+    let (idle_rss, idle_fds) = (status_kib(wpid, "VmRSS:"), fds(wpid));
+
+    let create = |steps: Vec<ScriptStep>| {
+        cp.create_session(CreateSession {
+            environment_id: DEFAULT_ENVIRONMENT.into(),
+            script: steps,
+            metadata: Default::default(),
+            skills: Vec::new(),
+        })
+        .unwrap()
+        .session_id
+    };
+    let call =
+        |name: &str, input: serde_json::Value| ScriptStep { id: None, name: name.into(), input, end_session: false };
+
+    println!("{:<10} {:>14} {:>14} {:>14} {:>12}", "sessions", "first p50 ms", "first p95 ms", "calls/s", "wall s");
+    for n in [1usize, 4, 16] {
+        let calls_per = 20;
+        let t = Instant::now();
+        let ids: Vec<String> = (0..n)
+            .map(|i| {
+                create(
+                    (0..calls_per)
+                        .map(|k| match k % 4 {
+                            0 => call("bash", json!({"command": format!("echo {i} {k}")})),
+                            1 => call("write", json!({"file_path": "/workspace/f.txt", "content": "x\n".repeat(100)})),
+                            2 => call("read", json!({"file_path": "/workspace/f.txt"})),
+                            _ => call("grep", json!({"pattern": "x", "output_mode": "count"})),
+                        })
+                        .collect(),
+                )
+            })
+            .collect();
+        let mut firsts = Vec::new();
+        let (mut start, mut end) = (f64::MAX, 0f64);
+        for id in &ids {
+            let v = loop {
+                let v = cp.session_view(id).unwrap();
+                if v.work_state == WorkState::Completed {
+                    break v;
+                }
+                assert!(t.elapsed() < Duration::from_secs(300), "bench session did not complete: {v:?}");
+                std::thread::sleep(Duration::from_millis(10));
+            };
+            let ms = |s: &str| {
+                parse_rfc3339(s).unwrap().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs_f64() * 1000.0
+            };
+            let first = &v.calls[0];
+            // The first call is issued at claim time.
+            firsts.push(first.latency_ms.unwrap() as f64);
+            start = start.min(ms(&first.issued_at));
+            end = end.max(ms(v.calls.last().unwrap().answered_at.as_deref().unwrap()));
+        }
+        let total = (n * calls_per) as f64;
+        println!(
+            "{n:<10} {:>14.1} {:>14.1} {:>14.0} {:>12.2}",
+            percentile(&mut firsts.clone(), 0.5),
+            percentile(&mut firsts, 0.95),
+            total / ((end - start) / 1000.0),
+            t.elapsed().as_secs_f64()
+        );
+    }
+
+    // Overhead of live sessions: 16 sessions parked in a long call.
+    let n = 16;
+    let ids: Vec<String> = (0..n).map(|_| create(vec![call("bash", json!({"command": "sleep 5"}))])).collect();
+    let t = Instant::now();
+    while children_with("--announce").len() < n && t.elapsed() < Duration::from_secs(30) {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let (busy_rss, busy_fds) = (status_kib(wpid, "VmRSS:"), fds(wpid));
+    let sup: Vec<u32> = children_with("--announce");
+    let sup_rss: u64 = sup.iter().map(|p| status_kib(*p, "VmRSS:")).sum();
+    println!(
+        "worker: idle {idle_rss} KiB / {idle_fds} fds; with {n} live sessions {busy_rss} KiB / {busy_fds} fds \
+         => {:.0} KiB and {:.1} fds per session",
+        (busy_rss as f64 - idle_rss as f64) / n as f64,
+        (busy_fds as f64 - idle_fds as f64) / n as f64
+    );
+    println!(
+        "session supervisor processes: {} x {:.0} KiB RSS (plus the jail: init + bash, see `cargo bench --bench session`)",
+        sup.len(),
+        sup_rss as f64 / sup.len().max(1) as f64
+    );
+    for id in &ids {
+        while cp.session_view(id).unwrap().work_state != WorkState::Completed {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(wpid as i32), nix::sys::signal::Signal::SIGTERM);
+    let _ = worker.wait();
+    let _ = std::fs::remove_dir_all(&dir);
+}
