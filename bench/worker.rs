@@ -135,12 +135,14 @@ fn main() {
     let n = 16;
     let ids: Vec<String> = (0..n).map(|_| create(vec![call("bash", json!({"command": "sleep 5"}))])).collect();
     let t = Instant::now();
-    while children_with("--announce").len() < n && t.elapsed() < Duration::from_secs(30) {
+    while children_with("--announce").len() < 2 * n && t.elapsed() < Duration::from_secs(30) {
         std::thread::sleep(Duration::from_millis(50));
     }
     std::thread::sleep(Duration::from_millis(500));
     let (busy_rss, busy_fds) = (status_kib(wpid, "VmRSS:"), fds(wpid));
-    let sup: Vec<u32> = children_with("--announce");
+    // The supervisors are the worker's children; the jails' inits share their command line.
+    let sup: Vec<u32> =
+        children_with("--announce").into_iter().filter(|p| status_kib(*p, "PPid:") == wpid as u64).collect();
     let sup_rss: u64 = sup.iter().map(|p| status_kib(*p, "VmRSS:")).sum();
     println!(
         "worker: idle {idle_rss} KiB / {idle_fds} fds; with {n} live sessions {busy_rss} KiB / {busy_fds} fds \

@@ -50,6 +50,8 @@ enum Command {
     /// Run the main job end to end: a local control plane and a worker in one process, a bundled
     /// scripted session in a default-policy jail; prints the transcript.
     Demo,
+    /// Static hardening audit of policies: weighted checks, an exposure score 0.0-10.0.
+    Audit(AuditArgs),
     /// Claim sessions from an environment's work queue and run them in jails (always-on).
     Worker(WorkerArgs),
     /// The worker, woken by signed webhook deliveries instead of long-polling.
@@ -114,6 +116,32 @@ struct SessionArgs {
     narrow: Option<String>,
 }
 
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum AuditFormat {
+    Table,
+    Json,
+    Sarif,
+    Junit,
+}
+
+#[derive(Args)]
+struct AuditArgs {
+    /// Policy files or built-in names (default, strict, ci).
+    #[arg(required = true, value_name = "POLICY")]
+    policies: Vec<String>,
+    #[arg(long, value_enum, default_value_t = AuditFormat::Table)]
+    format: AuditFormat,
+    /// Exit 1 when a policy's exposure is above this score.
+    #[arg(long, value_name = "SCORE")]
+    fail_above: Option<f64>,
+    /// Compare two policies (OLD NEW): list the checks that became weaker or stronger.
+    #[arg(long)]
+    diff: bool,
+    /// With --diff: exit 1 when anything became weaker.
+    #[arg(long, requires = "diff")]
+    fail_on_weaker: bool,
+}
+
 #[derive(Subcommand)]
 enum PolicyCommand {
     /// Print the fully resolved policy (after `extends`).
@@ -139,6 +167,7 @@ pub fn main() -> i32 {
         Command::Policy { command } => cmd_policy(command),
         Command::Session(a) => cmd_session(a),
         Command::Demo => ops::demo(),
+        Command::Audit(a) => cmd_audit(a),
         Command::Worker(a) => ops::worker(a, None, cli.log),
         Command::Webhook(a) => ops::webhook(a, cli.log),
         Command::ControlPlane(a) => ops::control_plane(a),
@@ -364,5 +393,50 @@ fn cmd_policy(c: PolicyCommand) -> i32 {
             }
             0
         }
+    }
+}
+
+fn cmd_audit(a: AuditArgs) -> i32 {
+    use stockade::policy::audit;
+    let mut reports = Vec::new();
+    for spec in &a.policies {
+        match policy::load(Some(spec)) {
+            Ok((p, origins)) => reports.push(audit::audit(&p, &origins)),
+            Err(e) => return fail(e),
+        }
+    }
+    if a.diff {
+        let [old, new] = &reports[..] else {
+            return fail(format!("--diff takes exactly two policies (OLD NEW), got {}", reports.len()));
+        };
+        let changes = audit::diff(old, new);
+        if a.format == AuditFormat::Json {
+            println!("{}", serde_json::json!({"old": old.exposure, "new": new.exposure, "changes": changes}));
+        } else {
+            println!("{} -> {}: exposure {:.1} -> {:.1}", old.policy, new.policy, old.exposure, new.exposure);
+            for c in &changes {
+                let tag = if c.weaker {
+                    "WEAKER  "
+                } else if c.after < c.before {
+                    "stronger"
+                } else {
+                    "changed "
+                };
+                println!("  {tag} {:<27} {:?} -> {:?}: {}", c.id, c.before, c.after, c.reason);
+            }
+        }
+        return i32::from(a.fail_on_weaker && changes.iter().any(|c| c.weaker));
+    }
+    match a.format {
+        AuditFormat::Table => print!("{}", audit::table(&reports)),
+        AuditFormat::Json => println!("{}", serde_json::to_string_pretty(&reports).expect("serialises")),
+        AuditFormat::Sarif => {
+            println!("{}", serde_json::to_string_pretty(&audit::sarif(&reports)).expect("serialises"))
+        }
+        AuditFormat::Junit => print!("{}", audit::junit(&reports)),
+    }
+    match a.fail_above {
+        Some(max) if reports.iter().any(|r| r.exposure > max) => 1,
+        _ => 0,
     }
 }

@@ -8,6 +8,7 @@
 //! `Policy` is the fully resolved, validated result; `Origins` remembers which file and line each
 //! field came from, for error messages and the audit.
 
+pub mod audit;
 pub mod narrow;
 mod parse;
 pub mod syscalls;
