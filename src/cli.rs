@@ -63,9 +63,19 @@ enum Command {
     Stats(StatsArgs),
     /// Ask the worker holding a work item to stop it (organisation key).
     Stop(StopArgs),
+    /// Run the escape-probe battery inside a jail built from a policy; exit 1 on any escape.
+    #[command(name = "probe")]
+    ProbeBattery(ProbeArgs),
     /// Internal: run escape probes in the current process (used inside jails by tests and `probe`).
     #[command(name = "__probe", hide = true)]
-    Probe { names: Vec<String> },
+    Probe {
+        /// Run each probe in a child and print JSON reports (the in-jail half of `probe`).
+        #[arg(long)]
+        battery: bool,
+        #[arg(long, requires = "battery")]
+        ctx: Option<String>,
+        names: Vec<String>,
+    },
 }
 
 /// Where a jail's policy, workspace and outputs come from (run and session).
@@ -114,6 +124,31 @@ struct SessionArgs {
     /// workspace); asking for more than the policy allows keeps the policy's value.
     #[arg(long, value_name = "JSON")]
     narrow: Option<String>,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum ProbeFormat {
+    Table,
+    Json,
+    Junit,
+}
+
+#[derive(Args)]
+struct ProbeArgs {
+    /// Policy file or built-in name (default: the built-in default policy).
+    #[arg(long, short = 'p')]
+    policy: Option<String>,
+    #[arg(long, value_enum, default_value_t = ProbeFormat::Table)]
+    format: ProbeFormat,
+    /// Only these probes (comma-separated ids; see --list).
+    #[arg(long, value_delimiter = ',', value_name = "IDS")]
+    only: Vec<String>,
+    /// Probes expected to escape under this policy: reported, but not failing the run.
+    #[arg(long, value_delimiter = ',', value_name = "IDS")]
+    expect_fail: Vec<String>,
+    /// List the probes and exit.
+    #[arg(long)]
+    list: bool,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -173,7 +208,11 @@ pub fn main() -> i32 {
         Command::ControlPlane(a) => ops::control_plane(a),
         Command::Stats(a) => ops::stats(a),
         Command::Stop(a) => ops::stop(a),
-        Command::Probe { names } => stockade::probe::main(&names),
+        Command::Probe { battery: false, names, .. } => stockade::probe::main(&names),
+        Command::Probe { battery: true, ctx, names } => {
+            stockade::probe::battery(ctx.as_deref().unwrap_or("{}"), &names)
+        }
+        Command::ProbeBattery(a) => cmd_probe(a),
     }
 }
 
@@ -439,4 +478,29 @@ fn cmd_audit(a: AuditArgs) -> i32 {
         Some(max) if reports.iter().any(|r| r.exposure > max) => 1,
         _ => 0,
     }
+}
+
+fn cmd_probe(a: ProbeArgs) -> i32 {
+    use stockade::probe::harness;
+    if a.list {
+        for (id, cat, what) in stockade::probe::catalogue() {
+            println!("{cat:<11} {id:<24} {what}");
+        }
+        return 0;
+    }
+    let exe = match std::env::current_exe() {
+        Ok(e) => e,
+        Err(e) => return fail(format!("locating the stockade binary: {e}")),
+    };
+    let opts = harness::Options { policy: a.policy.clone(), only: a.only.clone(), exe };
+    let b = match harness::run(&opts) {
+        Ok(b) => b,
+        Err(e) => return fail(e),
+    };
+    match a.format {
+        ProbeFormat::Table => print!("{}", harness::table(&b, &a.expect_fail)),
+        ProbeFormat::Json => println!("{}", serde_json::to_string_pretty(&b).expect("serialises")),
+        ProbeFormat::Junit => print!("{}", harness::junit(&b, &a.expect_fail)),
+    }
+    harness::exit_code(&b, &a.expect_fail)
 }

@@ -1,4 +1,4 @@
-//! Escape probes that run *inside* a jail (`stockade __probe NAME...`): each tries one forbidden
+//! Syscall probes that run *inside* a jail (`stockade __probe NAME...`): each tries one forbidden
 //! thing for real and reports what the kernel answered. A probe that is refused by seccomp's kill
 //! action never reports: the process dies of SIGSYS, which the harness sees as the exit status.
 //!

@@ -1,0 +1,238 @@
+//! The host side of `stockade probe`: sets up the targets probes aim at (only on loopback and in
+//! the harness's own namespaces), runs the battery as the jailed command of `stockade run` with
+//! the policy under test, and collects the reports.
+
+use std::io::BufRead;
+use std::os::linux::net::SocketAddrExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use super::{catalogue, Ctx, Outcome, ProbeReport};
+
+/// Where the stockade binary is bound inside the probe jail.
+pub const JAILED_EXE: &str = "/.stockade/stockade";
+pub const PLANTED_ENV: &str = "STOCKADE_PROBE_PLANTED_SECRET";
+
+pub struct Options {
+    /// Policy file or built-in name; None for the default.
+    pub policy: Option<String>,
+    /// Run only these probes (all when empty).
+    pub only: Vec<String>,
+    /// The `stockade` binary to run the jail with.
+    pub exe: PathBuf,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Battery {
+    pub policy: String,
+    pub reports: Vec<ProbeReport>,
+}
+
+/// Host-side targets, removed on drop.
+struct Targets {
+    _abstract: std::os::unix::net::UnixListener,
+    _tcp: std::net::TcpListener,
+    sysv_id: i32,
+    shm: PathBuf,
+    ctx: Ctx,
+}
+
+impl Targets {
+    fn new(policy: &crate::policy::Policy) -> Result<Targets, String> {
+        let pid = std::process::id();
+        let abstract_name = format!("stockade-probe-{pid}");
+        let addr = std::os::unix::net::SocketAddr::from_abstract_name(abstract_name.as_bytes())
+            .map_err(|e| format!("abstract socket name: {e}"))?;
+        let abs = std::os::unix::net::UnixListener::bind_addr(&addr).map_err(|e| format!("abstract socket: {e}"))?;
+        let tcp = std::net::TcpListener::bind("127.0.0.1:0").map_err(|e| format!("loopback listener: {e}"))?;
+        let port = tcp.local_addr().map_err(|e| e.to_string())?.port();
+        let sysv_key = 0x5354_0000 | (pid & 0xffff) as i32;
+        // SAFETY: msgget with integer arguments creates a private queue the harness removes on drop.
+        let sysv_id = unsafe { libc::msgget(sysv_key, libc::IPC_CREAT | 0o600) };
+        if sysv_id < 0 {
+            return Err(format!("SysV queue: {}", std::io::Error::last_os_error()));
+        }
+        let shm_name = format!("stockade-probe-{pid}");
+        let shm = Path::new("/dev/shm").join(&shm_name);
+        std::fs::write(&shm, b"host shm").map_err(|e| format!("{}: {e}", shm.display()))?;
+        let l = &policy.limits;
+        let ctx = Ctx {
+            host_pid: pid,
+            abstract_name,
+            sysv_key,
+            shm_name,
+            listener_port: port,
+            planted_env: PLANTED_ENV.into(),
+            memory_limit: l.memory.map(|m| m.0),
+            tmp_size: l.tmp_size.0,
+            fsize: l.fsize.map(|f| f.0),
+            startup_fds: Vec::new(),
+        };
+        Ok(Targets { _abstract: abs, _tcp: tcp, sysv_id, shm, ctx })
+    }
+}
+
+impl Drop for Targets {
+    fn drop(&mut self) {
+        // SAFETY: removes the queue this harness created.
+        unsafe { libc::msgctl(self.sysv_id, libc::IPC_RMID, std::ptr::null_mut()) };
+        let _ = std::fs::remove_file(&self.shm);
+    }
+}
+
+pub fn run(opts: &Options) -> Result<Battery, String> {
+    let (policy, _) = crate::policy::load(opts.policy.as_deref()).map_err(|e| e.to_string())?;
+    let all = catalogue();
+    for id in &opts.only {
+        if !all.iter().any(|(i, _, _)| i == id) {
+            let near = crate::util::nearest(id, all.iter().map(|(i, _, _)| *i));
+            return Err(format!(
+                "--only: no probe {id:?}{}",
+                near.map(|n| format!(" (did you mean {n}?)")).unwrap_or_default()
+            ));
+        }
+    }
+    let ids: Vec<String> =
+        all.iter().map(|(i, _, _)| i.to_string()).filter(|i| opts.only.is_empty() || opts.only.contains(i)).collect();
+    let targets = Targets::new(&policy)?;
+    // The policy under test, plus the stockade binary bound in read-only to run the battery.
+    let dir = std::env::temp_dir().join(format!("stockade-probe-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let base = match opts.policy.as_deref() {
+        None => "default".to_owned(),
+        Some(p) if crate::policy::builtin_text(p).is_some() && !Path::new(p).exists() => p.to_owned(),
+        Some(p) => std::fs::canonicalize(p).map_err(|e| format!("{p}: {e}"))?.display().to_string(),
+    };
+    let exe = std::fs::canonicalize(&opts.exe).map_err(|e| format!("{}: {e}", opts.exe.display()))?;
+    let file = dir.join("probe-policy.toml");
+    let text = format!(
+        "extends = {}\n[filesystem]\nread_only_add = [{}]\n",
+        toml_str(&base),
+        toml_str(&format!("{}:{JAILED_EXE}", exe.display()))
+    );
+    std::fs::write(&file, text).map_err(|e| format!("{}: {e}", file.display()))?;
+    let ctx = serde_json::to_string(&targets.ctx).expect("serialises");
+    let secret = crate::control_plane::random_token("planted-");
+    let child = Command::new(&exe)
+        .arg("run")
+        .arg("--policy")
+        .arg(&file)
+        .args(["--", JAILED_EXE, "__probe", "--battery", "--ctx", &ctx])
+        .args(&ids)
+        .env(PLANTED_ENV, &secret)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .map_err(|e| format!("starting the jail: {e}"))?;
+    let out = child.wait_with_output().map_err(|e| format!("running the jail: {e}"))?;
+    let _ = std::fs::remove_dir_all(&dir);
+    drop(targets);
+    let mut reports: Vec<ProbeReport> = Vec::new();
+    for line in out.stdout.lines().map_while(Result::ok) {
+        match serde_json::from_str::<ProbeReport>(&line) {
+            Ok(r) => reports.push(r),
+            Err(e) => return Err(format!("unreadable probe output {line:?}: {e}")),
+        }
+    }
+    if reports.is_empty() && !out.status.success() {
+        return Err(format!("the probe jail failed ({}); see the error above", out.status));
+    }
+    // A report for every probe asked for, even if the battery died part-way.
+    for (id, cat, what) in all.iter().filter(|(i, _, _)| ids.iter().any(|x| x == i)) {
+        if !reports.iter().any(|r| r.id == *id) {
+            reports.push(ProbeReport {
+                id: id.to_string(),
+                category: cat.to_string(),
+                what: what.clone(),
+                outcome: Outcome::Error(format!("no report (the battery exited with {})", out.status)),
+            });
+        }
+    }
+    Ok(Battery { policy: policy.source.clone(), reports })
+}
+
+fn toml_str(s: &str) -> String {
+    format!("\"{}\"", s.replace('\\', "\\\\").replace('"', "\\\""))
+}
+
+fn xml_escape(s: &str) -> String {
+    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('"', "&quot;")
+}
+
+pub fn table(b: &Battery, expect_fail: &[String]) -> String {
+    use std::fmt::Write;
+    let mut s = format!("probes inside a jail built from {}\n", b.policy);
+    for r in &b.reports {
+        let (mark, ev) = match &r.outcome {
+            Outcome::Blocked(e) => ("blocked", e),
+            Outcome::Escaped(e) if expect_fail.contains(&r.id) => ("ESCAPED (expected)", e),
+            Outcome::Escaped(e) => ("ESCAPED", e),
+            Outcome::Error(e) => ("ERROR", e),
+        };
+        let _ = writeln!(s, "  {mark:<8} {:<11} {:<24} {}: {ev}", r.category, r.id, r.what);
+    }
+    let n = |f: fn(&Outcome) -> bool| b.reports.iter().filter(|r| f(&r.outcome)).count();
+    let _ = writeln!(
+        s,
+        "{} probes: {} blocked, {} escaped, {} errors",
+        b.reports.len(),
+        n(|o| matches!(o, Outcome::Blocked(_))),
+        n(|o| matches!(o, Outcome::Escaped(_))),
+        n(|o| matches!(o, Outcome::Error(_)))
+    );
+    s
+}
+
+pub fn junit(b: &Battery, expect_fail: &[String]) -> String {
+    use std::fmt::Write;
+    let failures = b
+        .reports
+        .iter()
+        .filter(|r| {
+            matches!(r.outcome, Outcome::Error(_))
+                || (matches!(r.outcome, Outcome::Escaped(_)) && !expect_fail.contains(&r.id))
+        })
+        .count();
+    let mut s = format!(
+        "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<testsuites name=\"stockade probe\">\n  <testsuite name=\"{}\" tests=\"{}\" failures=\"{failures}\" errors=\"0\">\n",
+        xml_escape(&b.policy),
+        b.reports.len()
+    );
+    for r in &b.reports {
+        let _ = write!(s, "    <testcase classname=\"{}\" name=\"{}\"", xml_escape(&r.category), xml_escape(&r.id));
+        match &r.outcome {
+            Outcome::Escaped(e) if !expect_fail.contains(&r.id) => {
+                let _ = writeln!(
+                    s,
+                    ">\n      <failure type=\"escaped\" message=\"{}\">{}</failure>\n    </testcase>",
+                    xml_escape(e),
+                    xml_escape(&r.what)
+                );
+            }
+            Outcome::Error(e) => {
+                let _ = writeln!(
+                    s,
+                    ">\n      <failure type=\"error\" message=\"{}\">{}</failure>\n    </testcase>",
+                    xml_escape(e),
+                    xml_escape(&r.what)
+                );
+            }
+            Outcome::Blocked(e) | Outcome::Escaped(e) => {
+                let _ = writeln!(s, ">\n      <system-out>{}</system-out>\n    </testcase>", xml_escape(e));
+            }
+        }
+    }
+    s.push_str("  </testsuite>\n</testsuites>\n");
+    s
+}
+
+/// Exit status: 0 when every probe was blocked (or escaped as expected), 1 otherwise.
+pub fn exit_code(b: &Battery, expect_fail: &[String]) -> i32 {
+    let bad = b.reports.iter().any(|r| match &r.outcome {
+        Outcome::Blocked(_) => false,
+        Outcome::Escaped(_) => !expect_fail.contains(&r.id),
+        Outcome::Error(_) => true,
+    });
+    i32::from(bad)
+}
