@@ -342,8 +342,18 @@ fn network_checks(p: &Policy, c: &mut Ctx) {
     };
     c.add("network.mode", 1.0, v, "network.mode", r);
     if n.mode != NetMode::Veth {
+        c.add("network.dns", 0.4, Verdict::Pass, "network.mode", "no DNS: nothing leaves the jail".into());
         return;
     }
+    // DNS only ever goes to Stockade's resolver, which answers allowlisted names only.
+    let (v, r) = if n.allow_domains.is_empty() {
+        (Verdict::Pass, "no names resolvable: DNS refused".to_owned())
+    } else if n.upstream_dns.iter().any(|u| classify_cidr(u).is_some_and(|(v, _)| v == Verdict::Fail)) {
+        (Verdict::Fail, format!("upstream resolvers include {}", n.upstream_dns.join(", ")))
+    } else {
+        (Verdict::Pass, "DNS answered by Stockade's resolver for allowlisted names only".to_owned())
+    };
+    c.add("network.dns", 0.4, v, "network.upstream_dns", r);
     let mut worst = (Verdict::Pass, "every allowlisted destination is specific".to_owned());
     for a in &n.allow {
         if let Some(f) = classify_cidr(a) {

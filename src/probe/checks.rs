@@ -56,6 +56,7 @@ pub const PROBES: &[(&str, &str, &str)] = &[
     ("net-host-listener", "network", "connect to a listener on the host's loopback"),
     ("res-fsize", "resources", "write past RLIMIT_FSIZE"),
     ("res-tmp-fill", "resources", "fill /tmp beyond its size"),
+    ("res-workspace-fill", "resources", "fill the (scratch) workspace beyond its size"),
     ("res-memory-hog", "resources", "allocate beyond the memory limit"),
     ("res-fork-bomb", "resources", "fork without bound"),
 ];
@@ -353,6 +354,7 @@ pub fn run(id: &str, ctx: &Ctx) -> Option<Outcome> {
             }
         }
         "res-tmp-fill" => fill("/tmp/stockade-probe-fill", ctx.tmp_size),
+        "res-workspace-fill" => fill("/workspace/.stockade-probe-fill", ctx.tmp_size),
         "res-memory-hog" => memory_hog(ctx.memory_limit),
         "res-fork-bomb" => fork_bomb(),
         _ => return None,
