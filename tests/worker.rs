@@ -586,3 +586,37 @@ fn session_metadata_narrows_the_policy_but_never_widens_it() {
     assert_eq!(v.work_state, WorkState::Failed, "{v:#?}");
     assert_eq!(v.calls[0].result, None);
 }
+
+#[test]
+fn a_lost_lease_kills_the_jail_at_once_and_the_item_is_claimed_again() {
+    let cp = Cp::start(Duration::from_secs(2));
+    let state = TempDir::new("w-state");
+    let port = free_port();
+    let marker = format!("5.{}", std::process::id());
+    // Heartbeats fail until the lease has run out.
+    cp.faults(vec![Fault {
+        kind: FaultKind::ServerError,
+        count: 6,
+        path_contains: Some("/heartbeat".into()),
+        after: false,
+    }]);
+    let _w = start_worker(&cp, state.path(), &["--metrics", &format!("127.0.0.1:{port}")]);
+    let (s, _) = cp.session(vec![bash(&format!("sleep {marker}; echo done"))]);
+    cp.wait_for("the first attempt", Duration::from_secs(20), || {
+        !host_processes_matching(&format!("sleep {marker}")).is_empty()
+    });
+    let first: Vec<String> = host_processes_matching(&format!("sleep {marker}"));
+    // Within the lease (2 s) plus a heartbeat period the worker gives up and kills the jail.
+    cp.wait_for("the jail to be killed", Duration::from_secs(5), || {
+        host_processes_matching(&format!("sleep {marker}")).iter().all(|p| !first.contains(p))
+    });
+    let v = cp.wait_ended(&s, Duration::from_secs(60));
+    assert_eq!(v.work_state, WorkState::Completed, "{v:#?}");
+    assert_eq!(v.claims, 2, "{v:#?}");
+    assert_eq!(result_of(&v, 0), "done\n");
+    assert_eq!(v.duplicate_results, 0);
+    let m = http_get(&format!("http://127.0.0.1:{port}/metrics"));
+    let losses: u64 = m.lines().find_map(|l| l.strip_prefix("stockade_lease_losses_total ")).unwrap().parse().unwrap();
+    assert!(losses >= 1, "{m}");
+    assert!(m.contains("stockade_heartbeat_failures_total "), "{m}");
+}

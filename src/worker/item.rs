@@ -18,7 +18,7 @@ use crate::util::{parse_rfc3339, rfc3339};
 
 /// What the lease heartbeat has learned, in increasing severity.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-enum Lease {
+pub(super) enum Lease {
     Held,
     StopRequested,
     ForceRequested,
@@ -82,6 +82,8 @@ pub(super) async fn run(ctx: Arc<Ctx>, item: WorkItem, resume: bool, shutdown: w
         tracing::info!(resume, workspace = %dirs.workspace.display(), "session starting");
         ctx.metrics.active_sessions.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let (lease_tx, lease_rx) = watch::channel(Lease::Held);
+        let lease_tx = Arc::new(lease_tx);
+        ctx.active.lock().unwrap_or_else(|p| p.into_inner()).insert(item.id.clone(), lease_tx.clone());
         let hb = tokio::spawn(heartbeat(ctx.clone(), item.clone(), lease_tx).in_current_span());
         let end = drive(&ctx, &item, &dirs, lease_rx.clone(), shutdown).await;
         finish(&ctx, &item, &end, &lease_rx).await;
@@ -95,12 +97,29 @@ pub(super) async fn run(ctx: Arc<Ctx>, item: WorkItem, resume: bool, shutdown: w
             "session ended"
         );
         ctx.state.prune_outputs(ctx.retention);
+        ctx.active.lock().unwrap_or_else(|p| p.into_inner()).remove(&item.id);
     }
     .instrument(span)
     .await
 }
 
-async fn heartbeat(ctx: Arc<Ctx>, item: WorkItem, tx: watch::Sender<Lease>) {
+/// The control plane handed out `work_id` again while this worker still runs it: the lease that
+/// run holds has expired, so the run is told so (its jail dies at once) and waited for.
+pub(super) async fn supersede(ctx: &Ctx, work_id: &str) {
+    let old = ctx.active.lock().unwrap_or_else(|p| p.into_inner()).get(work_id).cloned();
+    let Some(tx) = old else { return };
+    tracing::warn!(work_id, "claimed again while still running it: the earlier lease expired; stopping that run");
+    ctx.metrics.lease_losses.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    tx.send_replace(Lease::Lost);
+    let t = Instant::now();
+    while ctx.active.lock().unwrap_or_else(|p| p.into_inner()).contains_key(work_id)
+        && t.elapsed() < Duration::from_secs(30)
+    {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+async fn heartbeat(ctx: Arc<Ctx>, item: WorkItem, tx: Arc<watch::Sender<Lease>>) {
     let parse = |w: &WorkItem| w.lease_expires_at.as_deref().and_then(|t| parse_rfc3339(t).ok());
     let mut until = parse(&item).unwrap_or_else(|| SystemTime::now() + Duration::from_secs(30));
     let every = ctx.heartbeat_every.unwrap_or_else(|| {

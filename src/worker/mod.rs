@@ -112,6 +112,9 @@ pub(crate) struct Ctx {
     heartbeat_every: Option<Duration>,
     events_wait: Duration,
     retention: Duration,
+    /// Items being run, with their lease signal: an item the control plane hands out again
+    /// (its lease expired meanwhile) must first be taken from the run that lost it.
+    active: std::sync::Mutex<std::collections::HashMap<String, Arc<watch::Sender<item::Lease>>>>,
 }
 
 async fn serve_metrics(addr: SocketAddr, m: Arc<Metrics>) -> Result<(), WorkerError> {
@@ -167,6 +170,7 @@ pub async fn run(cfg: WorkerConfig, mut shutdown: watch::Receiver<Shutdown>) -> 
         heartbeat_every: cfg.heartbeat_every,
         events_wait: cfg.events_wait,
         retention: cfg.outputs_retention,
+        active: Default::default(),
         state,
     });
     // Items follow `inner`, which mirrors the caller's signal and can escalate on its own when
@@ -238,6 +242,7 @@ pub async fn run(cfg: WorkerConfig, mut shutdown: watch::Receiver<Shutdown>) -> 
                 ctx.metrics.poll("item");
                 ctx.metrics.claims.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 tracing::info!(work_id = %item.id, session_id = %item.session_id, "claimed");
+                item::supersede(&ctx, &item.id).await;
                 let (c, s) = (ctx.clone(), inner.clone());
                 tasks.spawn(async move {
                     item::run(c, item, false, s).await;

@@ -204,8 +204,13 @@ impl StateDir {
                 if safe_component(&rec.item.session_id) { rec.item.session_id.as_str() } else { "session" },
                 rec.item.id
             );
-            let dest = self.root.join("outputs").join(name);
-            let _ = fs::remove_dir_all(&dest);
+            // A session whose item was claimed again keeps the outputs of each attempt.
+            let mut dest = self.root.join("outputs").join(&name);
+            let mut n = 1;
+            while dest.exists() {
+                n += 1;
+                dest = self.root.join("outputs").join(format!("{name}.{n}"));
+            }
             match fs::rename(&outputs, &dest) {
                 Ok(()) => kept = Some(dest),
                 Err(e) => tracing::error!(error = %e, "could not keep the outputs of {}", rec.item.id),

@@ -1,0 +1,178 @@
+//! The operator-facing commands end to end: `demo`, `control-plane` (serve, session create/show,
+//! state kept across a restart), `worker`, `stats` and `stop`, as separate processes.
+
+mod common;
+
+use common::*;
+use std::path::Path;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+fn ok(o: Output) -> String {
+    assert!(
+        o.status.success(),
+        "{:?}\nstdout: {}\nstderr: {}",
+        o.status,
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8(o.stdout).unwrap()
+}
+
+#[test]
+fn demo_runs_the_main_job_and_exits_zero() {
+    let out = ok(Command::new(STOCKADE).arg("demo").env_remove("ANTHROPIC_API_KEY").output().unwrap());
+    for want in [
+        "work item work_",
+        "(Completed, claimed 1×)",
+        "I am agent (1000) on stockade, in /workspace",
+        "still in /workspace, GREETING=hi",
+        "     2\tedited line",
+        "error: /workspace/../etc/shadow: does not exist",
+        "NoNewPrivs:\t1",
+        "Read-only file system",
+        "wrote the report to outputs",
+        "what confined the session (policy builtin:default)",
+        "demo finished: 11 tool calls, all answered",
+    ] {
+        assert!(out.contains(want), "missing {want:?} in:\n{out}");
+    }
+}
+
+struct Killed(Child);
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+fn start_cp(state: &Path, port: u16) -> Killed {
+    let c = Command::new(STOCKADE)
+        .args(["control-plane", "--listen", &format!("127.0.0.1:{port}"), "--state"])
+        .arg(state)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let t = Instant::now();
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(t.elapsed() < Duration::from_secs(10), "control plane did not start");
+        std::thread::sleep(Duration::from_millis(25));
+    }
+    Killed(c)
+}
+
+fn cli(org: &str, args: &[&str]) -> Output {
+    Command::new(STOCKADE).args(args).env("ANTHROPIC_API_KEY", org).output().unwrap()
+}
+
+#[test]
+fn control_plane_worker_stats_and_stop_from_the_command_line() {
+    let state = TempDir::new("cp-state");
+    let wstate = TempDir::new("w-state");
+    let port = free_port();
+    let url = format!("http://127.0.0.1:{port}");
+    let mut cp = start_cp(state.path(), port);
+    let org = std::fs::read_to_string(state.path().join("org.key")).unwrap();
+    let script = state.path().join("calls.jsonl");
+    std::fs::write(
+        &script,
+        "# two calls\n{\"name\": \"bash\", \"input\": {\"command\": \"echo from-the-cli\"}}\n\
+         {\"name\": \"read\", \"input\": {\"file_path\": \"/workspace/none\"}, \"end_session\": true}\n\
+         {\"name\": \"bash\", \"input\": {\"command\": \"echo never\"}}\n",
+    )
+    .unwrap();
+    let created: serde_json::Value = serde_json::from_str(&ok(cli(
+        &org,
+        &["control-plane", "session", "create", "--api-url", &url, "--script", script.to_str().unwrap()],
+    )))
+    .unwrap();
+    let (session, work) =
+        (created["session_id"].as_str().unwrap().to_owned(), created["work_id"].as_str().unwrap().to_owned());
+    let stats: serde_json::Value =
+        serde_json::from_str(&ok(cli(&org, &["stats", "--environment-id", "env_local", "--api-url", &url, "--json"])))
+            .unwrap();
+    assert_eq!(
+        (stats["type"].as_str(), stats["depth"].as_u64(), stats["pending"].as_u64()),
+        (Some("work_queue_stats"), Some(1), Some(0))
+    );
+    assert!(stats["oldest_queued_at"].is_string());
+    // Stopping a queued item needs the organisation key, and an environment key is refused.
+    let env_key = std::fs::read_to_string(state.path().join("env_local.key")).unwrap();
+    let refused = cli(&env_key, &["stop", &work, "--environment-id", "env_local", "--api-url", &url]);
+    assert!(!refused.status.success());
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("authentication failed"), "{refused:?}");
+
+    // The control plane's state survives a restart.
+    drop(cp);
+    cp = start_cp(state.path(), port);
+    let mut w = Killed(
+        Command::new(STOCKADE)
+            .args(["worker", "--environment-id", "env_local", "--api-url", &url, "--poll-wait", "1s", "--state-dir"])
+            .arg(wstate.path())
+            .arg("--environment-key-file")
+            .arg(state.path().join("env_local.key"))
+            .env_remove("ANTHROPIC_API_KEY")
+            .stdin(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let t = Instant::now();
+    let shown = loop {
+        let s = ok(cli(&org, &["control-plane", "session", "show", &session, "--api-url", &url, "--json"]));
+        let v: serde_json::Value = serde_json::from_str(&s).unwrap();
+        if v["work_state"] == "completed" {
+            break v;
+        }
+        assert!(t.elapsed() < Duration::from_secs(30), "{v:#}");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let calls = shown["calls"].as_array().unwrap();
+    assert_eq!(calls.len(), 2, "end_session stops the script: {shown:#}");
+    assert_eq!(calls[0]["result"], "from-the-cli\n");
+    assert_eq!(calls[1]["is_error"], true);
+    let text = ok(cli(&org, &["control-plane", "session", "show", &session, "--api-url", &url]));
+    assert!(text.contains("[1] bash {\"command\":\"echo from-the-cli\"}"), "{text}");
+    assert!(text.contains("    from-the-cli"), "{text}");
+    let stats: serde_json::Value =
+        serde_json::from_str(&ok(cli(&org, &["stats", "--environment-id", "env_local", "--api-url", &url, "--json"])))
+            .unwrap();
+    assert_eq!(
+        (stats["depth"].as_u64(), stats["pending"].as_u64(), stats["workers_polling"].as_u64()),
+        (Some(0), Some(0), Some(1))
+    );
+
+    // stop from the command line reaches a running session.
+    std::fs::write(&script, "{\"name\": \"bash\", \"input\": {\"command\": \"sleep 60\"}}\n").unwrap();
+    let created: serde_json::Value = serde_json::from_str(&ok(cli(
+        &org,
+        &["control-plane", "session", "create", "--api-url", &url, "--script", script.to_str().unwrap()],
+    )))
+    .unwrap();
+    let work = created["work_id"].as_str().unwrap();
+    std::thread::sleep(Duration::from_secs(1));
+    let out = ok(cli(&org, &["stop", work, "--environment-id", "env_local", "--api-url", &url, "--force"]));
+    assert!(out.contains("Stopping") || out.contains("Stopped"), "{out}");
+    let t = Instant::now();
+    loop {
+        let s = ok(cli(
+            &org,
+            &["control-plane", "session", "show", created["session_id"].as_str().unwrap(), "--api-url", &url, "--json"],
+        ));
+        let v: serde_json::Value = serde_json::from_str(&s).unwrap();
+        if v["work_state"] == "stopped" {
+            break;
+        }
+        assert!(t.elapsed() < Duration::from_secs(30), "{v:#}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let _ = w.0.kill();
+    drop(cp);
+}
