@@ -607,7 +607,7 @@ fn a_lost_lease_kills_the_jail_at_once_and_the_item_is_claimed_again() {
     });
     let first: Vec<String> = host_processes_matching(&format!("sleep {marker}"));
     // Within the lease (2 s) plus a heartbeat period the worker gives up and kills the jail.
-    cp.wait_for("the jail to be killed", Duration::from_secs(5), || {
+    cp.wait_for("the jail to be killed", Duration::from_secs(10), || {
         host_processes_matching(&format!("sleep {marker}")).iter().all(|p| !first.contains(p))
     });
     let v = cp.wait_ended(&s, Duration::from_secs(60));
