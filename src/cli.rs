@@ -63,6 +63,10 @@ enum Command {
     Stats(StatsArgs),
     /// Ask the worker holding a work item to stop it (organisation key).
     Stop(StopArgs),
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
+    Completions { shell: clap_complete::Shell },
+    /// Print the man page (roff) for stockade and its subcommands.
+    Man,
     /// Run the escape-probe battery inside a jail built from a policy; exit 1 on any escape.
     #[command(name = "probe")]
     ProbeBattery(ProbeArgs),
@@ -213,6 +217,11 @@ pub fn main() -> i32 {
             stockade::probe::battery(ctx.as_deref().unwrap_or("{}"), &names)
         }
         Command::ProbeBattery(a) => cmd_probe(a),
+        Command::Completions { shell } => {
+            clap_complete::generate(shell, &mut <Cli as clap::CommandFactory>::command(), "stockade", &mut std::io::stdout());
+            0
+        }
+        Command::Man => cmd_man(),
     }
 }
 
@@ -503,4 +512,26 @@ fn cmd_probe(a: ProbeArgs) -> i32 {
         ProbeFormat::Junit => print!("{}", harness::junit(&b, &a.expect_fail)),
     }
     harness::exit_code(&b, &a.expect_fail)
+}
+
+/// One roff document: the top-level page, then a section per subcommand.
+fn cmd_man() -> i32 {
+    use std::io::Write;
+    let cmd = <Cli as clap::CommandFactory>::command();
+    let mut out = Vec::new();
+    if let Err(e) = clap_mangen::Man::new(cmd.clone()).render(&mut out) {
+        return fail(format!("rendering the man page: {e}"));
+    }
+    for sub in cmd.get_subcommands().filter(|s| !s.is_hide_set()) {
+        let name = format!("stockade-{}", sub.get_name());
+        let page = clap_mangen::Man::new(sub.clone().name(name.clone()));
+        let _ = writeln!(out, ".SH \"{}\"", name.to_uppercase());
+        if let Err(e) = page.render_description_section(&mut out).and_then(|()| page.render_options_section(&mut out)) {
+            return fail(format!("rendering {name}: {e}"));
+        }
+    }
+    match std::io::stdout().write_all(&out) {
+        Ok(()) => 0,
+        Err(e) => fail(e),
+    }
 }
