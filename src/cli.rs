@@ -218,7 +218,12 @@ pub fn main() -> i32 {
         }
         Command::ProbeBattery(a) => cmd_probe(a),
         Command::Completions { shell } => {
-            clap_complete::generate(shell, &mut <Cli as clap::CommandFactory>::command(), "stockade", &mut std::io::stdout());
+            clap_complete::generate(
+                shell,
+                &mut <Cli as clap::CommandFactory>::command(),
+                "stockade",
+                &mut std::io::stdout(),
+            );
             0
         }
         Command::Man => cmd_man(),

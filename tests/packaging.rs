@@ -1,0 +1,232 @@
+//! Packaging artefacts: the rootfs recipe, the Containerfile, the systemd unit, the Kubernetes
+//! manifests, completions and the man page — each checked against the binary it ships.
+
+mod common;
+
+use common::*;
+use std::path::Path;
+use std::process::Command;
+
+const ROOT: &str = env!("CARGO_MANIFEST_DIR");
+
+fn read(p: &str) -> String {
+    std::fs::read_to_string(Path::new(ROOT).join(p)).unwrap_or_else(|e| panic!("{p}: {e}"))
+}
+
+fn worker_flags() -> String {
+    String::from_utf8(Command::new(STOCKADE).args(["worker", "--help"]).output().unwrap().stdout).unwrap()
+}
+
+#[test]
+fn the_tiny_rootfs_is_stripped_reproducible_and_runs_a_jail() {
+    let d = TempDir::new("rootfs");
+    let build = |name: &str| {
+        let out = d.path().join(name);
+        let o = Command::new(format!("{ROOT}/rootfs/build.sh"))
+            .args(["--tiny"])
+            .arg(&out)
+            .env("SOURCE_DATE_EPOCH", "1700000000")
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{o:?}");
+        assert!(
+            String::from_utf8_lossy(&o.stdout).contains("stripped setuid/setgid bits from:\n  /bin/setuid-demo"),
+            "{o:?}"
+        );
+        let m = std::fs::read_to_string(format!("{}.manifest", out.display())).unwrap();
+        let sha = m.lines().find_map(|l| l.strip_prefix("tree-sha256: ")).unwrap().to_owned();
+        assert_eq!(sha.len(), 64);
+        (out, sha)
+    };
+    let (a, sha_a) = build("a");
+    let (_b, sha_b) = build("b");
+    assert_eq!(sha_a, sha_b, "two builds of the same inputs differ");
+    let suid = Command::new("find").arg(&a).args(["-perm", "/6000"]).output().unwrap();
+    assert!(suid.stdout.is_empty(), "setuid files left: {}", String::from_utf8_lossy(&suid.stdout));
+    if !is_root() {
+        return;
+    }
+    // Make the image readable by the jail's unprivileged host uid, as an installed image is.
+    Command::new("chmod").args(["-R", "a+rX"]).arg(&a).status().unwrap();
+    let p = d.path().join("p.toml");
+    std::fs::write(
+        &p,
+        format!("extends = \"default\"\n[filesystem]\nrootfs = \"{}\"\netc = [\"/etc/image-release\"]\n", a.display()),
+    )
+    .unwrap();
+    let r = stockade_run(
+        &["--policy", p.to_str().unwrap()],
+        &["/bin/bash", "-c", "cat /etc/image-release; ls /bin /usr/bin"],
+    );
+    assert_eq!(r.code, 0, "{r:?}");
+    assert!(r.stdout.starts_with("stockade-tiny 1\n"), "{r:?}");
+    assert!(r.stdout.lines().any(|l| l == "setuid-demo"), "{r:?}");
+    assert!(!r.stdout.contains("python3"), "host binaries visible: {r:?}");
+}
+
+#[test]
+fn the_containerfile_is_well_formed_and_copies_what_exists() {
+    let text = read("Containerfile");
+    let mut stages = Vec::new();
+    let mut logical = String::new();
+    for line in text.lines() {
+        if line.trim_start().starts_with('#') || line.trim().is_empty() {
+            continue;
+        }
+        logical.push_str(line.trim_end_matches('\\'));
+        if line.ends_with('\\') {
+            continue;
+        }
+        let l = std::mem::take(&mut logical);
+        let mut words = l.split_whitespace();
+        let kw = words.next().unwrap();
+        assert!(
+            ["FROM", "RUN", "COPY", "WORKDIR", "USER", "ENTRYPOINT", "CMD", "ENV", "ARG", "LABEL", "EXPOSE"]
+                .contains(&kw),
+            "unknown instruction {kw:?} in {l:?}"
+        );
+        let args: Vec<&str> = words.collect();
+        match kw {
+            "FROM" => {
+                if let Some(i) = args.iter().position(|a| a.eq_ignore_ascii_case("as")) {
+                    stages.push(args[i + 1].to_owned());
+                }
+            }
+            "COPY" => {
+                let from = args.iter().find_map(|a| a.strip_prefix("--from="));
+                let srcs = &args[..args.len() - 1];
+                match from {
+                    Some(stage) => assert!(stages.iter().any(|s| s == stage), "COPY --from={stage}: no such stage"),
+                    None => {
+                        for s in srcs {
+                            assert!(Path::new(ROOT).join(s).exists(), "COPY {s}: not in the repository");
+                        }
+                    }
+                }
+            }
+            "ENTRYPOINT" | "CMD" => {
+                serde_json::from_str::<Vec<String>>(&args.join(" "))
+                    .unwrap_or_else(|e| panic!("{kw} is not exec form: {e}"));
+            }
+            _ => {}
+        }
+    }
+    assert!(logical.is_empty(), "dangling line continuation");
+    assert_eq!(stages, ["build", "rootfs"]);
+    assert!(
+        !text.contains("--privileged\n") && !text.lines().any(|l| !l.starts_with('#') && l.contains("--privileged"))
+    );
+}
+
+#[test]
+fn the_systemd_unit_uses_a_credential_and_real_flags() {
+    let unit = read("deploy/systemd/stockade.service");
+    assert!(unit.contains(&format!("LoadCredential={}:", stockade::worker::key::CREDENTIAL_NAME)));
+    assert!(!unit.lines().any(|l| l.starts_with("Environment=") && l.to_uppercase().contains("KEY")));
+    let flags = worker_flags();
+    let exec: String = unit
+        .split("ExecStart=")
+        .nth(1)
+        .unwrap()
+        .lines()
+        .take_while(|l| !l.trim().is_empty() && !l.starts_with('#') && !l.contains('='))
+        .collect();
+    for f in exec.split_whitespace().filter(|w| w.starts_with("--") && *w != "--log") {
+        assert!(flags.contains(f), "ExecStart uses {f}, which `stockade worker` does not have");
+    }
+    for want in
+        ["NoNewPrivileges=yes", "ProtectSystem=strict", "ProtectHome=yes", "PrivateTmp=yes", "CapabilityBoundingSet="]
+    {
+        assert!(unit.contains(want), "{want}");
+    }
+    // The score the README states, where systemd-analyze can compute it offline.
+    if let Ok(o) = Command::new("systemd-analyze")
+        .args(["security", "--offline=true", &format!("{ROOT}/deploy/systemd/stockade.service")])
+        .output()
+    {
+        let out = String::from_utf8_lossy(&o.stdout);
+        let score: f64 = out
+            .lines()
+            .find_map(|l| l.split("stockade.service: ").nth(1))
+            .and_then(|s| s.split_whitespace().next())
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| panic!("no score in {out}"));
+        assert!(score <= 4.7, "exposure {score}");
+        assert!(read("README.md").contains(&format!("{score:.1} OK")), "README does not state the score {score}");
+    }
+}
+
+#[test]
+fn the_kubernetes_manifests_parse_and_match_the_worker() {
+    let dir = Path::new(ROOT).join("deploy/k8s");
+    let script = "import sys, json, yaml\nout = {}\nfor f in sys.argv[1:]:\n    out[f] = [d for d in yaml.safe_load_all(open(f)) if d]\nprint(json.dumps(out))";
+    let files: Vec<String> = std::fs::read_dir(&dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path().display().to_string())
+        .filter(|p| p.ends_with(".yaml"))
+        .collect();
+    let o = Command::new("python3")
+        .args(["-c", script])
+        .args(&files)
+        .output()
+        .expect("python3 with PyYAML (.ci/run installs it)");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let docs: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let all: Vec<&serde_json::Value> = docs.as_object().unwrap().values().flat_map(|v| v.as_array().unwrap()).collect();
+    let kinds: Vec<&str> = all.iter().map(|d| d["kind"].as_str().unwrap()).collect();
+    for k in ["Deployment", "Secret", "ConfigMap", "Service", "ScaledObject", "TriggerAuthentication"] {
+        assert!(kinds.contains(&k), "no {k}");
+    }
+    let dep = all.iter().find(|d| d["kind"] == "Deployment").unwrap();
+    let pod = &dep["spec"]["template"]["spec"];
+    let c = &pod["containers"][0];
+    let flags = worker_flags();
+    for a in
+        c["args"].as_array().unwrap().iter().filter_map(|a| a.as_str()).filter(|a| a.starts_with("--") && *a != "--log")
+    {
+        assert!(flags.contains(a), "the Deployment passes {a}, which `stockade worker` does not have");
+    }
+    // The key arrives as a file from the Secret, never as an environment variable.
+    assert!(c["env"].as_array().unwrap().iter().all(|e| !e["name"].as_str().unwrap().contains("KEY")));
+    assert_eq!(c["securityContext"]["privileged"], false);
+    assert_eq!(c["securityContext"]["capabilities"]["drop"][0], "ALL");
+    assert!(c["volumeMounts"].as_array().unwrap().iter().any(|m| m["name"] == "key"));
+    let so = all.iter().find(|d| d["kind"] == "ScaledObject").unwrap();
+    assert_eq!(so["spec"]["triggers"][0]["metadata"]["valueLocation"], "depth");
+    // The shipped policy parses and says what it relaxes.
+    let cm = all.iter().find(|d| d["kind"] == "ConfigMap").unwrap();
+    let d = TempDir::new("k8s-policy");
+    let p = d.path().join("worker.toml");
+    std::fs::write(&p, cm["data"]["worker.toml"].as_str().unwrap()).unwrap();
+    let o = Command::new(STOCKADE).args(["audit", p.to_str().unwrap(), "--format", "json"]).output().unwrap();
+    let a: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let f = a[0]["findings"].as_array().unwrap().iter().find(|f| f["id"] == "limits.enforcement").unwrap();
+    assert_eq!(f["verdict"], "partial");
+}
+
+#[test]
+fn completions_and_man_page_cover_every_command() {
+    let bash = Command::new(STOCKADE).args(["completions", "bash"]).output().unwrap();
+    let b = String::from_utf8(bash.stdout).unwrap();
+    let man = String::from_utf8(Command::new(STOCKADE).arg("man").output().unwrap().stdout).unwrap();
+    assert!(man.starts_with(".ie") && man.contains(".TH stockade 1"));
+    for sub in [
+        "run",
+        "check",
+        "policy",
+        "session",
+        "audit",
+        "probe",
+        "worker",
+        "webhook",
+        "control-plane",
+        "stats",
+        "stop",
+        "demo",
+    ] {
+        assert!(b.contains(sub), "completion lacks {sub}");
+        assert!(man.contains(&format!(".SH \"STOCKADE-{}\"", sub.to_uppercase())), "man page lacks {sub}");
+    }
+    assert!(!man.contains("__probe"));
+}
