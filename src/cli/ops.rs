@@ -198,6 +198,11 @@ fn org_key(file: Option<&Path>) -> Result<Secret, String> {
     }
 }
 
+/// A client for the ops commands, with the organisation key.
+fn org_client(api_url: &str, key_file: Option<&Path>) -> Result<Client, String> {
+    Client::new(api_url, org_key(key_file)?, AuthScheme::XApiKey).map_err(|e| e.to_string())
+}
+
 /// SIGTERM/SIGINT: the first asks for a graceful stop, the second forces.
 fn watch_signals(tx: watch::Sender<Shutdown>) {
     tokio::spawn(async move {
@@ -372,11 +377,7 @@ fn session_command(c: SessionCommand) -> i32 {
     let access = match &c {
         SessionCommand::Create { access, .. } | SessionCommand::Show { access, .. } => access,
     };
-    let k = match org_key(access.api_key_file.as_deref()) {
-        Ok(k) => k,
-        Err(e) => return fail(e),
-    };
-    let client = match Client::new(&access.api_url, k, AuthScheme::XApiKey) {
+    let client = match org_client(&access.api_url, access.api_key_file.as_deref()) {
         Ok(c) => c,
         Err(e) => return fail(e),
     };
@@ -449,15 +450,11 @@ pub fn transcript(v: &SessionView) -> String {
 }
 
 pub fn stats(a: StatsArgs) -> i32 {
-    let k = match org_key(a.api_key_file.as_deref()) {
-        Ok(k) => k,
+    let client = match org_client(&a.api_url, a.api_key_file.as_deref()) {
+        Ok(c) => c,
         Err(e) => return fail(e),
     };
     runtime().block_on(async move {
-        let client = match Client::new(&a.api_url, k, AuthScheme::XApiKey) {
-            Ok(c) => c,
-            Err(e) => return fail(e),
-        };
         match client.stats(&a.environment_id).await {
             Ok(s) if a.json => {
                 println!("{}", serde_json::to_string(&s).expect("serialises"));
@@ -479,15 +476,11 @@ pub fn stats(a: StatsArgs) -> i32 {
 }
 
 pub fn stop(a: StopArgs) -> i32 {
-    let k = match org_key(a.api_key_file.as_deref()) {
-        Ok(k) => k,
+    let client = match org_client(&a.api_url, a.api_key_file.as_deref()) {
+        Ok(c) => c,
         Err(e) => return fail(e),
     };
     runtime().block_on(async move {
-        let client = match Client::new(&a.api_url, k, AuthScheme::XApiKey) {
-            Ok(c) => c,
-            Err(e) => return fail(e),
-        };
         match client.stop(&a.environment_id, &a.work_id, a.force).await {
             Ok(w) => {
                 println!("{} {:?}", w.id, w.state);

@@ -406,22 +406,30 @@ fn memory_hog(limit: Option<u64>) -> Outcome {
     }
 }
 
-/// Forks sleeping children until fork fails; escaped when 2000 forks succeed.
-fn fork_bomb() -> Outcome {
-    let mut n = 0;
-    for _ in 0..2000 {
-        // SAFETY: the probe child is single-threaded; the grandchildren only sleep and exit.
+/// Forks children that sleep `secs` and exit, until fork fails (`Err((forked, errno))`) or
+/// `max` succeed (`Ok(max)`).
+pub fn fork_children(max: usize, secs: u32) -> Result<usize, (usize, i32)> {
+    for n in 0..max {
+        // SAFETY: probes run single-threaded; the children only sleep and exit.
         match unsafe { libc::fork() } {
             0 => {
                 // SAFETY: async-signal-safe calls only, in the forked child.
                 unsafe {
-                    libc::sleep(2);
+                    libc::sleep(secs);
                     libc::_exit(0)
                 }
             }
-            r if r < 0 => return blocked(format!("fork failed after {n} children: {}", en(errno()))),
-            _ => n += 1,
+            r if r < 0 => return Err((n, errno())),
+            _ => {}
         }
     }
-    escaped(format!("{n} children forked"))
+    Ok(max)
+}
+
+/// Escaped when 2000 forks succeed.
+fn fork_bomb() -> Outcome {
+    match fork_children(2000, 2) {
+        Ok(n) => escaped(format!("{n} children forked")),
+        Err((n, e)) => blocked(format!("fork failed after {n} children: {}", en(e))),
+    }
 }

@@ -186,30 +186,15 @@ pub fn run(name: &str) -> Option<ProbeResult> {
     })
 }
 
-/// Forks sleeping children until fork fails (or 1000 succeed); reports how many it got.
-/// `ok N` means nothing stopped it.
+/// The fork bomb, in `__probe` form: `ok N` means nothing stopped it.
 fn fork_bomb() -> ProbeResult {
-    let mut n = 0;
-    for _ in 0..1000 {
-        // SAFETY: the probe process is single-threaded; the child only sleeps and exits.
-        match unsafe { libc::fork() } {
-            0 => {
-                // SAFETY: async-signal-safe calls only, in the forked child.
-                unsafe {
-                    libc::sleep(3);
-                    libc::_exit(0)
-                }
-            }
-            r if r < 0 => {
-                return Err(std::io::Error::last_os_error().raw_os_error().unwrap_or(0)).map_err(|e| {
-                    println!("stopped after {n} forks");
-                    e
-                })
-            }
-            _ => n += 1,
+    match super::checks::fork_children(1000, 3) {
+        Ok(n) => Ok(format!("{n} forks")),
+        Err((n, e)) => {
+            println!("stopped after {n} forks");
+            Err(e)
         }
     }
-    Ok(format!("{n} forks"))
 }
 
 fn clone_with(flags: u64) -> ProbeResult {
