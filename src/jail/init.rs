@@ -80,6 +80,12 @@ pub(crate) fn child_main(ctx: ChildCtx) -> ! {
                     }
                     libc::close_range(keep + 1, u32::MAX, 0);
                 }
+                // stdin and stdout are the supervisor's request/response pipes to its caller
+                // (the worker): nothing in the jail reads or writes them, so they go.
+                if let Ok(null) = std::fs::OpenOptions::new().read(true).write(true).open("/dev/null") {
+                    let _ = nix::unistd::dup2_stdin(&null);
+                    let _ = nix::unistd::dup2_stdout(&null);
+                }
                 crate::session::server::serve(
                     channel,
                     ctx.env_pairs,
