@@ -5,6 +5,7 @@
 
 pub mod control_plane;
 pub mod jail;
+pub mod net;
 pub mod policy;
 pub mod probe;
 pub mod session;
