@@ -318,7 +318,14 @@ fn describe(p: &Policy, r: &jail::Report) -> String {
     let _ = writeln!(s, "  identity     {}", r.id_mapping);
     let _ =
         writeln!(s, "  filesystem   new tmpfs root, read-only; rw: /workspace, /mnt/session/outputs, /tmp, /dev/shm");
-    let _ = writeln!(s, "  network      {:?}", p.network.mode);
+    match &r.network {
+        Some(n) => {
+            let _ = writeln!(s, "  network      {n}");
+        }
+        None => {
+            let _ = writeln!(s, "  network      {:?}", p.network.mode);
+        }
+    }
     let _ = writeln!(s, "  capabilities none (all five sets empty), no_new_privs");
     let dropped = if r.landlock_dropped.is_empty() {
         String::new()

@@ -3,14 +3,18 @@
 use crate::policy::{NetMode, Policy};
 
 /// (file name under /etc, contents)
-pub fn generated_files(policy: &Policy) -> Vec<(&'static str, String)> {
+pub fn generated_files(policy: &Policy, resolver: Option<std::net::Ipv4Addr>) -> Vec<(&'static str, String)> {
     let u = &policy.user;
     let h = &policy.hostname;
     let resolv = match policy.network.mode {
         // No resolver is reachable in these modes; an empty file makes lookups fail fast
         // instead of timing out against a nameserver that cannot answer.
         NetMode::None | NetMode::Loopback => "# no DNS in network mode none/loopback\n".to_owned(),
-        NetMode::Veth => "nameserver 10.0.0.1\noptions timeout:2 attempts:2\n".to_owned(),
+        // Stockade's resolver on the host end of the session's link.
+        NetMode::Veth => match resolver {
+            Some(r) => format!("nameserver {r}\noptions timeout:2 attempts:2\n"),
+            None => "# no resolver\n".to_owned(),
+        },
     };
     vec![
         ("passwd", format!("{}:x:{}:{}:{}:/workspace:/bin/sh\n", u.name, u.uid, u.gid, u.name)),

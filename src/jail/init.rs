@@ -47,6 +47,8 @@ pub(crate) struct ChildCtx<'a> {
     pub payload: &'a super::Payload,
     pub filters: &'a Filters,
     pub pipes: &'a SyncPipes,
+    /// veth mode: (the jail's address, the host end's address) of the session's /30.
+    pub veth: Option<(std::net::Ipv4Addr, std::net::Ipv4Addr)>,
 }
 
 /// Entry point of the cloned child. Never returns.
@@ -133,8 +135,13 @@ fn setup(ctx: &ChildCtx) -> Result<Option<Pid>, JailError> {
         close_raw(tree.as_raw_fd());
     }
     uts::set_names(&p.hostname)?;
-    if p.network.mode == NetMode::Loopback {
-        netif::loopback_up()?;
+    match (p.network.mode, ctx.veth) {
+        (NetMode::Loopback, _) => netif::loopback_up()?,
+        (NetMode::Veth, Some((jail, gateway))) => {
+            netif::loopback_up()?;
+            netif::veth_up(jail, gateway)?;
+        }
+        _ => {}
     }
     rlimits::apply(&p.limits)?;
     if !wait_for(&ctx.pipes.go_read, CGROUP_READY) {

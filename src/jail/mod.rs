@@ -105,6 +105,8 @@ pub struct Report {
     pub cgroup: CgroupReport,
     pub seccomp_allowed: usize,
     pub id_mapping: String,
+    /// veth mode: the session's link and, once it ended, its packet and DNS counts.
+    pub network: Option<String>,
 }
 
 #[derive(Debug)]
@@ -135,6 +137,8 @@ pub struct Jail {
     pub report: Report,
     t0: Instant,
     finished: bool,
+    /// veth mode: the host side of the session's network, removed after the jail.
+    net: Option<crate::net::SessionNet>,
 }
 
 /// Builds the jail, runs the command to completion and tears everything down.
@@ -205,6 +209,15 @@ impl Jail {
         report.id_mapping =
             format!("jail uid {} -> host uid {host_uid}, gid {} -> host gid {host_gid}", p.user.uid, p.user.gid);
 
+        // veth mode: a /30 for the jail, chosen before the clone so the jail knows its addresses.
+        let mut net_plan = match p.network.mode {
+            crate::policy::NetMode::Veth => {
+                Some(crate::net::Plan::reserve(&p.network.pool).map_err(|e| JailError::new(Step::Network, e))?)
+            }
+            _ => None,
+        };
+        let veth = net_plan.as_ref().map(|n| (n.jail_ip, n.host_ip));
+
         // ---- cgroup ----
         let t_pre = t0.elapsed();
         let name = format!("stockade-{}-{}", std::process::id(), JAIL_SEQ.fetch_add(1, Ordering::Relaxed));
@@ -235,6 +248,7 @@ impl Jail {
             outputs: spec.outputs.as_deref(),
             workspace_tree: workspace_tree.as_ref(),
             outputs_tree: outputs_tree.as_ref(),
+            resolver: veth.map(|(_, host)| host),
         };
         let child = match namespaces::fork_into_namespaces() {
             Err(e) => return Err(restore(e, &mut cgroup)),
@@ -248,6 +262,7 @@ impl Jail {
                 filters: &filters,
                 pipes: &pipes,
                 payload: &payload,
+                veth,
             }),
             Ok(Some(pid)) => pid,
         };
@@ -257,6 +272,7 @@ impl Jail {
         let sync::SyncPipes { go_read, go_write, report_read, report_write } = pipes;
         drop(go_read);
         drop(report_write);
+        let mut session_net = None;
         let started = (|| {
             let kill_child = |e: JailError| {
                 let _ = kill(child, Signal::SIGKILL);
@@ -264,6 +280,11 @@ impl Jail {
                 e
             };
             ids.write(child).map_err(kill_child)?;
+            if let Some(plan) = net_plan.take() {
+                let n = crate::net::SessionNet::create(plan, child.as_raw(), &p.network)
+                    .map_err(|e| kill_child(JailError::new(Step::Network, e)))?;
+                session_net = Some(n);
+            }
             let release = |what: u8| {
                 sync::send(&go_write, what).map_err(|e| JailError::new(Step::Supervise, format!("signal jail: {e}")))
             };
@@ -294,7 +315,7 @@ impl Jail {
             return Err(restore(e, &mut cgroup));
         }
         let deadline = spec.timeout.or(p.limits.timeout.map(|d| d.0)).map(|t| Instant::now() + t);
-        Ok(Jail { init: child, cgroup, go_write, old_mask, deadline, report, t0, finished: false })
+        Ok(Jail { init: child, cgroup, go_write, old_mask, deadline, report, t0, finished: false, net: session_net })
     }
 
     /// The jail's init, as seen from the host.
@@ -307,6 +328,11 @@ impl Jail {
     pub fn wait(mut self) -> Result<Outcome, JailError> {
         let status = supervise(self.init, self.deadline);
         self.finished = true;
+        if let Some(n) = &self.net {
+            let plan = &n.plan;
+            self.report.network =
+                Some(format!("veth {} {} <-> jail {}/30; {}", plan.host_if, plan.host_ip, plan.jail_ip, n.stats()));
+        }
         tracing::debug!(total_us = self.t0.elapsed().as_micros() as u64, "jail ended");
         let report = std::mem::take(&mut self.report);
         drop(self);

@@ -67,6 +67,8 @@ pub struct MountPlan<'a> {
     /// by another host user (see `idmap`). When present they replace the plain bind.
     pub workspace_tree: Option<&'a OwnedFd>,
     pub outputs_tree: Option<&'a OwnedFd>,
+    /// veth mode: the session's resolver, for /etc/resolv.conf.
+    pub resolver: Option<std::net::Ipv4Addr>,
 }
 
 enum Source {
@@ -144,7 +146,7 @@ pub fn build_root(plan: &MountPlan) -> Result<(), JailError> {
 
     let etc = root.join("etc");
     mkdir_p(&etc)?;
-    for (name, content) in super::etc::generated_files(p) {
+    for (name, content) in super::etc::generated_files(p, plan.resolver) {
         write_file(&etc.join(name), content.as_bytes())?;
     }
     etc_entries.sort_by_key(|e| e.dst.components().count());

@@ -1,5 +1,6 @@
 //! Step 3b: the jail's network namespace starts with a single, down loopback interface.
-//! Mode `loopback` brings it up; mode `none` leaves the jail with no usable interface at all.
+//! Mode `loopback` brings it up; mode `none` leaves the jail with no usable interface at all;
+//! mode `veth` also configures `eth0`, which the supervisor moved in (see `net`).
 
 use super::error::{JailError, Step};
 
@@ -32,4 +33,13 @@ pub fn loopback_up() -> Result<(), JailError> {
     // SAFETY: `sock` is a descriptor we own and close exactly once.
     unsafe { libc::close(sock) };
     result
+}
+
+/// `eth0`: the jail's address in the session's /30, up, and the default route through the host end.
+pub fn veth_up(jail: std::net::Ipv4Addr, gateway: std::net::Ipv4Addr) -> Result<(), JailError> {
+    let e = |what: &str, err: std::io::Error| JailError::new(Step::Network, format!("{what}: {err}"));
+    let mut r = crate::net::rtnl::Rtnl::open().map_err(|err| e("netlink", err))?;
+    r.add_addr4("eth0", jail, 30).map_err(|err| e(&format!("address {jail} on eth0"), err))?;
+    r.set_up("eth0").map_err(|err| e("eth0 up", err))?;
+    r.add_default_route4("eth0", gateway).map_err(|err| e(&format!("default route via {gateway}"), err))
 }

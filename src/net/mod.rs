@@ -1,7 +1,245 @@
 //! Session networks (`network.mode = "veth"`): a veth pair per jail, addresses from a pool,
 //! egress filtered by nftables, DNS answered by Stockade's own resolver.
+//!
+//! Order of events: `Plan::reserve` picks a free /30 before the jail is cloned (so the jail
+//! knows its addresses); `SessionNet::create` builds the host side once the jail's network
+//! namespace exists; the jail configures its end (`jail::netif`); dropping the `SessionNet`
+//! removes everything. Leftovers of a crashed Stockade (an unlocked slot) are removed by the next
+//! `reserve`.
 
+pub mod dns;
+pub mod nft;
 pub mod rtnl;
+pub mod rules;
+
+use std::fs::File;
+use std::net::{Ipv4Addr, SocketAddrV4, UdpSocket};
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use crate::policy::Network;
+use rules::{AllowRule, DomainPattern, Net4};
+
+pub const DEFAULT_POOL: &str = "10.199.0.0/16";
+/// Host-side interface names: `stk<slot>`.
+pub const HOST_PREFIX: &str = "stk";
+/// Slot locks: one file per /30 in use, flock'ed by its Stockade for the session's life.
+pub const RUN_DIR: &str = "/run/stockade/net";
+
+fn slot_ids(slot: u32) -> (String, String) {
+    (format!("{HOST_PREFIX}{slot}"), format!("s{slot}"))
+}
+
+fn try_lock(f: &File) -> bool {
+    // SAFETY: flock on a descriptor we own.
+    unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) == 0 }
+}
+
+/// A reserved /30: `.1` on the host side, `.2` in the jail.
+#[derive(Debug)]
+pub struct Plan {
+    pub slot: u32,
+    pub pool: Net4,
+    pub host_ip: Ipv4Addr,
+    pub jail_ip: Ipv4Addr,
+    pub host_if: String,
+    pub id: String,
+    _lock: File,
+}
+
+fn remove_leftovers(slot: u32, pool: Option<Net4>) {
+    let (host_if, id) = slot_ids(slot);
+    let jail_ip = pool.map(|p| Ipv4Addr::from(u32::from(p.network()) + slot * 4 + 2));
+    nft::remove_session(&id, &host_if, jail_ip);
+    if let Ok(mut r) = rtnl::Rtnl::open() {
+        let _ = r.del_link(&host_if);
+    }
+}
+
+impl Plan {
+    pub fn reserve(pool: &str) -> Result<Plan, String> {
+        if !nix::unistd::geteuid().is_root() {
+            return Err("network.mode \"veth\" needs root (links and nftables in the host's namespace)".into());
+        }
+        let pool = Net4::parse(pool)?;
+        std::fs::create_dir_all(RUN_DIR).map_err(|e| format!("{RUN_DIR}: {e}"))?;
+        let base_lock = File::create(format!("{RUN_DIR}/.lock")).map_err(|e| format!("{RUN_DIR}/.lock: {e}"))?;
+        // SAFETY: flock on a descriptor we own; blocks until other Stockades are done choosing.
+        unsafe { libc::flock(base_lock.as_raw_fd(), libc::LOCK_EX) };
+        // Slots whose owner is gone: remove what it left.
+        let mut stale = Vec::new();
+        if let Ok(rd) = std::fs::read_dir(RUN_DIR) {
+            for e in rd.flatten() {
+                let Some(slot) = e.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else { continue };
+                if let Ok(f) = File::open(e.path()) {
+                    if try_lock(&f) {
+                        stale.push(slot);
+                    }
+                }
+            }
+        }
+        for slot in &stale {
+            tracing::info!(slot, "removing the network of a crashed session");
+            remove_leftovers(*slot, Some(pool));
+            let _ = std::fs::remove_file(format!("{RUN_DIR}/{slot}"));
+        }
+        let slots = (pool.size() / 4) as u32;
+        let start = (std::process::id().wrapping_mul(7919)) % slots;
+        for k in 0..slots {
+            let slot = (start + k) % slots;
+            let path = format!("{RUN_DIR}/{slot}");
+            let Ok(f) = std::fs::OpenOptions::new().write(true).create_new(true).open(&path) else { continue };
+            if !try_lock(&f) {
+                continue;
+            }
+            nft::ensure_base(HOST_PREFIX)?;
+            let base = u32::from(pool.network()) + slot * 4;
+            let (host_if, id) = slot_ids(slot);
+            return Ok(Plan {
+                slot,
+                pool,
+                host_ip: Ipv4Addr::from(base + 1),
+                jail_ip: Ipv4Addr::from(base + 2),
+                host_if,
+                id,
+                _lock: f,
+            });
+        }
+        Err(format!("network.pool {pool}: every /30 is in use"))
+    }
+}
+
+/// Longest-prefix match in the main IPv4 routing table: the interface traffic to `dst` leaves by.
+fn route_iface(dst: Ipv4Addr) -> Option<String> {
+    let t = std::fs::read_to_string("/proc/net/route").ok()?;
+    let hex = |s: &str| u32::from_str_radix(s, 16).ok().map(u32::from_be).map(Ipv4Addr::from);
+    t.lines()
+        .skip(1)
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            let (dest, mask) = (hex(f.get(1)?)?, hex(f.get(7)?)?);
+            (u32::from(dst) & u32::from(mask) == u32::from(dest))
+                .then(|| (u32::from(mask).count_ones(), f[0].to_owned()))
+        })
+        .max_by_key(|(len, _)| *len)
+        .map(|(_, i)| i)
+}
+
+fn enable_forwarding(iface: &str) -> Result<(), String> {
+    let p = format!("/proc/sys/net/ipv4/conf/{iface}/forwarding");
+    std::fs::write(&p, "1").map_err(|e| format!("{p}: {e}"))
+}
+
+/// The host side of one session's network; removed on drop.
+pub struct SessionNet {
+    pub plan: Plan,
+    stop: Arc<AtomicBool>,
+    resolver: Option<std::thread::JoinHandle<()>>,
+    pub dns_stats: Arc<dns::DnsStats>,
+}
+
+impl SessionNet {
+    /// Builds the host side once the jail (pid `child`) has its network namespace.
+    pub fn create(plan: Plan, child: i32, net: &Network) -> Result<SessionNet, String> {
+        let allow: Vec<AllowRule> = net.allow.iter().map(|a| AllowRule::parse(a)).collect::<Result<_, _>>()?;
+        let patterns: Vec<DomainPattern> =
+            net.allow_domains.iter().map(|d| DomainPattern::parse(d)).collect::<Result<_, _>>()?;
+        let upstream: Vec<SocketAddrV4> = if net.upstream_dns.is_empty() {
+            rules::host_resolvers()
+        } else {
+            net.upstream_dns.iter().map(|u| rules::parse_upstream(u)).collect::<Result<_, _>>()?
+        };
+        let mut session =
+            SessionNet { plan, stop: Arc::new(AtomicBool::new(false)), resolver: None, dns_stats: Arc::default() };
+        let p = &session.plan;
+        let mut r = rtnl::Rtnl::open().map_err(|e| format!("netlink: {e}"))?;
+        r.add_veth(&p.host_if, "eth0", child, None).map_err(|e| format!("veth {}: {e}", p.host_if))?;
+        r.add_addr4(&p.host_if, p.host_ip, 30).map_err(|e| format!("address {} on {}: {e}", p.host_ip, p.host_if))?;
+        r.set_up(&p.host_if).map_err(|e| format!("{} up: {e}", p.host_if))?;
+        // Forwarding per interface: the session's link, and the links its destinations leave by
+        // (replies come in there). Nothing host-wide is switched on.
+        enable_forwarding(&p.host_if)?;
+        let mut uplinks: Vec<Ipv4Addr> = allow.iter().map(|a| a.net.network()).collect();
+        if !patterns.is_empty() {
+            uplinks.push(Ipv4Addr::new(192, 0, 2, 1)); // whatever the default route is
+        }
+        for dst in uplinks {
+            if let Some(i) = route_iface(dst).filter(|i| !i.starts_with(HOST_PREFIX) && i != "lo") {
+                enable_forwarding(&i)?;
+            }
+        }
+        let host_addrs: Vec<Ipv4Addr> = nix::ifaddrs::getifaddrs()
+            .map(|it| it.filter_map(|a| a.address.and_then(|s| s.as_sockaddr_in().map(|i| i.ip()))).collect())
+            .unwrap_or_default();
+        nft::add_session(&nft::SessionRules {
+            id: &p.id,
+            host_if: &p.host_if,
+            host_ip: p.host_ip,
+            jail_ip: p.jail_ip,
+            pool: p.pool,
+            host_addrs: &host_addrs,
+            allow: &allow,
+        })?;
+        let sock = UdpSocket::bind(SocketAddrV4::new(p.host_ip, 53))
+            .map_err(|e| format!("resolver on {}:53: {e}", p.host_ip))?;
+        let id = p.id.clone();
+        let resolver = dns::Resolver {
+            session: p.id.clone(),
+            patterns,
+            upstream,
+            allowed_nets: allow.iter().map(|a| a.net).collect(),
+            admit: Box::new(move |addrs| {
+                // Replies from an admitted address come in by the link its route uses.
+                for (a, _) in addrs {
+                    if let Some(i) = route_iface(*a).filter(|i| !i.starts_with(HOST_PREFIX) && i != "lo") {
+                        enable_forwarding(&i)?;
+                    }
+                }
+                nft::admit(&id, addrs)
+            }),
+            stats: session.dns_stats.clone(),
+            ttl_floor: dns::ttl_floor(),
+        };
+        let stop = session.stop.clone();
+        session.resolver = Some(
+            std::thread::Builder::new()
+                .name("stockade-dns".into())
+                .spawn(move || resolver.serve(sock, stop))
+                .map_err(|e| format!("resolver thread: {e}"))?,
+        );
+        Ok(session)
+    }
+
+    /// Packets allowed and denied so far, by rule, and DNS answers.
+    pub fn stats(&self) -> String {
+        let c = nft::counters(&self.plan.id);
+        let d = &self.dns_stats;
+        format!(
+            "{} dns: {} allowed, {} refused, {} failed",
+            c.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(" "),
+            d.allowed.load(Ordering::Relaxed),
+            d.refused.load(Ordering::Relaxed),
+            d.failed.load(Ordering::Relaxed)
+        )
+    }
+}
+
+impl Drop for SessionNet {
+    fn drop(&mut self) {
+        tracing::info!(session = %self.plan.id, stats = %self.stats(), "session network removed");
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.resolver.take() {
+            let _ = t.join();
+        }
+        let p = &self.plan;
+        nft::remove_session(&p.id, &p.host_if, Some(p.jail_ip));
+        if let Ok(mut r) = rtnl::Rtnl::open() {
+            let _ = r.del_link(&p.host_if);
+        }
+        let _ = std::fs::remove_file(format!("{RUN_DIR}/{}", p.slot));
+    }
+}
 
 #[cfg(test)]
 mod tests {

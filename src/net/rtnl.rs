@@ -189,7 +189,9 @@ impl Rtnl {
             m.attr(IFLA_MTU, &mtu.to_ne_bytes());
         }
         m.begin(IFLA_LINKINFO).str_attr(IFLA_INFO_KIND, "veth").begin(IFLA_INFO_DATA).begin(VETH_INFO_PEER);
-        m.raw(&ifinfomsg(0, 0, 0)).str_attr(IFLA_IFNAME, peer).attr(IFLA_NET_NS_PID, &(peer_ns_pid as u32).to_ne_bytes());
+        m.raw(&ifinfomsg(0, 0, 0))
+            .str_attr(IFLA_IFNAME, peer)
+            .attr(IFLA_NET_NS_PID, &(peer_ns_pid as u32).to_ne_bytes());
         if let Some(mtu) = mtu {
             m.attr(IFLA_MTU, &mtu.to_ne_bytes());
         }

@@ -171,7 +171,7 @@ section!("limits.", LimitsLayer => LimitsRaw {
     maps {}
 });
 section!("network.", NetLayer => NetRaw {
-    scalars { mode: NetModeW }
+    scalars { mode: NetModeW, pool: String }
     lists {
         allow / allow_add / allow_remove: String,
         allow_domains / allow_domains_add / allow_domains_remove: String,
@@ -485,10 +485,24 @@ fn finish(source: &str, raw: Raw, o: &Origins) -> Result<Policy, PolicyError> {
         allow: raw.network.allow.unwrap_or_default(),
         allow_domains: raw.network.allow_domains.unwrap_or_default(),
         upstream_dns: raw.network.upstream_dns.unwrap_or_default(),
+        pool: raw.network.pool.unwrap_or_else(|| crate::net::DEFAULT_POOL.to_owned()),
     };
     match network.mode {
         NetMode::Veth => {
-            return Err(bad("network.mode", "\"veth\" needs the veth network module, which this build does not have yet; use \"none\" or \"loopback\"".into()));
+            use crate::net::rules::{AllowRule, DomainPattern, Net4};
+            for a in &network.allow {
+                AllowRule::parse(a).map_err(|e| bad("network.allow", e))?;
+            }
+            for d in &network.allow_domains {
+                DomainPattern::parse(d).map_err(|e| bad("network.allow_domains", e))?;
+            }
+            for u in &network.upstream_dns {
+                crate::net::rules::parse_upstream(u).map_err(|e| bad("network.upstream_dns", e))?;
+            }
+            let pool = Net4::parse(&network.pool).map_err(|e| bad("network.pool", e))?;
+            if pool.prefix > 28 {
+                return Err(bad("network.pool", format!("{pool} is too small: sessions take a /30 each")));
+            }
         }
         NetMode::None | NetMode::Loopback => {
             for (k, l) in [
@@ -506,10 +520,16 @@ fn finish(source: &str, raw: Raw, o: &Origins) -> Result<Policy, PolicyError> {
         }
     }
 
+    // In veth mode, landlock's TCP connect rules mirror the allowlist as a second layer when
+    // the allowlist pins every destination to ports (names admit any port, so then it cannot).
+    let mirrored =
+        (network.mode == NetMode::Veth && raw.landlock.tcp_connect.is_none() && network.allow_domains.is_empty())
+            .then(|| crate::net::rules::tcp_ports(&network.allow))
+            .flatten();
     let landlock = Landlock {
         compatibility: raw.landlock.compatibility.map_or(Compatibility::Hard, Into::into),
         tcp_bind: raw.landlock.tcp_bind,
-        tcp_connect: raw.landlock.tcp_connect,
+        tcp_connect: raw.landlock.tcp_connect.or(mirrored),
     };
 
     let seccomp = Seccomp {

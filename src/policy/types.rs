@@ -162,6 +162,8 @@ pub struct Network {
     pub allow: Vec<String>,
     pub allow_domains: Vec<String>,
     pub upstream_dns: Vec<String>,
+    /// veth only: the IPv4 range session links take their /30s from.
+    pub pool: String,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]

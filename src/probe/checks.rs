@@ -52,7 +52,8 @@ pub const PROBES: &[(&str, &str, &str)] = &[
     ("ipc-abstract-socket", "ipc", "connect to a host abstract unix socket"),
     ("ipc-sysv-queue", "ipc", "open a host SysV message queue"),
     ("ipc-shm-host", "ipc", "see the host's /dev/shm"),
-    ("net-route-out", "network", "route a packet off the host"),
+    ("net-route-out", "network", "reach an address no rule allows (TEST-NET-1)"),
+    ("net-metadata", "network", "reach the cloud metadata service (169.254.169.254)"),
     ("net-host-listener", "network", "connect to a listener on the host's loopback"),
     ("res-fsize", "resources", "write past RLIMIT_FSIZE"),
     ("res-tmp-fill", "resources", "fill /tmp beyond its size"),
@@ -324,16 +325,22 @@ pub fn run(id: &str, ctx: &Ctx) -> Option<Outcome> {
             }
         }
         "net-route-out" => {
-            // A connected UDP socket needs a route but sends nothing.
-            let s = match std::net::UdpSocket::bind("0.0.0.0:0") {
-                Ok(s) => s,
-                Err(e) => return Some(blocked(format!("socket: {e}"))),
-            };
-            match s.connect("192.0.2.1:9") {
-                Ok(()) => escaped("a route to 192.0.2.1 (TEST-NET-1) exists"),
-                Err(e) => blocked(format!("192.0.2.1: {}", en(e.raw_os_error().unwrap_or(0)))),
+            if ctx.network == "veth" {
+                // A route exists; the filter must drop what no rule allows.
+                tcp_probe(std::net::SocketAddr::from(([192, 0, 2, 1], 80)))
+            } else {
+                // A connected UDP socket needs a route but sends nothing.
+                let s = match std::net::UdpSocket::bind("0.0.0.0:0") {
+                    Ok(s) => s,
+                    Err(e) => return Some(blocked(format!("socket: {e}"))),
+                };
+                match s.connect("192.0.2.1:9") {
+                    Ok(()) => escaped("a route to 192.0.2.1 (TEST-NET-1) exists"),
+                    Err(e) => blocked(format!("192.0.2.1: {}", en(e.raw_os_error().unwrap_or(0)))),
+                }
             }
         }
+        "net-metadata" => tcp_probe(std::net::SocketAddr::from(([169, 254, 169, 254], 80))),
         "net-host-listener" => {
             let addr = std::net::SocketAddr::from(([127, 0, 0, 1], ctx.listener_port));
             match std::net::TcpStream::connect_timeout(&addr, std::time::Duration::from_secs(2)) {
@@ -431,5 +438,12 @@ fn fork_bomb() -> Outcome {
     match fork_children(2000, 2) {
         Ok(n) => escaped(format!("{n} children forked")),
         Err((n, e)) => blocked(format!("fork failed after {n} children: {}", en(e))),
+    }
+}
+
+fn tcp_probe(addr: std::net::SocketAddr) -> Outcome {
+    match std::net::TcpStream::connect_timeout(&addr, std::time::Duration::from_secs(2)) {
+        Ok(_) => escaped(format!("connected to {addr}")),
+        Err(e) => blocked(format!("{addr}: {}", e.raw_os_error().map(en).unwrap_or_else(|| e.kind().to_string()))),
     }
 }

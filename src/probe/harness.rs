@@ -66,6 +66,7 @@ impl Targets {
             memory_limit: l.memory.map(|m| m.0),
             tmp_size: l.tmp_size.0,
             fsize: l.fsize.map(|f| f.0),
+            network: format!("{:?}", policy.network.mode).to_lowercase(),
             startup_fds: Vec::new(),
         };
         Ok(Targets { _abstract: abs, _tcp: tcp, sysv_id, shm, ctx })

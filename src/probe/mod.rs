@@ -31,6 +31,9 @@ pub struct Ctx {
     pub memory_limit: Option<u64>,
     pub tmp_size: u64,
     pub fsize: Option<u64>,
+    /// The policy's network mode: "none", "loopback" or "veth".
+    #[serde(default)]
+    pub network: String,
     /// Descriptors open when the battery started (filled in inside the jail).
     #[serde(default)]
     pub startup_fds: Vec<i32>,

@@ -1,0 +1,200 @@
+//! Egress filtering in one Stockade-owned nftables table, `inet stockade`, through the `nft`
+//! binary. nftables' netlink ABI is a batch of expression bytecode that libnftables exists to
+//! build; `nft` is its documented front end, so Stockade writes rulesets in nft's own language
+//! (generated only from validated, typed values and names Stockade makes) and reads state back
+//! as JSON. `.ci/run` installs the `nftables` package.
+//!
+//! Shared objects: verdict maps from a session's host-side interface to its chains, the set of
+//! NAT sources, and three base chains. Per session: chains `sN` (forward, from the jail) and
+//! `sN_in` (to the host itself), and the set `sN_dns` of addresses its resolver admitted.
+
+use std::io::Write;
+use std::net::Ipv4Addr;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use super::rules::{AllowRule, Net4, Proto, ALWAYS_DENIED};
+
+pub const TABLE: &str = "stockade";
+
+fn nft(script: &str) -> Result<(), String> {
+    let mut child = Command::new("nft")
+        .args(["-f", "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("running nft (install the nftables package): {e}"))?;
+    child.stdin.take().expect("piped").write_all(script.as_bytes()).map_err(|e| format!("nft: {e}"))?;
+    let out = child.wait_with_output().map_err(|e| format!("nft: {e}"))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!("nft: {}", String::from_utf8_lossy(&out.stderr).trim()))
+    }
+}
+
+fn nft_json(args: &[&str]) -> Result<serde_json::Value, String> {
+    let out = Command::new("nft").arg("-j").args(args).output().map_err(|e| format!("running nft: {e}"))?;
+    if !out.status.success() {
+        return Err(format!("nft {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim()));
+    }
+    serde_json::from_slice(&out.stdout).map_err(|e| format!("nft -j output: {e}"))
+}
+
+/// Creates the table and its shared objects unless they exist. Callers serialise this with the
+/// pool lock.
+pub fn ensure_base(host_prefix: &str) -> Result<(), String> {
+    if nft_json(&["list", "table", "inet", TABLE]).is_ok() {
+        return Ok(());
+    }
+    nft(&format!(
+        "table inet {TABLE} {{
+  map sessions_fwd {{ type ifname : verdict; }}
+  map sessions_in {{ type ifname : verdict; }}
+  set nat_src {{ type ipv4_addr; }}
+  chain forward {{
+    type filter hook forward priority filter - 5; policy accept;
+    iifname vmap @sessions_fwd
+    oifname \"{host_prefix}*\" ct state established,related accept
+    oifname \"{host_prefix}*\" counter drop
+  }}
+  chain input {{
+    type filter hook input priority filter - 5; policy accept;
+    iifname vmap @sessions_in
+  }}
+  chain postrouting {{
+    type nat hook postrouting priority srcnat; policy accept;
+    ip saddr @nat_src oifname != \"{host_prefix}*\" masquerade
+  }}
+}}
+"
+    ))
+}
+
+/// What one session's rules are made of.
+pub struct SessionRules<'a> {
+    pub id: &'a str,
+    pub host_if: &'a str,
+    pub host_ip: Ipv4Addr,
+    pub jail_ip: Ipv4Addr,
+    pub pool: Net4,
+    pub host_addrs: &'a [Ipv4Addr],
+    pub allow: &'a [AllowRule],
+}
+
+fn ports(r: &AllowRule) -> String {
+    let Some((lo, hi)) = r.ports else { return String::new() };
+    let range = if lo == hi { lo.to_string() } else { format!("{lo}-{hi}") };
+    match r.proto {
+        Some(Proto::Tcp) => format!(" tcp dport {range}"),
+        Some(Proto::Udp) => format!(" udp dport {range}"),
+        None => format!(" meta l4proto {{ tcp, udp }} th dport {range}"),
+    }
+}
+
+pub fn add_session(s: &SessionRules) -> Result<(), String> {
+    let id = s.id;
+    let mut denied: Vec<Net4> = ALWAYS_DENIED.iter().map(|d| Net4::parse(d).expect("constant")).collect();
+    denied.push(s.pool);
+    denied.extend(s.host_addrs.iter().map(|a| Net4 { addr: *a, prefix: 32 }));
+    // Allow entries inside a closed range are explicit choices: they go before the closing rule.
+    let (explicit, general): (Vec<&AllowRule>, Vec<&AllowRule>) =
+        s.allow.iter().partition(|r| denied.iter().any(|d| d.overlaps(&r.net)));
+    let denied_set = denied.iter().map(|d| d.to_string()).collect::<Vec<_>>().join(", ");
+    let mut script = format!(
+        "add set inet {TABLE} {id}_dns {{ type ipv4_addr; flags timeout; }}
+add chain inet {TABLE} {id}
+add chain inet {TABLE} {id}_in
+add rule inet {TABLE} {id} meta nfproto ipv6 counter drop comment \"ipv6\"
+add rule inet {TABLE} {id} ct state established,related accept
+add rule inet {TABLE} {id} meta l4proto {{ tcp, udp }} th dport 53 counter drop comment \"dns-elsewhere\"
+"
+    );
+    for r in explicit {
+        script.push_str(&format!(
+            "add rule inet {TABLE} {id} ip daddr {}{} counter accept comment \"allow\"\n",
+            r.net,
+            ports(r)
+        ));
+    }
+    script.push_str(&format!(
+        "add rule inet {TABLE} {id} ip daddr {{ {denied_set} }} counter drop comment \"closed\"
+add rule inet {TABLE} {id} ip protocol icmp icmp type != destination-unreachable counter drop comment \"icmp\"
+"
+    ));
+    for r in general {
+        script.push_str(&format!(
+            "add rule inet {TABLE} {id} ip daddr {}{} counter accept comment \"allow\"\n",
+            r.net,
+            ports(r)
+        ));
+    }
+    script.push_str(&format!(
+        "add rule inet {TABLE} {id} ip daddr @{id}_dns counter accept comment \"allow-dns\"
+add rule inet {TABLE} {id} log prefix \"stockade {id} deny: \" level info counter drop comment \"deny\"
+add rule inet {TABLE} {id}_in ip daddr {host} meta l4proto {{ tcp, udp }} th dport 53 counter accept comment \"resolver\"
+add rule inet {TABLE} {id}_in counter drop comment \"host\"
+add element inet {TABLE} sessions_fwd {{ \"{ifc}\" : jump {id} }}
+add element inet {TABLE} sessions_in {{ \"{ifc}\" : jump {id}_in }}
+add element inet {TABLE} nat_src {{ {jail} }}
+",
+        host = s.host_ip,
+        ifc = s.host_if,
+        jail = s.jail_ip,
+    ));
+    nft(&script)
+}
+
+/// Admits addresses into a session's DNS set, each until its timeout.
+pub fn admit(id: &str, addrs: &[(Ipv4Addr, Duration)]) -> Result<(), String> {
+    let elems: Vec<String> = addrs.iter().map(|(a, t)| format!("{a} timeout {}s", t.as_secs().max(1))).collect();
+    nft(&format!("add element inet {TABLE} {id}_dns {{ {} }}\n", elems.join(", ")))
+}
+
+/// Removes a session's objects. Each step on its own: after a crash some may be missing.
+pub fn remove_session(id: &str, host_if: &str, jail_ip: Option<Ipv4Addr>) {
+    let mut steps = vec![
+        format!("delete element inet {TABLE} sessions_fwd {{ \"{host_if}\" }}"),
+        format!("delete element inet {TABLE} sessions_in {{ \"{host_if}\" }}"),
+        format!("delete chain inet {TABLE} {id}"),
+        format!("delete chain inet {TABLE} {id}_in"),
+        format!("delete set inet {TABLE} {id}_dns"),
+    ];
+    if let Some(j) = jail_ip {
+        steps.insert(2, format!("delete element inet {TABLE} nat_src {{ {j} }}"));
+    }
+    for s in steps {
+        let _ = nft(&format!("{s}\n"));
+    }
+}
+
+/// Per-rule packet counts of a session's forward chain, by the rules' comments.
+pub fn counters(id: &str) -> Vec<(String, u64)> {
+    let Ok(v) = nft_json(&["list", "chain", "inet", TABLE, id]) else { return Vec::new() };
+    let mut out: Vec<(String, u64)> = Vec::new();
+    for item in v["nftables"].as_array().into_iter().flatten() {
+        let Some(rule) = item.get("rule") else { continue };
+        let Some(comment) = rule["comment"].as_str() else { continue };
+        let packets: u64 =
+            rule["expr"].as_array().into_iter().flatten().filter_map(|e| e["counter"]["packets"].as_u64()).sum();
+        match out.iter_mut().find(|(c, _)| c == comment) {
+            Some((_, n)) => *n += packets,
+            None => out.push((comment.to_owned(), packets)),
+        }
+    }
+    out
+}
+
+/// Session chains present in the table (`sN`), for leftover cleanup.
+pub fn session_chains() -> Vec<String> {
+    let Ok(v) = nft_json(&["list", "table", "inet", TABLE]) else { return Vec::new() };
+    v["nftables"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|i| i["chain"]["name"].as_str())
+        .filter(|n| n.starts_with('s') && n[1..].chars().all(|c| c.is_ascii_digit()))
+        .map(str::to_owned)
+        .collect()
+}

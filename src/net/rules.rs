@@ -1,0 +1,258 @@
+//! The policy's egress vocabulary: `network.allow` entries (`CIDR[:PORT[-PORT]][/tcp|/udp]`),
+//! `network.allow_domains` patterns (`name` or `*.suffix`), upstream resolvers, and the ranges
+//! that stay closed unless an allow entry names them explicitly.
+
+use std::net::{Ipv4Addr, SocketAddrV4};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Net4 {
+    pub addr: Ipv4Addr,
+    pub prefix: u8,
+}
+
+impl Net4 {
+    pub fn parse(s: &str) -> Result<Net4, String> {
+        let (a, p) = match s.split_once('/') {
+            Some((a, p)) => (a, p.parse::<u8>().map_err(|_| format!("bad prefix length in {s:?}"))?),
+            None => (s, 32),
+        };
+        if p > 32 {
+            return Err(format!("prefix length {p} > 32 in {s:?}"));
+        }
+        let addr: Ipv4Addr = a.parse().map_err(|_| {
+            if a.contains(':') || a.starts_with('[') {
+                format!("{s:?}: IPv6 destinations are not supported in this build (IPv6 stays unreachable)")
+            } else {
+                format!("{s:?} is not an IPv4 address or CIDR")
+            }
+        })?;
+        let n = Net4 { addr, prefix: p };
+        if n.network() != addr {
+            return Err(format!("{s:?} has host bits set (did you mean {}/{p}?)", n.network()));
+        }
+        Ok(n)
+    }
+
+    fn mask(&self) -> u32 {
+        if self.prefix == 0 {
+            0
+        } else {
+            u32::MAX << (32 - self.prefix)
+        }
+    }
+
+    pub fn network(&self) -> Ipv4Addr {
+        Ipv4Addr::from(u32::from(self.addr) & self.mask())
+    }
+
+    pub fn contains(&self, ip: Ipv4Addr) -> bool {
+        u32::from(ip) & self.mask() == u32::from(self.network())
+    }
+
+    pub fn overlaps(&self, o: &Net4) -> bool {
+        self.contains(o.network()) || o.contains(self.network())
+    }
+
+    pub fn size(&self) -> u64 {
+        1u64 << (32 - self.prefix)
+    }
+}
+
+impl std::fmt::Display for Net4 {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.addr, self.prefix)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Proto {
+    Tcp,
+    Udp,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AllowRule {
+    pub net: Net4,
+    pub ports: Option<(u16, u16)>,
+    pub proto: Option<Proto>,
+}
+
+impl AllowRule {
+    /// `CIDR[:PORT[-PORT]][/tcp|/udp]`; the CIDR's own `/len` comes first.
+    pub fn parse(entry: &str) -> Result<AllowRule, String> {
+        let mut s = entry.trim();
+        let mut proto = None;
+        for (suffix, p) in [("/tcp", Proto::Tcp), ("/udp", Proto::Udp)] {
+            if let Some(rest) = s.strip_suffix(suffix) {
+                proto = Some(p);
+                s = rest;
+            }
+        }
+        let (net, ports) = match s.rsplit_once(':') {
+            Some((n, p)) if !n.contains(':') => {
+                let (lo, hi) = match p.split_once('-') {
+                    Some((a, b)) => (a, b),
+                    None => (p, p),
+                };
+                let port = |x: &str| {
+                    x.parse::<u16>().ok().filter(|v| *v > 0).ok_or_else(|| format!("{entry:?}: bad port {x:?}"))
+                };
+                let (lo, hi) = (port(lo)?, port(hi)?);
+                if lo > hi {
+                    return Err(format!("{entry:?}: port range {lo}-{hi} is backwards"));
+                }
+                (n, Some((lo, hi)))
+            }
+            _ => (s, None),
+        };
+        if proto.is_some() && ports.is_none() {
+            return Err(format!("{entry:?}: a protocol needs a port (e.g. 10.0.0.0/8:53/udp)"));
+        }
+        Ok(AllowRule { net: Net4::parse(net)?, ports, proto })
+    }
+}
+
+/// The TCP ports of an allowlist, for landlock: None when an entry admits every port (or a UDP
+/// one only) or a range is too wide to list.
+pub fn tcp_ports(allow: &[String]) -> Option<Vec<u16>> {
+    // 53: DNS over TCP to the session's own resolver.
+    let mut ports = std::collections::BTreeSet::from([53]);
+    for a in allow {
+        let r = AllowRule::parse(a).ok()?;
+        let (lo, hi) = r.ports?;
+        if r.proto == Some(Proto::Udp) {
+            continue;
+        }
+        if hi - lo > 256 {
+            return None;
+        }
+        ports.extend(lo..=hi);
+    }
+    Some(ports.into_iter().collect())
+}
+
+/// A domain pattern: `example.com` (that name only) or `*.example.com` (names below it).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DomainPattern {
+    pub suffix: String,
+    pub wildcard: bool,
+}
+
+impl DomainPattern {
+    pub fn parse(p: &str) -> Result<DomainPattern, String> {
+        let t = p.trim().trim_end_matches('.').to_ascii_lowercase();
+        let (wildcard, name) = match t.strip_prefix("*.") {
+            Some(n) => (true, n.to_owned()),
+            None => (false, t.clone()),
+        };
+        let label_ok = |l: &str| {
+            !l.is_empty()
+                && l.len() <= 63
+                && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+                && !l.starts_with('-')
+        };
+        if name.is_empty() || name.len() > 253 || !name.split('.').all(label_ok) || !name.contains('.') && !wildcard {
+            if name.contains('*') {
+                return Err(format!("{p:?}: only a leading `*.` wildcard is allowed"));
+            }
+            if !name.contains('.') {
+                return Err(format!("{p:?}: not a fully qualified domain name"));
+            }
+            return Err(format!("{p:?} is not a valid domain name"));
+        }
+        if wildcard && !name.contains('.') {
+            return Err(format!("{p:?}: a wildcard over a top-level domain admits too much"));
+        }
+        Ok(DomainPattern { suffix: name, wildcard })
+    }
+
+    pub fn matches(&self, name: &str) -> bool {
+        let n = name.trim_end_matches('.').to_ascii_lowercase();
+        if self.wildcard {
+            n.len() > self.suffix.len()
+                && n.ends_with(&self.suffix)
+                && n.as_bytes()[n.len() - self.suffix.len() - 1] == b'.'
+        } else {
+            n == self.suffix
+        }
+    }
+}
+
+/// `ADDR` or `ADDR:PORT` of an upstream resolver.
+pub fn parse_upstream(s: &str) -> Result<SocketAddrV4, String> {
+    if let Ok(a) = s.parse::<SocketAddrV4>() {
+        return Ok(a);
+    }
+    s.parse::<Ipv4Addr>()
+        .map(|a| SocketAddrV4::new(a, 53))
+        .map_err(|_| format!("{s:?} is not an IPv4 resolver address"))
+}
+
+/// The host's resolvers, from /etc/resolv.conf (IPv4 ones; a loopback stub such as
+/// systemd-resolved's 127.0.0.53 is reachable from the host, where the resolver runs).
+pub fn host_resolvers() -> Vec<SocketAddrV4> {
+    std::fs::read_to_string("/etc/resolv.conf")
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("nameserver"))
+        .filter_map(|a| a.trim().parse::<Ipv4Addr>().ok())
+        .map(|a| SocketAddrV4::new(a, 53))
+        .collect()
+}
+
+/// Destinations closed to every session unless an allow entry names them: link-local (cloud
+/// metadata), loopback, "this network", multicast, broadcast and reserved space.
+pub const ALWAYS_DENIED: &[&str] = &["169.254.0.0/16", "127.0.0.0/8", "0.0.0.0/8", "224.0.0.0/4", "240.0.0.0/4"];
+
+/// Ranges an allowed name may not resolve into (DNS rebinding) unless an allow entry covers them.
+pub const PRIVATE: &[&str] = &[
+    "10.0.0.0/8",
+    "172.16.0.0/12",
+    "192.168.0.0/16",
+    "100.64.0.0/10",
+    "169.254.0.0/16",
+    "127.0.0.0/8",
+    "0.0.0.0/8",
+    "224.0.0.0/4",
+    "240.0.0.0/4",
+];
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn allow_entries() {
+        let r = AllowRule::parse("10.1.2.0/24:443").unwrap();
+        assert_eq!((r.net.to_string(), r.ports, r.proto), ("10.1.2.0/24".into(), Some((443, 443)), None));
+        let r = AllowRule::parse("203.0.113.7:1000-2000/udp").unwrap();
+        assert_eq!((r.net.prefix, r.ports, r.proto), (32, Some((1000, 2000)), Some(Proto::Udp)));
+        assert_eq!(AllowRule::parse("198.51.100.0/24").unwrap().ports, None);
+        for bad in [
+            "10.1.2.3/24",
+            "10.0.0.0/33",
+            "10.0.0.1:0",
+            "10.0.0.1:9-3",
+            "example.com",
+            "10.0.0.1/tcp",
+            "[2001:db8::]:443",
+        ] {
+            assert!(AllowRule::parse(bad).is_err(), "{bad}");
+        }
+        assert!(AllowRule::parse("[2001:db8::]:443").unwrap_err().contains("IPv6"));
+    }
+
+    #[test]
+    fn domain_patterns() {
+        let p = DomainPattern::parse("*.githubusercontent.com").unwrap();
+        assert!(p.matches("raw.githubusercontent.com."));
+        assert!(p.matches("a.b.githubusercontent.com"));
+        assert!(!p.matches("githubusercontent.com"));
+        assert!(!p.matches("evilgithubusercontent.com"));
+        let e = DomainPattern::parse("PyPI.org").unwrap();
+        assert!(e.matches("pypi.org") && !e.matches("files.pypi.org"));
+        for bad in ["*", "*.com", "a.*.com", "localhost", "-x.com", ""] {
+            assert!(DomainPattern::parse(bad).is_err(), "{bad}");
+        }
+    }
+}

@@ -1,0 +1,311 @@
+//! `network.mode = "veth"` against an "internet" the test builds: a network namespace with a
+//! veth to the host, documentation-range addresses (198.51.100.0/24), TCP listeners, a UDP echo
+//! and a tiny DNS zone. No traffic leaves the host's own namespaces.
+
+mod common;
+
+use common::*;
+use std::io::{Read, Write};
+use std::net::{Ipv4Addr, TcpListener, UdpSocket};
+use std::os::fd::AsFd;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use stockade::net::dns;
+use stockade::net::rtnl::Rtnl;
+
+/// The remote side: a namespace reached through `host_if`, serving on `base.2` (and .3, .4).
+struct Internet {
+    ns: Child,
+    host_if: String,
+    stop: Arc<AtomicBool>,
+    net: [u8; 3],
+}
+
+fn in_netns<T: Send + 'static>(pid: u32, f: impl FnOnce() -> T + Send + 'static) -> T {
+    std::thread::spawn(move || {
+        let ns = std::fs::File::open(format!("/proc/{pid}/ns/net")).unwrap();
+        nix::sched::setns(ns.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+        f()
+    })
+    .join()
+    .unwrap()
+}
+
+fn dns_answer(query: &[u8], zone: &[(&str, Ipv4Addr)], ttl: u32) -> Option<Vec<u8>> {
+    let q = dns::parse_question(query)?;
+    let hit = zone.iter().find(|(n, _)| *n == q.name).map(|(_, a)| *a);
+    let mut r = dns::reply(query, &q, if hit.is_some() { 0 } else { 3 });
+    if let (Some(ip), 1) = (hit, q.qtype) {
+        r[7] = 1;
+        r.extend_from_slice(&[0xc0, 0x0c, 0, 1, 0, 1]);
+        r.extend_from_slice(&ttl.to_be_bytes());
+        r.extend_from_slice(&[0, 4]);
+        r.extend_from_slice(&ip.octets());
+    }
+    Some(r)
+}
+
+impl Internet {
+    fn start(net: [u8; 3], tag: &str) -> Internet {
+        let ns = Command::new("unshare").args(["--net", "sleep", "600"]).spawn().unwrap();
+        std::thread::sleep(Duration::from_millis(100));
+        let host_if = format!("sti{tag}{}", std::process::id() % 1000);
+        let ip = move |last: u8| Ipv4Addr::new(net[0], net[1], net[2], last);
+        let mut r = Rtnl::open().unwrap();
+        r.add_veth(&host_if, "eth0", ns.id() as i32, None).unwrap();
+        r.add_addr4(&host_if, ip(1), 24).unwrap();
+        r.set_up(&host_if).unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let pid = ns.id();
+        in_netns(pid, move || {
+            let mut r = Rtnl::open().unwrap();
+            for last in [2, 3, 4] {
+                r.add_addr4("eth0", ip(last), 24).unwrap();
+            }
+            r.set_up("eth0").unwrap();
+            r.set_up("lo").unwrap();
+        });
+        // Servers, each a thread living in the namespace.
+        for port in [8080u16, 8081] {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                let ns = std::fs::File::open(format!("/proc/{pid}/ns/net")).unwrap();
+                nix::sched::setns(ns.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+                let l = TcpListener::bind(("0.0.0.0", port)).unwrap();
+                l.set_nonblocking(true).unwrap();
+                while !stop.load(Ordering::Relaxed) {
+                    match l.accept() {
+                        Ok((mut c, _)) => {
+                            let _ = c.write_all(format!("hello from {port}\n").as_bytes());
+                        }
+                        Err(_) => std::thread::sleep(Duration::from_millis(10)),
+                    }
+                }
+            });
+        }
+        let zone = [("allowed.test", ip(3)), ("blocked.test", ip(4)), ("private.test", Ipv4Addr::new(192, 168, 77, 7))];
+        let s2 = stop.clone();
+        std::thread::spawn(move || {
+            let ns = std::fs::File::open(format!("/proc/{pid}/ns/net")).unwrap();
+            nix::sched::setns(ns.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+            let sock = UdpSocket::bind((ip(2), 53)).unwrap();
+            sock.set_read_timeout(Some(Duration::from_millis(100))).unwrap();
+            let mut buf = [0u8; 512];
+            while !s2.load(Ordering::Relaxed) {
+                if let Ok((n, from)) = sock.recv_from(&mut buf) {
+                    if let Some(a) = dns_answer(&buf[..n], &zone, 2) {
+                        let _ = sock.send_to(&a, from);
+                    }
+                }
+            }
+        });
+        std::thread::sleep(Duration::from_millis(100));
+        Internet { ns, host_if, stop, net }
+    }
+
+    fn ip(&self, last: u8) -> String {
+        format!("{}.{}.{}.{last}", self.net[0], self.net[1], self.net[2])
+    }
+}
+
+impl Drop for Internet {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Ok(mut r) = Rtnl::open() {
+            let _ = r.del_link(&self.host_if);
+        }
+        let _ = self.ns.kill();
+        let _ = self.ns.wait();
+    }
+}
+
+fn veth_policy(inet: &Internet, extra: &str) -> (TempDir, std::path::PathBuf) {
+    policy(
+        "default",
+        &format!(
+            "[network]\nmode = \"veth\"\nallow = [\"{}/32:8080\"]\nallow_domains = [\"allowed.test\", \"private.test\"]\nupstream_dns = [\"{}\"]\n{extra}",
+            inet.ip(2),
+            inet.ip(2)
+        ),
+    )
+}
+
+/// Runs a Python snippet in a veth jail; `STOCKADE_DNS_TTL_FLOOR=1` so TTL expiry is testable.
+fn py(policy_path: &std::path::Path, code: &str) -> Run {
+    let out = Command::new(STOCKADE)
+        .args(["run", "--report", "--policy", policy_path.to_str().unwrap(), "--", "python3", "-c", code])
+        .env("STOCKADE_DNS_TTL_FLOOR", "1")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    to_run(out)
+}
+
+const HELPERS: &str = r#"
+import socket, sys, time
+def tcp(host, port, t=2.0):
+    try:
+        s = socket.create_connection((host, port), timeout=t)
+        s.settimeout(t)
+        return "ok " + s.recv(64).decode().strip()
+    except Exception as e:
+        return "fail " + type(e).__name__
+def resolve(name):
+    try:
+        return socket.gethostbyname(name)
+    except Exception as e:
+        return "fail " + type(e).__name__
+def udp_dns(server, name):
+    q = b"\x12\x34\x01\x00\x00\x01\x00\x00\x00\x00\x00\x00" + b"".join(bytes([len(l)]) + l.encode() for l in name.split(".")) + b"\x00\x00\x01\x00\x01"
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.settimeout(2)
+    try:
+        s.sendto(q, (server, 53))
+        return "answered %d" % len(s.recv(512))
+    except Exception as e:
+        return "fail " + type(e).__name__
+"#;
+
+fn host_ip() -> String {
+    // The host's own address on its default route's link.
+    let s = UdpSocket::bind("0.0.0.0:0").unwrap();
+    s.connect("192.0.2.1:9").map(|_| s.local_addr().unwrap().ip().to_string()).unwrap_or_else(|_| "127.0.0.1".into())
+}
+
+#[test]
+fn veth_egress_follows_the_allowlist_and_nothing_else() {
+    if needs_root() {
+        return;
+    }
+    let inet = Internet::start([198, 51, 100], "a");
+    let (_d, p) = veth_policy(&inet, "");
+    let host_listener = TcpListener::bind("0.0.0.0:0").unwrap();
+    let host_port = host_listener.local_addr().unwrap().port();
+    let code = format!(
+        "{HELPERS}
+print('allowed-port', tcp('{a}', 8080))
+print('other-port', tcp('{a}', 8081))
+print('resolve-allowed', resolve('allowed.test'))
+print('allowed-name', tcp('{b}', 8080))
+print('allowed-name-other-port', tcp('{b}', 8081))
+time.sleep(3.5)
+print('after-ttl', tcp('{b}', 8080))
+print('resolve-blocked', resolve('blocked.test'))
+print('blocked-direct', tcp('{c}', 8080))
+print('rebinding', resolve('private.test'), tcp('192.168.77.7', 8080, 1))
+print('dns-elsewhere', udp_dns('{a}', 'allowed.test'))
+print('metadata', tcp('169.254.169.254', 80, 1))
+print('host-addr', tcp('{host}', {host_port}, 1))
+print('host-loopback-port', tcp('127.0.0.1', {host_port}, 1))
+try:
+    socket.create_connection(('2001:db8::2', 8080), timeout=1); print('ipv6 ok')
+except Exception as e:
+    print('ipv6 fail', type(e).__name__)
+",
+        a = inet.ip(2),
+        b = inet.ip(3),
+        c = inet.ip(4),
+        host = host_ip(),
+    );
+    let r = py(&p, &code);
+    assert_eq!(r.code, 0, "{r:?}");
+    let line = |k: &str| {
+        r.stdout.lines().find(|l| l.starts_with(&format!("{k} "))).unwrap_or_else(|| panic!("{k}: {r:?}")).to_owned()
+    };
+    assert_eq!(line("allowed-port"), "allowed-port ok hello from 8080");
+    assert!(line("other-port").contains("fail"), "{r:?}");
+    assert_eq!(line("resolve-allowed"), format!("resolve-allowed {}", inet.ip(3)));
+    assert_eq!(line("allowed-name"), "allowed-name ok hello from 8080");
+    // A name admits its address on any port: the allowlist names hosts, not services.
+    assert_eq!(line("allowed-name-other-port"), "allowed-name-other-port ok hello from 8081");
+    assert!(line("after-ttl").contains("fail"), "the address stayed open past its TTL: {r:?}");
+    assert!(line("resolve-blocked").contains("fail"), "{r:?}");
+    assert!(line("blocked-direct").contains("fail"), "{r:?}");
+    // The name resolves, but its private address is not admitted.
+    assert!(line("rebinding").starts_with("rebinding 192.168.77.7 fail"), "{r:?}");
+    assert!(line("dns-elsewhere").contains("fail"), "{r:?}");
+    assert!(line("metadata").contains("fail"), "{r:?}");
+    assert!(line("host-addr").contains("fail"), "{r:?}");
+    assert!(line("host-loopback-port").contains("fail"), "{r:?}");
+    assert!(line("ipv6").contains("fail"), "{r:?}");
+    drop(host_listener);
+    assert_no_leftovers(slot_of(&r));
+}
+
+/// The slot a run used, from its report (`veth stkN ...`).
+fn slot_of(r: &Run) -> u32 {
+    let i = r.stderr.find("veth stk").unwrap_or_else(|| panic!("no veth in the report: {r:?}"));
+    r.stderr[i + 8..].split_whitespace().next().unwrap().parse().unwrap()
+}
+
+fn slot_of_ip(ip: Ipv4Addr) -> u32 {
+    (u32::from(ip) - u32::from(Ipv4Addr::new(10, 199, 0, 0))) / 4
+}
+
+fn leftovers(slot: u32) -> (bool, bool, bool) {
+    let link = Rtnl::open().unwrap().links().unwrap().contains(&format!("{}{slot}", stockade::net::HOST_PREFIX));
+    let chain = stockade::net::nft::session_chains().contains(&format!("s{slot}"));
+    let file = std::path::Path::new(&format!("{}/{slot}", stockade::net::RUN_DIR)).exists();
+    (link, chain, file)
+}
+
+fn assert_no_leftovers(slot: u32) {
+    assert_eq!(leftovers(slot), (false, false, false), "(link, nft chain, slot file) of slot {slot} left behind");
+}
+
+#[test]
+fn two_sessions_cannot_reach_each_other_and_a_killed_stockade_leaves_nothing() {
+    if needs_root() {
+        return;
+    }
+    let inet = Internet::start([203, 0, 113], "b");
+    let (_d, p) = veth_policy(&inet, "");
+    // Session A listens; session B tries to reach it.
+    let mut a = Command::new(STOCKADE)
+        .args([
+            "run",
+            "--policy",
+            p.to_str().unwrap(),
+            "--",
+            "python3",
+            "-c",
+            &format!(
+                "import socket; u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); u.connect(('{}', 9)); \
+                 print(u.getsockname()[0], flush=True); l = socket.socket(); l.bind(('0.0.0.0', 7000)); l.listen(); \
+                 import time; time.sleep(30)",
+                inet.ip(2)
+            ),
+        ])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut addr = String::new();
+    let mut out = a.stdout.take().unwrap();
+    let mut b = [0u8; 1];
+    while out.read(&mut b).unwrap() == 1 && b[0] != b'\n' {
+        addr.push(b[0] as char);
+    }
+    let a_ip: Ipv4Addr = addr.trim().parse().unwrap_or_else(|_| panic!("{addr:?}"));
+    let r = py(&p, &format!("{HELPERS}\nprint(tcp('{a_ip}', 7000, 2))\nprint(tcp('{}', 8080))", inet.ip(2)));
+    assert_eq!(r.code, 0, "{r:?}");
+    let lines: Vec<&str> = r.stdout.lines().collect();
+    assert!(lines[0].starts_with("fail"), "session B reached session A: {r:?}");
+    assert_eq!(lines[1], "ok hello from 8080", "B itself works: {r:?}");
+    // kill -9 of A's Stockade: the jail dies with it; the next Stockade removes what A left.
+    a.kill().unwrap();
+    a.wait().unwrap();
+    let slot = slot_of_ip(a_ip);
+    let t = Instant::now();
+    while leftovers(slot).0 {
+        assert!(t.elapsed() < Duration::from_secs(5), "the killed jail's veth stayed");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(leftovers(slot), (false, true, true), "expected the killed session's chain and slot file to be left");
+    let r = py(&p, "print('next')");
+    assert_eq!(r.stdout, "next\n", "{r:?}");
+    assert_no_leftovers(slot);
+    assert_no_leftovers(slot_of(&r));
+}
