@@ -70,8 +70,16 @@ fn main() {
         procs.push(t.elapsed().as_secs_f64() * 1000.0);
     }
     println!("session network set-up + tear-down over {n} sessions:");
-    println!("  stockade (netlink + one nft batch): p50 {:.2} ms  p99 {:.2} ms", pct(&mut ours.clone(), 0.5), pct(&mut ours, 0.99));
-    println!("  ip + nft processes:                 p50 {:.2} ms  p99 {:.2} ms", pct(&mut procs.clone(), 0.5), pct(&mut procs, 0.99));
+    println!(
+        "  stockade (netlink + one nft batch): p50 {:.2} ms  p99 {:.2} ms",
+        pct(&mut ours.clone(), 0.5),
+        pct(&mut ours, 0.99)
+    );
+    println!(
+        "  ip + nft processes:                 p50 {:.2} ms  p99 {:.2} ms",
+        pct(&mut procs.clone(), 0.5),
+        pct(&mut procs, 0.99)
+    );
     let _ = ns.kill();
     let _ = ns.wait();
 
@@ -110,7 +118,8 @@ fn main() {
     let dir = std::env::temp_dir().join(format!("stockade-bench-net-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let p = dir.join("veth.toml");
-    std::fs::write(&p, "extends = \"default\"\n[network]\nmode = \"veth\"\nallow = [\"198.51.100.2/32:5001\"]\n").unwrap();
+    std::fs::write(&p, "extends = \"default\"\n[network]\nmode = \"veth\"\nallow = [\"198.51.100.2/32:5001\"]\n")
+        .unwrap();
     let send = "import socket, sys, time\ns = socket.create_connection((sys.argv[1], int(sys.argv[2])))\nb = b'x' * (1 << 20)\nt = time.time()\nfor _ in range(512): s.sendall(b)\ns.close()\nprint(512 / (time.time() - t))";
     let out = Command::new(STOCKADE)
         .args(["run", "--policy", p.to_str().unwrap(), "--", "python3", "-c", send, "198.51.100.2", "5001"])

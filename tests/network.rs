@@ -136,7 +136,7 @@ fn veth_policy(inet: &Internet, extra: &str) -> (TempDir, std::path::PathBuf) {
 /// Runs a Python snippet in a veth jail; `STOCKADE_DNS_TTL_FLOOR=1` so TTL expiry is testable.
 fn py(policy_path: &std::path::Path, code: &str) -> Run {
     let out = Command::new(STOCKADE)
-        .args(["run", "--report", "--policy", policy_path.to_str().unwrap(), "--", "python3", "-c", code])
+        .args(["-v", "run", "--report", "--policy", policy_path.to_str().unwrap(), "--", "python3", "-c", code])
         .env("STOCKADE_DNS_TTL_FLOOR", "1")
         .stdin(Stdio::null())
         .output()
@@ -232,6 +232,23 @@ except Exception as e:
     assert!(line("host-loopback-port").contains("fail"), "{r:?}");
     assert!(line("ipv6").contains("fail"), "{r:?}");
     drop(host_listener);
+    // Each attempt is in the log, with its destination.
+    let a = inet.ip(2);
+    let logged = |verdict: &str, dport: u16| {
+        r.stderr.lines().any(|l| {
+            l.contains(&format!("egress {verdict}"))
+                && l.contains(&format!("dst={a}"))
+                && l.contains(&format!("dport=\"{dport}\""))
+        })
+    };
+    assert!(logged("allowed", 8080), "{}", r.stderr);
+    assert!(logged("denied", 8081), "{}", r.stderr);
+    assert!(
+        r.stderr.contains("dns refused: name not allowlisted") && r.stderr.contains("blocked.test"),
+        "{}",
+        r.stderr
+    );
+    assert!(r.stderr.contains("connections: "), "{}", r.stderr);
     assert_no_leftovers(slot_of(&r));
 }
 

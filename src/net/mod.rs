@@ -8,6 +8,7 @@
 //! `reserve`.
 
 pub mod dns;
+pub mod nflog;
 pub mod nft;
 pub mod rtnl;
 pub mod rules;
@@ -135,8 +136,9 @@ fn enable_forwarding(iface: &str) -> Result<(), String> {
 pub struct SessionNet {
     pub plan: Plan,
     stop: Arc<AtomicBool>,
-    resolver: Option<std::thread::JoinHandle<()>>,
+    threads: Vec<std::thread::JoinHandle<()>>,
     pub dns_stats: Arc<dns::DnsStats>,
+    pub conn_stats: Arc<nflog::ConnStats>,
 }
 
 impl SessionNet {
@@ -150,8 +152,13 @@ impl SessionNet {
         } else {
             net.upstream_dns.iter().map(|u| rules::parse_upstream(u)).collect::<Result<_, _>>()?
         };
-        let mut session =
-            SessionNet { plan, stop: Arc::new(AtomicBool::new(false)), resolver: None, dns_stats: Arc::default() };
+        let mut session = SessionNet {
+            plan,
+            stop: Arc::new(AtomicBool::new(false)),
+            threads: Vec::new(),
+            dns_stats: Arc::default(),
+            conn_stats: Arc::default(),
+        };
         let p = &session.plan;
         let mut r = rtnl::Rtnl::open().map_err(|e| format!("netlink: {e}"))?;
         r.add_veth(&p.host_if, "eth0", child, None).map_err(|e| format!("veth {}: {e}", p.host_if))?;
@@ -172,6 +179,18 @@ impl SessionNet {
         let host_addrs: Vec<Ipv4Addr> = nix::ifaddrs::getifaddrs()
             .map(|it| it.filter_map(|a| a.address.and_then(|s| s.as_sockaddr_in().map(|i| i.ip()))).collect())
             .unwrap_or_default();
+        let group = nflog::group(p.slot);
+        let log_sock = nflog::open(group).map_err(|e| format!("NFLOG group {group}: {e}"))?;
+        {
+            let (id, stats, stop) = (p.id.clone(), session.conn_stats.clone(), session.stop.clone());
+            session.threads.push(
+                std::thread::Builder::new()
+                    .name("stockade-nflog".into())
+                    .spawn(move || nflog::serve(log_sock, id, stats, stop))
+                    .map_err(|e| format!("connection log thread: {e}"))?,
+            );
+        }
+        let p = &session.plan;
         nft::add_session(&nft::SessionRules {
             id: &p.id,
             host_if: &p.host_if,
@@ -180,6 +199,7 @@ impl SessionNet {
             pool: p.pool,
             host_addrs: &host_addrs,
             allow: &allow,
+            log_group: group,
         })?;
         let sock = UdpSocket::bind(SocketAddrV4::new(p.host_ip, 53))
             .map_err(|e| format!("resolver on {}:53: {e}", p.host_ip))?;
@@ -202,7 +222,7 @@ impl SessionNet {
             ttl_floor: dns::ttl_floor(),
         };
         let stop = session.stop.clone();
-        session.resolver = Some(
+        session.threads.push(
             std::thread::Builder::new()
                 .name("stockade-dns".into())
                 .spawn(move || resolver.serve(sock, stop))
@@ -216,7 +236,9 @@ impl SessionNet {
         let c = nft::counters(&self.plan.id);
         let d = &self.dns_stats;
         format!(
-            "{} dns: {} allowed, {} refused, {} failed",
+            "connections: {} allowed, {} denied; packets by rule: {}; dns: {} allowed, {} refused, {} failed",
+            self.conn_stats.allowed.load(Ordering::Relaxed),
+            self.conn_stats.denied.load(Ordering::Relaxed),
             c.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(" "),
             d.allowed.load(Ordering::Relaxed),
             d.refused.load(Ordering::Relaxed),
@@ -229,7 +251,7 @@ impl Drop for SessionNet {
     fn drop(&mut self) {
         tracing::info!(session = %self.plan.id, stats = %self.stats(), "session network removed");
         self.stop.store(true, Ordering::Relaxed);
-        if let Some(t) = self.resolver.take() {
+        for t in self.threads.drain(..) {
             let _ = t.join();
         }
         let p = &self.plan;

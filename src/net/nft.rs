@@ -81,6 +81,8 @@ pub struct SessionRules<'a> {
     pub pool: Net4,
     pub host_addrs: &'a [Ipv4Addr],
     pub allow: &'a [AllowRule],
+    /// NFLOG group the session's attempts are copied to (see `nflog`).
+    pub log_group: u16,
 }
 
 fn ports(r: &AllowRule) -> String {
@@ -102,37 +104,44 @@ pub fn add_session(s: &SessionRules) -> Result<(), String> {
     let (explicit, general): (Vec<&AllowRule>, Vec<&AllowRule>) =
         s.allow.iter().partition(|r| denied.iter().any(|d| d.overlaps(&r.net)));
     let denied_set = denied.iter().map(|d| d.to_string()).collect::<Vec<_>>().join(", ");
+    let g = s.log_group;
+    // Denials go through one chain that copies them (rate-limited) to the session's NFLOG group;
+    // allowed connections are copied once, on their first packet (later ones are established).
     let mut script = format!(
         "add set inet {TABLE} {id}_dns {{ type ipv4_addr; flags timeout; }}
+add chain inet {TABLE} {id}_deny
 add chain inet {TABLE} {id}
 add chain inet {TABLE} {id}_in
-add rule inet {TABLE} {id} meta nfproto ipv6 counter drop comment \"ipv6\"
+add rule inet {TABLE} {id}_deny limit rate 20/second burst 40 packets log group {g} prefix \"deny\"
+add rule inet {TABLE} {id}_deny drop
+add rule inet {TABLE} {id} meta nfproto ipv6 counter goto {id}_deny comment \"ipv6\"
 add rule inet {TABLE} {id} ct state established,related accept
-add rule inet {TABLE} {id} meta l4proto {{ tcp, udp }} th dport 53 counter drop comment \"dns-elsewhere\"
+add rule inet {TABLE} {id} meta l4proto {{ tcp, udp }} th dport 53 counter goto {id}_deny comment \"dns-elsewhere\"
 "
     );
+    let accept = format!("counter log group {g} prefix \"allow\" accept");
     for r in explicit {
         script.push_str(&format!(
-            "add rule inet {TABLE} {id} ip daddr {}{} counter accept comment \"allow\"\n",
+            "add rule inet {TABLE} {id} ip daddr {}{} {accept} comment \"allow\"\n",
             r.net,
             ports(r)
         ));
     }
     script.push_str(&format!(
-        "add rule inet {TABLE} {id} ip daddr {{ {denied_set} }} counter drop comment \"closed\"
-add rule inet {TABLE} {id} ip protocol icmp icmp type != destination-unreachable counter drop comment \"icmp\"
+        "add rule inet {TABLE} {id} ip daddr {{ {denied_set} }} counter goto {id}_deny comment \"closed\"
+add rule inet {TABLE} {id} ip protocol icmp icmp type != destination-unreachable counter goto {id}_deny comment \"icmp\"
 "
     ));
     for r in general {
         script.push_str(&format!(
-            "add rule inet {TABLE} {id} ip daddr {}{} counter accept comment \"allow\"\n",
+            "add rule inet {TABLE} {id} ip daddr {}{} {accept} comment \"allow\"\n",
             r.net,
             ports(r)
         ));
     }
     script.push_str(&format!(
-        "add rule inet {TABLE} {id} ip daddr @{id}_dns counter accept comment \"allow-dns\"
-add rule inet {TABLE} {id} log prefix \"stockade {id} deny: \" level info counter drop comment \"deny\"
+        "add rule inet {TABLE} {id} ip daddr @{id}_dns {accept} comment \"allow-dns\"
+add rule inet {TABLE} {id} counter goto {id}_deny comment \"deny\"
 add rule inet {TABLE} {id}_in ip daddr {host} meta l4proto {{ tcp, udp }} th dport 53 counter accept comment \"resolver\"
 add rule inet {TABLE} {id}_in counter drop comment \"host\"
 add element inet {TABLE} sessions_fwd {{ \"{ifc}\" : jump {id} }}
@@ -159,6 +168,7 @@ pub fn remove_session(id: &str, host_if: &str, jail_ip: Option<Ipv4Addr>) {
         format!("delete element inet {TABLE} sessions_in {{ \"{host_if}\" }}"),
         format!("delete chain inet {TABLE} {id}"),
         format!("delete chain inet {TABLE} {id}_in"),
+        format!("delete chain inet {TABLE} {id}_deny"),
         format!("delete set inet {TABLE} {id}_dns"),
     ];
     if let Some(j) = jail_ip {

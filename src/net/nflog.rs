@@ -1,0 +1,183 @@
+//! Per-connection records: the session's nft rules copy the first packet of every allowed
+//! connection and every denied packet (rate-limited) to an NFLOG group, and a thread reads that
+//! group over NETLINK_NETFILTER and logs each attempt through `tracing`.
+
+use std::io;
+use std::net::Ipv4Addr;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+
+const NETLINK_NETFILTER: i32 = 12;
+const NFNL_SUBSYS_ULOG: u16 = 4;
+const NFULNL_MSG_PACKET: u16 = 0;
+const NFULNL_MSG_CONFIG: u16 = 1;
+const NFULA_CFG_CMD: u16 = 1;
+const NFULA_CFG_MODE: u16 = 2;
+const NFULNL_CFG_CMD_BIND: u8 = 1;
+const NFULNL_COPY_PACKET: u8 = 2;
+const NFULA_PAYLOAD: u16 = 9;
+const NFULA_PREFIX: u16 = 10;
+
+/// The NFLOG group of a slot (groups are host-wide; 10000+ keeps clear of common ones).
+pub fn group(slot: u32) -> u16 {
+    (10_000 + slot % 50_000) as u16
+}
+
+#[derive(Default, Debug)]
+pub struct ConnStats {
+    pub allowed: AtomicU64,
+    pub denied: AtomicU64,
+}
+
+/// One logged packet: the rule's prefix ("allow"/"deny") and the IPv4 header's essentials.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Record {
+    pub verdict: String,
+    pub proto: &'static str,
+    pub dst: Ipv4Addr,
+    pub dport: Option<u16>,
+}
+
+fn attrs(mut b: &[u8]) -> Vec<(u16, &[u8])> {
+    let mut v = Vec::new();
+    while b.len() >= 4 {
+        let len = u16::from_ne_bytes([b[0], b[1]]) as usize;
+        let ty = u16::from_ne_bytes([b[2], b[3]]) & 0x7fff;
+        if len < 4 || len > b.len() {
+            break;
+        }
+        v.push((ty, &b[4..len]));
+        b = &b[((len + 3) & !3).min(b.len())..];
+    }
+    v
+}
+
+/// Parses an NFULNL_MSG_PACKET body (after the netlink header).
+pub fn parse_packet(body: &[u8]) -> Option<Record> {
+    let a = attrs(body.get(4..)?);
+    let prefix = a.iter().find(|(t, _)| *t == NFULA_PREFIX).map(|(_, v)| v)?;
+    let verdict = String::from_utf8_lossy(prefix.split(|c| *c == 0).next().unwrap_or(prefix)).into_owned();
+    let p = a.iter().find(|(t, _)| *t == NFULA_PAYLOAD).map(|(_, v)| *v)?;
+    if p.len() < 20 || p[0] >> 4 != 4 {
+        return None;
+    }
+    let ihl = ((p[0] & 0x0f) as usize) * 4;
+    let (proto, ports) = match p[9] {
+        6 => ("tcp", true),
+        17 => ("udp", true),
+        1 => ("icmp", false),
+        _ => ("other", false),
+    };
+    let dport = if ports { p.get(ihl + 2..ihl + 4).map(|d| u16::from_be_bytes([d[0], d[1]])) } else { None };
+    Some(Record { verdict, proto, dst: Ipv4Addr::new(p[16], p[17], p[18], p[19]), dport })
+}
+
+fn send(fd: &OwnedFd, msg: &[u8]) -> io::Result<()> {
+    // SAFETY: sending our own buffer on our own socket.
+    if unsafe { libc::send(fd.as_raw_fd(), msg.as_ptr().cast(), msg.len(), 0) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+fn config(group: u16, attr: u16, payload: &[u8]) -> Vec<u8> {
+    let mut m = vec![0u8; 16];
+    m[4..6].copy_from_slice(&((NFNL_SUBSYS_ULOG << 8) | NFULNL_MSG_CONFIG).to_ne_bytes());
+    m[6..8].copy_from_slice(&(libc::NLM_F_REQUEST as u16).to_ne_bytes());
+    m.extend_from_slice(&[libc::AF_UNSPEC as u8, 0]);
+    m.extend_from_slice(&group.to_be_bytes());
+    m.extend_from_slice(&((4 + payload.len()) as u16).to_ne_bytes());
+    m.extend_from_slice(&attr.to_ne_bytes());
+    m.extend_from_slice(payload);
+    m.resize((m.len() + 3) & !3, 0);
+    let len = m.len() as u32;
+    m[0..4].copy_from_slice(&len.to_ne_bytes());
+    m
+}
+
+/// Binds to `group` and returns the socket (copying the first 64 bytes of each packet).
+pub fn open(group: u16) -> io::Result<OwnedFd> {
+    // SAFETY: plain socket(2); checked and owned below.
+    let fd = unsafe { libc::socket(libc::AF_NETLINK, libc::SOCK_RAW | libc::SOCK_CLOEXEC, NETLINK_NETFILTER) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: a fresh descriptor nothing else owns.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    send(&fd, &config(group, NFULA_CFG_CMD, &[NFULNL_CFG_CMD_BIND, 0, 0, 0]))?;
+    let mut mode = 64u32.to_be_bytes().to_vec();
+    mode.extend_from_slice(&[NFULNL_COPY_PACKET, 0]);
+    send(&fd, &config(group, NFULA_CFG_MODE, &mode))?;
+    let tv = libc::timeval { tv_sec: 0, tv_usec: 200_000 };
+    // SAFETY: setting a timeval option with its exact size on our socket.
+    unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVTIMEO,
+            (&tv as *const libc::timeval).cast(),
+            std::mem::size_of::<libc::timeval>() as u32,
+        )
+    };
+    Ok(fd)
+}
+
+/// Logs records from `fd` until `stop`.
+pub fn serve(fd: OwnedFd, session: String, stats: Arc<ConnStats>, stop: Arc<AtomicBool>) {
+    let mut buf = vec![0u8; 65536];
+    while !stop.load(Ordering::Relaxed) {
+        // SAFETY: receiving into our own buffer.
+        let n = unsafe { libc::recv(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+        if n <= 0 {
+            continue;
+        }
+        let mut off = 0usize;
+        while off + 16 <= n as usize {
+            let len = u32::from_ne_bytes(buf[off..off + 4].try_into().expect("4 bytes")) as usize;
+            let ty = u16::from_ne_bytes([buf[off + 4], buf[off + 5]]);
+            if len < 16 || off + len > n as usize {
+                break;
+            }
+            if ty == (NFNL_SUBSYS_ULOG << 8) | NFULNL_MSG_PACKET {
+                if let Some(r) = parse_packet(&buf[off + 16..off + len]) {
+                    let dport = r.dport.map(|p| p.to_string()).unwrap_or_default();
+                    if r.verdict == "allow" {
+                        stats.allowed.fetch_add(1, Ordering::Relaxed);
+                        tracing::info!(session = %session, proto = r.proto, dst = %r.dst, dport, "egress allowed");
+                    } else {
+                        stats.denied.fetch_add(1, Ordering::Relaxed);
+                        tracing::warn!(session = %session, proto = r.proto, dst = %r.dst, dport, "egress denied");
+                    }
+                }
+            }
+            off += (len + 3) & !3;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_a_logged_tcp_syn() {
+        let mut body = vec![2u8, 0, 0x27, 0x10]; // nfgenmsg: AF_INET, v0, group 10000
+        let prefix = b"deny\0";
+        body.extend_from_slice(&((4 + prefix.len()) as u16).to_ne_bytes());
+        body.extend_from_slice(&NFULA_PREFIX.to_ne_bytes());
+        body.extend_from_slice(prefix);
+        body.resize((body.len() + 3) & !3, 0);
+        let mut ip = vec![0x45, 0, 0, 40, 0, 0, 0, 0, 64, 6, 0, 0, 10, 199, 0, 2, 198, 51, 100, 2];
+        ip.extend_from_slice(&[0xc3, 0x50, 0x1f, 0x91]); // sport 50000, dport 8081
+        body.extend_from_slice(&((4 + ip.len()) as u16).to_ne_bytes());
+        body.extend_from_slice(&NFULA_PAYLOAD.to_ne_bytes());
+        body.extend_from_slice(&ip);
+        let r = parse_packet(&body).unwrap();
+        assert_eq!(
+            r,
+            Record { verdict: "deny".into(), proto: "tcp", dst: Ipv4Addr::new(198, 51, 100, 2), dport: Some(8081) }
+        );
+        assert_eq!(parse_packet(&body[..10]), None);
+    }
+}
