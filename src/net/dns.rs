@@ -5,7 +5,7 @@
 //! Only what is needed is parsed: the header, the first question, and A records of answers.
 
 use std::net::{Ipv4Addr, SocketAddrV4, UdpSocket};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -182,11 +182,11 @@ impl Resolver {
         Some(resp)
     }
 
-    /// Serves `sock` until `stop` is set.
-    pub fn serve(self, sock: UdpSocket, stop: Arc<AtomicBool>) {
-        let _ = sock.set_read_timeout(Some(Duration::from_millis(200)));
+    /// Serves `sock` until `stop` is signalled.
+    pub fn serve(self, sock: UdpSocket, stop: Arc<super::Stop>) {
+        use std::os::fd::AsFd;
         let mut buf = [0u8; 1500];
-        while !stop.load(Ordering::Relaxed) {
+        while stop.wait(sock.as_fd()) {
             let Ok((n, from)) = sock.recv_from(&mut buf) else { continue };
             if let Some(r) = self.handle(&buf[..n]) {
                 let _ = sock.send_to(&r, from);

@@ -16,7 +16,8 @@ pub mod rules;
 use std::fs::File;
 use std::net::{Ipv4Addr, SocketAddrV4, UdpSocket};
 use std::os::fd::AsRawFd;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use crate::policy::Network;
@@ -35,6 +36,41 @@ fn slot_ids(slot: u32) -> (String, String) {
 fn try_lock(f: &File) -> bool {
     // SAFETY: flock on a descriptor we own.
     unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) == 0 }
+}
+
+/// Ends a session's threads at once: they wait on their socket and on this pipe together.
+pub struct Stop {
+    r: OwnedFd,
+    w: OwnedFd,
+}
+
+impl Stop {
+    pub fn new() -> std::io::Result<Stop> {
+        let (r, w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
+        Ok(Stop { r, w })
+    }
+
+    pub fn signal(&self) {
+        let _ = nix::unistd::write(&self.w, b"x");
+    }
+
+    /// Waits until `fd` is readable (true) or the stop is signalled (false).
+    pub fn wait(&self, fd: BorrowedFd<'_>) -> bool {
+        use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+        loop {
+            let mut fds = [PollFd::new(fd, PollFlags::POLLIN), PollFd::new(self.r.as_fd(), PollFlags::POLLIN)];
+            match poll(&mut fds, PollTimeout::NONE) {
+                Err(nix::errno::Errno::EINTR) => continue,
+                Err(_) => return false,
+                Ok(_) => {
+                    if fds[1].revents().is_some_and(|r| !r.is_empty()) {
+                        return false;
+                    }
+                    return true;
+                }
+            }
+        }
+    }
 }
 
 /// A reserved /30: `.1` on the host side, `.2` in the jail.
@@ -94,7 +130,14 @@ impl Plan {
             if !try_lock(&f) {
                 continue;
             }
-            nft::ensure_base(HOST_PREFIX)?;
+            // Chains whose slot file is gone entirely (not merely unlocked) are leftovers too.
+            for chain in nft::ensure_base(HOST_PREFIX)? {
+                let Ok(n) = chain[1..].parse::<u32>() else { continue };
+                if n != slot && !std::path::Path::new(&format!("{RUN_DIR}/{n}")).exists() {
+                    tracing::info!(chain, "removing a leftover session chain");
+                    remove_leftovers(n, Some(pool));
+                }
+            }
             let base = u32::from(pool.network()) + slot * 4;
             let (host_if, id) = slot_ids(slot);
             return Ok(Plan {
@@ -135,7 +178,7 @@ fn enable_forwarding(iface: &str) -> Result<(), String> {
 /// The host side of one session's network; removed on drop.
 pub struct SessionNet {
     pub plan: Plan,
-    stop: Arc<AtomicBool>,
+    stop: Arc<Stop>,
     threads: Vec<std::thread::JoinHandle<()>>,
     pub dns_stats: Arc<dns::DnsStats>,
     pub conn_stats: Arc<nflog::ConnStats>,
@@ -154,7 +197,7 @@ impl SessionNet {
         };
         let mut session = SessionNet {
             plan,
-            stop: Arc::new(AtomicBool::new(false)),
+            stop: Arc::new(Stop::new().map_err(|e| format!("pipe: {e}"))?),
             threads: Vec::new(),
             dns_stats: Arc::default(),
             conn_stats: Arc::default(),
@@ -249,8 +292,10 @@ impl SessionNet {
 
 impl Drop for SessionNet {
     fn drop(&mut self) {
-        tracing::info!(session = %self.plan.id, stats = %self.stats(), "session network removed");
-        self.stop.store(true, Ordering::Relaxed);
+        if tracing::enabled!(tracing::Level::INFO) {
+            tracing::info!(session = %self.plan.id, stats = %self.stats(), "session network removed");
+        }
+        self.stop.signal();
         for t in self.threads.drain(..) {
             let _ = t.join();
         }

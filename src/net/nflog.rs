@@ -5,7 +5,7 @@
 use std::io;
 use std::net::Ipv4Addr;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 const NETLINK_NETFILTER: i32 = 12;
@@ -109,24 +109,14 @@ pub fn open(group: u16) -> io::Result<OwnedFd> {
     let mut mode = 64u32.to_be_bytes().to_vec();
     mode.extend_from_slice(&[NFULNL_COPY_PACKET, 0]);
     send(&fd, &config(group, NFULA_CFG_MODE, &mode))?;
-    let tv = libc::timeval { tv_sec: 0, tv_usec: 200_000 };
-    // SAFETY: setting a timeval option with its exact size on our socket.
-    unsafe {
-        libc::setsockopt(
-            fd.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_RCVTIMEO,
-            (&tv as *const libc::timeval).cast(),
-            std::mem::size_of::<libc::timeval>() as u32,
-        )
-    };
     Ok(fd)
 }
 
-/// Logs records from `fd` until `stop`.
-pub fn serve(fd: OwnedFd, session: String, stats: Arc<ConnStats>, stop: Arc<AtomicBool>) {
+/// Logs records from `fd` until `stop` is signalled.
+pub fn serve(fd: OwnedFd, session: String, stats: Arc<ConnStats>, stop: Arc<super::Stop>) {
+    use std::os::fd::AsFd;
     let mut buf = vec![0u8; 65536];
-    while !stop.load(Ordering::Relaxed) {
+    while stop.wait(fd.as_fd()) {
         // SAFETY: receiving into our own buffer.
         let n = unsafe { libc::recv(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
         if n <= 0 {

@@ -44,9 +44,10 @@ fn nft_json(args: &[&str]) -> Result<serde_json::Value, String> {
 
 /// Creates the table and its shared objects unless they exist. Callers serialise this with the
 /// pool lock.
-pub fn ensure_base(host_prefix: &str) -> Result<(), String> {
-    if nft_json(&["list", "table", "inet", TABLE]).is_ok() {
-        return Ok(());
+/// Returns the session chains (`sN`) already in the table.
+pub fn ensure_base(host_prefix: &str) -> Result<Vec<String>, String> {
+    if let Ok(v) = nft_json(&["list", "table", "inet", TABLE]) {
+        return Ok(chains_of(&v));
     }
     nft(&format!(
         "table inet {TABLE} {{
@@ -70,6 +71,7 @@ pub fn ensure_base(host_prefix: &str) -> Result<(), String> {
 }}
 "
     ))
+    .map(|()| Vec::new())
 }
 
 /// What one session's rules are made of.
@@ -161,8 +163,25 @@ pub fn admit(id: &str, addrs: &[(Ipv4Addr, Duration)]) -> Result<(), String> {
     nft(&format!("add element inet {TABLE} {id}_dns {{ {} }}\n", elems.join(", ")))
 }
 
-/// Removes a session's objects. Each step on its own: after a crash some may be missing.
+/// Removes a session's objects: one atomic batch when they are all there (the normal end), else
+/// step by step (the leftovers of a crash may be partial).
 pub fn remove_session(id: &str, host_if: &str, jail_ip: Option<Ipv4Addr>) {
+    let mut batch = format!(
+        "delete element inet {TABLE} sessions_fwd {{ \"{host_if}\" }}\ndelete element inet {TABLE} sessions_in {{ \"{host_if}\" }}\n"
+    );
+    if let Some(j) = jail_ip {
+        batch.push_str(&format!("delete element inet {TABLE} nat_src {{ {j} }}\n"));
+    }
+    batch.push_str(&format!(
+        "delete chain inet {TABLE} {id}\ndelete chain inet {TABLE} {id}_in\ndelete chain inet {TABLE} {id}_deny\ndelete set inet {TABLE} {id}_dns\n"
+    ));
+    if nft(&batch).is_ok() {
+        return;
+    }
+    remove_piecewise(id, host_if, jail_ip);
+}
+
+fn remove_piecewise(id: &str, host_if: &str, jail_ip: Option<Ipv4Addr>) {
     let mut steps = vec![
         format!("delete element inet {TABLE} sessions_fwd {{ \"{host_if}\" }}"),
         format!("delete element inet {TABLE} sessions_in {{ \"{host_if}\" }}"),
@@ -198,13 +217,16 @@ pub fn counters(id: &str) -> Vec<(String, u64)> {
 
 /// Session chains present in the table (`sN`), for leftover cleanup.
 pub fn session_chains() -> Vec<String> {
-    let Ok(v) = nft_json(&["list", "table", "inet", TABLE]) else { return Vec::new() };
+    nft_json(&["list", "table", "inet", TABLE]).map(|v| chains_of(&v)).unwrap_or_default()
+}
+
+fn chains_of(v: &serde_json::Value) -> Vec<String> {
     v["nftables"]
         .as_array()
         .into_iter()
         .flatten()
         .filter_map(|i| i["chain"]["name"].as_str())
-        .filter(|n| n.starts_with('s') && n[1..].chars().all(|c| c.is_ascii_digit()))
+        .filter(|n| n.len() > 1 && n.starts_with('s') && n[1..].chars().all(|c| c.is_ascii_digit()))
         .map(str::to_owned)
         .collect()
 }
