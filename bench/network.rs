@@ -36,13 +36,16 @@ fn main() {
     std::thread::sleep(Duration::from_millis(100));
     let pid = ns.id() as i32;
 
-    let mut ours = Vec::new();
+    let (mut ours, mut setup, mut teardown) = (Vec::new(), Vec::new(), Vec::new());
     for _ in 0..n {
         let t = Instant::now();
         let plan = Plan::reserve(&policy.network.pool).unwrap();
         let net = SessionNet::create(plan, pid, &policy.network).unwrap();
+        let up = t.elapsed();
         drop(net);
         ours.push(t.elapsed().as_secs_f64() * 1000.0);
+        setup.push(up.as_secs_f64() * 1000.0);
+        teardown.push((t.elapsed() - up).as_secs_f64() * 1000.0);
     }
 
     // The same objects through iproute2 and nft processes.
