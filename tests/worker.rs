@@ -620,3 +620,28 @@ fn a_lost_lease_kills_the_jail_at_once_and_the_item_is_claimed_again() {
     assert!(losses >= 1, "{m}");
     assert!(m.contains("stockade_heartbeat_failures_total "), "{m}");
 }
+
+#[test]
+fn a_second_sigterm_forces_the_stop() {
+    let cp = Cp::start(Duration::from_secs(30));
+    let state = TempDir::new("w-state");
+    let marker = format!("40.{}", std::process::id());
+    let mut w = start_worker(&cp, state.path(), &[]);
+    let (s, _) = cp.session(vec![bash(&format!("sleep {marker}; echo never"))]);
+    cp.wait_for("the call to start", Duration::from_secs(20), || {
+        !host_processes_matching(&format!("sleep {marker}")).is_empty()
+    });
+    let pid = nix::unistd::Pid::from_raw(w.child.id() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(w.child.try_wait().unwrap().is_none(), "a graceful stop must wait for the in-flight call");
+    let t = Instant::now();
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+    let status = w.child.wait().unwrap();
+    assert!(t.elapsed() < Duration::from_secs(10), "forced stop took {:?}", t.elapsed());
+    assert!(status.success(), "{status:?}");
+    assert!(host_processes_matching(&format!("sleep {marker}")).is_empty(), "the jail outlived a forced stop");
+    let v = cp.view(&s);
+    assert_eq!(v.work_state, WorkState::Queued, "the item was not released: {v:#?}");
+    assert_eq!(v.calls[0].result, None);
+}
