@@ -270,6 +270,11 @@ fn leftovers(slot: u32) -> (bool, bool, bool) {
 }
 
 fn assert_no_leftovers(slot: u32) {
+    // The link goes with the jail's network namespace, which the kernel tears down asynchronously.
+    let t = Instant::now();
+    while leftovers(slot).0 && t.elapsed() < Duration::from_secs(5) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
     assert_eq!(leftovers(slot), (false, false, false), "(link, nft chain, slot file) of slot {slot} left behind");
 }
 

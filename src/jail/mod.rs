@@ -352,6 +352,11 @@ impl Jail {
 impl Drop for Jail {
     fn drop(&mut self) {
         self.kill();
+        // The init was reaped, which in a pid namespace means every member has exited: nothing
+        // holds the network namespace any more.
+        if let Some(n) = self.net.as_mut() {
+            n.jail_ended();
+        }
         let t = Instant::now();
         if let Some(cg) = self.cgroup.as_mut() {
             cg.remove();

@@ -182,6 +182,9 @@ pub struct SessionNet {
     threads: Vec<std::thread::JoinHandle<()>>,
     pub dns_stats: Arc<dns::DnsStats>,
     pub conn_stats: Arc<nflog::ConnStats>,
+    /// The jail (and so its network namespace) is gone: the kernel removes the veth pair with
+    /// the namespace, asynchronously, sparing the synchronous delete and its RCU waits.
+    jail_gone: bool,
 }
 
 impl SessionNet {
@@ -201,10 +204,19 @@ impl SessionNet {
             threads: Vec::new(),
             dns_stats: Arc::default(),
             conn_stats: Arc::default(),
+            jail_gone: false,
         };
         let p = &session.plan;
         let mut r = rtnl::Rtnl::open().map_err(|e| format!("netlink: {e}"))?;
-        r.add_veth(&p.host_if, "eth0", child, None).map_err(|e| format!("veth {}: {e}", p.host_if))?;
+        if let Err(e) = r.add_veth(&p.host_if, "eth0", child, None) {
+            // The previous user of this slot ended a moment ago and the kernel has not finished
+            // tearing its namespace (and so its link) down yet.
+            if e.raw_os_error() != Some(libc::EEXIST) {
+                return Err(format!("veth {}: {e}", p.host_if));
+            }
+            let _ = r.del_link(&p.host_if);
+            r.add_veth(&p.host_if, "eth0", child, None).map_err(|e| format!("veth {}: {e}", p.host_if))?;
+        }
         r.add_addr4(&p.host_if, p.host_ip, 30).map_err(|e| format!("address {} on {}: {e}", p.host_ip, p.host_if))?;
         r.set_up(&p.host_if).map_err(|e| format!("{} up: {e}", p.host_if))?;
         // Forwarding per interface: the session's link, and the links its destinations leave by
@@ -274,6 +286,11 @@ impl SessionNet {
         Ok(session)
     }
 
+    /// Called once the jail's processes are gone (see `jail_gone`).
+    pub fn jail_ended(&mut self) {
+        self.jail_gone = true;
+    }
+
     /// Packets allowed and denied so far, by rule, and DNS answers.
     pub fn stats(&self) -> String {
         let c = nft::counters(&self.plan.id);
@@ -301,8 +318,10 @@ impl Drop for SessionNet {
         }
         let p = &self.plan;
         nft::remove_session(&p.id, &p.host_if, Some(p.jail_ip));
-        if let Ok(mut r) = rtnl::Rtnl::open() {
-            let _ = r.del_link(&p.host_if);
+        if !self.jail_gone {
+            if let Ok(mut r) = rtnl::Rtnl::open() {
+                let _ = r.del_link(&p.host_if);
+            }
         }
         let _ = std::fs::remove_file(format!("{RUN_DIR}/{}", p.slot));
     }
