@@ -14,6 +14,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use stockade::net::dns;
+
+/// The tampering test flushes the shared base chain: the others must not run meanwhile.
+static TABLE: std::sync::RwLock<()> = std::sync::RwLock::new(());
 use stockade::net::rtnl::Rtnl;
 
 /// The remote side: a namespace reached through `host_if`, serving on `base.2` (and .3, .4).
@@ -180,6 +183,7 @@ fn veth_egress_follows_the_allowlist_and_nothing_else() {
     if needs_root() {
         return;
     }
+    let _shared = TABLE.read().unwrap_or_else(|p| p.into_inner());
     let inet = Internet::start([198, 51, 100], "a");
     let (_d, p) = veth_policy(&inet, "");
     let host_listener = TcpListener::bind("0.0.0.0:0").unwrap();
@@ -283,6 +287,7 @@ fn two_sessions_cannot_reach_each_other_and_a_killed_stockade_leaves_nothing() {
     if needs_root() {
         return;
     }
+    let _shared = TABLE.read().unwrap_or_else(|p| p.into_inner());
     let inet = Internet::start([203, 0, 113], "b");
     let (_d, p) = veth_policy(&inet, "");
     // Session A listens; session B tries to reach it.
@@ -330,4 +335,23 @@ fn two_sessions_cannot_reach_each_other_and_a_killed_stockade_leaves_nothing() {
     assert_eq!(r.stdout, "next\n", "{r:?}");
     assert_no_leftovers(slot);
     assert_no_leftovers(slot_of(&r));
+}
+
+#[test]
+fn a_tampered_table_is_repaired_before_a_session_relies_on_it() {
+    if needs_root() {
+        return;
+    }
+    let _alone = TABLE.write().unwrap_or_else(|p| p.into_inner());
+    let inet = Internet::start([198, 18, 0], "c");
+    let (_d, p) = veth_policy(&inet, "");
+    assert_eq!(py(&p, "print('warm')").stdout, "warm\n");
+    // Someone flushes the forward base chain: sessions' chains would no longer be consulted.
+    let ok = Command::new("nft").args(["flush", "chain", "inet", "stockade", "forward"]).status().unwrap();
+    assert!(ok.success());
+    let r = py(&p, &format!("{HELPERS}\nprint(tcp('{}', 8081))\nprint(tcp('{}', 8080))", inet.ip(2), inet.ip(2)));
+    let lines: Vec<&str> = r.stdout.lines().collect();
+    assert!(lines.first().is_some_and(|l| l.starts_with("fail")), "unfiltered after tampering: {r:?}");
+    assert_eq!(lines.get(1), Some(&"ok hello from 8080"), "{r:?}");
+    assert!(r.stderr.contains("rebuilding its base chains"), "{r:?}");
 }

@@ -42,36 +42,42 @@ fn nft_json(args: &[&str]) -> Result<serde_json::Value, String> {
     serde_json::from_slice(&out.stdout).map_err(|e| format!("nft -j output: {e}"))
 }
 
-/// Creates the table and its shared objects unless they exist. Callers serialise this with the
-/// pool lock.
-/// Returns the session chains (`sN`) already in the table.
+/// Makes sure the table and its shared objects are there and intact, and returns the session
+/// chains (`sN`) already in it. A base chain that lost its rules (a hand-edited or flushed
+/// table) would let sessions' traffic through unfiltered, so an incomplete base is rebuilt —
+/// atomically, in place, sessions' own chains untouched. Callers serialise this with the pool
+/// lock.
 pub fn ensure_base(host_prefix: &str) -> Result<Vec<String>, String> {
-    if let Ok(v) = nft_json(&["list", "table", "inet", TABLE]) {
-        return Ok(chains_of(&v));
+    let listed = nft_json(&["list", "table", "inet", TABLE]).ok();
+    if let Some(v) = &listed {
+        let rules_in = |chain: &str| {
+            v["nftables"].as_array().into_iter().flatten().filter(|i| i["rule"]["chain"] == chain).count()
+        };
+        let maps = v["nftables"].as_array().into_iter().flatten().filter(|i| i.get("map").is_some()).count();
+        if rules_in("forward") == 3 && rules_in("input") == 1 && rules_in("postrouting") == 1 && maps == 2 {
+            return Ok(chains_of(v));
+        }
+        tracing::warn!("table inet {TABLE} is incomplete; rebuilding its base chains");
     }
     nft(&format!(
-        "table inet {TABLE} {{
-  map sessions_fwd {{ type ifname : verdict; }}
-  map sessions_in {{ type ifname : verdict; }}
-  set nat_src {{ type ipv4_addr; }}
-  chain forward {{
-    type filter hook forward priority filter - 5; policy accept;
-    iifname vmap @sessions_fwd
-    oifname \"{host_prefix}*\" ct state established,related accept
-    oifname \"{host_prefix}*\" counter drop
-  }}
-  chain input {{
-    type filter hook input priority filter - 5; policy accept;
-    iifname vmap @sessions_in
-  }}
-  chain postrouting {{
-    type nat hook postrouting priority srcnat; policy accept;
-    ip saddr @nat_src oifname != \"{host_prefix}*\" masquerade
-  }}
-}}
+        "add table inet {TABLE}
+add map inet {TABLE} sessions_fwd {{ type ifname : verdict; }}
+add map inet {TABLE} sessions_in {{ type ifname : verdict; }}
+add set inet {TABLE} nat_src {{ type ipv4_addr; }}
+add chain inet {TABLE} forward {{ type filter hook forward priority filter - 5; policy accept; }}
+flush chain inet {TABLE} forward
+add rule inet {TABLE} forward iifname vmap @sessions_fwd
+add rule inet {TABLE} forward oifname \"{host_prefix}*\" ct state established,related accept
+add rule inet {TABLE} forward oifname \"{host_prefix}*\" counter drop
+add chain inet {TABLE} input {{ type filter hook input priority filter - 5; policy accept; }}
+flush chain inet {TABLE} input
+add rule inet {TABLE} input iifname vmap @sessions_in
+add chain inet {TABLE} postrouting {{ type nat hook postrouting priority srcnat; policy accept; }}
+flush chain inet {TABLE} postrouting
+add rule inet {TABLE} postrouting ip saddr @nat_src oifname != \"{host_prefix}*\" masquerade
 "
-    ))
-    .map(|()| Vec::new())
+    ))?;
+    Ok(listed.as_ref().map(chains_of).unwrap_or_default())
 }
 
 /// What one session's rules are made of.
