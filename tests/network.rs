@@ -161,6 +161,18 @@ def resolve(name):
         return socket.gethostbyname(name)
     except Exception as e:
         return "fail " + type(e).__name__
+def tcp_dns(server, name):
+    q = b"\x12\x34\x01\x00\x00\x01\x00\x00\x00\x00\x00\x00" + b"".join(bytes([len(l)]) + l.encode() for l in name.split(".")) + b"\x00\x00\x01\x00\x01"
+    try:
+        s = socket.create_connection((server, 53), timeout=2)
+        s.sendall(len(q).to_bytes(2, "big") + q)
+        n = int.from_bytes(s.recv(2), "big")
+        r = b""
+        while len(r) < n:
+            r += s.recv(n - len(r))
+        return "rcode %d answers %d" % (r[3] & 15, r[7])
+    except Exception as e:
+        return "fail " + type(e).__name__
 def udp_dns(server, name):
     q = b"\x12\x34\x01\x00\x00\x01\x00\x00\x00\x00\x00\x00" + b"".join(bytes([len(l)]) + l.encode() for l in name.split(".")) + b"\x00\x00\x01\x00\x01"
     s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
@@ -201,6 +213,9 @@ print('resolve-blocked', resolve('blocked.test'))
 print('blocked-direct', tcp('{c}', 8080))
 print('rebinding', resolve('private.test'), tcp('192.168.77.7', 8080, 1))
 print('dns-elsewhere', udp_dns('{a}', 'allowed.test'))
+resolver = open('/etc/resolv.conf').read().split()[1]
+print('dns-tcp-allowed', tcp_dns(resolver, 'allowed.test'))
+print('dns-tcp-blocked', tcp_dns(resolver, 'blocked.test'))
 print('metadata', tcp('169.254.169.254', 80, 1))
 print('host-addr', tcp('{host}', {host_port}, 1))
 print('host-loopback-port', tcp('127.0.0.1', {host_port}, 1))
@@ -231,6 +246,8 @@ except Exception as e:
     // The name resolves, but its private address is not admitted.
     assert!(line("rebinding").starts_with("rebinding 192.168.77.7 fail"), "{r:?}");
     assert!(line("dns-elsewhere").contains("fail"), "{r:?}");
+    assert_eq!(line("dns-tcp-allowed"), "dns-tcp-allowed rcode 0 answers 1", "{r:?}");
+    assert_eq!(line("dns-tcp-blocked"), "dns-tcp-blocked rcode 5 answers 0", "{r:?}");
     assert!(line("metadata").contains("fail"), "{r:?}");
     assert!(line("host-addr").contains("fail"), "{r:?}");
     assert!(line("host-loopback-port").contains("fail"), "{r:?}");

@@ -121,7 +121,7 @@ pub struct Resolver {
     pub upstream: Vec<SocketAddrV4>,
     /// Allow entries: an answer inside a private range is admitted only if one covers it.
     pub allowed_nets: Vec<Net4>,
-    pub admit: Box<dyn Fn(&[(Ipv4Addr, Duration)]) -> Result<(), String> + Send>,
+    pub admit: Box<dyn Fn(&[(Ipv4Addr, Duration)]) -> Result<(), String> + Send + Sync>,
     pub stats: Arc<DnsStats>,
     pub ttl_floor: Duration,
 }
@@ -142,6 +142,12 @@ impl Resolver {
             let mut buf = [0u8; 4096];
             while let Ok((n, from)) = s.recv_from(&mut buf) {
                 if from == std::net::SocketAddr::V4(*up) && n >= 12 && buf[..2] == id {
+                    // Truncated: ask the same server again over TCP for the whole answer.
+                    if buf[2] & 0x02 != 0 {
+                        if let Some(full) = forward_tcp(*up, query) {
+                            return Some(full);
+                        }
+                    }
                     return Some(buf[..n].to_vec());
                 }
             }
@@ -182,8 +188,25 @@ impl Resolver {
         Some(resp)
     }
 
+    /// DNS over TCP (RFC 7766 framing: a 2-byte length before each message) until `stop`.
+    pub fn serve_tcp(self: Arc<Self>, listener: std::net::TcpListener, stop: Arc<super::Stop>) {
+        use std::os::fd::AsFd;
+        while stop.wait(listener.as_fd()) {
+            let Ok((mut c, _)) = listener.accept() else { continue };
+            let _ = c.set_read_timeout(Some(Duration::from_secs(2)));
+            let _ = c.set_write_timeout(Some(Duration::from_secs(2)));
+            // Queries on one connection, in order, until the client closes or stalls.
+            while let Some(q) = read_framed(&mut c) {
+                let Some(r) = self.handle(&q) else { break };
+                if write_framed(&mut c, &r).is_err() {
+                    break;
+                }
+            }
+        }
+    }
+
     /// Serves `sock` until `stop` is signalled.
-    pub fn serve(self, sock: UdpSocket, stop: Arc<super::Stop>) {
+    pub fn serve(self: Arc<Self>, sock: UdpSocket, stop: Arc<super::Stop>) {
         use std::os::fd::AsFd;
         let mut buf = [0u8; 1500];
         while stop.wait(sock.as_fd()) {
@@ -193,6 +216,27 @@ impl Resolver {
             }
         }
     }
+}
+
+fn read_framed(c: &mut impl std::io::Read) -> Option<Vec<u8>> {
+    let mut len = [0u8; 2];
+    c.read_exact(&mut len).ok()?;
+    let mut m = vec![0u8; u16::from_be_bytes(len) as usize];
+    c.read_exact(&mut m).ok()?;
+    Some(m)
+}
+
+fn write_framed(c: &mut impl std::io::Write, m: &[u8]) -> std::io::Result<()> {
+    let len = u16::try_from(m.len()).map_err(|_| std::io::Error::other("DNS message over 64 KiB"))?;
+    c.write_all(&len.to_be_bytes())?;
+    c.write_all(m)
+}
+
+fn forward_tcp(up: SocketAddrV4, query: &[u8]) -> Option<Vec<u8>> {
+    let mut c = std::net::TcpStream::connect_timeout(&up.into(), Duration::from_secs(2)).ok()?;
+    let _ = c.set_read_timeout(Some(Duration::from_secs(2)));
+    write_framed(&mut c, query).ok()?;
+    read_framed(&mut c).filter(|r| r.len() >= 12 && r[..2] == query[..2])
 }
 
 #[cfg(test)]

@@ -276,11 +276,21 @@ impl SessionNet {
             stats: session.dns_stats.clone(),
             ttl_floor: dns::ttl_floor(),
         };
-        let stop = session.stop.clone();
+        let tcp = std::net::TcpListener::bind(SocketAddrV4::new(p.host_ip, 53))
+            .map_err(|e| format!("resolver on {}:53/tcp: {e}", p.host_ip))?;
+        let resolver = Arc::new(resolver);
+        let (r, stop) = (resolver.clone(), session.stop.clone());
         session.threads.push(
             std::thread::Builder::new()
                 .name("stockade-dns".into())
-                .spawn(move || resolver.serve(sock, stop))
+                .spawn(move || r.serve(sock, stop))
+                .map_err(|e| format!("resolver thread: {e}"))?,
+        );
+        let stop = session.stop.clone();
+        session.threads.push(
+            std::thread::Builder::new()
+                .name("stockade-dns-tcp".into())
+                .spawn(move || resolver.serve_tcp(tcp, stop))
                 .map_err(|e| format!("resolver thread: {e}"))?,
         );
         Ok(session)
