@@ -43,7 +43,17 @@ pub fn fork_into_namespaces() -> Result<Option<Pid>, JailError> {
 }
 
 fn ensure_single_threaded() -> Result<(), JailError> {
-    let n = std::fs::read_dir("/proc/self/task").map(|d| d.count()).unwrap_or(1);
+    let count = || std::fs::read_dir("/proc/self/task").map(|d| d.count()).unwrap_or(1);
+    let mut n = count();
+    // A thread that was just joined (a previous jail's cgroup writers or network threads) can
+    // stay listed for a moment while the kernel finishes its exit.
+    for _ in 0..50 {
+        if n == 1 {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(1));
+        n = count();
+    }
     if n != 1 {
         return Err(JailError::new(
             Step::Namespaces,
