@@ -612,7 +612,7 @@ fn a_lost_lease_kills_the_jail_at_once_and_the_item_is_claimed_again() {
     });
     let v = cp.wait_ended(&s, Duration::from_secs(60));
     assert_eq!(v.work_state, WorkState::Completed, "{v:#?}");
-    assert_eq!(v.claims, 2, "{v:#?}");
+    assert!(v.claims >= 2, "{v:#?}");
     assert_eq!(result_of(&v, 0), "done\n");
     assert_eq!(v.duplicate_results, 0);
     let m = http_get(&format!("http://127.0.0.1:{port}/metrics"));

@@ -285,8 +285,19 @@ pub fn remove_stale(parent: &Path) {
             continue; // its Stockade is alive (or the pid was reused: leave it, to be safe)
         }
         let dir = e.path();
-        let empty = fs::read_to_string(dir.join("cgroup.procs")).map(|p| p.trim().is_empty()).unwrap_or(false);
-        if empty && fs::remove_dir(&dir).is_ok() {
+        // Whatever is still inside belonged to a jail whose supervisor is gone (PDEATHSIG is
+        // already taking it down): finish the job, then give the kernel a moment to empty it.
+        let procs = || fs::read_to_string(dir.join("cgroup.procs")).unwrap_or_default();
+        for pid in procs().split_whitespace().filter_map(|p| p.parse::<i32>().ok()) {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+        }
+        for _ in 0..50 {
+            if procs().trim().is_empty() {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(2));
+        }
+        if fs::remove_dir(&dir).is_ok() {
             tracing::info!(cgroup = %dir.display(), "removed the cgroup of a jail whose Stockade was killed");
         }
     }
