@@ -248,6 +248,8 @@ fn heartbeats_keep_a_lease_and_a_silent_holder_loses_it() {
     // A holder that never heartbeats: the item returns to the queue and can be claimed again.
     let env = cp.client(Secret::new(cp.env_key()));
     drop(_w); // the real worker must not take the next item
+              // Nor may the long poll it had open when it died (the server answers it within --poll-wait).
+    std::thread::sleep(Duration::from_millis(1500));
     let (s2, w2) = cp.session(vec![bash("true")]);
     let got = cp.rt.block_on(env.claim(DEFAULT_ENVIRONMENT, "silent", Duration::from_secs(5))).unwrap().unwrap();
     assert_eq!(got.id, w2);

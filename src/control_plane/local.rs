@@ -199,8 +199,14 @@ struct Db {
     faults: VecDeque<Fault>,
 }
 
+/// Milliseconds on a clock that reads as wall time at start-up and then only moves forward:
+/// leases must not expire (or live on) because the host's clock was stepped.
 fn now_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_millis() as u64
+    static BASE: std::sync::OnceLock<(u64, Instant)> = std::sync::OnceLock::new();
+    let (wall, mono) = BASE.get_or_init(|| {
+        (SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_millis() as u64, Instant::now())
+    });
+    wall + mono.elapsed().as_millis() as u64
 }
 
 fn ts(ms: u64) -> String {

@@ -281,7 +281,11 @@ pub fn remove_stale(parent: &Path) {
         let name = e.file_name();
         let Some(rest) = name.to_str().and_then(|n| n.strip_prefix("stockade-")) else { continue };
         let Some(owner) = rest.split('-').next().and_then(|p| p.parse::<u32>().ok()) else { continue };
-        if Path::new(&format!("/proc/{owner}")).exists() {
+        // A killed Stockade whose parent has not reaped it yet is a zombie: dead all the same.
+        let state = fs::read_to_string(format!("/proc/{owner}/stat"))
+            .ok()
+            .and_then(|s| s.rsplit_once(')').and_then(|(_, rest)| rest.split_whitespace().next().map(str::to_owned)));
+        if state.as_deref().is_some_and(|st| st != "Z" && st != "X") {
             continue; // its Stockade is alive (or the pid was reused: leave it, to be safe)
         }
         let dir = e.path();

@@ -120,10 +120,17 @@ pub(super) async fn supersede(ctx: &Ctx, work_id: &str) {
 }
 
 async fn heartbeat(ctx: Arc<Ctx>, item: WorkItem, tx: Arc<watch::Sender<Lease>>) {
-    let parse = |w: &WorkItem| w.lease_expires_at.as_deref().and_then(|t| parse_rfc3339(t).ok());
-    let mut until = parse(&item).unwrap_or_else(|| SystemTime::now() + Duration::from_secs(30));
+    // The lease's end, taken off the server's timestamp once at receipt and then kept on the
+    // monotonic clock, so that a stepped host clock cannot end (or extend) it.
+    let parse = |w: &WorkItem| {
+        w.lease_expires_at
+            .as_deref()
+            .and_then(|t| parse_rfc3339(t).ok())
+            .map(|end| Instant::now() + end.duration_since(SystemTime::now()).unwrap_or_default())
+    };
+    let mut until = parse(&item).unwrap_or_else(|| Instant::now() + Duration::from_secs(30));
     let every = ctx.heartbeat_every.unwrap_or_else(|| {
-        let left = until.duration_since(SystemTime::now()).unwrap_or_default();
+        let left = until.saturating_duration_since(Instant::now());
         (left / 3).clamp(Duration::from_millis(200), Duration::from_secs(30))
     });
     let raise = |to: Lease| {
@@ -157,7 +164,7 @@ async fn heartbeat(ctx: Arc<Ctx>, item: WorkItem, tx: Arc<watch::Sender<Lease>>)
             Err(e) => {
                 failing = true;
                 ctx.metrics.heartbeat_failures.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                if SystemTime::now() >= until {
+                if Instant::now() >= until {
                     tracing::warn!(error = %e, "heartbeats failed until the lease ran out; lease lost");
                     ctx.metrics.lease_losses.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     raise(Lease::Lost);
