@@ -84,9 +84,13 @@ pub(crate) fn child_main(ctx: ChildCtx) -> ! {
                 }
                 // stdin and stdout are the supervisor's request/response pipes to its caller
                 // (the worker): nothing in the jail reads or writes them, so they go.
-                if let Ok(null) = std::fs::OpenOptions::new().read(true).write(true).open("/dev/null") {
-                    let _ = nix::unistd::dup2_stdin(&null);
-                    let _ = nix::unistd::dup2_stdout(&null);
+                match std::fs::OpenOptions::new().read(true).write(true).open("/dev/null") {
+                    Ok(null) if nix::unistd::dup2_stdin(&null).is_ok() && nix::unistd::dup2_stdout(&null).is_ok() => {}
+                    // Without /dev/null they are closed instead: gone either way.
+                    _ => {
+                        close_raw(0);
+                        close_raw(1);
+                    }
                 }
                 crate::session::server::serve(
                     channel,

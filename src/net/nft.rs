@@ -128,25 +128,16 @@ add rule inet {TABLE} {id} meta l4proto {{ tcp, udp }} th dport 53 counter goto 
 "
     );
     let accept = format!("counter log group {g} prefix \"allow\" accept");
-    for r in explicit {
-        script.push_str(&format!(
-            "add rule inet {TABLE} {id} ip daddr {}{} {accept} comment \"allow\"\n",
-            r.net,
-            ports(r)
-        ));
-    }
+    let allow_rule = |r: &AllowRule| {
+        format!("add rule inet {TABLE} {id} ip daddr {}{} {accept} comment \"allow\"\n", r.net, ports(r))
+    };
+    script.extend(explicit.iter().map(|r| allow_rule(r)));
     script.push_str(&format!(
         "add rule inet {TABLE} {id} ip daddr {{ {denied_set} }} counter goto {id}_deny comment \"closed\"
 add rule inet {TABLE} {id} ip protocol icmp icmp type != destination-unreachable counter goto {id}_deny comment \"icmp\"
 "
     ));
-    for r in general {
-        script.push_str(&format!(
-            "add rule inet {TABLE} {id} ip daddr {}{} {accept} comment \"allow\"\n",
-            r.net,
-            ports(r)
-        ));
-    }
+    script.extend(general.iter().map(|r| allow_rule(r)));
     script.push_str(&format!(
         "add rule inet {TABLE} {id} ip daddr @{id}_dns {accept} comment \"allow-dns\"
 add rule inet {TABLE} {id} counter goto {id}_deny comment \"deny\"

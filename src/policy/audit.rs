@@ -174,8 +174,20 @@ pub fn audit(p: &Policy, origins: &Origins) -> Report {
 }
 
 fn syscall_checks(p: &Policy, c: &mut Ctx) {
-    let allowed = crate::jail::seccomp::allowed_set(&p.seccomp).unwrap_or_default();
-    for (g, w) in GROUP_WEIGHTS {
+    // A policy that loaded always resolves; should it not, every group is reported exposed
+    // rather than silently refused.
+    let allowed = match crate::jail::seccomp::allowed_set(&p.seccomp) {
+        Ok(a) => Some(a),
+        Err(e) => {
+            for (g, w) in GROUP_WEIGHTS {
+                let id = format!("syscalls.{}", g.trim_start_matches('@'));
+                c.add(&id, *w, Verdict::Fail, "seccomp.allow", format!("the allowlist does not resolve: {e}"));
+            }
+            None
+        }
+    };
+    for (g, w) in GROUP_WEIGHTS.iter().filter(|_| allowed.is_some()) {
+        let allowed = allowed.as_ref().expect("filtered");
         let Some(group) = syscalls::group(g) else { continue };
         let members: BTreeSet<&str> = syscalls::expand_group(group.name).iter().map(|m| m.name).collect();
         // Exposed: admitted without an argument condition. Conditions come from Stockade's group
