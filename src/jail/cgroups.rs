@@ -7,6 +7,7 @@
 //! `limits.enforcement = "best_effort"`.
 
 use std::fs;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -228,12 +229,22 @@ impl JailCgroup {
         }
     }
 
-    pub fn add(&self, pid: i32) -> Result<(), JailError> {
-        for d in &self.dirs {
-            fs::write(d.join("cgroup.procs"), pid.to_string())
-                .map_err(|e| JailError::new(Step::Cgroups, format!("add pid {pid} to {}: {e}", d.display())))?;
+    /// Opens what the jail needs to enter this cgroup by itself (see [`Entry`]). Called by the
+    /// supervisor just before the clone.
+    pub fn entry(&self) -> Result<Entry, JailError> {
+        let e =
+            |what: &Path, err: std::io::Error| JailError::new(Step::Cgroups, format!("open {}: {err}", what.display()));
+        let mut v1_tasks = Vec::new();
+        for d in self.dirs.iter().filter(|d| Some(*d) != self.v2_dir.as_ref()) {
+            let tasks = d.join("tasks");
+            let f = fs::OpenOptions::new().write(true).open(&tasks).map_err(|err| e(&tasks, err))?;
+            v1_tasks.push((tasks, OwnedFd::from(f)));
         }
-        Ok(())
+        let v2_dir = match &self.v2_dir {
+            Some(d) => Some(OwnedFd::from(fs::File::open(d).map_err(|err| e(d, err))?)),
+            None => None,
+        };
+        Ok(Entry { v1_tasks, v2_dir })
     }
 
     /// Kills anything left and removes the directories. Called once the jail's init is gone, when
@@ -263,6 +274,50 @@ impl JailCgroup {
                     Err(_) => std::thread::sleep(Duration::from_millis(5)),
                 }
             }
+        }
+    }
+}
+
+/// How a new jail enters its cgroup without anybody migrating it from outside.
+///
+/// Moving another process into a cgroup (a pid written to `cgroup.procs`) write-locks the
+/// kernel's global threadgroup semaphore, which costs an RCU grace period whenever no other
+/// migration happened lately: several milliseconds on an idle host, paid by every jail start.
+/// Two paths avoid it. On cgroup v2 the jail is cloned straight into its cgroup
+/// (`CLONE_INTO_CGROUP`, `v2_dir`). On v1 hierarchies the single-threaded jail moves itself by
+/// writing `0` (itself) to each cgroup's `tasks` file, which the kernel does without that lock.
+/// The `tasks` files are opened by the supervisor, and the kernel checks the opener's
+/// credentials, so the jail needs no privilege to write them; it closes them right after.
+#[derive(Debug)]
+pub struct Entry {
+    v1_tasks: Vec<(PathBuf, OwnedFd)>,
+    v2_dir: Option<OwnedFd>,
+}
+
+impl Entry {
+    /// The v2 cgroup directory to clone into, if any.
+    pub fn clone_into(&self) -> Option<BorrowedFd<'_>> {
+        self.v2_dir.as_ref().map(|f| f.as_fd())
+    }
+
+    /// In the jail, before anything else: enters every v1 cgroup and closes the descriptors.
+    /// Must run in the single-threaded jail child (`0` moves only the calling thread).
+    pub fn join_self(&self) -> Result<(), JailError> {
+        for (path, fd) in &self.v1_tasks {
+            nix::unistd::write(fd, b"0")
+                .map_err(|e| JailError::new(Step::Cgroups, format!("enter {}: {e}", path.display())))?;
+        }
+        self.close_all();
+        Ok(())
+    }
+
+    /// Closes this copy's descriptors without freeing anything: for the forked jail child, whose
+    /// heap belongs to a copy of the supervisor and is never dropped.
+    fn close_all(&self) {
+        for fd in self.v1_tasks.iter().map(|(_, f)| f).chain(self.v2_dir.as_ref()) {
+            // SAFETY: only the descriptor is closed; the OwnedFd is never dropped in the jail
+            // child (it leaves with _exit), so the number is not closed twice there.
+            unsafe { libc::close(fd.as_raw_fd()) };
         }
     }
 }

@@ -20,7 +20,7 @@ use super::error::{JailError, Step, StepExt};
 use super::mounts::{self, MountPlan};
 use super::namespaces::IdMapping;
 use super::seccomp::Filters;
-use super::sync::{send_failure, wait_for, SyncPipes, CGROUP_READY, GO};
+use super::sync::{send_failure, wait_for, SyncPipes, GO};
 use super::{caps, landlock, netif, rlimits, uts, EXIT_NOT_EXECUTABLE, EXIT_NOT_FOUND, EXIT_SETUP_FAILED};
 use crate::policy::{NetMode, Policy};
 
@@ -49,6 +49,8 @@ pub(crate) struct ChildCtx<'a> {
     pub pipes: &'a SyncPipes,
     /// veth mode: (the jail's address, the host end's address) of the session's /30.
     pub veth: Option<(std::net::Ipv4Addr, std::net::Ipv4Addr)>,
+    /// The jail's cgroup, which the child enters by itself first thing.
+    pub cgroup: Option<&'a super::cgroups::Entry>,
 }
 
 /// Entry point of the cloned child. Never returns.
@@ -121,6 +123,10 @@ fn close_raw(fd: i32) {
 fn setup(ctx: &ChildCtx) -> Result<Option<Pid>, JailError> {
     // SAFETY: prctl(PR_SET_PDEATHSIG) takes integer arguments only.
     unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong, 0, 0, 0) };
+    // Into the cgroup before anything else, so that all the jail allocates is charged to it.
+    if let Some(cg) = ctx.cgroup {
+        cg.join_self()?;
+    }
     if !wait_for(&ctx.pipes.go_read, GO) {
         // The supervisor is gone before the maps were written: leave quietly.
         // SAFETY: see child_main.
@@ -148,10 +154,6 @@ fn setup(ctx: &ChildCtx) -> Result<Option<Pid>, JailError> {
         _ => {}
     }
     rlimits::apply(&p.limits)?;
-    if !wait_for(&ctx.pipes.go_read, CGROUP_READY) {
-        // SAFETY: see child_main.
-        unsafe { libc::_exit(EXIT_SETUP_FAILED) };
-    }
     // Now that we are in the jail's cgroup, make it the root of our cgroup view.
     nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWCGROUP)
         .step(Step::Namespaces, || "unshare cgroup namespace".into())?;

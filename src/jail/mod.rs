@@ -3,7 +3,8 @@
 //! The supervisor (this module, on the host side) validates and prepares everything it can
 //! before any namespace exists — landlock ABI, seccomp program, environment, cgroup — so that
 //! most refusals happen before a process is created. It then forks the jail child into new
-//! namespaces, writes its id maps, places it in the cgroup and releases it. The child (see
+//! namespaces (straight into its cgroup on v2; on v1 the child enters it itself, see
+//! `cgroups::Entry`), writes its id maps and releases it. The child (see
 //! `init`) performs the in-namespace steps, each in its own module:
 //!
 //! | step | module |
@@ -250,7 +251,11 @@ impl Jail {
             outputs_tree: outputs_tree.as_ref(),
             resolver: veth.map(|(_, host)| host),
         };
-        let child = match namespaces::fork_into_namespaces() {
+        let entry = match cgroup.as_ref().map(JailCgroup::entry).transpose() {
+            Ok(entry) => entry,
+            Err(e) => return Err(restore(e, &mut cgroup)),
+        };
+        let child = match namespaces::fork_into_namespaces(entry.as_ref().and_then(|e| e.clone_into())) {
             Err(e) => return Err(restore(e, &mut cgroup)),
             Ok(None) => init::child_main(init::ChildCtx {
                 policy: p,
@@ -263,10 +268,12 @@ impl Jail {
                 pipes: &pipes,
                 payload: &payload,
                 veth,
+                cgroup: entry.as_ref(),
             }),
             Ok(Some(pid)) => pid,
         };
         drop(payload); // the session end now lives in the jail only
+        drop(entry);
         drop(workspace_tree);
         drop(outputs_tree);
         let sync::SyncPipes { go_read, go_write, report_read, report_write } = pipes;
@@ -288,11 +295,7 @@ impl Jail {
             let release = |what: u8| {
                 sync::send(&go_write, what).map_err(|e| JailError::new(Step::Supervise, format!("signal jail: {e}")))
             };
-            release(sync::GO).map_err(kill_child)?;
-            if let Some(cg) = &cgroup {
-                cg.add(child.as_raw()).map_err(kill_child)?;
-            }
-            if let Err(e) = release(sync::CGROUP_READY) {
+            if let Err(e) = release(sync::GO) {
                 // The jail ended before it was released; its own report says why.
                 let _ = waitpid(child, None);
                 return Err(sync::read_report(&report_read).unwrap_or(e));

@@ -6,6 +6,7 @@
 use nix::sched::CloneFlags;
 use nix::unistd::Pid;
 use std::fmt::Write as _;
+use std::os::fd::{AsRawFd, BorrowedFd};
 
 use super::error::{JailError, Step, StepExt};
 use crate::policy::User;
@@ -22,24 +23,69 @@ pub const JAIL_NAMESPACES: CloneFlags = CloneFlags::CLONE_NEWUSER
 /// Must be called from a single-threaded process: the child continues with a copy of the
 /// parent's memory and may allocate, which is only sound when no other thread could have held
 /// an allocator or stdio lock at the moment of the fork.
-pub fn fork_into_namespaces() -> Result<Option<Pid>, JailError> {
+///
+/// With `cgroup` (a cgroup v2 directory) the child is created inside that cgroup
+/// (`clone3` with `CLONE_INTO_CGROUP`), so it never has to be migrated there.
+pub fn fork_into_namespaces(cgroup: Option<BorrowedFd>) -> Result<Option<Pid>, JailError> {
     ensure_single_threaded()?;
-    let flags = JAIL_NAMESPACES.bits() as libc::c_ulong | libc::SIGCHLD as libc::c_ulong;
-    // SAFETY: raw clone(2) without CLONE_VM behaves like fork(2): the child gets a private copy
-    // of the address space and returns 0 on a valid stack. The process is single-threaded
-    // (checked above), so no lock can be held across the fork.
-    let ret = unsafe { libc::syscall(libc::SYS_clone, flags, 0usize, 0usize, 0usize, 0usize) };
+    let ret = match cgroup {
+        None => {
+            let flags = JAIL_NAMESPACES.bits() as libc::c_ulong | libc::SIGCHLD as libc::c_ulong;
+            // SAFETY: raw clone(2) without CLONE_VM behaves like fork(2): the child gets a
+            // private copy of the address space and returns 0 on a valid stack. The process is
+            // single-threaded (checked above), so no lock can be held across the fork.
+            unsafe { libc::syscall(libc::SYS_clone, flags, 0usize, 0usize, 0usize, 0usize) }
+        }
+        Some(fd) => {
+            let args = CloneArgs {
+                flags: JAIL_NAMESPACES.bits() as u64 | CLONE_INTO_CGROUP,
+                exit_signal: libc::SIGCHLD as u64,
+                cgroup: fd.as_raw_fd() as u64,
+                ..CloneArgs::default()
+            };
+            // SAFETY: as above, clone3 without CLONE_VM and without a stack is a fork; `args`
+            // is a valid clone_args of the size passed, and the cgroup fd is open.
+            unsafe { libc::syscall(libc::SYS_clone3, &args as *const CloneArgs, std::mem::size_of::<CloneArgs>()) }
+        }
+    };
     match ret {
-        -1 => Err(JailError::new(
-            Step::Namespaces,
-            format!(
-                "clone(NEWUSER|NEWNS|NEWPID|NEWIPC|NEWUTS|NEWNET): {} (are user namespaces enabled? see `stockade check`)",
-                std::io::Error::last_os_error()
-            ),
-        )),
+        -1 => {
+            let err = std::io::Error::last_os_error();
+            Err(match cgroup {
+                Some(_) => JailError::new(
+                    Step::Namespaces,
+                    format!("clone3(NEWUSER|NEWNS|NEWPID|NEWIPC|NEWUTS|NEWNET, INTO_CGROUP): {err}"),
+                ),
+                None => JailError::new(
+                    Step::Namespaces,
+                    format!(
+                        "clone(NEWUSER|NEWNS|NEWPID|NEWIPC|NEWUTS|NEWNET): {err} (are user namespaces enabled? see `stockade check`)"
+                    ),
+                ),
+            })
+        }
         0 => Ok(None),
         pid => Ok(Some(Pid::from_raw(pid as i32))),
     }
+}
+
+const CLONE_INTO_CGROUP: u64 = 0x2_0000_0000;
+
+/// `struct clone_args` up to `cgroup` (CLONE_ARGS_SIZE_VER2, Linux 5.7).
+#[repr(C)]
+#[derive(Default)]
+struct CloneArgs {
+    flags: u64,
+    pidfd: u64,
+    child_tid: u64,
+    parent_tid: u64,
+    exit_signal: u64,
+    stack: u64,
+    stack_size: u64,
+    tls: u64,
+    set_tid: u64,
+    set_tid_size: u64,
+    cgroup: u64,
 }
 
 fn ensure_single_threaded() -> Result<(), JailError> {

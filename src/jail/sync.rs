@@ -1,9 +1,7 @@
 //! The two pipes between the host-side supervisor and the jail.
 //!
-//! * `go`: the supervisor writes `G` once the uid/gid maps are written, and `C` once the jail is
-//!   in its cgroup. The jail builds its filesystem between the two — attaching to a cgroup can
-//!   cost an RCU grace period, which this overlaps with useful work — and waits for `C` before it
-//!   drops privileges or forks anything. EOF (the supervisor died) is the order to exit.
+//! * `go`: the supervisor writes `G` once the uid/gid maps are written (and, in veth mode, the
+//!   session's network is up). EOF (the supervisor died) is the order to exit.
 //! * `report`: the jail writes at most one failure record; every copy of the write end is
 //!   close-on-exec, so EOF with no record means the command was exec'd.
 
@@ -29,9 +27,8 @@ impl SyncPipes {
 }
 
 pub const GO: u8 = b'G';
-pub const CGROUP_READY: u8 = b'C';
 
-/// Supervisor side: release the jail (`GO`) or tell it that it is in its cgroup (`CGROUP_READY`).
+/// Supervisor side: release the jail (`GO`).
 pub fn send(fd: &OwnedFd, what: u8) -> nix::Result<()> {
     write(fd.as_fd(), &[what]).map(|_| ())
 }
