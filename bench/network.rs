@@ -89,7 +89,7 @@ fn main() {
     }
     println!("session network set-up + tear-down over {n} sessions:");
     println!(
-        "  stockade (netlink + one nft batch): p50 {:.2} ms  p99 {:.2} ms  (set-up alone p50 {:.2} ms)",
+        "  stockade (netlink, one transaction each way): p50 {:.2} ms  p99 {:.2} ms  (set-up alone p50 {:.2} ms)",
         pct(&mut ours.clone(), 0.5),
         pct(&mut ours, 0.99),
         pct(&mut setup, 0.5)

@@ -372,3 +372,121 @@ fn a_tampered_table_is_repaired_before_a_session_relies_on_it() {
     assert_eq!(lines.get(1), Some(&"ok hello from 8080"), "{r:?}");
     assert!(r.stderr.contains("rebuilding its base chains"), "{r:?}");
 }
+
+/// The rules Stockade writes over netlink, as `nft` reads them back: byte for byte the ruleset
+/// the documented policy means. A slot far outside any pool the other tests use.
+#[test]
+fn netlink_rules_read_back_as_the_intended_ruleset() {
+    if needs_root() {
+        return;
+    }
+    let _shared = TABLE.read().unwrap_or_else(|p| p.into_inner());
+    use stockade::net::nft::{self, SessionRules};
+    use stockade::net::rules::{AllowRule, Net4};
+    nft::ensure_base("stk").unwrap();
+    let id = "s4090001";
+    let allow: Vec<AllowRule> = ["198.51.100.0/24:443/tcp", "10.77.0.0/16:8000-8010", "203.0.113.5"]
+        .iter()
+        .map(|a| AllowRule::parse(a).unwrap())
+        .collect();
+    let rules = SessionRules {
+        id,
+        host_if: "stktest1",
+        host_ip: Ipv4Addr::new(10, 77, 0, 1),
+        jail_ip: Ipv4Addr::new(10, 77, 0, 2),
+        pool: Net4::parse("10.77.0.0/16").unwrap(),
+        host_addrs: &[Ipv4Addr::new(192, 0, 2, 2)],
+        allow: &allow,
+        log_group: 9,
+    };
+    nft::add_session(&rules).unwrap();
+    let list = |chain: &str| {
+        let out = Command::new("nft").args(["list", "chain", "inet", "stockade", chain]).output().unwrap();
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let body = |text: String| -> Vec<String> {
+        text.lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty() && !l.starts_with("table ") && !l.starts_with("chain ") && *l != "}")
+            .map(str::to_owned)
+            .collect()
+    };
+    let fwd = body(list(id));
+    let c = "counter packets 0 bytes 0";
+    let expected: Vec<String> = [
+        format!("meta nfproto ipv6 {c} goto {id}_deny comment \"ipv6\""),
+        "ct state established,related accept".into(),
+        format!("tcp dport 53 {c} goto {id}_deny comment \"dns-elsewhere\""),
+        format!("udp dport 53 {c} goto {id}_deny comment \"dns-elsewhere\""),
+        // Inside the session pool, a closed range: an explicit choice, so before the closing rules.
+        format!("ip daddr 10.77.0.0/16 tcp dport 8000-8010 {c} log prefix \"allow\" group 9 accept comment \"allow\""),
+        format!("ip daddr 10.77.0.0/16 udp dport 8000-8010 {c} log prefix \"allow\" group 9 accept comment \"allow\""),
+        format!("ip daddr 169.254.0.0/16 {c} goto {id}_deny comment \"closed\""),
+        format!("ip daddr 127.0.0.0/8 {c} goto {id}_deny comment \"closed\""),
+        format!("ip daddr 0.0.0.0/8 {c} goto {id}_deny comment \"closed\""),
+        format!("ip daddr 224.0.0.0/4 {c} goto {id}_deny comment \"closed\""),
+        format!("ip daddr 240.0.0.0/4 {c} goto {id}_deny comment \"closed\""),
+        format!("ip daddr 10.77.0.0/16 {c} goto {id}_deny comment \"closed\""),
+        format!("ip daddr 192.0.2.2 {c} goto {id}_deny comment \"closed\""),
+        format!("ip protocol icmp icmp type != destination-unreachable {c} goto {id}_deny comment \"icmp\""),
+        format!("ip daddr 198.51.100.0/24 tcp dport 443 {c} log prefix \"allow\" group 9 accept comment \"allow\""),
+        format!("ip daddr 203.0.113.5 {c} log prefix \"allow\" group 9 accept comment \"allow\""),
+        format!("ip daddr @{id}_dns {c} log prefix \"allow\" group 9 accept comment \"allow-dns\""),
+        format!("{c} goto {id}_deny comment \"deny\""),
+    ]
+    .into();
+    let input = body(list(&format!("{id}_in")));
+    let deny = body(list(&format!("{id}_deny")));
+    let dns_admit = nft::admit(id, &[(Ipv4Addr::new(198, 51, 100, 7), Duration::from_secs(60))]);
+    let set = Command::new("nft").args(["list", "set", "inet", "stockade", &format!("{id}_dns")]).output().unwrap();
+    let counters = nft::counters(id);
+    nft::remove_session(id, "stktest1", Some(Ipv4Addr::new(10, 77, 0, 2)));
+    let after = Command::new("nft").args(["list", "table", "inet", "stockade"]).output().unwrap();
+    assert_eq!(fwd, expected);
+    assert_eq!(
+        input,
+        vec![
+            format!("ip daddr 10.77.0.1 tcp dport 53 {c} accept comment \"resolver\""),
+            format!("ip daddr 10.77.0.1 udp dport 53 {c} accept comment \"resolver\""),
+            format!("{c} drop comment \"host\""),
+        ]
+    );
+    assert_eq!(deny, vec!["limit rate 20/second burst 40 packets log prefix \"deny\" group 9", "drop"]);
+    dns_admit.unwrap();
+    let set = String::from_utf8_lossy(&set.stdout);
+    assert!(
+        set.contains("type ipv4_addr") && set.contains("flags timeout") && set.contains("198.51.100.7 timeout 1m"),
+        "{set}"
+    );
+    assert_eq!(
+        counters.iter().map(|(k, _)| k.as_str()).collect::<Vec<_>>(),
+        ["ipv6", "dns-elsewhere", "allow", "closed", "icmp", "allow-dns", "deny"]
+    );
+    let after = String::from_utf8_lossy(&after.stdout);
+    assert!(!after.contains(id) && !after.contains("stktest1") && !after.contains("10.77.0.2"), "{after}");
+}
+
+/// A transaction the kernel refuses is applied not at all, and the error names the refused step.
+#[test]
+fn a_refused_nftables_transaction_changes_nothing() {
+    if needs_root() {
+        return;
+    }
+    let _shared = TABLE.read().unwrap_or_else(|p| p.into_inner());
+    use stockade::net::nfnl::{Batch, Verdict, NFPROTO_INET};
+    stockade::net::nft::ensure_base("stk").unwrap();
+    let mut b = Batch::new(NFPROTO_INET, "stockade");
+    b.add_chain("s4090002");
+    b.add_rule("s4090002", None, |r| {
+        r.verdict(Verdict::Accept);
+    });
+    b.add_rule("s4090002", Some("x"), |r| {
+        r.verdict(Verdict::Goto("no_such_chain"));
+    });
+    let err = b.commit().unwrap_err();
+    assert!(err.contains("add rule to s4090002 (x)") && err.contains("No such file"), "{err}");
+    let chains = stockade::net::nfnl::chains(NFPROTO_INET, "stockade").unwrap();
+    assert!(!chains.iter().any(|c| c == "s4090002"), "{chains:?}");
+    // The socket is usable again afterwards.
+    assert!(chains.iter().any(|c| c == "forward"));
+}

@@ -58,6 +58,7 @@ pub(crate) fn child_main(ctx: ChildCtx) -> ! {
     // First of all: the supervisor's environment (and any secret in it) must not live on in
     // the jail's processes.
     super::environ::scrub_own_environment();
+    crate::net::nfnl::close_in_forked_child();
     // The supervisor's ends of the pipes: without closing our copies, a dead supervisor would
     // not show up as EOF on `go`.
     close_raw(ctx.pipes.go_write.as_raw_fd());

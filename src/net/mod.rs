@@ -9,6 +9,7 @@
 
 pub mod dns;
 pub mod nflog;
+pub mod nfnl;
 pub mod nft;
 pub mod rtnl;
 pub mod rules;
@@ -122,7 +123,13 @@ impl Plan {
             let _ = std::fs::remove_file(format!("{RUN_DIR}/{slot}"));
         }
         let slots = (pool.size() / 4) as u32;
-        let start = (std::process::id().wrapping_mul(7919)) % slots;
+        // A random first choice: the slot a session just gave back still has its veth pair while
+        // the kernel tears the old namespace down, and taking it again would mean a synchronous
+        // delete (tens of milliseconds of RCU waits) before the new pair can be made.
+        let mut r = [0u8; 4];
+        // SAFETY: getrandom writes at most `r.len()` bytes into `r`.
+        unsafe { libc::getrandom(r.as_mut_ptr().cast(), r.len(), 0) };
+        let start = (u32::from_ne_bytes(r) ^ std::process::id().wrapping_mul(7919)) % slots;
         for k in 0..slots {
             let slot = (start + k) % slots;
             let path = format!("{RUN_DIR}/{slot}");

@@ -39,7 +39,7 @@ pub struct Record {
     pub dport: Option<u16>,
 }
 
-fn attrs(mut b: &[u8]) -> Vec<(u16, &[u8])> {
+pub(super) fn attrs(mut b: &[u8]) -> Vec<(u16, &[u8])> {
     let mut v = Vec::new();
     while b.len() >= 4 {
         let len = u16::from_ne_bytes([b[0], b[1]]) as usize;

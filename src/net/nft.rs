@@ -1,8 +1,10 @@
-//! Egress filtering in one Stockade-owned nftables table, `inet stockade`, through the `nft`
-//! binary. nftables' netlink ABI is a batch of expression bytecode that libnftables exists to
-//! build; `nft` is its documented front end, so Stockade writes rulesets in nft's own language
-//! (generated only from validated, typed values and names Stockade makes) and reads state back
-//! as JSON. `.ci/run` installs the `nftables` package.
+//! Egress filtering in one Stockade-owned nftables table, `inet stockade`.
+//!
+//! Per session everything goes over netlink (`nfnl`): a session's chains, rules, set and map
+//! entries are one transaction in, one out, and the state checks and counters are dumps. The
+//! base of the table (verdict maps, NAT set, three hooked chains) is made once per boot, or
+//! rebuilt when found damaged, with the `nft` binary in nft's own language, which `.ci/run`
+//! installs with the `nftables` package.
 //!
 //! Shared objects: verdict maps from a session's host-side interface to its chains, the set of
 //! NAT sources, and three base chains. Per session: chains `sN` (forward, from the jail) and
@@ -13,6 +15,7 @@ use std::net::Ipv4Addr;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
+use super::nfnl::{self, base, meta, op, Batch, Elem, Rule, Verdict, NFPROTO_INET};
 use super::rules::{AllowRule, Net4, Proto, ALWAYS_DENIED};
 
 pub const TABLE: &str = "stockade";
@@ -34,30 +37,22 @@ fn nft(script: &str) -> Result<(), String> {
     }
 }
 
-fn nft_json(args: &[&str]) -> Result<serde_json::Value, String> {
-    let out = Command::new("nft").arg("-j").args(args).output().map_err(|e| format!("running nft: {e}"))?;
-    if !out.status.success() {
-        return Err(format!("nft {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim()));
-    }
-    serde_json::from_slice(&out.stdout).map_err(|e| format!("nft -j output: {e}"))
-}
-
 /// Makes sure the table and its shared objects are there and intact, and returns the session
 /// chains (`sN`) already in it. A base chain that lost its rules (a hand-edited or flushed
 /// table) would let sessions' traffic through unfiltered, so an incomplete base is rebuilt —
 /// atomically, in place, sessions' own chains untouched. Callers serialise this with the pool
 /// lock.
 pub fn ensure_base(host_prefix: &str) -> Result<Vec<String>, String> {
-    let listed = nft_json(&["list", "table", "inet", TABLE]).ok();
-    if let Some(v) = &listed {
-        let rules_in = |chain: &str| {
-            v["nftables"].as_array().into_iter().flatten().filter(|i| i["rule"]["chain"] == chain).count()
-        };
-        let maps = v["nftables"].as_array().into_iter().flatten().filter(|i| i.get("map").is_some()).count();
+    let chains = nfnl::chains(NFPROTO_INET, TABLE).unwrap_or_default();
+    if let (Ok(rules), Ok(sets)) = (nfnl::rules(NFPROTO_INET, TABLE, None), nfnl::sets(NFPROTO_INET, TABLE)) {
+        let rules_in = |chain: &str| rules.iter().filter(|r| r.chain == chain).count();
+        let maps = sets.iter().filter(|(_, f)| f & nfnl::SET_F_MAP != 0).count();
         if rules_in("forward") == 3 && rules_in("input") == 1 && rules_in("postrouting") == 1 && maps == 2 {
-            return Ok(chains_of(v));
+            return Ok(session_chain_names(&chains));
         }
-        tracing::warn!("table inet {TABLE} is incomplete; rebuilding its base chains");
+        if !chains.is_empty() {
+            tracing::warn!("table inet {TABLE} is incomplete; rebuilding its base chains");
+        }
     }
     nft(&format!(
         "add table inet {TABLE}
@@ -77,7 +72,7 @@ flush chain inet {TABLE} postrouting
 add rule inet {TABLE} postrouting ip saddr @nat_src oifname != \"{host_prefix}*\" masquerade
 "
     ))?;
-    Ok(listed.as_ref().map(chains_of).unwrap_or_default())
+    Ok(session_chain_names(&chains))
 }
 
 /// What one session's rules are made of.
@@ -93,120 +88,205 @@ pub struct SessionRules<'a> {
     pub log_group: u16,
 }
 
-fn ports(r: &AllowRule) -> String {
-    let Some((lo, hi)) = r.ports else { return String::new() };
-    let range = if lo == hi { lo.to_string() } else { format!("{lo}-{hi}") };
-    match r.proto {
-        Some(Proto::Tcp) => format!(" tcp dport {range}"),
-        Some(Proto::Udp) => format!(" udp dport {range}"),
-        None => format!(" meta l4proto {{ tcp, udp }} th dport {range}"),
+const TCP: u8 = libc::IPPROTO_TCP as u8;
+const UDP: u8 = libc::IPPROTO_UDP as u8;
+
+/// `ip daddr NET`, with the `meta nfproto ipv4` test nft puts before any IPv4 header match in
+/// an `inet` table.
+fn daddr(r: &mut Rule, net: &Net4) {
+    ipv4(r);
+    if net.prefix == 0 {
+        return;
+    }
+    r.payload(base::NETWORK, 16, 4);
+    if net.prefix < 32 {
+        let mask = u32::MAX << (32 - net.prefix);
+        r.mask(&mask.to_be_bytes());
+    }
+    r.cmp(op::EQ, &net.network().octets());
+}
+
+fn ipv4(r: &mut Rule) {
+    r.meta(meta::NFPROTO).cmp(op::EQ, &[libc::NFPROTO_IPV4 as u8]);
+}
+
+/// `PROTO dport LO[-HI]`.
+fn dport(r: &mut Rule, proto: u8, (lo, hi): (u16, u16)) {
+    r.meta(meta::L4PROTO).cmp(op::EQ, &[proto]).payload(base::TRANSPORT, 2, 2);
+    if lo == hi {
+        r.cmp(op::EQ, &lo.to_be_bytes());
+    } else {
+        r.cmp(op::GTE, &lo.to_be_bytes()).cmp(op::LTE, &hi.to_be_bytes());
+    }
+}
+
+/// The protocols an entry's ports apply to: none (any traffic to the network), or TCP and/or UDP.
+fn protos(a: &AllowRule) -> Vec<Option<(u8, (u16, u16))>> {
+    match (a.ports, a.proto) {
+        (None, _) => vec![None],
+        (Some(p), Some(Proto::Tcp)) => vec![Some((TCP, p))],
+        (Some(p), Some(Proto::Udp)) => vec![Some((UDP, p))],
+        (Some(p), None) => vec![Some((TCP, p)), Some((UDP, p))],
     }
 }
 
 pub fn add_session(s: &SessionRules) -> Result<(), String> {
     let id = s.id;
+    let (deny, dns_set, input) = (format!("{id}_deny"), format!("{id}_dns"), format!("{id}_in"));
     let mut denied: Vec<Net4> = ALWAYS_DENIED.iter().map(|d| Net4::parse(d).expect("constant")).collect();
     denied.push(s.pool);
     denied.extend(s.host_addrs.iter().map(|a| Net4 { addr: *a, prefix: 32 }));
-    // Allow entries inside a closed range are explicit choices: they go before the closing rule.
+    // Allow entries inside a closed range are explicit choices: they go before the closing rules.
     let (explicit, general): (Vec<&AllowRule>, Vec<&AllowRule>) =
         s.allow.iter().partition(|r| denied.iter().any(|d| d.overlaps(&r.net)));
-    let denied_set = denied.iter().map(|d| d.to_string()).collect::<Vec<_>>().join(", ");
     let g = s.log_group;
+    let mut b = Batch::new(NFPROTO_INET, TABLE);
+    b.add_set(&dns_set, nfnl::SET_F_TIMEOUT, nfnl::TYPE_IPADDR, 4, 1);
+    for c in [&deny, &id.to_owned(), &input] {
+        b.add_chain(c);
+    }
     // Denials go through one chain that copies them (rate-limited) to the session's NFLOG group;
     // allowed connections are copied once, on their first packet (later ones are established).
-    let mut script = format!(
-        "add set inet {TABLE} {id}_dns {{ type ipv4_addr; flags timeout; }}
-add chain inet {TABLE} {id}_deny
-add chain inet {TABLE} {id}
-add chain inet {TABLE} {id}_in
-add rule inet {TABLE} {id}_deny limit rate 20/second burst 40 packets log group {g} prefix \"deny\"
-add rule inet {TABLE} {id}_deny drop
-add rule inet {TABLE} {id} meta nfproto ipv6 counter goto {id}_deny comment \"ipv6\"
-add rule inet {TABLE} {id} ct state established,related accept
-add rule inet {TABLE} {id} meta l4proto {{ tcp, udp }} th dport 53 counter goto {id}_deny comment \"dns-elsewhere\"
-"
-    );
-    let accept = format!("counter log group {g} prefix \"allow\" accept");
-    let allow_rule = |r: &AllowRule| {
-        format!("add rule inet {TABLE} {id} ip daddr {}{} {accept} comment \"allow\"\n", r.net, ports(r))
+    b.add_rule(&deny, None, |r| {
+        r.limit(20, 40).log(g, "deny");
+    });
+    b.add_rule(&deny, None, |r| {
+        r.verdict(Verdict::Drop);
+    });
+    b.add_rule(id, Some("ipv6"), |r| {
+        r.meta(meta::NFPROTO).cmp(op::EQ, &[libc::NFPROTO_IPV6 as u8]).counter().verdict(Verdict::Goto(&deny));
+    });
+    b.add_rule(id, None, |r| {
+        let established_related: u32 = 0b110;
+        r.ct_state()
+            .mask(&established_related.to_ne_bytes())
+            .cmp(op::NEQ, &0u32.to_ne_bytes())
+            .verdict(Verdict::Accept);
+    });
+    for proto in [TCP, UDP] {
+        b.add_rule(id, Some("dns-elsewhere"), |r| {
+            dport(r, proto, (53, 53));
+            r.counter().verdict(Verdict::Goto(&deny));
+        });
+    }
+    let allow = |b: &mut Batch, a: &AllowRule| {
+        for p in protos(a) {
+            b.add_rule(id, Some("allow"), |r| {
+                daddr(r, &a.net);
+                if let Some((proto, ports)) = p {
+                    dport(r, proto, ports);
+                }
+                r.counter().log(g, "allow").verdict(Verdict::Accept);
+            });
+        }
     };
-    script.extend(explicit.iter().map(|r| allow_rule(r)));
-    script.push_str(&format!(
-        "add rule inet {TABLE} {id} ip daddr {{ {denied_set} }} counter goto {id}_deny comment \"closed\"
-add rule inet {TABLE} {id} ip protocol icmp icmp type != destination-unreachable counter goto {id}_deny comment \"icmp\"
-"
-    ));
-    script.extend(general.iter().map(|r| allow_rule(r)));
-    script.push_str(&format!(
-        "add rule inet {TABLE} {id} ip daddr @{id}_dns {accept} comment \"allow-dns\"
-add rule inet {TABLE} {id} counter goto {id}_deny comment \"deny\"
-add rule inet {TABLE} {id}_in ip daddr {host} meta l4proto {{ tcp, udp }} th dport 53 counter accept comment \"resolver\"
-add rule inet {TABLE} {id}_in counter drop comment \"host\"
-add element inet {TABLE} sessions_fwd {{ \"{ifc}\" : jump {id} }}
-add element inet {TABLE} sessions_in {{ \"{ifc}\" : jump {id}_in }}
-add element inet {TABLE} nat_src {{ {jail} }}
-",
-        host = s.host_ip,
-        ifc = s.host_if,
-        jail = s.jail_ip,
-    ));
-    nft(&script)
+    for a in &explicit {
+        allow(&mut b, a);
+    }
+    for d in &denied {
+        b.add_rule(id, Some("closed"), |r| {
+            daddr(r, d);
+            r.counter().verdict(Verdict::Goto(&deny));
+        });
+    }
+    b.add_rule(id, Some("icmp"), |r| {
+        ipv4(r);
+        r.payload(base::NETWORK, 9, 1).cmp(op::EQ, &[libc::IPPROTO_ICMP as u8]);
+        // ICMP type 3: destination unreachable, the answer a refused connection may get.
+        r.payload(base::TRANSPORT, 0, 1).cmp(op::NEQ, &[3]).counter().verdict(Verdict::Goto(&deny));
+    });
+    for a in &general {
+        allow(&mut b, a);
+    }
+    b.add_rule(id, Some("allow-dns"), |r| {
+        ipv4(r);
+        r.payload(base::NETWORK, 16, 4).lookup(&dns_set).counter().log(g, "allow").verdict(Verdict::Accept);
+    });
+    b.add_rule(id, Some("deny"), |r| {
+        r.counter().verdict(Verdict::Goto(&deny));
+    });
+    for proto in [TCP, UDP] {
+        b.add_rule(&input, Some("resolver"), |r| {
+            daddr(r, &Net4 { addr: s.host_ip, prefix: 32 });
+            dport(r, proto, (53, 53));
+            r.counter().verdict(Verdict::Accept);
+        });
+    }
+    b.add_rule(&input, Some("host"), |r| {
+        r.counter().verdict(Verdict::Drop);
+    });
+    let key = nfnl::ifname_key(s.host_if);
+    b.add_elems("sessions_fwd", &[Elem { key: &key, verdict: Some(Verdict::Jump(id)), timeout_ms: None }]);
+    b.add_elems("sessions_in", &[Elem { key: &key, verdict: Some(Verdict::Jump(&input)), timeout_ms: None }]);
+    b.add_elems("nat_src", &[Elem { key: &s.jail_ip.octets(), verdict: None, timeout_ms: None }]);
+    b.commit()
 }
 
 /// Admits addresses into a session's DNS set, each until its timeout.
 pub fn admit(id: &str, addrs: &[(Ipv4Addr, Duration)]) -> Result<(), String> {
-    let elems: Vec<String> = addrs.iter().map(|(a, t)| format!("{a} timeout {}s", t.as_secs().max(1))).collect();
-    nft(&format!("add element inet {TABLE} {id}_dns {{ {} }}\n", elems.join(", ")))
+    let keys: Vec<[u8; 4]> = addrs.iter().map(|(a, _)| a.octets()).collect();
+    let elems: Vec<Elem> = keys
+        .iter()
+        .zip(addrs)
+        .map(|(k, (_, t))| Elem { key: k, verdict: None, timeout_ms: Some(t.as_millis().max(1000) as u64) })
+        .collect();
+    let mut b = Batch::new(NFPROTO_INET, TABLE);
+    b.add_elems(&format!("{id}_dns"), &elems);
+    b.commit()
 }
 
 /// Removes a session's objects: one atomic batch when they are all there (the normal end), else
 /// step by step (the leftovers of a crash may be partial).
 pub fn remove_session(id: &str, host_if: &str, jail_ip: Option<Ipv4Addr>) {
-    let mut batch = format!(
-        "delete element inet {TABLE} sessions_fwd {{ \"{host_if}\" }}\ndelete element inet {TABLE} sessions_in {{ \"{host_if}\" }}\n"
-    );
-    if let Some(j) = jail_ip {
-        batch.push_str(&format!("delete element inet {TABLE} nat_src {{ {j} }}\n"));
-    }
-    batch.push_str(&format!(
-        "delete chain inet {TABLE} {id}\ndelete chain inet {TABLE} {id}_in\ndelete chain inet {TABLE} {id}_deny\ndelete set inet {TABLE} {id}_dns\n"
-    ));
-    if nft(&batch).is_ok() {
+    if removal(id, host_if, jail_ip)
+        .into_iter()
+        .try_fold(Batch::new(NFPROTO_INET, TABLE), |mut b, step| {
+            step(&mut b);
+            Some(b)
+        })
+        .map(Batch::commit)
+        .is_some_and(|r| r.is_ok())
+    {
         return;
     }
-    remove_piecewise(id, host_if, jail_ip);
+    for step in removal(id, host_if, jail_ip) {
+        let mut b = Batch::new(NFPROTO_INET, TABLE);
+        step(&mut b);
+        let _ = b.commit();
+    }
 }
 
-fn remove_piecewise(id: &str, host_if: &str, jail_ip: Option<Ipv4Addr>) {
-    let mut steps = vec![
-        format!("delete element inet {TABLE} sessions_fwd {{ \"{host_if}\" }}"),
-        format!("delete element inet {TABLE} sessions_in {{ \"{host_if}\" }}"),
-        format!("delete chain inet {TABLE} {id}"),
-        format!("delete chain inet {TABLE} {id}_in"),
-        format!("delete chain inet {TABLE} {id}_deny"),
-        format!("delete set inet {TABLE} {id}_dns"),
+type Step = Box<dyn Fn(&mut Batch)>;
+
+/// The deletions, in an order the kernel accepts: what refers to a chain goes before it.
+fn removal(id: &str, host_if: &str, jail_ip: Option<Ipv4Addr>) -> Vec<Step> {
+    let key = nfnl::ifname_key(host_if);
+    let mut steps: Vec<Step> = vec![
+        Box::new(move |b| b.del_elems("sessions_fwd", &[Elem { key: &key, verdict: None, timeout_ms: None }])),
+        Box::new(move |b| b.del_elems("sessions_in", &[Elem { key: &key, verdict: None, timeout_ms: None }])),
     ];
     if let Some(j) = jail_ip {
-        steps.insert(2, format!("delete element inet {TABLE} nat_src {{ {j} }}"));
+        steps.push(Box::new(move |b| {
+            b.del_elems("nat_src", &[Elem { key: &j.octets(), verdict: None, timeout_ms: None }])
+        }));
     }
-    for s in steps {
-        let _ = nft(&format!("{s}\n"));
+    for c in [id.to_owned(), format!("{id}_in"), format!("{id}_deny")] {
+        steps.push(Box::new(move |b| b.del_chain(&c)));
     }
+    let set = format!("{id}_dns");
+    steps.push(Box::new(move |b| b.del_set(&set)));
+    steps
 }
 
 /// Per-rule packet counts of a session's forward chain, by the rules' comments.
 pub fn counters(id: &str) -> Vec<(String, u64)> {
-    let Ok(v) = nft_json(&["list", "chain", "inet", TABLE, id]) else { return Vec::new() };
+    let Ok(rules) = nfnl::rules(NFPROTO_INET, TABLE, Some(id)) else { return Vec::new() };
     let mut out: Vec<(String, u64)> = Vec::new();
-    for item in v["nftables"].as_array().into_iter().flatten() {
-        let Some(rule) = item.get("rule") else { continue };
-        let Some(comment) = rule["comment"].as_str() else { continue };
-        let packets: u64 =
-            rule["expr"].as_array().into_iter().flatten().filter_map(|e| e["counter"]["packets"].as_u64()).sum();
-        match out.iter_mut().find(|(c, _)| c == comment) {
-            Some((_, n)) => *n += packets,
-            None => out.push((comment.to_owned(), packets)),
+    for r in rules {
+        let Some(comment) = r.comment else { continue };
+        match out.iter_mut().find(|(c, _)| *c == comment) {
+            Some((_, n)) => *n += r.packets,
+            None => out.push((comment, r.packets)),
         }
     }
     out
@@ -214,16 +294,13 @@ pub fn counters(id: &str) -> Vec<(String, u64)> {
 
 /// Session chains present in the table (`sN`), for leftover cleanup.
 pub fn session_chains() -> Vec<String> {
-    nft_json(&["list", "table", "inet", TABLE]).map(|v| chains_of(&v)).unwrap_or_default()
+    nfnl::chains(NFPROTO_INET, TABLE).map(|c| session_chain_names(&c)).unwrap_or_default()
 }
 
-fn chains_of(v: &serde_json::Value) -> Vec<String> {
-    v["nftables"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter_map(|i| i["chain"]["name"].as_str())
+fn session_chain_names(chains: &[String]) -> Vec<String> {
+    chains
+        .iter()
         .filter(|n| n.len() > 1 && n.starts_with('s') && n[1..].chars().all(|c| c.is_ascii_digit()))
-        .map(str::to_owned)
+        .cloned()
         .collect()
 }

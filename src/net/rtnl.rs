@@ -33,18 +33,18 @@ const RTA_OIF: u16 = 4;
 const RTA_GATEWAY: u16 = 5;
 
 /// A request under construction: the netlink header, a fixed family header, attributes.
-struct Msg {
+pub(super) struct Msg {
     buf: Vec<u8>,
     /// Offsets of nested attributes still open.
     nests: Vec<usize>,
 }
 
-fn align4(n: usize) -> usize {
+pub(super) fn align4(n: usize) -> usize {
     (n + 3) & !3
 }
 
 impl Msg {
-    fn new(kind: u16, flags: u16, family_header: &[u8]) -> Msg {
+    pub(super) fn new(kind: u16, flags: u16, family_header: &[u8]) -> Msg {
         let mut buf = vec![0u8; 16];
         buf[4..6].copy_from_slice(&kind.to_ne_bytes());
         buf[6..8].copy_from_slice(&(flags | NLM_F_REQUEST).to_ne_bytes());
@@ -53,7 +53,7 @@ impl Msg {
         Msg { buf, nests: Vec::new() }
     }
 
-    fn attr(&mut self, kind: u16, data: &[u8]) -> &mut Msg {
+    pub(super) fn attr(&mut self, kind: u16, data: &[u8]) -> &mut Msg {
         let len = 4 + data.len();
         self.buf.extend_from_slice(&(len as u16).to_ne_bytes());
         self.buf.extend_from_slice(&kind.to_ne_bytes());
@@ -62,13 +62,13 @@ impl Msg {
         self
     }
 
-    fn str_attr(&mut self, kind: u16, s: &str) -> &mut Msg {
+    pub(super) fn str_attr(&mut self, kind: u16, s: &str) -> &mut Msg {
         let mut d = s.as_bytes().to_vec();
         d.push(0);
         self.attr(kind, &d)
     }
 
-    fn begin(&mut self, kind: u16) -> &mut Msg {
+    pub(super) fn begin(&mut self, kind: u16) -> &mut Msg {
         self.nests.push(self.buf.len());
         self.buf.extend_from_slice(&[0, 0]);
         self.buf.extend_from_slice(&kind.to_ne_bytes());
@@ -82,14 +82,14 @@ impl Msg {
         self
     }
 
-    fn end(&mut self) -> &mut Msg {
+    pub(super) fn end(&mut self) -> &mut Msg {
         let start = self.nests.pop().expect("balanced nests");
         let len = (self.buf.len() - start) as u16;
         self.buf[start..start + 2].copy_from_slice(&len.to_ne_bytes());
         self
     }
 
-    fn finish(mut self, seq: u32) -> Vec<u8> {
+    pub(super) fn finish(mut self, seq: u32) -> Vec<u8> {
         let len = self.buf.len() as u32;
         self.buf[0..4].copy_from_slice(&len.to_ne_bytes());
         self.buf[8..12].copy_from_slice(&seq.to_ne_bytes());
