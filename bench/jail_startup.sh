@@ -6,7 +6,8 @@
 # Compares
 #   1. stockade, full default jail (namespaces, mounts, landlock, seccomp, rlimits, cgroup limits)
 #   2. stockade, the same jail without cgroup limits (what bwrap below also lacks)
-#   3. bwrap --unshare-all --cap-drop ALL with /usr read-only, /proc, /dev and a /tmp tmpfs
+#   3. stockade as `cargo build --release` makes it (dynamically linked), full default jail
+#   4. bwrap --unshare-all --cap-drop ALL with /usr read-only, /proc, /dev and a /tmp tmpfs
 # and prints mean times and the ratios stockade/bwrap. Installs bubblewrap and hyperfine from
 # Debian's archive when missing. Needs root (cgroup limits; bwrap as root needs no setuid).
 set -euo pipefail
@@ -17,8 +18,14 @@ need() { command -v "$1" >/dev/null 2>&1 || { apt-get update -qq && apt-get inst
 need bwrap bubblewrap
 need hyperfine hyperfine
 
+# The release build as shipped for bare hosts (README, "Release build"): static-pie, so the jail
+# start does not wait for the dynamic loader. The plain `cargo build --release` binary is timed
+# beside it.
+host=$(rustc -vV | sed -n 's/^host: //p')
 cargo build --release --quiet
-stockade=$PWD/target/release/stockade
+RUSTFLAGS="-C target-feature=+crt-static" cargo build --release --quiet --target "$host"
+stockade=$PWD/target/$host/release/stockade
+dynamic=$PWD/target/release/stockade
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 # The default policy with its cgroup limits removed; everything else identical.
@@ -33,6 +40,7 @@ bwrap_cmd+=" --proc /proc --dev /dev --tmpfs /tmp -- /bin/true"
 hyperfine -N --warmup 20 --runs "$runs" --export-json "$tmp/r.json" \
   -n "stockade (default policy)" "$stockade run -- /bin/true" \
   -n "stockade (default, no cgroup limits)" "$stockade run --policy $tmp/nocgroup.toml -- /bin/true" \
+  -n "stockade (default, dynamically linked)" "$dynamic run -- /bin/true" \
   -n "bwrap" "$bwrap_cmd" >/dev/null
 
 python3 - "$tmp/r.json" <<'PY'

@@ -44,10 +44,14 @@ fn nft(script: &str) -> Result<(), String> {
 /// lock.
 pub fn ensure_base(host_prefix: &str) -> Result<Vec<String>, String> {
     let chains = nfnl::chains(NFPROTO_INET, TABLE).unwrap_or_default();
-    if let (Ok(rules), Ok(sets)) = (nfnl::rules(NFPROTO_INET, TABLE, None), nfnl::sets(NFPROTO_INET, TABLE)) {
-        let rules_in = |chain: &str| rules.iter().filter(|r| r.chain == chain).count();
+    // Only the base chains' rules are read: the sessions' own would make this dump grow with
+    // every live session.
+    let rules_in = |chain: &str| nfnl::rules(NFPROTO_INET, TABLE, Some(chain)).map(|r| r.len());
+    if let (Ok(fwd), Ok(input), Ok(post), Ok(sets)) =
+        (rules_in("forward"), rules_in("input"), rules_in("postrouting"), nfnl::sets(NFPROTO_INET, TABLE))
+    {
         let maps = sets.iter().filter(|(_, f)| f & nfnl::SET_F_MAP != 0).count();
-        if rules_in("forward") == 3 && rules_in("input") == 1 && rules_in("postrouting") == 1 && maps == 2 {
+        if (fwd, input, post, maps) == (3, 1, 1, 2) {
             return Ok(session_chain_names(&chains));
         }
         if !chains.is_empty() {
