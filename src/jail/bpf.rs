@@ -4,9 +4,10 @@
 //! one linear chain (five instructions each, ~1,600 for `@system-service`). The kernel converts,
 //! JITs and, to build its per-syscall action cache, emulates that chain once per syscall number
 //! at install time (~1 ms), and walks it on every filtered call. Here the syscalls are dispatched
-//! through a balanced tree of `JGE` tests instead, so any call reaches its verdict in about
-//! twenty instructions; seccompiler's rule programs are reused unchanged for the conditional
-//! syscalls.
+//! through a balanced tree of `JGE` tests over runs of numbers with the same verdict (an
+//! allowlist is mostly such runs, and so are the gaps between them), so any call reaches its
+//! verdict in about twenty instructions and the whole filter stays near 430; seccompiler's rule
+//! programs are reused unchanged for the conditional syscalls.
 
 use seccompiler::{sock_filter, BpfProgram};
 use std::collections::BTreeMap;
@@ -19,8 +20,6 @@ const RET: u16 = (libc::BPF_RET | libc::BPF_K) as u16;
 /// Offsets of `nr` and `arch` in `struct seccomp_data`.
 const DATA_NR: u32 = 0;
 const DATA_ARCH: u32 = 4;
-/// Syscalls tested one by one at the leaves of the tree.
-const LEAF: usize = 4;
 
 /// What a syscall number leads to.
 #[derive(Debug, Clone)]
@@ -93,7 +92,25 @@ pub fn build(arch: u32, x32_action: u32, default_action: u32, syscalls: &BTreeMa
         };
         targets.push((*nr, l));
     }
-    tree(&mut b, &targets, default);
+    // Runs of consecutive numbers with one destination (the allowlist is mostly such runs, and
+    // so are the gaps that fall to the default) become one interval each: the tree then has a
+    // leaf per run, not per syscall, which is what the kernel converts, JITs and emulates.
+    let mut runs: Vec<(u32, usize)> = Vec::new();
+    let mut push = |start: u32, l: usize| {
+        if runs.last().map(|r| r.1) != Some(l) {
+            runs.push((start, l));
+        }
+    };
+    let mut next = 0u32;
+    for (nr, l) in targets {
+        if nr > next {
+            push(next, default);
+        }
+        push(nr, l);
+        next = nr + 1;
+    }
+    push(next, default);
+    tree(&mut b, &runs);
 
     b.place(allow);
     b.prog.push(stmt(RET, libc::SECCOMP_RET_ALLOW));
@@ -118,23 +135,21 @@ pub fn build(arch: u32, x32_action: u32, default_action: u32, syscalls: &BTreeMa
     b.finish()
 }
 
-fn tree(b: &mut Builder, t: &[(u32, usize)], default: usize) {
-    if t.len() <= LEAF {
-        for (nr, l) in t {
-            b.prog.push(jump(JEQ, *nr, 0, 1));
-            b.ja(*l);
-        }
-        b.ja(default);
+/// Dispatch over `runs`, (first number, destination) sorted by number, each reaching to the
+/// next one's start (the last to the end of the number space).
+fn tree(b: &mut Builder, runs: &[(u32, usize)]) {
+    if runs.len() == 1 {
+        b.ja(runs[0].1);
         return;
     }
-    let mid = t.len() / 2;
+    let mid = runs.len() / 2;
     let right = b.label();
     // nr >= pivot: fall through to the long jump into the right half; else skip it.
-    b.prog.push(jump(JGE, t[mid].0, 0, 1));
+    b.prog.push(jump(JGE, runs[mid].0, 0, 1));
     b.ja(right);
-    tree(b, &t[..mid], default);
+    tree(b, &runs[..mid]);
     b.place(right);
-    tree(b, &t[mid..], default);
+    tree(b, &runs[mid..]);
 }
 
 /// A classic-BPF interpreter for the instructions seccomp filters here use; for tests.

@@ -86,6 +86,18 @@ impl Layout {
         l
     }
 
+    /// Whether any limit the policy sets comes from cgroup v2: then the jail is cloned straight
+    /// into its cgroup, which must exist before the clone.
+    pub fn uses_v2(&self, l: &Limits) -> bool {
+        [
+            (Controller::Memory, l.memory.is_some()),
+            (Controller::Pids, l.pids.is_some()),
+            (Controller::Cpu, l.cpu.is_some()),
+        ]
+        .into_iter()
+        .any(|(c, wanted)| wanted && self.source(c) == Some("v2"))
+    }
+
     /// Where a controller would come from: "v2", "v1", or None.
     pub fn source(&self, c: Controller) -> Option<&'static str> {
         if self.v2_controllers.iter().any(|x| x == c.name()) {
@@ -118,7 +130,11 @@ pub struct CgroupReport {
 
 impl JailCgroup {
     /// Creates the cgroup and writes the limits. `Ok(None)` when the policy asks for no cgroup limit.
-    pub fn create(name: &str, limits: &Limits) -> Result<(Option<JailCgroup>, CgroupReport), JailError> {
+    pub fn create(
+        layout: &Layout,
+        name: &str,
+        limits: &Limits,
+    ) -> Result<(Option<JailCgroup>, CgroupReport), JailError> {
         let wanted: Vec<Controller> = [
             (Controller::Memory, limits.memory.is_some()),
             (Controller::Pids, limits.pids.is_some()),
@@ -133,12 +149,11 @@ impl JailCgroup {
             return Ok((None, report));
         }
         let best_effort = limits.enforcement == Enforcement::BestEffort;
-        let layout = Layout::detect();
         let mut cg = JailCgroup { dirs: Vec::new(), v2_dir: None };
 
         let result = (|| -> Result<(), JailError> {
             for c in &wanted {
-                match cg.apply_one(&layout, *c, name, limits) {
+                match cg.apply_one(layout, *c, name, limits) {
                     Ok(desc) => report.applied.push(desc),
                     Err(e) if best_effort => report.skipped.push(e.msg),
                     Err(e) => return Err(e),
@@ -300,20 +315,29 @@ impl Entry {
         self.v2_dir.as_ref().map(|f| f.as_fd())
     }
 
-    /// In the jail, before anything else: enters every v1 cgroup and closes the descriptors.
-    /// Must run in the single-threaded jail child (`0` moves only the calling thread).
-    pub fn join_self(&self) -> Result<(), JailError> {
+    /// The `tasks` files, as the supervisor hands them to the jail (see `sync::send_cgroup`).
+    pub(super) fn for_sending(&self) -> (Vec<PathBuf>, Vec<BorrowedFd<'_>>) {
+        self.v1_tasks.iter().map(|(p, f)| (p.clone(), f.as_fd())).unzip()
+    }
+
+    /// The jail's end of `for_sending`.
+    pub(super) fn received(v1_tasks: Vec<(PathBuf, OwnedFd)>) -> Entry {
+        Entry { v1_tasks, v2_dir: None }
+    }
+
+    /// In the jail: enters every v1 cgroup, then closes the descriptors. Must run in the
+    /// single-threaded jail child (`0` moves only the calling thread).
+    pub fn join_self(self) -> Result<(), JailError> {
         for (path, fd) in &self.v1_tasks {
             nix::unistd::write(fd, b"0")
                 .map_err(|e| JailError::new(Step::Cgroups, format!("enter {}: {e}", path.display())))?;
         }
-        self.close_all();
         Ok(())
     }
 
     /// Closes this copy's descriptors without freeing anything: for the forked jail child, whose
     /// heap belongs to a copy of the supervisor and is never dropped.
-    fn close_all(&self) {
+    pub(super) fn close_all(&self) {
         for fd in self.v1_tasks.iter().map(|(_, f)| f).chain(self.v2_dir.as_ref()) {
             // SAFETY: only the descriptor is closed; the OwnedFd is never dropped in the jail
             // child (it leaves with _exit), so the number is not closed twice there.

@@ -49,7 +49,8 @@ pub(crate) struct ChildCtx<'a> {
     pub pipes: &'a SyncPipes,
     /// veth mode: (the jail's address, the host end's address) of the session's /30.
     pub veth: Option<(std::net::Ipv4Addr, std::net::Ipv4Addr)>,
-    /// The jail's cgroup, which the child enters by itself first thing.
+    /// The supervisor's descriptors of an already made cgroup, inherited through the clone: the
+    /// jail closes them and enters the cgroup the supervisor sends it instead.
     pub cgroup: Option<&'a super::cgroups::Entry>,
 }
 
@@ -59,6 +60,9 @@ pub(crate) fn child_main(ctx: ChildCtx) -> ! {
     // the jail's processes.
     super::environ::scrub_own_environment();
     crate::net::nfnl::close_in_forked_child();
+    if let Some(cg) = ctx.cgroup {
+        cg.close_all();
+    }
     // The supervisor's ends of the pipes: without closing our copies, a dead supervisor would
     // not show up as EOF on `go`.
     close_raw(ctx.pipes.go_write.as_raw_fd());
@@ -124,10 +128,6 @@ fn close_raw(fd: i32) {
 fn setup(ctx: &ChildCtx) -> Result<Option<Pid>, JailError> {
     // SAFETY: prctl(PR_SET_PDEATHSIG) takes integer arguments only.
     unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong, 0, 0, 0) };
-    // Into the cgroup before anything else, so that all the jail allocates is charged to it.
-    if let Some(cg) = ctx.cgroup {
-        cg.join_self()?;
-    }
     if !wait_for(&ctx.pipes.go_read, GO) {
         // The supervisor is gone before the maps were written: leave quietly.
         // SAFETY: see child_main.
@@ -155,6 +155,14 @@ fn setup(ctx: &ChildCtx) -> Result<Option<Pid>, JailError> {
         _ => {}
     }
     rlimits::apply(&p.limits)?;
+    // Into the jail's cgroup before anything runs that the jail's limits should bound: the
+    // supervisor made it meanwhile.
+    match super::sync::recv_cgroup(&ctx.pipes.go_read) {
+        Ok(Some(cg)) => cg.join_self()?,
+        Ok(None) => {}
+        // SAFETY: see child_main (the supervisor is gone).
+        Err(()) => unsafe { libc::_exit(EXIT_SETUP_FAILED) },
+    }
     // Now that we are in the jail's cgroup, make it the root of our cgroup view.
     nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWCGROUP)
         .step(Step::Namespaces, || "unshare cgroup namespace".into())?;

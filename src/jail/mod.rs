@@ -222,8 +222,18 @@ impl Jail {
         // ---- cgroup ----
         let t_pre = t0.elapsed();
         let name = format!("stockade-{}-{}", std::process::id(), JAIL_SEQ.fetch_add(1, Ordering::Relaxed));
-        let (mut cgroup, cg_report) = JailCgroup::create(&name, &p.limits)?;
-        report.cgroup = cg_report;
+        let limits = &p.limits;
+        let layout =
+            (limits.memory.is_some() || limits.pids.is_some() || limits.cpu.is_some()).then(cgroups::Layout::detect);
+        // A v2 cgroup must exist before the clone (the jail is cloned into it); v1 cgroups are
+        // made while the jail builds its filesystem, off the start-up's critical path.
+        let early = layout.as_ref().is_some_and(|l| l.uses_v2(limits));
+        let mut cgroup = None;
+        if let (true, Some(l)) = (early, &layout) {
+            let (cg, cg_report) = JailCgroup::create(l, &name, limits)?;
+            cgroup = cg;
+            report.cgroup = cg_report;
+        }
         let t_cg = t0.elapsed();
 
         let pipes = sync::SyncPipes::new().map_err(|e| JailError::new(Step::Preflight, format!("pipe: {e}")))?;
@@ -273,7 +283,6 @@ impl Jail {
             Ok(Some(pid)) => pid,
         };
         drop(payload); // the session end now lives in the jail only
-        drop(entry);
         drop(workspace_tree);
         drop(outputs_tree);
         let sync::SyncPipes { go_read, go_write, report_read, report_write } = pipes;
@@ -295,11 +304,24 @@ impl Jail {
             let release = |what: u8| {
                 sync::send(&go_write, what).map_err(|e| JailError::new(Step::Supervise, format!("signal jail: {e}")))
             };
-            if let Err(e) = release(sync::GO) {
-                // The jail ended before it was released; its own report says why.
+            // The jail ended before it was released; its own report says why.
+            let jail_gone = |e: JailError| {
                 let _ = waitpid(child, None);
-                return Err(sync::read_report(&report_read).unwrap_or(e));
+                sync::read_report(&report_read).unwrap_or(e)
+            };
+            release(sync::GO).map_err(jail_gone)?;
+            let mut late_entry = None;
+            if let (false, Some(l)) = (early, &layout) {
+                let (cg, cg_report) = JailCgroup::create(l, &name, limits).map_err(kill_child)?;
+                cgroup = cg;
+                report.cgroup = cg_report;
+                late_entry = cgroup.as_ref().map(JailCgroup::entry).transpose().map_err(kill_child)?;
             }
+            sync::send_cgroup(&go_write, late_entry.as_ref().or(entry.as_ref()))
+                .map_err(|e| JailError::new(Step::Supervise, format!("hand the jail its cgroup: {e}")))
+                .map_err(jail_gone)?;
+            drop(late_entry);
+            drop(entry);
             let t_released = t0.elapsed();
             if let Some(err) = sync::read_report(&report_read) {
                 let _ = waitpid(child, None);

@@ -188,8 +188,9 @@ mod tests {
     fn default_policy_compiles_within_bpf_limits() {
         let (p, _) = load_builtin("default").unwrap();
         let f = compile(&p.seccomp).unwrap();
-        // A fraction of seccompiler's linear layout (~1,600 instructions for this policy).
-        assert!(f.program.len() < 1200, "{} instructions", f.program.len());
+        // A fraction of seccompiler's linear layout (~1,600 instructions for this policy): one
+        // tree leaf per run of syscall numbers with the same verdict (429 here).
+        assert!(f.program.len() < 600, "{} instructions", f.program.len());
         assert!(f.allowed.contains_key("read"));
         assert_eq!(f.allowed["clone"], Some(BTreeSet::from([ArgCond::NoNamespaceFlags])));
         for banned in [

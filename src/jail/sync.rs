@@ -1,13 +1,16 @@
 //! The two pipes between the host-side supervisor and the jail.
 //!
-//! * `go`: the supervisor writes `G` once the uid/gid maps are written (and, in veth mode, the
-//!   session's network is up). EOF (the supervisor died) is the order to exit.
+//! * `go`, a socket pair: the supervisor sends `G` once the uid/gid maps are written (and, in
+//!   veth mode, the session's network is up), then the jail's cgroup (see `send_cgroup`), which
+//!   it creates while the jail builds its filesystem. EOF (the supervisor died) is the order to
+//!   exit.
 //! * `report`: the jail writes at most one failure record; every copy of the write end is
 //!   close-on-exec, so EOF with no record means the command was exec'd.
 
 use nix::fcntl::OFlag;
 use nix::unistd::{pipe2, read, write};
 use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
 
 use super::error::{JailError, Step};
 
@@ -20,7 +23,8 @@ pub struct SyncPipes {
 
 impl SyncPipes {
     pub fn new() -> nix::Result<Self> {
-        let (go_read, go_write) = pipe2(OFlag::O_CLOEXEC)?;
+        use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
+        let (go_read, go_write) = socketpair(AddressFamily::Unix, SockType::SeqPacket, None, SockFlag::SOCK_CLOEXEC)?;
         let (report_read, report_write) = pipe2(OFlag::O_CLOEXEC)?;
         Ok(SyncPipes { go_read, go_write, report_read, report_write })
     }
@@ -31,6 +35,62 @@ pub const GO: u8 = b'G';
 /// Supervisor side: release the jail (`GO`).
 pub fn send(fd: &OwnedFd, what: u8) -> nix::Result<()> {
     write(fd.as_fd(), &[what]).map(|_| ())
+}
+
+/// Supervisor side: the jail's cgroup, as the `tasks` files it enters by itself (possibly none).
+pub fn send_cgroup(fd: &OwnedFd, entry: Option<&super::cgroups::Entry>) -> nix::Result<()> {
+    use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
+    use std::os::fd::AsRawFd;
+    let (paths, fds) = entry.map(|e| e.for_sending()).unwrap_or_default();
+    let mut msg = b"C".to_vec();
+    for p in &paths {
+        msg.extend_from_slice(p.as_os_str().as_encoded_bytes());
+        msg.push(0);
+    }
+    let raw: Vec<i32> = fds.iter().map(|f| f.as_raw_fd()).collect();
+    let cmsg = [ControlMessage::ScmRights(&raw)];
+    let iov = [std::io::IoSlice::new(&msg)];
+    sendmsg::<()>(fd.as_raw_fd(), &iov, if raw.is_empty() { &[] } else { &cmsg }, MsgFlags::empty(), None).map(|_| ())
+}
+
+/// Jail side: the cgroup to enter. `Err` when the supervisor went away first.
+pub fn recv_cgroup(fd: &OwnedFd) -> Result<Option<super::cgroups::Entry>, ()> {
+    use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags};
+    use std::os::fd::{AsRawFd, FromRawFd};
+    let mut buf = vec![0u8; 8192];
+    let mut space = nix::cmsg_space!([std::os::fd::RawFd; 8]);
+    let (n, fds) = {
+        let mut iov = [std::io::IoSliceMut::new(&mut buf)];
+        let m = loop {
+            match recvmsg::<()>(fd.as_raw_fd(), &mut iov, Some(&mut space), MsgFlags::MSG_CMSG_CLOEXEC) {
+                Err(nix::errno::Errno::EINTR) => continue,
+                other => break other.map_err(|_| ())?,
+            }
+        };
+        let mut fds = Vec::new();
+        for c in m.cmsgs().map_err(|_| ())? {
+            if let ControlMessageOwned::ScmRights(r) = c {
+                // SAFETY: descriptors just received with SCM_RIGHTS belong to nothing else.
+                fds.extend(r.into_iter().map(|f| unsafe { OwnedFd::from_raw_fd(f) }));
+            }
+        }
+        (m.bytes, fds)
+    };
+    if n == 0 || buf[0] != b'C' {
+        return Err(());
+    }
+    let paths: Vec<std::path::PathBuf> = buf[1..n]
+        .split(|b| *b == 0)
+        .filter(|p| !p.is_empty())
+        .map(|p| std::path::PathBuf::from(std::ffi::OsStr::from_bytes(p)))
+        .collect();
+    if paths.is_empty() && fds.is_empty() {
+        return Ok(None);
+    }
+    if paths.len() != fds.len() {
+        return Err(());
+    }
+    Ok(Some(super::cgroups::Entry::received(paths.into_iter().zip(fds).collect())))
 }
 
 /// Jail side: wait for `what`. Returns false when the supervisor went away.
