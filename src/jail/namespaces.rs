@@ -180,3 +180,50 @@ impl IdMapping {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::fd::AsFd;
+
+    /// `CLONE_INTO_CGROUP`, the path jails take on cgroup v2 hosts: the child starts in the
+    /// given cgroup. Run in a forked copy of the test process, which is single-threaded as
+    /// `fork_into_namespaces` requires. Needs root and a cgroup2 mount (a controller-less one,
+    /// as on hybrid hosts, is enough).
+    #[test]
+    fn a_jail_can_be_cloned_straight_into_a_v2_cgroup() {
+        let Some(mount) = crate::jail::cgroups::Layout::detect().v2_mount else { return };
+        if !nix::unistd::geteuid().is_root() {
+            return;
+        }
+        let name = format!("stockade-clone-into-test-{}", std::process::id());
+        let own = std::fs::read_to_string("/proc/self/cgroup").unwrap();
+        let own = own.lines().find_map(|l| l.strip_prefix("0::")).unwrap_or("/").trim_start_matches('/').to_owned();
+        let dir = mount.join(&own).join(&name);
+        std::fs::create_dir(&dir).unwrap();
+        let cg = std::fs::File::open(&dir).unwrap();
+        // SAFETY: the child only runs the code below and leaves with _exit; glibc's fork keeps
+        // malloc usable in the child of a multi-threaded process.
+        let pid = unsafe { libc::fork() };
+        if pid == 0 {
+            let code = match fork_into_namespaces(Some(cg.as_fd())) {
+                Ok(None) => {
+                    let mine = std::fs::read_to_string("/proc/self/cgroup").unwrap_or_default();
+                    let inside = mine.lines().any(|l| l.starts_with("0::") && l.ends_with(&format!("/{name}")));
+                    // SAFETY: leaving the cloned child without running the test harness's code.
+                    unsafe { libc::_exit(if inside { 0 } else { 3 }) }
+                }
+                Ok(Some(p)) => match nix::sys::wait::waitpid(p, None) {
+                    Ok(nix::sys::wait::WaitStatus::Exited(_, c)) => c,
+                    _ => 4,
+                },
+                Err(_) => 5,
+            };
+            // SAFETY: as above.
+            unsafe { libc::_exit(code) }
+        }
+        let status = nix::sys::wait::waitpid(Pid::from_raw(pid), None).unwrap();
+        let _ = std::fs::remove_dir(&dir);
+        assert_eq!(status, nix::sys::wait::WaitStatus::Exited(Pid::from_raw(pid), 0));
+    }
+}
