@@ -78,7 +78,7 @@ pub const SET_F_TIMEOUT: u32 = 0x10;
 /// nft's data type of IPv4 addresses (for `nft list` to show the set's elements as addresses).
 pub const TYPE_IPADDR: u32 = 7;
 
-/// Where a register load comes from.
+/// Registers: the verdict register and the first 16-byte data register.
 pub mod reg {
     pub const VERDICT: u32 = 0;
     pub const R1: u32 = 1;
