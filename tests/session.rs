@@ -211,7 +211,13 @@ fn fifty_sessions_in_parallel_share_nothing() {
         s.bash(&format!("sleep 60 & echo $! > /tmp/bg; echo marker-{i} > /dev/shm/m"));
     }
     // Host pids of every session's background job: what one session would need to signal another's.
-    let host_pids = host_pids_of("sleep 60");
+    // A background job is forked before `echo $!` returns but may not have exec'd `sleep` yet.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    let mut host_pids = host_pids_of("sleep 60");
+    while host_pids.len() < n && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        host_pids = host_pids_of("sleep 60");
+    }
     assert!(host_pids.len() >= n, "{host_pids:?}");
     let targets = host_pids.iter().map(|p| p.to_string()).collect::<Vec<_>>().join(" ");
     for (i, s) in sessions.iter_mut().enumerate() {

@@ -89,13 +89,7 @@ impl Layout {
     /// Whether any limit the policy sets comes from cgroup v2: then the jail is cloned straight
     /// into its cgroup, which must exist before the clone.
     pub fn uses_v2(&self, l: &Limits) -> bool {
-        [
-            (Controller::Memory, l.memory.is_some()),
-            (Controller::Pids, l.pids.is_some()),
-            (Controller::Cpu, l.cpu.is_some()),
-        ]
-        .into_iter()
-        .any(|(c, wanted)| wanted && self.source(c) == Some("v2"))
+        wanted(l).into_iter().any(|c| self.source(c) == Some("v2"))
     }
 
     /// Where a controller would come from: "v2", "v1", or None.
@@ -108,6 +102,15 @@ impl Layout {
             None
         }
     }
+}
+
+/// The controllers the policy's limits need.
+pub fn wanted(l: &Limits) -> Vec<Controller> {
+    [(Controller::Memory, l.memory.is_some()), (Controller::Pids, l.pids.is_some()), (Controller::Cpu, l.cpu.is_some())]
+        .into_iter()
+        .filter(|(_, w)| *w)
+        .map(|(c, _)| c)
+        .collect()
 }
 
 fn join(mount: &Path, cg: &str) -> PathBuf {
@@ -135,15 +138,7 @@ impl JailCgroup {
         name: &str,
         limits: &Limits,
     ) -> Result<(Option<JailCgroup>, CgroupReport), JailError> {
-        let wanted: Vec<Controller> = [
-            (Controller::Memory, limits.memory.is_some()),
-            (Controller::Pids, limits.pids.is_some()),
-            (Controller::Cpu, limits.cpu.is_some()),
-        ]
-        .into_iter()
-        .filter(|(_, w)| *w)
-        .map(|(c, _)| c)
-        .collect();
+        let wanted = wanted(limits);
         let mut report = CgroupReport::default();
         if wanted.is_empty() {
             return Ok((None, report));
@@ -244,8 +239,8 @@ impl JailCgroup {
         }
     }
 
-    /// Opens what the jail needs to enter this cgroup by itself (see [`Entry`]). Called by the
-    /// supervisor just before the clone.
+    /// Opens what the jail needs to enter this cgroup by itself (see [`Entry`]): before the
+    /// clone for a v2 cgroup, after it (sent to the jail) for v1 ones.
     pub fn entry(&self) -> Result<Entry, JailError> {
         let e =
             |what: &Path, err: std::io::Error| JailError::new(Step::Cgroups, format!("open {}: {err}", what.display()));

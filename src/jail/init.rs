@@ -161,7 +161,8 @@ fn setup(ctx: &ChildCtx) -> Result<Option<Pid>, JailError> {
         Ok(Some(cg)) => cg.join_self()?,
         Ok(None) => {}
         // SAFETY: see child_main (the supervisor is gone).
-        Err(()) => unsafe { libc::_exit(EXIT_SETUP_FAILED) },
+        Err(None) => unsafe { libc::_exit(EXIT_SETUP_FAILED) },
+        Err(Some(msg)) => return Err(JailError::new(Step::Cgroups, msg)),
     }
     // Now that we are in the jail's cgroup, make it the root of our cgroup view.
     nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWCGROUP)

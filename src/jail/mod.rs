@@ -223,8 +223,7 @@ impl Jail {
         let t_pre = t0.elapsed();
         let name = format!("stockade-{}-{}", std::process::id(), JAIL_SEQ.fetch_add(1, Ordering::Relaxed));
         let limits = &p.limits;
-        let layout =
-            (limits.memory.is_some() || limits.pids.is_some() || limits.cpu.is_some()).then(cgroups::Layout::detect);
+        let layout = (!cgroups::wanted(limits).is_empty()).then(cgroups::Layout::detect);
         // A v2 cgroup must exist before the clone (the jail is cloned into it); v1 cgroups are
         // made while the jail builds its filesystem, off the start-up's critical path.
         let early = layout.as_ref().is_some_and(|l| l.uses_v2(limits));

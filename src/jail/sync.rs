@@ -53,8 +53,9 @@ pub fn send_cgroup(fd: &OwnedFd, entry: Option<&super::cgroups::Entry>) -> nix::
     sendmsg::<()>(fd.as_raw_fd(), &iov, if raw.is_empty() { &[] } else { &cmsg }, MsgFlags::empty(), None).map(|_| ())
 }
 
-/// Jail side: the cgroup to enter. `Err` when the supervisor went away first.
-pub fn recv_cgroup(fd: &OwnedFd) -> Result<Option<super::cgroups::Entry>, ()> {
+/// Jail side: the cgroup to enter. `Err(None)` when the supervisor went away first, `Err(Some)`
+/// when its message cannot be read (then the jail must not run: it would run unbounded).
+pub fn recv_cgroup(fd: &OwnedFd) -> Result<Option<super::cgroups::Entry>, Option<String>> {
     use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags};
     use std::os::fd::{AsRawFd, FromRawFd};
     let mut buf = vec![0u8; 8192];
@@ -64,11 +65,14 @@ pub fn recv_cgroup(fd: &OwnedFd) -> Result<Option<super::cgroups::Entry>, ()> {
         let m = loop {
             match recvmsg::<()>(fd.as_raw_fd(), &mut iov, Some(&mut space), MsgFlags::MSG_CMSG_CLOEXEC) {
                 Err(nix::errno::Errno::EINTR) => continue,
-                other => break other.map_err(|_| ())?,
+                other => break other.map_err(|e| Some(format!("receive the cgroup: {e}")))?,
             }
         };
+        if m.flags.contains(MsgFlags::MSG_CTRUNC) {
+            return Err(Some("receive the cgroup: descriptors truncated".into()));
+        }
         let mut fds = Vec::new();
-        for c in m.cmsgs().map_err(|_| ())? {
+        for c in m.cmsgs().map_err(|e| Some(format!("receive the cgroup: {e}")))? {
             if let ControlMessageOwned::ScmRights(r) = c {
                 // SAFETY: descriptors just received with SCM_RIGHTS belong to nothing else.
                 fds.extend(r.into_iter().map(|f| unsafe { OwnedFd::from_raw_fd(f) }));
@@ -76,8 +80,11 @@ pub fn recv_cgroup(fd: &OwnedFd) -> Result<Option<super::cgroups::Entry>, ()> {
         }
         (m.bytes, fds)
     };
-    if n == 0 || buf[0] != b'C' {
-        return Err(());
+    if n == 0 {
+        return Err(None);
+    }
+    if buf[0] != b'C' {
+        return Err(Some("receive the cgroup: unexpected message".into()));
     }
     let paths: Vec<std::path::PathBuf> = buf[1..n]
         .split(|b| *b == 0)
@@ -88,7 +95,7 @@ pub fn recv_cgroup(fd: &OwnedFd) -> Result<Option<super::cgroups::Entry>, ()> {
         return Ok(None);
     }
     if paths.len() != fds.len() {
-        return Err(());
+        return Err(Some(format!("receive the cgroup: {} paths but {} descriptors", paths.len(), fds.len())));
     }
     Ok(Some(super::cgroups::Entry::received(paths.into_iter().zip(fds).collect())))
 }

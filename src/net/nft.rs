@@ -242,15 +242,11 @@ pub fn admit(id: &str, addrs: &[(Ipv4Addr, Duration)]) -> Result<(), String> {
 /// Removes a session's objects: one atomic batch when they are all there (the normal end), else
 /// step by step (the leftovers of a crash may be partial).
 pub fn remove_session(id: &str, host_if: &str, jail_ip: Option<Ipv4Addr>) {
-    if removal(id, host_if, jail_ip)
-        .into_iter()
-        .try_fold(Batch::new(NFPROTO_INET, TABLE), |mut b, step| {
-            step(&mut b);
-            Some(b)
-        })
-        .map(Batch::commit)
-        .is_some_and(|r| r.is_ok())
-    {
+    let mut batch = Batch::new(NFPROTO_INET, TABLE);
+    for step in removal(id, host_if, jail_ip) {
+        step(&mut batch);
+    }
+    if batch.commit().is_ok() {
         return;
     }
     for step in removal(id, host_if, jail_ip) {
