@@ -15,14 +15,49 @@ use ops::{ControlPlaneArgs, StatsArgs, StopArgs, WebhookArgs, WorkerArgs};
 #[command(after_help = "Exit status of `run`: the command's own; 128+N when it died of signal N; 124 on timeout;\n\
 125 when Stockade could not build the jail; 126 when the command is not executable; 127 when it is not found.")]
 pub struct Cli {
+    #[command(flatten)]
+    global: GlobalArgs,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Args)]
+struct GlobalArgs {
     /// Log format on stderr.
     #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
     log: LogFormat,
     /// More output (-v: info, -vv: debug). RUST_LOG overrides.
     #[arg(short, long, global = true, action = clap::ArgAction::Count)]
     verbose: u8,
+}
+
+/// `stockade run` alone: what [`Cli`] parses for it, without the other subcommands. Building
+/// clap's whole command tree is most of a jail start's argument parsing, and `run` is the
+/// command whose start-up time matters. Anything it does not accept (help, errors, other
+/// commands) goes to the full parser, so messages are the same either way.
+#[derive(Parser)]
+#[command(name = "stockade")]
+struct RunOnly {
+    #[command(flatten)]
+    global: GlobalArgs,
     #[command(subcommand)]
-    command: Command,
+    command: RunOnlyCommand,
+}
+
+#[derive(Subcommand)]
+enum RunOnlyCommand {
+    Run(RunArgs),
+}
+
+impl Cli {
+    fn parse_args() -> Cli {
+        if std::env::args_os().nth(1).is_some_and(|a| a == "run") {
+            if let Ok(RunOnly { global, command: RunOnlyCommand::Run(args) }) = RunOnly::try_parse() {
+                return Cli { global, command: Command::Run(args) };
+            }
+        }
+        Cli::parse()
+    }
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -198,8 +233,9 @@ enum PolicyCommand {
 }
 
 pub fn main() -> i32 {
-    let cli = Cli::parse();
-    init_logging(cli.log, cli.verbose);
+    let cli = Cli::parse_args();
+    let log = cli.global.log;
+    init_logging(log, cli.global.verbose);
     match cli.command {
         Command::Run(args) => cmd_run(args),
         Command::Check { json } => cmd_check(json),
@@ -207,8 +243,8 @@ pub fn main() -> i32 {
         Command::Session(a) => cmd_session(a),
         Command::Demo => ops::demo(),
         Command::Audit(a) => cmd_audit(a),
-        Command::Worker(a) => ops::worker(a, None, cli.log),
-        Command::Webhook(a) => ops::webhook(a, cli.log),
+        Command::Worker(a) => ops::worker(a, None, log),
+        Command::Webhook(a) => ops::webhook(a, log),
         Command::ControlPlane(a) => ops::control_plane(a),
         Command::Stats(a) => ops::stats(a),
         Command::Stop(a) => ops::stop(a),

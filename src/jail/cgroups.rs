@@ -44,36 +44,25 @@ pub struct Layout {
 
 impl Layout {
     pub fn detect() -> Layout {
+        let mut l = Layout::detect_v2();
+        l.add_v1();
+        l
+    }
+
+    /// The v2 half of [`Layout::detect`]: all a jail start needs before its clone (whether the jail
+    /// is cloned into a v2 cgroup). Finds the v2 mount at its usual places by its filesystem magic
+    /// and reads the mount table only when it is elsewhere.
+    pub fn detect_v2() -> Layout {
         let mut l = Layout::default();
-        let mountinfo = fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-        let own = fs::read_to_string("/proc/self/cgroup").unwrap_or_default();
-        for line in mountinfo.lines() {
-            // mountinfo: ID PARENT MAJ:MIN ROOT MOUNTPOINT OPTS [OPTIONAL...] - FSTYPE SOURCE SUPEROPTS
-            let Some((pre, post)) = line.split_once(" - ") else {
-                continue;
-            };
-            let mut pf = pre.split(' ');
-            let mount_point = pf.nth(4).unwrap_or("");
-            let mut qf = post.split(' ');
-            let fstype = qf.next().unwrap_or("");
-            let superopts = qf.nth(1).unwrap_or("");
-            if fstype == "cgroup2" && l.v2_mount.is_none() {
-                l.v2_mount = Some(PathBuf::from(mount_point));
-            } else if fstype == "cgroup" {
-                for opt in superopts.split(',') {
-                    if ["memory", "pids", "cpu"].contains(&opt) {
-                        let own_path = own
-                            .lines()
-                            .filter_map(|c| c.splitn(3, ':').collect::<Vec<_>>().try_into().ok())
-                            .find(|[_, ctrls, _]: &[&str; 3]| ctrls.split(',').any(|c| c == opt))
-                            .map(|[_, _, p]| p.to_owned())
-                            .unwrap_or_else(|| "/".into());
-                        l.v1.push((opt.to_owned(), PathBuf::from(mount_point), own_path));
-                    }
-                }
-            }
-        }
+        let usual = ["/sys/fs/cgroup", "/sys/fs/cgroup/unified"].into_iter().find(|m| {
+            nix::sys::statfs::statfs(*m).is_ok_and(|s| s.filesystem_type() == nix::sys::statfs::CGROUP2_SUPER_MAGIC)
+        });
+        l.v2_mount = match usual {
+            Some(m) => Some(PathBuf::from(m)),
+            None => mounts().into_iter().find(|(fstype, _, _)| fstype == "cgroup2").map(|(_, mp, _)| PathBuf::from(mp)),
+        };
         if let Some(m) = &l.v2_mount {
+            let own = fs::read_to_string("/proc/self/cgroup").unwrap_or_default();
             let own_path = own.lines().find_map(|c| c.strip_prefix("0::")).unwrap_or("/").to_owned();
             let dir = join(m, &own_path);
             l.v2_controllers = fs::read_to_string(dir.join("cgroup.controllers"))
@@ -84,6 +73,27 @@ impl Layout {
             l.v2_self = Some(own_path);
         }
         l
+    }
+
+    /// The v1 half of [`Layout::detect`]: the hierarchies of the controllers Stockade uses.
+    pub fn add_v1(&mut self) {
+        let own = fs::read_to_string("/proc/self/cgroup").unwrap_or_default();
+        for (fstype, mount_point, superopts) in mounts() {
+            if fstype != "cgroup" {
+                continue;
+            }
+            for opt in superopts.split(',') {
+                if ["memory", "pids", "cpu"].contains(&opt) {
+                    let own_path = own
+                        .lines()
+                        .filter_map(|c| c.splitn(3, ':').collect::<Vec<_>>().try_into().ok())
+                        .find(|[_, ctrls, _]: &[&str; 3]| ctrls.split(',').any(|c| c == opt))
+                        .map(|[_, _, p]| p.to_owned())
+                        .unwrap_or_else(|| "/".into());
+                    self.v1.push((opt.to_owned(), PathBuf::from(&mount_point), own_path));
+                }
+            }
+        }
     }
 
     /// Whether any limit the policy sets comes from cgroup v2: then the jail is cloned straight
@@ -102,6 +112,23 @@ impl Layout {
             None
         }
     }
+}
+
+/// (fstype, mount point, super options) of every mount, from /proc/self/mountinfo.
+fn mounts() -> Vec<(String, String, String)> {
+    let mountinfo = fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    mountinfo
+        .lines()
+        .filter_map(|line| {
+            // mountinfo: ID PARENT MAJ:MIN ROOT MOUNTPOINT OPTS [OPTIONAL...] - FSTYPE SOURCE SUPEROPTS
+            let (pre, post) = line.split_once(" - ")?;
+            let mount_point = pre.split(' ').nth(4).unwrap_or("");
+            let mut qf = post.split(' ');
+            let fstype = qf.next().unwrap_or("");
+            let superopts = qf.nth(1).unwrap_or("");
+            Some((fstype.to_owned(), mount_point.to_owned(), superopts.to_owned()))
+        })
+        .collect()
 }
 
 /// The controllers the policy's limits need.
@@ -263,17 +290,9 @@ impl JailCgroup {
     pub fn remove(&mut self) {
         let deadline = Instant::now() + Duration::from_secs(5);
         for d in self.dirs.drain(..).rev() {
-            let kill = d.join("cgroup.kill");
-            if kill.exists() {
-                let _ = fs::write(&kill, "1");
-            }
+            // Usually empty by now: the removal is tried first, the killing only when it fails.
+            let mut killed = false;
             loop {
-                for pid in fs::read_to_string(d.join("cgroup.procs")).unwrap_or_default().lines() {
-                    if let Ok(p) = pid.trim().parse::<i32>() {
-                        let _ =
-                            nix::sys::signal::kill(nix::unistd::Pid::from_raw(p), nix::sys::signal::Signal::SIGKILL);
-                    }
-                }
                 match fs::remove_dir(&d) {
                     Ok(()) => break,
                     Err(e) if e.kind() == std::io::ErrorKind::NotFound => break,
@@ -281,7 +300,18 @@ impl JailCgroup {
                         tracing::warn!(cgroup = %d.display(), error = %e, "could not remove jail cgroup");
                         break;
                     }
+                    Err(_) if !killed => {
+                        killed = true;
+                        // v2's cgroup.kill takes the whole subtree at once, new forks included.
+                        let _ = fs::write(d.join("cgroup.kill"), "1");
+                    }
                     Err(_) => std::thread::sleep(Duration::from_millis(5)),
+                }
+                for pid in fs::read_to_string(d.join("cgroup.procs")).unwrap_or_default().lines() {
+                    if let Ok(p) = pid.trim().parse::<i32>() {
+                        let _ =
+                            nix::sys::signal::kill(nix::unistd::Pid::from_raw(p), nix::sys::signal::Signal::SIGKILL);
+                    }
                 }
             }
         }
@@ -310,7 +340,7 @@ impl Entry {
         self.v2_dir.as_ref().map(|f| f.as_fd())
     }
 
-    /// The `tasks` files, as the supervisor hands them to the jail (see `sync::send_cgroup`).
+    /// The `tasks` files, as the supervisor hands them to the jail (see `sync::send_setup`).
     pub(super) fn for_sending(&self) -> (Vec<PathBuf>, Vec<BorrowedFd<'_>>) {
         self.v1_tasks.iter().map(|(p, f)| (p.clone(), f.as_fd())).unzip()
     }

@@ -19,7 +19,6 @@ use std::path::{Path, PathBuf};
 use super::error::{JailError, Step, StepExt};
 use super::mounts::{self, MountPlan};
 use super::namespaces::IdMapping;
-use super::seccomp::Filters;
 use super::sync::{send_failure, wait_for, SyncPipes, GO};
 use super::{caps, landlock, netif, rlimits, uts, EXIT_NOT_EXECUTABLE, EXIT_NOT_FOUND, EXIT_SETUP_FAILED};
 use crate::policy::{NetMode, Policy};
@@ -45,7 +44,6 @@ pub(crate) struct ChildCtx<'a> {
     pub env_pairs: &'a [(String, String)],
     pub argv: &'a [CString],
     pub payload: &'a super::Payload,
-    pub filters: &'a Filters,
     pub pipes: &'a SyncPipes,
     /// veth mode: (the jail's address, the host end's address) of the session's /30.
     pub veth: Option<(std::net::Ipv4Addr, std::net::Ipv4Addr)>,
@@ -156,13 +154,15 @@ fn setup(ctx: &ChildCtx) -> Result<Option<Pid>, JailError> {
     }
     rlimits::apply(&p.limits)?;
     // Into the jail's cgroup before anything runs that the jail's limits should bound: the
-    // supervisor made it meanwhile.
-    match super::sync::recv_cgroup(&ctx.pipes.go_read) {
-        Ok(Some(cg)) => cg.join_self()?,
-        Ok(None) => {}
+    // supervisor made it, and compiled the seccomp program, meanwhile.
+    let setup = match super::sync::recv_setup(&ctx.pipes.go_read) {
+        Ok(s) => s,
         // SAFETY: see child_main (the supervisor is gone).
         Err(None) => unsafe { libc::_exit(EXIT_SETUP_FAILED) },
-        Err(Some(msg)) => return Err(JailError::new(Step::Cgroups, msg)),
+        Err(Some(msg)) => return Err(JailError::new(Step::Supervise, msg)),
+    };
+    if let Some(cg) = setup.cgroup {
+        cg.join_self()?;
     }
     // Now that we are in the jail's cgroup, make it the root of our cgroup view.
     nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWCGROUP)
@@ -173,7 +173,7 @@ fn setup(ctx: &ChildCtx) -> Result<Option<Pid>, JailError> {
     caps::set_non_dumpable()?;
     arm_parent_death_signal(&ctx.pipes.go_read)?;
     // Installed here, before the fork, so PID 1 and the command share one filter stack.
-    super::seccomp::install(ctx.filters)?;
+    super::seccomp::install(&setup.program)?;
     if matches!(ctx.payload, super::Payload::Session { .. }) {
         return Ok(None);
     }

@@ -1,11 +1,12 @@
 //! The jail: build a fresh, confined environment from a policy and run one command in it.
 //!
-//! The supervisor (this module, on the host side) validates and prepares everything it can
-//! before any namespace exists — landlock ABI, seccomp program, environment, cgroup — so that
-//! most refusals happen before a process is created. It then forks the jail child into new
-//! namespaces (straight into its cgroup on v2; on v1 the child enters it itself, see
-//! `cgroups::Entry`), writes its id maps and releases it. The child (see
-//! `init`) performs the in-namespace steps, each in its own module:
+//! The supervisor (this module, on the host side) validates and prepares what it must before any
+//! namespace exists — the policy, landlock ABI, environment, a v2 cgroup — so that most refusals
+//! happen before a process is created. It then forks the jail child into new namespaces
+//! (straight into its cgroup on v2; on v1 the child enters it itself, see `cgroups::Entry`),
+//! writes its id maps and releases it. While the child builds its filesystem, the supervisor
+//! makes the v1 cgroups and compiles the seccomp program and hands both over (`sync::Setup`).
+//! The child (see `init`) performs the in-namespace steps, each in its own module:
 //!
 //! | step | module |
 //! |------|--------|
@@ -169,8 +170,6 @@ impl Jail {
         if p.landlock.compatibility == crate::policy::Compatibility::BestEffort {
             report.landlock_dropped = missing;
         }
-        let filters = seccomp::compile(&p.seccomp)?;
-        report.seccomp_allowed = filters.allowed.len();
         let host_env: Vec<(String, String)> = std::env::vars().collect();
         let env = environ::build(p, &host_env, &spec.env)?;
         let env_c: Vec<CString> = env
@@ -223,12 +222,14 @@ impl Jail {
         let t_pre = t0.elapsed();
         let name = format!("stockade-{}-{}", std::process::id(), JAIL_SEQ.fetch_add(1, Ordering::Relaxed));
         let limits = &p.limits;
-        let layout = (!cgroups::wanted(limits).is_empty()).then(cgroups::Layout::detect);
+        let mut layout = (!cgroups::wanted(limits).is_empty()).then(cgroups::Layout::detect_v2);
         // A v2 cgroup must exist before the clone (the jail is cloned into it); v1 cgroups are
-        // made while the jail builds its filesystem, off the start-up's critical path.
+        // made (and their hierarchies looked up) while the jail builds its filesystem, off the
+        // start-up's critical path.
         let early = layout.as_ref().is_some_and(|l| l.uses_v2(limits));
         let mut cgroup = None;
-        if let (true, Some(l)) = (early, &layout) {
+        if let (true, Some(l)) = (early, &mut layout) {
+            l.add_v1();
             let (cg, cg_report) = JailCgroup::create(l, &name, limits)?;
             cgroup = cg;
             report.cgroup = cg_report;
@@ -273,7 +274,6 @@ impl Jail {
                 env: &env_c,
                 env_pairs: &env,
                 argv: &argv_c,
-                filters: &filters,
                 pipes: &pipes,
                 payload: &payload,
                 veth,
@@ -310,14 +310,19 @@ impl Jail {
             };
             release(sync::GO).map_err(jail_gone)?;
             let mut late_entry = None;
-            if let (false, Some(l)) = (early, &layout) {
+            if let (false, Some(l)) = (early, &mut layout) {
+                l.add_v1();
                 let (cg, cg_report) = JailCgroup::create(l, &name, limits).map_err(kill_child)?;
                 cgroup = cg;
                 report.cgroup = cg_report;
                 late_entry = cgroup.as_ref().map(JailCgroup::entry).transpose().map_err(kill_child)?;
             }
-            sync::send_cgroup(&go_write, late_entry.as_ref().or(entry.as_ref()))
-                .map_err(|e| JailError::new(Step::Supervise, format!("hand the jail its cgroup: {e}")))
+            // Compiled here rather than in preflight: the jail needs it only after its filesystem
+            // is built, and the supervisor is otherwise idle meanwhile.
+            let filters = seccomp::compile(&p.seccomp).map_err(kill_child)?;
+            report.seccomp_allowed = filters.allowed.len();
+            sync::send_setup(&go_write, late_entry.as_ref().or(entry.as_ref()), &filters.program)
+                .map_err(|e| JailError::new(Step::Supervise, format!("hand the jail its setup: {e}")))
                 .map_err(jail_gone)?;
             drop(late_entry);
             drop(entry);

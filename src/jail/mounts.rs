@@ -151,7 +151,9 @@ pub fn build_root(plan: &MountPlan) -> Result<(), JailError> {
     }
     etc_entries.sort_by_key(|e| e.dst.components().count());
     for e in &etc_entries {
-        attach(root, e, 0)?;
+        if !copy_in(root, e)? {
+            attach(root, e, 0)?;
+        }
     }
 
     let size = p.limits.tmp_size.0;
@@ -258,6 +260,33 @@ fn attach(root: &Path, e: &Entry, tmpfs_size: u64) -> Result<(), JailError> {
     set_attr(&target, true, attrs).step(Step::Mounts, || format!("restrict {}", ctx()))
 }
 
+/// Largest /etc file copied rather than bound.
+const ETC_COPY_MAX: u64 = 1 << 20;
+
+/// Copies a small regular file into the new root instead of binding it: the jail sees the same
+/// bytes (read-only, like everything in the root), and there is no mount to set up and tear
+/// down with each jail. Read through the descriptor resolved earlier, so a path swapped since
+/// cannot redirect it. Returns false (bind it instead) for directories, large files and files
+/// the setup user cannot read, whose host permissions a bind keeps.
+fn copy_in(root: &Path, e: &Entry) -> Result<bool, JailError> {
+    use std::io::Read;
+    use std::os::unix::fs::PermissionsExt;
+    let Source::Fd { fd, is_dir: false } = &e.src else { return Ok(false) };
+    let Ok(mut f) = std::fs::File::open(format!("/proc/self/fd/{}", fd.as_raw_fd())) else { return Ok(false) };
+    let meta = f.metadata().step(Step::Mounts, || format!("stat {}", e.dst.display()))?;
+    if !meta.is_file() || meta.len() > ETC_COPY_MAX {
+        return Ok(false);
+    }
+    let mut content = Vec::with_capacity(meta.len() as usize);
+    f.read_to_end(&mut content).step(Step::Mounts, || format!("read {}", e.dst.display()))?;
+    let target = root.join(e.dst.strip_prefix("/").unwrap_or(&e.dst));
+    if let Some(parent) = target.parent() {
+        mkdir_p(parent)?;
+    }
+    write_file_mode(&target, &content, meta.permissions().mode() & 0o755)?;
+    Ok(true)
+}
+
 fn build_dev(root: &Path, devices: &[(&str, OwnedFd)], shm_size: u64) -> Result<(), JailError> {
     let dev = root.join("dev");
     mkdir_p(&dev)?;
@@ -269,19 +298,7 @@ fn build_dev(root: &Path, devices: &[(&str, OwnedFd)], shm_size: u64) -> Result<
         let from = format!("/proc/self/fd/{}", fd.as_raw_fd());
         mount(Some(from.as_str()), &target, None::<&str>, MsFlags::MS_BIND, None::<&str>)
             .step(Step::Mounts, || format!("bind /dev/{name}"))?;
-        set_attr(&target, false, MOUNT_ATTR_NOSUID | MOUNT_ATTR_NOEXEC)
-            .step(Step::Mounts, || format!("restrict /dev/{name}"))?;
     }
-    let pts = dev.join("pts");
-    mkdir_p(&pts)?;
-    mount(
-        Some("devpts"),
-        &pts,
-        Some("devpts"),
-        MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
-        Some("newinstance,ptmxmode=0666,mode=0620"),
-    )
-    .step(Step::Mounts, || "devpts /dev/pts".into())?;
     symlink("pts/ptmx", dev.join("ptmx")).step(Step::Mounts, || "/dev/ptmx".into())?;
     for (name, to) in [
         ("fd", "/proc/self/fd"),
@@ -291,9 +308,23 @@ fn build_dev(root: &Path, devices: &[(&str, OwnedFd)], shm_size: u64) -> Result<
     ] {
         symlink(to, dev.join(name)).step(Step::Mounts, || format!("/dev/{name}"))?;
     }
-    scratch_tmpfs(&dev.join("shm"), shm_size)?;
-    set_attr(&dev, false, MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID | MOUNT_ATTR_NOEXEC)
-        .step(Step::Mounts, || "remount /dev read-only".into())
+    let (pts, shm) = (dev.join("pts"), dev.join("shm"));
+    mkdir_p(&pts)?;
+    mkdir_p(&shm)?;
+    // /dev and the device binds in one call. Read-only stops new nodes and files, not writes to
+    // the devices themselves (a mount's read-only flag does not apply to device nodes). The
+    // writable /dev/pts and /dev/shm are mounted after, on their own.
+    set_attr(&dev, true, MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID | MOUNT_ATTR_NOEXEC)
+        .step(Step::Mounts, || "remount /dev read-only".into())?;
+    mount(
+        Some("devpts"),
+        &pts,
+        Some("devpts"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
+        Some("newinstance,ptmxmode=0666,mode=0620"),
+    )
+    .step(Step::Mounts, || "devpts /dev/pts".into())?;
+    scratch_tmpfs(&shm, shm_size)
 }
 
 fn build_proc(root: &Path) -> Result<(), JailError> {
@@ -301,24 +332,32 @@ fn build_proc(root: &Path) -> Result<(), JailError> {
     mkdir_p(&proc)?;
     mount(Some("proc"), &proc, Some("proc"), MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC, None::<&str>)
         .step(Step::Mounts, || "mount /proc".into())?;
+    // One listing instead of a lookup per name: this /proc belongs to the new pid namespace, so
+    // it lists the kernel's entries and the jail's single process.
+    let present: Vec<(std::ffi::OsString, bool)> = std::fs::read_dir(&proc)
+        .step(Step::Mounts, || "list /proc".into())?
+        .flatten()
+        .map(|e| (e.file_name(), e.file_type().is_ok_and(|t| t.is_dir())))
+        .collect();
+    let is_present = |name: &str| present.iter().find(|(n, _)| n == name).map(|(_, dir)| *dir);
     let null = format!("{}/dev/null", root.display());
+    // Masked directories share one empty read-only tmpfs: the first gets it, the rest a bind.
+    let mut empty_dir: Option<PathBuf> = None;
     for name in PROC_MASKED {
+        let Some(is_dir) = is_present(name) else { continue };
         let path = proc.join(name);
-        let Ok(meta) = std::fs::symlink_metadata(&path) else {
-            continue;
-        };
-        let r = if meta.is_dir() {
-            mask_dir(&path)
-        } else {
-            mount(Some(null.as_str()), &path, None::<&str>, MsFlags::MS_BIND, None::<&str>)
+        let r = match (is_dir, &empty_dir) {
+            (true, None) => mask_dir(&path).inspect(|_| empty_dir = Some(path.clone())),
+            (true, Some(first)) => mount(Some(first), &path, None::<&str>, MsFlags::MS_BIND, None::<&str>),
+            (false, _) => mount(Some(null.as_str()), &path, None::<&str>, MsFlags::MS_BIND, None::<&str>),
         };
         r.step(Step::Mounts, || format!("mask /proc/{name}"))?;
     }
     for name in PROC_READ_ONLY {
-        let path = proc.join(name);
-        if std::fs::symlink_metadata(&path).is_err() {
+        if is_present(name).is_none() {
             continue;
         }
+        let path = proc.join(name);
         mount(Some(&path), &path, None::<&str>, MsFlags::MS_BIND | MsFlags::MS_REC, None::<&str>)
             .step(Step::Mounts, || format!("bind /proc/{name}"))?;
         set_attr(&path, true, MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV | MOUNT_ATTR_NOEXEC)
@@ -380,12 +419,16 @@ fn mkdir_p(path: &Path) -> Result<(), JailError> {
 }
 
 fn write_file(path: &Path, content: &[u8]) -> Result<(), JailError> {
+    write_file_mode(path, content, 0o644)
+}
+
+fn write_file_mode(path: &Path, content: &[u8], mode: u32) -> Result<(), JailError> {
     use std::io::Write;
     std::fs::OpenOptions::new()
         .write(true)
         .create(true)
         .truncate(true)
-        .mode(0o644)
+        .mode(mode)
         .open(path)
         .and_then(|mut f| f.write_all(content))
         .step(Step::Mounts, || format!("write {}", path.display()))

@@ -175,8 +175,8 @@ fn rules_for(c: ArgCond, name: &str, families: &[u64]) -> Result<Vec<SeccompRule
 }
 
 /// Installs the filter on the calling thread. no_new_privs must already be set.
-pub fn install(f: &Filters) -> Result<(), JailError> {
-    seccompiler::apply_filter(&f.program).map_err(|e| JailError::new(Step::Seccomp, format!("install filter: {e}")))
+pub fn install(program: &[seccompiler::sock_filter]) -> Result<(), JailError> {
+    seccompiler::apply_filter(program).map_err(|e| JailError::new(Step::Seccomp, format!("install filter: {e}")))
 }
 
 #[cfg(test)]

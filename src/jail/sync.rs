@@ -1,9 +1,9 @@
 //! The two pipes between the host-side supervisor and the jail.
 //!
 //! * `go`, a socket pair: the supervisor sends `G` once the uid/gid maps are written (and, in
-//!   veth mode, the session's network is up), then the jail's cgroup (see `send_cgroup`), which
-//!   it creates while the jail builds its filesystem. EOF (the supervisor died) is the order to
-//!   exit.
+//!   veth mode, the session's network is up), then the jail's cgroup and seccomp program (see
+//!   [`Setup`]), which it makes while the jail builds its filesystem. EOF (the supervisor died)
+//!   is the order to exit.
 //! * `report`: the jail writes at most one failure record; every copy of the write end is
 //!   close-on-exec, so EOF with no record means the command was exec'd.
 
@@ -37,12 +37,33 @@ pub fn send(fd: &OwnedFd, what: u8) -> nix::Result<()> {
     write(fd.as_fd(), &[what]).map(|_| ())
 }
 
-/// Supervisor side: the jail's cgroup, as the `tasks` files it enters by itself (possibly none).
-pub fn send_cgroup(fd: &OwnedFd, entry: Option<&super::cgroups::Entry>) -> nix::Result<()> {
+/// What the jail receives after `GO`, once the supervisor has made it: the cgroup to enter (as
+/// the `tasks` files it enters by itself, possibly none) and the seccomp program to install.
+pub struct Setup {
+    pub cgroup: Option<super::cgroups::Entry>,
+    pub program: seccompiler::BpfProgram,
+}
+
+/// Supervisor side of [`Setup`], one datagram: `S`, the program's length in instructions (u32,
+/// native order), the instructions, then the `tasks` paths, NUL-terminated, matching the
+/// descriptors passed with SCM_RIGHTS.
+pub fn send_setup(
+    fd: &OwnedFd,
+    entry: Option<&super::cgroups::Entry>,
+    program: &[seccompiler::sock_filter],
+) -> nix::Result<()> {
     use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
     use std::os::fd::AsRawFd;
     let (paths, fds) = entry.map(|e| e.for_sending()).unwrap_or_default();
-    let mut msg = b"C".to_vec();
+    let mut msg = Vec::with_capacity(5 + program.len() * 8 + 256);
+    msg.push(b'S');
+    msg.extend_from_slice(&(program.len() as u32).to_ne_bytes());
+    for i in program {
+        msg.extend_from_slice(&i.code.to_ne_bytes());
+        msg.push(i.jt);
+        msg.push(i.jf);
+        msg.extend_from_slice(&i.k.to_ne_bytes());
+    }
     for p in &paths {
         msg.extend_from_slice(p.as_os_str().as_encoded_bytes());
         msg.push(0);
@@ -53,26 +74,36 @@ pub fn send_cgroup(fd: &OwnedFd, entry: Option<&super::cgroups::Entry>) -> nix::
     sendmsg::<()>(fd.as_raw_fd(), &iov, if raw.is_empty() { &[] } else { &cmsg }, MsgFlags::empty(), None).map(|_| ())
 }
 
-/// Jail side: the cgroup to enter. `Err(None)` when the supervisor went away first, `Err(Some)`
-/// when its message cannot be read (then the jail must not run: it would run unbounded).
-pub fn recv_cgroup(fd: &OwnedFd) -> Result<Option<super::cgroups::Entry>, Option<String>> {
-    use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags};
+/// Jail side of [`Setup`]. `Err(None)` when the supervisor went away first, `Err(Some)` when its
+/// message cannot be read (then the jail must not run: it would run unbounded or unfiltered).
+pub fn recv_setup(fd: &OwnedFd) -> Result<Setup, Option<String>> {
+    use nix::sys::socket::{recv, recvmsg, ControlMessageOwned, MsgFlags};
     use std::os::fd::{AsRawFd, FromRawFd};
-    let mut buf = vec![0u8; 8192];
+    let bad = |m: &str| Some(format!("receive the jail's setup: {m}"));
+    // The datagram's size first (MSG_TRUNC reports the whole length), so the buffer is exact.
+    let mut probe = [0u8; 1];
+    let size = loop {
+        match recv(fd.as_raw_fd(), &mut probe, MsgFlags::MSG_PEEK | MsgFlags::MSG_TRUNC) {
+            Err(nix::errno::Errno::EINTR) => continue,
+            Ok(0) => return Err(None),
+            other => break other.map_err(|e| bad(&e.to_string()))?,
+        }
+    };
+    let mut buf = vec![0u8; size];
     let mut space = nix::cmsg_space!([std::os::fd::RawFd; 8]);
     let (n, fds) = {
         let mut iov = [std::io::IoSliceMut::new(&mut buf)];
         let m = loop {
             match recvmsg::<()>(fd.as_raw_fd(), &mut iov, Some(&mut space), MsgFlags::MSG_CMSG_CLOEXEC) {
                 Err(nix::errno::Errno::EINTR) => continue,
-                other => break other.map_err(|e| Some(format!("receive the cgroup: {e}")))?,
+                other => break other.map_err(|e| bad(&e.to_string()))?,
             }
         };
         if m.flags.contains(MsgFlags::MSG_CTRUNC) {
-            return Err(Some("receive the cgroup: descriptors truncated".into()));
+            return Err(bad("descriptors truncated"));
         }
         let mut fds = Vec::new();
-        for c in m.cmsgs().map_err(|e| Some(format!("receive the cgroup: {e}")))? {
+        for c in m.cmsgs().map_err(|e| bad(&e.to_string()))? {
             if let ControlMessageOwned::ScmRights(r) = c {
                 // SAFETY: descriptors just received with SCM_RIGHTS belong to nothing else.
                 fds.extend(r.into_iter().map(|f| unsafe { OwnedFd::from_raw_fd(f) }));
@@ -83,21 +114,36 @@ pub fn recv_cgroup(fd: &OwnedFd) -> Result<Option<super::cgroups::Entry>, Option
     if n == 0 {
         return Err(None);
     }
-    if buf[0] != b'C' {
-        return Err(Some("receive the cgroup: unexpected message".into()));
+    let buf = &buf[..n];
+    if buf[0] != b'S' || n < 5 {
+        return Err(bad("unexpected message"));
     }
-    let paths: Vec<std::path::PathBuf> = buf[1..n]
+    let count = u32::from_ne_bytes(buf[1..5].try_into().expect("4 bytes")) as usize;
+    let Some(rest) = buf[5..].get(count * 8..) else {
+        return Err(bad(&format!("{count} filter instructions announced, {} bytes sent", n - 5)));
+    };
+    let program: seccompiler::BpfProgram = buf[5..5 + count * 8]
+        .chunks_exact(8)
+        .map(|c| seccompiler::sock_filter {
+            code: u16::from_ne_bytes([c[0], c[1]]),
+            jt: c[2],
+            jf: c[3],
+            k: u32::from_ne_bytes([c[4], c[5], c[6], c[7]]),
+        })
+        .collect();
+    if program.is_empty() {
+        return Err(bad("no seccomp program"));
+    }
+    let paths: Vec<std::path::PathBuf> = rest
         .split(|b| *b == 0)
         .filter(|p| !p.is_empty())
         .map(|p| std::path::PathBuf::from(std::ffi::OsStr::from_bytes(p)))
         .collect();
-    if paths.is_empty() && fds.is_empty() {
-        return Ok(None);
-    }
     if paths.len() != fds.len() {
-        return Err(Some(format!("receive the cgroup: {} paths but {} descriptors", paths.len(), fds.len())));
+        return Err(bad(&format!("{} cgroup paths but {} descriptors", paths.len(), fds.len())));
     }
-    Ok(Some(super::cgroups::Entry::received(paths.into_iter().zip(fds).collect())))
+    let cgroup = (!paths.is_empty()).then(|| super::cgroups::Entry::received(paths.into_iter().zip(fds).collect()));
+    Ok(Setup { cgroup, program })
 }
 
 /// Jail side: wait for `what`. Returns false when the supervisor went away.
