@@ -126,12 +126,18 @@ fn close_raw(fd: i32) {
 fn setup(ctx: &ChildCtx) -> Result<Option<Pid>, JailError> {
     // SAFETY: prctl(PR_SET_PDEATHSIG) takes integer arguments only.
     unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong, 0, 0, 0) };
+    let p = ctx.policy;
+    // Outside veth mode the clone made no network namespace: a helper thread makes it now, while
+    // this thread waits for its id maps and builds the filesystem.
+    let netns = match (p.network.mode, p.filesystem.sys) {
+        (NetMode::Veth, _) | (_, crate::policy::SysMode::ReadOnly) => None,
+        (mode, _) => Some(netif::PendingNetns::start(mode == NetMode::Loopback)?),
+    };
     if !wait_for(&ctx.pipes.go_read, GO) {
         // The supervisor is gone before the maps were written: leave quietly.
         // SAFETY: see child_main.
         unsafe { libc::_exit(EXIT_SETUP_FAILED) };
     }
-    let p = ctx.policy;
     if let Some((uid, gid)) = ctx.ids.setup_ids() {
         setresgid(Gid::from_raw(gid), Gid::from_raw(gid), Gid::from_raw(gid))
             .step(Step::IdMap, || "become setup gid".into())?;
@@ -144,12 +150,17 @@ fn setup(ctx: &ChildCtx) -> Result<Option<Pid>, JailError> {
         close_raw(tree.as_raw_fd());
     }
     uts::set_names(&p.hostname)?;
+    let netns_made_here = netns.is_some();
+    if let Some(netns) = netns {
+        netns.enter()?;
+    }
     match (p.network.mode, ctx.veth) {
-        (NetMode::Loopback, _) => netif::loopback_up()?,
+        // The namespace came with the clone (see `Jail::start`).
         (NetMode::Veth, Some((jail, gateway))) => {
             netif::loopback_up()?;
             netif::veth_up(jail, gateway)?;
         }
+        (NetMode::Loopback, _) if !netns_made_here => netif::loopback_up()?,
         _ => {}
     }
     rlimits::apply(&p.limits)?;

@@ -1,7 +1,8 @@
 //! Step 1: a child in new user, mount, pid, ipc, uts and net namespaces, and its uid/gid maps.
 //!
 //! The cgroup namespace is entered later, by the child itself, once the supervisor has moved it
-//! into the jail's cgroup, so that the jail's cgroup becomes the root of its view.
+//! into the jail's cgroup, so that the jail's cgroup becomes the root of its view. Outside veth
+//! mode the network namespace is also made by the child, concurrently (see `netif::PendingNetns`).
 
 use nix::sched::CloneFlags;
 use nix::unistd::Pid;
@@ -18,7 +19,8 @@ pub const JAIL_NAMESPACES: CloneFlags = CloneFlags::CLONE_NEWUSER
     .union(CloneFlags::CLONE_NEWUTS)
     .union(CloneFlags::CLONE_NEWNET);
 
-/// Forks into new namespaces. Returns `None` in the child, `Some(pid)` in the parent.
+/// Forks into new namespaces (`JAIL_NAMESPACES`, without the network namespace unless `with_net`).
+/// Returns `None` in the child, `Some(pid)` in the parent.
 ///
 /// Must be called from a single-threaded process: the child continues with a copy of the
 /// parent's memory and may allocate, which is only sound when no other thread could have held
@@ -26,11 +28,14 @@ pub const JAIL_NAMESPACES: CloneFlags = CloneFlags::CLONE_NEWUSER
 ///
 /// With `cgroup` (a cgroup v2 directory) the child is created inside that cgroup
 /// (`clone3` with `CLONE_INTO_CGROUP`), so it never has to be migrated there.
-pub fn fork_into_namespaces(cgroup: Option<BorrowedFd>) -> Result<Option<Pid>, JailError> {
+pub fn fork_into_namespaces(cgroup: Option<BorrowedFd>, with_net: bool) -> Result<Option<Pid>, JailError> {
     ensure_single_threaded()?;
+    let namespaces =
+        if with_net { JAIL_NAMESPACES } else { JAIL_NAMESPACES.difference(CloneFlags::CLONE_NEWNET) };
+    let names = if with_net { "NEWUSER|NEWNS|NEWPID|NEWIPC|NEWUTS|NEWNET" } else { "NEWUSER|NEWNS|NEWPID|NEWIPC|NEWUTS" };
     let ret = match cgroup {
         None => {
-            let flags = JAIL_NAMESPACES.bits() as libc::c_ulong | libc::SIGCHLD as libc::c_ulong;
+            let flags = namespaces.bits() as libc::c_ulong | libc::SIGCHLD as libc::c_ulong;
             // SAFETY: raw clone(2) without CLONE_VM behaves like fork(2): the child gets a
             // private copy of the address space and returns 0 on a valid stack. The process is
             // single-threaded (checked above), so no lock can be held across the fork.
@@ -38,7 +43,7 @@ pub fn fork_into_namespaces(cgroup: Option<BorrowedFd>) -> Result<Option<Pid>, J
         }
         Some(fd) => {
             let args = CloneArgs {
-                flags: JAIL_NAMESPACES.bits() as u64 | CLONE_INTO_CGROUP,
+                flags: namespaces.bits() as u64 | CLONE_INTO_CGROUP,
                 exit_signal: libc::SIGCHLD as u64,
                 cgroup: fd.as_raw_fd() as u64,
                 ..CloneArgs::default()
@@ -52,15 +57,10 @@ pub fn fork_into_namespaces(cgroup: Option<BorrowedFd>) -> Result<Option<Pid>, J
         -1 => {
             let err = std::io::Error::last_os_error();
             Err(match cgroup {
-                Some(_) => JailError::new(
-                    Step::Namespaces,
-                    format!("clone3(NEWUSER|NEWNS|NEWPID|NEWIPC|NEWUTS|NEWNET, INTO_CGROUP): {err}"),
-                ),
+                Some(_) => JailError::new(Step::Namespaces, format!("clone3({names}, INTO_CGROUP): {err}")),
                 None => JailError::new(
                     Step::Namespaces,
-                    format!(
-                        "clone(NEWUSER|NEWNS|NEWPID|NEWIPC|NEWUTS|NEWNET): {err} (are user namespaces enabled? see `stockade check`)"
-                    ),
+                    format!("clone({names}): {err} (are user namespaces enabled? see `stockade check`)"),
                 ),
             })
         }
@@ -206,7 +206,7 @@ mod tests {
         // malloc usable in the child of a multi-threaded process.
         let pid = unsafe { libc::fork() };
         if pid == 0 {
-            let code = match fork_into_namespaces(Some(cg.as_fd())) {
+            let code = match fork_into_namespaces(Some(cg.as_fd()), true) {
                 Ok(None) => {
                     let mine = std::fs::read_to_string("/proc/self/cgroup").unwrap_or_default();
                     let inside = mine.lines().any(|l| l.starts_with("0::") && l.ends_with(&format!("/{name}")));
