@@ -10,7 +10,7 @@
 
 use nix::sys::signal::{kill, SigSet, SigmaskHow, Signal};
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
-use nix::unistd::{chdir, fork, setresgid, setresuid, setsid, ForkResult, Gid, Pid, Uid};
+use nix::unistd::{chdir, fork, setsid, ForkResult, Pid};
 use std::ffi::CString;
 use std::os::fd::AsRawFd;
 use std::os::unix::ffi::OsStrExt;
@@ -139,9 +139,15 @@ fn setup(ctx: &ChildCtx) -> Result<Option<Pid>, JailError> {
         unsafe { libc::_exit(EXIT_SETUP_FAILED) };
     }
     if let Some((uid, gid)) = ctx.ids.setup_ids() {
-        setresgid(Gid::from_raw(gid), Gid::from_raw(gid), Gid::from_raw(gid))
+        // The raw calls change this thread only. glibc's wrappers change every thread of the
+        // process and wait until each has taken a signal for it, and the network namespace
+        // thread may be deep in its unshare: the jail would wait for it here. That thread's
+        // own credentials do not matter; it ends before anything runs in the jail.
+        // SAFETY: setresgid/setresuid take integer arguments only.
+        nix::errno::Errno::result(unsafe { libc::syscall(libc::SYS_setresgid, gid, gid, gid) })
             .step(Step::IdMap, || "become setup gid".into())?;
-        setresuid(Uid::from_raw(uid), Uid::from_raw(uid), Uid::from_raw(uid))
+        // SAFETY: as above.
+        nix::errno::Errno::result(unsafe { libc::syscall(libc::SYS_setresuid, uid, uid, uid) })
             .step(Step::IdMap, || "become setup uid".into())?;
     }
     mounts::build_root(&ctx.plan)?;

@@ -269,8 +269,8 @@ impl Jail {
         // right after the clone, and a /sys can only be mounted from inside the jail's network
         // namespace: then that namespace comes with the clone. Otherwise the jail makes it itself,
         // beside its other work (`netif::PendingNetns`).
-        let with_net = p.network.mode == crate::policy::NetMode::Veth
-            || p.filesystem.sys == crate::policy::SysMode::ReadOnly;
+        let with_net =
+            p.network.mode == crate::policy::NetMode::Veth || p.filesystem.sys == crate::policy::SysMode::ReadOnly;
         let child = match namespaces::fork_into_namespaces(entry.as_ref().and_then(|e| e.clone_into()), with_net) {
             Err(e) => return Err(restore(e, &mut cgroup)),
             Ok(None) => init::child_main(init::ChildCtx {

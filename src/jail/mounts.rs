@@ -260,8 +260,8 @@ fn attach(root: &Path, e: &Entry, tmpfs_size: u64) -> Result<(), JailError> {
     set_attr(&target, true, attrs).step(Step::Mounts, || format!("restrict {}", ctx()))
 }
 
-/// Largest /etc file copied rather than bound.
-const ETC_COPY_MAX: u64 = 1 << 20;
+/// Largest /etc file copied rather than bound: beyond a few pages a copy costs more than a bind.
+const ETC_COPY_MAX: u64 = 16 << 10;
 
 /// Copies a small regular file into the new root instead of binding it: the jail sees the same
 /// bytes (read-only, like everything in the root), and there is no mount to set up and tear

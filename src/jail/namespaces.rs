@@ -30,9 +30,9 @@ pub const JAIL_NAMESPACES: CloneFlags = CloneFlags::CLONE_NEWUSER
 /// (`clone3` with `CLONE_INTO_CGROUP`), so it never has to be migrated there.
 pub fn fork_into_namespaces(cgroup: Option<BorrowedFd>, with_net: bool) -> Result<Option<Pid>, JailError> {
     ensure_single_threaded()?;
-    let namespaces =
-        if with_net { JAIL_NAMESPACES } else { JAIL_NAMESPACES.difference(CloneFlags::CLONE_NEWNET) };
-    let names = if with_net { "NEWUSER|NEWNS|NEWPID|NEWIPC|NEWUTS|NEWNET" } else { "NEWUSER|NEWNS|NEWPID|NEWIPC|NEWUTS" };
+    let namespaces = if with_net { JAIL_NAMESPACES } else { JAIL_NAMESPACES.difference(CloneFlags::CLONE_NEWNET) };
+    let names =
+        if with_net { "NEWUSER|NEWNS|NEWPID|NEWIPC|NEWUTS|NEWNET" } else { "NEWUSER|NEWNS|NEWPID|NEWIPC|NEWUTS" };
     let ret = match cgroup {
         None => {
             let flags = namespaces.bits() as libc::c_ulong | libc::SIGCHLD as libc::c_ulong;

@@ -23,9 +23,8 @@ impl PendingNetns {
             .spawn(move || {
                 // unshare acts on the calling thread only: the rest of the jail stays where it is
                 // until `enter`.
-                nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).map_err(|e| {
-                    JailError::new(Step::Namespaces, format!("unshare network namespace: {e}"))
-                })?;
+                nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET)
+                    .map_err(|e| JailError::new(Step::Namespaces, format!("unshare network namespace: {e}")))?;
                 if loopback {
                     loopback_up()?;
                 }
@@ -39,10 +38,8 @@ impl PendingNetns {
 
     /// Moves the jail into the namespace the thread made.
     pub fn enter(self) -> Result<(), JailError> {
-        let ns = self
-            .0
-            .join()
-            .map_err(|_| JailError::new(Step::Namespaces, "the network namespace thread panicked"))??;
+        let ns =
+            self.0.join().map_err(|_| JailError::new(Step::Namespaces, "the network namespace thread panicked"))??;
         nix::sched::setns(ns.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET)
             .map_err(|e| JailError::new(Step::Namespaces, format!("enter the new network namespace: {e}")))
     }
