@@ -8,19 +8,16 @@
 #   2. stockade, the same jail without cgroup limits (what bwrap below also lacks)
 #   3. stockade as `cargo build --release` makes it (dynamically linked), full default jail
 #   4. bwrap --unshare-all --cap-drop ALL with /usr read-only, /proc, /dev and a /tmp tmpfs
-# and prints mean times and the ratios stockade/bwrap. Installs bubblewrap and hyperfine from
-# Debian's archive when missing. Needs root (cgroup limits; bwrap as root needs no setuid).
+# and prints mean and median times and the ratios stockade/bwrap. Installs bubblewrap from Debian's
+# archive when missing. Needs root (cgroup limits; bwrap as root needs no setuid).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 runs=${1:-300}
 
 need() { command -v "$1" >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq "$2" >/dev/null; }; }
 need bwrap bubblewrap
-need hyperfine hyperfine
+need python3 python3
 
-# The release build as shipped for bare hosts (README, "Release build"): static-pie, so the jail
-# start does not wait for the dynamic loader. The plain `cargo build --release` binary is timed
-# beside it.
 host=$(rustc -vV | sed -n 's/^host: //p')
 cargo build --release --quiet
 RUSTFLAGS="-C target-feature=+crt-static" cargo build --release --quiet --target "$host"
@@ -37,18 +34,34 @@ for d in bin lib lib64 sbin; do
 done
 bwrap_cmd+=" --proc /proc --dev /dev --tmpfs /tmp -- /bin/true"
 
-hyperfine -N --warmup 20 --runs "$runs" --export-json "$tmp/r.json" \
-  -n "stockade (default policy)" "$stockade run -- /bin/true" \
-  -n "stockade (default, no cgroup limits)" "$stockade run --policy $tmp/nocgroup.toml -- /bin/true" \
-  -n "stockade (default, dynamically linked)" "$dynamic run -- /bin/true" \
-  -n "bwrap" "$bwrap_cmd" >/dev/null
-
-python3 - "$tmp/r.json" <<'PY'
-import json, sys
-r = {x["command"]: x for x in json.load(open(sys.argv[1]))["results"]}
-b = r["bwrap"]
+# Interleaved rounds (each command once per round, in turn) rather than one block per command:
+# on a small VM the host's background work (the kernel tearing down the previous jails'
+# namespaces, RCU) drifts over a run, and blocks would hand that drift to whichever command
+# happened to run then.
+python3 - "$runs" \
+  "stockade (default policy)=$stockade run -- /bin/true" \
+  "stockade (default, no cgroup limits)=$stockade run --policy $tmp/nocgroup.toml -- /bin/true" \
+  "stockade (default, dynamically linked)=$dynamic run -- /bin/true" \
+  "bwrap=$bwrap_cmd" <<'PY'
+import os, statistics, sys, time
+runs = int(sys.argv[1])
+cmds = [a.split("=", 1) for a in sys.argv[2:]]
+times = {name: [] for name, _ in cmds}
+for i in range(runs + 20):  # the first 20 rounds warm caches up and are not counted
+    for name, cmd in cmds:
+        argv = cmd.split()
+        t = time.perf_counter_ns()
+        pid = os.posix_spawnp(argv[0], argv, os.environ)
+        _, status = os.waitpid(pid, 0)
+        dt = (time.perf_counter_ns() - t) / 1e6
+        if os.waitstatus_to_exitcode(status) != 0:
+            sys.exit(f"{name} failed: {cmd}")
+        if i >= 20:
+            times[name].append(dt)
+b = times["bwrap"]
+print(f"{runs} interleaved runs each")
 print(f"{'':40} {'mean':>9} {'median':>9} {'stddev':>9}  ratio to bwrap (mean / median)")
-for name, x in r.items():
-    print(f"{name:40} {x['mean']*1e3:7.2f}ms {x['median']*1e3:7.2f}ms {x['stddev']*1e3:7.2f}ms  "
-          f"{x['mean']/b['mean']:.2f} / {x['median']/b['median']:.2f}")
+for name, t in times.items():
+    print(f"{name:40} {statistics.mean(t):7.2f}ms {statistics.median(t):7.2f}ms {statistics.stdev(t):7.2f}ms  "
+          f"{statistics.mean(t) / statistics.mean(b):.2f} / {statistics.median(t) / statistics.median(b):.2f}")
 PY
