@@ -709,3 +709,23 @@ fn foreign_owned_workspace_is_id_mapped_and_system_owned_refused() {
     assert_eq!(r.code, 125, "{r:?}");
     assert!(r.stderr.contains("refusing to id-map it onto a system account") && r.stderr.contains("chown"), "{r:?}");
 }
+
+#[test]
+fn small_etc_files_are_copied_and_fifos_and_large_files_bound() {
+    let src = TempDir::new("etc-src");
+    let s = src.path();
+    std::fs::write(s.join("small"), "hello etc\n").unwrap();
+    std::fs::write(s.join("big"), vec![b'x'; 40_000]).unwrap();
+    // Opening a FIFO to copy it would block the jail's start for good.
+    nix::unistd::mkfifo(&s.join("fifo"), nix::sys::stat::Mode::from_bits_truncate(0o644)).unwrap();
+    let entries: Vec<String> =
+        ["small", "big", "fifo"].iter().map(|n| format!("\"{}:/etc/{n}\"", s.join(n).display())).collect();
+    let (_d, p) = policy("default", &format!("[filesystem]\netc = [{}]", entries.join(", ")));
+    let r = sh(
+        &p,
+        "cat /etc/small; wc -c < /etc/big; [ -p /etc/fifo ] && echo fifo; \
+         for f in small big fifo; do grep -q \" /etc/$f \" /proc/self/mountinfo && echo bound $f; done",
+    );
+    assert_eq!(r.code, 0, "{r:?}");
+    assert_eq!(r.stdout, "hello etc\n40000\nfifo\nbound big\nbound fifo\n", "{r:?}");
+}

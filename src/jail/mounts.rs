@@ -270,20 +270,24 @@ const ETC_COPY_MAX: u64 = 16 << 10;
 /// the setup user cannot read, whose host permissions a bind keeps.
 fn copy_in(root: &Path, e: &Entry) -> Result<bool, JailError> {
     use std::io::Read;
-    use std::os::unix::fs::PermissionsExt;
     let Source::Fd { fd, is_dir: false } = &e.src else { return Ok(false) };
-    let Ok(mut f) = std::fs::File::open(format!("/proc/self/fd/{}", fd.as_raw_fd())) else { return Ok(false) };
-    let meta = f.metadata().step(Step::Mounts, || format!("stat {}", e.dst.display()))?;
-    if !meta.is_file() || meta.len() > ETC_COPY_MAX {
+    // Looked at before opening: opening a FIFO or a device planted under /etc could block or act.
+    let st = nix::sys::stat::fstat(fd).step(Step::Mounts, || format!("stat {}", e.dst.display()))?;
+    if st.st_mode & libc::S_IFMT != libc::S_IFREG || st.st_size as u64 > ETC_COPY_MAX {
         return Ok(false);
     }
-    let mut content = Vec::with_capacity(meta.len() as usize);
-    f.read_to_end(&mut content).step(Step::Mounts, || format!("read {}", e.dst.display()))?;
+    let Ok(f) = std::fs::File::open(format!("/proc/self/fd/{}", fd.as_raw_fd())) else { return Ok(false) };
+    let mut content = Vec::with_capacity(st.st_size as usize);
+    // A file that grew since is bound after all.
+    f.take(ETC_COPY_MAX + 1).read_to_end(&mut content).step(Step::Mounts, || format!("read {}", e.dst.display()))?;
+    if content.len() as u64 > ETC_COPY_MAX {
+        return Ok(false);
+    }
     let target = root.join(e.dst.strip_prefix("/").unwrap_or(&e.dst));
     if let Some(parent) = target.parent() {
         mkdir_p(parent)?;
     }
-    write_file_mode(&target, &content, meta.permissions().mode() & 0o755)?;
+    write_file_mode(&target, &content, st.st_mode & 0o755)?;
     Ok(true)
 }
 
