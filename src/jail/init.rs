@@ -127,11 +127,11 @@ fn setup(ctx: &ChildCtx) -> Result<Option<Pid>, JailError> {
     // SAFETY: prctl(PR_SET_PDEATHSIG) takes integer arguments only.
     unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong, 0, 0, 0) };
     let p = ctx.policy;
-    // Outside veth mode the clone made no network namespace: a helper thread makes it now, while
-    // this thread waits for its id maps and builds the filesystem.
-    let netns = match (p.network.mode, p.filesystem.sys) {
-        (NetMode::Veth, _) | (_, crate::policy::SysMode::ReadOnly) => None,
-        (mode, _) => Some(netif::PendingNetns::start(mode == NetMode::Loopback)?),
+    // When the clone made no network namespace, a helper thread makes it now, while this thread
+    // waits for its id maps and builds the filesystem.
+    let netns = match netif::namespace_with_clone(p) {
+        true => None,
+        false => Some(netif::PendingNetns::start(p.network.mode == NetMode::Loopback)?),
     };
     if !wait_for(&ctx.pipes.go_read, GO) {
         // The supervisor is gone before the maps were written: leave quietly.

@@ -265,12 +265,8 @@ impl Jail {
             Ok(entry) => entry,
             Err(e) => return Err(restore(e, &mut cgroup)),
         };
-        // In veth mode the supervisor moves the session's link into the jail's network namespace
-        // right after the clone, and a /sys can only be mounted from inside the jail's network
-        // namespace: then that namespace comes with the clone. Otherwise the jail makes it itself,
-        // beside its other work (`netif::PendingNetns`).
-        let with_net =
-            p.network.mode == crate::policy::NetMode::Veth || p.filesystem.sys == crate::policy::SysMode::ReadOnly;
+        // Otherwise the jail makes its network namespace itself, beside its other work.
+        let with_net = netif::namespace_with_clone(p);
         let child = match namespaces::fork_into_namespaces(entry.as_ref().and_then(|e| e.clone_into()), with_net) {
             Err(e) => return Err(restore(e, &mut cgroup)),
             Ok(None) => init::child_main(init::ChildCtx {

@@ -6,6 +6,14 @@ use std::os::fd::{AsFd, OwnedFd};
 
 use super::error::{JailError, Step};
 
+/// Whether the jail's network namespace comes with its clone rather than from [`PendingNetns`]:
+/// in veth mode the supervisor moves the session's link into it right after the clone, and a
+/// /sys can only be mounted from inside it. The supervisor (clone flags) and the jail (whether to
+/// make one) both ask this, so they cannot disagree and leave the jail in the host's namespace.
+pub fn namespace_with_clone(p: &crate::policy::Policy) -> bool {
+    p.network.mode == crate::policy::NetMode::Veth || p.filesystem.sys == crate::policy::SysMode::ReadOnly
+}
+
 /// The jail's network namespace in the making. Creating a network namespace is the dearest part
 /// of a jail's start (~0.5 ms here: every protocol's sysctl tables and per-namespace state), and
 /// nothing before the network step needs it, so a helper thread of the jail child makes it while
