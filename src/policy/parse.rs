@@ -31,13 +31,22 @@ pub type Origins = BTreeMap<String, Origin>;
 struct Source<'a> {
     name: String,
     text: &'a str,
+    /// Byte offset of each line's first character: every field of a policy asks for its origin,
+    /// and rescanning the text from the start for each made loading quadratic.
+    line_starts: Vec<usize>,
 }
 
-impl Source<'_> {
+impl<'a> Source<'a> {
+    fn new(name: String, text: &'a str) -> Self {
+        let line_starts = std::iter::once(0).chain(text.match_indices('\n').map(|(i, _)| i + 1)).collect();
+        Source { name, text, line_starts }
+    }
+
     fn origin(&self, offset: usize) -> Origin {
-        let before = &self.text[..offset.min(self.text.len())];
-        let line = before.matches('\n').count() + 1;
-        let col = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+        let offset = offset.min(self.text.len());
+        // The last line starting at or before the offset (line_starts[0] == 0, so never 0 here).
+        let line = self.line_starts.partition_point(|&s| s <= offset);
+        let col = self.text[self.line_starts[line - 1]..offset].chars().count() + 1;
         Origin { file: self.name.clone(), line, col }
     }
     fn whole(&self) -> Origin {
@@ -300,7 +309,7 @@ fn resolve_into(
         if !is_path {
             let text =
                 builtin_text(name).ok_or_else(|| PolicyError::invalid(&at, unknown_builtin(name).to_string()))?;
-            let base = Source { name: format!("builtin:{name}"), text };
+            let base = Source::new(format!("builtin:{name}"), text);
             resolve_into(&base, None, chain, raw, origins)?;
         } else {
             let Some(dir) = dir else {
@@ -309,7 +318,7 @@ fn resolve_into(
             let path = dir.join(name);
             let text = std::fs::read_to_string(&path)
                 .map_err(|e| PolicyError::invalid(&at, format!("extends `{}`: {e}", path.display())))?;
-            let base = Source { name: path.display().to_string(), text: &text };
+            let base = Source::new(path.display().to_string(), &text);
             resolve_into(&base, path.parent(), chain, raw, origins)?;
         }
     }
@@ -338,7 +347,7 @@ fn unknown_builtin(name: &str) -> PolicyError {
 
 /// Parses policy text; `name` is used in error messages, `dir` resolves relative `extends`.
 pub fn load_str(name: &str, text: &str, dir: Option<&Path>) -> Result<(Policy, Origins), PolicyError> {
-    let src = Source { name: name.to_owned(), text };
+    let src = Source::new(name.to_owned(), text);
     let mut raw = Raw::default();
     let mut origins = Origins::new();
     resolve_into(&src, dir, &mut Vec::new(), &mut raw, &mut origins)?;
@@ -612,4 +621,28 @@ fn parse_bind(s: &str, under_etc: bool) -> Result<Bind, String> {
         return Err(format!("`{s}`: the jail's /etc is generated; list single host files in filesystem.etc"));
     }
     Ok(Bind { src, dst, optional })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Source;
+
+    #[test]
+    fn origins_count_lines_and_characters() {
+        let text = "a = 1\n\nné = \"x\"\nlast";
+        let src = Source::new("t.toml".into(), text);
+        let at = |needle: &str| {
+            let o = src.origin(text.find(needle).unwrap());
+            (o.line, o.col)
+        };
+        assert_eq!(at("a ="), (1, 1));
+        assert_eq!(at("1"), (1, 5));
+        assert_eq!(src.origin(5).line, 1, "the newline itself belongs to its line");
+        assert_eq!(src.origin(6).line, 2, "an empty line");
+        // Columns count characters, not bytes: "é" is two bytes.
+        assert_eq!(at("\"x\""), (3, 6));
+        assert_eq!(at("last"), (4, 1));
+        let end = src.origin(text.len() + 10);
+        assert_eq!((end.line, end.col, end.file.as_str()), (4, 5, "t.toml"));
+    }
 }
