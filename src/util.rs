@@ -180,6 +180,23 @@ pub fn parse_rfc3339(s: &str) -> Result<std::time::SystemTime, String> {
     Ok(std::time::UNIX_EPOCH + Duration::new(secs as u64, nanos))
 }
 
+/// close_range(2) through the raw syscall: musl has no wrapper for it, and the same code must
+/// build for the static musl binary and the glibc one.
+///
+/// # Safety
+/// Closing (or marking close-on-exec) descriptors that other code still owns makes its later use
+/// of them act on whatever reuses the numbers; callers close only descriptors nothing else in
+/// this process will touch again (typically right before exec or `_exit`).
+pub unsafe fn close_range(first: u32, last: u32, flags: u32) -> std::io::Result<()> {
+    // SAFETY: the syscall takes integer arguments only; the caller vouches for the descriptors.
+    let r = unsafe { libc::syscall(libc::SYS_close_range, first, last, flags) };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

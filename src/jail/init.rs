@@ -83,9 +83,9 @@ pub(crate) fn child_main(ctx: ChildCtx) -> ! {
                 // (stdio and the channel are kept, everything else was the supervisor's).
                 unsafe {
                     if keep > 3 {
-                        libc::close_range(3, keep - 1, 0);
+                        let _ = crate::util::close_range(3, keep - 1, 0);
                     }
-                    libc::close_range(keep + 1, u32::MAX, 0);
+                    let _ = crate::util::close_range(keep + 1, u32::MAX, 0);
                 }
                 // stdin and stdout are the supervisor's request/response pipes to its caller
                 // (the worker): nothing in the jail reads or writes them, so they go.
@@ -253,8 +253,8 @@ fn run_exec(ctx: &ChildCtx) -> JailError {
     // Every descriptor above stderr is closed at exec, whatever the supervisor or a library
     // left open; the report pipe stays usable until then.
     // SAFETY: close_range with CLOSE_RANGE_CLOEXEC only changes descriptor flags.
-    if unsafe { libc::close_range(3, u32::MAX, libc::CLOSE_RANGE_CLOEXEC as i32) } != 0 {
-        return JailError::new(Step::Exec, format!("close_range: {}", std::io::Error::last_os_error()));
+    if let Err(e) = unsafe { crate::util::close_range(3, u32::MAX, libc::CLOSE_RANGE_CLOEXEC) } {
+        return JailError::new(Step::Exec, format!("close_range: {e}"));
     }
     let prog = match resolve_program(ctx) {
         Ok(p) => p,

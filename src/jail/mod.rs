@@ -458,7 +458,7 @@ fn split_status(code: i32) -> Status {
 
 fn wait_signal(set: &SigSet, timeout: Duration) -> Option<i32> {
     let ts = libc::timespec {
-        tv_sec: timeout.as_secs().min(i64::MAX as u64) as libc::time_t,
+        tv_sec: timeout.as_secs().min(i64::MAX as u64) as _,
         tv_nsec: timeout.subsec_nanos() as libc::c_long,
     };
     // SAFETY: `set` is a valid sigset_t, `ts` a valid timespec, and siginfo may be NULL.

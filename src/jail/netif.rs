@@ -66,14 +66,14 @@ pub fn loopback_up() -> Result<(), JailError> {
         req.ifr_name[i] = *b as libc::c_char;
     }
     // SAFETY: `req` is a valid ifreq naming "lo"; SIOCGIFFLAGS fills in ifru_flags.
-    let r = unsafe { libc::ioctl(sock, libc::SIOCGIFFLAGS, &mut req) };
+    let r = unsafe { libc::ioctl(sock, libc::SIOCGIFFLAGS as _, &mut req) };
     let result = if r < 0 {
         Err(err("SIOCGIFFLAGS lo"))
     } else {
         // SAFETY: the union field was just written by SIOCGIFFLAGS.
         unsafe { req.ifr_ifru.ifru_flags |= (libc::IFF_UP | libc::IFF_RUNNING) as libc::c_short };
         // SAFETY: `req` is a valid ifreq with the flags to set.
-        if unsafe { libc::ioctl(sock, libc::SIOCSIFFLAGS, &req) } < 0 {
+        if unsafe { libc::ioctl(sock, libc::SIOCSIFFLAGS as _, &req) } < 0 {
             Err(err("SIOCSIFFLAGS lo up"))
         } else {
             Ok(())

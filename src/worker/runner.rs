@@ -69,7 +69,7 @@ impl SessionProcess {
             cmd.pre_exec(|| {
                 // Only stdio passes: descriptors the worker inherited from whoever started it
                 // stay out of the session process.
-                libc::close_range(3, u32::MAX, libc::CLOSE_RANGE_CLOEXEC as i32);
+                let _ = crate::util::close_range(3, u32::MAX, libc::CLOSE_RANGE_CLOEXEC);
                 nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL).map_err(std::io::Error::from)
             });
         }
