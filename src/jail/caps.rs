@@ -6,7 +6,6 @@
 //! The result is verified rather than assumed.
 
 use caps::{CapSet, Capability, CapsHashSet};
-use nix::unistd::{setgroups, setresgid, setresuid, Gid, Uid};
 
 use super::error::{JailError, Step, StepExt};
 
@@ -40,13 +39,8 @@ pub fn drop_to(uid: u32, gid: u32, keep_names: &[String], clear_groups: bool) ->
         prctl(libc::PR_SET_KEEPCAPS, 1, "PR_SET_KEEPCAPS")?;
     }
 
-    if clear_groups {
-        setgroups(&[]).step(Step::Capabilities, || "setgroups([])".into())?;
-    }
-    setresgid(Gid::from_raw(gid), Gid::from_raw(gid), Gid::from_raw(gid))
-        .step(Step::Capabilities, || format!("setresgid {gid}"))?;
-    setresuid(Uid::from_raw(uid), Uid::from_raw(uid), Uid::from_raw(uid))
-        .step(Step::Capabilities, || format!("setresuid {uid}"))?;
+    set_thread_ids(uid, gid, clear_groups)
+        .map_err(|e| JailError::new(Step::Capabilities, format!("become uid {uid} gid {gid}: {e}")))?;
 
     for set in [CapSet::Effective, CapSet::Permitted, CapSet::Inheritable] {
         caps::set(None, set, &keep).step(Step::Capabilities, || format!("set {set:?}"))?;
@@ -64,6 +58,27 @@ pub fn drop_to(uid: u32, gid: u32, keep_names: &[String], clear_groups: bool) ->
         }
     }
     Ok(())
+}
+
+/// Sets the calling thread's real, effective and saved ids (and, with `clear_groups`, empties
+/// its supplementary groups) through the system calls themselves. libc's wrappers change every
+/// thread of the process and wait until each has taken a signal for it; while the jail's network
+/// namespace thread is inside its unshare, that wait would take the jail's start-up with it. The
+/// helper ends before anything runs in the jail, and the command inherits the credentials of the
+/// thread that forks it, this one.
+pub fn set_thread_ids(uid: u32, gid: u32, clear_groups: bool) -> Result<(), String> {
+    let check = |r: libc::c_long, what: &str| match r {
+        0 => Ok(()),
+        _ => Err(format!("{what}: {}", std::io::Error::last_os_error())),
+    };
+    if clear_groups {
+        // SAFETY: a zero-length group list; the null pointer is never read.
+        check(unsafe { libc::syscall(libc::SYS_setgroups, 0, std::ptr::null::<libc::gid_t>()) }, "setgroups([])")?;
+    }
+    // SAFETY: setresgid/setresuid take integer arguments only.
+    check(unsafe { libc::syscall(libc::SYS_setresgid, gid, gid, gid) }, "setresgid")?;
+    // SAFETY: as above.
+    check(unsafe { libc::syscall(libc::SYS_setresuid, uid, uid, uid) }, "setresuid")
 }
 
 fn prctl(op: libc::c_int, arg: libc::c_ulong, name: &str) -> Result<(), JailError> {

@@ -53,7 +53,6 @@ mod tests {
     use crate::policy::load_builtin;
 
     #[test]
-    #[cfg(target_env = "gnu")]
     fn the_recorded_environment_block_is_the_one_proc_shows() {
         let stat = std::fs::read_to_string("/proc/self/stat").unwrap();
         let f: Vec<&str> = stat[stat.rfind(')').unwrap() + 1..].split_whitespace().collect();
@@ -141,33 +140,33 @@ fn env_block() -> Option<(usize, usize)> {
 }
 
 // Reading /proc/self/stat costs a jail child ~0.15 ms on its start-up path, so the block's bounds
-// are taken once, before main, from the environment pointers glibc hands to ELF constructors:
-// at that point they are still the kernel's, and the kernel lays the strings out contiguously.
-#[cfg(target_env = "gnu")]
+// are taken once, before main, by an ELF constructor: both glibc and musl point `environ` at the
+// kernel's envp before they run constructors, nothing can have modified it yet, and the kernel
+// lays the strings out contiguously.
 static ENV_BLOCK: [std::sync::atomic::AtomicUsize; 2] =
     [std::sync::atomic::AtomicUsize::new(0), std::sync::atomic::AtomicUsize::new(0)];
 
-#[cfg(target_env = "gnu")]
 #[used]
 #[link_section = ".init_array"]
-static RECORD_ENV_BLOCK: extern "C" fn(libc::c_int, *const *const libc::c_char, *const *const libc::c_char) =
-    record_env_block;
+static RECORD_ENV_BLOCK: extern "C" fn() = record_env_block;
 
-#[cfg(target_env = "gnu")]
-extern "C" fn record_env_block(
-    _argc: libc::c_int,
-    _argv: *const *const libc::c_char,
-    envp: *const *const libc::c_char,
-) {
+extern "C" {
+    /// The C library's environment list (declared here: the libc crate has it for glibc only).
+    static environ: *const *const libc::c_char;
+}
+
+extern "C" fn record_env_block() {
     use std::sync::atomic::Ordering;
+    // SAFETY: a plain read of libc's global; constructors run before any thread exists.
+    let envp = unsafe { environ };
     if envp.is_null() {
         return;
     }
     let (mut lo, mut hi) = (usize::MAX, 0usize);
     let mut i = 0;
     loop {
-        // SAFETY: glibc calls ELF constructors with the process's envp, a NULL-terminated array
-        // of NUL-terminated strings that nothing has modified yet.
+        // SAFETY: before main, `environ` is the kernel's envp: a NULL-terminated array of
+        // NUL-terminated strings that nothing has modified yet.
         let entry = unsafe { *envp.add(i) };
         if entry.is_null() {
             break;
@@ -184,14 +183,8 @@ extern "C" fn record_env_block(
     }
 }
 
-#[cfg(target_env = "gnu")]
 fn recorded_env_block() -> Option<(usize, usize)> {
     use std::sync::atomic::Ordering;
     let (lo, hi) = (ENV_BLOCK[0].load(Ordering::Relaxed), ENV_BLOCK[1].load(Ordering::Relaxed));
     (hi > lo).then_some((lo, hi))
-}
-
-#[cfg(not(target_env = "gnu"))]
-fn recorded_env_block() -> Option<(usize, usize)> {
-    None
 }

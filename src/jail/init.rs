@@ -139,16 +139,10 @@ fn setup(ctx: &ChildCtx) -> Result<Option<Pid>, JailError> {
         unsafe { libc::_exit(EXIT_SETUP_FAILED) };
     }
     if let Some((uid, gid)) = ctx.ids.setup_ids() {
-        // The raw calls change this thread only. glibc's wrappers change every thread of the
-        // process and wait until each has taken a signal for it, and the network namespace
-        // thread may be deep in its unshare: the jail would wait for it here. That thread's
-        // own credentials do not matter; it ends before anything runs in the jail.
-        // SAFETY: setresgid/setresuid take integer arguments only.
-        nix::errno::Errno::result(unsafe { libc::syscall(libc::SYS_setresgid, gid, gid, gid) })
-            .step(Step::IdMap, || "become setup gid".into())?;
-        // SAFETY: as above.
-        nix::errno::Errno::result(unsafe { libc::syscall(libc::SYS_setresuid, uid, uid, uid) })
-            .step(Step::IdMap, || "become setup uid".into())?;
+        // This thread only: the network namespace thread may be deep in its unshare (see
+        // `caps::set_thread_ids`).
+        caps::set_thread_ids(uid, gid, false)
+            .map_err(|e| JailError::new(Step::IdMap, format!("become setup ids: {e}")))?;
     }
     mounts::build_root(&ctx.plan)?;
     // The id-mapped trees are attached now; their descriptors must not linger in the jail.
