@@ -4,12 +4,13 @@
 #   bench/jail_startup.sh [RUNS]
 #
 # Compares
-#   1. stockade, full default jail (namespaces, mounts, landlock, seccomp, rlimits, cgroup limits)
-#   2. stockade, the same jail without cgroup limits (what bwrap below also lacks)
-#   3. stockade as `cargo build --release` makes it (dynamically linked), full default jail
+#   1. stockade as shipped (static musl binary, as the Containerfile builds it), full default jail
+#      (namespaces, mounts, landlock, seccomp, rlimits, cgroup limits)
+#   2. the same binary and jail without cgroup limits (what bwrap below also lacks)
+#   3. stockade as `cargo build --release` makes it (glibc, dynamically linked), full default jail
 #   4. bwrap --unshare-all --cap-drop ALL with /usr read-only, /proc, /dev and a /tmp tmpfs
-# and prints mean and median times and the ratios stockade/bwrap. Installs bubblewrap from Debian's
-# archive when missing. Needs root (cgroup limits; bwrap as root needs no setuid).
+# and prints mean and median times and the ratios stockade/bwrap. Installs bubblewrap, musl-tools
+# and the musl target when missing. Needs root (cgroup limits; bwrap as root needs no setuid).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 runs=${1:-300}
@@ -17,11 +18,13 @@ runs=${1:-300}
 need() { command -v "$1" >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq "$2" >/dev/null; }; }
 need bwrap bubblewrap
 need python3 python3
+need musl-gcc musl-tools
+musl=x86_64-unknown-linux-musl
+rustup target list --installed | grep -qx "$musl" || rustup target add "$musl"
 
-host=$(rustc -vV | sed -n 's/^host: //p')
 cargo build --release --quiet
-RUSTFLAGS="-C target-feature=+crt-static" cargo build --release --quiet --target "$host"
-stockade=$PWD/target/$host/release/stockade
+cargo build --release --quiet --target "$musl"
+stockade=$PWD/target/$musl/release/stockade
 dynamic=$PWD/target/release/stockade
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
@@ -41,7 +44,7 @@ bwrap_cmd+=" --proc /proc --dev /dev --tmpfs /tmp -- /bin/true"
 python3 - "$runs" \
   "stockade (default policy)=$stockade run -- /bin/true" \
   "stockade (default, no cgroup limits)=$stockade run --policy $tmp/nocgroup.toml -- /bin/true" \
-  "stockade (default, dynamically linked)=$dynamic run -- /bin/true" \
+  "stockade (default, glibc dynamic)=$dynamic run -- /bin/true" \
   "bwrap=$bwrap_cmd" <<'PY'
 import os, statistics, sys, time
 runs = int(sys.argv[1])
