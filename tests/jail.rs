@@ -46,6 +46,23 @@ fn pid_namespace_shows_only_the_jail() {
     assert!(r.stdout.contains("stockade"), "pid 1 is Stockade's init: {r:?}");
 }
 
+#[test]
+fn the_command_runs_on_every_cpu_the_caller_may_use() {
+    // The supervisor moves the jail off its own CPU while both build the jail; the command must
+    // get the caller's CPU set back, not a pinned subset.
+    let own = |status: &str| {
+        status.lines().find_map(|l| l.strip_prefix("Cpus_allowed_list:")).map(|v| v.trim().to_owned()).unwrap()
+    };
+    let mine = own(&std::fs::read_to_string("/proc/self/status").unwrap());
+    let (_d, p) = policy("default", "");
+    let r = sh(&p, "cat /proc/self/status; cat /proc/1/status");
+    assert_eq!(r.code, 0, "{r:?}");
+    let mut parts = r.stdout.split("Name:").filter(|s| !s.is_empty());
+    let (command, init) = (parts.next().unwrap(), parts.next().unwrap());
+    assert_eq!(own(command), mine, "the command's CPUs");
+    assert_eq!(own(init), mine, "the jail's init's CPUs");
+}
+
 // ---------- step 2: mounts ----------
 
 #[test]

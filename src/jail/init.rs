@@ -50,6 +50,9 @@ pub(crate) struct ChildCtx<'a> {
     /// The supervisor's descriptors of an already made cgroup, inherited through the clone: the
     /// jail closes them and enters the cgroup the supervisor sends it instead.
     pub cgroup: Option<&'a super::cgroups::Entry>,
+    /// The supervisor's CPU set: the supervisor moves the jail off its own CPU while both work
+    /// (see `affinity`), and the jail takes this back before the payload runs.
+    pub cpus: Option<&'a nix::sched::CpuSet>,
 }
 
 /// Entry point of the cloned child. Never returns.
@@ -182,6 +185,10 @@ fn setup(ctx: &ChildCtx) -> Result<Option<Pid>, JailError> {
     caps::drop_to(p.user.uid, p.user.gid, &p.capabilities.keep, root_mode)?;
     landlock::apply(p)?;
     caps::set_non_dumpable()?;
+    if let Some(cpus) = ctx.cpus {
+        super::affinity::restore(cpus)
+            .map_err(|e| JailError::new(Step::Supervise, format!("restore the CPU affinity: {e}")))?;
+    }
     arm_parent_death_signal(&ctx.pipes.go_read)?;
     // Installed here, before the fork, so PID 1 and the command share one filter stack.
     super::seccomp::install(&setup.program)?;

@@ -20,6 +20,7 @@
 //! | 8 seccomp | `seccomp` |
 //! | 9 exec, PID 1 | `init` |
 
+pub mod affinity;
 pub mod bpf;
 pub mod caps;
 pub mod cgroups;
@@ -267,6 +268,7 @@ impl Jail {
         };
         // Otherwise the jail makes its network namespace itself, beside its other work.
         let with_net = netif::namespace_with_clone(p);
+        let cpus = affinity::current();
         let child = match namespaces::fork_into_namespaces(entry.as_ref().and_then(|e| e.clone_into()), with_net) {
             Err(e) => return Err(restore(e, &mut cgroup)),
             Ok(None) => init::child_main(init::ChildCtx {
@@ -280,9 +282,13 @@ impl Jail {
                 payload: &payload,
                 veth,
                 cgroup: entry.as_ref(),
+                cpus: cpus.as_ref(),
             }),
             Ok(Some(pid)) => pid,
         };
+        if let Some(cpus) = &cpus {
+            affinity::move_off_this_cpu(child, cpus);
+        }
         drop(payload); // the session end now lives in the jail only
         drop(workspace_tree);
         drop(outputs_tree);
