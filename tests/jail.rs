@@ -183,6 +183,31 @@ fn proc_is_masked_and_read_only_where_it_matters() {
     }
 }
 
+#[test]
+fn kernel_files_left_unmasked_stay_unreadable_even_to_a_privileged_jail_root() {
+    // Owner-only /proc files (owned by the host's root) get no mask: no jail maps the host's
+    // root, so not even a jail root keeping DAC_OVERRIDE, DAC_READ_SEARCH and SYSLOG opens them.
+    if needs_root() {
+        return;
+    }
+    let (_d, p) =
+        policy("default", "[capabilities]\nkeep = [\"DAC_OVERRIDE\", \"DAC_READ_SEARCH\", \"SYSLOG\"]");
+    let r = stockade_run(
+        &["--policy", p.to_str().unwrap(), "--uid", "0"],
+        &[
+            "sh",
+            "-c",
+            "grep CapEff /proc/self/status; \
+             for f in /proc/kmsg /proc/timer_list /proc/vmallocinfo /proc/kpageflags /proc/kcore; do \
+               [ -e $f ] || continue; grep -q \" $f \" /proc/self/mountinfo && echo \"masked $f\"; \
+               head -c 1 $f >/dev/null 2>&1 && echo \"READ $f\"; done; true",
+        ],
+    );
+    assert_eq!(r.code, 0, "{r:?}");
+    assert!(r.stdout.contains("CapEff:\t0000000400000006"), "the jail root holds the capabilities: {r:?}");
+    assert!(!r.stdout.contains("READ"), "{r:?}");
+}
+
 // ---------- step 3: hostname and network ----------
 
 #[test]

@@ -33,7 +33,8 @@ pub const OUTPUTS: &str = "/mnt/session/outputs";
 /// Device nodes bound from the host's /dev. Nothing else: no block devices, no mem/kmem/port/kmsg.
 pub const DEVICES: &[&str] = &["null", "zero", "full", "random", "urandom", "tty"];
 
-/// /proc entries hidden behind /dev/null (files) or an empty read-only tmpfs (directories).
+/// /proc entries hidden behind /dev/null (files) or an empty read-only tmpfs (directories), but
+/// see `unreachable_from_jail`.
 const PROC_MASKED: &[&str] = &[
     "kcore",
     "keys",
@@ -345,11 +346,16 @@ fn build_proc(root: &Path) -> Result<(), JailError> {
         .collect();
     let is_present = |name: &str| present.iter().find(|(n, _)| n == name).map(|(_, dir)| *dir);
     let null = format!("{}/dev/null", root.display());
+    let unmapped =
+        std::fs::read_to_string(proc.join("sys/kernel/overflowuid")).ok().and_then(|s| s.trim().parse().ok());
     // Masked directories share one empty read-only tmpfs: the first gets it, the rest a bind.
     let mut empty_dir: Option<PathBuf> = None;
     for name in PROC_MASKED {
         let Some(is_dir) = is_present(name) else { continue };
         let path = proc.join(name);
+        if !is_dir && unreachable_from_jail(&path, unmapped) {
+            continue;
+        }
         let r = match (is_dir, &empty_dir) {
             (true, None) => mask_dir(&path).inspect(|_| empty_dir = Some(path.clone())),
             (true, Some(first)) => mount(Some(first), &path, None::<&str>, MsFlags::MS_BIND, None::<&str>),
@@ -368,6 +374,24 @@ fn build_proc(root: &Path) -> Result<(), JailError> {
             .step(Step::Mounts, || format!("read-only /proc/{name}"))?;
     }
     Ok(())
+}
+
+/// Whether nothing in any jail can open this /proc file: its mode grants nothing beyond its
+/// owner, and the owner of /proc's own entries is the host's root, which no jail maps (the id
+/// maps refuse host uid 0, and a rootless jail maps only its unprivileged caller). Capabilities
+/// held in the jail's user namespace do not apply to files of unmapped owners, so even a jail
+/// root keeping CAP_DAC_OVERRIDE is refused. Such entries (kmsg, kpage*, vmallocinfo, timer_list
+/// on current kernels) need no mask: each mask is a mount to make and tear down per jail. The
+/// mode is read in the jail's own /proc, so a kernel that opens an entry up gets it masked.
+/// `unmapped` is the uid an unmapped owner shows as from inside the jail's user namespace (the
+/// kernel's overflow uid); an entry showing any other owner is masked.
+fn unreachable_from_jail(path: &Path, unmapped: Option<u32>) -> bool {
+    match (nix::sys::stat::lstat(path), unmapped) {
+        (Ok(st), Some(unmapped)) => {
+            st.st_mode & libc::S_IFMT == libc::S_IFREG && st.st_mode & 0o077 == 0 && st.st_uid == unmapped
+        }
+        _ => false,
+    }
 }
 
 fn build_sys(root: &Path) -> Result<(), JailError> {
