@@ -190,8 +190,7 @@ fn kernel_files_left_unmasked_stay_unreadable_even_to_a_privileged_jail_root() {
     if needs_root() {
         return;
     }
-    let (_d, p) =
-        policy("default", "[capabilities]\nkeep = [\"DAC_OVERRIDE\", \"DAC_READ_SEARCH\", \"SYSLOG\"]");
+    let (_d, p) = policy("default", "[capabilities]\nkeep = [\"DAC_OVERRIDE\", \"DAC_READ_SEARCH\", \"SYSLOG\"]");
     let r = stockade_run(
         &["--policy", p.to_str().unwrap(), "--uid", "0"],
         &[
@@ -457,6 +456,39 @@ fn exit_codes_and_signals_propagate() {
     assert!(r.stderr.contains("exec: no-such-command: command not found"), "{r:?}");
     let r = stockade_run(&[], &["/etc/passwd"]);
     assert_eq!(r.code, 126, "{r:?}");
+    assert!(r.stderr.contains("exec: /etc/passwd: Permission denied"), "{r:?}");
+}
+
+#[test]
+fn the_command_starts_as_a_session_leader_in_the_workspace_with_no_signal_blocked() {
+    // The command's own view: grep is the command here.
+    let r = stockade_run(&[], &["grep", "-E", "^Sig(Blk|Ign)", "/proc/self/status"]);
+    assert_eq!(r.code, 0, "{r:?}");
+    let field = |name: &str| {
+        let v = r.stdout.lines().find_map(|l| l.strip_prefix(name)).unwrap_or_else(|| panic!("{name}: {r:?}"));
+        u64::from_str_radix(v.trim(), 16).unwrap()
+    };
+    assert_eq!(field("SigBlk:"), 0, "no signal blocked: {r:?}");
+    // Stockade's own runtime ignores SIGPIPE; the command must not inherit that.
+    assert_eq!(field("SigIgn:") & (1 << (libc::SIGPIPE - 1)), 0, "{r:?}");
+
+    let r = stockade_run(
+        &[],
+        &[
+            "/bin/bash",
+            "-c",
+            "echo $$ $(cut -d' ' -f6 /proc/$$/stat); pwd; ls -l /proc/$$/fd | grep -c -- '->'; \
+             yes | head -n 1 >/dev/null; echo ${PIPESTATUS[0]}",
+        ],
+    );
+    assert_eq!(r.code, 0, "{r:?}");
+    let lines: Vec<&str> = r.stdout.lines().collect();
+    let ids: Vec<&str> = lines[0].split(' ').collect();
+    assert_eq!(ids[0], ids[1], "session id is the command's pid: {r:?}");
+    assert_eq!(lines[1], "/workspace");
+    // stdin, stdout, stderr and the directory ls itself reads.
+    assert!(lines[2].parse::<u32>().unwrap() <= 4, "{r:?}");
+    assert_eq!(lines[3], "141", "`yes` dies of SIGPIPE once `head` is done: {r:?}");
 }
 
 #[test]

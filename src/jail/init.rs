@@ -10,7 +10,7 @@
 
 use nix::sys::signal::{kill, SigSet, SigmaskHow, Signal};
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
-use nix::unistd::{chdir, fork, setsid, ForkResult, Pid};
+use nix::unistd::Pid;
 use std::ffi::CString;
 use std::os::fd::AsRawFd;
 use std::os::unix::ffi::OsStrExt;
@@ -20,7 +20,7 @@ use super::error::{JailError, Step, StepExt};
 use super::mounts::{self, MountPlan};
 use super::namespaces::IdMapping;
 use super::sync::{send_failure, wait_for, SyncPipes, GO};
-use super::{caps, landlock, netif, rlimits, uts, EXIT_NOT_EXECUTABLE, EXIT_NOT_FOUND, EXIT_SETUP_FAILED};
+use super::{caps, landlock, netif, rlimits, uts, EXIT_SETUP_FAILED};
 use crate::policy::{NetMode, Policy};
 
 /// Signals PID 1 passes on to the command.
@@ -196,16 +196,13 @@ fn setup(ctx: &ChildCtx) -> Result<Option<Pid>, JailError> {
         return Ok(None);
     }
 
-    // SAFETY: the jail child is single-threaded (it is a fork of a single-threaded supervisor),
-    // so fork cannot leave another thread's locks held in the copy.
-    match unsafe { fork() }.step(Step::Exec, || "fork command".into())? {
-        ForkResult::Child => exec_command(ctx),
-        ForkResult::Parent { child } => {
-            close_raw(ctx.pipes.report_write.as_raw_fd());
-            close_raw(ctx.pipes.go_read.as_raw_fd());
-            Ok(Some(child))
-        }
-    }
+    let prog = resolve_program(ctx)?;
+    let cwd = CString::new(mounts::WORKSPACE).expect("no NUL in a constant");
+    let child = super::spawn::spawn(&prog, ctx.argv, ctx.env, &cwd)?;
+    // The command has exec'd: the supervisor sees EOF once our copies are closed.
+    close_raw(ctx.pipes.report_write.as_raw_fd());
+    close_raw(ctx.pipes.go_read.as_raw_fd());
+    Ok(Some(child))
 }
 
 /// The kernel clears PDEATHSIG whenever credentials change, so it is armed again after the last
@@ -228,43 +225,6 @@ fn arm_parent_death_signal(go_read: &std::os::fd::OwnedFd) -> Result<(), JailErr
     }
 }
 
-fn exec_command(ctx: &ChildCtx) -> ! {
-    let err = run_exec(ctx);
-    let code = match err.errno {
-        Some(libc::ENOENT) => EXIT_NOT_FOUND,
-        Some(_) => EXIT_NOT_EXECUTABLE,
-        None => EXIT_SETUP_FAILED,
-    };
-    send_failure(&ctx.pipes.report_write, &err);
-    // SAFETY: see child_main.
-    unsafe { libc::_exit(code) }
-}
-
-/// Returns only on failure.
-fn run_exec(ctx: &ChildCtx) -> JailError {
-    let _ = nix::sys::signal::sigprocmask(SigmaskHow::SIG_SETMASK, Some(&SigSet::empty()), None);
-    // A new session without a controlling terminal: TIOCSTI-style injection into the caller's
-    // terminal needs one (the seccomp filter refuses TIOCSTI as well).
-    if let Err(e) = setsid() {
-        return JailError::new(Step::Exec, format!("setsid: {e}"));
-    }
-    if let Err(e) = chdir(mounts::WORKSPACE) {
-        return JailError::new(Step::Exec, format!("chdir {}: {e}", mounts::WORKSPACE));
-    }
-    // Every descriptor above stderr is closed at exec, whatever the supervisor or a library
-    // left open; the report pipe stays usable until then.
-    // SAFETY: close_range with CLOSE_RANGE_CLOEXEC only changes descriptor flags.
-    if let Err(e) = unsafe { crate::util::close_range(3, u32::MAX, libc::CLOSE_RANGE_CLOEXEC) } {
-        return JailError::new(Step::Exec, format!("close_range: {e}"));
-    }
-    let prog = match resolve_program(ctx) {
-        Ok(p) => p,
-        Err(e) => return e,
-    };
-    let e = nix::unistd::execve(&prog, ctx.argv, ctx.env).unwrap_err();
-    JailError { step: Step::Exec, msg: format!("{}: {}", prog.to_string_lossy(), e.desc()), errno: Some(e as i32) }
-}
-
 fn resolve_program(ctx: &ChildCtx) -> Result<CString, JailError> {
     let name = ctx.argv.first().ok_or_else(|| JailError::new(Step::Exec, "no command given"))?;
     let name_b = name.as_bytes();
@@ -280,7 +240,9 @@ fn resolve_program(ctx: &ChildCtx) -> Result<CString, JailError> {
         .unwrap_or_else(|| "/usr/bin:/bin".into());
     let mut denied = None;
     for dir in path.split(':').filter(|d| !d.is_empty()) {
-        let cand: PathBuf = Path::new(dir).join(std::ffi::OsStr::from_bytes(name_b));
+        // Looked up before the command's process moves to the workspace: a relative PATH entry
+        // means the same directory it would mean there.
+        let cand: PathBuf = Path::new(mounts::WORKSPACE).join(dir).join(std::ffi::OsStr::from_bytes(name_b));
         match nix::unistd::access(&cand, nix::unistd::AccessFlags::X_OK) {
             Ok(()) if cand.is_file() => {
                 return CString::new(cand.as_os_str().as_bytes())

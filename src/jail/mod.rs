@@ -36,6 +36,7 @@ pub mod namespaces;
 pub mod netif;
 pub mod rlimits;
 pub mod seccomp;
+mod spawn;
 mod sync;
 pub mod uts;
 
