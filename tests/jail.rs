@@ -785,6 +785,38 @@ fn foreign_owned_workspace_is_id_mapped_and_system_owned_refused() {
 }
 
 #[test]
+fn small_etc_directories_are_copied_and_larger_or_odd_ones_bound() {
+    let src = TempDir::new("etc-dirs");
+    let s = src.path();
+    // As /etc is: readable by the jail's setup user, which copies.
+    std::fs::set_permissions(s, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    // small: a file, a symlink and a subdirectory with a file: copied as they are.
+    std::fs::create_dir_all(s.join("small/sub")).unwrap();
+    std::fs::write(s.join("small/conf"), "a = 1\n").unwrap();
+    std::os::unix::fs::symlink("/usr/share/zoneinfo/UTC", s.join("small/link")).unwrap();
+    std::fs::write(s.join("small/sub/hook"), "#!/bin/sh\n").unwrap();
+    std::fs::set_permissions(s.join("small/sub/hook"), std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    // many: more entries than a copy takes; odd: a FIFO inside.
+    std::fs::create_dir(s.join("many")).unwrap();
+    for i in 0..12 {
+        std::fs::write(s.join(format!("many/f{i}")), "x").unwrap();
+    }
+    std::fs::create_dir(s.join("odd")).unwrap();
+    nix::unistd::mkfifo(&s.join("odd/fifo"), nix::sys::stat::Mode::from_bits_truncate(0o644)).unwrap();
+    let entries: Vec<String> =
+        ["small", "many", "odd"].iter().map(|n| format!("\"{}:/etc/{n}\"", s.join(n).display())).collect();
+    let (_d, p) = policy("default", &format!("[filesystem]\netc = [{}]", entries.join(", ")));
+    let r = sh(
+        &p,
+        "cat /etc/small/conf; readlink /etc/small/link; stat -c %a /etc/small/sub/hook; ls /etc/many | wc -l; \
+         [ -p /etc/odd/fifo ] && echo fifo; touch /etc/small/new 2>/dev/null || echo read-only; \
+         for d in small many odd; do grep -q \" /etc/$d \" /proc/self/mountinfo && echo bound $d; done",
+    );
+    assert_eq!(r.code, 0, "{r:?}");
+    assert_eq!(r.stdout, "a = 1\n/usr/share/zoneinfo/UTC\n755\n12\nfifo\nread-only\nbound many\nbound odd\n", "{r:?}");
+}
+
+#[test]
 fn small_etc_files_are_copied_and_fifos_and_large_files_bound() {
     let src = TempDir::new("etc-src");
     let s = src.path();

@@ -152,7 +152,7 @@ pub fn build_root(plan: &MountPlan) -> Result<(), JailError> {
     }
     etc_entries.sort_by_key(|e| e.dst.components().count());
     for e in &etc_entries {
-        if !copy_in(root, e)? {
+        if !copy_in(root, e)? && !copy_dir_in(root, e)? {
             attach(root, e, 0)?;
         }
     }
@@ -290,6 +290,107 @@ fn copy_in(root: &Path, e: &Entry) -> Result<bool, JailError> {
     }
     write_file_mode(&target, &content, st.st_mode & 0o755)?;
     Ok(true)
+}
+
+/// Most entries (subdirectories and their contents included) an /etc directory may hold to be
+/// copied rather than bound: ld.so.conf.d, python3 or ca-certificates have a handful.
+const ETC_COPY_DIR_ENTRIES: usize = 8;
+
+/// What a small directory copy writes, in order (a directory before its contents).
+enum Copied {
+    Dir(PathBuf, u32),
+    File(PathBuf, Vec<u8>, u32),
+    Link(PathBuf, PathBuf),
+}
+
+/// Copies a small directory of small files and symlinks (see `copy_in`) instead of binding it:
+/// a mount less per directory. Everything is read first, each step through a descriptor and
+/// without following symlinks; nothing is written unless the whole tree qualifies. Returns
+/// false (bind it instead) otherwise.
+fn copy_dir_in(root: &Path, e: &Entry) -> Result<bool, JailError> {
+    let Source::Fd { fd, is_dir: true } = &e.src else { return Ok(false) };
+    // Through the O_PATH descriptor's magic link, which names exactly the directory resolved
+    // earlier (O_NOFOLLOW would refuse the link itself).
+    let opened = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECTORY)
+        .open(format!("/proc/self/fd/{}", fd.as_raw_fd()));
+    let Ok(dir) = opened else { return Ok(false) };
+    let mut plan = Vec::new();
+    if !scan_small_dir(&dir, Path::new(""), &mut plan, 0) {
+        return Ok(false);
+    }
+    let target = root.join(e.dst.strip_prefix("/").unwrap_or(&e.dst));
+    let st = nix::sys::stat::fstat(&dir).step(Step::Mounts, || format!("stat {}", e.dst.display()))?;
+    mkdir_mode(&target, st.st_mode & 0o755)?;
+    for item in plan {
+        match item {
+            Copied::Dir(rel, mode) => mkdir_mode(&target.join(rel), mode)?,
+            Copied::File(rel, content, mode) => write_file_mode(&target.join(rel), &content, mode)?,
+            Copied::Link(rel, to) => symlink(&to, target.join(&rel))
+                .step(Step::Mounts, || format!("symlink {}", e.dst.join(&rel).display()))?,
+        }
+    }
+    Ok(true)
+}
+
+/// Reads `dir` into `plan`; false as soon as something disqualifies the copy.
+fn scan_small_dir(dir: &std::fs::File, rel: &Path, plan: &mut Vec<Copied>, depth: usize) -> bool {
+    use std::io::Read;
+    use std::os::unix::fs::MetadataExt;
+    let Ok(entries) = std::fs::read_dir(format!("/proc/self/fd/{}", dir.as_raw_fd())) else { return false };
+    for entry in entries {
+        let Ok(entry) = entry else { return false };
+        if plan.len() >= ETC_COPY_DIR_ENTRIES {
+            return false;
+        }
+        let name = entry.file_name();
+        let here = rel.join(&name);
+        // metadata() of a DirEntry does not follow symlinks.
+        let Ok(meta) = entry.metadata() else { return false };
+        let ft = meta.file_type();
+        let path = Path::new(&format!("/proc/self/fd/{}", dir.as_raw_fd())).join(&name);
+        if ft.is_symlink() {
+            let Ok(to) = std::fs::read_link(&path) else { return false };
+            plan.push(Copied::Link(here, to));
+        } else if ft.is_file() && meta.len() <= ETC_COPY_MAX {
+            let Ok(f) = open_nofollow(&path, false) else { return false };
+            // Still the regular file it was a moment ago?
+            if !f.metadata().is_ok_and(|m| m.is_file()) {
+                return false;
+            }
+            let mut content = Vec::with_capacity(meta.len() as usize);
+            if f.take(ETC_COPY_MAX + 1).read_to_end(&mut content).is_err() || content.len() as u64 > ETC_COPY_MAX {
+                return false;
+            }
+            plan.push(Copied::File(here, content, meta.mode() & 0o755));
+        } else if ft.is_dir() && depth == 0 {
+            let Ok(sub) = open_nofollow(&path, true) else { return false };
+            plan.push(Copied::Dir(here.clone(), meta.mode() & 0o755));
+            if !scan_small_dir(&sub, &here, plan, depth + 1) {
+                return false;
+            }
+        } else {
+            // Large files, deeper trees, FIFOs, sockets and devices (never opened) are bound.
+            return false;
+        }
+    }
+    true
+}
+
+/// Opens the last component of `path` without following it (a directory, or a regular file
+/// opened non-blocking so a FIFO swapped in cannot stall the jail).
+fn open_nofollow(path: &Path, directory: bool) -> std::io::Result<std::fs::File> {
+    let extra = if directory { libc::O_DIRECTORY } else { libc::O_NONBLOCK };
+    std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NOFOLLOW | extra).open(path)
+}
+
+fn mkdir_mode(path: &Path, mode: u32) -> Result<(), JailError> {
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(mode | 0o700)
+        .create(path)
+        .step(Step::Mounts, || format!("mkdir {}", path.display()))
 }
 
 fn build_dev(root: &Path, devices: &[(&str, OwnedFd)], shm_size: u64) -> Result<(), JailError> {

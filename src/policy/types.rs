@@ -77,7 +77,8 @@ pub struct Filesystem {
     pub read_only: Vec<Bind>,
     pub read_write: Vec<Bind>,
     /// Host files and directories added to the generated /etc (e.g. certificates), read-only:
-    /// regular files up to 16 KiB are copied, anything else is bound at the same path.
+    /// regular files up to 16 KiB, and directories of at most 8 such files, symlinks and
+    /// subdirectories, are copied; anything else is bound at the same path.
     pub etc: Vec<Bind>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub rootfs: Option<PathBuf>,
