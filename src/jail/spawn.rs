@@ -6,7 +6,7 @@
 //! a stack of its own, while the init waits; the exec gives the child a new address space. The
 //! child therefore does nothing but system calls on data prepared before the clone: it must not
 //! allocate, take locks or touch anything the init still uses. It reports a failed step through
-//! `Shared`, which the init reads once the clone has returned.
+//! `Prepared`'s atomics, which the init reads once the clone has returned.
 
 use std::ffi::CString;
 use std::os::raw::{c_char, c_int, c_void};
@@ -31,7 +31,8 @@ struct Prepared<'a> {
 const STEPS: [&str; 5] = ["", "setsid", "chdir", "close_range", "execve"];
 
 /// Starts `prog` with `argv` and `env` in a new session, in `cwd`, with an empty signal mask,
-/// SIGPIPE at its default and every descriptor above stderr closed at exec. Returns the command's pid once it has exec'd.
+/// SIGPIPE at its default and every descriptor above stderr closed at exec. Returns the
+/// command's pid once it has exec'd.
 pub fn spawn(prog: &CString, argv: &[CString], env: &[CString], cwd: &CString) -> Result<Pid, JailError> {
     let nul = |v: &[CString]| v.iter().map(|s| s.as_ptr()).chain(std::iter::once(std::ptr::null())).collect();
     let prepared =
