@@ -45,11 +45,9 @@ pub fn spawn(prog: &CString, argv: &[CString], env: &[CString], cwd: &CString) -
     let mut old = SigSet::empty();
     nix::sys::signal::sigprocmask(SigmaskHow::SIG_SETMASK, Some(&SigSet::all()), Some(&mut old))
         .map_err(|e| JailError::new(Step::Exec, format!("block signals for the command's start: {e}")))?;
-    // SAFETY: `child` runs on `stack`, which stays allocated until after clone returns, and with
-    // CLONE_VFORK this thread is suspended until the child has exec'd or exited, so nothing else
-    // touches the shared memory meanwhile. The child only makes system calls on `prepared`
-    // (valid for that whole time) and writes its two atomics; it never returns into Rust code of
-    // this process.
+    // With CLONE_VFORK this thread is suspended until the child has exec'd or exited, so nothing
+    // else touches the shared memory meanwhile; the child never returns into this process's code.
+    // SAFETY: `stack` and `prepared` outlive the child's use of them; it only makes system calls.
     let pid = unsafe {
         libc::clone(
             child,
