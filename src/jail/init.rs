@@ -190,7 +190,7 @@ fn setup(ctx: &ChildCtx) -> Result<Option<Pid>, JailError> {
             .map_err(|e| JailError::new(Step::Supervise, format!("restore the CPU affinity: {e}")))?;
     }
     arm_parent_death_signal(&ctx.pipes.go_read)?;
-    // Installed here, before the fork, so PID 1 and the command share one filter stack.
+    // Installed here, before the command starts, so PID 1 and the command share one filter stack.
     super::seccomp::install(&setup.program)?;
     if matches!(ctx.payload, super::Payload::Session { .. }) {
         return Ok(None);
