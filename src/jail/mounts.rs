@@ -270,7 +270,6 @@ const ETC_COPY_MAX: u64 = 16 << 10;
 /// cannot redirect it. Returns false (bind it instead) for directories, large files and files
 /// the setup user cannot read, whose host permissions a bind keeps.
 fn copy_in(root: &Path, e: &Entry) -> Result<bool, JailError> {
-    use std::io::Read;
     let Source::Fd { fd, is_dir: false } = &e.src else { return Ok(false) };
     // Looked at before opening: opening a FIFO or a device planted under /etc could block or act.
     let st = nix::sys::stat::fstat(fd).step(Step::Mounts, || format!("stat {}", e.dst.display()))?;
@@ -278,12 +277,7 @@ fn copy_in(root: &Path, e: &Entry) -> Result<bool, JailError> {
         return Ok(false);
     }
     let Ok(f) = std::fs::File::open(format!("/proc/self/fd/{}", fd.as_raw_fd())) else { return Ok(false) };
-    let mut content = Vec::with_capacity(st.st_size as usize);
-    // A file that grew since is bound after all.
-    f.take(ETC_COPY_MAX + 1).read_to_end(&mut content).step(Step::Mounts, || format!("read {}", e.dst.display()))?;
-    if content.len() as u64 > ETC_COPY_MAX {
-        return Ok(false);
-    }
+    let Some(content) = read_small(f) else { return Ok(false) };
     let target = root.join(e.dst.strip_prefix("/").unwrap_or(&e.dst));
     if let Some(parent) = target.parent() {
         mkdir_p(parent)?;
@@ -336,7 +330,6 @@ fn copy_dir_in(root: &Path, e: &Entry) -> Result<bool, JailError> {
 
 /// Reads `dir` into `plan`; false as soon as something disqualifies the copy.
 fn scan_small_dir(dir: &std::fs::File, rel: &Path, plan: &mut Vec<Copied>, depth: usize) -> bool {
-    use std::io::Read;
     use std::os::unix::fs::MetadataExt;
     let Ok(entries) = std::fs::read_dir(format!("/proc/self/fd/{}", dir.as_raw_fd())) else { return false };
     for entry in entries {
@@ -354,15 +347,7 @@ fn scan_small_dir(dir: &std::fs::File, rel: &Path, plan: &mut Vec<Copied>, depth
             let Ok(to) = std::fs::read_link(&path) else { return false };
             plan.push(Copied::Link(here, to));
         } else if ft.is_file() && meta.len() <= ETC_COPY_MAX {
-            let Ok(f) = open_nofollow(&path, false) else { return false };
-            // Still the regular file it was a moment ago?
-            if !f.metadata().is_ok_and(|m| m.is_file()) {
-                return false;
-            }
-            let mut content = Vec::with_capacity(meta.len() as usize);
-            if f.take(ETC_COPY_MAX + 1).read_to_end(&mut content).is_err() || content.len() as u64 > ETC_COPY_MAX {
-                return false;
-            }
+            let Some(content) = open_nofollow(&path, false).ok().and_then(read_small) else { return false };
             plan.push(Copied::File(here, content, meta.mode() & 0o755));
         } else if ft.is_dir() && depth == 0 {
             let Ok(sub) = open_nofollow(&path, true) else { return false };
@@ -378,6 +363,19 @@ fn scan_small_dir(dir: &std::fs::File, rel: &Path, plan: &mut Vec<Copied>, depth
     true
 }
 
+/// The whole content of an opened file that is (still) a regular file of at most
+/// `ETC_COPY_MAX` bytes; `None` (bind it instead) for anything else, a file that grew since it
+/// was looked at included.
+fn read_small(f: std::fs::File) -> Option<Vec<u8>> {
+    use std::io::Read;
+    if !f.metadata().is_ok_and(|m| m.is_file()) {
+        return None;
+    }
+    let mut content = Vec::new();
+    f.take(ETC_COPY_MAX + 1).read_to_end(&mut content).ok()?;
+    (content.len() as u64 <= ETC_COPY_MAX).then_some(content)
+}
+
 /// Opens the last component of `path` without following it (a directory, or a regular file
 /// opened non-blocking so a FIFO swapped in cannot stall the jail).
 fn open_nofollow(path: &Path, directory: bool) -> std::io::Result<std::fs::File> {
@@ -385,6 +383,7 @@ fn open_nofollow(path: &Path, directory: bool) -> std::io::Result<std::fs::File>
     std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NOFOLLOW | extra).open(path)
 }
 
+/// Creates `path` and any missing parents; the setup user always keeps write access to fill it.
 fn mkdir_mode(path: &Path, mode: u32) -> Result<(), JailError> {
     std::fs::DirBuilder::new()
         .recursive(true)
@@ -540,11 +539,7 @@ fn mask_dir(path: &Path) -> nix::Result<()> {
 }
 
 fn mkdir_p(path: &Path) -> Result<(), JailError> {
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o755)
-        .create(path)
-        .step(Step::Mounts, || format!("mkdir {}", path.display()))
+    mkdir_mode(path, 0o755)
 }
 
 fn write_file(path: &Path, content: &[u8]) -> Result<(), JailError> {
