@@ -467,7 +467,7 @@ impl LocalControlPlane {
             .route("/v1/skills/{skill}/files", get(skill_files))
             .route("/v1/local/sessions", post(create_session))
             .route("/v1/local/sessions/{session}", get(show_session))
-            .route("/v1/local/faults", post(add_faults))
+            .route("/v1/local/faults", post(add_faults).delete(clear_faults))
             .layer(axum::middleware::from_fn_with_state(self.clone(), inject_faults))
             .with_state(self.clone())
     }
@@ -974,5 +974,14 @@ async fn add_faults(
     let mut db = cp.db();
     authorize(&db, &h, Need::Org)?;
     db.faults.extend(req.faults.into_iter().filter(|f| f.count > 0));
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Drops the faults not yet injected, so a test can end an outage when it has seen its effect
+/// instead of guessing how many requests the outage must last.
+async fn clear_faults(State(cp): State<LocalControlPlane>, h: HeaderMap) -> ApiResult<StatusCode> {
+    let mut db = cp.db();
+    authorize(&db, &h, Need::Org)?;
+    db.faults.clear();
     Ok(StatusCode::NO_CONTENT)
 }
