@@ -5,9 +5,15 @@
 //! starts a forked child on its parent's CPU and, on a small VM whose idle vCPU sleeps, leaves it
 //! queued there behind the busy parent instead of waking the other CPU: measured here, the jail
 //! first ran 0.67 ms after the clone returned, and the two halves ran one after the other. So the
-//! supervisor moves the jail off its own CPU right after the clone, and the jail takes back the
-//! supervisor's CPU set before anything of the policy's runs: the command sees the affinity it
-//! would have had without this.
+//! supervisor moves the jail off its own CPU right after the clone.
+//!
+//! The jail's init then stays there for good, and the command takes back the caller's CPU set
+//! in its first step, before its exec (`spawn`): the command starts on the init's address space,
+//! and an address space that ever ran on a CPU costs a cross-CPU TLB flush when it is torn down,
+//! synchronous, to that CPU even while it sleeps. Waking a sleeping vCPU for it cost the init's
+//! exit up to 2 ms here. When the policy's filter would refuse the command that call, the init
+//! restores the set for both, before its filter is installed: the command always runs with the
+//! caller's CPUs.
 
 use nix::sched::{sched_getaffinity, sched_getcpu, sched_setaffinity, CpuSet};
 use nix::unistd::Pid;
@@ -28,7 +34,7 @@ pub fn move_off_this_cpu(child: Pid, allowed: &CpuSet) {
     let _ = sched_setaffinity(child, &others);
 }
 
-/// Gives the calling process back the CPU set it was cloned with.
+/// Gives the calling thread back the CPU set it was cloned with.
 pub fn restore(allowed: &CpuSet) -> std::io::Result<()> {
     sched_setaffinity(Pid::from_raw(0), allowed).map_err(std::io::Error::from)
 }

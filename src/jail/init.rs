@@ -185,10 +185,20 @@ fn setup(ctx: &ChildCtx) -> Result<Option<Pid>, JailError> {
     caps::drop_to(p.user.uid, p.user.gid, &p.capabilities.keep, root_mode)?;
     landlock::apply(p)?;
     caps::set_non_dumpable()?;
-    if let Some(cpus) = ctx.cpus {
-        super::affinity::restore(cpus)
-            .map_err(|e| JailError::new(Step::Supervise, format!("restore the CPU affinity: {e}")))?;
-    }
+    // The caller's CPU set comes back before anything of the policy's runs. A command takes it
+    // in its own first step (`spawn`), so this process stays where the supervisor put it (see
+    // `affinity`); a session's init, or a command whose filter would refuse the call, takes it
+    // here.
+    let session = matches!(ctx.payload, super::Payload::Session { .. });
+    let command_cpus = match ctx.cpus {
+        Some(cpus) if !session && setup.affinity_allowed => Some(cpus),
+        Some(cpus) => {
+            super::affinity::restore(cpus)
+                .map_err(|e| JailError::new(Step::Supervise, format!("restore the CPU affinity: {e}")))?;
+            None
+        }
+        None => None,
+    };
     arm_parent_death_signal(&ctx.pipes.go_read)?;
     // Installed here, before the command starts, so PID 1 and the command share one filter stack.
     super::seccomp::install(&setup.program)?;
@@ -198,7 +208,7 @@ fn setup(ctx: &ChildCtx) -> Result<Option<Pid>, JailError> {
 
     let prog = resolve_program(ctx)?;
     let cwd = CString::new(mounts::WORKSPACE).expect("no NUL in a constant");
-    let child = super::spawn::spawn(&prog, ctx.argv, ctx.env, &cwd)?;
+    let child = super::spawn::spawn(&prog, ctx.argv, ctx.env, &cwd, command_cpus)?;
     // The command has exec'd: the supervisor sees EOF once our copies are closed.
     close_raw(ctx.pipes.report_write.as_raw_fd());
     close_raw(ctx.pipes.go_read.as_raw_fd());

@@ -330,7 +330,8 @@ impl Jail {
             // is built, and the supervisor is otherwise idle meanwhile.
             let filters = seccomp::compile(&p.seccomp).map_err(kill_child)?;
             report.seccomp_allowed = filters.allowed.len();
-            sync::send_setup(&go_write, late_entry.as_ref().or(entry.as_ref()), &filters.program)
+            let affinity_allowed = matches!(filters.allowed.get("sched_setaffinity"), Some(None));
+            sync::send_setup(&go_write, late_entry.as_ref().or(entry.as_ref()), &filters.program, affinity_allowed)
                 .map_err(|e| JailError::new(Step::Supervise, format!("hand the jail its setup: {e}")))
                 .map_err(jail_gone)?;
             drop(late_entry);

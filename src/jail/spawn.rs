@@ -23,20 +23,35 @@ struct Prepared<'a> {
     argv: Vec<*const c_char>,
     envp: Vec<*const c_char>,
     cwd: &'a CString,
+    /// The CPU set the command gets; the init keeps its own.
+    cpus: Option<&'a nix::sched::CpuSet>,
     /// Which step failed (see `STEPS`), 0 for none; written by the child only.
     failed: AtomicU8,
     errno: AtomicI32,
 }
 
-const STEPS: [&str; 5] = ["", "setsid", "chdir", "close_range", "execve"];
+const STEPS: [&str; 6] = ["", "setsid", "chdir", "close_range", "sched_setaffinity", "execve"];
 
-/// Starts `prog` with `argv` and `env` in a new session, in `cwd`, with an empty signal mask,
-/// SIGPIPE at its default and every descriptor above stderr closed at exec. Returns the
-/// command's pid once it has exec'd.
-pub fn spawn(prog: &CString, argv: &[CString], env: &[CString], cwd: &CString) -> Result<Pid, JailError> {
+/// Starts `prog` with `argv` and `env` in a new session, in `cwd`, on `cpus` when given, with an
+/// empty signal mask, SIGPIPE at its default and every descriptor above stderr closed at exec.
+/// Returns the command's pid once it has exec'd.
+pub fn spawn(
+    prog: &CString,
+    argv: &[CString],
+    env: &[CString],
+    cwd: &CString,
+    cpus: Option<&nix::sched::CpuSet>,
+) -> Result<Pid, JailError> {
     let nul = |v: &[CString]| v.iter().map(|s| s.as_ptr()).chain(std::iter::once(std::ptr::null())).collect();
-    let prepared =
-        Prepared { prog, argv: nul(argv), envp: nul(env), cwd, failed: AtomicU8::new(0), errno: AtomicI32::new(0) };
+    let prepared = Prepared {
+        prog,
+        argv: nul(argv),
+        envp: nul(env),
+        cwd,
+        cpus,
+        failed: AtomicU8::new(0),
+        errno: AtomicI32::new(0),
+    };
     let mut stack = vec![0u8; 64 << 10];
     // The stack grows down from its 16-byte aligned top.
     let top = (stack.as_mut_ptr() as usize + stack.len()) & !15;
@@ -117,6 +132,14 @@ extern "C" fn child(arg: *mut c_void) -> c_int {
         if libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, libc::CLOSE_RANGE_CLOEXEC) != 0 {
             return fail(3);
         }
+        // The caller's CPU set (see `affinity`: the init keeps the CPUs it was built on). CpuSet
+        // is a transparent cpu_set_t, the layout the kernel reads.
+        if let Some(set) = p.cpus {
+            let size = std::mem::size_of::<nix::sched::CpuSet>();
+            if libc::syscall(libc::SYS_sched_setaffinity, 0, size, set as *const nix::sched::CpuSet) != 0 {
+                return fail(4);
+            }
+        }
         // Stockade's runtime ignores SIGPIPE (Rust does, to see EPIPE as an error) and an
         // ignored signal survives exec: the command gets the default back, as programs started
         // by a shell do. The child has its own copy of the dispositions (no CLONE_SIGHAND).
@@ -132,5 +155,5 @@ extern "C" fn child(arg: *mut c_void) -> c_int {
         );
         libc::execve(p.prog.as_ptr(), p.argv.as_ptr(), p.envp.as_ptr());
     }
-    fail(4)
+    fail(5)
 }

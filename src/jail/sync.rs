@@ -42,21 +42,26 @@ pub fn send(fd: &OwnedFd, what: u8) -> nix::Result<()> {
 pub struct Setup {
     pub cgroup: Option<super::cgroups::Entry>,
     pub program: seccompiler::BpfProgram,
+    /// The program admits sched_setaffinity unconditionally, so the command can take back the
+    /// caller's CPU set itself.
+    pub affinity_allowed: bool,
 }
 
-/// Supervisor side of [`Setup`], one datagram: `S`, the program's length in instructions (u32,
-/// native order), the instructions, then the `tasks` paths, NUL-terminated, matching the
-/// descriptors passed with SCM_RIGHTS.
+/// Supervisor side of [`Setup`], one datagram: `S`, a flags byte (1: affinity allowed), the
+/// program's length in instructions (u32, native order), the instructions, then the `tasks`
+/// paths, NUL-terminated, matching the descriptors passed with SCM_RIGHTS.
 pub fn send_setup(
     fd: &OwnedFd,
     entry: Option<&super::cgroups::Entry>,
     program: &[seccompiler::sock_filter],
+    affinity_allowed: bool,
 ) -> nix::Result<()> {
     use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
     use std::os::fd::AsRawFd;
     let (paths, fds) = entry.map(|e| e.for_sending()).unwrap_or_default();
-    let mut msg = Vec::with_capacity(5 + program.len() * 8 + 256);
+    let mut msg = Vec::with_capacity(6 + program.len() * 8 + 256);
     msg.push(b'S');
+    msg.push(affinity_allowed as u8);
     msg.extend_from_slice(&(program.len() as u32).to_ne_bytes());
     for i in program {
         msg.extend_from_slice(&i.code.to_ne_bytes());
@@ -115,14 +120,15 @@ pub fn recv_setup(fd: &OwnedFd) -> Result<Setup, Option<String>> {
         return Err(None);
     }
     let buf = &buf[..n];
-    if buf[0] != b'S' || n < 5 {
+    if buf[0] != b'S' || n < 6 || buf[1] > 1 {
         return Err(bad("unexpected message"));
     }
-    let count = u32::from_ne_bytes(buf[1..5].try_into().expect("4 bytes")) as usize;
-    let Some(rest) = buf[5..].get(count * 8..) else {
-        return Err(bad(&format!("{count} filter instructions announced, {} bytes sent", n - 5)));
+    let affinity_allowed = buf[1] == 1;
+    let count = u32::from_ne_bytes(buf[2..6].try_into().expect("4 bytes")) as usize;
+    let Some(rest) = buf[6..].get(count * 8..) else {
+        return Err(bad(&format!("{count} filter instructions announced, {} bytes sent", n - 6)));
     };
-    let program: seccompiler::BpfProgram = buf[5..5 + count * 8]
+    let program: seccompiler::BpfProgram = buf[6..6 + count * 8]
         .chunks_exact(8)
         .map(|c| seccompiler::sock_filter {
             code: u16::from_ne_bytes([c[0], c[1]]),
@@ -143,7 +149,7 @@ pub fn recv_setup(fd: &OwnedFd) -> Result<Setup, Option<String>> {
         return Err(bad(&format!("{} cgroup paths but {} descriptors", paths.len(), fds.len())));
     }
     let cgroup = (!paths.is_empty()).then(|| super::cgroups::Entry::received(paths.into_iter().zip(fds).collect()));
-    Ok(Setup { cgroup, program })
+    Ok(Setup { cgroup, program, affinity_allowed })
 }
 
 /// Jail side: wait for `what`. Returns false when the supervisor went away.
