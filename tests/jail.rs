@@ -243,6 +243,26 @@ fn hostname_is_the_policys_and_loopback_follows_the_mode() {
     assert!(r.stdout.contains("Network is unreachable"), "none mode: lo is down: {r:?}");
 }
 
+#[test]
+fn the_network_namespace_is_new_and_owned_by_the_jails_user_namespace() {
+    // A helper process of the supervisor makes it (jail::netif::NetnsHelper): it must be a new
+    // namespace, and belong to the jail's user namespace exactly as one made by the clone would.
+    let host_net = std::os::unix::fs::MetadataExt::ino(&std::fs::metadata("/proc/self/ns/net").unwrap());
+    let probe = "import fcntl, os\n\
+                 net = os.open('/proc/self/ns/net', os.O_RDONLY)\n\
+                 owner = fcntl.ioctl(net, 0xb701)  # NS_GET_USERNS\n\
+                 print(os.fstat(net).st_ino, os.fstat(owner).st_ino, os.stat('/proc/self/ns/user').st_ino)";
+    for mode in ["loopback", "none"] {
+        let (_d, p) = policy("default", &format!("[network]\nmode = \"{mode}\""));
+        let r = sh(&p, &format!("python3 -c \"{probe}\""));
+        assert_eq!(r.code, 0, "{mode}: {r:?}");
+        let ino: Vec<u64> = r.stdout.split_whitespace().map(|v| v.parse().unwrap()).collect();
+        assert_eq!(ino.len(), 3, "{mode}: {r:?}");
+        assert_ne!(ino[0], host_net, "{mode}: the jail shares the host's network namespace");
+        assert_eq!(ino[1], ino[2], "{mode}: the network namespace's owner is not the jail's user namespace");
+    }
+}
+
 // ---------- step 4: fds and environment ----------
 
 #[test]

@@ -61,11 +61,10 @@ pub fn drop_to(uid: u32, gid: u32, keep_names: &[String], clear_groups: bool) ->
 }
 
 /// Sets the calling thread's real, effective and saved ids (and, with `clear_groups`, empties
-/// its supplementary groups) through the system calls themselves. libc's wrappers change every
-/// thread of the process and wait until each has taken a signal for it; while the jail's network
-/// namespace thread is inside its unshare, that wait would take the jail's start-up with it. The
-/// helper ends before anything runs in the jail, and the command inherits the credentials of the
-/// thread that forks it, this one.
+/// its supplementary groups) through the system calls themselves, which act on the calling
+/// thread only. The jail's init is single-threaded, so that is the whole process, and the command
+/// inherits the credentials of the thread that starts it, this one; libc's wrappers would add
+/// their all-threads signalling machinery for nothing.
 pub fn set_thread_ids(uid: u32, gid: u32, clear_groups: bool) -> Result<(), String> {
     let check = |r: libc::c_long, what: &str| match r {
         0 => Ok(()),

@@ -130,20 +130,12 @@ fn setup(ctx: &ChildCtx) -> Result<Option<Pid>, JailError> {
     // SAFETY: prctl(PR_SET_PDEATHSIG) takes integer arguments only.
     unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong, 0, 0, 0) };
     let p = ctx.policy;
-    // When the clone made no network namespace, a helper thread makes it now, while this thread
-    // waits for its id maps and builds the filesystem.
-    let netns = match netif::namespace_with_clone(p) {
-        true => None,
-        false => Some(netif::PendingNetns::start(p.network.mode == NetMode::Loopback)?),
-    };
     if !wait_for(&ctx.pipes.go_read, GO) {
         // The supervisor is gone before the maps were written: leave quietly.
         // SAFETY: see child_main.
         unsafe { libc::_exit(EXIT_SETUP_FAILED) };
     }
     if let Some((uid, gid)) = ctx.ids.setup_ids() {
-        // This thread only: the network namespace thread may be deep in its unshare (see
-        // `caps::set_thread_ids`).
         caps::set_thread_ids(uid, gid, false)
             .map_err(|e| JailError::new(Step::IdMap, format!("become setup ids: {e}")))?;
     }
@@ -153,28 +145,28 @@ fn setup(ctx: &ChildCtx) -> Result<Option<Pid>, JailError> {
         close_raw(tree.as_raw_fd());
     }
     uts::set_names(&p.hostname)?;
-    let netns_made_here = netns.is_some();
-    if let Some(netns) = netns {
-        netns.enter()?;
-    }
-    match (p.network.mode, ctx.veth) {
-        // The namespace came with the clone (see `Jail::start`).
-        (NetMode::Veth, Some((jail, gateway))) => {
-            netif::loopback_up()?;
-            netif::veth_up(jail, gateway)?;
-        }
-        (NetMode::Loopback, _) if !netns_made_here => netif::loopback_up()?,
-        _ => {}
-    }
-    rlimits::apply(&p.limits)?;
-    // Into the jail's cgroup before anything runs that the jail's limits should bound: the
-    // supervisor made it, and compiled the seccomp program, meanwhile.
+    // The supervisor made the cgroup, compiled the seccomp program and, unless the clone made
+    // one, had the network namespace made meanwhile.
     let setup = match super::sync::recv_setup(&ctx.pipes.go_read) {
         Ok(s) => s,
         // SAFETY: see child_main (the supervisor is gone).
         Err(None) => unsafe { libc::_exit(EXIT_SETUP_FAILED) },
         Err(Some(msg)) => return Err(JailError::new(Step::Supervise, msg)),
     };
+    match (&setup.netns, netif::namespace_with_clone(p)) {
+        (Some(ns), false) => netif::enter(ns)?,
+        (None, true) => {}
+        // Never run in the host's network namespace.
+        _ => return Err(JailError::new(Step::Namespaces, "no network namespace for the jail")),
+    }
+    drop(setup.netns);
+    if let (NetMode::Veth, Some((jail, gateway))) = (p.network.mode, ctx.veth) {
+        // The namespace came with the clone (see `Jail::start`).
+        netif::loopback_up()?;
+        netif::veth_up(jail, gateway)?;
+    }
+    rlimits::apply(&p.limits)?;
+    // Into the jail's cgroup before anything runs that the jail's limits should bound.
     if let Some(cg) = setup.cgroup {
         cg.join_self()?;
     }

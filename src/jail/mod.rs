@@ -318,6 +318,13 @@ impl Jail {
                 sync::read_report(&report_read).unwrap_or(e)
             };
             release(sync::GO).map_err(jail_gone)?;
+            let netns_helper = match with_net {
+                true => None,
+                false => Some(
+                    netif::NetnsHelper::start(child, p.network.mode == crate::policy::NetMode::Loopback)
+                        .map_err(kill_child)?,
+                ),
+            };
             let mut late_entry = None;
             if let (false, Some(l)) = (early, &mut layout) {
                 l.add_v1();
@@ -331,7 +338,9 @@ impl Jail {
             let filters = seccomp::compile(&p.seccomp).map_err(kill_child)?;
             report.seccomp_allowed = filters.allowed.len();
             let affinity_allowed = matches!(filters.allowed.get("sched_setaffinity"), Some(None));
-            sync::send_setup(&go_write, late_entry.as_ref().or(entry.as_ref()), &filters.program, affinity_allowed)
+            let netns = netns_helper.map(netif::NetnsHelper::finish).transpose().map_err(kill_child)?;
+            let cg_entry = late_entry.as_ref().or(entry.as_ref());
+            sync::send_setup(&go_write, cg_entry, &filters.program, affinity_allowed, netns.as_ref())
                 .map_err(|e| JailError::new(Step::Supervise, format!("hand the jail its setup: {e}")))
                 .map_err(jail_gone)?;
             drop(late_entry);

@@ -2,7 +2,7 @@
 //!
 //! The cgroup namespace is entered later, by the child itself, once the supervisor has moved it
 //! into the jail's cgroup, so that the jail's cgroup becomes the root of its view. Outside veth
-//! mode the network namespace is also made by the child, concurrently (see `netif::PendingNetns`).
+//! mode the network namespace is made later, beside the jail's other work (see `netif::NetnsHelper`).
 
 use nix::sched::CloneFlags;
 use nix::unistd::Pid;

@@ -45,23 +45,30 @@ pub struct Setup {
     /// The program admits sched_setaffinity unconditionally, so the command can take back the
     /// caller's CPU set itself.
     pub affinity_allowed: bool,
+    /// The jail's network namespace, when a helper made it (see `netif::NetnsHelper`).
+    pub netns: Option<OwnedFd>,
 }
 
-/// Supervisor side of [`Setup`], one datagram: `S`, a flags byte (1: affinity allowed), the
-/// program's length in instructions (u32, native order), the instructions, then the `tasks`
-/// paths, NUL-terminated, matching the descriptors passed with SCM_RIGHTS.
+const AFFINITY_ALLOWED: u8 = 1;
+const NETNS_FOLLOWS: u8 = 2;
+
+/// Supervisor side of [`Setup`], one datagram: `S`, a flags byte (`AFFINITY_ALLOWED`,
+/// `NETNS_FOLLOWS`), the program's length in instructions (u32, native order), the
+/// instructions, then the `tasks` paths, NUL-terminated, matching the descriptors passed with
+/// SCM_RIGHTS; the network namespace's descriptor, when sent, comes after theirs.
 pub fn send_setup(
     fd: &OwnedFd,
     entry: Option<&super::cgroups::Entry>,
     program: &[seccompiler::sock_filter],
     affinity_allowed: bool,
+    netns: Option<&OwnedFd>,
 ) -> nix::Result<()> {
     use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
     use std::os::fd::AsRawFd;
     let (paths, fds) = entry.map(|e| e.for_sending()).unwrap_or_default();
     let mut msg = Vec::with_capacity(6 + program.len() * 8 + 256);
     msg.push(b'S');
-    msg.push(affinity_allowed as u8);
+    msg.push(if affinity_allowed { AFFINITY_ALLOWED } else { 0 } | if netns.is_some() { NETNS_FOLLOWS } else { 0 });
     msg.extend_from_slice(&(program.len() as u32).to_ne_bytes());
     for i in program {
         msg.extend_from_slice(&i.code.to_ne_bytes());
@@ -73,7 +80,7 @@ pub fn send_setup(
         msg.extend_from_slice(p.as_os_str().as_encoded_bytes());
         msg.push(0);
     }
-    let raw: Vec<i32> = fds.iter().map(|f| f.as_raw_fd()).collect();
+    let raw: Vec<i32> = fds.iter().map(|f| f.as_raw_fd()).chain(netns.map(|n| n.as_raw_fd())).collect();
     let cmsg = [ControlMessage::ScmRights(&raw)];
     let iov = [std::io::IoSlice::new(&msg)];
     sendmsg::<()>(fd.as_raw_fd(), &iov, if raw.is_empty() { &[] } else { &cmsg }, MsgFlags::empty(), None).map(|_| ())
@@ -120,10 +127,10 @@ pub fn recv_setup(fd: &OwnedFd) -> Result<Setup, Option<String>> {
         return Err(None);
     }
     let buf = &buf[..n];
-    if buf[0] != b'S' || n < 6 || buf[1] > 1 {
+    if buf[0] != b'S' || n < 6 || buf[1] & !(AFFINITY_ALLOWED | NETNS_FOLLOWS) != 0 {
         return Err(bad("unexpected message"));
     }
-    let affinity_allowed = buf[1] == 1;
+    let affinity_allowed = buf[1] & AFFINITY_ALLOWED != 0;
     let count = u32::from_ne_bytes(buf[2..6].try_into().expect("4 bytes")) as usize;
     let Some(rest) = buf[6..].get(count * 8..) else {
         return Err(bad(&format!("{count} filter instructions announced, {} bytes sent", n - 6)));
@@ -145,11 +152,16 @@ pub fn recv_setup(fd: &OwnedFd) -> Result<Setup, Option<String>> {
         .filter(|p| !p.is_empty())
         .map(|p| std::path::PathBuf::from(std::ffi::OsStr::from_bytes(p)))
         .collect();
+    let mut fds = fds;
+    let netns = match buf[1] & NETNS_FOLLOWS != 0 {
+        true => Some(fds.pop().ok_or_else(|| bad("network namespace announced, not sent"))?),
+        false => None,
+    };
     if paths.len() != fds.len() {
         return Err(bad(&format!("{} cgroup paths but {} descriptors", paths.len(), fds.len())));
     }
     let cgroup = (!paths.is_empty()).then(|| super::cgroups::Entry::received(paths.into_iter().zip(fds).collect()));
-    Ok(Setup { cgroup, program, affinity_allowed })
+    Ok(Setup { cgroup, program, affinity_allowed, netns })
 }
 
 /// Jail side: wait for `what`. Returns false when the supervisor went away.
