@@ -192,6 +192,8 @@ fn proc_is_masked_and_read_only_where_it_matters() {
     let r = sh(
         &p,
         "for f in /proc/keys /proc/timer_list /proc/kallsyms /proc/kmsg /proc/kcore; do [ -e $f ] && echo \"$f $(head -c 64 $f | wc -c)\"; done; \
+         for d in /proc/acpi /proc/driver /proc/scsi; do [ -d $d ] && echo \"$d $(ls -A $d | wc -l)\"; done; \
+         for d in /proc/acpi /proc/driver /proc/scsi; do if mkdir $d/x 2>/dev/null || touch $d/y 2>/dev/null; then echo \"WROTE $d\"; fi; done; \
          if echo 1 > /proc/sys/vm/drop_caches 2>/dev/null; then echo WROTE; fi",
     );
     assert_eq!(r.code, 0, "{r:?}");
@@ -357,6 +359,16 @@ fn tmp_is_size_limited() {
     assert!(r.stdout.contains("rc=1"), "{r:?}");
     let size: u64 = r.stdout.lines().last().unwrap().parse().unwrap();
     assert!(size <= 4 << 20, "{r:?}");
+    // One budget for every scratch area (jail::mounts::scratch_dir): what /tmp took, /dev/shm and
+    // a workspace without a host directory no longer have.
+    let r = sh(
+        &p,
+        "head -c 3000000 /dev/zero > /tmp/a && echo tmp-ok; \
+         head -c 3000000 /dev/zero > /dev/shm/b 2>/dev/null || echo shm-full; \
+         rm /dev/shm/b; head -c 3000000 /dev/zero > /workspace/c 2>/dev/null || echo workspace-full; \
+         rm /tmp/a; head -c 3000000 /dev/zero > /workspace/c && echo workspace-ok",
+    );
+    assert_eq!(r.stdout, "tmp-ok\nshm-full\nworkspace-full\nworkspace-ok\n", "{r:?}");
 }
 
 #[test]

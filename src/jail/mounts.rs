@@ -73,8 +73,9 @@ pub struct MountPlan<'a> {
 }
 
 enum Source {
-    /// A fresh, size-limited tmpfs (workspace or outputs with no host directory).
-    Tmpfs,
+    /// A directory of the root's own tmpfs, bound writable on itself (workspace or outputs with
+    /// no host directory; see `scratch_dir`).
+    Scratch,
     /// An O_PATH descriptor of the host object.
     Fd { fd: OwnedFd, is_dir: bool },
     /// A detached mount tree to attach with move_mount(2).
@@ -87,7 +88,7 @@ struct Entry {
     dst: PathBuf,
     src: Source,
     read_only: bool,
-    /// Jail uid/gid owning a tmpfs source.
+    /// Jail uid/gid owning a scratch source.
     owner: (u32, u32),
 }
 
@@ -120,12 +121,12 @@ pub fn build_root(plan: &MountPlan) -> Result<(), JailError> {
     let workspace = match (plan.workspace_tree, plan.workspace) {
         (Some(t), _) => Entry { dst: WORKSPACE.into(), src: Source::Tree(t.as_raw_fd()), read_only: ws_ro, owner },
         (None, Some(w)) => Entry { dst: WORKSPACE.into(), src: open_dir(w, "workspace")?, read_only: ws_ro, owner },
-        (None, None) => Entry { dst: WORKSPACE.into(), src: Source::Tmpfs, read_only: ws_ro, owner },
+        (None, None) => Entry { dst: WORKSPACE.into(), src: Source::Scratch, read_only: ws_ro, owner },
     };
     let outputs = match (plan.outputs_tree, plan.outputs) {
         (Some(t), _) => Entry { dst: OUTPUTS.into(), src: Source::Tree(t.as_raw_fd()), read_only: false, owner },
         (None, Some(o)) => Entry { dst: OUTPUTS.into(), src: open_dir(o, "outputs")?, read_only: false, owner },
-        (None, None) => Entry { dst: OUTPUTS.into(), src: Source::Tmpfs, read_only: false, owner },
+        (None, None) => Entry { dst: OUTPUTS.into(), src: Source::Scratch, read_only: false, owner },
     };
     let mut devices = Vec::new();
     for d in DEVICES {
@@ -142,7 +143,7 @@ pub fn build_root(plan: &MountPlan) -> Result<(), JailError> {
 
     entries.sort_by_key(|e| e.dst.components().count());
     for e in &entries {
-        attach(root, e, 0)?;
+        attach(root, e)?;
     }
 
     let etc = root.join("etc");
@@ -153,17 +154,21 @@ pub fn build_root(plan: &MountPlan) -> Result<(), JailError> {
     etc_entries.sort_by_key(|e| e.dst.components().count());
     for e in &etc_entries {
         if !copy_in(root, e)? && !copy_dir_in(root, e)? {
-            attach(root, e, 0)?;
+            attach(root, e)?;
         }
     }
+    // The root's tmpfs also holds the writable scratch areas: room for them on top of what the
+    // root holds by now.
+    let used = nix::sys::statfs::statfs(root).map(|s| (s.blocks() - s.blocks_free()) * s.block_size() as u64);
+    let size = used.step(Step::Mounts, || "statfs the new root".into())? + p.limits.tmp_size.0;
+    mount(None::<&str>, root, None::<&str>, MsFlags::MS_REMOUNT, Some(format!("size={size}").as_str()))
+        .step(Step::Mounts, || "size the new root's tmpfs".into())?;
 
-    let size = p.limits.tmp_size.0;
-    attach(root, &workspace, size)?;
-    attach(root, &outputs, size)?;
+    attach(root, &workspace)?;
+    attach(root, &outputs)?;
+    shared_scratch(&root.join("tmp"))?;
 
-    scratch_tmpfs(&root.join("tmp"), size)?;
-
-    build_dev(root, &devices, size)?;
+    build_dev(root, &devices)?;
     build_proc(root)?;
     if p.filesystem.sys == SysMode::ReadOnly {
         build_sys(root)?;
@@ -218,7 +223,7 @@ fn open_dir(path: &Path, what: &str) -> Result<Source, JailError> {
     Ok(Source::Fd { fd, is_dir: true })
 }
 
-fn attach(root: &Path, e: &Entry, tmpfs_size: u64) -> Result<(), JailError> {
+fn attach(root: &Path, e: &Entry) -> Result<(), JailError> {
     let target = root.join(e.dst.strip_prefix("/").unwrap_or(&e.dst));
     let ctx = || format!("{}", e.dst.display());
     match &e.src {
@@ -242,13 +247,8 @@ fn attach(root: &Path, e: &Entry, tmpfs_size: u64) -> Result<(), JailError> {
             mount(Some(from.as_str()), &target, None::<&str>, MsFlags::MS_BIND | MsFlags::MS_REC, None::<&str>)
                 .step(Step::Mounts, || format!("bind {}", ctx()))?;
         }
-        Source::Tmpfs => {
-            mkdir_p(&target)?;
-            // Owned by the jail user, who must be able to write it (setup runs as jail root).
-            let opts = format!("mode=0755,size={tmpfs_size},uid={},gid={}", e.owner.0, e.owner.1);
-            mount(Some("tmpfs"), &target, Some("tmpfs"), MsFlags::MS_NOSUID | MsFlags::MS_NODEV, Some(opts.as_str()))
-                .step(Step::Mounts, || format!("tmpfs {}", ctx()))?;
-        }
+        // Owned by the jail user, who must be able to write it (setup runs as jail root).
+        Source::Scratch => scratch_dir(&target, 0o755, e.owner)?,
         Source::Tree(fd) => {
             mkdir_p(&target)?;
             move_tree(*fd, &target).step(Step::Mounts, || format!("attach id-mapped {}", ctx()))?;
@@ -392,17 +392,20 @@ fn mkdir_mode(path: &Path, mode: u32) -> Result<(), JailError> {
         .step(Step::Mounts, || format!("mkdir {}", path.display()))
 }
 
-fn build_dev(root: &Path, devices: &[(&str, OwnedFd)], shm_size: u64) -> Result<(), JailError> {
+/// /dev is a directory of the read-only root: its device nodes are binds of the host's, each
+/// read-only (no new nodes, no metadata changes; a mount's read-only flag does not stop writes
+/// to a device itself), nosuid and noexec.
+fn build_dev(root: &Path, devices: &[(&str, OwnedFd)]) -> Result<(), JailError> {
     let dev = root.join("dev");
     mkdir_p(&dev)?;
-    mount(Some("tmpfs"), &dev, Some("tmpfs"), MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC, Some("mode=0755,size=64k"))
-        .step(Step::Mounts, || "tmpfs /dev".into())?;
     for (name, fd) in devices {
         let target = dev.join(name);
         write_file(&target, b"")?;
         let from = format!("/proc/self/fd/{}", fd.as_raw_fd());
         mount(Some(from.as_str()), &target, None::<&str>, MsFlags::MS_BIND, None::<&str>)
             .step(Step::Mounts, || format!("bind /dev/{name}"))?;
+        set_attr(&target, false, MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID | MOUNT_ATTR_NOEXEC)
+            .step(Step::Mounts, || format!("read-only /dev/{name}"))?;
     }
     symlink("pts/ptmx", dev.join("ptmx")).step(Step::Mounts, || "/dev/ptmx".into())?;
     for (name, to) in [
@@ -413,14 +416,8 @@ fn build_dev(root: &Path, devices: &[(&str, OwnedFd)], shm_size: u64) -> Result<
     ] {
         symlink(to, dev.join(name)).step(Step::Mounts, || format!("/dev/{name}"))?;
     }
-    let (pts, shm) = (dev.join("pts"), dev.join("shm"));
+    let pts = dev.join("pts");
     mkdir_p(&pts)?;
-    mkdir_p(&shm)?;
-    // /dev and the device binds in one call. Read-only stops new nodes and files, not writes to
-    // the devices themselves (a mount's read-only flag does not apply to device nodes). The
-    // writable /dev/pts and /dev/shm are mounted after, on their own.
-    set_attr(&dev, true, MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID | MOUNT_ATTR_NOEXEC)
-        .step(Step::Mounts, || "remount /dev read-only".into())?;
     mount(
         Some("devpts"),
         &pts,
@@ -429,7 +426,7 @@ fn build_dev(root: &Path, devices: &[(&str, OwnedFd)], shm_size: u64) -> Result<
         Some("newinstance,ptmxmode=0666,mode=0620"),
     )
     .step(Step::Mounts, || "devpts /dev/pts".into())?;
-    scratch_tmpfs(&shm, shm_size)
+    shared_scratch(&dev.join("shm"))
 }
 
 fn build_proc(root: &Path) -> Result<(), JailError> {
@@ -448,20 +445,35 @@ fn build_proc(root: &Path) -> Result<(), JailError> {
     let null = format!("{}/dev/null", root.display());
     let unmapped =
         std::fs::read_to_string(proc.join("sys/kernel/overflowuid")).ok().and_then(|s| s.trim().parse().ok());
-    // Masked directories share one empty read-only tmpfs: the first gets it, the rest a bind.
-    let mut empty_dir: Option<PathBuf> = None;
+    // Masked directories show an empty directory that no longer exists: binds of one made on
+    // the root and removed again, read-only (nothing can be created in a removed directory
+    // anyway). No filesystem of their own to make and tear down.
+    let empty = root.join(".mask");
+    let mut empty_made = false;
     for name in PROC_MASKED {
         let Some(is_dir) = is_present(name) else { continue };
         let path = proc.join(name);
         if !is_dir && unreachable_from_jail(&path, unmapped) {
             continue;
         }
-        let r = match (is_dir, &empty_dir) {
-            (true, None) => mask_dir(&path).inspect(|_| empty_dir = Some(path.clone())),
-            (true, Some(first)) => mount(Some(first), &path, None::<&str>, MsFlags::MS_BIND, None::<&str>),
-            (false, _) => mount(Some(null.as_str()), &path, None::<&str>, MsFlags::MS_BIND, None::<&str>),
+        let src = match is_dir {
+            true if !empty_made => {
+                mkdir_mode(&empty, 0o555)?;
+                empty_made = true;
+                empty.as_path()
+            }
+            true => empty.as_path(),
+            false => Path::new(null.as_str()),
         };
-        r.step(Step::Mounts, || format!("mask /proc/{name}"))?;
+        mount(Some(src), &path, None::<&str>, MsFlags::MS_BIND, None::<&str>)
+            .step(Step::Mounts, || format!("mask /proc/{name}"))?;
+        if is_dir {
+            set_attr(&path, false, MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV | MOUNT_ATTR_NOEXEC)
+                .step(Step::Mounts, || format!("read-only mask of /proc/{name}"))?;
+        }
+    }
+    if empty_made {
+        std::fs::remove_dir(&empty).step(Step::Mounts, || "remove the mask directory".into())?;
     }
     for name in PROC_READ_ONLY {
         if is_present(name).is_none() {
@@ -514,17 +526,29 @@ fn build_sys(root: &Path) -> Result<(), JailError> {
     Ok(())
 }
 
-/// A world-writable, sticky, size-limited tmpfs (/tmp, /dev/shm).
-fn scratch_tmpfs(path: &Path, size: u64) -> Result<(), JailError> {
-    mkdir_p(path)?;
-    mount(
-        Some("tmpfs"),
-        path,
-        Some("tmpfs"),
-        MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
-        Some(format!("mode=1777,size={size}").as_str()),
-    )
-    .step(Step::Mounts, || format!("tmpfs {}", path.display()))
+/// A writable directory on the root's tmpfs (/tmp, /dev/shm, and a workspace or outputs with no
+/// host directory): bound on itself, so it stays writable when the root turns read-only (the
+/// caller restricts the bind). They
+/// all share the root's room for scratch data, `limits.tmp_size` (see `build_root`): one
+/// filesystem for the jail instead of one each, each a superblock to set up and tear down.
+fn scratch_dir(path: &Path, mode: u32, owner: (u32, u32)) -> Result<(), JailError> {
+    mkdir_mode(path, mode)?;
+    // mkdir applies the umask and the setup user's ids; the mode and owner are set exactly.
+    std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(mode))
+        .step(Step::Mounts, || format!("chmod {}", path.display()))?;
+    if owner != (0, 0) {
+        nix::unistd::chown(path, Some(owner.0.into()), Some(owner.1.into()))
+            .step(Step::Mounts, || format!("chown {}", path.display()))?;
+    }
+    mount(Some(path), path, None::<&str>, MsFlags::MS_BIND, None::<&str>)
+        .step(Step::Mounts, || format!("bind {}", path.display()))
+}
+
+/// A world-writable, sticky scratch directory (/tmp, /dev/shm).
+fn shared_scratch(path: &Path) -> Result<(), JailError> {
+    scratch_dir(path, 0o1777, (0, 0))?;
+    set_attr(path, false, MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV)
+        .step(Step::Mounts, || format!("restrict {}", path.display()))
 }
 
 /// Hides a directory behind an empty, read-only tmpfs.
