@@ -34,6 +34,7 @@ pub mod landlock;
 pub mod mounts;
 pub mod namespaces;
 pub mod netif;
+pub mod rawsys;
 pub mod rlimits;
 pub mod seccomp;
 mod spawn;
