@@ -202,8 +202,12 @@ impl JailCgroup {
                 None => {
                     let mount = layout.v2_mount.as_ref().expect("v2 controllers imply a v2 mount");
                     let parent = join(mount, layout.v2_self.as_deref().unwrap_or("/"));
-                    remove_stale(&parent);
                     let d = parent.join(name);
+                    if d.exists() {
+                        // A killed Stockade of the same pid left it: clear it now (the general
+                        // sweep runs once the jail is up, see `remove_stale_near`).
+                        remove_stale(&parent);
+                    }
                     fs::create_dir(&d).map_err(|err| e(format!("create {}: {err}", d.display())))?;
                     self.dirs.push(d.clone());
                     self.v2_dir = Some(d.clone());
@@ -215,8 +219,10 @@ impl JailCgroup {
                 return Err(e(format!("no {} controller on this host (neither cgroup v2 nor v1)", c.name())));
             };
             let parent = join(mount, own);
-            remove_stale(&parent);
             let d = parent.join(name);
+            if d.exists() {
+                remove_stale(&parent);
+            }
             if !d.exists() {
                 fs::create_dir(&d).map_err(|err| e(format!("create {}: {err}", d.display())))?;
                 self.dirs.push(d.clone());
@@ -437,7 +443,12 @@ fn enable_v2_controller(jail_dir: &Path, ctrl: &str) -> Result<(), String> {
 /// `remove_stale` for every hierarchy this process's jails would be created in: for a long-lived
 /// worker, which clears what a killed session supervisor left without waiting for the next jail.
 pub fn remove_stale_all() {
-    let layout = Layout::detect();
+    remove_stale_near(&Layout::detect());
+}
+
+/// `remove_stale` in the hierarchies of `layout`. A jail's start runs it once its jail is up
+/// rather than before making the jail's cgroup, where it would delay the jail.
+pub fn remove_stale_near(layout: &Layout) {
     if let (Some(m), Some(own)) = (&layout.v2_mount, &layout.v2_self) {
         remove_stale(&join(m, own));
     }

@@ -347,6 +347,11 @@ impl Jail {
             drop(late_entry);
             drop(entry);
             let t_released = t0.elapsed();
+            // The jail no longer waits for anything of ours: sweep the cgroups killed Stockades
+            // left behind while it finishes its start.
+            if let Some(l) = &layout {
+                cgroups::remove_stale_near(l);
+            }
             if let Some(err) = sync::read_report(&report_read) {
                 let _ = waitpid(child, None);
                 return Err(err);
