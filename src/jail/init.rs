@@ -159,11 +159,17 @@ fn setup(ctx: &ChildCtx) -> Result<Option<Pid>, JailError> {
         // Never run in the host's network namespace.
         _ => return Err(JailError::new(Step::Namespaces, "no network namespace for the jail")),
     }
+    // A namespace made by the helper has loopback up already; one that came with the clone (see
+    // `netif::namespace_with_clone`) is set up here.
+    let made_by_helper = setup.netns.is_some();
     drop(setup.netns);
-    if let (NetMode::Veth, Some((jail, gateway))) = (p.network.mode, ctx.veth) {
-        // The namespace came with the clone (see `Jail::start`).
-        netif::loopback_up()?;
-        netif::veth_up(jail, gateway)?;
+    match (p.network.mode, ctx.veth) {
+        (NetMode::Veth, Some((jail, gateway))) => {
+            netif::loopback_up()?;
+            netif::veth_up(jail, gateway)?;
+        }
+        (NetMode::Loopback, _) if !made_by_helper => netif::loopback_up()?,
+        _ => {}
     }
     rlimits::apply(&p.limits)?;
     // Into the jail's cgroup before anything runs that the jail's limits should bound.
