@@ -161,7 +161,9 @@ pub fn build_root(plan: &MountPlan) -> Result<(), JailError> {
     // root holds by now.
     let used = nix::sys::statfs::statfs(root).map(|s| (s.blocks() - s.blocks_free()) * s.block_size() as u64);
     let size = used.step(Step::Mounts, || "statfs the new root".into())? + p.limits.tmp_size.0;
-    mount(None::<&str>, root, None::<&str>, MsFlags::MS_REMOUNT, Some(format!("size={size}").as_str()))
+    // A remount sets the mount's flags to exactly those given: keep nosuid and nodev.
+    let flags = MsFlags::MS_REMOUNT | MsFlags::MS_NOSUID | MsFlags::MS_NODEV;
+    mount(None::<&str>, root, None::<&str>, flags, Some(format!("size={size}").as_str()))
         .step(Step::Mounts, || "size the new root's tmpfs".into())?;
 
     attach(root, &workspace)?;
