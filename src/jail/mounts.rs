@@ -33,8 +33,8 @@ pub const OUTPUTS: &str = "/mnt/session/outputs";
 /// Device nodes bound from the host's /dev. Nothing else: no block devices, no mem/kmem/port/kmsg.
 pub const DEVICES: &[&str] = &["null", "zero", "full", "random", "urandom", "tty"];
 
-/// /proc entries hidden behind /dev/null (files) or an empty read-only tmpfs (directories), but
-/// see `unreachable_from_jail`.
+/// /proc entries hidden behind /dev/null (files) or a removed, empty directory (directories, see
+/// `build_proc`), but see `unreachable_from_jail`.
 const PROC_MASKED: &[&str] = &[
     "kcore",
     "keys",

@@ -77,10 +77,11 @@ mod tests {
 
     #[test]
     fn returns_values_and_errors_without_touching_errno() {
-        // SAFETY: getpid takes no argument; close(-1) only fails.
+        // SAFETY: getpid takes no argument.
         let pid = unsafe { syscall(libc::SYS_getpid, [0; 6]) };
         assert_eq!(pid, Ok(std::process::id() as usize));
         nix::errno::Errno::set_raw(0);
+        // SAFETY: closing descriptor -1 (u32::MAX to the kernel) can only fail.
         let r = unsafe { syscall(libc::SYS_close, [usize::MAX, 0, 0, 0, 0, 0]) };
         assert_eq!(r, Err(libc::EBADF));
         #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
