@@ -278,3 +278,25 @@ pub fn veth_up(jail: std::net::Ipv4Addr, gateway: std::net::Ipv4Addr) -> Result<
     r.set_up("eth0").map_err(|err| e("eth0 up", err))?;
     r.add_default_route4("eth0", gateway).map_err(|err| e(&format!("default route via {gateway}"), err))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_failing_helper_reports_its_step_and_is_reaped() {
+        // Entering one's own user namespace is refused (EINVAL) whatever the privileges: the
+        // helper's first step fails, and the report names it.
+        let me = nix::unistd::getpid();
+        let e = NetnsHelper::start(me, true).and_then(NetnsHelper::finish).unwrap_err();
+        assert!(e.msg.contains("join the jail's user namespace: Invalid argument"), "{e:?}");
+        // Dropped without `finish`: killed and reaped, never left running on freed memory.
+        let h = NetnsHelper::start(me, true).unwrap();
+        let pid = h.pid;
+        drop(h);
+        assert_eq!(
+            nix::sys::wait::waitpid(pid, Some(nix::sys::wait::WaitPidFlag::WNOHANG)),
+            Err(nix::errno::Errno::ECHILD)
+        );
+    }
+}
