@@ -38,9 +38,10 @@ pub struct NetnsHelper {
     reaped: bool,
 }
 
+/// Descriptor numbers in the helper's own table (a copy of the supervisor's, made by the clone).
 struct HelperArgs {
-    userns: OwnedFd,
-    sock: OwnedFd,
+    userns: i32,
+    sock: i32,
     loopback: bool,
 }
 
@@ -61,13 +62,14 @@ impl NetnsHelper {
     pub fn start(child: nix::unistd::Pid, loopback: bool) -> Result<NetnsHelper, JailError> {
         use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
         use nix::unistd::Pid;
+        use std::os::fd::AsRawFd;
         let err = |what: &str, e: &dyn std::fmt::Display| JailError::new(Step::Namespaces, format!("{what}: {e}"));
         let userns: OwnedFd = std::fs::File::open(format!("/proc/{child}/ns/user"))
             .map_err(|e| err("open the jail's user namespace", &e))?
             .into();
         let (ours, theirs) = socketpair(AddressFamily::Unix, SockType::SeqPacket, None, SockFlag::SOCK_CLOEXEC)
             .map_err(|e| err("socketpair", &e))?;
-        let args = Box::new(HelperArgs { userns, sock: theirs, loopback });
+        let args = Box::new(HelperArgs { userns: userns.as_raw_fd(), sock: theirs.as_raw_fd(), loopback });
         let mut stack = vec![0u8; 64 << 10];
         // The stack grows down from its 16-byte aligned top.
         let top = (stack.as_mut_ptr() as usize + stack.len()) & !15;
@@ -91,6 +93,10 @@ impl NetnsHelper {
             )
         };
         let clone_err = std::io::Error::last_os_error();
+        // The helper has its own copies now. Ours must go: with the helper's end of the socket
+        // still open here, a helper that died without a word would leave `finish` waiting for
+        // ever instead of seeing end-of-file.
+        drop((userns, theirs));
         if let Some(set) = saved {
             let _ = nix::sched::sched_setaffinity(Pid::from_raw(0), &set);
         }
@@ -163,11 +169,10 @@ impl Drop for NetnsHelper {
 /// The helper (see `NetnsHelper`): raw system calls on its arguments and its own stack only.
 extern "C" fn helper_main(arg: *mut libc::c_void) -> libc::c_int {
     use super::rawsys::syscall;
-    use std::os::fd::AsRawFd;
     // SAFETY: `arg` is the `HelperArgs` the supervisor passed to clone, alive until this
     // process is reaped.
     let a = unsafe { &*(arg as *const HelperArgs) };
-    let sock = a.sock.as_raw_fd() as usize;
+    let sock = a.sock as usize;
     // SAFETY (for the calls below): system calls on descriptors owned by `a` and on buffers on
     // this stack; the process ends with exit(2) and never returns into the supervisor's code.
     unsafe {
@@ -183,9 +188,7 @@ extern "C" fn helper_main(arg: *mut libc::c_void) -> libc::c_int {
             exit(1)
         };
         let _ = syscall(libc::SYS_prctl, [libc::PR_SET_PDEATHSIG as usize, libc::SIGKILL as usize, 0, 0, 0, 0]);
-        if let Err(e) =
-            syscall(libc::SYS_setns, [a.userns.as_raw_fd() as usize, libc::CLONE_NEWUSER as usize, 0, 0, 0, 0])
-        {
+        if let Err(e) = syscall(libc::SYS_setns, [a.userns as usize, libc::CLONE_NEWUSER as usize, 0, 0, 0, 0]) {
             fail(1, e);
         }
         if let Err(e) = syscall(libc::SYS_unshare, [libc::CLONE_NEWNET as usize, 0, 0, 0, 0, 0]) {
@@ -298,5 +301,41 @@ mod tests {
             nix::sys::wait::waitpid(pid, Some(nix::sys::wait::WaitPidFlag::WNOHANG)),
             Err(nix::errno::Errno::ECHILD)
         );
+    }
+
+    #[test]
+    fn a_helper_that_dies_without_a_word_ends_the_wait() {
+        // A real target, so the helper spends its ~0.5 ms making a namespace: killed meanwhile,
+        // it never reports, and `finish` must see end-of-file rather than wait for ever.
+        let mut target = std::process::Command::new("unshare").args(["-U", "sleep", "30"]).spawn().unwrap();
+        let pid = nix::unistd::Pid::from_raw(target.id() as i32);
+        let ns = |p: &str| std::fs::read_link(format!("/proc/{p}/ns/user")).ok();
+        let t = std::time::Instant::now();
+        while ns(&pid.to_string()) == ns("self") && t.elapsed() < std::time::Duration::from_secs(5) {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        // The kill races the helper's work; a helper that finished first proves nothing, so
+        // try again until one is caught before it reported.
+        let mut outcome = None;
+        for _ in 0..50 {
+            let (tx, rx) = std::sync::mpsc::channel();
+            std::thread::spawn(move || {
+                let h = NetnsHelper::start(pid, true).unwrap();
+                let _ = nix::sys::signal::kill(h.pid, nix::sys::signal::Signal::SIGKILL);
+                let _ = tx.send(h.finish().map(|_| ()).map_err(|e| e.msg));
+            });
+            match rx.recv_timeout(std::time::Duration::from_secs(10)) {
+                Ok(Ok(())) => continue,
+                r => {
+                    outcome = Some(r);
+                    break;
+                }
+            }
+        }
+        let _ = target.kill();
+        let _ = target.wait();
+        let r = outcome.expect("the helper always reported before the kill");
+        let msg = r.expect("finish never returned").unwrap_err();
+        assert!(msg.contains("the helper ended without sending it"), "{msg}");
     }
 }
