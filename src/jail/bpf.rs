@@ -10,7 +10,6 @@
 //! programs are reused unchanged for the conditional syscalls.
 
 use seccompiler::{sock_filter, BpfProgram};
-use std::collections::BTreeMap;
 
 const LD_W_ABS: u16 = (libc::BPF_LD | libc::BPF_W | libc::BPF_ABS) as u16;
 const JA: u16 = (libc::BPF_JMP | libc::BPF_JA) as u16;
@@ -67,8 +66,10 @@ impl Builder {
     }
 }
 
-/// Builds the whole filter: arch check, x32 refusal, dispatch, verdict blocks.
-pub fn build(arch: u32, x32_action: u32, default_action: u32, syscalls: &BTreeMap<u32, Verdict>) -> BpfProgram {
+/// Builds the whole filter: arch check, x32 refusal, dispatch, verdict blocks. `syscalls` is
+/// sorted by number, each number once.
+pub fn build(arch: u32, x32_action: u32, default_action: u32, syscalls: &[(u32, Verdict)]) -> BpfProgram {
+    debug_assert!(syscalls.windows(2).all(|w| w[0].0 < w[1].0), "syscalls not sorted by number");
     let mut b = Builder { prog: Vec::new(), labels: Vec::new(), fixups: Vec::new() };
     b.prog.push(stmt(LD_W_ABS, DATA_ARCH));
     b.prog.push(jump(JEQ, arch, 1, 0));

@@ -338,7 +338,7 @@ impl Jail {
             // is built, and the supervisor is otherwise idle meanwhile.
             let filters = seccomp::compile(&p.seccomp).map_err(kill_child)?;
             report.seccomp_allowed = filters.allowed.len();
-            let affinity_allowed = matches!(filters.allowed.get("sched_setaffinity"), Some(None));
+            let affinity_allowed = filters.allowed.unconditional("sched_setaffinity");
             let netns = netns_helper.map(netif::NetnsHelper::finish).transpose().map_err(kill_child)?;
             let cg_entry = late_entry.as_ref().or(entry.as_ref());
             sync::send_setup(&go_write, cg_entry, &filters.program, affinity_allowed, netns.as_ref())

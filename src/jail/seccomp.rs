@@ -32,8 +32,8 @@ const NETLINK_ROUTE: u64 = 0;
 
 pub struct Filters {
     pub program: BpfProgram,
-    /// Syscall names the allowlist admits (some under argument conditions).
-    pub allowed: BTreeMap<&'static str, Option<BTreeSet<ArgCond>>>,
+    /// What the allowlist admits.
+    pub allowed: Allowlist,
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -43,39 +43,105 @@ const ARCH: (seccompiler::TargetArch, u32) =
 const ARCH: (seccompiler::TargetArch, u32) =
     (seccompiler::TargetArch::aarch64, 0xC000_00B7 /* AUDIT_ARCH_AARCH64 */);
 
-/// Which syscalls a policy admits, and under which conditions (`None` = unconditionally).
-pub fn allowed_set(p: &Seccomp) -> Result<BTreeMap<&'static str, Option<BTreeSet<ArgCond>>>, JailError> {
-    let bad = |m: String| JailError::new(Step::Seccomp, m);
-    let mut allowed: BTreeMap<&'static str, Option<BTreeSet<ArgCond>>> = BTreeMap::new();
-    for entry in &p.allow {
-        for m in syscalls::resolve_entry(entry).map_err(bad)? {
-            match (allowed.get_mut(m.name), m.cond) {
-                (Some(slot), Some(c)) => {
-                    if let Some(set) = slot {
-                        set.insert(c);
-                    }
-                }
-                (Some(slot), None) => *slot = None,
-                (None, Some(c)) => {
-                    allowed.insert(m.name, Some(BTreeSet::from([c])));
-                }
-                (None, None) => {
-                    allowed.insert(m.name, None);
+/// A syscall the allowlist admits.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Admitted {
+    pub name: &'static str,
+    /// `None`: unconditionally; otherwise when any of these conditions holds (sorted, no repeats).
+    pub conds: Option<Vec<ArgCond>>,
+}
+
+/// What a policy's allowlist admits, indexed by syscall number: every jail start computes it,
+/// and a vector slot per number costs no hashing, ordering or string comparison beyond the one
+/// lookup per name.
+#[derive(Debug, Clone, Default)]
+pub struct Allowlist {
+    slots: Vec<Option<Admitted>>,
+}
+
+impl Allowlist {
+    fn admit(&mut self, name: &'static str, nr: usize, cond: Option<ArgCond>) {
+        if self.slots.len() <= nr {
+            self.slots.resize(nr + 1, None);
+        }
+        let slot = &mut self.slots[nr];
+        match (slot.as_mut().map(|a| &mut a.conds), cond) {
+            // Unconditional already: a condition from another group cannot narrow it.
+            (Some(None), _) => {}
+            (Some(conds), None) => *conds = None,
+            (Some(Some(list)), Some(c)) => {
+                if let Err(at) = list.binary_search(&c) {
+                    list.insert(at, c);
                 }
             }
+            (None, c) => *slot = Some(Admitted { name, conds: c.map(|c| vec![c]) }),
+        }
+    }
+
+    fn remove(&mut self, nr: usize) {
+        if let Some(slot) = self.slots.get_mut(nr) {
+            *slot = None;
+        }
+    }
+
+    /// What the allowlist says about `name`; `None` when it does not admit it.
+    pub fn get(&self, name: &str) -> Option<&Admitted> {
+        let nr = usize::try_from(syscalls::number(name)?).ok()?;
+        self.slots.get(nr)?.as_ref()
+    }
+
+    /// Whether `name` is admitted without an argument condition.
+    pub fn unconditional(&self, name: &str) -> bool {
+        matches!(self.get(name), Some(Admitted { conds: None, .. }))
+    }
+
+    /// Admitted syscalls by number, ascending.
+    pub fn iter(&self) -> impl Iterator<Item = (u32, &Admitted)> {
+        self.slots.iter().enumerate().filter_map(|(nr, a)| Some((nr as u32, a.as_ref()?)))
+    }
+
+    pub fn len(&self) -> usize {
+        self.iter().count()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// Which syscalls a policy admits, and under which conditions.
+pub fn allowlist(p: &Seccomp) -> Result<Allowlist, JailError> {
+    let bad = |m: String| JailError::new(Step::Seccomp, m);
+    let nr_of = |name: &str| {
+        syscalls::number(name)
+            .and_then(|n| usize::try_from(n).ok())
+            .ok_or_else(|| JailError::new(Step::Seccomp, format!("unknown syscall {name}")))
+    };
+    let mut allowed = Allowlist::default();
+    for entry in &p.allow {
+        for m in syscalls::resolve_entry(entry).map_err(bad)? {
+            allowed.admit(m.name, nr_of(m.name)?, m.cond);
         }
     }
     for entry in &p.deny {
         for m in syscalls::resolve_entry(entry).map_err(bad)? {
-            allowed.remove(m.name);
+            allowed.remove(nr_of(m.name)?);
         }
     }
     // clone3 always reaches the prelude's ENOSYS when clone is allowed, whatever the default
     // action: a kill here would take down every program whose libc tries clone3 first.
-    if allowed.contains_key("clone") {
-        allowed.insert("clone3", None);
+    if allowed.get("clone").is_some() {
+        allowed.admit("clone3", nr_of("clone3")?, None);
     }
     Ok(allowed)
+}
+
+/// [`allowlist`] by name, for the audit and `policy show`: `None` = unconditionally.
+pub fn allowed_set(p: &Seccomp) -> Result<BTreeMap<&'static str, Option<BTreeSet<ArgCond>>>, JailError> {
+    Ok(allowlist(p)?
+        .iter()
+        .map(|(_, a)| (a.name, a.conds.as_ref().map(|c| c.iter().copied().collect())))
+        .collect())
 }
 
 pub fn compile(p: &Seccomp) -> Result<Filters, JailError> {
@@ -86,31 +152,29 @@ pub fn compile(p: &Seccomp) -> Result<Filters, JailError> {
             "no syscall table for this architecture; refusing to run unfiltered",
         ));
     }
-    let allowed = allowed_set(p)?;
+    let allowed = allowlist(p)?;
     let families: Vec<u64> = p
         .socket_families
         .iter()
         .filter_map(|f| SOCKET_FAMILIES.iter().find(|(n, _)| n == f).map(|(_, v)| *v))
         .collect();
 
-    let mut dispatch: BTreeMap<u32, Verdict> = BTreeMap::new();
-    for (name, conds) in &allowed {
-        let nr =
-            syscalls::number(name).ok_or_else(|| JailError::new(Step::Seccomp, format!("unknown syscall {name}")))?;
-        let verdict = match conds {
-            None if *name == "clone3" => Verdict::Return(libc::SECCOMP_RET_ERRNO | libc::ENOSYS as u32),
+    let mut dispatch: Vec<(u32, Verdict)> = Vec::with_capacity(allowed.len());
+    for (nr, a) in allowed.iter() {
+        let verdict = match &a.conds {
+            None if a.name == "clone3" => Verdict::Return(libc::SECCOMP_RET_ERRNO | libc::ENOSYS as u32),
             None => Verdict::Allow,
-            Some(set) => {
+            Some(conds) => {
                 let mut v = Vec::new();
-                for c in set {
-                    for rule in rules_for(*c, name, &families).map_err(|e| err(name, &e))? {
+                for c in conds {
+                    for rule in rules_for(*c, a.name, &families).map_err(|e| err(a.name, &e))? {
                         v.push(BpfProgram::from(rule));
                     }
                 }
                 Verdict::Rules(v)
             }
         };
-        dispatch.insert(nr as u32, verdict);
+        dispatch.push((nr, verdict));
     }
     let default = match p.default_action {
         SeccompAction::Errno => libc::SECCOMP_RET_ERRNO | libc::EPERM as u32,
@@ -191,8 +255,9 @@ mod tests {
         // A fraction of seccompiler's linear layout (~1,600 instructions for this policy): one
         // tree leaf per run of syscall numbers with the same verdict (429 here).
         assert!(f.program.len() < 600, "{} instructions", f.program.len());
-        assert!(f.allowed.contains_key("read"));
-        assert_eq!(f.allowed["clone"], Some(BTreeSet::from([ArgCond::NoNamespaceFlags])));
+        assert!(f.allowed.unconditional("read"));
+        assert_eq!(f.allowed.get("clone").unwrap().conds, Some(vec![ArgCond::NoNamespaceFlags]));
+        assert_eq!(f.allowed.len(), allowed_set(&p.seccomp).unwrap().len());
         for banned in [
             "mount",
             "unshare",
@@ -207,7 +272,7 @@ mod tests {
             "userfaultfd",
             "perf_event_open",
         ] {
-            assert!(!f.allowed.contains_key(banned), "{banned} allowed by default");
+            assert!(f.allowed.get(banned).is_none(), "{banned} allowed by default");
         }
     }
 

@@ -627,7 +627,7 @@ pub static GROUPS: &[Group] = &[
     },
 ];
 
-/// The syscall table of the architecture Stockade was built for.
+/// The syscall table of the architecture Stockade was built for, sorted by name.
 pub fn native_table() -> &'static [(&'static str, i64)] {
     #[cfg(target_arch = "x86_64")]
     {
@@ -639,14 +639,15 @@ pub fn native_table() -> &'static [(&'static str, i64)] {
     }
 }
 
-fn index() -> &'static std::collections::HashMap<&'static str, i64> {
-    static INDEX: std::sync::OnceLock<std::collections::HashMap<&'static str, i64>> = std::sync::OnceLock::new();
-    INDEX.get_or_init(|| native_table().iter().copied().collect())
+/// The table's entry for `name`: a binary search, so a jail start builds no index.
+fn entry(name: &str) -> Option<(&'static str, i64)> {
+    let t = native_table();
+    t.binary_search_by(|(n, _)| n.as_bytes().cmp(name.as_bytes())).ok().map(|i| t[i])
 }
 
 /// The syscall number for `name` on the native architecture.
 pub fn number(name: &str) -> Option<i64> {
-    index().get(name).copied()
+    entry(name).map(|(_, nr)| nr)
 }
 
 pub fn group(name: &str) -> Option<&'static Group> {
@@ -684,9 +685,9 @@ pub fn resolve_entry(entry: &str) -> Result<Vec<Member>, String> {
     Err(unknown("syscall", entry, &names))
 }
 
-fn leak_name(entry: &str) -> &'static str {
-    // Names come from the static table, so this lookup always succeeds for a known syscall.
-    index().get_key_value(entry).map(|(n, _)| *n).unwrap_or("")
+fn leak_name(name: &str) -> &'static str {
+    // Called for names `number` has just found, so the lookup always succeeds.
+    entry(name).map(|(n, _)| n).unwrap_or("")
 }
 
 fn unknown(kind: &str, entry: &str, known: &[&str]) -> String {
@@ -699,6 +700,20 @@ fn unknown(kind: &str, entry: &str, known: &[&str]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_table_is_sorted_by_name_with_unique_names_and_numbers() {
+        let t = native_table();
+        assert!(t.windows(2).all(|w| w[0].0.as_bytes() < w[1].0.as_bytes()), "not sorted by name");
+        let numbers: std::collections::BTreeSet<i64> = t.iter().map(|(_, n)| *n).collect();
+        assert_eq!(numbers.len(), t.len(), "a number appears twice");
+        assert_eq!(number("no_such_call"), None);
+        if cfg!(target_arch = "x86_64") {
+            assert_eq!(number("read"), Some(0));
+            assert_eq!(number("file_setattr"), Some(469));
+            assert_eq!(number("_sysctl"), Some(156));
+        }
+    }
 
     #[test]
     fn every_group_member_is_a_known_syscall() {
