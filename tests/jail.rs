@@ -877,14 +877,16 @@ fn small_etc_files_are_copied_and_fifos_and_large_files_bound() {
     std::fs::write(s.join("big"), vec![b'x'; 40_000]).unwrap();
     // Opening a FIFO to copy it would block the jail's start for good.
     nix::unistd::mkfifo(&s.join("fifo"), nix::sys::stat::Mode::from_bits_truncate(0o644)).unwrap();
-    let entries: Vec<String> =
+    let mut entries: Vec<String> =
         ["small", "big", "fifo"].iter().map(|n| format!("\"{}:/etc/{n}\"", s.join(n).display())).collect();
+    // A destination whose directories the generated /etc lacks: they are made for it.
+    entries.push(format!("\"{}:/etc/nested/deeper/small\"", s.join("small").display()));
     let (_d, p) = policy("default", &format!("[filesystem]\netc = [{}]", entries.join(", ")));
     let r = sh(
         &p,
-        "cat /etc/small; wc -c < /etc/big; [ -p /etc/fifo ] && echo fifo; \
-         for f in small big fifo; do grep -q \" /etc/$f \" /proc/self/mountinfo && echo bound $f; done",
+        "cat /etc/small; wc -c < /etc/big; [ -p /etc/fifo ] && echo fifo; cat /etc/nested/deeper/small; \
+         for f in small big fifo nested/deeper/small; do grep -q \" /etc/$f \" /proc/self/mountinfo && echo bound $f; done; true",
     );
     assert_eq!(r.code, 0, "{r:?}");
-    assert_eq!(r.stdout, "hello etc\n40000\nfifo\nbound big\nbound fifo\n", "{r:?}");
+    assert_eq!(r.stdout, "hello etc\n40000\nfifo\nhello etc\nbound big\nbound fifo\n", "{r:?}");
 }

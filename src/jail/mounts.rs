@@ -279,12 +279,16 @@ fn copy_in(root: &Path, e: &Entry) -> Result<bool, JailError> {
         return Ok(false);
     }
     let Ok(f) = std::fs::File::open(format!("/proc/self/fd/{}", fd.as_raw_fd())) else { return Ok(false) };
-    let Some(content) = read_small(f) else { return Ok(false) };
+    let Some((content, _)) = read_small(f) else { return Ok(false) };
     let target = root.join(e.dst.strip_prefix("/").unwrap_or(&e.dst));
-    if let Some(parent) = target.parent() {
-        mkdir_p(parent)?;
+    let mode = st.st_mode & 0o755;
+    // Most entries sit in /etc itself, which exists: its parents are made only when missing.
+    if write_file_mode(&target, &content, mode).is_err() {
+        if let Some(parent) = target.parent() {
+            mkdir_p(parent)?;
+        }
+        write_file_mode(&target, &content, mode)?;
     }
-    write_file_mode(&target, &content, st.st_mode & 0o755)?;
     Ok(true)
 }
 
@@ -307,17 +311,18 @@ fn copy_dir_in(root: &Path, e: &Entry) -> Result<bool, JailError> {
     let Source::Fd { fd, is_dir: true } = &e.src else { return Ok(false) };
     // Through the O_PATH descriptor's magic link, which names exactly the directory resolved
     // earlier (O_NOFOLLOW would refuse the link itself).
-    let opened = std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_DIRECTORY)
-        .open(format!("/proc/self/fd/{}", fd.as_raw_fd()));
+    let opened = open(
+        format!("/proc/self/fd/{}", fd.as_raw_fd()).as_str(),
+        OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
+        Mode::empty(),
+    );
     let Ok(dir) = opened else { return Ok(false) };
+    let Ok(st) = nix::sys::stat::fstat(&dir) else { return Ok(false) };
     let mut plan = Vec::new();
-    if !scan_small_dir(&dir, Path::new(""), &mut plan, 0) {
+    if !scan_small_dir(dir, Path::new(""), &mut plan, 0) {
         return Ok(false);
     }
     let target = root.join(e.dst.strip_prefix("/").unwrap_or(&e.dst));
-    let st = nix::sys::stat::fstat(&dir).step(Step::Mounts, || format!("stat {}", e.dst.display()))?;
     mkdir_mode(&target, st.st_mode & 0o755)?;
     for item in plan {
         match item {
@@ -330,59 +335,82 @@ fn copy_dir_in(root: &Path, e: &Entry) -> Result<bool, JailError> {
     Ok(true)
 }
 
-/// Reads `dir` into `plan`; false as soon as something disqualifies the copy.
-fn scan_small_dir(dir: &std::fs::File, rel: &Path, plan: &mut Vec<Copied>, depth: usize) -> bool {
-    use std::os::unix::fs::MetadataExt;
-    let Ok(entries) = std::fs::read_dir(format!("/proc/self/fd/{}", dir.as_raw_fd())) else { return false };
-    for entry in entries {
+/// Reads `dir` into `plan`; false as soon as something disqualifies the copy. Entries are
+/// counted before any is looked at, so a large directory (alternatives, ssl) costs one read of
+/// its names; each entry is then reached relative to `dir`, never through a path.
+fn scan_small_dir(dir: OwnedFd, rel: &Path, plan: &mut Vec<Copied>, depth: usize) -> bool {
+    use nix::dir::{Dir, Type};
+    use nix::fcntl::{openat, readlinkat};
+    let Ok(mut dir) = Dir::from_fd(dir) else { return false };
+    let mut names = Vec::new();
+    for entry in dir.iter() {
         let Ok(entry) = entry else { return false };
-        if plan.len() >= ETC_COPY_DIR_ENTRIES {
+        let name = entry.file_name();
+        if name == c"." || name == c".." {
+            continue;
+        }
+        if plan.len() + names.len() >= ETC_COPY_DIR_ENTRIES {
             return false;
         }
-        let name = entry.file_name();
-        let here = rel.join(&name);
-        // metadata() of a DirEntry does not follow symlinks.
-        let Ok(meta) = entry.metadata() else { return false };
-        let ft = meta.file_type();
-        let path = Path::new(&format!("/proc/self/fd/{}", dir.as_raw_fd())).join(&name);
-        if ft.is_symlink() {
-            let Ok(to) = std::fs::read_link(&path) else { return false };
-            plan.push(Copied::Link(here, to));
-        } else if ft.is_file() && meta.len() <= ETC_COPY_MAX {
-            let Some(content) = open_nofollow(&path, false).ok().and_then(read_small) else { return false };
-            plan.push(Copied::File(here, content, meta.mode() & 0o755));
-        } else if ft.is_dir() && depth == 0 {
-            let Ok(sub) = open_nofollow(&path, true) else { return false };
-            plan.push(Copied::Dir(here.clone(), meta.mode() & 0o755));
-            if !scan_small_dir(&sub, &here, plan, depth + 1) {
-                return false;
+        names.push((name.to_owned(), entry.file_type()));
+    }
+    for (name, kind) in names {
+        let kind = match kind {
+            Some(k) => k,
+            // A filesystem without d_type: ask without following the entry.
+            None => match nix::sys::stat::fstatat(&dir, name.as_c_str(), nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW) {
+                Ok(st) => match st.st_mode & libc::S_IFMT {
+                    libc::S_IFLNK => Type::Symlink,
+                    libc::S_IFREG => Type::File,
+                    libc::S_IFDIR => Type::Directory,
+                    _ => return false,
+                },
+                Err(_) => return false,
+            },
+        };
+        let here = rel.join(std::ffi::OsStr::from_bytes(name.to_bytes()));
+        match kind {
+            Type::Symlink => {
+                let Ok(to) = readlinkat(&dir, name.as_c_str()) else { return false };
+                plan.push(Copied::Link(here, to.into()));
             }
-        } else {
-            // Large files, deeper trees, FIFOs, sockets and devices (never opened) are bound.
-            return false;
+            Type::File => {
+                // Non-blocking: a FIFO swapped in since the listing cannot stall the jail.
+                let flags = OFlag::O_RDONLY | OFlag::O_NOFOLLOW | OFlag::O_NONBLOCK | OFlag::O_CLOEXEC;
+                let Ok(fd) = openat(&dir, name.as_c_str(), flags, Mode::empty()) else { return false };
+                let Some((content, mode)) = read_small(fd.into()) else { return false };
+                plan.push(Copied::File(here, content, mode & 0o755));
+            }
+            Type::Directory if depth == 0 => {
+                let flags = OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
+                let Ok(sub) = openat(&dir, name.as_c_str(), flags, Mode::empty()) else { return false };
+                let Ok(st) = nix::sys::stat::fstat(&sub) else { return false };
+                plan.push(Copied::Dir(here.clone(), st.st_mode & 0o755));
+                if !scan_small_dir(sub, &here, plan, depth + 1) {
+                    return false;
+                }
+            }
+            // Deeper trees, FIFOs, sockets and devices (never opened) are bound.
+            _ => return false,
         }
     }
     true
 }
 
-/// The whole content of an opened file that is (still) a regular file of at most
+/// The whole content and mode of an opened file that is (still) a regular file of at most
 /// `ETC_COPY_MAX` bytes; `None` (bind it instead) for anything else, a file that grew since it
 /// was looked at included.
-fn read_small(f: std::fs::File) -> Option<Vec<u8>> {
+fn read_small(f: std::fs::File) -> Option<(Vec<u8>, u32)> {
     use std::io::Read;
-    if !f.metadata().is_ok_and(|m| m.is_file()) {
+    use std::os::unix::fs::MetadataExt;
+    let meta = f.metadata().ok()?;
+    if !meta.is_file() || meta.len() > ETC_COPY_MAX {
         return None;
     }
-    let mut content = Vec::new();
+    // Room for the whole file and one byte more: two reads, the second seeing the end.
+    let mut content = Vec::with_capacity(meta.len() as usize + 1);
     f.take(ETC_COPY_MAX + 1).read_to_end(&mut content).ok()?;
-    (content.len() as u64 <= ETC_COPY_MAX).then_some(content)
-}
-
-/// Opens the last component of `path` without following it (a directory, or a regular file
-/// opened non-blocking so a FIFO swapped in cannot stall the jail).
-fn open_nofollow(path: &Path, directory: bool) -> std::io::Result<std::fs::File> {
-    let extra = if directory { libc::O_DIRECTORY } else { libc::O_NONBLOCK };
-    std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NOFOLLOW | extra).open(path)
+    (content.len() as u64 <= ETC_COPY_MAX).then_some((content, meta.mode()))
 }
 
 /// Creates `path` and any missing parents; the setup user always keeps write access to fill it.
