@@ -3,7 +3,11 @@
 //! Order is forced by the kernel: the bounding set can only be reduced while CAP_SETPCAP is still
 //! effective, and securebits likewise; then the ids change; then the remaining sets are cleared.
 //! Finally no_new_privs, which also makes landlock and seccomp installable without privilege.
-//! The result is verified rather than assumed.
+//! The result is verified rather than assumed, from the kernel's own account in /proc.
+//!
+//! Every jail start runs this, so it works in whole sets where the kernel allows: one capset for
+//! the effective, permitted and inheritable sets, one ambient clear, one status read to verify
+//! (a capability at a time through the `caps` crate cost ~170 prctl calls).
 
 use caps::{CapSet, Capability, CapsHashSet};
 
@@ -18,6 +22,7 @@ pub fn drop_to(uid: u32, gid: u32, keep_names: &[String], clear_groups: bool) ->
             n.parse::<Capability>().map_err(|e| JailError::new(Step::Capabilities, format!("{n}: {e}")))
         })
         .collect::<Result<_, _>>()?;
+    let keep_mask = keep.iter().fold(0u64, |m, c| m | c.bitmask());
 
     // Lock root out of privilege: uid 0 inside gains nothing from exec or setuid transitions.
     let mut bits = libc::SECBIT_NOROOT | libc::SECBIT_NOROOT_LOCKED | libc::SECBIT_NO_SETUID_FIXUP_LOCKED;
@@ -26,35 +31,109 @@ pub fn drop_to(uid: u32, gid: u32, keep_names: &[String], clear_groups: bool) ->
             | libc::SECBIT_NO_CAP_AMBIENT_RAISE
             | libc::SECBIT_NO_CAP_AMBIENT_RAISE_LOCKED;
     }
-    prctl(libc::PR_SET_SECUREBITS, bits as libc::c_ulong, "PR_SET_SECUREBITS")?;
-
-    for cap in caps::all() {
-        if !keep.contains(&cap) {
-            caps::drop(None, CapSet::Bounding, cap)
-                .step(Step::Capabilities, || format!("drop {cap} from bounding set"))?;
-        }
-    }
-    caps::clear(None, CapSet::Ambient).step(Step::Capabilities, || "clear ambient".into())?;
+    prctl(libc::PR_SET_SECUREBITS, bits as libc::c_ulong, 0, "PR_SET_SECUREBITS")?;
+    drop_bounding(keep_mask)?;
+    prctl(libc::PR_CAP_AMBIENT, libc::PR_CAP_AMBIENT_CLEAR_ALL as libc::c_ulong, 0, "clear ambient")?;
     if !keep.is_empty() {
-        prctl(libc::PR_SET_KEEPCAPS, 1, "PR_SET_KEEPCAPS")?;
+        prctl(libc::PR_SET_KEEPCAPS, 1, 0, "PR_SET_KEEPCAPS")?;
     }
 
     set_thread_ids(uid, gid, clear_groups)
         .map_err(|e| JailError::new(Step::Capabilities, format!("become uid {uid} gid {gid}: {e}")))?;
 
-    for set in [CapSet::Effective, CapSet::Permitted, CapSet::Inheritable] {
-        caps::set(None, set, &keep).step(Step::Capabilities, || format!("set {set:?}"))?;
-    }
+    set_process_caps(keep_mask)?;
     for cap in &keep {
         // Ambient capabilities are the only ones an unprivileged uid keeps across execve.
         caps::raise(None, CapSet::Ambient, *cap).step(Step::Capabilities, || format!("raise ambient {cap}"))?;
     }
-    prctl(libc::PR_SET_NO_NEW_PRIVS, 1, "PR_SET_NO_NEW_PRIVS")?;
+    prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, "PR_SET_NO_NEW_PRIVS")?;
+    verify(keep_mask)
+}
 
-    for set in [CapSet::Effective, CapSet::Permitted, CapSet::Inheritable, CapSet::Ambient, CapSet::Bounding] {
-        let have = caps::read(None, set).step(Step::Capabilities, || format!("read {set:?}"))?;
-        if have.iter().any(|c| !keep.contains(c)) {
-            return Err(JailError::new(Step::Capabilities, format!("{set:?} set still holds {have:?} after dropping")));
+/// Drops from the bounding set every capability outside `keep_mask`, by number up to the
+/// kernel's last one (EINVAL past it): capabilities newer than this build's list go as well.
+fn drop_bounding(keep_mask: u64) -> Result<(), JailError> {
+    for nr in 0..64u8 {
+        if keep_mask & (1 << nr) != 0 {
+            continue;
+        }
+        // SAFETY: prctl with integer arguments only.
+        if unsafe { libc::prctl(libc::PR_CAPBSET_DROP, nr as libc::c_ulong, 0, 0, 0) } != 0 {
+            let e = std::io::Error::last_os_error();
+            if e.raw_os_error() == Some(libc::EINVAL) && nr > 0 {
+                return Ok(());
+            }
+            return Err(JailError::new(Step::Capabilities, format!("drop capability {nr} from bounding set: {e}")));
+        }
+    }
+    Ok(())
+}
+
+/// capset(2)'s header and per-32-bit-word data (linux/capability.h, version 3: two words).
+#[repr(C)]
+struct CapHeader {
+    version: u32,
+    pid: libc::c_int,
+}
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct CapData {
+    effective: u32,
+    permitted: u32,
+    inheritable: u32,
+}
+const CAP_VERSION_3: u32 = 0x2008_0522;
+
+/// Sets the effective, permitted and inheritable sets to exactly `mask` in one call.
+fn set_process_caps(mask: u64) -> Result<(), JailError> {
+    let header = CapHeader { version: CAP_VERSION_3, pid: 0 };
+    let word = |w: u32| CapData { effective: w, permitted: w, inheritable: w };
+    let data = [word(mask as u32), word((mask >> 32) as u32)];
+    // SAFETY: capset reads a version-3 header and two data words, both live for the call.
+    let r = unsafe { libc::syscall(libc::SYS_capset, &header as *const CapHeader, data.as_ptr()) };
+    if r != 0 {
+        return Err(JailError::new(
+            Step::Capabilities,
+            format!("set effective, permitted and inheritable sets: {}", std::io::Error::last_os_error()),
+        ));
+    }
+    Ok(())
+}
+
+/// Checks all five sets at once, as the kernel reports them in /proc/self/status.
+fn verify(keep_mask: u64) -> Result<(), JailError> {
+    use std::io::Read;
+    let e = |m: String| JailError::new(Step::Capabilities, m);
+    let mut status = Vec::with_capacity(4096);
+    std::fs::File::open("/proc/self/status")
+        .and_then(|mut f| f.read_to_end(&mut status))
+        .map_err(|err| e(format!("read /proc/self/status to verify: {err}")))?;
+    let status = String::from_utf8_lossy(&status);
+    let sets = [
+        ("CapInh:", "Inheritable"),
+        ("CapPrm:", "Permitted"),
+        ("CapEff:", "Effective"),
+        ("CapBnd:", "Bounding"),
+        ("CapAmb:", "Ambient"),
+    ];
+    for (field, set) in sets {
+        let value = status
+            .lines()
+            .find_map(|l| l.strip_prefix(field))
+            .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+            .ok_or_else(|| e(format!("/proc/self/status has no readable {field} line")))?;
+        let extra = value & !keep_mask;
+        if extra != 0 {
+            let names: Vec<String> = (0..64u8)
+                .filter(|n| extra & (1 << n) != 0)
+                .map(|n| {
+                    caps::all()
+                        .into_iter()
+                        .find(|c| c.index() == n)
+                        .map_or(format!("capability {n}"), |c| c.to_string())
+                })
+                .collect();
+            return Err(e(format!("{set} set still holds {} after dropping", names.join(", "))));
         }
     }
     Ok(())
@@ -80,9 +159,9 @@ pub fn set_thread_ids(uid: u32, gid: u32, clear_groups: bool) -> Result<(), Stri
     check(unsafe { libc::syscall(libc::SYS_setresuid, uid, uid, uid) }, "setresuid")
 }
 
-fn prctl(op: libc::c_int, arg: libc::c_ulong, name: &str) -> Result<(), JailError> {
+fn prctl(op: libc::c_int, arg: libc::c_ulong, arg2: libc::c_ulong, name: &str) -> Result<(), JailError> {
     // SAFETY: prctl with integer arguments only; no pointers are passed.
-    let r = unsafe { libc::prctl(op, arg, 0 as libc::c_ulong, 0 as libc::c_ulong, 0 as libc::c_ulong) };
+    let r = unsafe { libc::prctl(op, arg, arg2, 0 as libc::c_ulong, 0 as libc::c_ulong) };
     if r < 0 {
         return Err(JailError::new(Step::Capabilities, format!("{name}: {}", std::io::Error::last_os_error())));
     }
@@ -92,5 +171,5 @@ fn prctl(op: libc::c_int, arg: libc::c_ulong, name: &str) -> Result<(), JailErro
 /// Makes the calling process non-dumpable: its /proc entries become root-owned and it cannot be
 /// ptrace-attached, even by the jail user.
 pub fn set_non_dumpable() -> Result<(), JailError> {
-    prctl(libc::PR_SET_DUMPABLE, 0, "PR_SET_DUMPABLE")
+    prctl(libc::PR_SET_DUMPABLE, 0, 0, "PR_SET_DUMPABLE")
 }

@@ -136,12 +136,9 @@ pub fn allowlist(p: &Seccomp) -> Result<Allowlist, JailError> {
     Ok(allowed)
 }
 
-/// [`allowlist`] by name, for the audit and `policy show`: `None` = unconditionally.
+/// [`allowlist`] by name, for the audit: `None` = unconditionally.
 pub fn allowed_set(p: &Seccomp) -> Result<BTreeMap<&'static str, Option<BTreeSet<ArgCond>>>, JailError> {
-    Ok(allowlist(p)?
-        .iter()
-        .map(|(_, a)| (a.name, a.conds.as_ref().map(|c| c.iter().copied().collect())))
-        .collect())
+    Ok(allowlist(p)?.iter().map(|(_, a)| (a.name, a.conds.as_ref().map(|c| c.iter().copied().collect()))).collect())
 }
 
 pub fn compile(p: &Seccomp) -> Result<Filters, JailError> {
