@@ -6,7 +6,7 @@
 //! error; with `"best_effort"` the missing parts are dropped and reported.
 
 use landlock::{
-    Access, AccessFs, AccessNet, BitFlags, CompatLevel, Compatible, NetPort, PathBeneath, PathFd, Ruleset, RulesetAttr,
+    Access, AccessFs, AccessNet, BitFlags, CompatLevel, Compatible, NetPort, PathBeneath, Ruleset, RulesetAttr,
     RulesetCreatedAttr, RulesetStatus, Scope, ABI,
 };
 use std::path::PathBuf;
@@ -191,7 +191,8 @@ pub fn apply(p: &Policy) -> Result<LandlockReport, JailError> {
         if !meta.is_dir() {
             access &= AccessFs::from_file(abi);
         }
-        let fd = PathFd::new(&rule.path).map_err(|e| err(&format!("open {}", rule.path.display()), &e))?;
+        let fd = super::mounts::open(&rule.path, nix::fcntl::OFlag::O_PATH, nix::sys::stat::Mode::empty())
+            .map_err(|e| err(&format!("open {}", rule.path.display()), &e))?;
         created = created
             .add_rule(PathBeneath::new(fd, access))
             .map_err(|e| err(&format!("rule {}", rule.path.display()), &e))?;

@@ -11,14 +11,15 @@
 //! Binds are made from the O_PATH descriptors (`/proc/self/fd/N`), so a path that changes after
 //! it was resolved (a symlink swapped in by a previous session) cannot redirect a mount.
 
-use nix::fcntl::{open, OFlag};
+use nix::fcntl::OFlag;
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
 use nix::sys::stat::Mode;
 use nix::unistd::{chdir, pivot_root};
+use nix::NixPath;
 use std::ffi::CString;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{symlink, DirBuilderExt, OpenOptionsExt};
+use std::os::unix::fs::{symlink, DirBuilderExt};
 use std::path::{Path, PathBuf};
 
 use super::error::{JailError, Step, StepExt};
@@ -278,8 +279,10 @@ fn copy_in(root: &Path, e: &Entry) -> Result<bool, JailError> {
     if st.st_mode & libc::S_IFMT != libc::S_IFREG || st.st_size as u64 > ETC_COPY_MAX {
         return Ok(false);
     }
-    let Ok(f) = std::fs::File::open(format!("/proc/self/fd/{}", fd.as_raw_fd())) else { return Ok(false) };
-    let Some((content, _)) = read_small(f) else { return Ok(false) };
+    let Ok(f) = open(format!("/proc/self/fd/{}", fd.as_raw_fd()).as_str(), OFlag::O_RDONLY, Mode::empty()) else {
+        return Ok(false);
+    };
+    let Some((content, _)) = read_small(f.into()) else { return Ok(false) };
     let target = root.join(e.dst.strip_prefix("/").unwrap_or(&e.dst));
     let mode = st.st_mode & 0o755;
     // Most entries sit in /etc itself, which exists: its parents are made only when missing.
@@ -473,8 +476,10 @@ fn build_proc(root: &Path) -> Result<(), JailError> {
         .collect();
     let is_present = |name: &str| present.iter().find(|(n, _)| n == name).map(|(_, dir)| *dir);
     let null = format!("{}/dev/null", root.display());
-    let unmapped =
-        std::fs::read_to_string(proc.join("sys/kernel/overflowuid")).ok().and_then(|s| s.trim().parse().ok());
+    let unmapped = open(&proc.join("sys/kernel/overflowuid"), OFlag::O_RDONLY, Mode::empty())
+        .ok()
+        .and_then(|fd| std::io::read_to_string(std::fs::File::from(fd)).ok())
+        .and_then(|s| s.trim().parse().ok());
     // Masked directories show an empty directory that no longer exists: binds of one made on
     // the root and removed again, read-only (nothing can be created in a removed directory
     // anyway). No filesystem of their own to make and tear down.
@@ -596,19 +601,23 @@ fn mkdir_p(path: &Path) -> Result<(), JailError> {
     mkdir_mode(path, 0o755)
 }
 
+/// open(2) by way of openat(AT_FDCWD): musl's open() follows every O_CLOEXEC open with an
+/// fcntl(F_SETFD) meant for kernels older than 2.6.23, its openat() does not, and a jail start
+/// opens some sixty files here.
+pub(crate) fn open<P: ?Sized + NixPath>(path: &P, flags: OFlag, mode: Mode) -> nix::Result<OwnedFd> {
+    nix::fcntl::openat(nix::fcntl::AT_FDCWD, path, flags | OFlag::O_CLOEXEC, mode)
+}
+
 fn write_file(path: &Path, content: &[u8]) -> Result<(), JailError> {
     write_file_mode(path, content, 0o644)
 }
 
 fn write_file_mode(path: &Path, content: &[u8], mode: u32) -> Result<(), JailError> {
     use std::io::Write;
-    std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(mode)
-        .open(path)
-        .and_then(|mut f| f.write_all(content))
+    let flags = OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_TRUNC;
+    open(path, flags, Mode::from_bits_truncate(mode))
+        .map_err(std::io::Error::from)
+        .and_then(|fd| std::fs::File::from(fd).write_all(content))
         .step(Step::Mounts, || format!("write {}", path.display()))
 }
 
