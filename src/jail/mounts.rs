@@ -231,20 +231,16 @@ fn attach(root: &Path, e: &Entry) -> Result<(), JailError> {
     let ctx = || format!("{}", e.dst.display());
     match &e.src {
         Source::Symlink(to) => {
-            if let Some(parent) = target.parent() {
-                mkdir_p(parent)?;
-            }
-            symlink(to, &target).step(Step::Mounts, || format!("symlink {} -> {}", e.dst.display(), to.display()))?;
+            with_parents(&target, || symlink(to, &target))
+                .step(Step::Mounts, || format!("symlink {} -> {}", e.dst.display(), to.display()))?;
             return Ok(());
         }
         Source::Fd { fd, is_dir } => {
             if *is_dir {
                 mkdir_p(&target)?;
             } else {
-                if let Some(parent) = target.parent() {
-                    mkdir_p(parent)?;
-                }
-                write_file(&target, b"")?;
+                with_parents(&target, || create_file(&target, b"", 0o644))
+                    .step(Step::Mounts, || format!("create {}", target.display()))?;
             }
             let from = format!("/proc/self/fd/{}", fd.as_raw_fd());
             mount(Some(from.as_str()), &target, None::<&str>, MsFlags::MS_BIND | MsFlags::MS_REC, None::<&str>)
@@ -284,14 +280,8 @@ fn copy_in(root: &Path, e: &Entry) -> Result<bool, JailError> {
     };
     let Some((content, _)) = read_small(f.into()) else { return Ok(false) };
     let target = root.join(e.dst.strip_prefix("/").unwrap_or(&e.dst));
-    let mode = st.st_mode & 0o755;
-    // Most entries sit in /etc itself, which exists: its parents are made only when missing.
-    if write_file_mode(&target, &content, mode).is_err() {
-        if let Some(parent) = target.parent() {
-            mkdir_p(parent)?;
-        }
-        write_file_mode(&target, &content, mode)?;
-    }
+    with_parents(&target, || create_file(&target, &content, st.st_mode & 0o755))
+        .step(Step::Mounts, || format!("write {}", target.display()))?;
     Ok(true)
 }
 
@@ -322,7 +312,9 @@ fn copy_dir_in(root: &Path, e: &Entry) -> Result<bool, JailError> {
     let Ok(dir) = opened else { return Ok(false) };
     let Ok(st) = nix::sys::stat::fstat(&dir) else { return Ok(false) };
     let mut plan = Vec::new();
-    if !scan_small_dir(dir, Path::new(""), &mut plan, 0) {
+    // Each listing stops at what is left of the budget; siblings listed before a subdirectory
+    // was read may still take the whole over it.
+    if !scan_small_dir(dir, Path::new(""), &mut plan, 0) || plan.len() > ETC_COPY_DIR_ENTRIES {
         return Ok(false);
     }
     let target = root.join(e.dst.strip_prefix("/").unwrap_or(&e.dst));
@@ -342,34 +334,29 @@ fn copy_dir_in(root: &Path, e: &Entry) -> Result<bool, JailError> {
 /// counted before any is looked at, so a large directory (alternatives, ssl) costs one read of
 /// its names; each entry is then reached relative to `dir`, never through a path.
 fn scan_small_dir(dir: OwnedFd, rel: &Path, plan: &mut Vec<Copied>, depth: usize) -> bool {
-    use nix::dir::{Dir, Type};
+    use nix::dir::Type;
     use nix::fcntl::{openat, readlinkat};
-    let Ok(mut dir) = Dir::from_fd(dir) else { return false };
-    let mut names = Vec::new();
-    for entry in dir.iter() {
-        let Ok(entry) = entry else { return false };
-        let name = entry.file_name();
-        if name == c"." || name == c".." {
-            continue;
-        }
-        if plan.len() + names.len() >= ETC_COPY_DIR_ENTRIES {
-            return false;
-        }
-        names.push((name.to_owned(), entry.file_type()));
-    }
-    for (name, kind) in names {
-        let kind = match kind {
-            Some(k) => k,
+    let Some(names) = list_dir(&dir, ETC_COPY_DIR_ENTRIES - plan.len().min(ETC_COPY_DIR_ENTRIES)) else {
+        return false;
+    };
+    for (name, d_type) in names {
+        let kind = match d_type {
+            libc::DT_LNK => Type::Symlink,
+            libc::DT_REG => Type::File,
+            libc::DT_DIR => Type::Directory,
             // A filesystem without d_type: ask without following the entry.
-            None => match nix::sys::stat::fstatat(&dir, name.as_c_str(), nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW) {
-                Ok(st) => match st.st_mode & libc::S_IFMT {
-                    libc::S_IFLNK => Type::Symlink,
-                    libc::S_IFREG => Type::File,
-                    libc::S_IFDIR => Type::Directory,
-                    _ => return false,
-                },
-                Err(_) => return false,
-            },
+            libc::DT_UNKNOWN => {
+                match nix::sys::stat::fstatat(&dir, name.as_c_str(), nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW) {
+                    Ok(st) => match st.st_mode & libc::S_IFMT {
+                        libc::S_IFLNK => Type::Symlink,
+                        libc::S_IFREG => Type::File,
+                        libc::S_IFDIR => Type::Directory,
+                        _ => return false,
+                    },
+                    Err(_) => return false,
+                }
+            }
+            _ => return false,
         };
         let here = rel.join(std::ffi::OsStr::from_bytes(name.to_bytes()));
         match kind {
@@ -398,6 +385,37 @@ fn scan_small_dir(dir: OwnedFd, rel: &Path, plan: &mut Vec<Copied>, depth: usize
         }
     }
     true
+}
+
+/// The entries of an open directory but `.` and `..`, as (name, d_type), or `None` when there
+/// are more than `limit` or the listing fails. getdents64 into a buffer on the stack: libc's DIR
+/// adds an fstat, two fcntl calls, an allocation (an mmap and munmap under musl) per directory.
+fn list_dir(dir: &OwnedFd, limit: usize) -> Option<Vec<(CString, u8)>> {
+    let mut buf = [0u8; 4096];
+    let mut out = Vec::new();
+    loop {
+        // SAFETY: getdents64 writes at most `buf.len()` bytes into `buf`, which outlives the call.
+        let n = unsafe { libc::syscall(libc::SYS_getdents64, dir.as_raw_fd(), buf.as_mut_ptr(), buf.len()) };
+        let n = usize::try_from(n).ok()?;
+        if n == 0 {
+            return Some(out);
+        }
+        // struct linux_dirent64: u64 d_ino, i64 d_off, u16 d_reclen, u8 d_type, NUL-terminated
+        // d_name; records follow each other, d_reclen bytes apart.
+        let mut at = 0;
+        while at + 19 < n {
+            let reclen = u16::from_ne_bytes([buf[at + 16], buf[at + 17]]) as usize;
+            let record = buf[..n].get(at..at + reclen).filter(|_| reclen > 19)?;
+            let name = std::ffi::CStr::from_bytes_until_nul(&record[19..]).ok()?;
+            if name != c"." && name != c".." {
+                if out.len() == limit {
+                    return None;
+                }
+                out.push((name.to_owned(), record[18]));
+            }
+            at += reclen;
+        }
+    }
 }
 
 /// The whole content and mode of an opened file that is (still) a regular file of at most
@@ -613,12 +631,32 @@ fn write_file(path: &Path, content: &[u8]) -> Result<(), JailError> {
 }
 
 fn write_file_mode(path: &Path, content: &[u8], mode: u32) -> Result<(), JailError> {
+    create_file(path, content, mode).step(Step::Mounts, || format!("write {}", path.display()))
+}
+
+fn create_file(path: &Path, content: &[u8], mode: u32) -> std::io::Result<()> {
     use std::io::Write;
     let flags = OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_TRUNC;
-    open(path, flags, Mode::from_bits_truncate(mode))
-        .map_err(std::io::Error::from)
-        .and_then(|fd| std::fs::File::from(fd).write_all(content))
-        .step(Step::Mounts, || format!("write {}", path.display()))
+    let fd = open(path, flags, Mode::from_bits_truncate(mode))?;
+    if content.is_empty() {
+        return Ok(());
+    }
+    std::fs::File::from(fd).write_all(content)
+}
+
+/// Runs `make` for `target` and, when it fails for want of a parent directory, makes the
+/// parents and runs it again: most targets sit in directories that exist, where making the
+/// parents first would cost a mkdir and a stat each time.
+fn with_parents<T>(target: &Path, make: impl Fn() -> std::io::Result<T>) -> std::io::Result<T> {
+    match make() {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            if let Some(parent) = target.parent() {
+                std::fs::DirBuilder::new().recursive(true).mode(0o755).create(parent)?;
+            }
+            make()
+        }
+        r => r,
+    }
 }
 
 pub(crate) const MOUNT_ATTR_RDONLY: u64 = libc::MOUNT_ATTR_RDONLY;
@@ -682,5 +720,35 @@ fn move_tree(tree: i32, target: &Path) -> std::io::Result<()> {
         Ok(())
     } else {
         Err(std::io::Error::last_os_error())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn list_dir_reads_names_and_types_and_stops_past_its_limit() {
+        let dir = std::env::temp_dir().join(format!("stockade-listdir-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(dir.join("sub")).unwrap();
+        std::fs::write(dir.join("file"), "x").unwrap();
+        symlink("file", dir.join("link")).unwrap();
+        // Long names: several getdents64 calls' worth of records for the 4 KiB buffer.
+        for i in 0..60 {
+            std::fs::write(dir.join(format!("{i:0>200}")), "").unwrap();
+        }
+        let fd = open(&dir, OFlag::O_RDONLY | OFlag::O_DIRECTORY, Mode::empty()).unwrap();
+        let mut all = list_dir(&fd, 100).unwrap();
+        all.sort();
+        assert_eq!(all.len(), 63);
+        let kind = |n: &std::ffi::CStr| all.iter().find(|(m, _)| m.as_c_str() == n).map(|(_, t)| *t);
+        assert_eq!(kind(c"file"), Some(libc::DT_REG));
+        assert_eq!(kind(c"link"), Some(libc::DT_LNK));
+        assert_eq!(kind(c"sub"), Some(libc::DT_DIR));
+        assert!(all.iter().all(|(n, _)| n.as_c_str() != c"." && n.as_c_str() != c".."));
+        let fd = open(&dir, OFlag::O_RDONLY | OFlag::O_DIRECTORY, Mode::empty()).unwrap();
+        assert!(list_dir(&fd, 62).is_none(), "63 entries are more than 62");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }
