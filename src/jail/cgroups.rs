@@ -40,6 +40,8 @@ pub struct Layout {
     pub v2_controllers: Vec<String>,
     /// (controller, mount point, Stockade's own cgroup in that hierarchy)
     pub v1: Vec<(String, PathBuf, String)>,
+    /// /proc/self/cgroup as `detect_v2` read it, for `add_v1`.
+    own: String,
 }
 
 impl Layout {
@@ -61,11 +63,11 @@ impl Layout {
             Some(m) => Some(PathBuf::from(m)),
             None => mounts().into_iter().find(|(fstype, _, _)| fstype == "cgroup2").map(|(_, mp, _)| PathBuf::from(mp)),
         };
+        l.own = read_small("/proc/self/cgroup").unwrap_or_default();
         if let Some(m) = &l.v2_mount {
-            let own = fs::read_to_string("/proc/self/cgroup").unwrap_or_default();
-            let own_path = own.lines().find_map(|c| c.strip_prefix("0::")).unwrap_or("/").to_owned();
+            let own_path = l.own.lines().find_map(|c| c.strip_prefix("0::")).unwrap_or("/").to_owned();
             let dir = join(m, &own_path);
-            l.v2_controllers = fs::read_to_string(dir.join("cgroup.controllers"))
+            l.v2_controllers = read_small(&dir.join("cgroup.controllers"))
                 .unwrap_or_default()
                 .split_whitespace()
                 .map(str::to_owned)
@@ -77,7 +79,7 @@ impl Layout {
 
     /// The v1 half of [`Layout::detect`]: the hierarchies of the controllers Stockade uses.
     pub fn add_v1(&mut self) {
-        let own = fs::read_to_string("/proc/self/cgroup").unwrap_or_default();
+        let own = std::mem::take(&mut self.own);
         for (fstype, mount_point, superopts) in mounts() {
             if fstype != "cgroup" {
                 continue;
@@ -94,6 +96,7 @@ impl Layout {
                 }
             }
         }
+        self.own = own;
     }
 
     /// Whether any limit the policy sets comes from cgroup v2: then the jail is cloned straight
@@ -116,7 +119,7 @@ impl Layout {
 
 /// (fstype, mount point, super options) of every mount, from /proc/self/mountinfo.
 fn mounts() -> Vec<(String, String, String)> {
-    let mountinfo = fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let mountinfo = read_small("/proc/self/mountinfo").unwrap_or_default();
     mountinfo
         .lines()
         .filter_map(|line| {
@@ -142,6 +145,40 @@ pub fn wanted(l: &Limits) -> Vec<Controller> {
 
 fn join(mount: &Path, cg: &str) -> PathBuf {
     mount.join(cg.trim_start_matches('/'))
+}
+
+/// A /proc or cgroup file, read in one go: these report a size of 0, so `fs::read_to_string`
+/// would start with 32-byte reads and grow them, a system call each. Opened with openat, which
+/// under musl needs no fcntl after it (see `mounts::open`).
+fn read_small(path: impl AsRef<Path>) -> std::io::Result<String> {
+    use std::io::Read;
+    let fd = super::mounts::open(path.as_ref(), nix::fcntl::OFlag::O_RDONLY, nix::sys::stat::Mode::empty())?;
+    let mut buf = Vec::with_capacity(8192);
+    fs::File::from(fd).read_to_end(&mut buf)?;
+    String::from_utf8(buf).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
+}
+
+/// Writes a cgroup control file (no create, no truncate: these are kernel files).
+fn write_value(path: &Path, value: &str) -> std::io::Result<()> {
+    let fd = super::mounts::open(path, nix::fcntl::OFlag::O_WRONLY, nix::sys::stat::Mode::empty())?;
+    let n = nix::unistd::write(&fd, value.as_bytes())?;
+    if n != value.len() {
+        return Err(std::io::Error::new(std::io::ErrorKind::WriteZero, "short write"));
+    }
+    Ok(())
+}
+
+/// Makes a jail's cgroup directory. Names carry the pid and a per-process count, so one that
+/// exists already was left by a killed Stockade that had this pid before: it is cleared first
+/// (the general sweep runs once the jail is up, see `remove_stale_near`).
+fn make_dir(d: &Path) -> std::io::Result<()> {
+    match fs::create_dir(d) {
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            clear_dead_jail(d);
+            fs::create_dir(d)
+        }
+        r => r,
+    }
 }
 
 /// The jail's cgroup: one directory per hierarchy used.
@@ -203,12 +240,7 @@ impl JailCgroup {
                     let mount = layout.v2_mount.as_ref().expect("v2 controllers imply a v2 mount");
                     let parent = join(mount, layout.v2_self.as_deref().unwrap_or("/"));
                     let d = parent.join(name);
-                    if d.exists() {
-                        // A killed Stockade of the same pid left it: clear it now (the general
-                        // sweep runs once the jail is up, see `remove_stale_near`).
-                        remove_stale(&parent);
-                    }
-                    fs::create_dir(&d).map_err(|err| e(format!("create {}: {err}", d.display())))?;
+                    make_dir(&d).map_err(|err| e(format!("create {}: {err}", d.display())))?;
                     self.dirs.push(d.clone());
                     self.v2_dir = Some(d.clone());
                     d
@@ -220,11 +252,9 @@ impl JailCgroup {
             };
             let parent = join(mount, own);
             let d = parent.join(name);
-            if d.exists() {
-                remove_stale(&parent);
-            }
-            if !d.exists() {
-                fs::create_dir(&d).map_err(|err| e(format!("create {}: {err}", d.display())))?;
+            // Controllers that share a hierarchy (cpu,cpuacct) share the directory too.
+            if !self.dirs.contains(&d) {
+                make_dir(&d).map_err(|err| e(format!("create {}: {err}", d.display())))?;
                 self.dirs.push(d.clone());
             }
             d
@@ -232,23 +262,24 @@ impl JailCgroup {
         if use_v2 {
             enable_v2_controller(&dir, c.name()).map_err(e)?;
         }
-        let w = |file: &str, v: String| -> Result<(), JailError> {
-            fs::write(dir.join(file), &v).map_err(|err| e(format!("write {} = {v}: {err}", dir.join(file).display())))
+        let write = |file: &str, v: &str, optional: bool| -> Result<(), JailError> {
+            match write_value(&dir.join(file), v) {
+                // Swap accounting is off on this host: there is no swap limit to set.
+                Err(err) if optional && err.kind() == std::io::ErrorKind::NotFound => Ok(()),
+                r => r.map_err(|err| e(format!("write {} = {v}: {err}", dir.join(file).display()))),
+            }
         };
+        let w = |file: &str, v: String| write(file, &v, false);
         let ver = if use_v2 { "v2" } else { "v1" };
         match c {
             Controller::Memory => {
                 let m = l.memory.map(|s| s.0).unwrap_or(u64::MAX);
                 if use_v2 {
                     w("memory.max", m.to_string())?;
-                    if dir.join("memory.swap.max").exists() {
-                        w("memory.swap.max", "0".into())?;
-                    }
+                    write("memory.swap.max", "0", true)?;
                 } else {
                     w("memory.limit_in_bytes", m.to_string())?;
-                    if dir.join("memory.memsw.limit_in_bytes").exists() {
-                        w("memory.memsw.limit_in_bytes", m.to_string())?;
-                    }
+                    write("memory.memsw.limit_in_bytes", &m.to_string(), true)?;
                 }
                 Ok(format!("memory {} ({ver})", crate::util::format_size(m)))
             }
@@ -391,6 +422,9 @@ pub fn remove_stale(parent: &Path) {
         let name = e.file_name();
         let Some(rest) = name.to_str().and_then(|n| n.strip_prefix("stockade-")) else { continue };
         let Some(owner) = rest.split('-').next().and_then(|p| p.parse::<u32>().ok()) else { continue };
+        if owner == std::process::id() {
+            continue; // this process's own jails
+        }
         // A killed Stockade whose parent has not reaped it yet is a zombie: dead all the same.
         let state = fs::read_to_string(format!("/proc/{owner}/stat"))
             .ok()
@@ -398,22 +432,26 @@ pub fn remove_stale(parent: &Path) {
         if state.as_deref().is_some_and(|st| st != "Z" && st != "X") {
             continue; // its Stockade is alive (or the pid was reused: leave it, to be safe)
         }
-        let dir = e.path();
-        // Whatever is still inside belonged to a jail whose supervisor is gone (PDEATHSIG is
-        // already taking it down): finish the job, then give the kernel a moment to empty it.
-        let procs = || fs::read_to_string(dir.join("cgroup.procs")).unwrap_or_default();
-        for pid in procs().split_whitespace().filter_map(|p| p.parse::<i32>().ok()) {
-            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+        clear_dead_jail(&e.path());
+    }
+}
+
+/// Removes the cgroup of a jail whose supervisor is gone. Whatever is still inside belonged to
+/// that jail (PDEATHSIG is already taking it down): finish the job, then give the kernel a
+/// moment to empty it.
+fn clear_dead_jail(dir: &Path) {
+    let procs = || read_small(dir.join("cgroup.procs")).unwrap_or_default();
+    for pid in procs().split_whitespace().filter_map(|p| p.parse::<i32>().ok()) {
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+    }
+    for _ in 0..50 {
+        if procs().trim().is_empty() {
+            break;
         }
-        for _ in 0..50 {
-            if procs().trim().is_empty() {
-                break;
-            }
-            std::thread::sleep(std::time::Duration::from_millis(2));
-        }
-        if fs::remove_dir(&dir).is_ok() {
-            tracing::info!(cgroup = %dir.display(), "removed the cgroup of a jail whose Stockade was killed");
-        }
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    }
+    if fs::remove_dir(dir).is_ok() {
+        tracing::info!(cgroup = %dir.display(), "removed the cgroup of a jail whose Stockade was killed");
     }
 }
 
@@ -454,5 +492,43 @@ pub fn remove_stale_near(layout: &Layout) {
     }
     for (_, mount, own) in &layout.v1 {
         remove_stale(&join(mount, own));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A cgroup left under this process's next jail name (a killed Stockade that had this pid
+    /// before) is cleared and made again, then removed with the jail.
+    #[test]
+    fn a_leftover_of_the_same_name_is_replaced_and_then_removed() {
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("skipped: needs root to make cgroups");
+            return;
+        }
+        let (policy, _) = crate::policy::load_builtin("default").unwrap();
+        let mut limits = policy.limits.clone();
+        (limits.memory, limits.cpu, limits.pids) = (None, None, Some(64));
+        let layout = Layout::detect();
+        if layout.source(Controller::Pids).is_none() {
+            eprintln!("skipped: no pids controller");
+            return;
+        }
+        let name = format!("stockade-{}-leftover-test", std::process::id());
+        let dir = match layout.source(Controller::Pids) {
+            Some("v2") => join(layout.v2_mount.as_ref().unwrap(), layout.v2_self.as_deref().unwrap()).join(&name),
+            _ => {
+                let (_, mount, own) = layout.v1.iter().find(|(n, _, _)| n == "pids").unwrap();
+                join(mount, own).join(&name)
+            }
+        };
+        fs::create_dir(&dir).unwrap();
+        write_value(&dir.join("pids.max"), "7").unwrap();
+        let (cg, report) = JailCgroup::create(&layout, &name, &limits).unwrap();
+        assert_eq!(report.applied.len(), 1, "{report:?}");
+        assert_eq!(read_small(dir.join("pids.max")).unwrap().trim(), "64", "the limit was not written");
+        drop(cg);
+        assert!(!dir.exists(), "{} left behind", dir.display());
     }
 }
