@@ -390,7 +390,7 @@ fn scan_small_dir(dir: OwnedFd, rel: &Path, plan: &mut Vec<Copied>, depth: usize
 /// The entries of an open directory but `.` and `..`, as (name, d_type), or `None` when there
 /// are more than `limit` or the listing fails. getdents64 into a buffer on the stack: libc's DIR
 /// adds an fstat, two fcntl calls, an allocation (an mmap and munmap under musl) per directory.
-fn list_dir(dir: &OwnedFd, limit: usize) -> Option<Vec<(CString, u8)>> {
+pub(crate) fn list_dir(dir: &OwnedFd, limit: usize) -> Option<Vec<(CString, u8)>> {
     let mut buf = [0u8; 4096];
     let mut out = Vec::new();
     loop {

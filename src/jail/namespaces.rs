@@ -89,7 +89,13 @@ struct CloneArgs {
 }
 
 fn ensure_single_threaded() -> Result<(), JailError> {
-    let count = || std::fs::read_dir("/proc/self/task").map(|d| d.count()).unwrap_or(1);
+    use nix::{fcntl::OFlag, sys::stat::Mode};
+    let count = || {
+        super::mounts::open("/proc/self/task", OFlag::O_RDONLY | OFlag::O_DIRECTORY, Mode::empty())
+            .ok()
+            .and_then(|dir| super::mounts::list_dir(&dir, 4096))
+            .map_or(1, |tasks| tasks.len())
+    };
     let mut n = count();
     // A thread that was just joined (a previous jail's cgroup writers or network threads) can
     // stay listed for a moment while the kernel finishes its exit.
@@ -184,6 +190,14 @@ impl IdMapping {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_process_with_threads_is_refused() {
+        // The test harness runs this on a thread of its own: two threads at least.
+        let e = ensure_single_threaded().unwrap_err();
+        assert!(e.msg.contains("must be built from a single-threaded process"), "{e:?}");
+        assert!(!e.msg.contains("(1 threads"), "{e:?}");
+    }
     use std::os::fd::AsFd;
 
     /// `CLONE_INTO_CGROUP`, the path jails take on cgroup v2 hosts: the child starts in the
