@@ -102,13 +102,9 @@ fn set_process_caps(mask: u64) -> Result<(), JailError> {
 
 /// Checks all five sets at once, as the kernel reports them in /proc/self/status.
 fn verify(keep_mask: u64) -> Result<(), JailError> {
-    use std::io::Read;
     let e = |m: String| JailError::new(Step::Capabilities, m);
-    let mut status = Vec::with_capacity(4096);
-    std::fs::File::open("/proc/self/status")
-        .and_then(|mut f| f.read_to_end(&mut status))
+    let status = super::fsio::read_kernel_file("/proc/self/status")
         .map_err(|err| e(format!("read /proc/self/status to verify: {err}")))?;
-    let status = String::from_utf8_lossy(&status);
     let sets = [
         ("CapInh:", "Inheritable"),
         ("CapPrm:", "Permitted"),

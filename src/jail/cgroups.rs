@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use super::error::{JailError, Step};
+use super::fsio::read_kernel_file;
 use crate::policy::{Enforcement, Limits};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -63,11 +64,11 @@ impl Layout {
             Some(m) => Some(PathBuf::from(m)),
             None => mounts().into_iter().find(|(fstype, _, _)| fstype == "cgroup2").map(|(_, mp, _)| PathBuf::from(mp)),
         };
-        l.own = read_small("/proc/self/cgroup").unwrap_or_default();
+        l.own = read_kernel_file("/proc/self/cgroup").unwrap_or_default();
         if let Some(m) = &l.v2_mount {
             let own_path = l.own.lines().find_map(|c| c.strip_prefix("0::")).unwrap_or("/").to_owned();
             let dir = join(m, &own_path);
-            l.v2_controllers = read_small(&dir.join("cgroup.controllers"))
+            l.v2_controllers = read_kernel_file(dir.join("cgroup.controllers"))
                 .unwrap_or_default()
                 .split_whitespace()
                 .map(str::to_owned)
@@ -119,7 +120,7 @@ impl Layout {
 
 /// (fstype, mount point, super options) of every mount, from /proc/self/mountinfo.
 fn mounts() -> Vec<(String, String, String)> {
-    let mountinfo = read_small("/proc/self/mountinfo").unwrap_or_default();
+    let mountinfo = read_kernel_file("/proc/self/mountinfo").unwrap_or_default();
     mountinfo
         .lines()
         .filter_map(|line| {
@@ -147,20 +148,9 @@ fn join(mount: &Path, cg: &str) -> PathBuf {
     mount.join(cg.trim_start_matches('/'))
 }
 
-/// A /proc or cgroup file, read in one go: these report a size of 0, so `fs::read_to_string`
-/// would start with 32-byte reads and grow them, a system call each. Opened with openat, which
-/// under musl needs no fcntl after it (see `mounts::open`).
-fn read_small(path: impl AsRef<Path>) -> std::io::Result<String> {
-    use std::io::Read;
-    let fd = super::mounts::open(path.as_ref(), nix::fcntl::OFlag::O_RDONLY, nix::sys::stat::Mode::empty())?;
-    let mut buf = Vec::with_capacity(8192);
-    fs::File::from(fd).read_to_end(&mut buf)?;
-    String::from_utf8(buf).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
-}
-
 /// Writes a cgroup control file (no create, no truncate: these are kernel files).
 fn write_value(path: &Path, value: &str) -> std::io::Result<()> {
-    let fd = super::mounts::open(path, nix::fcntl::OFlag::O_WRONLY, nix::sys::stat::Mode::empty())?;
+    let fd = super::fsio::open(path, nix::fcntl::OFlag::O_WRONLY, nix::sys::stat::Mode::empty())?;
     let n = nix::unistd::write(&fd, value.as_bytes())?;
     if n != value.len() {
         return Err(std::io::Error::new(std::io::ErrorKind::WriteZero, "short write"));
@@ -440,7 +430,7 @@ pub fn remove_stale(parent: &Path) {
 /// that jail (PDEATHSIG is already taking it down): finish the job, then give the kernel a
 /// moment to empty it.
 fn clear_dead_jail(dir: &Path) {
-    let procs = || read_small(dir.join("cgroup.procs")).unwrap_or_default();
+    let procs = || read_kernel_file(dir.join("cgroup.procs")).unwrap_or_default();
     for pid in procs().split_whitespace().filter_map(|p| p.parse::<i32>().ok()) {
         let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
     }
@@ -527,7 +517,7 @@ mod tests {
         write_value(&dir.join("pids.max"), "7").unwrap();
         let (cg, report) = JailCgroup::create(&layout, &name, &limits).unwrap();
         assert_eq!(report.applied.len(), 1, "{report:?}");
-        assert_eq!(read_small(dir.join("pids.max")).unwrap().trim(), "64", "the limit was not written");
+        assert_eq!(read_kernel_file(dir.join("pids.max")).unwrap().trim(), "64", "the limit was not written");
         drop(cg);
         assert!(!dir.exists(), "{} left behind", dir.display());
     }

@@ -191,7 +191,7 @@ pub fn apply(p: &Policy) -> Result<LandlockReport, JailError> {
         if !meta.is_dir() {
             access &= AccessFs::from_file(abi);
         }
-        let fd = super::mounts::open(&rule.path, nix::fcntl::OFlag::O_PATH, nix::sys::stat::Mode::empty())
+        let fd = super::fsio::open(&rule.path, nix::fcntl::OFlag::O_PATH, nix::sys::stat::Mode::empty())
             .map_err(|e| err(&format!("open {}", rule.path.display()), &e))?;
         created = created
             .add_rule(PathBeneath::new(fd, access))

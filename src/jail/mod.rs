@@ -28,6 +28,7 @@ pub mod check;
 pub mod environ;
 pub mod error;
 pub mod etc;
+pub mod fsio;
 pub mod idmap;
 mod init;
 pub mod landlock;

@@ -11,11 +11,11 @@
 //! Binds are made from the O_PATH descriptors (`/proc/self/fd/N`), so a path that changes after
 //! it was resolved (a symlink swapped in by a previous session) cannot redirect a mount.
 
+use super::fsio::{list_dir, open};
 use nix::fcntl::OFlag;
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
 use nix::sys::stat::Mode;
 use nix::unistd::{chdir, pivot_root};
-use nix::NixPath;
 use std::ffi::CString;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
@@ -387,37 +387,6 @@ fn scan_small_dir(dir: OwnedFd, rel: &Path, plan: &mut Vec<Copied>, depth: usize
     true
 }
 
-/// The entries of an open directory but `.` and `..`, as (name, d_type), or `None` when there
-/// are more than `limit` or the listing fails. getdents64 into a buffer on the stack: libc's DIR
-/// adds an fstat, two fcntl calls, an allocation (an mmap and munmap under musl) per directory.
-pub(crate) fn list_dir(dir: &OwnedFd, limit: usize) -> Option<Vec<(CString, u8)>> {
-    let mut buf = [0u8; 4096];
-    let mut out = Vec::new();
-    loop {
-        // SAFETY: getdents64 writes at most `buf.len()` bytes into `buf`, which outlives the call.
-        let n = unsafe { libc::syscall(libc::SYS_getdents64, dir.as_raw_fd(), buf.as_mut_ptr(), buf.len()) };
-        let n = usize::try_from(n).ok()?;
-        if n == 0 {
-            return Some(out);
-        }
-        // struct linux_dirent64: u64 d_ino, i64 d_off, u16 d_reclen, u8 d_type, NUL-terminated
-        // d_name; records follow each other, d_reclen bytes apart.
-        let mut at = 0;
-        while at + 19 < n {
-            let reclen = u16::from_ne_bytes([buf[at + 16], buf[at + 17]]) as usize;
-            let record = buf[..n].get(at..at + reclen).filter(|_| reclen > 19)?;
-            let name = std::ffi::CStr::from_bytes_until_nul(&record[19..]).ok()?;
-            if name != c"." && name != c".." {
-                if out.len() == limit {
-                    return None;
-                }
-                out.push((name.to_owned(), record[18]));
-            }
-            at += reclen;
-        }
-    }
-}
-
 /// The whole content and mode of an opened file that is (still) a regular file of at most
 /// `ETC_COPY_MAX` bytes; `None` (bind it instead) for anything else, a file that grew since it
 /// was looked at included.
@@ -619,13 +588,6 @@ fn mkdir_p(path: &Path) -> Result<(), JailError> {
     mkdir_mode(path, 0o755)
 }
 
-/// open(2) by way of openat(AT_FDCWD): musl's open() follows every O_CLOEXEC open with an
-/// fcntl(F_SETFD) meant for kernels older than 2.6.23, its openat() does not, and a jail start
-/// opens some sixty files here.
-pub(crate) fn open<P: ?Sized + NixPath>(path: &P, flags: OFlag, mode: Mode) -> nix::Result<OwnedFd> {
-    nix::fcntl::openat(nix::fcntl::AT_FDCWD, path, flags | OFlag::O_CLOEXEC, mode)
-}
-
 fn write_file(path: &Path, content: &[u8]) -> Result<(), JailError> {
     write_file_mode(path, content, 0o644)
 }
@@ -720,35 +682,5 @@ fn move_tree(tree: i32, target: &Path) -> std::io::Result<()> {
         Ok(())
     } else {
         Err(std::io::Error::last_os_error())
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn list_dir_reads_names_and_types_and_stops_past_its_limit() {
-        let dir = std::env::temp_dir().join(format!("stockade-listdir-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(dir.join("sub")).unwrap();
-        std::fs::write(dir.join("file"), "x").unwrap();
-        symlink("file", dir.join("link")).unwrap();
-        // Long names: several getdents64 calls' worth of records for the 4 KiB buffer.
-        for i in 0..60 {
-            std::fs::write(dir.join(format!("{i:0>200}")), "").unwrap();
-        }
-        let fd = open(&dir, OFlag::O_RDONLY | OFlag::O_DIRECTORY, Mode::empty()).unwrap();
-        let mut all = list_dir(&fd, 100).unwrap();
-        all.sort();
-        assert_eq!(all.len(), 63);
-        let kind = |n: &std::ffi::CStr| all.iter().find(|(m, _)| m.as_c_str() == n).map(|(_, t)| *t);
-        assert_eq!(kind(c"file"), Some(libc::DT_REG));
-        assert_eq!(kind(c"link"), Some(libc::DT_LNK));
-        assert_eq!(kind(c"sub"), Some(libc::DT_DIR));
-        assert!(all.iter().all(|(n, _)| n.as_c_str() != c"." && n.as_c_str() != c".."));
-        let fd = open(&dir, OFlag::O_RDONLY | OFlag::O_DIRECTORY, Mode::empty()).unwrap();
-        assert!(list_dir(&fd, 62).is_none(), "63 entries are more than 62");
-        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -91,9 +91,9 @@ struct CloneArgs {
 fn ensure_single_threaded() -> Result<(), JailError> {
     use nix::{fcntl::OFlag, sys::stat::Mode};
     let count = || {
-        super::mounts::open("/proc/self/task", OFlag::O_RDONLY | OFlag::O_DIRECTORY, Mode::empty())
+        super::fsio::open("/proc/self/task", OFlag::O_RDONLY | OFlag::O_DIRECTORY, Mode::empty())
             .ok()
-            .and_then(|dir| super::mounts::list_dir(&dir, 4096))
+            .and_then(|dir| super::fsio::list_dir(&dir, 4096))
             .map_or(1, |tasks| tasks.len())
     };
     let mut n = count();
