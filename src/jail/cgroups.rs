@@ -80,7 +80,11 @@ impl Layout {
 
     /// The v1 half of [`Layout::detect`]: the hierarchies of the controllers Stockade uses.
     pub fn add_v1(&mut self) {
-        let own = std::mem::take(&mut self.own);
+        let own = match std::mem::take(&mut self.own) {
+            // A layout that did not come from `detect_v2`.
+            o if o.is_empty() => read_kernel_file("/proc/self/cgroup").unwrap_or_default(),
+            o => o,
+        };
         for (fstype, mount_point, superopts) in mounts() {
             if fstype != "cgroup" {
                 continue;
