@@ -304,11 +304,8 @@ fn copy_dir_in(root: &Path, e: &Entry) -> Result<bool, JailError> {
     let Source::Fd { fd, is_dir: true } = &e.src else { return Ok(false) };
     // Through the O_PATH descriptor's magic link, which names exactly the directory resolved
     // earlier (O_NOFOLLOW would refuse the link itself).
-    let opened = open(
-        format!("/proc/self/fd/{}", fd.as_raw_fd()).as_str(),
-        OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
-        Mode::empty(),
-    );
+    let opened =
+        open(format!("/proc/self/fd/{}", fd.as_raw_fd()).as_str(), OFlag::O_RDONLY | OFlag::O_DIRECTORY, Mode::empty());
     let Ok(dir) = opened else { return Ok(false) };
     let Ok(st) = nix::sys::stat::fstat(&dir) else { return Ok(false) };
     let mut plan = Vec::new();

@@ -677,17 +677,13 @@ pub fn resolve_entry(entry: &str) -> Result<Vec<Member>, String> {
         let names: Vec<&str> = GROUPS.iter().map(|g| g.name).collect();
         return Err(unknown("syscall group", entry, &names));
     }
-    if number(entry).is_some() {
-        // A bare syscall name in `allow` is unconditional: the policy author asked for it.
-        return Ok(vec![Member { name: leak_name(entry), cond: None }]);
+    // A bare syscall name in `allow` is unconditional: the policy author asked for it. The
+    // table's own copy of the name is the `'static` one a member holds.
+    if let Some((name, _)) = self::entry(entry) {
+        return Ok(vec![Member { name, cond: None }]);
     }
     let names: Vec<&str> = native_table().iter().map(|(n, _)| *n).collect();
     Err(unknown("syscall", entry, &names))
-}
-
-fn leak_name(name: &str) -> &'static str {
-    // Called for names `number` has just found, so the lookup always succeeds.
-    entry(name).map(|(n, _)| n).unwrap_or("")
 }
 
 fn unknown(kind: &str, entry: &str, known: &[&str]) -> String {
