@@ -33,7 +33,7 @@ pub struct NetnsHelper {
     pid: nix::unistd::Pid,
     sock: OwnedFd,
     /// The helper's stack and arguments: freed only once it is reaped (see `Drop`).
-    stack: Vec<u8>,
+    stack: super::rawsys::ChildStack,
     args: Box<HelperArgs>,
     reaped: bool,
 }
@@ -70,9 +70,7 @@ impl NetnsHelper {
         let (ours, theirs) = socketpair(AddressFamily::Unix, SockType::SeqPacket, None, SockFlag::SOCK_CLOEXEC)
             .map_err(|e| err("socketpair", &e))?;
         let args = Box::new(HelperArgs { userns: userns.as_raw_fd(), sock: theirs.as_raw_fd(), loopback });
-        let mut stack = vec![0u8; 64 << 10];
-        // The stack grows down from its 16-byte aligned top.
-        let top = (stack.as_mut_ptr() as usize + stack.len()) & !15;
+        let mut stack = super::rawsys::ChildStack::allocate();
         // The child starts on a CPU its parent may use: this thread's CPU only, for the clone.
         let saved = nix::sched::sched_getaffinity(Pid::from_raw(0)).ok();
         if let (Ok(cpu), Some(_)) = (nix::sched::sched_getcpu(), &saved) {
@@ -87,7 +85,7 @@ impl NetnsHelper {
         let pid = unsafe {
             libc::clone(
                 helper_main,
-                top as *mut libc::c_void,
+                stack.top(),
                 libc::CLONE_VM | libc::SIGCHLD,
                 &*args as *const HelperArgs as *mut libc::c_void,
             )

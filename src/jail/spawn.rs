@@ -52,12 +52,7 @@ pub fn spawn(
         failed: AtomicU8::new(0),
         errno: AtomicI32::new(0),
     };
-    // Left uninitialised: the child writes its few frames before reading them, and zeroing would
-    // touch (fault in) all sixteen pages where the child uses one or two.
-    let mut stack: Vec<std::mem::MaybeUninit<u8>> = Vec::with_capacity(64 << 10);
-    let area = stack.spare_capacity_mut();
-    // The stack grows down from its 16-byte aligned top.
-    let top = (area.as_mut_ptr() as usize + area.len()) & !15;
+    let mut stack = super::rawsys::ChildStack::allocate();
     // No signal handler may run on the child's borrowed memory: everything stays blocked until
     // the child clears its own mask right before exec.
     let mut old = SigSet::empty();
@@ -69,7 +64,7 @@ pub fn spawn(
     let pid = unsafe {
         libc::clone(
             child,
-            top as *mut c_void,
+            stack.top(),
             libc::CLONE_VM | libc::CLONE_VFORK | libc::SIGCHLD,
             &prepared as *const Prepared as *mut c_void,
         )
