@@ -48,12 +48,24 @@ pub(crate) fn list_dir(dir: &OwnedFd, limit: usize) -> Option<Vec<(CString, u8)>
     }
 }
 
-/// A /proc, /sys or cgroup file, whole, in one or two reads.
+/// A /proc, /sys or cgroup file, whole, in one or two reads. Read by hand: `File::read_to_end`
+/// first asks for the size (an fstat and an lseek), which such files do not know.
 pub(crate) fn read_kernel_file(path: impl AsRef<Path>) -> std::io::Result<String> {
-    use std::io::Read;
     let fd = open(path.as_ref(), OFlag::O_RDONLY, Mode::empty())?;
-    let mut buf = Vec::with_capacity(8192);
-    std::fs::File::from(fd).read_to_end(&mut buf)?;
+    let mut buf = vec![0u8; 8192];
+    let mut len = 0;
+    loop {
+        if len == buf.len() {
+            buf.resize(buf.len() * 2, 0);
+        }
+        match nix::unistd::read(&fd, &mut buf[len..]) {
+            Ok(0) => break,
+            Ok(n) => len += n,
+            Err(nix::errno::Errno::EINTR) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    buf.truncate(len);
     String::from_utf8(buf).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
 }
 
@@ -85,5 +97,21 @@ mod tests {
         let fd = open(&dir, OFlag::O_RDONLY | OFlag::O_DIRECTORY, Mode::empty()).unwrap();
         assert!(list_dir(&fd, 62).is_none(), "63 entries are more than 62");
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn read_kernel_file_reads_whole_files_of_any_size() {
+        // Past the first buffer and its doubling: the loop must go on to the end.
+        let path = std::env::temp_dir().join(format!("stockade-readkf-{}", std::process::id()));
+        let text: String = (0..3000).map(|i| format!("{i:>7}\n")).collect();
+        std::fs::write(&path, &text).unwrap();
+        assert_eq!(read_kernel_file(&path).unwrap(), text);
+        std::fs::write(&path, "").unwrap();
+        assert_eq!(read_kernel_file(&path).unwrap(), "");
+        std::fs::remove_file(&path).unwrap();
+        // A /proc file reports size 0 but has content.
+        let status = read_kernel_file("/proc/self/status").unwrap();
+        assert!(status.starts_with("Name:") && status.contains("\nCapBnd:"), "{status}");
+        assert!(read_kernel_file("/nonexistent/stockade").is_err());
     }
 }

@@ -183,16 +183,23 @@ pub fn apply(p: &Policy) -> Result<LandlockReport, JailError> {
     let mut created = ruleset.create().map_err(|e| err("create ruleset", &e))?;
 
     for rule in path_rules(p) {
-        let Ok(meta) = std::fs::metadata(&rule.path) else {
+        use nix::fcntl::OFlag;
+        let open = |flags| super::fsio::open(&rule.path, OFlag::O_PATH | flags, nix::sys::stat::Mode::empty());
+        // Nearly every rule names a directory: O_DIRECTORY tells with the open itself, where a
+        // stat first would be a call more per rule.
+        let (fd, is_dir) = match open(OFlag::O_DIRECTORY) {
+            Ok(fd) => (fd, true),
+            Err(nix::errno::Errno::ENOTDIR) => match open(OFlag::empty()) {
+                Ok(fd) => (fd, false),
+                Err(_) => continue,
+            },
             // An optional bind that the host lacked: nothing is there to grant access to.
-            continue;
+            Err(_) => continue,
         };
         let mut access = access_for(rule.kind, abi);
-        if !meta.is_dir() {
+        if !is_dir {
             access &= AccessFs::from_file(abi);
         }
-        let fd = super::fsio::open(&rule.path, nix::fcntl::OFlag::O_PATH, nix::sys::stat::Mode::empty())
-            .map_err(|e| err(&format!("open {}", rule.path.display()), &e))?;
         created = created
             .add_rule(PathBeneath::new(fd, access))
             .map_err(|e| err(&format!("rule {}", rule.path.display()), &e))?;

@@ -11,7 +11,7 @@
 //! Binds are made from the O_PATH descriptors (`/proc/self/fd/N`), so a path that changes after
 //! it was resolved (a symlink swapped in by a previous session) cannot redirect a mount.
 
-use super::fsio::{list_dir, open};
+use super::fsio::{list_dir, open, read_kernel_file};
 use nix::fcntl::OFlag;
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
 use nix::sys::stat::Mode;
@@ -57,6 +57,8 @@ const PROC_MASKED: &[&str] = &[
 ];
 /// /proc entries left visible but read-only: writing /proc/sys/kernel/core_pattern or
 /// /proc/sysrq-trigger must not reach the host.
+/// A fresh /proc lists the kernel's ~60 entries and the jail's one process.
+const PROC_LISTING_MAX: usize = 4096;
 const PROC_READ_ONLY: &[&str] = &["sys", "sysrq-trigger", "irq", "bus", "fs"];
 const SYS_MASKED: &[&str] = &["firmware", "kernel/security", "kernel/debug", "fs/cgroup", "fs/bpf"];
 
@@ -239,7 +241,7 @@ fn attach(root: &Path, e: &Entry) -> Result<(), JailError> {
             if *is_dir {
                 mkdir_p(&target)?;
             } else {
-                with_parents(&target, || create_file(&target, b"", 0o644))
+                with_parents(&target, || bind_target_file(&target))
                     .step(Step::Mounts, || format!("create {}", target.display()))?;
             }
             let from = format!("/proc/self/fd/{}", fd.as_raw_fd());
@@ -278,7 +280,7 @@ fn copy_in(root: &Path, e: &Entry) -> Result<bool, JailError> {
     let Ok(f) = open(format!("/proc/self/fd/{}", fd.as_raw_fd()).as_str(), OFlag::O_RDONLY, Mode::empty()) else {
         return Ok(false);
     };
-    let Some((content, _)) = read_small(f.into()) else { return Ok(false) };
+    let Some((content, _)) = read_small(f, Some((st.st_size as u64, st.st_mode))) else { return Ok(false) };
     let target = root.join(e.dst.strip_prefix("/").unwrap_or(&e.dst));
     with_parents(&target, || create_file(&target, &content, st.st_mode & 0o755))
         .step(Step::Mounts, || format!("write {}", target.display()))?;
@@ -365,7 +367,7 @@ fn scan_small_dir(dir: OwnedFd, rel: &Path, plan: &mut Vec<Copied>, depth: usize
                 // Non-blocking: a FIFO swapped in since the listing cannot stall the jail.
                 let flags = OFlag::O_RDONLY | OFlag::O_NOFOLLOW | OFlag::O_NONBLOCK | OFlag::O_CLOEXEC;
                 let Ok(fd) = openat(&dir, name.as_c_str(), flags, Mode::empty()) else { return false };
-                let Some((content, mode)) = read_small(fd.into()) else { return false };
+                let Some((content, mode)) = read_small(fd, None) else { return false };
                 plan.push(Copied::File(here, content, mode & 0o755));
             }
             Type::Directory if depth == 0 => {
@@ -385,19 +387,45 @@ fn scan_small_dir(dir: OwnedFd, rel: &Path, plan: &mut Vec<Copied>, depth: usize
 }
 
 /// The whole content and mode of an opened file that is (still) a regular file of at most
-/// `ETC_COPY_MAX` bytes; `None` (bind it instead) for anything else, a file that grew since it
-/// was looked at included.
-fn read_small(f: std::fs::File) -> Option<(Vec<u8>, u32)> {
-    use std::io::Read;
-    use std::os::unix::fs::MetadataExt;
-    let meta = f.metadata().ok()?;
-    if !meta.is_file() || meta.len() > ETC_COPY_MAX {
+/// `ETC_COPY_MAX` bytes; `None` (bind it instead) for anything else, a file that grew past that
+/// since it was looked at included. `known`: its size and mode when the caller has just looked
+/// at this very file (through the descriptor it was reopened from).
+fn read_small(fd: OwnedFd, known: Option<(u64, u32)>) -> Option<(Vec<u8>, u32)> {
+    let (size, mode) = match known {
+        Some(k) => k,
+        None => {
+            let st = nix::sys::stat::fstat(&fd).ok()?;
+            if st.st_mode & libc::S_IFMT != libc::S_IFREG {
+                return None;
+            }
+            (st.st_size as u64, st.st_mode)
+        }
+    };
+    if size > ETC_COPY_MAX {
         return None;
     }
-    // Room for the whole file and one byte more: two reads, the second seeing the end.
-    let mut content = Vec::with_capacity(meta.len() as usize + 1);
-    f.take(ETC_COPY_MAX + 1).read_to_end(&mut content).ok()?;
-    (content.len() as u64 <= ETC_COPY_MAX).then_some((content, meta.mode()))
+    // Room for the whole file and one byte more, so one read does: a regular file's read comes
+    // back short only at the end. A full buffer means the file grew; reading goes on to the end
+    // or past the limit.
+    let mut content = vec![0u8; size as usize + 1];
+    let mut len = 0;
+    loop {
+        let n = match nix::unistd::read(&fd, &mut content[len..]) {
+            Ok(n) => n,
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(_) => return None,
+        };
+        len += n;
+        if n == 0 || len < content.len() {
+            break;
+        }
+        if len as u64 > ETC_COPY_MAX {
+            return None;
+        }
+        content.resize((len * 2).min(ETC_COPY_MAX as usize + 1), 0);
+    }
+    content.truncate(len);
+    Some((content, mode))
 }
 
 /// Creates `path` and any missing parents; the setup user always keeps write access to fill it.
@@ -417,7 +445,7 @@ fn build_dev(root: &Path, devices: &[(&str, OwnedFd)]) -> Result<(), JailError> 
     mkdir_p(&dev)?;
     for (name, fd) in devices {
         let target = dev.join(name);
-        write_file(&target, b"")?;
+        bind_target_file(&target).step(Step::Mounts, || format!("create {}", target.display()))?;
         let from = format!("/proc/self/fd/{}", fd.as_raw_fd());
         mount(Some(from.as_str()), &target, None::<&str>, MsFlags::MS_BIND, None::<&str>)
             .step(Step::Mounts, || format!("bind /dev/{name}"))?;
@@ -453,17 +481,20 @@ fn build_proc(root: &Path) -> Result<(), JailError> {
         .step(Step::Mounts, || "mount /proc".into())?;
     // One listing instead of a lookup per name: this /proc belongs to the new pid namespace, so
     // it lists the kernel's entries and the jail's single process.
-    let present: Vec<(std::ffi::OsString, bool)> = std::fs::read_dir(&proc)
-        .step(Step::Mounts, || "list /proc".into())?
-        .flatten()
-        .map(|e| (e.file_name(), e.file_type().is_ok_and(|t| t.is_dir())))
-        .collect();
-    let is_present = |name: &str| present.iter().find(|(n, _)| n == name).map(|(_, dir)| *dir);
+    let listing = open(&proc, OFlag::O_RDONLY | OFlag::O_DIRECTORY, Mode::empty())
+        .step(Step::Mounts, || "open /proc".into())?;
+    let present = list_dir(&listing, PROC_LISTING_MAX)
+        .ok_or_else(|| JailError::new(Step::Mounts, "list /proc: unreadable or unexpectedly large"))?;
+    drop(listing);
+    let is_present = |name: &str| {
+        let (n, d_type) = present.iter().find(|(n, _)| n.as_bytes() == name.as_bytes())?;
+        Some(match *d_type {
+            libc::DT_UNKNOWN => proc.join(std::ffi::OsStr::from_bytes(n.as_bytes())).is_dir(),
+            t => t == libc::DT_DIR,
+        })
+    };
     let null = format!("{}/dev/null", root.display());
-    let unmapped = open(&proc.join("sys/kernel/overflowuid"), OFlag::O_RDONLY, Mode::empty())
-        .ok()
-        .and_then(|fd| std::io::read_to_string(std::fs::File::from(fd)).ok())
-        .and_then(|s| s.trim().parse().ok());
+    let unmapped = read_kernel_file(proc.join("sys/kernel/overflowuid")).ok().and_then(|s| s.trim().parse().ok());
     // Masked directories show an empty directory that no longer exists: binds of one made on
     // the root and removed again, read-only (nothing can be created in a removed directory
     // anyway). No filesystem of their own to make and tear down.
@@ -603,6 +634,16 @@ fn create_file(path: &Path, content: &[u8], mode: u32) -> std::io::Result<()> {
     std::fs::File::from(fd).write_all(content)
 }
 
+/// An empty file for a file bind to cover: mknod makes it in one call where open and close take
+/// two. One that is there already (a generated /etc file the policy binds over) serves as well.
+fn bind_target_file(path: &Path) -> std::io::Result<()> {
+    use nix::sys::stat::{mknod, SFlag};
+    match mknod(path, SFlag::S_IFREG, Mode::from_bits_truncate(0o644), 0) {
+        Ok(()) | Err(nix::errno::Errno::EEXIST) => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}
+
 /// Runs `make` for `target` and, when it fails for want of a parent directory, makes the
 /// parents and runs it again: most targets sit in directories that exist, where making the
 /// parents first would cost a mkdir and a stat each time.
@@ -679,5 +720,38 @@ fn move_tree(tree: i32, target: &Path) -> std::io::Result<()> {
         Ok(())
     } else {
         Err(std::io::Error::last_os_error())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn opened(path: &Path) -> OwnedFd {
+        open(path, OFlag::O_RDONLY, Mode::empty()).unwrap()
+    }
+
+    #[test]
+    fn read_small_reads_to_the_end_and_refuses_what_is_too_big() {
+        let dir = std::env::temp_dir().join(format!("stockade-readsmall-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("f");
+        std::fs::write(&file, b"abc").unwrap();
+        let (content, mode) = read_small(opened(&file), None).unwrap();
+        assert_eq!((content.as_slice(), mode & libc::S_IFMT), (&b"abc"[..], libc::S_IFREG));
+        // A file that grew since it was looked at: read to its real end, not its old size.
+        let grown = vec![b'x'; 9000];
+        std::fs::write(&file, &grown).unwrap();
+        assert_eq!(read_small(opened(&file), Some((3, 0o644))).unwrap().0, grown);
+        // ... unless it grew past the limit.
+        std::fs::write(&file, vec![b'y'; ETC_COPY_MAX as usize + 1]).unwrap();
+        assert!(read_small(opened(&file), Some((3, 0o644))).is_none());
+        assert!(read_small(opened(&file), None).is_none());
+        std::fs::write(&file, b"").unwrap();
+        assert_eq!(read_small(opened(&file), None).unwrap().0, b"");
+        // Not a regular file.
+        assert!(read_small(open(&dir, OFlag::O_RDONLY | OFlag::O_DIRECTORY, Mode::empty()).unwrap(), None).is_none());
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }
