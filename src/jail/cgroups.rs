@@ -12,8 +12,11 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use super::error::{JailError, Step};
-use super::fsio::read_kernel_file;
+use super::fsio::{list_dir, open, read_kernel_file, write_kernel_file};
 use crate::policy::{Enforcement, Limits};
+use nix::fcntl::OFlag;
+use nix::sys::stat::Mode;
+use std::os::unix::ffi::OsStrExt;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Controller {
@@ -152,16 +155,6 @@ fn join(mount: &Path, cg: &str) -> PathBuf {
     mount.join(cg.trim_start_matches('/'))
 }
 
-/// Writes a cgroup control file (no create, no truncate: these are kernel files).
-fn write_value(path: &Path, value: &str) -> std::io::Result<()> {
-    let fd = super::fsio::open(path, nix::fcntl::OFlag::O_WRONLY, nix::sys::stat::Mode::empty())?;
-    let n = nix::unistd::write(&fd, value.as_bytes())?;
-    if n != value.len() {
-        return Err(std::io::Error::new(std::io::ErrorKind::WriteZero, "short write"));
-    }
-    Ok(())
-}
-
 /// Makes a jail's cgroup directory. Names carry the pid and a per-process count, so one that
 /// exists already was left by a killed Stockade that had this pid before: it is cleared first
 /// (the general sweep runs once the jail is up, see `remove_stale_near`).
@@ -257,7 +250,7 @@ impl JailCgroup {
             enable_v2_controller(&dir, c.name()).map_err(e)?;
         }
         let write = |file: &str, v: &str, optional: bool| -> Result<(), JailError> {
-            match write_value(&dir.join(file), v) {
+            match write_kernel_file(&dir.join(file), v) {
                 // Swap accounting is off on this host: there is no swap limit to set.
                 Err(err) if optional && err.kind() == std::io::ErrorKind::NotFound => Ok(()),
                 r => r.map_err(|err| e(format!("write {} = {v}: {err}", dir.join(file).display()))),
@@ -305,11 +298,11 @@ impl JailCgroup {
         let mut v1_tasks = Vec::new();
         for d in self.dirs.iter().filter(|d| Some(*d) != self.v2_dir.as_ref()) {
             let tasks = d.join("tasks");
-            let f = fs::OpenOptions::new().write(true).open(&tasks).map_err(|err| e(&tasks, err))?;
-            v1_tasks.push((tasks, OwnedFd::from(f)));
+            let f = open(&tasks, OFlag::O_WRONLY, Mode::empty()).map_err(|err| e(&tasks, err.into()))?;
+            v1_tasks.push((tasks, f));
         }
         let v2_dir = match &self.v2_dir {
-            Some(d) => Some(OwnedFd::from(fs::File::open(d).map_err(|err| e(d, err))?)),
+            Some(d) => Some(open(d, OFlag::O_RDONLY, Mode::empty()).map_err(|err| e(d, err.into()))?),
             None => None,
         };
         Ok(Entry { v1_tasks, v2_dir })
@@ -408,13 +401,17 @@ impl Drop for JailCgroup {
     }
 }
 
+/// More entries than a cgroup directory holding jails plausibly has: the sweep skips a listing
+/// past it rather than walk it.
+const SWEEP_LISTING_MAX: usize = 1 << 20;
+
 /// Removes the empty cgroups of jails whose Stockade process no longer exists: a Stockade killed
 /// with SIGKILL takes its jail with it (PDEATHSIG) but cannot remove the jail's cgroup.
 pub fn remove_stale(parent: &Path) {
-    let Ok(rd) = fs::read_dir(parent) else { return };
-    for e in rd.flatten() {
-        let name = e.file_name();
-        let Some(rest) = name.to_str().and_then(|n| n.strip_prefix("stockade-")) else { continue };
+    let Ok(dir) = open(parent, OFlag::O_RDONLY | OFlag::O_DIRECTORY, Mode::empty()) else { return };
+    let Some(names) = list_dir(&dir, SWEEP_LISTING_MAX) else { return };
+    for (name, _) in names {
+        let Some(rest) = name.to_str().ok().and_then(|n| n.strip_prefix("stockade-")) else { continue };
         let Some(owner) = rest.split('-').next().and_then(|p| p.parse::<u32>().ok()) else { continue };
         if owner == std::process::id() {
             continue; // this process's own jails
@@ -426,7 +423,7 @@ pub fn remove_stale(parent: &Path) {
         if state.as_deref().is_some_and(|st| st != "Z" && st != "X") {
             continue; // its Stockade is alive (or the pid was reused: leave it, to be safe)
         }
-        clear_dead_jail(&e.path());
+        clear_dead_jail(&parent.join(std::ffi::OsStr::from_bytes(name.to_bytes())));
     }
 }
 
@@ -518,7 +515,7 @@ mod tests {
             }
         };
         fs::create_dir(&dir).unwrap();
-        write_value(&dir.join("pids.max"), "7").unwrap();
+        write_kernel_file(&dir.join("pids.max"), "7").unwrap();
         let (cg, report) = JailCgroup::create(&layout, &name, &limits).unwrap();
         assert_eq!(report.applied.len(), 1, "{report:?}");
         assert_eq!(read_kernel_file(dir.join("pids.max")).unwrap().trim(), "64", "the limit was not written");

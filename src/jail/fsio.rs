@@ -69,6 +69,17 @@ pub(crate) fn read_kernel_file(path: impl AsRef<Path>) -> std::io::Result<String
     String::from_utf8(buf).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
 }
 
+/// Writes an existing /proc, /sys or cgroup file (no create, no truncate) in one write(2): the
+/// kernel takes such a write whole or refuses it.
+pub(crate) fn write_kernel_file(path: impl AsRef<Path>, value: &str) -> std::io::Result<()> {
+    let fd = open(path.as_ref(), OFlag::O_WRONLY, Mode::empty())?;
+    let n = nix::unistd::write(&fd, value.as_bytes())?;
+    if n != value.len() {
+        return Err(std::io::Error::new(std::io::ErrorKind::WriteZero, "short write"));
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

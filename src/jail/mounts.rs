@@ -481,8 +481,8 @@ fn build_proc(root: &Path) -> Result<(), JailError> {
         .step(Step::Mounts, || "mount /proc".into())?;
     // One listing instead of a lookup per name: this /proc belongs to the new pid namespace, so
     // it lists the kernel's entries and the jail's single process.
-    let listing = open(&proc, OFlag::O_RDONLY | OFlag::O_DIRECTORY, Mode::empty())
-        .step(Step::Mounts, || "open /proc".into())?;
+    let listing =
+        open(&proc, OFlag::O_RDONLY | OFlag::O_DIRECTORY, Mode::empty()).step(Step::Mounts, || "open /proc".into())?;
     let present = list_dir(&listing, PROC_LISTING_MAX)
         .ok_or_else(|| JailError::new(Step::Mounts, "list /proc: unreadable or unexpectedly large"))?;
     drop(listing);

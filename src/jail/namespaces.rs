@@ -10,6 +10,7 @@ use std::fmt::Write as _;
 use std::os::fd::{AsRawFd, BorrowedFd};
 
 use super::error::{JailError, Step, StepExt};
+use super::fsio::write_kernel_file;
 use crate::policy::User;
 
 pub const JAIL_NAMESPACES: CloneFlags = CloneFlags::CLONE_NEWUSER
@@ -177,11 +178,11 @@ impl IdMapping {
         };
         let base = format!("/proc/{child}");
         if deny_setgroups {
-            std::fs::write(format!("{base}/setgroups"), "deny").step(Step::IdMap, || "setgroups".into())?;
+            write_kernel_file(format!("{base}/setgroups"), "deny").step(Step::IdMap, || "setgroups".into())?;
         }
-        std::fs::write(format!("{base}/uid_map"), &uid_map)
+        write_kernel_file(format!("{base}/uid_map"), &uid_map)
             .step(Step::IdMap, || format!("uid_map {:?}", uid_map.trim()))?;
-        std::fs::write(format!("{base}/gid_map"), &gid_map)
+        write_kernel_file(format!("{base}/gid_map"), &gid_map)
             .step(Step::IdMap, || format!("gid_map {:?}", gid_map.trim()))?;
         Ok(())
     }

@@ -64,9 +64,12 @@ impl NetnsHelper {
         use nix::unistd::Pid;
         use std::os::fd::AsRawFd;
         let err = |what: &str, e: &dyn std::fmt::Display| JailError::new(Step::Namespaces, format!("{what}: {e}"));
-        let userns: OwnedFd = std::fs::File::open(format!("/proc/{child}/ns/user"))
-            .map_err(|e| err("open the jail's user namespace", &e))?
-            .into();
+        let userns = super::fsio::open(
+            format!("/proc/{child}/ns/user").as_str(),
+            nix::fcntl::OFlag::O_RDONLY,
+            nix::sys::stat::Mode::empty(),
+        )
+        .map_err(|e| err("open the jail's user namespace", &e))?;
         let (ours, theirs) = socketpair(AddressFamily::Unix, SockType::SeqPacket, None, SockFlag::SOCK_CLOEXEC)
             .map_err(|e| err("socketpair", &e))?;
         let args = Box::new(HelperArgs { userns: userns.as_raw_fd(), sock: theirs.as_raw_fd(), loopback });
