@@ -37,21 +37,23 @@ for d in bin lib lib64 sbin; do
 done
 bwrap_cmd+=" --proc /proc --dev /dev --tmpfs /tmp -- /bin/true"
 
-# Interleaved rounds (each command once per round, in turn) rather than one block per command:
-# on a small VM the host's background work (the kernel tearing down the previous jails'
-# namespaces, RCU) drifts over a run, and blocks would hand that drift to whichever command
-# happened to run then.
+# Interleaved rounds (each command once per round) rather than one block per command: on a
+# small VM the host's background work drifts over a run, and blocks would hand that drift to
+# whichever command happened to run then. The order within each round is shuffled: what a
+# command leaves for the kernel to finish after it returns (bwrap does not wait for its PID 1's
+# namespace teardown) lands on whichever command runs next, and a fixed order would always hand
+# it to the same one.
 python3 - "$runs" \
   "stockade (default policy)=$stockade run -- /bin/true" \
   "stockade (default, no cgroup limits)=$stockade run --policy $tmp/nocgroup.toml -- /bin/true" \
   "stockade (default, glibc dynamic)=$dynamic run -- /bin/true" \
   "bwrap=$bwrap_cmd" <<'PY'
-import os, statistics, sys, time
+import os, random, statistics, sys, time
 runs = int(sys.argv[1])
 cmds = [a.split("=", 1) for a in sys.argv[2:]]
 times = {name: [] for name, _ in cmds}
 for i in range(runs + 20):  # the first 20 rounds warm caches up and are not counted
-    for name, cmd in cmds:
+    for name, cmd in random.sample(cmds, len(cmds)):
         argv = cmd.split()
         t = time.perf_counter_ns()
         pid = os.posix_spawnp(argv[0], argv, os.environ)
