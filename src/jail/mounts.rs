@@ -55,10 +55,10 @@ const PROC_MASKED: &[&str] = &[
     "firmware",
     "driver",
 ];
-/// /proc entries left visible but read-only: writing /proc/sys/kernel/core_pattern or
-/// /proc/sysrq-trigger must not reach the host.
 /// A fresh /proc lists the kernel's ~60 entries and the jail's one process.
 const PROC_LISTING_MAX: usize = 4096;
+/// /proc entries left visible but read-only: writing /proc/sys/kernel/core_pattern or
+/// /proc/sysrq-trigger must not reach the host.
 const PROC_READ_ONLY: &[&str] = &["sys", "sysrq-trigger", "irq", "bus", "fs"];
 const SYS_MASKED: &[&str] = &["firmware", "kernel/security", "kernel/debug", "fs/cgroup", "fs/bpf"];
 

@@ -2,7 +2,7 @@
 //! in a process sharing the supervisor's memory while the supervisor goes on (the network
 //! namespace helper, `netif::NetnsHelper`). libc's wrappers store a failure in `errno`, a
 //! thread-local such a process shares with the supervisor thread that started it; these return
-//! the error instead and touch no memory of their own.
+//! the error instead and touch no memory of their own. Also the stack such a process runs on.
 
 /// `Ok(return value)` or `Err(errno)`.
 ///
@@ -71,24 +71,6 @@ fn split(ret: isize) -> Result<usize, i32> {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn returns_values_and_errors_without_touching_errno() {
-        // SAFETY: getpid takes no argument.
-        let pid = unsafe { syscall(libc::SYS_getpid, [0; 6]) };
-        assert_eq!(pid, Ok(std::process::id() as usize));
-        nix::errno::Errno::set_raw(0);
-        // SAFETY: closing descriptor -1 (u32::MAX to the kernel) can only fail.
-        let r = unsafe { syscall(libc::SYS_close, [usize::MAX, 0, 0, 0, 0, 0]) };
-        assert_eq!(r, Err(libc::EBADF));
-        #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
-        assert_eq!(nix::errno::Errno::last_raw(), 0);
-    }
-}
-
 /// The stack of a process cloned with CLONE_VM (the command's start in `spawn`, the network
 /// namespace helper): memory of the cloning process, kept until the child is done with it.
 /// Left uninitialised: the child writes its few frames before reading them, and zeroing 64 KiB
@@ -104,5 +86,23 @@ impl ChildStack {
     pub fn top(&mut self) -> *mut libc::c_void {
         let area = self.0.spare_capacity_mut();
         ((area.as_mut_ptr() as usize + area.len()) & !15) as *mut libc::c_void
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn returns_values_and_errors_without_touching_errno() {
+        // SAFETY: getpid takes no argument.
+        let pid = unsafe { syscall(libc::SYS_getpid, [0; 6]) };
+        assert_eq!(pid, Ok(std::process::id() as usize));
+        nix::errno::Errno::set_raw(0);
+        // SAFETY: closing descriptor -1 (u32::MAX to the kernel) can only fail.
+        let r = unsafe { syscall(libc::SYS_close, [usize::MAX, 0, 0, 0, 0, 0]) };
+        assert_eq!(r, Err(libc::EBADF));
+        #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
+        assert_eq!(nix::errno::Errno::last_raw(), 0);
     }
 }
