@@ -404,9 +404,10 @@ fn read_small(fd: OwnedFd, known: Option<(u64, u32)>) -> Option<(Vec<u8>, u32)> 
     if size > ETC_COPY_MAX {
         return None;
     }
-    // Room for the whole file and one byte more, so one read does: a regular file's read comes
-    // back short only at the end. A full buffer means the file grew; reading goes on to the end
-    // or past the limit.
+    // Room for the whole file and one byte more, so that one read does in the usual case: it
+    // brings the size just seen and stops short of the spare byte. A read that stops short
+    // sooner (a filesystem may) is followed by more until end-of-file; a full buffer means the
+    // file grew, and reading goes on to its end or past the limit.
     let mut content = vec![0u8; size as usize + 1];
     let mut len = 0;
     loop {
@@ -416,8 +417,11 @@ fn read_small(fd: OwnedFd, known: Option<(u64, u32)>) -> Option<(Vec<u8>, u32)> 
             Err(_) => return None,
         };
         len += n;
-        if n == 0 || len < content.len() {
+        if n == 0 || (len < content.len() && len as u64 >= size) {
             break;
+        }
+        if len < content.len() {
+            continue;
         }
         if len as u64 > ETC_COPY_MAX {
             return None;
@@ -750,6 +754,9 @@ mod tests {
         assert!(read_small(opened(&file), None).is_none());
         std::fs::write(&file, b"").unwrap();
         assert_eq!(read_small(opened(&file), None).unwrap().0, b"");
+        // One that shrank: read to its end, which comes before the size given.
+        std::fs::write(&file, b"short").unwrap();
+        assert_eq!(read_small(opened(&file), Some((100, 0o644))).unwrap().0, b"short");
         // Not a regular file.
         assert!(read_small(open(&dir, OFlag::O_RDONLY | OFlag::O_DIRECTORY, Mode::empty()).unwrap(), None).is_none());
         std::fs::remove_dir_all(&dir).unwrap();
