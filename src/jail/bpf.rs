@@ -6,7 +6,8 @@
 //! at install time (~1 ms), and walks it on every filtered call. Here the syscalls are dispatched
 //! through a balanced tree of `JGE` tests over runs of numbers with the same verdict (an
 //! allowlist is mostly such runs, and so are the gaps between them), so any call reaches its
-//! verdict in about twenty instructions and the whole filter stays near 430; seccompiler's rule
+//! verdict in about ten tests, and each test jumps straight to its halves or to the shared allow
+//! and default returns, so the whole filter stays near 270 instructions; seccompiler's rule
 //! programs are reused unchanged for the conditional syscalls.
 
 use seccompiler::{sock_filter, BpfProgram};
@@ -37,11 +38,14 @@ fn jump(code: u16, k: u32, jt: u8, jf: u8) -> sock_filter {
     sock_filter { code, jt, jf, k }
 }
 
-/// An instruction list with forward `JA` jumps to labels, resolved at the end.
+/// An instruction list with forward jumps to labels, resolved at the end.
 struct Builder {
     prog: Vec<sock_filter>,
     labels: Vec<Option<usize>>,
+    /// `JA`s: (instruction, label).
     fixups: Vec<(usize, usize)>,
+    /// Conditional jumps: (instruction, label if true, label if false).
+    cond_fixups: Vec<(usize, usize, usize)>,
 }
 
 impl Builder {
@@ -56,13 +60,24 @@ impl Builder {
         self.fixups.push((self.prog.len(), l));
         self.prog.push(stmt(JA, 0));
     }
-    fn finish(mut self) -> BpfProgram {
+    /// A `JGE` whose targets are set later (`cond_fixups[returned]`), once they are laid out.
+    fn jge_pending(&mut self, k: u32) -> usize {
+        self.cond_fixups.push((self.prog.len(), usize::MAX, usize::MAX));
+        self.prog.push(jump(JGE, k, 0, 0));
+        self.cond_fixups.len() - 1
+    }
+    /// `None` when a conditional jump's target is out of its 8-bit reach.
+    fn finish(mut self) -> Option<BpfProgram> {
+        // All jumps are forward: blocks and subtrees come after their references.
+        let offset = |labels: &[Option<usize>], at: usize, l: usize| labels[l].expect("every label is placed") - at - 1;
         for (at, l) in self.fixups {
-            let target = self.labels[l].expect("every label is placed");
-            // All jumps are forward: blocks and right subtrees come after their references.
-            self.prog[at].k = (target - at - 1) as u32;
+            self.prog[at].k = offset(&self.labels, at, l) as u32;
         }
-        self.prog
+        for (at, t, f) in self.cond_fixups {
+            self.prog[at].jt = u8::try_from(offset(&self.labels, at, t)).ok()?;
+            self.prog[at].jf = u8::try_from(offset(&self.labels, at, f)).ok()?;
+        }
+        Some(self.prog)
     }
 }
 
@@ -70,7 +85,22 @@ impl Builder {
 /// sorted by number, each number once.
 pub fn build(arch: u32, x32_action: u32, default_action: u32, syscalls: &[(u32, Verdict)]) -> BpfProgram {
     debug_assert!(syscalls.windows(2).all(|w| w[0].0 < w[1].0), "syscalls not sorted by number");
-    let mut b = Builder { prog: Vec::new(), labels: Vec::new(), fixups: Vec::new() };
+    // The kernel's work at install (convert, JIT, emulate for its action cache) grows with the
+    // program: the compact tree first, the wide one when a jump of the compact one would not
+    // reach (a filter several times the default policy's).
+    layout(arch, x32_action, default_action, syscalls, true)
+        .or_else(|| layout(arch, x32_action, default_action, syscalls, false))
+        .expect("the wide layout's jumps all reach")
+}
+
+fn layout(
+    arch: u32,
+    x32_action: u32,
+    default_action: u32,
+    syscalls: &[(u32, Verdict)],
+    compact: bool,
+) -> Option<BpfProgram> {
+    let mut b = Builder { prog: Vec::new(), labels: Vec::new(), fixups: Vec::new(), cond_fixups: Vec::new() };
     b.prog.push(stmt(LD_W_ABS, DATA_ARCH));
     b.prog.push(jump(JEQ, arch, 1, 0));
     b.prog.push(stmt(RET, libc::SECCOMP_RET_KILL_PROCESS));
@@ -111,7 +141,13 @@ pub fn build(arch: u32, x32_action: u32, default_action: u32, syscalls: &[(u32, 
         next = nr + 1;
     }
     push(next, default);
-    tree(&mut b, &runs);
+    match (compact, runs.as_slice()) {
+        (true, [(_, only)]) => b.ja(*only),
+        (true, _) => {
+            compact_tree(&mut b, &runs, &|l| l == allow || l == default);
+        }
+        (false, _) => wide_tree(&mut b, &runs),
+    }
 
     b.place(allow);
     b.prog.push(stmt(RET, libc::SECCOMP_RET_ALLOW));
@@ -137,20 +173,44 @@ pub fn build(arch: u32, x32_action: u32, default_action: u32, syscalls: &[(u32, 
 }
 
 /// Dispatch over `runs`, (first number, destination) sorted by number, each reaching to the
-/// next one's start (the last to the end of the number space).
-fn tree(b: &mut Builder, runs: &[(u32, usize)]) {
+/// next one's start (the last to the end of the number space). Each test jumps straight to its
+/// two halves: a half that is one run whose destination is `near` (the shared allow and
+/// default returns right after the tree) costs no instruction at all, another single run a
+/// `JA` to its block. Returns the label control enters this part of the tree at.
+fn compact_tree(b: &mut Builder, runs: &[(u32, usize)], near: &dyn Fn(usize) -> bool) -> usize {
+    if let [(_, dest)] = runs {
+        if near(*dest) {
+            return *dest;
+        }
+        let here = b.label();
+        b.place(here);
+        b.ja(*dest);
+        return here;
+    }
+    let mid = runs.len() / 2;
+    let here = b.label();
+    b.place(here);
+    let test = b.jge_pending(runs[mid].0);
+    let left = compact_tree(b, &runs[..mid], near);
+    let right = compact_tree(b, &runs[mid..], near);
+    (b.cond_fixups[test].1, b.cond_fixups[test].2) = (right, left);
+    here
+}
+
+/// The same dispatch with every branch a `JA` (no reach limit): `nr >= pivot` falls through to
+/// the long jump into the right half, else skips it.
+fn wide_tree(b: &mut Builder, runs: &[(u32, usize)]) {
     if runs.len() == 1 {
         b.ja(runs[0].1);
         return;
     }
     let mid = runs.len() / 2;
     let right = b.label();
-    // nr >= pivot: fall through to the long jump into the right half; else skip it.
     b.prog.push(jump(JGE, runs[mid].0, 0, 1));
     b.ja(right);
-    tree(b, &runs[..mid]);
+    wide_tree(b, &runs[..mid]);
     b.place(right);
-    tree(b, &runs[mid..]);
+    wide_tree(b, &runs[mid..]);
 }
 
 /// A classic-BPF interpreter for the instructions seccomp filters here use; for tests.
@@ -186,5 +246,47 @@ pub fn run(prog: &[sock_filter], nr: u32, arch: u32, args: [u64; 6]) -> u32 {
             c if c == (libc::BPF_RET | libc::BPF_K) => return k,
             other => panic!("unsupported instruction {other:#x}"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const ARCH: u32 = 0xc000_003e;
+    const DENY: u32 = libc::SECCOMP_RET_ERRNO | libc::EPERM as u32;
+
+    /// Every number's verdict through the filter, against the list it was built from.
+    fn check(syscalls: &[(u32, Verdict)], prog: &[sock_filter]) {
+        for nr in (0..2100u32).chain([0x3fff_ffff, 0x4000_0001, u32::MAX]) {
+            let want = match syscalls.iter().find(|(n, _)| *n == nr).map(|(_, v)| v) {
+                _ if nr >= 0x4000_0000 => libc::SECCOMP_RET_KILL_PROCESS,
+                Some(Verdict::Allow) => libc::SECCOMP_RET_ALLOW,
+                Some(Verdict::Return(r)) => *r,
+                Some(Verdict::Rules(_)) => unreachable!("no rules here"),
+                None => DENY,
+            };
+            assert_eq!(run(prog, nr, ARCH, [0; 6]), want, "nr {nr}");
+        }
+        assert_eq!(run(prog, 0, 0x4000_0003, [0; 6]), libc::SECCOMP_RET_KILL_PROCESS, "another arch");
+    }
+
+    #[test]
+    fn the_compact_tree_is_used_when_it_reaches_and_the_wide_one_otherwise() {
+        let build = |s: &[(u32, Verdict)]| build(ARCH, libc::SECCOMP_RET_KILL_PROCESS, DENY, s);
+        // A few runs: the compact layout, one test per run boundary and no leaf instructions.
+        let few: Vec<(u32, Verdict)> = (0..40).chain(100..140).map(|n| (n, Verdict::Allow)).collect();
+        let prog = build(&few);
+        check(&few, &prog);
+        assert!(prog.len() < 6 + 4 + 2, "{} instructions", prog.len());
+        // Every other number allowed, one a fixed return: a thousand runs, far past the 8-bit
+        // reach of a conditional jump to the shared returns; the wide layout takes over.
+        let mut many: Vec<(u32, Verdict)> = (0..1000).map(|n| (2 * n, Verdict::Allow)).collect();
+        many[7].1 = Verdict::Return(libc::SECCOMP_RET_ERRNO | libc::ENOSYS as u32);
+        let prog = build(&many);
+        check(&many, &prog);
+        assert!(layout(ARCH, 0, DENY, &many, true).is_none(), "the compact layout cannot reach");
+        // Just one run (nothing allowed): the default for every number.
+        check(&[], &build(&[]));
     }
 }
