@@ -302,3 +302,49 @@ fn no_jailed_process_carries_the_supervisors_secrets_in_proc_environ() {
     }
     assert_eq!(s.end(), 0);
 }
+
+/// A session started from an operator's terminal (stdin and stdout are the caller's pipes, stderr
+/// and the controlling terminal a real pty): nothing in the jail can open that terminal, take its
+/// foreground, or read the line the operator has typed but nobody has read yet.
+#[test]
+fn a_session_cannot_reach_the_operators_terminal() {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::process::CommandExt;
+    let pty = nix::pty::openpty(None, None).unwrap();
+    let slave_fd = pty.slave.as_raw_fd();
+    let mut cmd = Command::new(STOCKADE);
+    cmd.arg("session").stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::from(pty.slave.try_clone().unwrap()));
+    // SAFETY: setsid and ioctl are async-signal-safe; the slave descriptor stays open in the parent.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::setsid() < 0 || libc::ioctl(slave_fd, libc::TIOCSCTTY, 0) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().unwrap();
+    let stdin = child.stdin.take();
+    let stdout = BufReader::new(child.stdout.take().unwrap());
+    let mut s = Sess { child, stdin, stdout, n: 0 };
+    // The operator types a line; it waits in the terminal's input queue.
+    nix::unistd::write(&pty.master, b"operator-typed-password-hunter2\n").unwrap();
+
+    let probe = "( : <>/dev/tty ) 2>/dev/null && echo OPENED || echo REFUSED; \
+                 tty=$(readlink /proc/$$/fd/2); echo \"stderr=$tty\"; \
+                 timeout 2 cat /proc/1/fd/2 2>/dev/null; echo \"init-stderr=$?\"";
+    let (out, _) = s.call("bash", json!({"command": probe}));
+    assert!(out.contains("REFUSED"), "the jail opened the operator's terminal: {out}");
+    assert!(!out.contains("/dev/pts"), "bash holds a terminal: {out}");
+    assert!(!out.contains("hunter2"), "the operator's input reached the jail: {out}");
+    // The file-tool helper is a fork of the jail's init: its stderr must not be the terminal.
+    let (out, _) = s.call("read", json!({"file_path": "/dev/stderr"}));
+    assert!(!out.contains("hunter2"), "the file tools read the operator's terminal: {out}");
+    // The line is still there for the operator.
+    nix::fcntl::fcntl(&pty.slave, nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK)).unwrap();
+    let mut buf = [0u8; 64];
+    let n = nix::unistd::read(&pty.slave, &mut buf).unwrap_or(0);
+    assert_eq!(&buf[..n], b"operator-typed-password-hunter2\n");
+    assert_eq!(s.bash("echo still-here"), "still-here\n");
+    assert_eq!(s.end(), 0);
+}

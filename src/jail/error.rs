@@ -6,6 +6,7 @@ use std::fmt;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Step {
     Preflight,
+    Terminal,
     Workspace,
     Namespaces,
     IdMap,
@@ -25,6 +26,7 @@ impl Step {
     pub fn name(self) -> &'static str {
         match self {
             Step::Preflight => "preflight",
+            Step::Terminal => "terminal",
             Step::Workspace => "workspace",
             Step::Namespaces => "namespaces",
             Step::IdMap => "uid/gid map",
@@ -42,8 +44,9 @@ impl Step {
     }
 
     pub(crate) fn from_name(s: &str) -> Step {
-        const ALL: [Step; 14] = [
+        const ALL: [Step; 15] = [
             Step::Preflight,
+            Step::Terminal,
             Step::Workspace,
             Step::Namespaces,
             Step::IdMap,

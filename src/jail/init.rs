@@ -71,7 +71,11 @@ pub(crate) fn child_main(ctx: ChildCtx) -> ! {
     if let super::Payload::Session { host_end, .. } = ctx.payload {
         close_raw(*host_end);
     }
-    let code = match setup(&ctx) {
+    let detached = match ctx.payload {
+        super::Payload::Session { .. } => detach_from_terminal(),
+        super::Payload::Command => Ok(()),
+    };
+    let code = match detached.and_then(|()| setup(&ctx)) {
         Ok(Some(child)) => supervise_command(child),
         Ok(None) => match ctx.payload {
             super::Payload::Session { channel, .. } => {
@@ -126,6 +130,23 @@ fn close_raw(fd: i32) {
 }
 
 /// Builds the jail from the inside. Returns the command's pid, or `None` for a session.
+/// A session's processes serve a program, not a person: they get a session of their own, so the
+/// caller's controlling terminal is not theirs (no `/dev/tty`, no `tcsetpgrp`, no reading the
+/// operator's keystrokes), and a terminal inherited as stderr is swapped for /dev/null, since a
+/// tty descriptor can be read and written whether or not it is the controlling one.
+fn detach_from_terminal() -> Result<(), JailError> {
+    nix::unistd::setsid().map_err(|e| JailError::new(Step::Terminal, format!("setsid: {}", e.desc())))?;
+    if nix::unistd::isatty(std::io::stderr()).unwrap_or(false) {
+        let null = std::fs::OpenOptions::new()
+            .write(true)
+            .open("/dev/null")
+            .map_err(|e| JailError::new(Step::Terminal, format!("open /dev/null for stderr: {e}")))?;
+        nix::unistd::dup2_stderr(&null)
+            .map_err(|e| JailError::new(Step::Terminal, format!("replace the terminal on stderr: {}", e.desc())))?;
+    }
+    Ok(())
+}
+
 fn setup(ctx: &ChildCtx) -> Result<Option<Pid>, JailError> {
     // SAFETY: prctl(PR_SET_PDEATHSIG) takes integer arguments only.
     unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong, 0, 0, 0) };

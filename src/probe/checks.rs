@@ -5,6 +5,7 @@
 
 use std::ffi::CString;
 use std::io::{Read, Write};
+use std::os::fd::AsRawFd;
 
 use super::{Ctx, Outcome};
 
@@ -49,6 +50,7 @@ pub const PROBES: &[(&str, &str, &str)] = &[
     ("proc-signal-init", "processes", "signal the jail's init"),
     ("proc-leaked-fds", "processes", "inherit descriptors beyond stdio"),
     ("proc-env-secret", "processes", "find a secret planted in Stockade's environment"),
+    ("proc-controlling-tty", "processes", "open the caller's terminal through /dev/tty and take its foreground"),
     ("ipc-abstract-socket", "ipc", "connect to a host abstract unix socket"),
     ("ipc-sysv-queue", "ipc", "open a host SysV message queue"),
     ("ipc-shm-host", "ipc", "see the host's /dev/shm"),
@@ -175,6 +177,7 @@ pub fn run(id: &str, ctx: &Ctx) -> Option<Outcome> {
                 escaped(format!("device nodes: {}", bad.join(", ")))
             }
         }
+        "proc-controlling-tty" => controlling_tty(),
         "fs-symlink-shadow" => {
             let link = "/tmp/stockade-probe-link";
             let _ = std::fs::remove_file(link);
@@ -445,5 +448,18 @@ fn tcp_probe(addr: std::net::SocketAddr) -> Outcome {
     match std::net::TcpStream::connect_timeout(&addr, std::time::Duration::from_secs(2)) {
         Ok(_) => escaped(format!("connected to {addr}")),
         Err(e) => blocked(format!("{addr}: {}", e.raw_os_error().map(en).unwrap_or_else(|| e.kind().to_string()))),
+    }
+}
+
+/// A jailed process must have no controlling terminal: with one it could make itself the
+/// terminal's foreground group and read what the operator types.
+fn controlling_tty() -> Outcome {
+    match std::fs::OpenOptions::new().read(true).write(true).open("/dev/tty") {
+        Ok(tty) => {
+            // SAFETY: tcgetpgrp/tcsetpgrp take a descriptor we own and a pid value.
+            let taken = unsafe { libc::tcsetpgrp(tty.as_raw_fd(), libc::getpgrp()) } == 0;
+            escaped(format!("/dev/tty opened{}", if taken { " and its foreground taken" } else { "" }))
+        }
+        Err(e) => blocked(format!("/dev/tty: {}", en(e.raw_os_error().unwrap_or(0)))),
     }
 }

@@ -63,10 +63,14 @@ impl SessionProcess {
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .kill_on_drop(true);
-        // SAFETY: the closure runs in the forked child before exec and only calls close_range and
-        // prctl, which are async-signal-safe; it touches no memory shared with the parent.
+        // SAFETY: the closure runs in the forked child before exec and only calls setsid,
+        // close_range and prctl, which are async-signal-safe; it touches no memory shared with
+        // the parent.
         unsafe {
             cmd.pre_exec(|| {
+                // A worker started from a terminal must not lend it to its sessions: a session of
+                // their own leaves them without a controlling terminal.
+                nix::unistd::setsid().map_err(std::io::Error::from)?;
                 // Only stdio passes: descriptors the worker inherited from whoever started it
                 // stay out of the session process.
                 let _ = crate::util::close_range(3, u32::MAX, libc::CLOSE_RANGE_CLOEXEC);
