@@ -1,4 +1,4 @@
-//! Worker benchmark against the local control plane: claim → first tool result latency, tool
+//! Worker benchmark against the local control plane: session creation → first tool result latency, tool
 //! calls per second with N concurrent sessions, and per-session overhead of the worker (RSS,
 //! fds) and of each session's supervising process.
 //!
@@ -61,7 +61,7 @@ fn main() {
         .arg(&state)
         .arg("--environment-key-file")
         .arg(dir.join(format!("{DEFAULT_ENVIRONMENT}.key")))
-        .args(["--poll-wait", "5s"])
+        .args(["--max-idle", "1s"])
         .env_remove("ANTHROPIC_API_KEY")
         .stdin(Stdio::null())
         .spawn()
@@ -75,13 +75,11 @@ fn main() {
             environment_id: DEFAULT_ENVIRONMENT.into(),
             script: steps,
             metadata: Default::default(),
-            skills: Vec::new(),
         })
         .unwrap()
         .session_id
     };
-    let call =
-        |name: &str, input: serde_json::Value| ScriptStep { id: None, name: name.into(), input, end_session: false };
+    let call = ScriptStep::call;
 
     println!("{:<10} {:>14} {:>14} {:>14} {:>12}", "sessions", "first p50 ms", "first p95 ms", "calls/s", "wall s");
     for n in [1usize, 4, 16] {
@@ -106,7 +104,7 @@ fn main() {
         for id in &ids {
             let v = loop {
                 let v = cp.session_view(id).unwrap();
-                if v.work_state == WorkState::Completed {
+                if v.calls.len() == calls_per && v.calls.iter().all(|c| c.result.is_some()) {
                     break v;
                 }
                 assert!(t.elapsed() < Duration::from_secs(300), "bench session did not complete: {v:?}");
@@ -116,7 +114,7 @@ fn main() {
                 parse_rfc3339(s).unwrap().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs_f64() * 1000.0
             };
             let first = &v.calls[0];
-            // The first call is issued at claim time.
+            // The first call is issued when the session is created.
             firsts.push(first.latency_ms.unwrap() as f64);
             start = start.min(ms(&first.issued_at));
             end = end.max(ms(v.calls.last().unwrap().answered_at.as_deref().unwrap()));
@@ -156,7 +154,7 @@ fn main() {
         sup_rss as f64 / sup.len().max(1) as f64
     );
     for id in &ids {
-        while cp.session_view(id).unwrap().work_state != WorkState::Completed {
+        while cp.session_view(id).unwrap().work_state != WorkState::Stopped {
             std::thread::sleep(Duration::from_millis(50));
         }
     }

@@ -24,7 +24,7 @@ fn demo_runs_the_main_job_and_exits_zero() {
     let out = ok(Command::new(STOCKADE).arg("demo").env_remove("ANTHROPIC_API_KEY").output().unwrap());
     for want in [
         "work item work_",
-        "(Completed, claimed 1×)",
+        "(stopped, handed out 1 time)",
         "I am agent (1000) on stockade, in /workspace",
         "still in /workspace, GREETING=hi",
         "     2\tedited line",
@@ -114,7 +114,7 @@ fn control_plane_worker_stats_and_stop_from_the_command_line() {
     cp = start_cp(state.path(), port);
     let mut w = Killed(
         Command::new(STOCKADE)
-            .args(["worker", "--environment-id", "env_local", "--api-url", &url, "--poll-wait", "1s", "--state-dir"])
+            .args(["worker", "--environment-id", "env_local", "--api-url", &url, "--max-idle", "1s", "--state-dir"])
             .arg(wstate.path())
             .arg("--environment-key-file")
             .arg(state.path().join("env_local.key"))
@@ -128,7 +128,7 @@ fn control_plane_worker_stats_and_stop_from_the_command_line() {
     let shown = loop {
         let s = ok(cli(&org, &["control-plane", "session", "show", &session, "--api-url", &url, "--json"]));
         let v: serde_json::Value = serde_json::from_str(&s).unwrap();
-        if v["work_state"] == "completed" {
+        if v["work_state"] == "stopped" {
             break v;
         }
         assert!(t.elapsed() < Duration::from_secs(30), "{v:#}");
@@ -136,6 +136,7 @@ fn control_plane_worker_stats_and_stop_from_the_command_line() {
     };
     let calls = shown["calls"].as_array().unwrap();
     assert_eq!(calls.len(), 2, "end_session stops the script: {shown:#}");
+    assert_eq!(shown["status"], "terminated", "{shown:#}");
     assert_eq!(calls[0]["result"], "from-the-cli\n");
     assert_eq!(calls[1]["is_error"], true);
     let text = ok(cli(&org, &["control-plane", "session", "show", &session, "--api-url", &url]));
@@ -159,7 +160,7 @@ fn control_plane_worker_stats_and_stop_from_the_command_line() {
     let work = created["work_id"].as_str().unwrap();
     std::thread::sleep(Duration::from_secs(1));
     let out = ok(cli(&org, &["stop", work, "--environment-id", "env_local", "--api-url", &url, "--force"]));
-    assert!(out.contains("Stopping") || out.contains("Stopped"), "{out}");
+    assert!(out.contains("stopping") || out.contains("stopped"), "{out}");
     let t = Instant::now();
     loop {
         let s = ok(cli(

@@ -9,11 +9,11 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use stockade::control_plane::client::AuthScheme;
 use stockade::control_plane::local::{
-    CreateSession, Fault, FaultKind, LocalConfig, LocalControlPlane, LocalSkill, ScriptStep, SessionView,
-    DEFAULT_ENVIRONMENT,
+    CreateSession, Fault, FaultKind, LocalConfig, LocalControlPlane, ScriptStep, SessionView, DEFAULT_ENVIRONMENT,
 };
-use stockade::control_plane::wire::{AuthScheme, WorkState};
+use stockade::control_plane::wire::{WorkState, NO_HEARTBEAT};
 use stockade::control_plane::{ApiError, Client, Secret};
 
 /// A local control plane on a loopback port, with its own runtime.
@@ -44,38 +44,33 @@ impl Cp {
         std::fs::read_to_string(self.key_file()).unwrap()
     }
 
-    fn client(&self, key: Secret) -> Client {
-        let mut c = Client::new(&self.url, key, AuthScheme::XApiKey).unwrap();
+    fn client(&self, key: Secret, auth: AuthScheme) -> Client {
+        let mut c = Client::new(&self.url, key, auth).unwrap();
         c.timeout = Duration::from_secs(3);
         c
     }
 
     fn org(&self) -> Client {
-        self.client(self.cp.org_key())
+        self.client(self.cp.org_key(), AuthScheme::XApiKey)
+    }
+
+    /// A client with the environment key, as a worker holds it.
+    fn env(&self) -> Client {
+        self.client(Secret::new(self.env_key()), AuthScheme::Bearer)
     }
 
     fn session(&self, steps: Vec<ScriptStep>) -> (String, String) {
-        self.session_with(steps, Vec::new())
-    }
-
-    fn session_with(&self, steps: Vec<ScriptStep>, skills: Vec<LocalSkill>) -> (String, String) {
-        self.session_full(steps, skills, serde_json::Map::new())
+        self.session_full(steps, serde_json::Map::new())
     }
 
     fn session_full(
         &self,
         steps: Vec<ScriptStep>,
-        skills: Vec<LocalSkill>,
         metadata: serde_json::Map<String, serde_json::Value>,
     ) -> (String, String) {
         let c = self
             .cp
-            .create_session(CreateSession {
-                environment_id: DEFAULT_ENVIRONMENT.into(),
-                script: steps,
-                metadata,
-                skills,
-            })
+            .create_session(CreateSession { environment_id: DEFAULT_ENVIRONMENT.into(), script: steps, metadata })
             .unwrap();
         (c.session_id, c.work_id)
     }
@@ -84,14 +79,12 @@ impl Cp {
         self.cp.session_view(session).unwrap()
     }
 
-    /// Waits until the session's work item has ended (or `limit` passes).
+    /// Waits until the session's work item has been stopped (or `limit` passes).
     fn wait_ended(&self, session: &str, limit: Duration) -> SessionView {
         let t = Instant::now();
         loop {
             let v = self.view(session);
-            if matches!(v.work_state, WorkState::Completed | WorkState::Stopped | WorkState::Failed)
-                || t.elapsed() > limit
-            {
+            if v.work_state == WorkState::Stopped || t.elapsed() > limit {
                 return v;
             }
             std::thread::sleep(Duration::from_millis(50));
@@ -123,11 +116,16 @@ impl Cp {
 }
 
 fn bash(cmd: &str) -> ScriptStep {
-    ScriptStep { id: None, name: "bash".into(), input: json!({ "command": cmd }), end_session: false }
+    ScriptStep::call("bash", json!({ "command": cmd }))
 }
 
 fn step(name: &str, input: serde_json::Value) -> ScriptStep {
-    ScriptStep { id: None, name: name.into(), input, end_session: false }
+    ScriptStep::call(name, input)
+}
+
+/// The item ended because the agent's turn did: every call answered, stopped by the worker.
+fn completed(v: &SessionView) -> bool {
+    v.work_state == WorkState::Stopped && v.finished
 }
 
 struct Worker {
@@ -157,7 +155,7 @@ fn worker_cmd(cp: &Cp, state: &Path, extra: &[&str]) -> Command {
     let mut c = Command::new(STOCKADE);
     c.args(["-v", "worker", "--environment-id", DEFAULT_ENVIRONMENT, "--api-url", &cp.url, "--state-dir"])
         .arg(state)
-        .args(["--poll-wait", "1s", "--api-timeout", "2s", "--shutdown-timeout", "20s"])
+        .args(["--max-idle", "1s", "--api-timeout", "2s", "--shutdown-timeout", "20s"])
         .args(extra)
         .env_remove("ANTHROPIC_API_KEY")
         .env_remove("ANTHROPIC_ENVIRONMENT_KEY")
@@ -198,14 +196,14 @@ fn twenty_concurrent_sessions_complete_with_every_result_in_order() {
         .collect();
     for (n, (s, _)) in sessions.iter().enumerate() {
         let v = cp.wait_ended(s, Duration::from_secs(120));
-        assert_eq!(v.work_state, WorkState::Completed, "{v:#?}");
+        assert!(completed(&v), "{v:#?}");
         assert_eq!(v.status, "idle");
-        assert_eq!(v.claims, 1);
+        assert_eq!(v.polls, 1);
         assert_eq!(v.duplicate_results, 0);
         assert_eq!(v.calls.len(), 6);
         let size = format!("session {n}\n").len();
         assert_eq!(result_of(&v, 0), format!("File created successfully at: /workspace/n.txt ({size} bytes)"));
-        assert_eq!(result_of(&v, 1), "");
+        assert_eq!(result_of(&v, 1), "(no output)");
         assert_eq!(result_of(&v, 2), format!("{n} /workspace session {n}\n"));
         assert_eq!(result_of(&v, 3), format!("     1\tsession {n}"));
         assert_eq!(result_of(&v, 4), format!("/workspace/d{n}/f.txt"));
@@ -228,7 +226,7 @@ fn twenty_concurrent_sessions_complete_with_every_result_in_order() {
     assert!(m.contains("stockade_active_sessions 0\n"), "{m}");
     let stats = cp.rt.block_on(cp.org().stats(DEFAULT_ENVIRONMENT)).unwrap();
     assert_eq!((stats.depth, stats.pending, stats.oldest_queued_at), (0, 0, None));
-    assert_eq!(stats.workers_polling, 1);
+    assert_eq!(stats.workers_polling, Some(1));
 }
 
 fn free_port() -> u16 {
@@ -244,30 +242,34 @@ fn http_get(url: &str) -> String {
 fn heartbeats_keep_a_lease_and_a_silent_holder_loses_it() {
     let cp = Cp::start(Duration::from_secs(2));
     let state = TempDir::new("w-state");
-    let _w = start_worker(&cp, state.path(), &[]);
+    let w = start_worker(&cp, state.path(), &[]);
     // A call three times longer than the lease.
     let (s, _) = cp.session(vec![bash("sleep 6; echo slept")]);
     let v = cp.wait_ended(&s, Duration::from_secs(30));
-    assert_eq!(v.work_state, WorkState::Completed, "{v:#?}");
-    assert_eq!(v.claims, 1, "the lease expired while heartbeating");
+    assert!(completed(&v), "{v:#?}");
+    assert_eq!(v.polls, 1, "the lease expired while heartbeating");
     assert_eq!(result_of(&v, 0), "slept\n");
 
-    // A holder that never heartbeats: the item returns to the queue and can be claimed again.
-    let env = cp.client(Secret::new(cp.env_key()));
-    drop(_w); // the real worker must not take the next item
-              // Nor may the long poll it had open when it died (the server answers it within --poll-wait).
-    std::thread::sleep(Duration::from_millis(1500));
+    // A holder that acks and never heartbeats: the item returns to the queue and is handed out
+    // again; the first heartbeat of the new holder takes the lease, and the silent one's is refused.
+    let env = cp.env();
+    drop(w); // the real worker must not take the next item
     let (s2, w2) = cp.session(vec![bash("true")]);
-    let got = cp.rt.block_on(env.claim(DEFAULT_ENVIRONMENT, "silent", Duration::from_secs(5))).unwrap().unwrap();
+    let got = cp.rt.block_on(env.poll(DEFAULT_ENVIRONMENT, "silent", Some(999), None)).unwrap().unwrap();
     assert_eq!(got.id, w2);
+    cp.rt.block_on(env.ack(DEFAULT_ENVIRONMENT, &w2)).unwrap();
     std::thread::sleep(Duration::from_millis(2500));
     let stats = cp.rt.block_on(cp.org().stats(DEFAULT_ENVIRONMENT)).unwrap();
     assert_eq!(stats.depth, 1);
-    let again = cp.rt.block_on(env.claim(DEFAULT_ENVIRONMENT, "other", Duration::from_secs(1))).unwrap().unwrap();
+    let again = cp.rt.block_on(env.poll(DEFAULT_ENVIRONMENT, "other", Some(999), None)).unwrap().unwrap();
     assert_eq!(again.id, w2);
-    let lost = cp.rt.block_on(env.heartbeat(DEFAULT_ENVIRONMENT, &w2, "silent")).unwrap_err();
+    cp.rt.block_on(env.ack(DEFAULT_ENVIRONMENT, &w2)).unwrap();
+    let hb = cp.rt.block_on(env.heartbeat(DEFAULT_ENVIRONMENT, &w2, NO_HEARTBEAT, Duration::from_secs(2))).unwrap();
+    assert!(hb.lease_extended && hb.state == WorkState::Active, "{hb:?}");
+    let lost =
+        cp.rt.block_on(env.heartbeat(DEFAULT_ENVIRONMENT, &w2, NO_HEARTBEAT, Duration::from_secs(2))).unwrap_err();
     assert!(matches!(lost, ApiError::LeaseLost(_)), "{lost:?}");
-    assert_eq!(cp.view(&s2).claims, 2);
+    assert_eq!(cp.view(&s2).polls, 2);
 }
 
 #[test]
@@ -279,7 +281,7 @@ fn graceful_stop_finishes_the_call_and_forced_stop_kills_at_once() {
     let marker = format!("7{}", std::process::id());
 
     let (s, w) = cp.session(vec![bash("sleep 2; echo finished"), bash("echo never")]);
-    cp.wait_for("the call to start", Duration::from_secs(20), || cp.view(&s).work_state == WorkState::Running);
+    cp.wait_for("the call to start", Duration::from_secs(20), || cp.view(&s).work_state == WorkState::Active);
     std::thread::sleep(Duration::from_millis(300));
     let item = cp.rt.block_on(org.stop(DEFAULT_ENVIRONMENT, &w, false)).unwrap();
     assert_eq!(item.state, WorkState::Stopping);
@@ -287,7 +289,6 @@ fn graceful_stop_finishes_the_call_and_forced_stop_kills_at_once() {
     assert_eq!(v.work_state, WorkState::Stopped, "{v:#?}");
     assert_eq!(result_of(&v, 0), "finished\n", "the in-flight call was not finished");
     assert!(v.calls.len() == 1 || v.calls[1].result.is_none(), "a call ran after the stop: {v:#?}");
-    assert_eq!(v.status, "terminated");
 
     let (s, w) = cp.session(vec![bash(&format!("sleep 30.{marker}; echo never"))]);
     cp.wait_for("the sleep to start", Duration::from_secs(20), || {
@@ -306,26 +307,27 @@ fn graceful_stop_finishes_the_call_and_forced_stop_kills_at_once() {
 
 #[test]
 fn control_plane_failures_lose_nothing_and_duplicate_nothing() {
-    let cp = Cp::start(Duration::from_secs(4));
+    let cp = Cp::start(Duration::from_secs(10));
     let state = TempDir::new("w-state");
     let sessions: Vec<String> =
         (0..3).map(|n| cp.session((0..5).map(|i| bash(&format!("echo s{n} c{i}"))).collect()).0).collect();
-    let f = |kind, count, path: &str, after| Fault { kind, count, path_contains: Some(path.into()), after };
+    let f =
+        |kind, count, path: &str, after| Fault { kind, count, path_contains: Some(path.into()), method: None, after };
     cp.faults(vec![
-        f(FaultKind::ServerError, 2, "/claim", false),
-        f(FaultKind::Garbage, 1, "/claim", true),
+        f(FaultKind::ServerError, 2, "/work/poll", false),
+        f(FaultKind::Garbage, 1, "/work/poll", true),
         f(FaultKind::ServerError, 3, "/events", true),
         f(FaultKind::RateLimited, 2, "/events", false),
         f(FaultKind::Truncated, 2, "/events", true),
         f(FaultKind::Garbage, 2, "/events", true),
         f(FaultKind::Timeout, 1, "/events", true),
         f(FaultKind::ServerError, 2, "/heartbeat", false),
-        f(FaultKind::Timeout, 1, "/complete", true),
+        f(FaultKind::Timeout, 1, "/stop", true),
     ]);
     let _w = start_worker(&cp, state.path(), &["--heartbeat-interval", "500ms"]);
     for (n, s) in sessions.iter().enumerate() {
         let v = cp.wait_ended(s, Duration::from_secs(90));
-        assert_eq!(v.work_state, WorkState::Completed, "{v:#?}");
+        assert!(completed(&v), "{v:#?}");
         assert_eq!(v.duplicate_results, 0, "a result was posted twice: {v:#?}");
         assert_eq!(v.calls.len(), 5);
         for i in 0..5 {
@@ -360,8 +362,8 @@ fn a_killed_worker_is_restarted_and_the_session_completes_without_leftovers() {
 
     let _w2 = start_worker(&cp, state.path(), &[]);
     let v = cp.wait_ended(&s, Duration::from_secs(60));
-    assert_eq!(v.work_state, WorkState::Completed, "{v:#?}");
-    assert_eq!(v.claims, 1, "resumed under the same lease, not re-queued");
+    assert!(completed(&v), "{v:#?}");
+    assert_eq!(v.polls, 1, "resumed under the same lease, not re-queued");
     assert_eq!(v.duplicate_results, 0);
     assert_eq!(result_of(&v, 0), "one\n");
     assert_eq!(result_of(&v, 1), "two\n");
@@ -411,7 +413,7 @@ fn the_environment_key_never_reaches_a_jailed_process() {
         step("grep", json!({"pattern": tail, "path": "/etc", "output_mode": "files_with_matches"})),
     ]);
     let v = cp.wait_ended(&s, Duration::from_secs(60));
-    assert_eq!(v.work_state, WorkState::Completed, "{v:#?}");
+    assert!(completed(&v), "{v:#?}");
     let out = result_of(&v, 0);
     assert!(!out.contains(&key));
     let lines: Vec<&str> = out.lines().collect();
@@ -452,7 +454,7 @@ fn webhook_deliveries_wake_the_worker_and_bad_ones_are_refused() {
         .arg(&secret_file)
         .args(["--environment-id", DEFAULT_ENVIRONMENT, "--api-url", &cp.url, "--state-dir"])
         .arg(state.path())
-        .args(["--poll-wait", "120s", "--environment-key-file"])
+        .args(["--max-idle", "1s", "--environment-key-file"])
         .arg(cp.key_file())
         .env_remove("ANTHROPIC_API_KEY")
         .stdin(Stdio::null());
@@ -499,34 +501,9 @@ fn webhook_deliveries_wake_the_worker_and_bad_ones_are_refused() {
     assert_eq!(cp.view(&s).work_state, WorkState::Queued, "a rejected delivery woke the worker");
     assert_eq!(post("m5", now, &sign("m5", now, body), body), 204);
     let v = cp.wait_ended(&s, Duration::from_secs(30));
-    assert_eq!(v.work_state, WorkState::Completed);
+    assert!(completed(&v), "{v:#?}");
     assert_eq!(result_of(&v, 0), "woken\n");
     assert_eq!(post("m5", now, &sign("m5", now, body), body), 401, "a replayed delivery was accepted");
-}
-
-#[test]
-fn skills_are_downloaded_into_the_workspace_and_hostile_ones_fail_the_item() {
-    use base64::Engine;
-    let b64 = |s: &str| base64::engine::general_purpose::STANDARD.encode(s);
-    let cp = Cp::start(Duration::from_secs(30));
-    let state = TempDir::new("w-state");
-    let _w = start_worker(&cp, state.path(), &[]);
-    let skill = |name: &str, path: &str| LocalSkill {
-        name: name.into(),
-        files: vec![stockade::control_plane::wire::SkillFile {
-            path: path.into(),
-            content_base64: b64("#!/bin/sh\necho skill ran in $(pwd)\n"),
-            executable: true,
-        }],
-    };
-    let (s, _) = cp.session_with(vec![bash("/workspace/skills/hello/bin/run.sh")], vec![skill("hello", "bin/run.sh")]);
-    let v = cp.wait_ended(&s, Duration::from_secs(30));
-    assert_eq!(result_of(&v, 0), "skill ran in /workspace\n", "{v:#?}");
-    let (s, _) = cp.session_with(vec![bash("true")], vec![skill("evil", "../../../../tmp/planted")]);
-    let v = cp.wait_ended(&s, Duration::from_secs(30));
-    assert_eq!(v.work_state, WorkState::Failed, "{v:#?}");
-    assert_eq!(v.calls[0].result, None);
-    assert!(!Path::new("/tmp/planted").exists());
 }
 
 fn processes_whose_cmdline_has(needle: &str) -> Vec<u32> {
@@ -543,26 +520,27 @@ fn processes_whose_cmdline_has(needle: &str) -> Vec<u32> {
 }
 
 #[test]
-fn sigterm_finishes_the_call_and_releases_the_item_to_another_worker() {
-    let cp = Cp::start(Duration::from_secs(30));
+fn sigterm_finishes_the_call_and_leaves_the_item_to_another_worker() {
+    let cp = Cp::start(Duration::from_secs(3));
     let state = TempDir::new("w-state");
     let mut w = start_worker(&cp, state.path(), &[]);
     let (s, _) = cp.session(vec![bash("sleep 1.5; echo first"), bash("echo second")]);
     cp.wait_for("the call to start", Duration::from_secs(20), || {
-        cp.view(&s).calls.first().is_some_and(|c| c.result.is_none()) && cp.view(&s).work_state != WorkState::Queued
+        cp.view(&s).calls.first().is_some_and(|c| c.result.is_none()) && cp.view(&s).work_state == WorkState::Active
     });
     std::thread::sleep(Duration::from_millis(300));
     let status = w.sigterm();
     assert!(status.success(), "{status:?}");
     let v = cp.view(&s);
     assert_eq!(result_of(&v, 0), "first\n", "the in-flight call was not finished: {v:#?}");
-    assert_eq!(v.work_state, WorkState::Queued, "the item was not released: {v:#?}");
+    assert_ne!(v.work_state, WorkState::Stopped, "a worker shutting down must not end the item: {v:#?}");
+    // Once the lease runs out the item is queued again, and another worker finishes it.
     let other = TempDir::new("w-state");
     let _w2 = start_worker(&cp, other.path(), &[]);
     let v = cp.wait_ended(&s, Duration::from_secs(30));
-    assert_eq!(v.work_state, WorkState::Completed, "{v:#?}");
+    assert!(completed(&v), "{v:#?}");
     assert_eq!(result_of(&v, 1), "second\n");
-    assert_eq!((v.claims, v.duplicate_results), (2, 0));
+    assert_eq!((v.polls, v.duplicate_results), (2, 0));
 }
 
 #[test]
@@ -576,45 +554,45 @@ fn session_metadata_narrows_the_policy_but_never_widens_it() {
         m
     };
     let probe = bash("touch /workspace/x 2>&1 || true; echo probed");
-    let (s, _) =
-        cp.session_full(vec![probe.clone()], vec![], meta(json!({"workspace": "read_only", "network": "none"})));
+    let (s, _) = cp.session_full(vec![probe.clone()], meta(json!({"workspace": "read_only", "network": "none"})));
     let v = cp.wait_ended(&s, Duration::from_secs(30));
     let out = result_of(&v, 0);
     assert!(out.contains("Read-only file system"), "{out}");
-    let (s, _) = cp.session_full(vec![probe.clone()], vec![], serde_json::Map::new());
+    let (s, _) = cp.session_full(vec![probe.clone()], serde_json::Map::new());
     let plain = cp.wait_ended(&s, Duration::from_secs(30));
     assert!(!result_of(&plain, 0).contains("Read-only"), "{}", result_of(&plain, 0));
     // Asking for more than the policy allows changes nothing.
-    let (s, _) = cp.session_full(vec![probe], vec![], meta(json!({"network": "veth", "memory": "512G"})));
+    let (s, _) = cp.session_full(vec![probe], meta(json!({"network": "veth", "memory": "512G"})));
     let wide = cp.wait_ended(&s, Duration::from_secs(30));
-    assert_eq!(wide.work_state, WorkState::Completed);
+    assert!(completed(&wide), "{wide:#?}");
     assert_eq!(result_of(&wide, 0), result_of(&plain, 0));
     // A request Stockade does not understand fails the item before any call runs.
-    let (s, _) = cp.session_full(vec![bash("echo ran")], vec![], meta(json!({"netwrok": "none"})));
+    let (s, _) = cp.session_full(vec![bash("echo ran")], meta(json!({"netwrok": "none"})));
     let v = cp.wait_ended(&s, Duration::from_secs(30));
-    assert_eq!(v.work_state, WorkState::Failed, "{v:#?}");
+    assert!(v.work_state == WorkState::Stopped && !v.finished, "{v:#?}");
     assert_eq!(v.calls[0].result, None);
 }
 
 #[test]
-fn a_lost_lease_kills_the_jail_at_once_and_the_item_is_claimed_again() {
+fn a_lost_lease_kills_the_jail_at_once_and_the_item_is_handed_out_again() {
     let cp = Cp::start(Duration::from_secs(2));
     let state = TempDir::new("w-state");
     let port = free_port();
     let marker = format!("5.{}", std::process::id());
-    // Heartbeats fail until the jail is seen killed (a fixed count raced the lease: the client's
-    // retries could use them up just before it ran out).
-    cp.faults(vec![Fault {
-        kind: FaultKind::ServerError,
-        count: 1_000,
-        path_contains: Some("/heartbeat".into()),
-        after: false,
-    }]);
     let _w = start_worker(&cp, state.path(), &["--metrics", &format!("127.0.0.1:{port}")]);
     let (s, _) = cp.session(vec![bash(&format!("sleep {marker}; echo done"))]);
     cp.wait_for("the first attempt", Duration::from_secs(20), || {
         !host_processes_matching(&format!("sleep {marker}")).is_empty()
     });
+    // Heartbeats fail from now on, until the jail is seen killed (a fixed count would race the
+    // lease against the worker's retries).
+    cp.faults(vec![Fault {
+        kind: FaultKind::ServerError,
+        count: 1_000,
+        path_contains: Some("/heartbeat".into()),
+        method: None,
+        after: false,
+    }]);
     let first: Vec<String> = host_processes_matching(&format!("sleep {marker}"));
     // Within the lease (2 s) plus a heartbeat period the worker gives up and kills the jail.
     cp.wait_for("the jail to be killed", Duration::from_secs(10), || {
@@ -622,8 +600,8 @@ fn a_lost_lease_kills_the_jail_at_once_and_the_item_is_claimed_again() {
     });
     cp.clear_faults();
     let v = cp.wait_ended(&s, Duration::from_secs(60));
-    assert_eq!(v.work_state, WorkState::Completed, "{v:#?}");
-    assert!(v.claims >= 2, "{v:#?}");
+    assert!(completed(&v), "{v:#?}");
+    assert!(v.polls >= 2, "{v:#?}");
     assert_eq!(result_of(&v, 0), "done\n");
     assert_eq!(v.duplicate_results, 0);
     let m = http_get(&format!("http://127.0.0.1:{port}/metrics"));
@@ -653,6 +631,6 @@ fn a_second_sigterm_forces_the_stop() {
     assert!(status.success(), "{status:?}");
     assert!(host_processes_matching(&format!("sleep {marker}")).is_empty(), "the jail outlived a forced stop");
     let v = cp.view(&s);
-    assert_eq!(v.work_state, WorkState::Queued, "the item was not released: {v:#?}");
+    assert_ne!(v.work_state, WorkState::Stopped, "a worker shutting down must not end the item: {v:#?}");
     assert_eq!(v.calls[0].result, None);
 }

@@ -7,9 +7,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 use tokio::sync::{watch, Notify};
 
+use stockade::control_plane::client::AuthScheme;
 use stockade::control_plane::local::{self, CreateSession, LocalConfig, LocalControlPlane, SessionView};
 use stockade::control_plane::webhook::{self, Verifier};
-use stockade::control_plane::wire::{self, AuthScheme};
+use stockade::control_plane::wire;
 use stockade::control_plane::{Client, Secret};
 use stockade::util::parse_duration;
 use stockade::worker::{self, key, Shutdown, WorkerConfig};
@@ -26,15 +27,20 @@ pub struct WorkerArgs {
     #[arg(long, env = "ANTHROPIC_ENVIRONMENT_ID")]
     environment_id: String,
     /// API base URL.
-    #[arg(long, default_value = wire::DEFAULT_API_URL)]
-    api_url: String,
+    #[arg(long, visible_alias = "api-url", env = "ANTHROPIC_BASE_URL", default_value = wire::DEFAULT_API_URL)]
+    base_url: String,
     /// File holding the environment key (mode 0600). Otherwise the systemd credential
     /// `anthropic-environment-key`, then $ANTHROPIC_ENVIRONMENT_KEY.
     #[arg(long)]
     environment_key_file: Option<PathBuf>,
-    /// How the key is sent.
-    #[arg(long, value_enum, default_value_t = AuthScheme::XApiKey)]
-    auth: AuthScheme,
+    /// This worker's id, sent as `Anthropic-Worker-ID` on every poll [default: the host name
+    /// and a random suffix, kept in the state directory].
+    #[arg(long, env = "ANTHROPIC_WORKER_ID")]
+    worker_id: Option<String>,
+    /// How long a session may stay idle after the agent's turn ended (`end_turn`) before its
+    /// work item is stopped.
+    #[arg(long, default_value = "60s", value_parser = duration)]
+    max_idle: Duration,
     /// Policy file or built-in name for every session jail.
     #[arg(long, short = 'p', default_value = "default")]
     policy: String,
@@ -57,12 +63,9 @@ pub struct WorkerArgs {
     /// How long ended sessions' outputs are kept under the state directory.
     #[arg(long, default_value = "168h", value_parser = duration)]
     outputs_retention: Duration,
-    /// Heartbeat period [default: a third of the lease].
+    /// Heartbeat period [default: half the lease the server grants, at most 30s].
     #[arg(long, value_parser = duration)]
     heartbeat_interval: Option<Duration>,
-    /// How long one claim waits for work (long poll).
-    #[arg(long, default_value = "20s", value_parser = duration)]
-    poll_wait: Duration,
     /// Timeout of one API call.
     #[arg(long, default_value = "15s", value_parser = duration)]
     api_timeout: Duration,
@@ -224,8 +227,9 @@ fn worker_config(a: &WorkerArgs, log: LogFormat) -> Result<WorkerConfig, String>
     let (k, source) =
         key::load(a.environment_key_file.as_deref(), a.allow_org_key_in_env).map_err(|e| e.to_string())?;
     tracing::info!(%source, "environment key loaded");
-    let mut c = WorkerConfig::new(&a.environment_id, &a.api_url, k);
-    c.auth = a.auth;
+    let mut c = WorkerConfig::new(&a.environment_id, &a.base_url, k);
+    c.worker_id = a.worker_id.clone();
+    c.max_idle = a.max_idle;
     c.policy = a.policy.clone();
     c.max_sessions = a.max_sessions;
     c.state_dir = a.state_dir.clone().unwrap_or_else(default_state_dir);
@@ -233,7 +237,6 @@ fn worker_config(a: &WorkerArgs, log: LogFormat) -> Result<WorkerConfig, String>
     c.metrics = a.metrics;
     c.shutdown_timeout = a.shutdown_timeout;
     c.log_json = log == LogFormat::Json;
-    c.poll_wait = a.poll_wait;
     c.heartbeat_every = a.heartbeat_interval;
     c.api_timeout = a.api_timeout;
     c.outputs_retention = a.outputs_retention;
@@ -392,8 +395,7 @@ fn session_command(c: SessionCommand) -> i32 {
                     Ok(s) => s,
                     Err(e) => return fail(e),
                 };
-                let req =
-                    CreateSession { environment_id, script: steps, metadata: Default::default(), skills: Vec::new() };
+                let req = CreateSession { environment_id, script: steps, metadata: Default::default() };
                 match client
                     .local::<local::CreatedSession, _>(reqwest::Method::POST, "/v1/local/sessions", Some(&req))
                     .await
@@ -431,15 +433,24 @@ pub fn transcript(v: &SessionView) -> String {
     let mut s = String::new();
     let _ = writeln!(
         s,
-        "session {} ({}), work item {} ({:?}, claimed {}×)",
-        v.id, v.status, v.work_id, v.work_state, v.claims
+        "session {} ({}), work item {} ({}, handed out {} time{})",
+        v.id,
+        v.status,
+        v.work_id,
+        v.work_state,
+        v.polls,
+        if v.polls == 1 { "" } else { "s" }
     );
     for (i, c) in v.calls.iter().enumerate() {
         let input = serde_json::to_string(&c.input).unwrap_or_default();
         let took = c.latency_ms.map(|ms| format!("{ms} ms")).unwrap_or_else(|| "pending".into());
         let _ = writeln!(s, "\n[{}] {} {}  ({took})", i + 1, c.name, input);
         let mark = if c.is_error == Some(true) { "error: " } else { "" };
-        for line in c.result.as_deref().unwrap_or("(no result yet)").lines() {
+        let none = match c.answered_by.as_deref() {
+            Some("none") => "(denied: not run)",
+            _ => "(no result yet)",
+        };
+        for line in c.result.as_deref().unwrap_or(none).lines() {
             let _ = writeln!(s, "    {mark}{line}");
         }
     }
@@ -465,7 +476,7 @@ pub fn stats(a: StatsArgs) -> i32 {
                     "depth {}  pending {}  workers_polling {}  oldest_queued_at {}",
                     s.depth,
                     s.pending,
-                    s.workers_polling,
+                    s.workers_polling.map(|n| n.to_string()).unwrap_or_else(|| "unknown".into()),
                     s.oldest_queued_at.as_deref().unwrap_or("-")
                 );
                 0
@@ -483,7 +494,7 @@ pub fn stop(a: StopArgs) -> i32 {
     runtime().block_on(async move {
         match client.stop(&a.environment_id, &a.work_id, a.force).await {
             Ok(w) => {
-                println!("{} {:?}", w.id, w.state);
+                println!("{} {}", w.id, w.state);
                 0
             }
             Err(e) => fail(e),
@@ -520,7 +531,6 @@ pub fn demo() -> i32 {
             environment_id: local::DEFAULT_ENVIRONMENT.into(),
             script: steps,
             metadata: Default::default(),
-            skills: Vec::new(),
         }) {
             Ok(c) => c,
             Err(e) => return fail(e),
@@ -532,15 +542,13 @@ pub fn demo() -> i32 {
         let mut cfg = WorkerConfig::new(local::DEFAULT_ENVIRONMENT, &url, env_key);
         cfg.state_dir = state.clone();
         cfg.max_sessions = 1;
-        cfg.poll_wait = Duration::from_secs(2);
-        cfg.events_wait = Duration::from_secs(2);
+        cfg.max_idle = Duration::from_secs(1);
         let (tx, rx) = watch::channel(Shutdown::Running);
         let w = tokio::spawn(worker::run(cfg, rx));
         let t = Instant::now();
         let view = loop {
             let v = cp.session_view(&created.session_id).expect("session exists");
-            let done = v.work_state != wire::WorkState::Queued
-                && !matches!(v.work_state, wire::WorkState::Claimed | wire::WorkState::Running);
+            let done = v.work_state == wire::WorkState::Stopped;
             if done || t.elapsed() > Duration::from_secs(120) || w.is_finished() {
                 break v;
             }
@@ -554,7 +562,7 @@ pub fn demo() -> i32 {
         let answered = view.calls.iter().all(|c| c.result.is_some());
         match worker_result {
             Ok(Err(e)) => fail(e),
-            _ if view.work_state == wire::WorkState::Completed && answered => {
+            _ if view.work_state == wire::WorkState::Stopped && view.finished && answered => {
                 println!(
                     "demo finished: {} tool calls, all answered, in {:.1} s",
                     view.calls.len(),
@@ -562,7 +570,7 @@ pub fn demo() -> i32 {
                 );
                 0
             }
-            _ => fail(format!("the demo session did not complete (work item {:?})", view.work_state)),
+            _ => fail(format!("the demo session did not complete (work item {})", view.work_state)),
         }
     });
     let _ = std::fs::remove_dir_all(&state);

@@ -6,7 +6,7 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use std::time::Duration;
 
-use super::wire::{self, path, AuthScheme};
+use super::wire::{self, path};
 use super::Secret;
 
 #[derive(Debug, thiserror::Error)]
@@ -15,9 +15,12 @@ pub enum ApiError {
     Auth { status: u16, message: String },
     #[error("not found: {0}")]
     NotFound(String),
-    /// 409/410 on a work item: another worker holds it, or the lease ran out.
+    /// 412 on a heartbeat: the lease is someone else's, or went back to the queue.
     #[error("lease lost: {0}")]
     LeaseLost(String),
+    /// 409: the item is already stopped, or not in a state the call applies to.
+    #[error("conflict: {0}")]
+    Conflict(String),
     #[error("rate limited (retry after {retry_after:?})")]
     RateLimited { retry_after: Option<Duration> },
     #[error("server error {status}: {message}")]
@@ -33,7 +36,7 @@ pub enum ApiError {
 }
 
 impl ApiError {
-    /// Worth trying again: the server may not have seen the request, or may do better later.
+    /// Worth trying again, as the SDKs judge it: transport failures, 5xx and 408/409/429.
     pub fn is_transient(&self) -> bool {
         matches!(
             self,
@@ -42,13 +45,26 @@ impl ApiError {
                 | ApiError::Timeout(_)
                 | ApiError::Connect(_)
                 | ApiError::Malformed { .. }
+                | ApiError::Conflict(_)
         )
     }
 
     /// The request may have taken effect even though no good answer came back.
     pub fn is_ambiguous(&self) -> bool {
-        matches!(self, ApiError::Server { .. } | ApiError::Timeout(_) | ApiError::Malformed { .. })
+        matches!(
+            self,
+            ApiError::Server { .. } | ApiError::Timeout(_) | ApiError::Malformed { .. } | ApiError::Connect(_)
+        )
     }
+}
+
+/// How the key is presented: the environment key (and a work item's sessions token) as a bearer
+/// token, the organisation key as `x-api-key`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum AuthScheme {
+    #[default]
+    Bearer,
+    XApiKey,
 }
 
 /// Jittered exponential backoff ("full jitter"): attempt n waits a random time in
@@ -92,16 +108,32 @@ pub struct Client {
     base: String,
     key: Secret,
     auth: AuthScheme,
-    /// Per-call timeout; long polls add their wait on top.
+    /// Per-call timeout; polls add their block on top.
     pub timeout: Duration,
     /// Attempts for idempotent calls.
     pub attempts: u32,
+    /// The largest response body read; a larger one is a transient error.
+    pub max_body: usize,
 }
 
 impl std::fmt::Debug for Client {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Client").field("base", &self.base).field("key", &self.key).finish()
     }
+}
+
+/// The default cap on one response body: far above any page of events the API returns.
+pub const DEFAULT_MAX_BODY: usize = 64 << 20;
+
+/// One request's particulars beyond method and path.
+#[derive(Default)]
+struct Req<'a> {
+    query: Vec<(&'a str, String)>,
+    headers: Vec<(&'static str, String)>,
+    body: Option<serde_json::Value>,
+    /// Overrides the client's timeout.
+    timeout: Option<Duration>,
+    beta: Option<&'static str>,
 }
 
 impl Client {
@@ -119,41 +151,55 @@ impl Client {
             auth,
             timeout: Duration::from_secs(15),
             attempts: 4,
+            max_body: DEFAULT_MAX_BODY,
         })
+    }
+
+    /// The same client with another bearer credential (a work item's sessions token) and,
+    /// when given, another base URL.
+    pub fn with_bearer(&self, key: Secret, base: Option<&str>) -> Client {
+        let mut c = self.clone();
+        c.key = key;
+        c.auth = AuthScheme::Bearer;
+        if let Some(b) = base {
+            c.base = b.trim_end_matches('/').to_owned();
+        }
+        c
     }
 
     pub fn base(&self) -> &str {
         &self.base
     }
 
-    /// One HTTP exchange. `Ok(None)` is a 204.
-    async fn once<T: DeserializeOwned, B: Serialize + ?Sized>(
-        &self,
-        method: &Method,
-        p: &str,
-        query: Option<&[(&str, String)]>,
-        body: Option<&B>,
-        extra_wait: Duration,
-    ) -> Result<Option<T>, ApiError> {
-        let timeout = self.timeout + extra_wait;
+    fn request(&self, method: &Method, p: &str, r: &Req<'_>) -> reqwest::RequestBuilder {
         let mut req = self
             .http
             .request(method.clone(), format!("{}{p}", self.base))
-            .timeout(timeout)
+            .timeout(r.timeout.unwrap_or(self.timeout))
             .header("anthropic-version", wire::API_VERSION)
-            .header("anthropic-beta", wire::BETA);
+            .header("anthropic-beta", r.beta.unwrap_or(wire::BETA))
+            .query(&[("beta", "true")]);
         req = match self.auth {
             AuthScheme::XApiKey => req.header("x-api-key", self.key.expose()),
             AuthScheme::Bearer => req.bearer_auth(self.key.expose()),
         };
-        if let Some(q) = query {
-            req = req.query(q);
+        if !r.query.is_empty() {
+            req = req.query(&r.query);
         }
-        if let Some(b) = body {
+        for (k, v) in &r.headers {
+            req = req.header(*k, v);
+        }
+        if let Some(b) = &r.body {
             req = req.json(b);
         }
+        req
+    }
+
+    /// One HTTP exchange; the raw body of a success, `None` for 204.
+    async fn exchange(&self, method: &Method, p: &str, r: &Req<'_>) -> Result<Option<Vec<u8>>, ApiError> {
+        let timeout = r.timeout.unwrap_or(self.timeout);
         let what = format!("{method} {p}");
-        let resp = req.send().await.map_err(|e| transport(e, timeout))?;
+        let mut resp = self.request(method, p, r).send().await.map_err(|e| transport(e, timeout))?;
         let status = resp.status();
         let retry_after = resp
             .headers()
@@ -162,17 +208,32 @@ impl Client {
             .and_then(|v| v.trim().parse::<f64>().ok())
             .filter(|s| s.is_finite() && *s >= 0.0)
             .map(|s| Duration::from_secs_f64(s.min(3600.0)));
-        let bytes = resp.bytes().await.map_err(|e| match transport(e, timeout) {
-            ApiError::Connect(d) => ApiError::Malformed { what: what.clone(), detail: format!("body cut short: {d}") },
-            other => other,
-        })?;
+        let mut bytes = Vec::new();
+        loop {
+            match resp.chunk().await {
+                Ok(Some(c)) => {
+                    if bytes.len() + c.len() > self.max_body {
+                        return Err(ApiError::Malformed {
+                            what,
+                            detail: format!("response body over the {}-byte limit", self.max_body),
+                        });
+                    }
+                    bytes.extend_from_slice(&c);
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    return Err(match transport(e, timeout) {
+                        ApiError::Connect(d) => ApiError::Malformed { what, detail: format!("body cut short: {d}") },
+                        other => other,
+                    })
+                }
+            }
+        }
         if status == StatusCode::NO_CONTENT {
             return Ok(None);
         }
         if status.is_success() {
-            return serde_json::from_slice(&bytes)
-                .map(Some)
-                .map_err(|e| ApiError::Malformed { what, detail: e.to_string() });
+            return Ok(Some(bytes));
         }
         let message = serde_json::from_slice::<wire::ErrorBody>(&bytes)
             .map(|b| b.error.message)
@@ -180,7 +241,9 @@ impl Client {
         Err(match status.as_u16() {
             401 | 403 => ApiError::Auth { status: status.as_u16(), message },
             404 => ApiError::NotFound(message),
-            409 | 410 => ApiError::LeaseLost(message),
+            408 => ApiError::Timeout(timeout),
+            409 => ApiError::Conflict(message),
+            412 => ApiError::LeaseLost(message),
             429 => ApiError::RateLimited { retry_after },
             s if s >= 500 => ApiError::Server { status: s, message },
             s => ApiError::Rejected { status: s, message },
@@ -188,22 +251,20 @@ impl Client {
     }
 
     /// A call with retries when `idempotent`; otherwise exactly one attempt.
-    async fn call<T: DeserializeOwned, B: Serialize + ?Sized>(
+    async fn call_raw(
         &self,
         method: Method,
         p: &str,
-        query: Option<&[(&str, String)]>,
-        body: Option<&B>,
+        r: Req<'_>,
         idempotent: bool,
-        extra_wait: Duration,
-    ) -> Result<Option<T>, ApiError> {
+    ) -> Result<Option<Vec<u8>>, ApiError> {
         let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
         let attempts = if idempotent { self.attempts.max(1) } else { 1 };
         let mut n = 0;
         loop {
             n += 1;
-            match self.once(&method, p, query, body, extra_wait).await {
-                Err(e) if e.is_transient() && n < attempts => {
+            match self.exchange(&method, p, &r).await {
+                Err(e) if e.is_transient() && !matches!(e, ApiError::Conflict(_)) && n < attempts => {
                     let d = backoff.delay_for(&e);
                     tracing::debug!(error = %e, attempt = n, delay_ms = d.as_millis() as u64, "retrying {method} {p}");
                     tokio::time::sleep(d).await;
@@ -213,94 +274,198 @@ impl Client {
         }
     }
 
-    fn required<T>(what: &str, r: Option<T>) -> Result<T, ApiError> {
-        r.ok_or_else(|| ApiError::Malformed { what: what.into(), detail: "empty response (204)".into() })
+    async fn call<T: DeserializeOwned>(
+        &self,
+        method: Method,
+        p: &str,
+        r: Req<'_>,
+        idempotent: bool,
+    ) -> Result<T, ApiError> {
+        let what = format!("{method} {p}");
+        let bytes = self.call_raw(method, p, r, idempotent).await?;
+        let bytes =
+            bytes.ok_or_else(|| ApiError::Malformed { what: what.clone(), detail: "empty response (204)".into() })?;
+        serde_json::from_slice(&bytes).map_err(|e| ApiError::Malformed { what, detail: e.to_string() })
     }
 
-    /// Claims the next queued item, waiting up to `wait` for one. Not retried: a repeated claim
-    /// could take a second item.
-    pub async fn claim(&self, env: &str, worker_id: &str, wait: Duration) -> Result<Option<wire::WorkItem>, ApiError> {
-        let body = wire::ClaimRequest { worker_id: worker_id.into(), wait_ms: wait.as_millis() as u64 };
-        self.call(Method::POST, &path::claim(env), None, Some(&body), false, wait).await
+    /// Asks for the next queued item; `None` when there is none. The server holds an empty poll
+    /// up to `block_ms` (at most 999). Not retried here: the caller's loop backs off.
+    pub async fn poll(
+        &self,
+        env: &str,
+        worker_id: &str,
+        block_ms: Option<u32>,
+        reclaim_older_than_ms: Option<u64>,
+    ) -> Result<Option<wire::WorkItem>, ApiError> {
+        let mut r = Req { headers: vec![(wire::WORKER_ID_HEADER, worker_id.to_owned())], ..Req::default() };
+        if let Some(b) = block_ms {
+            r.query.push(("block_ms", b.clamp(1, wire::MAX_BLOCK_MS).to_string()));
+            r.timeout = Some(self.timeout + Duration::from_millis(b as u64));
+        }
+        if let Some(ms) = reclaim_older_than_ms {
+            r.query.push(("reclaim_older_than_ms", ms.to_string()));
+        }
+        let p = path::poll(env);
+        let Some(bytes) = self.call_raw(Method::GET, &p, r, false).await? else { return Ok(None) };
+        if bytes.iter().all(u8::is_ascii_whitespace) {
+            return Ok(None);
+        }
+        serde_json::from_slice::<Option<wire::WorkItem>>(&bytes)
+            .map_err(|e| ApiError::Malformed { what: format!("GET {p}"), detail: e.to_string() })
     }
 
-    pub async fn heartbeat(&self, env: &str, work: &str, worker_id: &str) -> Result<wire::WorkItem, ApiError> {
-        let body = wire::HeartbeatRequest { worker_id: worker_id.into() };
-        let r = self.call(Method::POST, &path::heartbeat(env, work), None, Some(&body), true, Duration::ZERO).await?;
-        Self::required("heartbeat", r)
+    pub async fn ack(&self, env: &str, work: &str) -> Result<wire::WorkItem, ApiError> {
+        self.call(Method::POST, &path::ack(env, work), Req::default(), false).await
     }
 
-    pub async fn complete(
+    /// One heartbeat, bounded by `timeout`; 412 is `LeaseLost`.
+    pub async fn heartbeat(
         &self,
         env: &str,
         work: &str,
-        worker_id: &str,
-        status: wire::FinalStatus,
-        message: Option<String>,
-    ) -> Result<wire::WorkItem, ApiError> {
-        let body = wire::CompleteRequest { worker_id: worker_id.into(), status, message };
-        let r = self.call(Method::POST, &path::complete(env, work), None, Some(&body), true, Duration::ZERO).await?;
-        Self::required("complete", r)
-    }
-
-    pub async fn release(&self, env: &str, work: &str, worker_id: &str, reason: &str) -> Result<(), ApiError> {
-        let body = wire::ReleaseRequest { worker_id: worker_id.into(), reason: Some(reason.into()) };
-        self.call::<serde_json::Value, _>(
-            Method::POST,
-            &path::release(env, work),
-            None,
-            Some(&body),
-            true,
-            Duration::ZERO,
-        )
-        .await
-        .map(|_| ())
+        expected_last_heartbeat: &str,
+        timeout: Duration,
+    ) -> Result<wire::HeartbeatResponse, ApiError> {
+        let r = Req {
+            query: vec![("expected_last_heartbeat", expected_last_heartbeat.to_owned())],
+            timeout: Some(timeout),
+            ..Req::default()
+        };
+        self.call(Method::POST, &path::heartbeat(env, work), r, false).await
     }
 
     pub async fn stop(&self, env: &str, work: &str, force: bool) -> Result<wire::WorkItem, ApiError> {
-        let body = wire::StopRequest { force };
-        let r = self.call(Method::POST, &path::stop(env, work), None, Some(&body), true, Duration::ZERO).await?;
-        Self::required("stop", r)
+        let r = Req { body: Some(serde_json::json!({ "force": force })), ..Req::default() };
+        self.call(Method::POST, &path::stop(env, work), r, false).await
+    }
+
+    pub async fn retrieve(&self, env: &str, work: &str) -> Result<wire::WorkItem, ApiError> {
+        self.call(Method::GET, &path::work(env, work), Req::default(), true).await
+    }
+
+    pub async fn update(
+        &self,
+        env: &str,
+        work: &str,
+        metadata: serde_json::Map<String, serde_json::Value>,
+    ) -> Result<wire::WorkItem, ApiError> {
+        let r = Req { body: Some(serde_json::json!({ "metadata": metadata })), ..Req::default() };
+        self.call(Method::POST, &path::work(env, work), r, false).await
+    }
+
+    pub async fn list_work(
+        &self,
+        env: &str,
+        limit: Option<u32>,
+        page: Option<&str>,
+    ) -> Result<wire::Page<wire::WorkItem>, ApiError> {
+        let mut r = Req::default();
+        if let Some(l) = limit {
+            r.query.push(("limit", l.to_string()));
+        }
+        if let Some(p) = page {
+            r.query.push(("page", p.to_owned()));
+        }
+        self.call(Method::GET, &path::work_list(env), r, true).await
     }
 
     pub async fn stats(&self, env: &str) -> Result<wire::WorkQueueStats, ApiError> {
-        let r = self.call::<_, ()>(Method::GET, &path::stats(env), None, None, true, Duration::ZERO).await?;
-        Self::required("stats", r)
+        self.call(Method::GET, &path::stats(env), Req::default(), true).await
     }
 
+    pub async fn session(&self, session: &str) -> Result<wire::Session, ApiError> {
+        self.call(Method::GET, &path::session(session), Req::default(), true).await
+    }
+
+    /// One page of a session's events, oldest first. Events stay raw JSON: the caller parses
+    /// each one on its own, so one it cannot read costs only itself.
     pub async fn list_events(
         &self,
         session: &str,
-        after_id: Option<&str>,
-        wait: Duration,
-    ) -> Result<wire::EventList, ApiError> {
-        let mut q = vec![("wait_ms", wait.as_millis().to_string())];
-        if let Some(a) = after_id {
-            q.push(("after_id", a.to_owned()));
+        page: Option<&str>,
+        limit: u32,
+    ) -> Result<wire::Page<serde_json::Value>, ApiError> {
+        let mut r = Req { query: vec![("limit", limit.to_string())], ..Req::default() };
+        if let Some(p) = page {
+            r.query.push(("page", p.to_owned()));
         }
-        let r = self.call::<_, ()>(Method::GET, &path::events(session), Some(&q), None, true, wait).await?;
-        Self::required("list events", r)
+        self.call(Method::GET, &path::events(session), r, true).await
     }
 
-    /// Posts events once. Not retried here: the worker checks whether an ambiguous failure took
-    /// effect before posting again, so a tool result is never posted twice.
-    pub async fn post_events(&self, session: &str, events: Vec<wire::Event>) -> Result<(), ApiError> {
-        let body = wire::PostEvents { events };
-        self.call::<serde_json::Value, _>(
-            Method::POST,
-            &path::events(session),
-            None,
-            Some(&body),
-            false,
-            Duration::ZERO,
-        )
-        .await
-        .map(|_| ())
+    /// Posts one event once. Not retried here: the worker checks whether an ambiguous failure
+    /// took effect before posting again, so a tool result is never posted twice.
+    pub async fn send_event<E: Serialize>(&self, session: &str, event: &E) -> Result<(), ApiError> {
+        let body = serde_json::to_value(wire::SendEvents { events: vec![event] }).expect("events serialise");
+        let r = Req { body: Some(body), ..Req::default() };
+        self.call_raw(Method::POST, &path::events(session), r, false).await.map(|_| ())
     }
 
-    pub async fn skill_files(&self, skill: &str) -> Result<wire::SkillFiles, ApiError> {
-        let r = self.call::<_, ()>(Method::GET, &path::skill_files(skill), None, None, true, Duration::ZERO).await?;
-        Self::required("skill files", r)
+    /// Opens the session's live event stream (server-sent events).
+    pub async fn stream_events(&self, session: &str) -> Result<EventStream, ApiError> {
+        let p = path::events_stream(session);
+        // No overall timeout: the stream lives as long as the session; liveness comes from the
+        // server's pings, which the reader bounds.
+        let send = self
+            .request(&Method::GET, &p, &Req::default())
+            .timeout(Duration::from_secs(365 * 86_400))
+            .header("accept", "text/event-stream")
+            .send();
+        let resp = tokio::time::timeout(self.timeout, send)
+            .await
+            .map_err(|_| ApiError::Timeout(self.timeout))?
+            .map_err(|e| transport(e, self.timeout))?;
+        let status = resp.status();
+        if !status.is_success() {
+            let body = resp.bytes().await.unwrap_or_default();
+            let message = serde_json::from_slice::<wire::ErrorBody>(&body)
+                .map(|b| b.error.message)
+                .unwrap_or_else(|_| String::from_utf8_lossy(&body[..body.len().min(200)]).into_owned());
+            return Err(match status.as_u16() {
+                401 | 403 => ApiError::Auth { status: status.as_u16(), message },
+                404 => ApiError::NotFound(message),
+                429 => ApiError::RateLimited { retry_after: None },
+                s if s >= 500 => ApiError::Server { status: s, message },
+                s => ApiError::Rejected { status: s, message },
+            });
+        }
+        Ok(EventStream { resp, buf: Vec::new(), max: self.max_body })
+    }
+
+    /// The versions of a skill, all pages.
+    pub async fn skill_versions(&self, skill: &str) -> Result<Vec<wire::SkillVersion>, ApiError> {
+        let mut out = Vec::new();
+        let mut page: Option<String> = None;
+        loop {
+            let mut r = Req { beta: Some(wire::SKILLS_BETA), ..Req::default() };
+            if let Some(p) = &page {
+                r.query.push(("page", p.clone()));
+            }
+            let got: wire::Page<wire::SkillVersion> =
+                self.call(Method::GET, &path::skill_versions(skill), r, true).await?;
+            out.extend(got.data);
+            match got.next_page {
+                Some(p) if !p.is_empty() => page = Some(p),
+                _ => return Ok(out),
+            }
+        }
+    }
+
+    pub async fn skill_version(&self, skill: &str, version: &str) -> Result<wire::SkillVersion, ApiError> {
+        let r = Req { beta: Some(wire::SKILLS_BETA), ..Req::default() };
+        self.call(Method::GET, &path::skill_version(skill, version), r, true).await
+    }
+
+    /// A skill version's archive (zip or tar, possibly compressed).
+    pub async fn skill_content(&self, skill: &str, version: &str) -> Result<Vec<u8>, ApiError> {
+        let r = Req {
+            beta: Some(wire::SKILLS_BETA),
+            headers: vec![("accept", "application/binary".to_owned())],
+            ..Req::default()
+        };
+        let p = path::skill_content(skill, version);
+        self.call_raw(Method::GET, &p, r, true)
+            .await?
+            .ok_or_else(|| ApiError::Malformed { what: format!("GET {p}"), detail: "empty response (204)".into() })
     }
 
     /// A raw call for local-only endpoints (the local control plane's admin API).
@@ -310,8 +475,95 @@ impl Client {
         p: &str,
         body: Option<&B>,
     ) -> Result<Option<T>, ApiError> {
-        self.call(method, p, None, body, false, Duration::ZERO).await
+        let r = Req { body: body.map(|b| serde_json::to_value(b).expect("serialises")), ..Req::default() };
+        match self.call_raw(method.clone(), p, r, false).await? {
+            None => Ok(None),
+            Some(b) if b.is_empty() => Ok(None),
+            Some(b) => serde_json::from_slice(&b)
+                .map(Some)
+                .map_err(|e| ApiError::Malformed { what: format!("{method} {p}"), detail: e.to_string() }),
+        }
     }
+}
+
+/// A session's live events, read off a server-sent event stream.
+pub struct EventStream {
+    resp: reqwest::Response,
+    buf: Vec<u8>,
+    max: usize,
+}
+
+impl EventStream {
+    /// The next event (its JSON, with `type` filled in from the SSE event name when the data
+    /// lacks it); `Ok(None)` when the server closed the stream. Pings are skipped; an `error`
+    /// event is a server error.
+    pub async fn next(&mut self) -> Result<Option<serde_json::Value>, ApiError> {
+        loop {
+            if let Some(frame) = take_frame(&mut self.buf) {
+                let (name, data) = parse_frame(&frame);
+                match name.as_deref() {
+                    Some("ping") => continue,
+                    Some("error") => return Err(ApiError::Server { status: 200, message: data }),
+                    _ => {}
+                }
+                if data.is_empty() {
+                    continue;
+                }
+                let mut v: serde_json::Value = match serde_json::from_str(&data) {
+                    Ok(v) => v,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "skipping an unreadable event on the stream");
+                        continue;
+                    }
+                };
+                if let (Some(obj), Some(n)) = (v.as_object_mut(), name) {
+                    obj.entry("type").or_insert(serde_json::Value::String(n));
+                }
+                return Ok(Some(v));
+            }
+            match self.resp.chunk().await {
+                Ok(Some(c)) => {
+                    if self.buf.len() + c.len() > self.max {
+                        return Err(ApiError::Malformed {
+                            what: "event stream".into(),
+                            detail: format!("one event over the {}-byte limit", self.max),
+                        });
+                    }
+                    self.buf.extend_from_slice(&c);
+                }
+                Ok(None) => return Ok(None),
+                Err(e) => return Err(transport(e, Duration::ZERO)),
+            }
+        }
+    }
+}
+
+/// Takes one complete SSE frame (up to a blank line) off the front of `buf`.
+fn take_frame(buf: &mut Vec<u8>) -> Option<String> {
+    let lf = buf.windows(2).position(|w| w == b"\n\n").map(|i| (i, 2));
+    let crlf = buf.windows(4).position(|w| w == b"\r\n\r\n").map(|i| (i, 4));
+    let (i, sep) = match (lf, crlf) {
+        (Some(a), Some(b)) => a.min(b),
+        (a, b) => a.or(b)?,
+    };
+    let frame = String::from_utf8_lossy(&buf[..i]).into_owned();
+    buf.drain(..i + sep);
+    Some(frame)
+}
+
+/// The event name and the joined data lines of one frame.
+fn parse_frame(frame: &str) -> (Option<String>, String) {
+    let mut name = None;
+    let mut data: Vec<&str> = Vec::new();
+    for line in frame.lines() {
+        let line = line.strip_suffix('\r').unwrap_or(line);
+        if let Some(v) = line.strip_prefix("event:") {
+            name = Some(v.trim().to_owned());
+        } else if let Some(v) = line.strip_prefix("data:") {
+            data.push(v.strip_prefix(' ').unwrap_or(v));
+        }
+    }
+    (name, data.join("\n"))
 }
 
 fn transport(e: reqwest::Error, timeout: Duration) -> ApiError {
@@ -343,5 +595,16 @@ mod tests {
         }
         let e = ApiError::RateLimited { retry_after: Some(Duration::from_secs(30)) };
         assert!(b.delay_for(&e) >= Duration::from_secs(30));
+    }
+
+    #[test]
+    fn sse_frames_split_on_blank_lines_and_join_data_lines() {
+        let mut buf =
+            b"event: ping\ndata: {}\n\nevent: agent.tool_use\ndata: {\"id\":\ndata: 1}\r\n\r\npartial".to_vec();
+        assert_eq!(parse_frame(&take_frame(&mut buf).unwrap()), (Some("ping".into()), "{}".into()));
+        let (name, data) = parse_frame(&take_frame(&mut buf).unwrap());
+        assert_eq!((name.as_deref(), data.as_str()), (Some("agent.tool_use"), "{\"id\":\n1}"));
+        assert_eq!(take_frame(&mut buf), None);
+        assert_eq!(buf, b"partial");
     }
 }

@@ -1,5 +1,6 @@
-//! The local control plane: the Work API and session events of `wire`, served on loopback, with
-//! sessions driven by a scripted agent. It is the peer of every test and of `stockade demo`.
+//! The local control plane: the Environments Work API and the session events API as the real
+//! service serves them (`wire`), on loopback, with sessions played by a scripted agent. It is the
+//! peer of every test and of `stockade demo`, and the official SDK's worker runs against it.
 //!
 //! State lives in memory, optionally mirrored to a JSON file so a restart keeps environments,
 //! queues and transcripts. Leases expire when not heartbeated. Admin endpoints that the real API
@@ -13,17 +14,28 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
-use tokio::sync::Notify;
+use tokio::sync::{broadcast, Notify};
 
-use super::wire::{self, Event, EventEnvelope, FinalStatus, WorkItem, WorkState};
+use super::wire::{self, ContentBlock, WorkItem, WorkSecret, WorkState};
 use super::{random_token, Secret};
 use crate::util::rfc3339;
 
 pub const DEFAULT_ENVIRONMENT: &str = "env_local";
+
+/// The tools a Stockade worker answers; a scripted call to any other name is left to "another
+/// client", which the local control plane plays itself.
+const WORKER_TOOLS: &[&str] = &["bash", "read", "write", "edit", "glob", "grep"];
+
+/// How long the scripted agent waits for a call nobody should answer (a denied call, a tool
+/// another client owns) before it moves on.
+const GRACE: Duration = Duration::from_millis(600);
+/// How long the scripted user takes to answer an `ask`.
+const CONFIRM_AFTER: Duration = Duration::from_millis(150);
 
 /// One step of a scripted agent: a tool call, optionally ending the session after its result.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -33,9 +45,32 @@ pub struct ScriptStep {
     pub id: Option<String>,
     pub name: String,
     #[serde(default)]
-    pub input: serde_json::Value,
+    pub input: Value,
+    /// After this call's result the session is terminated instead of going on.
     #[serde(default)]
     pub end_session: bool,
+    /// `evaluated_permission` of the call: "allow" (default), "ask" or "deny".
+    #[serde(default)]
+    pub permission: Option<String>,
+    /// For "ask": what the scripted user answers, "allow" or "deny".
+    #[serde(default)]
+    pub confirm: Option<String>,
+}
+
+impl ScriptStep {
+    pub fn call(name: &str, input: Value) -> ScriptStep {
+        ScriptStep { id: None, name: name.into(), input, end_session: false, permission: None, confirm: None }
+    }
+
+    fn check(&self) -> Result<(), String> {
+        match self.permission.as_deref() {
+            None | Some("allow" | "deny") => {}
+            Some("ask") if matches!(self.confirm.as_deref(), Some("allow" | "deny")) => {}
+            Some("ask") => return Err(format!("{}: \"ask\" needs \"confirm\": \"allow\" or \"deny\"", self.name)),
+            Some(p) => return Err(format!("{}: permission {p:?} is not one of allow, ask, deny", self.name)),
+        }
+        Ok(())
+    }
 }
 
 /// Parses a JSON-lines script; blank lines and lines starting with `#` are skipped.
@@ -46,18 +81,14 @@ pub fn parse_script(text: &str, source: &str) -> Result<Vec<ScriptStep>, String>
         if l.is_empty() || l.starts_with('#') {
             continue;
         }
-        steps.push(serde_json::from_str(l).map_err(|e| format!("{source}:{}: {e}", n + 1))?);
+        let step: ScriptStep = serde_json::from_str(l).map_err(|e| format!("{source}:{}: {e}", n + 1))?;
+        step.check().map_err(|e| format!("{source}:{}: {e}", n + 1))?;
+        steps.push(step);
     }
     if steps.is_empty() {
         return Err(format!("{source}: the script has no tool calls"));
     }
     Ok(steps)
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct LocalSkill {
-    pub name: String,
-    pub files: Vec<wire::SkillFile>,
 }
 
 /// `POST /v1/local/sessions`.
@@ -66,9 +97,7 @@ pub struct CreateSession {
     pub environment_id: String,
     pub script: Vec<ScriptStep>,
     #[serde(default)]
-    pub metadata: serde_json::Map<String, serde_json::Value>,
-    #[serde(default)]
-    pub skills: Vec<LocalSkill>,
+    pub metadata: serde_json::Map<String, Value>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -81,13 +110,16 @@ pub struct CreatedSession {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct SessionView {
     pub id: String,
+    /// idle, running or terminated.
     pub status: String,
+    /// Whether the agent's turn has ended (`end_turn` or terminated).
+    pub finished: bool,
     pub work_id: String,
     pub work_state: WorkState,
-    pub claims: u32,
-    pub final_status: Option<FinalStatus>,
+    /// How often the item was handed out by a poll.
+    pub polls: u32,
     pub calls: Vec<CallView>,
-    /// Results posted for a call that already had one (rejected with 409). Should stay 0.
+    /// Results posted for a call that already had one. Should stay 0.
     pub duplicate_results: u64,
 }
 
@@ -95,9 +127,15 @@ pub struct SessionView {
 pub struct CallView {
     pub tool_use_id: String,
     pub name: String,
-    pub input: serde_json::Value,
+    pub input: Value,
+    pub permission: String,
+    /// The result's text blocks, joined; None while unanswered.
     pub result: Option<String>,
+    pub content: Option<Vec<ContentBlock>>,
     pub is_error: Option<bool>,
+    /// "worker" (a `user.tool_result` the worker posted), "other" (the client owning a tool
+    /// the worker must leave alone) or "none" (denied, so nobody answered).
+    pub answered_by: Option<String>,
     pub issued_at: String,
     pub answered_at: Option<String>,
     pub latency_ms: Option<u64>,
@@ -113,6 +151,9 @@ pub struct Fault {
     /// Only requests whose path contains this.
     #[serde(default)]
     pub path_contains: Option<String>,
+    /// Only requests with this method.
+    #[serde(default)]
+    pub method: Option<String>,
     /// Process the request first, then answer with the fault (the response is lost, the effect
     /// is not).
     #[serde(default)]
@@ -156,18 +197,32 @@ struct WorkRec {
     env: String,
     session_id: String,
     state: WorkState,
-    holder: Option<String>,
-    /// The worker that completed it, so a repeated complete is answered, not refused.
-    last_holder: Option<String>,
+    created_ms: u64,
+    acked_ms: Option<u64>,
+    started_ms: Option<u64>,
+    last_heartbeat: Option<String>,
+    heartbeat_ms: Option<u64>,
     lease_until_ms: Option<u64>,
-    queued_at_ms: u64,
+    stop_requested_ms: Option<u64>,
+    stopped_ms: Option<u64>,
+    metadata: serde_json::Map<String, Value>,
+    /// Handed out by a poll but not acked yet: by whom and when.
+    polled: Option<(String, u64)>,
+    polls: u32,
     queue_seq: u64,
-    stop_requested: bool,
-    force: bool,
-    metadata: serde_json::Map<String, serde_json::Value>,
-    skills: Vec<wire::SkillRef>,
-    final_status: Option<FinalStatus>,
-    claims: u32,
+    /// This item's sessions token (the bearer of its `secret`).
+    token: String,
+}
+
+/// Something the scripted world does later, unless the call was answered first.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+enum Later {
+    /// The user answers an `ask`.
+    Confirm { allow: bool },
+    /// Nobody will answer (denied): the agent moves on.
+    GiveUp,
+    /// The client that owns this tool answers it.
+    OtherClient,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -178,10 +233,15 @@ struct SessionRec {
     script: Vec<ScriptStep>,
     /// Index of the next script step to issue.
     next: usize,
-    events: Vec<EventEnvelope>,
+    events: Vec<Value>,
     status: String,
+    finished: bool,
     issued_ms: BTreeMap<String, u64>,
     answered_ms: BTreeMap<String, u64>,
+    answered_by: BTreeMap<String, String>,
+    /// The call the agent waits on, and what happens to it at which time.
+    waiting: Option<String>,
+    later: Option<(u64, Later)>,
     duplicate_results: u64,
 }
 
@@ -191,12 +251,14 @@ struct Db {
     envs: BTreeMap<String, EnvRec>,
     work: BTreeMap<String, WorkRec>,
     sessions: BTreeMap<String, SessionRec>,
-    skills: BTreeMap<String, wire::SkillFiles>,
     seq: u64,
     #[serde(skip)]
     polls: HashMap<(String, String), Instant>,
     #[serde(skip)]
     faults: VecDeque<Fault>,
+    /// Events pushed since the last broadcast, for the streams.
+    #[serde(skip)]
+    outbox: Vec<(String, Value)>,
 }
 
 /// Milliseconds on a clock that reads as wall time at start-up and then only moves forward:
@@ -213,78 +275,189 @@ fn ts(ms: u64) -> String {
     rfc3339(UNIX_EPOCH + Duration::from_millis(ms))
 }
 
+fn text_of(content: &[ContentBlock]) -> String {
+    content
+        .iter()
+        .map(|b| match b {
+            ContentBlock::Text { text } => text.clone(),
+            ContentBlock::Image { .. } => "[image]".into(),
+            ContentBlock::Document { .. } => "[document]".into(),
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
 impl Db {
     fn next_id(&mut self, prefix: &str) -> String {
         self.seq += 1;
         format!("{prefix}_{:08}", self.seq)
     }
 
-    /// Items whose lease ran out go back to the queue (at their old place).
+    /// Items whose lease ran out go back to the queue (at their old place), or end if a stop
+    /// was asked for.
     fn expire_leases(&mut self) -> bool {
         let now = now_ms();
         let mut changed = false;
         for w in self.work.values_mut() {
-            if matches!(w.state, WorkState::Claimed | WorkState::Running | WorkState::Stopping)
+            if matches!(w.state, WorkState::Starting | WorkState::Active | WorkState::Stopping)
                 && w.lease_until_ms.is_some_and(|l| l <= now)
             {
-                tracing::info!(work_id = %w.id, holder = ?w.holder, "lease expired; item re-queued");
-                w.state = if w.stop_requested { WorkState::Stopped } else { WorkState::Queued };
-                w.holder = None;
+                tracing::info!(work_id = %w.id, "lease expired; item re-queued");
+                if w.stop_requested_ms.is_some() {
+                    w.state = WorkState::Stopped;
+                    w.stopped_ms = Some(now);
+                } else {
+                    w.state = WorkState::Queued;
+                }
+                w.last_heartbeat = None;
                 w.lease_until_ms = None;
+                w.polled = None;
                 changed = true;
             }
         }
         changed
     }
 
-    fn view(&self, w: &WorkRec) -> WorkItem {
+    fn view(&self, w: &WorkRec, with_secret: bool) -> WorkItem {
         WorkItem {
             id: w.id.clone(),
             kind: "work".into(),
-            session_id: w.session_id.clone(),
+            environment_id: w.env.clone(),
+            data: wire::WorkData { kind: "session".into(), id: w.session_id.clone() },
             state: w.state,
-            lease_expires_at: w.lease_until_ms.map(ts),
+            created_at: Some(ts(w.created_ms)),
+            acknowledged_at: w.acked_ms.map(ts),
+            started_at: w.started_ms.map(ts),
+            latest_heartbeat_at: w.heartbeat_ms.map(ts),
+            stop_requested_at: w.stop_requested_ms.map(ts),
+            stopped_at: w.stopped_ms.map(ts),
             metadata: w.metadata.clone(),
-            skills: w.skills.clone(),
-            stop_requested: w.stop_requested,
-            force: w.force,
+            secret: with_secret.then(|| WorkSecret { sessions_token: w.token.clone(), api_base_url: None }.encode()),
         }
     }
 
-    fn push_event(&mut self, session: &str, event: Event) -> String {
-        let id = match &event {
-            Event::ToolUse { id, .. } => id.clone(),
-            _ => self.next_id("evt"),
+    /// Appends an event (given without id and time) to a session; returns its id.
+    fn push_event(&mut self, session: &str, mut event: Value) -> String {
+        let id = match event.get("id").and_then(|i| i.as_str()) {
+            Some(i) => i.to_owned(),
+            None => self.next_id("sevt"),
         };
-        let s = self.sessions.get_mut(session).expect("session exists");
-        s.events.push(EventEnvelope { event_id: id.clone(), created_at: Some(rfc3339(SystemTime::now())), event });
+        if let Some(o) = event.as_object_mut() {
+            o.insert("id".into(), Value::String(id.clone()));
+            o.insert("processed_at".into(), Value::String(ts(now_ms())));
+        }
+        self.outbox.push((session.to_owned(), event.clone()));
+        self.sessions.get_mut(session).expect("session exists").events.push(event);
         id
     }
 
     /// Issues the session's next scripted call, or ends the turn when the script is done.
     fn advance(&mut self, session: &str) {
         let s = &self.sessions[session];
-        let ended = s.next >= s.script.len() || (s.next > 0 && s.script[s.next - 1].end_session);
-        if ended {
+        if s.next > 0 && s.script[s.next - 1].end_session {
+            let s = self.sessions.get_mut(session).expect("session exists");
+            s.status = "terminated".into();
+            s.finished = true;
+            self.push_event(session, json!({"type": "session.status_terminated"}));
+            return;
+        }
+        if s.next >= s.script.len() {
+            self.push_event(session, json!({"type": "agent.message", "content": [{"type": "text", "text": "Done."}]}));
             let s = self.sessions.get_mut(session).expect("session exists");
             s.status = "idle".into();
-            self.push_event(session, Event::StatusIdle);
+            s.finished = true;
+            self.push_event(session, json!({"type": "session.status_idle", "stop_reason": {"type": "end_turn"}}));
             return;
         }
         let step = s.script[s.next].clone();
-        let id = match step.id {
+        let id = match step.id.clone() {
             Some(id) => id,
-            None => self.next_id("toolu"),
+            None => self.next_id("sevt"),
+        };
+        let permission = step.permission.clone().unwrap_or_else(|| "allow".into());
+        let later = match (permission.as_str(), step.confirm.as_deref()) {
+            ("deny", _) => Some((now_ms() + GRACE.as_millis() as u64, Later::GiveUp)),
+            ("ask", c) => {
+                Some((now_ms() + CONFIRM_AFTER.as_millis() as u64, Later::Confirm { allow: c == Some("allow") }))
+            }
+            _ if !WORKER_TOOLS.contains(&step.name.as_str()) => {
+                Some((now_ms() + GRACE.as_millis() as u64, Later::OtherClient))
+            }
+            _ => None,
         };
         let s = self.sessions.get_mut(session).expect("session exists");
         s.next += 1;
         s.issued_ms.insert(id.clone(), now_ms());
-        self.push_event(session, Event::ToolUse { id, name: step.name, input: step.input });
+        s.waiting = Some(id.clone());
+        s.later = later;
+        self.push_event(
+            session,
+            json!({"type": "agent.tool_use", "id": id, "name": step.name, "input": step.input,
+                   "evaluated_permission": permission, "session_thread_id": null}),
+        );
+        self.push_event(
+            session,
+            json!({"type": "session.status_idle", "stop_reason": {"type": "requires_action", "event_ids": [id]}}),
+        );
+        let s = self.sessions.get_mut(session).expect("session exists");
+        s.status = "idle".into();
+    }
+
+    /// Runs what the scripted world does when its time comes.
+    fn tick(&mut self) -> bool {
+        let now = now_ms();
+        let due: Vec<(String, String, Later)> = self
+            .sessions
+            .values()
+            .filter_map(|s| match (&s.waiting, &s.later) {
+                (Some(id), Some((at, l))) if *at <= now => Some((s.id.clone(), id.clone(), l.clone())),
+                _ => None,
+            })
+            .collect();
+        for (session, id, later) in &due {
+            let s = self.sessions.get_mut(session).expect("session exists");
+            s.later = None;
+            match later {
+                Later::Confirm { allow } => {
+                    let result = if *allow { "allow" } else { "deny" };
+                    if !allow {
+                        s.later = Some((now + GRACE.as_millis() as u64, Later::GiveUp));
+                    }
+                    self.push_event(
+                        session,
+                        json!({"type": "user.tool_confirmation", "tool_use_id": id, "result": result}),
+                    );
+                }
+                Later::GiveUp => {
+                    s.answered_by.insert(id.clone(), "none".into());
+                    s.waiting = None;
+                    self.push_event(session, json!({"type": "session.status_running"}));
+                    self.advance(session);
+                }
+                Later::OtherClient => {
+                    s.answered_by.entry(id.clone()).or_insert_with(|| "other".into());
+                    s.answered_ms.insert(id.clone(), now);
+                    s.waiting = None;
+                    self.push_event(
+                        session,
+                        json!({"type": "user.tool_result", "tool_use_id": id, "is_error": false,
+                               "content": [{"type": "text", "text": "answered by the client that owns this tool"}]}),
+                    );
+                    self.push_event(session, json!({"type": "session.status_running"}));
+                    self.advance(session);
+                }
+            }
+        }
+        !due.is_empty()
+    }
+
+    fn find_tool_use<'a>(&'a self, session: &str, id: &str) -> Option<&'a Value> {
+        self.sessions[session].events.iter().find(|e| e["type"] == "agent.tool_use" && e["id"].as_str() == Some(id))
     }
 }
 
 pub struct LocalConfig {
-    /// How long a claim or heartbeat holds an item.
+    /// How long an ack or a heartbeat holds an item (`ttl_seconds`).
     pub lease: Duration,
     /// Mirror the state to this file.
     pub state_file: Option<PathBuf>,
@@ -299,6 +472,9 @@ impl Default for LocalConfig {
 struct Shared {
     db: Mutex<Db>,
     changed: Notify,
+    events: broadcast::Sender<(String, Value)>,
+    /// Serialises writes of the state file.
+    saving: Mutex<u64>,
     cfg: LocalConfig,
 }
 
@@ -309,57 +485,67 @@ pub struct LocalControlPlane {
 
 type ApiResult<T> = Result<T, ApiErr>;
 
-pub struct ApiErr(StatusCode, &'static str, String);
+pub struct ApiErr(StatusCode, &'static str, String, Option<Value>);
 
 impl IntoResponse for ApiErr {
     fn into_response(self) -> Response {
-        let body =
-            wire::ErrorBody { kind: "error".into(), error: wire::ErrorDetail { kind: self.1.into(), message: self.2 } };
+        let body = wire::ErrorBody {
+            kind: "error".into(),
+            error: wire::ErrorDetail { kind: self.1.into(), message: self.2, details: self.3 },
+        };
         (self.0, Json(body)).into_response()
     }
 }
 
 fn not_found(what: impl Into<String>) -> ApiErr {
-    ApiErr(StatusCode::NOT_FOUND, "not_found_error", what.into())
+    ApiErr(StatusCode::NOT_FOUND, "not_found_error", what.into(), None)
 }
 
 fn conflict(what: impl Into<String>) -> ApiErr {
-    ApiErr(StatusCode::CONFLICT, "conflict_error", what.into())
+    ApiErr(StatusCode::CONFLICT, "conflict_error", what.into(), None)
 }
 
 fn invalid(what: impl Into<String>) -> ApiErr {
-    ApiErr(StatusCode::BAD_REQUEST, "invalid_request_error", what.into())
+    ApiErr(StatusCode::BAD_REQUEST, "invalid_request_error", what.into(), None)
 }
 
+/// Who may make a call.
 enum Need<'a> {
     Org,
-    /// The environment's key (or the organisation key when `org_ok`).
-    Env(&'a str, bool),
-}
-
-fn presented(h: &HeaderMap) -> Option<&[u8]> {
-    if let Some(k) = h.get("x-api-key") {
-        return Some(k.as_bytes());
-    }
-    h.get("authorization").and_then(|v| v.as_bytes().strip_prefix(b"Bearer "))
+    /// Worker calls on the queue: the environment's key as a bearer token (or the org key).
+    Env(&'a str),
+    /// Per-item calls: the environment's key, that item's sessions token, or the org key.
+    Item(&'a str, &'a str),
 }
 
 fn authorize(db: &Db, h: &HeaderMap, need: Need) -> ApiResult<()> {
-    let Some(key) = presented(h) else {
-        return Err(ApiErr(StatusCode::UNAUTHORIZED, "authentication_error", "no x-api-key or bearer token".into()));
-    };
-    let org = Secret::new(db.org_key.clone()).matches(key);
-    let ok = match need {
-        Need::Org => org,
-        Need::Env(env, org_ok) => {
-            let env_ok = db.envs.get(env).is_some_and(|e| Secret::new(e.key.clone()).matches(key));
-            env_ok || (org_ok && org)
-        }
-    };
+    let api_key = h.get("x-api-key").map(|k| k.as_bytes());
+    let bearer = h.get("authorization").and_then(|v| v.as_bytes().strip_prefix(b"Bearer "));
+    if api_key.is_none() && bearer.is_none() {
+        return Err(ApiErr(
+            StatusCode::UNAUTHORIZED,
+            "authentication_error",
+            "no x-api-key or bearer token".into(),
+            None,
+        ));
+    }
+    let org = api_key.or(bearer).is_some_and(|k| Secret::new(db.org_key.clone()).matches(k));
+    let env_ok =
+        |env: &str| bearer.is_some_and(|k| db.envs.get(env).is_some_and(|e| Secret::new(e.key.clone()).matches(k)));
+    let ok = org
+        || match need {
+            Need::Org => false,
+            Need::Env(env) => env_ok(env),
+            Need::Item(env, work) => {
+                env_ok(env)
+                    || bearer
+                        .is_some_and(|k| db.work.get(work).is_some_and(|w| Secret::new(w.token.clone()).matches(k)))
+            }
+        };
     if ok {
         Ok(())
     } else {
-        Err(ApiErr(StatusCode::UNAUTHORIZED, "authentication_error", "invalid key for this resource".into()))
+        Err(ApiErr(StatusCode::UNAUTHORIZED, "authentication_error", "invalid key for this resource".into(), None))
     }
 }
 
@@ -379,7 +565,10 @@ impl LocalControlPlane {
         if db.envs.is_empty() {
             db.envs.insert(DEFAULT_ENVIRONMENT.into(), EnvRec { key: random_token("sk-env-local-") });
         }
-        let cp = LocalControlPlane { shared: Arc::new(Shared { db: Mutex::new(db), changed: Notify::new(), cfg }) };
+        let (events, _) = broadcast::channel(4096);
+        let cp = LocalControlPlane {
+            shared: Arc::new(Shared { db: Mutex::new(db), changed: Notify::new(), events, saving: Mutex::new(0), cfg }),
+        };
         cp.save();
         Ok(cp)
     }
@@ -412,59 +601,74 @@ impl LocalControlPlane {
         Ok(())
     }
 
+    /// Writes the state file: one writer at a time, each through a temporary file of its own,
+    /// renamed over the old state.
     fn save(&self) {
         let Some(f) = &self.shared.cfg.state_file else { return };
+        let mut n = self.shared.saving.lock().unwrap_or_else(|p| p.into_inner());
+        *n += 1;
         let text = serde_json::to_vec_pretty(&*self.db()).expect("state serialises");
-        let tmp = f.with_extension("tmp");
+        let tmp = f.with_extension(format!("tmp.{}.{n}", std::process::id()));
         if let Err(e) = std::fs::write(&tmp, text).and_then(|()| std::fs::rename(&tmp, f)) {
+            let _ = std::fs::remove_file(&tmp);
             tracing::error!(file = %f.display(), error = %e, "could not save the control plane's state");
         }
     }
 
-    /// State changed: persist it and wake long polls.
+    /// State changed: hand new events to the streams, persist, and wake long polls.
     fn changed(&self) {
+        let out = std::mem::take(&mut self.db().outbox);
+        for e in out {
+            let _ = self.shared.events.send(e);
+        }
         self.save();
         self.shared.changed.notify_waiters();
     }
 
-    /// Waits until `f` returns Some or `wait` passes. `f` runs with leases expired first.
+    /// Lease expiry and the scripted world's timers.
+    fn housekeeping(&self) {
+        let changed = {
+            let mut db = self.db();
+            db.expire_leases() | db.tick()
+        };
+        if changed {
+            self.changed();
+        }
+    }
+
+    /// Waits until `f` returns Some or `wait` passes.
     async fn long_poll<T>(&self, wait: Duration, mut f: impl FnMut(&mut Db) -> Option<T>) -> Option<T> {
-        let deadline = Instant::now() + wait.min(Duration::from_secs(60));
+        let deadline = Instant::now() + wait;
         loop {
             let notified = self.shared.changed.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            let (r, expired) = {
-                let mut db = self.db();
-                let expired = db.expire_leases();
-                (f(&mut db), expired)
-            };
-            if expired || r.is_some() {
-                self.changed();
-            }
+            self.housekeeping();
+            let r = f(&mut self.db());
             if r.is_some() {
+                self.changed();
                 return r;
             }
             let now = Instant::now();
             if now >= deadline {
                 return None;
             }
-            // Lease expiry is time-driven, so wake now and then even without a change.
-            let _ = tokio::time::timeout((deadline - now).min(Duration::from_millis(200)), notified).await;
+            let _ = tokio::time::timeout((deadline - now).min(Duration::from_millis(100)), notified).await;
         }
     }
 
     pub fn router(&self) -> Router {
         Router::new()
-            .route("/v1/environments/{env}/work/claim", post(claim))
+            .route("/v1/environments/{env}/work", get(list_work))
+            .route("/v1/environments/{env}/work/poll", get(poll))
             .route("/v1/environments/{env}/work/stats", get(stats))
-            .route("/v1/environments/{env}/work/{work}", get(get_work))
+            .route("/v1/environments/{env}/work/{work}", get(get_work).post(update_work))
+            .route("/v1/environments/{env}/work/{work}/ack", post(ack))
             .route("/v1/environments/{env}/work/{work}/heartbeat", post(heartbeat))
-            .route("/v1/environments/{env}/work/{work}/complete", post(complete))
-            .route("/v1/environments/{env}/work/{work}/release", post(release))
             .route("/v1/environments/{env}/work/{work}/stop", post(stop))
-            .route("/v1/sessions/{session}/events", get(list_events).post(post_events))
-            .route("/v1/skills/{skill}/files", get(skill_files))
+            .route("/v1/sessions/{session}", get(get_session))
+            .route("/v1/sessions/{session}/events", get(list_events).post(send_events))
+            .route("/v1/sessions/{session}/events/stream", get(stream_events))
             .route("/v1/local/sessions", post(create_session))
             .route("/v1/local/sessions/{session}", get(show_session))
             .route("/v1/local/faults", post(add_faults).delete(clear_faults))
@@ -478,7 +682,18 @@ impl LocalControlPlane {
         listener: tokio::net::TcpListener,
         shutdown: impl std::future::Future<Output = ()> + Send + 'static,
     ) -> std::io::Result<()> {
-        axum::serve(listener, self.router()).with_graceful_shutdown(shutdown).await
+        let ticker = {
+            let cp = self.clone();
+            tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    cp.housekeeping();
+                }
+            })
+        };
+        let r = axum::serve(listener, self.router()).with_graceful_shutdown(shutdown).await;
+        ticker.abort();
+        r
     }
 
     /// Creates a scripted session and queues its work item (also used in-process by the demo).
@@ -486,18 +701,15 @@ impl LocalControlPlane {
         if req.script.is_empty() {
             return Err("the script has no tool calls".into());
         }
+        for s in &req.script {
+            s.check()?;
+        }
         let mut db = self.db();
         if !db.envs.contains_key(&req.environment_id) {
             return Err(format!("no environment {:?}", req.environment_id));
         }
         let session_id = db.next_id("sesn");
         let work_id = db.next_id("work");
-        let mut skills = Vec::new();
-        for s in req.skills {
-            let skill_id = db.next_id("skill");
-            db.skills.insert(skill_id.clone(), wire::SkillFiles { files: s.files });
-            skills.push(wire::SkillRef { name: s.name, skill_id });
-        }
         let seq = db.seq;
         db.sessions.insert(
             session_id.clone(),
@@ -508,9 +720,13 @@ impl LocalControlPlane {
                 script: req.script,
                 next: 0,
                 events: Vec::new(),
-                status: "queued".into(),
+                status: "running".into(),
+                finished: false,
                 issued_ms: BTreeMap::new(),
                 answered_ms: BTreeMap::new(),
+                answered_by: BTreeMap::new(),
+                waiting: None,
+                later: None,
                 duplicate_results: 0,
             },
         );
@@ -521,19 +737,24 @@ impl LocalControlPlane {
                 env: req.environment_id,
                 session_id: session_id.clone(),
                 state: WorkState::Queued,
-                holder: None,
-                last_holder: None,
+                created_ms: now_ms(),
+                acked_ms: None,
+                started_ms: None,
+                last_heartbeat: None,
+                heartbeat_ms: None,
                 lease_until_ms: None,
-                queued_at_ms: now_ms(),
-                queue_seq: seq,
-                stop_requested: false,
-                force: false,
+                stop_requested_ms: None,
+                stopped_ms: None,
                 metadata: req.metadata,
-                skills,
-                final_status: None,
-                claims: 0,
+                polled: None,
+                polls: 0,
+                queue_seq: seq,
+                token: random_token("sk-ant-req-local-"),
             },
         );
+        db.push_event(&session_id, json!({"type": "user.message", "content": [{"type": "text", "text": "Go."}]}));
+        db.push_event(&session_id, json!({"type": "session.status_running"}));
+        db.advance(&session_id);
         drop(db);
         self.changed();
         Ok(CreatedSession { session_id, work_id })
@@ -545,25 +766,33 @@ impl LocalControlPlane {
         let w = &db.work[&s.work_id];
         let mut calls: Vec<CallView> = Vec::new();
         for e in &s.events {
-            match &e.event {
-                Event::ToolUse { id, name, input } => {
-                    let issued = s.issued_ms.get(id).copied().unwrap_or(0);
-                    let answered = s.answered_ms.get(id).copied();
+            let str_of = |k: &str| e.get(k).and_then(|v| v.as_str()).unwrap_or_default().to_owned();
+            match e["type"].as_str() {
+                Some("agent.tool_use") => {
+                    let id = str_of("id");
+                    let issued = s.issued_ms.get(&id).copied().unwrap_or(0);
+                    let answered = s.answered_ms.get(&id).copied();
                     calls.push(CallView {
-                        tool_use_id: id.clone(),
-                        name: name.clone(),
-                        input: input.clone(),
+                        name: str_of("name"),
+                        input: e["input"].clone(),
+                        permission: str_of("evaluated_permission"),
                         result: None,
+                        content: None,
                         is_error: None,
+                        answered_by: s.answered_by.get(&id).cloned(),
                         issued_at: ts(issued),
                         answered_at: answered.map(ts),
                         latency_ms: answered.map(|a| a.saturating_sub(issued)),
+                        tool_use_id: id,
                     })
                 }
-                Event::ToolResult { tool_use_id, content, is_error } => {
-                    if let Some(c) = calls.iter_mut().find(|c| &c.tool_use_id == tool_use_id) {
-                        c.result = Some(content.clone());
-                        c.is_error = Some(*is_error);
+                Some("user.tool_result") => {
+                    let id = str_of("tool_use_id");
+                    let content: Option<Vec<ContentBlock>> = serde_json::from_value(e["content"].clone()).ok();
+                    if let Some(c) = calls.iter_mut().find(|c| c.tool_use_id == id && c.result.is_none()) {
+                        c.result = content.as_deref().map(text_of);
+                        c.content = content;
+                        c.is_error = e["is_error"].as_bool();
                     }
                 }
                 _ => {}
@@ -572,10 +801,10 @@ impl LocalControlPlane {
         Some(SessionView {
             id: s.id.clone(),
             status: s.status.clone(),
+            finished: s.finished,
             work_id: w.id.clone(),
             work_state: w.state,
-            claims: w.claims,
-            final_status: w.final_status,
+            polls: w.polls,
             calls,
             duplicate_results: s.duplicate_results,
         })
@@ -584,11 +813,15 @@ impl LocalControlPlane {
 
 async fn inject_faults(State(cp): State<LocalControlPlane>, req: Request, next: Next) -> Response {
     let path = req.uri().path().to_owned();
+    let method = req.method().as_str().to_owned();
     let fault = if path.starts_with("/v1/local/") {
         None
     } else {
         let mut db = cp.db();
-        let i = db.faults.iter().position(|f| f.path_contains.as_deref().is_none_or(|p| path.contains(p)));
+        let i = db.faults.iter().position(|f| {
+            f.path_contains.as_deref().is_none_or(|p| path.contains(p))
+                && f.method.as_deref().is_none_or(|m| m.eq_ignore_ascii_case(&method))
+        });
         i.map(|i| {
             let f = db.faults[i].clone();
             db.faults[i].count -= 1;
@@ -605,11 +838,11 @@ async fn inject_faults(State(cp): State<LocalControlPlane>, req: Request, next: 
     }
     match f.kind {
         FaultKind::ServerError => {
-            ApiErr(StatusCode::INTERNAL_SERVER_ERROR, "api_error", "injected fault".into()).into_response()
+            ApiErr(StatusCode::INTERNAL_SERVER_ERROR, "api_error", "injected fault".into(), None).into_response()
         }
         FaultKind::RateLimited => {
-            let mut r =
-                ApiErr(StatusCode::TOO_MANY_REQUESTS, "rate_limit_error", "injected fault".into()).into_response();
+            let mut r = ApiErr(StatusCode::TOO_MANY_REQUESTS, "rate_limit_error", "injected fault".into(), None)
+                .into_response();
             r.headers_mut().insert("retry-after", "1".parse().expect("static header"));
             r
         }
@@ -619,7 +852,7 @@ async fn inject_faults(State(cp): State<LocalControlPlane>, req: Request, next: 
         }
         FaultKind::Garbage => (StatusCode::OK, "<html>upstream hiccup</html>").into_response(),
         FaultKind::Truncated => {
-            let body = Body::from_stream(futures_truncated());
+            let body = Body::from_stream(Chunks::truncated());
             Response::builder()
                 .status(StatusCode::OK)
                 .header("content-type", "application/json")
@@ -630,186 +863,222 @@ async fn inject_faults(State(cp): State<LocalControlPlane>, req: Request, next: 
     }
 }
 
-/// A body stream that yields a fragment of JSON and then fails, so the connection is cut
-/// before the declared length.
-fn futures_truncated() -> impl futures_core::Stream<Item = Result<Vec<u8>, std::io::Error>> + Send {
-    struct S(u8);
-    impl futures_core::Stream for S {
-        type Item = Result<Vec<u8>, std::io::Error>;
-        fn poll_next(
-            mut self: std::pin::Pin<&mut Self>,
-            _: &mut std::task::Context<'_>,
-        ) -> std::task::Poll<Option<Self::Item>> {
-            self.0 += 1;
-            std::task::Poll::Ready(match self.0 {
-                1 => Some(Ok(br#"{"id":"work_0"#.to_vec())),
-                2 => Some(Err(std::io::Error::other("injected truncation"))),
-                _ => None,
-            })
-        }
-    }
-    S(0)
+/// A response body made of chunks: a fixed list (a JSON fragment and then a failure, to cut a
+/// connection before its declared length) or a channel (an event stream).
+enum Chunks {
+    Fixed(VecDeque<Result<Vec<u8>, std::io::Error>>),
+    Channel(tokio::sync::mpsc::Receiver<Vec<u8>>),
 }
 
-async fn claim(
+impl Chunks {
+    fn truncated() -> Chunks {
+        Chunks::Fixed(VecDeque::from([
+            Ok(br#"{"id":"work_0"#.to_vec()),
+            Err(std::io::Error::other("injected truncation")),
+        ]))
+    }
+}
+
+impl futures_core::Stream for Chunks {
+    type Item = Result<Vec<u8>, std::io::Error>;
+    fn poll_next(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Self::Item>> {
+        match &mut *self {
+            Chunks::Fixed(q) => std::task::Poll::Ready(q.pop_front()),
+            Chunks::Channel(rx) => rx.poll_recv(cx).map(|o| o.map(Ok)),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+struct PollQuery {
+    block_ms: Option<i64>,
+    reclaim_older_than_ms: Option<u64>,
+}
+
+async fn poll(
     State(cp): State<LocalControlPlane>,
     Path(env): Path<String>,
+    Query(q): Query<PollQuery>,
     h: HeaderMap,
-    Json(req): Json<wire::ClaimRequest>,
 ) -> ApiResult<Response> {
+    let worker = h.get(wire::WORKER_ID_HEADER).and_then(|v| v.to_str().ok()).unwrap_or("").to_owned();
     {
         let mut db = cp.db();
-        authorize(&db, &h, Need::Env(&env, false))?;
-        if req.worker_id.is_empty() {
-            return Err(invalid("worker_id: must not be empty"));
+        if !db.envs.contains_key(&env) {
+            return Err(not_found(format!("environment {env} not found")));
         }
-        db.polls.insert((env.clone(), req.worker_id.clone()), Instant::now());
+        authorize(&db, &h, Need::Env(&env))?;
+        if !worker.is_empty() {
+            db.polls.insert((env.clone(), worker.clone()), Instant::now());
+        }
     }
-    let lease = cp.shared.cfg.lease;
+    let block = match q.block_ms {
+        None => 0,
+        Some(b) if (1..=wire::MAX_BLOCK_MS as i64).contains(&b) => b as u64,
+        Some(b) => return Err(invalid(format!("block_ms: must be between 1 and 999, got {b}"))),
+    };
+    let reclaim = q.reclaim_older_than_ms.unwrap_or(5000);
     let got = cp
-        .long_poll(Duration::from_millis(req.wait_ms), |db| {
+        .long_poll(Duration::from_millis(block), |db| {
+            let now = now_ms();
             let id = db
                 .work
                 .values()
                 .filter(|w| w.env == env && w.state == WorkState::Queued)
+                .filter(|w| w.polled.as_ref().is_none_or(|(_, at)| now.saturating_sub(*at) >= reclaim))
                 .min_by_key(|w| w.queue_seq)?
                 .id
                 .clone();
             let w = db.work.get_mut(&id).expect("just found");
-            w.state = WorkState::Claimed;
-            w.holder = Some(req.worker_id.clone());
-            w.lease_until_ms = Some(now_ms() + lease.as_millis() as u64);
-            w.claims += 1;
-            let session = w.session_id.clone();
-            if db.sessions[&session].events.is_empty() {
-                db.sessions.get_mut(&session).expect("exists").status = "running".into();
-                db.push_event(&session, Event::StatusRunning);
-                db.advance(&session);
-            }
-            Some(db.view(&db.work[&id]))
+            w.polled = Some((worker.clone(), now));
+            w.polls += 1;
+            Some(db.view(&db.work[&id], true))
         })
         .await;
     Ok(match got {
         Some(item) => {
-            tracing::info!(work_id = %item.id, worker = %req.worker_id, "claimed");
+            tracing::info!(work_id = %item.id, worker = %worker, "handed out");
             Json(item).into_response()
         }
-        None => StatusCode::NO_CONTENT.into_response(),
+        None => Json(Value::Null).into_response(),
     })
 }
 
-/// The item, if `worker` holds a live lease on it.
-fn held<'a>(db: &'a mut Db, env: &str, work: &str, worker: &str) -> ApiResult<&'a mut WorkRec> {
-    db.expire_leases();
-    let w = db.work.get_mut(work).filter(|w| w.env == env).ok_or_else(|| not_found(format!("work item {work}")))?;
-    if w.holder.as_deref() != Some(worker) {
-        return Err(conflict(format!("work item {work} is not leased to {worker} (state {:?})", w.state)));
+fn item<'a>(db: &'a mut Db, env: &str, work: &str) -> ApiResult<&'a mut WorkRec> {
+    match db.work.get_mut(work) {
+        Some(w) if w.env == env => Ok(w),
+        _ => Err(not_found(format!("work {work} not found"))),
     }
-    Ok(w)
+}
+
+async fn ack(
+    State(cp): State<LocalControlPlane>,
+    Path((env, work)): Path<(String, String)>,
+    h: HeaderMap,
+) -> ApiResult<Json<WorkItem>> {
+    let view = {
+        let mut db = cp.db();
+        db.expire_leases();
+        authorize(&db, &h, Need::Env(&env))?;
+        let lease = cp.shared.cfg.lease.as_millis() as u64;
+        let w = item(&mut db, &env, &work)?;
+        if w.state != WorkState::Queued {
+            return Err(conflict(format!("work {work} is {}, not queued", w.state)));
+        }
+        let now = now_ms();
+        w.state = WorkState::Starting;
+        w.acked_ms = Some(now);
+        w.polled = None;
+        w.last_heartbeat = None;
+        w.lease_until_ms = Some(now + lease);
+        let w = db.work[&work].clone();
+        db.view(&w, false)
+    };
+    cp.changed();
+    Ok(Json(view))
+}
+
+#[derive(Debug, Deserialize)]
+struct HeartbeatQuery {
+    expected_last_heartbeat: Option<String>,
+    desired_ttl_seconds: Option<u64>,
 }
 
 async fn heartbeat(
     State(cp): State<LocalControlPlane>,
     Path((env, work)): Path<(String, String)>,
+    Query(q): Query<HeartbeatQuery>,
     h: HeaderMap,
-    Json(req): Json<wire::HeartbeatRequest>,
-) -> ApiResult<Json<WorkItem>> {
-    let lease = cp.shared.cfg.lease;
-    let item = {
+) -> ApiResult<Json<wire::HeartbeatResponse>> {
+    let resp = {
         let mut db = cp.db();
-        authorize(&db, &h, Need::Env(&env, false))?;
-        let w = held(&mut db, &env, &work, &req.worker_id)?;
-        w.lease_until_ms = Some(now_ms() + lease.as_millis() as u64);
-        if w.state == WorkState::Claimed {
-            w.state = WorkState::Running;
-        }
-        let w = w.clone();
-        db.view(&w)
-    };
-    cp.changed();
-    Ok(Json(item))
-}
-
-async fn complete(
-    State(cp): State<LocalControlPlane>,
-    Path((env, work)): Path<(String, String)>,
-    h: HeaderMap,
-    Json(req): Json<wire::CompleteRequest>,
-) -> ApiResult<Json<WorkItem>> {
-    let item = {
-        let mut db = cp.db();
-        authorize(&db, &h, Need::Env(&env, false))?;
-        // Answer a repeated complete from the same worker with the same result.
-        if let Some(w) = db.work.get(&work) {
-            if w.holder.is_none() && w.last_holder.as_deref() == Some(&req.worker_id) && w.final_status.is_some() {
-                return Ok(Json(db.view(w)));
-            }
-        }
-        let w = held(&mut db, &env, &work, &req.worker_id)?;
-        w.state = match req.status {
-            FinalStatus::Completed => WorkState::Completed,
-            FinalStatus::Stopped => WorkState::Stopped,
-            FinalStatus::Failed => WorkState::Failed,
+        db.expire_leases();
+        authorize(&db, &h, Need::Item(&env, &work))?;
+        let Some(expected) = q.expected_last_heartbeat else {
+            return Err(invalid("expected_last_heartbeat: required"));
         };
-        w.final_status = Some(req.status);
-        w.last_holder = w.holder.take();
-        w.lease_until_ms = None;
-        let (w, session) = (w.clone(), w.session_id.clone());
-        if req.status != FinalStatus::Completed {
-            db.sessions.get_mut(&session).expect("exists").status = "terminated".into();
-            db.push_event(&session, Event::StatusTerminated);
+        let default_ttl = cp.shared.cfg.lease.as_secs().max(1);
+        let ttl = q.desired_ttl_seconds.unwrap_or(default_ttl).clamp(1, 3600);
+        let db_seq = db.seq + 1;
+        db.seq = db_seq;
+        let w = item(&mut db, &env, &work)?;
+        let current = w.last_heartbeat.clone().unwrap_or_else(|| wire::NO_HEARTBEAT.to_owned());
+        let held = matches!(w.state, WorkState::Starting | WorkState::Active | WorkState::Stopping);
+        if !held || current != expected {
+            let details = json!({
+                "error_code": "heartbeat_precondition_failed",
+                "error_visibility": "user_facing",
+                "current_state": {"state": w.state, "last_heartbeat": w.last_heartbeat,
+                                  "lease_updated_at": w.heartbeat_ms.map(ts),
+                                  "lease_extended": false, "ttl_seconds": default_ttl},
+            });
+            let actual = w.last_heartbeat.as_deref().unwrap_or("NULL");
+            return Err(ApiErr(
+                StatusCode::PRECONDITION_FAILED,
+                "invalid_request_error",
+                format!("Heartbeat precondition failed: expected {expected}, actual was {actual}"),
+                Some(details),
+            ));
         }
-        db.view(&w)
+        let now = now_ms();
+        // Unique per beat: the next beat must echo exactly this one.
+        let stamp = format!("{}.{db_seq:09}Z", ts(now).trim_end_matches('Z'));
+        if w.state == WorkState::Starting {
+            w.state = WorkState::Active;
+            w.started_ms = Some(now);
+        }
+        w.last_heartbeat = Some(stamp.clone());
+        w.heartbeat_ms = Some(now);
+        w.lease_until_ms = Some(now + ttl * 1000);
+        wire::HeartbeatResponse {
+            kind: "work_heartbeat".into(),
+            last_heartbeat: stamp,
+            lease_extended: true,
+            state: w.state,
+            ttl_seconds: ttl,
+        }
     };
     cp.changed();
-    Ok(Json(item))
-}
-
-async fn release(
-    State(cp): State<LocalControlPlane>,
-    Path((env, work)): Path<(String, String)>,
-    h: HeaderMap,
-    Json(req): Json<wire::ReleaseRequest>,
-) -> ApiResult<Json<WorkItem>> {
-    let item = {
-        let mut db = cp.db();
-        authorize(&db, &h, Need::Env(&env, false))?;
-        let w = held(&mut db, &env, &work, &req.worker_id)?;
-        w.state = if w.stop_requested { WorkState::Stopped } else { WorkState::Queued };
-        w.holder = None;
-        w.lease_until_ms = None;
-        let w = w.clone();
-        db.view(&w)
-    };
-    cp.changed();
-    Ok(Json(item))
+    Ok(Json(resp))
 }
 
 async fn stop(
     State(cp): State<LocalControlPlane>,
     Path((env, work)): Path<(String, String)>,
     h: HeaderMap,
-    Json(req): Json<wire::StopRequest>,
+    body: axum::body::Bytes,
 ) -> ApiResult<Json<WorkItem>> {
-    let item = {
+    let req: wire::StopRequest = if body.iter().all(u8::is_ascii_whitespace) {
+        wire::StopRequest::default()
+    } else {
+        serde_json::from_slice(&body).map_err(|e| invalid(format!("body: {e}")))?
+    };
+    let view = {
         let mut db = cp.db();
-        authorize(&db, &h, Need::Org)?;
-        let w =
-            db.work.get_mut(&work).filter(|w| w.env == env).ok_or_else(|| not_found(format!("work item {work}")))?;
-        match w.state {
-            WorkState::Queued => w.state = WorkState::Stopped,
-            WorkState::Claimed | WorkState::Running | WorkState::Stopping => {
-                w.state = WorkState::Stopping;
-                w.stop_requested = true;
-                w.force |= req.force;
-            }
-            _ => {}
+        db.expire_leases();
+        authorize(&db, &h, Need::Item(&env, &work))?;
+        let w = item(&mut db, &env, &work)?;
+        if w.state == WorkState::Stopped {
+            return Err(conflict(format!("work {work} is already stopped")));
         }
-        let w = w.clone();
-        db.view(&w)
+        let now = now_ms();
+        w.stop_requested_ms.get_or_insert(now);
+        if req.force || w.state == WorkState::Queued {
+            w.state = WorkState::Stopped;
+            w.stopped_ms = Some(now);
+            w.lease_until_ms = None;
+        } else {
+            w.state = WorkState::Stopping;
+        }
+        tracing::info!(work_id = %work, force = req.force, state = %w.state, "stop");
+        let w = db.work[&work].clone();
+        db.view(&w, false)
     };
     cp.changed();
-    Ok(Json(item))
+    Ok(Json(view))
 }
 
 async fn get_work(
@@ -818,10 +1087,77 @@ async fn get_work(
     h: HeaderMap,
 ) -> ApiResult<Json<WorkItem>> {
     let mut db = cp.db();
-    authorize(&db, &h, Need::Env(&env, true))?;
     db.expire_leases();
-    let w = db.work.get(&work).filter(|w| w.env == env).ok_or_else(|| not_found(format!("work item {work}")))?;
-    Ok(Json(db.view(w)))
+    authorize(&db, &h, Need::Item(&env, &work))?;
+    let w = item(&mut db, &env, &work)?.clone();
+    Ok(Json(db.view(&w, false)))
+}
+
+async fn update_work(
+    State(cp): State<LocalControlPlane>,
+    Path((env, work)): Path<(String, String)>,
+    h: HeaderMap,
+    body: axum::body::Bytes,
+) -> ApiResult<Json<WorkItem>> {
+    let req: wire::UpdateWork = serde_json::from_slice(&body).map_err(|e| invalid(format!("body: {e}")))?;
+    let view = {
+        let mut db = cp.db();
+        authorize(&db, &h, Need::Item(&env, &work))?;
+        let w = item(&mut db, &env, &work)?;
+        for (k, v) in req.metadata {
+            match v {
+                Value::Null => {
+                    w.metadata.remove(&k);
+                }
+                Value::String(_) => {
+                    w.metadata.insert(k, v);
+                }
+                other => return Err(invalid(format!("metadata.{k}: must be a string or null, got {other}"))),
+            }
+        }
+        let w = db.work[&work].clone();
+        db.view(&w, false)
+    };
+    cp.changed();
+    Ok(Json(view))
+}
+
+#[derive(Debug, Deserialize)]
+struct PageQuery {
+    limit: Option<usize>,
+    page: Option<String>,
+    order: Option<String>,
+}
+
+/// Cursors are offsets, opaque to clients.
+fn page_of<T: Clone>(all: &[T], q: &PageQuery, default_limit: usize, max: usize) -> ApiResult<wire::Page<T>> {
+    let limit = q.limit.unwrap_or(default_limit);
+    if limit == 0 || limit > max {
+        return Err(invalid(format!("limit: must be between 1 and {max}, got {limit}")));
+    }
+    let start = match &q.page {
+        None => 0,
+        Some(p) => p
+            .strip_prefix("page_")
+            .and_then(|n| n.parse::<usize>().ok())
+            .ok_or_else(|| invalid(format!("page: not a cursor this server issued: {p:?}")))?,
+    };
+    let end = (start + limit).min(all.len());
+    let data = all.get(start..end).map(<[T]>::to_vec).unwrap_or_default();
+    Ok(wire::Page { data, next_page: (end < all.len()).then(|| format!("page_{end}")) })
+}
+
+async fn list_work(
+    State(cp): State<LocalControlPlane>,
+    Path(env): Path<String>,
+    Query(q): Query<PageQuery>,
+    h: HeaderMap,
+) -> ApiResult<Json<wire::Page<WorkItem>>> {
+    let mut db = cp.db();
+    db.expire_leases();
+    authorize(&db, &h, Need::Env(&env))?;
+    let all: Vec<WorkItem> = db.work.values().filter(|w| w.env == env).map(|w| db.view(w, false)).collect();
+    Ok(Json(page_of(&all, &q, 20, 1000)?))
 }
 
 async fn stats(
@@ -830,122 +1166,164 @@ async fn stats(
     h: HeaderMap,
 ) -> ApiResult<Json<wire::WorkQueueStats>> {
     let mut db = cp.db();
-    authorize(&db, &h, Need::Env(&env, true))?;
     db.expire_leases();
-    let in_env = || db.work.values().filter(|w| w.env == env);
-    let queued: Vec<&WorkRec> = in_env().filter(|w| w.state == WorkState::Queued).collect();
-    let pending =
-        in_env().filter(|w| matches!(w.state, WorkState::Claimed | WorkState::Running | WorkState::Stopping)).count();
-    let recent = Duration::from_secs(30);
+    authorize(&db, &h, Need::Env(&env))?;
+    let queued: Vec<&WorkRec> = db.work.values().filter(|w| w.env == env && w.state == WorkState::Queued).collect();
+    let now = now_ms();
     Ok(Json(wire::WorkQueueStats {
         kind: "work_queue_stats".into(),
         depth: queued.len() as u64,
-        pending: pending as u64,
-        oldest_queued_at: queued.iter().map(|w| w.queued_at_ms).min().map(ts),
-        workers_polling: db.polls.iter().filter(|((e, _), t)| *e == env && t.elapsed() < recent).count() as u64,
+        pending: queued.iter().filter(|w| w.polled.as_ref().is_some_and(|(_, at)| now - at < 5000)).count() as u64,
+        oldest_queued_at: queued.iter().map(|w| w.created_ms).min().map(ts),
+        workers_polling: Some(
+            db.polls.iter().filter(|((e, _), at)| *e == env && at.elapsed() < Duration::from_secs(30)).count() as u64,
+        ),
     }))
+}
+
+fn session_work(db: &Db, session: &str) -> ApiResult<(String, String)> {
+    let s = db.sessions.get(session).ok_or_else(|| not_found(format!("session {session} not found")))?;
+    Ok((s.env.clone(), s.work_id.clone()))
+}
+
+async fn get_session(
+    State(cp): State<LocalControlPlane>,
+    Path(session): Path<String>,
+    h: HeaderMap,
+) -> ApiResult<Json<Value>> {
+    let db = cp.db();
+    let (env, work) = session_work(&db, &session)?;
+    authorize(&db, &h, Need::Item(&env, &work))?;
+    let s = &db.sessions[&session];
+    let created = db.work[&work].created_ms;
+    Ok(Json(json!({
+        "type": "session", "id": s.id, "status": s.status, "environment_id": s.env, "title": null,
+        "created_at": ts(created), "updated_at": ts(now_ms()), "archived_at": null,
+        "agent": {"type": "agent", "id": "agent_local", "name": "scripted agent", "version": 1,
+                  "description": null, "system": null, "model": {"id": "scripted"},
+                  "execution_identity": {"type": "agent"}, "mcp_servers": [], "skills": [],
+                  "tools": [{"type": "agent_toolset_20260401"}]},
+        "metadata": db.work[&work].metadata, "resources": [], "outcome_evaluations": [], "vault_ids": [],
+        "stats": {"active_seconds": 0.0, "duration_seconds": 0.0}, "usage": {"input_tokens": 0, "output_tokens": 0},
+    })))
 }
 
 async fn list_events(
     State(cp): State<LocalControlPlane>,
     Path(session): Path<String>,
+    Query(q): Query<PageQuery>,
     h: HeaderMap,
-    Query(q): Query<wire::ListEventsQuery>,
-) -> ApiResult<Json<wire::EventList>> {
-    {
-        let db = cp.db();
-        let s = db.sessions.get(&session).ok_or_else(|| not_found(format!("session {session}")))?;
-        authorize(&db, &h, Need::Env(&s.env, true))?;
-        if let Some(a) = &q.after_id {
-            if !s.events.iter().any(|e| &e.event_id == a) {
-                return Err(invalid(format!("after_id: no event {a} in session {session}")));
-            }
-        }
+) -> ApiResult<Json<wire::Page<Value>>> {
+    cp.housekeeping();
+    let db = cp.db();
+    let (env, work) = session_work(&db, &session)?;
+    authorize(&db, &h, Need::Item(&env, &work))?;
+    let mut all = db.sessions[&session].events.clone();
+    match q.order.as_deref() {
+        None | Some("asc") => {}
+        Some("desc") => all.reverse(),
+        Some(o) => return Err(invalid(format!("order: must be asc or desc, got {o:?}"))),
     }
-    let limit = q.limit.unwrap_or(100).clamp(1, 1000) as usize;
-    let list = cp
-        .long_poll(Duration::from_millis(q.wait_ms), |db| {
-            let s = &db.sessions[&session];
-            let start = match &q.after_id {
-                Some(a) => s.events.iter().position(|e| &e.event_id == a).map_or(0, |i| i + 1),
-                None => 0,
-            };
-            if start >= s.events.len() {
-                return None;
-            }
-            let data: Vec<EventEnvelope> = s.events[start..].iter().take(limit).cloned().collect();
-            Some(wire::EventList {
-                has_more: start + data.len() < s.events.len(),
-                last_id: data.last().map(|e| e.event_id.clone()),
-                data,
-            })
-        })
-        .await;
-    Ok(Json(list.unwrap_or(wire::EventList { data: Vec::new(), has_more: false, last_id: q.after_id })))
+    Ok(Json(page_of(&all, &q, 20, 1000)?))
 }
 
-async fn post_events(
+async fn send_events(
     State(cp): State<LocalControlPlane>,
     Path(session): Path<String>,
     h: HeaderMap,
-    Json(req): Json<wire::PostEvents>,
-) -> ApiResult<Json<wire::EventList>> {
-    let posted = {
+    body: axum::body::Bytes,
+) -> ApiResult<Json<Value>> {
+    let req: wire::SendEvents<Value> = serde_json::from_slice(&body).map_err(|e| invalid(format!("body: {e}")))?;
+    let sent = {
         let mut db = cp.db();
-        let s = db.sessions.get(&session).ok_or_else(|| not_found(format!("session {session}")))?;
-        authorize(&db, &h, Need::Env(&s.env, false))?;
-        // Validate everything before changing anything.
-        for e in &req.events {
-            let Event::ToolResult { tool_use_id, .. } = e else {
-                return Err(invalid("events: only user.tool_result events can be posted here"));
-            };
-            let issued = s.events.iter().any(|x| matches!(&x.event, Event::ToolUse { id, .. } if id == tool_use_id));
-            if !issued {
-                return Err(invalid(format!("tool_use_id: no tool use {tool_use_id} in session {session}")));
-            }
-            if s.answered_ms.contains_key(tool_use_id) {
-                let tool_use_id = tool_use_id.clone();
-                db.sessions.get_mut(&session).expect("exists").duplicate_results += 1;
-                return Err(conflict(format!("tool use {tool_use_id} already has a result")));
+        let (env, work) = session_work(&db, &session)?;
+        authorize(&db, &h, Need::Item(&env, &work))?;
+        if req.events.is_empty() {
+            return Err(invalid("events: must not be empty"));
+        }
+        let mut sent = Vec::new();
+        for (i, ev) in req.events.into_iter().enumerate() {
+            let kind = ev.get("type").and_then(|t| t.as_str()).unwrap_or_default().to_owned();
+            match kind.as_str() {
+                "user.tool_result" => {
+                    let r: wire::ToolResultEvent =
+                        serde_json::from_value(ev.clone()).map_err(|e| invalid(format!("events.{i}: {e}")))?;
+                    if db.find_tool_use(&session, &r.tool_use_id).is_none() {
+                        return Err(invalid(format!("events.{i}.tool_use_id: no agent.tool_use {}", r.tool_use_id)));
+                    }
+                    let s = db.sessions.get_mut(&session).expect("exists");
+                    if s.answered_ms.contains_key(&r.tool_use_id) || s.answered_by.get(&r.tool_use_id).is_some() {
+                        s.duplicate_results += 1;
+                        tracing::warn!(tool_use_id = %r.tool_use_id, "a second result for one call");
+                        return Err(invalid(format!("events.{i}: tool use {} already has a result", r.tool_use_id)));
+                    }
+                    s.answered_ms.insert(r.tool_use_id.clone(), now_ms());
+                    s.answered_by.insert(r.tool_use_id.clone(), "worker".into());
+                    let waited = s.waiting.as_deref() == Some(r.tool_use_id.as_str());
+                    let stored = serde_json::to_value(&r).expect("serialises");
+                    let id = db.push_event(&session, stored);
+                    sent.push(db.sessions[&session].events.iter().find(|e| e["id"] == id.as_str()).cloned());
+                    if waited {
+                        let s = db.sessions.get_mut(&session).expect("exists");
+                        s.waiting = None;
+                        s.later = None;
+                        s.status = "running".into();
+                        db.push_event(&session, json!({"type": "session.status_running"}));
+                        db.advance(&session);
+                    }
+                }
+                "user.tool_confirmation" | "user.message" | "user.interrupt" | "user.custom_tool_result" => {
+                    let id = db.push_event(&session, ev);
+                    sent.push(db.sessions[&session].events.iter().find(|e| e["id"] == id.as_str()).cloned());
+                }
+                other => return Err(invalid(format!("events.{i}.type: {other:?} cannot be sent"))),
             }
         }
-        let mut posted = Vec::new();
-        for e in req.events {
-            let Event::ToolResult { tool_use_id, .. } = &e else { unreachable!("validated above") };
-            let tool_use_id = tool_use_id.clone();
-            db.sessions.get_mut(&session).expect("exists").answered_ms.insert(tool_use_id.clone(), now_ms());
-            let id = db.push_event(&session, e);
-            posted.push(db.sessions[&session].events.iter().find(|x| x.event_id == id).cloned().expect("pushed"));
-            // The scripted agent answers the latest call with the next one.
-            let s = &db.sessions[&session];
-            let latest = s.events.iter().rev().find_map(|x| match &x.event {
-                Event::ToolUse { id, .. } => Some(id.clone()),
-                _ => None,
-            });
-            if latest.as_deref() == Some(tool_use_id.as_str()) && s.status == "running" {
-                db.advance(&session);
-            }
-        }
-        posted
+        sent
     };
     cp.changed();
-    Ok(Json(wire::EventList { last_id: posted.last().map(|e| e.event_id.clone()), data: posted, has_more: false }))
+    Ok(Json(json!({ "data": sent })))
 }
 
-async fn skill_files(
+/// Server-sent events: every event pushed to the session from now on, `ping` every few seconds.
+/// A client that falls too far behind loses the stream and reconnects (then lists the history).
+async fn stream_events(
     State(cp): State<LocalControlPlane>,
-    Path(skill): Path<String>,
+    Path(session): Path<String>,
     h: HeaderMap,
-) -> ApiResult<Json<wire::SkillFiles>> {
-    let db = cp.db();
-    let env = db
-        .work
-        .values()
-        .find(|w| w.skills.iter().any(|s| s.skill_id == skill))
-        .map(|w| w.env.clone())
-        .ok_or_else(|| not_found(format!("skill {skill}")))?;
-    authorize(&db, &h, Need::Env(&env, true))?;
-    Ok(Json(db.skills[&skill].clone()))
+) -> ApiResult<Response> {
+    let mut rx = {
+        let db = cp.db();
+        let (env, work) = session_work(&db, &session)?;
+        authorize(&db, &h, Need::Item(&env, &work))?;
+        cp.shared.events.subscribe()
+    };
+    let (tx, out) = tokio::sync::mpsc::channel::<Vec<u8>>(64);
+    tokio::spawn(async move {
+        let mut ping = tokio::time::interval(Duration::from_secs(5));
+        loop {
+            let frame = tokio::select! {
+                _ = ping.tick() => "event: ping\ndata: {}\n\n".to_owned(),
+                got = rx.recv() => match got {
+                    Ok((s, ev)) if s == session => {
+                        let name = ev["type"].as_str().unwrap_or("message").to_owned();
+                        format!("event: {name}\ndata: {ev}\n\n")
+                    }
+                    Ok(_) => continue,
+                    Err(broadcast::error::RecvError::Lagged(_)) | Err(broadcast::error::RecvError::Closed) => return,
+                },
+            };
+            if tx.send(frame.into_bytes()).await.is_err() {
+                return;
+            }
+        }
+    });
+    Ok(Response::builder()
+        .status(StatusCode::OK)
+        .header("content-type", "text/event-stream")
+        .header("cache-control", "no-cache")
+        .body(Body::from_stream(Chunks::Channel(out)))
+        .expect("static response"))
 }
 
 async fn create_session(
@@ -963,22 +1341,16 @@ async fn show_session(
     h: HeaderMap,
 ) -> ApiResult<Json<SessionView>> {
     authorize(&cp.db(), &h, Need::Org)?;
-    cp.session_view(&session).map(Json).ok_or_else(|| not_found(format!("session {session}")))
+    cp.session_view(&session).map(Json).ok_or_else(|| not_found(format!("session {session} not found")))
 }
 
-async fn add_faults(
-    State(cp): State<LocalControlPlane>,
-    h: HeaderMap,
-    Json(req): Json<Faults>,
-) -> ApiResult<StatusCode> {
+async fn add_faults(State(cp): State<LocalControlPlane>, h: HeaderMap, Json(f): Json<Faults>) -> ApiResult<StatusCode> {
     let mut db = cp.db();
     authorize(&db, &h, Need::Org)?;
-    db.faults.extend(req.faults.into_iter().filter(|f| f.count > 0));
+    db.faults.extend(f.faults);
     Ok(StatusCode::NO_CONTENT)
 }
 
-/// Drops the faults not yet injected, so a test can end an outage when it has seen its effect
-/// instead of guessing how many requests the outage must last.
 async fn clear_faults(State(cp): State<LocalControlPlane>, h: HeaderMap) -> ApiResult<StatusCode> {
     let mut db = cp.db();
     authorize(&db, &h, Need::Org)?;

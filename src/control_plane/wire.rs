@@ -1,44 +1,42 @@
-//! The wire format of the Environments Work API and of session events.
+//! The wire format of the Environments Work API, session events and skills, as the official
+//! SDKs speak it (`shared/spec/control-plane.md`). The API client and the local control plane
+//! both use these types and paths, so the two cannot drift apart.
 //!
-//! Most of it is INFERRED (see `shared/spec/control-plane.md`): paths, the claim/heartbeat/complete
-//! shapes, the event types and the auth header. Every such choice lives in this file, and both
-//! the API client and the local control plane use these types and paths, so a correction made
-//! here moves the worker and the local server together. Unknown fields are ignored everywhere;
-//! a missing required field fails deserialisation with serde's "missing field `x`".
+//! Parsing is lenient where the API grows: unknown fields are ignored, unknown event types are
+//! kept as `Event::Other`, and only the fields the worker acts on are required.
 
 use serde::{Deserialize, Serialize};
 
-/// KNOWN: the API version header value.
+/// The API version header value (`anthropic-version`).
 pub const API_VERSION: &str = "2023-06-01";
-/// INFERRED: the beta that gates self-hosted environments.
+/// The beta that gates environments, work and sessions (`anthropic-beta`).
 pub const BETA: &str = "managed-agents-2026-04-01";
+/// The beta of the skills endpoints.
+pub const SKILLS_BETA: &str = "skills-2025-10-02";
 pub const DEFAULT_API_URL: &str = "https://api.anthropic.com";
+/// The first heartbeat's `expected_last_heartbeat`: it claims the lease.
+pub const NO_HEARTBEAT: &str = "NO_HEARTBEAT";
+/// The longest `block_ms` a poll may ask for.
+pub const MAX_BLOCK_MS: u32 = 999;
+/// The header that names the polling worker.
+pub const WORKER_ID_HEADER: &str = "anthropic-worker-id";
 
-/// How the key is presented. INFERRED: the real API takes API keys as `x-api-key`; whether the
-/// environment key goes the same way or as a bearer token is not known, so both are supported.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
-pub enum AuthScheme {
-    #[default]
-    XApiKey,
-    Bearer,
-}
-
-/// Request paths, relative to the API base URL.
+/// Request paths, relative to the API base URL. Every SDK adds `?beta=true`; the client does too.
 pub mod path {
-    pub fn claim(env: &str) -> String {
-        format!("/v1/environments/{env}/work/claim")
+    pub fn poll(env: &str) -> String {
+        format!("/v1/environments/{env}/work/poll")
+    }
+    pub fn work_list(env: &str) -> String {
+        format!("/v1/environments/{env}/work")
     }
     pub fn work(env: &str, work: &str) -> String {
         format!("/v1/environments/{env}/work/{work}")
     }
+    pub fn ack(env: &str, work: &str) -> String {
+        format!("/v1/environments/{env}/work/{work}/ack")
+    }
     pub fn heartbeat(env: &str, work: &str) -> String {
         format!("/v1/environments/{env}/work/{work}/heartbeat")
-    }
-    pub fn complete(env: &str, work: &str) -> String {
-        format!("/v1/environments/{env}/work/{work}/complete")
-    }
-    pub fn release(env: &str, work: &str) -> String {
-        format!("/v1/environments/{env}/work/{work}/release")
     }
     pub fn stop(env: &str, work: &str) -> String {
         format!("/v1/environments/{env}/work/{work}/stop")
@@ -46,193 +44,337 @@ pub mod path {
     pub fn stats(env: &str) -> String {
         format!("/v1/environments/{env}/work/stats")
     }
+    pub fn session(session: &str) -> String {
+        format!("/v1/sessions/{session}")
+    }
     pub fn events(session: &str) -> String {
         format!("/v1/sessions/{session}/events")
     }
-    pub fn skill_files(skill: &str) -> String {
-        format!("/v1/skills/{skill}/files")
+    pub fn events_stream(session: &str) -> String {
+        format!("/v1/sessions/{session}/events/stream")
+    }
+    pub fn skill_versions(skill: &str) -> String {
+        format!("/v1/skills/{skill}/versions")
+    }
+    pub fn skill_version(skill: &str, version: &str) -> String {
+        format!("/v1/skills/{skill}/versions/{version}")
+    }
+    pub fn skill_content(skill: &str, version: &str) -> String {
+        format!("/v1/skills/{skill}/versions/{version}/content")
     }
 }
 
-/// INFERRED: the states of a work item.
+/// The states of a work item.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum WorkState {
     Queued,
-    Claimed,
-    Running,
+    Starting,
+    Active,
     Stopping,
     Stopped,
-    Completed,
-    Failed,
 }
 
-/// A work item: one session assigned to the environment.
+impl WorkState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            WorkState::Queued => "queued",
+            WorkState::Starting => "starting",
+            WorkState::Active => "active",
+            WorkState::Stopping => "stopping",
+            WorkState::Stopped => "stopped",
+        }
+    }
+}
+
+/// What a work item is for: `{"type":"session","id":"session_…"}` or a health check.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WorkData {
+    #[serde(rename = "type", default)]
+    pub kind: String,
+    pub id: String,
+}
+
+/// A work item (`BetaSelfHostedWork`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct WorkItem {
     pub id: String,
     #[serde(rename = "type", default = "work_type")]
     pub kind: String,
-    pub session_id: String,
-    pub state: WorkState,
-    /// RFC 3339; present while claimed.
     #[serde(default)]
-    pub lease_expires_at: Option<String>,
+    pub environment_id: String,
+    pub data: WorkData,
+    pub state: WorkState,
+    #[serde(default)]
+    pub created_at: Option<String>,
+    #[serde(default)]
+    pub acknowledged_at: Option<String>,
+    #[serde(default)]
+    pub started_at: Option<String>,
+    #[serde(default)]
+    pub latest_heartbeat_at: Option<String>,
+    #[serde(default)]
+    pub stop_requested_at: Option<String>,
+    #[serde(default)]
+    pub stopped_at: Option<String>,
     #[serde(default)]
     pub metadata: serde_json::Map<String, serde_json::Value>,
-    /// INFERRED: the agent's skills, downloaded into /workspace/skills/<name>/.
+    /// base64url JSON `WorkSecret`, on poll answers only. Never logged.
     #[serde(default)]
-    pub skills: Vec<SkillRef>,
-    /// INFERRED: a `work.stop` request, surfaced on heartbeats.
-    #[serde(default)]
-    pub stop_requested: bool,
-    #[serde(default)]
-    pub force: bool,
+    pub secret: Option<String>,
 }
 
 fn work_type() -> String {
     "work".into()
 }
 
+impl WorkItem {
+    /// The session this item serves; None for health checks and other kinds.
+    pub fn session_id(&self) -> Option<&str> {
+        (self.data.kind == "session").then_some(self.data.id.as_str())
+    }
+}
+
+impl std::fmt::Display for WorkState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The decoded `secret` of a work item: the bearer for that item's per-session calls.
+#[derive(Clone, Deserialize, Serialize)]
+pub struct WorkSecret {
+    pub sessions_token: String,
+    #[serde(default)]
+    pub api_base_url: Option<String>,
+}
+
+impl std::fmt::Debug for WorkSecret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("WorkSecret([redacted])")
+    }
+}
+
+impl WorkSecret {
+    /// Decodes the base64url (padded or not) JSON payload; None when it yields no token.
+    pub fn decode(secret: &str) -> Option<WorkSecret> {
+        use base64::Engine;
+        let trimmed = secret.trim().trim_end_matches('=');
+        let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(trimmed).ok()?;
+        let s: WorkSecret = serde_json::from_slice(&bytes).ok()?;
+        (!s.sessions_token.is_empty()).then_some(s)
+    }
+
+    pub fn encode(&self) -> String {
+        use base64::Engine;
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(serde_json::to_vec(self).expect("serialises"))
+    }
+}
+
+/// The answer to a heartbeat (`BetaSelfHostedWorkHeartbeatResponse`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct SkillRef {
-    pub name: String,
-    pub skill_id: String,
+pub struct HeartbeatResponse {
+    #[serde(rename = "type", default)]
+    pub kind: String,
+    pub last_heartbeat: String,
+    pub lease_extended: bool,
+    pub state: WorkState,
+    pub ttl_seconds: u64,
 }
 
-/// INFERRED: `GET /v1/skills/{id}/files`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct SkillFiles {
-    pub files: Vec<SkillFile>,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct SkillFile {
-    /// Relative path inside the skill's directory.
-    pub path: String,
-    pub content_base64: String,
-    #[serde(default)]
-    pub executable: bool,
-}
-
-/// INFERRED: body of a claim. `wait_ms` asks the server to hold the request (long poll) until an
-/// item is queued or the time passes; the answer is 204 when nothing was claimed.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct ClaimRequest {
-    pub worker_id: String,
-    #[serde(default)]
-    pub wait_ms: u64,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct HeartbeatRequest {
-    pub worker_id: String,
-}
-
-/// INFERRED: how a worker ends its hold on an item.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum FinalStatus {
-    Completed,
-    Stopped,
-    Failed,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct CompleteRequest {
-    pub worker_id: String,
-    pub status: FinalStatus,
-    #[serde(default)]
-    pub message: Option<String>,
-}
-
-/// Hands an item back to the queue, for another worker.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct ReleaseRequest {
-    pub worker_id: String,
-    #[serde(default)]
-    pub reason: Option<String>,
-}
-
-/// KNOWN: `work.stop(work_id, environment_id, force?)`.
+/// `work.stop` body.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct StopRequest {
     #[serde(default)]
     pub force: bool,
 }
 
-/// KNOWN: `work.stats(environment_id)`.
+/// `work.update` body: a merge patch of the metadata (null removes a key).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct UpdateWork {
+    pub metadata: serde_json::Map<String, serde_json::Value>,
+}
+
+/// `work.stats` (`BetaSelfHostedWorkQueueStats`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct WorkQueueStats {
-    #[serde(rename = "type")]
+    #[serde(rename = "type", default)]
     pub kind: String,
     pub depth: u64,
     pub pending: u64,
-    pub oldest_queued_at: Option<String>,
-    pub workers_polling: u64,
-}
-
-/// INFERRED: session events. Only the types the worker acts on are modelled; anything else
-/// deserialises as `Other` and is skipped.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "type")]
-pub enum Event {
-    #[serde(rename = "agent.tool_use")]
-    ToolUse {
-        id: String,
-        name: String,
-        #[serde(default)]
-        input: serde_json::Value,
-    },
-    #[serde(rename = "user.tool_result")]
-    ToolResult { tool_use_id: String, content: String, is_error: bool },
-    #[serde(rename = "session.status_running")]
-    StatusRunning,
-    /// The agent finished its turn: the work item is done.
-    #[serde(rename = "session.status_idle")]
-    StatusIdle,
-    #[serde(rename = "session.status_terminated")]
-    StatusTerminated,
-    #[serde(other)]
-    Other,
-}
-
-/// An event as listed: the server's id and time around the event itself.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct EventEnvelope {
-    /// The event's position in the session's stream (`evt_...`); for tool uses it is also the
-    /// tool_use id, which the event body repeats.
-    pub event_id: String,
     #[serde(default)]
-    pub created_at: Option<String>,
-    #[serde(flatten)]
+    pub oldest_queued_at: Option<String>,
+    /// Workers that polled in the last 30 s; null when the server cannot tell.
+    #[serde(default)]
+    pub workers_polling: Option<u64>,
+}
+
+/// A cursor page: `{"data": [...], "next_page": "…" | null}`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Page<T> {
+    pub data: Vec<T>,
+    #[serde(default)]
+    pub next_page: Option<String>,
+}
+
+/// A content block of a tool result.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ContentBlock {
+    Text { text: String },
+    Image { source: serde_json::Value },
+    Document { source: serde_json::Value },
+}
+
+impl ContentBlock {
+    /// The runner's rendering of a text result: an empty text becomes `(no output)`.
+    pub fn text(s: impl Into<String>) -> ContentBlock {
+        let s = s.into();
+        ContentBlock::Text { text: if s.is_empty() { "(no output)".into() } else { s } }
+    }
+}
+
+/// Why a session went idle.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StopReason {
+    #[serde(rename = "type")]
+    pub kind: String,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub event_ids: Vec<String>,
+}
+
+/// A session event, as far as the worker acts on it.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Event {
+    ToolUse {
+        name: String,
+        input: serde_json::Value,
+        permission: Permission,
+    },
+    ToolResult {
+        tool_use_id: String,
+    },
+    ToolConfirmation {
+        tool_use_id: String,
+        allow: bool,
+    },
+    Idle {
+        stop_reason: Option<String>,
+    },
+    Running,
+    Terminated,
+    Deleted,
+    /// Any other type: kept so that it re-arms the idle clock, otherwise ignored.
+    Other(String),
+}
+
+/// `agent.tool_use.evaluated_permission`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Permission {
+    Allow,
+    /// `ask`, or a value this worker does not know: wait for a confirmation.
+    Ask,
+    Deny,
+}
+
+/// One event of a session's stream: its id and what it means to the worker.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SessionEvent {
+    pub id: String,
     pub event: Event,
 }
 
-/// INFERRED: `GET /v1/sessions/{id}/events?after_id=…&wait_ms=…&limit=…`.
+impl SessionEvent {
+    /// Reads an event leniently: an event of an unknown type, or a known type missing a field
+    /// the worker does not need, still parses. Fails only without an id or a type, or when a
+    /// known type lacks a field the worker acts on.
+    pub fn parse(v: &serde_json::Value) -> Result<SessionEvent, String> {
+        let s = |k: &str| v.get(k).and_then(|x| x.as_str());
+        let id = s("id").ok_or("an event without an id")?.to_owned();
+        let kind = s("type").ok_or_else(|| format!("event {id} has no type"))?;
+        let need = |k: &str| s(k).map(str::to_owned).ok_or_else(|| format!("{kind} event {id} has no {k}"));
+        let event = match kind {
+            "agent.tool_use" => Event::ToolUse {
+                name: need("name")?,
+                input: v.get("input").cloned().unwrap_or(serde_json::Value::Object(Default::default())),
+                permission: match s("evaluated_permission") {
+                    None | Some("allow") => Permission::Allow,
+                    Some("deny") => Permission::Deny,
+                    Some(_) => Permission::Ask,
+                },
+            },
+            "user.tool_result" => Event::ToolResult { tool_use_id: need("tool_use_id")? },
+            "user.tool_confirmation" => {
+                Event::ToolConfirmation { tool_use_id: need("tool_use_id")?, allow: s("result") == Some("allow") }
+            }
+            "session.status_idle" => Event::Idle {
+                stop_reason: v
+                    .get("stop_reason")
+                    .and_then(|r| r.get("type"))
+                    .and_then(|t| t.as_str())
+                    .map(str::to_owned),
+            },
+            "session.status_running" => Event::Running,
+            "session.status_terminated" => Event::Terminated,
+            "session.deleted" => Event::Deleted,
+            other => Event::Other(other.to_owned()),
+        };
+        Ok(SessionEvent { id, event })
+    }
+}
+
+/// The event a worker posts for one tool call.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ToolResultEvent {
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub tool_use_id: String,
+    pub is_error: bool,
+    pub content: Vec<ContentBlock>,
+}
+
+impl ToolResultEvent {
+    pub fn new(tool_use_id: &str, is_error: bool, content: Vec<ContentBlock>) -> ToolResultEvent {
+        let content = if content.is_empty() { vec![ContentBlock::text("")] } else { content };
+        ToolResultEvent { kind: "user.tool_result".into(), tool_use_id: tool_use_id.into(), is_error, content }
+    }
+}
+
+/// `events.send` body.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SendEvents<E> {
+    pub events: Vec<E>,
+}
+
+/// A session as far as the worker reads it: the agent's skills.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
-pub struct ListEventsQuery {
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub after_id: Option<String>,
+pub struct Session {
+    pub id: String,
     #[serde(default)]
-    pub wait_ms: u64,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub limit: Option<u32>,
+    pub agent: Option<SessionAgent>,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct EventList {
-    pub data: Vec<EventEnvelope>,
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct SessionAgent {
     #[serde(default)]
-    pub has_more: bool,
-    #[serde(default)]
-    pub last_id: Option<String>,
+    pub skills: Vec<SkillRef>,
 }
 
-/// INFERRED: `POST /v1/sessions/{id}/events`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SkillRef {
+    #[serde(rename = "type", default)]
+    pub kind: String,
+    pub skill_id: String,
+    #[serde(default)]
+    pub version: String,
+}
+
+/// `GET /v1/skills/{id}/versions/{v}`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct PostEvents {
-    pub events: Vec<Event>,
+pub struct SkillVersion {
+    #[serde(default)]
+    pub name: String,
+    pub version: String,
 }
 
 /// The API's error body: `{"type":"error","error":{"type":"not_found_error","message":"…"}}`.
@@ -248,12 +390,14 @@ pub struct ErrorDetail {
     #[serde(rename = "type")]
     pub kind: String,
     pub message: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub details: Option<serde_json::Value>,
 }
 
-/// INFERRED: which webhook event types wake a worker.
+/// Which webhook event types wake a worker.
 pub const WEBHOOK_WAKE_EVENTS: &[&str] = &["session.status_run_started"];
 
-/// Webhook headers (Standard Webhooks style, INFERRED).
+/// Standard Webhooks headers.
 pub mod webhook_header {
     pub const ID: &str = "webhook-id";
     pub const TIMESTAMP: &str = "webhook-timestamp";
@@ -263,23 +407,70 @@ pub mod webhook_header {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
 
     #[test]
-    fn unknown_fields_are_ignored_and_missing_ones_named() {
-        let item: WorkItem = serde_json::from_str(
-            r#"{"id":"w1","type":"work","session_id":"s1","state":"claimed","novel":{"x":1},"lease_expires_at":null}"#,
+    fn a_real_work_item_parses_and_unknown_fields_are_ignored() {
+        let item: WorkItem = serde_json::from_value(json!({
+            "type": "work", "id": "work_1", "environment_id": "env_1",
+            "data": {"type": "session", "id": "session_1"}, "state": "queued",
+            "created_at": "2026-01-01T00:00:00Z", "acknowledged_at": null, "metadata": {"k": "v"},
+            "secret": null, "novel": {"x": 1}
+        }))
+        .unwrap();
+        assert_eq!(item.session_id(), Some("session_1"));
+        let hc: WorkItem = serde_json::from_value(
+            json!({"id": "work_2", "data": {"type": "healthcheck", "id": "hc"}, "state": "queued"}),
         )
         .unwrap();
-        assert_eq!(item.state, WorkState::Claimed);
-        let e = serde_json::from_str::<WorkItem>(r#"{"id":"w1","state":"queued"}"#).unwrap_err();
-        assert!(e.to_string().contains("session_id"), "{e}");
-        let ev: EventEnvelope =
-            serde_json::from_str(r#"{"event_id":"e1","type":"agent.thinking","text":"hm"}"#).unwrap();
-        assert_eq!(ev.event, Event::Other);
-        let ev: EventEnvelope = serde_json::from_str(
-            r#"{"event_id":"e2","type":"agent.tool_use","id":"tu1","name":"bash","input":{"command":"ls"},"extra":1}"#,
+        assert_eq!(hc.session_id(), None);
+        let e = serde_json::from_value::<WorkItem>(json!({"id": "w", "state": "queued"})).unwrap_err();
+        assert!(e.to_string().contains("data"), "{e}");
+        let stats: WorkQueueStats = serde_json::from_value(
+            json!({"type": "work_queue_stats", "depth": 0, "pending": 0, "oldest_queued_at": null, "workers_polling": null}),
         )
         .unwrap();
-        assert!(matches!(ev.event, Event::ToolUse { ref name, .. } if name == "bash"));
+        assert_eq!(stats.workers_polling, None);
+    }
+
+    #[test]
+    fn events_parse_leniently() {
+        let p = |v| SessionEvent::parse(&v);
+        let e = p(json!({"id": "sevt_1", "type": "agent.tool_use", "name": "bash", "input": {"command": "ls"},
+                         "evaluated_permission": "ask", "processed_at": "x"}))
+        .unwrap();
+        assert!(matches!(e.event, Event::ToolUse { permission: Permission::Ask, .. }));
+        let e =
+            p(json!({"id": "sevt_2", "type": "agent.tool_use", "name": "read", "evaluated_permission": null})).unwrap();
+        assert!(matches!(e.event, Event::ToolUse { permission: Permission::Allow, .. }));
+        let e = p(json!({"id": "sevt_3", "type": "span.model_request_start", "whatever": [1, 2]})).unwrap();
+        assert_eq!(e.event, Event::Other("span.model_request_start".into()));
+        let e = p(json!({"id": "sevt_4", "type": "session.status_idle", "stop_reason": {"type": "end_turn"}})).unwrap();
+        assert_eq!(e.event, Event::Idle { stop_reason: Some("end_turn".into()) });
+        assert!(p(json!({"type": "agent.tool_use", "name": "bash"})).is_err());
+        assert!(p(json!({"id": "x", "type": "user.tool_result"})).unwrap_err().contains("tool_use_id"));
+    }
+
+    #[test]
+    fn results_carry_blocks_and_empty_text_reads_no_output() {
+        let ev = ToolResultEvent::new("sevt_1", false, vec![ContentBlock::text("")]);
+        assert_eq!(
+            serde_json::to_value(&ev).unwrap(),
+            json!({"type": "user.tool_result", "tool_use_id": "sevt_1", "is_error": false,
+                   "content": [{"type": "text", "text": "(no output)"}]})
+        );
+        assert_eq!(ToolResultEvent::new("a", true, vec![]).content, vec![ContentBlock::text("(no output)")]);
+    }
+
+    #[test]
+    fn work_secrets_decode_padded_or_not_and_never_print() {
+        let s = WorkSecret { sessions_token: "sk-ant-req-1".into(), api_base_url: Some("http://x".into()) };
+        let enc = s.encode();
+        let d = WorkSecret::decode(&enc).unwrap();
+        assert_eq!(d.sessions_token, "sk-ant-req-1");
+        let padded = format!("{enc}{}", "=".repeat((4 - enc.len() % 4) % 4));
+        assert!(WorkSecret::decode(&padded).is_some());
+        assert!(WorkSecret::decode("not base64 !").is_none());
+        assert_eq!(format!("{d:?}"), "WorkSecret([redacted])");
     }
 }

@@ -1,7 +1,10 @@
-//! One work item, from claim to release: its directories, its jail, the lease heartbeat, the
-//! session's tool calls and their results.
+//! One work item, from ack to stop: its directories, its jail, the lease heartbeat, the
+//! session's tool calls and their results. The flow is the official worker's
+//! (`anthropic.lib.environments.EnvironmentWorker`): heartbeat first, then the session's event
+//! stream plus a full listing of its history, one tool call at a time, and a forced stop at the
+//! end unless the lease was lost.
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 use tokio::sync::watch;
@@ -10,36 +13,64 @@ use tracing::Instrument;
 use super::runner::{RunnerError, SessionProcess};
 use super::state::{ItemDirs, ItemRecord};
 use super::{Ctx, Shutdown};
-use crate::control_plane::wire::{Event, FinalStatus, WorkItem};
-use crate::control_plane::{ApiError, Backoff};
+use crate::control_plane::client::EventStream;
+use crate::control_plane::wire::{
+    ContentBlock, Event, Permission, SessionEvent, ToolResultEvent, WorkItem, WorkSecret, WorkState, NO_HEARTBEAT,
+};
+use crate::control_plane::{ApiError, Backoff, Client, Secret};
 use crate::policy::narrow::{self, Narrowing};
-use crate::tools::ToolResult;
-use crate::util::{parse_rfc3339, rfc3339};
+use crate::tools::{ToolResult, TOOLS};
+use crate::util::rfc3339;
+
+/// The heartbeat period before the server has said how long a lease lasts.
+const HEARTBEAT_DEFAULT: Duration = Duration::from_secs(30);
+/// The lease assumed before the first answer: transient failures this long mean it is gone.
+const TTL_DEFAULT: Duration = Duration::from_secs(90);
+/// Events per listing page (the most the API gives).
+const LIST_LIMIT: u32 = 1000;
 
 /// What the lease heartbeat has learned, in increasing severity.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub(super) enum Lease {
     Held,
+    /// `stopping`, a lease no longer extended, or a heartbeat refused for good: finish the
+    /// running call, then end.
     StopRequested,
+    /// `stopped`: kill the jail now.
     ForceRequested,
+    /// 412, or no heartbeat succeeded for a whole lease: the item is someone else's.
     Lost,
 }
 
 /// How an item's session ended.
 #[derive(Debug)]
 enum End {
-    /// The session went idle: the agent's run is over.
-    Completed,
-    /// `work.stop` asked for it.
+    /// The agent's turn ended and stayed ended for `max_idle`, or the session was terminated.
+    Completed(&'static str),
+    /// The control plane asked for it.
     Stopped {
         forced: bool,
     },
-    /// The worker is shutting down: the item goes back to the queue.
-    Released {
+    /// The worker is shutting down: the item is left to its lease (a restarted worker resumes
+    /// it; otherwise it returns to the queue when the lease runs out).
+    Left {
         reason: String,
     },
     Lost,
     Failed(String),
+}
+
+impl End {
+    fn describe(&self) -> String {
+        match self {
+            End::Completed(why) => format!("completed ({why})"),
+            End::Stopped { forced: true } => "stopped (forced)".into(),
+            End::Stopped { forced: false } => "stopped".into(),
+            End::Left { reason } => format!("left to its lease ({reason})"),
+            End::Lost => "lease lost".into(),
+            End::Failed(m) => format!("failed: {m}"),
+        }
+    }
 }
 
 /// The severity of the signals in force: the lease's and the worker's.
@@ -66,34 +97,75 @@ async fn must_kill(mut lease: watch::Receiver<Lease>, mut shutdown: watch::Recei
     }
 }
 
-pub(super) async fn run(ctx: Arc<Ctx>, item: WorkItem, resume: bool, shutdown: watch::Receiver<Shutdown>) {
-    let span = tracing::info_span!("work", work_id = %item.id, session_id = %item.session_id);
+/// The client for one item's own calls: its sessions token when the poll carried one,
+/// otherwise the environment key.
+fn item_client(ctx: &Ctx, item: &WorkItem) -> Client {
+    let Some(secret) = item.secret.as_deref() else { return ctx.client.clone() };
+    match WorkSecret::decode(secret) {
+        Some(s) => ctx.client.with_bearer(Secret::new(s.sessions_token.clone()), s.api_base_url.as_deref()),
+        None => {
+            tracing::warn!("the work item's secret yielded no sessions token; using the environment key");
+            ctx.client.clone()
+        }
+    }
+}
+
+/// Serves one acknowledged item (or, with `resume`, one a previous run of this worker held,
+/// whose lease continues from `last_heartbeat`).
+pub(super) async fn run(
+    ctx: Arc<Ctx>,
+    item: WorkItem,
+    last_heartbeat: Option<String>,
+    shutdown: watch::Receiver<Shutdown>,
+) {
+    let session_id = item.data.id.clone();
+    let span = tracing::info_span!("work", work_id = %item.id, session_id = %session_id);
     async move {
-        let rec =
-            ItemRecord { item: item.clone(), environment_id: ctx.env.clone(), started_at: rfc3339(SystemTime::now()) };
+        let client = item_client(&ctx, &item);
+        let rec = ItemRecord {
+            item: item.clone(),
+            environment_id: ctx.env.clone(),
+            started_at: rfc3339(SystemTime::now()),
+            last_heartbeat: last_heartbeat.clone(),
+        };
+        let (lease_tx, lease_rx) = watch::channel(Lease::Held);
+        let lease_tx = Arc::new(lease_tx);
+        // The heartbeat starts first, as the official worker's does: the lease is claimed
+        // before anything slow happens.
+        let ttl = Arc::new(std::sync::Mutex::new(TTL_DEFAULT));
+        let hb = tokio::spawn(
+            heartbeat(ctx.clone(), client.clone(), rec.clone(), lease_tx.clone(), ttl.clone()).in_current_span(),
+        );
         let dirs = match ctx.state.hold(&rec, ctx.owner) {
             Ok(d) => d,
             Err(e) => {
-                tracing::error!(error = %e, "cannot set up the session's directories; releasing the item");
-                let _ = ctx.client.release(&ctx.env, &item.id, &ctx.state.worker_id, "worker state error").await;
+                tracing::error!(error = %e, "cannot set up the session's directories");
+                hb.abort();
+                stop_item(&ctx, &client, &item.id, &lease_rx).await;
                 return;
             }
         };
-        tracing::info!(resume, workspace = %dirs.workspace.display(), "session starting");
+        tracing::info!(resume = last_heartbeat.is_some(), workspace = %dirs.workspace.display(), "session starting");
         ctx.metrics.active_sessions.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let (lease_tx, lease_rx) = watch::channel(Lease::Held);
-        let lease_tx = Arc::new(lease_tx);
         ctx.active.lock().unwrap_or_else(|p| p.into_inner()).insert(item.id.clone(), lease_tx.clone());
-        let hb = tokio::spawn(heartbeat(ctx.clone(), item.clone(), lease_tx).in_current_span());
-        let end = drive(&ctx, &item, &dirs, lease_rx.clone(), shutdown).await;
-        finish(&ctx, &item, &end, &lease_rx).await;
+        let runner = Runner { ctx: &ctx, client: &client, item: &item, session: &session_id, dirs: &dirs, ttl };
+        let end = runner.drive(lease_rx.clone(), shutdown).await;
         hb.abort();
-        let (kept, files) = ctx.state.retire(&rec);
+        match &end {
+            End::Lost => {}
+            End::Left { .. } => {}
+            End::Failed(m) => {
+                tracing::error!(error = %m, "session failed");
+                stop_item(&ctx, &client, &item.id, &lease_rx).await;
+            }
+            _ => stop_item(&ctx, &client, &item.id, &lease_rx).await,
+        }
+        let (kept, files) = if matches!(end, End::Left { .. }) { (None, Vec::new()) } else { ctx.state.retire(&rec) };
         ctx.metrics.active_sessions.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
         tracing::info!(
-            end = ?end,
+            end = %end.describe(),
             outputs = kept.as_ref().map(|p| p.display().to_string()),
-            output_files = ?files,
+            output_files = files.len(),
             "session ended"
         );
         ctx.state.prune_outputs(ctx.retention);
@@ -103,14 +175,37 @@ pub(super) async fn run(ctx: Arc<Ctx>, item: WorkItem, resume: bool, shutdown: w
     .await
 }
 
+/// Ends the item on the control plane: `stop {"force": true}`, a 409 (already stopped) is fine.
+/// Not after a lost lease: the item is someone else's then.
+async fn stop_item(ctx: &Ctx, client: &Client, work_id: &str, lease: &watch::Receiver<Lease>) {
+    let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
+    for _ in 0..5 {
+        if *lease.borrow() == Lease::Lost {
+            return;
+        }
+        match client.stop(&ctx.env, work_id, true).await {
+            Ok(_) | Err(ApiError::Conflict(_)) => return,
+            Err(e) if e.is_transient() => {
+                tracing::warn!(error = %e, "stopping the item failed; retrying");
+                tokio::time::sleep(backoff.delay_for(&e)).await;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "stopping the item failed");
+                return;
+            }
+        }
+    }
+}
+
 /// The control plane handed out `work_id` again while this worker still runs it: the lease that
 /// run holds has expired, so the run is told so (its jail dies at once) and waited for.
 pub(super) async fn supersede(ctx: &Ctx, work_id: &str) {
     let old = ctx.active.lock().unwrap_or_else(|p| p.into_inner()).get(work_id).cloned();
     let Some(tx) = old else { return };
-    tracing::warn!(work_id, "claimed again while still running it: the earlier lease expired; stopping that run");
-    ctx.metrics.lease_losses.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    tx.send_replace(Lease::Lost);
+    tracing::warn!(work_id, "handed out again while still running it: the earlier lease expired; stopping that run");
+    if tx.send_replace(Lease::Lost) != Lease::Lost {
+        ctx.metrics.lease_losses.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
     let t = Instant::now();
     while ctx.active.lock().unwrap_or_else(|p| p.into_inner()).contains_key(work_id)
         && t.elapsed() < Duration::from_secs(30)
@@ -119,20 +214,15 @@ pub(super) async fn supersede(ctx: &Ctx, work_id: &str) {
     }
 }
 
-async fn heartbeat(ctx: Arc<Ctx>, item: WorkItem, tx: Arc<watch::Sender<Lease>>) {
-    // The lease's end, taken off the server's timestamp once at receipt and then kept on the
-    // monotonic clock, so that a stepped host clock cannot end (or extend) it.
-    let parse = |w: &WorkItem| {
-        w.lease_expires_at
-            .as_deref()
-            .and_then(|t| parse_rfc3339(t).ok())
-            .map(|end| Instant::now() + end.duration_since(SystemTime::now()).unwrap_or_default())
-    };
-    let mut until = parse(&item).unwrap_or_else(|| Instant::now() + Duration::from_secs(30));
-    let every = ctx.heartbeat_every.unwrap_or_else(|| {
-        let left = until.saturating_duration_since(Instant::now());
-        (left / 3).clamp(Duration::from_millis(200), Duration::from_secs(30))
-    });
+/// Keeps the lease: `NO_HEARTBEAT` first (or the last beat a previous run saw), then each
+/// answer's `last_heartbeat` echoed, every `min(ttl/2, 30 s)`, each beat bounded by the interval.
+async fn heartbeat(
+    ctx: Arc<Ctx>,
+    client: Client,
+    mut rec: ItemRecord,
+    tx: Arc<watch::Sender<Lease>>,
+    ttl_out: Arc<std::sync::Mutex<Duration>>,
+) {
     let raise = |to: Lease| {
         tx.send_if_modified(|l| {
             let up = to > *l;
@@ -140,128 +230,297 @@ async fn heartbeat(ctx: Arc<Ctx>, item: WorkItem, tx: Arc<watch::Sender<Lease>>)
                 *l = to;
             }
             up
-        });
+        })
     };
-    let mut failing = false;
+    let mut interval = ctx.heartbeat_every.unwrap_or(HEARTBEAT_DEFAULT);
+    let mut ttl = TTL_DEFAULT;
+    let mut last = rec.last_heartbeat.clone().unwrap_or_else(|| NO_HEARTBEAT.to_owned());
+    let mut last_success = Instant::now();
     loop {
-        tokio::time::sleep(if failing { every.min(Duration::from_secs(1)) } else { every }).await;
-        match ctx.client.heartbeat(&ctx.env, &item.id, &ctx.state.worker_id).await {
-            Ok(w) => {
-                failing = false;
-                until = parse(&w).unwrap_or(until);
-                if w.force {
-                    raise(Lease::ForceRequested);
-                } else if w.stop_requested {
-                    raise(Lease::StopRequested);
+        match client.heartbeat(&ctx.env, &rec.item.id, &last, interval).await {
+            Ok(r) => {
+                last = r.last_heartbeat.clone();
+                last_success = Instant::now();
+                if r.ttl_seconds > 0 {
+                    ttl = Duration::from_secs(r.ttl_seconds);
+                    *ttl_out.lock().unwrap_or_else(|p| p.into_inner()) = ttl;
+                    interval = ctx
+                        .heartbeat_every
+                        .unwrap_or_else(|| (ttl / 2).clamp(Duration::from_secs(1), HEARTBEAT_DEFAULT));
+                }
+                rec.last_heartbeat = Some(r.last_heartbeat);
+                if let Err(e) = ctx.state.record(&rec) {
+                    tracing::warn!(error = %e, "could not record the heartbeat; a restart will not resume this item");
+                }
+                match r.state {
+                    WorkState::Stopped => {
+                        tracing::info!("the control plane stopped the item");
+                        raise(Lease::ForceRequested);
+                        return;
+                    }
+                    WorkState::Stopping => {
+                        tracing::info!("the control plane asks the item to stop");
+                        raise(Lease::StopRequested);
+                    }
+                    _ if !r.lease_extended => {
+                        tracing::info!("the lease was not extended");
+                        raise(Lease::StopRequested);
+                    }
+                    _ => {}
                 }
             }
-            Err(e @ (ApiError::LeaseLost(_) | ApiError::NotFound(_))) => {
+            Err(e @ ApiError::LeaseLost(_)) => {
                 tracing::warn!(error = %e, "lease lost");
-                ctx.metrics.lease_losses.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                raise(Lease::Lost);
+                if raise(Lease::Lost) {
+                    ctx.metrics.lease_losses.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
+                return;
+            }
+            Err(e) if !e.is_transient() => {
+                tracing::error!(error = %e, "heartbeat refused; ending the session");
+                raise(Lease::StopRequested);
                 return;
             }
             Err(e) => {
-                failing = true;
                 ctx.metrics.heartbeat_failures.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                if Instant::now() >= until {
-                    tracing::warn!(error = %e, "heartbeats failed until the lease ran out; lease lost");
-                    ctx.metrics.lease_losses.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    raise(Lease::Lost);
+                if last_success.elapsed() > ttl {
+                    tracing::warn!(error = %e, ttl_s = ttl.as_secs(), "no heartbeat succeeded for a whole lease; lease assumed lost");
+                    if raise(Lease::Lost) {
+                        ctx.metrics.lease_losses.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    }
                     return;
                 }
                 tracing::warn!(error = %e, "heartbeat failed; retrying while the lease lasts");
             }
         }
+        tokio::time::sleep(interval).await;
     }
 }
 
-async fn start_jail(ctx: &Ctx, dirs: &ItemDirs, narrow: Option<&str>) -> Result<SessionProcess, RunnerError> {
-    let p = SessionProcess::start(&ctx.runner, &dirs.workspace, &dirs.outputs, narrow).await?;
-    ctx.metrics.jail_built(p.build_time);
-    tracing::info!(jail_pid = p.jail_pid, build_ms = p.build_time.as_millis() as u64, "session jail ready");
-    Ok(p)
+/// One tool call the session asked for.
+#[derive(Debug, Clone)]
+struct Call {
+    id: String,
+    name: String,
+    input: serde_json::Value,
 }
 
-/// Runs the session until it ends, is stopped, or the lease is lost. The jail is gone when it
-/// returns.
-async fn drive(
-    ctx: &Ctx,
-    item: &WorkItem,
-    dirs: &ItemDirs,
-    mut lease: watch::Receiver<Lease>,
-    mut shutdown: watch::Receiver<Shutdown>,
-) -> End {
-    if dirs.fresh && !item.skills.is_empty() {
-        if let Err(e) = super::skills::fetch(ctx, item, dirs).await {
-            return End::Failed(format!("downloading skills: {e}"));
+/// What the worker knows of the session's events.
+#[derive(Default)]
+struct Seen {
+    ids: HashSet<String>,
+    answered: HashSet<String>,
+    /// Calls held for a `user.tool_confirmation`.
+    asking: HashMap<String, Call>,
+    /// Confirmations seen before their call.
+    confirmed: HashMap<String, bool>,
+    queue: VecDeque<Call>,
+    /// When an `end_turn` idle was seen with nothing outstanding.
+    idle_since: Option<Instant>,
+    ended: Option<&'static str>,
+    /// Event types this run could not read, logged once each.
+    unreadable: HashSet<String>,
+}
+
+impl Seen {
+    fn take(&mut self, raw: &serde_json::Value) {
+        let ev = match SessionEvent::parse(raw) {
+            Ok(e) => e,
+            Err(e) => {
+                let kind = raw.get("type").and_then(|t| t.as_str()).unwrap_or("?").to_owned();
+                if self.unreadable.insert(kind.clone()) {
+                    tracing::warn!(event_type = %kind, error = %e, "skipping an event this worker cannot read");
+                }
+                return;
+            }
+        };
+        if !self.ids.insert(ev.id.clone()) {
+            return;
+        }
+        tracing::debug!(event_id = %ev.id, event = ?ev.event, "event");
+        if !matches!(ev.event, Event::ToolConfirmation { .. } | Event::Idle { .. }) {
+            self.idle_since = None;
+        }
+        match ev.event {
+            Event::ToolUse { name, input, permission } => {
+                // A tool another client owns is left unanswered for it.
+                if !TOOLS.contains(&name.as_str()) || self.answered.contains(&ev.id) {
+                    return;
+                }
+                let call = Call { id: ev.id.clone(), name, input };
+                match (permission, self.confirmed.remove(&ev.id)) {
+                    (Permission::Deny, _) | (Permission::Ask, Some(false)) => {
+                        tracing::info!(tool_use_id = %ev.id, "call denied; not run");
+                    }
+                    (Permission::Allow, _) | (Permission::Ask, Some(true)) => self.queue.push_back(call),
+                    (Permission::Ask, None) => {
+                        tracing::info!(tool_use_id = %ev.id, "call waits for the user's confirmation");
+                        self.asking.insert(ev.id.clone(), call);
+                    }
+                }
+            }
+            Event::ToolConfirmation { tool_use_id, allow } => match self.asking.remove(&tool_use_id) {
+                Some(call) if allow => self.queue.push_back(call),
+                Some(_) => tracing::info!(%tool_use_id, "call denied by the user; not run"),
+                None => {
+                    self.confirmed.insert(tool_use_id, allow);
+                }
+            },
+            Event::ToolResult { tool_use_id } => {
+                self.queue.retain(|c| c.id != tool_use_id);
+                self.asking.remove(&tool_use_id);
+                self.answered.insert(tool_use_id);
+            }
+            Event::Idle { stop_reason } => {
+                if stop_reason.as_deref() == Some("end_turn") {
+                    self.idle_since.get_or_insert_with(Instant::now);
+                } else {
+                    self.idle_since = None;
+                }
+            }
+            Event::Terminated => self.ended = Some("session terminated"),
+            Event::Deleted => self.ended = Some("session deleted"),
+            Event::Running | Event::Other(_) => {}
         }
     }
-    // Session metadata may narrow the worker's policy, never widen it (see policy::narrow).
-    let narrow = match item.metadata.get(narrow::METADATA_KEY).map(Narrowing::from_json) {
-        None => None,
-        Some(Ok(n)) => Some(serde_json::to_string(&n).expect("serialises")),
-        Some(Err(e)) => return End::Failed(e),
-    };
-    let narrow = narrow.as_deref();
-    let mut jail = match start_jail(ctx, dirs, narrow).await {
-        Ok(p) => p,
-        Err(e) => return End::Failed(e.to_string()),
-    };
-    let mut answered: HashSet<String> = HashSet::new();
-    // Results a crashed run produced but may not have posted.
-    for p in ctx.state.outbox(dirs) {
-        let r = ToolResult { content: p.content, is_error: p.is_error };
-        match post_result(ctx, item, dirs, &p.tool_use_id, &r, &lease).await {
-            Ok(()) => {
-                answered.insert(p.tool_use_id);
+}
+
+struct Runner<'a> {
+    ctx: &'a Ctx,
+    client: &'a Client,
+    item: &'a WorkItem,
+    session: &'a str,
+    dirs: &'a ItemDirs,
+    /// The lease's length as the heartbeat last learnt it.
+    ttl: Arc<std::sync::Mutex<Duration>>,
+}
+
+impl Runner<'_> {
+    fn ttl(&self) -> Duration {
+        *self.ttl.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    async fn start_jail(&self, narrow: Option<&str>) -> Result<SessionProcess, RunnerError> {
+        let p = SessionProcess::start(&self.ctx.runner, &self.dirs.workspace, &self.dirs.outputs, narrow).await?;
+        self.ctx.metrics.jail_built(p.build_time);
+        tracing::info!(jail_pid = p.jail_pid, build_ms = p.build_time.as_millis() as u64, "session jail ready");
+        Ok(p)
+    }
+
+    /// The whole history, every page, into `seen`.
+    async fn reconcile(&self, seen: &mut Seen) -> Result<(), ApiError> {
+        let mut page: Option<String> = None;
+        loop {
+            let got = self.client.list_events(self.session, page.as_deref(), LIST_LIMIT).await?;
+            for e in &got.data {
+                seen.take(e);
             }
-            Err(end) => {
-                jail.kill().await;
+            match got.next_page {
+                Some(p) if !p.is_empty() => page = Some(p),
+                _ => return Ok(()),
+            }
+        }
+    }
+
+    /// Opens the stream, then lists the history (so nothing falls between the two); retried
+    /// with back-off while the lease holds. A listing that keeps failing for a whole lease ends
+    /// the item.
+    async fn connect(
+        &self,
+        seen: &mut Seen,
+        lease: &mut watch::Receiver<Lease>,
+        shutdown: &mut watch::Receiver<Shutdown>,
+    ) -> Result<EventStream, End> {
+        let mut backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(10));
+        let since = Instant::now();
+        loop {
+            let r = async {
+                let stream = self.client.stream_events(self.session).await?;
+                self.reconcile(seen).await?;
+                Ok::<_, ApiError>(stream)
+            }
+            .await;
+            match r {
+                Ok(s) => return Ok(s),
+                Err(ApiError::NotFound(_)) => return Err(End::Completed("session not found")),
+                Err(e) if !e.is_transient() => return Err(End::Failed(format!("reading the session's events: {e}"))),
+                Err(e) if since.elapsed() > self.ttl() => {
+                    return Err(End::Failed(format!("the session's events could not be read for a whole lease: {e}")))
+                }
+                Err(e) => {
+                    let d = backoff.delay_for(&e);
+                    tracing::warn!(error = %e, retry_ms = d.as_millis() as u64, "reading the session's events failed");
+                    tokio::select! {
+                        () = tokio::time::sleep(d) => {}
+                        () = changed(lease, shutdown) => {}
+                    }
+                    if signals(lease, shutdown) != (Lease::Held, Shutdown::Running) {
+                        return Err(End::Left { reason: "stopping while reconnecting".into() });
+                    }
+                }
+            }
+        }
+    }
+
+    /// Runs the session until it ends, is stopped, or the lease is lost. The jail is gone when
+    /// it returns.
+    async fn drive(&self, mut lease: watch::Receiver<Lease>, mut shutdown: watch::Receiver<Shutdown>) -> End {
+        // Session metadata may narrow the worker's policy, never widen it (see policy::narrow).
+        let narrow = match self.item.metadata.get(narrow::METADATA_KEY).map(Narrowing::from_json) {
+            None => None,
+            Some(Ok(n)) => Some(serde_json::to_string(&n).expect("serialises")),
+            Some(Err(e)) => return End::Failed(e),
+        };
+        let narrow = narrow.as_deref();
+        let mut jail = match self.start_jail(narrow).await {
+            Ok(p) => p,
+            Err(e) => return End::Failed(e.to_string()),
+        };
+        let mut seen = Seen::default();
+        // Results a crashed run produced: posted only once the session shows they are absent.
+        for p in self.ctx.state.outbox(self.dirs) {
+            let r = ToolResult { content: p.content, is_error: p.is_error };
+            match self.post_result(&p.tool_use_id, &r, &lease, true).await {
+                Ok(()) => {
+                    seen.answered.insert(p.tool_use_id);
+                }
+                Err(end) => {
+                    jail.kill().await;
+                    return end;
+                }
+            }
+        }
+        let mut stream: Option<EventStream> = None;
+        let mut restarts = 0;
+        loop {
+            let stop = match signals(&lease, &shutdown) {
+                (Lease::Lost, _) => Some((true, End::Lost)),
+                (Lease::ForceRequested, _) => Some((true, End::Stopped { forced: true })),
+                (_, Shutdown::Force) => Some((true, End::Left { reason: "worker forced to stop".into() })),
+                (Lease::StopRequested, _) => Some((false, End::Stopped { forced: false })),
+                (_, Shutdown::Graceful) => Some((false, End::Left { reason: "worker shutting down".into() })),
+                (Lease::Held, Shutdown::Running) => None,
+            };
+            if let Some((kill, end)) = stop {
+                if kill {
+                    jail.kill().await;
+                } else {
+                    jail.end(Duration::from_secs(5)).await;
+                }
                 return end;
             }
-        }
-    }
-    let mut cursor: Option<String> = None;
-    let mut pending: VecDeque<(String, String, serde_json::Value)> = VecDeque::new();
-    let (mut ended, mut caught_up) = (false, false);
-    let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
-    let mut restarts = 0;
-    loop {
-        match signals(&lease, &shutdown) {
-            (Lease::Lost, _) => {
-                jail.kill().await;
-                return End::Lost;
-            }
-            (Lease::ForceRequested, _) => {
-                jail.kill().await;
-                return End::Stopped { forced: true };
-            }
-            (_, Shutdown::Force) => {
-                jail.kill().await;
-                return End::Released { reason: "worker forced to stop".into() };
-            }
-            (Lease::StopRequested, _) => {
+            if let Some(why) = seen.ended {
                 jail.end(Duration::from_secs(5)).await;
-                return End::Stopped { forced: false };
+                return End::Completed(why);
             }
-            (_, Shutdown::Graceful) => {
-                jail.end(Duration::from_secs(5)).await;
-                return End::Released { reason: "worker shutting down".into() };
-            }
-            (Lease::Held, Shutdown::Running) => {}
-        }
-        // Calls run only once the whole stream has been read, so that a result listed on a
-        // later page is known before its call would be run again.
-        if caught_up {
-            if let Some((id, name, input)) = pending.pop_front() {
-                if answered.contains(&id) {
+            if let Some(call) = seen.queue.pop_front() {
+                if seen.answered.contains(&call.id) {
                     continue;
                 }
-                let span = tracing::info_span!("tool", tool_use_id = %id, tool = %name);
+                let span = tracing::info_span!("tool", tool_use_id = %call.id, tool = %call.name);
                 let t = Instant::now();
                 let r = tokio::select! {
-                    r = jail.call(&id, &name, &input).instrument(span.clone()) => r,
+                    r = jail.call(&call.id, &call.name, &call.input).instrument(span.clone()) => r,
                     () = must_kill(lease.clone(), shutdown.clone()) => continue,
                 };
                 let result = match r {
@@ -273,7 +532,7 @@ async fn drive(
                         if restarts > 3 {
                             return End::Failed(format!("the session jail died {restarts} times"));
                         }
-                        jail = match start_jail(ctx, dirs, narrow).await {
+                        jail = match self.start_jail(narrow).await {
                             Ok(p) => p,
                             Err(e) => return End::Failed(e.to_string()),
                         };
@@ -284,14 +543,14 @@ async fn drive(
                     }
                 };
                 let took = t.elapsed();
-                ctx.metrics.tool_call(&name, result.is_error, took);
+                self.ctx.metrics.tool_call(&call.name, result.is_error, took);
                 tracing::info!(parent: &span, is_error = result.is_error, took_ms = took.as_millis() as u64, "tool call done");
-                if let Err(e) = ctx.state.put_outbox(dirs, &id, &result) {
+                if let Err(e) = self.ctx.state.put_outbox(self.dirs, &call.id, &result) {
                     tracing::error!(error = %e, "could not persist a result before posting it");
                 }
-                match post_result(ctx, item, dirs, &id, &result, &lease).await {
+                match self.post_result(&call.id, &result, &lease, false).await {
                     Ok(()) => {
-                        answered.insert(id);
+                        seen.answered.insert(call.id);
                     }
                     Err(end) => {
                         jail.kill().await;
@@ -300,160 +559,132 @@ async fn drive(
                 }
                 continue;
             }
-            if ended {
-                jail.end(Duration::from_secs(5)).await;
-                return End::Completed;
+            if let Some(since) = seen.idle_since {
+                if seen.asking.is_empty() && since.elapsed() >= self.ctx.max_idle {
+                    jail.end(Duration::from_secs(5)).await;
+                    return End::Completed("idle after end_turn");
+                }
+            }
+            let Some(s) = stream.as_mut() else {
+                match self.connect(&mut seen, &mut lease, &mut shutdown).await {
+                    Ok(s) => stream = Some(s),
+                    Err(end) => {
+                        jail.kill().await;
+                        return end;
+                    }
+                }
+                continue;
+            };
+            let wake = seen
+                .idle_since
+                .map(|t| (t + self.ctx.max_idle).saturating_duration_since(Instant::now()))
+                .unwrap_or(Duration::from_secs(3600));
+            tokio::select! {
+                got = s.next() => match got {
+                    Ok(Some(ev)) => seen.take(&ev),
+                    Ok(None) => {
+                        tracing::debug!("the event stream closed; reconnecting");
+                        stream = None;
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "the event stream failed; reconnecting");
+                        stream = None;
+                        tokio::time::sleep(Duration::from_millis(500)).await;
+                    }
+                },
+                () = tokio::time::sleep(wake) => {}
+                () = changed(&mut lease, &mut shutdown) => {}
             }
         }
-        let wait = if caught_up { ctx.events_wait } else { Duration::ZERO };
-        let listed = tokio::select! {
-            r = ctx.client.list_events(&item.session_id, cursor.as_deref(), wait) => r,
-            () = changed(&mut lease, &mut shutdown) => continue,
-        };
-        match listed {
-            Ok(l) => {
-                backoff.reset();
-                for e in l.data {
-                    match e.event {
-                        Event::ToolUse { id, name, input } => {
-                            if !answered.contains(&id) {
-                                pending.push_back((id, name, input));
+    }
+
+    /// Whether the session holds a result for `id`; None when that cannot be told now.
+    async fn already_posted(&self, id: &str) -> Option<bool> {
+        let mut page: Option<String> = None;
+        loop {
+            let l = self.client.list_events(self.session, page.as_deref(), LIST_LIMIT).await.ok()?;
+            let found = l.data.iter().any(|e| {
+                e.get("type").and_then(|t| t.as_str()) == Some("user.tool_result")
+                    && e.get("tool_use_id").and_then(|t| t.as_str()) == Some(id)
+            });
+            if found {
+                return Some(true);
+            }
+            match l.next_page {
+                Some(p) if !p.is_empty() => page = Some(p),
+                _ => return Some(false),
+            }
+        }
+    }
+
+    /// Posts a result exactly once: after any failure that may have taken effect — and, with
+    /// `unsure`, before the first attempt — the session is checked for it, and nothing is posted
+    /// again until the session shows it absent. Retried while the lease holds.
+    async fn post_result(
+        &self,
+        id: &str,
+        r: &ToolResult,
+        lease: &watch::Receiver<Lease>,
+        mut unsure: bool,
+    ) -> Result<(), End> {
+        let ev = ToolResultEvent::new(id, r.is_error, vec![ContentBlock::text(r.content.clone())]);
+        let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
+        let mut permanent = 0;
+        let mut lease = lease.clone();
+        loop {
+            if *lease.borrow() == Lease::Lost {
+                return Err(End::Lost);
+            }
+            let err = if unsure {
+                match self.already_posted(id).await {
+                    Some(true) => {
+                        tracing::info!(tool_use_id = id, "the result had been recorded already");
+                        break;
+                    }
+                    Some(false) => {
+                        unsure = false;
+                        continue;
+                    }
+                    None => None,
+                }
+            } else {
+                match self.client.send_event(self.session, &ev).await {
+                    Ok(()) => break,
+                    Err(e) => {
+                        // Only a 429 or a refusal certainly did nothing; anything else may have
+                        // landed, so the next step is to look, not to post.
+                        unsure = e.is_ambiguous();
+                        if matches!(e, ApiError::Rejected { .. } | ApiError::NotFound(_) | ApiError::Auth { .. }) {
+                            permanent += 1;
+                            if permanent >= 3 {
+                                return Err(End::Failed(format!("the control plane refuses the result of {id}: {e}")));
                             }
                         }
-                        Event::ToolResult { tool_use_id, .. } => {
-                            pending.retain(|(id, _, _)| *id != tool_use_id);
-                            answered.insert(tool_use_id);
-                        }
-                        Event::StatusIdle | Event::StatusTerminated => ended = true,
-                        Event::StatusRunning => ended = false,
-                        Event::Other => {}
+                        Some(e)
                     }
                 }
-                if l.last_id.is_some() {
-                    cursor = l.last_id;
+            };
+            self.ctx.metrics.result_post_retries.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let d = match &err {
+                Some(e) => backoff.delay_for(e),
+                None => backoff.next_delay(),
+            };
+            match &err {
+                Some(e) => {
+                    tracing::warn!(tool_use_id = id, error = %e, retry_ms = d.as_millis() as u64, "posting a result failed")
                 }
-                caught_up = !l.has_more;
+                None => tracing::warn!(
+                    tool_use_id = id,
+                    retry_ms = d.as_millis() as u64,
+                    "cannot tell whether a result was posted; looking again"
+                ),
             }
-            Err(ApiError::NotFound(m)) => {
-                jail.kill().await;
-                return End::Failed(format!("the session is gone: {m}"));
-            }
-            Err(e) => {
-                let d = backoff.delay_for(&e);
-                tracing::warn!(error = %e, retry_ms = d.as_millis() as u64, "listing session events failed");
-                tokio::select! {
-                    () = tokio::time::sleep(d) => {}
-                    () = changed(&mut lease, &mut shutdown) => {}
-                }
+            tokio::select! {
+                () = tokio::time::sleep(d) => {}
+                r = lease.changed() => if r.is_err() { tokio::time::sleep(d).await },
             }
         }
-    }
-}
-
-/// Whether the session already holds a result for `id`; None when that cannot be told now.
-async fn already_posted(ctx: &Ctx, session: &str, id: &str) -> Option<bool> {
-    let mut after: Option<String> = None;
-    loop {
-        let l = ctx.client.list_events(session, after.as_deref(), Duration::ZERO).await.ok()?;
-        if l.data.iter().any(|e| matches!(&e.event, Event::ToolResult { tool_use_id, .. } if tool_use_id == id)) {
-            return Some(true);
-        }
-        if !l.has_more || l.last_id.is_none() {
-            return Some(false);
-        }
-        after = l.last_id;
-    }
-}
-
-/// Posts a result exactly once: retried until the lease is lost, and after any failure that
-/// may have taken effect, the session is checked for it before posting again.
-async fn post_result(
-    ctx: &Ctx,
-    item: &WorkItem,
-    dirs: &ItemDirs,
-    id: &str,
-    r: &ToolResult,
-    lease: &watch::Receiver<Lease>,
-) -> Result<(), End> {
-    let ev = Event::ToolResult { tool_use_id: id.into(), content: r.content.clone(), is_error: r.is_error };
-    let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
-    let mut permanent = 0;
-    let mut lease = lease.clone();
-    loop {
-        if *lease.borrow() == Lease::Lost {
-            return Err(End::Lost);
-        }
-        match ctx.client.post_events(&item.session_id, vec![ev.clone()]).await {
-            Ok(()) => break,
-            Err(e) => {
-                // Only a 429 certainly did nothing; anything else may have landed.
-                if !matches!(e, ApiError::RateLimited { .. })
-                    && already_posted(ctx, &item.session_id, id).await == Some(true)
-                {
-                    tracing::info!(tool_use_id = id, error = %e, "the result had been recorded despite the error");
-                    break;
-                }
-                if matches!(e, ApiError::Rejected { .. } | ApiError::NotFound(_) | ApiError::Auth { .. }) {
-                    permanent += 1;
-                    if permanent >= 3 {
-                        return Err(End::Failed(format!("the control plane refuses the result of {id}: {e}")));
-                    }
-                }
-                ctx.metrics.result_post_retries.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                let d = backoff.delay_for(&e);
-                tracing::warn!(tool_use_id = id, error = %e, retry_ms = d.as_millis() as u64, "posting a result failed");
-                tokio::select! {
-                    () = tokio::time::sleep(d) => {}
-                    r = lease.changed() => if r.is_err() { tokio::time::sleep(d).await },
-                }
-            }
-        }
-    }
-    ctx.state.take_outbox(dirs, id);
-    Ok(())
-}
-
-/// Tells the control plane how the item ended.
-async fn finish(ctx: &Ctx, item: &WorkItem, end: &End, lease: &watch::Receiver<Lease>) {
-    let (status, msg) = match end {
-        End::Lost => return,
-        End::Released { reason } => {
-            let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
-            for _ in 0..5 {
-                match ctx.client.release(&ctx.env, &item.id, &ctx.state.worker_id, reason).await {
-                    Ok(()) | Err(ApiError::LeaseLost(_) | ApiError::NotFound(_)) => return,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "releasing the item failed");
-                        tokio::time::sleep(backoff.delay_for(&e)).await;
-                    }
-                }
-            }
-            return;
-        }
-        End::Completed => (FinalStatus::Completed, None),
-        End::Stopped { forced } => {
-            (FinalStatus::Stopped, Some(if *forced { "stopped (forced)" } else { "stopped" }.to_owned()))
-        }
-        End::Failed(m) => {
-            tracing::error!(error = %m, "session failed");
-            (FinalStatus::Failed, Some(m.clone()))
-        }
-    };
-    let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
-    loop {
-        if *lease.borrow() == Lease::Lost {
-            return;
-        }
-        match ctx.client.complete(&ctx.env, &item.id, &ctx.state.worker_id, status, msg.clone()).await {
-            Ok(_) => return,
-            Err(e @ (ApiError::LeaseLost(_) | ApiError::NotFound(_))) => {
-                tracing::warn!(error = %e, "could not complete the item: lease lost");
-                return;
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "completing the item failed; retrying");
-                tokio::time::sleep(backoff.delay_for(&e)).await;
-            }
-        }
+        self.ctx.state.take_outbox(self.dirs, id);
+        Ok(())
     }
 }

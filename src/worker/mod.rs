@@ -6,17 +6,16 @@ mod item;
 pub mod key;
 pub mod metrics;
 pub mod runner;
-mod skills;
 pub mod state;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use tokio::sync::{watch, Notify, Semaphore};
 
-use crate::control_plane::wire::AuthScheme;
-use crate::control_plane::{ApiError, Backoff, Client, Secret};
+use crate::control_plane::client::AuthScheme;
+use crate::control_plane::{ApiError, Client, Secret};
 use metrics::Metrics;
 use runner::RunnerConfig;
 use state::StateDir;
@@ -49,7 +48,9 @@ pub struct WorkerConfig {
     pub environment_id: String,
     pub api_url: String,
     pub key: Secret,
-    pub auth: AuthScheme,
+    /// The id sent as `Anthropic-Worker-ID` [default: host name and a random suffix, kept in the
+    /// state directory].
+    pub worker_id: Option<String>,
     /// Built-in policy name or policy file for every session jail.
     pub policy: String,
     pub max_sessions: usize,
@@ -60,19 +61,20 @@ pub struct WorkerConfig {
     pub log_json: bool,
     /// The `stockade` binary that builds session jails.
     pub exe: PathBuf,
-    /// How long a claim waits for work (long poll).
-    pub poll_wait: Duration,
-    /// How long an event listing waits for new events.
-    pub events_wait: Duration,
-    /// Heartbeat period; by default a third of the lease.
+    /// How long the server holds an empty poll (`block_ms`, at most 999 ms).
+    pub block: Duration,
+    /// How long a session stays idle after `end_turn` before its item ends.
+    pub max_idle: Duration,
+    /// Heartbeat period; by default `min(ttl/2, 30 s)` as the server's lease says.
     pub heartbeat_every: Option<Duration>,
     /// Timeout of one API call.
     pub api_timeout: Duration,
     /// How long ended sessions' outputs are kept under the state directory.
     pub outputs_retention: Duration,
-    /// Webhook mode: drain the queue when notified (and every `poll_wait` anyway) instead of
-    /// long-polling.
+    /// Webhook mode: drain the queue when notified (and every `webhook_poll` anyway) instead of
+    /// polling continuously.
     pub wake: Option<Arc<Notify>>,
+    pub webhook_poll: Duration,
 }
 
 impl WorkerConfig {
@@ -81,7 +83,7 @@ impl WorkerConfig {
             environment_id: environment_id.into(),
             api_url: api_url.into(),
             key,
-            auth: AuthScheme::default(),
+            worker_id: None,
             policy: "default".into(),
             max_sessions: 8,
             state_dir: PathBuf::from("/var/lib/stockade"),
@@ -90,12 +92,13 @@ impl WorkerConfig {
             shutdown_timeout: Duration::from_secs(60),
             log_json: false,
             exe: PathBuf::from("/proc/self/exe"),
-            poll_wait: Duration::from_secs(20),
-            events_wait: Duration::from_secs(10),
+            block: Duration::from_millis(999),
+            max_idle: Duration::from_secs(60),
             heartbeat_every: None,
             api_timeout: Duration::from_secs(15),
             outputs_retention: Duration::from_secs(7 * 86_400),
             wake: None,
+            webhook_poll: Duration::from_secs(30),
         }
     }
 }
@@ -110,8 +113,9 @@ pub(crate) struct Ctx {
     /// Host uid/gid of the jail user, which owns the session directories.
     owner: (u32, u32),
     heartbeat_every: Option<Duration>,
-    events_wait: Duration,
+    max_idle: Duration,
     retention: Duration,
+    worker_id: String,
     /// Items being run, with their lease signal: an item the control plane hands out again
     /// (its lease expired meanwhile) must first be taken from the run that lost it.
     active: std::sync::Mutex<std::collections::HashMap<String, Arc<watch::Sender<item::Lease>>>>,
@@ -144,7 +148,7 @@ pub async fn run(cfg: WorkerConfig, mut shutdown: watch::Receiver<Shutdown>) -> 
     let ids = crate::jail::namespaces::IdMapping::for_host(&policy.user);
     let owner = ids.host_ids(&policy.user);
     let state = StateDir::open(&cfg.state_dir)?;
-    let mut client = Client::new(&cfg.api_url, cfg.key.clone(), cfg.auth).map_err(WorkerError::Client)?;
+    let mut client = Client::new(&cfg.api_url, cfg.key.clone(), AuthScheme::Bearer).map_err(WorkerError::Client)?;
     client.timeout = cfg.api_timeout;
     let metrics = Arc::new(Metrics::default());
     if let Some(addr) = cfg.metrics {
@@ -153,8 +157,9 @@ pub async fn run(cfg: WorkerConfig, mut shutdown: watch::Receiver<Shutdown>) -> 
     // Jails of a crashed run died with it (PDEATHSIG); their cgroups did not.
     tokio::task::spawn_blocking(crate::jail::cgroups::remove_stale_all).await.ok();
     state.prune_outputs(cfg.outputs_retention);
+    let worker_id = cfg.worker_id.clone().unwrap_or_else(|| state.worker_id.clone());
     tracing::info!(
-        worker_id = %state.worker_id,
+        worker_id = %worker_id,
         environment_id = %cfg.environment_id,
         api = %cfg.api_url,
         policy = %cfg.policy,
@@ -168,8 +173,9 @@ pub async fn run(cfg: WorkerConfig, mut shutdown: watch::Receiver<Shutdown>) -> 
         metrics,
         owner,
         heartbeat_every: cfg.heartbeat_every,
-        events_wait: cfg.events_wait,
+        max_idle: cfg.max_idle,
         retention: cfg.outputs_retention,
+        worker_id,
         active: Default::default(),
         state,
     });
@@ -195,29 +201,29 @@ pub async fn run(cfg: WorkerConfig, mut shutdown: watch::Receiver<Shutdown>) -> 
     let slots = Arc::new(Semaphore::new(cfg.max_sessions.max(1)));
     let mut tasks = tokio::task::JoinSet::new();
 
-    // Items a previous run held: resume those whose lease is still ours.
+    // Items a previous run held: resumed when the lease still continues from the last
+    // heartbeat that run recorded (a 412 means it is someone else's now).
     for rec in ctx.state.held() {
-        match ctx.client.heartbeat(&ctx.env, &rec.item.id, &ctx.state.worker_id).await {
-            Ok(item) => {
-                tracing::info!(work_id = %item.id, "resuming an item held before a restart");
-                let permit = slots.clone().acquire_owned().await.expect("semaphore open");
-                let (c, s) = (ctx.clone(), inner.clone());
-                tasks.spawn(async move {
-                    item::run(c, item, true, s).await;
-                    drop(permit);
-                });
-            }
-            Err(e) => {
-                tracing::info!(work_id = %rec.item.id, error = %e, "an item held before a restart is no longer ours");
-                let (kept, _) = ctx.state.retire(&rec);
-                tracing::info!(outputs = ?kept, "its outputs were kept");
-            }
-        }
+        let Some(last) = rec.last_heartbeat.clone() else {
+            tracing::info!(work_id = %rec.item.id, "an item held before a restart never had a heartbeat; left to its lease");
+            ctx.state.retire(&rec);
+            continue;
+        };
+        let permit = slots.clone().acquire_owned().await.expect("semaphore open");
+        tracing::info!(work_id = %rec.item.id, "resuming an item held before a restart");
+        let (c, s) = (ctx.clone(), inner.clone());
+        tasks.spawn(async move {
+            item::run(c, rec.item, Some(last), s).await;
+            drop(permit);
+        });
     }
 
-    let mut backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(30));
+    let mut poll_attempt: u32 = 0;
+    let mut ack_attempt: u32 = 0;
     let mut drained = false;
+    let block_ms = (cfg.block.as_millis() as u32).clamp(1, crate::control_plane::wire::MAX_BLOCK_MS);
     while *shutdown.borrow() == Shutdown::Running {
+        while tasks.try_join_next().is_some() {}
         let permit = tokio::select! {
             p = slots.clone().acquire_owned() => p.expect("semaphore open"),
             _ = shutdown.changed() => break,
@@ -225,51 +231,82 @@ pub async fn run(cfg: WorkerConfig, mut shutdown: watch::Receiver<Shutdown>) -> 
         if let (Some(wake), true) = (&cfg.wake, drained) {
             tokio::select! {
                 () = wake.notified() => tracing::debug!("woken by a webhook"),
-                () = tokio::time::sleep(cfg.poll_wait) => {}
+                () = tokio::time::sleep(cfg.webhook_poll) => {}
                 _ = shutdown.changed() => break,
             }
         }
-        let wait = if cfg.wake.is_some() { Duration::ZERO } else { cfg.poll_wait };
-        let t = Instant::now();
-        let claimed = tokio::select! {
-            r = ctx.client.claim(&ctx.env, &ctx.state.worker_id, wait) => r,
+        // Webhook mode drains: a non-blocking poll, and un-acked items of a dead worker
+        // surface again on the next delivery.
+        let (block, reclaim) = if cfg.wake.is_some() { (None, Some(5000)) } else { (Some(block_ms), None) };
+        let polled = tokio::select! {
+            r = ctx.client.poll(&ctx.env, &ctx.worker_id, block, reclaim) => r,
             _ = shutdown.changed() => break,
         };
-        match claimed {
+        let pause = match polled {
             Ok(Some(item)) => {
-                backoff.reset();
+                poll_attempt = 0;
                 drained = false;
                 ctx.metrics.poll("item");
+                match ctx.client.ack(&ctx.env, &item.id).await {
+                    Ok(_) => ack_attempt = 0,
+                    Err(e) if e.is_transient() => {
+                        ack_attempt += 1;
+                        let d = sdk_backoff(ack_attempt);
+                        tracing::warn!(work_id = %item.id, error = %e, retry_ms = d.as_millis() as u64, "ack failed; backing off");
+                        pause(d, &mut shutdown).await;
+                        continue;
+                    }
+                    Err(e) => {
+                        tracing::error!(work_id = %item.id, error = %e, "ack refused; force-stopping the item");
+                        if let Err(e) = ctx.client.stop(&ctx.env, &item.id, true).await {
+                            if !matches!(e, ApiError::Conflict(_)) {
+                                tracing::error!(work_id = %item.id, error = %e, "force-stop of an unprocessable item failed");
+                            }
+                        }
+                        continue;
+                    }
+                }
                 ctx.metrics.claims.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                tracing::info!(work_id = %item.id, session_id = %item.session_id, "claimed");
+                let Some(session) = item.session_id().map(str::to_owned) else {
+                    tracing::info!(work_id = %item.id, work_type = %item.data.kind, "not a session; stopping it");
+                    match ctx.client.stop(&ctx.env, &item.id, true).await {
+                        Ok(_) | Err(ApiError::Conflict(_)) => {}
+                        Err(e) => tracing::warn!(work_id = %item.id, error = %e, "stopping a non-session item failed"),
+                    }
+                    continue;
+                };
+                tracing::info!(work_id = %item.id, session_id = %session, "claimed");
                 item::supersede(&ctx, &item.id).await;
                 let (c, s) = (ctx.clone(), inner.clone());
                 tasks.spawn(async move {
-                    item::run(c, item, false, s).await;
+                    item::run(c, item, None, s).await;
                     drop(permit);
                 });
+                None
             }
             Ok(None) => {
-                backoff.reset();
+                poll_attempt = 0;
                 drained = true;
                 ctx.metrics.poll("empty");
-                // A server that does not hold the request must not make this a busy loop.
-                if cfg.wake.is_none() && t.elapsed() < Duration::from_millis(500) {
-                    tokio::select! {
-                        () = tokio::time::sleep(Duration::from_secs(1)) => {}
-                        _ = shutdown.changed() => break,
-                    }
-                }
+                (cfg.wake.is_none()).then(|| Duration::from_millis(fastrand::u64(1000..=3000)))
+            }
+            Err(e) if !e.is_transient() => {
+                ctx.metrics.poll("error");
+                tracing::error!(error = %e, "polling refused; the worker stops");
+                inner_tx.send_replace(Shutdown::Graceful);
+                join_all(&mut tasks).await;
+                return Err(WorkerError::Client(e));
             }
             Err(e) => {
                 ctx.metrics.poll("error");
-                let d = backoff.delay_for(&e);
-                tracing::warn!(error = %e, retry_ms = d.as_millis() as u64, "claiming work failed");
-                tokio::select! {
-                    () = tokio::time::sleep(d) => {}
-                    _ = shutdown.changed() => break,
-                }
+                poll_attempt += 1;
+                let d = sdk_backoff(poll_attempt);
+                tracing::warn!(error = %e, attempt = poll_attempt, retry_ms = d.as_millis() as u64, "poll failed");
+                Some(d)
             }
+        };
+        if let Some(d) = pause {
+            self::pause(d, &mut shutdown).await;
         }
     }
     // Shutting down: sessions see the same signal. Past the timeout, escalate to force.
@@ -285,6 +322,20 @@ pub async fn run(cfg: WorkerConfig, mut shutdown: watch::Receiver<Shutdown>) -> 
     }
     tracing::info!("worker stopped");
     Ok(())
+}
+
+/// The official poller's back-off: `min(60, 2^attempt)` seconds plus up to one second of jitter.
+fn sdk_backoff(attempt: u32) -> Duration {
+    Duration::from_secs(1u64 << attempt.min(6)).min(Duration::from_secs(60))
+        + Duration::from_millis(fastrand::u64(0..1000))
+}
+
+/// Sleeps, or returns early when the worker is asked to stop.
+async fn pause(d: Duration, shutdown: &mut watch::Receiver<Shutdown>) {
+    tokio::select! {
+        () = tokio::time::sleep(d) => {}
+        _ = shutdown.changed() => {}
+    }
 }
 
 async fn join_all(tasks: &mut tokio::task::JoinSet<()>) {

@@ -37,9 +37,14 @@ fn io(p: &Path) -> impl FnOnce(std::io::Error) -> StateError + '_ {
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ItemRecord {
+    /// The item as polled, without its secret: a restarted worker resumes with the environment
+    /// key, and no credential but that key's file lives on disk.
     pub item: WorkItem,
     pub environment_id: String,
     pub started_at: String,
+    /// The lease's last heartbeat, which the next heartbeat must echo.
+    #[serde(default)]
+    pub last_heartbeat: Option<String>,
 }
 
 /// A result waiting in the outbox.
@@ -141,9 +146,16 @@ impl StateDir {
             }
         }
         mkdir(&dirs.outbox, 0o700)?;
-        let p = dir.join("item.json");
-        write_atomic(&p, &serde_json::to_vec_pretty(rec).expect("records serialise"))?;
+        self.record(rec)?;
         Ok(dirs)
+    }
+
+    /// Writes an item's record (again): after each heartbeat, so a restart can echo the last one.
+    pub fn record(&self, rec: &ItemRecord) -> Result<(), StateError> {
+        let mut rec = rec.clone();
+        rec.item.secret = None;
+        let p = self.item_dir(&rec.item.id)?.join("item.json");
+        write_atomic(&p, &serde_json::to_vec_pretty(&rec).expect("records serialise"))
     }
 
     /// Items recorded by an earlier run.
@@ -201,7 +213,7 @@ impl StateDir {
             list_files(&outputs, &outputs, &mut files);
             let name = format!(
                 "{}-{}",
-                if safe_component(&rec.item.session_id) { rec.item.session_id.as_str() } else { "session" },
+                if safe_component(&rec.item.data.id) { rec.item.data.id.as_str() } else { "session" },
                 rec.item.id
             );
             // A session whose item was claimed again keeps the outputs of each attempt.
@@ -241,12 +253,10 @@ impl StateDir {
     }
 }
 
+/// A fixed-length name for any tool-use id, however long or odd: its SHA-256.
 fn outbox_name(id: &str) -> String {
-    if safe_component(id) {
-        id.to_owned()
-    } else {
-        id.bytes().map(|b| format!("{b:02x}")).collect()
-    }
+    use sha2::Digest;
+    sha2::Sha256::digest(id.as_bytes()).iter().map(|b| format!("{b:02x}")).collect()
 }
 
 fn list_files(root: &Path, dir: &Path, out: &mut Vec<String>) {

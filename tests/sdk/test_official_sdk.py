@@ -1,0 +1,236 @@
+"""The official Python SDK (anthropic==2.15.0) against `stockade control-plane`.
+
+The SDK is the oracle for the wire format: its worker must complete scripted sessions served by
+the local control plane, and its client must parse every answer the local control plane gives,
+errors included. Run by .ci/run with STOCKADE pointing at the built binary.
+"""
+
+import asyncio
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import anthropic
+import pytest
+from anthropic.lib.environments import EnvironmentWorker
+
+STOCKADE = os.environ.get("STOCKADE", str(Path(__file__).resolve().parents[2] / "target/debug/stockade"))
+ENV = "env_local"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ControlPlane:
+    def __init__(self, lease: str = "30s"):
+        self.dir = tempfile.TemporaryDirectory(prefix="stockade-sdk-")
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc = subprocess.Popen(
+            [STOCKADE, "control-plane", "--listen", f"127.0.0.1:{self.port}", "--state", self.dir.name,
+             "--lease", lease],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        )
+        deadline = time.time() + 20
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
+                break
+            except OSError:
+                assert self.proc.poll() is None, self.proc.stderr.read().decode()
+                assert time.time() < deadline, "control plane did not start"
+                time.sleep(0.05)
+        self.env_key = Path(self.dir.name, f"{ENV}.key").read_text().strip()
+        self.org_key = Path(self.dir.name, "org.key").read_text().strip()
+
+    def close(self):
+        self.proc.terminate()
+        self.proc.wait(timeout=10)
+        self.dir.cleanup()
+
+    def cli(self, *args: str) -> str:
+        out = subprocess.run(
+            [STOCKADE, "control-plane", "session", *args, "--api-url", self.url],
+            env={**os.environ, "ANTHROPIC_API_KEY": self.org_key}, capture_output=True, text=True, timeout=30,
+        )
+        assert out.returncode == 0, out.stderr
+        return out.stdout
+
+    def create(self, steps: list) -> str:
+        script = Path(self.dir.name, f"script-{time.time_ns()}.jsonl")
+        script.write_text("\n".join(json.dumps(s) for s in steps) + "\n")
+        return json.loads(self.cli("create", "--script", str(script)))["session_id"]
+
+    def view(self, session: str) -> dict:
+        return json.loads(self.cli("show", session, "--json"))
+
+    def wait(self, session: str, pred, limit: float = 60) -> dict:
+        deadline = time.time() + limit
+        while True:
+            v = self.view(session)
+            if pred(v) or time.time() > deadline:
+                return v
+            time.sleep(0.1)
+
+
+@pytest.fixture
+def cp():
+    c = ControlPlane()
+    yield c
+    c.close()
+
+
+def sdk_client(cp: ControlPlane, key: str | None = None, **kw) -> anthropic.Anthropic:
+    return anthropic.Anthropic(api_key=key or cp.org_key, base_url=cp.url, max_retries=0, **kw)
+
+
+def run_official_worker(cp: ControlPlane, workdir: str, until, limit: float = 60):
+    """Runs EnvironmentWorker.run() until `until()` holds, then cancels it."""
+
+    async def main():
+        client = anthropic.AsyncAnthropic(api_key="unused", base_url=cp.url)
+        worker = EnvironmentWorker(client, environment_id=ENV, environment_key=cp.env_key, workdir=workdir,
+                                   max_idle=1.0)
+        task = asyncio.create_task(worker.run())
+        deadline = time.time() + limit
+        try:
+            while not await asyncio.to_thread(until):
+                assert not task.done(), f"the official worker stopped: {task.exception()!r}"
+                assert time.time() < deadline, "timed out"
+                await asyncio.sleep(0.2)
+        finally:
+            task.cancel()
+            try:
+                await task
+            except (asyncio.CancelledError, Exception):
+                pass
+
+    asyncio.run(main())
+
+
+def test_the_official_worker_completes_scripted_sessions(cp):
+    with tempfile.TemporaryDirectory() as wd:
+        steps = [
+            {"name": "write", "input": {"file_path": "notes/a.txt", "content": "alpha\nbeta\n"}},
+            {"name": "bash", "input": {"command": "cat notes/a.txt; echo done"}},
+            {"name": "read", "input": {"file_path": "notes/a.txt"}},
+            {"name": "web_fetch", "input": {"url": "https://example.com"}},
+            {"name": "bash", "input": {"command": "echo never-run"}, "permission": "deny"},
+            {"name": "bash", "input": {"command": "echo confirmed"}, "permission": "ask", "confirm": "allow"},
+            {"name": "bash", "input": {"command": "echo refused"}, "permission": "ask", "confirm": "deny"},
+            {"name": "grep", "input": {"pattern": "beta"}},
+        ]
+        s1 = cp.create(steps)
+        s2 = cp.create([{"name": "bash", "input": {"command": "exit 3"}}])
+
+        def done():
+            return all(v["finished"] and v["work_state"] == "stopped" for v in (cp.view(s1), cp.view(s2)))
+
+        run_official_worker(cp, wd, done)
+        v = cp.view(s1)
+        calls = v["calls"]
+        assert [c["answered_by"] for c in calls] == ["worker", "worker", "worker", "other", "none", "worker", "none",
+                                                     "worker"], calls
+        assert calls[0]["result"] == "wrote 11 bytes to notes/a.txt"
+        assert calls[1]["result"] == "alpha\nbeta\ndone"
+        assert calls[2]["result"] == "alpha\nbeta\n"
+        assert calls[5]["result"] == "confirmed"
+        assert calls[7]["result"].endswith(":2:beta"), calls[7]
+        assert v["duplicate_results"] == 0
+        v2 = cp.view(s2)
+        assert v2["calls"][0]["is_error"] is True
+        assert v2["calls"][0]["content"] == [{"type": "text", "text": "(no output)"}]
+
+
+def test_the_official_client_parses_every_answer(cp):
+    org = sdk_client(cp)
+    work = org.beta.environments.work
+    s = cp.create([{"name": "bash", "input": {"command": "true"}}])
+    stats = work.stats(ENV)
+    assert stats.type == "work_queue_stats" and stats.depth == 1
+
+    env_client = anthropic.Anthropic(auth_token=cp.env_key, api_key=None, base_url=cp.url, max_retries=0)
+    ework = env_client.beta.environments.work
+    item = ework.poll(ENV, block_ms=999, anthropic_worker_id="sdk-test")
+    assert item is not None and item.data.type == "session" and item.data.id == s
+    assert item.secret, "a polled item carries its secret"
+    assert ework.poll(ENV, block_ms=1) is None, "a polled, un-acked item is not handed out again at once"
+    assert work.stats(ENV).workers_polling == 1
+    acked = ework.ack(item.id, environment_id=ENV)
+    assert acked.state == "starting"
+    hb = ework.heartbeat(item.id, environment_id=ENV, expected_last_heartbeat="NO_HEARTBEAT")
+    assert hb.type == "work_heartbeat" and hb.lease_extended and hb.state == "active" and hb.ttl_seconds > 0
+    hb2 = ework.heartbeat(item.id, environment_id=ENV, expected_last_heartbeat=hb.last_heartbeat)
+    assert hb2.last_heartbeat != hb.last_heartbeat
+    with pytest.raises(anthropic.APIStatusError) as e:
+        ework.heartbeat(item.id, environment_id=ENV, expected_last_heartbeat=hb.last_heartbeat)
+    assert e.value.status_code == 412
+    state = e.value.body["error"]["details"]["current_state"]
+    assert state["state"] == "active" and state["last_heartbeat"] == hb2.last_heartbeat
+
+    got = work.retrieve(item.id, environment_id=ENV)
+    assert got.id == item.id and got.secret is None
+    upd = work.update(item.id, environment_id=ENV, metadata={"team": "infra"})
+    assert upd.metadata == {"team": "infra"}
+    page = work.list(ENV, limit=10)
+    assert [w.id for w in page.data] == [item.id]
+
+    sess = env_client.beta.sessions.retrieve(s)
+    assert sess.id == s
+    events = list(env_client.beta.sessions.events.list(s, limit=2))
+    types = [e.type for e in events]
+    assert "agent.tool_use" in types, types
+    tool_use = next(e for e in events if e.type == "agent.tool_use")
+    sent = env_client.beta.sessions.events.send(
+        s, events=[{"type": "user.tool_result", "tool_use_id": tool_use.id, "is_error": False,
+                    "content": [{"type": "text", "text": "ok"}]}])
+    assert sent.data[0].type == "user.tool_result"
+    with env_client.beta.sessions.events.stream(s) as stream:
+        pass  # opened and parsed its headers
+    stopped = work.stop(item.id, environment_id=ENV, force=True)
+    assert stopped.state == "stopped"
+    with pytest.raises(anthropic.ConflictError):
+        work.stop(item.id, environment_id=ENV, force=True)
+    with pytest.raises(anthropic.NotFoundError):
+        work.retrieve("work_missing", environment_id=ENV)
+    with pytest.raises(anthropic.AuthenticationError):
+        sdk_client(cp, key="sk-wrong").beta.environments.work.stats(ENV)
+
+
+def test_stockade_worker_completes_the_same_sessions(cp):
+    steps = [
+        {"name": "write", "input": {"file_path": "/workspace/notes/a.txt", "content": "alpha\nbeta\n"}},
+        {"name": "web_fetch", "input": {"url": "https://example.com"}},
+        {"name": "bash", "input": {"command": "echo never-run"}, "permission": "deny"},
+        {"name": "bash", "input": {"command": "echo confirmed"}, "permission": "ask", "confirm": "allow"},
+        {"name": "bash", "input": {"command": "cat /workspace/notes/a.txt"}},
+    ]
+    s = cp.create(steps)
+    state = tempfile.mkdtemp(prefix="stockade-sdk-worker-")
+    # The jail's user still walks the host path to the workspace, so the state directory must not
+    # sit under a private (0700) parent; mkdtemp makes it 0700 itself.
+    os.chmod(state, 0o755)
+    key = Path(cp.dir.name, f"{ENV}.key")
+    w = subprocess.Popen([STOCKADE, "worker", "--environment-id", ENV, "--base-url", cp.url, "--state-dir", state,
+                          "--environment-key-file", str(key), "--max-idle", "1s"],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                         env={k: v for k, v in os.environ.items() if not k.startswith("ANTHROPIC_")})
+    try:
+        v = cp.wait(s, lambda v: v["finished"] and v["work_state"] == "stopped")
+    finally:
+        w.terminate()
+        _, err = w.communicate(timeout=30)
+    calls = v["calls"]
+    assert v["work_state"] == "stopped", err.decode()[-3000:]
+    assert [c["answered_by"] for c in calls] == ["worker", "other", "none", "worker", "worker"], (calls, err.decode()[-3000:])
+    assert calls[3]["result"].strip() == "confirmed"
+    assert "alpha" in calls[4]["result"]
+    assert v["duplicate_results"] == 0
