@@ -8,7 +8,7 @@ use stockade::jail::{self, JailError, JailSpec, Step, EXIT_NOT_EXECUTABLE, EXIT_
 use stockade::policy::{self, syscalls, Policy};
 
 mod ops;
-use ops::{ControlPlaneArgs, StatsArgs, StopArgs, WebhookArgs, WorkerArgs};
+use ops::{ControlPlaneArgs, StatsArgs, StopArgs, WebhookArgs, WorkArgs, WorkerArgs};
 
 #[derive(Parser)]
 #[command(name = "stockade", version, about = "A self-hosted tool-execution sandbox for AI agent sessions")]
@@ -24,7 +24,7 @@ pub struct Cli {
 #[derive(Args)]
 struct GlobalArgs {
     /// Log format on stderr.
-    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    #[arg(long, visible_alias = "log-format", global = true, value_enum, default_value_t = LogFormat::Text)]
     log: LogFormat,
     /// More output (-v: info, -vv: debug). RUST_LOG overrides.
     #[arg(short, long, global = true, action = clap::ArgAction::Count)]
@@ -87,7 +87,9 @@ enum Command {
     Demo,
     /// Static hardening audit of policies: weighted checks, an exposure score 0.0-10.0.
     Audit(AuditArgs),
-    /// Claim sessions from an environment's work queue and run them in jails (always-on).
+    /// Claim sessions from an environment's work queue and run them in jails (always-on);
+    /// `worker run` serves one session already claimed (as `ant beta:worker run` does).
+    #[command(args_conflicts_with_subcommands = true)]
     Worker(WorkerArgs),
     /// The worker, woken by signed webhook deliveries instead of long-polling.
     Webhook(WebhookArgs),
@@ -98,6 +100,8 @@ enum Command {
     Stats(StatsArgs),
     /// Ask the worker holding a work item to stop it (organisation key).
     Stop(StopArgs),
+    /// List or show an environment's work items (organisation key).
+    Work(WorkArgs),
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
     Completions { shell: clap_complete::Shell },
     /// Print the man page (roff) for stockade and its subcommands.
@@ -248,6 +252,7 @@ pub fn main() -> i32 {
         Command::ControlPlane(a) => ops::control_plane(a),
         Command::Stats(a) => ops::stats(a),
         Command::Stop(a) => ops::stop(a),
+        Command::Work(a) => ops::work(a),
         Command::Probe { battery: false, names, .. } => stockade::probe::main(&names),
         Command::Probe { battery: true, ctx, names } => {
             stockade::probe::battery(ctx.as_deref().unwrap_or("{}"), &names)

@@ -634,3 +634,260 @@ fn a_second_sigterm_forces_the_stop() {
     assert_ne!(v.work_state, WorkState::Stopped, "a worker shutting down must not end the item: {v:#?}");
     assert_eq!(v.calls[0].result, None);
 }
+
+/// Every request Stockade's worker sends, checked against the wire format the official SDKs
+/// speak (`shared/spec/control-plane.md`): method, path, query, headers and body.
+#[test]
+fn every_request_the_worker_sends_matches_the_spec() {
+    use stockade::control_plane::local::RecordedRequest;
+    let cp = Cp::start(Duration::from_secs(4));
+    let state = TempDir::new("w-state");
+    let (s, work) = cp.session(vec![
+        step("write", json!({"file_path": "/workspace/a.txt", "content": "a"})),
+        step("web_fetch", json!({"url": "https://example.com"})),
+        ScriptStep { permission: Some("deny".into()), ..bash("echo denied") },
+        ScriptStep { permission: Some("ask".into()), confirm: Some("allow".into()), ..bash("echo asked") },
+        bash("sleep 3; echo slow"),
+        bash(""),
+    ]);
+    let _w = start_worker(&cp, state.path(), &[]);
+    let v = cp.wait_ended(&s, Duration::from_secs(60));
+    assert!(completed(&v), "{v:#?}");
+    let answered: Vec<Option<&str>> = v.calls.iter().map(|c| c.answered_by.as_deref()).collect();
+    assert_eq!(answered, [Some("worker"), Some("other"), Some("none"), Some("worker"), Some("worker"), Some("worker")]);
+    assert_eq!(result_of(&v, 5), "(no output)");
+
+    let reqs: Vec<RecordedRequest> = cp
+        .cp
+        .requests()
+        .into_iter()
+        .filter(|r| r.headers.get("user-agent").is_some_and(|u| u.starts_with("stockade/")))
+        .collect();
+    assert!(!reqs.is_empty());
+    let env = format!("/v1/environments/{DEFAULT_ENVIRONMENT}/work");
+    let item = format!("{env}/{work}");
+    let events = format!("/v1/sessions/{s}/events");
+    let mut expected_beats: Vec<String> = Vec::new();
+    let mut seen = std::collections::BTreeSet::new();
+    for r in &reqs {
+        let q = |k: &str| r.query.iter().filter(|(n, _)| n == k).map(|(_, v)| v.as_str()).collect::<Vec<_>>();
+        let what = format!("{} {}?{:?} {:?}", r.method, r.path, r.query, r.body);
+        assert_eq!(r.headers.get("anthropic-version").map(String::as_str), Some("2023-06-01"), "{what}");
+        assert_eq!(r.headers.get("anthropic-beta").map(String::as_str), Some("managed-agents-2026-04-01"), "{what}");
+        assert_eq!(q("beta"), ["true"], "{what}");
+        assert!(!r.credential.contains("x-api-key"), "{what}: {}", r.credential);
+        let route = match (r.method.as_str(), r.path.as_str()) {
+            ("GET", p) if p == format!("{env}/poll") => {
+                let block: u32 = q("block_ms")[0].parse().unwrap();
+                assert!((1..=999).contains(&block), "{what}");
+                assert!(r.headers.get("anthropic-worker-id").is_some_and(|w| !w.is_empty()), "{what}");
+                assert_eq!(r.credential, format!("bearer:environment:{DEFAULT_ENVIRONMENT}"), "{what}");
+                "poll"
+            }
+            ("POST", p) if p == format!("{item}/ack") => {
+                assert_eq!(r.body_len, 0, "{what}");
+                assert_eq!(r.credential, format!("bearer:environment:{DEFAULT_ENVIRONMENT}"), "{what}");
+                "ack"
+            }
+            ("POST", p) if p == format!("{item}/heartbeat") => {
+                assert_eq!(r.body_len, 0, "{what}");
+                let e = q("expected_last_heartbeat");
+                assert_eq!(e.len(), 1, "{what}");
+                expected_beats.push(e[0].to_owned());
+                assert_eq!(r.credential, format!("bearer:item:{work}"), "{what}");
+                "heartbeat"
+            }
+            ("POST", p) if p == format!("{item}/stop") => {
+                assert_eq!(r.body, Some(json!({"force": true})), "{what}");
+                assert_eq!(r.credential, format!("bearer:item:{work}"), "{what}");
+                "stop"
+            }
+            ("GET", p) if p == format!("{events}/stream") => {
+                assert_eq!(r.credential, format!("bearer:item:{work}"), "{what}");
+                "stream"
+            }
+            ("GET", p) if p == events => {
+                assert_eq!(q("limit"), ["1000"], "{what}");
+                assert_eq!(r.credential, format!("bearer:item:{work}"), "{what}");
+                "list"
+            }
+            ("POST", p) if p == events => {
+                let b = r.body.as_ref().unwrap();
+                let evs = b["events"].as_array().unwrap();
+                assert_eq!(evs.len(), 1, "one result per request: {what}");
+                let e = evs[0].as_object().unwrap();
+                let mut keys: Vec<&str> = e.keys().map(String::as_str).collect();
+                keys.sort_unstable();
+                assert_eq!(keys, ["content", "is_error", "tool_use_id", "type"], "{what}");
+                assert_eq!(e["type"], "user.tool_result");
+                let blocks = e["content"].as_array().unwrap();
+                assert!(!blocks.is_empty() && blocks.iter().all(|b| b["type"] == "text" && b["text"] != ""), "{what}");
+                assert_eq!(r.credential, format!("bearer:item:{work}"), "{what}");
+                "send"
+            }
+            _ => panic!("a request the spec does not know: {what}"),
+        };
+        seen.insert(route);
+    }
+    assert_eq!(seen.into_iter().collect::<Vec<_>>(), ["ack", "heartbeat", "list", "poll", "send", "stop", "stream"]);
+    // The lease chain: NO_HEARTBEAT first, then each answer echoed, never repeated.
+    assert_eq!(expected_beats.first().map(String::as_str), Some(NO_HEARTBEAT));
+    assert!(expected_beats.len() >= 3, "a 3 s call under a 4 s lease needs more beats: {expected_beats:?}");
+    let mut dedup = expected_beats.clone();
+    dedup.dedup();
+    assert_eq!(dedup, expected_beats, "a heartbeat echoed an old answer");
+}
+
+/// A worker killed after its result reached the control plane but before the answer came back:
+/// the restarted worker finds the result in the session and does not post it again.
+#[test]
+fn a_result_whose_answer_was_lost_in_a_crash_is_not_posted_again() {
+    let cp = Cp::start(Duration::from_secs(30));
+    let state = TempDir::new("w-state");
+    let (s, _) = cp.session(vec![bash("echo once"), bash("echo after")]);
+    // The first result lands, and its answer is held back for six seconds.
+    cp.faults(vec![Fault {
+        kind: FaultKind::Timeout,
+        count: 1,
+        path_contains: Some("/events".into()),
+        method: Some("POST".into()),
+        after: true,
+    }]);
+    let mut w = start_worker(&cp, state.path(), &[]);
+    cp.wait_for("the first result to land", Duration::from_secs(20), || cp.view(&s).calls[0].result.is_some());
+    w.kill9();
+    let outbox: Vec<_> = std::fs::read_dir(state.path().join("items"))
+        .unwrap()
+        .flatten()
+        .flat_map(|d| std::fs::read_dir(d.path().join("outbox")).unwrap().flatten())
+        .collect();
+    assert_eq!(outbox.len(), 1, "the result waits in the outbox of the killed worker");
+    let _w2 = start_worker(&cp, state.path(), &[]);
+    let v = cp.wait_ended(&s, Duration::from_secs(60));
+    assert!(completed(&v), "{v:#?}");
+    assert_eq!(v.duplicate_results, 0, "the outbox entry was posted again without looking: {v:#?}");
+    assert_eq!((result_of(&v, 0), result_of(&v, 1)), ("once\n", "after\n"));
+}
+
+/// A result whose answer is lost, and then the listings that would tell whether it landed: the
+/// worker keeps looking and never posts it a second time.
+#[test]
+fn cannot_tell_is_not_taken_for_not_posted() {
+    let cp = Cp::start(Duration::from_secs(30));
+    let state = TempDir::new("w-state");
+    let (s, _) = cp.session(vec![bash("sleep 1; echo one"), bash("echo two")]);
+    let _w = start_worker(&cp, state.path(), &[]);
+    cp.wait_for("the stream to open", Duration::from_secs(20), || {
+        cp.cp.requests().iter().any(|r| r.path.ends_with("/events/stream"))
+    });
+    let f = |kind, count, method: &str, after| Fault {
+        kind,
+        count,
+        path_contains: Some(format!("/v1/sessions/{s}/events")),
+        method: Some(method.into()),
+        after,
+    };
+    cp.faults(vec![f(FaultKind::ServerError, 1, "POST", true), f(FaultKind::ServerError, 4, "GET", false)]);
+    let v = cp.wait_ended(&s, Duration::from_secs(60));
+    assert!(completed(&v), "{v:#?}");
+    assert_eq!(v.duplicate_results, 0, "{v:#?}");
+    assert_eq!((result_of(&v, 0), result_of(&v, 1)), ("one\n", "two\n"));
+}
+
+/// `stockade worker run` serves one session claimed by someone else, from the variables
+/// `ant beta:worker poll --on-work` sets, and exits; the work secret alone is enough.
+#[test]
+fn worker_run_serves_one_claimed_session_from_the_environment() {
+    let cp = Cp::start(Duration::from_secs(30));
+    let env = cp.env();
+    for with_env_key in [true, false] {
+        let (s, work) = cp.session(vec![bash("echo from-worker-run")]);
+        let item = cp.rt.block_on(env.poll(DEFAULT_ENVIRONMENT, "ant-poller", Some(999), None)).unwrap().unwrap();
+        assert_eq!(item.id, work);
+        cp.rt.block_on(env.ack(DEFAULT_ENVIRONMENT, &work)).unwrap();
+        let before = cp.cp.requests().len();
+        let state = TempDir::new("w-state");
+        let mut c = Command::new(STOCKADE);
+        c.args(["worker", "run", "--max-idle", "1s", "--state-dir"])
+            .arg(state.path())
+            .env_remove("ANTHROPIC_API_KEY")
+            .env("ANTHROPIC_WORK_ID", &work)
+            .env("ANTHROPIC_SESSION_ID", &s)
+            .env("ANTHROPIC_ENVIRONMENT_ID", DEFAULT_ENVIRONMENT)
+            .env("ANTHROPIC_WORK_SECRET", item.secret.as_deref().unwrap())
+            .env("ANTHROPIC_BASE_URL", &cp.url)
+            .stdin(Stdio::null())
+            .stderr(Stdio::piped());
+        if with_env_key {
+            c.env("ANTHROPIC_ENVIRONMENT_KEY", cp.env_key());
+        } else {
+            c.env_remove("ANTHROPIC_ENVIRONMENT_KEY");
+        }
+        let out = c.output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let v = cp.view(&s);
+        assert!(completed(&v), "{v:#?}");
+        assert_eq!(result_of(&v, 0), "from-worker-run\n");
+        let creds: std::collections::BTreeSet<String> = cp
+            .cp
+            .requests()
+            .into_iter()
+            .skip(before)
+            .filter(|r| r.path.contains(&work) || r.path.contains(&s))
+            .filter(|r| r.headers.get("user-agent").is_some_and(|u| u.starts_with("stockade/")))
+            .map(|r| r.credential)
+            .collect();
+        assert_eq!(creds.into_iter().collect::<Vec<_>>(), [format!("bearer:item:{work}")]);
+    }
+}
+
+/// A worker started from an operator's terminal lends it to no session: its session processes
+/// have no controlling terminal and the jail cannot open /dev/tty.
+#[test]
+fn a_worker_started_from_a_terminal_keeps_it_from_its_sessions() {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::process::CommandExt;
+    let cp = Cp::start(Duration::from_secs(30));
+    let state = TempDir::new("w-state");
+    let pty = nix::pty::openpty(None, None).unwrap();
+    let slave_fd = pty.slave.as_raw_fd();
+    let mut c = worker_cmd(&cp, state.path(), &[]);
+    c.arg("--environment-key-file").arg(cp.key_file()).stderr(Stdio::from(pty.slave.try_clone().unwrap()));
+    // SAFETY: setsid and ioctl are async-signal-safe; the slave descriptor stays open in the parent.
+    unsafe {
+        c.pre_exec(move || {
+            if libc::setsid() < 0 || libc::ioctl(slave_fd, libc::TIOCSCTTY, 0) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let _w = Worker { child: c.spawn().unwrap() };
+    // Keep the terminal's output drained so the worker's log never blocks on it.
+    let master = pty.master.try_clone().unwrap();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 4096];
+        while nix::unistd::read(&master, &mut buf).is_ok_and(|n| n > 0) {}
+    });
+    nix::unistd::write(&pty.master, b"operator-typed-password-hunter2\n").unwrap();
+    let (s, _) = cp.session(vec![
+        bash("sleep 1.5"),
+        bash(
+            "( : <>/dev/tty ) 2>/dev/null && echo OPENED || echo REFUSED; timeout 1 cat /dev/stderr 2>/dev/null; true",
+        ),
+    ]);
+    // While the first call runs: the session process the worker started has a session of its
+    // own, without a terminal (field 7 of /proc/PID/stat, tty_nr, is 0).
+    let needle = format!("{}/items/", state.path().display());
+    cp.wait_for("the session process", Duration::from_secs(20), || !processes_whose_cmdline_has(&needle).is_empty());
+    for pid in processes_whose_cmdline_has(&needle) {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        let fields: Vec<&str> = stat.rsplit_once(')').map(|(_, r)| r.split_whitespace().collect()).unwrap_or_default();
+        assert_eq!(fields.get(4), Some(&"0"), "session process {pid} has a controlling terminal: {stat}");
+    }
+    let v = cp.wait_ended(&s, Duration::from_secs(30));
+    assert!(completed(&v), "{v:#?}");
+    let out = result_of(&v, 1);
+    assert!(out.starts_with("REFUSED"), "a session opened the operator's terminal: {out}");
+    assert!(!out.contains("hunter2"), "{out}");
+}

@@ -23,6 +23,36 @@ fn duration(s: &str) -> Result<Duration, String> {
 
 #[derive(Args)]
 pub struct WorkerArgs {
+    #[command(subcommand)]
+    command: Option<WorkerCommand>,
+    #[command(flatten)]
+    common: WorkerCommon,
+}
+
+#[derive(Subcommand)]
+enum WorkerCommand {
+    /// Poll the work queue and serve every session claimed (the same as `stockade worker`).
+    Poll(WorkerCommon),
+    /// Serve one session that was already claimed and acknowledged, then exit: the entry point of
+    /// `ant beta:worker poll --on-work 'stockade worker run'`, which passes the work item in the
+    /// environment.
+    Run(WorkerRunArgs),
+}
+
+#[derive(Args)]
+pub struct WorkerRunArgs {
+    /// The claimed work item.
+    #[arg(long, env = "ANTHROPIC_WORK_ID")]
+    work_id: String,
+    /// The session the work item serves.
+    #[arg(long, env = "ANTHROPIC_SESSION_ID")]
+    session_id: String,
+    #[command(flatten)]
+    common: WorkerCommon,
+}
+
+#[derive(Args)]
+pub struct WorkerCommon {
     /// The environment whose work queue to serve.
     #[arg(long, env = "ANTHROPIC_ENVIRONMENT_ID")]
     environment_id: String,
@@ -77,7 +107,7 @@ pub struct WorkerArgs {
 #[derive(Args)]
 pub struct WebhookArgs {
     #[command(flatten)]
-    worker: WorkerArgs,
+    worker: WorkerCommon,
     /// Where deliveries arrive (POST, any path).
     #[arg(long, value_name = "ADDR")]
     listen: SocketAddr,
@@ -156,6 +186,53 @@ pub struct StatsArgs {
 }
 
 #[derive(Args)]
+pub struct WorkArgs {
+    #[command(subcommand)]
+    command: WorkListOrShow,
+}
+
+#[derive(Subcommand)]
+enum WorkListOrShow {
+    /// List an environment's work items, newest page first as the API returns them.
+    List {
+        #[arg(long, env = "ANTHROPIC_ENVIRONMENT_ID")]
+        environment_id: String,
+        /// Items per page; every page is fetched.
+        #[arg(long, default_value_t = 100)]
+        limit: u32,
+        /// Print the items as JSON lines.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        access: ApiAccess,
+    },
+    /// Show one work item.
+    Show {
+        /// The work item.
+        #[arg(env = "ANTHROPIC_WORK_ID")]
+        work_id: String,
+        #[arg(long, env = "ANTHROPIC_ENVIRONMENT_ID")]
+        environment_id: String,
+        /// Print the item as JSON.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        access: ApiAccess,
+    },
+}
+
+/// The API and the organisation key, for the operator's commands.
+#[derive(Args)]
+struct ApiAccess {
+    /// API base URL.
+    #[arg(long, visible_alias = "base-url", env = "ANTHROPIC_BASE_URL", default_value = wire::DEFAULT_API_URL)]
+    api_url: String,
+    /// File holding the organisation key; otherwise $ANTHROPIC_API_KEY.
+    #[arg(long)]
+    api_key_file: Option<PathBuf>,
+}
+
+#[derive(Args)]
 pub struct StopArgs {
     /// The work item.
     #[arg(env = "ANTHROPIC_WORK_ID")]
@@ -222,11 +299,15 @@ fn watch_signals(tx: watch::Sender<Shutdown>) {
     });
 }
 
-fn worker_config(a: &WorkerArgs, log: LogFormat) -> Result<WorkerConfig, String> {
+fn worker_config(a: &WorkerCommon, log: LogFormat) -> Result<WorkerConfig, String> {
     // Read once, before any thread exists, and scrubbed from our environment.
     let (k, source) =
         key::load(a.environment_key_file.as_deref(), a.allow_org_key_in_env).map_err(|e| e.to_string())?;
     tracing::info!(%source, "environment key loaded");
+    worker_config_with(a, log, k)
+}
+
+fn worker_config_with(a: &WorkerCommon, log: LogFormat, k: Secret) -> Result<WorkerConfig, String> {
     let mut c = WorkerConfig::new(&a.environment_id, &a.base_url, k);
     c.worker_id = a.worker_id.clone();
     c.max_idle = a.max_idle;
@@ -244,6 +325,11 @@ fn worker_config(a: &WorkerArgs, log: LogFormat) -> Result<WorkerConfig, String>
 }
 
 pub fn worker(a: WorkerArgs, wake: Option<Arc<Notify>>, log: LogFormat) -> i32 {
+    let a = match a.command {
+        None => a.common,
+        Some(WorkerCommand::Poll(c)) => c,
+        Some(WorkerCommand::Run(r)) => return worker_run(r, log),
+    };
     let mut cfg = match worker_config(&a, log) {
         Ok(c) => c,
         Err(e) => return fail(e),
@@ -255,6 +341,56 @@ pub fn worker(a: WorkerArgs, wake: Option<Arc<Notify>>, log: LogFormat) -> i32 {
         watch_signals(tx);
         match worker::run(cfg, rx).await {
             Ok(()) => 0,
+            Err(e) => fail(e),
+        }
+    })
+}
+
+/// `stockade worker run`: one claimed session, from the variables `ant beta:worker poll
+/// --on-work` sets. The work item's secret (`ANTHROPIC_WORK_SECRET`) carries the sessions token;
+/// without it the environment key is used.
+fn worker_run(r: WorkerRunArgs, log: LogFormat) -> i32 {
+    let secret = std::env::var(key::WORK_SECRET_VAR).ok().filter(|s| !s.trim().is_empty());
+    let token = secret.as_deref().and_then(wire::WorkSecret::decode);
+    if secret.is_some() && token.is_none() {
+        tracing::warn!("{} yielded no sessions token; using the environment key", key::WORK_SECRET_VAR);
+    }
+    let loaded = key::load(r.common.environment_key_file.as_deref(), r.common.allow_org_key_in_env);
+    stockade::jail::environ::scrub_variables(&[key::WORK_SECRET_VAR]);
+    let k = match (loaded, &token) {
+        (Ok((k, source)), _) => {
+            tracing::info!(%source, "environment key loaded");
+            k
+        }
+        // The sessions token carries every call of one item on its own.
+        (Err(key::KeyError::Missing), Some(t)) => Secret::new(t.sessions_token.clone()),
+        (Err(e), _) => return fail(e),
+    };
+    let cfg = match worker_config_with(&r.common, log, k) {
+        Ok(c) => c,
+        Err(e) => return fail(e),
+    };
+    let item = wire::WorkItem {
+        id: r.work_id,
+        kind: "work".into(),
+        environment_id: r.common.environment_id.clone(),
+        data: wire::WorkData { kind: "session".into(), id: r.session_id },
+        state: wire::WorkState::Starting,
+        created_at: None,
+        acknowledged_at: None,
+        started_at: None,
+        latest_heartbeat_at: None,
+        stop_requested_at: None,
+        stopped_at: None,
+        metadata: Default::default(),
+        secret: token.map(|t| t.encode()),
+    };
+    runtime().block_on(async move {
+        let (tx, rx) = watch::channel(Shutdown::Running);
+        watch_signals(tx);
+        match worker::run_one(cfg, item, rx).await {
+            Ok(true) => 0,
+            Ok(false) => 1,
             Err(e) => fail(e),
         }
     })
@@ -482,6 +618,72 @@ pub fn stats(a: StatsArgs) -> i32 {
                 0
             }
             Err(e) => fail(e),
+        }
+    })
+}
+
+/// One line per work item: id, state, session, times.
+fn work_line(w: &wire::WorkItem) -> String {
+    format!(
+        "{}  {:<8}  {} {}  created {}  last heartbeat {}",
+        w.id,
+        w.state,
+        w.data.kind,
+        w.data.id,
+        w.created_at.as_deref().unwrap_or("-"),
+        w.latest_heartbeat_at.as_deref().unwrap_or("-")
+    )
+}
+
+pub fn work(a: WorkArgs) -> i32 {
+    let access = match &a.command {
+        WorkListOrShow::List { access, .. } | WorkListOrShow::Show { access, .. } => access,
+    };
+    let client = match org_client(&access.api_url, access.api_key_file.as_deref()) {
+        Ok(c) => c,
+        Err(e) => return fail(e),
+    };
+    runtime().block_on(async move {
+        match a.command {
+            WorkListOrShow::List { environment_id, limit, json, .. } => {
+                let mut page: Option<String> = None;
+                loop {
+                    let got = match client.list_work(&environment_id, Some(limit), page.as_deref()).await {
+                        Ok(p) => p,
+                        Err(e) => return fail(e),
+                    };
+                    for w in &got.data {
+                        if json {
+                            println!("{}", serde_json::to_string(w).expect("serialises"));
+                        } else {
+                            println!("{}", work_line(w));
+                        }
+                    }
+                    match got.next_page {
+                        Some(p) if !p.is_empty() => page = Some(p),
+                        _ => return 0,
+                    }
+                }
+            }
+            WorkListOrShow::Show { work_id, environment_id, json, .. } => {
+                match client.retrieve(&environment_id, &work_id).await {
+                    Ok(w) if json => {
+                        println!("{}", serde_json::to_string_pretty(&w).expect("serialises"));
+                        0
+                    }
+                    Ok(w) => {
+                        println!("{}", work_line(&w));
+                        for (k, v) in &w.metadata {
+                            println!(
+                                "  metadata {k} = {}",
+                                v.as_str().map(str::to_owned).unwrap_or_else(|| v.to_string())
+                            );
+                        }
+                        0
+                    }
+                    Err(e) => fail(e),
+                }
+            }
         }
     })
 }

@@ -186,6 +186,27 @@ pub struct Faults {
     pub faults: Vec<Fault>,
 }
 
+/// A request as the local control plane received it (`GET /v1/local/requests`), so tests can hold
+/// a client to the wire format. Credentials are named, never shown.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RecordedRequest {
+    pub method: String,
+    pub path: String,
+    /// The query pairs in order.
+    pub query: Vec<(String, String)>,
+    /// Every header but the credentials, names lower-case.
+    pub headers: BTreeMap<String, String>,
+    /// Whose credential came with it: `bearer:environment`, `bearer:item:<work id>`,
+    /// `x-api-key:organisation`, `x-api-key:environment`, … or `none`.
+    pub credential: String,
+    /// The body: JSON when it parses, else None with `body_len` telling its size.
+    pub body: Option<Value>,
+    pub body_len: usize,
+}
+
+/// The most requests kept for `GET /v1/local/requests`.
+const REQUESTS_KEPT: usize = 20_000;
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct EnvRec {
     key: String,
@@ -256,6 +277,8 @@ struct Db {
     polls: HashMap<(String, String), Instant>,
     #[serde(skip)]
     faults: VecDeque<Fault>,
+    #[serde(skip)]
+    requests: VecDeque<RecordedRequest>,
     /// Events pushed since the last broadcast, for the streams.
     #[serde(skip)]
     outbox: Vec<(String, Value)>,
@@ -549,6 +572,37 @@ fn authorize(db: &Db, h: &HeaderMap, need: Need) -> ApiResult<()> {
     }
 }
 
+/// Names the credential a request carries, for the request log.
+fn credential_of(db: &Db, h: &HeaderMap) -> String {
+    let name = |k: &[u8]| {
+        if Secret::new(db.org_key.clone()).matches(k) {
+            return "organisation".to_owned();
+        }
+        if let Some((id, _)) = db.envs.iter().find(|(_, e)| Secret::new(e.key.clone()).matches(k)) {
+            return format!("environment:{id}");
+        }
+        match db.work.values().find(|w| Secret::new(w.token.clone()).matches(k)) {
+            Some(w) => format!("item:{}", w.id),
+            None => "unknown".to_owned(),
+        }
+    };
+    let mut parts = Vec::new();
+    if let Some(k) = h.get("authorization") {
+        match k.as_bytes().strip_prefix(b"Bearer ") {
+            Some(t) => parts.push(format!("bearer:{}", name(t))),
+            None => parts.push("authorization:not-bearer".to_owned()),
+        }
+    }
+    if let Some(k) = h.get("x-api-key") {
+        parts.push(format!("x-api-key:{}", name(k.as_bytes())));
+    }
+    if parts.is_empty() {
+        "none".to_owned()
+    } else {
+        parts.join(" ")
+    }
+}
+
 impl LocalControlPlane {
     /// Loads the state file when there is one; makes sure the default environment exists.
     pub fn new(cfg: LocalConfig) -> Result<LocalControlPlane, String> {
@@ -672,7 +726,9 @@ impl LocalControlPlane {
             .route("/v1/local/sessions", post(create_session))
             .route("/v1/local/sessions/{session}", get(show_session))
             .route("/v1/local/faults", post(add_faults).delete(clear_faults))
+            .route("/v1/local/requests", get(list_requests).delete(clear_requests))
             .layer(axum::middleware::from_fn_with_state(self.clone(), inject_faults))
+            .layer(axum::middleware::from_fn_with_state(self.clone(), record_request))
             .with_state(self.clone())
     }
 
@@ -760,6 +816,11 @@ impl LocalControlPlane {
         Ok(CreatedSession { session_id, work_id })
     }
 
+    /// Every request received so far (oldest first), outside `/v1/local/`.
+    pub fn requests(&self) -> Vec<RecordedRequest> {
+        self.db().requests.iter().cloned().collect()
+    }
+
     pub fn session_view(&self, id: &str) -> Option<SessionView> {
         let db = self.db();
         let s = db.sessions.get(id)?;
@@ -809,6 +870,73 @@ impl LocalControlPlane {
             duplicate_results: s.duplicate_results,
         })
     }
+}
+
+/// Records every request outside `/v1/local/` before anything else sees it.
+async fn record_request(State(cp): State<LocalControlPlane>, req: Request, next: Next) -> Response {
+    if req.uri().path().starts_with("/v1/local/") {
+        return next.run(req).await;
+    }
+    let (parts, body) = req.into_parts();
+    let bytes = match axum::body::to_bytes(body, 64 << 20).await {
+        Ok(b) => b,
+        Err(e) => return invalid(format!("body: {e}")).into_response(),
+    };
+    let query: Vec<(String, String)> = parts.uri.query().map(|q| url_pairs(q)).unwrap_or_default();
+    let headers: BTreeMap<String, String> = parts
+        .headers
+        .iter()
+        .filter(|(k, _)| !matches!(k.as_str(), "authorization" | "x-api-key"))
+        .map(|(k, v)| (k.as_str().to_owned(), String::from_utf8_lossy(v.as_bytes()).into_owned()))
+        .collect();
+    {
+        let mut db = cp.db();
+        let credential = credential_of(&db, &parts.headers);
+        let rec = RecordedRequest {
+            method: parts.method.as_str().to_owned(),
+            path: parts.uri.path().to_owned(),
+            query,
+            headers,
+            credential,
+            body: serde_json::from_slice(&bytes).ok(),
+            body_len: bytes.len(),
+        };
+        if db.requests.len() >= REQUESTS_KEPT {
+            db.requests.pop_front();
+        }
+        db.requests.push_back(rec);
+    }
+    next.run(Request::from_parts(parts, Body::from(bytes))).await
+}
+
+/// Splits and percent-decodes a query string.
+fn url_pairs(q: &str) -> Vec<(String, String)> {
+    let decode = |s: &str| -> String {
+        let s = s.replace('+', " ");
+        let b = s.as_bytes();
+        let mut out = Vec::with_capacity(b.len());
+        let mut i = 0;
+        while i < b.len() {
+            match (b[i], b.get(i + 1..i + 3).and_then(|h| u8::from_str_radix(std::str::from_utf8(h).ok()?, 16).ok())) {
+                (b'%', Some(v)) => {
+                    out.push(v);
+                    i += 3;
+                }
+                (c, _) => {
+                    out.push(c);
+                    i += 1;
+                }
+            }
+        }
+        String::from_utf8_lossy(&out).into_owned()
+    };
+    q.split('&')
+        .filter(|p| !p.is_empty())
+        .map(|p| {
+            let (k, v) = p.split_once('=').unwrap_or((p, ""));
+            (decode(k), decode(v))
+        })
+        .collect()
 }
 
 async fn inject_faults(State(cp): State<LocalControlPlane>, req: Request, next: Next) -> Response {
@@ -1348,6 +1476,19 @@ async fn add_faults(State(cp): State<LocalControlPlane>, h: HeaderMap, Json(f): 
     let mut db = cp.db();
     authorize(&db, &h, Need::Org)?;
     db.faults.extend(f.faults);
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn list_requests(State(cp): State<LocalControlPlane>, h: HeaderMap) -> ApiResult<Json<Vec<RecordedRequest>>> {
+    let db = cp.db();
+    authorize(&db, &h, Need::Org)?;
+    Ok(Json(db.requests.iter().cloned().collect()))
+}
+
+async fn clear_requests(State(cp): State<LocalControlPlane>, h: HeaderMap) -> ApiResult<StatusCode> {
+    let mut db = cp.db();
+    authorize(&db, &h, Need::Org)?;
+    db.requests.clear();
     Ok(StatusCode::NO_CONTENT)
 }
 

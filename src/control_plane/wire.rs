@@ -95,8 +95,8 @@ pub struct WorkData {
     pub id: String,
 }
 
-/// A work item (`BetaSelfHostedWork`).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+/// A work item (`BetaSelfHostedWork`). Its `Debug` output leaves the secret out.
+#[derive(Clone, PartialEq, Serialize, Deserialize)]
 pub struct WorkItem {
     pub id: String,
     #[serde(rename = "type", default = "work_type")]
@@ -126,6 +126,19 @@ pub struct WorkItem {
 
 fn work_type() -> String {
     "work".into()
+}
+
+impl std::fmt::Debug for WorkItem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WorkItem")
+            .field("id", &self.id)
+            .field("environment_id", &self.environment_id)
+            .field("data", &self.data)
+            .field("state", &self.state)
+            .field("metadata", &self.metadata)
+            .field("secret", &self.secret.as_ref().map(|_| "[redacted]"))
+            .finish_non_exhaustive()
+    }
 }
 
 impl WorkItem {
@@ -472,5 +485,21 @@ mod tests {
         assert!(WorkSecret::decode(&padded).is_some());
         assert!(WorkSecret::decode("not base64 !").is_none());
         assert_eq!(format!("{d:?}"), "WorkSecret([redacted])");
+        let item = WorkItem {
+            id: "w".into(),
+            kind: "work".into(),
+            environment_id: "e".into(),
+            data: WorkData { kind: "session".into(), id: "s".into() },
+            state: WorkState::Queued,
+            created_at: None,
+            acknowledged_at: None,
+            started_at: None,
+            latest_heartbeat_at: None,
+            stop_requested_at: None,
+            stopped_at: None,
+            metadata: Default::default(),
+            secret: Some(enc.clone()),
+        };
+        assert!(!format!("{item:?}").contains(&enc));
     }
 }

@@ -110,14 +110,14 @@ fn item_client(ctx: &Ctx, item: &WorkItem) -> Client {
     }
 }
 
-/// Serves one acknowledged item (or, with `resume`, one a previous run of this worker held,
-/// whose lease continues from `last_heartbeat`).
+/// Serves one acknowledged item (or one a previous run of this worker held, whose lease
+/// continues from `last_heartbeat`). Returns false when the session failed or the lease was lost.
 pub(super) async fn run(
     ctx: Arc<Ctx>,
     item: WorkItem,
     last_heartbeat: Option<String>,
     shutdown: watch::Receiver<Shutdown>,
-) {
+) -> bool {
     let session_id = item.data.id.clone();
     let span = tracing::info_span!("work", work_id = %item.id, session_id = %session_id);
     async move {
@@ -142,7 +142,7 @@ pub(super) async fn run(
                 tracing::error!(error = %e, "cannot set up the session's directories");
                 hb.abort();
                 stop_item(&ctx, &client, &item.id, &lease_rx).await;
-                return;
+                return false;
             }
         };
         tracing::info!(resume = last_heartbeat.is_some(), workspace = %dirs.workspace.display(), "session starting");
@@ -170,6 +170,7 @@ pub(super) async fn run(
         );
         ctx.state.prune_outputs(ctx.retention);
         ctx.active.lock().unwrap_or_else(|p| p.into_inner()).remove(&item.id);
+        !matches!(end, End::Failed(_) | End::Lost)
     }
     .instrument(span)
     .await

@@ -7,6 +7,8 @@ use crate::control_plane::Secret;
 
 pub const ENV_KEY_VAR: &str = "ANTHROPIC_ENVIRONMENT_KEY";
 pub const ORG_KEY_VAR: &str = "ANTHROPIC_API_KEY";
+/// A claimed work item's secret, as `ant beta:worker poll --on-work` hands it on.
+pub const WORK_SECRET_VAR: &str = "ANTHROPIC_WORK_SECRET";
 /// The name of the credential under systemd's `$CREDENTIALS_DIRECTORY` (`LoadCredential=`).
 pub const CREDENTIAL_NAME: &str = "anthropic-environment-key";
 

@@ -139,8 +139,8 @@ async fn serve_metrics(addr: SocketAddr, m: Arc<Metrics>) -> Result<(), WorkerEr
     Ok(())
 }
 
-/// Runs until `shutdown` leaves `Running` and every session has been wound down.
-pub async fn run(cfg: WorkerConfig, mut shutdown: watch::Receiver<Shutdown>) -> Result<(), WorkerError> {
+/// What `run` and `run_one` share: the state directory, the client, the metrics, the jail user.
+async fn context(cfg: &WorkerConfig) -> Result<Arc<Ctx>, WorkerError> {
     if cfg.workdir.trim_end_matches('/') != "/workspace" {
         return Err(WorkerError::Workdir(cfg.workdir.clone()));
     }
@@ -166,7 +166,7 @@ pub async fn run(cfg: WorkerConfig, mut shutdown: watch::Receiver<Shutdown>) -> 
         max_sessions = cfg.max_sessions,
         "worker starting"
     );
-    let ctx = Arc::new(Ctx {
+    Ok(Arc::new(Ctx {
         client,
         env: cfg.environment_id.clone(),
         runner: RunnerConfig { exe: cfg.exe.clone(), policy: cfg.policy.clone(), log_json: cfg.log_json },
@@ -178,7 +178,24 @@ pub async fn run(cfg: WorkerConfig, mut shutdown: watch::Receiver<Shutdown>) -> 
         worker_id,
         active: Default::default(),
         state,
-    });
+    }))
+}
+
+/// Serves one work item that was claimed and acknowledged elsewhere (`stockade worker run`);
+/// returns whether it ended as the session or the control plane asked, rather than failing or
+/// losing its lease.
+pub async fn run_one(
+    cfg: WorkerConfig,
+    item: crate::control_plane::wire::WorkItem,
+    shutdown: watch::Receiver<Shutdown>,
+) -> Result<bool, WorkerError> {
+    let ctx = context(&cfg).await?;
+    Ok(item::run(ctx, item, None, shutdown).await)
+}
+
+/// Runs until `shutdown` leaves `Running` and every session has been wound down.
+pub async fn run(cfg: WorkerConfig, mut shutdown: watch::Receiver<Shutdown>) -> Result<(), WorkerError> {
+    let ctx = context(&cfg).await?;
     // Items follow `inner`, which mirrors the caller's signal and can escalate on its own when
     // the shutdown timeout passes.
     let (inner_tx, inner) = watch::channel(*shutdown.borrow());
@@ -213,7 +230,7 @@ pub async fn run(cfg: WorkerConfig, mut shutdown: watch::Receiver<Shutdown>) -> 
         tracing::info!(work_id = %rec.item.id, "resuming an item held before a restart");
         let (c, s) = (ctx.clone(), inner.clone());
         tasks.spawn(async move {
-            item::run(c, rec.item, Some(last), s).await;
+            let _ = item::run(c, rec.item, Some(last), s).await;
             drop(permit);
         });
     }
@@ -279,7 +296,7 @@ pub async fn run(cfg: WorkerConfig, mut shutdown: watch::Receiver<Shutdown>) -> 
                 item::supersede(&ctx, &item.id).await;
                 let (c, s) = (ctx.clone(), inner.clone());
                 tasks.spawn(async move {
-                    item::run(c, item, None, s).await;
+                    let _ = item::run(c, item, None, s).await;
                     drop(permit);
                 });
                 None
