@@ -75,6 +75,7 @@ fn main() {
             environment_id: DEFAULT_ENVIRONMENT.into(),
             script: steps,
             metadata: Default::default(),
+            skills: Vec::new(),
         })
         .unwrap()
         .session_id

@@ -11,7 +11,8 @@ use std::time::{Duration, Instant};
 
 use stockade::control_plane::client::AuthScheme;
 use stockade::control_plane::local::{
-    CreateSession, Fault, FaultKind, LocalConfig, LocalControlPlane, ScriptStep, SessionView, DEFAULT_ENVIRONMENT,
+    CreateSession, Fault, FaultKind, LocalConfig, LocalControlPlane, LocalSkill, ScriptStep, SessionView,
+    DEFAULT_ENVIRONMENT,
 };
 use stockade::control_plane::wire::{WorkState, NO_HEARTBEAT};
 use stockade::control_plane::{ApiError, Client, Secret};
@@ -68,9 +69,23 @@ impl Cp {
         steps: Vec<ScriptStep>,
         metadata: serde_json::Map<String, serde_json::Value>,
     ) -> (String, String) {
+        self.session_with_skills(steps, metadata, Vec::new())
+    }
+
+    fn session_with_skills(
+        &self,
+        steps: Vec<ScriptStep>,
+        metadata: serde_json::Map<String, serde_json::Value>,
+        skills: Vec<LocalSkill>,
+    ) -> (String, String) {
         let c = self
             .cp
-            .create_session(CreateSession { environment_id: DEFAULT_ENVIRONMENT.into(), script: steps, metadata })
+            .create_session(CreateSession {
+                environment_id: DEFAULT_ENVIRONMENT.into(),
+                script: steps,
+                metadata,
+                skills,
+            })
             .unwrap();
         (c.session_id, c.work_id)
     }
@@ -672,9 +687,9 @@ fn every_request_the_worker_sends_matches_the_spec() {
     for r in &reqs {
         let q = |k: &str| r.query.iter().filter(|(n, _)| n == k).map(|(_, v)| v.as_str()).collect::<Vec<_>>();
         let what = format!("{} {}?{:?} {:?}", r.method, r.path, r.query, r.body);
-        assert_eq!(r.headers.get("anthropic-version").map(String::as_str), Some("2023-06-01"), "{what}");
+        assert_eq!(r.headers.get("anthropic-version").map(String::as_str), Some("2026-10-21"), "{what}");
         assert_eq!(r.headers.get("anthropic-beta").map(String::as_str), Some("managed-agents-2026-04-01"), "{what}");
-        assert_eq!(q("beta"), ["true"], "{what}");
+        assert!(q("beta").is_empty(), "{what}");
         assert!(!r.credential.contains("x-api-key"), "{what}: {}", r.credential);
         let route = match (r.method.as_str(), r.path.as_str()) {
             ("GET", p) if p == format!("{env}/poll") => {
@@ -725,11 +740,18 @@ fn every_request_the_worker_sends_matches_the_spec() {
                 assert_eq!(r.credential, format!("bearer:item:{work}"), "{what}");
                 "send"
             }
+            ("GET", p) if p == format!("/v1/sessions/{s}") => {
+                assert_eq!(r.credential, format!("bearer:item:{work}"), "{what}");
+                "session"
+            }
             _ => panic!("a request the spec does not know: {what}"),
         };
         seen.insert(route);
     }
-    assert_eq!(seen.into_iter().collect::<Vec<_>>(), ["ack", "heartbeat", "list", "poll", "send", "stop", "stream"]);
+    assert_eq!(
+        seen.into_iter().collect::<Vec<_>>(),
+        ["ack", "heartbeat", "list", "poll", "send", "session", "stop", "stream"]
+    );
     // The lease chain: NO_HEARTBEAT first, then each answer echoed, never repeated.
     assert_eq!(expected_beats.first().map(String::as_str), Some(NO_HEARTBEAT));
     assert!(expected_beats.len() >= 3, "a 3 s call under a 4 s lease needs more beats: {expected_beats:?}");
@@ -890,4 +912,51 @@ fn a_worker_started_from_a_terminal_keeps_it_from_its_sessions() {
     let out = result_of(&v, 1);
     assert!(out.starts_with("REFUSED"), "a session opened the operator's terminal: {out}");
     assert!(!out.contains("hunter2"), "{out}");
+}
+
+/// A tar.gz with a wrapping directory and an executable script.
+fn skill_archive(entries: &[(&str, &[u8], u32)]) -> String {
+    use base64::Engine;
+    let mut b = tar::Builder::new(flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default()));
+    for (name, data, mode) in entries {
+        let mut h = tar::Header::new_gnu();
+        h.set_size(data.len() as u64);
+        h.set_mode(*mode);
+        h.set_entry_type(tar::EntryType::Regular);
+        let raw = &mut h.as_old_mut().name;
+        raw[..name.len()].copy_from_slice(name.as_bytes());
+        h.set_cksum();
+        b.append(&h, *data).unwrap();
+    }
+    let gz = b.into_inner().unwrap().finish().unwrap();
+    base64::engine::general_purpose::STANDARD.encode(gz)
+}
+
+#[test]
+fn skills_are_unpacked_into_the_workspace_and_a_hostile_one_is_skipped() {
+    let cp = Cp::start(Duration::from_secs(30));
+    let state = TempDir::new("w-state");
+    let _w = start_worker(&cp, state.path(), &[]);
+    let good = LocalSkill {
+        name: "hello".into(),
+        archive_base64: skill_archive(&[
+            ("hello/SKILL.md", b"# hello", 0o644),
+            ("hello/bin/run.sh", b"#!/bin/sh\necho skill ran in $(pwd)\n", 0o755),
+        ]),
+    };
+    let evil = LocalSkill {
+        name: "evil".into(),
+        archive_base64: skill_archive(&[("evil/ok", b"x", 0o644), ("../../../../tmp/planted-by-skill", b"x", 0o644)]),
+    };
+    let (s, _) = cp.session_with_skills(
+        vec![bash(
+            "/workspace/skills/hello/bin/run.sh; ls /workspace/skills; stat -c %a /workspace/skills/hello/SKILL.md",
+        )],
+        serde_json::Map::new(),
+        vec![good, evil],
+    );
+    let v = cp.wait_ended(&s, Duration::from_secs(30));
+    assert!(completed(&v), "{v:#?}");
+    assert_eq!(result_of(&v, 0), "skill ran in /workspace\nhello\n644\n", "{v:#?}");
+    assert!(!Path::new("/tmp/planted-by-skill").exists());
 }

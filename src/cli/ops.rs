@@ -156,8 +156,13 @@ enum SessionCommand {
     /// Create a session driven by a JSON-lines script of tool calls
     /// (`{"name": "bash", "input": {"command": "ls"}}` per line; `"end_session": true` ends early).
     Create {
+        /// The script: one tool call per line.
         #[arg(long)]
         script: PathBuf,
+        /// A skill of the session's agent, NAME=ARCHIVE (a zip or tar file, any compression);
+        /// repeatable.
+        #[arg(long = "skill", value_name = "NAME=ARCHIVE")]
+        skills: Vec<String>,
         #[arg(long, env = "ANTHROPIC_ENVIRONMENT_ID", default_value = local::DEFAULT_ENVIRONMENT)]
         environment_id: String,
         #[command(flatten)]
@@ -522,7 +527,7 @@ fn session_command(c: SessionCommand) -> i32 {
     };
     runtime().block_on(async move {
         match c {
-            SessionCommand::Create { script, environment_id, .. } => {
+            SessionCommand::Create { script, skills, environment_id, .. } => {
                 let text = match std::fs::read_to_string(&script) {
                     Ok(t) => t,
                     Err(e) => return fail(format!("--script {}: {e}", script.display())),
@@ -531,7 +536,22 @@ fn session_command(c: SessionCommand) -> i32 {
                     Ok(s) => s,
                     Err(e) => return fail(e),
                 };
-                let req = CreateSession { environment_id, script: steps, metadata: Default::default() };
+                let mut local_skills = Vec::new();
+                for spec in skills {
+                    use base64::Engine;
+                    let Some((name, file)) = spec.split_once('=') else {
+                        return fail(format!("--skill {spec}: expected NAME=ARCHIVE"));
+                    };
+                    match std::fs::read(file) {
+                        Ok(b) => local_skills.push(local::LocalSkill {
+                            name: name.to_owned(),
+                            archive_base64: base64::engine::general_purpose::STANDARD.encode(b),
+                        }),
+                        Err(e) => return fail(format!("--skill {spec}: {file}: {e}")),
+                    }
+                }
+                let req =
+                    CreateSession { environment_id, script: steps, metadata: Default::default(), skills: local_skills };
                 match client
                     .local::<local::CreatedSession, _>(reqwest::Method::POST, "/v1/local/sessions", Some(&req))
                     .await
@@ -733,6 +753,7 @@ pub fn demo() -> i32 {
             environment_id: local::DEFAULT_ENVIRONMENT.into(),
             script: steps,
             metadata: Default::default(),
+            skills: Vec::new(),
         }) {
             Ok(c) => c,
             Err(e) => return fail(e),

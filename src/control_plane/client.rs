@@ -133,7 +133,8 @@ struct Req<'a> {
     body: Option<serde_json::Value>,
     /// Overrides the client's timeout.
     timeout: Option<Duration>,
-    beta: Option<&'static str>,
+    /// Without the managed-agents beta header (the skills endpoints, as the official SDK calls them).
+    no_beta: bool,
 }
 
 impl Client {
@@ -176,9 +177,10 @@ impl Client {
             .http
             .request(method.clone(), format!("{}{p}", self.base))
             .timeout(r.timeout.unwrap_or(self.timeout))
-            .header("anthropic-version", wire::API_VERSION)
-            .header("anthropic-beta", r.beta.unwrap_or(wire::BETA))
-            .query(&[("beta", "true")]);
+            .header("anthropic-version", wire::API_VERSION);
+        if !r.no_beta {
+            req = req.header("anthropic-beta", wire::BETA);
+        }
         req = match self.auth {
             AuthScheme::XApiKey => req.header("x-api-key", self.key.expose()),
             AuthScheme::Bearer => req.bearer_auth(self.key.expose()),
@@ -431,37 +433,14 @@ impl Client {
         Ok(EventStream { resp, buf: Vec::new(), max: self.max_body })
     }
 
-    /// The versions of a skill, all pages.
-    pub async fn skill_versions(&self, skill: &str) -> Result<Vec<wire::SkillVersion>, ApiError> {
-        let mut out = Vec::new();
-        let mut page: Option<String> = None;
-        loop {
-            let mut r = Req { beta: Some(wire::SKILLS_BETA), ..Req::default() };
-            if let Some(p) = &page {
-                r.query.push(("page", p.clone()));
-            }
-            let got: wire::Page<wire::SkillVersion> =
-                self.call(Method::GET, &path::skill_versions(skill), r, true).await?;
-            out.extend(got.data);
-            match got.next_page {
-                Some(p) if !p.is_empty() => page = Some(p),
-                _ => return Ok(out),
-            }
-        }
-    }
-
     pub async fn skill_version(&self, skill: &str, version: &str) -> Result<wire::SkillVersion, ApiError> {
-        let r = Req { beta: Some(wire::SKILLS_BETA), ..Req::default() };
+        let r = Req { no_beta: true, ..Req::default() };
         self.call(Method::GET, &path::skill_version(skill, version), r, true).await
     }
 
     /// A skill version's archive (zip or tar, possibly compressed).
     pub async fn skill_content(&self, skill: &str, version: &str) -> Result<Vec<u8>, ApiError> {
-        let r = Req {
-            beta: Some(wire::SKILLS_BETA),
-            headers: vec![("accept", "application/binary".to_owned())],
-            ..Req::default()
-        };
+        let r = Req { no_beta: true, headers: vec![("accept", "application/binary".to_owned())], ..Req::default() };
         let p = path::skill_content(skill, version);
         self.call_raw(Method::GET, &p, r, true)
             .await?

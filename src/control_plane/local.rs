@@ -98,6 +98,26 @@ pub struct CreateSession {
     pub script: Vec<ScriptStep>,
     #[serde(default)]
     pub metadata: serde_json::Map<String, Value>,
+    /// Skills of the session's agent, each served as one version with this archive.
+    #[serde(default)]
+    pub skills: Vec<LocalSkill>,
+}
+
+/// A skill the local control plane serves: its name and the archive bytes (zip or tar, any
+/// compression), base64 in JSON.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct LocalSkill {
+    pub name: String,
+    pub archive_base64: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct SkillRec {
+    id: String,
+    name: String,
+    version_id: String,
+    created_ms: u64,
+    archive_base64: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -260,6 +280,9 @@ struct SessionRec {
     issued_ms: BTreeMap<String, u64>,
     answered_ms: BTreeMap<String, u64>,
     answered_by: BTreeMap<String, String>,
+    /// The agent's skills (ids into `Db::skills`).
+    #[serde(default)]
+    skills: Vec<String>,
     /// The call the agent waits on, and what happens to it at which time.
     waiting: Option<String>,
     later: Option<(u64, Later)>,
@@ -272,6 +295,7 @@ struct Db {
     envs: BTreeMap<String, EnvRec>,
     work: BTreeMap<String, WorkRec>,
     sessions: BTreeMap<String, SessionRec>,
+    skills: BTreeMap<String, SkillRec>,
     seq: u64,
     #[serde(skip)]
     polls: HashMap<(String, String), Instant>,
@@ -535,6 +559,8 @@ fn invalid(what: impl Into<String>) -> ApiErr {
 /// Who may make a call.
 enum Need<'a> {
     Org,
+    /// Any key this server issued: the organisation's, an environment's, an item's token.
+    Any,
     /// Worker calls on the queue: the environment's key as a bearer token (or the org key).
     Env(&'a str),
     /// Per-item calls: the environment's key, that item's sessions token, or the org key.
@@ -558,6 +584,10 @@ fn authorize(db: &Db, h: &HeaderMap, need: Need) -> ApiResult<()> {
     let ok = org
         || match need {
             Need::Org => false,
+            Need::Any => bearer.is_some_and(|k| {
+                db.envs.values().any(|e| Secret::new(e.key.clone()).matches(k))
+                    || db.work.values().any(|w| Secret::new(w.token.clone()).matches(k))
+            }),
             Need::Env(env) => env_ok(env),
             Need::Item(env, work) => {
                 env_ok(env)
@@ -723,6 +753,9 @@ impl LocalControlPlane {
             .route("/v1/sessions/{session}", get(get_session))
             .route("/v1/sessions/{session}/events", get(list_events).post(send_events))
             .route("/v1/sessions/{session}/events/stream", get(stream_events))
+            .route("/v1/skills/{skill}/versions", get(list_skill_versions))
+            .route("/v1/skills/{skill}/versions/{version}", get(get_skill_version))
+            .route("/v1/skills/{skill}/versions/{version}/content", get(skill_content))
             .route("/v1/local/sessions", post(create_session))
             .route("/v1/local/sessions/{session}", get(show_session))
             .route("/v1/local/faults", post(add_faults).delete(clear_faults))
@@ -766,6 +799,26 @@ impl LocalControlPlane {
         }
         let session_id = db.next_id("sesn");
         let work_id = db.next_id("work");
+        let mut skills = Vec::new();
+        for sk in req.skills {
+            use base64::Engine;
+            base64::engine::general_purpose::STANDARD
+                .decode(&sk.archive_base64)
+                .map_err(|e| format!("skill {:?}: archive_base64: {e}", sk.name))?;
+            let id = db.next_id("skill");
+            let version_id = db.next_id("skillver");
+            db.skills.insert(
+                id.clone(),
+                SkillRec {
+                    id: id.clone(),
+                    name: sk.name,
+                    version_id,
+                    created_ms: now_ms(),
+                    archive_base64: sk.archive_base64,
+                },
+            );
+            skills.push(id);
+        }
         let seq = db.seq;
         db.sessions.insert(
             session_id.clone(),
@@ -781,6 +834,7 @@ impl LocalControlPlane {
                 issued_ms: BTreeMap::new(),
                 answered_ms: BTreeMap::new(),
                 answered_by: BTreeMap::new(),
+                skills,
                 waiting: None,
                 later: None,
                 duplicate_results: 0,
@@ -1324,12 +1378,14 @@ async fn get_session(
     authorize(&db, &h, Need::Item(&env, &work))?;
     let s = &db.sessions[&session];
     let created = db.work[&work].created_ms;
+    let skills: Vec<Value> =
+        s.skills.iter().map(|id| json!({"type": "custom", "skill_id": id, "version": "latest"})).collect();
     Ok(Json(json!({
         "type": "session", "id": s.id, "status": s.status, "environment_id": s.env, "title": null,
         "created_at": ts(created), "updated_at": ts(now_ms()), "archived_at": null,
         "agent": {"type": "agent", "id": "agent_local", "name": "scripted agent", "version": 1,
                   "description": null, "system": null, "model": {"id": "scripted"},
-                  "execution_identity": {"type": "agent"}, "mcp_servers": [], "skills": [],
+                  "execution_identity": {"type": "agent"}, "mcp_servers": [], "skills": skills,
                   "tools": [{"type": "agent_toolset_20260401"}]},
         "metadata": db.work[&work].metadata, "resources": [], "outcome_evaluations": [], "vault_ids": [],
         "stats": {"active_seconds": 0.0, "duration_seconds": 0.0}, "usage": {"input_tokens": 0, "output_tokens": 0},
@@ -1452,6 +1508,57 @@ async fn stream_events(
         .header("cache-control", "no-cache")
         .body(Body::from_stream(Chunks::Channel(out)))
         .expect("static response"))
+}
+
+impl SkillRec {
+    fn version(&self) -> Value {
+        json!({"type": "skill_version", "id": self.version_id, "skill_id": self.id, "name": self.name,
+               "description": format!("the {} skill", self.name), "created_at": ts(self.created_ms),
+               "directory": self.name})
+    }
+}
+
+fn skill_at<'a>(db: &'a Db, skill: &str, version: &str) -> ApiResult<&'a SkillRec> {
+    match db.skills.get(skill) {
+        Some(s) if version == "latest" || version == s.version_id => Ok(s),
+        Some(_) => Err(not_found(format!("skill {skill} has no version {version}"))),
+        None => Err(not_found(format!("skill {skill} not found"))),
+    }
+}
+
+async fn list_skill_versions(
+    State(cp): State<LocalControlPlane>,
+    Path(skill): Path<String>,
+    Query(q): Query<PageQuery>,
+    h: HeaderMap,
+) -> ApiResult<Json<wire::Page<Value>>> {
+    let db = cp.db();
+    authorize(&db, &h, Need::Any)?;
+    let s = skill_at(&db, &skill, "latest")?;
+    Ok(Json(page_of(&[s.version()], &q, 20, 1000)?))
+}
+
+async fn get_skill_version(
+    State(cp): State<LocalControlPlane>,
+    Path((skill, version)): Path<(String, String)>,
+    h: HeaderMap,
+) -> ApiResult<Json<Value>> {
+    let db = cp.db();
+    authorize(&db, &h, Need::Any)?;
+    Ok(Json(skill_at(&db, &skill, &version)?.version()))
+}
+
+async fn skill_content(
+    State(cp): State<LocalControlPlane>,
+    Path((skill, version)): Path<(String, String)>,
+    h: HeaderMap,
+) -> ApiResult<Response> {
+    use base64::Engine;
+    let db = cp.db();
+    authorize(&db, &h, Need::Any)?;
+    let s = skill_at(&db, &skill, &version)?;
+    let bytes = base64::engine::general_purpose::STANDARD.decode(&s.archive_base64).unwrap_or_default();
+    Ok(([("content-type", "application/octet-stream")], bytes).into_response())
 }
 
 async fn create_session(

@@ -7,12 +7,11 @@
 
 use serde::{Deserialize, Serialize};
 
-/// The API version header value (`anthropic-version`).
-pub const API_VERSION: &str = "2023-06-01";
+/// The API version header value (`anthropic-version`), as the official SDK 2.15.0 sends it
+/// (`anthropic/_constants.py`).
+pub const API_VERSION: &str = "2026-10-21";
 /// The beta that gates environments, work and sessions (`anthropic-beta`).
 pub const BETA: &str = "managed-agents-2026-04-01";
-/// The beta of the skills endpoints.
-pub const SKILLS_BETA: &str = "skills-2025-10-02";
 pub const DEFAULT_API_URL: &str = "https://api.anthropic.com";
 /// The first heartbeat's `expected_last_heartbeat`: it claims the lease.
 pub const NO_HEARTBEAT: &str = "NO_HEARTBEAT";
@@ -21,7 +20,7 @@ pub const MAX_BLOCK_MS: u32 = 999;
 /// The header that names the polling worker.
 pub const WORKER_ID_HEADER: &str = "anthropic-worker-id";
 
-/// Request paths, relative to the API base URL. Every SDK adds `?beta=true`; the client does too.
+/// Request paths, relative to the API base URL (the official SDK 2.15.0 sends no `?beta=true`).
 pub mod path {
     pub fn poll(env: &str) -> String {
         format!("/v1/environments/{env}/work/poll")
@@ -382,12 +381,20 @@ pub struct SkillRef {
     pub version: String,
 }
 
-/// `GET /v1/skills/{id}/versions/{v}`.
+/// `GET /v1/skills/{id}/versions/{v}` (`BetaSkillVersion`); `v` is a version id or `latest`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct SkillVersion {
+    pub id: String,
+    #[serde(rename = "type", default)]
+    pub kind: String,
+    #[serde(default)]
+    pub skill_id: String,
     #[serde(default)]
     pub name: String,
-    pub version: String,
+    #[serde(default)]
+    pub description: String,
+    #[serde(default)]
+    pub created_at: Option<String>,
 }
 
 /// The API's error body: `{"type":"error","error":{"type":"not_found_error","message":"…"}}`.

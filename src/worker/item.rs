@@ -146,6 +146,9 @@ pub(super) async fn run(
             }
         };
         tracing::info!(resume = last_heartbeat.is_some(), workspace = %dirs.workspace.display(), "session starting");
+        if dirs.fresh {
+            super::skills::download(&client, &session_id, &dirs.workspace, ctx.owner).await;
+        }
         ctx.metrics.active_sessions.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         ctx.active.lock().unwrap_or_else(|p| p.into_inner()).insert(item.id.clone(), lease_tx.clone());
         let runner = Runner { ctx: &ctx, client: &client, item: &item, session: &session_id, dirs: &dirs, ttl };

@@ -6,6 +6,7 @@ mod item;
 pub mod key;
 pub mod metrics;
 pub mod runner;
+pub mod skills;
 pub mod state;
 
 use std::net::SocketAddr;

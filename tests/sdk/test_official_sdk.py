@@ -64,10 +64,20 @@ class ControlPlane:
         assert out.returncode == 0, out.stderr
         return out.stdout
 
-    def create(self, steps: list) -> str:
+    def create(self, steps: list, skills: dict | None = None) -> str:
         script = Path(self.dir.name, f"script-{time.time_ns()}.jsonl")
         script.write_text("\n".join(json.dumps(s) for s in steps) + "\n")
-        return json.loads(self.cli("create", "--script", str(script)))["session_id"]
+        extra = []
+        for name, archive in (skills or {}).items():
+            extra += ["--skill", f"{name}={archive}"]
+        return json.loads(self.cli("create", "--script", str(script), *extra))["session_id"]
+
+    def requests(self) -> list:
+        """Every request the control plane received, credentials named, not shown."""
+        import urllib.request
+        req = urllib.request.Request(f"{self.url}/v1/local/requests", headers={"x-api-key": self.org_key})
+        with urllib.request.urlopen(req, timeout=10) as r:
+            return json.loads(r.read())
 
     def view(self, session: str) -> dict:
         return json.loads(self.cli("show", session, "--json"))
@@ -116,6 +126,26 @@ def run_official_worker(cp: ControlPlane, workdir: str, until, limit: float = 60
     asyncio.run(main())
 
 
+def skill_zip(directory: str) -> str:
+    """A skill bundle as the API ships one: a zip wrapped in one directory, with a script."""
+    import zipfile
+    path = Path(directory, "hello-skill.zip")
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr("hello/SKILL.md", "# hello skill\n")
+        info = zipfile.ZipInfo("hello/bin/run.sh")
+        info.create_system = 3
+        info.external_attr = 0o100755 << 16
+        z.writestr(info, "#!/bin/sh\necho skill ran\n")
+    return str(path)
+
+
+def route(r: dict) -> str:
+    """A request's route with ids folded, for comparing two clients' traffic."""
+    import re
+    p = re.sub(r"(work|sesn|sevt|skill|skillver)_[0-9]+", r"\1_ID", r["path"])
+    return f'{r["method"]} {p}'
+
+
 def test_the_official_worker_completes_scripted_sessions(cp):
     with tempfile.TemporaryDirectory() as wd:
         steps = [
@@ -127,8 +157,9 @@ def test_the_official_worker_completes_scripted_sessions(cp):
             {"name": "bash", "input": {"command": "echo confirmed"}, "permission": "ask", "confirm": "allow"},
             {"name": "bash", "input": {"command": "echo refused"}, "permission": "ask", "confirm": "deny"},
             {"name": "grep", "input": {"pattern": "beta"}},
+            {"name": "bash", "input": {"command": "sh skills/hello/bin/run.sh; cat skills/hello/SKILL.md"}},
         ]
-        s1 = cp.create(steps)
+        s1 = cp.create(steps, skills={"hello": skill_zip(cp.dir.name)})
         s2 = cp.create([{"name": "bash", "input": {"command": "exit 3"}}])
 
         def done():
@@ -138,12 +169,13 @@ def test_the_official_worker_completes_scripted_sessions(cp):
         v = cp.view(s1)
         calls = v["calls"]
         assert [c["answered_by"] for c in calls] == ["worker", "worker", "worker", "other", "none", "worker", "none",
-                                                     "worker"], calls
+                                                     "worker", "worker"], calls
         assert calls[0]["result"] == "wrote 11 bytes to notes/a.txt"
         assert calls[1]["result"] == "alpha\nbeta\ndone"
         assert calls[2]["result"] == "alpha\nbeta\n"
         assert calls[5]["result"] == "confirmed"
         assert calls[7]["result"].endswith(":2:beta"), calls[7]
+        assert calls[8]["result"] == "skill ran\n# hello skill", calls[8]
         assert v["duplicate_results"] == 0
         v2 = cp.view(s2)
         assert v2["calls"][0]["is_error"] is True
@@ -234,3 +266,51 @@ def test_stockade_worker_completes_the_same_sessions(cp):
     assert calls[3]["result"].strip() == "confirmed"
     assert "alpha" in calls[4]["result"]
     assert v["duplicate_results"] == 0
+
+
+def test_stockade_sends_what_the_official_worker_sends(cp):
+    """The same sessions served once by the official worker and once by Stockade's: every route
+    either uses must be used by the other, with the same anthropic-* headers and query names."""
+    steps = [{"name": "bash", "input": {"command": "sleep 1; echo hi"}},
+             {"name": "bash", "input": {"command": "echo asked"}, "permission": "ask", "confirm": "allow"}]
+    skills = {"hello": skill_zip(cp.dir.name)}
+    s1 = cp.create(steps, skills=skills)
+    with tempfile.TemporaryDirectory() as wd:
+        run_official_worker(cp, wd, lambda: cp.view(s1)["work_state"] == "stopped")
+    official = [r for r in cp.requests() if "anthropic" in r["headers"].get("user-agent", "").lower()
+                or r["headers"].get("x-stainless-lang")]
+    n = len(cp.requests())
+    s2 = cp.create(steps, skills=skills)
+    state = tempfile.mkdtemp(prefix="stockade-sdk-worker-")
+    os.chmod(state, 0o755)
+    key = Path(cp.dir.name, f"{ENV}.key")
+    w = subprocess.Popen([STOCKADE, "worker", "--environment-id", ENV, "--base-url", cp.url, "--state-dir", state,
+                          "--environment-key-file", str(key), "--max-idle", "1s"],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                         env={k: v for k, v in os.environ.items() if not k.startswith("ANTHROPIC_")})
+    try:
+        v = cp.wait(s2, lambda v: v["finished"] and v["work_state"] == "stopped")
+    finally:
+        w.terminate()
+        w.wait(timeout=30)
+    assert v["calls"][1]["result"] == "asked\n", v
+    ours = [r for r in cp.requests()[n:] if r["headers"].get("user-agent", "").startswith("stockade/")]
+
+    def shape(reqs):
+        out = {}
+        for r in reqs:
+            h = r["headers"]
+            key = route(r)
+            out.setdefault(key, set()).add((
+                h.get("anthropic-version"), h.get("anthropic-beta"), h.get("anthropic-worker-id") is not None,
+                tuple(sorted({k for k, _ in r["query"]})), r["credential"].split(":")[0] + ":" + r["credential"].split(":")[1],
+            ))
+        return out
+
+    theirs, mine = shape(official), shape(ours)
+    assert set(theirs) == set(mine), (sorted(theirs), sorted(mine))
+    for k in theirs:
+        # Query names the official worker sends on a route, Stockade sends too (and no others).
+        assert {q for t in theirs[k] for q in t[3]} == {q for t in mine[k] for q in t[3]}, (k, theirs[k], mine[k])
+        assert {t[:3] for t in theirs[k]} == {t[:3] for t in mine[k]}, (k, theirs[k], mine[k])
+        assert {t[4] for t in theirs[k]} == {t[4] for t in mine[k]}, (k, theirs[k], mine[k])
