@@ -27,8 +27,12 @@ struct Cp {
 
 impl Cp {
     fn start(lease: Duration) -> Cp {
+        Cp::start_with(LocalConfig { lease, ..LocalConfig::default() })
+    }
+
+    fn start_with(cfg: LocalConfig) -> Cp {
         let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
-        let cp = LocalControlPlane::new(LocalConfig { lease, state_file: None }).unwrap();
+        let cp = LocalControlPlane::new(cfg).unwrap();
         let listener = rt.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
         rt.spawn(cp.clone().serve(listener, std::future::pending()));
@@ -959,4 +963,42 @@ fn skills_are_unpacked_into_the_workspace_and_a_hostile_one_is_skipped() {
     assert!(completed(&v), "{v:#?}");
     assert_eq!(result_of(&v, 0), "skill ran in /workspace\nhello\n644\n", "{v:#?}");
     assert!(!Path::new("/tmp/planted-by-skill").exists());
+}
+
+/// The local control plane delivers `session.status_run_started` itself, signed; a webhook
+/// worker with the key in $ANTHROPIC_WEBHOOK_SIGNING_KEY wakes on it and serves the session.
+#[test]
+fn the_control_planes_own_deliveries_wake_a_webhook_worker() {
+    use base64::Engine;
+    let key = b"fedcba9876543210fedcba9876543210".to_vec();
+    let port = free_port();
+    let cp = Cp::start_with(LocalConfig {
+        lease: Duration::from_secs(30),
+        webhook: Some((format!("http://127.0.0.1:{port}/hook"), key.clone())),
+        ..LocalConfig::default()
+    });
+    let state = TempDir::new("w-state");
+    let mut c = Command::new(STOCKADE);
+    c.args(["-v", "webhook", "--listen", &format!("127.0.0.1:{port}")])
+        .args(["--environment-id", DEFAULT_ENVIRONMENT, "--api-url", &cp.url, "--state-dir"])
+        .arg(state.path())
+        .args(["--max-idle", "1s", "--environment-key-file"])
+        .arg(cp.key_file())
+        .env_remove("ANTHROPIC_API_KEY")
+        .env(
+            "ANTHROPIC_WEBHOOK_SIGNING_KEY",
+            format!("whsec_{}", base64::engine::general_purpose::STANDARD.encode(&key)),
+        )
+        .stdin(Stdio::null());
+    let w = Worker { child: c.spawn().unwrap() };
+    cp.wait_for("the webhook listener", Duration::from_secs(10), || {
+        std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    let (s, _) = cp.session(vec![bash("echo delivered")]);
+    let v = cp.wait_ended(&s, Duration::from_secs(20));
+    assert!(completed(&v), "{v:#?}");
+    assert_eq!(result_of(&v, 0), "delivered\n");
+    let environ = std::fs::read(format!("/proc/{}/environ", w.child.id())).unwrap();
+    assert!(!String::from_utf8_lossy(&environ).contains("whsec_"), "the signing key stayed in the environment");
 }

@@ -111,9 +111,9 @@ pub struct WebhookArgs {
     /// Where deliveries arrive (POST, any path).
     #[arg(long, value_name = "ADDR")]
     listen: SocketAddr,
-    /// File holding the webhook secret (`whsec_…`).
+    /// File holding the webhook signing key (`whsec_…`); otherwise $ANTHROPIC_WEBHOOK_SIGNING_KEY.
     #[arg(long)]
-    secret_file: PathBuf,
+    secret_file: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -130,6 +130,10 @@ pub struct ControlPlaneArgs {
     /// Lease length of a claim.
     #[arg(long, default_value = "30s", value_parser = duration)]
     lease: Duration,
+    /// Deliver `session.status_run_started` for every new session to this URL, signed as
+    /// Standard Webhooks (the key is `webhook.key` beside the other keys).
+    #[arg(long, value_name = "URL")]
+    webhook_url: Option<String>,
 }
 
 #[derive(Args)]
@@ -402,12 +406,22 @@ fn worker_run(r: WorkerRunArgs, log: LogFormat) -> i32 {
 }
 
 pub fn webhook(a: WebhookArgs, log: LogFormat) -> i32 {
-    let secret = match std::fs::read_to_string(&a.secret_file)
-        .map_err(|e| format!("--secret-file {}: {e}", a.secret_file.display()))
-        .and_then(|s| webhook::parse_secret(&s).map_err(|e| format!("--secret-file {}: {e}", a.secret_file.display())))
-    {
+    let (text, origin) = match &a.secret_file {
+        Some(f) => match std::fs::read_to_string(f) {
+            Ok(t) => (t, format!("--secret-file {}", f.display())),
+            Err(e) => return fail(format!("--secret-file {}: {e}", f.display())),
+        },
+        None => match std::env::var(webhook::SIGNING_KEY_VAR) {
+            Ok(t) => (t, format!("${}", webhook::SIGNING_KEY_VAR)),
+            Err(_) => {
+                return fail(format!("no webhook signing key: pass --secret-file or set {}", webhook::SIGNING_KEY_VAR))
+            }
+        },
+    };
+    stockade::jail::environ::scrub_variables(&[webhook::SIGNING_KEY_VAR]);
+    let secret = match webhook::parse_secret(&text) {
         Ok(k) => k,
-        Err(e) => return fail(e),
+        Err(e) => return fail(format!("{origin}: {e}")),
     };
     let mut cfg = match worker_config(&a.worker, log) {
         Ok(c) => c,
@@ -475,18 +489,26 @@ pub fn control_plane(a: ControlPlaneArgs) -> i32 {
         Some(CpCommand::Session { command }) => return session_command(command),
         None => {}
     }
-    let cfg = LocalConfig { lease: a.lease, state_file: a.state.as_ref().map(|d| d.join("control-plane.json")) };
     if let Some(d) = &a.state {
         if let Err(e) = std::fs::create_dir_all(d) {
             return fail(format!("--state {}: {e}", d.display()));
         }
     }
+    let keys =
+        a.state.clone().unwrap_or_else(|| std::env::temp_dir().join(format!("stockade-cp-{}", std::process::id())));
+    let webhook = match &a.webhook_url {
+        None => None,
+        Some(url) => match webhook_key(&keys) {
+            Ok(k) => Some((url.clone(), k)),
+            Err(e) => return fail(format!("webhook key in {}: {e}", keys.display())),
+        },
+    };
+    let cfg =
+        LocalConfig { lease: a.lease, state_file: a.state.as_ref().map(|d| d.join("control-plane.json")), webhook };
     let cp = match LocalControlPlane::new(cfg) {
         Ok(cp) => cp,
         Err(e) => return fail(e),
     };
-    let keys =
-        a.state.clone().unwrap_or_else(|| std::env::temp_dir().join(format!("stockade-cp-{}", std::process::id())));
     if let Err(e) = std::fs::create_dir_all(&keys).and_then(|()| {
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(&keys, std::fs::Permissions::from_mode(0o700))?;
@@ -515,6 +537,30 @@ pub fn control_plane(a: ControlPlaneArgs) -> i32 {
             Err(e) => fail(e),
         }
     })
+}
+
+/// The local control plane's webhook signing key: `webhook.key` in the key directory, made
+/// (mode 0600, `whsec_` + 32 random bytes) when absent.
+fn webhook_key(dir: &Path) -> Result<Vec<u8>, String> {
+    use base64::Engine;
+    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+    let p = dir.join("webhook.key");
+    if let Ok(text) = std::fs::read_to_string(&p) {
+        return webhook::parse_secret(&text).map_err(|e| format!("{}: {e}", p.display()));
+    }
+    std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir).map_err(|e| e.to_string())?;
+    let mut key = [0u8; 32];
+    std::io::Read::read_exact(&mut std::fs::File::open("/dev/urandom").map_err(|e| e.to_string())?, &mut key)
+        .map_err(|e| e.to_string())?;
+    let text = format!("whsec_{}", base64::engine::general_purpose::STANDARD.encode(key));
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&p)
+        .map_err(|e| format!("{}: {e}", p.display()))?;
+    std::io::Write::write_all(&mut f, text.as_bytes()).map_err(|e| e.to_string())?;
+    Ok(key.to_vec())
 }
 
 fn session_command(c: SessionCommand) -> i32 {

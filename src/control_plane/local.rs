@@ -306,6 +306,9 @@ struct Db {
     /// Events pushed since the last broadcast, for the streams.
     #[serde(skip)]
     outbox: Vec<(String, Value)>,
+    /// Webhook payloads not yet handed to a delivery task.
+    #[serde(skip)]
+    webhooks: Vec<Value>,
 }
 
 /// Milliseconds on a clock that reads as wall time at start-up and then only moves forward:
@@ -508,11 +511,13 @@ pub struct LocalConfig {
     pub lease: Duration,
     /// Mirror the state to this file.
     pub state_file: Option<PathBuf>,
+    /// Deliver `session.status_run_started` to this URL, signed with this key (Standard Webhooks).
+    pub webhook: Option<(String, Vec<u8>)>,
 }
 
 impl Default for LocalConfig {
     fn default() -> LocalConfig {
-        LocalConfig { lease: Duration::from_secs(30), state_file: None }
+        LocalConfig { lease: Duration::from_secs(30), state_file: None, webhook: None }
     }
 }
 
@@ -774,9 +779,16 @@ impl LocalControlPlane {
         let ticker = {
             let cp = self.clone();
             tokio::spawn(async move {
+                let http = reqwest::Client::new();
                 loop {
                     tokio::time::sleep(Duration::from_millis(50)).await;
                     cp.housekeeping();
+                    let due = std::mem::take(&mut cp.db().webhooks);
+                    if let Some((url, key)) = &cp.shared.cfg.webhook {
+                        for payload in due {
+                            tokio::spawn(deliver(http.clone(), url.clone(), key.clone(), payload));
+                        }
+                    }
                 }
             })
         };
@@ -862,6 +874,14 @@ impl LocalControlPlane {
                 token: random_token("sk-ant-req-local-"),
             },
         );
+        if self.shared.cfg.webhook.is_some() {
+            let id = db.next_id("wevt");
+            db.webhooks.push(json!({
+                "type": "event", "id": id, "created_at": ts(now_ms()),
+                "data": {"type": "session.status_run_started", "id": session_id,
+                         "organization_id": "org_local", "workspace_id": "wrkspc_local"},
+            }));
+        }
         db.push_event(&session_id, json!({"type": "user.message", "content": [{"type": "text", "text": "Go."}]}));
         db.push_event(&session_id, json!({"type": "session.status_running"}));
         db.advance(&session_id);
@@ -923,6 +943,32 @@ impl LocalControlPlane {
             calls,
             duplicate_results: s.duplicate_results,
         })
+    }
+}
+
+/// POSTs one signed webhook payload, retried a few times on failure.
+async fn deliver(http: reqwest::Client, url: String, key: Vec<u8>, payload: Value) {
+    let id = payload["id"].as_str().unwrap_or_default().to_owned();
+    let body = payload.to_string();
+    for attempt in 0..5u32 {
+        let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_secs().to_string();
+        let sig = super::webhook::sign(&key, &id, &now, body.as_bytes());
+        let r = http
+            .post(&url)
+            .timeout(Duration::from_secs(10))
+            .header("content-type", "application/json")
+            .header(wire::webhook_header::ID, &id)
+            .header(wire::webhook_header::TIMESTAMP, &now)
+            .header(wire::webhook_header::SIGNATURE, sig)
+            .body(body.clone())
+            .send()
+            .await;
+        match r {
+            Ok(resp) if resp.status().is_success() => return,
+            Ok(resp) => tracing::warn!(%url, status = resp.status().as_u16(), attempt, "webhook delivery refused"),
+            Err(e) => tracing::warn!(%url, error = %e, attempt, "webhook delivery failed"),
+        }
+        tokio::time::sleep(Duration::from_millis(500 << attempt)).await;
     }
 }
 

@@ -1,4 +1,4 @@
-//! Webhook signatures (INFERRED scheme, Standard-Webhooks style): the signed content is
+//! Webhook signatures (Standard Webhooks, as the official SDK verifies them): the signed content is
 //! `"{webhook-id}.{webhook-timestamp}.{body}"`, HMAC-SHA256 keyed with the base64 part of a
 //! `whsec_…` secret, sent as `webhook-signature: v1,<base64>` (several space-separated
 //! signatures are allowed during secret rotation).
@@ -51,6 +51,9 @@ fn mac(key: &[u8], id: &str, ts: &str, body: &[u8]) -> HmacSha256 {
     m.update(body);
     m
 }
+
+/// The environment variable the official SDK reads the signing key from.
+pub const SIGNING_KEY_VAR: &str = "ANTHROPIC_WEBHOOK_SIGNING_KEY";
 
 /// The `webhook-signature` value for a delivery.
 pub fn sign(key: &[u8], id: &str, ts: &str, body: &[u8]) -> String {

@@ -30,13 +30,13 @@ def free_port() -> int:
 
 
 class ControlPlane:
-    def __init__(self, lease: str = "30s"):
+    def __init__(self, lease: str = "30s", extra: list | None = None):
         self.dir = tempfile.TemporaryDirectory(prefix="stockade-sdk-")
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc = subprocess.Popen(
             [STOCKADE, "control-plane", "--listen", f"127.0.0.1:{self.port}", "--state", self.dir.name,
-             "--lease", lease],
+             "--lease", lease, *(extra or [])],
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
         )
         deadline = time.time() + 20
@@ -236,6 +236,18 @@ def test_the_official_client_parses_every_answer(cp):
     with pytest.raises(anthropic.AuthenticationError):
         sdk_client(cp, key="sk-wrong").beta.environments.work.stats(ENV)
 
+    # Skills: the session names them; versions resolve `latest`; the archive downloads whole.
+    archive = skill_zip(cp.dir.name)
+    s_sk = cp.create([{"name": "bash", "input": {"command": "true"}}], skills={"hello": archive})
+    skill = env_client.beta.sessions.retrieve(s_sk).agent.skills[0]
+    ver = env_client.beta.skills.versions.retrieve("latest", skill_id=skill.skill_id)
+    assert ver.type == "skill_version" and ver.name == "hello" and ver.skill_id == skill.skill_id
+    assert [v.id for v in env_client.beta.skills.versions.list(skill.skill_id)] == [ver.id]
+    content = env_client.beta.skills.versions.download(ver.id, skill_id=skill.skill_id)
+    assert content.read() == Path(archive).read_bytes()
+    with pytest.raises(anthropic.NotFoundError):
+        env_client.beta.skills.versions.retrieve("skillver_none", skill_id=skill.skill_id)
+
 
 def test_stockade_worker_completes_the_same_sessions(cp):
     steps = [
@@ -314,3 +326,40 @@ def test_stockade_sends_what_the_official_worker_sends(cp):
         assert {q for t in theirs[k] for q in t[3]} == {q for t in mine[k] for q in t[3]}, (k, theirs[k], mine[k])
         assert {t[:3] for t in theirs[k]} == {t[:3] for t in mine[k]}, (k, theirs[k], mine[k])
         assert {t[4] for t in theirs[k]} == {t[4] for t in mine[k]}, (k, theirs[k], mine[k])
+
+
+def test_the_control_planes_webhooks_verify_with_the_official_sdk():
+    """Deliveries of `stockade control-plane --webhook-url` unwrap with client.beta.webhooks."""
+    import http.server
+    import threading
+
+    got = []
+
+    class Hook(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):
+            body = self.rfile.read(int(self.headers["content-length"]))
+            got.append((body, {k.lower(): v for k, v in self.headers.items()}))
+            self.send_response(204)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Hook)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    cp = ControlPlane(extra=["--webhook-url", f"http://127.0.0.1:{server.server_port}/hook"])
+    try:
+        s = cp.create([{"name": "bash", "input": {"command": "true"}}])
+        deadline = time.time() + 10
+        while not got and time.time() < deadline:
+            time.sleep(0.05)
+        assert got, "no delivery"
+        body, headers = got[0]
+        key = Path(cp.dir.name, "webhook.key").read_text().strip()
+        event = sdk_client(cp).beta.webhooks.unwrap(body.decode(), headers=headers, key=key)
+        assert event.type == "event" and event.data.type == "session.status_run_started" and event.data.id == s
+        with pytest.raises(Exception):
+            sdk_client(cp).beta.webhooks.unwrap(body.decode().replace(s, "sesn_other"), headers=headers, key=key)
+    finally:
+        cp.close()
+        server.shutdown()
