@@ -1002,3 +1002,25 @@ fn the_control_planes_own_deliveries_wake_a_webhook_worker() {
     let environ = std::fs::read(format!("/proc/{}/environ", w.child.id())).unwrap();
     assert!(!String::from_utf8_lossy(&environ).contains("whsec_"), "the signing key stayed in the environment");
 }
+
+/// A health-check item is acknowledged and stopped without a jail or a single session call.
+#[test]
+fn a_health_check_item_is_stopped_without_running_anything() {
+    let cp = Cp::start(Duration::from_secs(30));
+    let state = TempDir::new("w-state");
+    let hc = cp.cp.create_healthcheck(DEFAULT_ENVIRONMENT).unwrap();
+    let _w = start_worker(&cp, state.path(), &[]);
+    cp.wait_for("the health check to be stopped", Duration::from_secs(20), || {
+        cp.cp.work_state(&hc) == Some(WorkState::Stopped)
+    });
+    let touched: Vec<String> = cp
+        .cp
+        .requests()
+        .into_iter()
+        .filter(|r| r.path.contains(&hc) || r.path.starts_with("/v1/sessions/"))
+        .map(|r| format!("{} {}", r.method, r.path.replace(&hc, "ID")))
+        .collect();
+    let env = format!("/v1/environments/{DEFAULT_ENVIRONMENT}/work/ID");
+    assert_eq!(touched, [format!("POST {env}/ack"), format!("POST {env}/stop")]);
+    assert!(!state.path().join("items").join(&hc).exists());
+}

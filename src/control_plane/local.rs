@@ -236,6 +236,9 @@ struct EnvRec {
 struct WorkRec {
     id: String,
     env: String,
+    /// `session`, or `healthcheck` for an item that only probes the worker.
+    #[serde(default = "session_kind")]
+    kind: String,
     session_id: String,
     state: WorkState,
     created_ms: u64,
@@ -311,6 +314,10 @@ struct Db {
     webhooks: Vec<Value>,
 }
 
+fn session_kind() -> String {
+    "session".into()
+}
+
 /// Milliseconds on a clock that reads as wall time at start-up and then only moves forward:
 /// leases must not expire (or live on) because the host's clock was stepped.
 fn now_ms() -> u64 {
@@ -373,7 +380,7 @@ impl Db {
             id: w.id.clone(),
             kind: "work".into(),
             environment_id: w.env.clone(),
-            data: wire::WorkData { kind: "session".into(), id: w.session_id.clone() },
+            data: wire::WorkData { kind: w.kind.clone(), id: w.session_id.clone() },
             state: w.state,
             created_at: Some(ts(w.created_ms)),
             acknowledged_at: w.acked_ms.map(ts),
@@ -857,6 +864,7 @@ impl LocalControlPlane {
             WorkRec {
                 id: work_id.clone(),
                 env: req.environment_id,
+                kind: session_kind(),
                 session_id: session_id.clone(),
                 state: WorkState::Queued,
                 created_ms: now_ms(),
@@ -888,6 +896,49 @@ impl LocalControlPlane {
         drop(db);
         self.changed();
         Ok(CreatedSession { session_id, work_id })
+    }
+
+    /// Queues a health-check item (`data.type: healthcheck`), which a worker must stop without
+    /// running anything; returns its id.
+    pub fn create_healthcheck(&self, env: &str) -> Result<String, String> {
+        let mut db = self.db();
+        if !db.envs.contains_key(env) {
+            return Err(format!("no environment {env:?}"));
+        }
+        let id = db.next_id("work");
+        let probe = db.next_id("hc");
+        let seq = db.seq;
+        db.work.insert(
+            id.clone(),
+            WorkRec {
+                id: id.clone(),
+                env: env.to_owned(),
+                kind: "healthcheck".into(),
+                session_id: probe,
+                state: WorkState::Queued,
+                created_ms: now_ms(),
+                acked_ms: None,
+                started_ms: None,
+                last_heartbeat: None,
+                heartbeat_ms: None,
+                lease_until_ms: None,
+                stop_requested_ms: None,
+                stopped_ms: None,
+                metadata: Default::default(),
+                polled: None,
+                polls: 0,
+                queue_seq: seq,
+                token: random_token("sk-ant-req-local-"),
+            },
+        );
+        drop(db);
+        self.changed();
+        Ok(id)
+    }
+
+    /// A work item's state, for tests and the demo.
+    pub fn work_state(&self, work: &str) -> Option<WorkState> {
+        self.db().work.get(work).map(|w| w.state)
     }
 
     /// Every request received so far (oldest first), outside `/v1/local/`.
@@ -1650,4 +1701,54 @@ async fn clear_faults(State(cp): State<LocalControlPlane>, h: HeaderMap) -> ApiR
     authorize(&db, &h, Need::Org)?;
     db.faults.clear();
     Ok(StatusCode::NO_CONTENT)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn concurrent_saves_leave_one_whole_state_file() {
+        let dir = std::env::temp_dir().join(format!("stockade-cp-save-{}-{:x}", std::process::id(), fastrand::u64(..)));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("control-plane.json");
+        let cp =
+            LocalControlPlane::new(LocalConfig { state_file: Some(file.clone()), ..LocalConfig::default() }).unwrap();
+        let threads: Vec<_> = (0..8)
+            .map(|_| {
+                let cp = cp.clone();
+                std::thread::spawn(move || {
+                    for _ in 0..20 {
+                        cp.create_session(CreateSession {
+                            environment_id: DEFAULT_ENVIRONMENT.into(),
+                            script: vec![ScriptStep::call("bash", json!({"command": "true"}))],
+                            metadata: Default::default(),
+                            skills: Vec::new(),
+                        })
+                        .unwrap();
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        let saved: Db = serde_json::from_slice(&std::fs::read(&file).unwrap()).unwrap();
+        assert_eq!(saved.sessions.len(), 160);
+        let left: Vec<_> = std::fs::read_dir(&dir).unwrap().flatten().map(|e| e.file_name()).collect();
+        assert_eq!(left, [std::ffi::OsString::from("control-plane.json")], "temporary files left behind");
+        // A restart reads it back.
+        let again = LocalControlPlane::new(LocalConfig { state_file: Some(file), ..LocalConfig::default() }).unwrap();
+        assert_eq!(again.db().sessions.len(), 160);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn scripts_name_the_line_of_a_bad_step() {
+        let e = parse_script("{\"name\": \"bash\"}\n{\"name\": \"bash\", \"permission\": \"ask\"}\n", "s.jsonl")
+            .unwrap_err();
+        assert!(e.starts_with("s.jsonl:2: bash: \"ask\" needs \"confirm\""), "{e}");
+        let e = parse_script("{\"name\": \"bash\", \"permision\": \"deny\"}\n", "s.jsonl").unwrap_err();
+        assert!(e.contains("s.jsonl:1:") && e.contains("permision"), "{e}");
+    }
 }
