@@ -109,6 +109,22 @@ fn control_plane_worker_stats_and_stop_from_the_command_line() {
     assert!(!refused.status.success());
     assert!(String::from_utf8_lossy(&refused.stderr).contains("authentication failed"), "{refused:?}");
 
+    // The queue as the operator sees it.
+    let listed = ok(cli(&org, &["work", "list", "--environment-id", "env_local", "--api-url", &url]));
+    assert!(
+        listed.starts_with(&format!("{work}  queued")) && listed.contains(&format!("session {session}")),
+        "{listed}"
+    );
+    let shown: serde_json::Value = serde_json::from_str(&ok(cli(
+        &org,
+        &["work", "show", &work, "--environment-id", "env_local", "--api-url", &url, "--json"],
+    )))
+    .unwrap();
+    assert_eq!((shown["state"].as_str(), shown["data"]["id"].as_str()), (Some("queued"), Some(session.as_str())));
+    assert!(shown["secret"].is_null(), "retrieve never carries the secret: {shown}");
+    let missing = cli(&org, &["work", "show", "work_none", "--environment-id", "env_local", "--api-url", &url]);
+    assert!(!missing.status.success() && String::from_utf8_lossy(&missing.stderr).contains("not found"), "{missing:?}");
+
     // The control plane's state survives a restart.
     drop(cp);
     cp = start_cp(state.path(), port);
