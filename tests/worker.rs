@@ -1024,3 +1024,38 @@ fn a_health_check_item_is_stopped_without_running_anything() {
     assert_eq!(touched, [format!("POST {env}/ack"), format!("POST {env}/stop")]);
     assert!(!state.path().join("items").join(&hc).exists());
 }
+
+/// A worker paused past its lease (SIGSTOP) while another holder took the item over: when it
+/// wakes, it confirms the lease before posting, finds it gone, drops its result and kills the jail.
+#[test]
+fn a_paused_worker_does_not_post_for_an_item_it_no_longer_holds() {
+    let cp = Cp::start(Duration::from_secs(2));
+    let state = TempDir::new("w-state");
+    let marker = format!("2.{}", std::process::id());
+    let (s, work) = cp.session(vec![bash(&format!("sleep {marker}; echo late"))]);
+    // Heartbeats far apart, so that nothing but the check before posting can notice the loss.
+    let w = start_worker(&cp, state.path(), &["--heartbeat-interval", "30s"]);
+    cp.wait_for("the call to start", Duration::from_secs(20), || {
+        !host_processes_matching(&format!("sleep {marker}")).is_empty()
+    });
+    let pid = nix::unistd::Pid::from_raw(w.child.id() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP).unwrap();
+    // The lease runs out; another holder takes the item and its lease.
+    let env = cp.env();
+    cp.wait_for("the item to be queued again", Duration::from_secs(10), || {
+        cp.cp.work_state(&work) == Some(WorkState::Queued)
+    });
+    let got = cp.rt.block_on(env.poll(DEFAULT_ENVIRONMENT, "second", Some(999), None)).unwrap().unwrap();
+    assert_eq!(got.id, work);
+    cp.rt.block_on(env.ack(DEFAULT_ENVIRONMENT, &work)).unwrap();
+    cp.rt.block_on(env.heartbeat(DEFAULT_ENVIRONMENT, &work, NO_HEARTBEAT, Duration::from_secs(2))).unwrap();
+    // By now the paused worker's call has finished; it wakes with a result to post.
+    std::thread::sleep(Duration::from_millis(1500));
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGCONT).unwrap();
+    // Within a second of waking it would have posted; a new run of the call (the second holder
+    // lets its lease lapse too) cannot answer that soon.
+    std::thread::sleep(Duration::from_secs(1));
+    let v = cp.view(&s);
+    assert_eq!(v.calls[0].result, None, "the paused worker posted for an item it no longer held: {v:#?}");
+    assert_eq!(v.duplicate_results, 0);
+}

@@ -73,6 +73,31 @@ impl End {
     }
 }
 
+/// What the heartbeat knows of the lease's timing, shared with the session loop: the lease's
+/// length as last granted, when a heartbeat last succeeded, and a way to ask for a beat now.
+struct LeaseClock {
+    inner: std::sync::Mutex<(Duration, Instant)>,
+    beat_now: tokio::sync::Notify,
+}
+
+impl LeaseClock {
+    fn new() -> LeaseClock {
+        LeaseClock { inner: std::sync::Mutex::new((TTL_DEFAULT, Instant::now())), beat_now: tokio::sync::Notify::new() }
+    }
+
+    fn get(&self) -> (Duration, Instant) {
+        *self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn ttl(&self) -> Duration {
+        self.get().0
+    }
+
+    fn beat(&self, ttl: Duration) {
+        *self.inner.lock().unwrap_or_else(|p| p.into_inner()) = (ttl, Instant::now());
+    }
+}
+
 /// The severity of the signals in force: the lease's and the worker's.
 fn signals(lease: &watch::Receiver<Lease>, shutdown: &watch::Receiver<Shutdown>) -> (Lease, Shutdown) {
     (*lease.borrow(), *shutdown.borrow())
@@ -132,9 +157,9 @@ pub(super) async fn run(
         let lease_tx = Arc::new(lease_tx);
         // The heartbeat starts first, as the official worker's does: the lease is claimed
         // before anything slow happens.
-        let ttl = Arc::new(std::sync::Mutex::new(TTL_DEFAULT));
+        let clock = Arc::new(LeaseClock::new());
         let hb = tokio::spawn(
-            heartbeat(ctx.clone(), client.clone(), rec.clone(), lease_tx.clone(), ttl.clone()).in_current_span(),
+            heartbeat(ctx.clone(), client.clone(), rec.clone(), lease_tx.clone(), clock.clone()).in_current_span(),
         );
         let dirs = match ctx.state.hold(&rec, ctx.owner) {
             Ok(d) => d,
@@ -151,7 +176,7 @@ pub(super) async fn run(
         }
         ctx.metrics.active_sessions.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         ctx.active.lock().unwrap_or_else(|p| p.into_inner()).insert(item.id.clone(), lease_tx.clone());
-        let runner = Runner { ctx: &ctx, client: &client, item: &item, session: &session_id, dirs: &dirs, ttl };
+        let runner = Runner { ctx: &ctx, client: &client, item: &item, session: &session_id, dirs: &dirs, clock };
         let end = runner.drive(lease_rx.clone(), shutdown).await;
         hb.abort();
         match &end {
@@ -225,7 +250,7 @@ async fn heartbeat(
     client: Client,
     mut rec: ItemRecord,
     tx: Arc<watch::Sender<Lease>>,
-    ttl_out: Arc<std::sync::Mutex<Duration>>,
+    clock: Arc<LeaseClock>,
 ) {
     let raise = |to: Lease| {
         tx.send_if_modified(|l| {
@@ -247,11 +272,11 @@ async fn heartbeat(
                 last_success = Instant::now();
                 if r.ttl_seconds > 0 {
                     ttl = Duration::from_secs(r.ttl_seconds);
-                    *ttl_out.lock().unwrap_or_else(|p| p.into_inner()) = ttl;
                     interval = ctx
                         .heartbeat_every
                         .unwrap_or_else(|| (ttl / 2).clamp(Duration::from_secs(1), HEARTBEAT_DEFAULT));
                 }
+                clock.beat(ttl);
                 rec.last_heartbeat = Some(r.last_heartbeat);
                 if let Err(e) = ctx.state.record(&rec) {
                     tracing::warn!(error = %e, "could not record the heartbeat; a restart will not resume this item");
@@ -297,7 +322,10 @@ async fn heartbeat(
                 tracing::warn!(error = %e, "heartbeat failed; retrying while the lease lasts");
             }
         }
-        tokio::time::sleep(interval).await;
+        tokio::select! {
+            () = tokio::time::sleep(interval) => {}
+            () = clock.beat_now.notified() => {}
+        }
     }
 }
 
@@ -395,13 +423,40 @@ struct Runner<'a> {
     item: &'a WorkItem,
     session: &'a str,
     dirs: &'a ItemDirs,
-    /// The lease's length as the heartbeat last learnt it.
-    ttl: Arc<std::sync::Mutex<Duration>>,
+    clock: Arc<LeaseClock>,
 }
 
 impl Runner<'_> {
     fn ttl(&self) -> Duration {
-        *self.ttl.lock().unwrap_or_else(|p| p.into_inner())
+        self.clock.ttl()
+    }
+
+    /// Whether this worker may still act for the item. After a pause (a stopped process, a
+    /// suspended host) longer than the lease, the lease may be another worker's: a heartbeat is
+    /// asked for and awaited before anything is posted.
+    async fn confirm_lease(&self, lease: &watch::Receiver<Lease>) -> bool {
+        let (ttl, last) = self.clock.get();
+        if last.elapsed() <= ttl {
+            return *lease.borrow() != Lease::Lost;
+        }
+        tracing::warn!(
+            since_s = last.elapsed().as_secs(),
+            "no heartbeat for a whole lease; confirming it before posting"
+        );
+        self.clock.beat_now.notify_one();
+        let deadline = Instant::now() + ttl.max(Duration::from_secs(5));
+        loop {
+            if *lease.borrow() == Lease::Lost {
+                return false;
+            }
+            if self.clock.get().1 > last {
+                return true;
+            }
+            if Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 
     async fn start_jail(&self, narrow: Option<&str>) -> Result<SessionProcess, RunnerError> {
@@ -652,6 +707,11 @@ impl Runner<'_> {
                     None => None,
                 }
             } else {
+                if !self.confirm_lease(&lease).await {
+                    tracing::warn!(tool_use_id = id, "the lease is no longer this worker's; the result is dropped");
+                    self.ctx.state.take_outbox(self.dirs, id);
+                    return Err(End::Lost);
+                }
                 match self.client.send_event(self.session, &ev).await {
                     Ok(()) => break,
                     Err(e) => {
