@@ -21,6 +21,10 @@ fn duration(s: &str) -> Result<Duration, String> {
     parse_duration(s)
 }
 
+fn size(s: &str) -> Result<u64, String> {
+    stockade::util::parse_size(s)
+}
+
 #[derive(Args)]
 pub struct WorkerArgs {
     #[command(subcommand)]
@@ -99,6 +103,10 @@ pub struct WorkerCommon {
     /// Timeout of one API call.
     #[arg(long, default_value = "15s", value_parser = duration)]
     api_timeout: Duration,
+    /// The largest response body read from the control plane; a larger one is an error and the
+    /// request is tried again. Far above any real page of events.
+    #[arg(long, default_value = "64MiB", value_parser = size)]
+    max_response_bytes: u64,
     /// Start even though ANTHROPIC_API_KEY is set (it is scrubbed, but it was on this host).
     #[arg(long)]
     allow_org_key_in_env: bool,
@@ -329,6 +337,7 @@ fn worker_config_with(a: &WorkerCommon, log: LogFormat, k: Secret) -> Result<Wor
     c.log_json = log == LogFormat::Json;
     c.heartbeat_every = a.heartbeat_interval;
     c.api_timeout = a.api_timeout;
+    c.max_response_bytes = a.max_response_bytes as usize;
     c.outputs_retention = a.outputs_retention;
     Ok(c)
 }

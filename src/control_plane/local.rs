@@ -197,7 +197,11 @@ pub enum FaultKind {
     Garbage,
     /// 200 whose body ends before its declared length.
     Truncated,
+    /// 200 with a valid JSON body of `OVERSIZE_FAULT` bytes (mostly blanks).
+    Oversize,
 }
+
+const OVERSIZE_FAULT: usize = 96 << 20;
 
 const TIMEOUT_FAULT: Duration = Duration::from_secs(6);
 
@@ -936,6 +940,19 @@ impl LocalControlPlane {
         Ok(id)
     }
 
+    /// Appends a raw event to a session, as the real service may send types and shapes this
+    /// worker does not know (tests).
+    pub fn push_raw_event(&self, session: &str, event: Value) -> Result<(), String> {
+        let mut db = self.db();
+        if !db.sessions.contains_key(session) {
+            return Err(format!("no session {session:?}"));
+        }
+        db.push_event(session, event);
+        drop(db);
+        self.changed();
+        Ok(())
+    }
+
     /// A work item's state, for tests and the demo.
     pub fn work_state(&self, work: &str) -> Option<WorkState> {
         self.db().work.get(work).map(|w| w.state)
@@ -1130,6 +1147,14 @@ async fn inject_faults(State(cp): State<LocalControlPlane>, req: Request, next: 
             StatusCode::GATEWAY_TIMEOUT.into_response()
         }
         FaultKind::Garbage => (StatusCode::OK, "<html>upstream hiccup</html>").into_response(),
+        FaultKind::Oversize => {
+            let mut body = vec![b' '; OVERSIZE_FAULT];
+            body[..12].copy_from_slice(br#"{"data": [],"#);
+            let tail = br#""next_page": null}"#;
+            let n = body.len();
+            body[n - tail.len()..].copy_from_slice(tail);
+            (StatusCode::OK, [("content-type", "application/json")], body).into_response()
+        }
         FaultKind::Truncated => {
             let body = Body::from_stream(Chunks::truncated());
             Response::builder()

@@ -188,7 +188,19 @@ pub(super) async fn run(
             }
             _ => stop_item(&ctx, &client, &item.id, &lease_rx).await,
         }
-        let (kept, files) = if matches!(end, End::Left { .. }) { (None, Vec::new()) } else { ctx.state.retire(&rec) };
+        // A worker shutting down keeps its items for its restart; a lost lease keeps them for a
+        // re-claim (see `Ctx::lost`); anything else is over.
+        let (kept, files) = match end {
+            End::Left { .. } => (None, Vec::new()),
+            End::Lost => {
+                ctx.lost
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(item.id.clone(), (rec.clone(), Instant::now()));
+                (None, Vec::new())
+            }
+            _ => ctx.state.retire(&rec),
+        };
         ctx.metrics.active_sessions.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
         tracing::info!(
             end = %end.describe(),

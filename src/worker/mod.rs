@@ -70,6 +70,8 @@ pub struct WorkerConfig {
     pub heartbeat_every: Option<Duration>,
     /// Timeout of one API call.
     pub api_timeout: Duration,
+    /// The largest response body read from the control plane.
+    pub max_response_bytes: usize,
     /// How long ended sessions' outputs are kept under the state directory.
     pub outputs_retention: Duration,
     /// Webhook mode: drain the queue when notified (and every `webhook_poll` anyway) instead of
@@ -97,6 +99,7 @@ impl WorkerConfig {
             max_idle: Duration::from_secs(60),
             heartbeat_every: None,
             api_timeout: Duration::from_secs(15),
+            max_response_bytes: crate::control_plane::client::DEFAULT_MAX_BODY,
             outputs_retention: Duration::from_secs(7 * 86_400),
             wake: None,
             webhook_poll: Duration::from_secs(30),
@@ -120,6 +123,28 @@ pub(crate) struct Ctx {
     /// Items being run, with their lease signal: an item the control plane hands out again
     /// (its lease expired meanwhile) must first be taken from the run that lost it.
     active: std::sync::Mutex<std::collections::HashMap<String, Arc<watch::Sender<item::Lease>>>>,
+    /// Items whose lease this worker lost, with their directories kept: handed out to this
+    /// worker again, the session continues in the same workspace. Retired after `LOST_KEEP`.
+    lost: std::sync::Mutex<std::collections::HashMap<String, (state::ItemRecord, std::time::Instant)>>,
+}
+
+/// How long the directories of an item whose lease was lost are kept for a re-claim.
+const LOST_KEEP: Duration = Duration::from_secs(3600);
+
+impl Ctx {
+    /// Retires the kept items nobody handed back in time.
+    fn sweep_lost(&self) {
+        let expired: Vec<state::ItemRecord> = {
+            let mut lost = self.lost.lock().unwrap_or_else(|p| p.into_inner());
+            let old: Vec<String> =
+                lost.iter().filter(|(_, (_, t))| t.elapsed() > LOST_KEEP).map(|(k, _)| k.clone()).collect();
+            old.iter().filter_map(|k| lost.remove(k)).map(|(r, _)| r).collect()
+        };
+        for rec in expired {
+            tracing::info!(work_id = %rec.item.id, "a lost item was not handed back; its workspace goes");
+            self.state.retire(&rec);
+        }
+    }
 }
 
 async fn serve_metrics(addr: SocketAddr, m: Arc<Metrics>) -> Result<(), WorkerError> {
@@ -151,6 +176,7 @@ async fn context(cfg: &WorkerConfig) -> Result<Arc<Ctx>, WorkerError> {
     let state = StateDir::open(&cfg.state_dir)?;
     let mut client = Client::new(&cfg.api_url, cfg.key.clone(), AuthScheme::Bearer).map_err(WorkerError::Client)?;
     client.timeout = cfg.api_timeout;
+    client.max_body = cfg.max_response_bytes;
     let metrics = Arc::new(Metrics::default());
     if let Some(addr) = cfg.metrics {
         serve_metrics(addr, metrics.clone()).await?;
@@ -178,6 +204,7 @@ async fn context(cfg: &WorkerConfig) -> Result<Arc<Ctx>, WorkerError> {
         retention: cfg.outputs_retention,
         worker_id,
         active: Default::default(),
+        lost: Default::default(),
         state,
     }))
 }
@@ -242,6 +269,7 @@ pub async fn run(cfg: WorkerConfig, mut shutdown: watch::Receiver<Shutdown>) -> 
     let block_ms = (cfg.block.as_millis() as u32).clamp(1, crate::control_plane::wire::MAX_BLOCK_MS);
     while *shutdown.borrow() == Shutdown::Running {
         while tasks.try_join_next().is_some() {}
+        ctx.sweep_lost();
         let permit = tokio::select! {
             p = slots.clone().acquire_owned() => p.expect("semaphore open"),
             _ = shutdown.changed() => break,
@@ -295,6 +323,9 @@ pub async fn run(cfg: WorkerConfig, mut shutdown: watch::Receiver<Shutdown>) -> 
                 };
                 tracing::info!(work_id = %item.id, session_id = %session, "claimed");
                 item::supersede(&ctx, &item.id).await;
+                if ctx.lost.lock().unwrap_or_else(|p| p.into_inner()).remove(&item.id).is_some() {
+                    tracing::info!(work_id = %item.id, "handed back after a lost lease: same workspace");
+                }
                 let (c, s) = (ctx.clone(), inner.clone());
                 tasks.spawn(async move {
                     let _ = item::run(c, item, None, s).await;
