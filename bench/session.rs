@@ -143,8 +143,15 @@ fn main() {
 
     // Jailed: a real session jail, default policy, the fixture as /workspace.
     let (policy, _) = stockade::policy::load_builtin("default").unwrap();
-    let spec =
-        JailSpec { policy, workspace: Some(ws.clone()), outputs: None, argv: vec![], env: vec![], timeout: None };
+    let spec = JailSpec {
+        policy,
+        workspace: Some(ws.clone()),
+        outputs: None,
+        argv: vec![],
+        env: vec![],
+        timeout: None,
+        sweep_stale: true,
+    };
     let t = Instant::now();
     let mut session = Session::start(&spec).unwrap();
     let start_time = t.elapsed();

@@ -331,7 +331,15 @@ fn cmd_run(a: RunArgs) -> i32 {
         Some(Ok(_)) => return fail("--timeout must be greater than zero"),
         Some(Err(e)) => return fail(format!("--timeout: {e}")),
     };
-    let spec = JailSpec { policy, workspace: a.jail.workspace, outputs: a.jail.outputs, argv: a.command, env, timeout };
+    let spec = JailSpec {
+        policy,
+        workspace: a.jail.workspace,
+        outputs: a.jail.outputs,
+        argv: a.command,
+        env,
+        timeout,
+        sweep_stale: true,
+    };
     match jail::run(&spec) {
         Ok(out) => {
             tracing::info!(status = ?out.status, "jail finished");
@@ -425,6 +433,8 @@ fn cmd_session(a: SessionArgs) -> i32 {
         argv: Vec::new(),
         env: Vec::new(),
         timeout: None,
+        // A worker's session (announced) leaves the sweep to the worker.
+        sweep_stale: !a.announce,
     };
     let stdin = std::io::stdin().lock();
     let stdout = std::io::stdout().lock();

@@ -1123,3 +1123,43 @@ fn an_oversized_response_is_refused_and_retried() {
     // Three 96 MiB answers were refused at 1 MiB each: the worker's peak stays far below one.
     assert!(rss_kib < 48 * 1024, "peak RSS {rss_kib} KiB");
 }
+
+/// A result over the worker's limit, or one the control plane refuses as too large (413),
+/// becomes an error result the agent can act on; the session goes on.
+#[test]
+fn an_oversized_result_becomes_an_error_and_the_session_goes_on() {
+    let cp = Cp::start_with(LocalConfig {
+        lease: Duration::from_secs(30),
+        max_request_bytes: 1 << 20,
+        ..LocalConfig::default()
+    });
+    let state = TempDir::new("w-state");
+    let wide = "x".repeat(1500);
+    let big = (0..2000).map(|i| format!("{i} {wide}\n")).collect::<String>();
+    let (s, _) = cp.session(vec![
+        step("write", json!({"file_path": "/workspace/big.txt", "content": big})),
+        // ~3 MB of output: over the control plane's 1 MiB limit (413).
+        step("read", json!({"file_path": "/workspace/big.txt", "limit": 5000})),
+        bash("echo still-here"),
+    ]);
+    let _w = start_worker(&cp, state.path(), &[]);
+    let v = cp.wait_ended(&s, Duration::from_secs(60));
+    assert!(completed(&v), "{v:#?}");
+    assert_eq!(v.calls[1].is_error, Some(true));
+    assert!(result_of(&v, 1).starts_with("output too large: "), "{}", result_of(&v, 1));
+    assert_eq!(result_of(&v, 2), "still-here\n");
+
+    // The worker's own limit, below the control plane's.
+    let (s, _) = cp.session(vec![
+        step("read", json!({"file_path": "/workspace/none-yet.txt"})),
+        bash("head -c 300000 /dev/zero | tr '\\\\0' y | fold -w 1000"),
+        bash("echo after"),
+    ]);
+    let state2 = TempDir::new("w-state");
+    let _w2 = start_worker(&cp, state2.path(), &["--max-result-bytes", "10KiB"]);
+    let v = cp.wait_ended(&s, Duration::from_secs(60));
+    assert!(completed(&v), "{v:#?}");
+    let out = result_of(&v, 1);
+    assert!(out.starts_with("output too large: ") && out.contains("limit 10240"), "{out}");
+    assert_eq!(result_of(&v, 2), "after\n");
+}

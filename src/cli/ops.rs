@@ -107,6 +107,10 @@ pub struct WorkerCommon {
     /// request is tried again. Far above any real page of events.
     #[arg(long, default_value = "64MiB", value_parser = size)]
     max_response_bytes: u64,
+    /// The largest tool result posted (as its JSON event); a larger one is posted as an error
+    /// result naming its size, and the session goes on.
+    #[arg(long, default_value = "32MiB", value_parser = size)]
+    max_result_bytes: u64,
     /// Start even though ANTHROPIC_API_KEY is set (it is scrubbed, but it was on this host).
     #[arg(long)]
     allow_org_key_in_env: bool,
@@ -338,6 +342,7 @@ fn worker_config_with(a: &WorkerCommon, log: LogFormat, k: Secret) -> Result<Wor
     c.heartbeat_every = a.heartbeat_interval;
     c.api_timeout = a.api_timeout;
     c.max_response_bytes = a.max_response_bytes as usize;
+    c.max_result_bytes = a.max_result_bytes as usize;
     c.outputs_retention = a.outputs_retention;
     Ok(c)
 }
@@ -512,8 +517,12 @@ pub fn control_plane(a: ControlPlaneArgs) -> i32 {
             Err(e) => return fail(format!("webhook key in {}: {e}", keys.display())),
         },
     };
-    let cfg =
-        LocalConfig { lease: a.lease, state_file: a.state.as_ref().map(|d| d.join("control-plane.json")), webhook };
+    let cfg = LocalConfig {
+        lease: a.lease,
+        state_file: a.state.as_ref().map(|d| d.join("control-plane.json")),
+        webhook,
+        ..LocalConfig::default()
+    };
     let cp = match LocalControlPlane::new(cfg) {
         Ok(cp) => cp,
         Err(e) => return fail(e),

@@ -524,11 +524,13 @@ pub struct LocalConfig {
     pub state_file: Option<PathBuf>,
     /// Deliver `session.status_run_started` to this URL, signed with this key (Standard Webhooks).
     pub webhook: Option<(String, Vec<u8>)>,
+    /// The largest request body accepted (413 above it).
+    pub max_request_bytes: usize,
 }
 
 impl Default for LocalConfig {
     fn default() -> LocalConfig {
-        LocalConfig { lease: Duration::from_secs(30), state_file: None, webhook: None }
+        LocalConfig { lease: Duration::from_secs(30), state_file: None, webhook: None, max_request_bytes: 32 << 20 }
     }
 }
 
@@ -778,6 +780,7 @@ impl LocalControlPlane {
             .route("/v1/local/requests", get(list_requests).delete(clear_requests))
             .layer(axum::middleware::from_fn_with_state(self.clone(), inject_faults))
             .layer(axum::middleware::from_fn_with_state(self.clone(), record_request))
+            .layer(axum::extract::DefaultBodyLimit::disable())
             .with_state(self.clone())
     }
 
@@ -1046,9 +1049,12 @@ async fn record_request(State(cp): State<LocalControlPlane>, req: Request, next:
         return next.run(req).await;
     }
     let (parts, body) = req.into_parts();
-    let bytes = match axum::body::to_bytes(body, 64 << 20).await {
+    let bytes = match axum::body::to_bytes(body, cp.shared.cfg.max_request_bytes).await {
         Ok(b) => b,
-        Err(e) => return invalid(format!("body: {e}")).into_response(),
+        Err(e) => {
+            let msg = format!("request body over {} bytes: {e}", cp.shared.cfg.max_request_bytes);
+            return ApiErr(StatusCode::PAYLOAD_TOO_LARGE, "request_too_large", msg, None).into_response();
+        }
     };
     let query: Vec<(String, String)> = parts.uri.query().map(|q| url_pairs(q)).unwrap_or_default();
     let headers: BTreeMap<String, String> = parts

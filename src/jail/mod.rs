@@ -82,6 +82,10 @@ pub struct JailSpec {
     pub env: Vec<(String, String)>,
     /// Overrides `limits.timeout`.
     pub timeout: Option<Duration>,
+    /// Sweep the cgroups killed Stockades left behind while the jail starts. A one-off `run`
+    /// wants it; a worker's sessions do not: the worker sweeps at its start and on a timer, so a
+    /// start costs the same however many jails are live.
+    pub sweep_stale: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -350,7 +354,7 @@ impl Jail {
             let t_released = t0.elapsed();
             // The jail no longer waits for anything of ours: sweep the cgroups killed Stockades
             // left behind while it finishes its start.
-            if let Some(l) = &layout {
+            if let (Some(l), true) = (&layout, spec.sweep_stale) {
                 cgroups::remove_stale_near(l);
             }
             if let Some(err) = sync::read_report(&report_read) {

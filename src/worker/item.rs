@@ -341,6 +341,17 @@ async fn heartbeat(
     }
 }
 
+/// The error result that stands in for one too large to post.
+fn too_large(id: &str, size: usize, limit: usize) -> ToolResultEvent {
+    ToolResultEvent::new(
+        id,
+        true,
+        vec![ContentBlock::text(format!(
+            "output too large: {size} bytes; limit {limit}. Narrow the call (a smaller range, a filter, head/tail) and try again."
+        ))],
+    )
+}
+
 /// One tool call the session asked for.
 #[derive(Debug, Clone)]
 struct Call {
@@ -698,7 +709,18 @@ impl Runner<'_> {
         lease: &watch::Receiver<Lease>,
         mut unsure: bool,
     ) -> Result<(), End> {
-        let ev = ToolResultEvent::new(id, r.is_error, vec![ContentBlock::text(r.content.clone())]);
+        let mut ev = ToolResultEvent::new(id, r.is_error, vec![ContentBlock::text(r.content.clone())]);
+        let size = serde_json::to_vec(&ev).map(|v| v.len()).unwrap_or(usize::MAX);
+        let mut shrunk = size > self.ctx.max_result_bytes;
+        if shrunk {
+            tracing::warn!(
+                tool_use_id = id,
+                size,
+                limit = self.ctx.max_result_bytes,
+                "a result over the limit becomes an error"
+            );
+            ev = too_large(id, size, self.ctx.max_result_bytes);
+        }
         let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
         let mut permanent = 0;
         let mut lease = lease.clone();
@@ -726,6 +748,14 @@ impl Runner<'_> {
                 }
                 match self.client.send_event(self.session, &ev).await {
                     Ok(()) => break,
+                    // The control plane refuses the body as too large: the agent gets an error it
+                    // can act on instead, and the session goes on.
+                    Err(ApiError::Rejected { status: 413, .. }) if !shrunk => {
+                        tracing::warn!(tool_use_id = id, size, "the control plane refused a result as too large (413)");
+                        ev = too_large(id, size, self.ctx.max_result_bytes.min(size.saturating_sub(1)));
+                        shrunk = true;
+                        continue;
+                    }
                     Err(e) => {
                         // Only a 429 or a refusal certainly did nothing; anything else may have
                         // landed, so the next step is to look, not to post.

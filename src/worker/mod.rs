@@ -72,6 +72,8 @@ pub struct WorkerConfig {
     pub api_timeout: Duration,
     /// The largest response body read from the control plane.
     pub max_response_bytes: usize,
+    /// The largest result event posted; a larger result becomes an error result.
+    pub max_result_bytes: usize,
     /// How long ended sessions' outputs are kept under the state directory.
     pub outputs_retention: Duration,
     /// Webhook mode: drain the queue when notified (and every `webhook_poll` anyway) instead of
@@ -100,6 +102,7 @@ impl WorkerConfig {
             heartbeat_every: None,
             api_timeout: Duration::from_secs(15),
             max_response_bytes: crate::control_plane::client::DEFAULT_MAX_BODY,
+            max_result_bytes: DEFAULT_MAX_RESULT,
             outputs_retention: Duration::from_secs(7 * 86_400),
             wake: None,
             webhook_poll: Duration::from_secs(30),
@@ -118,6 +121,7 @@ pub(crate) struct Ctx {
     owner: (u32, u32),
     heartbeat_every: Option<Duration>,
     max_idle: Duration,
+    max_result_bytes: usize,
     retention: Duration,
     worker_id: String,
     /// Items being run, with their lease signal: an item the control plane hands out again
@@ -127,6 +131,13 @@ pub(crate) struct Ctx {
     /// worker again, the session continues in the same workspace. Retired after `LOST_KEEP`.
     lost: std::sync::Mutex<std::collections::HashMap<String, (state::ItemRecord, std::time::Instant)>>,
 }
+
+/// The default cap on one posted result: room for the largest block a tool returns (a 20 MiB PDF
+/// is about 27 MiB in base64).
+pub const DEFAULT_MAX_RESULT: usize = 32 << 20;
+
+/// How often the worker removes the cgroups that killed session processes left.
+const STALE_SWEEP_EVERY: Duration = Duration::from_secs(60);
 
 /// How long the directories of an item whose lease was lost are kept for a re-claim.
 const LOST_KEEP: Duration = Duration::from_secs(3600);
@@ -201,6 +212,7 @@ async fn context(cfg: &WorkerConfig) -> Result<Arc<Ctx>, WorkerError> {
         owner,
         heartbeat_every: cfg.heartbeat_every,
         max_idle: cfg.max_idle,
+        max_result_bytes: cfg.max_result_bytes,
         retention: cfg.outputs_retention,
         worker_id,
         active: Default::default(),
@@ -267,9 +279,17 @@ pub async fn run(cfg: WorkerConfig, mut shutdown: watch::Receiver<Shutdown>) -> 
     let mut ack_attempt: u32 = 0;
     let mut drained = false;
     let block_ms = (cfg.block.as_millis() as u32).clamp(1, crate::control_plane::wire::MAX_BLOCK_MS);
+    let mut swept = std::time::Instant::now();
     while *shutdown.borrow() == Shutdown::Running {
+        // Finished items' tasks go now, not at shutdown: their state must not pile up.
         while tasks.try_join_next().is_some() {}
         ctx.sweep_lost();
+        // Session jails do not sweep at their start (that would cost every start a listing of
+        // every live jail's cgroup); the worker does, here, now and then.
+        if swept.elapsed() >= STALE_SWEEP_EVERY {
+            swept = std::time::Instant::now();
+            tokio::task::spawn_blocking(crate::jail::cgroups::remove_stale_all);
+        }
         let permit = tokio::select! {
             p = slots.clone().acquire_owned() => p.expect("semaphore open"),
             _ = shutdown.changed() => break,

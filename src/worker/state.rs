@@ -281,3 +281,37 @@ fn write_atomic(p: &Path, data: &[u8]) -> Result<(), StateError> {
     fs::File::open(&tmp).and_then(|f| f.sync_all()).map_err(io(&tmp))?;
     fs::rename(&tmp, p).map_err(io(p))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn outbox_entries_of_any_id_are_kept_under_a_fixed_length_name() {
+        let root =
+            std::env::temp_dir().join(format!("stockade-state-test-{}-{:x}", std::process::id(), fastrand::u64(..)));
+        let state = StateDir::open(&root).unwrap();
+        let item: WorkItem = serde_json::from_value(serde_json::json!({
+            "id": "work_1", "data": {"type": "session", "id": "sesn_1"}, "state": "active"
+        }))
+        .unwrap();
+        let rec = ItemRecord { item, environment_id: "env".into(), started_at: "now".into(), last_heartbeat: None };
+        let dirs = state.hold(&rec, (nix::unistd::getuid().as_raw(), nix::unistd::getgid().as_raw())).unwrap();
+        let long = format!("toolu_{}", "x".repeat(5000));
+        for id in [long.as_str(), "../../etc/passwd", "sevt_1"] {
+            state.put_outbox(&dirs, id, &ToolResult { content: format!("r {}", id.len()), is_error: false }).unwrap();
+        }
+        let names: Vec<String> = std::fs::read_dir(&dirs.outbox)
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        assert!(names.iter().all(|n| n.len() == 64 + 5 && n.ends_with(".json")), "{names:?}");
+        let mut ids: Vec<String> = state.outbox(&dirs).into_iter().map(|p| p.tool_use_id).collect();
+        ids.sort();
+        assert_eq!(ids, ["../../etc/passwd".to_owned(), "sevt_1".to_owned(), long.clone()]);
+        state.take_outbox(&dirs, &long);
+        assert_eq!(state.outbox(&dirs).len(), 2);
+        std::fs::remove_dir_all(&root).unwrap();
+    }
+}
