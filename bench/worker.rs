@@ -61,7 +61,7 @@ fn main() {
         .arg(&state)
         .arg("--environment-key-file")
         .arg(dir.join(format!("{DEFAULT_ENVIRONMENT}.key")))
-        .args(["--max-idle", "1s"])
+        .args(["--max-idle", "100ms", "--max-sessions", "16"])
         .env_remove("ANTHROPIC_API_KEY")
         .stdin(Stdio::null())
         .spawn()
@@ -159,6 +159,24 @@ fn main() {
             std::thread::sleep(Duration::from_millis(50));
         }
     }
+    // Soak: items one after another, the worker's RSS after each hundred. Finished items must not
+    // leave state behind, so after warm-up it stays flat. STOCKADE_BENCH_SOAK sets the count.
+    let soak: usize = std::env::var("STOCKADE_BENCH_SOAK").ok().and_then(|n| n.parse().ok()).unwrap_or(600);
+    let mut line = String::new();
+    let t = Instant::now();
+    for k in 1..=soak {
+        let id = create(vec![call("bash", json!({"command": "true"}))]);
+        while cp.session_view(&id).unwrap().work_state != WorkState::Stopped {
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        if k % 100 == 0 {
+            line.push_str(&format!(" {k}:{}", status_kib(wpid, "VmRSS:")));
+        }
+    }
+    println!(
+        "soak: {soak} items in {:.0} s; worker RSS KiB after each hundred:{line} (idle at start {idle_rss})",
+        t.elapsed().as_secs_f64()
+    );
     let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(wpid as i32), nix::sys::signal::Signal::SIGTERM);
     let _ = worker.wait();
     let _ = std::fs::remove_dir_all(&dir);

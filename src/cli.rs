@@ -167,6 +167,10 @@ struct SessionArgs {
     /// workspace); asking for more than the policy allows keeps the policy's value.
     #[arg(long, value_name = "JSON")]
     narrow: Option<String>,
+    /// The longest request line accepted; a longer one is answered with an error result (and
+    /// never held in memory whole), and the session goes on.
+    #[arg(long, default_value = "64MiB", value_parser = stockade::util::parse_size)]
+    max_request_bytes: u64,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -438,7 +442,7 @@ fn cmd_session(a: SessionArgs) -> i32 {
     };
     let stdin = std::io::stdin().lock();
     let stdout = std::io::stdout().lock();
-    match stockade::session::run_json_lines(&spec, stdin, stdout, a.announce) {
+    match stockade::session::run_json_lines(&spec, stdin, stdout, a.announce, a.max_request_bytes as usize) {
         Ok(()) => 0,
         Err(e) => {
             eprintln!("stockade: {e}");

@@ -449,6 +449,20 @@ fn landlock_hard_refuses_an_older_abi_and_best_effort_reports_the_drop() {
     assert!(r.stderr.contains("cannot create /proc/self/comm: Permission denied"), "{r:?}");
     assert!(r.stderr.contains("kernel ABI 3") && r.stderr.contains("dropped: ioctl on devices (ABI 5)"), "{r:?}");
     assert!(!r.stdout.contains("still-confined-fs"), "ABI 3 still enforces filesystem rules: {r:?}");
+
+    // Without --report, at the default log level, the downgrade is still said.
+    let r = to_run(
+        Command::new(STOCKADE)
+            .args(["run", "--policy", be.to_str().unwrap(), "--", "/bin/true"])
+            .env("STOCKADE_LANDLOCK_ABI_CAP", "3")
+            .output()
+            .unwrap(),
+    );
+    assert_eq!(r.code, 0, "{r:?}");
+    assert!(
+        r.stderr.contains("WARN") && r.stderr.contains("best_effort") && r.stderr.contains("ioctl on devices (ABI 5)"),
+        "{r:?}"
+    );
 }
 
 // ---------- step 8: seccomp ----------

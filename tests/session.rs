@@ -348,3 +348,28 @@ fn a_session_cannot_reach_the_operators_terminal() {
     assert_eq!(s.bash("echo still-here"), "still-here\n");
     assert_eq!(s.end(), 0);
 }
+
+/// A request line over the limit is answered with an error result carrying its id, without the
+/// line ever being held whole, and the session goes on.
+#[test]
+fn an_oversized_request_gets_an_error_and_the_session_goes_on() {
+    let mut s = Sess::start(&["--max-request-bytes", "1MiB"]);
+    let pad = "y".repeat(40 << 20);
+    let line = format!(
+        "{{\"id\": \"huge\", \"name\": \"write\", \"input\": {{\"file_path\": \"/tmp/x\", \"content\": \"{pad}\"}}}}"
+    );
+    let v = s.raw(&line);
+    assert_eq!(v["id"], "huge");
+    assert_eq!(v["is_error"], true);
+    let content = v["content"].as_str().unwrap();
+    assert!(content.starts_with(&format!("request too large: {} bytes; limit 1048576", line.len())), "{content}");
+    assert_eq!(s.bash("echo alive"), "alive\n");
+    let peak: u64 = std::fs::read_to_string(format!("/proc/{}/status", s.child.id()))
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse().ok())
+        .unwrap();
+    assert!(peak < 32 * 1024, "the session process peaked at {peak} KiB for a 40 MiB line");
+    assert_eq!(s.end(), 0);
+}

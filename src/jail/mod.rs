@@ -176,6 +176,16 @@ impl Jail {
         }
         report.landlock_abi = abi;
         if p.landlock.compatibility == crate::policy::Compatibility::BestEffort {
+            // Said at every start, not only with --report: a jail weaker than its policy reads
+            // must never be a surprise in the log.
+            if !missing.is_empty() {
+                tracing::warn!(
+                    kernel_abi = abi,
+                    dropped = %missing.join(", "),
+                    "landlock.compatibility = \"best_effort\": this kernel cannot enforce all of the policy's landlock \
+                     rules; the jail runs without them"
+                );
+            }
             report.landlock_dropped = missing;
         }
         let host_env: Vec<(String, String)> = std::env::vars().collect();

@@ -100,15 +100,72 @@ impl Session {
     }
 }
 
+/// The default cap on one request line of `stockade session`.
+pub const DEFAULT_MAX_REQUEST: usize = 64 << 20;
+
+/// One input line, read without holding more than `max` bytes of it: `Ok(None)` at EOF,
+/// `Err((head, len))` for a longer line, with its first bytes (where the id is) and its length.
+fn read_line_bounded<R: BufRead>(
+    input: &mut R,
+    max: usize,
+) -> std::io::Result<Option<Result<Vec<u8>, (Vec<u8>, usize)>>> {
+    const HEAD: usize = 4096;
+    let mut line = Vec::new();
+    let mut len = 0usize;
+    let mut over = false;
+    loop {
+        let buf = input.fill_buf()?;
+        if buf.is_empty() {
+            if len == 0 {
+                return Ok(None);
+            }
+            break;
+        }
+        let (chunk, done) = match buf.iter().position(|&b| b == b'\n') {
+            Some(i) => (&buf[..i], Some(i + 1)),
+            None => (buf, None),
+        };
+        len += chunk.len();
+        if !over && len > max {
+            over = true;
+            line.truncate(HEAD);
+        }
+        if !over {
+            line.extend_from_slice(chunk);
+        } else if line.len() < HEAD {
+            let take = (HEAD - line.len()).min(chunk.len());
+            line.extend_from_slice(&chunk[..take]);
+        }
+        let consumed = done.unwrap_or(buf.len());
+        input.consume(consumed);
+        if done.is_some() {
+            break;
+        }
+    }
+    Ok(Some(if over { Err((line, len)) } else { Ok(line) }))
+}
+
+/// The `"id"` of a request whose line is too long to parse, read off its start.
+fn id_from_head(head: &[u8]) -> Option<String> {
+    let text = String::from_utf8_lossy(head);
+    let at = text.find("\"id\"")?;
+    let rest = text[at + 4..].trim_start().strip_prefix(':')?.trim_start().strip_prefix('"')?;
+    let end = rest.find('"')?;
+    let id = &rest[..end];
+    (!id.contains('\\')).then(|| id.to_owned())
+}
+
 /// `stockade session`: one JSON object per input line (`{"id", "name", "input"}`), one result
 /// per output line (`{"id", "content", "is_error"}`), in order. EOF ends the session. A line
-/// that is not a valid request gets an error result and the session goes on. With `announce`,
-/// a first line `{"ready": true, "pid": N}` tells the caller that the jail is built.
+/// that is not a valid request gets an error result and the session goes on, and so does one
+/// longer than `max_request` bytes, which is never held in memory whole. With `announce`, a
+/// first line `{"ready": true, "pid": N}` tells the caller that the jail is built.
 pub fn run_json_lines<R: BufRead, W: Write>(
     spec: &JailSpec,
-    input: R,
+    mut input: R,
     mut out: W,
     announce: bool,
+    max_request: usize,
 ) -> Result<(), JailError> {
     let mut session = Session::start(spec)?;
     let io_err = |e: std::io::Error| JailError::new(Step::Supervise, format!("writing results: {e}"));
@@ -116,8 +173,23 @@ pub fn run_json_lines<R: BufRead, W: Write>(
         let line = serde_json::json!({"ready": true, "pid": session.pid()});
         writeln!(out, "{line}").and_then(|()| out.flush()).map_err(io_err)?;
     }
-    for line in input.lines() {
-        let line = line.map_err(|e| JailError::new(Step::Supervise, format!("reading requests: {e}")))?;
+    loop {
+        let got = read_line_bounded(&mut input, max_request)
+            .map_err(|e| JailError::new(Step::Supervise, format!("reading requests: {e}")))?;
+        let line = match got {
+            None => break,
+            Some(Ok(l)) => String::from_utf8_lossy(&l).into_owned(),
+            Some(Err((head, len))) => {
+                let resp = Response::new(
+                    id_from_head(&head),
+                    ToolResult::err(format!("request too large: {len} bytes; limit {max_request}")),
+                );
+                serde_json::to_writer(&mut out, &resp).map_err(|e| io_err(e.into()))?;
+                out.write_all(b"\n").map_err(io_err)?;
+                out.flush().map_err(io_err)?;
+                continue;
+            }
+        };
         if line.trim().is_empty() {
             continue;
         }
@@ -138,4 +210,29 @@ pub fn run_json_lines<R: BufRead, W: Write>(
         out.flush().map_err(io_err)?;
     }
     session.end().map(|_| ())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn long_lines_are_measured_not_kept() {
+        let long = format!(
+            "{{\"id\": \"c7\", \"name\": \"write\", \"input\": {{\"content\": \"{}\"}}}}\nnext\n",
+            "x".repeat(100_000)
+        );
+        let mut r = std::io::BufReader::with_capacity(1000, long.as_bytes());
+        match read_line_bounded(&mut r, 10_000).unwrap() {
+            Some(Err((head, len))) => {
+                assert_eq!(len, long.find('\n').unwrap());
+                assert!(head.len() <= 4096);
+                assert_eq!(id_from_head(&head).as_deref(), Some("c7"));
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(read_line_bounded(&mut r, 10_000).unwrap(), Some(Ok(b"next".to_vec())));
+        assert_eq!(read_line_bounded(&mut r, 10_000).unwrap(), None);
+        assert_eq!(id_from_head(br#"{"name": "x"}"#), None);
+    }
 }
