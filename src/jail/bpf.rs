@@ -153,6 +153,7 @@ fn layout(
     b.prog.push(stmt(RET, libc::SECCOMP_RET_ALLOW));
     b.place(default);
     b.prog.push(stmt(RET, default_action));
+    let rules_last = matches!(blocks.last(), Some((_, Verdict::Rules(_))));
     for (l, v) in blocks {
         b.place(l);
         match v {
@@ -168,6 +169,12 @@ fn layout(
                 b.prog.push(stmt(RET, default_action));
             }
         }
+    }
+    // A rule program from seccompiler starts with a trampoline (`JA 1; JA n`) whose far jump
+    // aims one past the rule's own RET: dead code, but the kernel refuses any jump that leaves
+    // the program, so when a rule block comes last there must be something there to land on.
+    if rules_last {
+        b.prog.push(stmt(RET, default_action));
     }
     b.finish()
 }

@@ -204,6 +204,26 @@ fn syscall_checks(p: &Policy, c: &mut Ctx) {
         };
         c.add(&format!("syscalls.{}", g.trim_start_matches('@')), *w, v, "seccomp.allow", reason);
     }
+    if let Some(allowed) = &allowed {
+        let open: Vec<&str> = syscalls::SETID_GUARDED
+            .iter()
+            .copied()
+            .chain(["openat2"])
+            .filter(|n| matches!(allowed.get(n), Some(None)))
+            .collect();
+        let (v, r) = if open.is_empty() {
+            (
+                Verdict::Pass,
+                "setuid/setgid bits refused in chmod, open, creat, mkdir and mknod modes; openat2 refused".to_owned(),
+            )
+        } else {
+            (
+                Verdict::Fail,
+                format!("setuid/setgid files can be made: {} allowed without a mode condition", open.join(" ")),
+            )
+        };
+        c.add("syscalls.setid_modes", 0.5, v, "seccomp.allow", r);
+    }
     let (v, r) = match p.seccomp.default_action {
         SeccompAction::Errno => (Verdict::Pass, "syscalls outside the allowlist fail with EPERM".to_owned()),
         SeccompAction::Kill => (Verdict::Pass, "syscalls outside the allowlist kill the process".to_owned()),

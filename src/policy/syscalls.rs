@@ -16,14 +16,28 @@ pub enum ArgCond {
     NoNamespaceFlags,
     /// ioctl(2): the request (argument 1) is neither TIOCSTI nor TIOCLINUX.
     NoTtyInjection,
-    /// personality(2): only PER_LINUX, PER_LINUX|READ_IMPLIES_EXEC, or the 0xffffffff query.
+    /// personality(2): only the personas Docker's default profile admits — PER_LINUX (0),
+    /// PER_LINUX32 (0x8), UNAME26 (0x20000), PER_LINUX32|UNAME26 (0x20008) — and the 0xffffffff
+    /// query. Never READ_IMPLIES_EXEC, which would make every readable mapping executable.
     SafePersonality,
     /// socket(2)/socketpair(2): the address family (argument 0) is one the policy allows,
     /// and for socket(2) the type is not SOCK_RAW/SOCK_PACKET.
     AllowedSocketFamily,
-    /// mknod(2) (argument 1) / mknodat(2) (argument 2): no character or block devices.
+    /// mknod(2) (argument 1) / mknodat(2) (argument 2): no character or block devices, and no
+    /// setuid/setgid bit.
     NoDeviceNodes { mode_arg: u8 },
+    /// chmod family, mkdir, creat: the mode (argument `mode_arg`) has neither S_ISUID nor S_ISGID.
+    NoSetIdMode { mode_arg: u8 },
+    /// open/openat: either no file is created (neither O_CREAT nor O_TMPFILE in `flags_arg`) or
+    /// the mode (argument `mode_arg`) has neither S_ISUID nor S_ISGID.
+    NoSetIdCreate { flags_arg: u8, mode_arg: u8 },
 }
+
+/// The syscalls that could leave a setuid or setgid file (or directory) behind, with the
+/// condition that keeps them from doing so; `openat2` is absent because its mode lives in memory
+/// seccomp cannot read.
+pub const SETID_GUARDED: &[&str] =
+    &["open", "openat", "creat", "mkdir", "mkdirat", "chmod", "fchmod", "fchmodat", "fchmodat2", "mknod", "mknodat"];
 
 /// One member of a group: a syscall name, optionally restricted by an argument condition.
 #[derive(Debug, Clone, Copy)]
@@ -103,14 +117,14 @@ pub static GROUPS: &[Group] = &[
     },
     Group {
         name: "@file-system",
-        description: "File and directory operations, xattrs, inotify; mknod only for fifos and sockets",
+        description:
+            "File and directory operations, xattrs, inotify; mknod only for fifos and sockets; no setuid/setgid modes",
         dangerous: false,
         includes: &[],
         members: &[
-            m("open"),
-            m("openat"),
-            m("openat2"),
-            m("creat"),
+            c("open", ArgCond::NoSetIdCreate { flags_arg: 1, mode_arg: 2 }),
+            c("openat", ArgCond::NoSetIdCreate { flags_arg: 2, mode_arg: 3 }),
+            c("creat", ArgCond::NoSetIdMode { mode_arg: 1 }),
             m("access"),
             m("faccessat"),
             m("faccessat2"),
@@ -124,8 +138,8 @@ pub static GROUPS: &[Group] = &[
             m("chdir"),
             m("fchdir"),
             m("getcwd"),
-            m("mkdir"),
-            m("mkdirat"),
+            c("mkdir", ArgCond::NoSetIdMode { mode_arg: 1 }),
+            c("mkdirat", ArgCond::NoSetIdMode { mode_arg: 2 }),
             m("rmdir"),
             m("rename"),
             m("renameat"),
@@ -138,10 +152,10 @@ pub static GROUPS: &[Group] = &[
             m("symlinkat"),
             m("readlink"),
             m("readlinkat"),
-            m("chmod"),
-            m("fchmod"),
-            m("fchmodat"),
-            m("fchmodat2"),
+            c("chmod", ArgCond::NoSetIdMode { mode_arg: 1 }),
+            c("fchmod", ArgCond::NoSetIdMode { mode_arg: 1 }),
+            c("fchmodat", ArgCond::NoSetIdMode { mode_arg: 2 }),
+            c("fchmodat2", ArgCond::NoSetIdMode { mode_arg: 2 }),
             m("chown"),
             m("fchown"),
             m("lchown"),

@@ -41,6 +41,7 @@ pub const PROBES: &[(&str, &str, &str)] = &[
     ("fs-proc1-root", "filesystem", "reach host files through /proc/1/root"),
     ("fs-dev-nodes", "filesystem", "find block, memory or kmsg devices in /dev"),
     ("fs-symlink-shadow", "filesystem", "read /etc/shadow through a workspace symlink"),
+    ("fs-setid-bits", "filesystem", "leave a setuid or setgid file or directory behind"),
     ("priv-capabilities", "privileges", "hold any capability in any set"),
     ("priv-no-new-privs", "privileges", "run without no_new_privs"),
     ("priv-setuid-root", "privileges", "setuid(0)"),
@@ -178,6 +179,7 @@ pub fn run(id: &str, ctx: &Ctx) -> Option<Outcome> {
             }
         }
         "proc-controlling-tty" => controlling_tty(),
+        "fs-setid-bits" => setid_bits(),
         "fs-symlink-shadow" => {
             let link = "/tmp/stockade-probe-link";
             let _ = std::fs::remove_file(link);
@@ -461,5 +463,64 @@ fn controlling_tty() -> Outcome {
             escaped(format!("/dev/tty opened{}", if taken { " and its foreground taken" } else { "" }))
         }
         Err(e) => blocked(format!("/dev/tty: {}", en(e.raw_os_error().unwrap_or(0)))),
+    }
+}
+
+/// Files a jail leaves on a host-backed mount outlive it: none may carry a setuid or setgid bit,
+/// however it is asked for.
+fn setid_bits() -> Outcome {
+    let dir = "/tmp/stockade-probe-setid";
+    let _ = std::fs::remove_dir_all(dir);
+    if std::fs::create_dir(dir).is_err() {
+        return Outcome::Error("cannot make a scratch directory in /tmp".into());
+    }
+    let path = |n: &str| CString::new(format!("{dir}/{n}")).expect("no NUL");
+    let plain = path("plain");
+    let mut got = Vec::new();
+    // SAFETY (for the calls below): plain system calls on NUL-terminated paths that live to the end.
+    unsafe {
+        let fd = libc::open(plain.as_ptr(), libc::O_CREAT | libc::O_WRONLY, 0o644);
+        if fd < 0 {
+            return Outcome::Error(format!("create a plain file: {}", en(errno())));
+        }
+        let mut attempt = |what: &str, r: libc::c_long| got.push((what.to_owned(), if r < 0 { errno() } else { 0 }));
+        attempt("chmod 4755", libc::chmod(plain.as_ptr(), 0o4755) as libc::c_long);
+        attempt("fchmod 2755", libc::fchmod(fd, 0o2755) as libc::c_long);
+        attempt("fchmodat 6755", libc::fchmodat(libc::AT_FDCWD, plain.as_ptr(), 0o6755, 0) as libc::c_long);
+        let created = path("created");
+        let f2 = libc::open(created.as_ptr(), libc::O_CREAT | libc::O_WRONLY, 0o4755);
+        attempt("open O_CREAT 4755", f2 as libc::c_long);
+        let d = path("dir");
+        attempt("mkdir 2755", libc::mkdir(d.as_ptr(), 0o2755) as libc::c_long);
+        let n = path("node");
+        attempt("mknod fifo 4644", libc::mknod(n.as_ptr(), libc::S_IFIFO | 0o4644, 0) as libc::c_long);
+        libc::close(fd);
+        if f2 >= 0 {
+            libc::close(f2);
+        }
+    }
+    use std::os::unix::fs::PermissionsExt;
+    let marked: Vec<String> = ["plain", "created", "dir", "node"]
+        .iter()
+        .filter_map(|n| {
+            let m = std::fs::metadata(format!("{dir}/{n}")).ok()?.permissions().mode();
+            (m & 0o6000 != 0).then(|| format!("{n} mode {m:o}"))
+        })
+        .collect();
+    let _ = std::fs::remove_dir_all(dir);
+    let refused = got.iter().all(|(_, e)| *e == libc::EPERM);
+    match (marked.is_empty(), refused) {
+        (true, true) => {
+            blocked(format!("{}: EPERM", got.iter().map(|(w, _)| w.as_str()).collect::<Vec<_>>().join(", ")))
+        }
+        (true, false) => escaped(format!(
+            "reached the kernel past the filter: {}",
+            got.iter()
+                .filter(|(_, e)| *e != libc::EPERM)
+                .map(|(w, e)| format!("{w} ({})", en(*e)))
+                .collect::<Vec<_>>()
+                .join(", ")
+        )),
+        (false, _) => escaped(format!("setid bits set: {}", marked.join(", "))),
     }
 }

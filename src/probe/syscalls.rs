@@ -65,6 +65,8 @@ pub const SYSCALL_PROBES: &[&str] = &[
     "ioperm",
     "syslog",
     "personality-noaslr",
+    "personality-read-implies-exec",
+    "openat2",
     "mknod-char",
     "mknod-block",
     "tiocsti",
@@ -83,7 +85,7 @@ pub const SYSCALL_PROBES: &[&str] = &[
 
 /// Probes for calls the default policy *allows*, to show the filter is not simply deny-all.
 pub const ALLOWED_PROBES: &[&str] =
-    &["mknod-fifo", "socket-inet", "socketpair-unix", "personality-query", "clone-plain"];
+    &["mknod-fifo", "socket-inet", "socketpair-unix", "personality-query", "personality-linux32", "clone-plain"];
 
 pub fn run(name: &str) -> Option<ProbeResult> {
     let null = std::ptr::null::<u8>();
@@ -140,6 +142,20 @@ pub fn run(name: &str) -> Option<ProbeResult> {
         "syslog" => sys!(libc::SYS_syslog, 10 /* SIZE_BUFFER */, null, 0),
         "personality-noaslr" => sys!(libc::SYS_personality, 0x0040000 /* ADDR_NO_RANDOMIZE */),
         "personality-query" => sys!(libc::SYS_personality, 0xffff_ffffu32),
+        "personality-linux32" => {
+            let r = sys!(libc::SYS_personality, 0x0008u32);
+            // Put the persona back for the probes that follow in this process.
+            // SAFETY: personality takes an integer.
+            unsafe { libc::syscall(libc::SYS_personality, 0u32) };
+            r
+        }
+        "personality-read-implies-exec" => sys!(libc::SYS_personality, 0x0040_0000u32),
+        "openat2" => {
+            // struct open_how { flags, mode, resolve }: a setuid file it would create.
+            let how: [u64; 3] = [(libc::O_CREAT | libc::O_WRONLY) as u64, 0o4755, 0];
+            let p = cpath("/tmp/stockade-probe-openat2");
+            sys!(libc::SYS_openat2, libc::AT_FDCWD, p.as_ptr(), how.as_ptr(), std::mem::size_of_val(&how))
+        }
         "mknod-char" => {
             let p = cpath("/tmp/probe-char");
             sys!(libc::SYS_mknodat, libc::AT_FDCWD, p.as_ptr(), libc::S_IFCHR | 0o600, libc::makedev(1, 3))
