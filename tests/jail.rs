@@ -622,8 +622,10 @@ fn killing_stockade_kills_the_jail() {
         std::thread::sleep(Duration::from_millis(20));
     }
     assert_eq!(host_processes_matching(&format!("sleep {marker}")), Vec::<String>::new());
-    // Its cgroup could not be removed by the killed Stockade; the next jail removes it.
+    // Its cgroup could not be removed by the killed Stockade; the next jail removes it once it
+    // has stood empty for a second (a younger one may be another Stockade's jail in the making).
     if is_root() {
+        std::thread::sleep(Duration::from_millis(1200));
         assert_eq!(stockade_run(&[], &["/bin/true"]).code, 0);
         let left: Vec<String> = find_stockade_cgroups().into_iter().filter(|c| c.contains(&stale)).collect();
         assert_eq!(left, Vec::<String>::new());
@@ -903,4 +905,33 @@ fn small_etc_files_are_copied_and_fifos_and_large_files_bound() {
     );
     assert_eq!(r.code, 0, "{r:?}");
     assert_eq!(r.stdout, "hello etc\n40000\nfifo\nhello etc\nbound big\nbound fifo\n", "{r:?}");
+}
+
+/// A jail cgroup whose owner's pid is not alive here may belong to a Stockade in another pid
+/// namespace: the sweep leaves it, and what it holds, alone.
+#[test]
+fn the_sweep_never_touches_a_cgroup_that_holds_processes() {
+    if !is_root() {
+        return;
+    }
+    // Where this process's jails go: the pids hierarchy, beside our own cgroup.
+    let own = std::fs::read_to_string("/proc/self/cgroup").unwrap();
+    let Some(pids) = own.lines().find_map(|l| l.split_once(":pids:").map(|(_, p)| p.to_owned())) else { return };
+    let parent = std::path::Path::new("/sys/fs/cgroup/pids").join(pids.trim_start_matches('/'));
+    // A pid no process here has: the "owner" lives in another pid namespace.
+    let foreign = parent.join("stockade-4194000-0");
+    let _ = std::fs::remove_dir(&foreign);
+    std::fs::create_dir(&foreign).unwrap();
+    let mut sleeper = Command::new("sleep").arg("30").spawn().unwrap();
+    std::fs::write(foreign.join("cgroup.procs"), sleeper.id().to_string()).unwrap();
+    std::thread::sleep(Duration::from_millis(1200));
+    assert_eq!(stockade_run(&[], &["/bin/true"]).code, 0);
+    assert!(sleeper.try_wait().unwrap().is_none(), "the sweep killed another Stockade's jail");
+    assert!(foreign.exists(), "the sweep removed a cgroup that holds processes");
+    sleeper.kill().unwrap();
+    sleeper.wait().unwrap();
+    // Empty now, and old enough: the next sweep takes it.
+    std::thread::sleep(Duration::from_millis(1200));
+    assert_eq!(stockade_run(&[], &["/bin/true"]).code, 0);
+    assert!(!foreign.exists(), "an empty leftover stayed");
 }

@@ -156,12 +156,21 @@ fn join(mount: &Path, cg: &str) -> PathBuf {
 }
 
 /// Makes a jail's cgroup directory. Names carry the pid and a per-process count, so one that
-/// exists already was left by a killed Stockade that had this pid before: it is cleared first
-/// (the general sweep runs once the jail is up, see `remove_stale_near`).
+/// exists already was left by a killed Stockade that had this pid before — or belongs to a live
+/// one in another pid namespace. An empty one is taken over; one that holds processes is left
+/// alone and the jail is refused (the general sweep runs once the jail is up, see
+/// `remove_stale_near`).
 fn make_dir(d: &Path) -> std::io::Result<()> {
     match fs::create_dir(d) {
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-            clear_dead_jail(d);
+            let empty = read_kernel_file(d.join("cgroup.procs")).is_ok_and(|p| p.trim().is_empty());
+            if !empty {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::AlreadyExists,
+                    "a cgroup of this name exists and holds processes (a Stockade in another pid namespace?)",
+                ));
+            }
+            fs::remove_dir(d)?;
             fs::create_dir(d)
         }
         r => r,
@@ -405,8 +414,17 @@ impl Drop for JailCgroup {
 /// past it rather than walk it.
 const SWEEP_LISTING_MAX: usize = 1 << 20;
 
-/// Removes the empty cgroups of jails whose Stockade process no longer exists: a Stockade killed
-/// with SIGKILL takes its jail with it (PDEATHSIG) but cannot remove the jail's cgroup.
+/// How long a jail's cgroup may stand empty before a sweep takes it for a leftover: a jail's
+/// cgroup holds its init within milliseconds of being made.
+const STALE_AFTER: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Removes the cgroups killed Stockades left behind: a Stockade killed with SIGKILL takes its jail
+/// with it (PDEATHSIG, and the pid namespace's end) but cannot remove the jail's cgroup.
+///
+/// Only cgroups that are empty and have been for a while are removed, and nothing is ever killed:
+/// the pid in a cgroup's name is its owner's pid in the owner's pid namespace, which says nothing
+/// about a Stockade in another namespace (a sibling container, a concurrent CI job) whose live
+/// jails sit in the same hierarchy. An empty cgroup, whoever made it, holds no jail.
 pub fn remove_stale(parent: &Path) {
     let Ok(dir) = open(parent, OFlag::O_RDONLY | OFlag::O_DIRECTORY, Mode::empty()) else { return };
     let Some(names) = list_dir(&dir, SWEEP_LISTING_MAX) else { return };
@@ -416,33 +434,14 @@ pub fn remove_stale(parent: &Path) {
         if owner == std::process::id() {
             continue; // this process's own jails
         }
-        // A killed Stockade whose parent has not reaped it yet is a zombie: dead all the same.
-        let state = fs::read_to_string(format!("/proc/{owner}/stat"))
-            .ok()
-            .and_then(|s| s.rsplit_once(')').and_then(|(_, rest)| rest.split_whitespace().next().map(str::to_owned)));
-        if state.as_deref().is_some_and(|st| st != "Z" && st != "X") {
-            continue; // its Stockade is alive (or the pid was reused: leave it, to be safe)
+        let path = parent.join(std::ffi::OsStr::from_bytes(name.to_bytes()));
+        let empty = read_kernel_file(path.join("cgroup.procs")).is_ok_and(|p| p.trim().is_empty());
+        let old = fs::metadata(&path)
+            .and_then(|m| m.modified())
+            .is_ok_and(|t| t.elapsed().is_ok_and(|age| age >= STALE_AFTER));
+        if empty && old && fs::remove_dir(&path).is_ok() {
+            tracing::info!(cgroup = %path.display(), "removed an empty cgroup a killed Stockade left behind");
         }
-        clear_dead_jail(&parent.join(std::ffi::OsStr::from_bytes(name.to_bytes())));
-    }
-}
-
-/// Removes the cgroup of a jail whose supervisor is gone. Whatever is still inside belonged to
-/// that jail (PDEATHSIG is already taking it down): finish the job, then give the kernel a
-/// moment to empty it.
-fn clear_dead_jail(dir: &Path) {
-    let procs = || read_kernel_file(dir.join("cgroup.procs")).unwrap_or_default();
-    for pid in procs().split_whitespace().filter_map(|p| p.parse::<i32>().ok()) {
-        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
-    }
-    for _ in 0..50 {
-        if procs().trim().is_empty() {
-            break;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(2));
-    }
-    if fs::remove_dir(dir).is_ok() {
-        tracing::info!(cgroup = %dir.display(), "removed the cgroup of a jail whose Stockade was killed");
     }
 }
 
