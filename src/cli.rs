@@ -242,6 +242,12 @@ enum PolicyCommand {
 
 pub fn main() -> i32 {
     let cli = Cli::parse_args();
+    if prints_for_a_pipe(&cli.command) {
+        // A command whose output is cut short by its reader (`stockade policy groups | head`)
+        // ends quietly, as Unix tools do, instead of panicking on EPIPE.
+        // SAFETY: signal(2) with SIG_DFL installs no handler; no other thread exists yet.
+        unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+    }
     let log = cli.global.log;
     init_logging(log, cli.global.verbose);
     match cli.command {
@@ -463,6 +469,22 @@ fn cmd_check(json: bool) -> i32 {
     0
 }
 
+/// The commands whose output is a report for a person or a pipe. The worker, the session server
+/// and the control plane keep SIGPIPE ignored: they see a closed peer as an error and handle it.
+fn prints_for_a_pipe(c: &Command) -> bool {
+    matches!(
+        c,
+        Command::Check { .. }
+            | Command::Policy { .. }
+            | Command::Audit(_)
+            | Command::Stats(_)
+            | Command::Work(_)
+            | Command::Completions { .. }
+            | Command::Man
+            | Command::ProbeBattery(_)
+    )
+}
+
 fn cmd_policy(c: PolicyCommand) -> i32 {
     match c {
         PolicyCommand::Show { file, json } => {
@@ -476,6 +498,11 @@ fn cmd_policy(c: PolicyCommand) -> i32 {
                 toml::to_string(&p).map_err(|e| e.to_string())
             };
             match out {
+                // JSON has no comments: its output is the document alone, for tools to parse.
+                Ok(s) if json => {
+                    println!("{s}");
+                    0
+                }
                 Ok(s) => {
                     println!("# resolved from {}\n{s}", p.source);
                     0

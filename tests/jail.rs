@@ -693,6 +693,26 @@ fn policy_show_resolves_extends() {
             && s.contains("memory = \"512M\""),
         "{s}"
     );
+    // --json is JSON alone.
+    let o = Command::new(STOCKADE).args(["policy", "show", p.to_str().unwrap(), "--json"]).output().unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("policy show --json prints only JSON");
+    assert_eq!(v["hostname"], "shown");
+}
+
+/// A reader that stops early (`| head`) ends the listing quietly: no panic, no backtrace.
+#[test]
+fn a_closed_pipe_ends_a_listing_quietly() {
+    let mut child = Command::new(STOCKADE)
+        .args(["policy", "groups"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take()); // the reader is gone before the first line
+    let out = child.wait_with_output().unwrap();
+    use std::os::unix::process::ExitStatusExt;
+    assert_eq!(out.status.signal(), Some(libc::SIGPIPE), "{out:?}");
+    assert!(out.stderr.is_empty(), "{}", String::from_utf8_lossy(&out.stderr));
 }
 
 // ---------- rootless ----------
