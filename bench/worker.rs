@@ -61,7 +61,7 @@ fn main() {
         .arg(&state)
         .arg("--environment-key-file")
         .arg(dir.join(format!("{DEFAULT_ENVIRONMENT}.key")))
-        .args(["--max-idle", "100ms", "--max-sessions", "16"])
+        .args(["--max-idle", "100ms"])
         .env_remove("ANTHROPIC_API_KEY")
         .stdin(Stdio::null())
         .spawn()
