@@ -393,21 +393,7 @@ fn worker_run(r: WorkerRunArgs, log: LogFormat) -> i32 {
         Ok(c) => c,
         Err(e) => return fail(e),
     };
-    let item = wire::WorkItem {
-        id: r.work_id,
-        kind: "work".into(),
-        environment_id: r.common.environment_id.clone(),
-        data: wire::WorkData { kind: "session".into(), id: r.session_id },
-        state: wire::WorkState::Starting,
-        created_at: None,
-        acknowledged_at: None,
-        started_at: None,
-        latest_heartbeat_at: None,
-        stop_requested_at: None,
-        stopped_at: None,
-        metadata: Default::default(),
-        secret: token.map(|t| t.encode()),
-    };
+    let item = wire::WorkItem::claimed(&r.work_id, &r.common.environment_id, &r.session_id, token.map(|t| t.encode()));
     runtime().block_on(async move {
         let (tx, rx) = watch::channel(Shutdown::Running);
         watch_signals(tx);

@@ -322,6 +322,39 @@ fn session_kind() -> String {
     "session".into()
 }
 
+impl WorkRec {
+    /// A new item at the back of the queue.
+    fn queued(
+        id: &str,
+        env: &str,
+        kind: &str,
+        subject: String,
+        seq: u64,
+        metadata: serde_json::Map<String, Value>,
+    ) -> WorkRec {
+        WorkRec {
+            id: id.to_owned(),
+            env: env.to_owned(),
+            kind: kind.to_owned(),
+            session_id: subject,
+            state: WorkState::Queued,
+            created_ms: now_ms(),
+            acked_ms: None,
+            started_ms: None,
+            last_heartbeat: None,
+            heartbeat_ms: None,
+            lease_until_ms: None,
+            stop_requested_ms: None,
+            stopped_ms: None,
+            metadata,
+            polled: None,
+            polls: 0,
+            queue_seq: seq,
+            token: random_token("sk-ant-req-local-"),
+        }
+    }
+}
+
 /// Milliseconds on a clock that reads as wall time at start-up and then only moves forward:
 /// leases must not expire (or live on) because the host's clock was stepped.
 fn now_ms() -> u64 {
@@ -866,29 +899,8 @@ impl LocalControlPlane {
                 duplicate_results: 0,
             },
         );
-        db.work.insert(
-            work_id.clone(),
-            WorkRec {
-                id: work_id.clone(),
-                env: req.environment_id,
-                kind: session_kind(),
-                session_id: session_id.clone(),
-                state: WorkState::Queued,
-                created_ms: now_ms(),
-                acked_ms: None,
-                started_ms: None,
-                last_heartbeat: None,
-                heartbeat_ms: None,
-                lease_until_ms: None,
-                stop_requested_ms: None,
-                stopped_ms: None,
-                metadata: req.metadata,
-                polled: None,
-                polls: 0,
-                queue_seq: seq,
-                token: random_token("sk-ant-req-local-"),
-            },
-        );
+        let rec = WorkRec::queued(&work_id, &req.environment_id, "session", session_id.clone(), seq, req.metadata);
+        db.work.insert(work_id.clone(), rec);
         if self.shared.cfg.webhook.is_some() {
             let id = db.next_id("wevt");
             db.webhooks.push(json!({
@@ -915,29 +927,7 @@ impl LocalControlPlane {
         let id = db.next_id("work");
         let probe = db.next_id("hc");
         let seq = db.seq;
-        db.work.insert(
-            id.clone(),
-            WorkRec {
-                id: id.clone(),
-                env: env.to_owned(),
-                kind: "healthcheck".into(),
-                session_id: probe,
-                state: WorkState::Queued,
-                created_ms: now_ms(),
-                acked_ms: None,
-                started_ms: None,
-                last_heartbeat: None,
-                heartbeat_ms: None,
-                lease_until_ms: None,
-                stop_requested_ms: None,
-                stopped_ms: None,
-                metadata: Default::default(),
-                polled: None,
-                polls: 0,
-                queue_seq: seq,
-                token: random_token("sk-ant-req-local-"),
-            },
-        );
+        db.work.insert(id.clone(), WorkRec::queued(&id, env, "healthcheck", probe, seq, Default::default()));
         drop(db);
         self.changed();
         Ok(id)

@@ -141,6 +141,25 @@ impl std::fmt::Debug for WorkItem {
 }
 
 impl WorkItem {
+    /// An item known only by its ids, as a process handed one claimed item sees it (`worker run`).
+    pub fn claimed(id: &str, environment_id: &str, session_id: &str, secret: Option<String>) -> WorkItem {
+        WorkItem {
+            id: id.to_owned(),
+            kind: work_type(),
+            environment_id: environment_id.to_owned(),
+            data: WorkData { kind: "session".into(), id: session_id.to_owned() },
+            state: WorkState::Starting,
+            created_at: None,
+            acknowledged_at: None,
+            started_at: None,
+            latest_heartbeat_at: None,
+            stop_requested_at: None,
+            stopped_at: None,
+            metadata: Default::default(),
+            secret,
+        }
+    }
+
     /// The session this item serves; None for health checks and other kinds.
     pub fn session_id(&self) -> Option<&str> {
         (self.data.kind == "session").then_some(self.data.id.as_str())
@@ -492,21 +511,7 @@ mod tests {
         assert!(WorkSecret::decode(&padded).is_some());
         assert!(WorkSecret::decode("not base64 !").is_none());
         assert_eq!(format!("{d:?}"), "WorkSecret([redacted])");
-        let item = WorkItem {
-            id: "w".into(),
-            kind: "work".into(),
-            environment_id: "e".into(),
-            data: WorkData { kind: "session".into(), id: "s".into() },
-            state: WorkState::Queued,
-            created_at: None,
-            acknowledged_at: None,
-            started_at: None,
-            latest_heartbeat_at: None,
-            stop_requested_at: None,
-            stopped_at: None,
-            metadata: Default::default(),
-            secret: Some(enc.clone()),
-        };
+        let item = WorkItem::claimed("w", "e", "s", Some(enc.clone()));
         assert!(!format!("{item:?}").contains(&enc));
     }
 }
