@@ -1142,17 +1142,18 @@ fn an_oversized_result_becomes_an_error_and_the_session_goes_on() {
         step("read", json!({"file_path": "/workspace/big.txt", "limit": 5000})),
         bash("echo still-here"),
     ]);
-    let _w = start_worker(&cp, state.path(), &[]);
+    let w = start_worker(&cp, state.path(), &[]);
     let v = cp.wait_ended(&s, Duration::from_secs(60));
     assert!(completed(&v), "{v:#?}");
     assert_eq!(v.calls[1].is_error, Some(true));
     assert!(result_of(&v, 1).starts_with("output too large: "), "{}", result_of(&v, 1));
     assert_eq!(result_of(&v, 2), "still-here\n");
+    drop(w); // the next session is for a worker with a lower limit only
 
     // The worker's own limit, below the control plane's.
     let (s, _) = cp.session(vec![
         step("read", json!({"file_path": "/workspace/none-yet.txt"})),
-        bash("head -c 300000 /dev/zero | tr '\\\\0' y | fold -w 1000"),
+        bash("printf 'y%.0s' $(seq 300000) | fold -w 1000"),
         bash("echo after"),
     ]);
     let state2 = TempDir::new("w-state");
