@@ -373,3 +373,15 @@ fn an_oversized_request_gets_an_error_and_the_session_goes_on() {
     assert!(peak < 32 * 1024, "the session process peaked at {peak} KiB for a 40 MiB line");
     assert_eq!(s.end(), 0);
 }
+
+/// The jail's init is a copy of the host-side `stockade session`: its command line (binary path,
+/// policy, workspace) must not be readable inside.
+#[test]
+fn no_host_command_line_is_visible_in_the_jail() {
+    let ws = TempDir::new("cmdline").owned_by_jail_user();
+    let mut s = Sess::start(&["--policy", "default", "--workspace", ws.path().to_str().unwrap()]);
+    let out = s.bash("for p in /proc/[0-9]*; do tr '\\0' ' ' < $p/cmdline; echo; done");
+    assert!(!out.contains(ws.path().to_str().unwrap()) && !out.contains("--policy"), "{out}");
+    assert!(out.lines().any(|l| l.trim() == "stockade-init"), "{out}");
+    assert_eq!(s.end(), 0);
+}

@@ -96,6 +96,34 @@ pub fn scrub_own_environment() {
     }
 }
 
+/// The name the jail's init (and the helpers forked from it) shows in /proc/PID/cmdline.
+pub const INIT_NAME: &[u8] = b"stockade-init";
+
+/// Overwrites this process's command line — the strings behind /proc/PID/cmdline — with
+/// `INIT_NAME`: the jail's init is a copy of the supervisor, whose arguments name host paths
+/// (the binary, the policy file, the workspace) that nothing in the jail should learn. Nothing
+/// in the child reads its arguments afterwards.
+pub fn scrub_own_arguments() {
+    let Some((start, end)) = stat_range(45, 46) else { return };
+    // SAFETY: [arg_start, arg_end) is this process's argument strings, mapped read-write at the
+    // top of its stack by the kernel at exec; the child never reads its arguments again, so
+    // overwriting them cannot invalidate a live reference.
+    let block = unsafe { std::slice::from_raw_parts_mut(start as *mut u8, end - start) };
+    block.fill(0);
+    let n = INIT_NAME.len().min(block.len().saturating_sub(1));
+    block[..n].copy_from_slice(&INIT_NAME[..n]);
+}
+
+/// Two address fields of /proc/self/stat, by index after the command name (arg_start and
+/// arg_end are 45 and 46, env_start and env_end 47 and 48).
+fn stat_range(a: usize, b: usize) -> Option<(usize, usize)> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let (start, end) = (f.get(a)?.parse::<usize>().ok()?, f.get(b)?.parse::<usize>().ok()?);
+    (start != 0 && end > start && end - start < (1 << 24)).then_some((start, end))
+}
+
 /// Removes `names` from this process's environment: from libc's list and, value bytes zeroed,
 /// from the original block behind /proc/PID/environ. Unlike `scrub_own_environment` it keeps
 /// everything else (PATH, proxies, RUST_LOG) — for the worker, which lives on with its
@@ -125,18 +153,10 @@ pub fn scrub_variables(names: &[&str]) {
 /// The process's initial environment block, [env_start, env_end): the strings the kernel copied
 /// to the top of the stack at exec, which /proc/PID/environ shows for the process's whole life.
 fn env_block() -> Option<(usize, usize)> {
-    let (start, end) = match recorded_env_block() {
-        Some(r) => r,
-        None => {
-            let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
-            // Fields after the command name (which may contain spaces) start at field 3;
-            // env_start and env_end are fields 50 and 51.
-            let rest = &stat[stat.rfind(')')? + 1..];
-            let f: Vec<&str> = rest.split_whitespace().collect();
-            (f.get(47)?.parse::<usize>().ok()?, f.get(48)?.parse::<usize>().ok()?)
-        }
-    };
-    (start != 0 && end > start && end - start < (1 << 24)).then_some((start, end))
+    match recorded_env_block() {
+        Some((start, end)) => (end - start < (1 << 24)).then_some((start, end)),
+        None => stat_range(47, 48),
+    }
 }
 
 // Reading /proc/self/stat costs a jail child ~0.15 ms on its start-up path, so the block's bounds

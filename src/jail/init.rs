@@ -60,6 +60,7 @@ pub(crate) fn child_main(ctx: ChildCtx) -> ! {
     // First of all: the supervisor's environment (and any secret in it) must not live on in
     // the jail's processes.
     super::environ::scrub_own_environment();
+    super::environ::scrub_own_arguments();
     crate::net::nfnl::close_in_forked_child();
     if let Some(cg) = ctx.cgroup {
         cg.close_all();

@@ -51,6 +51,7 @@ pub const PROBES: &[(&str, &str, &str)] = &[
     ("proc-signal-init", "processes", "signal the jail's init"),
     ("proc-leaked-fds", "processes", "inherit descriptors beyond stdio"),
     ("proc-env-secret", "processes", "find a secret planted in Stockade's environment"),
+    ("proc-host-cmdline", "processes", "read the host's command line (paths, flags) in /proc/*/cmdline"),
     ("proc-controlling-tty", "processes", "open the caller's terminal through /dev/tty and take its foreground"),
     ("ipc-abstract-socket", "ipc", "connect to a host abstract unix socket"),
     ("ipc-sysv-queue", "ipc", "open a host SysV message queue"),
@@ -179,6 +180,7 @@ pub fn run(id: &str, ctx: &Ctx) -> Option<Outcome> {
             }
         }
         "proc-controlling-tty" => controlling_tty(),
+        "proc-host-cmdline" => host_cmdline(),
         "fs-setid-bits" => setid_bits(),
         "fs-symlink-shadow" => {
             let link = "/tmp/stockade-probe-link";
@@ -522,5 +524,32 @@ fn setid_bits() -> Outcome {
                 .join(", ")
         )),
         (false, _) => escaped(format!("setid bits set: {}", marked.join(", "))),
+    }
+}
+
+/// The jail's init is a copy of the host-side supervisor: its command line must not be the
+/// supervisor's (binary path, policy file, workspace), nor may any other process show one.
+fn host_cmdline() -> Outcome {
+    let mut seen = Vec::new();
+    if let Ok(rd) = std::fs::read_dir("/proc") {
+        for e in rd.flatten() {
+            let name = e.file_name();
+            let Some(pid) = name.to_str().filter(|n| n.bytes().all(|b| b.is_ascii_digit())) else { continue };
+            let Ok(raw) = std::fs::read(e.path().join("cmdline")) else { continue };
+            let line = String::from_utf8_lossy(&raw).replace('\0', " ");
+            let line = line.trim();
+            // The probe's own command (`stockade __probe ...`) is the jail's, not the host's.
+            let host = ["--policy", "--workspace", "--outputs", "--announce", "/target/", "policies/"];
+            if !line.contains("__probe") && host.iter().any(|h| line.contains(h)) {
+                seen.push(format!("{pid}: {line}"));
+            }
+        }
+    }
+    let init = std::fs::read("/proc/1/cmdline").unwrap_or_default();
+    let init = String::from_utf8_lossy(&init).trim_end_matches('\0').to_owned();
+    match (seen.is_empty(), init.as_str()) {
+        (true, "stockade-init") => blocked("PID 1 shows `stockade-init`; no host command line visible"),
+        (true, other) => escaped(format!("PID 1's command line: {other:?}")),
+        (false, _) => escaped(seen.join("; ")),
     }
 }
