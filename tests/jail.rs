@@ -664,7 +664,7 @@ fn sigterm_to_stockade_is_forwarded_then_enforced() {
 fn malformed_and_hostile_policies_fail_with_located_errors() {
     let d = TempDir::new("bad");
     for (text, needle) in [
-        ("[limits]\nmemroy = \"1G\"\n", "policy.toml:2:1: unknown field `memroy`"),
+        ("[limits]\nmemroy = \"1G\"\n", "policy.toml:3:1: unknown field `memroy`"),
         ("[seccomp]\nallow = [\"@sytem-service\"]\n", "did you mean `@system-service`"),
         ("[filesystem]\nread_only = [\"/nonexistent-stockade-path\"]\n", "mounts: /nonexistent-stockade-path"),
         (
@@ -673,7 +673,8 @@ fn malformed_and_hostile_policies_fail_with_located_errors() {
         ),
     ] {
         let p = d.path().join("policy.toml");
-        std::fs::write(&p, text).unwrap();
+        // A base named on purpose, so that only the error under test is said.
+        std::fs::write(&p, format!("extends = \"none\"\n{text}")).unwrap();
         let r = stockade_run(&["--policy", p.to_str().unwrap()], &["/bin/true"]);
         assert_eq!(r.code, 125, "{text:?}: {r:?}");
         assert!(r.stderr.contains(needle), "{text:?}: {r:?}");
@@ -954,4 +955,20 @@ fn the_sweep_never_touches_a_cgroup_that_holds_processes() {
     std::thread::sleep(Duration::from_millis(1200));
     assert_eq!(stockade_run(&[], &["/bin/true"]).code, 0);
     assert!(!foreign.exists(), "an empty leftover stayed");
+}
+
+/// A policy file without `extends` starts from nothing: that is said, unless written on purpose.
+#[test]
+fn a_policy_without_extends_is_warned_about() {
+    let d = TempDir::new("bare-policy");
+    let bare = d.path().join("bare.toml");
+    std::fs::write(&bare, "hostname = \"bare\"\n").unwrap();
+    let o = Command::new(STOCKADE).args(["policy", "show", bare.to_str().unwrap()]).output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success() && err.contains("WARN") && err.contains("no `extends`"), "{err}");
+    let explicit = d.path().join("explicit.toml");
+    std::fs::write(&explicit, "extends = \"none\"\nhostname = \"bare\"\n").unwrap();
+    let o = Command::new(STOCKADE).args(["policy", "show", explicit.to_str().unwrap()]).output().unwrap();
+    assert!(o.status.success() && o.stderr.is_empty(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(String::from_utf8_lossy(&o.stdout).contains("hostname = \"bare\""));
 }

@@ -295,6 +295,7 @@ fn resolve_into(
     chain: &mut Vec<String>,
     raw: &mut Raw,
     origins: &mut Origins,
+    bare: &mut Vec<String>,
 ) -> Result<(), PolicyError> {
     if chain.contains(&src.name) {
         chain.push(src.name.clone());
@@ -302,7 +303,10 @@ fn resolve_into(
     }
     chain.push(src.name.clone());
     let layer = parse_layer(src)?;
-    if let Some(ext) = &layer.extends {
+    if layer.extends.is_none() && dir.is_some() {
+        bare.push(src.name.clone());
+    }
+    if let Some(ext) = layer.extends.as_ref().filter(|e| e.get_ref() != "none") {
         let at = src.origin(ext.span().start);
         let name = ext.get_ref();
         let is_path = name.contains('/') || name.ends_with(".toml");
@@ -310,7 +314,7 @@ fn resolve_into(
             let text =
                 builtin_text(name).ok_or_else(|| PolicyError::invalid(&at, unknown_builtin(name).to_string()))?;
             let base = Source::new(format!("builtin:{name}"), text);
-            resolve_into(&base, None, chain, raw, origins)?;
+            resolve_into(&base, None, chain, raw, origins, bare)?;
         } else {
             let Some(dir) = dir else {
                 return Err(PolicyError::invalid(&at, "a built-in policy can only extend built-ins"));
@@ -319,7 +323,7 @@ fn resolve_into(
             let text = std::fs::read_to_string(&path)
                 .map_err(|e| PolicyError::invalid(&at, format!("extends `{}`: {e}", path.display())))?;
             let base = Source::new(path.display().to_string(), &text);
-            resolve_into(&base, path.parent(), chain, raw, origins)?;
+            resolve_into(&base, path.parent(), chain, raw, origins, bare)?;
         }
     }
     if let Some(h) = layer.hostname {
@@ -350,8 +354,17 @@ pub fn load_str(name: &str, text: &str, dir: Option<&Path>) -> Result<(Policy, O
     let src = Source::new(name.to_owned(), text);
     let mut raw = Raw::default();
     let mut origins = Origins::new();
-    resolve_into(&src, dir, &mut Vec::new(), &mut raw, &mut origins)?;
+    let mut bare = Vec::new();
+    resolve_into(&src, dir, &mut Vec::new(), &mut raw, &mut origins, &mut bare)?;
     let policy = finish(name, raw, &origins)?;
+    // Said once the policy is known to be good: a broken one gets its error alone.
+    for file in bare {
+        tracing::warn!(
+            policy = %file,
+            "the policy has no `extends`: it starts from an empty, unlimited policy; write `extends = \"default\"` \
+             (or another base), or `extends = \"none\"` if that is the intent"
+        );
+    }
     Ok((policy, origins))
 }
 
