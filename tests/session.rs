@@ -364,12 +364,7 @@ fn an_oversized_request_gets_an_error_and_the_session_goes_on() {
     let content = v["content"].as_str().unwrap();
     assert!(content.starts_with(&format!("request too large: {} bytes; limit 1048576", line.len())), "{content}");
     assert_eq!(s.bash("echo alive"), "alive\n");
-    let peak: u64 = std::fs::read_to_string(format!("/proc/{}/status", s.child.id()))
-        .unwrap()
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse().ok())
-        .unwrap();
+    let peak: u64 = peak_rss_kib(s.child.id());
     assert!(peak < 32 * 1024, "the session process peaked at {peak} KiB for a 40 MiB line");
     assert_eq!(s.end(), 0);
 }

@@ -1114,12 +1114,7 @@ fn an_oversized_response_is_refused_and_retried() {
     let v = cp.wait_ended(&s, Duration::from_secs(30));
     assert!(completed(&v), "{v:#?}");
     assert_eq!(result_of(&v, 0), "small\n");
-    let rss_kib: u64 = std::fs::read_to_string(format!("/proc/{}/status", w.child.id()))
-        .unwrap()
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse().ok())
-        .unwrap();
+    let rss_kib: u64 = peak_rss_kib(w.child.id());
     // Three 96 MiB answers were refused at 1 MiB each: the worker's peak stays far below one.
     assert!(rss_kib < 48 * 1024, "peak RSS {rss_kib} KiB");
 }

@@ -151,3 +151,13 @@ pub fn host_processes_matching(marker: &str) -> Vec<String> {
     }
     v
 }
+
+/// A process's peak resident memory (VmHWM), KiB.
+pub fn peak_rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse().ok())
+        .unwrap()
+}

@@ -146,6 +146,25 @@ def route(r: dict) -> str:
     return f'{r["method"]} {p}'
 
 
+def run_stockade_worker(cp: ControlPlane, session: str) -> tuple[dict, str]:
+    """Runs `stockade worker` until `session` has ended; returns its view and the worker's log."""
+    state = tempfile.mkdtemp(prefix="stockade-sdk-worker-")
+    # The jail's user still walks the host path to the workspace, so the state directory must not
+    # sit under a private (0700) parent; mkdtemp makes it 0700 itself.
+    os.chmod(state, 0o755)
+    key = Path(cp.dir.name, f"{ENV}.key")
+    w = subprocess.Popen([STOCKADE, "worker", "--environment-id", ENV, "--base-url", cp.url, "--state-dir", state,
+                          "--environment-key-file", str(key), "--max-idle", "1s"],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                         env={k: v for k, v in os.environ.items() if not k.startswith("ANTHROPIC_")})
+    try:
+        v = cp.wait(session, lambda v: v["finished"] and v["work_state"] == "stopped")
+    finally:
+        w.terminate()
+        _, err = w.communicate(timeout=30)
+    return v, err.decode()[-3000:]
+
+
 def test_the_official_worker_completes_scripted_sessions(cp):
     with tempfile.TemporaryDirectory() as wd:
         steps = [
@@ -258,23 +277,10 @@ def test_stockade_worker_completes_the_same_sessions(cp):
         {"name": "bash", "input": {"command": "cat /workspace/notes/a.txt"}},
     ]
     s = cp.create(steps)
-    state = tempfile.mkdtemp(prefix="stockade-sdk-worker-")
-    # The jail's user still walks the host path to the workspace, so the state directory must not
-    # sit under a private (0700) parent; mkdtemp makes it 0700 itself.
-    os.chmod(state, 0o755)
-    key = Path(cp.dir.name, f"{ENV}.key")
-    w = subprocess.Popen([STOCKADE, "worker", "--environment-id", ENV, "--base-url", cp.url, "--state-dir", state,
-                          "--environment-key-file", str(key), "--max-idle", "1s"],
-                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                         env={k: v for k, v in os.environ.items() if not k.startswith("ANTHROPIC_")})
-    try:
-        v = cp.wait(s, lambda v: v["finished"] and v["work_state"] == "stopped")
-    finally:
-        w.terminate()
-        _, err = w.communicate(timeout=30)
+    v, err = run_stockade_worker(cp, s)
     calls = v["calls"]
-    assert v["work_state"] == "stopped", err.decode()[-3000:]
-    assert [c["answered_by"] for c in calls] == ["worker", "other", "none", "worker", "worker"], (calls, err.decode()[-3000:])
+    assert v["work_state"] == "stopped", err
+    assert [c["answered_by"] for c in calls] == ["worker", "other", "none", "worker", "worker"], (calls, err)
     assert calls[3]["result"].strip() == "confirmed"
     assert "alpha" in calls[4]["result"]
     assert v["duplicate_results"] == 0
@@ -293,18 +299,7 @@ def test_stockade_sends_what_the_official_worker_sends(cp):
                 or r["headers"].get("x-stainless-lang")]
     n = len(cp.requests())
     s2 = cp.create(steps, skills=skills)
-    state = tempfile.mkdtemp(prefix="stockade-sdk-worker-")
-    os.chmod(state, 0o755)
-    key = Path(cp.dir.name, f"{ENV}.key")
-    w = subprocess.Popen([STOCKADE, "worker", "--environment-id", ENV, "--base-url", cp.url, "--state-dir", state,
-                          "--environment-key-file", str(key), "--max-idle", "1s"],
-                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                         env={k: v for k, v in os.environ.items() if not k.startswith("ANTHROPIC_")})
-    try:
-        v = cp.wait(s2, lambda v: v["finished"] and v["work_state"] == "stopped")
-    finally:
-        w.terminate()
-        w.wait(timeout=30)
+    v, _ = run_stockade_worker(cp, s2)
     assert v["calls"][1]["result"] == "asked\n", v
     ours = [r for r in cp.requests()[n:] if r["headers"].get("user-agent", "").startswith("stockade/")]
 
