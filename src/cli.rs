@@ -373,7 +373,7 @@ fn describe(p: &Policy, r: &jail::Report) -> String {
     use std::fmt::Write;
     let mut s = String::new();
     let _ = writeln!(s, "confined by policy {}:", p.source);
-    let _ = writeln!(s, "  namespaces   user, mount, pid, ipc, uts, net, cgroup; hostname {:?}", p.hostname);
+    let _ = writeln!(s, "  namespaces   user, mount, pid, ipc, uts, net, cgroup; hostname \"{}\"", p.hostname);
     let _ = writeln!(s, "  identity     {}", r.id_mapping);
     let _ =
         writeln!(s, "  filesystem   new tmpfs root, read-only; rw: /workspace, /mnt/session/outputs, /tmp, /dev/shm");
@@ -382,22 +382,31 @@ fn describe(p: &Policy, r: &jail::Report) -> String {
             let _ = writeln!(s, "  network      {n}");
         }
         None => {
-            let _ = writeln!(s, "  network      {:?}", p.network.mode);
+            let _ = writeln!(s, "  network      {}", policy::spelling(&p.network.mode));
         }
     }
-    let _ = writeln!(s, "  capabilities none (all five sets empty), no_new_privs");
+    if p.capabilities.keep.is_empty() {
+        let _ = writeln!(s, "  capabilities none (all five sets empty), no_new_privs");
+    } else {
+        let _ = writeln!(s, "  capabilities kept: {}; no_new_privs", p.capabilities.keep.join(", "));
+    }
     let dropped = if r.landlock_dropped.is_empty() {
         String::new()
     } else {
         format!(", dropped: {}", r.landlock_dropped.join(", "))
     };
-    let _ = writeln!(s, "  landlock     kernel ABI {}, {:?}{dropped}", r.landlock_abi, p.landlock.compatibility);
     let _ = writeln!(
         s,
-        "  seccomp      {} syscalls allowed ({}), default {:?}, x32/ia32 refused",
+        "  landlock     kernel ABI {}, {}{dropped}",
+        r.landlock_abi,
+        policy::spelling(&p.landlock.compatibility)
+    );
+    let _ = writeln!(
+        s,
+        "  seccomp      {} syscalls allowed ({}), default {}, x32/ia32 refused",
         r.seccomp_allowed,
         p.seccomp.allow.join(" "),
-        p.seccomp.default_action
+        policy::spelling(&p.seccomp.default_action)
     );
     let cg = if r.cgroup.applied.is_empty() { "none".to_owned() } else { r.cgroup.applied.join(", ") };
     let _ = writeln!(s, "  cgroup       {cg}");
@@ -522,7 +531,7 @@ fn cmd_policy(c: PolicyCommand) -> i32 {
                     .members
                     .iter()
                     .map(|m| match m.cond {
-                        Some(c) => format!("{}[{c:?}]", m.name),
+                        Some(c) => format!("{}[{}]", m.name, c.describe()),
                         None => m.name.to_owned(),
                     })
                     .collect();
@@ -564,7 +573,10 @@ fn cmd_audit(a: AuditArgs) -> i32 {
                 } else {
                     "changed "
                 };
-                println!("  {tag} {:<27} {:?} -> {:?}: {}", c.id, c.before, c.after, c.reason);
+                let v = |v: &Option<stockade::policy::audit::Verdict>| {
+                    v.as_ref().map(policy::spelling).unwrap_or_else(|| "absent".into())
+                };
+                println!("  {tag} {:<27} {} -> {}: {}", c.id, v(&c.before), v(&c.after), c.reason);
             }
         }
         return i32::from(a.fail_on_weaker && changes.iter().any(|c| c.weaker));

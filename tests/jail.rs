@@ -972,3 +972,19 @@ fn a_policy_without_extends_is_warned_about() {
     assert!(o.status.success() && o.stderr.is_empty(), "{}", String::from_utf8_lossy(&o.stderr));
     assert!(String::from_utf8_lossy(&o.stdout).contains("hostname = \"bare\""));
 }
+
+/// People read the policy file's spellings, never Rust's Debug forms.
+#[test]
+fn reports_use_the_policy_files_spellings() {
+    let (_d, p) = policy("default", "[capabilities]\nkeep = [\"CAP_NET_BIND_SERVICE\"]");
+    let r = stockade_run(&["--report", "--policy", p.to_str().unwrap()], &["/bin/true"]);
+    assert_eq!(r.code, 0, "{r:?}");
+    for debug in ["Loopback", "Hard", "Errno", "BestEffort"] {
+        assert!(!r.stderr.contains(debug), "{debug} in {r:?}");
+    }
+    assert!(r.stderr.contains("network      loopback") && r.stderr.contains("default errno"), "{r:?}");
+    assert!(r.stderr.contains("capabilities kept: CAP_NET_BIND_SERVICE"), "{r:?}");
+    let o = Command::new(STOCKADE).args(["policy", "groups", "@process"]).output().unwrap();
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(text.contains("clone[no namespace flags]") && !text.contains("NoNamespaceFlags"), "{text}");
+}

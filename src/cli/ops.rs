@@ -855,18 +855,18 @@ fn confinement_summary() -> String {
     let l = &p.limits;
     format!(
         "what confined the session (policy {}):\n  \
-         namespaces   user, mount, pid, ipc, uts, net, cgroup; network {:?}; hostname {:?}\n  \
+         namespaces   user, mount, pid, ipc, uts, net, cgroup; network {}; hostname \"{}\"\n  \
          filesystem   tmpfs root, read-only system dirs, rw /workspace, /mnt/session/outputs, /tmp\n  \
          privileges   no capabilities, no_new_privs, jail uid {}\n  \
-         landlock     {:?}; seccomp allowlist of groups {}, default {:?}\n  \
+         landlock     {}; seccomp allowlist of groups {}, default {}\n  \
          limits       memory {}, pids {}, the worker's environment key never entered the jail",
         p.source,
-        p.network.mode,
+        stockade::policy::spelling(&p.network.mode),
         p.hostname,
         p.user.uid,
-        p.landlock.compatibility,
+        stockade::policy::spelling(&p.landlock.compatibility),
         p.seccomp.allow.join(" "),
-        p.seccomp.default_action,
+        stockade::policy::spelling(&p.seccomp.default_action),
         l.memory.map(|m| stockade::util::format_size(m.0)).unwrap_or_else(|| "unlimited".into()),
         l.pids.map(|n| n.to_string()).unwrap_or_else(|| "unlimited".into()),
     )

@@ -60,3 +60,14 @@ pub fn load(spec: Option<&str>) -> Result<(Policy, Origins), PolicyError> {
 
 #[cfg(test)]
 mod tests;
+
+/// A policy value as the policy file spells it (`"best_effort"`, `"loopback"`, `"errno"`), for
+/// text shown to people: never Rust's `Debug` form.
+pub fn spelling<T: serde::Serialize>(v: &T) -> String {
+    match serde_json::to_value(v) {
+        Ok(serde_json::Value::String(s)) => s,
+        Ok(serde_json::Value::Null) => "none".to_owned(),
+        Ok(other) => other.to_string(),
+        Err(_) => "?".to_owned(),
+    }
+}

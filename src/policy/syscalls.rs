@@ -39,6 +39,21 @@ pub enum ArgCond {
 pub const SETID_GUARDED: &[&str] =
     &["open", "openat", "creat", "mkdir", "mkdirat", "chmod", "fchmod", "fchmodat", "fchmodat2", "mknod", "mknodat"];
 
+impl ArgCond {
+    /// The condition in a few words, for listings.
+    pub fn describe(self) -> &'static str {
+        match self {
+            ArgCond::NoNamespaceFlags => "no namespace flags",
+            ArgCond::NoTtyInjection => "not TIOCSTI or TIOCLINUX",
+            ArgCond::SafePersonality => "Linux personas only, never READ_IMPLIES_EXEC",
+            ArgCond::AllowedSocketFamily => "the policy's socket families, no raw or packet sockets",
+            ArgCond::NoDeviceNodes { .. } => "no devices, no setuid/setgid bits",
+            ArgCond::NoSetIdMode { .. } => "no setuid/setgid bits",
+            ArgCond::NoSetIdCreate { .. } => "no setuid/setgid bits when creating",
+        }
+    }
+}
+
 /// One member of a group: a syscall name, optionally restricted by an argument condition.
 #[derive(Debug, Clone, Copy)]
 pub struct Member {
