@@ -71,9 +71,16 @@ enum Command {
     /// Run a command in a fresh jail built from a policy.
     Run(RunArgs),
     /// Report what this host can enforce (user namespaces, landlock ABI, seccomp, cgroups, nft).
+    ///
+    /// Exits 1 when any line is NO. With --policy, also builds a jail from that policy (running
+    /// /bin/true) and exits 1 when the host cannot enforce it: a CI preflight, or `ExecStartPre=`.
     Check {
+        /// Print the findings as JSON.
         #[arg(long)]
         json: bool,
+        /// Can this host enforce this policy (a file or a built-in name)?
+        #[arg(long, short = 'p', value_name = "POLICY")]
+        policy: Option<String>,
     },
     /// Inspect policies.
     Policy {
@@ -252,7 +259,7 @@ pub fn main() -> i32 {
     init_logging(log, cli.global.verbose);
     match cli.command {
         Command::Run(args) => cmd_run(args),
-        Command::Check { json } => cmd_check(json),
+        Command::Check { json, policy } => cmd_check(json, policy),
         Command::Policy { command } => cmd_policy(command),
         Command::Session(a) => cmd_session(a),
         Command::Demo => ops::demo(),
@@ -466,8 +473,11 @@ fn cmd_session(a: SessionArgs) -> i32 {
     }
 }
 
-fn cmd_check(json: bool) -> i32 {
-    let items = jail::check::run();
+fn cmd_check(json: bool, policy: Option<String>) -> i32 {
+    let mut items = jail::check::run();
+    if let Some(name) = &policy {
+        items.push(enforce_check(name));
+    }
     if json {
         println!("{}", serde_json::to_string_pretty(&items).unwrap_or_default());
     } else {
@@ -475,7 +485,31 @@ fn cmd_check(json: bool) -> i32 {
             println!("{:<4} {:<16} {}", if i.ok { "ok" } else { "NO" }, i.name, i.detail);
         }
     }
-    0
+    i32::from(items.iter().any(|i| !i.ok))
+}
+
+/// Whether this host enforces `name`: the only sure answer is a jail built from it, since every
+/// protection the policy asks for is refused, not weakened, when the host cannot apply it.
+fn enforce_check(name: &str) -> jail::check::Item {
+    let item = |ok, detail: String| jail::check::Item { name: "policy", ok, detail };
+    let p = match policy::load(Some(name)) {
+        Ok((p, _)) => p,
+        Err(e) => return item(false, e.to_string()),
+    };
+    let spec = JailSpec {
+        policy: p,
+        workspace: None,
+        outputs: None,
+        argv: vec!["/bin/true".into()],
+        env: Vec::new(),
+        timeout: Some(std::time::Duration::from_secs(30)),
+        sweep_stale: false,
+    };
+    match jail::Jail::start(&spec, jail::Payload::Command).and_then(jail::Jail::wait) {
+        Ok(o) if o.status.code() == 0 => item(true, format!("{name}: a jail built from it ran /bin/true")),
+        Ok(o) => item(false, format!("{name}: the jail was built but /bin/true exited {}", o.status.code())),
+        Err(e) => item(false, format!("{name}: this host cannot enforce it: {e}")),
+    }
 }
 
 /// The commands whose output is a report for a person or a pipe. The worker, the session server

@@ -988,3 +988,26 @@ fn reports_use_the_policy_files_spellings() {
     let text = String::from_utf8_lossy(&o.stdout);
     assert!(text.contains("clone[no namespace flags]") && !text.contains("NoNamespaceFlags"), "{text}");
 }
+
+/// `check --policy P` answers whether this host enforces P — by building a jail from it — and
+/// says so in its exit status, for CI preflights and `ExecStartPre=`.
+#[test]
+fn check_with_a_policy_is_a_preflight() {
+    let ok = Command::new(STOCKADE).args(["check", "--policy", "default", "--json"]).output().unwrap();
+    assert!(ok.status.success(), "{ok:?}");
+    let items: serde_json::Value = serde_json::from_slice(&ok.stdout).unwrap();
+    let last = items.as_array().unwrap().last().unwrap();
+    assert_eq!((last["name"].as_str(), last["ok"].as_bool()), (Some("policy"), Some(true)), "{items}");
+
+    let refused = Command::new(STOCKADE)
+        .args(["check", "--policy", "default"])
+        .env("STOCKADE_LANDLOCK_ABI_CAP", "3")
+        .output()
+        .unwrap();
+    assert_eq!(refused.status.code(), Some(1), "{refused:?}");
+    let out = String::from_utf8_lossy(&refused.stdout);
+    assert!(out.contains("NO   policy") && out.contains("cannot enforce it: landlock"), "{out}");
+
+    let missing = Command::new(STOCKADE).args(["check", "--policy", "/nonexistent/p.toml"]).output().unwrap();
+    assert_eq!(missing.status.code(), Some(1));
+}
