@@ -1159,3 +1159,22 @@ fn an_oversized_result_becomes_an_error_and_the_session_goes_on() {
     assert!(out.starts_with("output too large: ") && out.contains("limit 10240"), "{out}");
     assert_eq!(result_of(&v, 2), "after\n");
 }
+
+/// `--environment-key KEY`, as `ant` takes it: it works, and it is wiped from the worker's
+/// command line at start.
+#[test]
+fn a_key_on_the_command_line_works_and_is_wiped_from_it() {
+    let cp = Cp::start(Duration::from_secs(30));
+    let state = TempDir::new("w-state");
+    let key = cp.env_key();
+    let mut c = worker_cmd(&cp, state.path(), &[]);
+    c.args(["--environment-key", key.trim()]);
+    let w = Worker { child: c.spawn().unwrap() };
+    let (s, _) = cp.session(vec![bash("echo keyed")]);
+    let v = cp.wait_ended(&s, Duration::from_secs(30));
+    assert!(completed(&v), "{v:#?}");
+    assert_eq!(result_of(&v, 0), "keyed\n");
+    let cmdline = std::fs::read(format!("/proc/{}/cmdline", w.child.id())).unwrap();
+    let shown = String::from_utf8_lossy(&cmdline);
+    assert!(!shown.contains(key.trim()) && shown.contains("--environment-key"), "{shown}");
+}

@@ -65,8 +65,12 @@ pub struct WorkerCommon {
     base_url: String,
     /// File holding the environment key (mode 0600). Otherwise the systemd credential
     /// `anthropic-environment-key`, then $ANTHROPIC_ENVIRONMENT_KEY.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "environment_key")]
     environment_key_file: Option<PathBuf>,
+    /// The environment key itself, as `ant` takes it. Prefer --environment-key-file: a command
+    /// line is readable by every user of the host until Stockade wipes it, right after start.
+    #[arg(long, value_name = "KEY", hide_default_value = true)]
+    environment_key: Option<String>,
     /// This worker's id, sent as `Anthropic-Worker-ID` on every poll [default: the host name
     /// and a random suffix, kept in the state directory].
     #[arg(long, env = "ANTHROPIC_WORKER_ID")]
@@ -323,7 +327,8 @@ fn watch_signals(tx: watch::Sender<Shutdown>) {
 fn worker_config(a: &WorkerCommon, log: LogFormat) -> Result<WorkerConfig, String> {
     // Read once, before any thread exists, and scrubbed from our environment.
     let (k, source) =
-        key::load(a.environment_key_file.as_deref(), a.allow_org_key_in_env).map_err(|e| e.to_string())?;
+        key::load(a.environment_key.as_deref(), a.environment_key_file.as_deref(), a.allow_org_key_in_env)
+            .map_err(|e| e.to_string())?;
     tracing::info!(%source, "environment key loaded");
     worker_config_with(a, log, k)
 }
@@ -378,7 +383,11 @@ fn worker_run(r: WorkerRunArgs, log: LogFormat) -> i32 {
     if secret.is_some() && token.is_none() {
         tracing::warn!("{} yielded no sessions token; using the environment key", key::WORK_SECRET_VAR);
     }
-    let loaded = key::load(r.common.environment_key_file.as_deref(), r.common.allow_org_key_in_env);
+    let loaded = key::load(
+        r.common.environment_key.as_deref(),
+        r.common.environment_key_file.as_deref(),
+        r.common.allow_org_key_in_env,
+    );
     stockade::jail::environ::scrub_variables(&[key::WORK_SECRET_VAR]);
     let k = match (loaded, &token) {
         (Ok((k, source)), _) => {

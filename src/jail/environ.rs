@@ -114,6 +114,29 @@ pub fn scrub_own_arguments() {
     block[..n].copy_from_slice(&INIT_NAME[..n]);
 }
 
+/// Overwrites every occurrence of `secret` in this process's command line (as an argument of its
+/// own or after `=`) with `*`, so that /proc/PID/cmdline stops showing it.
+pub fn wipe_argument(secret: &str) {
+    let Some((start, end)) = stat_range(45, 46) else { return };
+    if secret.is_empty() {
+        return;
+    }
+    // SAFETY: [arg_start, arg_end) is this process's argument strings, mapped read-write by the
+    // kernel at exec; the bytes are overwritten in place with the same length, and the caller
+    // holds its own copy of the value.
+    let block = unsafe { std::slice::from_raw_parts_mut(start as *mut u8, end - start) };
+    let needle = secret.as_bytes();
+    let mut i = 0;
+    while i + needle.len() <= block.len() {
+        if &block[i..i + needle.len()] == needle {
+            block[i..i + needle.len()].fill(b'*');
+            i += needle.len();
+        } else {
+            i += 1;
+        }
+    }
+}
+
 /// Two address fields of /proc/self/stat, by index after the command name (arg_start and
 /// arg_end are 45 and 46, env_start and env_end 47 and 48).
 fn stat_range(a: usize, b: usize) -> Option<(usize, usize)> {

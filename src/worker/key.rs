@@ -33,6 +33,7 @@ pub enum KeyError {
 /// Where the key came from, for the log (never the key itself).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum KeySource {
+    CommandLine,
     File(PathBuf),
     Credential(PathBuf),
     Environment,
@@ -41,6 +42,7 @@ pub enum KeySource {
 impl std::fmt::Display for KeySource {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
+            KeySource::CommandLine => f.write_str("--environment-key (wiped from the command line)"),
             KeySource::File(p) => write!(f, "file {}", p.display()),
             KeySource::Credential(p) => write!(f, "systemd credential {}", p.display()),
             KeySource::Environment => write!(f, "${ENV_KEY_VAR}"),
@@ -63,16 +65,24 @@ fn read_key_file(p: &Path, check_mode: bool) -> Result<Secret, KeyError> {
     Ok(Secret::new(key))
 }
 
-/// Loads the environment key (file, then systemd credential, then environment variable),
-/// refuses an organisation key in the environment unless allowed, and scrubs both variables
-/// from this process. Must run before the process starts threads.
-pub fn load(file: Option<&Path>, allow_org_key: bool) -> Result<(Secret, KeySource), KeyError> {
+/// Loads the environment key (the command line's, then a file, then the systemd credential,
+/// then the environment variable), refuses an organisation key in the environment unless
+/// allowed, and scrubs both variables — and a key given on the command line — from this
+/// process. Must run before the process starts threads.
+pub fn load(value: Option<&str>, file: Option<&Path>, allow_org_key: bool) -> Result<(Secret, KeySource), KeyError> {
     let org_present = std::env::var_os(ORG_KEY_VAR).is_some_and(|v| !v.is_empty());
     if org_present && !allow_org_key {
         return Err(KeyError::OrgKeyInEnvironment);
     }
     let from_env = std::env::var(ENV_KEY_VAR).ok().filter(|v| !v.trim().is_empty());
-    let r = if let Some(p) = file {
+    let r = if let Some(v) = value.map(str::trim) {
+        crate::jail::environ::wipe_argument(v);
+        if v.is_empty() {
+            Err(KeyError::Empty("--environment-key".into()))
+        } else {
+            Ok((Secret::new(v), KeySource::CommandLine))
+        }
+    } else if let Some(p) = file {
         read_key_file(p, true).map(|k| (k, KeySource::File(p.into())))
     } else if let Some(p) =
         std::env::var_os("CREDENTIALS_DIRECTORY").map(|d| PathBuf::from(d).join(CREDENTIAL_NAME)).filter(|p| p.exists())
