@@ -273,7 +273,9 @@ fn heartbeats_keep_a_lease_and_a_silent_holder_loses_it() {
     // A holder that acks and never heartbeats: the item returns to the queue and is handed out
     // again; the first heartbeat of the new holder takes the lease, and the silent one's is refused.
     let env = cp.env();
-    drop(w); // the real worker must not take the next item
+    drop(w); // the real worker must not take the next item,
+             // nor may the poll it had open when it died (the server holds one at most 999 ms).
+    std::thread::sleep(Duration::from_millis(1200));
     let (s2, w2) = cp.session(vec![bash("true")]);
     let got = cp.rt.block_on(env.poll(DEFAULT_ENVIRONMENT, "silent", Some(999), None)).unwrap().unwrap();
     assert_eq!(got.id, w2);
@@ -1143,7 +1145,9 @@ fn an_oversized_result_becomes_an_error_and_the_session_goes_on() {
     assert_eq!(v.calls[1].is_error, Some(true));
     assert!(result_of(&v, 1).starts_with("output too large: "), "{}", result_of(&v, 1));
     assert_eq!(result_of(&v, 2), "still-here\n");
-    drop(w); // the next session is for a worker with a lower limit only
+    drop(w); // the next session is for a worker with a lower limit only,
+             // and not for the poll the first one had open when it died (at most 999 ms).
+    std::thread::sleep(Duration::from_millis(1200));
 
     // The worker's own limit, below the control plane's.
     let (s, _) = cp.session(vec![
