@@ -1182,3 +1182,32 @@ fn a_key_on_the_command_line_works_and_is_wiped_from_it() {
     let shown = String::from_utf8_lossy(&cmdline);
     assert!(!shown.contains(key.trim()) && shown.contains("--environment-key"), "{shown}");
 }
+
+/// A result whose answer was lost while the session's events stay unreadable: the worker never
+/// posts it again, and after a whole lease of not being able to tell, the item ends rather than
+/// holding its slot.
+#[test]
+fn a_result_that_cannot_be_checked_for_a_lease_ends_the_item_without_a_second_post() {
+    let cp = Cp::start(Duration::from_secs(2));
+    let state = TempDir::new("w-state");
+    let (s, _) = cp.session(vec![bash("sleep 1; echo once"), bash("echo never")]);
+    let _w = start_worker(&cp, state.path(), &[]);
+    cp.wait_for("the stream to open", Duration::from_secs(20), || {
+        cp.cp.requests().iter().any(|r| r.path.ends_with("/events/stream"))
+    });
+    let f = |count, method: &str, after| Fault {
+        kind: FaultKind::ServerError,
+        count,
+        path_contains: Some(format!("/v1/sessions/{s}/events")),
+        method: Some(method.into()),
+        after,
+    };
+    cp.faults(vec![f(1, "POST", true), f(100_000, "GET", false)]);
+    let t = Instant::now();
+    let v = cp.wait_ended(&s, Duration::from_secs(30));
+    assert!(v.work_state == WorkState::Stopped && !v.finished, "{v:#?}");
+    assert!(t.elapsed() < Duration::from_secs(20), "the item held its slot for {:?}", t.elapsed());
+    assert_eq!(result_of(&v, 0), "once\n");
+    assert_eq!(v.duplicate_results, 0, "{v:#?}");
+    cp.clear_faults();
+}

@@ -724,9 +724,15 @@ impl Runner<'_> {
         let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
         let mut permanent = 0;
         let mut lease = lease.clone();
+        // Since when the session's events could not be read to tell whether the result landed.
+        let mut blind_since: Option<Instant> = None;
         loop {
-            if *lease.borrow() == Lease::Lost {
-                return Err(End::Lost);
+            match *lease.borrow() {
+                Lease::Lost => return Err(End::Lost),
+                // A forced stop ends the item now; the heartbeat no longer runs, so nothing else
+                // would end this loop.
+                Lease::ForceRequested => return Err(End::Stopped { forced: true }),
+                Lease::Held | Lease::StopRequested => {}
             }
             let err = if unsure {
                 match self.already_posted(id).await {
@@ -736,7 +742,16 @@ impl Runner<'_> {
                     }
                     Some(false) => {
                         unsure = false;
+                        blind_since = None;
                         continue;
+                    }
+                    // Still never posted again without looking: after a whole lease of not being
+                    // able to look, the item ends instead of holding its slot.
+                    None if blind_since.get_or_insert_with(Instant::now).elapsed() > self.ttl() => {
+                        return Err(End::Failed(format!(
+                            "could not tell whether the result of {id} was recorded: the session's events could \
+                             not be read for a whole lease"
+                        )));
                     }
                     None => None,
                 }
