@@ -632,7 +632,9 @@ fn a_lost_lease_kills_the_jail_at_once_and_the_item_is_handed_out_again() {
     assert_eq!(v.duplicate_results, 0);
     let m = http_get(&format!("http://127.0.0.1:{port}/metrics"));
     let losses: u64 = m.lines().find_map(|l| l.strip_prefix("stockade_lease_losses_total ")).unwrap().parse().unwrap();
-    assert_eq!(losses, 1, "one lease was lost: {m}");
+    // One hold is lost for sure; the item can be handed back to this worker while heartbeats
+    // still fail, and that hold can be lost as well. Never more: finished items do not count.
+    assert!((1..=2).contains(&losses), "{losses} losses: {m}");
     assert!(m.contains("stockade_heartbeat_failures_total "), "{m}");
 }
 
