@@ -155,21 +155,22 @@ pub(super) async fn run(
         };
         let (lease_tx, lease_rx) = watch::channel(Lease::Held);
         let lease_tx = Arc::new(lease_tx);
-        // The heartbeat starts first, as the official worker's does: the lease is claimed
-        // before anything slow happens.
-        let clock = Arc::new(LeaseClock::new());
-        let hb = tokio::spawn(
-            heartbeat(ctx.clone(), client.clone(), rec.clone(), lease_tx.clone(), clock.clone()).in_current_span(),
-        );
+        // The record is written before the heartbeat starts: the heartbeat rewrites it with each
+        // lease it echoes, and a record written after one would forget that lease.
         let dirs = match ctx.state.hold(&rec, ctx.owner) {
             Ok(d) => d,
             Err(e) => {
                 tracing::error!(error = %e, "cannot set up the session's directories");
-                hb.abort();
                 stop_item(&ctx, &client, &item.id, &lease_rx).await;
                 return false;
             }
         };
+        // The heartbeat starts before anything slow (skills, the jail), as the official
+        // worker's does.
+        let clock = Arc::new(LeaseClock::new());
+        let hb = tokio::spawn(
+            heartbeat(ctx.clone(), client.clone(), rec.clone(), lease_tx.clone(), clock.clone()).in_current_span(),
+        );
         tracing::info!(resume = last_heartbeat.is_some(), workspace = %dirs.workspace.display(), "session starting");
         if dirs.fresh {
             super::skills::download(&client, &session_id, &dirs.workspace, ctx.owner).await;

@@ -192,6 +192,10 @@ impl StateDir {
         let mut v: Vec<(SystemTime, Pending)> = Vec::new();
         if let Ok(rd) = fs::read_dir(&dirs.outbox) {
             for e in rd.flatten() {
+                // A write cut short by a crash leaves its temporary file; only whole ones count.
+                if e.path().extension().is_none_or(|x| x != "json") {
+                    continue;
+                }
                 let t = e.metadata().and_then(|m| m.modified()).unwrap_or(SystemTime::UNIX_EPOCH);
                 if let Ok(Ok(p)) = fs::read(e.path()).map(|b| serde_json::from_slice::<Pending>(&b)) {
                     v.push((t, p));
@@ -274,8 +278,12 @@ fn list_files(root: &Path, dir: &Path, out: &mut Vec<String>) {
     }
 }
 
+/// Writes `p` whole or not at all. Each write has a temporary file of its own, so two writers
+/// of one file (a heartbeat and a restart's resume) never rename each other's half.
 fn write_atomic(p: &Path, data: &[u8]) -> Result<(), StateError> {
-    let tmp = p.with_extension("tmp");
+    static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let tmp = p.with_extension(format!("{}-{n}.tmp", std::process::id()));
     fs::write(&tmp, data).map_err(io(&tmp))?;
     fs::set_permissions(&tmp, fs::Permissions::from_mode(0o600)).map_err(io(&tmp))?;
     fs::File::open(&tmp).and_then(|f| f.sync_all()).map_err(io(&tmp))?;
@@ -285,6 +293,35 @@ fn write_atomic(p: &Path, data: &[u8]) -> Result<(), StateError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn concurrent_records_of_one_item_all_land() {
+        let root =
+            std::env::temp_dir().join(format!("stockade-state-test-{}-{:x}", std::process::id(), fastrand::u64(..)));
+        let state = StateDir::open(&root).unwrap();
+        let item: WorkItem = serde_json::from_value(serde_json::json!({
+            "id": "work_1", "data": {"type": "session", "id": "sesn_1"}, "state": "active"
+        }))
+        .unwrap();
+        let rec = ItemRecord { item, environment_id: "env".into(), started_at: "now".into(), last_heartbeat: None };
+        let dirs = state.hold(&rec, (nix::unistd::getuid().as_raw(), nix::unistd::getgid().as_raw())).unwrap();
+        std::thread::scope(|s| {
+            for t in 0..4 {
+                let (state, rec) = (&state, &rec);
+                s.spawn(move || {
+                    for i in 0..200 {
+                        let mut r = rec.clone();
+                        r.last_heartbeat = Some(format!("{t}-{i}"));
+                        state.record(&r).unwrap();
+                    }
+                });
+            }
+        });
+        let left: Vec<_> = fs::read_dir(&dirs.dir).unwrap().flatten().map(|e| e.file_name()).collect();
+        assert_eq!(left.len(), 4, "{left:?}");
+        assert_eq!(state.held().len(), 1);
+        fs::remove_dir_all(&root).unwrap();
+    }
 
     #[test]
     fn outbox_entries_of_any_id_are_kept_under_a_fixed_length_name() {
