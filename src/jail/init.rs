@@ -108,7 +108,10 @@ pub(crate) fn child_main(ctx: ChildCtx) -> ! {
                 crate::session::server::serve(
                     channel,
                     ctx.env_pairs,
-                    std::path::Path::new(mounts::WORKSPACE),
+                    &crate::tools::Ctx {
+                        cwd: std::path::PathBuf::from(mounts::WORKSPACE),
+                        confine: ctx.policy.tools.confine_paths,
+                    },
                     crate::tools::bash::KillScope::Namespace,
                 )
             }

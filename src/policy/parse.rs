@@ -196,6 +196,11 @@ section!("landlock.", LandlockLayer => LandlockRaw {
     }
     maps {}
 });
+section!("tools.", ToolsLayer => ToolsRaw {
+    scalars { confine_paths: bool }
+    lists {}
+    maps {}
+});
 section!("seccomp.", SeccompLayer => SeccompRaw {
     scalars { default_action: SeccompActionW }
     lists {
@@ -249,6 +254,8 @@ struct Layer {
     seccomp: SeccompLayer,
     #[serde(default)]
     capabilities: CapsLayer,
+    #[serde(default)]
+    tools: ToolsLayer,
 }
 
 #[derive(Debug, Default, Clone)]
@@ -262,6 +269,7 @@ pub(crate) struct Raw {
     landlock: LandlockRaw,
     seccomp: SeccompRaw,
     capabilities: CapsRaw,
+    tools: ToolsRaw,
 }
 
 fn parse_layer(src: &Source) -> Result<Layer, PolicyError> {
@@ -338,6 +346,7 @@ fn resolve_into(
     layer.landlock.merge(&mut raw.landlock, origins, src);
     layer.seccomp.merge(&mut raw.seccomp, origins, src);
     layer.capabilities.merge(&mut raw.capabilities, origins, src);
+    layer.tools.merge(&mut raw.tools, origins, src);
     chain.pop();
     Ok(())
 }
@@ -600,6 +609,7 @@ fn finish(source: &str, raw: Raw, o: &Origins) -> Result<Policy, PolicyError> {
         landlock,
         seccomp,
         capabilities,
+        tools: Tools { confine_paths: raw.tools.confine_paths.unwrap_or(false) },
     })
 }
 

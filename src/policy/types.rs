@@ -21,6 +21,7 @@ pub struct Policy {
     pub landlock: Landlock,
     pub seccomp: Seccomp,
     pub capabilities: Capabilities,
+    pub tools: Tools,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -227,4 +228,13 @@ pub fn is_secret_name(name: &str) -> bool {
         || n.ends_with("_SECRET")
         || n.ends_with("_PASSWORD")
         || n.ends_with("_CREDENTIALS")
+}
+
+/// How the agent's file tools treat paths.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Default)]
+pub struct Tools {
+    /// Refuse paths that resolve outside /workspace, exactly as the official runner does. Off by
+    /// default: the jail's mounts and landlock rules are the boundary, so /tmp and
+    /// /mnt/session/outputs work.
+    pub confine_paths: bool,
 }

@@ -32,7 +32,7 @@ pub struct Request {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Response {
     pub id: Option<String>,
-    pub content: String,
+    pub content: Vec<crate::tools::Block>,
     pub is_error: bool,
 }
 

@@ -9,7 +9,6 @@ use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::{fork, ForkResult, Pid};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
 
 use super::frame;
 use super::{Request, Response};
@@ -22,14 +21,14 @@ struct Helper {
 }
 
 impl Helper {
-    fn spawn(workspace: &Path) -> std::io::Result<Helper> {
+    fn spawn(ctx: &Ctx) -> std::io::Result<Helper> {
         let (ours, theirs) = UnixStream::pair()?;
         // SAFETY: PID 1 of the jail is single-threaded, so the forked helper starts with no
         // lock held by another thread.
         match unsafe { fork() }.map_err(std::io::Error::from)? {
             ForkResult::Child => {
                 drop(ours);
-                let code = helper_main(theirs, workspace);
+                let code = helper_main(theirs, ctx);
                 // SAFETY: leave without running destructors that belong to PID 1.
                 unsafe { libc::_exit(code) }
             }
@@ -38,14 +37,13 @@ impl Helper {
     }
 }
 
-fn helper_main(mut chan: UnixStream, workspace: &Path) -> i32 {
-    let ctx = Ctx { cwd: workspace.to_path_buf() };
+fn helper_main(mut chan: UnixStream, ctx: &Ctx) -> i32 {
     loop {
         let req: Request = match frame::read(&mut chan) {
             Ok(Some(r)) => r,
             _ => return 0,
         };
-        let result = run_file_tool(&ctx, &req.name, &req.input);
+        let result = run_file_tool(ctx, &req.name, &req.input);
         if frame::write(&mut chan, &Response::new(req.id, result)).is_err() {
             return 0;
         }
@@ -55,7 +53,7 @@ fn helper_main(mut chan: UnixStream, workspace: &Path) -> i32 {
 struct Server {
     shell: Shell,
     helper: Option<Helper>,
-    workspace: PathBuf,
+    tools: Ctx,
 }
 
 impl Server {
@@ -90,7 +88,7 @@ impl Server {
 
     fn helper(&mut self) -> std::io::Result<&mut Helper> {
         if self.helper.is_none() {
-            let h = Helper::spawn(&self.workspace)?;
+            let h = Helper::spawn(&self.tools)?;
             self.shell.spare = vec![h.pid.as_raw()];
             self.helper = Some(h);
         }
@@ -134,9 +132,9 @@ impl Server {
     }
 }
 
-/// PID 1's loop. Returns the exit code when the supervisor closes the channel. `workspace` is
-/// the tools' working directory (/workspace in a jail).
-pub fn serve(channel: &OwnedFd, env: &[(String, String)], workspace: &Path, scope: KillScope) -> i32 {
+/// PID 1's loop. Returns the exit code when the supervisor closes the channel. `tools` holds
+/// the tools' working directory (/workspace in a jail) and their path rule.
+pub fn serve(channel: &OwnedFd, env: &[(String, String)], tools: &Ctx, scope: KillScope) -> i32 {
     // Nothing in the jail needs the supervisor's stdio.
     if let Ok(null) = std::fs::OpenOptions::new().read(true).write(true).open("/dev/null") {
         for fd in 0..3 {
@@ -148,11 +146,8 @@ pub fn serve(channel: &OwnedFd, env: &[(String, String)], workspace: &Path, scop
         Ok(fd) => UnixStream::from(fd),
         Err(_) => return 1,
     };
-    let mut server = Server {
-        shell: Shell::new(workspace.to_path_buf(), env.to_vec(), scope),
-        helper: None,
-        workspace: workspace.to_path_buf(),
-    };
+    let mut server =
+        Server { shell: Shell::new(tools.cwd.clone(), env.to_vec(), scope), helper: None, tools: tools.clone() };
     loop {
         let req: Request = match frame::read(&mut chan) {
             Ok(Some(r)) => r,

@@ -1,33 +1,32 @@
-//! The persistent shell behind the `bash` tool.
+//! The persistent shell behind the `bash` tool, answering as the official runner's does.
 //!
-//! One `bash --noprofile --norc` per session reads commands from a pipe. Each call sends
+//! One `/bin/bash --noprofile --norc` per session reads commands from a pipe, framed exactly as
+//! the runner frames them, so that what a command sees (its line numbers in bash's messages,
+//! `$0`) is the same:
 //!
 //! ```text
-//! IFS= LC_ALL=C read -r -N <len> __stockade_cmd
-//! <exactly len bytes of command>
-//! eval "$__stockade_cmd" </dev/null 3>&-; printf '%s %d\n' <nonce> "$?" >&3
+//! { COMMAND
+//! } </dev/null 2>&1; printf '\n<sentinel>%d\n' $?
 //! ```
 //!
-//! so the command runs in the shell itself (cd, exports and functions persist), cannot be
-//! confused with the framing whatever it contains, reads EOF on stdin, and reports its status
-//! on a separate pipe (fd 3) with a per-call nonce. stdout and stderr share one pipe, so output
-//! arrives interleaved as produced; it is kept within a bounded head and tail.
+//! The sentinel is new for every call and is written split in two, so only the shell's printf
+//! can put it together. stdout and stderr share one pipe; only its last 100 KiB are kept. The
+//! sentinel has the runner's length, 49 characters, because the bytes it takes from those
+//! 100 KiB decide where a long output is cut.
 
-use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::signal::{kill, Signal};
 use nix::sys::wait::{waitpid, WaitStatus};
 use nix::unistd::Pid;
-use std::collections::VecDeque;
 use std::fs::File;
 use std::io::{Read, Write};
-use std::os::fd::{AsFd, AsRawFd};
+use std::os::fd::AsFd;
 use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use super::format::*;
-use super::{parse_bash, ToolResult};
+use super::{input, pyfmt, ToolResult};
 
 /// How the shell's leftovers are cleaned up after a timeout.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -42,7 +41,6 @@ struct Running {
     pid: Pid,
     stdin: File,
     output: File,
-    status: File,
 }
 
 pub struct Shell {
@@ -52,53 +50,66 @@ pub struct Shell {
     /// Processes a namespace-wide kill must spare (the jail's init and tool helper).
     pub spare: Vec<i32>,
     running: Option<Running>,
+    /// A call timed out: as with the runner, every call fails until a restart.
+    terminated: bool,
     /// The exit status of a shell reaped by someone else (the jail's init reaps orphans).
     noted_exit: Option<i32>,
-    seq: u64,
 }
 
-/// Bounded output: the first and last `half` bytes, and a count of what fell between.
-struct Capped {
-    head: Vec<u8>,
-    tail: VecDeque<u8>,
-    dropped: usize,
-    half: usize,
+const TERMINATED: &str = "bash: bash session terminated; restart required";
+
+/// What one command left on the pipe.
+enum Outcome {
+    /// The sentinel arrived: the bytes kept, whether older ones were dropped.
+    Done(Vec<u8>, bool),
+    /// The pipe closed first: the shell is gone.
+    Exited(Vec<u8>),
+    TimedOut,
 }
 
-impl Capped {
-    fn new() -> Self {
-        let half = MAX_OUTPUT_CHARS / 2;
-        Capped { head: Vec::new(), tail: VecDeque::new(), dropped: 0, half }
-    }
-    fn push(&mut self, mut b: &[u8]) {
-        if self.head.len() < self.half {
-            let n = (self.half - self.head.len()).min(b.len());
-            self.head.extend_from_slice(&b[..n]);
-            b = &b[n..];
-        }
-        for &x in b {
-            if self.tail.len() == self.half {
-                self.tail.pop_front();
-                self.dropped += 1;
+/// The sentinel's text, written split so that the shell's input never holds it whole.
+fn sentinel() -> (String, String) {
+    let s = format!("__STK_CMD_{:016x}{:016x}_DONE__", random_u64(), random_u64());
+    let split = format!("{}''{}", &s[..8], &s[8..]);
+    (s, split)
+}
+
+/// Removes the ANSI sequences the runner removes: ESC `[`, parameters, intermediates, a final.
+fn strip_ansi(text: &str) -> String {
+    let b = text.as_bytes();
+    let mut out = String::with_capacity(text.len());
+    let mut i = 0;
+    let mut copied = 0;
+    while i < b.len() {
+        if b[i] == 0x1b && b.get(i + 1) == Some(&b'[') {
+            let mut j = i + 2;
+            while j < b.len() && (b[j].is_ascii_digit() || b[j] == b';' || b[j] == b'?') {
+                j += 1;
             }
-            self.tail.push_back(x);
+            while j < b.len() && (0x20..=0x2f).contains(&b[j]) {
+                j += 1;
+            }
+            if j < b.len() && (0x40..=0x7e).contains(&b[j]) {
+                out.push_str(&text[copied..i]);
+                i = j + 1;
+                copied = i;
+                continue;
+            }
         }
+        i += 1;
     }
-    fn finish(self) -> String {
-        let head = String::from_utf8_lossy(&self.head).into_owned();
-        let tail: Vec<u8> = self.tail.into_iter().collect();
-        let tail = String::from_utf8_lossy(&tail);
-        if self.dropped == 0 {
-            truncate_middle(&format!("{head}{tail}"))
-        } else {
-            format!("{head}{}{tail}", output_cut(self.dropped))
-        }
-    }
+    out.push_str(&text[copied..]);
+    out
+}
+
+/// Python's `str.strip()`: Unicode whitespace and the four ASCII separators it counts as such.
+fn py_strip(s: &str) -> &str {
+    s.trim_matches(|c: char| c.is_whitespace() || ('\x1c'..='\x1f').contains(&c))
 }
 
 impl Shell {
     pub fn new(cwd: PathBuf, env: Vec<(String, String)>, scope: KillScope) -> Shell {
-        Shell { cwd, env, scope, spare: Vec::new(), running: None, noted_exit: None, seq: 0 }
+        Shell { cwd, env, scope, spare: Vec::new(), running: None, terminated: false, noted_exit: None }
     }
 
     /// The shell's pid, if one is running.
@@ -114,216 +125,171 @@ impl Shell {
     fn spawn(&mut self) -> std::io::Result<()> {
         let (in_r, in_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
         let (out_r, out_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
-        let (st_r, st_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
-        let st_raw = st_w.as_raw_fd();
-        let mut cmd = Command::new("bash");
+        let mut cmd = Command::new("/bin/bash");
         cmd.args(["--noprofile", "--norc"])
             .env_clear()
             .envs(self.env.iter().map(|(k, v)| (k, v)))
+            .envs([("PS1", ""), ("PS2", ""), ("TERM", "dumb")])
             .current_dir(&self.cwd)
             .stdin(Stdio::from(in_r))
             .stdout(Stdio::from(out_w.try_clone()?))
             .stderr(Stdio::from(out_w))
             .process_group(0);
-        // SAFETY: between fork and exec the closure only calls dup2(2), which is
-        // async-signal-safe; the source fd is owned by `st_w`, alive until after spawn.
-        unsafe {
-            cmd.pre_exec(move || {
-                if libc::dup2(st_raw, 3) < 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
         let child = cmd.spawn()?;
-        drop(st_w);
-        self.running = Some(Running {
-            pid: Pid::from_raw(child.id() as i32),
-            stdin: File::from(in_w),
-            output: File::from(out_r),
-            status: File::from(st_r),
-        });
+        self.running =
+            Some(Running { pid: Pid::from_raw(child.id() as i32), stdin: File::from(in_w), output: File::from(out_r) });
         self.noted_exit = None;
         Ok(())
     }
 
     /// Kills the shell and, depending on the scope, everything it started; waits for the shell.
-    pub fn kill(&mut self) {
-        let Some(r) = self.running.take() else { return };
+    /// Returns its exit code when it had exited on its own.
+    pub fn kill(&mut self) -> Option<i32> {
+        let r = self.running.take()?;
         let _ = kill(Pid::from_raw(-r.pid.as_raw()), Signal::SIGKILL);
         if self.scope == KillScope::Namespace {
             kill_namespace_except(&self.spare);
         }
-        if self.noted_exit.is_none() {
-            let _ = waitpid(r.pid, None);
-        }
-        self.noted_exit = None;
+        let code = match self.noted_exit.take() {
+            Some(c) => Some(c),
+            None => match waitpid(r.pid, None) {
+                Ok(WaitStatus::Exited(_, c)) => Some(c),
+                Ok(WaitStatus::Signaled(_, s, _)) => Some(128 + s as i32),
+                _ => None,
+            },
+        };
+        code
     }
 
     /// Runs one `bash` tool call.
     pub fn call(&mut self, input: &serde_json::Value) -> ToolResult {
-        let i = match parse_bash(input) {
+        let i = match input::bash(input) {
             Ok(i) => i,
             Err(e) => return e,
         };
         if i.restart {
             self.kill();
+            self.terminated = false;
             return match self.spawn() {
-                Ok(()) if i.command.is_none() => ToolResult::ok(BASH_RESTARTED),
-                Ok(()) => self.run(i.command.as_deref().unwrap_or(""), i.timeout),
-                Err(e) => ToolResult::err(format!("could not start bash: {e}")),
+                Ok(()) => ToolResult::ok("bash session restarted"),
+                Err(e) => ToolResult::err(format!("bash: could not start /bin/bash: {e}")),
             };
         }
-        let Some(command) = i.command.as_deref() else {
-            return ToolResult::err("Invalid input for bash: missing field `command`");
+        let command = match i.command.as_deref() {
+            Some(c) if !c.is_empty() => c,
+            _ => return ToolResult::err("bash: command is required"),
         };
-        self.run(command, i.timeout)
+        let timeout = match i.timeout_ms {
+            Some(ms) if ms != 0 => ms as f64 / 1000.0,
+            _ => BASH_DEFAULT_TIMEOUT_S,
+        };
+        if self.terminated {
+            return ToolResult::err(TERMINATED);
+        }
+        self.run(command, timeout)
     }
 
-    fn run(&mut self, command: &str, timeout: Option<u64>) -> ToolResult {
-        if command.contains('\0') {
-            return ToolResult::err("command contains a NUL byte");
-        }
-        let timeout_ms = match timeout {
-            None => BASH_DEFAULT_TIMEOUT_MS,
-            Some(0) => return ToolResult::err("timeout must be at least 1 ms"),
-            Some(t) if t > BASH_MAX_TIMEOUT_MS => {
-                return ToolResult::err(format!("timeout {t} ms exceeds the maximum of {BASH_MAX_TIMEOUT_MS} ms"))
-            }
-            Some(t) => t,
-        };
+    fn run(&mut self, command: &str, timeout: f64) -> ToolResult {
+        let (marker, split) = sentinel();
+        let script = format!("{{ {command}\n}} </dev/null 2>&1; printf '\\n{split}%d\\n' $?\n");
         if self.running.is_none() {
             if let Err(e) = self.spawn() {
-                return ToolResult::err(format!("could not start bash: {e}"));
+                return ToolResult::err(format!("bash: could not start /bin/bash: {e}"));
             }
         }
-        self.seq += 1;
-        let nonce = format!("__stockade_{}_{}_{:016x}", std::process::id(), self.seq, random_u64());
-        let mut script = format!("IFS= LC_ALL=C read -r -N {} __stockade_cmd\n", command.len()).into_bytes();
-        script.extend_from_slice(command.as_bytes());
-        script.extend_from_slice(
-            format!("\neval \"$__stockade_cmd\" </dev/null 3>&-; printf '%s %d\\n' {nonce} \"$?\" >&3\n").as_bytes(),
-        );
         let r = self.running.as_mut().expect("spawned above");
-        if r.stdin.write_all(&script).is_err() {
-            // The shell died between calls: start afresh and run the command there.
+        if r.stdin.write_all(script.as_bytes()).is_err() {
+            // The shell died between calls: a new one runs this command.
             self.kill();
             if let Err(e) = self.spawn() {
-                return ToolResult::err(format!("could not restart bash: {e}"));
+                return ToolResult::err(format!("bash: could not start /bin/bash: {e}"));
             }
             let r = self.running.as_mut().expect("spawned");
-            if let Err(e) = r.stdin.write_all(&script) {
-                return ToolResult::err(format!("could not send the command to bash: {e}"));
+            if let Err(e) = r.stdin.write_all(script.as_bytes()) {
+                return ToolResult::err(format!("bash: could not send the command to /bin/bash: {e}"));
             }
         }
-        self.collect(&nonce, timeout_ms)
+        match self.collect(marker.as_bytes(), timeout) {
+            Outcome::TimedOut => {
+                self.kill();
+                self.terminated = true;
+                ToolResult::err(format!("bash: bash command timed out after {}s", pyfmt::float(timeout)))
+            }
+            Outcome::Exited(buf) => {
+                let code = self.kill();
+                let text = strip_ansi(&String::from_utf8_lossy(&buf));
+                let out = py_strip(&text);
+                let note = match code {
+                    Some(c) => format!("bash: the shell exited with status {c}; the next call starts a new shell"),
+                    None => "bash: the shell exited; the next call starts a new shell".to_owned(),
+                };
+                ToolResult::err(if out.is_empty() { note } else { format!("{out}\n{note}") })
+            }
+            Outcome::Done(buf, truncated) => {
+                let text = strip_ansi(&String::from_utf8_lossy(&buf));
+                let Some(idx) = text.rfind(marker.as_str()) else {
+                    return ToolResult::err(py_strip(&text).to_owned());
+                };
+                let mut out = text[..idx].trim_end_matches('\n').to_owned();
+                let tail = py_strip(&text[idx + marker.len()..]);
+                let code: i64 = tail.lines().next().and_then(|l| py_strip(l).parse().ok()).unwrap_or(-1);
+                if truncated {
+                    out.insert_str(0, "[output truncated]\n");
+                }
+                ToolResult::text(out, code != 0)
+            }
+        }
     }
 
-    fn collect(&mut self, nonce: &str, timeout_ms: u64) -> ToolResult {
-        let deadline = Instant::now() + Duration::from_millis(timeout_ms);
-        let mut out = Capped::new();
-        let mut status_buf: Vec<u8> = Vec::new();
-        let mut buf = vec![0u8; 64 * 1024];
-        let mut output_open = true;
+    /// Reads the pipe until the sentinel, EOF or the deadline, keeping the last 100 KiB.
+    fn collect(&mut self, marker: &[u8], timeout: f64) -> Outcome {
+        use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+        let deadline = Instant::now() + Duration::from_secs_f64(timeout.clamp(0.0, 1e9));
         let r = self.running.as_mut().expect("running");
+        let mut buf: Vec<u8> = Vec::new();
+        let mut truncated = false;
+        let mut chunk = vec![0u8; 4096];
+        if timeout <= 0.0 {
+            return Outcome::TimedOut;
+        }
         loop {
             let now = Instant::now();
             if now >= deadline {
-                drain(&mut r.output, &mut out, &mut buf);
-                self.kill();
-                let mut text = out.finish();
-                if !text.is_empty() && !text.ends_with('\n') {
-                    text.push('\n');
-                }
-                text.push_str(&bash_timed_out(timeout_ms));
-                return ToolResult::err(text);
+                return Outcome::TimedOut;
             }
-            let left = deadline - now;
-            let wait = PollTimeout::try_from(left.as_millis().min(60_000) as i32).unwrap_or(PollTimeout::MAX);
-            let mut fds = vec![PollFd::new(r.status.as_fd(), PollFlags::POLLIN)];
-            if output_open {
-                fds.push(PollFd::new(r.output.as_fd(), PollFlags::POLLIN));
-            }
-            match poll(&mut fds, wait) {
+            let left = (deadline - now).as_millis().min(60_000) as i32;
+            let mut fds = [PollFd::new(r.output.as_fd(), PollFlags::POLLIN)];
+            match poll(&mut fds, PollTimeout::try_from(left.max(1)).unwrap_or(PollTimeout::MAX)) {
                 Ok(0) => continue,
                 Ok(_) => {}
                 Err(nix::errno::Errno::EINTR) => continue,
-                Err(e) => return ToolResult::err(format!("waiting for bash: {e}")),
+                Err(_) => return Outcome::Exited(buf),
             }
-            let status_ready = fds[0].revents().is_some_and(|e| !e.is_empty());
-            let output_ready = output_open && fds.get(1).and_then(|f| f.revents()).is_some_and(|e| !e.is_empty());
-            drop(fds);
-            if output_ready {
-                match r.output.read(&mut buf) {
-                    Ok(0) => output_open = false,
-                    Ok(n) => out.push(&buf[..n]),
-                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                    Err(_) => output_open = false,
-                }
+            let n = match r.output.read(&mut chunk) {
+                Ok(0) => return Outcome::Exited(buf),
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(_) => return Outcome::Exited(buf),
+            };
+            buf.extend_from_slice(&chunk[..n]);
+            if buf.len() > BASH_OUTPUT_LIMIT {
+                buf.drain(..buf.len() - BASH_OUTPUT_LIMIT);
+                truncated = true;
             }
-            if status_ready {
-                let n = r.status.read(&mut buf).unwrap_or(0);
-                if n == 0 {
-                    // The status pipe closed: the shell itself exited (`exit`, `exec`, a crash).
-                    drain(&mut r.output, &mut out, &mut buf);
-                    let code = self.shell_exit_code();
-                    let mut text = out.finish();
-                    if !text.is_empty() && !text.ends_with('\n') {
-                        text.push('\n');
-                    }
-                    text.push_str(&bash_shell_exited(code));
-                    return ToolResult { content: text, is_error: code != 0 };
-                }
-                status_buf.extend_from_slice(&buf[..n]);
-                let s = String::from_utf8_lossy(&status_buf).into_owned();
-                if let Some(line) = s.lines().find(|l| l.starts_with(nonce)) {
-                    let code: i32 = line[nonce.len()..].trim().parse().unwrap_or(-1);
-                    drain(&mut r.output, &mut out, &mut buf);
-                    let mut text = out.finish();
-                    if code != 0 {
-                        if !text.is_empty() && !text.ends_with('\n') {
-                            text.push('\n');
-                        }
-                        text.push_str(&exit_code(code));
-                    }
-                    return ToolResult::ok(text);
-                }
+            if contains(&buf[buf.len().saturating_sub(n + marker.len())..], marker) {
+                return Outcome::Done(buf, truncated);
             }
         }
     }
+}
 
-    fn shell_exit_code(&mut self) -> i32 {
-        let Some(r) = self.running.take() else { return -1 };
-        let _ = kill(Pid::from_raw(-r.pid.as_raw()), Signal::SIGKILL);
-        if let Some(c) = self.noted_exit.take() {
-            return c;
-        }
-        match waitpid(r.pid, None) {
-            Ok(WaitStatus::Exited(_, c)) => c,
-            Ok(WaitStatus::Signaled(_, s, _)) => 128 + s as i32,
-            _ => -1,
-        }
-    }
+fn contains(hay: &[u8], needle: &[u8]) -> bool {
+    hay.windows(needle.len()).any(|w| w == needle)
 }
 
 impl Drop for Shell {
     fn drop(&mut self) {
         self.kill();
-    }
-}
-
-/// Reads whatever output is already buffered, without blocking.
-fn drain(f: &mut File, out: &mut Capped, buf: &mut [u8]) {
-    loop {
-        let mut fds = [PollFd::new(f.as_fd(), PollFlags::POLLIN)];
-        match poll(&mut fds, PollTimeout::ZERO) {
-            Ok(n) if n > 0 && fds[0].revents().is_some_and(|e| e.contains(PollFlags::POLLIN)) => {}
-            _ => return,
-        }
-        match f.read(buf) {
-            Ok(0) | Err(_) => return,
-            Ok(n) => out.push(&buf[..n]),
-        }
     }
 }
 

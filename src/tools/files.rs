@@ -1,257 +1,229 @@
 //! read, write and edit.
 
+use base64::Engine;
 use std::fs::{self, File, OpenOptions};
-use std::io::{BufRead, BufReader, Read, Write};
-use std::os::unix::fs::{FileTypeExt, OpenOptionsExt, PermissionsExt};
-use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::io::{self, Read, Write};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::Path;
 
 use super::format::*;
-use super::{absolute, io_error, EditInput, ReadInput, ToolResult, WriteInput};
+use super::input::{EditInput, ReadInput, WriteInput};
+use super::paths::{fs_error, resolve};
+use super::{Block, Ctx, Source, ToolResult};
 
 type Res = Result<ToolResult, ToolResult>;
 
-/// Opens a path for reading without blocking on FIFOs and refuses anything but regular files.
-fn open_regular(path: &Path) -> Result<(File, fs::Metadata), ToolResult> {
-    let f = OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
-        .open(path)
-        .map_err(|e| io_error(path, &e))?;
-    let meta = f.metadata().map_err(|e| io_error(path, &e))?;
-    let ft = meta.file_type();
-    if ft.is_dir() {
-        return Err(ToolResult::err(format!(
-            "{} is a directory, not a file (use glob or bash `ls` to list it)",
-            path.display()
-        )));
+/// Opens a path for reading without blocking on a FIFO; the caller checks the file type.
+fn open_nonblocking(path: &Path) -> io::Result<(File, fs::Metadata)> {
+    let f = OpenOptions::new().read(true).custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY).open(path)?;
+    let m = f.metadata()?;
+    Ok((f, m))
+}
+
+/// `Path.suffix` of the file's own name: from its last dot, unless that dot starts or ends it.
+fn suffix(path: &Path) -> String {
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    match name.rfind('.') {
+        Some(i) if i > 0 && i < name.len() - 1 => name[i..].to_lowercase(),
+        _ => String::new(),
     }
-    if !ft.is_file() {
-        let kind = if ft.is_fifo() {
-            "a FIFO"
-        } else if ft.is_char_device() {
-            "a character device"
-        } else if ft.is_block_device() {
-            "a block device"
-        } else if ft.is_socket() {
-            "a socket"
-        } else {
-            "not a regular file"
+}
+
+fn media_type(path: &Path) -> Option<&'static str> {
+    Some(match suffix(path).as_str() {
+        ".png" => "image/png",
+        ".jpg" | ".jpeg" => "image/jpeg",
+        ".gif" => "image/gif",
+        ".webp" => "image/webp",
+        ".pdf" => "application/pdf",
+        _ => return None,
+    })
+}
+
+fn not_utf8_read(fp: &str) -> ToolResult {
+    ToolResult::err(format!(
+        "read: {fp}: not valid UTF-8 text (binary files are only supported for image/PDF extensions)"
+    ))
+}
+
+pub fn read(ctx: &Ctx, i: &ReadInput) -> Res {
+    let fp = i.file_path.as_str();
+    let target = resolve(ctx, fp).map_err(|e| ToolResult::err(format!("read: {e}")))?;
+    let view_range = i.view_range.as_deref().filter(|v| !v.is_empty());
+    if view_range.is_some_and(|v| v.len() != 2) {
+        return Err(ToolResult::err("read: view_range must be [start_line, end_line]"));
+    }
+    let fs_err = |e: io::Error| ToolResult::err(fs_error("read", fp, &e));
+    let (mut f, meta) = open_nonblocking(&target).map_err(fs_err)?;
+    if !meta.file_type().is_file() {
+        return Err(ToolResult::err(format!("read: {fp}: not a regular file")));
+    }
+    let size = meta.len();
+    if let Some(media) = media_type(&target) {
+        if view_range.is_some() {
+            return Err(ToolResult::err("read: view_range is not supported for image/PDF files"));
+        }
+        let limit = if media == "application/pdf" { MAX_PDF_BYTES } else { (MAX_IMAGE_BASE64_BYTES / 4) * 3 };
+        if size > limit {
+            return Err(ToolResult::err(format!(
+                "read: {fp} is {size} bytes, exceeds {limit}-byte limit for image/PDF files."
+            )));
+        }
+        let mut data = Vec::with_capacity(size as usize);
+        f.read_to_end(&mut data).map_err(fs_err)?;
+        let source = Source {
+            kind: "base64".into(),
+            media_type: media.into(),
+            data: base64::engine::general_purpose::STANDARD.encode(&data),
         };
-        return Err(ToolResult::err(format!("{} is {kind}; only regular files can be read", path.display())));
+        let block = if media == "application/pdf" { Block::Document { source } } else { Block::Image { source } };
+        return Ok(ToolResult { content: vec![block], is_error: false });
     }
-    Ok((f, meta))
+    if size > MAX_FILE_BYTES {
+        let Some(&[start, end]) = view_range else {
+            return Err(ToolResult::err(format!(
+                "read: {fp} is {size} bytes, exceeds {MAX_FILE_BYTES}-byte limit. Use the view_range parameter to \
+                 read specific line ranges, e.g. view_range: [1, 500]."
+            )));
+        };
+        return read_line_range(&mut f, fp, start, end).map(ToolResult::ok);
+    }
+    let mut bytes = Vec::with_capacity(size as usize);
+    f.read_to_end(&mut bytes).map_err(fs_err)?;
+    let text = String::from_utf8(bytes).map_err(|_| not_utf8_read(fp))?;
+    let Some(&[start, end]) = view_range else { return Ok(ToolResult::ok(text)) };
+    let lines: Vec<&str> = text.split('\n').collect();
+    let from = (start.saturating_sub(1)).max(0) as usize;
+    let to = if end > 0 { (end as usize).min(lines.len()) } else { lines.len() };
+    Ok(ToolResult::ok(if from < to { lines[from..to].join("\n") } else { String::new() }))
 }
 
-fn nul_offset(chunk: &[u8]) -> Option<usize> {
-    chunk[..chunk.len().min(BINARY_SNIFF_BYTES)].iter().position(|b| *b == 0)
-}
-
-pub fn read(i: &ReadInput) -> Res {
-    let path = absolute("file_path", &i.file_path)?;
-    let offset = i.offset.unwrap_or(1).max(1) as usize;
-    let limit = match i.limit {
-        None => READ_DEFAULT_LIMIT,
-        Some(0) => return Err(ToolResult::err("limit must be at least 1")),
-        Some(n) => (n as usize).min(READ_DEFAULT_LIMIT),
+/// Lines `[start, end]` of a file too large to read whole, streamed, the selection held to the
+/// same byte limit.
+fn read_line_range(f: &mut File, fp: &str, start_line: i64, end_line: i64) -> Result<String, ToolResult> {
+    let start = start_line.saturating_sub(1).max(0) as u64;
+    let end = if end_line > 0 { end_line as u64 } else { u64::MAX };
+    if end <= start {
+        return Ok(String::new());
+    }
+    let over = || {
+        if end - start == 1 {
+            ToolResult::err(format!(
+                "read: line {} of {fp} alone exceeds {MAX_FILE_BYTES}-byte limit. The read tool cannot return part \
+                 of a line, so view_range cannot narrow this further.",
+                start + 1
+            ))
+        } else {
+            ToolResult::err(format!(
+                "read: view_range [{start_line}, {end_line}] of {fp} exceeds {MAX_FILE_BYTES}-byte limit. Narrow the \
+                 view_range to read a smaller portion."
+            ))
+        }
     };
-    let (f, meta) = open_regular(&path)?;
-    if meta.len() == 0 {
-        return Ok(ToolResult::ok(READ_EMPTY));
-    }
-    let mut r = BufReader::with_capacity(64 * 1024, f);
-    let head = r.fill_buf().map_err(|e| io_error(&path, &e))?;
-    if let Some(at) = nul_offset(head) {
-        return Err(ToolResult::err(format!(
-            "{} looks like a binary file (NUL byte at offset {at}); read only shows text",
-            path.display()
-        )));
-    }
-    // Each line is kept up to a bounded number of bytes, so a huge single-line file costs
-    // no more memory than a short one.
-    let cap_bytes = READ_MAX_LINE_CHARS * 4;
-    let mut out = String::new();
-    let mut line: Vec<u8> = Vec::new();
-    let mut n = 0usize;
-    let mut shown = 0usize;
-    loop {
-        line.clear();
-        let (complete, truncated) = read_line_capped(&mut r, &mut line, cap_bytes).map_err(|e| io_error(&path, &e))?;
-        if !complete && line.is_empty() && !truncated {
-            break; // EOF
-        }
-        n += 1;
-        if n < offset {
-            if !complete {
-                break;
-            }
-            continue;
-        }
-        if shown == limit {
-            out.push_str(&read_more(n));
-            return Ok(ToolResult::ok(out));
-        }
-        let text = String::from_utf8_lossy(&line);
-        let mut text: String = text.strip_suffix('\n').unwrap_or(&text).to_owned();
-        let mut cut = truncated;
-        if text.chars().count() > READ_MAX_LINE_CHARS {
-            text = text.chars().take(READ_MAX_LINE_CHARS).collect();
-            cut = true;
-        }
-        if cut {
-            text.push_str(LINE_TRUNCATED);
-        }
-        if shown > 0 {
-            out.push('\n');
-        }
-        out.push_str(&numbered_line(n, &text));
-        shown += 1;
-        if !complete {
-            break;
-        }
-    }
-    if shown == 0 {
-        return Ok(ToolResult::ok(read_past_end(offset, n)));
-    }
-    Ok(ToolResult::ok(out))
-}
-
-/// Reads one line (through '\n') into `buf`, keeping at most `cap` bytes. Returns
-/// (ended with a newline, bytes were dropped).
-fn read_line_capped<R: BufRead>(r: &mut R, buf: &mut Vec<u8>, cap: usize) -> std::io::Result<(bool, bool)> {
-    let mut dropped = false;
-    loop {
-        let chunk = r.fill_buf()?;
-        if chunk.is_empty() {
-            return Ok((false, dropped));
-        }
-        let (take, done) = match memchr_nl(chunk) {
-            Some(i) => (i + 1, true),
-            None => (chunk.len(), false),
+    let mut line: u64 = 0;
+    let mut got: Vec<u8> = Vec::new();
+    let mut chunk = vec![0u8; 64 * 1024];
+    'chunks: loop {
+        let n = match f.read(&mut chunk) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(ToolResult::err(fs_error("read", fp, &e))),
         };
-        let room = cap.saturating_sub(buf.len());
-        if room >= take {
-            buf.extend_from_slice(&chunk[..take]);
-        } else {
-            buf.extend_from_slice(&chunk[..room]);
-            dropped = true;
+        let mut at = 0;
+        while at < n && line < end {
+            let nl = chunk[at..n].iter().position(|b| *b == b'\n').map(|p| at + p);
+            let stop = nl.unwrap_or(n);
+            if line >= start {
+                got.extend_from_slice(&chunk[at..stop]);
+                if nl.is_some() && line + 1 < end {
+                    got.push(b'\n');
+                }
+                if got.len() as u64 > MAX_FILE_BYTES {
+                    return Err(over());
+                }
+            }
+            let Some(nl) = nl else { break };
+            line += 1;
+            at = nl + 1;
         }
-        r.consume(take);
-        if done {
-            return Ok((true, dropped));
+        if line >= end {
+            break 'chunks;
         }
+    }
+    String::from_utf8(got).map_err(|_| not_utf8_read(fp))
+}
+
+/// `Path.mkdir(parents=True, exist_ok=True)`.
+fn mkdir_parents(dir: &Path) -> io::Result<()> {
+    match fs::create_dir(dir) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            match dir.parent() {
+                Some(p) if p != dir => mkdir_parents(p)?,
+                _ => return Err(e),
+            }
+            match fs::create_dir(dir) {
+                Err(e) if !dir.is_dir() => Err(e),
+                _ => Ok(()),
+            }
+        }
+        Err(e) if dir.is_dir() => {
+            let _ = e;
+            Ok(())
+        }
+        Err(e) => Err(e),
     }
 }
 
-fn memchr_nl(b: &[u8]) -> Option<usize> {
-    b.iter().position(|c| *c == b'\n')
+fn write_bytes(path: &Path, data: &[u8]) -> io::Result<()> {
+    let mut f = OpenOptions::new().write(true).create(true).truncate(true).custom_flags(libc::O_NOCTTY).open(path)?;
+    f.write_all(data)
 }
 
-static TMP_SEQ: AtomicU64 = AtomicU64::new(0);
-
-/// Where a write lands: through a symlink to its target, like an editor would.
-fn write_target(path: &Path) -> Result<(PathBuf, Option<fs::Metadata>), ToolResult> {
-    match fs::symlink_metadata(path) {
-        Ok(m) if m.file_type().is_symlink() => {
-            let real = fs::canonicalize(path).map_err(|e| {
-                ToolResult::err(format!("{} is a symlink that cannot be followed: {e}", path.display()))
-            })?;
-            let meta = fs::metadata(&real).ok();
-            Ok((real, meta))
-        }
-        Ok(m) => Ok((path.to_path_buf(), Some(m))),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok((path.to_path_buf(), None)),
-        Err(e) => Err(io_error(path, &e)),
-    }
+pub fn write(ctx: &Ctx, i: &WriteInput) -> Res {
+    let fp = i.file_path.as_str();
+    let target = resolve(ctx, fp).map_err(|e| ToolResult::err(format!("write: {e}")))?;
+    let parent = target.parent().unwrap_or(Path::new("/"));
+    mkdir_parents(parent)
+        .and_then(|()| write_bytes(&target, i.content.as_bytes()))
+        .map_err(|e| ToolResult::err(fs_error("write", fp, &e)))?;
+    // Python counts characters, and so does the message.
+    Ok(ToolResult::ok(format!("wrote {} bytes to {fp}", i.content.chars().count())))
 }
 
-/// Replaces `target` atomically: a temporary file in the same directory, then rename(2).
-/// The mode of an existing file is kept.
-fn atomic_write(target: &Path, existing: Option<&fs::Metadata>, content: &[u8]) -> Result<(), ToolResult> {
-    if let Some(m) = existing {
-        if m.is_dir() {
-            return Err(ToolResult::err(format!("{} is a directory", target.display())));
-        }
-        if !m.is_file() {
-            return Err(ToolResult::err(format!("{} is not a regular file", target.display())));
-        }
+pub fn edit(ctx: &Ctx, i: &EditInput) -> Res {
+    let fp = i.file_path.as_str();
+    let target = resolve(ctx, fp).map_err(|e| ToolResult::err(format!("edit: {e}")))?;
+    let fs_err = |e: io::Error| ToolResult::err(fs_error("edit", fp, &e));
+    let (mut f, meta) = open_nonblocking(&target).map_err(fs_err)?;
+    if !meta.file_type().is_file() {
+        return Err(ToolResult::err(format!("edit: {fp}: not a regular file")));
     }
-    let dir = target.parent().ok_or_else(|| ToolResult::err("cannot write to /"))?;
-    fs::create_dir_all(dir).map_err(|e| io_error(dir, &e))?;
-    let name = target.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    let tmp =
-        dir.join(format!(".{name}.stockade-{}-{}.tmp", std::process::id(), TMP_SEQ.fetch_add(1, Ordering::Relaxed)));
-    let mode = existing.map(|m| m.permissions().mode() & 0o7777).unwrap_or(0o644);
-    let result = (|| {
-        let mut f = OpenOptions::new().write(true).create_new(true).mode(0o600).open(&tmp)?;
-        f.write_all(content)?;
-        f.set_permissions(fs::Permissions::from_mode(mode))?;
-        fs::rename(&tmp, target)
-    })();
-    if let Err(e) = result {
-        let _ = fs::remove_file(&tmp);
-        return Err(io_error(target, &e));
-    }
-    Ok(())
-}
-
-pub fn write(i: &WriteInput) -> Res {
-    let path = absolute("file_path", &i.file_path)?;
-    let (target, existing) = write_target(&path)?;
-    atomic_write(&target, existing.as_ref(), i.content.as_bytes())?;
-    let shown = path.display().to_string();
-    Ok(ToolResult::ok(if existing.is_some() {
-        write_updated(&shown, i.content.len())
-    } else {
-        write_created(&shown, i.content.len())
-    }))
-}
-
-pub fn edit(i: &EditInput) -> Res {
-    let path = absolute("file_path", &i.file_path)?;
-    if i.old_string.is_empty() {
-        return Err(ToolResult::err("old_string must not be empty (use write to create or replace a whole file)"));
-    }
-    if i.old_string == i.new_string {
-        return Err(ToolResult::err("old_string and new_string are identical; there is nothing to change"));
-    }
-    let (target, existing) = write_target(&path)?;
-    let (f, meta) = open_regular(&target)?;
-    if meta.len() > MAX_EDIT_BYTES {
+    if meta.len() > MAX_FILE_BYTES {
         return Err(ToolResult::err(format!(
-            "{} is {} bytes; edit handles files up to {} bytes",
-            path.display(),
-            meta.len(),
-            MAX_EDIT_BYTES
+            "edit: {fp} is {} bytes, exceeds {MAX_FILE_BYTES}-byte limit. The edit tool loads the whole file and \
+             cannot modify a file this large.",
+            meta.len()
         )));
     }
     let mut bytes = Vec::with_capacity(meta.len() as usize);
-    f.take(MAX_EDIT_BYTES + 1).read_to_end(&mut bytes).map_err(|e| io_error(&path, &e))?;
-    if let Some(at) = nul_offset(&bytes) {
-        return Err(ToolResult::err(format!("{} looks like a binary file (NUL byte at offset {at})", path.display())));
-    }
-    let text = String::from_utf8(bytes).map_err(|e| {
-        ToolResult::err(format!(
-            "{} is not valid UTF-8 (at byte {}); edit only changes text",
-            path.display(),
-            e.utf8_error().valid_up_to()
-        ))
-    })?;
+    f.read_to_end(&mut bytes).map_err(fs_err)?;
+    drop(f);
+    let text = String::from_utf8(bytes)
+        .map_err(|_| ToolResult::err(format!("edit: {fp}: not valid UTF-8 text (cannot edit binary files)")))?;
     let count = text.matches(i.old_string.as_str()).count();
     if count == 0 {
-        return Err(ToolResult::err(format!("old_string was not found in {}", path.display())));
+        return Err(ToolResult::err(format!("edit: old_string not found in {fp}")));
     }
-    if count > 1 && !i.replace_all {
-        return Err(ToolResult::err(format!(
-            "old_string occurs {count} times in {}; add surrounding context to make it unique, or set replace_all to replace every occurrence",
-            path.display()
-        )));
+    if !i.replace_all && count > 1 {
+        return Err(ToolResult::err(format!("edit: old_string appears {count} times in {fp} (must be unique)")));
     }
-    let new = if i.replace_all {
-        text.replace(&i.old_string, &i.new_string)
+    let updated = if i.replace_all {
+        text.replace(i.old_string.as_str(), &i.new_string)
     } else {
-        text.replacen(&i.old_string, &i.new_string, 1)
+        text.replacen(i.old_string.as_str(), &i.new_string, 1)
     };
-    atomic_write(&target, existing.as_ref(), new.as_bytes())?;
-    Ok(ToolResult::ok(edit_done(&path.display().to_string(), count, i.replace_all)))
+    write_bytes(&target, updated.as_bytes()).map_err(fs_err)?;
+    Ok(ToolResult::ok(format!("edited {fp} ({} replacement(s))", if i.replace_all { count } else { 1 })))
 }

@@ -1,4 +1,9 @@
-//! The agent toolset: read, write, edit, glob, grep (here) and bash (`bash`).
+//! The agent toolset `agent_toolset_20260401`: bash, read, write, edit, glob, grep.
+//!
+//! Every answer is the one the official runner gives (the reference implementation in the
+//! Python SDK, `anthropic/lib/tools/agent_toolset.py`): the same content blocks, the same
+//! `is_error`, the same limits and messages, byte for byte. The places where Stockade answers
+//! differently on purpose are listed in `DIVERGENCES` and in the README.
 //!
 //! The file tools are plain functions of their input and a working directory. In a session they
 //! run *inside* the jail, in a helper process under the jail's landlock and seccomp rules, so the
@@ -8,125 +13,118 @@
 pub mod bash;
 mod files;
 pub mod format;
-mod search;
+mod glob;
+mod grep;
+mod input;
+mod paths;
+pub mod pyfmt;
 
 use serde::{Deserialize, Serialize};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
-/// What every tool call returns.
+/// One block of a tool result, as the Sessions API carries it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Block {
+    Text { text: String },
+    Image { source: Source },
+    Document { source: Source },
+}
+
+/// The base64 source of an image or document block.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Source {
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub media_type: String,
+    pub data: String,
+}
+
+/// What every tool call returns: content blocks and whether the call failed.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ToolResult {
-    pub content: String,
+    pub content: Vec<Block>,
     pub is_error: bool,
 }
 
+/// The text the official runner puts where a tool returned nothing.
+pub const NO_OUTPUT: &str = "(no output)";
+
 impl ToolResult {
-    pub fn ok(content: impl Into<String>) -> Self {
-        ToolResult { content: content.into(), is_error: false }
+    /// A text result. An empty text reads `(no output)`, as the official runner sends it.
+    pub fn text(text: impl Into<String>, is_error: bool) -> Self {
+        let mut text = text.into();
+        if text.is_empty() {
+            text = NO_OUTPUT.to_owned();
+        }
+        ToolResult { content: vec![Block::Text { text }], is_error }
     }
-    pub fn err(content: impl Into<String>) -> Self {
-        ToolResult { content: content.into(), is_error: true }
+    pub fn ok(text: impl Into<String>) -> Self {
+        Self::text(text, false)
+    }
+    pub fn err(text: impl Into<String>) -> Self {
+        Self::text(text, true)
+    }
+
+    /// The text blocks joined, for logs and tests; other blocks show as `[image]`/`[document]`.
+    pub fn text_content(&self) -> String {
+        self.content
+            .iter()
+            .map(|b| match b {
+                Block::Text { text } => text.as_str(),
+                Block::Image { .. } => "[image]",
+                Block::Document { .. } => "[document]",
+            })
+            .collect::<Vec<_>>()
+            .join("")
+    }
+
+    /// The bytes the content takes on the wire, as JSON.
+    pub fn wire_len(&self) -> usize {
+        serde_json::to_vec(&self.content).map(|v| v.len()).unwrap_or(0)
     }
 }
 
 /// The six tool names.
 pub const TOOLS: &[&str] = &["bash", "read", "write", "edit", "glob", "grep"];
 
-/// Where relative defaults (glob/grep `path`) are resolved.
+/// Where Stockade answers differently from the official runner, and why. The differential
+/// suite (`tests/sdk/test_toolset_differential.py`) lists the same cases as known divergences.
+pub const DIVERGENCES: &[(&str, &str)] = &[
+    (
+        "paths outside /workspace",
+        "the jail, not a path check, is the boundary: /tmp and /mnt/session/outputs work \
+         (tools.confine_paths = true refuses them as the official runner does)",
+    ),
+    (
+        "bash after the shell exits (`exit 3`, `exec`)",
+        "the official runner answers every later call with an error until a restart; Stockade \
+         starts a new shell at once and says so in that call's result",
+    ),
+    (
+        "grep across several files",
+        "ripgrep prints files in the order its threads finish; Stockade prints them sorted by path",
+    ),
+];
+
+/// How the file tools treat paths.
 #[derive(Debug, Clone)]
 pub struct Ctx {
+    /// Where relative paths resolve (`/workspace` in a jail).
     pub cwd: PathBuf,
-}
-
-#[derive(Debug, Deserialize)]
-pub(crate) struct ReadInput {
-    pub file_path: String,
-    pub offset: Option<u64>,
-    pub limit: Option<u64>,
-}
-
-#[derive(Debug, Deserialize)]
-pub(crate) struct WriteInput {
-    pub file_path: String,
-    pub content: String,
-}
-
-#[derive(Debug, Deserialize)]
-pub(crate) struct EditInput {
-    pub file_path: String,
-    pub old_string: String,
-    pub new_string: String,
-    #[serde(default)]
-    pub replace_all: bool,
-}
-
-#[derive(Debug, Deserialize)]
-pub(crate) struct GlobInput {
-    pub pattern: String,
-    pub path: Option<String>,
-}
-
-#[derive(Debug, Deserialize, Default, Clone, Copy, PartialEq, Eq)]
-#[serde(rename_all = "snake_case")]
-pub(crate) enum OutputMode {
-    #[default]
-    FilesWithMatches,
-    Content,
-    Count,
-}
-
-#[derive(Debug, Deserialize)]
-pub(crate) struct GrepInput {
-    pub pattern: String,
-    pub path: Option<String>,
-    pub glob: Option<String>,
-    #[serde(rename = "type")]
-    pub file_type: Option<String>,
-    #[serde(default)]
-    pub output_mode: OutputMode,
-    #[serde(rename = "-i", default)]
-    pub case_insensitive: bool,
-    #[serde(rename = "-n", default)]
-    pub line_numbers: bool,
-    #[serde(rename = "-A")]
-    pub after: Option<u64>,
-    #[serde(rename = "-B")]
-    pub before: Option<u64>,
-    #[serde(rename = "-C")]
-    pub context: Option<u64>,
-    #[serde(default)]
-    pub multiline: bool,
-    pub head_limit: Option<u64>,
-}
-
-#[derive(Debug, Deserialize)]
-pub struct BashInput {
-    #[serde(default)]
-    pub command: Option<String>,
-    pub timeout: Option<u64>,
-    #[serde(default)]
-    pub restart: bool,
-}
-
-fn parse<T: serde::de::DeserializeOwned>(tool: &str, input: &serde_json::Value) -> Result<T, ToolResult> {
-    if !input.is_object() {
-        return Err(ToolResult::err(format!("Invalid input for {tool}: expected a JSON object")));
-    }
-    serde_json::from_value(input.clone()).map_err(|e| ToolResult::err(format!("Invalid input for {tool}: {e}")))
-}
-
-pub(crate) fn parse_bash(input: &serde_json::Value) -> Result<BashInput, ToolResult> {
-    parse("bash", input)
+    /// Refuse paths that resolve outside `cwd`, exactly as the official runner does. Off in a
+    /// jail by default: there the jail's mounts and landlock rules are the boundary.
+    pub confine: bool,
 }
 
 /// Runs one of the file tools (everything but bash).
 pub fn run_file_tool(ctx: &Ctx, name: &str, input: &serde_json::Value) -> ToolResult {
     let r = match name {
-        "read" => parse(name, input).and_then(|i| files::read(&i)),
-        "write" => parse(name, input).and_then(|i| files::write(&i)),
-        "edit" => parse(name, input).and_then(|i| files::edit(&i)),
-        "glob" => parse(name, input).and_then(|i| search::glob(ctx, &i)),
-        "grep" => parse(name, input).and_then(|i| search::grep(ctx, &i)),
+        "read" => input::read(input).and_then(|i| files::read(ctx, &i)),
+        "write" => input::write(input).and_then(|i| files::write(ctx, &i)),
+        "edit" => input::edit(input).and_then(|i| files::edit(ctx, &i)),
+        "glob" => input::glob(input).and_then(|i| glob::glob(ctx, &i)),
+        "grep" => input::grep(input).and_then(|i| grep::grep(ctx, &i)),
         "bash" => Err(ToolResult::err("bash runs in the session's shell, not as a file tool")),
         other => Err(ToolResult::err(unknown_tool(other))),
     };
@@ -140,36 +138,7 @@ pub fn unknown_tool(name: &str) -> String {
     }
 }
 
-/// An absolute path from a tool input; relative paths and NUL bytes are refused.
-pub(crate) fn absolute(field: &str, p: &str) -> Result<PathBuf, ToolResult> {
-    if p.contains('\0') {
-        return Err(ToolResult::err(format!("{field} contains a NUL byte")));
-    }
-    let path = Path::new(p);
-    if !path.is_absolute() {
-        return Err(ToolResult::err(format!("{field} must be an absolute path, got `{p}`")));
-    }
-    Ok(path.to_path_buf())
-}
-
-/// A search root: absolute, or relative to the context's working directory.
-pub(crate) fn search_root(ctx: &Ctx, p: Option<&str>) -> Result<PathBuf, ToolResult> {
-    match p {
-        None => Ok(ctx.cwd.clone()),
-        Some(s) if s.contains('\0') => Err(ToolResult::err("path contains a NUL byte")),
-        Some(s) if Path::new(s).is_absolute() => Ok(PathBuf::from(s)),
-        Some(s) => Ok(ctx.cwd.join(s)),
-    }
-}
-
-pub(crate) fn io_error(path: &Path, e: &std::io::Error) -> ToolResult {
-    let what = match e.kind() {
-        std::io::ErrorKind::NotFound => "does not exist".to_owned(),
-        std::io::ErrorKind::PermissionDenied => "permission denied".to_owned(),
-        _ => e.to_string(),
-    };
-    ToolResult::err(format!("{}: {what}", path.display()))
-}
+pub use input::BashInput;
 
 #[cfg(test)]
 mod tests;

@@ -562,7 +562,7 @@ impl Runner<'_> {
         let mut seen = Seen::default();
         // Results a crashed run produced: posted only once the session shows they are absent.
         for p in self.ctx.state.outbox(self.dirs) {
-            let r = ToolResult { content: p.content, is_error: p.is_error };
+            let r = ToolResult { content: p.content.into_blocks(), is_error: p.is_error };
             match self.post_result(&p.tool_use_id, &r, &lease, true).await {
                 Ok(()) => {
                     seen.answered.insert(p.tool_use_id);
@@ -710,7 +710,7 @@ impl Runner<'_> {
         lease: &watch::Receiver<Lease>,
         mut unsure: bool,
     ) -> Result<(), End> {
-        let mut ev = ToolResultEvent::new(id, r.is_error, vec![ContentBlock::text(r.content.clone())]);
+        let mut ev = ToolResultEvent::new(id, r.is_error, wire_blocks(r));
         let size = serde_json::to_vec(&ev).map(|v| v.len()).unwrap_or(usize::MAX);
         let mut shrunk = size > self.ctx.max_result_bytes;
         if shrunk {
@@ -809,4 +809,19 @@ impl Runner<'_> {
         self.ctx.state.take_outbox(self.dirs, id);
         Ok(())
     }
+}
+
+/// A tool result's blocks as the Sessions API takes them.
+fn wire_blocks(r: &ToolResult) -> Vec<ContentBlock> {
+    use crate::tools::Block;
+    r.content
+        .iter()
+        .map(|b| match b {
+            Block::Text { text } => ContentBlock::text(text.clone()),
+            Block::Image { source } => ContentBlock::Image { source: serde_json::to_value(source).unwrap_or_default() },
+            Block::Document { source } => {
+                ContentBlock::Document { source: serde_json::to_value(source).unwrap_or_default() }
+            }
+        })
+        .collect()
 }

@@ -51,8 +51,25 @@ pub struct ItemRecord {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Pending {
     pub tool_use_id: String,
-    pub content: String,
+    pub content: PendingContent,
     pub is_error: bool,
+}
+
+/// A pending result's content: blocks, or the single text an older Stockade wrote.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum PendingContent {
+    Blocks(Vec<crate::tools::Block>),
+    Text(String),
+}
+
+impl PendingContent {
+    pub fn into_blocks(self) -> Vec<crate::tools::Block> {
+        match self {
+            PendingContent::Blocks(b) => b,
+            PendingContent::Text(t) => ToolResult::ok(t).content,
+        }
+    }
 }
 
 pub struct StateDir {
@@ -180,7 +197,11 @@ impl StateDir {
 
     pub fn put_outbox(&self, dirs: &ItemDirs, id: &str, r: &ToolResult) -> Result<(), StateError> {
         let p = dirs.outbox.join(format!("{}.json", outbox_name(id)));
-        let rec = Pending { tool_use_id: id.into(), content: r.content.clone(), is_error: r.is_error };
+        let rec = Pending {
+            tool_use_id: id.into(),
+            content: PendingContent::Blocks(r.content.clone()),
+            is_error: r.is_error,
+        };
         write_atomic(&p, &serde_json::to_vec(&rec).expect("serialises"))
     }
 
@@ -336,7 +357,7 @@ mod tests {
         let dirs = state.hold(&rec, (nix::unistd::getuid().as_raw(), nix::unistd::getgid().as_raw())).unwrap();
         let long = format!("toolu_{}", "x".repeat(5000));
         for id in [long.as_str(), "../../etc/passwd", "sevt_1"] {
-            state.put_outbox(&dirs, id, &ToolResult { content: format!("r {}", id.len()), is_error: false }).unwrap();
+            state.put_outbox(&dirs, id, &ToolResult::ok(format!("r {}", id.len()))).unwrap();
         }
         let names: Vec<String> = std::fs::read_dir(&dirs.outbox)
             .unwrap()

@@ -193,7 +193,7 @@ def test_the_official_worker_completes_scripted_sessions(cp):
         assert calls[1]["result"] == "alpha\nbeta\ndone"
         assert calls[2]["result"] == "alpha\nbeta\n"
         assert calls[5]["result"] == "confirmed"
-        assert calls[7]["result"].endswith(":2:beta"), calls[7]
+        assert calls[7]["result"].rstrip("\n").endswith(":2:beta"), calls[7]
         assert calls[8]["result"] == "skill ran\n# hello skill", calls[8]
         assert v["duplicate_results"] == 0
         v2 = cp.view(s2)
