@@ -221,12 +221,12 @@ fn twenty_concurrent_sessions_complete_with_every_result_in_order() {
         assert_eq!(v.duplicate_results, 0);
         assert_eq!(v.calls.len(), 6);
         let size = format!("session {n}\n").len();
-        assert_eq!(result_of(&v, 0), format!("File created successfully at: /workspace/n.txt ({size} bytes)"));
+        assert_eq!(result_of(&v, 0), format!("wrote {size} bytes to /workspace/n.txt"));
         assert_eq!(result_of(&v, 1), "(no output)");
-        assert_eq!(result_of(&v, 2), format!("{n} /workspace session {n}\n"));
-        assert_eq!(result_of(&v, 3), format!("     1\tsession {n}"));
+        assert_eq!(result_of(&v, 2), format!("{n} /workspace session {n}"));
+        assert_eq!(result_of(&v, 3), format!("session {n}\n"));
         assert_eq!(result_of(&v, 4), format!("/workspace/d{n}/f.txt"));
-        assert!(result_of(&v, 5).contains("3"), "{:?}", result_of(&v, 5));
+        assert!(result_of(&v, 5).contains("status 3"), "{:?}", result_of(&v, 5));
         assert_eq!(v.calls[5].is_error, Some(true));
         // In order: each call was issued after the previous one's result.
         for w in v.calls.windows(2) {
@@ -268,7 +268,7 @@ fn heartbeats_keep_a_lease_and_a_silent_holder_loses_it() {
     let v = cp.wait_ended(&s, Duration::from_secs(30));
     assert!(completed(&v), "{v:#?}");
     assert_eq!(v.polls, 1, "the lease expired while heartbeating");
-    assert_eq!(result_of(&v, 0), "slept\n");
+    assert_eq!(result_of(&v, 0), "slept");
 
     // A holder that acks and never heartbeats: the item returns to the queue and is handed out
     // again; the first heartbeat of the new holder takes the lease, and the silent one's is refused.
@@ -309,7 +309,7 @@ fn graceful_stop_finishes_the_call_and_forced_stop_kills_at_once() {
     assert_eq!(item.state, WorkState::Stopping);
     let v = cp.wait_ended(&s, Duration::from_secs(20));
     assert_eq!(v.work_state, WorkState::Stopped, "{v:#?}");
-    assert_eq!(result_of(&v, 0), "finished\n", "the in-flight call was not finished");
+    assert_eq!(result_of(&v, 0), "finished", "the in-flight call was not finished");
     assert!(v.calls.len() == 1 || v.calls[1].result.is_none(), "a call ran after the stop: {v:#?}");
 
     let (s, w) = cp.session(vec![bash(&format!("sleep 30.{marker}; echo never"))]);
@@ -353,7 +353,7 @@ fn control_plane_failures_lose_nothing_and_duplicate_nothing() {
         assert_eq!(v.duplicate_results, 0, "a result was posted twice: {v:#?}");
         assert_eq!(v.calls.len(), 5);
         for i in 0..5 {
-            assert_eq!(result_of(&v, i), format!("s{n} c{i}\n"), "{v:#?}");
+            assert_eq!(result_of(&v, i), format!("s{n} c{i}"), "{v:#?}");
         }
     }
 }
@@ -387,10 +387,10 @@ fn a_killed_worker_is_restarted_and_the_session_completes_without_leftovers() {
     assert!(completed(&v), "{v:#?}");
     assert_eq!(v.polls, 1, "resumed under the same lease, not re-queued");
     assert_eq!(v.duplicate_results, 0);
-    assert_eq!(result_of(&v, 0), "one\n");
-    assert_eq!(result_of(&v, 1), "two\n");
+    assert_eq!(result_of(&v, 0), "one");
+    assert_eq!(result_of(&v, 1), "two");
     // The workspace survived the crash; the interrupted call ran once more, to completion.
-    assert_eq!(result_of(&v, 2), "one\ntwo\nthree\n");
+    assert_eq!(result_of(&v, 2), "one\ntwo\nthree");
     if is_root() {
         // The restarted worker removed the cgroups the killed one's jails left.
         let left: Vec<String> = find_stockade_cgroups()
@@ -524,7 +524,7 @@ fn webhook_deliveries_wake_the_worker_and_bad_ones_are_refused() {
     assert_eq!(post("m5", now, &sign("m5", now, body), body), 204);
     let v = cp.wait_ended(&s, Duration::from_secs(30));
     assert!(completed(&v), "{v:#?}");
-    assert_eq!(result_of(&v, 0), "woken\n");
+    assert_eq!(result_of(&v, 0), "woken");
     assert_eq!(post("m5", now, &sign("m5", now, body), body), 401, "a replayed delivery was accepted");
 }
 
@@ -554,14 +554,14 @@ fn sigterm_finishes_the_call_and_leaves_the_item_to_another_worker() {
     let status = w.sigterm();
     assert!(status.success(), "{status:?}");
     let v = cp.view(&s);
-    assert_eq!(result_of(&v, 0), "first\n", "the in-flight call was not finished: {v:#?}");
+    assert_eq!(result_of(&v, 0), "first", "the in-flight call was not finished: {v:#?}");
     assert_ne!(v.work_state, WorkState::Stopped, "a worker shutting down must not end the item: {v:#?}");
     // Once the lease runs out the item is queued again, and another worker finishes it.
     let other = TempDir::new("w-state");
     let _w2 = start_worker(&cp, other.path(), &[]);
     let v = cp.wait_ended(&s, Duration::from_secs(30));
     assert!(completed(&v), "{v:#?}");
-    assert_eq!(result_of(&v, 1), "second\n");
+    assert_eq!(result_of(&v, 1), "second");
     assert_eq!((v.polls, v.duplicate_results), (2, 0));
 }
 
@@ -628,7 +628,7 @@ fn a_lost_lease_kills_the_jail_at_once_and_the_item_is_handed_out_again() {
     assert!(completed(&v), "{v:#?}");
     assert!(v.polls >= 2, "{v:#?}");
     // Handed back to the same worker, the session goes on in the workspace it had.
-    assert_eq!((result_of(&v, 0), result_of(&v, 1)), ("one\n", "kept\ndone\n"));
+    assert_eq!((result_of(&v, 0), result_of(&v, 1)), ("one", "kept\ndone"));
     assert_eq!(v.duplicate_results, 0);
     let m = http_get(&format!("http://127.0.0.1:{port}/metrics"));
     let losses: u64 = m.lines().find_map(|l| l.strip_prefix("stockade_lease_losses_total ")).unwrap().parse().unwrap();
@@ -683,7 +683,7 @@ fn every_request_the_worker_sends_matches_the_spec() {
     assert!(completed(&v), "{v:#?}");
     let answered: Vec<Option<&str>> = v.calls.iter().map(|c| c.answered_by.as_deref()).collect();
     assert_eq!(answered, [Some("worker"), Some("other"), Some("none"), Some("worker"), Some("worker"), Some("worker")]);
-    assert_eq!(result_of(&v, 5), "(no output)");
+    assert_eq!(result_of(&v, 5), "bash: command is required");
 
     let reqs: Vec<RecordedRequest> = cp
         .cp
@@ -801,7 +801,7 @@ fn a_result_whose_answer_was_lost_in_a_crash_is_not_posted_again() {
     let v = cp.wait_ended(&s, Duration::from_secs(60));
     assert!(completed(&v), "{v:#?}");
     assert_eq!(v.duplicate_results, 0, "the outbox entry was posted again without looking: {v:#?}");
-    assert_eq!((result_of(&v, 0), result_of(&v, 1)), ("once\n", "after\n"));
+    assert_eq!((result_of(&v, 0), result_of(&v, 1)), ("once", "after"));
 }
 
 /// A result whose answer is lost, and then the listings that would tell whether it landed: the
@@ -826,7 +826,7 @@ fn cannot_tell_is_not_taken_for_not_posted() {
     let v = cp.wait_ended(&s, Duration::from_secs(60));
     assert!(completed(&v), "{v:#?}");
     assert_eq!(v.duplicate_results, 0, "{v:#?}");
-    assert_eq!((result_of(&v, 0), result_of(&v, 1)), ("one\n", "two\n"));
+    assert_eq!((result_of(&v, 0), result_of(&v, 1)), ("one", "two"));
 }
 
 /// `stockade worker run` serves one session claimed by someone else, from the variables
@@ -862,7 +862,7 @@ fn worker_run_serves_one_claimed_session_from_the_environment() {
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
         let v = cp.view(&s);
         assert!(completed(&v), "{v:#?}");
-        assert_eq!(result_of(&v, 0), "from-worker-run\n");
+        assert_eq!(result_of(&v, 0), "from-worker-run");
         let creds: std::collections::BTreeSet<String> = cp
             .cp
             .requests()
@@ -970,7 +970,7 @@ fn skills_are_unpacked_into_the_workspace_and_a_hostile_one_is_skipped() {
     );
     let v = cp.wait_ended(&s, Duration::from_secs(30));
     assert!(completed(&v), "{v:#?}");
-    assert_eq!(result_of(&v, 0), "skill ran in /workspace\nhello\n644\n", "{v:#?}");
+    assert_eq!(result_of(&v, 0), "skill ran in /workspace\nhello\n644", "{v:#?}");
     assert!(!Path::new("/tmp/planted-by-skill").exists());
 }
 
@@ -1007,7 +1007,7 @@ fn the_control_planes_own_deliveries_wake_a_webhook_worker() {
     let (s, _) = cp.session(vec![bash("echo delivered")]);
     let v = cp.wait_ended(&s, Duration::from_secs(20));
     assert!(completed(&v), "{v:#?}");
-    assert_eq!(result_of(&v, 0), "delivered\n");
+    assert_eq!(result_of(&v, 0), "delivered");
     let environ = std::fs::read(format!("/proc/{}/environ", w.child.id())).unwrap();
     assert!(!String::from_utf8_lossy(&environ).contains("whsec_"), "the signing key stayed in the environment");
 }
@@ -1084,7 +1084,7 @@ fn unreadable_events_are_skipped_and_a_dead_listing_ends_the_item() {
     let _w = start_worker(&cp, state.path(), &[]);
     let v = cp.wait_ended(&s, Duration::from_secs(20));
     assert!(completed(&v), "{v:#?}");
-    assert_eq!(result_of(&v, 0), "past-the-odd-events\n");
+    assert_eq!(result_of(&v, 0), "past-the-odd-events");
 
     let (s2, _) = cp.session(vec![bash("echo never")]);
     cp.faults(vec![Fault {
@@ -1117,7 +1117,7 @@ fn an_oversized_response_is_refused_and_retried() {
     let w = start_worker(&cp, state.path(), &["--max-response-bytes", "1MiB"]);
     let v = cp.wait_ended(&s, Duration::from_secs(30));
     assert!(completed(&v), "{v:#?}");
-    assert_eq!(result_of(&v, 0), "small\n");
+    assert_eq!(result_of(&v, 0), "small");
     let rss_kib: u64 = peak_rss_kib(w.child.id());
     // Three 96 MiB answers were refused at 1 MiB each: the worker's peak stays far below one.
     assert!(rss_kib < 48 * 1024, "peak RSS {rss_kib} KiB");
@@ -1136,9 +1136,9 @@ fn an_oversized_result_becomes_an_error_and_the_session_goes_on() {
     let wide = "x".repeat(1500);
     let big = (0..2000).map(|i| format!("{i} {wide}\n")).collect::<String>();
     let (s, _) = cp.session(vec![
-        step("write", json!({"file_path": "/workspace/big.txt", "content": big})),
-        // ~3 MB of output: over the control plane's 1 MiB limit (413).
-        step("read", json!({"file_path": "/workspace/big.txt", "limit": 5000})),
+        step("write", json!({"file_path": "/workspace/big.pdf", "content": big})),
+        // A PDF comes back whole, base64: ~4 MB, over the control plane's 1 MiB limit (413).
+        step("read", json!({"file_path": "/workspace/big.pdf"})),
         bash("echo still-here"),
     ]);
     let w = start_worker(&cp, state.path(), &[]);
@@ -1146,7 +1146,7 @@ fn an_oversized_result_becomes_an_error_and_the_session_goes_on() {
     assert!(completed(&v), "{v:#?}");
     assert_eq!(v.calls[1].is_error, Some(true));
     assert!(result_of(&v, 1).starts_with("output too large: "), "{}", result_of(&v, 1));
-    assert_eq!(result_of(&v, 2), "still-here\n");
+    assert_eq!(result_of(&v, 2), "still-here");
     drop(w); // the next session is for a worker with a lower limit only,
              // and not for the poll the first one had open when it died (at most 999 ms).
     std::thread::sleep(Duration::from_millis(1200));
@@ -1163,7 +1163,7 @@ fn an_oversized_result_becomes_an_error_and_the_session_goes_on() {
     assert!(completed(&v), "{v:#?}");
     let out = result_of(&v, 1);
     assert!(out.starts_with("output too large: ") && out.contains("limit 10240"), "{out}");
-    assert_eq!(result_of(&v, 2), "after\n");
+    assert_eq!(result_of(&v, 2), "after");
 }
 
 /// `--environment-key KEY`, as `ant` takes it: it works, and it is wiped from the worker's
@@ -1179,7 +1179,7 @@ fn a_key_on_the_command_line_works_and_is_wiped_from_it() {
     let (s, _) = cp.session(vec![bash("echo keyed")]);
     let v = cp.wait_ended(&s, Duration::from_secs(30));
     assert!(completed(&v), "{v:#?}");
-    assert_eq!(result_of(&v, 0), "keyed\n");
+    assert_eq!(result_of(&v, 0), "keyed");
     let cmdline = std::fs::read(format!("/proc/{}/cmdline", w.child.id())).unwrap();
     let shown = String::from_utf8_lossy(&cmdline);
     assert!(!shown.contains(key.trim()) && shown.contains("--environment-key"), "{shown}");
@@ -1209,7 +1209,7 @@ fn a_result_that_cannot_be_checked_for_a_lease_ends_the_item_without_a_second_po
     let v = cp.wait_ended(&s, Duration::from_secs(30));
     assert!(v.work_state == WorkState::Stopped && !v.finished, "{v:#?}");
     assert!(t.elapsed() < Duration::from_secs(20), "the item held its slot for {:?}", t.elapsed());
-    assert_eq!(result_of(&v, 0), "once\n");
+    assert_eq!(result_of(&v, 0), "once");
     assert_eq!(v.duplicate_results, 0, "{v:#?}");
     cp.clear_faults();
 }
