@@ -27,8 +27,10 @@ fn demo_runs_the_main_job_and_exits_zero() {
         "(stopped, handed out 1 time)",
         "I am agent (1000) on stockade, in /workspace",
         "still in /workspace, GREETING=hi",
-        "     2\tedited line",
-        "error: /workspace/../etc/shadow: does not exist",
+        "    hello from the agent\n    edited line",
+        "/workspace/src/main.rs",
+        "/workspace/src/main.rs:1:fn main() {}",
+        "error: read: /workspace/../etc/shadow: no such file or directory",
         "NoNewPrivs:\t1",
         "Read-only file system",
         "wrote the report to outputs",
@@ -153,7 +155,7 @@ fn control_plane_worker_stats_and_stop_from_the_command_line() {
     let calls = shown["calls"].as_array().unwrap();
     assert_eq!(calls.len(), 2, "end_session stops the script: {shown:#}");
     assert_eq!(shown["status"], "terminated", "{shown:#}");
-    assert_eq!(calls[0]["result"], "from-the-cli\n");
+    assert_eq!(calls[0]["result"], "from-the-cli");
     assert_eq!(calls[1]["is_error"], true);
     let text = ok(cli(&org, &["control-plane", "session", "show", &session, "--api-url", &url]));
     assert!(text.contains("[1] bash {\"command\":\"echo from-the-cli\"}"), "{text}");
