@@ -115,7 +115,7 @@ fn main() {
     ];
 
     // In-process: the tool functions called directly.
-    let ctx = Ctx { cwd: ws.clone() };
+    let ctx = Ctx { cwd: ws.clone(), confine: false };
     let mut shell = Shell::new(ws.clone(), env.clone(), KillScope::ProcessGroup);
     let mut inproc = Vec::new();
     for (op, n, input) in ops(&ws) {
@@ -133,7 +133,7 @@ fn main() {
     let server_pid = match unsafe { nix::unistd::fork() }.unwrap() {
         nix::unistd::ForkResult::Child => {
             drop(ours);
-            let code = server::serve(&theirs.into(), &env, &ws, KillScope::ProcessGroup);
+            let code = server::serve(&theirs.into(), &env, &ctx, KillScope::ProcessGroup);
             std::process::exit(code)
         }
         nix::unistd::ForkResult::Parent { child } => child,
@@ -170,7 +170,7 @@ fn main() {
             let t = Instant::now();
             let r = session.call("b", name, jinput).unwrap();
             let ub = t.elapsed();
-            assert!(!r.is_error, "{}", r.content);
+            assert!(!r.is_error, "{}", r.text_content());
             if i >= 20 {
                 a.push(ua);
                 b.push(ub);

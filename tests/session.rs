@@ -82,18 +82,12 @@ fn shell_state_persists_and_tools_share_the_workspace() {
     assert_eq!(s.bash("pwd; echo $GREETING; shout hey"), "/tmp\nhello\nhey!");
     let (c, e) = s.call("write", json!({"file_path": "/workspace/src/a.py", "content": "print('x')\nprint('y')\n"}));
     assert!(!e, "{c}");
-    assert_eq!(
-        s.call("read", json!({"file_path": "/workspace/src/a.py"})),
-        ("print('x')\nprint('y')\n".into(), false)
-    );
+    assert_eq!(s.call("read", json!({"file_path": "/workspace/src/a.py"})), ("print('x')\nprint('y')\n".into(), false));
     let (c, e) = s.call("edit", json!({"file_path": "/workspace/src/a.py", "old_string": "'y'", "new_string": "'z'"}));
     assert!(!e, "{c}");
     assert_eq!(s.bash("cat /workspace/src/a.py"), "print('x')\nprint('z')");
     assert_eq!(s.call("glob", json!({"pattern": "**/*.py"})), ("/workspace/src/a.py".into(), false));
-    assert_eq!(
-        s.call("grep", json!({"pattern": "z"})),
-        ("/workspace/src/a.py:2:print('z')\n".into(), false)
-    );
+    assert_eq!(s.call("grep", json!({"pattern": "z"})), ("/workspace/src/a.py:2:print('z')\n".into(), false));
     assert_eq!(s.end(), 0);
 }
 
@@ -102,8 +96,10 @@ fn timeout_kills_the_whole_process_group_and_the_session_continues() {
     let mut s = Sess::start(&[]);
     s.bash("cd /tmp; export KEEP=yes");
     let t = Instant::now();
-    let (c, e) =
-        s.call("bash", json!({"command": "sleep 300 & (setsid sleep 301 &); echo waiting; sleep 302", "timeout_ms": 500}));
+    let (c, e) = s.call(
+        "bash",
+        json!({"command": "sleep 300 & (setsid sleep 301 &); echo waiting; sleep 302", "timeout_ms": 500}),
+    );
     assert_eq!((c.as_str(), e), ("bash: bash command timed out after 0.5s", true));
     assert!(t.elapsed() < Duration::from_secs(10));
     // As with the official runner, the shell stays down until a restart.
@@ -169,7 +165,11 @@ fn hostile_inputs_are_errors_not_failures() {
         ("read", json!({"file_path": "/dev/zero"}), "read: /dev/zero: not a regular file"),
         ("read", json!({"file_path": "/workspace"}), "read: /workspace: not a regular file"),
         ("read", json!({"file_path": "/work\u{0}space"}), "read: embedded null byte"),
-        ("grep", json!({"pattern": "(((("}), "grep: rg failed: regex parse error:\n    ((((\n       ^\nerror: unclosed group\n"),
+        (
+            "grep",
+            json!({"pattern": "(((("}),
+            "grep: rg failed: regex parse error:\n    ((((\n       ^\nerror: unclosed group\n",
+        ),
         ("glob", json!({"pattern": ""}), "glob: Unacceptable pattern: ''"),
         ("bash", json!({"command": 5}), "ValueError('Invalid arguments for function bash')"),
         ("frobnicate", json!({}), "Unknown tool `frobnicate`; tools: bash, read, write, edit, glob, grep"),

@@ -150,15 +150,14 @@ impl Shell {
         if self.scope == KillScope::Namespace {
             kill_namespace_except(&self.spare);
         }
-        let code = match self.noted_exit.take() {
+        match self.noted_exit.take() {
             Some(c) => Some(c),
             None => match waitpid(r.pid, None) {
                 Ok(WaitStatus::Exited(_, c)) => Some(c),
                 Ok(WaitStatus::Signaled(_, s, _)) => Some(128 + s as i32),
                 _ => None,
             },
-        };
-        code
+        }
     }
 
     /// Runs one `bash` tool call.

@@ -28,9 +28,6 @@ impl Fixture {
         std::fs::write(&p, content).unwrap();
         p.display().to_string()
     }
-    fn path(&self, rel: &str) -> String {
-        self.0.join(rel).display().to_string()
-    }
     fn ctx(&self) -> Ctx {
         Ctx { cwd: self.0.clone(), confine: false }
     }
