@@ -141,8 +141,10 @@ fn main() {
     drop(theirs);
     let mut chan = Channel::new(ours);
 
-    // Jailed: a real session jail, default policy, the fixture as /workspace.
-    let (policy, _) = stockade::policy::load_builtin("default").unwrap();
+    // Jailed: a real session jail, default policy, the fixture as /workspace (a directory on the
+    // machine's disk, so without the workspace size limit no such directory could hold).
+    let (mut policy, _) = stockade::policy::load_builtin("default").unwrap();
+    policy.limits.workspace_size = None;
     let spec = JailSpec {
         policy,
         workspace: Some(ws.clone()),
@@ -188,7 +190,7 @@ fn main() {
     let mut bash = 0;
     let mut helper = 0;
     for c in children(init) {
-        if cmdline(c).starts_with("bash") {
+        if cmdline(c).contains("bash") {
             bash = rss_kib(c);
         } else {
             helper = rss_kib(c);

@@ -145,7 +145,7 @@ fn workspace_symlinks_to_host_paths_confer_nothing() {
     std::os::unix::fs::symlink("/etc/shadow", ws.path().join("shadow")).unwrap();
     std::os::unix::fs::symlink("../../../../../../../../etc/passwd", ws.path().join("passwd")).unwrap();
     std::os::unix::fs::symlink("/root", ws.path().join("rootdir")).unwrap();
-    let (_d, p) = policy("default", "");
+    let (_d, p) = policy_for_host_dirs("default", "");
     let r = stockade_run(
         &["--policy", p.to_str().unwrap(), "--workspace", ws.path().to_str().unwrap()],
         &["/bin/sh", "-c", "cat shadow; cat passwd; ls rootdir; echo done"],
@@ -162,7 +162,7 @@ fn workspace_writes_land_on_the_host_and_strict_makes_it_read_only() {
     }
     let ws = TempDir::new("ws").owned_by_jail_user();
     let out = TempDir::new("out").owned_by_jail_user();
-    let (_d, p) = policy("default", "");
+    let (_d, p) = policy_for_host_dirs("default", "");
     let args = ["--workspace", ws.path().to_str().unwrap(), "--outputs", out.path().to_str().unwrap()];
     let r = stockade_run(
         &[&["--policy", p.to_str().unwrap()][..], &args].concat(),
@@ -172,7 +172,7 @@ fn workspace_writes_land_on_the_host_and_strict_makes_it_read_only() {
     assert_eq!(std::fs::read(ws.path().join("f.txt")).unwrap(), b"a\nb");
     assert_eq!(std::fs::read(out.path().join("r.txt")).unwrap(), b"result\n");
 
-    let (_d2, strict) = policy("strict", "");
+    let (_d2, strict) = policy_for_host_dirs("strict", "");
     let r = stockade_run(
         &[&["--policy", strict.to_str().unwrap()][..], &args].concat(),
         &[
@@ -852,7 +852,7 @@ fn foreign_owned_workspace_is_id_mapped_and_system_owned_refused() {
     for p in [ws.path().to_path_buf(), ws.path().join("existing")] {
         std::os::unix::fs::chown(&p, Some(4321), Some(4322)).unwrap();
     }
-    let (_d, p) = policy("default", "");
+    let (_d, p) = policy_for_host_dirs("default", "");
     let r = stockade_run(
         &["--policy", p.to_str().unwrap(), "--workspace", ws.path().to_str().unwrap()],
         &[
@@ -869,7 +869,10 @@ fn foreign_owned_workspace_is_id_mapped_and_system_owned_refused() {
     assert_eq!(std::fs::read_to_string(ws.path().join("existing")).unwrap(), "hi\nmore\n");
 
     let root_owned = TempDir::new("idmap-root");
-    let r = stockade_run(&["--workspace", root_owned.path().to_str().unwrap()], &["/bin/true"]);
+    let r = stockade_run(
+        &["--policy", p.to_str().unwrap(), "--workspace", root_owned.path().to_str().unwrap()],
+        &["/bin/true"],
+    );
     assert_eq!(r.code, 125, "{r:?}");
     assert!(r.stderr.contains("refusing to id-map it onto a system account") && r.stderr.contains("chown"), "{r:?}");
 }

@@ -273,7 +273,15 @@ fn ending_the_session_leaves_workspace_and_outputs_and_nothing_else() {
     let ws = TempDir::new("sess-ws").owned_by_jail_user();
     let out = TempDir::new("sess-out").owned_by_jail_user();
     let marker = format!("sleep 7{}", std::process::id() % 1000);
-    let mut s = Sess::start(&["--workspace", ws.path().to_str().unwrap(), "--outputs", out.path().to_str().unwrap()]);
+    let (_p, p) = policy_for_host_dirs("default", "");
+    let mut s = Sess::start(&[
+        "--policy",
+        p.to_str().unwrap(),
+        "--workspace",
+        ws.path().to_str().unwrap(),
+        "--outputs",
+        out.path().to_str().unwrap(),
+    ]);
     s.bash(&format!("echo kept > /workspace/w; echo result > /mnt/session/outputs/r; ({marker} &)"));
     let init = s.child.id();
     assert_eq!(s.end(), 0);
@@ -393,7 +401,8 @@ fn an_oversized_request_gets_an_error_and_the_session_goes_on() {
 #[test]
 fn no_host_command_line_is_visible_in_the_jail() {
     let ws = TempDir::new("cmdline").owned_by_jail_user();
-    let mut s = Sess::start(&["--policy", "default", "--workspace", ws.path().to_str().unwrap()]);
+    let (_p, p) = policy_for_host_dirs("default", "");
+    let mut s = Sess::start(&["--policy", p.to_str().unwrap(), "--workspace", ws.path().to_str().unwrap()]);
     let out = s.bash("for p in /proc/[0-9]*; do tr '\\0' ' ' < $p/cmdline; echo; done");
     assert!(!out.contains(ws.path().to_str().unwrap()) && !out.contains("--policy"), "{out}");
     assert!(out.lines().any(|l| l.trim() == "stockade-init"), "{out}");

@@ -1213,3 +1213,67 @@ fn a_result_that_cannot_be_checked_for_a_lease_ends_the_item_without_a_second_po
     assert_eq!(v.duplicate_results, 0, "{v:#?}");
     cp.clear_faults();
 }
+
+/// `limits.workspace_size` and `limits.outputs_size`: each session's workspace and outputs are
+/// filesystems of that size; writing past it fails inside the session (ENOSPC), the host's disk
+/// holds no more than the limit, the session goes on, and the outputs are kept at the end.
+#[test]
+fn workspace_and_outputs_are_filesystems_of_the_policys_size() {
+    if !is_root() {
+        eprintln!("skipped: per-session filesystems need root");
+        return;
+    }
+    let cp = Cp::start(Duration::from_secs(30));
+    let state = TempDir::new("w-state");
+    let policy = state.path().join("quota.toml");
+    std::fs::write(&policy, "extends = \"default\"\n[limits]\nworkspace_size = \"32M\"\noutputs_size = \"16M\"\n")
+        .unwrap();
+    let _w = start_worker(&cp, state.path(), &["--policy", policy.to_str().unwrap()]);
+    let (s, work) = cp.session(vec![
+        bash("dd if=/dev/zero of=/workspace/fill bs=1M count=64 2>&1 | grep -o 'No space left on device'; df -k /workspace | tail -1 | awk '{print $2 <= 32768}'"),
+        bash("ls -a /workspace; rm /workspace/fill; echo kept > /mnt/session/outputs/report.txt; dd if=/dev/zero of=/mnt/session/outputs/fill bs=1M count=32 2>&1 | grep -o 'No space left on device'; rm /mnt/session/outputs/fill"),
+        bash("echo after"),
+    ]);
+    // While the session runs, the workspace is a mount whose backing file holds at most the limit.
+    let item_dir = state.path().join("items").join(&work);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !std::fs::read_to_string("/proc/self/mountinfo").unwrap().contains(item_dir.to_str().unwrap()) {
+        assert!(Instant::now() < deadline, "the workspace was never mounted");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let v = cp.wait_ended(&s, Duration::from_secs(60));
+    assert!(completed(&v), "{v:#?}");
+    let first = result_of(&v, 0);
+    assert!(first.contains("No space left on device") && first.ends_with("\n1"), "{first}");
+    assert_eq!(result_of(&v, 1).lines().filter(|l| *l != "." && *l != "..").next(), Some("fill"), "no lost+found");
+    assert!(result_of(&v, 1).contains("No space left on device"), "{}", result_of(&v, 1));
+    assert_eq!(result_of(&v, 2), "after");
+    // At the end: nothing mounted, no image left, the report kept.
+    std::thread::sleep(Duration::from_millis(500));
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    assert!(!mounts.contains(state.path().to_str().unwrap()), "{mounts}");
+    assert!(!item_dir.exists());
+    let kept = std::fs::read_dir(state.path().join("outputs")).unwrap().flatten().next().unwrap().path();
+    assert_eq!(std::fs::read_to_string(kept.join("report.txt")).unwrap(), "kept\n");
+}
+
+/// A policy with a size limit: a workspace directory on a larger filesystem is refused.
+#[test]
+fn a_workspace_on_a_larger_filesystem_is_refused_when_the_policy_limits_its_size() {
+    let dir = TempDir::new("big-fs");
+    let policy = dir.path().join("quota.toml");
+    std::fs::write(&policy, "extends = \"default\"\n[limits]\nworkspace_size = \"32M\"\n").unwrap();
+    let ws = dir.path().join("ws");
+    std::fs::create_dir(&ws).unwrap();
+    let out = Command::new(STOCKADE)
+        .args(["run", "--policy", policy.to_str().unwrap(), "--workspace", ws.to_str().unwrap(), "--", "true"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("limits.workspace_size = 32M") && err.contains("would not hold the limit"), "{err}");
+    // Without a workspace of its own the jail's tmpfs is sized for it, and the run goes ahead.
+    let out =
+        Command::new(STOCKADE).args(["run", "--policy", policy.to_str().unwrap(), "--", "true"]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}

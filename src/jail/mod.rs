@@ -25,6 +25,7 @@ pub mod bpf;
 pub mod caps;
 pub mod cgroups;
 pub mod check;
+pub mod disk;
 pub mod environ;
 pub mod error;
 pub mod etc;
@@ -211,6 +212,7 @@ impl Jail {
                 }
             }
         }
+        disk::check(p, spec.workspace.as_deref(), spec.outputs.as_deref())?;
         let ids = IdMapping::for_host(&p.user);
         let (host_uid, host_gid) = ids.host_ids(&p.user);
         // As root, a workspace owned by someone else is shown to the jail user through an

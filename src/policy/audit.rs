@@ -453,6 +453,18 @@ fn limit_checks(p: &Policy, c: &mut Ctx) {
         (Verdict::Pass, format!("/tmp and /dev/shm limited to {}", crate::util::format_size(l.tmp_size.0)))
     };
     c.add("limits.tmp_size", 0.2, v, "limits.tmp_size", r);
+    for (id, size, what) in [
+        ("limits.workspace_size", l.workspace_size, "/workspace"),
+        ("limits.outputs_size", l.outputs_size, "/mnt/session/outputs"),
+    ] {
+        let (v, r) = match size {
+            Some(s) => {
+                (Verdict::Pass, format!("{what} limited to {} by its filesystem", crate::util::format_size(s.0)))
+            }
+            None => (Verdict::Fail, format!("{what} may fill the host's disk (no size limit)")),
+        };
+        c.add(id, 0.4, v, id, r);
+    }
     let (v, r) = match l.enforcement {
         Enforcement::Hard => (Verdict::Pass, "refuses to run without its cgroup limits".to_owned()),
         Enforcement::BestEffort => (Verdict::Partial, "runs without cgroup limits the host cannot apply".to_owned()),

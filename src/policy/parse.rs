@@ -9,7 +9,7 @@ use toml::Spanned;
 
 use super::types::*;
 use super::{builtin_text, syscalls, PolicyError};
-use crate::util::{nearest, parse_duration, parse_size};
+use crate::util::{format_size, nearest, parse_duration, parse_size};
 
 /// Where a field was written: file, line and column (1-based).
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
@@ -175,6 +175,7 @@ section!("limits.", LimitsLayer => LimitsRaw {
     scalars {
         memory: NumOrStr, pids: u64, cpu: f64, nofile: u64, nproc: u64, fsize: NumOrStr,
         address_space: NumOrStr, tmp_size: NumOrStr, timeout: NumOrStr, enforcement: EnforcementW,
+        workspace_size: NumOrStr, outputs_size: NumOrStr,
     }
     lists {}
     maps {}
@@ -486,6 +487,8 @@ fn finish(source: &str, raw: Raw, o: &Origins) -> Result<Policy, PolicyError> {
         fsize: size("limits.fsize", raw.limits.fsize)?,
         address_space: size("limits.address_space", raw.limits.address_space)?,
         tmp_size: size("limits.tmp_size", raw.limits.tmp_size)?.unwrap_or(Size(256 << 20)),
+        workspace_size: size("limits.workspace_size", none_is_unset(raw.limits.workspace_size))?,
+        outputs_size: size("limits.outputs_size", none_is_unset(raw.limits.outputs_size))?,
         timeout,
         enforcement: raw.limits.enforcement.map_or(Enforcement::Hard, Into::into),
     };
@@ -506,6 +509,18 @@ fn finish(source: &str, raw: Raw, o: &Origins) -> Result<Policy, PolicyError> {
     }
     if limits.tmp_size.0 == 0 {
         return Err(bad("limits.tmp_size", "must be greater than zero".into()));
+    }
+    for (k, v) in [("limits.workspace_size", limits.workspace_size), ("limits.outputs_size", limits.outputs_size)] {
+        if let Some(v) = v.filter(|v| v.0 < MIN_DISK_SIZE) {
+            return Err(bad(
+                k,
+                format!(
+                    "{} is too small for a filesystem of its own (minimum {}); omit the field for no limit",
+                    format_size(v.0),
+                    format_size(MIN_DISK_SIZE)
+                ),
+            ));
+        }
     }
     if limits.timeout.is_some_and(|t| t.0.is_zero()) {
         return Err(bad("limits.timeout", "must be greater than zero; omit the field for no timeout".into()));
@@ -611,6 +626,14 @@ fn finish(source: &str, raw: Raw, o: &Origins) -> Result<Policy, PolicyError> {
         capabilities,
         tools: Tools { confine_paths: raw.tools.confine_paths.unwrap_or(false) },
     })
+}
+
+/// `"none"` lifts a size limit an extended policy set.
+fn none_is_unset(v: Option<NumOrStr>) -> Option<NumOrStr> {
+    match v {
+        Some(NumOrStr::Str(s)) if s == "none" => None,
+        v => v,
+    }
 }
 
 /// `[-]SRC[:DST]`: absolute, normalised paths without `..`. Plain string work: the default

@@ -131,3 +131,20 @@ fn show_output_round_trips() {
         assert_eq!(Policy { source: p.source.clone(), ..q }, p, "{name}");
     }
 }
+
+#[test]
+fn disk_sizes_and_the_tools_switch_parse_and_a_tiny_size_is_refused() {
+    let p = load_text(
+        "extends = \"default\"\n[limits]\nworkspace_size = \"2G\"\noutputs_size = 67108864\n[tools]\nconfine_paths = true\n",
+    )
+    .unwrap();
+    assert_eq!(p.limits.workspace_size, Some(Size(2 << 30)));
+    assert_eq!(p.limits.outputs_size, Some(Size(64 << 20)));
+    assert!(p.tools.confine_paths);
+    assert!(!load_builtin("default").unwrap().0.tools.confine_paths);
+    let lifted = load_text("extends = \"default\"\n[limits]\nworkspace_size = \"none\"\n").unwrap();
+    assert_eq!(lifted.limits.workspace_size, None);
+    assert!(load_builtin("default").unwrap().0.limits.workspace_size.is_some());
+    let err = load_text("extends = \"default\"\n[limits]\nworkspace_size = \"1M\"\n").unwrap_err().to_string();
+    assert!(err.contains("limits.workspace_size") && err.contains("minimum 16M"), "{err}");
+}

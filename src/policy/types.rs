@@ -145,6 +145,13 @@ pub struct Limits {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub address_space: Option<Size>,
     pub tmp_size: Size,
+    /// The most a session's host-backed /workspace may hold: the filesystem behind it must be no
+    /// larger (the worker gives each session one of this size).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub workspace_size: Option<Size>,
+    /// The same for /mnt/session/outputs.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub outputs_size: Option<Size>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub timeout: Option<Dur>,
     /// What happens when a cgroup limit cannot be applied on this host.
@@ -238,3 +245,7 @@ pub struct Tools {
     /// /mnt/session/outputs work.
     pub confine_paths: bool,
 }
+
+/// The smallest `limits.workspace_size` / `limits.outputs_size`: room for a filesystem's own
+/// bookkeeping and some data.
+pub const MIN_DISK_SIZE: u64 = 16 << 20;

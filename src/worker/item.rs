@@ -157,7 +157,7 @@ pub(super) async fn run(
         let lease_tx = Arc::new(lease_tx);
         // The record is written before the heartbeat starts: the heartbeat rewrites it with each
         // lease it echoes, and a record written after one would forget that lease.
-        let dirs = match ctx.state.hold(&rec, ctx.owner) {
+        let dirs = match ctx.state.hold(&rec, ctx.owner, ctx.disk) {
             Ok(d) => d,
             Err(e) => {
                 tracing::error!(error = %e, "cannot set up the session's directories");

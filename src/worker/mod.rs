@@ -43,6 +43,8 @@ pub enum WorkerError {
     Metrics(SocketAddr, std::io::Error),
     #[error("--workdir {0}: sessions' working directory is /workspace, where the jail mounts the workspace")]
     Workdir(String),
+    #[error("policy {0}: {1}")]
+    Disk(String, crate::jail::disk::DiskError),
 }
 
 pub struct WorkerConfig {
@@ -119,6 +121,8 @@ pub(crate) struct Ctx {
     metrics: Arc<Metrics>,
     /// Host uid/gid of the jail user, which owns the session directories.
     owner: (u32, u32),
+    /// `limits.workspace_size` and `limits.outputs_size`: each session gets filesystems this size.
+    disk: state::DiskSizes,
     heartbeat_every: Option<Duration>,
     max_idle: Duration,
     max_result_bytes: usize,
@@ -184,6 +188,16 @@ async fn context(cfg: &WorkerConfig) -> Result<Arc<Ctx>, WorkerError> {
     let (policy, _) = crate::policy::load(Some(&cfg.policy)).map_err(|e| WorkerError::Policy(e.to_string()))?;
     let ids = crate::jail::namespaces::IdMapping::for_host(&policy.user);
     let owner = ids.host_ids(&policy.user);
+    let disk = state::DiskSizes {
+        workspace: policy.limits.workspace_size.map(|s| s.0),
+        outputs: policy.limits.outputs_size.map(|s| s.0),
+    };
+    // A size limit this host cannot give every session refuses the worker, not a session later.
+    for (field, size) in [("limits.workspace_size", disk.workspace), ("limits.outputs_size", disk.outputs)] {
+        if let Some(size) = size {
+            crate::jail::disk::can_provision(field, size).map_err(|e| WorkerError::Disk(cfg.policy.clone(), e))?;
+        }
+    }
     let state = StateDir::open(&cfg.state_dir)?;
     let mut client = Client::new(&cfg.api_url, cfg.key.clone(), AuthScheme::Bearer).map_err(WorkerError::Client)?;
     client.timeout = cfg.api_timeout;
@@ -210,6 +224,7 @@ async fn context(cfg: &WorkerConfig) -> Result<Arc<Ctx>, WorkerError> {
         runner: RunnerConfig { exe: cfg.exe.clone(), policy: cfg.policy.clone(), log_json: cfg.log_json },
         metrics,
         owner,
+        disk,
         heartbeat_every: cfg.heartbeat_every,
         max_idle: cfg.max_idle,
         max_result_bytes: cfg.max_result_bytes,

@@ -78,6 +78,13 @@ pub struct StateDir {
     pub worker_id: String,
 }
 
+/// Sizes of the filesystems each session's workspace and outputs get (`None`: a plain directory).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct DiskSizes {
+    pub workspace: Option<u64>,
+    pub outputs: Option<u64>,
+}
+
 /// The directories of one held item.
 #[derive(Debug, Clone)]
 pub struct ItemDirs {
@@ -144,8 +151,9 @@ impl StateDir {
         Ok(self.root.join("items").join(work_id))
     }
 
-    /// Records a held item and makes its directories, owned by the jail user's host ids.
-    pub fn hold(&self, rec: &ItemRecord, owner: (u32, u32)) -> Result<ItemDirs, StateError> {
+    /// Records a held item and makes its directories, owned by the jail user's host ids; with
+    /// size limits, each of them is a filesystem of that size (kept in `NAME.img` beside it).
+    pub fn hold(&self, rec: &ItemRecord, owner: (u32, u32), disk: DiskSizes) -> Result<ItemDirs, StateError> {
         let dir = self.item_dir(&rec.item.id)?;
         mkdir(&dir, 0o711)?;
         let dirs = ItemDirs {
@@ -155,8 +163,11 @@ impl StateDir {
             fresh: !dir.join("workspace").exists(),
             dir: dir.clone(),
         };
-        for d in [&dirs.workspace, &dirs.outputs] {
-            if !d.exists() {
+        for (d, size) in [(&dirs.workspace, disk.workspace), (&dirs.outputs, disk.outputs)] {
+            if let Some(size) = size {
+                crate::jail::disk::provision(&d.with_extension("img"), d, size, owner)
+                    .map_err(|e| StateError::Io(d.clone(), std::io::Error::other(e.to_string())))?;
+            } else if !d.exists() {
                 mkdir(d, 0o755)?;
                 nix::unistd::chown(d.as_path(), Some(owner.0.into()), Some(owner.1.into()))
                     .map_err(|e| StateError::Io(d.clone(), e.into()))?;
@@ -188,6 +199,9 @@ impl StateDir {
                 }
                 Err(_) => {
                     // A directory without a record: a crash between mkdir and the write.
+                    for d in ["workspace", "outputs"] {
+                        let _ = crate::jail::disk::release(&e.path().join(d));
+                    }
                     let _ = fs::remove_dir_all(e.path());
                 }
             }
@@ -248,9 +262,20 @@ impl StateDir {
                 n += 1;
                 dest = self.root.join("outputs").join(format!("{name}.{n}"));
             }
-            match fs::rename(&outputs, &dest) {
+            // A filesystem of its own cannot be renamed away: its files are copied out.
+            let moved = if crate::jail::disk::is_mounted(&outputs) {
+                copy_tree(&outputs, &dest)
+            } else {
+                fs::rename(&outputs, &dest)
+            };
+            match moved {
                 Ok(()) => kept = Some(dest),
                 Err(e) => tracing::error!(error = %e, "could not keep the outputs of {}", rec.item.id),
+            }
+        }
+        for d in [dir.join("workspace"), outputs] {
+            if let Err(e) = crate::jail::disk::release(&d) {
+                tracing::error!(dir = %d.display(), error = %e, "could not unmount a session's filesystem");
             }
         }
         // std's remove_dir_all does not follow symlinks the session may have planted.
@@ -284,6 +309,25 @@ fn outbox_name(id: &str) -> String {
     sha2::Sha256::digest(id.as_bytes()).iter().map(|b| format!("{b:02x}")).collect()
 }
 
+/// Copies a tree without following its symlinks (they are copied as symlinks); anything but
+/// directories, files and symlinks is left out.
+fn copy_tree(from: &Path, to: &Path) -> std::io::Result<()> {
+    fs::create_dir_all(to)?;
+    for e in fs::read_dir(from)? {
+        let e = e?;
+        let (src, dst) = (e.path(), to.join(e.file_name()));
+        let t = e.file_type()?;
+        if t.is_dir() {
+            copy_tree(&src, &dst)?;
+        } else if t.is_symlink() {
+            std::os::unix::fs::symlink(fs::read_link(&src)?, &dst)?;
+        } else if t.is_file() {
+            fs::copy(&src, &dst)?;
+        }
+    }
+    Ok(())
+}
+
 fn list_files(root: &Path, dir: &Path, out: &mut Vec<String>) {
     let Ok(rd) = fs::read_dir(dir) else { return };
     for e in rd.flatten() {
@@ -315,8 +359,8 @@ fn write_atomic(p: &Path, data: &[u8]) -> Result<(), StateError> {
 mod tests {
     use super::*;
 
-    #[test]
-    fn concurrent_records_of_one_item_all_land() {
+    /// A fresh state directory holding one item.
+    fn held_item() -> (PathBuf, StateDir, ItemRecord, ItemDirs) {
         let root =
             std::env::temp_dir().join(format!("stockade-state-test-{}-{:x}", std::process::id(), fastrand::u64(..)));
         let state = StateDir::open(&root).unwrap();
@@ -325,7 +369,15 @@ mod tests {
         }))
         .unwrap();
         let rec = ItemRecord { item, environment_id: "env".into(), started_at: "now".into(), last_heartbeat: None };
-        let dirs = state.hold(&rec, (nix::unistd::getuid().as_raw(), nix::unistd::getgid().as_raw())).unwrap();
+        let dirs = state
+            .hold(&rec, (nix::unistd::getuid().as_raw(), nix::unistd::getgid().as_raw()), DiskSizes::default())
+            .unwrap();
+        (root, state, rec, dirs)
+    }
+
+    #[test]
+    fn concurrent_records_of_one_item_all_land() {
+        let (root, state, rec, dirs) = held_item();
         std::thread::scope(|s| {
             for t in 0..4 {
                 let (state, rec) = (&state, &rec);
@@ -346,15 +398,7 @@ mod tests {
 
     #[test]
     fn outbox_entries_of_any_id_are_kept_under_a_fixed_length_name() {
-        let root =
-            std::env::temp_dir().join(format!("stockade-state-test-{}-{:x}", std::process::id(), fastrand::u64(..)));
-        let state = StateDir::open(&root).unwrap();
-        let item: WorkItem = serde_json::from_value(serde_json::json!({
-            "id": "work_1", "data": {"type": "session", "id": "sesn_1"}, "state": "active"
-        }))
-        .unwrap();
-        let rec = ItemRecord { item, environment_id: "env".into(), started_at: "now".into(), last_heartbeat: None };
-        let dirs = state.hold(&rec, (nix::unistd::getuid().as_raw(), nix::unistd::getgid().as_raw())).unwrap();
+        let (root, state, _, dirs) = held_item();
         let long = format!("toolu_{}", "x".repeat(5000));
         for id in [long.as_str(), "../../etc/passwd", "sevt_1"] {
             state.put_outbox(&dirs, id, &ToolResult::ok(format!("r {}", id.len()))).unwrap();

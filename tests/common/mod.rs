@@ -65,6 +65,18 @@ pub fn policy(base: &str, extra: &str) -> (TempDir, PathBuf) {
     (dir, path)
 }
 
+/// A policy for jails given host directories on the test machine's large disk: it lifts the
+/// workspace and outputs size limits, which such a directory could not hold.
+pub fn policy_for_host_dirs(base: &str, extra: &str) -> (TempDir, PathBuf) {
+    let lift = "workspace_size = \"none\"\noutputs_size = \"none\"";
+    let extra = if extra.contains("[limits]") {
+        extra.replacen("[limits]", &format!("[limits]\n{lift}"), 1)
+    } else {
+        format!("{extra}\n[limits]\n{lift}")
+    };
+    policy(base, &extra)
+}
+
 pub struct Run {
     pub code: i32,
     pub stdout: String,

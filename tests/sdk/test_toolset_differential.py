@@ -219,11 +219,18 @@ def run_oracle(workdir, calls):
     return [json.loads(json.dumps(o).replace(json.dumps(str(workdir))[1:-1], "/workspace")) for o in out]
 
 
+HOST_DIRS = 'extends = "default"\n[limits]\nworkspace_size = "none"\noutputs_size = "none"\n'
+
+
 def run_stockade(workspace, calls, policy=None):
     lines = "".join(json.dumps({"id": str(i), "name": c["name"], "input": c["input"]}) + "\n"
                     for i, c in enumerate(calls))
     lines = lines.replace(ROOT, "/workspace")
-    cmd = [STOCKADE, "session", "--workspace", str(workspace)] + (["--policy", policy] if policy else [])
+    if policy is None:
+        # The scratch tree is on the machine's large disk: no size limit could hold there.
+        policy = str(Path(workspace).parent / "host-dirs.toml")
+        Path(policy).write_text(HOST_DIRS)
+    cmd = [STOCKADE, "session", "--workspace", str(workspace), "--policy", policy]
     p = subprocess.run(cmd, input=lines.encode(), capture_output=True, timeout=900)
     assert p.returncode == 0, p.stderr.decode()[-3000:]
     return [json.loads(l) for l in p.stdout.decode().splitlines()]
@@ -343,7 +350,7 @@ def test_with_confine_paths_the_file_tools_refuse_what_the_official_tools_refuse
     base, a, b, files, dirs = tree_pair(s)
     try:
         policy = base / "confined.toml"
-        policy.write_text('extends = "default"\n\n[tools]\nconfine_paths = true\n')
+        policy.write_text(HOST_DIRS + '\n[tools]\nconfine_paths = true\n')
         calls = OUTSIDE + calls_for(random.Random(s + 2), files, dirs, 40)
         compare(calls, run_oracle(a, calls), run_stockade(b, calls, str(policy)), s)
     finally:

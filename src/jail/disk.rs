@@ -1,0 +1,226 @@
+//! Size limits for the host-backed /workspace and /mnt/session/outputs
+//! (`limits.workspace_size`, `limits.outputs_size`).
+//!
+//! A directory on the host's disk has no size of its own, and most hosts' filesystems have no
+//! project quotas switched on. So the limit is a filesystem of exactly that size: a sparse image
+//! file holding ext4, loop-mounted where the directory is expected (`provision`). The kernel
+//! enforces it (`ENOSPC`), it survives a worker restart with the image file, and it costs about
+//! 25 ms to make. The jail itself only checks (`check`): a host-backed directory on a
+//! filesystem larger than the limit is refused, whoever provided it. A jail given no directory
+//! keeps its workspace and outputs on its own tmpfs, inside the `limits.tmp_size` room.
+
+use std::ffi::CString;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use super::{JailError, Step};
+use crate::policy::Policy;
+use crate::util::format_size;
+
+#[derive(Debug, thiserror::Error)]
+pub enum DiskError {
+    #[error("{field} = {size}: {msg}")]
+    Refused { field: &'static str, size: String, msg: String },
+    #[error("{0}: {1}")]
+    Io(PathBuf, std::io::Error),
+    #[error("mkfs.ext4 for {0}: {1}")]
+    Mkfs(PathBuf, String),
+    #[error("loop device for {0}: {1}")]
+    Loop(PathBuf, String),
+}
+
+/// The size a directory's filesystem can hold, in bytes.
+fn fs_bytes(dir: &Path) -> std::io::Result<u64> {
+    let s = nix::sys::statvfs::statvfs(dir).map_err(std::io::Error::from)?;
+    Ok(s.blocks() as u64 * s.fragment_size() as u64)
+}
+
+/// Refuses a host-backed workspace or outputs directory whose filesystem is larger than the
+/// policy's limit for it: the limit would not hold.
+pub fn check(p: &Policy, workspace: Option<&Path>, outputs: Option<&Path>) -> Result<(), JailError> {
+    for (field, limit, dir) in [
+        ("limits.workspace_size", p.limits.workspace_size, workspace),
+        ("limits.outputs_size", p.limits.outputs_size, outputs),
+    ] {
+        let (Some(limit), Some(dir)) = (limit, dir) else { continue };
+        let have = fs_bytes(dir)
+            .map_err(|e| JailError::new(Step::Workspace, format!("{field}: statvfs {}: {e}", dir.display())))?;
+        if have > limit.0 {
+            return Err(JailError::new(
+                Step::Workspace,
+                format!(
+                    "{field} = {}: {} is on a filesystem of {}, which would not hold the limit; give the session a \
+                     filesystem of at most that size (the worker makes one per session), leave the directory out \
+                     (the jail's own tmpfs then holds it, within limits.tmp_size), or lift the limit with \
+                     {field} = \"none\" in a policy that extends this one",
+                    format_size(limit.0),
+                    dir.display(),
+                    format_size(have)
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Whether this host can provision limited filesystems: root, a loop device, mkfs.ext4.
+pub fn can_provision(field: &'static str, size: u64) -> Result<(), DiskError> {
+    let refuse = |msg: String| DiskError::Refused { field, size: format_size(size), msg };
+    if !nix::unistd::geteuid().is_root() {
+        return Err(refuse("a filesystem per session needs root (loop devices and mount)".into()));
+    }
+    if std::fs::metadata("/dev/loop-control").is_err() {
+        return Err(refuse(
+            "this host has no /dev/loop-control (the loop module), so no per-session filesystem".into(),
+        ));
+    }
+    if mkfs().is_none() {
+        return Err(refuse("mkfs.ext4 was not found (install e2fsprogs)".into()));
+    }
+    Ok(())
+}
+
+fn mkfs() -> Option<PathBuf> {
+    ["/usr/sbin/mkfs.ext4", "/sbin/mkfs.ext4", "/usr/bin/mkfs.ext4"].iter().map(PathBuf::from).find(|p| p.exists())
+}
+
+/// Whether `dir` is the root of a mount (its device differs from its parent's).
+pub fn is_mounted(dir: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (std::fs::metadata(dir), dir.parent().map(std::fs::metadata)) {
+        (Ok(a), Some(Ok(b))) => a.dev() != b.dev(),
+        _ => false,
+    }
+}
+
+/// Makes `dir` a filesystem of `size` bytes owned by `owner`, backed by `image` (made when it
+/// does not exist yet, reused when it does: a restarted worker keeps its sessions' data).
+pub fn provision(image: &Path, dir: &Path, size: u64, owner: (u32, u32)) -> Result<(), DiskError> {
+    let io = |p: &Path| {
+        let p = p.to_path_buf();
+        move |e: std::io::Error| DiskError::Io(p, e)
+    };
+    std::fs::create_dir_all(dir).map_err(io(dir))?;
+    if is_mounted(dir) {
+        return Ok(());
+    }
+    if !image.exists() {
+        let tmp = image.with_extension("img-new");
+        let f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).open(&tmp).map_err(io(&tmp))?;
+        f.set_len(size).map_err(io(&tmp))?;
+        drop(f);
+        let mkfs = mkfs().ok_or_else(|| DiskError::Mkfs(image.into(), "mkfs.ext4 not found".into()))?;
+        // No journal (a session's scratch space needs no crash consistency of its own), no
+        // reserved blocks (all of the limit is the session's), the root directory the jail user's.
+        let out = Command::new(mkfs)
+            .args(["-q", "-F", "-m", "0", "-O", "^has_journal", "-E"])
+            .arg(format!("root_owner={}:{},nodiscard", owner.0, owner.1))
+            .arg(&tmp)
+            .output()
+            .map_err(|e| DiskError::Mkfs(image.into(), e.to_string()))?;
+        if !out.status.success() {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(DiskError::Mkfs(image.into(), String::from_utf8_lossy(&out.stderr).trim().to_owned()));
+        }
+        std::fs::rename(&tmp, image).map_err(io(image))?;
+    }
+    // The device's descriptor stays open until the mount holds it: autoclear would detach a
+    // device nobody uses.
+    let (dev, _held) = attach_loop(image)?;
+    let r = nix::mount::mount(
+        Some(dev.as_path()),
+        dir,
+        Some("ext4"),
+        nix::mount::MsFlags::MS_NOSUID | nix::mount::MsFlags::MS_NODEV,
+        None::<&str>,
+    );
+    if let Err(e) = r {
+        return Err(DiskError::Loop(image.into(), format!("mount {} on {}: {e}", dev.display(), dir.display())));
+    }
+    // mkfs leaves lost+found, which the session would see in its workspace; fsck remakes it.
+    let _ = std::fs::remove_dir(dir.join("lost+found"));
+    Ok(())
+}
+
+/// Unmounts a directory `provision` mounted; its loop device goes with it (autoclear).
+pub fn release(dir: &Path) -> Result<(), DiskError> {
+    if !is_mounted(dir) {
+        return Ok(());
+    }
+    nix::mount::umount2(dir, nix::mount::MntFlags::MNT_DETACH)
+        .map_err(|e| DiskError::Io(dir.into(), std::io::Error::from(e)))
+}
+
+const LOOP_CTL_GET_FREE: libc::c_ulong = 0x4C82;
+const LOOP_CONFIGURE: libc::c_ulong = 0x4C0A;
+const LO_FLAGS_AUTOCLEAR: u32 = 4;
+
+/// `struct loop_info64` of <linux/loop.h>.
+#[repr(C)]
+struct LoopInfo64 {
+    lo_device: u64,
+    lo_inode: u64,
+    lo_rdevice: u64,
+    lo_offset: u64,
+    lo_sizelimit: u64,
+    lo_number: u32,
+    lo_encrypt_type: u32,
+    lo_encrypt_key_size: u32,
+    lo_flags: u32,
+    lo_file_name: [u8; 64],
+    lo_crypt_name: [u8; 64],
+    lo_encrypt_key: [u8; 32],
+    lo_init: [u64; 2],
+}
+
+/// `struct loop_config` of <linux/loop.h>.
+#[repr(C)]
+struct LoopConfig {
+    fd: u32,
+    block_size: u32,
+    info: LoopInfo64,
+    reserved: [u64; 8],
+}
+
+fn open(path: &str, flags: libc::c_int) -> std::io::Result<OwnedFd> {
+    let c = CString::new(path).map_err(std::io::Error::other)?;
+    // SAFETY: a NUL-terminated path; the returned descriptor is owned by the OwnedFd.
+    let fd = unsafe { libc::open(c.as_ptr(), flags | libc::O_CLOEXEC) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: `fd` was just opened and is owned by nothing else.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Binds `image` to a free loop device that detaches itself when its last user (the mount) goes.
+fn attach_loop(image: &Path) -> Result<(PathBuf, OwnedFd), DiskError> {
+    let err = |m: String| DiskError::Loop(image.into(), m);
+    let backing = std::fs::OpenOptions::new().read(true).write(true).open(image).map_err(|e| err(e.to_string()))?;
+    let ctl = open("/dev/loop-control", libc::O_RDWR).map_err(|e| err(format!("/dev/loop-control: {e}")))?;
+    // Another process may take the free device between the two calls: try again.
+    for _ in 0..16 {
+        // SAFETY: LOOP_CTL_GET_FREE takes no argument and returns a device number.
+        let n = unsafe { libc::ioctl(ctl.as_raw_fd(), LOOP_CTL_GET_FREE as _) };
+        if n < 0 {
+            return Err(err(format!("LOOP_CTL_GET_FREE: {}", std::io::Error::last_os_error())));
+        }
+        let path = format!("/dev/loop{n}");
+        let dev = open(&path, libc::O_RDWR).map_err(|e| err(format!("{path}: {e}")))?;
+        // SAFETY: an all-zero loop_config is valid; the fields set below are plain integers.
+        let mut cfg: LoopConfig = unsafe { std::mem::zeroed() };
+        cfg.fd = backing.as_raw_fd() as u32;
+        cfg.info.lo_flags = LO_FLAGS_AUTOCLEAR;
+        // SAFETY: LOOP_CONFIGURE reads a loop_config that lives for the whole call.
+        let r = unsafe { libc::ioctl(dev.as_raw_fd(), LOOP_CONFIGURE as _, &cfg as *const LoopConfig) };
+        if r == 0 {
+            return Ok((PathBuf::from(path), dev));
+        }
+        let e = std::io::Error::last_os_error();
+        if e.raw_os_error() != Some(libc::EBUSY) {
+            return Err(err(format!("LOOP_CONFIGURE {path}: {e}")));
+        }
+    }
+    Err(err("no free loop device after 16 tries".into()))
+}
