@@ -12,8 +12,11 @@ use ops::{ControlPlaneArgs, StatsArgs, StopArgs, WebhookArgs, WorkArgs, WorkerAr
 
 #[derive(Parser)]
 #[command(name = "stockade", version, about = "A self-hosted tool-execution sandbox for AI agent sessions")]
-#[command(after_help = "Exit status of `run`: the command's own; 128+N when it died of signal N; 124 on timeout;\n\
-125 when Stockade could not build the jail; 126 when the command is not executable; 127 when it is not found.")]
+#[command(after_help = "Exit status, every subcommand: 0 success; 1 the work failed or the answer is no (`check` \
+with a NO line, `audit` over --fail-above, `probe` with an escape, an API error); 2 a usage or input error \
+(a bad flag or value, a policy that does not load, an unknown name): nothing was attempted.\n\
+`run` and `session` also: 125 Stockade could not build the jail; and `run`: the command's own status, 128+N \
+when it died of signal N, 124 on timeout, 126 when it is not executable, 127 when it is not found.")]
 pub struct Cli {
     #[command(flatten)]
     global: GlobalArgs,
@@ -307,13 +310,25 @@ fn init_logging(format: LogFormat, verbose: u8) {
     }
 }
 
+/// Exit status of a command that failed at its work (an API error, a session that did not
+/// complete); `run` and `session` use 125 for a jail they could not build (`jail_exit_code`).
+pub const EXIT_FAILURE: i32 = 1;
+/// Exit status of a usage or input error: a bad flag value, a policy that does not load, an
+/// unknown name. Nothing was attempted.
+pub const EXIT_USAGE: i32 = 2;
+
 fn fail(msg: impl std::fmt::Display) -> i32 {
     eprintln!("stockade: {msg}");
-    EXIT_SETUP_FAILED
+    EXIT_FAILURE
+}
+
+fn usage(msg: impl std::fmt::Display) -> i32 {
+    eprintln!("stockade: {msg}");
+    EXIT_USAGE
 }
 
 fn load_policy(spec: Option<&str>) -> Result<Policy, i32> {
-    policy::load(spec).map(|(p, _)| p).map_err(fail)
+    policy::load(spec).map(|(p, _)| p).map_err(usage)
 }
 
 fn jail_exit_code(e: &JailError) -> i32 {
@@ -331,7 +346,7 @@ fn cmd_run(a: RunArgs) -> i32 {
     };
     if let Some(uid) = a.uid {
         if uid >= 65536 {
-            return fail(format!("--uid {uid}: outside the jail's id range 0..65536"));
+            return usage(format!("--uid {uid}: outside the jail's id range 0..65536"));
         }
         policy.user.uid = uid;
     }
@@ -339,14 +354,14 @@ fn cmd_run(a: RunArgs) -> i32 {
     for kv in &a.env {
         match kv.split_once('=') {
             Some((k, v)) if !k.is_empty() => env.push((k.to_owned(), v.to_owned())),
-            _ => return fail(format!("--env {kv:?}: expected K=V")),
+            _ => return usage(format!("--env {kv:?}: expected K=V")),
         }
     }
     let timeout = match a.timeout.as_deref().map(stockade::util::parse_duration) {
         None => None,
         Some(Ok(d)) if !d.is_zero() => Some(d),
-        Some(Ok(_)) => return fail("--timeout must be greater than zero"),
-        Some(Err(e)) => return fail(format!("--timeout: {e}")),
+        Some(Ok(_)) => return usage("--timeout must be greater than zero"),
+        Some(Err(e)) => return usage(format!("--timeout: {e}")),
     };
     let spec = JailSpec {
         policy,
@@ -449,7 +464,7 @@ fn cmd_session(a: SessionArgs) -> i32 {
                     tracing::warn!("narrowing: {k}; kept the policy's value");
                 }
             }
-            Err(e) => return fail(format!("--narrow: {e}")),
+            Err(e) => return usage(format!("--narrow: {e}")),
         }
     }
     let spec = JailSpec {
@@ -574,7 +589,7 @@ fn cmd_policy(c: PolicyCommand) -> i32 {
                 }
             }
             if shown == 0 {
-                return fail(format!("unknown group {}", name.unwrap_or_default()));
+                return usage(format!("unknown group {}", name.unwrap_or_default()));
             }
             0
         }
@@ -587,12 +602,12 @@ fn cmd_audit(a: AuditArgs) -> i32 {
     for spec in &a.policies {
         match policy::load(Some(spec)) {
             Ok((p, origins)) => reports.push(audit::audit(&p, &origins)),
-            Err(e) => return fail(e),
+            Err(e) => return usage(e),
         }
     }
     if a.diff {
         let [old, new] = &reports[..] else {
-            return fail(format!("--diff takes exactly two policies (OLD NEW), got {}", reports.len()));
+            return usage(format!("--diff takes exactly two policies (OLD NEW), got {}", reports.len()));
         };
         let changes = audit::diff(old, new);
         if a.format == AuditFormat::Json {
@@ -641,6 +656,12 @@ fn cmd_probe(a: ProbeArgs) -> i32 {
         Ok(e) => e,
         Err(e) => return fail(format!("locating the stockade binary: {e}")),
     };
+    // Input errors first: they get the usage status, a battery that could not run gets 1.
+    if let Err(e) =
+        policy::load(a.policy.as_deref()).map_err(|e| e.to_string()).and_then(|_| harness::check_only(&a.only))
+    {
+        return usage(e);
+    }
     let opts = harness::Options { policy: a.policy.clone(), only: a.only.clone(), exe };
     let b = match harness::run(&opts) {
         Ok(b) => b,

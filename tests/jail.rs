@@ -676,7 +676,7 @@ fn malformed_and_hostile_policies_fail_with_located_errors() {
         // A base named on purpose, so that only the error under test is said.
         std::fs::write(&p, format!("extends = \"none\"\n{text}")).unwrap();
         let r = stockade_run(&["--policy", p.to_str().unwrap()], &["/bin/true"]);
-        assert_eq!(r.code, 125, "{text:?}: {r:?}");
+        assert_eq!(r.code, 2, "a policy error is an input error: {text:?}: {r:?}");
         assert!(r.stderr.contains(needle), "{text:?}: {r:?}");
         assert_eq!(r.stderr.lines().count(), 1, "one-line error: {r:?}");
     }

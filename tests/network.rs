@@ -235,21 +235,23 @@ except Exception as e:
         r.stdout.lines().find(|l| l.starts_with(&format!("{k} "))).unwrap_or_else(|| panic!("{k}: {r:?}")).to_owned()
     };
     assert_eq!(line("allowed-port"), "allowed-port ok hello from 8080");
-    assert!(line("other-port").contains("fail"), "{r:?}");
+    // network.on_deny = "reject" (the default): a denied connection is refused at once, not left
+    // to time out.
+    assert_eq!(line("other-port"), "other-port fail ConnectionRefusedError", "{r:?}");
     assert_eq!(line("resolve-allowed"), format!("resolve-allowed {}", inet.ip(3)));
     assert_eq!(line("allowed-name"), "allowed-name ok hello from 8080");
     // A name admits its address on any port: the allowlist names hosts, not services.
     assert_eq!(line("allowed-name-other-port"), "allowed-name-other-port ok hello from 8081");
     assert!(line("after-ttl").contains("fail"), "the address stayed open past its TTL: {r:?}");
     assert!(line("resolve-blocked").contains("fail"), "{r:?}");
-    assert!(line("blocked-direct").contains("fail"), "{r:?}");
+    assert_eq!(line("blocked-direct"), "blocked-direct fail ConnectionRefusedError", "{r:?}");
     // The name resolves, but its private address is not admitted.
     assert!(line("rebinding").starts_with("rebinding 192.168.77.7 fail"), "{r:?}");
     assert!(line("dns-elsewhere").contains("fail"), "{r:?}");
     assert_eq!(line("dns-tcp-allowed"), "dns-tcp-allowed rcode 0 answers 1", "{r:?}");
     assert_eq!(line("dns-tcp-blocked"), "dns-tcp-blocked rcode 5 answers 0", "{r:?}");
     assert!(line("metadata").contains("fail"), "{r:?}");
-    assert!(line("host-addr").contains("fail"), "{r:?}");
+    assert_eq!(line("host-addr"), "host-addr fail ConnectionRefusedError", "{r:?}");
     assert!(line("host-loopback-port").contains("fail"), "{r:?}");
     assert!(line("ipv6").contains("fail"), "{r:?}");
     drop(host_listener);
@@ -398,6 +400,7 @@ fn netlink_rules_read_back_as_the_intended_ruleset() {
         host_addrs: &[Ipv4Addr::new(192, 0, 2, 2)],
         allow: &allow,
         log_group: 9,
+        on_deny: stockade::policy::OnDeny::Reject,
     };
     nft::add_session(&rules).unwrap();
     let list = |chain: &str| {
@@ -448,10 +451,17 @@ fn netlink_rules_read_back_as_the_intended_ruleset() {
         vec![
             format!("ip daddr 10.77.0.1 tcp dport 53 {c} accept comment \"resolver\""),
             format!("ip daddr 10.77.0.1 udp dport 53 {c} accept comment \"resolver\""),
-            format!("{c} drop comment \"host\""),
+            format!("{c} goto {id}_deny comment \"host\""),
         ]
     );
-    assert_eq!(deny, vec!["limit rate 20/second burst 40 packets log prefix \"deny\" group 9", "drop"]);
+    assert_eq!(
+        deny,
+        vec![
+            "limit rate 20/second burst 40 packets log prefix \"deny\" group 9",
+            "meta l4proto tcp reject with tcp reset",
+            "reject with icmpx admin-prohibited",
+        ]
+    );
     dns_admit.unwrap();
     let set = String::from_utf8_lossy(&set.stdout);
     assert!(
@@ -489,4 +499,27 @@ fn a_refused_nftables_transaction_changes_nothing() {
     assert!(!chains.iter().any(|c| c == "s4090002"), "{chains:?}");
     // The socket is usable again afterwards.
     assert!(chains.iter().any(|c| c == "forward"));
+}
+
+/// `network.on_deny = "drop"`: a denied connection gets no answer and runs into the client's
+/// own timeout (the default, "reject", refuses it at once: see the test above).
+#[test]
+fn on_deny_drop_leaves_a_denied_connection_unanswered() {
+    if needs_root() {
+        return;
+    }
+    let _shared = TABLE.read().unwrap_or_else(|p| p.into_inner());
+    let inet = Internet::start([198, 19, 0], "d");
+    let (_d, p) = veth_policy(&inet, "on_deny = \"drop\"");
+    let code = format!(
+        "{HELPERS}
+print('allowed-port', tcp('{a}', 8080))
+print('other-port', tcp('{a}', 8081, 1))
+",
+        a = inet.ip(2),
+    );
+    let r = py(&p, &code);
+    assert_eq!(r.code, 0, "{r:?}");
+    assert!(r.stdout.contains("allowed-port ok hello from 8080"), "{r:?}");
+    assert!(r.stdout.contains("other-port fail TimeoutError") || r.stdout.contains("other-port fail timeout"), "{r:?}");
 }

@@ -195,3 +195,47 @@ fn control_plane_worker_stats_and_stop_from_the_command_line() {
     let _ = w.0.kill();
     drop(cp);
 }
+
+/// The exit status table (README, `stockade --help`): usage and input errors are 2 in every
+/// subcommand, 125 is only "the jail could not be built", and `run` passes its command's own.
+#[test]
+fn exit_statuses_follow_the_documented_table() {
+    let status = |args: &[&str]| {
+        let out = Command::new(STOCKADE)
+            .args(args)
+            .env_remove("ANTHROPIC_API_KEY")
+            .env_remove("ANTHROPIC_ENVIRONMENT_KEY")
+            .stdin(std::process::Stdio::null())
+            .output()
+            .unwrap();
+        (out.status.code(), String::from_utf8_lossy(&out.stderr).into_owned())
+    };
+    for (args, want) in [
+        (&["run", "--policy", "/nonexistent/p.toml", "--", "true"][..], 2),
+        (&["session", "--policy", "/nonexistent/p.toml"][..], 2),
+        (&["policy", "show", "/nonexistent/p.toml"][..], 2),
+        (&["policy", "groups", "no-such-group"][..], 2),
+        (&["audit", "--diff", "default"][..], 2),
+        (&["probe", "--only", "no-such-probe"][..], 2),
+        (&["run", "--timeout", "0", "--", "true"][..], 2),
+        (&["run", "--env", "NOEQUALS", "--", "true"][..], 2),
+        (&["worker", "--environment-id", "env_x", "--api-url", "http://127.0.0.1:9"][..], 2),
+        (&["run", "--frobnicate"][..], 2),
+        (&["check", "--policy", "/nonexistent/p.toml"][..], 1),
+    ] {
+        let (code, err) = status(args);
+        assert_eq!(code, Some(want), "stockade {}: {err}", args.join(" "));
+        assert!(err.contains("stockade: ") || err.contains("error: ") || want == 1, "{err}");
+    }
+    if is_root() {
+        assert_eq!(status(&["run", "--", "/nonexistent"]).0, Some(127));
+        assert_eq!(status(&["run", "--", "/etc/passwd"]).0, Some(126));
+        assert_eq!(status(&["run", "--", "sh", "-c", "exit 3"]).0, Some(3));
+        let out = Command::new(STOCKADE)
+            .args(["run", "--", "true"])
+            .env("STOCKADE_LANDLOCK_ABI_CAP", "3")
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(125), "a jail the host cannot build");
+    }
+}

@@ -15,7 +15,7 @@ use stockade::control_plane::{Client, Secret};
 use stockade::util::parse_duration;
 use stockade::worker::{self, key, Shutdown, WorkerConfig};
 
-use super::{fail, LogFormat};
+use super::{fail, usage, LogFormat};
 
 fn duration(s: &str) -> Result<Duration, String> {
     parse_duration(s)
@@ -360,7 +360,7 @@ pub fn worker(a: WorkerArgs, wake: Option<Arc<Notify>>, log: LogFormat) -> i32 {
     };
     let mut cfg = match worker_config(&a, log) {
         Ok(c) => c,
-        Err(e) => return fail(e),
+        Err(e) => return usage(e),
     };
     cfg.wake = wake;
     let rt = runtime();
@@ -396,11 +396,11 @@ fn worker_run(r: WorkerRunArgs, log: LogFormat) -> i32 {
         }
         // The sessions token carries every call of one item on its own.
         (Err(key::KeyError::Missing), Some(t)) => Secret::new(t.sessions_token.clone()),
-        (Err(e), _) => return fail(e),
+        (Err(e), _) => return usage(e),
     };
     let cfg = match worker_config_with(&r.common, log, k) {
         Ok(c) => c,
-        Err(e) => return fail(e),
+        Err(e) => return usage(e),
     };
     let item = wire::WorkItem::claimed(&r.work_id, &r.common.environment_id, &r.session_id, token.map(|t| t.encode()));
     runtime().block_on(async move {
@@ -418,23 +418,23 @@ pub fn webhook(a: WebhookArgs, log: LogFormat) -> i32 {
     let (text, origin) = match &a.secret_file {
         Some(f) => match std::fs::read_to_string(f) {
             Ok(t) => (t, format!("--secret-file {}", f.display())),
-            Err(e) => return fail(format!("--secret-file {}: {e}", f.display())),
+            Err(e) => return usage(format!("--secret-file {}: {e}", f.display())),
         },
         None => match std::env::var(webhook::SIGNING_KEY_VAR) {
             Ok(t) => (t, format!("${}", webhook::SIGNING_KEY_VAR)),
             Err(_) => {
-                return fail(format!("no webhook signing key: pass --secret-file or set {}", webhook::SIGNING_KEY_VAR))
+                return usage(format!("no webhook signing key: pass --secret-file or set {}", webhook::SIGNING_KEY_VAR))
             }
         },
     };
     stockade::jail::environ::scrub_variables(&[webhook::SIGNING_KEY_VAR]);
     let secret = match webhook::parse_secret(&text) {
         Ok(k) => k,
-        Err(e) => return fail(format!("{origin}: {e}")),
+        Err(e) => return usage(format!("{origin}: {e}")),
     };
     let mut cfg = match worker_config(&a.worker, log) {
         Ok(c) => c,
-        Err(e) => return fail(e),
+        Err(e) => return usage(e),
     };
     let wake = Arc::new(Notify::new());
     cfg.wake = Some(wake.clone());
@@ -443,7 +443,7 @@ pub fn webhook(a: WebhookArgs, log: LogFormat) -> i32 {
     rt.block_on(async move {
         let listener = match tokio::net::TcpListener::bind(a.listen).await {
             Ok(l) => l,
-            Err(e) => return fail(format!("--listen {}: {e}", a.listen)),
+            Err(e) => return usage(format!("--listen {}: {e}", a.listen)),
         };
         let app = axum::Router::new().fallback(axum::routing::post(
             move |headers: axum::http::HeaderMap, body: axum::body::Bytes| {
@@ -500,7 +500,7 @@ pub fn control_plane(a: ControlPlaneArgs) -> i32 {
     }
     if let Some(d) = &a.state {
         if let Err(e) = std::fs::create_dir_all(d) {
-            return fail(format!("--state {}: {e}", d.display()));
+            return usage(format!("--state {}: {e}", d.display()));
         }
     }
     let keys =
@@ -532,7 +532,7 @@ pub fn control_plane(a: ControlPlaneArgs) -> i32 {
     runtime().block_on(async move {
         let listener = match tokio::net::TcpListener::bind(a.listen).await {
             Ok(l) => l,
-            Err(e) => return fail(format!("--listen {}: {e}", a.listen)),
+            Err(e) => return usage(format!("--listen {}: {e}", a.listen)),
         };
         let addr = listener.local_addr().map(|a| a.to_string()).unwrap_or_default();
         eprintln!(
@@ -582,31 +582,31 @@ fn session_command(c: SessionCommand) -> i32 {
     };
     let client = match org_client(&access.api_url, access.api_key_file.as_deref()) {
         Ok(c) => c,
-        Err(e) => return fail(e),
+        Err(e) => return usage(e),
     };
     runtime().block_on(async move {
         match c {
             SessionCommand::Create { script, skills, environment_id, .. } => {
                 let text = match std::fs::read_to_string(&script) {
                     Ok(t) => t,
-                    Err(e) => return fail(format!("--script {}: {e}", script.display())),
+                    Err(e) => return usage(format!("--script {}: {e}", script.display())),
                 };
                 let steps = match local::parse_script(&text, &script.display().to_string()) {
                     Ok(s) => s,
-                    Err(e) => return fail(e),
+                    Err(e) => return usage(e),
                 };
                 let mut local_skills = Vec::new();
                 for spec in skills {
                     use base64::Engine;
                     let Some((name, file)) = spec.split_once('=') else {
-                        return fail(format!("--skill {spec}: expected NAME=ARCHIVE"));
+                        return usage(format!("--skill {spec}: expected NAME=ARCHIVE"));
                     };
                     match std::fs::read(file) {
                         Ok(b) => local_skills.push(local::LocalSkill {
                             name: name.to_owned(),
                             archive_base64: base64::engine::general_purpose::STANDARD.encode(b),
                         }),
-                        Err(e) => return fail(format!("--skill {spec}: {file}: {e}")),
+                        Err(e) => return usage(format!("--skill {spec}: {file}: {e}")),
                     }
                 }
                 let req =
@@ -678,7 +678,7 @@ pub fn transcript(v: &SessionView) -> String {
 pub fn stats(a: StatsArgs) -> i32 {
     let client = match org_client(&a.api_url, a.api_key_file.as_deref()) {
         Ok(c) => c,
-        Err(e) => return fail(e),
+        Err(e) => return usage(e),
     };
     runtime().block_on(async move {
         match client.stats(&a.environment_id).await {
@@ -720,7 +720,7 @@ pub fn work(a: WorkArgs) -> i32 {
     };
     let client = match org_client(&access.api_url, access.api_key_file.as_deref()) {
         Ok(c) => c,
-        Err(e) => return fail(e),
+        Err(e) => return usage(e),
     };
     runtime().block_on(async move {
         match a.command {
@@ -770,7 +770,7 @@ pub fn work(a: WorkArgs) -> i32 {
 pub fn stop(a: StopArgs) -> i32 {
     let client = match org_client(&a.api_url, a.api_key_file.as_deref()) {
         Ok(c) => c,
-        Err(e) => return fail(e),
+        Err(e) => return usage(e),
     };
     runtime().block_on(async move {
         match client.stop(&a.environment_id, &a.work_id, a.force).await {

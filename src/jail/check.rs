@@ -99,6 +99,20 @@ pub fn run() -> Vec<Item> {
             .map(|p| format!("{p} (needed for network mode veth)"))
             .unwrap_or_else(|| "nft not found (needed for network mode veth only)".into()),
     });
+    let disk = super::disk::can_provision("limits.workspace_size", crate::policy::MIN_DISK_SIZE);
+    items.push(Item {
+        name: "disk limits",
+        ok: disk.is_ok(),
+        detail: match disk {
+            Ok(()) => "loop devices and mkfs.ext4: a worker can give each session filesystems of the policy's \
+                       workspace_size and outputs_size"
+                .into(),
+            Err(super::disk::DiskError::Refused { msg, .. }) => {
+                format!("{msg}; a worker needs limits.workspace_size and outputs_size = \"none\"")
+            }
+            Err(e) => e.to_string(),
+        },
+    });
     items
 }
 

@@ -262,6 +262,7 @@ impl SessionNet {
             host_addrs: &host_addrs,
             allow: &allow,
             log_group: group,
+            on_deny: net.on_deny,
         })?;
         let sock = UdpSocket::bind(SocketAddrV4::new(p.host_ip, 53))
             .map_err(|e| format!("resolver on {}:53: {e}", p.host_ip))?;

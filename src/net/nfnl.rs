@@ -29,6 +29,11 @@ const NLM_F_DUMP: u16 = 0x300;
 const NLM_F_CREATE: u16 = 0x400;
 const NLM_F_APPEND: u16 = 0x800;
 const NLA_F_NESTED: u16 = 0x8000;
+/// `enum nft_reject_types` and the icmpx code of <linux/netfilter/nf_tables.h>.
+const NFT_REJECT_TCP_RST: u32 = 1;
+const NFT_REJECT_ICMPX_UNREACH: u32 = 2;
+const NFT_REJECT_ICMPX_ADMIN_PROHIBITED: u8 = 3;
+
 pub const NFPROTO_INET: u8 = 1;
 
 // NFT_MSG_*
@@ -203,6 +208,18 @@ impl Rule {
     pub fn log(&mut self, group: u16, prefix: &str) -> &mut Rule {
         self.expr("log", |m| {
             m.attr(1, &group.to_be_bytes()).str_attr(2, prefix);
+        })
+    }
+    /// `reject with tcp reset`: only for TCP packets (the caller matches them first).
+    pub fn reject_tcp_reset(&mut self) -> &mut Rule {
+        self.expr("reject", |m| {
+            m.attr(1, &NFT_REJECT_TCP_RST.to_be_bytes());
+        })
+    }
+    /// `reject with icmpx admin-prohibited`: ICMP or ICMPv6, whichever the packet's family takes.
+    pub fn reject_admin_prohibited(&mut self) -> &mut Rule {
+        self.expr("reject", |m| {
+            m.attr(1, &NFT_REJECT_ICMPX_UNREACH.to_be_bytes()).attr(2, &[NFT_REJECT_ICMPX_ADMIN_PROHIBITED]);
         })
     }
     pub fn verdict(&mut self, v: Verdict) -> &mut Rule {

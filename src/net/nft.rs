@@ -90,6 +90,9 @@ pub struct SessionRules<'a> {
     pub allow: &'a [AllowRule],
     /// NFLOG group the session's attempts are copied to (see `nflog`).
     pub log_group: u16,
+    /// What a denied packet gets: an answer (TCP reset, ICMP administratively prohibited), so a
+    /// client fails at once, or nothing.
+    pub on_deny: crate::policy::OnDeny,
 }
 
 const TCP: u8 = libc::IPPROTO_TCP as u8;
@@ -154,9 +157,18 @@ pub fn add_session(s: &SessionRules) -> Result<(), String> {
     b.add_rule(&deny, None, |r| {
         r.limit(20, 40).log(g, "deny");
     });
-    b.add_rule(&deny, None, |r| {
-        r.verdict(Verdict::Drop);
-    });
+    if s.on_deny == crate::policy::OnDeny::Reject {
+        b.add_rule(&deny, None, |r| {
+            r.meta(meta::L4PROTO).cmp(op::EQ, &[TCP]).reject_tcp_reset();
+        });
+        b.add_rule(&deny, None, |r| {
+            r.reject_admin_prohibited();
+        });
+    } else {
+        b.add_rule(&deny, None, |r| {
+            r.verdict(Verdict::Drop);
+        });
+    }
     b.add_rule(id, Some("ipv6"), |r| {
         r.meta(meta::NFPROTO).cmp(op::EQ, &[libc::NFPROTO_IPV6 as u8]).counter().verdict(Verdict::Goto(&deny));
     });
@@ -217,7 +229,7 @@ pub fn add_session(s: &SessionRules) -> Result<(), String> {
         });
     }
     b.add_rule(&input, Some("host"), |r| {
-        r.counter().verdict(Verdict::Drop);
+        r.counter().verdict(Verdict::Goto(&deny));
     });
     let key = nfnl::ifname_key(s.host_if);
     b.add_elems("sessions_fwd", &[Elem { key: &key, verdict: Some(Verdict::Jump(id)), timeout_ms: None }]);

@@ -181,7 +181,7 @@ section!("limits.", LimitsLayer => LimitsRaw {
     maps {}
 });
 section!("network.", NetLayer => NetRaw {
-    scalars { mode: NetModeW, pool: String }
+    scalars { mode: NetModeW, pool: String, on_deny: OnDenyW }
     lists {
         allow / allow_add / allow_remove: String,
         allow_domains / allow_domains_add / allow_domains_remove: String,
@@ -231,6 +231,7 @@ wire_enum!(SysModeW => SysMode { None = "none", ReadOnly = "read_only" });
 wire_enum!(AccessW => Access { ReadWrite = "read_write", ReadOnly = "read_only" });
 wire_enum!(EnforcementW => Enforcement { Hard = "hard", BestEffort = "best_effort" });
 wire_enum!(NetModeW => NetMode { None = "none", Loopback = "loopback", Veth = "veth" });
+wire_enum!(OnDenyW => OnDeny { Reject = "reject", Drop = "drop" });
 wire_enum!(CompatibilityW => Compatibility { Hard = "hard", BestEffort = "best_effort" });
 wire_enum!(SeccompActionW => SeccompAction { Errno = "errno", Kill = "kill", Log = "log" });
 
@@ -532,6 +533,7 @@ fn finish(source: &str, raw: Raw, o: &Origins) -> Result<Policy, PolicyError> {
         allow_domains: raw.network.allow_domains.unwrap_or_default(),
         upstream_dns: raw.network.upstream_dns.unwrap_or_default(),
         pool: raw.network.pool.unwrap_or_else(|| crate::net::DEFAULT_POOL.to_owned()),
+        on_deny: raw.network.on_deny.map_or(OnDeny::Reject, Into::into),
     };
     match network.mode {
         NetMode::Veth => {

@@ -174,6 +174,18 @@ pub struct Network {
     pub upstream_dns: Vec<String>,
     /// veth only: the IPv4 range session links take their /30s from.
     pub pool: String,
+    /// veth only: what a denied connection gets.
+    pub on_deny: OnDeny,
+}
+
+/// What the egress filter does with a packet it denies (`network.on_deny`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnDeny {
+    /// Answer it: a TCP reset, or ICMP "administratively prohibited". The client fails at once.
+    Reject,
+    /// Drop it silently: the client waits for its own timeout.
+    Drop,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]

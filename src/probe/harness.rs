@@ -81,10 +81,10 @@ impl Drop for Targets {
     }
 }
 
-pub fn run(opts: &Options) -> Result<Battery, String> {
-    let (policy, _) = crate::policy::load(opts.policy.as_deref()).map_err(|e| e.to_string())?;
+/// The probe names of `--only`, each checked against the catalogue.
+pub fn check_only(only: &[String]) -> Result<(), String> {
     let all = catalogue();
-    for id in &opts.only {
+    for id in only {
         if !all.iter().any(|(i, _, _)| i == id) {
             let near = crate::util::nearest(id, all.iter().map(|(i, _, _)| *i));
             return Err(format!(
@@ -93,6 +93,13 @@ pub fn run(opts: &Options) -> Result<Battery, String> {
             ));
         }
     }
+    Ok(())
+}
+
+pub fn run(opts: &Options) -> Result<Battery, String> {
+    let (policy, _) = crate::policy::load(opts.policy.as_deref()).map_err(|e| e.to_string())?;
+    check_only(&opts.only)?;
+    let all = catalogue();
     let ids: Vec<String> =
         all.iter().map(|(i, _, _)| i.to_string()).filter(|i| opts.only.is_empty() || opts.only.contains(i)).collect();
     let targets = Targets::new(&policy)?;
