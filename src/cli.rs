@@ -27,10 +27,18 @@ pub struct Cli {
 #[derive(Args)]
 struct GlobalArgs {
     /// Log format on stderr.
-    #[arg(long, visible_alias = "log-format", global = true, value_enum, default_value_t = LogFormat::Text)]
+    // Shown after each subcommand's own options.
+    #[arg(
+        long,
+        visible_alias = "log-format",
+        global = true,
+        value_enum,
+        default_value_t = LogFormat::Text,
+        display_order = 1000
+    )]
     log: LogFormat,
     /// More output (-v: info, -vv: debug). RUST_LOG overrides.
-    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    #[arg(short, long, global = true, action = clap::ArgAction::Count, display_order = 1001)]
     verbose: u8,
 }
 
@@ -113,7 +121,10 @@ enum Command {
     /// List or show an environment's work items (organisation key).
     Work(WorkArgs),
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
-    Completions { shell: clap_complete::Shell },
+    Completions {
+        /// The shell to write the script for.
+        shell: clap_complete::Shell,
+    },
     /// Print the man page (roff) for stockade and its subcommands.
     Man,
     /// Run the escape-probe battery inside a jail built from a policy; exit 1 on any escape.
@@ -195,6 +206,7 @@ struct ProbeArgs {
     /// Policy file or built-in name (default: the built-in default policy).
     #[arg(long, short = 'p')]
     policy: Option<String>,
+    /// Report format: a table for people, JSON, or JUnit XML for CI.
     #[arg(long, value_enum, default_value_t = ProbeFormat::Table)]
     format: ProbeFormat,
     /// Only these probes (comma-separated ids; see --list).
@@ -221,6 +233,7 @@ struct AuditArgs {
     /// Policy files or built-in names (default, strict, ci).
     #[arg(required = true, value_name = "POLICY")]
     policies: Vec<String>,
+    /// Report format: a table for people, JSON, SARIF for code scanning, or JUnit XML for CI.
     #[arg(long, value_enum, default_value_t = AuditFormat::Table)]
     format: AuditFormat,
     /// Exit 1 when a policy's exposure is above this score.
@@ -240,6 +253,7 @@ enum PolicyCommand {
     Show {
         /// Policy file or built-in name.
         file: String,
+        /// Print the resolved policy as JSON (TOML otherwise).
         #[arg(long)]
         json: bool,
     },
@@ -694,5 +708,47 @@ fn cmd_man() -> i32 {
     match std::io::stdout().write_all(&out) {
         Ok(()) => 0,
         Err(e) => fail(e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    fn walk(cmd: &clap::Command, path: &str, missing: &mut Vec<String>) {
+        for a in cmd.get_arguments() {
+            let id = a.get_id().as_str();
+            if matches!(id, "help" | "version") {
+                continue;
+            }
+            if a.get_help().is_none() && a.get_long_help().is_none() {
+                missing.push(format!("{path} {id}"));
+            }
+        }
+        for sub in cmd.get_subcommands() {
+            if sub.get_name() == "help" || sub.is_hide_set() {
+                continue;
+            }
+            walk(sub, &format!("{path} {}", sub.get_name()), missing);
+        }
+    }
+
+    #[test]
+    fn global_options_come_after_a_subcommands_own() {
+        let mut cmd = Cli::command();
+        cmd.build();
+        for name in ["run", "session", "worker", "audit"] {
+            let help = cmd.find_subcommand_mut(name).unwrap().render_help().to_string();
+            let (own, global) = (help.find("--policy").or(help.find("--format")), help.find("--log"));
+            assert!(own.is_some() && global.is_some() && own < global, "{name}:\n{help}");
+        }
+    }
+
+    #[test]
+    fn every_flag_and_argument_has_help_text() {
+        let mut missing = Vec::new();
+        walk(&Cli::command(), "stockade", &mut missing);
+        assert!(missing.is_empty(), "no help text: {missing:#?}");
     }
 }

@@ -231,11 +231,8 @@ fn exit_statuses_follow_the_documented_table() {
         assert_eq!(status(&["run", "--", "/nonexistent"]).0, Some(127));
         assert_eq!(status(&["run", "--", "/etc/passwd"]).0, Some(126));
         assert_eq!(status(&["run", "--", "sh", "-c", "exit 3"]).0, Some(3));
-        let out = Command::new(STOCKADE)
-            .args(["run", "--", "true"])
-            .env("STOCKADE_LANDLOCK_ABI_CAP", "3")
-            .output()
-            .unwrap();
+        let out =
+            Command::new(STOCKADE).args(["run", "--", "true"]).env("STOCKADE_LANDLOCK_ABI_CAP", "3").output().unwrap();
         assert_eq!(out.status.code(), Some(125), "a jail the host cannot build");
     }
 }

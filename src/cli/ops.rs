@@ -183,6 +183,7 @@ enum SessionCommand {
         /// repeatable.
         #[arg(long = "skill", value_name = "NAME=ARCHIVE")]
         skills: Vec<String>,
+        /// The environment whose queue gets the session's work item [env: ANTHROPIC_ENVIRONMENT_ID].
         #[arg(long, env = "ANTHROPIC_ENVIRONMENT_ID", default_value = local::DEFAULT_ENVIRONMENT)]
         environment_id: String,
         #[command(flatten)]
@@ -190,7 +191,9 @@ enum SessionCommand {
     },
     /// Print a session's transcript: calls, results, timings.
     Show {
+        /// The session (sesn_…).
         id: String,
+        /// Print the session's view as JSON (calls, results, work state).
         #[arg(long)]
         json: bool,
         #[command(flatten)]
@@ -200,12 +203,16 @@ enum SessionCommand {
 
 #[derive(Args)]
 pub struct StatsArgs {
+    /// The environment (env_…).
     #[arg(long, env = "ANTHROPIC_ENVIRONMENT_ID")]
     environment_id: String,
+    /// API base URL.
     #[arg(long, default_value = wire::DEFAULT_API_URL)]
     api_url: String,
+    /// File holding the organisation key; otherwise $ANTHROPIC_API_KEY.
     #[arg(long)]
     api_key_file: Option<PathBuf>,
+    /// Print the statistics as the API returns them (JSON).
     #[arg(long)]
     json: bool,
 }
@@ -220,6 +227,7 @@ pub struct WorkArgs {
 enum WorkListOrShow {
     /// List an environment's work items, newest page first as the API returns them.
     List {
+        /// The environment (env_…).
         #[arg(long, env = "ANTHROPIC_ENVIRONMENT_ID")]
         environment_id: String,
         /// Items per page; every page is fetched.
@@ -236,6 +244,7 @@ enum WorkListOrShow {
         /// The work item.
         #[arg(env = "ANTHROPIC_WORK_ID")]
         work_id: String,
+        /// The environment (env_…).
         #[arg(long, env = "ANTHROPIC_ENVIRONMENT_ID")]
         environment_id: String,
         /// Print the item as JSON.
@@ -262,13 +271,16 @@ pub struct StopArgs {
     /// The work item.
     #[arg(env = "ANTHROPIC_WORK_ID")]
     work_id: String,
+    /// The environment (env_…).
     #[arg(long, env = "ANTHROPIC_ENVIRONMENT_ID")]
     environment_id: String,
     /// Kill the session's jail at once instead of finishing the in-flight tool call.
     #[arg(long)]
     force: bool,
+    /// API base URL.
     #[arg(long, default_value = wire::DEFAULT_API_URL)]
     api_url: String,
+    /// File holding the organisation key; otherwise $ANTHROPIC_API_KEY.
     #[arg(long)]
     api_key_file: Option<PathBuf>,
 }
