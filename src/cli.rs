@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use stockade::jail::{self, JailError, JailSpec, Step, EXIT_NOT_EXECUTABLE, EXIT_NOT_FOUND, EXIT_SETUP_FAILED};
 use stockade::policy::{self, syscalls, Policy};
 
+mod man;
 mod ops;
 use ops::{ControlPlaneArgs, StatsArgs, StopArgs, WebhookArgs, WorkArgs, WorkerArgs};
 
@@ -125,8 +126,14 @@ enum Command {
         /// The shell to write the script for.
         shell: clap_complete::Shell,
     },
-    /// Print the man page (roff) for stockade and its subcommands.
-    Man,
+    /// Print the man page stockade(1) (roff), or write every page: one per subcommand and
+    /// stockade.toml(5).
+    Man {
+        /// Write stockade.1, stockade-SUB.1 for every subcommand (nested ones too) and
+        /// stockade.toml.5 into this directory.
+        #[arg(long, value_name = "DIR")]
+        out: Option<PathBuf>,
+    },
     /// Run the escape-probe battery inside a jail built from a policy; exit 1 on any escape.
     #[command(name = "probe")]
     ProbeBattery(ProbeArgs),
@@ -301,7 +308,7 @@ pub fn main() -> i32 {
             );
             0
         }
-        Command::Man => cmd_man(),
+        Command::Man { out } => cmd_man(out.as_deref()),
     }
 }
 
@@ -552,7 +559,7 @@ fn prints_for_a_pipe(c: &Command) -> bool {
             | Command::Stats(_)
             | Command::Work(_)
             | Command::Completions { .. }
-            | Command::Man
+            | Command::Man { .. }
             | Command::ProbeBattery(_)
     )
 }
@@ -690,22 +697,23 @@ fn cmd_probe(a: ProbeArgs) -> i32 {
 }
 
 /// One roff document: the top-level page, then a section per subcommand.
-fn cmd_man() -> i32 {
+fn cmd_man(out: Option<&std::path::Path>) -> i32 {
     use std::io::Write;
     let cmd = <Cli as clap::CommandFactory>::command();
-    let mut out = Vec::new();
-    if let Err(e) = clap_mangen::Man::new(cmd.clone()).render(&mut out) {
-        return fail(format!("rendering the man page: {e}"));
+    if let Some(dir) = out {
+        return match man::write_all(&cmd, dir) {
+            Ok(names) => {
+                println!("wrote {} pages to {}", names.len(), dir.display());
+                0
+            }
+            Err(e) => fail(format!("writing man pages to {}: {e}", dir.display())),
+        };
     }
-    for sub in cmd.get_subcommands().filter(|s| !s.is_hide_set()) {
-        let name = format!("stockade-{}", sub.get_name());
-        let page = clap_mangen::Man::new(sub.clone().name(name.clone()));
-        let _ = writeln!(out, ".SH \"{}\"", name.to_uppercase());
-        if let Err(e) = page.render_description_section(&mut out).and_then(|()| page.render_options_section(&mut out)) {
-            return fail(format!("rendering {name}: {e}"));
-        }
-    }
-    match std::io::stdout().write_all(&out) {
+    let page = match man::pages(&cmd) {
+        Ok(pages) => pages.into_iter().next().map(|(_, text)| text).unwrap_or_default(),
+        Err(e) => return fail(format!("rendering the man page: {e}")),
+    };
+    match std::io::stdout().write_all(&page) {
         Ok(()) => 0,
         Err(e) => fail(e),
     }

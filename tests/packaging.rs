@@ -230,3 +230,52 @@ fn completions_and_man_page_cover_every_command() {
     }
     assert!(!man.contains("__probe"));
 }
+
+/// `stockade man --out DIR`: a page per subcommand, nested ones included, each with the
+/// sections a man page needs, and stockade.toml(5); `man` renders them.
+#[test]
+fn man_pages_cover_every_subcommand_and_the_policy_format() {
+    let dir = TempDir::new("man");
+    let out = Command::new(STOCKADE).args(["man", "--out"]).arg(dir.path()).output().unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let names: std::collections::BTreeSet<String> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    for want in [
+        "stockade.1",
+        "stockade-run.1",
+        "stockade-policy-show.1",
+        "stockade-policy-groups.1",
+        "stockade-worker-run.1",
+        "stockade-control-plane-session-create.1",
+        "stockade-man.1",
+        "stockade.toml.5",
+    ] {
+        assert!(names.contains(want), "{want} missing from {names:?}");
+    }
+    assert!(!names.iter().any(|n| n.contains("__probe") || n.contains("help")), "{names:?}");
+    for n in names.iter().filter(|n| n.ends_with(".1")) {
+        let text = std::fs::read_to_string(dir.path().join(n)).unwrap();
+        for section in
+            [".SH NAME", ".SH SYNOPSIS", ".SH \"EXIT STATUS\"", ".SH ENVIRONMENT", ".SH FILES", ".SH EXAMPLES"]
+        {
+            assert!(text.contains(section), "{n}: no {section}");
+        }
+    }
+    let worker = std::fs::read_to_string(dir.path().join("stockade-worker.1")).unwrap();
+    assert!(worker.contains("ANTHROPIC_ENVIRONMENT_KEY") && worker.contains("stockade\\-worker\\-run(1)"), "{worker}");
+    if Command::new("man").arg("--version").output().is_ok_and(|o| o.status.success()) {
+        for n in ["stockade-policy-show.1", "stockade.toml.5"] {
+            let r = Command::new("man").arg("-l").arg(dir.path().join(n)).env("MANWIDTH", "80").output().unwrap();
+            let text = String::from_utf8_lossy(&r.stdout);
+            assert!(r.status.success() && text.contains("EXIT STATUS") || n.ends_with(".5"), "{n}: {r:?}");
+            assert!(!String::from_utf8_lossy(&r.stderr).contains("warning"), "{n}: {r:?}");
+        }
+    }
+    // Without --out: stockade(1) on stdout, whose subcommand list names real pages.
+    let page = Command::new(STOCKADE).arg("man").output().unwrap();
+    let page = String::from_utf8_lossy(&page.stdout);
+    assert!(page.contains("stockade\\-run(1)") && names.contains("stockade-run.1"));
+}
