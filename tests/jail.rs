@@ -1014,3 +1014,27 @@ fn check_with_a_policy_is_a_preflight() {
     let missing = Command::new(STOCKADE).args(["check", "--policy", "/nonexistent/p.toml"]).output().unwrap();
     assert_eq!(missing.status.code(), Some(1));
 }
+
+/// The supervisor attaches the workspace from a descriptor: the jail user never walks the host
+/// path, so a private (0700) parent directory does not stop it.
+#[test]
+fn a_workspace_under_a_private_parent_is_attached() {
+    if needs_root() {
+        return;
+    }
+    use std::os::unix::fs::PermissionsExt;
+    let parent = TempDir::new("private-parent");
+    std::fs::set_permissions(parent.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
+    let ws = parent.path().join("ws");
+    std::fs::create_dir(&ws).unwrap();
+    std::os::unix::fs::chown(&ws, Some(101000), Some(101000)).unwrap();
+    std::fs::write(ws.join("f.txt"), "hi\n").unwrap();
+    let (_d, p) = policy_for_host_dirs("default", "");
+    let r = stockade_run(
+        &["--policy", p.to_str().unwrap(), "--workspace", ws.to_str().unwrap()],
+        &["/bin/sh", "-c", "cat f.txt && echo made > g.txt"],
+    );
+    assert_eq!(r.code, 0, "{r:?}");
+    assert_eq!(r.stdout, "hi\n");
+    assert_eq!(std::fs::read_to_string(ws.join("g.txt")).unwrap(), "made\n");
+}

@@ -1277,3 +1277,25 @@ fn a_workspace_on_a_larger_filesystem_is_refused_when_the_policy_limits_its_size
         Command::new(STOCKADE).args(["run", "--policy", policy.to_str().unwrap(), "--", "true"]).output().unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
 }
+
+/// A state directory under a private (0700) parent: the sessions' workspaces are attached from
+/// descriptors, so the jail user never needs to walk the host path.
+#[test]
+fn a_state_directory_under_a_private_parent_serves_sessions() {
+    if !is_root() {
+        return;
+    }
+    use std::os::unix::fs::PermissionsExt;
+    let cp = Cp::start(Duration::from_secs(30));
+    let parent = TempDir::new("private-state");
+    std::fs::set_permissions(parent.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
+    let state = parent.path().join("state");
+    let _w = start_worker(&cp, &state, &[]);
+    let (s, _) = cp.session(vec![
+        step("write", json!({"file_path": "/workspace/a.txt", "content": "x"})),
+        bash("cat /workspace/a.txt; echo > /mnt/session/outputs/o.txt && echo ok"),
+    ]);
+    let v = cp.wait_ended(&s, Duration::from_secs(60));
+    assert!(completed(&v), "{v:#?}");
+    assert_eq!(result_of(&v, 1), "xok");
+}

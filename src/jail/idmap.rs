@@ -27,13 +27,19 @@ use super::error::{JailError, Step};
 /// Ids below this are system accounts (login.defs UID_MIN/GID_MIN on Debian and Fedora).
 pub const FIRST_ORDINARY_ID: u32 = 1000;
 
-/// Returns a detached, id-mapped mount of `dir` when its owner is not the jail user's host id;
-/// `None` when a plain bind already gives the jail user ownership.
+/// Returns a detached mount of `dir`, made by the supervisor so that the jail never walks the
+/// host path to it (a private parent directory, 0700, would stop the jail user there): a plain
+/// one when the jail user's host ids own the directory, an id-mapped one when an ordinary user
+/// does.
 pub fn prepare(dir: &Path, what: &str, jail_host_uid: u32, jail_host_gid: u32) -> Result<Option<OwnedFd>, JailError> {
     let meta = std::fs::metadata(dir)
         .map_err(|e| JailError::new(Step::Workspace, format!("{what} {}: {e}", dir.display())))?;
     if meta.uid() == jail_host_uid && meta.gid() == jail_host_gid {
-        return Ok(None);
+        let tree = open_tree(dir)
+            .map_err(|e| JailError::new(Step::Workspace, format!("{what} {}: open_tree: {e}", dir.display())))?;
+        set_plain(&tree)
+            .map_err(|e| JailError::new(Step::Workspace, format!("{what} {}: mount_setattr: {e}", dir.display())))?;
+        return Ok(Some(tree));
     }
     let fail = |detail: String| {
         JailError::new(
@@ -109,6 +115,18 @@ fn open_tree(dir: &Path) -> std::io::Result<OwnedFd> {
     }
     // SAFETY: `fd` was just returned by open_tree and is owned by nobody else.
     Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// nosuid and nodev on a tree that needs no id mapping.
+fn set_plain(tree: &OwnedFd) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let attr = libc::mount_attr {
+        attr_set: libc::MOUNT_ATTR_NOSUID | libc::MOUNT_ATTR_NODEV,
+        attr_clr: 0,
+        propagation: 0,
+        userns_fd: 0,
+    };
+    super::mounts::mount_setattr(tree.as_raw_fd(), c"", libc::AT_EMPTY_PATH as libc::c_uint, &attr)
 }
 
 fn set_idmap(tree: &OwnedFd, userns: &OwnedFd) -> std::io::Result<()> {
