@@ -1299,3 +1299,42 @@ fn a_state_directory_under_a_private_parent_serves_sessions() {
     assert!(completed(&v), "{v:#?}");
     assert_eq!(result_of(&v, 1), "xok");
 }
+
+/// Key rotation without downtime: the environment gets a new key and the operator writes it to
+/// the key file; the worker picks it up (the file changed, or the API refused the old key) and
+/// goes on serving, and so does SIGHUP after a second rotation. A key the file cannot give
+/// (refused, and the file unchanged) still stops the worker, as before.
+#[test]
+fn a_rotated_key_is_used_without_a_restart() {
+    let cp = Cp::start(Duration::from_secs(30));
+    let state = TempDir::new("w-state");
+    let mut w = start_worker(&cp, state.path(), &[]);
+    let run = |cmd: &str| {
+        let (s, _) = cp.session(vec![bash(cmd)]);
+        let v = cp.wait_ended(&s, Duration::from_secs(60));
+        assert!(completed(&v), "{v:#?}");
+        result_of(&v, 0).to_owned()
+    };
+    assert_eq!(run("echo before"), "before");
+    let write_key = |k: &Secret| {
+        let tmp = cp.key_file().with_extension("new");
+        std::fs::write(&tmp, k.expose()).unwrap();
+        std::fs::set_permissions(&tmp, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+        std::fs::rename(&tmp, cp.key_file()).unwrap();
+    };
+    let new = cp.cp.rotate_environment_key(DEFAULT_ENVIRONMENT).unwrap();
+    write_key(&new);
+    assert_eq!(run("echo after-rotation"), "after-rotation");
+    let newer = cp.cp.rotate_environment_key(DEFAULT_ENVIRONMENT).unwrap();
+    write_key(&newer);
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(w.child.id() as i32), nix::sys::signal::Signal::SIGHUP).unwrap();
+    assert_eq!(run("echo after-sighup"), "after-sighup");
+    assert!(w.child.try_wait().unwrap().is_none(), "the worker kept running");
+    // Rotated away with nothing new in the file: the worker stops, as on any refused key.
+    cp.cp.rotate_environment_key(DEFAULT_ENVIRONMENT).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while w.child.try_wait().unwrap().is_none() {
+        assert!(Instant::now() < deadline, "the worker went on polling with a refused key");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}

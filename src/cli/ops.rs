@@ -342,7 +342,9 @@ fn worker_config(a: &WorkerCommon, log: LogFormat) -> Result<WorkerConfig, Strin
         key::load(a.environment_key.as_deref(), a.environment_key_file.as_deref(), a.allow_org_key_in_env)
             .map_err(|e| e.to_string())?;
     tracing::info!(%source, "environment key loaded");
-    worker_config_with(a, log, k)
+    let mut c = worker_config_with(a, log, k)?;
+    c.key_source = Some(source);
+    Ok(c)
 }
 
 fn worker_config_with(a: &WorkerCommon, log: LogFormat, k: Secret) -> Result<WorkerConfig, String> {

@@ -106,7 +106,8 @@ impl Backoff {
 pub struct Client {
     http: reqwest::Client,
     base: String,
-    key: Secret,
+    /// Shared by the clones of one client, so a rotated key (`set_key`) reaches them all.
+    key: std::sync::Arc<std::sync::RwLock<Secret>>,
     auth: AuthScheme,
     /// Per-call timeout; polls add their block on top.
     pub timeout: Duration,
@@ -118,7 +119,7 @@ pub struct Client {
 
 impl std::fmt::Debug for Client {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Client").field("base", &self.base).field("key", &self.key).finish()
+        f.debug_struct("Client").field("base", &self.base).field("key", &*self.key()).finish()
     }
 }
 
@@ -148,7 +149,7 @@ impl Client {
         Ok(Client {
             http,
             base: base.trim_end_matches('/').to_owned(),
-            key,
+            key: std::sync::Arc::new(std::sync::RwLock::new(key)),
             auth,
             timeout: Duration::from_secs(15),
             attempts: 4,
@@ -160,7 +161,7 @@ impl Client {
     /// when given, another base URL.
     pub fn with_bearer(&self, key: Secret, base: Option<&str>) -> Client {
         let mut c = self.clone();
-        c.key = key;
+        c.key = std::sync::Arc::new(std::sync::RwLock::new(key));
         c.auth = AuthScheme::Bearer;
         if let Some(b) = base {
             c.base = b.trim_end_matches('/').to_owned();
@@ -170,6 +171,21 @@ impl Client {
 
     pub fn base(&self) -> &str {
         &self.base
+    }
+
+    fn key(&self) -> std::sync::RwLockReadGuard<'_, Secret> {
+        self.key.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Replaces the credential of this client and of every clone made from it (not of those
+    /// given another one with `with_bearer`). Returns whether it changed.
+    pub fn set_key(&self, key: Secret) -> bool {
+        let mut k = self.key.write().unwrap_or_else(|p| p.into_inner());
+        if k.expose() == key.expose() {
+            return false;
+        }
+        *k = key;
+        true
     }
 
     fn request(&self, method: &Method, p: &str, r: &Req<'_>) -> reqwest::RequestBuilder {
@@ -182,8 +198,8 @@ impl Client {
             req = req.header("anthropic-beta", wire::BETA);
         }
         req = match self.auth {
-            AuthScheme::XApiKey => req.header("x-api-key", self.key.expose()),
-            AuthScheme::Bearer => req.bearer_auth(self.key.expose()),
+            AuthScheme::XApiKey => req.header("x-api-key", self.key().expose()),
+            AuthScheme::Bearer => req.bearer_auth(self.key().expose()),
         };
         if !r.query.is_empty() {
             req = req.query(&r.query);

@@ -720,6 +720,18 @@ impl LocalControlPlane {
         self.db().envs.get(env).map(|e| Secret::new(e.key.clone()))
     }
 
+    /// Gives an environment a new key; the old one is refused from then on, as after a rotation.
+    pub fn rotate_environment_key(&self, env: &str) -> Option<Secret> {
+        let key = {
+            let mut db = self.db();
+            let e = db.envs.get_mut(env)?;
+            e.key = random_token("sk-env-local-");
+            Secret::new(e.key.clone())
+        };
+        self.save();
+        Some(key)
+    }
+
     /// Writes the keys to `dir` (mode 0600 files `org.key` and `<env>.key`).
     pub fn write_keys(&self, dir: &std::path::Path) -> std::io::Result<()> {
         use std::os::unix::fs::OpenOptionsExt;

@@ -113,12 +113,20 @@ pub fn provision(image: &Path, dir: &Path, size: u64, owner: (u32, u32)) -> Resu
         let mkfs = mkfs().ok_or_else(|| DiskError::Mkfs(image.into(), "mkfs.ext4 not found".into()))?;
         // No journal (a session's scratch space needs no crash consistency of its own), no
         // reserved blocks (all of the limit is the session's), the root directory the jail user's.
-        let out = Command::new(mkfs)
-            .args(["-q", "-F", "-m", "0", "-O", "^has_journal", "-E"])
+        let mut cmd = Command::new(mkfs);
+        cmd.args(["-q", "-F", "-m", "0", "-O", "^has_journal", "-E"])
             .arg(format!("root_owner={}:{},nodiscard", owner.0, owner.1))
             .arg(&tmp)
-            .output()
-            .map_err(|e| DiskError::Mkfs(image.into(), e.to_string()))?;
+            .stdin(std::process::Stdio::null());
+        // A worker started from a terminal lends it to nothing it starts.
+        // SAFETY: between fork and exec the closure only calls setsid(2), async-signal-safe.
+        unsafe {
+            std::os::unix::process::CommandExt::pre_exec(&mut cmd, || {
+                libc::setsid();
+                Ok(())
+            });
+        }
+        let out = cmd.output().map_err(|e| DiskError::Mkfs(image.into(), e.to_string()))?;
         if !out.status.success() {
             let _ = std::fs::remove_file(&tmp);
             return Err(DiskError::Mkfs(image.into(), String::from_utf8_lossy(&out.stderr).trim().to_owned()));

@@ -65,6 +65,16 @@ fn read_key_file(p: &Path, check_mode: bool) -> Result<Secret, KeyError> {
     Ok(Secret::new(key))
 }
 
+/// The key as its file or credential holds it now, for a rotation; `None` for a key that came
+/// from the command line or the environment, which cannot change.
+pub fn reread(source: &KeySource) -> Option<Result<Secret, KeyError>> {
+    match source {
+        KeySource::File(p) => Some(read_key_file(p, true)),
+        KeySource::Credential(p) => Some(read_key_file(p, false)),
+        KeySource::CommandLine | KeySource::Environment => None,
+    }
+}
+
 /// Loads the environment key (the command line's, then a file, then the systemd credential,
 /// then the environment variable), refuses an organisation key in the environment unless
 /// allowed, and scrubs both variables — and a key given on the command line — from this

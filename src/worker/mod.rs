@@ -51,6 +51,9 @@ pub struct WorkerConfig {
     pub environment_id: String,
     pub api_url: String,
     pub key: Secret,
+    /// Where the key came from: a file or credential is read again on SIGHUP, when it changes,
+    /// and when the API refuses the key in hand (a rotation).
+    pub key_source: Option<key::KeySource>,
     /// The id sent as `Anthropic-Worker-ID` [default: host name and a random suffix, kept in the
     /// state directory].
     pub worker_id: Option<String>,
@@ -90,6 +93,7 @@ impl WorkerConfig {
             environment_id: environment_id.into(),
             api_url: api_url.into(),
             key,
+            key_source: None,
             worker_id: None,
             policy: "default".into(),
             max_sessions: 8,
@@ -123,6 +127,7 @@ pub(crate) struct Ctx {
     owner: (u32, u32),
     /// `limits.workspace_size` and `limits.outputs_size`: each session gets filesystems this size.
     disk: state::DiskSizes,
+    key_source: Option<key::KeySource>,
     heartbeat_every: Option<Duration>,
     max_idle: Duration,
     max_result_bytes: usize,
@@ -147,6 +152,26 @@ const STALE_SWEEP_EVERY: Duration = Duration::from_secs(60);
 const LOST_KEEP: Duration = Duration::from_secs(3600);
 
 impl Ctx {
+    /// Reads the environment key again from its file or credential and uses it from now on, when
+    /// it changed. Returns whether it did.
+    fn reload_key(&self) -> bool {
+        let Some(source) = &self.key_source else { return false };
+        match key::reread(source) {
+            Some(Ok(k)) => {
+                let changed = self.client.set_key(k);
+                if changed {
+                    tracing::info!(%source, "environment key reloaded");
+                }
+                changed
+            }
+            None => false,
+            Some(Err(e)) => {
+                tracing::error!(error = %e, "reading the environment key again failed; keeping the one in hand");
+                false
+            }
+        }
+    }
+
     /// Retires the kept items nobody handed back in time.
     fn sweep_lost(&self) {
         let expired: Vec<state::ItemRecord> = {
@@ -225,6 +250,7 @@ async fn context(cfg: &WorkerConfig) -> Result<Arc<Ctx>, WorkerError> {
         metrics,
         owner,
         disk,
+        key_source: cfg.key_source.clone(),
         heartbeat_every: cfg.heartbeat_every,
         max_idle: cfg.max_idle,
         max_result_bytes: cfg.max_result_bytes,
@@ -248,6 +274,50 @@ pub async fn run_one(
     Ok(item::run(ctx, item, None, shutdown).await)
 }
 
+/// Reloads the environment key on SIGHUP and when its file changes (checked every few seconds).
+async fn watch_key(ctx: Arc<Ctx>, mut shutdown: watch::Receiver<Shutdown>) {
+    use std::os::unix::fs::MetadataExt;
+    let path = match &ctx.key_source {
+        Some(key::KeySource::File(p) | key::KeySource::Credential(p)) => p.clone(),
+        _ => return,
+    };
+    let stamp = |p: &std::path::Path| std::fs::metadata(p).ok().map(|m| (m.ino(), m.len(), m.mtime(), m.mtime_nsec()));
+    let mut seen = stamp(&path);
+    let mut hup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+        Ok(s) => Some(s),
+        Err(e) => {
+            tracing::warn!(error = %e, "no SIGHUP handler; the key file is still watched");
+            None
+        }
+    };
+    loop {
+        let hup_recv = async {
+            match hup.as_mut() {
+                Some(h) => h.recv().await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            _ = hup_recv => {
+                tracing::info!("SIGHUP: reading the environment key again");
+                seen = stamp(&path);
+                ctx.reload_key();
+            }
+            () = tokio::time::sleep(KEY_CHECK_EVERY) => {
+                let now = stamp(&path);
+                if now != seen {
+                    seen = now;
+                    ctx.reload_key();
+                }
+            }
+            r = shutdown.changed() => if r.is_err() || *shutdown.borrow() != Shutdown::Running { return },
+        }
+    }
+}
+
+/// How often the key file is checked for a change.
+const KEY_CHECK_EVERY: Duration = Duration::from_secs(5);
+
 /// Runs until `shutdown` leaves `Running` and every session has been wound down.
 pub async fn run(cfg: WorkerConfig, mut shutdown: watch::Receiver<Shutdown>) -> Result<(), WorkerError> {
     let ctx = context(&cfg).await?;
@@ -269,6 +339,9 @@ pub async fn run(cfg: WorkerConfig, mut shutdown: watch::Receiver<Shutdown>) -> 
                 });
             }
         });
+    }
+    if ctx.key_source.as_ref().is_some_and(|s| key::reread(s).is_some()) {
+        tokio::spawn(watch_key(ctx.clone(), shutdown.clone()));
     }
     let slots = Arc::new(Semaphore::new(cfg.max_sessions.max(1)));
     let mut tasks = tokio::task::JoinSet::new();
@@ -373,6 +446,11 @@ pub async fn run(cfg: WorkerConfig, mut shutdown: watch::Receiver<Shutdown>) -> 
                 drained = true;
                 ctx.metrics.poll("empty");
                 (cfg.wake.is_none()).then(|| Duration::from_millis(fastrand::u64(1000..=3000)))
+            }
+            Err(ApiError::Auth { .. }) if ctx.reload_key() => {
+                ctx.metrics.poll("error");
+                tracing::info!("the API refused the old environment key; polling again with the new one");
+                None
             }
             Err(e) if !e.is_transient() => {
                 ctx.metrics.poll("error");
