@@ -663,20 +663,23 @@ fn sigterm_to_stockade_is_forwarded_then_enforced() {
 #[test]
 fn malformed_and_hostile_policies_fail_with_located_errors() {
     let d = TempDir::new("bad");
-    for (text, needle) in [
-        ("[limits]\nmemroy = \"1G\"\n", "policy.toml:3:1: unknown field `memroy`"),
-        ("[seccomp]\nallow = [\"@sytem-service\"]\n", "did you mean `@system-service`"),
-        ("[filesystem]\nread_only = [\"/nonexistent-stockade-path\"]\n", "mounts: /nonexistent-stockade-path"),
+    // A policy that does not load is an input error (2); one this host cannot build a jail from
+    // (a bind source it lacks) is a jail that could not be built (125).
+    for (text, needle, code) in [
+        ("[limits]\nmemroy = \"1G\"\n", "policy.toml:3:1: unknown field `memroy`", 2),
+        ("[seccomp]\nallow = [\"@sytem-service\"]\n", "did you mean `@system-service`", 2),
+        ("[filesystem]\nread_only = [\"/nonexistent-stockade-path\"]\n", "mounts: /nonexistent-stockade-path", 125),
         (
             "[filesystem]\nread_write = [\"/:/host\"]\n[landlock]\ncompatibility = \"strict\"\n",
             "unknown variant `strict`",
+            2,
         ),
     ] {
         let p = d.path().join("policy.toml");
         // A base named on purpose, so that only the error under test is said.
         std::fs::write(&p, format!("extends = \"none\"\n{text}")).unwrap();
         let r = stockade_run(&["--policy", p.to_str().unwrap()], &["/bin/true"]);
-        assert_eq!(r.code, 2, "a policy error is an input error: {text:?}: {r:?}");
+        assert_eq!(r.code, code, "{text:?}: {r:?}");
         assert!(r.stderr.contains(needle), "{text:?}: {r:?}");
         assert_eq!(r.stderr.lines().count(), 1, "one-line error: {r:?}");
     }
