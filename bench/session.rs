@@ -22,7 +22,7 @@ fn fixture() -> PathBuf {
     let _ = std::fs::remove_dir_all(&root);
     std::fs::create_dir_all(root.join("tree")).unwrap();
     let line = "the quick brown fox jumps over the lazy dog 0123456789\n";
-    std::fs::write(root.join("file4k.txt"), line.repeat(4096 / line.len() + 1)[..4096].as_bytes()).unwrap();
+    std::fs::write(root.join("file4k.txt"), &line.repeat(4096 / line.len() + 1).as_bytes()[..4096]).unwrap();
     // ~10 MB of text in 500 files, a few lines of which match.
     for i in 0..500 {
         let mut s = line.repeat(20_000 / line.len());

@@ -78,6 +78,8 @@ enum LogFormat {
     Json,
 }
 
+// Parsed once per process; boxing the larger variants would buy nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 enum Command {
     /// Run a command in a fresh jail built from a policy.

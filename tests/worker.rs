@@ -1245,7 +1245,7 @@ fn workspace_and_outputs_are_filesystems_of_the_policys_size() {
     assert!(completed(&v), "{v:#?}");
     let first = result_of(&v, 0);
     assert!(first.contains("No space left on device") && first.ends_with("\n1"), "{first}");
-    assert_eq!(result_of(&v, 1).lines().filter(|l| *l != "." && *l != "..").next(), Some("fill"), "no lost+found");
+    assert_eq!(result_of(&v, 1).lines().find(|l| *l != "." && *l != ".."), Some("fill"), "no lost+found");
     assert!(result_of(&v, 1).contains("No space left on device"), "{}", result_of(&v, 1));
     assert_eq!(result_of(&v, 2), "after");
     // At the end: nothing mounted, no image left, the report kept.

@@ -1058,7 +1058,7 @@ async fn record_request(State(cp): State<LocalControlPlane>, req: Request, next:
             return ApiErr(StatusCode::PAYLOAD_TOO_LARGE, "request_too_large", msg, None).into_response();
         }
     };
-    let query: Vec<(String, String)> = parts.uri.query().map(|q| url_pairs(q)).unwrap_or_default();
+    let query: Vec<(String, String)> = parts.uri.query().map(url_pairs).unwrap_or_default();
     let headers: BTreeMap<String, String> = parts
         .headers
         .iter()
@@ -1566,7 +1566,7 @@ async fn send_events(
                         return Err(invalid(format!("events.{i}.tool_use_id: no agent.tool_use {}", r.tool_use_id)));
                     }
                     let s = db.sessions.get_mut(&session).expect("exists");
-                    if s.answered_ms.contains_key(&r.tool_use_id) || s.answered_by.get(&r.tool_use_id).is_some() {
+                    if s.answered_ms.contains_key(&r.tool_use_id) || s.answered_by.contains_key(&r.tool_use_id) {
                         s.duplicate_results += 1;
                         tracing::warn!(tool_use_id = %r.tool_use_id, "a second result for one call");
                         return Err(invalid(format!("events.{i}: tool use {} already has a result", r.tool_use_id)));

@@ -259,7 +259,7 @@ impl JailCgroup {
             enable_v2_controller(&dir, c.name()).map_err(e)?;
         }
         let write = |file: &str, v: &str, optional: bool| -> Result<(), JailError> {
-            match write_kernel_file(&dir.join(file), v) {
+            match write_kernel_file(dir.join(file), v) {
                 // Swap accounting is off on this host: there is no swap limit to set.
                 Err(err) if optional && err.kind() == std::io::ErrorKind::NotFound => Ok(()),
                 r => r.map_err(|err| e(format!("write {} = {v}: {err}", dir.join(file).display()))),
@@ -514,7 +514,7 @@ mod tests {
             }
         };
         fs::create_dir(&dir).unwrap();
-        write_kernel_file(&dir.join("pids.max"), "7").unwrap();
+        write_kernel_file(dir.join("pids.max"), "7").unwrap();
         let (cg, report) = JailCgroup::create(&layout, &name, &limits).unwrap();
         assert_eq!(report.applied.len(), 1, "{report:?}");
         assert_eq!(read_kernel_file(dir.join("pids.max")).unwrap().trim(), "64", "the limit was not written");

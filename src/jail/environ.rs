@@ -32,7 +32,7 @@ pub fn build(
             env.insert(name.clone(), v.clone());
         }
     }
-    for (k, v) in policy.env.set.iter().map(|(k, v)| (k, v)).chain(extra.iter().map(|(k, v)| (k, v))) {
+    for (k, v) in policy.env.set.iter().chain(extra.iter().map(|(k, v)| (k, v))) {
         if k.is_empty() || k.contains('=') || k.contains('\0') || v.contains('\0') {
             return Err(JailError::new(Step::Preflight, format!("env: `{k}` is not a valid variable")));
         }
@@ -45,38 +45,6 @@ pub fn build(
         env.insert(k.clone(), v.clone());
     }
     Ok(env.into_iter().collect())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::policy::load_builtin;
-
-    #[test]
-    fn the_recorded_environment_block_is_the_one_proc_shows() {
-        let stat = std::fs::read_to_string("/proc/self/stat").unwrap();
-        let f: Vec<&str> = stat[stat.rfind(')').unwrap() + 1..].split_whitespace().collect();
-        let proc_range = (f[47].parse::<usize>().unwrap(), f[48].parse::<usize>().unwrap());
-        // cargo test always runs with a non-empty environment.
-        assert_eq!(recorded_env_block(), Some(proc_range));
-    }
-
-    #[test]
-    fn secrets_never_pass_and_extra_secret_is_refused() {
-        let (mut p, _) = load_builtin("default").unwrap();
-        p.env.pass.push("ANTHROPIC_ENVIRONMENT_KEY".into());
-        let host = vec![
-            ("ANTHROPIC_ENVIRONMENT_KEY".to_string(), "sk-secret".to_string()),
-            ("TERM".to_string(), "xterm".to_string()),
-            ("HOME".to_string(), "/root".to_string()),
-        ];
-        let env = build(&p, &host, &[]).unwrap();
-        assert!(env.iter().all(|(k, v)| k != "ANTHROPIC_ENVIRONMENT_KEY" && v != "sk-secret"));
-        assert!(env.contains(&("TERM".into(), "xterm".into())));
-        assert!(env.contains(&("HOME".into(), "/workspace".into())));
-        let err = build(&p, &host, &[("GH_TOKEN".into(), "x".into())]).unwrap_err();
-        assert!(err.msg.contains("GH_TOKEN"), "{err}");
-    }
 }
 
 /// Wipes this process's own environment: the libc `environ` list, and the original environment
@@ -230,4 +198,36 @@ fn recorded_env_block() -> Option<(usize, usize)> {
     use std::sync::atomic::Ordering;
     let (lo, hi) = (ENV_BLOCK[0].load(Ordering::Relaxed), ENV_BLOCK[1].load(Ordering::Relaxed));
     (hi > lo).then_some((lo, hi))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::policy::load_builtin;
+
+    #[test]
+    fn the_recorded_environment_block_is_the_one_proc_shows() {
+        let stat = std::fs::read_to_string("/proc/self/stat").unwrap();
+        let f: Vec<&str> = stat[stat.rfind(')').unwrap() + 1..].split_whitespace().collect();
+        let proc_range = (f[47].parse::<usize>().unwrap(), f[48].parse::<usize>().unwrap());
+        // cargo test always runs with a non-empty environment.
+        assert_eq!(recorded_env_block(), Some(proc_range));
+    }
+
+    #[test]
+    fn secrets_never_pass_and_extra_secret_is_refused() {
+        let (mut p, _) = load_builtin("default").unwrap();
+        p.env.pass.push("ANTHROPIC_ENVIRONMENT_KEY".into());
+        let host = vec![
+            ("ANTHROPIC_ENVIRONMENT_KEY".to_string(), "sk-secret".to_string()),
+            ("TERM".to_string(), "xterm".to_string()),
+            ("HOME".to_string(), "/root".to_string()),
+        ];
+        let env = build(&p, &host, &[]).unwrap();
+        assert!(env.iter().all(|(k, v)| k != "ANTHROPIC_ENVIRONMENT_KEY" && v != "sk-secret"));
+        assert!(env.contains(&("TERM".into(), "xterm".into())));
+        assert!(env.contains(&("HOME".into(), "/workspace".into())));
+        let err = build(&p, &host, &[("GH_TOKEN".into(), "x".into())]).unwrap_err();
+        assert!(err.msg.contains("GH_TOKEN"), "{err}");
+    }
 }

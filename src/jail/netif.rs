@@ -174,7 +174,7 @@ extern "C" fn helper_main(arg: *mut libc::c_void) -> libc::c_int {
     // process is reaped.
     let a = unsafe { &*(arg as *const HelperArgs) };
     let sock = a.sock as usize;
-    // SAFETY (for the calls below): system calls on descriptors owned by `a` and on buffers on
+    // SAFETY: for the calls below, system calls on descriptors owned by `a` and on buffers on
     // this stack; the process ends with exit(2) and never returns into the supervisor's code.
     unsafe {
         let exit = |code: usize| -> ! {

@@ -114,7 +114,7 @@ extern "C" fn child(arg: *mut c_void) -> c_int {
         // SAFETY: _exit ends this child without running anything of the init's.
         unsafe { libc::_exit(super::EXIT_SETUP_FAILED) }
     };
-    // SAFETY (for the calls below): plain system calls on valid, NUL-terminated strings and
+    // SAFETY: for the calls below, plain system calls on valid, NUL-terminated strings and
     // NULL-terminated pointer arrays built before the clone.
     unsafe {
         // A new session without a controlling terminal: TIOCSTI-style injection into the

@@ -115,13 +115,16 @@ pub struct DnsStats {
     pub failed: AtomicU64,
 }
 
+/// Admits answered addresses into the session's set, each for its TTL.
+pub type Admit = Box<dyn Fn(&[(Ipv4Addr, Duration)]) -> Result<(), String> + Send + Sync>;
+
 pub struct Resolver {
     pub session: String,
     pub patterns: Vec<DomainPattern>,
     pub upstream: Vec<SocketAddrV4>,
     /// Allow entries: an answer inside a private range is admitted only if one covers it.
     pub allowed_nets: Vec<Net4>,
-    pub admit: Box<dyn Fn(&[(Ipv4Addr, Duration)]) -> Result<(), String> + Send + Sync>,
+    pub admit: Admit,
     pub stats: Arc<DnsStats>,
     pub ttl_floor: Duration,
 }

@@ -527,7 +527,7 @@ pub fn table(reports: &[Report]) -> String {
     let mut s = String::new();
     for r in reports {
         let _ = writeln!(s, "{}", r.policy);
-        let _ = writeln!(s, "  {:<7} {:<27} {:>6}  {}", "VERDICT", "CHECK", "WEIGHT", "REASON (FIELD, WHERE)");
+        let _ = writeln!(s, "  {:<7} {:<27} {:>6}  REASON (FIELD, WHERE)", "VERDICT", "CHECK", "WEIGHT");
         for f in &r.findings {
             let mark = match f.verdict {
                 Verdict::Pass => "pass",

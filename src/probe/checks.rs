@@ -196,7 +196,7 @@ pub fn run(id: &str, ctx: &Ctx) -> Option<Outcome> {
             let sets: Vec<String> = ["CapInh:", "CapPrm:", "CapEff:", "CapBnd:", "CapAmb:"]
                 .iter()
                 .map(|f| (f, status_field(f)))
-                .filter(|(_, v)| v.trim_start_matches('0').len() > 0)
+                .filter(|(_, v)| !v.trim_start_matches('0').is_empty())
                 .map(|(f, v)| format!("{f} {v}"))
                 .collect();
             if sets.is_empty() {
@@ -479,7 +479,7 @@ fn setid_bits() -> Outcome {
     let path = |n: &str| CString::new(format!("{dir}/{n}")).expect("no NUL");
     let plain = path("plain");
     let mut got = Vec::new();
-    // SAFETY (for the calls below): plain system calls on NUL-terminated paths that live to the end.
+    // SAFETY: for the calls below, plain system calls on NUL-terminated paths that live to the end.
     unsafe {
         let fd = libc::open(plain.as_ptr(), libc::O_CREAT | libc::O_WRONLY, 0o644);
         if fd < 0 {

@@ -103,12 +103,12 @@ impl Session {
 /// The default cap on one request line of `stockade session`.
 pub const DEFAULT_MAX_REQUEST: usize = 64 << 20;
 
+/// A line too long to keep: its first bytes (where the id is) and its length.
+type Oversize = (Vec<u8>, usize);
+
 /// One input line, read without holding more than `max` bytes of it: `Ok(None)` at EOF,
-/// `Err((head, len))` for a longer line, with its first bytes (where the id is) and its length.
-fn read_line_bounded<R: BufRead>(
-    input: &mut R,
-    max: usize,
-) -> std::io::Result<Option<Result<Vec<u8>, (Vec<u8>, usize)>>> {
+/// `Err(Oversize)` for a longer line.
+fn read_line_bounded<R: BufRead>(input: &mut R, max: usize) -> std::io::Result<Option<Result<Vec<u8>, Oversize>>> {
     const HEAD: usize = 4096;
     let mut line = Vec::new();
     let mut len = 0usize;

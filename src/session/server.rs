@@ -148,11 +148,7 @@ pub fn serve(channel: &OwnedFd, env: &[(String, String)], tools: &Ctx, scope: Ki
     };
     let mut server =
         Server { shell: Shell::new(tools.cwd.clone(), env.to_vec(), scope), helper: None, tools: tools.clone() };
-    loop {
-        let req: Request = match frame::read(&mut chan) {
-            Ok(Some(r)) => r,
-            _ => break,
-        };
+    while let Ok(Some(req)) = frame::read::<_, Request>(&mut chan) {
         server.reap();
         let result = if req.name == "bash" { server.shell.call(&req.input) } else { server.file_tool(&req) };
         server.reap();

@@ -3,7 +3,8 @@
 //! Every answer is the one the official runner gives (the reference implementation in the
 //! Python SDK, `anthropic/lib/tools/agent_toolset.py`): the same content blocks, the same
 //! `is_error`, the same limits and messages, byte for byte. The places where Stockade answers
-//! differently on purpose are listed in `DIVERGENCES` and in the README.
+//! differently on purpose are listed in the README ("Sessions and the six tools") and, as known
+//! divergences, in the differential suite (`tests/sdk/test_toolset_differential.py`).
 //!
 //! The file tools are plain functions of their input and a working directory. In a session they
 //! run *inside* the jail, in a helper process under the jail's landlock and seccomp rules, so the
@@ -87,25 +88,6 @@ impl ToolResult {
 
 /// The six tool names.
 pub const TOOLS: &[&str] = &["bash", "read", "write", "edit", "glob", "grep"];
-
-/// Where Stockade answers differently from the official runner, and why. The differential
-/// suite (`tests/sdk/test_toolset_differential.py`) lists the same cases as known divergences.
-pub const DIVERGENCES: &[(&str, &str)] = &[
-    (
-        "paths outside /workspace",
-        "the jail, not a path check, is the boundary: /tmp and /mnt/session/outputs work \
-         (tools.confine_paths = true refuses them as the official runner does)",
-    ),
-    (
-        "bash after the shell exits (`exit 3`, `exec`)",
-        "the official runner answers every later call with an error until a restart; Stockade \
-         starts a new shell at once and says so in that call's result",
-    ),
-    (
-        "grep across several files",
-        "ripgrep prints files in the order its threads finish; Stockade prints them sorted by path",
-    ),
-];
 
 /// How the file tools treat paths.
 #[derive(Debug, Clone)]
