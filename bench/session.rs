@@ -70,7 +70,12 @@ fn ops(ws: &Path) -> Vec<(&'static str, usize, Value)> {
     let w = ws.display();
     vec![
         ("read 4 KiB", 500, json!({"file_path": format!("{w}/file4k.txt")})),
-        ("write 4 KiB", 500, json!({"file_path": format!("{w}/out.txt"), "content": "x".repeat(4096)})),
+        // Each side its own file: one written by the unjailed (root) server is not the jail user's.
+        (
+            "write 4 KiB",
+            500,
+            json!({"file_path": format!("{w}/out-{}.txt", ws == Path::new("/workspace")), "content": "x".repeat(4096)}),
+        ),
         ("grep 10 MB tree", 20, json!({"pattern": "needle\\d+", "path": format!("{w}/tree")})),
         ("bash true", 300, json!({"command": "true"})),
     ]

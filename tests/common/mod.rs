@@ -43,6 +43,16 @@ impl TempDir {
 
 impl Drop for TempDir {
     fn drop(&mut self) {
+        // A worker killed or stopped mid-session keeps its sessions' filesystems mounted for its
+        // restart (limits.workspace_size): a test's directory takes them down with it.
+        let prefix = format!("{}/", self.0.display());
+        let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
+        let mut under: Vec<&str> =
+            mounts.lines().filter_map(|l| l.split(' ').nth(1)).filter(|m| m.starts_with(&prefix)).collect();
+        under.sort_by_key(|m| std::cmp::Reverse(m.len()));
+        for m in under {
+            let _ = nix::mount::umount2(m, nix::mount::MntFlags::MNT_DETACH);
+        }
         let _ = std::fs::remove_dir_all(&self.0);
     }
 }
