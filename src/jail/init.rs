@@ -79,7 +79,7 @@ pub(crate) fn child_main(ctx: ChildCtx) -> ! {
     let code = match detached.and_then(|()| setup(&ctx)) {
         Ok(Some(child)) => supervise_command(child),
         Ok(None) => match ctx.payload {
-            super::Payload::Session { channel, .. } => {
+            super::Payload::Session { channel, serve, .. } => {
                 // Ready: the supervisor sees EOF on the report pipe once our copy is closed
                 // (nothing has been forked yet, so no other copy exists).
                 close_raw(ctx.pipes.report_write.as_raw_fd());
@@ -105,15 +105,7 @@ pub(crate) fn child_main(ctx: ChildCtx) -> ! {
                         close_raw(1);
                     }
                 }
-                crate::session::server::serve(
-                    channel,
-                    ctx.env_pairs,
-                    &crate::tools::Ctx {
-                        cwd: std::path::PathBuf::from(mounts::WORKSPACE),
-                        confine: ctx.policy.tools.confine_paths,
-                    },
-                    crate::tools::bash::KillScope::Namespace,
-                )
+                serve(channel, ctx.env_pairs, ctx.policy)
             }
             super::Payload::Command => EXIT_SETUP_FAILED,
         },

@@ -132,10 +132,14 @@ static JAIL_SEQ: AtomicU32 = AtomicU32::new(0);
 pub enum Payload {
     /// Exec the spec's command and supervise it.
     Command,
-    /// Serve tool calls on `channel`, one end of a socketpair (see `session`); `host_end` is the
-    /// caller's end, which the jail closes. Both must be close-on-exec.
-    Session { channel: std::os::fd::OwnedFd, host_end: std::os::fd::RawFd },
+    /// Run `serve` as PID 1 with `channel`, one end of a socketpair (see `session`), the jail's
+    /// environment and its policy; `host_end` is the caller's end, which the jail closes. Both
+    /// must be close-on-exec. The jail knows nothing of what is served.
+    Session { channel: std::os::fd::OwnedFd, host_end: std::os::fd::RawFd, serve: ServeFn },
 }
+
+/// PID 1's work in a session jail: (channel, environment, policy) to an exit code.
+pub type ServeFn = fn(&std::os::fd::OwnedFd, &[(String, String)], &Policy) -> i32;
 
 /// A built, running jail.
 pub struct Jail {

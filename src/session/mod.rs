@@ -72,7 +72,8 @@ impl Session {
         let (host, jail_end) =
             UnixStream::pair().map_err(|e| JailError::new(Step::Preflight, format!("socketpair: {e}")))?;
         let host_end = host.as_raw_fd();
-        let jail = Jail::start(spec, Payload::Session { channel: jail_end.into(), host_end })?;
+        let jail =
+            Jail::start(spec, Payload::Session { channel: jail_end.into(), host_end, serve: server::serve_in_jail })?;
         Ok(Session { jail, chan: Channel(host) })
     }
 
