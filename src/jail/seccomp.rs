@@ -206,9 +206,12 @@ fn rules_for(c: ArgCond, name: &str, families: &[u64]) -> Result<Vec<SeccompRule
     let one = |conds: Vec<Cond>| SeccompRule::new(conds);
     Ok(match c {
         ArgCond::NoNamespaceFlags => vec![one(vec![cond(0, Len::Qword, Op::MaskedEq(CLONE_NAMESPACE_FLAGS), 0)?])?],
-        ArgCond::NoTtyInjection => {
-            vec![one(vec![cond(1, Len::Dword, Op::Ne, libc::TIOCSTI)?, cond(1, Len::Dword, Op::Ne, libc::TIOCLINUX)?])?]
-        }
+        // The ioctl numbers are u64 in glibc's libc bindings and i32 in musl's.
+        #[allow(clippy::unnecessary_cast)]
+        ArgCond::NoTtyInjection => vec![one(vec![
+            cond(1, Len::Dword, Op::Ne, libc::TIOCSTI as u64)?,
+            cond(1, Len::Dword, Op::Ne, libc::TIOCLINUX as u64)?,
+        ])?],
         ArgCond::SafePersonality => [PER_LINUX, PER_LINUX32, UNAME26, PER_LINUX32 | UNAME26, PERSONALITY_QUERY]
             .into_iter()
             .map(|v| one(vec![cond(0, Len::Dword, Op::Eq, v)?]))
@@ -368,6 +371,8 @@ mod tests {
     }
 
     #[test]
+    // The ioctl numbers are u64 in glibc's libc bindings and i32 in musl's.
+    #[allow(clippy::unnecessary_cast)]
     fn tree_layout_matches_seccompilers_linear_filter_for_every_syscall() {
         let mut policies = Vec::new();
         for name in ["default", "strict", "ci"] {
@@ -386,10 +391,10 @@ mod tests {
                 (libc::CLONE_NEWUSER | libc::SIGCHLD) as u64,
                 (libc::CLONE_VM | libc::CLONE_THREAD) as u64,
                 libc::CLONE_NEWNET as u64 | (1 << 40),
-                libc::TIOCSTI,
-                libc::TIOCLINUX,
-                libc::TCGETS,
-                libc::TIOCSTI | (1 << 32),
+                libc::TIOCSTI as u64,
+                libc::TIOCLINUX as u64,
+                libc::TCGETS as u64,
+                libc::TIOCSTI as u64 | (1 << 32),
                 libc::AF_INET as u64,
                 libc::AF_PACKET as u64,
                 libc::AF_NETLINK as u64,
