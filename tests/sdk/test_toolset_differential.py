@@ -88,7 +88,10 @@ def build_tree(rng, root):
     (root / "PHOTO.JPG").write_bytes(bytes(rng.randrange(256) for _ in range(100)))
     (root / "doc.pdf").write_bytes(b"%PDF-1.4\n" + bytes(rng.randrange(256) for _ in range(500)))
     (root / "huge.png").write_bytes(b"\x89PNG" + b"\0" * (4 * 1024 * 1024))
-    files += ["pic.png", "PHOTO.JPG", "doc.pdf", "huge.png"]
+    with (root / "huge.pdf").open("wb") as f:  # over the 20 MiB PDF cap, sparse
+        f.write(b"%PDF-1.4\n")
+        f.truncate(21 * 1024 * 1024)
+    files += ["pic.png", "PHOTO.JPG", "doc.pdf", "huge.png", "huge.pdf"]
     (root / ".ignore").write_bytes(b"*.log\n")
     files.append(".ignore")
     # Symlinks that stay inside the tree, one dangling.
@@ -192,6 +195,8 @@ SCRIPTED = [
     {"name": "read", "input": {"file_path": "oneline.txt", "view_range": [1, 1]}},
     {"name": "read", "input": {"file_path": "oneline.txt", "view_range": [2, 5]}},
     {"name": "read", "input": {"file_path": "huge.png"}},
+    {"name": "read", "input": {"file_path": "huge.pdf"}},
+    {"name": "read", "input": {"file_path": "doc.pdf"}},
     {"name": "read", "input": {"file_path": "pic.png", "view_range": [1, 2]}},
     {"name": "read", "input": {"file_path": "dangling"}},
     {"name": "read", "input": {"file_path": "nul\u0000byte"}},
