@@ -157,7 +157,8 @@ pub(super) async fn run(
         let lease_tx = Arc::new(lease_tx);
         // The record is written before the heartbeat starts: the heartbeat rewrites it with each
         // lease it echoes, and a record written after one would forget that lease.
-        let dirs = match ctx.state.hold(&rec, ctx.owner, ctx.disk) {
+        // Blocking work (with disk limits, mkfs and mount): off the runtime's other tasks.
+        let dirs = match tokio::task::block_in_place(|| ctx.state.hold(&rec, ctx.owner, ctx.disk)) {
             Ok(d) => d,
             Err(e) => {
                 tracing::error!(error = %e, "cannot set up the session's directories");
@@ -200,7 +201,7 @@ pub(super) async fn run(
                     .insert(item.id.clone(), (rec.clone(), Instant::now()));
                 (None, Vec::new())
             }
-            _ => ctx.state.retire(&rec),
+            _ => tokio::task::block_in_place(|| ctx.state.retire(&rec)),
         };
         ctx.metrics.active_sessions.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
         tracing::info!(
