@@ -28,8 +28,13 @@ fn namespaces_are_all_new_and_ids_map_to_an_unprivileged_range() {
     }
     let rest: Vec<&str> = r.stdout.lines().skip(7).map(str::trim).collect();
     let squash = |s: &str| s.split_whitespace().collect::<Vec<_>>().join(" ");
-    assert_eq!(squash(rest[0]), "0 100000 65536", "uid_map");
-    assert_eq!(squash(rest[1]), "0 100000 65536", "gid_map");
+    // A range of the jail's own: host_id_base (100000) plus a multiple of 65536 (`idpool`).
+    let uid_map: Vec<u64> = squash(rest[0]).split(' ').map(|n| n.parse().unwrap()).collect();
+    assert!(
+        uid_map[0] == 0 && uid_map[2] == 65536 && uid_map[1] >= 100000 && (uid_map[1] - 100000) % 65536 == 0,
+        "uid_map {uid_map:?}"
+    );
+    assert_eq!(squash(rest[1]), squash(rest[0]), "gid_map");
     assert_eq!(rest[2], "1000");
     assert_eq!(rest[3], "1000");
     assert_eq!(rest[4], "parent 1", "the command is a child of the jail's init");

@@ -408,3 +408,46 @@ fn no_host_command_line_is_visible_in_the_jail() {
     assert!(out.lines().any(|l| l.trim() == "stockade-init"), "{out}");
     assert_eq!(s.end(), 0);
 }
+
+/// Every session is charged to a host uid of its own, never to root's (the user namespace is
+/// created under that uid): one session exhausting its inotify instances leaves another
+/// session's and host root's untouched.
+#[test]
+fn per_user_kernel_counts_are_a_sessions_own() {
+    if needs_root() {
+        return;
+    }
+    let max: usize =
+        std::fs::read_to_string("/proc/sys/fs/inotify/max_user_instances").unwrap().trim().parse().unwrap();
+    let mut a = Sess::start(&[]);
+    let mut b = Sess::start(&[]);
+    let host_uid = |s: &Sess| {
+        let init = s.child.id();
+        // The session's init is a child of `stockade session`; its status shows the host uids.
+        let kids = std::fs::read_to_string(format!("/proc/{init}/task/{init}/children")).unwrap_or_default();
+        let pid = kids.split_whitespace().next().unwrap_or_else(|| panic!("no jail under {init}")).to_owned();
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+        status.lines().find(|l| l.starts_with("Uid:")).unwrap().split_whitespace().nth(2).unwrap().to_owned()
+    };
+    a.bash("true");
+    b.bash("true");
+    let (ua, ub) = (host_uid(&a), host_uid(&b));
+    assert_ne!(ua, ub, "two sessions, two host uids");
+    assert_ne!(ua, "0");
+    // Session A takes every inotify instance it can and keeps them (a background holder).
+    let grab = "python3 -c 'import ctypes, os, time\nlibc = ctypes.CDLL(None)\nn = 0\nwhile libc.inotify_init() >= 0: n += 1\nprint(n, flush=True)\nos.close(1)\ntime.sleep(60)' > /tmp/n & sleep 1; cat /tmp/n";
+    let got_a: usize = a.bash(grab).trim().parse().unwrap();
+    assert!(got_a + 8 >= max, "session A got {got_a} of {max}");
+    let got_b: usize = b.bash(grab).trim().parse().unwrap();
+    assert!(got_b + 8 >= max, "session B got only {got_b} of {max} while A holds {got_a}");
+    // Host root can still make instances.
+    // SAFETY: inotify_init1 and close on descriptors this test owns.
+    let fds: Vec<i32> = (0..4).map(|_| unsafe { libc::inotify_init1(libc::IN_CLOEXEC) }).collect();
+    assert!(fds.iter().all(|f| *f >= 0), "host root starved: {fds:?}");
+    for f in fds {
+        // SAFETY: see above.
+        unsafe { libc::close(f) };
+    }
+    assert_eq!(a.end(), 0);
+    assert_eq!(b.end(), 0);
+}

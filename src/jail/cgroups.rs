@@ -373,6 +373,21 @@ impl Entry {
         self.v2_dir.as_ref().map(|f| f.as_fd())
     }
 
+    /// Makes the jail enter its v2 cgroup itself, like the v1 ones, instead of being cloned into
+    /// it: `cgroup.procs` opened here, by the supervisor, written `0` by the jail.
+    pub fn enter_v2_from_inside(&mut self) -> Result<(), JailError> {
+        let Some(dir) = self.v2_dir.take() else { return Ok(()) };
+        let fd = nix::fcntl::openat(
+            dir.as_fd(),
+            "cgroup.procs",
+            nix::fcntl::OFlag::O_WRONLY | nix::fcntl::OFlag::O_CLOEXEC,
+            nix::sys::stat::Mode::empty(),
+        )
+        .map_err(|e| JailError::new(Step::Cgroups, format!("open the v2 cgroup's cgroup.procs: {e}")))?;
+        self.v1_tasks.push((PathBuf::from("cgroup v2 cgroup.procs"), fd));
+        Ok(())
+    }
+
     /// The `tasks` files, as the supervisor hands them to the jail (see `sync::send_setup`).
     pub(super) fn for_sending(&self) -> (Vec<PathBuf>, Vec<BorrowedFd<'_>>) {
         self.v1_tasks.iter().map(|(p, f)| (p.clone(), f.as_fd())).unzip()

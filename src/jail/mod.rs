@@ -31,6 +31,7 @@ pub mod error;
 pub mod etc;
 pub mod fsio;
 pub mod idmap;
+pub mod idpool;
 mod init;
 pub mod landlock;
 pub mod mounts;
@@ -154,6 +155,8 @@ pub struct Jail {
     finished: bool,
     /// veth mode: the host side of the session's network, removed after the jail.
     net: Option<crate::net::SessionNet>,
+    /// As root: the host id range this jail maps onto, held until everything of it is gone.
+    _ids: Option<idpool::Slot>,
 }
 
 /// Builds the jail, runs the command to completion and tears everything down.
@@ -217,7 +220,12 @@ impl Jail {
             }
         }
         disk::check(p, spec.workspace.as_deref(), spec.outputs.as_deref())?;
-        let ids = IdMapping::for_host(&p.user);
+        // As root, a host id range of the jail's own (see `idpool`); rootless, the invoking user.
+        let id_slot = if nix::unistd::geteuid().is_root() { Some(idpool::take(p.user.host_id_base)?) } else { None };
+        let ids = match &id_slot {
+            Some(s) => IdMapping::Range { host_base: s.host_base(p.user.host_id_base) },
+            None => IdMapping::for_host(&p.user),
+        };
         let (host_uid, host_gid) = ids.host_ids(&p.user);
         // As root, a workspace owned by someone else is shown to the jail user through an
         // id-mapped mount; rootless, the jail user is the invoking user and owns what it reaches.
@@ -285,14 +293,26 @@ impl Jail {
             outputs_tree: outputs_tree.as_ref(),
             resolver: veth.map(|(_, host)| host),
         };
-        let entry = match cgroup.as_ref().map(JailCgroup::entry).transpose() {
+        let mut entry = match cgroup.as_ref().map(JailCgroup::entry).transpose() {
             Ok(entry) => entry,
             Err(e) => return Err(restore(e, &mut cgroup)),
         };
+        // The user namespace is created under the jail user's host uid, which may not clone into
+        // a cgroup it cannot write: the jail enters its v2 cgroup itself, through a descriptor
+        // opened here (the kernel checks the opener's credentials).
+        let owner = id_slot.is_some().then_some(host_uid);
+        if owner.is_some() {
+            if let Some(e) = entry.as_mut() {
+                if let Err(err) = e.enter_v2_from_inside() {
+                    return Err(restore(err, &mut cgroup));
+                }
+            }
+        }
         // Otherwise the jail makes its network namespace itself, beside its other work.
         let with_net = netif::namespace_with_clone(p);
         let cpus = affinity::current();
-        let child = match namespaces::fork_into_namespaces(entry.as_ref().and_then(|e| e.clone_into()), with_net) {
+        let child = match namespaces::fork_into_namespaces(entry.as_ref().and_then(|e| e.clone_into()), with_net, owner)
+        {
             Err(e) => return Err(restore(e, &mut cgroup)),
             Ok(None) => init::child_main(init::ChildCtx {
                 policy: p,
@@ -390,7 +410,18 @@ impl Jail {
             return Err(restore(e, &mut cgroup));
         }
         let deadline = spec.timeout.or(p.limits.timeout.map(|d| d.0)).map(|t| Instant::now() + t);
-        Ok(Jail { init: child, cgroup, go_write, old_mask, deadline, report, t0, finished: false, net: session_net })
+        Ok(Jail {
+            init: child,
+            cgroup,
+            go_write,
+            old_mask,
+            deadline,
+            report,
+            t0,
+            finished: false,
+            net: session_net,
+            _ids: id_slot,
+        })
     }
 
     /// The jail's init, as seen from the host.

@@ -5,7 +5,7 @@
 //! mode the network namespace is made later, beside the jail's other work (see `netif::NetnsHelper`).
 
 use nix::sched::CloneFlags;
-use nix::unistd::Pid;
+use nix::unistd::{Pid, Uid};
 use std::fmt::Write as _;
 use std::os::fd::{AsRawFd, BorrowedFd};
 
@@ -29,11 +29,28 @@ pub const JAIL_NAMESPACES: CloneFlags = CloneFlags::CLONE_NEWUSER
 ///
 /// With `cgroup` (a cgroup v2 directory) the child is created inside that cgroup
 /// (`clone3` with `CLONE_INTO_CGROUP`), so it never has to be migrated there.
-pub fn fork_into_namespaces(cgroup: Option<BorrowedFd>, with_net: bool) -> Result<Option<Pid>, JailError> {
+pub fn fork_into_namespaces(
+    cgroup: Option<BorrowedFd>,
+    with_net: bool,
+    owner: Option<u32>,
+) -> Result<Option<Pid>, JailError> {
     ensure_single_threaded()?;
     let namespaces = if with_net { JAIL_NAMESPACES } else { JAIL_NAMESPACES.difference(CloneFlags::CLONE_NEWNET) };
     let names =
         if with_net { "NEWUSER|NEWNS|NEWPID|NEWIPC|NEWUTS|NEWNET" } else { "NEWUSER|NEWNS|NEWPID|NEWIPC|NEWUTS" };
+    // The new user namespace's owner is the creator's effective uid: the kernel charges the
+    // jail's per-user counts up to that uid (see `idpool`), so not to root. Only the effective
+    // uid changes, and only around the clone; the real and saved uids stay 0 to come back.
+    // A credential change clears this process's own parent-death signal (a worker's session
+    // process has one): it is read here and armed again after the clone.
+    let mut pdeath: libc::c_int = 0;
+    let ppid = nix::unistd::getppid();
+    if let Some(uid) = owner {
+        // SAFETY: PR_GET_PDEATHSIG writes one int through the pointer, which is valid.
+        unsafe { libc::prctl(libc::PR_GET_PDEATHSIG, &mut pdeath as *mut libc::c_int) };
+        nix::unistd::setresuid(Uid::from_raw(u32::MAX), Uid::from_raw(uid), Uid::from_raw(u32::MAX))
+            .map_err(|e| JailError::new(Step::Namespaces, format!("seteuid({uid}) for the user namespace: {e}")))?;
+    }
     let ret = match cgroup {
         None => {
             let flags = namespaces.bits() as libc::c_ulong | libc::SIGCHLD as libc::c_ulong;
@@ -54,9 +71,25 @@ pub fn fork_into_namespaces(cgroup: Option<BorrowedFd>, with_net: bool) -> Resul
             unsafe { libc::syscall(libc::SYS_clone3, &args as *const CloneArgs, std::mem::size_of::<CloneArgs>()) }
         }
     };
+    let clone_err = std::io::Error::last_os_error();
+    if ret != 0 && owner.is_some() {
+        // The supervisor (and a failed clone's caller) is root again; the child keeps the uid.
+        if let Err(e) = nix::unistd::setresuid(Uid::from_raw(u32::MAX), Uid::from_raw(0), Uid::from_raw(u32::MAX)) {
+            return Err(JailError::new(Step::Namespaces, format!("seteuid(0) after the clone: {e}")));
+        }
+        if pdeath != 0 {
+            // SAFETY: prctl(PR_SET_PDEATHSIG) takes integer arguments only.
+            unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, pdeath as libc::c_ulong, 0, 0, 0) };
+            // The parent may have died while the signal was unset: deliver it now.
+            if nix::unistd::getppid() != ppid {
+                // SAFETY: raise(3) with a signal number this process was asked to receive.
+                unsafe { libc::raise(pdeath) };
+            }
+        }
+    }
     match ret {
         -1 => {
-            let err = std::io::Error::last_os_error();
+            let err = clone_err;
             Err(match cgroup {
                 Some(_) => JailError::new(Step::Namespaces, format!("clone3({names}, INTO_CGROUP): {err}")),
                 None => JailError::new(
@@ -221,7 +254,7 @@ mod tests {
         // malloc usable in the child of a multi-threaded process.
         let pid = unsafe { libc::fork() };
         if pid == 0 {
-            let code = match fork_into_namespaces(Some(cg.as_fd()), true) {
+            let code = match fork_into_namespaces(Some(cg.as_fd()), true, None) {
                 Ok(None) => {
                     let mine = std::fs::read_to_string("/proc/self/cgroup").unwrap_or_default();
                     let inside = mine.lines().any(|l| l.starts_with("0::") && l.ends_with(&format!("/{name}")));
