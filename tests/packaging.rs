@@ -280,3 +280,83 @@ fn man_pages_cover_every_subcommand_and_the_policy_format() {
     let page = String::from_utf8_lossy(&page.stdout);
     assert!(page.contains("stockade\\-run(1)") && names.contains("stockade-run.1"));
 }
+
+/// deploy/prometheus/alerts.yml and deploy/grafana/stockade.json: well formed, every rule
+/// complete, and every metric they read one that Stockade exports (a worker's /metrics, or
+/// `stockade stats --prometheus`). No PromQL checker installs from the package registries here,
+/// so the check is structural.
+#[test]
+fn alert_rules_and_dashboard_read_only_metrics_stockade_exports() {
+    use stockade::worker::metrics::{queue_gauges, Metrics};
+    let m = Metrics::default();
+    m.poll("item");
+    m.tool_call("bash", false, std::time::Duration::from_millis(3));
+    m.jail_built(std::time::Duration::from_millis(9));
+    let stats: stockade::control_plane::wire::WorkQueueStats = serde_json::from_value(serde_json::json!({
+        "depth": 1, "pending": 0, "oldest_queued_at": null, "workers_polling": 1
+    }))
+    .unwrap();
+    let exported = format!("{}{}", m.render(), queue_gauges("env_x", &stats, std::time::SystemTime::now()));
+    let known: std::collections::BTreeSet<String> = exported
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+        .map(|l| l.split(['{', ' ']).next().unwrap().to_owned())
+        .collect();
+    let metrics_in = |expr: &str| -> Vec<String> {
+        let mut v = Vec::new();
+        let b = expr.as_bytes();
+        let mut i = 0;
+        while let Some(at) = expr[i..].find("stockade_") {
+            let start = i + at;
+            let mut end = start;
+            while end < b.len() && (b[end].is_ascii_alphanumeric() || b[end] == b'_') {
+                end += 1;
+            }
+            v.push(expr[start..end].to_owned());
+            i = end;
+        }
+        v
+    };
+    let script = "import sys, json, yaml\nprint(json.dumps(yaml.safe_load(open(sys.argv[1]))))";
+    let o = Command::new("python3")
+        .args(["-c", script, &format!("{ROOT}/deploy/prometheus/alerts.yml")])
+        .output()
+        .expect("python3 with PyYAML (.ci/run installs it)");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let rules: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let mut names = Vec::new();
+    for g in rules["groups"].as_array().unwrap() {
+        for r in g["rules"].as_array().unwrap() {
+            let name = r["alert"].as_str().unwrap_or_else(|| panic!("a rule without a name: {r}"));
+            let expr = r["expr"].as_str().unwrap_or_else(|| panic!("{name}: no expr"));
+            assert!(["warning", "critical"].contains(&r["labels"]["severity"].as_str().unwrap_or("")), "{name}");
+            assert!(r["annotations"]["summary"].is_string(), "{name}: no summary");
+            assert_eq!(expr.matches('(').count(), expr.matches(')').count(), "{name}: {expr}");
+            for metric in metrics_in(expr) {
+                assert!(known.contains(&metric), "{name} reads {metric}, which Stockade does not export: {known:?}");
+            }
+            names.push(name.to_owned());
+        }
+    }
+    for want in [
+        "StockadeQueueGrowing",
+        "StockadeOldestQueuedItemTooOld",
+        "StockadeNoWorkerPolling",
+        "StockadeLeaseLosses",
+        "StockadeJailBuildFailures",
+    ] {
+        assert!(names.iter().any(|n| n == want), "no {want} rule");
+    }
+    let dash: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(format!("{ROOT}/deploy/grafana/stockade.json")).unwrap())
+            .unwrap();
+    let panels = dash["panels"].as_array().unwrap();
+    assert!(panels.len() >= 6);
+    for p in panels {
+        for t in p["targets"].as_array().unwrap() {
+            for metric in metrics_in(t["expr"].as_str().unwrap()) {
+                assert!(known.contains(&metric), "panel {} reads {metric}: {known:?}", p["title"]);
+            }
+        }
+    }
+}

@@ -213,8 +213,12 @@ pub struct StatsArgs {
     #[arg(long)]
     api_key_file: Option<PathBuf>,
     /// Print the statistics as the API returns them (JSON).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "prometheus")]
     json: bool,
+    /// Print them as Prometheus gauges, for node_exporter's textfile collector
+    /// (deploy/prometheus/alerts.yml alerts on them).
+    #[arg(long)]
+    prometheus: bool,
 }
 
 #[derive(Args)]
@@ -698,6 +702,13 @@ pub fn stats(a: StatsArgs) -> i32 {
         match client.stats(&a.environment_id).await {
             Ok(s) if a.json => {
                 println!("{}", serde_json::to_string(&s).expect("serialises"));
+                0
+            }
+            Ok(s) if a.prometheus => {
+                print!(
+                    "{}",
+                    stockade::worker::metrics::queue_gauges(&a.environment_id, &s, std::time::SystemTime::now())
+                );
                 0
             }
             Ok(s) => {

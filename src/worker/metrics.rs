@@ -46,6 +46,7 @@ pub struct Metrics {
     pub heartbeat_failures: AtomicU64,
     pub lease_losses: AtomicU64,
     pub result_post_retries: AtomicU64,
+    pub jail_build_failures: AtomicU64,
     polls: Mutex<BTreeMap<&'static str, u64>>,
     tool_calls: Mutex<BTreeMap<(String, &'static str), u64>>,
     tool_latency: Mutex<BTreeMap<String, Histogram>>,
@@ -99,6 +100,12 @@ impl Metrics {
             self.lease_losses.load(Relaxed).to_string(),
         );
         simple(
+            "stockade_jail_build_failures_total",
+            "counter",
+            "Session jails that could not be built (the item failed).",
+            self.jail_build_failures.load(Relaxed).to_string(),
+        );
+        simple(
             "stockade_result_post_retries_total",
             "counter",
             "Tool results posted again after a failure.",
@@ -128,6 +135,33 @@ impl Metrics {
     }
 }
 
+/// An environment's queue (`stockade stats --prometheus`) as Prometheus gauges, for
+/// node_exporter's textfile collector.
+pub fn queue_gauges(env: &str, s: &crate::control_plane::wire::WorkQueueStats, now: std::time::SystemTime) -> String {
+    let env: String = env.chars().filter(|c| c.is_ascii_alphanumeric() || *c == '_' || *c == '-').collect();
+    let oldest = s
+        .oldest_queued_at
+        .as_deref()
+        .and_then(|t| crate::util::parse_rfc3339(t).ok())
+        .map(|t| now.duration_since(t).unwrap_or_default().as_secs_f64())
+        .unwrap_or(0.0);
+    let mut o = String::new();
+    let mut gauge = |name: &str, help: &str, v: String| {
+        o.push_str(&format!("# HELP {name} {help}\n# TYPE {name} gauge\n{name}{{environment_id=\"{env}\"}} {v}\n"));
+    };
+    gauge("stockade_queue_depth", "Work items in the environment's queue.", s.depth.to_string());
+    gauge("stockade_queue_pending", "Work items handed out and not yet acknowledged.", s.pending.to_string());
+    gauge(
+        "stockade_queue_oldest_age_seconds",
+        "Age of the oldest queued work item (0 when none).",
+        format!("{oldest:.0}"),
+    );
+    if let Some(n) = s.workers_polling {
+        gauge("stockade_workers_polling", "Workers that polled in the last 30 s.", n.to_string());
+    }
+    o
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -146,5 +180,20 @@ mod tests {
         assert!(t.contains("stockade_tool_duration_seconds_bucket{tool=\"bash\",le=\"0.005\"} 1\n"), "{t}");
         assert!(t.contains("stockade_tool_duration_seconds_bucket{tool=\"bash\",le=\"0.001\"} 0\n"), "{t}");
         assert!(t.contains("stockade_queue_polls_total{outcome=\"empty\"} 1\n"), "{t}");
+    }
+
+    #[test]
+    fn queue_statistics_become_gauges() {
+        let s: crate::control_plane::wire::WorkQueueStats = serde_json::from_value(serde_json::json!({
+            "type": "work_queue_stats", "depth": 3, "pending": 1,
+            "oldest_queued_at": "2026-12-01T10:00:00Z", "workers_polling": null
+        }))
+        .unwrap();
+        let now = crate::util::parse_rfc3339("2026-12-01T10:05:00Z").unwrap();
+        let text = queue_gauges("env_01\"x", &s, now);
+        assert!(text.contains("stockade_queue_depth{environment_id=\"env_01x\"} 3\n"), "{text}");
+        assert!(text.contains("stockade_queue_pending{environment_id=\"env_01x\"} 1\n"), "{text}");
+        assert!(text.contains("stockade_queue_oldest_age_seconds{environment_id=\"env_01x\"} 300\n"), "{text}");
+        assert!(!text.contains("stockade_workers_polling"), "unknown is left out: {text}");
     }
 }
