@@ -1341,3 +1341,26 @@ fn a_rotated_key_is_used_without_a_restart() {
         std::thread::sleep(Duration::from_millis(100));
     }
 }
+
+/// A session whose jail the host cannot build fails its item and counts in
+/// `stockade_jail_build_failures_total` (what the StockadeJailBuildFailures alert reads).
+#[test]
+fn a_jail_that_cannot_be_built_is_counted() {
+    let cp = Cp::start(Duration::from_secs(30));
+    let state = TempDir::new("w-state");
+    let port = free_port();
+    // A bind source this host lacks: the policy loads, every jail built from it is refused.
+    let policy = state.path().join("missing-bind.toml");
+    std::fs::write(&policy, "extends = \"default\"\n[filesystem]\nread_only_add = [\"/nonexistent-stockade-path\"]\n")
+        .unwrap();
+    let _w = start_worker(
+        &cp,
+        state.path(),
+        &["--metrics", &format!("127.0.0.1:{port}"), "--policy", policy.to_str().unwrap()],
+    );
+    let (s, _) = cp.session(vec![bash("echo never")]);
+    cp.wait_for("the item to end", Duration::from_secs(30), || cp.view(&s).work_state == WorkState::Stopped);
+    assert_eq!(cp.view(&s).calls[0].result, None);
+    let m = http_get(&format!("http://127.0.0.1:{port}/metrics"));
+    assert!(m.contains("\nstockade_jail_build_failures_total 1\n"), "{m}");
+}
