@@ -48,7 +48,7 @@ fn main() {
         let j = jail();
         let t = Instant::now();
         let plan = Plan::reserve(&policy.network.pool).unwrap();
-        let mut net = SessionNet::create(plan, j.id() as i32, &policy.network).unwrap();
+        let mut net = SessionNet::create(plan, j.id() as i32, &policy.network, None).unwrap();
         let up = t.elapsed();
         end(j);
         let t2 = Instant::now();

@@ -158,6 +158,7 @@ fn main() {
         env: vec![],
         timeout: None,
         sweep_stale: true,
+        watcher: None,
     };
     let t = Instant::now();
     let mut session = Session::start(&spec).unwrap();

@@ -201,6 +201,13 @@ struct SessionArgs {
     /// never held in memory whole), and the session goes on.
     #[arg(long, default_value = "64MiB", value_parser = stockade::util::parse_size)]
     max_request_bytes: u64,
+    /// Keep an audit trail of the session in this file (JSON lines, appended; see `[trail]` in
+    /// stockade.toml(5)): tool calls, every program executed in the jail, connection attempts.
+    #[arg(long, value_name = "FILE")]
+    trail: Option<PathBuf>,
+    /// With --trail: leave tool calls to the caller, which records them itself (the worker).
+    #[arg(long, requires = "trail", hide = true)]
+    trail_no_calls: bool,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -394,6 +401,7 @@ fn cmd_run(a: RunArgs) -> i32 {
         env,
         timeout,
         sweep_stale: true,
+        watcher: None,
     };
     match jail::run(&spec) {
         Ok(out) => {
@@ -490,6 +498,14 @@ fn cmd_session(a: SessionArgs) -> i32 {
             Err(e) => return usage(format!("--narrow: {e}")),
         }
     }
+    let trail = match &a.trail {
+        None => None,
+        Some(path) => match stockade::session::trail::TrailWriter::open(path, &policy.trail, Vec::new()) {
+            Ok(t) => Some(std::sync::Arc::new(t)),
+            Err(e) => return fail(format!("--trail: {e}")),
+        },
+    };
+    let watcher = trail.as_ref().map(|t| stockade::session::trail::watcher(t.clone(), &policy.trail));
     let spec = JailSpec {
         policy,
         workspace: a.jail.workspace,
@@ -499,10 +515,12 @@ fn cmd_session(a: SessionArgs) -> i32 {
         timeout: None,
         // A worker's session (announced) leaves the sweep to the worker.
         sweep_stale: !a.announce,
+        watcher,
     };
     let stdin = std::io::stdin().lock();
     let stdout = std::io::stdout().lock();
-    match stockade::session::run_json_lines(&spec, stdin, stdout, a.announce, a.max_request_bytes as usize) {
+    let trail = trail.as_deref().map(|t| (t, !a.trail_no_calls));
+    match stockade::session::run_json_lines(&spec, stdin, stdout, a.announce, a.max_request_bytes as usize, trail) {
         Ok(()) => 0,
         Err(e) => {
             eprintln!("stockade: {e}");
@@ -542,6 +560,7 @@ fn enforce_check(name: &str) -> jail::check::Item {
         env: Vec::new(),
         timeout: Some(std::time::Duration::from_secs(30)),
         sweep_stale: false,
+        watcher: None,
     };
     match jail::Jail::start(&spec, jail::Payload::Command).and_then(jail::Jail::wait) {
         Ok(o) if o.status.code() == 0 => item(true, format!("{name}: a jail built from it ran /bin/true")),

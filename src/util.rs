@@ -50,7 +50,7 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
     Ok(bytes as u64)
 }
 
-/// Parses `90`, `90s`, `1500ms`, `30m`, `2h`, `1h30m` into a duration.
+/// Parses `90`, `90s`, `1500ms`, `30m`, `2h`, `1h30m`, `7d` into a duration.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let t = s.trim();
     if t.is_empty() {
@@ -76,7 +76,8 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
             "s" | "" => Duration::from_secs(n),
             "m" | "min" => Duration::from_secs(n * 60),
             "h" => Duration::from_secs(n * 3600),
-            _ => return Err(format!("invalid duration unit `{unit}` in `{s}` (use ms, s, m, h)")),
+            "d" => Duration::from_secs(n * 86_400),
+            _ => return Err(format!("invalid duration unit `{unit}` in `{s}` (use ms, s, m, h, d)")),
         };
     }
     Ok(total)
@@ -96,6 +97,8 @@ pub fn format_duration(d: Duration) -> String {
     let s = d.as_secs();
     if d.subsec_millis() != 0 {
         format!("{}ms", d.as_millis())
+    } else if s != 0 && s % 86_400 == 0 {
+        format!("{}d", s / 86_400)
     } else if s != 0 && s % 3600 == 0 {
         format!("{}h", s / 3600)
     } else if s != 0 && s % 60 == 0 {
@@ -218,6 +221,8 @@ mod tests {
         assert_eq!(parse_duration("1h30m").unwrap(), Duration::from_secs(5400));
         assert_eq!(parse_duration("1500ms").unwrap(), Duration::from_millis(1500));
         assert_eq!(parse_duration("45").unwrap(), Duration::from_secs(45));
+        assert_eq!(parse_duration("7d").unwrap(), Duration::from_secs(7 * 86_400));
+        assert_eq!(format_duration(Duration::from_secs(2 * 86_400)), "2d");
         assert!(parse_duration("5x").is_err());
         assert_eq!(format_duration(Duration::from_secs(1800)), "30m");
     }

@@ -451,3 +451,77 @@ fn per_user_kernel_counts_are_a_sessions_own() {
     assert_eq!(a.end(), 0);
     assert_eq!(b.end(), 0);
 }
+
+fn trail_records(path: &std::path::Path) -> Vec<Value> {
+    std::fs::read_to_string(path).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+}
+
+/// The trail records every program the jail runs — bash's short-lived children too — with its
+/// argv and the tool call it belongs to, and secrets in tool inputs never reach it.
+#[test]
+fn the_trail_records_each_exec_with_its_argv_and_redacts_secrets() {
+    let dir = TempDir::new("trail");
+    let path = dir.path().join("trail.jsonl");
+    let mut s = Sess::start(&["--trail", path.to_str().unwrap()]);
+    s.bash("sh -c '/bin/true'");
+    let (out, _) = s.call(
+        "bash",
+        json!({"command": "echo 'ghp_abcdefghijklmnopqrstuvwxyz0123456789' | wc -c; curl_token=x TOKEN=hunter22 true"}),
+    );
+    assert_eq!(out, "41");
+    // A program started in the background of one call and exec'ing later is still recorded.
+    s.bash("(sleep 0.2; exec /bin/echo late) >/dev/null 2>&1 &");
+    std::thread::sleep(Duration::from_millis(600));
+    s.call("read", json!({"file_path": "/etc/hostname"}));
+    assert_eq!(s.end(), 0);
+
+    let recs = trail_records(&path);
+    let execs: Vec<&Value> = recs.iter().filter(|r| r["event"] == "exec").collect();
+    let sh = execs
+        .iter()
+        .find(|r| r["argv"] == json!(["sh", "-c", "/bin/true"]))
+        .unwrap_or_else(|| panic!("no exec of sh -c /bin/true in {execs:#?}"));
+    assert_eq!(sh["tool_use_id"], "c1");
+    assert_eq!(sh["cwd"], "/workspace");
+    assert!(sh["pid"].as_i64().unwrap() > 1 && sh["host_pid"].as_u64().unwrap() > 1);
+    let child = execs.iter().find(|r| r["argv"] == json!(["/bin/true"])).expect("sh's own child");
+    assert_eq!(child["tool_use_id"], "c1");
+    assert!(execs.iter().any(|r| r["argv"] == json!(["wc", "-c"]) && r["tool_use_id"] == "c2"));
+    assert!(execs.iter().any(|r| r["argv"] == json!(["/bin/echo", "late"])), "{execs:#?}");
+
+    let calls: Vec<&Value> = recs.iter().filter(|r| r["event"] == "tool_call").collect();
+    assert_eq!(calls.len(), 4, "{calls:#?}");
+    assert_eq!(calls[0]["name"], "bash");
+    assert_eq!(calls[0]["input"]["command"], "sh -c '/bin/true'");
+    // Each call is recorded before it runs: its programs come after it.
+    let at = |r: &Value| recs.iter().position(|x| x == r).unwrap();
+    assert!(at(calls[0]) < at(sh));
+    let results: Vec<&Value> = recs.iter().filter(|r| r["event"] == "tool_result").collect();
+    assert_eq!(results.len(), 4);
+    assert_eq!((&results[3]["tool_use_id"], &results[3]["output_bytes"], &results[3]["is_error"]), (&json!("c4"), &json!(9), &json!(false)));
+    assert!(results[0]["duration_ms"].as_f64().unwrap() > 0.0);
+    let text = std::fs::read_to_string(&path).unwrap();
+    assert!(!text.contains("ghp_abcdefghijklmnopqrstuvwxyz0123456789"), "{text}");
+    assert!(!text.contains("hunter22"), "{text}");
+    assert!(calls[1]["input"]["command"].as_str().unwrap().contains("[REDACTED]"));
+}
+
+/// With `on_full = "fail"`, a full trail stops programs from starting and tool calls from running:
+/// nothing happens that the trail cannot hold.
+#[test]
+fn a_full_trail_fails_closed_when_the_policy_says_so() {
+    let dir = TempDir::new("trail-full");
+    let policy = dir.path().join("p.toml");
+    std::fs::write(&policy, "extends = \"default\"\n[trail]\nmax_size = \"64K\"\non_full = \"fail\"\n").unwrap();
+    let path = dir.path().join("trail.jsonl");
+    let mut s = Sess::start(&["--policy", policy.to_str().unwrap(), "--trail", path.to_str().unwrap()]);
+    // Each exec is a record: a loop of them fills 64K, and then exec fails.
+    let out = s.call("bash", json!({"command": "for i in $(seq 1 2000); do /bin/true || { echo refused at $i; break; }; done"})).0;
+    assert!(out.contains("/bin/true: Operation not permitted\nrefused at "), "{out}");
+    let (out, is_error) = s.call("bash", json!({"command": "echo hi"}));
+    assert!(is_error && out.contains("audit trail is full"), "{out}");
+    assert_eq!(s.end(), 0);
+    let recs = trail_records(&path);
+    assert_eq!(recs.last().unwrap()["event"], "truncated");
+    assert!(std::fs::metadata(&path).unwrap().len() <= 64 * 1024 + 256);
+}

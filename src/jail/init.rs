@@ -47,6 +47,8 @@ pub(crate) struct ChildCtx<'a> {
     pub pipes: &'a SyncPipes,
     /// veth mode: (the jail's address, the host end's address) of the session's /30.
     pub veth: Option<(std::net::Ipv4Addr, std::net::Ipv4Addr)>,
+    /// Report every exec to the supervisor (see `execwatch`).
+    pub watch_exec: bool,
     /// The supervisor's descriptors of an already made cgroup, inherited through the clone: the
     /// jail closes them and enters the cgroup the supervisor sends it instead.
     pub cgroup: Option<&'a super::cgroups::Entry>,
@@ -215,6 +217,13 @@ fn setup(ctx: &ChildCtx) -> Result<Option<Pid>, JailError> {
         None => None,
     };
     arm_parent_death_signal(&ctx.pipes.go_read)?;
+    // Before the allowlist (which may not admit seccomp(2) itself), and handed over before
+    // anything here could exec.
+    if ctx.watch_exec {
+        let listener = super::execwatch::install_filter()?;
+        super::sync::send_listener(&ctx.pipes.go_read, listener)
+            .map_err(|e| JailError::new(Step::Seccomp, format!("hand over the exec listener: {e}")))?;
+    }
     // Installed here, before the command starts, so PID 1 and the command share one filter stack.
     super::seccomp::install(&setup.program)?;
     if matches!(ctx.payload, super::Payload::Session { .. }) {

@@ -29,6 +29,7 @@ pub mod disk;
 pub mod environ;
 pub mod error;
 pub mod etc;
+pub mod execwatch;
 pub mod fsio;
 pub mod idmap;
 pub mod idpool;
@@ -88,6 +89,23 @@ pub struct JailSpec {
     /// wants it; a worker's sessions do not: the worker sweeps at its start and on a timer, so a
     /// start costs the same however many jails are live.
     pub sweep_stale: bool,
+    /// Told every program the jail runs (with `exec`) and every connection it tries.
+    pub watcher: Option<Watcher>,
+}
+
+/// Who is told what a jail runs and connects to.
+#[derive(Clone)]
+pub struct Watcher {
+    pub observer: std::sync::Arc<dyn execwatch::Observer>,
+    /// Report every exec (see `execwatch`); the jail is refused if the kernel cannot.
+    pub exec: bool,
+    pub limits: execwatch::Limits,
+}
+
+impl std::fmt::Debug for Watcher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Watcher").field("exec", &self.exec).field("limits", &self.limits).finish_non_exhaustive()
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -157,6 +175,8 @@ pub struct Jail {
     net: Option<crate::net::SessionNet>,
     /// As root: the host id range this jail maps onto, held until everything of it is gone.
     _ids: Option<idpool::Slot>,
+    /// Answers the jail's exec notifications; stopped after the jail is gone.
+    exec_watch: Option<execwatch::Watch>,
 }
 
 /// Builds the jail, runs the command to completion and tears everything down.
@@ -324,6 +344,7 @@ impl Jail {
                 pipes: &pipes,
                 payload: &payload,
                 veth,
+                watch_exec: spec.watcher.as_ref().is_some_and(|w| w.exec),
                 cgroup: entry.as_ref(),
                 cpus: cpus.as_ref(),
             }),
@@ -339,6 +360,7 @@ impl Jail {
         drop(go_read);
         drop(report_write);
         let mut session_net = None;
+        let mut exec_watch = None;
         let started = (|| {
             let kill_child = |e: JailError| {
                 let _ = kill(child, Signal::SIGKILL);
@@ -347,7 +369,14 @@ impl Jail {
             };
             ids.write(child).map_err(kill_child)?;
             if let Some(plan) = net_plan.take() {
-                let n = crate::net::SessionNet::create(plan, child.as_raw(), &p.network)
+                let egress = spec.watcher.as_ref().map(|w| {
+                    let o = w.observer.clone();
+                    let f: crate::net::EgressHook = std::sync::Arc::new(move |allowed, proto, dst, dport| {
+                        o.egress(allowed, proto, dst, dport)
+                    });
+                    f
+                });
+                let n = crate::net::SessionNet::create(plan, child.as_raw(), &p.network, egress)
                     .map_err(|e| kill_child(JailError::new(Step::Network, e)))?;
                 session_net = Some(n);
             }
@@ -387,6 +416,22 @@ impl Jail {
                 .map_err(jail_gone)?;
             drop(late_entry);
             drop(entry);
+            // The jail sends the exec filter's listener before anything in it can exec.
+            if let Some(w) = spec.watcher.as_ref().filter(|w| w.exec) {
+                let listener = match sync::recv_listener(&go_write) {
+                    Some(l) => l,
+                    None => {
+                        let _ = waitpid(child, None);
+                        return Err(sync::read_report(&report_read).unwrap_or_else(|| {
+                            JailError::new(Step::Seccomp, "the jail ended before handing over its exec listener")
+                        }));
+                    }
+                };
+                exec_watch = Some(
+                    execwatch::Watch::start(listener, w.observer.clone(), w.limits)
+                        .map_err(|e| kill_child(JailError::new(Step::Supervise, format!("exec watch thread: {e}"))))?,
+                );
+            }
             let t_released = t0.elapsed();
             // The jail no longer waits for anything of ours: sweep the cgroups killed Stockades
             // left behind while it finishes its start.
@@ -421,6 +466,7 @@ impl Jail {
             finished: false,
             net: session_net,
             _ids: id_slot,
+            exec_watch,
         })
     }
 
@@ -463,6 +509,7 @@ impl Drop for Jail {
         if let Some(n) = self.net.as_mut() {
             n.jail_ended();
         }
+        drop(self.exec_watch.take());
         let t = Instant::now();
         if let Some(cg) = self.cgroup.as_mut() {
             cg.remove();

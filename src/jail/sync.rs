@@ -164,6 +164,44 @@ pub fn recv_setup(fd: &OwnedFd) -> Result<Setup, Option<String>> {
     Ok(Setup { cgroup, program, affinity_allowed, netns })
 }
 
+/// Jail side: sends the exec filter's listener (`N` and the descriptor), and closes its copy.
+pub fn send_listener(fd: &OwnedFd, listener: OwnedFd) -> nix::Result<()> {
+    use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
+    use std::os::fd::AsRawFd;
+    let raw = [listener.as_raw_fd()];
+    let iov = [std::io::IoSlice::new(b"N")];
+    sendmsg::<()>(fd.as_raw_fd(), &iov, &[ControlMessage::ScmRights(&raw)], MsgFlags::empty(), None).map(|_| ())
+}
+
+/// Supervisor side of [`send_listener`]: `None` when the jail ended (or failed) first.
+pub fn recv_listener(fd: &OwnedFd) -> Option<OwnedFd> {
+    use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags};
+    use std::os::fd::{AsRawFd, FromRawFd};
+    let mut buf = [0u8; 1];
+    let mut space = nix::cmsg_space!([std::os::fd::RawFd; 1]);
+    let mut iov = [std::io::IoSliceMut::new(&mut buf)];
+    let m = loop {
+        match recvmsg::<()>(fd.as_raw_fd(), &mut iov, Some(&mut space), MsgFlags::MSG_CMSG_CLOEXEC) {
+            Err(nix::errno::Errno::EINTR) => continue,
+            other => break other.ok()?,
+        }
+    };
+    let mut got = None;
+    for c in m.cmsgs().ok()? {
+        if let ControlMessageOwned::ScmRights(r) = c {
+            for f in r {
+                // SAFETY: descriptors just received with SCM_RIGHTS belong to nothing else.
+                let owned = unsafe { OwnedFd::from_raw_fd(f) };
+                got.get_or_insert(owned);
+            }
+        }
+    }
+    if m.bytes != 1 {
+        return None;
+    }
+    got.filter(|_| buf[0] == b'N')
+}
+
 /// Jail side: wait for `what`. Returns false when the supervisor went away.
 pub fn wait_for(fd: &OwnedFd, what: u8) -> bool {
     let mut b = [0u8; 1];

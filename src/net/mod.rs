@@ -182,6 +182,9 @@ fn enable_forwarding(iface: &str) -> Result<(), String> {
     std::fs::write(&p, "1").map_err(|e| format!("{p}: {e}"))
 }
 
+/// Told of each logged connection attempt: (allowed, protocol, destination, port).
+pub type EgressHook = Arc<dyn Fn(bool, &str, Ipv4Addr, Option<u16>) + Send + Sync>;
+
 /// The host side of one session's network; removed on drop.
 pub struct SessionNet {
     pub plan: Plan,
@@ -196,7 +199,7 @@ pub struct SessionNet {
 
 impl SessionNet {
     /// Builds the host side once the jail (pid `child`) has its network namespace.
-    pub fn create(plan: Plan, child: i32, net: &Network) -> Result<SessionNet, String> {
+    pub fn create(plan: Plan, child: i32, net: &Network, egress: Option<EgressHook>) -> Result<SessionNet, String> {
         let allow: Vec<AllowRule> = net.allow.iter().map(|a| AllowRule::parse(a)).collect::<Result<_, _>>()?;
         let patterns: Vec<DomainPattern> =
             net.allow_domains.iter().map(|d| DomainPattern::parse(d)).collect::<Result<_, _>>()?;
@@ -248,7 +251,7 @@ impl SessionNet {
             session.threads.push(
                 std::thread::Builder::new()
                     .name("stockade-nflog".into())
-                    .spawn(move || nflog::serve(log_sock, id, stats, stop))
+                    .spawn(move || nflog::serve(log_sock, id, stats, stop, egress))
                     .map_err(|e| format!("connection log thread: {e}"))?,
             );
         }

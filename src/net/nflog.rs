@@ -113,7 +113,13 @@ pub fn open(group: u16) -> io::Result<OwnedFd> {
 }
 
 /// Logs records from `fd` until `stop` is signalled.
-pub fn serve(fd: OwnedFd, session: String, stats: Arc<ConnStats>, stop: Arc<super::Stop>) {
+pub fn serve(
+    fd: OwnedFd,
+    session: String,
+    stats: Arc<ConnStats>,
+    stop: Arc<super::Stop>,
+    hook: Option<super::EgressHook>,
+) {
     use std::os::fd::AsFd;
     let mut buf = vec![0u8; 65536];
     while stop.wait(fd.as_fd()) {
@@ -131,6 +137,9 @@ pub fn serve(fd: OwnedFd, session: String, stats: Arc<ConnStats>, stop: Arc<supe
             }
             if ty == (NFNL_SUBSYS_ULOG << 8) | NFULNL_MSG_PACKET {
                 if let Some(r) = parse_packet(&buf[off + 16..off + len]) {
+                    if let Some(h) = &hook {
+                        h(r.verdict == "allow", r.proto, r.dst, r.dport);
+                    }
                     let dport = r.dport.map(|p| p.to_string()).unwrap_or_default();
                     if r.verdict == "allow" {
                         stats.allowed.fetch_add(1, Ordering::Relaxed);

@@ -202,6 +202,28 @@ section!("tools.", ToolsLayer => ToolsRaw {
     lists {}
     maps {}
 });
+section!("trail.", TrailLayer => TrailRaw {
+    scalars { exec: bool, argv_max: u64, input_max: u64, max_size: NumOrStr, on_full: OnFullW }
+    lists {
+        redact / redact_add / redact_remove: String,
+        ship / ship_add / ship_remove: String,
+    }
+    maps {}
+});
+section!("retention.", RetentionLayer => RetentionRaw {
+    scalars { outputs: NumOrStr, workspaces: NumOrStr, trails: NumOrStr }
+    lists {}
+    maps {}
+});
+section!("provision.", ProvisionLayer => ProvisionRaw {
+    scalars { git_url_key: String, git_ref_key: String, copy_key: String, credentials: String, timeout: NumOrStr }
+    lists {
+        git_allow / git_allow_add / git_allow_remove: String,
+        allow / allow_add / allow_remove: String,
+        allow_domains / allow_domains_add / allow_domains_remove: String,
+    }
+    maps { copy_from: String }
+});
 section!("seccomp.", SeccompLayer => SeccompRaw {
     scalars { default_action: SeccompActionW }
     lists {
@@ -233,6 +255,7 @@ wire_enum!(EnforcementW => Enforcement { Hard = "hard", BestEffort = "best_effor
 wire_enum!(NetModeW => NetMode { None = "none", Loopback = "loopback", Veth = "veth" });
 wire_enum!(OnDenyW => OnDeny { Reject = "reject", Drop = "drop" });
 wire_enum!(CompatibilityW => Compatibility { Hard = "hard", BestEffort = "best_effort" });
+wire_enum!(OnFullW => OnFull { Truncate = "truncate", Fail = "fail" });
 wire_enum!(SeccompActionW => SeccompAction { Errno = "errno", Kill = "kill", Log = "log" });
 
 #[derive(Debug, Default, Deserialize)]
@@ -258,6 +281,12 @@ struct Layer {
     capabilities: CapsLayer,
     #[serde(default)]
     tools: ToolsLayer,
+    #[serde(default)]
+    trail: TrailLayer,
+    #[serde(default)]
+    retention: RetentionLayer,
+    #[serde(default)]
+    provision: ProvisionLayer,
 }
 
 #[derive(Debug, Default, Clone)]
@@ -272,6 +301,9 @@ pub(crate) struct Raw {
     seccomp: SeccompRaw,
     capabilities: CapsRaw,
     tools: ToolsRaw,
+    trail: TrailRaw,
+    retention: RetentionRaw,
+    provision: ProvisionRaw,
 }
 
 fn parse_layer(src: &Source) -> Result<Layer, PolicyError> {
@@ -349,6 +381,9 @@ fn resolve_into(
     layer.seccomp.merge(&mut raw.seccomp, origins, src);
     layer.capabilities.merge(&mut raw.capabilities, origins, src);
     layer.tools.merge(&mut raw.tools, origins, src);
+    layer.trail.merge(&mut raw.trail, origins, src);
+    layer.retention.merge(&mut raw.retention, origins, src);
+    layer.provision.merge(&mut raw.provision, origins, src);
     chain.pop();
     Ok(())
 }
@@ -627,6 +662,133 @@ fn finish(source: &str, raw: Raw, o: &Origins) -> Result<Policy, PolicyError> {
         seccomp,
         capabilities,
         tools: Tools { confine_paths: raw.tools.confine_paths.unwrap_or(false) },
+        trail: trail(raw.trail, &bad)?,
+        retention: retention(raw.retention, &bad)?,
+        provision: provision(raw.provision, &bad)?,
+    })
+}
+
+type Bad<'a> = dyn Fn(&str, String) -> PolicyError + 'a;
+
+/// `[trail]`.
+fn trail(raw: TrailRaw, bad: &Bad) -> Result<Trail, PolicyError> {
+    let max_size = match raw.max_size {
+        None => Size(64 << 20),
+        Some(NumOrStr::Num(n)) => Size(n),
+        Some(NumOrStr::Str(s)) => Size(parse_size(&s).map_err(|e| bad("trail.max_size", e))?),
+    };
+    if max_size.0 < 64 << 10 {
+        return Err(bad("trail.max_size", format!("{} is below the minimum, 64K", format_size(max_size.0))));
+    }
+    let argv_max = raw.argv_max.unwrap_or(4096);
+    let input_max = raw.input_max.unwrap_or(16384);
+    for (k, v) in [("trail.argv_max", argv_max), ("trail.input_max", input_max)] {
+        if !(64..=1 << 20).contains(&v) {
+            return Err(bad(k, format!("{v} is outside 64..=1048576")));
+        }
+    }
+    let redact = raw.redact.unwrap_or_default();
+    for r in &redact {
+        if let Err(e) = regex_syntax::Parser::new().parse(r) {
+            return Err(bad("trail.redact", format!("`{r}` is not a regular expression: {e}")));
+        }
+        if regex_syntax::Parser::new().parse(r).is_ok_and(|h| h.properties().minimum_len() == Some(0)) {
+            return Err(bad("trail.redact", format!("`{r}` matches the empty string")));
+        }
+    }
+    let ship = raw.ship.unwrap_or_default();
+    for s in &ship {
+        let ok = s == "stdout" || s == "syslog" || s.starts_with("http://") || s.starts_with("https://");
+        if !ok {
+            return Err(bad(
+                "trail.ship",
+                format!("`{s}`: expected \"stdout\", \"syslog\" or an OTLP/HTTP logs URL (http://HOST:4318/v1/logs)"),
+            ));
+        }
+    }
+    Ok(Trail {
+        exec: raw.exec.unwrap_or(true),
+        argv_max,
+        input_max,
+        max_size,
+        on_full: raw.on_full.map_or(OnFull::Truncate, Into::into),
+        redact,
+        ship,
+    })
+}
+
+/// `[retention]`: "session_end", "keep", or a duration.
+fn retention(raw: RetentionRaw, bad: &Bad) -> Result<Retention, PolicyError> {
+    let keep = |key: &str, v: Option<NumOrStr>, default: Keep| -> Result<Keep, PolicyError> {
+        Ok(match v {
+            None => default,
+            Some(NumOrStr::Num(n)) => Keep::For(std::time::Duration::from_secs(n)),
+            Some(NumOrStr::Str(s)) if s == "session_end" => Keep::SessionEnd,
+            Some(NumOrStr::Str(s)) if s == "keep" => Keep::Forever,
+            Some(NumOrStr::Str(s)) => Keep::For(parse_duration(&s).map_err(|e| {
+                bad(key, format!("{e}; or \"session_end\" (delete when the session ends), or \"keep\""))
+            })?),
+        })
+    };
+    const DAY: u64 = 86_400;
+    Ok(Retention {
+        outputs: keep("retention.outputs", raw.outputs, Keep::For(std::time::Duration::from_secs(7 * DAY)))?,
+        workspaces: keep("retention.workspaces", raw.workspaces, Keep::SessionEnd)?,
+        trails: keep("retention.trails", raw.trails, Keep::For(std::time::Duration::from_secs(30 * DAY)))?,
+    })
+}
+
+/// `[provision]`.
+fn provision(raw: ProvisionRaw, bad: &Bad) -> Result<Provision, PolicyError> {
+    let timeout = match raw.timeout {
+        None => Dur(std::time::Duration::from_secs(600)),
+        Some(NumOrStr::Num(n)) => Dur(std::time::Duration::from_secs(n)),
+        Some(NumOrStr::Str(s)) => Dur(parse_duration(&s).map_err(|e| bad("provision.timeout", e))?),
+    };
+    let git_allow = raw.git_allow.unwrap_or_default();
+    for u in &git_allow {
+        let scheme_ok = u.starts_with("https://") || u.starts_with("http://") || u.starts_with("ssh://");
+        // A bare host would admit `https://github.com.evil.example/`: a prefix must end in `/`.
+        let rest = u.split_once("://").map(|(_, r)| r).unwrap_or("");
+        if !scheme_ok || !rest.contains('/') {
+            return Err(bad(
+                "provision.git_allow",
+                format!("`{u}`: a prefix is a URL with a scheme and a path, e.g. \"https://github.com/acme/\""),
+            ));
+        }
+    }
+    let mut copy_from = BTreeMap::new();
+    for (name, dir) in raw.copy_from {
+        let p = PathBuf::from(&dir);
+        if !p.is_absolute() || p.components().any(|c| c == std::path::Component::ParentDir) {
+            return Err(bad("provision.copy_from", format!("`{name}` = `{dir}`: must be an absolute path without `..`")));
+        }
+        copy_from.insert(name, p);
+    }
+    let allow = raw.allow.unwrap_or_default();
+    let allow_domains = raw.allow_domains.unwrap_or_default();
+    for a in &allow {
+        crate::net::rules::AllowRule::parse(a).map_err(|e| bad("provision.allow", e))?;
+    }
+    for d in &allow_domains {
+        crate::net::rules::DomainPattern::parse(d).map_err(|e| bad("provision.allow_domains", e))?;
+    }
+    if raw.git_url_key.is_some() && git_allow.is_empty() {
+        return Err(bad("provision.git_allow", "provision.git_url_key is set but no URL prefix is allowed".into()));
+    }
+    if raw.copy_key.is_some() && copy_from.is_empty() {
+        return Err(bad("provision.copy_from", "provision.copy_key is set but no directory is declared".into()));
+    }
+    Ok(Provision {
+        git_url_key: raw.git_url_key,
+        git_ref_key: raw.git_ref_key,
+        git_allow,
+        copy_key: raw.copy_key,
+        copy_from,
+        allow,
+        allow_domains,
+        credentials: raw.credentials,
+        timeout,
     })
 }
 

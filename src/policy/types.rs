@@ -22,6 +22,9 @@ pub struct Policy {
     pub seccomp: Seccomp,
     pub capabilities: Capabilities,
     pub tools: Tools,
+    pub trail: Trail,
+    pub retention: Retention,
+    pub provision: Provision,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -261,3 +264,88 @@ pub struct Tools {
 /// The smallest `limits.workspace_size` / `limits.outputs_size`: room for a filesystem's own
 /// bookkeeping and some data.
 pub const MIN_DISK_SIZE: u64 = 16 << 20;
+
+/// The audit trail of a session (`[trail]`): what the worker records of it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Trail {
+    /// Record every program executed in the jail (a seccomp user notification on execve and
+    /// execveat, answered by the supervisor).
+    pub exec: bool,
+    /// Bytes of an exec's argv recorded; the rest is cut and the record marked.
+    pub argv_max: u64,
+    /// Bytes of a tool call's input recorded (each string is cut to fit).
+    pub input_max: u64,
+    /// The most one session's trail may hold.
+    pub max_size: Size,
+    pub on_full: OnFull,
+    /// Regular expressions whose matches never reach the trail.
+    pub redact: Vec<String>,
+    /// Where trail records are sent besides the trail file: "stdout", "syslog", or an OTLP/HTTP
+    /// logs endpoint (`http://HOST:4318/v1/logs`).
+    pub ship: Vec<String>,
+}
+
+/// What a full trail does (`trail.on_full`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnFull {
+    /// Mark the trail truncated and record nothing more; the session goes on.
+    Truncate,
+    /// Fail closed: no more programs start and tool calls are refused.
+    Fail,
+}
+
+/// How long something a session leaves behind is kept (`[retention]`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Keep {
+    /// Deleted when the session ends.
+    SessionEnd,
+    /// Deleted this long after the session ended.
+    For(Duration),
+    /// Never deleted by Stockade.
+    Forever,
+}
+
+impl Serialize for Keep {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            Keep::SessionEnd => s.serialize_str("session_end"),
+            Keep::For(d) => s.serialize_str(&format_duration(*d)),
+            Keep::Forever => s.serialize_str("keep"),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct Retention {
+    pub outputs: Keep,
+    pub workspaces: Keep,
+    pub trails: Keep,
+}
+
+/// Preparing a session's workspace from its metadata, before the agent's first tool call
+/// (`[provision]`). Metadata only chooses among what is declared here.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Provision {
+    /// Metadata key whose value is a git repository URL to clone into /workspace.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub git_url_key: Option<String>,
+    /// Metadata key whose value is the branch or tag to check out.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub git_ref_key: Option<String>,
+    /// URL prefixes a repository URL must start with.
+    pub git_allow: Vec<String>,
+    /// Metadata key whose value names one of `copy_from`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub copy_key: Option<String>,
+    /// Host directories a session may have copied into its workspace, by name.
+    pub copy_from: BTreeMap<String, PathBuf>,
+    /// Egress of the provisioning jail (same forms as `network.allow` / `network.allow_domains`).
+    pub allow: Vec<String>,
+    pub allow_domains: Vec<String>,
+    /// Git credentials for the provisioning jail only: a file in git-credential-store format,
+    /// or `credential:NAME` for a systemd credential.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub credentials: Option<String>,
+    pub timeout: Dur,
+}

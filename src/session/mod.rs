@@ -9,6 +9,7 @@
 //! the same code through a subprocess, since jails must be built from single-threaded processes.
 
 mod frame;
+pub mod trail;
 pub mod server;
 
 use serde::{Deserialize, Serialize};
@@ -101,6 +102,11 @@ impl Session {
     }
 }
 
+/// The answer to a tool call once a full trail refuses (`trail.on_full = "fail"`).
+pub fn trail_full() -> String {
+    "the session's audit trail is full (trail.max_size) and trail.on_full = \"fail\": no more tool calls run".into()
+}
+
 /// The default cap on one request line of `stockade session`.
 pub const DEFAULT_MAX_REQUEST: usize = 64 << 20;
 
@@ -161,12 +167,16 @@ fn id_from_head(head: &[u8]) -> Option<String> {
 /// that is not a valid request gets an error result and the session goes on, and so does one
 /// longer than `max_request` bytes, which is never held in memory whole. With `announce`, a
 /// first line `{"ready": true, "pid": N}` tells the caller that the jail is built.
+///
+/// With a trail, what the jail runs is attributed to the call in flight, and calls are
+/// recorded too when `record_calls` (a worker records its calls itself).
 pub fn run_json_lines<R: BufRead, W: Write>(
     spec: &JailSpec,
     mut input: R,
     mut out: W,
     announce: bool,
     max_request: usize,
+    trail: Option<(&trail::TrailWriter, bool)>,
 ) -> Result<(), JailError> {
     let mut session = Session::start(spec)?;
     let io_err = |e: std::io::Error| JailError::new(Step::Supervise, format!("writing results: {e}"));
@@ -202,7 +212,25 @@ pub fn run_json_lines<R: BufRead, W: Write>(
                 Response::new(id, ToolResult::err(format!("invalid request line: {e}")))
             }
             Ok(req) => {
-                let r = session.call(&req.id, &req.name, &req.input)?;
+                let r = match trail {
+                    None => session.call(&req.id, &req.name, &req.input)?,
+                    Some((t, record_calls)) => {
+                        if t.refusing() || (record_calls && !t.call_start(&req.id, &req.name, &req.input)) {
+                            ToolResult::err(trail_full())
+                        } else {
+                            t.set_call(Some(&req.id));
+                            let t0 = std::time::Instant::now();
+                            let r = session.call(&req.id, &req.name, &req.input);
+                            t.set_call(None);
+                            let r = r?;
+                            if record_calls {
+                                let size = r.content.iter().map(crate::tools::Block::size).sum();
+                                t.call_end(&req.id, &req.name, r.is_error, t0.elapsed(), size);
+                            }
+                            r
+                        }
+                    }
+                };
                 Response::new(req.id, r)
             }
         };

@@ -32,6 +32,16 @@ pub enum Block {
     Document { source: Source },
 }
 
+impl Block {
+    /// Bytes of the block's payload: its text, or its base64 data.
+    pub fn size(&self) -> usize {
+        match self {
+            Block::Text { text } => text.len(),
+            Block::Image { source } | Block::Document { source } => source.data.len(),
+        }
+    }
+}
+
 /// The base64 source of an image or document block.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Source {

@@ -1,0 +1,251 @@
+//! Recording every program a jail runs. A second seccomp filter, installed just before the
+//! allowlist, turns each execve and execveat into a user notification; the jail hands the
+//! listener to the supervisor and closes its own copy at once. The supervisor reads the call's
+//! path, argv and working directory from /proc, gives them to the caller's [`Observer`], and lets
+//! the call go on — or fails it with EPERM when the observer cannot record it.
+//!
+//! What nothing in the jail can do: remove the filter (seccomp filters are never removed), reach
+//! the listener (it lives in the supervisor only), or run a program past it (while the supervisor
+//! lives, every exec waits for its answer; once it is gone, the kernel fails them with ENOSYS).
+//! What a record can get wrong: the path and argv are read from the caller's memory while the
+//! call waits, and another thread of a multi-threaded caller could rewrite them before the kernel
+//! reads them itself. A program that maps code on its own, without exec, is no new program to
+//! the kernel and is not recorded.
+
+use std::io::Read;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::fs::FileExt;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use super::error::{JailError, Step};
+
+/// One program started in the jail, as its caller asked for it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Exec {
+    /// The caller's pid inside the jail (what `ps` there shows).
+    pub pid: i32,
+    /// The same process as the host sees it.
+    pub host_pid: u32,
+    /// The path given to execve (relative to `cwd`, or to `dirfd` for execveat).
+    pub path: String,
+    /// execveat's directory descriptor, when not AT_FDCWD.
+    pub dirfd: Option<i32>,
+    pub argv: Vec<String>,
+    /// Part of argv was left out: it held more than the byte budget or arguments.
+    pub argv_truncated: bool,
+    pub cwd: String,
+}
+
+/// Receives what a jail does that its caller records.
+pub trait Observer: Send + Sync {
+    /// A program is about to start; `false` refuses it (the caller's exec fails with EPERM).
+    fn exec(&self, e: &Exec) -> bool;
+    /// A connection attempt left the jail's network and was allowed or denied (veth mode).
+    fn egress(&self, allowed: bool, proto: &str, dst: std::net::Ipv4Addr, dport: Option<u16>);
+}
+
+#[cfg(target_arch = "x86_64")]
+const AUDIT_ARCH: u32 = 0xC000_003E;
+#[cfg(target_arch = "aarch64")]
+const AUDIT_ARCH: u32 = 0xC000_00B7;
+
+/// Jail side: installs the exec filter and returns its listener. no_new_privs must be set.
+pub(crate) fn install_filter() -> Result<OwnedFd, JailError> {
+    const LD_W_ABS: u16 = (libc::BPF_LD | libc::BPF_W | libc::BPF_ABS) as u16;
+    const JEQ_K: u16 = (libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K) as u16;
+    const RET_K: u16 = (libc::BPF_RET | libc::BPF_K) as u16;
+    let f = |code: u16, jt: u8, jf: u8, k: u32| libc::sock_filter { code, jt, jf, k };
+    // Another architecture's calls are the allowlist's to refuse; this filter only watches.
+    let mut prog = [
+        f(LD_W_ABS, 0, 0, 4), // seccomp_data.arch
+        f(JEQ_K, 0, 3, AUDIT_ARCH),
+        f(LD_W_ABS, 0, 0, 0), // seccomp_data.nr
+        f(JEQ_K, 2, 0, libc::SYS_execve as u32),
+        f(JEQ_K, 1, 0, libc::SYS_execveat as u32),
+        f(RET_K, 0, 0, libc::SECCOMP_RET_ALLOW),
+        f(RET_K, 0, 0, libc::SECCOMP_RET_USER_NOTIF),
+    ];
+    let fprog = libc::sock_fprog { len: prog.len() as u16, filter: prog.as_mut_ptr() };
+    // SAFETY: seccomp(2) reads `fprog` and the instructions it points to, both alive for the call.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_seccomp,
+            libc::SECCOMP_SET_MODE_FILTER,
+            libc::SECCOMP_FILTER_FLAG_NEW_LISTENER,
+            &fprog as *const libc::sock_fprog,
+        )
+    };
+    if fd < 0 {
+        let e = std::io::Error::last_os_error();
+        return Err(JailError {
+            step: Step::Seccomp,
+            msg: format!(
+                "install the exec-recording filter (trail.exec): {e}; this kernel cannot report execs to the \
+                 supervisor (seccomp user notification, Linux 5.5+)"
+            ),
+            errno: e.raw_os_error(),
+        });
+    }
+    // SAFETY: the descriptor was just returned by seccomp(2) and belongs to nothing else.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// Supervisor side: the thread answering a jail's exec notifications.
+pub(crate) struct Watch {
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+/// The byte budget of one record's argv, and the most arguments read.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    pub argv_bytes: usize,
+    pub max_args: usize,
+}
+
+impl Watch {
+    pub(crate) fn start(listener: OwnedFd, observer: Arc<dyn Observer>, limits: Limits) -> std::io::Result<Watch> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let s = stop.clone();
+        let thread = std::thread::Builder::new()
+            .name("stockade-execwatch".into())
+            .spawn(move || serve(listener, observer.as_ref(), limits, &s))?;
+        Ok(Watch { stop, thread: Some(thread) })
+    }
+}
+
+impl Drop for Watch {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn serve(listener: OwnedFd, observer: &dyn Observer, limits: Limits, stop: &AtomicBool) {
+    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+    use std::os::fd::AsFd;
+    loop {
+        if stop.load(Ordering::Relaxed) {
+            return;
+        }
+        let mut fds = [PollFd::new(listener.as_fd(), PollFlags::POLLIN)];
+        match poll(&mut fds, PollTimeout::from(200u16)) {
+            Ok(0) | Err(nix::errno::Errno::EINTR) => continue,
+            Err(_) => return,
+            Ok(_) => {}
+        }
+        let revents = fds[0].revents().unwrap_or(PollFlags::empty());
+        if revents.contains(PollFlags::POLLIN) {
+            answer_one(&listener, observer, limits);
+        } else if revents.intersects(PollFlags::POLLHUP | PollFlags::POLLERR | PollFlags::POLLNVAL) {
+            // Every process under the filter is gone.
+            return;
+        }
+    }
+}
+
+fn answer_one(listener: &OwnedFd, observer: &dyn Observer, limits: Limits) {
+    // SAFETY: seccomp_notif is plain old data; the kernel wants it zeroed before RECV.
+    let mut req: libc::seccomp_notif = unsafe { std::mem::zeroed() };
+    // SAFETY: RECV fills the seccomp_notif we pass, which is valid and of the ioctl's size.
+    if unsafe { libc::ioctl(listener.as_raw_fd(), libc::SECCOMP_IOCTL_NOTIF_RECV, &mut req) } != 0 {
+        // ENOENT: the caller died (or a signal restarted its call) before we got to it.
+        return;
+    }
+    let exec = read_exec(&req, limits);
+    // The pid must still be the caller we read: were it not, the memory read was someone else's.
+    let mut id = req.id;
+    // SAFETY: ID_VALID reads the u64 we pass.
+    let valid = unsafe { libc::ioctl(listener.as_raw_fd(), libc::SECCOMP_IOCTL_NOTIF_ID_VALID, &mut id) } == 0;
+    let allow = match (valid, exec) {
+        (true, Some(e)) => observer.exec(&e),
+        (false, _) => return,
+        // Unreadable (its memory is gone or unmapped): the kernel will fail the call with EFAULT
+        // itself; there is nothing to run and nothing to record.
+        (true, None) => true,
+    };
+    let mut resp = libc::seccomp_notif_resp {
+        id: req.id,
+        val: 0,
+        error: if allow { 0 } else { -libc::EPERM },
+        flags: if allow { libc::SECCOMP_USER_NOTIF_FLAG_CONTINUE as u32 } else { 0 },
+    };
+    // SAFETY: SEND reads the seccomp_notif_resp we pass. A failure means the caller is gone.
+    unsafe { libc::ioctl(listener.as_raw_fd(), libc::SECCOMP_IOCTL_NOTIF_SEND, &mut resp) };
+}
+
+fn read_exec(req: &libc::seccomp_notif, limits: Limits) -> Option<Exec> {
+    let host_pid = req.pid;
+    let a = req.data.args;
+    let (dirfd, path_at, argv_at) = if req.data.nr == libc::SYS_execveat as i32 {
+        let d = a[0] as i32;
+        (if d == libc::AT_FDCWD { None } else { Some(d) }, a[1], a[2])
+    } else {
+        (None, a[0], a[1])
+    };
+    let mem = std::fs::File::open(format!("/proc/{host_pid}/mem")).ok()?;
+    let path = read_cstr(&mem, path_at, libc::PATH_MAX as usize)?.0;
+    let mut argv = Vec::new();
+    let mut budget = limits.argv_bytes;
+    let mut truncated = false;
+    if argv_at != 0 {
+        for i in 0.. {
+            if i >= limits.max_args {
+                truncated = true;
+                break;
+            }
+            let mut p = [0u8; 8];
+            mem.read_exact_at(&mut p, argv_at + 8 * i as u64).ok()?;
+            let at = u64::from_ne_bytes(p);
+            if at == 0 {
+                break;
+            }
+            if budget == 0 {
+                truncated = true;
+                break;
+            }
+            let (s, cut) = read_cstr(&mem, at, budget)?;
+            budget = budget.saturating_sub(s.len().max(1));
+            truncated |= cut;
+            argv.push(s);
+        }
+    }
+    let cwd = std::fs::read_link(format!("/proc/{host_pid}/cwd")).map(|p| p.display().to_string()).unwrap_or_default();
+    Some(Exec { pid: jail_pid(host_pid).unwrap_or(0), host_pid, path, dirfd, argv, argv_truncated: truncated, cwd })
+}
+
+/// A NUL-terminated string of at most `max` bytes at `at`: (the text, whether it was cut).
+fn read_cstr(mem: &std::fs::File, at: u64, max: usize) -> Option<(String, bool)> {
+    let mut out = Vec::new();
+    let mut buf = [0u8; 256];
+    loop {
+        // Never read across a page: the next page may be unmapped though the string ends here.
+        let page_left = 4096 - (at + out.len() as u64) % 4096;
+        let want = buf.len().min(page_left as usize);
+        let n = mem.read_at(&mut buf[..want], at + out.len() as u64).ok()?;
+        if n == 0 {
+            return None;
+        }
+        if let Some(z) = buf[..n].iter().position(|b| *b == 0) {
+            out.extend_from_slice(&buf[..z]);
+            let cut = out.len() > max;
+            out.truncate(max);
+            return Some((String::from_utf8_lossy(&out).into_owned(), cut));
+        }
+        out.extend_from_slice(&buf[..n]);
+        if out.len() > max {
+            out.truncate(max);
+            return Some((String::from_utf8_lossy(&out).into_owned(), true));
+        }
+    }
+}
+
+/// The pid a host process has in its own (the jail's) pid namespace: the last `NSpid` field.
+fn jail_pid(host_pid: u32) -> Option<i32> {
+    let mut s = String::new();
+    std::fs::File::open(format!("/proc/{host_pid}/status")).ok()?.read_to_string(&mut s).ok()?;
+    s.lines().find_map(|l| l.strip_prefix("NSpid:"))?.split_whitespace().last()?.parse().ok()
+}

@@ -1,0 +1,333 @@
+//! A session's audit trail: one JSON object per line, appended as things happen — the session's
+//! start and end, each tool call, each program executed in the jail, each connection attempt,
+//! each file left in the outputs directory.
+//!
+//! Two processes write one session's trail (the worker its calls, start, end and outputs; the
+//! session process the jail's execs and connections). Each record is one `write` to a file opened
+//! with `O_APPEND`, so records never interleave. Before anything is written, every string of a
+//! record — keys too — goes through the redactor: the literal secrets the writer was given and
+//! the policy's `trail.redact` patterns become `[REDACTED]`. A trail never grows past
+//! `trail.max_size` (plus one closing record): then it is marked truncated and records nothing
+//! more, or, with `trail.on_full = "fail"`, refuses — no program starts, no tool call runs.
+
+use serde_json::{json, Map, Value};
+use std::fs::File;
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
+
+use crate::jail::execwatch::{Exec, Observer};
+use crate::policy::{OnFull, Trail as TrailPolicy};
+
+/// What replaces a secret.
+pub const REDACTED: &str = "[REDACTED]";
+
+/// Replaces secrets in text: literal values first, then the policy's patterns.
+#[derive(Debug, Clone)]
+pub struct Redactor {
+    literals: Vec<String>,
+    patterns: Vec<regex::Regex>,
+}
+
+impl Redactor {
+    /// `patterns` were checked when the policy was read; one that still fails to compile (a
+    /// size limit) is an error rather than a pattern silently skipped.
+    pub fn new(literals: Vec<String>, patterns: &[String]) -> Result<Redactor, String> {
+        let patterns = patterns
+            .iter()
+            .map(|p| regex::Regex::new(p).map_err(|e| format!("trail.redact `{p}`: {e}")))
+            .collect::<Result<_, _>>()?;
+        // Short literals would redact ordinary words; a credential is never this short.
+        let literals = literals.into_iter().filter(|l| l.len() >= 8).collect();
+        Ok(Redactor { literals, patterns })
+    }
+
+    pub fn text(&self, s: &str) -> String {
+        let mut out = s.to_owned();
+        for l in &self.literals {
+            if out.contains(l.as_str()) {
+                out = out.replace(l.as_str(), REDACTED);
+            }
+        }
+        for p in &self.patterns {
+            if p.is_match(&out) {
+                out = p.replace_all(&out, REDACTED).into_owned();
+            }
+        }
+        out
+    }
+
+    pub fn value(&self, v: &mut Value) {
+        match v {
+            Value::String(s) => *s = self.text(s),
+            Value::Array(a) => a.iter_mut().for_each(|x| self.value(x)),
+            Value::Object(o) => {
+                let taken = std::mem::take(o);
+                for (k, mut x) in taken {
+                    self.value(&mut x);
+                    o.insert(self.text(&k), x);
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
+/// Cuts `s` to at most `max` bytes at a character boundary.
+fn cut(s: &str, max: usize) -> &str {
+    if s.len() <= max {
+        return s;
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
+/// One writer of a session's trail.
+pub struct TrailWriter {
+    file: Mutex<File>,
+    max: u64,
+    on_full: OnFull,
+    input_max: usize,
+    redactor: Redactor,
+    /// The tool call in flight, which the jail's execs and connections belong to.
+    call: Mutex<Option<String>>,
+    /// This writer has seen the trail full.
+    full: AtomicBool,
+}
+
+impl TrailWriter {
+    /// Opens (creating, mode 0600) the trail at `path` for appending. `literals` are secrets to
+    /// redact wherever they appear (the environment key, the work item's secret).
+    pub fn open(path: &Path, policy: &TrailPolicy, literals: Vec<String>) -> Result<TrailWriter, String> {
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .read(true)
+            .mode(0o600)
+            .custom_flags(libc::O_CLOEXEC | libc::O_NOFOLLOW)
+            .open(path)
+            .map_err(|e| format!("trail {}: {e}", path.display()))?;
+        Ok(TrailWriter {
+            file: Mutex::new(file),
+            max: policy.max_size.0,
+            on_full: policy.on_full,
+            input_max: policy.input_max as usize,
+            redactor: Redactor::new(literals, &policy.redact)?,
+            call: Mutex::new(None),
+            full: AtomicBool::new(false),
+        })
+    }
+
+    /// Sets (or clears) the tool call that what happens next in the jail belongs to.
+    pub fn set_call(&self, id: Option<&str>) {
+        *self.call.lock().unwrap_or_else(|e| e.into_inner()) = id.map(str::to_owned);
+    }
+
+    fn call(&self) -> Value {
+        self.call.lock().unwrap_or_else(|e| e.into_inner()).clone().map_or(Value::Null, Value::String)
+    }
+
+    /// True when the trail is full and the policy says to refuse what it cannot record.
+    pub fn refusing(&self) -> bool {
+        self.on_full == OnFull::Fail && self.full.load(Ordering::Relaxed)
+    }
+
+    /// Appends one record (`ts`, `event` and `fields`, redacted). `false` when the
+    /// trail is full and `on_full = "fail"`: the caller must not do what was to be recorded.
+    pub fn record(&self, event: &str, fields: Map<String, Value>) -> bool {
+        let mut rec = Map::new();
+        rec.insert("ts".into(), Value::String(crate::util::rfc3339(std::time::SystemTime::now())));
+        rec.insert("event".into(), Value::String(event.into()));
+        rec.extend(fields);
+        let mut rec = Value::Object(rec);
+        self.redactor.value(&mut rec);
+        let mut line = serde_json::to_vec(&rec).expect("JSON values serialise");
+        line.push(b'\n');
+        let mut f = self.file.lock().unwrap_or_else(|e| e.into_inner());
+        if self.full.load(Ordering::Relaxed) {
+            return self.on_full == OnFull::Truncate;
+        }
+        let size = f.metadata().map(|m| m.len()).unwrap_or(0);
+        if size + line.len() as u64 <= self.max {
+            // A failed write (a full disk) loses this record, never the session: the trail
+            // stays well-formed since a line is written whole or not at all.
+            if let Err(e) = f.write_all(&line) {
+                tracing::error!(error = %e, "could not append to the audit trail");
+            }
+            return true;
+        }
+        self.full.store(true, Ordering::Relaxed);
+        if !ends_with_marker(&mut f) {
+            let marker = json!({
+                "ts": crate::util::rfc3339(std::time::SystemTime::now()),
+                "event": "truncated",
+                "limit": self.max,
+                "on_full": match self.on_full { OnFull::Truncate => "truncate", OnFull::Fail => "fail" },
+            });
+            let _ = f.write_all(format!("{marker}\n").as_bytes());
+        }
+        tracing::warn!(limit = self.max, "the session's audit trail is full (trail.max_size)");
+        self.on_full == OnFull::Truncate
+    }
+
+    /// Records a tool call before it runs: `false` (a full trail that refuses) means it must not
+    /// run. The input is cut to `trail.input_max` bytes after redaction, so a cut never leaves
+    /// half a secret that the patterns no longer match.
+    pub fn call_start(&self, id: &str, name: &str, input: &Value) -> bool {
+        let mut input = input.clone();
+        self.redactor.value(&mut input);
+        let text = input.to_string();
+        let mut m = Map::new();
+        m.insert("tool_use_id".into(), json!(id));
+        m.insert("name".into(), json!(name));
+        if text.len() > self.input_max {
+            m.insert("input".into(), Value::String(cut(&text, self.input_max).to_owned()));
+            m.insert("input_truncated".into(), json!(true));
+            m.insert("input_bytes".into(), json!(text.len()));
+        } else {
+            m.insert("input".into(), input);
+        }
+        self.record("tool_call", m)
+    }
+
+    /// Records how a tool call ended.
+    pub fn call_end(&self, id: &str, name: &str, is_error: bool, duration: std::time::Duration, output_bytes: usize) {
+        self.record(
+            "tool_result",
+            obj(json!({
+                "tool_use_id": id,
+                "name": name,
+                "is_error": is_error,
+                "duration_ms": (duration.as_secs_f64() * 1_000_000.0).round() / 1000.0,
+                "output_bytes": output_bytes,
+            })),
+        );
+    }
+}
+
+/// Whether the trail's last line is already the full-trail marker (the other writer's).
+fn ends_with_marker(f: &mut File) -> bool {
+    let Ok(len) = f.metadata().map(|m| m.len()) else { return false };
+    let from = len.saturating_sub(256);
+    let mut tail = Vec::new();
+    let ok = f.seek(SeekFrom::Start(from)).is_ok() && f.read_to_end(&mut tail).is_ok();
+    ok && String::from_utf8_lossy(&tail).lines().last().is_some_and(|l| l.contains("\"event\":\"truncated\""))
+}
+
+fn obj(v: Value) -> Map<String, Value> {
+    match v {
+        Value::Object(m) => m,
+        _ => Map::new(),
+    }
+}
+
+impl Observer for TrailWriter {
+    fn exec(&self, e: &Exec) -> bool {
+        let mut m = obj(json!({
+            "pid": e.pid,
+            "host_pid": e.host_pid,
+            "path": e.path,
+            "argv": e.argv,
+            "argv_truncated": e.argv_truncated,
+            "cwd": e.cwd,
+            "tool_use_id": self.call(),
+        }));
+        if let Some(d) = e.dirfd {
+            m.insert("dirfd".into(), json!(d));
+        }
+        self.record("exec", m)
+    }
+
+    fn egress(&self, allowed: bool, proto: &str, dst: std::net::Ipv4Addr, dport: Option<u16>) {
+        self.record(
+            "egress",
+            obj(json!({
+                "verdict": if allowed { "allow" } else { "deny" },
+                "proto": proto,
+                "dst": dst.to_string(),
+                "dport": dport,
+                "tool_use_id": self.call(),
+            })),
+        );
+    }
+}
+
+/// The jail watcher that records into `trail`, as the policy's `[trail]` asks.
+pub fn watcher(trail: std::sync::Arc<TrailWriter>, policy: &TrailPolicy) -> crate::jail::Watcher {
+    crate::jail::Watcher {
+        observer: trail,
+        exec: policy.exec,
+        limits: crate::jail::execwatch::Limits { argv_bytes: policy.argv_max as usize, max_args: 4096 },
+    }
+}
+
+/// Reads a trail back: its records, in order. A line that is not JSON (a trail cut by a crash
+/// mid-write, or edited) is returned as an `unreadable` record rather than dropped.
+pub fn read(path: &Path) -> std::io::Result<Vec<Value>> {
+    let text = std::fs::read(path)?;
+    Ok(String::from_utf8_lossy(&text)
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|_| json!({"event": "unreadable", "line": l})))
+        .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn policy() -> TrailPolicy {
+        crate::policy::load_builtin("default").unwrap().0.trail
+    }
+
+    #[test]
+    fn secrets_are_redacted_in_values_and_keys() {
+        let r = Redactor::new(vec!["env-key-0123456789".into(), "short".into()], &policy().redact).unwrap();
+        let mut v = json!({
+            "command": "curl -H 'x-api-key: env-key-0123456789' https://x; export AWS=AKIAABCDEFGHIJKLMNOP",
+            "nested": ["password=hunter2 rest", {"sk-ant-api03-aaaaaaaaaaaaaaaaaaaa": "short"}],
+        });
+        r.value(&mut v);
+        let s = v.to_string();
+        assert!(!s.contains("env-key-0123456789"), "{s}");
+        assert!(!s.contains("AKIAABCDEFGHIJKLMNOP"), "{s}");
+        assert!(!s.contains("hunter2"), "{s}");
+        assert!(!s.contains("sk-ant-api03"), "{s}");
+        assert!(s.contains("rest") && s.contains("short"), "{s}");
+        assert_eq!(s.matches(REDACTED).count(), 4, "{s}");
+    }
+
+    #[test]
+    fn a_full_trail_is_marked_once_or_refuses() {
+        let dir = std::env::temp_dir().join(format!("stockade-trail-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        for (on_full, expect) in [(OnFull::Truncate, true), (OnFull::Fail, false)] {
+            let path = dir.join(format!("{on_full:?}.jsonl"));
+            let _ = std::fs::remove_file(&path);
+            let mut p = policy();
+            p.max_size = crate::policy::Size(64 << 10);
+            p.on_full = on_full;
+            let a = TrailWriter::open(&path, &p, vec![]).unwrap();
+            let b = TrailWriter::open(&path, &p, vec![]).unwrap();
+            let big = "x".repeat(1000);
+            let mut n = 0;
+            while a.record("note", obj(json!({"text": big}))) && !a.full.load(Ordering::Relaxed) {
+                n += 1;
+            }
+            assert!(n > 50 && n < 66, "{n} records before full");
+            assert_eq!(b.record("note", obj(json!({"text": big}))), expect);
+            assert_eq!(b.refusing(), !expect);
+            let recs = read(&path).unwrap();
+            let markers = recs.iter().filter(|r| r["event"] == "truncated").count();
+            assert_eq!(markers, 1, "one marker whoever saw it first");
+            assert_eq!(recs.last().unwrap()["event"], "truncated");
+            assert!(std::fs::metadata(&path).unwrap().len() <= (64 << 10) + 256);
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
