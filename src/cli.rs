@@ -117,6 +117,9 @@ enum Command {
     /// The local control plane: the Work API and scripted sessions on loopback.
     #[command(name = "control-plane", args_conflicts_with_subcommands = true)]
     ControlPlane(ControlPlaneArgs),
+    /// Read a session's audit trail: its tool calls, the programs its jail ran, its connection
+    /// attempts, its outputs, its start and end.
+    Trail(ops::TrailArgs),
     /// Work queue statistics of an environment (organisation key).
     Stats(StatsArgs),
     /// Ask the worker holding a work item to stop it (organisation key).
@@ -296,6 +299,7 @@ pub fn main() -> i32 {
         Command::Policy { command } => cmd_policy(command),
         Command::Session(a) => cmd_session(a),
         Command::Demo => ops::demo(),
+        Command::Trail(a) => ops::trail(a),
         Command::Audit(a) => cmd_audit(a),
         Command::Worker(a) => ops::worker(a, None, log),
         Command::Webhook(a) => ops::webhook(a, log),

@@ -1364,3 +1364,129 @@ fn a_jail_that_cannot_be_built_is_counted() {
     let m = http_get(&format!("http://127.0.0.1:{port}/metrics"));
     assert!(m.contains("\nstockade_jail_build_failures_total 1\n"), "{m}");
 }
+
+/// A stand-in OTLP/HTTP collector: keeps the body of every POST it gets.
+fn otlp_collector() -> (String, std::sync::Arc<std::sync::Mutex<Vec<serde_json::Value>>>) {
+    use std::io::{BufRead, BufReader, Read, Write};
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}/v1/logs", l.local_addr().unwrap());
+    let got = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let g = got.clone();
+    std::thread::spawn(move || {
+        for conn in l.incoming().flatten() {
+            let g = g.clone();
+            std::thread::spawn(move || {
+                let mut r = BufReader::new(conn.try_clone().unwrap());
+                let mut w = conn;
+                loop {
+                    let mut len = 0usize;
+                    let mut line = String::new();
+                    loop {
+                        line.clear();
+                        if r.read_line(&mut line).unwrap_or(0) == 0 {
+                            return;
+                        }
+                        if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                            len = v.trim().parse().unwrap();
+                        }
+                        if line == "\r\n" {
+                            break;
+                        }
+                    }
+                    let mut body = vec![0u8; len];
+                    r.read_exact(&mut body).unwrap();
+                    g.lock().unwrap().push(serde_json::from_slice(&body).unwrap());
+                    w.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n{}").unwrap();
+                }
+            });
+        }
+    });
+    (url, got)
+}
+
+/// The worker keeps an audit trail of each session — the calls (secrets redacted, the
+/// environment key too), every program the jail ran with its argv, the files left in outputs
+/// with their digests, start and end — ships it to an OTLP collector, counts it in its metrics,
+/// and `stockade trail` reads it back.
+#[test]
+fn the_worker_keeps_and_ships_an_audit_trail_of_each_session() {
+    let cp = Cp::start(Duration::from_secs(30));
+    let state = TempDir::new("w-state");
+    let (url, shipped) = otlp_collector();
+    let policy = state.path().join("trail.toml");
+    std::fs::write(&policy, format!("extends = \"default\"\n[trail]\nship_add = [\"{url}\"]\n")).unwrap();
+    let port = free_port();
+    let metrics = format!("127.0.0.1:{port}");
+    let _w = start_worker(&cp, state.path(), &["--policy", policy.to_str().unwrap(), "--metrics", &metrics]);
+    let env_key = cp.env_key();
+    let (s, work) = cp.session(vec![
+        bash("sh -c '/bin/true'"),
+        bash(&format!("echo {env_key} | wc -c; printf report > /mnt/session/outputs/r.txt")),
+    ]);
+    let v = cp.wait_ended(&s, Duration::from_secs(60));
+    assert!(completed(&v), "{v:#?}");
+
+    let trail = state.path().join("trails").join(format!("{s}-{work}.jsonl"));
+    let text = std::fs::read_to_string(&trail).unwrap();
+    assert!(!text.contains(&env_key), "the environment key reached the trail");
+    let recs: Vec<serde_json::Value> = text.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let events: Vec<&str> = recs.iter().map(|r| r["event"].as_str().unwrap()).collect();
+    assert_eq!(events.first(), Some(&"session_start"));
+    assert_eq!(events.last(), Some(&"session_end"));
+    let call_ids: Vec<&str> =
+        recs.iter().filter(|r| r["event"] == "tool_call").map(|r| r["tool_use_id"].as_str().unwrap()).collect();
+    assert_eq!(call_ids.len(), 2);
+    let sh = recs
+        .iter()
+        .find(|r| r["event"] == "exec" && r["argv"] == json!(["sh", "-c", "/bin/true"]))
+        .unwrap_or_else(|| panic!("no exec of sh -c /bin/true:\n{text}"));
+    assert_eq!(sh["tool_use_id"], call_ids[0]);
+    assert!(recs.iter().any(|r| r["event"] == "exec" && r["argv"] == json!(["/bin/true"])), "{text}");
+    assert!(recs[..].iter().any(|r| r["event"] == "tool_call" && r["input"]["command"].as_str().unwrap().contains("[REDACTED]")));
+    let out = recs.iter().find(|r| r["event"] == "output_file").expect("the output file");
+    assert_eq!((&out["path"], &out["size"]), (&json!("r.txt"), &json!(6)));
+    // sha256("report")
+    assert_eq!(out["sha256"], sha256_hex(b"report"));
+
+    // Shipped: every record, with the session's ids.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let shipped_records = || -> Vec<serde_json::Value> {
+        shipped
+            .lock()
+            .unwrap()
+            .iter()
+            .flat_map(|b| b["resourceLogs"][0]["scopeLogs"][0]["logRecords"].as_array().cloned().unwrap_or_default())
+            .map(|l| serde_json::from_str(l["body"]["stringValue"].as_str().unwrap()).unwrap())
+            .collect()
+    };
+    while shipped_records().len() < recs.len() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let got = shipped_records();
+    assert_eq!(got.len(), recs.len(), "{got:#?}");
+    assert!(got.iter().all(|r| r["session_id"] == s.as_str() && r["work_id"] == work.as_str()));
+    assert!(got.iter().any(|r| r["argv"] == json!(["sh", "-c", "/bin/true"])));
+    let m = http_get(&format!("http://{metrics}/metrics"));
+    let execs: u64 = m.lines().find_map(|l| l.strip_prefix("stockade_execs_total ")).unwrap().parse().unwrap();
+    assert!(execs >= 4, "{m}");
+
+    // Read back by session id.
+    let o = Command::new(STOCKADE).args(["trail", &s, "--state-dir"]).arg(state.path()).output().unwrap();
+    assert!(o.status.success());
+    let table = String::from_utf8(o.stdout).unwrap();
+    assert!(table.lines().any(|l| l.contains("exec") && l.contains("sh -c /bin/true")), "{table}");
+    let o = Command::new(STOCKADE)
+        .args(["trail", &work, "--format", "json", "--event", "output_file", "--state-dir"])
+        .arg(state.path())
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8(o.stdout).unwrap().lines().count(), 1);
+    let o = Command::new(STOCKADE).args(["trail", "sesn_nope", "--state-dir"]).arg(state.path()).output().unwrap();
+    assert_eq!(o.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("no trail of `sesn_nope`"));
+}
+
+fn sha256_hex(b: &[u8]) -> String {
+    use sha2::Digest;
+    sha2::Sha256::digest(b).iter().map(|x| format!("{x:02x}")).collect()
+}

@@ -98,9 +98,10 @@ pub struct WorkerCommon {
     /// Graceful stop bound on SIGTERM; then sessions are killed.
     #[arg(long, default_value = "60s", value_parser = duration)]
     shutdown_timeout: Duration,
-    /// How long ended sessions' outputs are kept under the state directory.
-    #[arg(long, default_value = "168h", value_parser = duration)]
-    outputs_retention: Duration,
+    /// How long ended sessions' outputs are kept under the state directory; overrides the
+    /// policy's `retention.outputs` [default: the policy's, 7d in the built-ins].
+    #[arg(long, value_parser = duration)]
+    outputs_retention: Option<Duration>,
     /// Heartbeat period [default: half the lease the server grants, at most 30s].
     #[arg(long, value_parser = duration)]
     heartbeat_interval: Option<Duration>,
@@ -199,6 +200,135 @@ enum SessionCommand {
         #[command(flatten)]
         access: OrgAccess,
     },
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum TrailFormat {
+    Table,
+    Json,
+}
+
+#[derive(Args)]
+pub struct TrailArgs {
+    /// A session id (sesn_…), a work item id, or a trail file.
+    session: String,
+    /// The worker's state directory [default: /var/lib/stockade as root, else
+    /// $XDG_STATE_HOME/stockade].
+    #[arg(long, value_name = "DIR")]
+    state_dir: Option<PathBuf>,
+    /// A table for people, or the records as stored (JSON lines).
+    #[arg(long, value_enum, default_value_t = TrailFormat::Table)]
+    format: TrailFormat,
+    /// Only records of these events (comma-separated: session_start, tool_call, tool_result,
+    /// exec, egress, output_file, session_end, truncated).
+    #[arg(long, value_delimiter = ',', value_name = "EVENTS")]
+    event: Vec<String>,
+}
+
+/// The trail files a `stockade trail` argument names: the file itself, or every trail under the
+/// state directory whose name has the session or work id (a session claimed twice has two).
+fn trail_files(a: &TrailArgs) -> Result<Vec<PathBuf>, String> {
+    let as_path = PathBuf::from(&a.session);
+    if a.session.contains('/') || a.session.ends_with(".jsonl") {
+        return match as_path.is_file() {
+            true => Ok(vec![as_path]),
+            false => Err(format!("{}: no such trail file", as_path.display())),
+        };
+    }
+    let dir = a.state_dir.clone().unwrap_or_else(default_state_dir).join("trails");
+    let rd = std::fs::read_dir(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let mut v: Vec<PathBuf> = rd
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| {
+            let n = p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+            n.ends_with(".jsonl") && n.trim_end_matches(".jsonl").split('-').any(|part| part == a.session)
+        })
+        .collect();
+    v.sort();
+    if v.is_empty() {
+        return Err(format!("no trail of `{}` in {}", a.session, dir.display()));
+    }
+    Ok(v)
+}
+
+pub fn trail(a: TrailArgs) -> i32 {
+    use std::io::Write;
+    let files = match trail_files(&a) {
+        Ok(f) => f,
+        Err(e) => return fail(e),
+    };
+    let known = ["session_start", "tool_call", "tool_result", "exec", "egress", "output_file", "session_end", "truncated"];
+    if let Some(bad) = a.event.iter().find(|e| !known.contains(&e.as_str())) {
+        return usage(format!("--event: unknown event `{bad}`; known: {}", known.join(", ")));
+    }
+    let mut out = std::io::stdout().lock();
+    for f in files {
+        let records = match stockade::session::trail::read(&f) {
+            Ok(r) => r,
+            Err(e) => return fail(format!("{}: {e}", f.display())),
+        };
+        let records = records.into_iter().filter(|r| a.event.is_empty() || a.event.iter().any(|e| r["event"] == e.as_str()));
+        let r = match a.format {
+            TrailFormat::Json => records.map(|r| writeln!(out, "{r}")).collect::<std::io::Result<()>>(),
+            TrailFormat::Table => writeln!(out, "# {}", f.display())
+                .and_then(|()| records.map(|r| writeln!(out, "{}", trail_row(&r))).collect()),
+        };
+        if r.is_err() {
+            return 0; // the reader went away
+        }
+    }
+    0
+}
+
+/// One trail record as a table row: time, event, tool call, and what happened.
+fn trail_row(r: &serde_json::Value) -> String {
+    let s = |k: &str| r[k].as_str().unwrap_or("").to_owned();
+    let what = match r["event"].as_str().unwrap_or("") {
+        "session_start" => format!("session {} work {} policy {}", s("session_id"), s("work_id"), s("policy")),
+        "tool_call" => format!("{} {}", s("name"), r["input"]),
+        "tool_result" => format!(
+            "{} {} {} bytes in {} ms",
+            s("name"),
+            if r["is_error"] == true { "error" } else { "ok" },
+            r["output_bytes"],
+            r["duration_ms"]
+        ),
+        "exec" => {
+            let argv: Vec<String> = r["argv"]
+                .as_array()
+                .map(|a| a.iter().map(|x| shell_word(x.as_str().unwrap_or(""))).collect())
+                .unwrap_or_default();
+            format!(
+                "pid {} {}{} (in {})",
+                r["pid"],
+                argv.join(" "),
+                if r["argv_truncated"] == true { " …" } else { "" },
+                s("cwd")
+            )
+        }
+        "egress" => format!("{} {} {}:{}", s("verdict"), s("proto"), s("dst"), r["dport"]),
+        "output_file" => format!("{} {} bytes sha256:{}", s("path"), r["size"], s("sha256")),
+        "session_end" => s("reason"),
+        "truncated" => format!("trail full at {} bytes; trail.on_full = {}", r["limit"], s("on_full")),
+        _ => r.to_string(),
+    };
+    // A table row stays one screen line or two; `--format json` has every byte.
+    let what: String = match what.char_indices().nth(200) {
+        Some((i, _)) => format!("{}…", &what[..i]),
+        None => what,
+    };
+    let call = s("tool_use_id");
+    format!("{:<24} {:<13} {:<14} {}", s("ts"), r["event"].as_str().unwrap_or("?"), call, what)
+}
+
+/// A word as a shell would need it quoted to mean the same.
+fn shell_word(w: &str) -> String {
+    if !w.is_empty() && w.chars().all(|c| c.is_ascii_alphanumeric() || "-_./=:,+@%".contains(c)) {
+        w.to_owned()
+    } else {
+        format!("'{}'", w.replace('\'', "'\\''"))
+    }
 }
 
 #[derive(Args)]

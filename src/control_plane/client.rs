@@ -177,6 +177,11 @@ impl Client {
         self.key.read().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// The credential in use, for redacting it where it must never appear (an audit trail).
+    pub fn current_key(&self) -> String {
+        self.key().expose().to_owned()
+    }
+
     /// Replaces the credential of this client and of every clone made from it (not of those
     /// given another one with `with_bearer`). Returns whether it changed.
     pub fn set_key(&self, key: Secret) -> bool {

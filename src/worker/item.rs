@@ -19,6 +19,7 @@ use crate::control_plane::wire::{
 };
 use crate::control_plane::{ApiError, Backoff, Client, Secret};
 use crate::policy::narrow::{self, Narrowing};
+use crate::session::trail::TrailWriter;
 use crate::tools::{ToolResult, TOOLS};
 use crate::util::rfc3339;
 
@@ -135,6 +136,13 @@ fn item_client(ctx: &Ctx, item: &WorkItem) -> Client {
     }
 }
 
+fn obj(v: serde_json::Value) -> serde_json::Map<String, serde_json::Value> {
+    match v {
+        serde_json::Value::Object(m) => m,
+        _ => serde_json::Map::new(),
+    }
+}
+
 /// Serves one acknowledged item (or one a previous run of this worker held, whose lease
 /// continues from `last_heartbeat`). Returns false when the session failed or the lease was lost.
 pub(super) async fn run(
@@ -166,6 +174,49 @@ pub(super) async fn run(
                 return false;
             }
         };
+        // The audit trail: the session's record of what ran. Without it nothing runs.
+        let trail_path = ctx.state.trail_path(&rec);
+        let mut literals = vec![ctx.client.current_key()];
+        if let Some(s) = item.secret.as_deref() {
+            literals.push(s.to_owned());
+            if let Some(w) = WorkSecret::decode(s) {
+                literals.push(w.sessions_token);
+            }
+        }
+        let trail = match TrailWriter::open(&trail_path, &ctx.policy.trail, literals) {
+            Ok(t) => t,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot open the session's audit trail");
+                stop_item(&ctx, &client, &item.id, &lease_rx).await;
+                let _ = tokio::task::block_in_place(|| ctx.state.retire(&rec, &ctx.retention));
+                return false;
+            }
+        };
+        let (ship_done, ship_rx) = watch::channel(false);
+        let shipper = tokio::spawn(
+            super::ship::follow(
+                super::ship::Follow {
+                    path: trail_path.clone(),
+                    session_id: session_id.clone(),
+                    work_id: item.id.clone(),
+                    sinks: super::ship::Sink::from_policy(&ctx.policy.trail.ship),
+                    metrics: ctx.metrics.clone(),
+                },
+                ship_rx,
+            )
+            .in_current_span(),
+        );
+        trail.record(
+            "session_start",
+            obj(serde_json::json!({
+                "session_id": session_id,
+                "work_id": item.id,
+                "environment_id": ctx.env,
+                "worker_id": ctx.worker_id,
+                "policy": ctx.policy.source,
+                "resumed": last_heartbeat.is_some(),
+            })),
+        );
         // The heartbeat starts before anything slow (skills, the jail), as the official
         // worker's does.
         let clock = Arc::new(LeaseClock::new());
@@ -178,7 +229,16 @@ pub(super) async fn run(
         }
         ctx.metrics.active_sessions.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         ctx.active.lock().unwrap_or_else(|p| p.into_inner()).insert(item.id.clone(), lease_tx.clone());
-        let runner = Runner { ctx: &ctx, client: &client, item: &item, session: &session_id, dirs: &dirs, clock };
+        let runner = Runner {
+            ctx: &ctx,
+            client: &client,
+            item: &item,
+            session: &session_id,
+            dirs: &dirs,
+            clock,
+            trail: &trail,
+            trail_path: &trail_path,
+        };
         let end = runner.drive(lease_rx.clone(), shutdown).await;
         hb.abort();
         match &end {
@@ -192,25 +252,39 @@ pub(super) async fn run(
         }
         // A worker shutting down keeps its items for its restart; a lost lease keeps them for a
         // re-claim (see `Ctx::lost`); anything else is over.
-        let (kept, files) = match end {
-            End::Left { .. } => (None, Vec::new()),
+        let over = !matches!(end, End::Left { .. } | End::Lost);
+        if over {
+            let outputs = dirs.outputs.clone();
+            for (path, size, sha256) in tokio::task::block_in_place(|| super::state::digest_files(&outputs)) {
+                trail.record("output_file", obj(serde_json::json!({"path": path, "size": size, "sha256": sha256})));
+            }
+        }
+        trail.record("session_end", obj(serde_json::json!({"reason": end.describe(), "over": over})));
+        let _ = ship_done.send(true);
+        let _ = shipper.await;
+        let kept = match end {
+            End::Left { .. } => None,
             End::Lost => {
                 ctx.lost
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
                     .insert(item.id.clone(), (rec.clone(), Instant::now()));
-                (None, Vec::new())
+                None
             }
-            _ => tokio::task::block_in_place(|| ctx.state.retire(&rec)),
+            _ => {
+                if ctx.retention.trails == crate::policy::Keep::SessionEnd {
+                    let _ = std::fs::remove_file(&trail_path);
+                }
+                tokio::task::block_in_place(|| ctx.state.retire(&rec, &ctx.retention))
+            }
         };
         ctx.metrics.active_sessions.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
         tracing::info!(
             end = %end.describe(),
             outputs = kept.as_ref().map(|p| p.display().to_string()),
-            output_files = files.len(),
+            trail = %trail_path.display(),
             "session ended"
         );
-        ctx.state.prune_outputs(ctx.retention);
         ctx.active.lock().unwrap_or_else(|p| p.into_inner()).remove(&item.id);
         !matches!(end, End::Failed(_) | End::Lost)
     }
@@ -449,6 +523,8 @@ struct Runner<'a> {
     session: &'a str,
     dirs: &'a ItemDirs,
     clock: Arc<LeaseClock>,
+    trail: &'a TrailWriter,
+    trail_path: &'a std::path::Path,
 }
 
 impl Runner<'_> {
@@ -485,7 +561,7 @@ impl Runner<'_> {
     }
 
     async fn start_jail(&self, narrow: Option<&str>) -> Result<SessionProcess, RunnerError> {
-        let p = SessionProcess::start(&self.ctx.runner, &self.dirs.workspace, &self.dirs.outputs, narrow)
+        let p = SessionProcess::start(&self.ctx.runner, &self.dirs.workspace, &self.dirs.outputs, narrow, self.trail_path)
             .await
             .inspect_err(|_| {
                 self.ctx.metrics.jail_build_failures.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -607,9 +683,14 @@ impl Runner<'_> {
                 }
                 let span = tracing::info_span!("tool", tool_use_id = %call.id, tool = %call.name);
                 let t = Instant::now();
-                let r = tokio::select! {
-                    r = jail.call(&call.id, &call.name, &call.input).instrument(span.clone()) => r,
-                    () = must_kill(lease.clone(), shutdown.clone()) => continue,
+                // Recorded before it runs: a trail that cannot hold it refuses it.
+                let r = if self.trail.refusing() || !self.trail.call_start(&call.id, &call.name, &call.input) {
+                    Ok(ToolResult::err(crate::session::trail_full()))
+                } else {
+                    tokio::select! {
+                        r = jail.call(&call.id, &call.name, &call.input).instrument(span.clone()) => r,
+                        () = must_kill(lease.clone(), shutdown.clone()) => continue,
+                    }
                 };
                 let result = match r {
                     Ok(r) => r,
@@ -631,6 +712,8 @@ impl Runner<'_> {
                     }
                 };
                 let took = t.elapsed();
+                let size = result.content.iter().map(crate::tools::Block::size).sum();
+                self.trail.call_end(&call.id, &call.name, result.is_error, took, size);
                 self.ctx.metrics.tool_call(&call.name, result.is_error, took);
                 tracing::info!(parent: &span, is_error = result.is_error, took_ms = took.as_millis() as u64, "tool call done");
                 if let Err(e) = self.ctx.state.put_outbox(self.dirs, &call.id, &result) {

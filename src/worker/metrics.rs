@@ -47,6 +47,13 @@ pub struct Metrics {
     pub lease_losses: AtomicU64,
     pub result_post_retries: AtomicU64,
     pub jail_build_failures: AtomicU64,
+    /// Connection attempts the sessions' egress filters denied / allowed (from their trails).
+    pub egress_denied: AtomicU64,
+    pub egress_allowed: AtomicU64,
+    /// Programs executed in session jails (from their trails).
+    pub execs: AtomicU64,
+    /// Trails that filled up (`trail.max_size`).
+    pub trails_full: AtomicU64,
     polls: Mutex<BTreeMap<&'static str, u64>>,
     tool_calls: Mutex<BTreeMap<(String, &'static str), u64>>,
     tool_latency: Mutex<BTreeMap<String, Histogram>>,
@@ -104,6 +111,30 @@ impl Metrics {
             "counter",
             "Session jails that could not be built (the item failed).",
             self.jail_build_failures.load(Relaxed).to_string(),
+        );
+        simple(
+            "stockade_egress_denied_total",
+            "counter",
+            "Connection attempts from session jails that the egress allowlist denied.",
+            self.egress_denied.load(Relaxed).to_string(),
+        );
+        simple(
+            "stockade_egress_allowed_total",
+            "counter",
+            "Connections from session jails that the egress allowlist allowed.",
+            self.egress_allowed.load(Relaxed).to_string(),
+        );
+        simple(
+            "stockade_execs_total",
+            "counter",
+            "Programs executed in session jails, as their audit trails recorded them.",
+            self.execs.load(Relaxed).to_string(),
+        );
+        simple(
+            "stockade_trails_full_total",
+            "counter",
+            "Session audit trails that reached trail.max_size.",
+            self.trails_full.load(Relaxed).to_string(),
         );
         simple(
             "stockade_result_post_retries_total",

@@ -6,6 +6,7 @@ mod item;
 pub mod key;
 pub mod metrics;
 pub mod runner;
+pub mod ship;
 pub mod skills;
 pub mod state;
 
@@ -79,8 +80,8 @@ pub struct WorkerConfig {
     pub max_response_bytes: usize,
     /// The largest result event posted; a larger result becomes an error result.
     pub max_result_bytes: usize,
-    /// How long ended sessions' outputs are kept under the state directory.
-    pub outputs_retention: Duration,
+    /// Overrides the policy's `retention.outputs`.
+    pub outputs_retention: Option<Duration>,
     /// Webhook mode: drain the queue when notified (and every `webhook_poll` anyway) instead of
     /// polling continuously.
     pub wake: Option<Arc<Notify>>,
@@ -109,7 +110,7 @@ impl WorkerConfig {
             api_timeout: Duration::from_secs(15),
             max_response_bytes: crate::control_plane::client::DEFAULT_MAX_BODY,
             max_result_bytes: DEFAULT_MAX_RESULT,
-            outputs_retention: Duration::from_secs(7 * 86_400),
+            outputs_retention: None,
             wake: None,
             webhook_poll: Duration::from_secs(30),
         }
@@ -131,7 +132,9 @@ pub(crate) struct Ctx {
     heartbeat_every: Option<Duration>,
     max_idle: Duration,
     max_result_bytes: usize,
-    retention: Duration,
+    /// The sessions' policy: its `[trail]`, `[retention]` and `[provision]` are the worker's to apply.
+    policy: Arc<crate::policy::Policy>,
+    retention: crate::policy::Retention,
     worker_id: String,
     /// Items being run, with their lease signal: an item the control plane hands out again
     /// (its lease expired meanwhile) must first be taken from the run that lost it.
@@ -182,7 +185,7 @@ impl Ctx {
         };
         for rec in expired {
             tracing::info!(work_id = %rec.item.id, "a lost item was not handed back; its workspace goes");
-            self.state.retire(&rec);
+            self.state.retire(&rec, &self.retention);
         }
     }
 }
@@ -233,7 +236,11 @@ async fn context(cfg: &WorkerConfig) -> Result<Arc<Ctx>, WorkerError> {
     }
     // Jails of a crashed run died with it (PDEATHSIG); their cgroups did not.
     tokio::task::spawn_blocking(crate::jail::cgroups::remove_stale_all).await.ok();
-    state.prune_outputs(cfg.outputs_retention);
+    let mut retention = policy.retention;
+    if let Some(d) = cfg.outputs_retention {
+        retention.outputs = crate::policy::Keep::For(d);
+    }
+    state.sweep(&retention, std::time::SystemTime::now());
     let worker_id = cfg.worker_id.clone().unwrap_or_else(|| state.worker_id.clone());
     tracing::info!(
         worker_id = %worker_id,
@@ -254,7 +261,8 @@ async fn context(cfg: &WorkerConfig) -> Result<Arc<Ctx>, WorkerError> {
         heartbeat_every: cfg.heartbeat_every,
         max_idle: cfg.max_idle,
         max_result_bytes: cfg.max_result_bytes,
-        retention: cfg.outputs_retention,
+        retention,
+        policy: Arc::new(policy),
         worker_id,
         active: Default::default(),
         lost: Default::default(),
@@ -351,7 +359,7 @@ pub async fn run(cfg: WorkerConfig, mut shutdown: watch::Receiver<Shutdown>) -> 
     for rec in ctx.state.held() {
         let Some(last) = rec.last_heartbeat.clone() else {
             tracing::info!(work_id = %rec.item.id, "an item held before a restart never had a heartbeat; left to its lease");
-            ctx.state.retire(&rec);
+            ctx.state.retire(&rec, &ctx.retention);
             continue;
         };
         let permit = slots.clone().acquire_owned().await.expect("semaphore open");
@@ -377,6 +385,8 @@ pub async fn run(cfg: WorkerConfig, mut shutdown: watch::Receiver<Shutdown>) -> 
         if swept.elapsed() >= STALE_SWEEP_EVERY {
             swept = std::time::Instant::now();
             tokio::task::spawn_blocking(crate::jail::cgroups::remove_stale_all);
+            let c = ctx.clone();
+            tokio::task::spawn_blocking(move || c.state.sweep(&c.retention, std::time::SystemTime::now()));
         }
         let permit = tokio::select! {
             p = slots.clone().acquire_owned() => p.expect("semaphore open"),

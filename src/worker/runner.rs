@@ -47,6 +47,7 @@ impl SessionProcess {
         workspace: &Path,
         outputs: &Path,
         narrow: Option<&str>,
+        trail: &Path,
     ) -> Result<SessionProcess, RunnerError> {
         let t = Instant::now();
         let mut cmd = Command::new(&cfg.exe);
@@ -58,6 +59,10 @@ impl SessionProcess {
             .arg("--outputs")
             .arg(outputs)
             .args(narrow.map(|n| ["--narrow", n]).into_iter().flatten())
+            // The jail's execs and connections; the worker records the calls itself.
+            .arg("--trail")
+            .arg(trail)
+            .arg("--trail-no-calls")
             .env_clear()
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())

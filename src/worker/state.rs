@@ -8,8 +8,14 @@
 //! STATE/items/WORK/workspace/    the session's /workspace
 //! STATE/items/WORK/outputs/      the session's /mnt/session/outputs
 //! STATE/items/WORK/outbox/ID.json  a tool result produced but not yet known to be posted
-//! STATE/outputs/SESSION-WORK/    outputs of ended sessions, kept for the retention period
+//! STATE/outputs/SESSION-WORK/    outputs of ended sessions, kept for `retention.outputs`
+//! STATE/workspaces/SESSION-WORK/ workspaces of ended sessions (`retention.workspaces`); a
+//!                                workspace with a size limit is kept as its image, NAME.img
+//! STATE/trails/SESSION-WORK.jsonl  each session's audit trail (`retention.trails`)
 //! ```
+//!
+//! What is kept is swept by age (`sweep`): a kept entry's modification time is when its session
+//! ended, so the sweep needs no record of its own and survives any restart.
 
 use serde::{Deserialize, Serialize};
 use std::fs;
@@ -19,6 +25,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
 use crate::control_plane::wire::WorkItem;
+use crate::policy::{Keep, Retention};
 use crate::tools::ToolResult;
 
 #[derive(Debug, thiserror::Error)]
@@ -115,6 +122,8 @@ impl StateDir {
         mkdir(root, 0o711)?;
         mkdir(&root.join("items"), 0o711)?;
         mkdir(&root.join("outputs"), 0o700)?;
+        mkdir(&root.join("workspaces"), 0o700)?;
+        mkdir(&root.join("trails"), 0o700)?;
         let lock_path = root.join("worker.lock");
         let lock =
             fs::OpenOptions::new().create(true).truncate(false).write(true).open(&lock_path).map_err(io(&lock_path))?;
@@ -241,66 +250,154 @@ impl StateDir {
         v.into_iter().map(|(_, p)| p).collect()
     }
 
-    /// Lets go of an item: its outputs move to the retention area, everything else goes.
-    /// Returns where the outputs are and the files they hold.
-    pub fn retire(&self, rec: &ItemRecord) -> (Option<PathBuf>, Vec<String>) {
-        let Ok(dir) = self.item_dir(&rec.item.id) else { return (None, Vec::new()) };
-        let mut kept = None;
-        let mut files = Vec::new();
+    /// An item's name in the retention areas: `SESSION-WORK`.
+    pub fn kept_name(rec: &ItemRecord) -> String {
+        format!("{}-{}", if safe_component(&rec.item.data.id) { rec.item.data.id.as_str() } else { "session" }, rec.item.id)
+    }
+
+    /// Where an item's audit trail is written.
+    pub fn trail_path(&self, rec: &ItemRecord) -> PathBuf {
+        self.root.join("trails").join(format!("{}.jsonl", Self::kept_name(rec)))
+    }
+
+    /// Lets go of an item: its outputs (and, if the policy keeps them, its workspace) move to
+    /// the retention areas, everything else goes. Returns where the outputs are.
+    pub fn retire(&self, rec: &ItemRecord, retention: &Retention) -> Option<PathBuf> {
+        let Ok(dir) = self.item_dir(&rec.item.id) else { return None };
+        let name = Self::kept_name(rec);
         let outputs = dir.join("outputs");
-        if outputs.exists() {
-            list_files(&outputs, &outputs, &mut files);
-            let name = format!(
-                "{}-{}",
-                if safe_component(&rec.item.data.id) { rec.item.data.id.as_str() } else { "session" },
-                rec.item.id
-            );
-            // A session whose item was claimed again keeps the outputs of each attempt.
-            let mut dest = self.root.join("outputs").join(&name);
-            let mut n = 1;
-            while dest.exists() {
-                n += 1;
-                dest = self.root.join("outputs").join(format!("{name}.{n}"));
+        let workspace = dir.join("workspace");
+        let kept = match retention.outputs {
+            Keep::SessionEnd => None,
+            _ if !outputs.exists() => None,
+            _ => {
+                let dest = unique(&self.root.join("outputs"), &name, "");
+                // A filesystem of its own cannot be renamed away: its files are copied out.
+                let moved = if crate::jail::disk::is_mounted(&outputs) {
+                    copy_tree(&outputs, &dest)
+                } else {
+                    fs::rename(&outputs, &dest)
+                };
+                match moved {
+                    Ok(()) => {
+                        // Its age counts from now (see `sweep`).
+                        let _ = touch(&dest);
+                        Some(dest)
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, "could not keep the outputs of {}", rec.item.id);
+                        None
+                    }
+                }
             }
-            // A filesystem of its own cannot be renamed away: its files are copied out.
-            let moved = if crate::jail::disk::is_mounted(&outputs) {
-                copy_tree(&outputs, &dest)
-            } else {
-                fs::rename(&outputs, &dest)
-            };
-            match moved {
-                Ok(()) => kept = Some(dest),
-                Err(e) => tracing::error!(error = %e, "could not keep the outputs of {}", rec.item.id),
+        };
+        for d in [&workspace, &outputs] {
+            if let Err(e) = crate::jail::disk::release(d) {
+                tracing::error!(dir = %d.display(), error = %e, "could not unmount a session's filesystem");
             }
         }
-        for d in [dir.join("workspace"), outputs] {
-            if let Err(e) = crate::jail::disk::release(&d) {
-                tracing::error!(dir = %d.display(), error = %e, "could not unmount a session's filesystem");
+        if retention.workspaces != Keep::SessionEnd {
+            let image = workspace.with_extension("img");
+            let (from, dest) = if image.exists() {
+                (image, unique(&self.root.join("workspaces"), &name, ".img"))
+            } else {
+                (workspace.clone(), unique(&self.root.join("workspaces"), &name, ""))
+            };
+            match fs::rename(&from, &dest).and_then(|()| touch(&dest)) {
+                Ok(()) => tracing::info!(workspace = %dest.display(), "workspace kept (retention.workspaces)"),
+                Err(e) => tracing::error!(error = %e, "could not keep the workspace of {}", rec.item.id),
             }
         }
         // std's remove_dir_all does not follow symlinks the session may have planted.
         if let Err(e) = fs::remove_dir_all(&dir) {
             tracing::error!(dir = %dir.display(), error = %e, "could not remove a session's directory");
         }
-        (kept, files)
+        kept
     }
 
-    /// Removes retained outputs older than `retention`.
-    pub fn prune_outputs(&self, retention: Duration) {
-        let Ok(rd) = fs::read_dir(self.root.join("outputs")) else { return };
-        for e in rd.flatten() {
-            let old = e
-                .metadata()
-                .and_then(|m| m.modified())
-                .ok()
-                .and_then(|t| t.elapsed().ok())
-                .is_some_and(|a| a > retention);
-            if old {
-                tracing::info!(dir = %e.path().display(), "removing outputs past their retention");
-                let _ = fs::remove_dir_all(e.path());
+    /// Removes what the retention policy no longer keeps, as of `now`: kept outputs, workspaces
+    /// and trails whose session ended longer ago than their lifetime. Trails of items this
+    /// worker still holds are never touched. Returns what it removed.
+    pub fn sweep(&self, retention: &Retention, now: SystemTime) -> Vec<PathBuf> {
+        let held: Vec<String> = self.held_ids();
+        let mut removed = Vec::new();
+        for (area, keep) in [("outputs", retention.outputs), ("workspaces", retention.workspaces), ("trails", retention.trails)] {
+            let Ok(rd) = fs::read_dir(self.root.join(area)) else { continue };
+            for e in rd.flatten() {
+                let name = e.file_name().to_string_lossy().into_owned();
+                if area == "trails" && held.iter().any(|w| name.ends_with(&format!("-{w}.jsonl"))) {
+                    continue;
+                }
+                // An outputs or workspace entry being written by `retire` right now is younger
+                // than any lifetime; `session_end` applies to what a crash left behind.
+                let age = e.metadata().and_then(|m| m.modified()).ok().and_then(|t| now.duration_since(t).ok());
+                let expired = match keep {
+                    Keep::Forever => false,
+                    Keep::SessionEnd => area == "trails" || age.is_some_and(|a| a > Duration::from_secs(3600)),
+                    Keep::For(d) => age.is_some_and(|a| a > d),
+                };
+                if !expired {
+                    continue;
+                }
+                let p = e.path();
+                let r = if e.file_type().is_ok_and(|t| t.is_dir()) { fs::remove_dir_all(&p) } else { fs::remove_file(&p) };
+                match r {
+                    Ok(()) => {
+                        tracing::info!(path = %p.display(), "removed past its retention ({area})");
+                        removed.push(p);
+                    }
+                    Err(err) => tracing::warn!(path = %p.display(), error = %err, "could not remove past its retention"),
+                }
             }
         }
+        removed
     }
+
+    /// The work ids of the items recorded as held.
+    fn held_ids(&self) -> Vec<String> {
+        let Ok(rd) = fs::read_dir(self.root.join("items")) else { return Vec::new() };
+        rd.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect()
+    }
+}
+
+/// `dir/NAMEsuffix`, or `dir/NAME.2suffix`, … for the first that does not exist: a session
+/// whose item was claimed again keeps what each attempt left.
+fn unique(dir: &Path, name: &str, suffix: &str) -> PathBuf {
+    let mut dest = dir.join(format!("{name}{suffix}"));
+    let mut n = 1;
+    while dest.exists() {
+        n += 1;
+        dest = dir.join(format!("{name}.{n}{suffix}"));
+    }
+    dest
+}
+
+/// Sets a path's modification time to now.
+fn touch(p: &Path) -> std::io::Result<()> {
+    fs::File::open(p)?.set_modified(SystemTime::now())
+}
+
+/// Files under `root` (up to 1000), with their sizes and SHA-256 digests, for the trail.
+pub fn digest_files(root: &Path) -> Vec<(String, u64, String)> {
+    use sha2::Digest;
+    let mut names = Vec::new();
+    list_files(root, root, &mut names);
+    names.sort();
+    let mut out = Vec::new();
+    for n in names {
+        let p = root.join(&n);
+        let Ok(meta) = fs::symlink_metadata(&p) else { continue };
+        if !meta.is_file() {
+            continue;
+        }
+        let mut h = sha2::Sha256::new();
+        let Ok(mut f) = fs::File::open(&p) else { continue };
+        if std::io::copy(&mut f, &mut h).is_err() {
+            continue;
+        }
+        out.push((n, meta.len(), h.finalize().iter().map(|b| format!("{b:02x}")).collect()));
+    }
+    out
 }
 
 /// A fixed-length name for any tool-use id, however long or odd: its SHA-256.
@@ -415,5 +512,57 @@ mod tests {
         state.take_outbox(&dirs, &long);
         assert_eq!(state.outbox(&dirs).len(), 2);
         std::fs::remove_dir_all(&root).unwrap();
+    }
+
+    fn item(state: &StateDir, work: &str, session: &str) -> (ItemRecord, ItemDirs) {
+        let item: WorkItem = serde_json::from_value(serde_json::json!({
+            "id": work, "data": {"type": "session", "id": session}, "state": "active"
+        }))
+        .unwrap();
+        let rec = ItemRecord { item, environment_id: "env".into(), started_at: "now".into(), last_heartbeat: None };
+        let ids = (nix::unistd::getuid().as_raw(), nix::unistd::getgid().as_raw());
+        let dirs = state.hold(&rec, ids, DiskSizes::default()).unwrap();
+        (rec, dirs)
+    }
+
+    /// Each area keeps its entries for its own lifetime, counted from the session's end, as
+    /// seen by a sweep after a clock jump; `keep` is forever, `session_end` is never kept, and
+    /// the trail of a session still held is never touched.
+    #[test]
+    fn retention_removes_what_outlived_its_lifetime_and_nothing_else() {
+        let (root, state, _, _) = held_item(); // work_1 stays held
+        fs::write(state.trail_path(&state.held()[0]), "{}\n").unwrap();
+        let day = Duration::from_secs(86_400);
+        let r = Retention { outputs: Keep::For(7 * day), workspaces: Keep::For(2 * day), trails: Keep::For(30 * day) };
+        let (rec, dirs) = item(&state, "work_2", "sesn_2");
+        fs::write(dirs.workspace.join("src.rs"), "fn main() {}").unwrap();
+        fs::write(dirs.outputs.join("report.txt"), "done").unwrap();
+        fs::write(state.trail_path(&rec), "{}\n").unwrap();
+        let kept = state.retire(&rec, &r).unwrap();
+        assert_eq!(fs::read_to_string(kept.join("report.txt")).unwrap(), "done");
+        let ws = root.join("workspaces/sesn_2-work_2");
+        assert_eq!(fs::read_to_string(ws.join("src.rs")).unwrap(), "fn main() {}");
+        // A session whose outputs and workspace go at its end leaves neither.
+        let gone = Retention { outputs: Keep::SessionEnd, workspaces: Keep::SessionEnd, trails: Keep::Forever };
+        let (rec3, dirs3) = item(&state, "work_3", "sesn_3");
+        fs::write(dirs3.outputs.join("x"), "x").unwrap();
+        assert_eq!(state.retire(&rec3, &gone), None);
+        assert!(!root.join("outputs/sesn_3-work_3").exists() && !root.join("workspaces/sesn_3-work_3").exists());
+        assert!(!dirs3.dir.exists());
+
+        let now = SystemTime::now();
+        assert!(state.sweep(&r, now).is_empty(), "nothing is old yet");
+        assert_eq!(state.sweep(&r, now + 3 * day), vec![ws.clone()]);
+        assert!(kept.exists());
+        assert_eq!(state.sweep(&r, now + 8 * day), vec![kept.clone()]);
+        let trail2 = state.trail_path(&rec);
+        assert!(trail2.exists());
+        let forever = Retention { trails: Keep::Forever, ..r };
+        assert!(state.sweep(&forever, now + 365 * day).is_empty());
+        assert_eq!(state.sweep(&r, now + 31 * day), vec![trail2]);
+        // The held item's trail and its directories are still there.
+        assert!(state.trail_path(&state.held()[0]).exists());
+        assert!(root.join("items/work_1/workspace").exists());
+        fs::remove_dir_all(&root).unwrap();
     }
 }

@@ -1,0 +1,181 @@
+//! Following a session's audit trail: each new record is counted into the worker's metrics
+//! (denied egress, execs) and sent wherever `trail.ship` says — stdout, syslog (`/dev/log`), or
+//! an OTLP/HTTP logs endpoint — with the session and work ids added. The trail file is the
+//! record; shipping is best effort (a collector that is down loses what it missed, and says so
+//! in the worker's log).
+
+use serde_json::{json, Value};
+use std::io::{Read, Seek, SeekFrom};
+use std::path::PathBuf;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::watch;
+
+use super::metrics::Metrics;
+
+/// Where records go besides the trail file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Sink {
+    Stdout,
+    Syslog,
+    Otlp(String),
+}
+
+impl Sink {
+    /// The policy's `trail.ship` entries (checked when the policy was read).
+    pub fn from_policy(ship: &[String]) -> Vec<Sink> {
+        ship.iter()
+            .map(|s| match s.as_str() {
+                "stdout" => Sink::Stdout,
+                "syslog" => Sink::Syslog,
+                url => Sink::Otlp(url.to_owned()),
+            })
+            .collect()
+    }
+}
+
+pub struct Follow {
+    pub path: PathBuf,
+    pub session_id: String,
+    pub work_id: String,
+    pub sinks: Vec<Sink>,
+    pub metrics: Arc<Metrics>,
+}
+
+/// Follows the trail until `done` turns true, then reads it to its end once more and returns.
+pub async fn follow(f: Follow, mut done: watch::Receiver<bool>) {
+    let http = reqwest::Client::builder().timeout(Duration::from_secs(10)).build().ok();
+    let mut offset = 0u64;
+    let mut partial = Vec::new();
+    loop {
+        let finished = *done.borrow();
+        let path = f.path.clone();
+        let from = offset;
+        let chunk = tokio::task::spawn_blocking(move || read_from(&path, from)).await.ok().flatten();
+        if let Some(bytes) = chunk {
+            offset += bytes.len() as u64;
+            partial.extend_from_slice(&bytes);
+            let end = partial.iter().rposition(|b| *b == b'\n').map_or(0, |i| i + 1);
+            let lines: Vec<u8> = partial.drain(..end).collect();
+            let records: Vec<Value> = String::from_utf8_lossy(&lines)
+                .lines()
+                .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+                .map(|mut r| {
+                    count(&f.metrics, &r);
+                    if let Value::Object(o) = &mut r {
+                        o.insert("session_id".into(), json!(f.session_id));
+                        o.insert("work_id".into(), json!(f.work_id));
+                    }
+                    r
+                })
+                .collect();
+            if !records.is_empty() {
+                ship(&f.sinks, &records, http.as_ref()).await;
+            }
+        }
+        if finished {
+            return;
+        }
+        tokio::select! {
+            () = tokio::time::sleep(Duration::from_millis(500)) => {}
+            _ = done.changed() => {}
+        }
+    }
+}
+
+fn read_from(path: &std::path::Path, offset: u64) -> Option<Vec<u8>> {
+    let mut f = std::fs::File::open(path).ok()?;
+    f.seek(SeekFrom::Start(offset)).ok()?;
+    let mut v = Vec::new();
+    // At most 4 MiB a round: a burst is shipped in pieces rather than held whole.
+    f.take(4 << 20).read_to_end(&mut v).ok()?;
+    (!v.is_empty()).then_some(v)
+}
+
+fn count(m: &Metrics, r: &Value) {
+    match r["event"].as_str() {
+        Some("egress") if r["verdict"] == "deny" => m.egress_denied.fetch_add(1, Relaxed),
+        Some("egress") => m.egress_allowed.fetch_add(1, Relaxed),
+        Some("exec") => m.execs.fetch_add(1, Relaxed),
+        Some("truncated") => m.trails_full.fetch_add(1, Relaxed),
+        _ => 0,
+    };
+}
+
+async fn ship(sinks: &[Sink], records: &[Value], http: Option<&reqwest::Client>) {
+    for s in sinks {
+        match s {
+            Sink::Stdout => {
+                use std::io::Write;
+                let mut out = std::io::stdout().lock();
+                for r in records {
+                    let _ = writeln!(out, "{r}");
+                }
+                let _ = out.flush();
+            }
+            Sink::Syslog => {
+                if let Err(e) = syslog(records) {
+                    tracing::warn!(error = %e, "could not send trail records to syslog (/dev/log)");
+                }
+            }
+            Sink::Otlp(url) => {
+                let Some(http) = http else { continue };
+                let body = otlp_body(records);
+                match http.post(url).json(&body).send().await {
+                    Ok(r) if r.status().is_success() => {}
+                    Ok(r) => tracing::warn!(url, status = %r.status(), "the OTLP collector refused trail records"),
+                    Err(e) => tracing::warn!(url, error = %e, "could not send trail records to the OTLP collector"),
+                }
+            }
+        }
+    }
+}
+
+/// One datagram per record to the local syslog socket, RFC 3164 framing, facility local0:
+/// warning for denials and a full trail, info for the rest.
+fn syslog(records: &[Value]) -> std::io::Result<()> {
+    let sock = std::os::unix::net::UnixDatagram::unbound()?;
+    sock.connect("/dev/log")?;
+    for r in records {
+        let sev = if r["verdict"] == "deny" || r["event"] == "truncated" { 4 } else { 6 };
+        let msg = format!("<{}>stockade[{}]: {r}", 16 * 8 + sev, std::process::id());
+        sock.send(msg.as_bytes())?;
+    }
+    Ok(())
+}
+
+/// An OTLP/HTTP JSON `ExportLogsServiceRequest` of the records: the record as the body, its
+/// event, session and tool call as attributes.
+pub fn otlp_body(records: &[Value]) -> Value {
+    let attr = |k: &str, v: &Value| v.as_str().map(|s| json!({"key": k, "value": {"stringValue": s}}));
+    let logs: Vec<Value> = records
+        .iter()
+        .map(|r| {
+            let nanos = r["ts"].as_str().and_then(|s| crate::util::parse_rfc3339(s).ok()).map_or(0, |t| {
+                t.duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos())
+            });
+            let warn = r["verdict"] == "deny" || r["event"] == "truncated";
+            let attrs: Vec<Value> = [
+                ("event", &r["event"]),
+                ("session.id", &r["session_id"]),
+                ("work.id", &r["work_id"]),
+                ("tool_use.id", &r["tool_use_id"]),
+            ]
+            .into_iter()
+            .filter_map(|(k, v)| attr(k, v))
+            .collect();
+            json!({
+                "timeUnixNano": nanos.to_string(),
+                "severityNumber": if warn { 13 } else { 9 },
+                "severityText": if warn { "WARN" } else { "INFO" },
+                "body": {"stringValue": r.to_string()},
+                "attributes": attrs,
+            })
+        })
+        .collect();
+    json!({"resourceLogs": [{
+        "resource": {"attributes": [{"key": "service.name", "value": {"stringValue": "stockade"}}]},
+        "scopeLogs": [{"scope": {"name": "stockade.trail"}, "logRecords": logs}],
+    }]})
+}
