@@ -523,3 +523,39 @@ print('other-port', tcp('{a}', 8081, 1))
     assert!(r.stdout.contains("allowed-port ok hello from 8080"), "{r:?}");
     assert!(r.stdout.contains("other-port fail TimeoutError") || r.stdout.contains("other-port fail timeout"), "{r:?}");
 }
+
+/// A session's trail records each connection attempt that leaves its jail — allowed and
+/// denied — with the tool call behind it.
+#[test]
+fn the_trail_records_egress_allowed_and_denied_with_the_call_behind_it() {
+    if needs_root() {
+        return;
+    }
+    let _shared = TABLE.read().unwrap_or_else(|p| p.into_inner());
+    let inet = Internet::start([198, 18, 7], "t");
+    let (d, p) = veth_policy(&inet, "");
+    let trail = d.path().join("trail.jsonl");
+    let code = format!("{HELPERS}\nprint(tcp('{a}', 8080), tcp('{a}', 8081))", a = inet.ip(2));
+    let req = serde_json::json!({"id": "toolu_net", "name": "bash", "input": {"command": format!("python3 -c \"$(cat <<'EOF'\n{code}\nEOF\n)\"")}});
+    let mut child = Command::new(STOCKADE)
+        .args(["session", "--policy", p.to_str().unwrap(), "--trail", trail.to_str().unwrap()])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(format!("{req}\n").as_bytes()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    let line = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(line.contains("ok hello from 8080 fail ConnectionRefusedError"), "{line}");
+    // The connection log reaches the trail asynchronously; the session's end flushes it.
+    let recs: Vec<serde_json::Value> =
+        std::fs::read_to_string(&trail).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let egress: Vec<&serde_json::Value> = recs.iter().filter(|r| r["event"] == "egress").collect();
+    let find = |verdict: &str, port: u16| {
+        egress.iter().find(|r| r["verdict"] == verdict && r["dport"] == port && r["dst"] == inet.ip(2).as_str()).copied()
+    };
+    let allowed = find("allow", 8080).unwrap_or_else(|| panic!("{egress:#?}"));
+    let denied = find("deny", 8081).unwrap_or_else(|| panic!("{egress:#?}"));
+    assert_eq!((&allowed["proto"], &allowed["tool_use_id"]), (&serde_json::json!("tcp"), &serde_json::json!("toolu_net")));
+    assert_eq!(denied["tool_use_id"], "toolu_net");
+}

@@ -14,6 +14,7 @@ const NFULNL_MSG_PACKET: u16 = 0;
 const NFULNL_MSG_CONFIG: u16 = 1;
 const NFULA_CFG_CMD: u16 = 1;
 const NFULA_CFG_MODE: u16 = 2;
+const NFULA_CFG_QTHRESH: u16 = 5;
 const NFULNL_CFG_CMD_BIND: u8 = 1;
 const NFULNL_COPY_PACKET: u8 = 2;
 const NFULA_PAYLOAD: u16 = 9;
@@ -109,6 +110,9 @@ pub fn open(group: u16) -> io::Result<OwnedFd> {
     let mut mode = 64u32.to_be_bytes().to_vec();
     mode.extend_from_slice(&[NFULNL_COPY_PACKET, 0]);
     send(&fd, &config(group, NFULA_CFG_MODE, &mode))?;
+    // One packet a message, sent at once: the kernel would otherwise hold up to a second's worth,
+    // and a record must arrive while the tool call behind it is still the one in flight.
+    send(&fd, &config(group, NFULA_CFG_QTHRESH, &1u32.to_be_bytes()))?;
     Ok(fd)
 }
 
@@ -122,10 +126,19 @@ pub fn serve(
 ) {
     use std::os::fd::AsFd;
     let mut buf = vec![0u8; 65536];
-    while stop.wait(fd.as_fd()) {
+    let mut stopping = false;
+    loop {
+        if !stopping && !stop.wait(fd.as_fd()) {
+            // What was logged before the stop is still read (without waiting for more).
+            stopping = true;
+        }
+        let flags = if stopping { libc::MSG_DONTWAIT } else { 0 };
         // SAFETY: receiving into our own buffer.
-        let n = unsafe { libc::recv(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+        let n = unsafe { libc::recv(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), flags) };
         if n <= 0 {
+            if stopping {
+                return;
+            }
             continue;
         }
         let mut off = 0usize;
