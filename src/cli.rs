@@ -184,6 +184,10 @@ struct RunArgs {
     /// Print what confined the command on stderr when it ends.
     #[arg(long)]
     report: bool,
+    /// Record every program the command runs in this audit trail (JSON lines, appended; see
+    /// `[trail]` in stockade.toml(5)).
+    #[arg(long, value_name = "FILE")]
+    trail: Option<PathBuf>,
     /// The command and its arguments.
     #[arg(required = true, last = true, value_name = "CMD")]
     command: Vec<OsString>,
@@ -397,6 +401,13 @@ fn cmd_run(a: RunArgs) -> i32 {
         Some(Ok(_)) => return usage("--timeout must be greater than zero"),
         Some(Err(e)) => return usage(format!("--timeout: {e}")),
     };
+    let watcher = match &a.trail {
+        None => None,
+        Some(path) => match stockade::session::trail::TrailWriter::open(path, &policy.trail, Vec::new()) {
+            Ok(t) => Some(stockade::session::trail::watcher(std::sync::Arc::new(t), &policy.trail)),
+            Err(e) => return fail(format!("--trail: {e}")),
+        },
+    };
     let spec = JailSpec {
         policy,
         workspace: a.jail.workspace,
@@ -405,7 +416,7 @@ fn cmd_run(a: RunArgs) -> i32 {
         env,
         timeout,
         sweep_stale: true,
-        watcher: None,
+        watcher,
     };
     match jail::run(&spec) {
         Ok(out) => {

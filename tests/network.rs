@@ -559,3 +559,83 @@ fn the_trail_records_egress_allowed_and_denied_with_the_call_behind_it() {
     assert_eq!((&allowed["proto"], &allowed["tool_use_id"]), (&serde_json::json!("tcp"), &serde_json::json!("toolu_net")));
     assert_eq!(denied["tool_use_id"], "toolu_net");
 }
+
+/// Provisioning clones a repository in a jail of its own, through the provisioning egress
+/// allowlist (and only through it), with the credentials file visible there and removed after.
+#[test]
+fn provisioning_clones_through_its_own_egress_allowlist() {
+    use stockade::worker::provision::{self, Job, Plan};
+    if needs_root() {
+        return;
+    }
+    let _shared = TABLE.read().unwrap_or_else(|p| p.into_inner());
+    let inet = Internet::start([198, 18, 9], "g");
+    let d = TempDir::new("gitsrv");
+    let git = |args: &[&str], dir: &std::path::Path| {
+        let o = Command::new("git").args(args).current_dir(dir).env("HOME", d.path()).output().unwrap();
+        assert!(o.status.success(), "git {args:?}: {}", String::from_utf8_lossy(&o.stderr));
+    };
+    let src = d.path().join("src");
+    std::fs::create_dir_all(&src).unwrap();
+    git(&["init", "-q", "-b", "main"], &src);
+    std::fs::write(src.join("README"), "from the repository\n").unwrap();
+    git(&["add", "README"], &src);
+    git(&["-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "one"], &src);
+    std::fs::create_dir_all(d.path().join("srv/acme")).unwrap();
+    git(&["clone", "-q", "--bare", src.to_str().unwrap(), "srv/acme/app.git"], d.path());
+    let server = inet.ip(2);
+    let mut daemon = Command::new("nsenter")
+        .arg(format!("--net=/proc/{}/ns/net", inet.ns.id()))
+        .args(["git", "daemon", "--reuseaddr", "--export-all", &format!("--listen={server}"), "--port=9418"])
+        .arg(format!("--base-path={}", d.path().join("srv").display()))
+        .arg(d.path().join("srv"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    let creds = d.path().join("creds");
+    std::fs::write(&creds, "https://u:p@git.example\n").unwrap();
+    let url = format!("git://{server}/acme/app.git");
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let attempt = |allow: &str| {
+        let (pd, path) = policy_for_host_dirs(
+            "default",
+            &format!(
+                "[provision]\ngit_url_key = \"repo\"\ngit_allow = [\"git://{server}/acme/\"]\nallow = [{allow}]\n\
+                 credentials = {:?}\n",
+                creds.display().to_string()
+            ),
+        );
+        let policy = stockade::policy::load_file(&path).unwrap().0;
+        let ws = TempDir::new("prov-ws");
+        let scratch = ws.path().join("scratch");
+        let trail = pd.path().join("trail.jsonl");
+        let job = Job {
+            exe: std::path::Path::new(STOCKADE),
+            policy: path.to_str().unwrap(),
+            provision: &policy.provision,
+            workspace: &ws.path().join("w"),
+            scratch: &scratch,
+            trail: &trail,
+        };
+        std::fs::create_dir_all(ws.path().join("w")).unwrap();
+        // As the worker makes a session's workspace: owned by the jail user's first host ids.
+        std::os::unix::fs::chown(ws.path().join("w"), Some(101_000), Some(101_000)).unwrap();
+        let r = rt.block_on(provision::run(&job, &Plan::Git { url: url.clone(), git_ref: Some("main".into()) }));
+        assert!(!scratch.exists(), "the credentials' copy is removed");
+        let readme = std::fs::read_to_string(ws.path().join("w/README")).ok();
+        (r, readme, std::fs::read_to_string(&trail).unwrap_or_default(), pd, ws)
+    };
+    let (r, readme, trail, _pd, _ws) = attempt(&format!("\"{server}/32:9418\""));
+    assert_eq!(r, Ok(()));
+    assert_eq!(readme.as_deref(), Some("from the repository\n"));
+    assert!(trail.contains("\"argv\":[\"git\",\"fetch\""), "{trail}");
+    // Without the allowlist entry the clone cannot connect.
+    let (r, readme, _, _pd, _ws) = attempt("");
+    let e = r.unwrap_err().0;
+    assert!(e.starts_with("workspace provisioning failed"), "{e}");
+    assert_eq!(readme, None);
+    let _ = daemon.kill();
+    let _ = daemon.wait();
+}

@@ -1490,3 +1490,64 @@ fn sha256_hex(b: &[u8]) -> String {
     use sha2::Digest;
     sha2::Sha256::digest(b).iter().map(|x| format!("{x:02x}")).collect()
 }
+
+/// `[provision]`: session metadata chooses among what the policy declares. A declared host
+/// directory is copied into the workspace by a jail of its own before the first call (the
+/// session's jail never sees where it came from); a repository outside `git_allow` is refused,
+/// every call of that session is answered with why, and the trail records it.
+#[test]
+fn provisioning_copies_a_declared_directory_and_refuses_an_undeclared_repository() {
+    let cp = Cp::start(Duration::from_secs(30));
+    let state = TempDir::new("w-state");
+    let seed = TempDir::new("seed");
+    std::fs::create_dir_all(seed.path().join("src")).unwrap();
+    std::fs::write(seed.path().join("src/main.rs"), "fn main() {}\n").unwrap();
+    std::fs::write(seed.path().join("README"), "seeded\n").unwrap();
+    let policy = state.path().join("provision.toml");
+    std::fs::write(
+        &policy,
+        format!(
+            "extends = \"default\"\n[provision]\ngit_url_key = \"repo\"\ngit_allow = [\"https://git.example/acme/\"]\n\
+             copy_key = \"seed\"\ncopy_from = {{ app = {:?} }}\n",
+            seed.path().display().to_string()
+        ),
+    )
+    .unwrap();
+    let _w = start_worker(&cp, state.path(), &["--policy", policy.to_str().unwrap()]);
+    let md = |v: serde_json::Value| v.as_object().unwrap().clone();
+
+    let (s1, w1) = cp.session_full(
+        vec![bash("cat /workspace/README /workspace/src/main.rs; ls /run/provision 2>&1 | head -1; id -un; stat -c %U /workspace/README")],
+        md(json!({"seed": "app"})),
+    );
+    let v = cp.wait_ended(&s1, Duration::from_secs(60));
+    assert!(completed(&v), "{v:#?}");
+    assert_eq!(
+        result_of(&v, 0),
+        "seeded\nfn main() {}\nls: cannot access '/run/provision': No such file or directory\nagent\nagent"
+    );
+    let trail1 = std::fs::read_to_string(state.path().join("trails").join(format!("{s1}-{w1}.jsonl"))).unwrap();
+    let prov: serde_json::Value = trail1
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .find(|r| r["event"] == "provision")
+        .unwrap_or_else(|| panic!("{trail1}"));
+    assert_eq!((&prov["kind"], &prov["name"], &prov["outcome"]), (&json!("copy"), &json!("app"), &json!("done")));
+    assert!(trail1.contains("\"argv\":[\"cp\",\"-R\""), "the provisioning jail's programs are in the trail: {trail1}");
+
+    let (s2, w2) = cp.session_full(
+        vec![bash("echo should-not-run > /workspace/ran"), bash("true")],
+        md(json!({"repo": "https://evil.example/acme/x.git"})),
+    );
+    let v = cp.wait_ended(&s2, Duration::from_secs(60));
+    assert!(completed(&v), "{v:#?}");
+    for i in 0..2 {
+        let r = result_of(&v, i);
+        assert!(r.contains("\"https://evil.example/acme/x.git\" refused: not under provision.git_allow"), "{r}");
+        assert_eq!(v.calls[i].is_error, Some(true));
+    }
+    let trail2 = std::fs::read_to_string(state.path().join("trails").join(format!("{s2}-{w2}.jsonl"))).unwrap();
+    assert!(trail2.contains("\"event\":\"provision\"") && trail2.contains("\"outcome\":\"refused\""), "{trail2}");
+    assert!(!trail2.contains("should-not-run\"]"), "nothing ran");
+    assert!(!trail2.contains("\"event\":\"exec\""), "{trail2}");
+}

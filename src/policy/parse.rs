@@ -747,7 +747,7 @@ fn provision(raw: ProvisionRaw, bad: &Bad) -> Result<Provision, PolicyError> {
     };
     let git_allow = raw.git_allow.unwrap_or_default();
     for u in &git_allow {
-        let scheme_ok = u.starts_with("https://") || u.starts_with("http://") || u.starts_with("ssh://");
+        let scheme_ok = ["https://", "http://", "ssh://", "git://"].iter().any(|s| u.starts_with(s));
         // A bare host would admit `https://github.com.evil.example/`: a prefix must end in `/`.
         let rest = u.split_once("://").map(|(_, r)| r).unwrap_or("");
         if !scheme_ok || !rest.contains('/') {

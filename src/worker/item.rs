@@ -571,6 +571,56 @@ impl Runner<'_> {
         Ok(p)
     }
 
+    /// Provisions the workspace as `[provision]` and the item's metadata say, once per item
+    /// (a restarted worker finds it done). Refusals and outcomes go to the trail.
+    async fn provision(&self) -> Result<(), super::provision::Refusal> {
+        use super::provision::{self, Plan};
+        let p = &self.ctx.policy.provision;
+        let plan = match provision::plan(p, &self.item.metadata) {
+            Ok(Some(plan)) => plan,
+            Ok(None) => return Ok(()),
+            Err(r) => {
+                tracing::warn!(reason = %r, "workspace provisioning refused");
+                self.trail.record("provision", obj(serde_json::json!({"outcome": "refused", "reason": r.0})));
+                return Err(r);
+            }
+        };
+        let done = self.dirs.dir.join("provisioned");
+        if done.exists() {
+            return Ok(());
+        }
+        let what = match &plan {
+            Plan::Git { url, git_ref } => serde_json::json!({"kind": "git", "url": url, "ref": git_ref}),
+            Plan::Copy { name, from } => serde_json::json!({"kind": "copy", "name": name, "from": from}),
+        };
+        let t0 = Instant::now();
+        let job = provision::Job {
+            exe: &self.ctx.runner.exe,
+            policy: &self.ctx.runner.policy,
+            provision: p,
+            workspace: &self.dirs.workspace,
+            scratch: &self.dirs.dir.join("provision"),
+            trail: self.trail_path,
+        };
+        let r = provision::run(&job, &plan).await;
+        let mut rec = obj(what);
+        rec.insert("duration_ms".into(), serde_json::json!(t0.elapsed().as_millis() as u64));
+        match &r {
+            Ok(()) => {
+                rec.insert("outcome".into(), serde_json::json!("done"));
+                tracing::info!(took_ms = t0.elapsed().as_millis() as u64, "workspace provisioned");
+                let _ = std::fs::write(&done, b"");
+            }
+            Err(e) => {
+                rec.insert("outcome".into(), serde_json::json!("failed"));
+                rec.insert("reason".into(), serde_json::json!(e.0));
+                tracing::error!(error = %e, "workspace provisioning failed");
+            }
+        }
+        self.trail.record("provision", rec);
+        r
+    }
+
     /// The whole history, every page, into `seen`.
     async fn reconcile(&self, seen: &mut Seen) -> Result<(), ApiError> {
         let mut page: Option<String> = None;
@@ -636,6 +686,9 @@ impl Runner<'_> {
             Some(Err(e)) => return End::Failed(e),
         };
         let narrow = narrow.as_deref();
+        // The workspace as the session's metadata asks for it, before anything of the agent's
+        // runs; if that is refused or fails, every call is answered with why.
+        let refused = self.provision().await.err().map(|r| r.0);
         let mut jail = match self.start_jail(narrow).await {
             Ok(p) => p,
             Err(e) => return End::Failed(e.to_string()),
@@ -686,6 +739,8 @@ impl Runner<'_> {
                 // Recorded before it runs: a trail that cannot hold it refuses it.
                 let r = if self.trail.refusing() || !self.trail.call_start(&call.id, &call.name, &call.input) {
                     Ok(ToolResult::err(crate::session::trail_full()))
+                } else if let Some(why) = &refused {
+                    Ok(ToolResult::err(why.clone()))
                 } else {
                     tokio::select! {
                         r = jail.call(&call.id, &call.name, &call.input).instrument(span.clone()) => r,

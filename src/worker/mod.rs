@@ -6,6 +6,7 @@ mod item;
 pub mod key;
 pub mod metrics;
 pub mod runner;
+pub mod provision;
 pub mod ship;
 pub mod skills;
 pub mod state;
