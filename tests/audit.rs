@@ -126,3 +126,27 @@ fn diff_reports_weakenings_and_fails_on_them() {
     assert_eq!(out.status.code(), Some(2), "a usage error");
     assert!(String::from_utf8_lossy(&out.stderr).contains("exactly two policies"));
 }
+
+/// The audit-trail checks: recording execs, redaction patterns, repositories over plain
+/// transports. Weak trails are findings at their lines, never silent passes.
+#[test]
+fn a_weakened_trail_is_caught_at_its_lines() {
+    let path = fixture("weak-trail.toml");
+    let r = &json(&[&path])[0];
+    let find = |id: &str| r["findings"].as_array().unwrap().iter().find(|f| f["id"] == id).unwrap().clone();
+    let exec = find("trail.exec");
+    assert_eq!((&exec["verdict"], &exec["line"]), (&serde_json::json!("fail"), &serde_json::json!(5)), "{exec:#}");
+    let redact = find("trail.redact");
+    assert_eq!((&redact["verdict"], &redact["line"]), (&serde_json::json!("partial"), &serde_json::json!(6)));
+    let git = find("provision.git_allow");
+    assert_eq!((&git["verdict"], &git["line"]), (&serde_json::json!("partial"), &serde_json::json!(9)));
+    assert!(git["reason"].as_str().unwrap().contains("http://git.example/legacy/"), "{git:#}");
+    let others: Vec<&serde_json::Value> = r["findings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|f| !["trail.exec", "trail.redact", "provision.git_allow"].contains(&f["id"].as_str().unwrap()))
+        .filter(|f| f["verdict"] != "pass")
+        .collect();
+    assert!(others.is_empty(), "{others:#?}");
+}

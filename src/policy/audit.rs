@@ -169,6 +169,7 @@ pub fn audit(p: &Policy, origins: &Origins) -> Report {
     network_checks(p, &mut c);
     env_checks(p, &mut c);
     limit_checks(p, &mut c);
+    trail_checks(p, &mut c);
     let exposure = score(&c.out);
     Report { policy: p.source.clone(), exposure, label: label(exposure), findings: c.out }
 }
@@ -477,6 +478,39 @@ fn limit_checks(p: &Policy, c: &mut Ctx) {
         }
     };
     c.add("landlock.compatibility", 0.6, v, "landlock.compatibility", r);
+}
+
+fn trail_checks(p: &Policy, c: &mut Ctx) {
+    let t = &p.trail;
+    let (v, r) = match t.exec {
+        true => (Verdict::Pass, "every program executed in the jail is recorded in the session's trail".to_owned()),
+        false => (Verdict::Fail, "programs the agent runs are not recorded (only tool calls are)".to_owned()),
+    };
+    c.add("trail.exec", 0.5, v, "trail.exec", r);
+    let (v, r) = match t.redact.is_empty() {
+        false => (Verdict::Pass, format!("{} secret patterns are redacted from the trail", t.redact.len())),
+        true => (
+            Verdict::Partial,
+            "only the environment key and the work secret are redacted; other credentials in inputs and argv reach the trail"
+                .to_owned(),
+        ),
+    };
+    c.add("trail.redact", 0.2, v, "trail.redact", r);
+    let pv = &p.provision;
+    let plain: Vec<&String> =
+        pv.git_allow.iter().filter(|u| u.starts_with("http://") || u.starts_with("git://")).collect();
+    let (v, r) = match (&pv.git_url_key, plain.is_empty()) {
+        (None, _) => (Verdict::Pass, "no repository is provisioned from session metadata".to_owned()),
+        (Some(_), true) => (Verdict::Pass, "repositories come over authenticated transports (https, ssh)".to_owned()),
+        (Some(_), false) => (
+            Verdict::Partial,
+            format!(
+                "{} fetched unencrypted: someone on the path can replace the code a session starts from",
+                plain.iter().map(|u| u.as_str()).collect::<Vec<_>>().join(", ")
+            ),
+        ),
+    };
+    c.add("provision.git_allow", 0.3, v, "provision.git_allow", r);
 }
 
 /// A check that got weaker or stronger between two reports.
