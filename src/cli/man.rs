@@ -195,6 +195,22 @@ Capabilities kept (none by default).
 .TP
 \fB[tools]\fR confine_paths
 true: the agent's file tools refuse paths outside /workspace, as the official runner does.
+.TP
+\fB[trail]\fR exec, argv_max, input_max, max_size, on_full, redact, ship
+The session audit trail (stockade\-trail(1)): record every program executed (a seccomp user
+notification answered outside the jail), how much of argv and of tool inputs to keep, the most a
+trail may hold and what a full one does ("truncate", or "fail": no program starts, no call
+runs), regular expressions redacted, and where records are also sent ("stdout", "syslog", or an
+OTLP/HTTP logs URL).
+.TP
+\fB[retention]\fR outputs, workspaces, trails
+How long a worker keeps what a session leaves behind: "session_end", "keep" or a duration ("7d").
+.TP
+\fB[provision]\fR git_url_key, git_ref_key, git_allow, copy_key, copy_from, allow, allow_domains, credentials, timeout
+Prepare /workspace before the agent's first call from session metadata, which only chooses among
+what is declared: a repository under one of the git_allow URL prefixes, or a copy_from directory
+by name. It runs in a jail of its own with its own egress allowlist and git credentials (a file,
+or "credential:NAME"); anything else is refused and every call of the session says why.
 .SH EXAMPLES
 .nf
 extends = "default"
