@@ -12,7 +12,16 @@ use stockade::session::Session;
 
 fn spec(sweep_stale: bool) -> JailSpec {
     let (policy, _) = stockade::policy::load_builtin("default").unwrap();
-    JailSpec { policy, workspace: None, outputs: None, argv: vec![], env: vec![], timeout: None, sweep_stale, watcher: None }
+    JailSpec {
+        policy,
+        workspace: None,
+        outputs: None,
+        argv: vec![],
+        env: vec![],
+        timeout: None,
+        sweep_stale,
+        watcher: None,
+    }
 }
 
 fn p50(mut v: Vec<Duration>) -> f64 {

@@ -552,11 +552,17 @@ fn the_trail_records_egress_allowed_and_denied_with_the_call_behind_it() {
         std::fs::read_to_string(&trail).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
     let egress: Vec<&serde_json::Value> = recs.iter().filter(|r| r["event"] == "egress").collect();
     let find = |verdict: &str, port: u16| {
-        egress.iter().find(|r| r["verdict"] == verdict && r["dport"] == port && r["dst"] == inet.ip(2).as_str()).copied()
+        egress
+            .iter()
+            .find(|r| r["verdict"] == verdict && r["dport"] == port && r["dst"] == inet.ip(2).as_str())
+            .copied()
     };
     let allowed = find("allow", 8080).unwrap_or_else(|| panic!("{egress:#?}"));
     let denied = find("deny", 8081).unwrap_or_else(|| panic!("{egress:#?}"));
-    assert_eq!((&allowed["proto"], &allowed["tool_use_id"]), (&serde_json::json!("tcp"), &serde_json::json!("toolu_net")));
+    assert_eq!(
+        (&allowed["proto"], &allowed["tool_use_id"]),
+        (&serde_json::json!("tcp"), &serde_json::json!("toolu_net"))
+    );
     assert_eq!(denied["tool_use_id"], "toolu_net");
 }
 

@@ -498,7 +498,10 @@ fn the_trail_records_each_exec_with_its_argv_and_redacts_secrets() {
     assert!(at(calls[0]) < at(sh));
     let results: Vec<&Value> = recs.iter().filter(|r| r["event"] == "tool_result").collect();
     assert_eq!(results.len(), 4);
-    assert_eq!((&results[3]["tool_use_id"], &results[3]["output_bytes"], &results[3]["is_error"]), (&json!("c4"), &json!(9), &json!(false)));
+    assert_eq!(
+        (&results[3]["tool_use_id"], &results[3]["output_bytes"], &results[3]["is_error"]),
+        (&json!("c4"), &json!(9), &json!(false))
+    );
     assert!(results[0]["duration_ms"].as_f64().unwrap() > 0.0);
     let text = std::fs::read_to_string(&path).unwrap();
     assert!(!text.contains("ghp_abcdefghijklmnopqrstuvwxyz0123456789"), "{text}");
@@ -516,7 +519,12 @@ fn a_full_trail_fails_closed_when_the_policy_says_so() {
     let path = dir.path().join("trail.jsonl");
     let mut s = Sess::start(&["--policy", policy.to_str().unwrap(), "--trail", path.to_str().unwrap()]);
     // Each exec is a record: a loop of them fills 64K, and then exec fails.
-    let out = s.call("bash", json!({"command": "for i in $(seq 1 2000); do /bin/true || { echo refused at $i; break; }; done"})).0;
+    let out = s
+        .call(
+            "bash",
+            json!({"command": "for i in $(seq 1 2000); do /bin/true || { echo refused at $i; break; }; done"}),
+        )
+        .0;
     assert!(out.contains("/bin/true: Operation not permitted\nrefused at "), "{out}");
     let (out, is_error) = s.call("bash", json!({"command": "echo hi"}));
     assert!(is_error && out.contains("audit trail is full"), "{out}");

@@ -1442,7 +1442,9 @@ fn the_worker_keeps_and_ships_an_audit_trail_of_each_session() {
         .unwrap_or_else(|| panic!("no exec of sh -c /bin/true:\n{text}"));
     assert_eq!(sh["tool_use_id"], call_ids[0]);
     assert!(recs.iter().any(|r| r["event"] == "exec" && r["argv"] == json!(["/bin/true"])), "{text}");
-    assert!(recs[..].iter().any(|r| r["event"] == "tool_call" && r["input"]["command"].as_str().unwrap().contains("[REDACTED]")));
+    assert!(recs[..]
+        .iter()
+        .any(|r| r["event"] == "tool_call" && r["input"]["command"].as_str().unwrap().contains("[REDACTED]")));
     let out = recs.iter().find(|r| r["event"] == "output_file").expect("the output file");
     assert_eq!((&out["path"], &out["size"]), (&json!("r.txt"), &json!(6)));
     // sha256("report")

@@ -258,7 +258,8 @@ pub fn trail(a: TrailArgs) -> i32 {
         Ok(f) => f,
         Err(e) => return fail(e),
     };
-    let known = ["session_start", "tool_call", "tool_result", "exec", "egress", "output_file", "session_end", "truncated"];
+    let known =
+        ["session_start", "tool_call", "tool_result", "exec", "egress", "output_file", "session_end", "truncated"];
     if let Some(bad) = a.event.iter().find(|e| !known.contains(&e.as_str())) {
         return usage(format!("--event: unknown event `{bad}`; known: {}", known.join(", ")));
     }
@@ -268,11 +269,12 @@ pub fn trail(a: TrailArgs) -> i32 {
             Ok(r) => r,
             Err(e) => return fail(format!("{}: {e}", f.display())),
         };
-        let records = records.into_iter().filter(|r| a.event.is_empty() || a.event.iter().any(|e| r["event"] == e.as_str()));
+        let mut records =
+            records.into_iter().filter(|r| a.event.is_empty() || a.event.iter().any(|e| r["event"] == e.as_str()));
         let r = match a.format {
-            TrailFormat::Json => records.map(|r| writeln!(out, "{r}")).collect::<std::io::Result<()>>(),
+            TrailFormat::Json => records.try_for_each(|r| writeln!(out, "{r}")),
             TrailFormat::Table => writeln!(out, "# {}", f.display())
-                .and_then(|()| records.map(|r| writeln!(out, "{}", trail_row(&r))).collect()),
+                .and_then(|()| records.try_for_each(|r| writeln!(out, "{}", trail_row(&r)))),
         };
         if r.is_err() {
             return 0; // the reader went away

@@ -371,9 +371,8 @@ impl Jail {
             if let Some(plan) = net_plan.take() {
                 let egress = spec.watcher.as_ref().map(|w| {
                     let o = w.observer.clone();
-                    let f: crate::net::EgressHook = std::sync::Arc::new(move |allowed, proto, dst, dport| {
-                        o.egress(allowed, proto, dst, dport)
-                    });
+                    let f: crate::net::EgressHook =
+                        std::sync::Arc::new(move |allowed, proto, dst, dport| o.egress(allowed, proto, dst, dport));
                     f
                 });
                 let n = crate::net::SessionNet::create(plan, child.as_raw(), &p.network, egress)

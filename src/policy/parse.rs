@@ -761,7 +761,10 @@ fn provision(raw: ProvisionRaw, bad: &Bad) -> Result<Provision, PolicyError> {
     for (name, dir) in raw.copy_from {
         let p = PathBuf::from(&dir);
         if !p.is_absolute() || p.components().any(|c| c == std::path::Component::ParentDir) {
-            return Err(bad("provision.copy_from", format!("`{name}` = `{dir}`: must be an absolute path without `..`")));
+            return Err(bad(
+                "provision.copy_from",
+                format!("`{name}` = `{dir}`: must be an absolute path without `..`"),
+            ));
         }
         copy_from.insert(name, p);
     }

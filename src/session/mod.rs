@@ -9,8 +9,8 @@
 //! the same code through a subprocess, since jails must be built from single-threaded processes.
 
 mod frame;
-pub mod trail;
 pub mod server;
+pub mod trail;
 
 use serde::{Deserialize, Serialize};
 use std::io::{BufRead, Write};

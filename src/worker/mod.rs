@@ -5,8 +5,8 @@
 mod item;
 pub mod key;
 pub mod metrics;
-pub mod runner;
 pub mod provision;
+pub mod runner;
 pub mod ship;
 pub mod skills;
 pub mod state;

@@ -154,8 +154,10 @@ async fn run_in(job: &Job<'_>, plan: &Plan) -> Result<(), Refusal> {
                 let src = credentials_path(c)?;
                 // The jail user's host uid is not known before its jail takes an id range: the copy
                 // is readable by all, under a name no one can list or guess, for the jail's start.
-                let copy = job.scratch.join(format!("git-credentials-{:016x}{:016x}", fastrand::u64(..), fastrand::u64(..)));
-                std::fs::copy(&src, &copy).map_err(|e| failed(&format!("provision.credentials {}", src.display()), &e))?;
+                let copy =
+                    job.scratch.join(format!("git-credentials-{:016x}{:016x}", fastrand::u64(..), fastrand::u64(..)));
+                std::fs::copy(&src, &copy)
+                    .map_err(|e| failed(&format!("provision.credentials {}", src.display()), &e))?;
                 std::fs::set_permissions(&copy, std::fs::Permissions::from_mode(0o444))
                     .map_err(|e| failed("credentials", &e))?;
                 binds.push(format!("{}:{CREDENTIALS_IN_JAIL}", copy.display()));
@@ -210,7 +212,9 @@ git config --unset credential.helper || true
         .kill_on_drop(true);
     let out = tokio::time::timeout(p.timeout.0 + Duration::from_secs(30), cmd.output())
         .await
-        .map_err(|_| Refusal(format!("workspace provisioning timed out after {}", crate::util::format_duration(p.timeout.0))))?
+        .map_err(|_| {
+            Refusal(format!("workspace provisioning timed out after {}", crate::util::format_duration(p.timeout.0)))
+        })?
         .map_err(|e| failed("starting its jail", &e))?;
     if out.status.success() {
         return Ok(());

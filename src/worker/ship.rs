@@ -152,9 +152,10 @@ pub fn otlp_body(records: &[Value]) -> Value {
     let logs: Vec<Value> = records
         .iter()
         .map(|r| {
-            let nanos = r["ts"].as_str().and_then(|s| crate::util::parse_rfc3339(s).ok()).map_or(0, |t| {
-                t.duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos())
-            });
+            let nanos = r["ts"]
+                .as_str()
+                .and_then(|s| crate::util::parse_rfc3339(s).ok())
+                .map_or(0, |t| t.duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos()));
             let warn = r["verdict"] == "deny" || r["event"] == "truncated";
             let attrs: Vec<Value> = [
                 ("event", &r["event"]),

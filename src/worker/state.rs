@@ -252,7 +252,11 @@ impl StateDir {
 
     /// An item's name in the retention areas: `SESSION-WORK`.
     pub fn kept_name(rec: &ItemRecord) -> String {
-        format!("{}-{}", if safe_component(&rec.item.data.id) { rec.item.data.id.as_str() } else { "session" }, rec.item.id)
+        format!(
+            "{}-{}",
+            if safe_component(&rec.item.data.id) { rec.item.data.id.as_str() } else { "session" },
+            rec.item.id
+        )
     }
 
     /// Where an item's audit trail is written.
@@ -321,7 +325,9 @@ impl StateDir {
     pub fn sweep(&self, retention: &Retention, now: SystemTime) -> Vec<PathBuf> {
         let held: Vec<String> = self.held_ids();
         let mut removed = Vec::new();
-        for (area, keep) in [("outputs", retention.outputs), ("workspaces", retention.workspaces), ("trails", retention.trails)] {
+        for (area, keep) in
+            [("outputs", retention.outputs), ("workspaces", retention.workspaces), ("trails", retention.trails)]
+        {
             let Ok(rd) = fs::read_dir(self.root.join(area)) else { continue };
             for e in rd.flatten() {
                 let name = e.file_name().to_string_lossy().into_owned();
@@ -340,13 +346,16 @@ impl StateDir {
                     continue;
                 }
                 let p = e.path();
-                let r = if e.file_type().is_ok_and(|t| t.is_dir()) { fs::remove_dir_all(&p) } else { fs::remove_file(&p) };
+                let r =
+                    if e.file_type().is_ok_and(|t| t.is_dir()) { fs::remove_dir_all(&p) } else { fs::remove_file(&p) };
                 match r {
                     Ok(()) => {
                         tracing::info!(path = %p.display(), "removed past its retention ({area})");
                         removed.push(p);
                     }
-                    Err(err) => tracing::warn!(path = %p.display(), error = %err, "could not remove past its retention"),
+                    Err(err) => {
+                        tracing::warn!(path = %p.display(), error = %err, "could not remove past its retention")
+                    }
                 }
             }
         }
