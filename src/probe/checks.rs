@@ -25,45 +25,148 @@ fn escaped(why: impl Into<String>) -> Outcome {
     Outcome::Escaped(why.into())
 }
 
-/// (id, category, what it tries)
-pub const PROBES: &[(&str, &str, &str)] = &[
-    ("fs-write-usr", "filesystem", "create a file under /usr"),
-    ("fs-write-root", "filesystem", "create a file in /"),
-    ("fs-write-etc", "filesystem", "create a file in /etc"),
-    ("fs-read-shadow", "filesystem", "read /etc/shadow"),
-    ("fs-host-homes", "filesystem", "list /root and /home"),
-    ("fs-runtime-sockets", "filesystem", "find docker/containerd/systemd sockets"),
-    ("fs-proc-sys-write", "filesystem", "write /proc/sys/kernel/core_pattern"),
-    ("fs-sysrq", "filesystem", "write /proc/sysrq-trigger"),
-    ("fs-kcore", "filesystem", "read /proc/kcore"),
-    ("fs-sys-write", "filesystem", "write under /sys"),
-    ("fs-proc-self-exe", "filesystem", "open /proc/self/exe for writing (CVE-2019-5736)"),
-    ("fs-proc1-root", "filesystem", "reach host files through /proc/1/root"),
-    ("fs-dev-nodes", "filesystem", "find block, memory or kmsg devices in /dev"),
-    ("fs-symlink-shadow", "filesystem", "read /etc/shadow through a workspace symlink"),
-    ("fs-setid-bits", "filesystem", "leave a setuid or setgid file or directory behind"),
-    ("priv-capabilities", "privileges", "hold any capability in any set"),
-    ("priv-no-new-privs", "privileges", "run without no_new_privs"),
-    ("priv-setuid-root", "privileges", "setuid(0)"),
-    ("priv-host-root-mapping", "privileges", "be mapped to host uid 0"),
-    ("proc-pid-view", "processes", "see processes outside the jail"),
-    ("proc-signal-host", "processes", "signal a host process"),
-    ("proc-signal-init", "processes", "signal the jail's init"),
-    ("proc-leaked-fds", "processes", "inherit descriptors beyond stdio"),
-    ("proc-env-secret", "processes", "find a secret planted in Stockade's environment"),
-    ("proc-host-cmdline", "processes", "read the host's command line (paths, flags) in /proc/*/cmdline"),
-    ("proc-controlling-tty", "processes", "open the caller's terminal through /dev/tty and take its foreground"),
-    ("ipc-abstract-socket", "ipc", "connect to a host abstract unix socket"),
-    ("ipc-sysv-queue", "ipc", "open a host SysV message queue"),
-    ("ipc-shm-host", "ipc", "see the host's /dev/shm"),
-    ("net-route-out", "network", "reach an address no rule allows (TEST-NET-1)"),
-    ("net-metadata", "network", "reach the cloud metadata service (169.254.169.254)"),
-    ("net-host-listener", "network", "connect to a listener on the host's loopback"),
-    ("res-fsize", "resources", "write past RLIMIT_FSIZE"),
-    ("res-tmp-fill", "resources", "fill /tmp beyond its size"),
-    ("res-workspace-fill", "resources", "fill the (scratch) workspace beyond its size"),
-    ("res-memory-hog", "resources", "allocate beyond the memory limit"),
-    ("res-fork-bomb", "resources", "fork without bound"),
+/// One probe of the battery: what it tries, and the attempt itself.
+pub struct Probe {
+    pub id: &'static str,
+    pub category: &'static str,
+    pub what: &'static str,
+    pub run: fn(&Ctx) -> Outcome,
+}
+
+/// The probes that are not single system calls (those are `syscalls::SYSCALL_PROBES`).
+pub const PROBES: &[Probe] = &[
+    Probe { id: "fs-write-usr", category: "filesystem", what: "create a file under /usr", run: fs_write_usr },
+    Probe { id: "fs-write-root", category: "filesystem", what: "create a file in /", run: fs_write_root },
+    Probe { id: "fs-write-etc", category: "filesystem", what: "create a file in /etc", run: fs_write_etc },
+    Probe { id: "fs-read-shadow", category: "filesystem", what: "read /etc/shadow", run: fs_read_shadow },
+    Probe { id: "fs-host-homes", category: "filesystem", what: "list /root and /home", run: fs_host_homes },
+    Probe {
+        id: "fs-runtime-sockets",
+        category: "filesystem",
+        what: "find docker/containerd/systemd sockets",
+        run: fs_runtime_sockets,
+    },
+    Probe {
+        id: "fs-proc-sys-write",
+        category: "filesystem",
+        what: "write /proc/sys/kernel/core_pattern",
+        run: fs_proc_sys_write,
+    },
+    Probe { id: "fs-sysrq", category: "filesystem", what: "write /proc/sysrq-trigger", run: fs_sysrq },
+    Probe { id: "fs-kcore", category: "filesystem", what: "read /proc/kcore", run: fs_kcore },
+    Probe { id: "fs-sys-write", category: "filesystem", what: "write under /sys", run: fs_sys_write },
+    Probe {
+        id: "fs-proc-self-exe",
+        category: "filesystem",
+        what: "open /proc/self/exe for writing (CVE-2019-5736)",
+        run: fs_proc_self_exe,
+    },
+    Probe {
+        id: "fs-proc1-root",
+        category: "filesystem",
+        what: "reach host files through /proc/1/root",
+        run: fs_proc1_root,
+    },
+    Probe {
+        id: "fs-dev-nodes",
+        category: "filesystem",
+        what: "find block, memory or kmsg devices in /dev",
+        run: fs_dev_nodes,
+    },
+    Probe {
+        id: "fs-symlink-shadow",
+        category: "filesystem",
+        what: "read /etc/shadow through a workspace symlink",
+        run: fs_symlink_shadow,
+    },
+    Probe {
+        id: "fs-setid-bits",
+        category: "filesystem",
+        what: "leave a setuid or setgid file or directory behind",
+        run: fs_setid_bits,
+    },
+    Probe {
+        id: "priv-capabilities",
+        category: "privileges",
+        what: "hold any capability in any set",
+        run: priv_capabilities,
+    },
+    Probe { id: "priv-no-new-privs", category: "privileges", what: "run without no_new_privs", run: priv_no_new_privs },
+    Probe { id: "priv-setuid-root", category: "privileges", what: "setuid(0)", run: priv_setuid_root },
+    Probe {
+        id: "priv-host-root-mapping",
+        category: "privileges",
+        what: "be mapped to host uid 0",
+        run: priv_host_root_mapping,
+    },
+    Probe { id: "proc-pid-view", category: "processes", what: "see processes outside the jail", run: proc_pid_view },
+    Probe { id: "proc-signal-host", category: "processes", what: "signal a host process", run: proc_signal_host },
+    Probe { id: "proc-signal-init", category: "processes", what: "signal the jail's init", run: proc_signal_init },
+    Probe {
+        id: "proc-leaked-fds",
+        category: "processes",
+        what: "inherit descriptors beyond stdio",
+        run: proc_leaked_fds,
+    },
+    Probe {
+        id: "proc-env-secret",
+        category: "processes",
+        what: "find a secret planted in Stockade's environment",
+        run: proc_env_secret,
+    },
+    Probe {
+        id: "proc-host-cmdline",
+        category: "processes",
+        what: "read the host's command line (paths, flags) in /proc/*/cmdline",
+        run: proc_host_cmdline,
+    },
+    Probe {
+        id: "proc-controlling-tty",
+        category: "processes",
+        what: "open the caller's terminal through /dev/tty and take its foreground",
+        run: proc_controlling_tty,
+    },
+    Probe {
+        id: "ipc-abstract-socket",
+        category: "ipc",
+        what: "connect to a host abstract unix socket",
+        run: ipc_abstract_socket,
+    },
+    Probe { id: "ipc-sysv-queue", category: "ipc", what: "open a host SysV message queue", run: ipc_sysv_queue },
+    Probe { id: "ipc-shm-host", category: "ipc", what: "see the host's /dev/shm", run: ipc_shm_host },
+    Probe {
+        id: "net-route-out",
+        category: "network",
+        what: "reach an address no rule allows (TEST-NET-1)",
+        run: net_route_out,
+    },
+    Probe {
+        id: "net-metadata",
+        category: "network",
+        what: "reach the cloud metadata service (169.254.169.254)",
+        run: net_metadata,
+    },
+    Probe {
+        id: "net-host-listener",
+        category: "network",
+        what: "connect to a listener on the host's loopback",
+        run: net_host_listener,
+    },
+    Probe { id: "res-fsize", category: "resources", what: "write past RLIMIT_FSIZE", run: res_fsize },
+    Probe { id: "res-tmp-fill", category: "resources", what: "fill /tmp beyond its size", run: res_tmp_fill },
+    Probe {
+        id: "res-workspace-fill",
+        category: "resources",
+        what: "fill the (scratch) workspace beyond its size",
+        run: res_workspace_fill,
+    },
+    Probe {
+        id: "res-memory-hog",
+        category: "resources",
+        what: "allocate beyond the memory limit",
+        run: res_memory_hog,
+    },
+    Probe { id: "res-fork-bomb", category: "resources", what: "fork without bound", run: res_fork_bomb },
 ];
 
 fn create(path: &str) -> Outcome {
@@ -107,272 +210,344 @@ fn status_field(field: &str) -> String {
         .unwrap_or_default()
 }
 
+/// Runs the probe `id` of the table, if it is one.
 pub fn run(id: &str, ctx: &Ctx) -> Option<Outcome> {
-    Some(match id {
-        "fs-write-usr" => create("/usr/stockade-probe"),
-        "fs-write-root" => create("/stockade-probe"),
-        "fs-write-etc" => create("/etc/stockade-probe"),
-        "fs-read-shadow" => read_file("/etc/shadow"),
-        "fs-host-homes" => {
-            let seen: Vec<String> = ["/root", "/home"]
-                .iter()
-                .filter_map(|d| std::fs::read_dir(d).ok().map(|r| (d, r.count())))
-                .filter(|(_, n)| *n > 0)
-                .map(|(d, n)| format!("{d} has {n} entries"))
-                .collect();
-            if seen.is_empty() {
-                blocked("/root and /home absent or empty")
-            } else {
-                escaped(seen.join("; "))
+    PROBES.iter().find(|p| p.id == id).map(|p| (p.run)(ctx))
+}
+
+fn fs_write_usr(_: &Ctx) -> Outcome {
+    create("/usr/stockade-probe")
+}
+
+fn fs_write_root(_: &Ctx) -> Outcome {
+    create("/stockade-probe")
+}
+
+fn fs_write_etc(_: &Ctx) -> Outcome {
+    create("/etc/stockade-probe")
+}
+
+fn fs_read_shadow(_: &Ctx) -> Outcome {
+    read_file("/etc/shadow")
+}
+
+fn fs_host_homes(_: &Ctx) -> Outcome {
+    let seen: Vec<String> = ["/root", "/home"]
+        .iter()
+        .filter_map(|d| std::fs::read_dir(d).ok().map(|r| (d, r.count())))
+        .filter(|(_, n)| *n > 0)
+        .map(|(d, n)| format!("{d} has {n} entries"))
+        .collect();
+    if seen.is_empty() {
+        blocked("/root and /home absent or empty")
+    } else {
+        escaped(seen.join("; "))
+    }
+}
+
+fn fs_runtime_sockets(_: &Ctx) -> Outcome {
+    let found: Vec<&str> = [
+        "/var/run/docker.sock",
+        "/run/docker.sock",
+        "/run/containerd/containerd.sock",
+        "/run/systemd/private",
+        "/run/dbus/system_bus_socket",
+    ]
+    .into_iter()
+    .filter(|p| std::path::Path::new(p).exists())
+    .collect();
+    if found.is_empty() {
+        blocked("no runtime socket in the jail")
+    } else {
+        escaped(format!("present: {}", found.join(", ")))
+    }
+}
+
+fn fs_proc_sys_write(_: &Ctx) -> Outcome {
+    write_file("/proc/sys/kernel/core_pattern", b"|/tmp/x")
+}
+
+fn fs_sysrq(_: &Ctx) -> Outcome {
+    write_file("/proc/sysrq-trigger", b"h")
+}
+
+fn fs_kcore(_: &Ctx) -> Outcome {
+    read_file("/proc/kcore")
+}
+
+fn fs_sys_write(_: &Ctx) -> Outcome {
+    write_file("/sys/kernel/uevent_helper", b"/tmp/x")
+}
+
+fn fs_proc_self_exe(_: &Ctx) -> Outcome {
+    match std::fs::OpenOptions::new().write(true).open("/proc/self/exe") {
+        Ok(_) => escaped("/proc/self/exe opened for writing"),
+        Err(e) => blocked(format!("/proc/self/exe: {}", en(e.raw_os_error().unwrap_or(0)))),
+    }
+}
+
+fn fs_proc1_root(_: &Ctx) -> Outcome {
+    // The jail's init sees the jail's root; a host file must not be reachable through it.
+    let host_only = ["/proc/1/root/etc/shadow", "/proc/1/root/root", "/proc/1/root/proc/1/root/etc/shadow"];
+    match host_only.iter().find(|p| std::fs::metadata(p).is_ok()) {
+        Some(p) => escaped(format!("{p} exists")),
+        None => blocked("/proc/1/root holds only the jail's tree"),
+    }
+}
+
+fn fs_dev_nodes(_: &Ctx) -> Outcome {
+    use std::os::unix::fs::FileTypeExt;
+    let allowed = ["null", "zero", "full", "random", "urandom", "tty", "ptmx"];
+    let mut bad = Vec::new();
+    if let Ok(rd) = std::fs::read_dir("/dev") {
+        for e in rd.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if let Ok(t) = e.file_type() {
+                if t.is_block_device() || (t.is_char_device() && !allowed.contains(&name.as_str())) {
+                    bad.push(name);
+                }
             }
         }
-        "fs-runtime-sockets" => {
-            let found: Vec<&str> = [
-                "/var/run/docker.sock",
-                "/run/docker.sock",
-                "/run/containerd/containerd.sock",
-                "/run/systemd/private",
-                "/run/dbus/system_bus_socket",
-            ]
-            .into_iter()
-            .filter(|p| std::path::Path::new(p).exists())
+    }
+    if bad.is_empty() {
+        blocked("only null, zero, full, random, urandom, tty, ptmx")
+    } else {
+        escaped(format!("device nodes: {}", bad.join(", ")))
+    }
+}
+
+fn proc_controlling_tty(_: &Ctx) -> Outcome {
+    controlling_tty()
+}
+
+fn proc_host_cmdline(_: &Ctx) -> Outcome {
+    host_cmdline()
+}
+
+fn fs_setid_bits(_: &Ctx) -> Outcome {
+    setid_bits()
+}
+
+fn fs_symlink_shadow(_: &Ctx) -> Outcome {
+    let link = "/tmp/stockade-probe-link";
+    let _ = std::fs::remove_file(link);
+    if let Err(e) = std::os::unix::fs::symlink("/etc/shadow", link) {
+        return blocked(format!("symlink: {e}"));
+    }
+    let r = read_file(link);
+    let _ = std::fs::remove_file(link);
+    r
+}
+
+fn priv_capabilities(_: &Ctx) -> Outcome {
+    let sets: Vec<String> = ["CapInh:", "CapPrm:", "CapEff:", "CapBnd:", "CapAmb:"]
+        .iter()
+        .map(|f| (f, status_field(f)))
+        .filter(|(_, v)| !v.trim_start_matches('0').is_empty())
+        .map(|(f, v)| format!("{f} {v}"))
+        .collect();
+    if sets.is_empty() {
+        blocked("all five capability sets are empty")
+    } else {
+        escaped(sets.join(", "))
+    }
+}
+
+fn priv_no_new_privs(_: &Ctx) -> Outcome {
+    match status_field("NoNewPrivs:").as_str() {
+        "1" => blocked("NoNewPrivs: 1"),
+        v => escaped(format!("NoNewPrivs: {v}")),
+    }
+}
+
+fn priv_setuid_root(_: &Ctx) -> Outcome {
+    // SAFETY: setuid takes an integer; on success the probe child simply has uid 0 in
+    // the jail's user namespace, which is what it reports.
+    if unsafe { libc::setuid(0) } == 0
+        && nix::unistd::getuid().is_root()
+        && status_field("CapEff:") != "0000000000000000"
+    {
+        escaped("setuid(0) gave capabilities")
+    } else {
+        blocked(format!("uid {}, no capabilities", nix::unistd::getuid()))
+    }
+}
+
+fn priv_host_root_mapping(_: &Ctx) -> Outcome {
+    let map = std::fs::read_to_string("/proc/self/uid_map").unwrap_or_default();
+    let to_root = map.lines().any(|l| l.split_whitespace().nth(1) == Some("0"));
+    if to_root {
+        escaped(format!("uid_map maps onto host uid 0: {}", map.trim()))
+    } else {
+        blocked(format!("uid_map: {}", map.split_whitespace().collect::<Vec<_>>().join(" ")))
+    }
+}
+
+fn proc_pid_view(ctx: &Ctx) -> Outcome {
+    let pids: Vec<u32> = std::fs::read_dir("/proc")
+        .map(|r| r.flatten().filter_map(|e| e.file_name().to_str()?.parse().ok()).collect())
+        .unwrap_or_default();
+    let visible_host = pids.contains(&ctx.host_pid) && ctx.host_pid > 64;
+    if visible_host || pids.len() > 64 {
+        escaped(format!("{} processes visible", pids.len()))
+    } else {
+        blocked(format!("{} processes visible, all the jail's", pids.len()))
+    }
+}
+
+fn proc_signal_host(ctx: &Ctx) -> Outcome {
+    // SAFETY: kill with signal 0 only checks existence and permission.
+    if unsafe { libc::kill(ctx.host_pid as i32, 0) } == 0 && ctx.host_pid > 64 {
+        // Pid numbers are per namespace: confirm it is the harness, not a jail process.
+        let cmd = std::fs::read_to_string(format!("/proc/{}/cmdline", ctx.host_pid)).unwrap_or_default();
+        if cmd.contains("probe") && !cmd.contains("__probe") {
+            return escaped(format!("host pid {} signalable", ctx.host_pid));
+        }
+    }
+    blocked(format!("host pid {}: {}", ctx.host_pid, en(errno())))
+}
+
+fn proc_signal_init(_: &Ctx) -> Outcome {
+    // SAFETY: ptrace attach of pid 1 fails or succeeds; on success we detach at once.
+    let r = unsafe { libc::ptrace(libc::PTRACE_ATTACH, 1, 0, 0) };
+    if r == 0 {
+        // SAFETY: undo the attach that just succeeded.
+        unsafe { libc::ptrace(libc::PTRACE_DETACH, 1, 0, 0) };
+        escaped("ptrace-attached the jail's init")
+    } else {
+        blocked(format!("ptrace(ATTACH, 1): {}", en(errno())))
+    }
+}
+
+fn proc_leaked_fds(ctx: &Ctx) -> Outcome {
+    let extra: Vec<i32> = ctx.startup_fds.iter().copied().filter(|fd| *fd > 2).collect();
+    if extra.is_empty() {
+        blocked("only 0, 1, 2 at start")
+    } else {
+        let targets: Vec<String> = extra
+            .iter()
+            .map(|fd| {
+                format!(
+                    "{fd} -> {}",
+                    std::fs::read_link(format!("/proc/self/fd/{fd}"))
+                        .map(|p| p.display().to_string())
+                        .unwrap_or_default()
+                )
+            })
             .collect();
-            if found.is_empty() {
-                blocked("no runtime socket in the jail")
-            } else {
-                escaped(format!("present: {}", found.join(", ")))
-            }
-        }
-        "fs-proc-sys-write" => write_file("/proc/sys/kernel/core_pattern", b"|/tmp/x"),
-        "fs-sysrq" => write_file("/proc/sysrq-trigger", b"h"),
-        "fs-kcore" => read_file("/proc/kcore"),
-        "fs-sys-write" => write_file("/sys/kernel/uevent_helper", b"/tmp/x"),
-        "fs-proc-self-exe" => match std::fs::OpenOptions::new().write(true).open("/proc/self/exe") {
-            Ok(_) => escaped("/proc/self/exe opened for writing"),
-            Err(e) => blocked(format!("/proc/self/exe: {}", en(e.raw_os_error().unwrap_or(0)))),
-        },
-        "fs-proc1-root" => {
-            // The jail's init sees the jail's root; a host file must not be reachable through it.
-            let host_only = ["/proc/1/root/etc/shadow", "/proc/1/root/root", "/proc/1/root/proc/1/root/etc/shadow"];
-            match host_only.iter().find(|p| std::fs::metadata(p).is_ok()) {
-                Some(p) => escaped(format!("{p} exists")),
-                None => blocked("/proc/1/root holds only the jail's tree"),
-            }
-        }
-        "fs-dev-nodes" => {
-            use std::os::unix::fs::FileTypeExt;
-            let allowed = ["null", "zero", "full", "random", "urandom", "tty", "ptmx"];
-            let mut bad = Vec::new();
-            if let Ok(rd) = std::fs::read_dir("/dev") {
-                for e in rd.flatten() {
-                    let name = e.file_name().to_string_lossy().into_owned();
-                    if let Ok(t) = e.file_type() {
-                        if t.is_block_device() || (t.is_char_device() && !allowed.contains(&name.as_str())) {
-                            bad.push(name);
-                        }
-                    }
-                }
-            }
-            if bad.is_empty() {
-                blocked("only null, zero, full, random, urandom, tty, ptmx")
-            } else {
-                escaped(format!("device nodes: {}", bad.join(", ")))
-            }
-        }
-        "proc-controlling-tty" => controlling_tty(),
-        "proc-host-cmdline" => host_cmdline(),
-        "fs-setid-bits" => setid_bits(),
-        "fs-symlink-shadow" => {
-            let link = "/tmp/stockade-probe-link";
-            let _ = std::fs::remove_file(link);
-            if let Err(e) = std::os::unix::fs::symlink("/etc/shadow", link) {
-                return Some(blocked(format!("symlink: {e}")));
-            }
-            let r = read_file(link);
-            let _ = std::fs::remove_file(link);
-            r
-        }
-        "priv-capabilities" => {
-            let sets: Vec<String> = ["CapInh:", "CapPrm:", "CapEff:", "CapBnd:", "CapAmb:"]
-                .iter()
-                .map(|f| (f, status_field(f)))
-                .filter(|(_, v)| !v.trim_start_matches('0').is_empty())
-                .map(|(f, v)| format!("{f} {v}"))
-                .collect();
-            if sets.is_empty() {
-                blocked("all five capability sets are empty")
-            } else {
-                escaped(sets.join(", "))
-            }
-        }
-        "priv-no-new-privs" => match status_field("NoNewPrivs:").as_str() {
-            "1" => blocked("NoNewPrivs: 1"),
-            v => escaped(format!("NoNewPrivs: {v}")),
-        },
-        "priv-setuid-root" => {
-            // SAFETY: setuid takes an integer; on success the probe child simply has uid 0 in
-            // the jail's user namespace, which is what it reports.
-            if unsafe { libc::setuid(0) } == 0
-                && nix::unistd::getuid().is_root()
-                && status_field("CapEff:") != "0000000000000000"
-            {
-                escaped("setuid(0) gave capabilities")
-            } else {
-                blocked(format!("uid {}, no capabilities", nix::unistd::getuid()))
-            }
-        }
-        "priv-host-root-mapping" => {
-            let map = std::fs::read_to_string("/proc/self/uid_map").unwrap_or_default();
-            let to_root = map.lines().any(|l| l.split_whitespace().nth(1) == Some("0"));
-            if to_root {
-                escaped(format!("uid_map maps onto host uid 0: {}", map.trim()))
-            } else {
-                blocked(format!("uid_map: {}", map.split_whitespace().collect::<Vec<_>>().join(" ")))
-            }
-        }
-        "proc-pid-view" => {
-            let pids: Vec<u32> = std::fs::read_dir("/proc")
-                .map(|r| r.flatten().filter_map(|e| e.file_name().to_str()?.parse().ok()).collect())
-                .unwrap_or_default();
-            let visible_host = pids.contains(&ctx.host_pid) && ctx.host_pid > 64;
-            if visible_host || pids.len() > 64 {
-                escaped(format!("{} processes visible", pids.len()))
-            } else {
-                blocked(format!("{} processes visible, all the jail's", pids.len()))
-            }
-        }
-        "proc-signal-host" => {
-            // SAFETY: kill with signal 0 only checks existence and permission.
-            if unsafe { libc::kill(ctx.host_pid as i32, 0) } == 0 && ctx.host_pid > 64 {
-                // Pid numbers are per namespace: confirm it is the harness, not a jail process.
-                let cmd = std::fs::read_to_string(format!("/proc/{}/cmdline", ctx.host_pid)).unwrap_or_default();
-                if cmd.contains("probe") && !cmd.contains("__probe") {
-                    return Some(escaped(format!("host pid {} signalable", ctx.host_pid)));
-                }
-            }
-            blocked(format!("host pid {}: {}", ctx.host_pid, en(errno())))
-        }
-        "proc-signal-init" => {
-            // SAFETY: ptrace attach of pid 1 fails or succeeds; on success we detach at once.
-            let r = unsafe { libc::ptrace(libc::PTRACE_ATTACH, 1, 0, 0) };
-            if r == 0 {
-                // SAFETY: undo the attach that just succeeded.
-                unsafe { libc::ptrace(libc::PTRACE_DETACH, 1, 0, 0) };
-                escaped("ptrace-attached the jail's init")
-            } else {
-                blocked(format!("ptrace(ATTACH, 1): {}", en(errno())))
-            }
-        }
-        "proc-leaked-fds" => {
-            let extra: Vec<i32> = ctx.startup_fds.iter().copied().filter(|fd| *fd > 2).collect();
-            if extra.is_empty() {
-                blocked("only 0, 1, 2 at start")
-            } else {
-                let targets: Vec<String> = extra
-                    .iter()
-                    .map(|fd| {
-                        format!(
-                            "{fd} -> {}",
-                            std::fs::read_link(format!("/proc/self/fd/{fd}"))
-                                .map(|p| p.display().to_string())
-                                .unwrap_or_default()
-                        )
-                    })
-                    .collect();
-                escaped(format!("inherited: {}", targets.join(", ")))
-            }
-        }
-        "proc-env-secret" => {
-            let needle = format!("{}=", ctx.planted_env);
-            let mut hits = Vec::new();
-            if std::env::vars().any(|(k, _)| k == ctx.planted_env) {
-                hits.push("own environment".to_owned());
-            }
-            if let Ok(rd) = std::fs::read_dir("/proc") {
-                for e in rd.flatten() {
-                    if let Ok(b) = std::fs::read(e.path().join("environ")) {
-                        if b.windows(needle.len()).any(|w| w == needle.as_bytes()) {
-                            hits.push(format!("/proc/{}/environ", e.file_name().to_string_lossy()));
-                        }
-                    }
-                }
-            }
-            if hits.is_empty() {
-                blocked("absent from every visible environment")
-            } else {
-                escaped(format!("found in {}", hits.join(", ")))
-            }
-        }
-        "ipc-abstract-socket" => {
-            use std::os::linux::net::SocketAddrExt;
-            let addr = match std::os::unix::net::SocketAddr::from_abstract_name(ctx.abstract_name.as_bytes()) {
-                Ok(a) => a,
-                Err(e) => return Some(Outcome::Error(e.to_string())),
-            };
-            match std::os::unix::net::UnixStream::connect_addr(&addr) {
-                Ok(_) => escaped(format!("connected to @{}", ctx.abstract_name)),
-                Err(e) => blocked(format!("@{}: {}", ctx.abstract_name, en(e.raw_os_error().unwrap_or(0)))),
-            }
-        }
-        "ipc-sysv-queue" => {
-            // SAFETY: msgget with an integer key and no creation flag only looks the queue up.
-            let id = unsafe { libc::msgget(ctx.sysv_key, 0) };
-            if id >= 0 {
-                escaped(format!("host queue key {:#x} is id {id}", ctx.sysv_key))
-            } else {
-                blocked(format!("key {:#x}: {}", ctx.sysv_key, en(errno())))
-            }
-        }
-        "ipc-shm-host" => {
-            let p = format!("/dev/shm/{}", ctx.shm_name);
-            if std::path::Path::new(&p).exists() {
-                escaped(format!("{p} visible"))
-            } else {
-                blocked(format!("{p} absent: /dev/shm is private"))
-            }
-        }
-        "net-route-out" => {
-            if ctx.network == "veth" {
-                // A route exists; the filter must drop what no rule allows.
-                tcp_probe(std::net::SocketAddr::from(([192, 0, 2, 1], 80)))
-            } else {
-                // A connected UDP socket needs a route but sends nothing.
-                let s = match std::net::UdpSocket::bind("0.0.0.0:0") {
-                    Ok(s) => s,
-                    Err(e) => return Some(blocked(format!("socket: {e}"))),
-                };
-                match s.connect("192.0.2.1:9") {
-                    Ok(()) => escaped("a route to 192.0.2.1 (TEST-NET-1) exists"),
-                    Err(e) => blocked(format!("192.0.2.1: {}", en(e.raw_os_error().unwrap_or(0)))),
+        escaped(format!("inherited: {}", targets.join(", ")))
+    }
+}
+
+fn proc_env_secret(ctx: &Ctx) -> Outcome {
+    let needle = format!("{}=", ctx.planted_env);
+    let mut hits = Vec::new();
+    if std::env::vars().any(|(k, _)| k == ctx.planted_env) {
+        hits.push("own environment".to_owned());
+    }
+    if let Ok(rd) = std::fs::read_dir("/proc") {
+        for e in rd.flatten() {
+            if let Ok(b) = std::fs::read(e.path().join("environ")) {
+                if b.windows(needle.len()).any(|w| w == needle.as_bytes()) {
+                    hits.push(format!("/proc/{}/environ", e.file_name().to_string_lossy()));
                 }
             }
         }
-        "net-metadata" => tcp_probe(std::net::SocketAddr::from(([169, 254, 169, 254], 80))),
-        "net-host-listener" => {
-            let addr = std::net::SocketAddr::from(([127, 0, 0, 1], ctx.listener_port));
-            match std::net::TcpStream::connect_timeout(&addr, std::time::Duration::from_secs(2)) {
-                Ok(_) => escaped(format!("connected to the host's {addr}")),
-                Err(e) => blocked(format!("{addr}: {}", e.raw_os_error().map(en).unwrap_or_else(|| e.to_string()))),
-            }
+    }
+    if hits.is_empty() {
+        blocked("absent from every visible environment")
+    } else {
+        escaped(format!("found in {}", hits.join(", ")))
+    }
+}
+
+fn ipc_abstract_socket(ctx: &Ctx) -> Outcome {
+    use std::os::linux::net::SocketAddrExt;
+    let addr = match std::os::unix::net::SocketAddr::from_abstract_name(ctx.abstract_name.as_bytes()) {
+        Ok(a) => a,
+        Err(e) => return Outcome::Error(e.to_string()),
+    };
+    match std::os::unix::net::UnixStream::connect_addr(&addr) {
+        Ok(_) => escaped(format!("connected to @{}", ctx.abstract_name)),
+        Err(e) => blocked(format!("@{}: {}", ctx.abstract_name, en(e.raw_os_error().unwrap_or(0)))),
+    }
+}
+
+fn ipc_sysv_queue(ctx: &Ctx) -> Outcome {
+    // SAFETY: msgget with an integer key and no creation flag only looks the queue up.
+    let id = unsafe { libc::msgget(ctx.sysv_key, 0) };
+    if id >= 0 {
+        escaped(format!("host queue key {:#x} is id {id}", ctx.sysv_key))
+    } else {
+        blocked(format!("key {:#x}: {}", ctx.sysv_key, en(errno())))
+    }
+}
+
+fn ipc_shm_host(ctx: &Ctx) -> Outcome {
+    let p = format!("/dev/shm/{}", ctx.shm_name);
+    if std::path::Path::new(&p).exists() {
+        escaped(format!("{p} visible"))
+    } else {
+        blocked(format!("{p} absent: /dev/shm is private"))
+    }
+}
+
+fn net_route_out(ctx: &Ctx) -> Outcome {
+    if ctx.network == "veth" {
+        // A route exists; the filter must drop what no rule allows.
+        tcp_probe(std::net::SocketAddr::from(([192, 0, 2, 1], 80)))
+    } else {
+        // A connected UDP socket needs a route but sends nothing.
+        let s = match std::net::UdpSocket::bind("0.0.0.0:0") {
+            Ok(s) => s,
+            Err(e) => return blocked(format!("socket: {e}")),
+        };
+        match s.connect("192.0.2.1:9") {
+            Ok(()) => escaped("a route to 192.0.2.1 (TEST-NET-1) exists"),
+            Err(e) => blocked(format!("192.0.2.1: {}", en(e.raw_os_error().unwrap_or(0)))),
         }
-        "res-fsize" => {
-            let Some(limit) = ctx.fsize else { return Some(escaped("no RLIMIT_FSIZE in the policy")) };
-            // SAFETY: ignoring SIGXFSZ so the write reports EFBIG instead of killing the probe.
-            unsafe { libc::signal(libc::SIGXFSZ, libc::SIG_IGN) };
-            let p = "/tmp/stockade-probe-fsize";
-            let r = std::fs::File::create(p).and_then(|f| std::os::unix::fs::FileExt::write_at(&f, b"x", limit));
-            let _ = std::fs::remove_file(p);
-            match r {
-                Ok(_) => escaped(format!("wrote at offset {limit}")),
-                Err(e) => blocked(format!("write at offset {limit}: {}", en(e.raw_os_error().unwrap_or(0)))),
-            }
-        }
-        "res-tmp-fill" => fill("/tmp/stockade-probe-fill", ctx.tmp_size),
-        "res-workspace-fill" => fill("/workspace/.stockade-probe-fill", ctx.tmp_size),
-        "res-memory-hog" => memory_hog(ctx.memory_limit),
-        "res-fork-bomb" => fork_bomb(),
-        _ => return None,
-    })
+    }
+}
+
+fn net_metadata(_: &Ctx) -> Outcome {
+    tcp_probe(std::net::SocketAddr::from(([169, 254, 169, 254], 80)))
+}
+
+fn net_host_listener(ctx: &Ctx) -> Outcome {
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], ctx.listener_port));
+    match std::net::TcpStream::connect_timeout(&addr, std::time::Duration::from_secs(2)) {
+        Ok(_) => escaped(format!("connected to the host's {addr}")),
+        Err(e) => blocked(format!("{addr}: {}", e.raw_os_error().map(en).unwrap_or_else(|| e.to_string()))),
+    }
+}
+
+fn res_fsize(ctx: &Ctx) -> Outcome {
+    let Some(limit) = ctx.fsize else { return escaped("no RLIMIT_FSIZE in the policy") };
+    // SAFETY: ignoring SIGXFSZ so the write reports EFBIG instead of killing the probe.
+    unsafe { libc::signal(libc::SIGXFSZ, libc::SIG_IGN) };
+    let p = "/tmp/stockade-probe-fsize";
+    let r = std::fs::File::create(p).and_then(|f| std::os::unix::fs::FileExt::write_at(&f, b"x", limit));
+    let _ = std::fs::remove_file(p);
+    match r {
+        Ok(_) => escaped(format!("wrote at offset {limit}")),
+        Err(e) => blocked(format!("write at offset {limit}: {}", en(e.raw_os_error().unwrap_or(0)))),
+    }
+}
+
+fn res_tmp_fill(ctx: &Ctx) -> Outcome {
+    fill("/tmp/stockade-probe-fill", ctx.tmp_size)
+}
+
+fn res_workspace_fill(ctx: &Ctx) -> Outcome {
+    fill("/workspace/.stockade-probe-fill", ctx.tmp_size)
+}
+
+fn res_memory_hog(ctx: &Ctx) -> Outcome {
+    memory_hog(ctx.memory_limit)
+}
+
+fn res_fork_bomb(_: &Ctx) -> Outcome {
+    fork_bomb()
 }
 
 /// Writes until the filesystem refuses; escaped when more than `limit` (+ slack) fit.

@@ -60,7 +60,9 @@ pub struct ProbeReport {
 /// bomb leaves sleeping children behind for a few seconds).
 pub fn catalogue() -> Vec<(&'static str, &'static str, String)> {
     let mut v: Vec<(&str, &str, String)> = Vec::new();
-    for (id, cat, what) in checks::PROBES.iter().filter(|p| p.1 != "resources") {
+    for (id, cat, what) in
+        checks::PROBES.iter().filter(|p| p.category != "resources").map(|p| (p.id, p.category, p.what))
+    {
         v.push((id, cat, (*what).to_owned()));
     }
     for id in SYSCALL_PROBES {
@@ -73,7 +75,9 @@ pub fn catalogue() -> Vec<(&'static str, &'static str, String)> {
         };
         v.push((id, "syscalls", what));
     }
-    for (id, cat, what) in checks::PROBES.iter().filter(|p| p.1 == "resources") {
+    for (id, cat, what) in
+        checks::PROBES.iter().filter(|p| p.category == "resources").map(|p| (p.id, p.category, p.what))
+    {
         v.push((id, cat, (*what).to_owned()));
     }
     v
