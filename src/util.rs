@@ -200,9 +200,53 @@ pub unsafe fn close_range(first: u32, last: u32, flags: u32) -> std::io::Result<
     }
 }
 
+/// Closes every descriptor of this process but stdin, stdout, stderr and `keep`: one
+/// close_range per gap between the descriptors kept.
+///
+/// # Safety
+/// As for [`close_range`]: nothing may use a closed descriptor again.
+pub unsafe fn close_all_but(keep: &[i32]) -> std::io::Result<()> {
+    let mut keep: Vec<u32> = keep.iter().filter(|&&f| f > 2).map(|&f| f as u32).collect();
+    keep.sort_unstable();
+    keep.dedup();
+    let mut next = 3u32;
+    for k in keep {
+        if k > next {
+            // SAFETY: the caller's guarantee covers every descriptor but those kept.
+            unsafe { close_range(next, k - 1, 0)? };
+        }
+        next = k + 1;
+    }
+    // SAFETY: as above.
+    unsafe { close_range(next, u32::MAX, 0) }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn close_all_but_keeps_exactly_the_list() {
+        // In a forked child, whose descriptors are its own to close.
+        let files: Vec<std::fs::File> = (0..6).map(|_| std::fs::File::open("/dev/null").unwrap()).collect();
+        let fds: Vec<i32> = files.iter().map(std::os::fd::AsRawFd::as_raw_fd).collect();
+        // SAFETY: the child only makes system calls and leaves with _exit.
+        let pid = unsafe { libc::fork() };
+        if pid == 0 {
+            let keep = [fds[1], fds[4]];
+            // SAFETY: this child never uses another descriptor again.
+            let ok = unsafe { close_all_but(&keep) }.is_ok();
+            // SAFETY: fcntl(F_GETFD) only asks whether a number is open.
+            let open = |f: i32| unsafe { libc::fcntl(f, libc::F_GETFD) } >= 0;
+            let right = ok && fds.iter().all(|&f| open(f) == keep.contains(&f)) && (0..3).all(open);
+            // SAFETY: leaving the forked test child without running the harness.
+            unsafe { libc::_exit(if right { 0 } else { 1 }) };
+        }
+        let mut status = 0;
+        // SAFETY: waiting for our own child.
+        unsafe { libc::waitpid(pid, &mut status, 0) };
+        assert!(libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0);
+    }
 
     #[test]
     fn sizes() {

@@ -7,7 +7,7 @@
 //! `limits.enforcement = "best_effort"`.
 
 use std::fs;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -406,16 +406,6 @@ impl Entry {
                 .map_err(|e| JailError::new(Step::Cgroups, format!("enter {}: {e}", path.display())))?;
         }
         Ok(())
-    }
-
-    /// Closes this copy's descriptors without freeing anything: for the forked jail child, whose
-    /// heap belongs to a copy of the supervisor and is never dropped.
-    pub(super) fn close_all(&self) {
-        for fd in self.v1_tasks.iter().map(|(_, f)| f).chain(self.v2_dir.as_ref()) {
-            // SAFETY: only the descriptor is closed; the OwnedFd is never dropped in the jail
-            // child (it leaves with _exit), so the number is not closed twice there.
-            unsafe { libc::close(fd.as_raw_fd()) };
-        }
     }
 }
 

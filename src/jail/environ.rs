@@ -47,16 +47,31 @@ pub fn build(
     Ok(env.into_iter().collect())
 }
 
+/// Where this process's argument and environment strings live: the blocks the kernel copied to
+/// the top of the stack at exec, which /proc/PID/cmdline and /proc/PID/environ show for the
+/// process's whole life. Read by the supervisor before the clone; the jail's child, a copy of it,
+/// has the same layout and scrubs both first thing.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct OwnBlocks {
+    args: Option<(usize, usize)>,
+    env: Option<(usize, usize)>,
+}
+
+impl OwnBlocks {
+    pub fn read() -> OwnBlocks {
+        OwnBlocks { args: stat_range(45, 46), env: stat_range(47, 48) }
+    }
+}
+
 /// Wipes this process's own environment: the libc `environ` list, and the original environment
 /// block that /proc/PID/environ keeps showing even after `clearenv`. The jail's processes are
 /// forks of the supervisor and would otherwise carry its environment — and any key in it — in
 /// memory for their whole life. Callers must not hold references into the environment.
-pub fn scrub_own_environment() {
-    let range = env_block();
+pub fn scrub_own_environment(blocks: &OwnBlocks) {
     // SAFETY: clearenv only resets libc's `environ`; nothing in this single-threaded child reads
     // the environment concurrently.
     unsafe { libc::clearenv() };
-    if let Some((start, end)) = range {
+    if let Some((start, end)) = blocks.env {
         // SAFETY: [env_start, env_end) is this process's initial environment strings, mapped
         // read-write at the top of its stack by the kernel at exec; after clearenv nothing
         // refers to it, so overwriting it cannot invalidate a live reference.
@@ -71,8 +86,8 @@ pub const INIT_NAME: &[u8] = b"stockade-init";
 /// `INIT_NAME`: the jail's init is a copy of the supervisor, whose arguments name host paths
 /// (the binary, the policy file, the workspace) that nothing in the jail should learn. Nothing
 /// in the child reads its arguments afterwards.
-pub fn scrub_own_arguments() {
-    let Some((start, end)) = stat_range(45, 46) else { return };
+pub fn scrub_own_arguments(blocks: &OwnBlocks) {
+    let Some((start, end)) = blocks.args else { return };
     // SAFETY: [arg_start, arg_end) is this process's argument strings, mapped read-write at the
     // top of its stack by the kernel at exec; the child never reads its arguments again, so
     // overwriting them cannot invalidate a live reference.
@@ -125,7 +140,7 @@ pub fn scrub_variables(names: &[&str]) {
         // environment concurrently.
         unsafe { std::env::remove_var(n) };
     }
-    let Some((start, end)) = env_block() else { return };
+    let Some((start, end)) = stat_range(47, 48) else { return };
     // SAFETY: [env_start, env_end) is this process's initial environment block, mapped
     // read-write by the kernel at exec; libc's environ no longer points at the entries removed
     // above, and only those entries' bytes are overwritten.
@@ -141,78 +156,10 @@ pub fn scrub_variables(names: &[&str]) {
     }
 }
 
-/// The process's initial environment block, [env_start, env_end): the strings the kernel copied
-/// to the top of the stack at exec, which /proc/PID/environ shows for the process's whole life.
-fn env_block() -> Option<(usize, usize)> {
-    match recorded_env_block() {
-        Some((start, end)) => (end - start < (1 << 24)).then_some((start, end)),
-        None => stat_range(47, 48),
-    }
-}
-
-// Reading /proc/self/stat costs a jail child ~0.15 ms on its start-up path, so the block's bounds
-// are taken once, before main, by an ELF constructor: both glibc and musl point `environ` at the
-// kernel's envp before they run constructors, nothing can have modified it yet, and the kernel
-// lays the strings out contiguously.
-static ENV_BLOCK: [std::sync::atomic::AtomicUsize; 2] =
-    [std::sync::atomic::AtomicUsize::new(0), std::sync::atomic::AtomicUsize::new(0)];
-
-#[used]
-#[link_section = ".init_array"]
-static RECORD_ENV_BLOCK: extern "C" fn() = record_env_block;
-
-extern "C" {
-    /// The C library's environment list (declared here: the libc crate has it for glibc only).
-    static environ: *const *const libc::c_char;
-}
-
-extern "C" fn record_env_block() {
-    use std::sync::atomic::Ordering;
-    // SAFETY: a plain read of libc's global; constructors run before any thread exists.
-    let envp = unsafe { environ };
-    if envp.is_null() {
-        return;
-    }
-    let (mut lo, mut hi) = (usize::MAX, 0usize);
-    let mut i = 0;
-    loop {
-        // SAFETY: before main, `environ` is the kernel's envp: a NULL-terminated array of
-        // NUL-terminated strings that nothing has modified yet.
-        let entry = unsafe { *envp.add(i) };
-        if entry.is_null() {
-            break;
-        }
-        // SAFETY: as above, `entry` is a valid NUL-terminated string.
-        let len = unsafe { libc::strlen(entry) };
-        lo = lo.min(entry as usize);
-        hi = hi.max(entry as usize + len + 1);
-        i += 1;
-    }
-    if hi > lo {
-        ENV_BLOCK[0].store(lo, Ordering::Relaxed);
-        ENV_BLOCK[1].store(hi, Ordering::Relaxed);
-    }
-}
-
-fn recorded_env_block() -> Option<(usize, usize)> {
-    use std::sync::atomic::Ordering;
-    let (lo, hi) = (ENV_BLOCK[0].load(Ordering::Relaxed), ENV_BLOCK[1].load(Ordering::Relaxed));
-    (hi > lo).then_some((lo, hi))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::policy::load_builtin;
-
-    #[test]
-    fn the_recorded_environment_block_is_the_one_proc_shows() {
-        let stat = std::fs::read_to_string("/proc/self/stat").unwrap();
-        let f: Vec<&str> = stat[stat.rfind(')').unwrap() + 1..].split_whitespace().collect();
-        let proc_range = (f[47].parse::<usize>().unwrap(), f[48].parse::<usize>().unwrap());
-        // cargo test always runs with a non-empty environment.
-        assert_eq!(recorded_env_block(), Some(proc_range));
-    }
 
     #[test]
     fn secrets_never_pass_and_extra_secret_is_refused() {

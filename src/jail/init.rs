@@ -49,30 +49,29 @@ pub(crate) struct ChildCtx<'a> {
     pub veth: Option<(std::net::Ipv4Addr, std::net::Ipv4Addr)>,
     /// Report every exec to the supervisor (see `execwatch`).
     pub watch_exec: bool,
-    /// The supervisor's descriptors of an already made cgroup, inherited through the clone: the
-    /// jail closes them and enters the cgroup the supervisor sends it instead.
-    pub cgroup: Option<&'a super::cgroups::Entry>,
-    /// The supervisor's CPU set: the supervisor moves the jail off its own CPU while both work
-    /// (see `affinity`), and the jail takes this back before the payload runs.
-    pub cpus: Option<&'a nix::sched::CpuSet>,
+    /// Where the supervisor's arguments and environment are, for the child to wipe its copies.
+    pub own_blocks: &'a super::environ::OwnBlocks,
 }
 
 /// Entry point of the cloned child. Never returns.
 pub(crate) fn child_main(ctx: ChildCtx) -> ! {
     // First of all: the supervisor's environment (and any secret in it) must not live on in
-    // the jail's processes.
-    super::environ::scrub_own_environment();
-    super::environ::scrub_own_arguments();
-    crate::net::nfnl::close_in_forked_child();
-    if let Some(cg) = ctx.cgroup {
-        cg.close_all();
+    // the jail's processes, and neither may any descriptor of the supervisor's but those the
+    // jail's steps need (the sync pipes' jail ends, a session's channel, the attached trees).
+    super::environ::scrub_own_environment(ctx.own_blocks);
+    super::environ::scrub_own_arguments(ctx.own_blocks);
+    let mut keep = vec![ctx.pipes.go_read.as_raw_fd(), ctx.pipes.report_write.as_raw_fd()];
+    if let super::Payload::Session { channel, .. } = ctx.payload {
+        keep.push(channel.as_raw_fd());
     }
-    // The supervisor's ends of the pipes: without closing our copies, a dead supervisor would
-    // not show up as EOF on `go`.
-    close_raw(ctx.pipes.go_write.as_raw_fd());
-    close_raw(ctx.pipes.report_read.as_raw_fd());
-    if let super::Payload::Session { host_end, .. } = ctx.payload {
-        close_raw(*host_end);
+    keep.extend([ctx.plan.workspace_tree, ctx.plan.outputs_tree].into_iter().flatten().map(|t| t.as_raw_fd()));
+    // SAFETY: only descriptors nothing in this child uses again are closed: everything but the
+    // keep-list belongs to the supervisor's copy (its OwnedFds are never dropped here, the child
+    // leaves with _exit).
+    if let Err(e) = unsafe { crate::util::close_all_but(&keep) } {
+        send_failure(&ctx.pipes.report_write, &JailError::new(Step::Preflight, format!("close_range: {e}")));
+        // SAFETY: see the end of this function.
+        unsafe { libc::_exit(EXIT_SETUP_FAILED) };
     }
     let detached = match ctx.payload {
         super::Payload::Session { .. } => detach_from_terminal(),
@@ -88,15 +87,9 @@ pub(crate) fn child_main(ctx: ChildCtx) -> ! {
                 close_raw(ctx.pipes.go_read.as_raw_fd());
                 // Whatever else the supervisor inherited from its own parent must not reach the
                 // tools: the helper is forked without exec, so close-on-exec would not do.
-                let keep = channel.as_raw_fd() as u32;
-                // SAFETY: close_range only closes descriptors; none of those closed is used again
-                // (stdio and the channel are kept, everything else was the supervisor's).
-                unsafe {
-                    if keep > 3 {
-                        let _ = crate::util::close_range(3, keep - 1, 0);
-                    }
-                    let _ = crate::util::close_range(keep + 1, u32::MAX, 0);
-                }
+                // SAFETY: the sync pipes' ends were closed just above and nothing else but the
+                // channel is open any more; close_all_but only makes that certain.
+                let _ = unsafe { crate::util::close_all_but(&[channel.as_raw_fd()]) };
                 // stdin and stdout are the supervisor's request/response pipes to its caller
                 // (the worker): nothing in the jail reads or writes them, so they go.
                 match std::fs::OpenOptions::new().read(true).write(true).open("/dev/null") {
@@ -164,30 +157,19 @@ fn setup(ctx: &ChildCtx) -> Result<Option<Pid>, JailError> {
         close_raw(tree.as_raw_fd());
     }
     uts::set_names(&p.hostname)?;
-    // The supervisor made the cgroup, compiled the seccomp program and, unless the clone made
-    // one, had the network namespace made meanwhile.
+    // The supervisor made the cgroup and compiled the seccomp program meanwhile.
     let setup = match super::sync::recv_setup(&ctx.pipes.go_read) {
         Ok(s) => s,
         // SAFETY: see child_main (the supervisor is gone).
         Err(None) => unsafe { libc::_exit(EXIT_SETUP_FAILED) },
         Err(Some(msg)) => return Err(JailError::new(Step::Supervise, msg)),
     };
-    match (&setup.netns, netif::namespace_with_clone(p)) {
-        (Some(ns), false) => netif::enter(ns)?,
-        (None, true) => {}
-        // Never run in the host's network namespace.
-        _ => return Err(JailError::new(Step::Namespaces, "no network namespace for the jail")),
-    }
-    // A namespace made by the helper has loopback up already; one that came with the clone (see
-    // `netif::namespace_with_clone`) is set up here.
-    let made_by_helper = setup.netns.is_some();
-    drop(setup.netns);
     match (p.network.mode, ctx.veth) {
         (NetMode::Veth, Some((jail, gateway))) => {
             netif::loopback_up()?;
             netif::veth_up(jail, gateway)?;
         }
-        (NetMode::Loopback, _) if !made_by_helper => netif::loopback_up()?,
+        (NetMode::Loopback, _) => netif::loopback_up()?,
         _ => {}
     }
     rlimits::apply(&p.limits)?;
@@ -202,20 +184,6 @@ fn setup(ctx: &ChildCtx) -> Result<Option<Pid>, JailError> {
     caps::drop_to(p.user.uid, p.user.gid, &p.capabilities.keep, root_mode)?;
     landlock::apply(p)?;
     caps::set_non_dumpable()?;
-    // The caller's CPU set comes back before anything of the policy's runs. A command takes it
-    // in its own first step (`spawn`), so this process stays where the supervisor put it (see
-    // `affinity`); a session's init, or a command whose filter would refuse the call, takes it
-    // here.
-    let session = matches!(ctx.payload, super::Payload::Session { .. });
-    let command_cpus = match ctx.cpus {
-        Some(cpus) if !session && setup.affinity_allowed => Some(cpus),
-        Some(cpus) => {
-            super::affinity::restore(cpus)
-                .map_err(|e| JailError::new(Step::Supervise, format!("restore the CPU affinity: {e}")))?;
-            None
-        }
-        None => None,
-    };
     arm_parent_death_signal(&ctx.pipes.go_read)?;
     // Before the allowlist (which may not admit seccomp(2) itself), and handed over before
     // anything here could exec.
@@ -232,7 +200,7 @@ fn setup(ctx: &ChildCtx) -> Result<Option<Pid>, JailError> {
 
     let prog = resolve_program(ctx)?;
     let cwd = CString::new(mounts::WORKSPACE).expect("no NUL in a constant");
-    let child = super::spawn::spawn(&prog, ctx.argv, ctx.env, &cwd, command_cpus)?;
+    let child = super::spawn::spawn(&prog, ctx.argv, ctx.env, &cwd)?;
     // The command has exec'd: the supervisor sees EOF once our copies are closed.
     close_raw(ctx.pipes.report_write.as_raw_fd());
     close_raw(ctx.pipes.go_read.as_raw_fd());

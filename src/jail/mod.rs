@@ -20,7 +20,6 @@
 //! | 8 seccomp | `seccomp` |
 //! | 9 exec, PID 1 | `init` |
 
-pub mod affinity;
 pub mod bpf;
 pub mod caps;
 pub mod cgroups;
@@ -38,7 +37,6 @@ pub mod landlock;
 pub mod mounts;
 pub mod namespaces;
 pub mod netif;
-pub mod rawsys;
 pub mod rlimits;
 pub mod seccomp;
 mod spawn;
@@ -160,13 +158,16 @@ pub enum Payload {
 /// PID 1's work in a session jail: (channel, environment, policy) to an exit code.
 pub type ServeFn = fn(&std::os::fd::OwnedFd, &[(String, String)], &Policy) -> i32;
 
-/// A built, running jail.
+/// A jail: built, running, or — while `start` builds it — half built. Dropping it at any stage
+/// undoes exactly what was done: kills and reaps the init, stops the exec watch, removes the
+/// session's network and cgroup, restores the signal mask, gives back the id range.
 pub struct Jail {
-    init: Pid,
+    init: Option<Pid>,
     cgroup: Option<JailCgroup>,
     /// Kept open for the jail's life: the jail reads its hang-up as "the supervisor died".
-    go_write: std::os::fd::OwnedFd,
-    old_mask: SigSet,
+    go_write: Option<std::os::fd::OwnedFd>,
+    /// The signal mask before the jail blocked SIGCHLD and the termination signals.
+    old_mask: Option<SigSet>,
     deadline: Option<Instant>,
     pub report: Report,
     t0: Instant,
@@ -185,299 +186,293 @@ pub fn run(spec: &JailSpec) -> Result<Outcome, JailError> {
     jail.wait()
 }
 
+/// What preflight settles before anything exists: the environment and command line, the
+/// identities, the attached workspace trees, the network plan.
+struct Prepared {
+    env: Vec<(String, String)>,
+    env_c: Vec<CString>,
+    argv_c: Vec<CString>,
+    own_blocks: environ::OwnBlocks,
+    ids: IdMapping,
+    id_slot: Option<idpool::Slot>,
+    /// The jail user's host uid, when the user namespace is created under it (as root).
+    owner: Option<u32>,
+    workspace_tree: Option<std::os::fd::OwnedFd>,
+    outputs_tree: Option<std::os::fd::OwnedFd>,
+    net_plan: Option<crate::net::Plan>,
+}
+
+/// Stage 1: everything that can be refused before a process or a cgroup exists.
+fn preflight(spec: &JailSpec, payload: &Payload, report: &mut Report) -> Result<Prepared, JailError> {
+    let p = &spec.policy;
+    let abi = landlock::effective_abi();
+    let missing = landlock::missing_features(abi, p);
+    if p.landlock.compatibility == crate::policy::Compatibility::Hard && !missing.is_empty() {
+        return Err(JailError::new(
+            Step::Landlock,
+            format!("kernel ABI {abi} < required {}: missing {}", landlock::requirements(p), missing.join(", ")),
+        ));
+    }
+    report.landlock_abi = abi;
+    if p.landlock.compatibility == crate::policy::Compatibility::BestEffort {
+        // Said at every start, not only with --report: a jail weaker than its policy reads must
+        // never be a surprise in the log.
+        if !missing.is_empty() {
+            tracing::warn!(
+                kernel_abi = abi,
+                dropped = %missing.join(", "),
+                "landlock.compatibility = \"best_effort\": this kernel cannot enforce all of the policy's landlock \
+                 rules; the jail runs without them"
+            );
+        }
+        report.landlock_dropped = missing;
+    }
+    let host_env: Vec<(String, String)> = std::env::vars().collect();
+    let env = environ::build(p, &host_env, &spec.env)?;
+    let env_c: Vec<CString> = env
+        .iter()
+        .map(|(k, v)| CString::new(format!("{k}={v}")))
+        .collect::<Result<_, _>>()
+        .map_err(|_| JailError::new(Step::Preflight, "environment contains a NUL byte"))?;
+    if matches!(payload, Payload::Command) && spec.argv.is_empty() {
+        return Err(JailError::new(Step::Exec, "no command given"));
+    }
+    let argv_c: Vec<CString> = spec
+        .argv
+        .iter()
+        .map(|a| CString::new(a.as_bytes()))
+        .collect::<Result<_, _>>()
+        .map_err(|_| JailError::new(Step::Exec, "command line contains a NUL byte"))?;
+    for (what, dir) in [("workspace", &spec.workspace), ("outputs", &spec.outputs)] {
+        if let Some(d) = dir {
+            if !d.is_dir() {
+                return Err(JailError::new(Step::Workspace, format!("{what} {} is not a directory", d.display())));
+            }
+        }
+    }
+    disk::check(p, spec.workspace.as_deref(), spec.outputs.as_deref())?;
+    // As root, a host id range of the jail's own (see `idpool`); rootless, the invoking user.
+    let id_slot = if nix::unistd::geteuid().is_root() { Some(idpool::take(p.user.host_id_base)?) } else { None };
+    let ids = match &id_slot {
+        Some(s) => IdMapping::Range { host_base: s.host_base(p.user.host_id_base) },
+        None => IdMapping::for_host(&p.user),
+    };
+    let (host_uid, host_gid) = ids.host_ids(&p.user);
+    // As root, a workspace owned by someone else is shown to the jail user through an id-mapped
+    // mount; rootless, the jail user is the invoking user and owns what it reaches.
+    let (mut workspace_tree, mut outputs_tree) = (None, None);
+    if matches!(ids, IdMapping::Range { .. }) {
+        if let Some(w) = &spec.workspace {
+            workspace_tree = idmap::prepare(w, "workspace", host_uid, host_gid)?;
+        }
+        if let Some(o) = &spec.outputs {
+            outputs_tree = idmap::prepare(o, "outputs", host_uid, host_gid)?;
+        }
+    }
+    report.id_mapping =
+        format!("jail uid {} -> host uid {host_uid}, gid {} -> host gid {host_gid}", p.user.uid, p.user.gid);
+    // veth mode: a /30 for the jail, chosen before the clone so the jail knows its addresses.
+    let net_plan = match p.network.mode {
+        crate::policy::NetMode::Veth => {
+            Some(crate::net::Plan::reserve(&p.network.pool).map_err(|e| JailError::new(Step::Network, e))?)
+        }
+        _ => None,
+    };
+    Ok(Prepared {
+        env,
+        env_c,
+        argv_c,
+        own_blocks: environ::OwnBlocks::read(),
+        owner: id_slot.is_some().then_some(host_uid),
+        ids,
+        id_slot,
+        workspace_tree,
+        outputs_tree,
+        net_plan,
+    })
+}
+
 impl Jail {
     /// Builds the jail and returns once its payload is running (the command exec'd, or the
-    /// session server ready).
+    /// session server ready). The stages run in order; the half-built `Jail` is the one guard
+    /// that undoes them when one fails.
     pub fn start(spec: &JailSpec, payload: Payload) -> Result<Jail, JailError> {
-        let p = &spec.policy;
         let t0 = Instant::now();
         let mut report = Report::default();
-
-        // ---- preflight: refuse before creating anything ----
-        let abi = landlock::effective_abi();
-        let missing = landlock::missing_features(abi, p);
-        if p.landlock.compatibility == crate::policy::Compatibility::Hard && !missing.is_empty() {
-            return Err(JailError::new(
-                Step::Landlock,
-                format!("kernel ABI {abi} < required {}: missing {}", landlock::requirements(p), missing.join(", ")),
-            ));
-        }
-        report.landlock_abi = abi;
-        if p.landlock.compatibility == crate::policy::Compatibility::BestEffort {
-            // Said at every start, not only with --report: a jail weaker than its policy reads
-            // must never be a surprise in the log.
-            if !missing.is_empty() {
-                tracing::warn!(
-                    kernel_abi = abi,
-                    dropped = %missing.join(", "),
-                    "landlock.compatibility = \"best_effort\": this kernel cannot enforce all of the policy's landlock \
-                     rules; the jail runs without them"
-                );
-            }
-            report.landlock_dropped = missing;
-        }
-        let host_env: Vec<(String, String)> = std::env::vars().collect();
-        let env = environ::build(p, &host_env, &spec.env)?;
-        let env_c: Vec<CString> = env
-            .iter()
-            .map(|(k, v)| CString::new(format!("{k}={v}")))
-            .collect::<Result<_, _>>()
-            .map_err(|_| JailError::new(Step::Preflight, "environment contains a NUL byte"))?;
-        if matches!(payload, Payload::Command) && spec.argv.is_empty() {
-            return Err(JailError::new(Step::Exec, "no command given"));
-        }
-        let argv_c: Vec<CString> = spec
-            .argv
-            .iter()
-            .map(|a| CString::new(a.as_bytes()))
-            .collect::<Result<_, _>>()
-            .map_err(|_| JailError::new(Step::Exec, "command line contains a NUL byte"))?;
-        for (what, dir) in [("workspace", &spec.workspace), ("outputs", &spec.outputs)] {
-            if let Some(d) = dir {
-                if !d.is_dir() {
-                    return Err(JailError::new(Step::Workspace, format!("{what} {} is not a directory", d.display())));
-                }
-            }
-        }
-        disk::check(p, spec.workspace.as_deref(), spec.outputs.as_deref())?;
-        // As root, a host id range of the jail's own (see `idpool`); rootless, the invoking user.
-        let id_slot = if nix::unistd::geteuid().is_root() { Some(idpool::take(p.user.host_id_base)?) } else { None };
-        let ids = match &id_slot {
-            Some(s) => IdMapping::Range { host_base: s.host_base(p.user.host_id_base) },
-            None => IdMapping::for_host(&p.user),
-        };
-        let (host_uid, host_gid) = ids.host_ids(&p.user);
-        // As root, a workspace owned by someone else is shown to the jail user through an
-        // id-mapped mount; rootless, the jail user is the invoking user and owns what it reaches.
-        let (mut workspace_tree, mut outputs_tree) = (None, None);
-        if matches!(ids, IdMapping::Range { .. }) {
-            if let Some(w) = &spec.workspace {
-                workspace_tree = idmap::prepare(w, "workspace", host_uid, host_gid)?;
-            }
-            if let Some(o) = &spec.outputs {
-                outputs_tree = idmap::prepare(o, "outputs", host_uid, host_gid)?;
-            }
-        }
-        report.id_mapping =
-            format!("jail uid {} -> host uid {host_uid}, gid {} -> host gid {host_gid}", p.user.uid, p.user.gid);
-
-        // veth mode: a /30 for the jail, chosen before the clone so the jail knows its addresses.
-        let mut net_plan = match p.network.mode {
-            crate::policy::NetMode::Veth => {
-                Some(crate::net::Plan::reserve(&p.network.pool).map_err(|e| JailError::new(Step::Network, e))?)
-            }
-            _ => None,
-        };
-        let veth = net_plan.as_ref().map(|n| (n.jail_ip, n.host_ip));
-
-        // ---- cgroup ----
+        let mut prep = preflight(spec, &payload, &mut report)?;
         let t_pre = t0.elapsed();
-        let name = format!("stockade-{}-{}", std::process::id(), JAIL_SEQ.fetch_add(1, Ordering::Relaxed));
-        let limits = &p.limits;
-        let mut layout = (!cgroups::wanted(limits).is_empty()).then(cgroups::Layout::detect_v2);
-        // A v2 cgroup must exist before the clone (the jail is cloned into it); v1 cgroups are
-        // made (and their hierarchies looked up) while the jail builds its filesystem, off the
-        // start-up's critical path.
-        let early = layout.as_ref().is_some_and(|l| l.uses_v2(limits));
-        let mut cgroup = None;
-        if let (true, Some(l)) = (early, &mut layout) {
-            l.add_v1();
-            let (cg, cg_report) = JailCgroup::create(l, &name, limits)?;
-            cgroup = cg;
-            report.cgroup = cg_report;
-        }
+        let mut jail = Jail {
+            init: None,
+            cgroup: None,
+            go_write: None,
+            old_mask: None,
+            deadline: None,
+            report,
+            t0,
+            finished: false,
+            net: None,
+            _ids: prep.id_slot.take(),
+            exec_watch: None,
+        };
+        let mut cg = CgroupStage::new(&spec.policy);
+        let entry = jail.early_cgroup(&mut cg, &prep)?;
         let t_cg = t0.elapsed();
-
+        jail.block_signals()?;
         let pipes = sync::SyncPipes::new().map_err(|e| JailError::new(Step::Preflight, format!("pipe: {e}")))?;
+        let (go_write, report_read) = jail.clone_child(spec, &prep, payload, pipes, entry.as_ref())?;
+        let go_write = jail.go_write.insert(go_write);
+        let child = jail.init.expect("cloned");
+        // From here on a failure may be the jail's own: its report says why, better than ours.
+        // (Killed here, reaped once by the guard.)
+        let jail_gone = |e: JailError| {
+            let _ = kill(child, Signal::SIGKILL);
+            sync::read_report(&report_read).unwrap_or(e)
+        };
+        prep.ids.write(child).map_err(&jail_gone)?;
+        if let Some(plan) = prep.net_plan.take() {
+            jail.net = Some(session_net(spec, plan, child).map_err(&jail_gone)?);
+        }
+        sync::send(go_write, sync::GO)
+            .map_err(|e| jail_gone(JailError::new(Step::Supervise, format!("release the jail: {e}"))))?;
+        let late_entry = jail.late_cgroup(&mut cg).map_err(&jail_gone)?;
+        // Compiled now rather than in preflight: the jail needs it only after its filesystem is
+        // built, and the supervisor is otherwise idle meanwhile.
+        let filters = seccomp::compile(&spec.policy.seccomp).map_err(&jail_gone)?;
+        jail.report.seccomp_allowed = filters.allowed.len();
+        let go_write = jail.go_write.as_ref().expect("set above");
+        sync::send_setup(go_write, late_entry.as_ref().or(entry.as_ref()), &filters.program)
+            .map_err(|e| jail_gone(JailError::new(Step::Supervise, format!("hand the jail its setup: {e}"))))?;
+        drop((late_entry, entry));
+        // The jail sends the exec filter's listener before anything in it can exec.
+        if let Some(w) = spec.watcher.as_ref().filter(|w| w.exec) {
+            let listener = sync::recv_listener(go_write).ok_or_else(|| {
+                jail_gone(JailError::new(Step::Seccomp, "the jail ended before handing over its exec listener"))
+            })?;
+            jail.exec_watch = Some(
+                execwatch::Watch::start(listener, w.observer.clone(), w.limits)
+                    .map_err(|e| JailError::new(Step::Supervise, format!("exec watch thread: {e}")))?,
+            );
+        }
+        let t_released = t0.elapsed();
+        // The jail no longer waits for anything of ours: sweep the cgroups killed Stockades left
+        // behind while it finishes its start.
+        if let (Some(l), true) = (&cg.layout, spec.sweep_stale) {
+            cgroups::remove_stale_near(l);
+        }
+        if let Some(err) = sync::read_report(&report_read) {
+            let _ = waitpid(child, None);
+            jail.finished = true;
+            return Err(err);
+        }
+        tracing::debug!(
+            preflight_us = t_pre.as_micros() as u64,
+            cgroup_us = (t_cg - t_pre).as_micros() as u64,
+            clone_to_release_us = (t_released - t_cg).as_micros() as u64,
+            jail_setup_us = (t0.elapsed() - t_released).as_micros() as u64,
+            "jail started"
+        );
+        jail.deadline = spec.timeout.or(spec.policy.limits.timeout.map(|d| d.0)).map(|t| Instant::now() + t);
+        Ok(jail)
+    }
+
+    /// Stage 2: a v2 cgroup exists before the clone (the jail is cloned into it, or enters it
+    /// from inside when its user namespace belongs to the jail user: the kernel checks the
+    /// caller's uid for a clone, the opener's for a descriptor).
+    fn early_cgroup(&mut self, cg: &mut CgroupStage, prep: &Prepared) -> Result<Option<cgroups::Entry>, JailError> {
+        if !cg.early {
+            return Ok(None);
+        }
+        let Some(l) = cg.layout.as_mut() else { return Ok(None) };
+        l.add_v1();
+        let (made, r) = JailCgroup::create(l, &cg.name, &cg.limits)?;
+        self.cgroup = made;
+        self.report.cgroup = r;
+        let mut entry = self.cgroup.as_ref().map(JailCgroup::entry).transpose()?;
+        if let (Some(e), Some(_)) = (entry.as_mut(), prep.owner) {
+            e.enter_v2_from_inside()?;
+        }
+        Ok(entry)
+    }
+
+    /// v1 cgroups are made (and their hierarchies looked up) while the jail builds its
+    /// filesystem, off the start-up's critical path.
+    fn late_cgroup(&mut self, cg: &mut CgroupStage) -> Result<Option<cgroups::Entry>, JailError> {
+        if cg.early {
+            return Ok(None);
+        }
+        let Some(l) = cg.layout.as_mut() else { return Ok(None) };
+        l.add_v1();
+        let (made, r) = JailCgroup::create(l, &cg.name, &cg.limits)?;
+        self.cgroup = made;
+        self.report.cgroup = r;
+        self.cgroup.as_ref().map(JailCgroup::entry).transpose()
+    }
+
+    /// SIGCHLD and the termination signals are taken by `sigtimedwait` in `wait`.
+    fn block_signals(&mut self) -> Result<(), JailError> {
         let mut blocked = SigSet::empty();
-        blocked.add(Signal::SIGCHLD);
-        for s in [Signal::SIGINT, Signal::SIGTERM, Signal::SIGHUP, Signal::SIGQUIT] {
+        for s in [Signal::SIGCHLD, Signal::SIGINT, Signal::SIGTERM, Signal::SIGHUP, Signal::SIGQUIT] {
             blocked.add(s);
         }
-        let mut old_mask = SigSet::empty();
-        nix::sys::signal::sigprocmask(SigmaskHow::SIG_BLOCK, Some(&blocked), Some(&mut old_mask))
+        let mut old = SigSet::empty();
+        nix::sys::signal::sigprocmask(SigmaskHow::SIG_BLOCK, Some(&blocked), Some(&mut old))
             .map_err(|e| JailError::new(Step::Supervise, format!("sigprocmask: {e}")))?;
-        let restore = |e: JailError, cgroup: &mut Option<JailCgroup>| {
-            let _ = nix::sys::signal::sigprocmask(SigmaskHow::SIG_SETMASK, Some(&old_mask), None);
-            if let Some(cg) = cgroup.as_mut() {
-                cg.remove();
-            }
-            e
-        };
+        self.old_mask = Some(old);
+        Ok(())
+    }
 
+    /// Stage 3: the clone. The child runs `init::child_main` and never comes back here; the
+    /// supervisor keeps its ends of the sync pipes.
+    fn clone_child(
+        &mut self,
+        spec: &JailSpec,
+        prep: &Prepared,
+        payload: Payload,
+        pipes: sync::SyncPipes,
+        entry: Option<&cgroups::Entry>,
+    ) -> Result<(std::os::fd::OwnedFd, std::os::fd::OwnedFd), JailError> {
+        let veth = prep.net_plan.as_ref().map(|n| (n.jail_ip, n.host_ip));
         let plan = mounts::MountPlan {
-            policy: p,
+            policy: &spec.policy,
             workspace: spec.workspace.as_deref(),
             outputs: spec.outputs.as_deref(),
-            workspace_tree: workspace_tree.as_ref(),
-            outputs_tree: outputs_tree.as_ref(),
+            workspace_tree: prep.workspace_tree.as_ref(),
+            outputs_tree: prep.outputs_tree.as_ref(),
             resolver: veth.map(|(_, host)| host),
         };
-        let mut entry = match cgroup.as_ref().map(JailCgroup::entry).transpose() {
-            Ok(entry) => entry,
-            Err(e) => return Err(restore(e, &mut cgroup)),
-        };
-        // The user namespace is created under the jail user's host uid, which may not clone into
-        // a cgroup it cannot write: the jail enters its v2 cgroup itself, through a descriptor
-        // opened here (the kernel checks the opener's credentials).
-        let owner = id_slot.is_some().then_some(host_uid);
-        if owner.is_some() {
-            if let Some(e) = entry.as_mut() {
-                if let Err(err) = e.enter_v2_from_inside() {
-                    return Err(restore(err, &mut cgroup));
-                }
-            }
-        }
-        // Otherwise the jail makes its network namespace itself, beside its other work.
-        let with_net = netif::namespace_with_clone(p);
-        let cpus = affinity::current();
-        let child = match namespaces::fork_into_namespaces(entry.as_ref().and_then(|e| e.clone_into()), with_net, owner)
-        {
-            Err(e) => return Err(restore(e, &mut cgroup)),
-            Ok(None) => init::child_main(init::ChildCtx {
-                policy: p,
-                ids: &ids,
+        match namespaces::fork_into_namespaces(entry.and_then(|e| e.clone_into()), prep.owner)? {
+            None => init::child_main(init::ChildCtx {
+                policy: &spec.policy,
+                ids: &prep.ids,
                 plan,
-                env: &env_c,
-                env_pairs: &env,
-                argv: &argv_c,
+                env: &prep.env_c,
+                env_pairs: &prep.env,
+                argv: &prep.argv_c,
                 pipes: &pipes,
                 payload: &payload,
                 veth,
                 watch_exec: spec.watcher.as_ref().is_some_and(|w| w.exec),
-                cgroup: entry.as_ref(),
-                cpus: cpus.as_ref(),
+                own_blocks: &prep.own_blocks,
             }),
-            Ok(Some(pid)) => pid,
-        };
-        if let Some(cpus) = &cpus {
-            affinity::move_off_this_cpu(child, cpus);
+            Some(pid) => self.init = Some(pid),
         }
-        drop(payload); // the session end now lives in the jail only
-        drop(workspace_tree);
-        drop(outputs_tree);
+        // The session's end of the channel and the jail's pipe ends now live in the jail only.
+        drop(payload);
         let sync::SyncPipes { go_read, go_write, report_read, report_write } = pipes;
-        drop(go_read);
-        drop(report_write);
-        let mut session_net = None;
-        let mut exec_watch = None;
-        let started = (|| {
-            let kill_child = |e: JailError| {
-                let _ = kill(child, Signal::SIGKILL);
-                let _ = waitpid(child, None);
-                e
-            };
-            ids.write(child).map_err(kill_child)?;
-            if let Some(plan) = net_plan.take() {
-                let egress = spec.watcher.as_ref().map(|w| {
-                    let o = w.observer.clone();
-                    let f: crate::net::EgressHook =
-                        std::sync::Arc::new(move |allowed, proto, dst, dport| o.egress(allowed, proto, dst, dport));
-                    f
-                });
-                let n = crate::net::SessionNet::create(plan, child.as_raw(), &p.network, egress)
-                    .map_err(|e| kill_child(JailError::new(Step::Network, e)))?;
-                session_net = Some(n);
-            }
-            let release = |what: u8| {
-                sync::send(&go_write, what).map_err(|e| JailError::new(Step::Supervise, format!("signal jail: {e}")))
-            };
-            // The jail ended before it was released; its own report says why.
-            let jail_gone = |e: JailError| {
-                let _ = waitpid(child, None);
-                sync::read_report(&report_read).unwrap_or(e)
-            };
-            release(sync::GO).map_err(jail_gone)?;
-            let netns_helper = match with_net {
-                true => None,
-                false => Some(
-                    netif::NetnsHelper::start(child, p.network.mode == crate::policy::NetMode::Loopback)
-                        .map_err(kill_child)?,
-                ),
-            };
-            let mut late_entry = None;
-            if let (false, Some(l)) = (early, &mut layout) {
-                l.add_v1();
-                let (cg, cg_report) = JailCgroup::create(l, &name, limits).map_err(kill_child)?;
-                cgroup = cg;
-                report.cgroup = cg_report;
-                late_entry = cgroup.as_ref().map(JailCgroup::entry).transpose().map_err(kill_child)?;
-            }
-            // Compiled here rather than in preflight: the jail needs it only after its filesystem
-            // is built, and the supervisor is otherwise idle meanwhile.
-            let filters = seccomp::compile(&p.seccomp).map_err(kill_child)?;
-            report.seccomp_allowed = filters.allowed.len();
-            let affinity_allowed = filters.allowed.unconditional("sched_setaffinity");
-            let netns = netns_helper.map(netif::NetnsHelper::finish).transpose().map_err(kill_child)?;
-            let cg_entry = late_entry.as_ref().or(entry.as_ref());
-            sync::send_setup(&go_write, cg_entry, &filters.program, affinity_allowed, netns.as_ref())
-                .map_err(|e| JailError::new(Step::Supervise, format!("hand the jail its setup: {e}")))
-                .map_err(jail_gone)?;
-            drop(late_entry);
-            drop(entry);
-            // The jail sends the exec filter's listener before anything in it can exec.
-            if let Some(w) = spec.watcher.as_ref().filter(|w| w.exec) {
-                let listener = match sync::recv_listener(&go_write) {
-                    Some(l) => l,
-                    None => {
-                        let _ = waitpid(child, None);
-                        return Err(sync::read_report(&report_read).unwrap_or_else(|| {
-                            JailError::new(Step::Seccomp, "the jail ended before handing over its exec listener")
-                        }));
-                    }
-                };
-                exec_watch = Some(
-                    execwatch::Watch::start(listener, w.observer.clone(), w.limits)
-                        .map_err(|e| kill_child(JailError::new(Step::Supervise, format!("exec watch thread: {e}"))))?,
-                );
-            }
-            let t_released = t0.elapsed();
-            // The jail no longer waits for anything of ours: sweep the cgroups killed Stockades
-            // left behind while it finishes its start.
-            if let (Some(l), true) = (&layout, spec.sweep_stale) {
-                cgroups::remove_stale_near(l);
-            }
-            if let Some(err) = sync::read_report(&report_read) {
-                let _ = waitpid(child, None);
-                return Err(err);
-            }
-            tracing::debug!(
-                preflight_us = t_pre.as_micros() as u64,
-                cgroup_us = (t_cg - t_pre).as_micros() as u64,
-                clone_to_release_us = (t_released - t_cg).as_micros() as u64,
-                jail_setup_us = (t0.elapsed() - t_released).as_micros() as u64,
-                "jail started"
-            );
-            Ok(())
-        })();
-        if let Err(e) = started {
-            return Err(restore(e, &mut cgroup));
-        }
-        let deadline = spec.timeout.or(p.limits.timeout.map(|d| d.0)).map(|t| Instant::now() + t);
-        Ok(Jail {
-            init: child,
-            cgroup,
-            go_write,
-            old_mask,
-            deadline,
-            report,
-            t0,
-            finished: false,
-            net: session_net,
-            _ids: id_slot,
-            exec_watch,
-        })
+        drop((go_read, report_write));
+        Ok((go_write, report_read))
     }
 
     /// The jail's init, as seen from the host.
     pub fn pid(&self) -> i32 {
-        self.init.as_raw()
+        self.init.map_or(0, Pid::as_raw)
     }
 
     /// Waits for the jail to end (enforcing its deadline and forwarding termination signals),
     /// then tears it down.
     pub fn wait(mut self) -> Result<Outcome, JailError> {
-        let status = supervise(self.init, self.deadline);
+        let init = self.init.expect("a started jail has its init");
+        let status = supervise(init, self.deadline);
         self.finished = true;
         if let Some(n) = &self.net {
             let plan = &n.plan;
@@ -492,11 +487,11 @@ impl Jail {
 
     /// Kills everything in the jail at once.
     pub fn kill(&mut self) {
-        if !self.finished {
-            let _ = kill(self.init, Signal::SIGKILL);
-            let _ = waitpid(self.init, None);
-            self.finished = true;
+        if let (false, Some(init)) = (self.finished, self.init) {
+            let _ = kill(init, Signal::SIGKILL);
+            let _ = waitpid(init, None);
         }
+        self.finished = true;
     }
 }
 
@@ -513,9 +508,43 @@ impl Drop for Jail {
         if let Some(cg) = self.cgroup.as_mut() {
             cg.remove();
         }
-        let _ = &self.go_write;
-        let _ = nix::sys::signal::sigprocmask(SigmaskHow::SIG_SETMASK, Some(&self.old_mask), None);
+        drop(self.go_write.take());
+        if let Some(old) = self.old_mask.take() {
+            let _ = nix::sys::signal::sigprocmask(SigmaskHow::SIG_SETMASK, Some(&old), None);
+        }
         tracing::debug!(cleanup_us = t.elapsed().as_micros() as u64, "jail torn down");
+    }
+}
+
+/// Stage 4 (veth mode): the host side of the session's network, once the jail's network
+/// namespace exists; its connection log goes to the watcher too.
+fn session_net(spec: &JailSpec, plan: crate::net::Plan, child: Pid) -> Result<crate::net::SessionNet, JailError> {
+    let egress = spec.watcher.as_ref().map(|w| {
+        let o = w.observer.clone();
+        let f: crate::net::EgressHook =
+            std::sync::Arc::new(move |allowed, proto, dst, dport| o.egress(allowed, proto, dst, dport));
+        f
+    });
+    crate::net::SessionNet::create(plan, child.as_raw(), &spec.policy.network, egress)
+        .map_err(|e| JailError::new(Step::Network, e))
+}
+
+/// The cgroup stage's plan: the jail's cgroup name, its limits and where they go.
+struct CgroupStage {
+    name: String,
+    limits: crate::policy::Limits,
+    layout: Option<cgroups::Layout>,
+    /// A v2 cgroup is made before the clone (the jail is cloned into it), v1 ones after.
+    early: bool,
+}
+
+impl CgroupStage {
+    fn new(p: &Policy) -> CgroupStage {
+        let name = format!("stockade-{}-{}", std::process::id(), JAIL_SEQ.fetch_add(1, Ordering::Relaxed));
+        let limits = p.limits.clone();
+        let layout = (!cgroups::wanted(&limits).is_empty()).then(cgroups::Layout::detect_v2);
+        let early = layout.as_ref().is_some_and(|l| l.uses_v2(&limits));
+        CgroupStage { name, limits, layout, early }
     }
 }
 

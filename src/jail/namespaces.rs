@@ -1,8 +1,7 @@
 //! Step 1: a child in new user, mount, pid, ipc, uts and net namespaces, and its uid/gid maps.
 //!
 //! The cgroup namespace is entered later, by the child itself, once the supervisor has moved it
-//! into the jail's cgroup, so that the jail's cgroup becomes the root of its view. Outside veth
-//! mode the network namespace is made later, beside the jail's other work (see `netif::NetnsHelper`).
+//! into the jail's cgroup, so that the jail's cgroup becomes the root of its view.
 
 use nix::sched::CloneFlags;
 use nix::unistd::{Pid, Uid};
@@ -20,7 +19,7 @@ pub const JAIL_NAMESPACES: CloneFlags = CloneFlags::CLONE_NEWUSER
     .union(CloneFlags::CLONE_NEWUTS)
     .union(CloneFlags::CLONE_NEWNET);
 
-/// Forks into new namespaces (`JAIL_NAMESPACES`, without the network namespace unless `with_net`).
+/// Forks into new namespaces (`JAIL_NAMESPACES`).
 /// Returns `None` in the child, `Some(pid)` in the parent.
 ///
 /// Must be called from a single-threaded process: the child continues with a copy of the
@@ -29,15 +28,10 @@ pub const JAIL_NAMESPACES: CloneFlags = CloneFlags::CLONE_NEWUSER
 ///
 /// With `cgroup` (a cgroup v2 directory) the child is created inside that cgroup
 /// (`clone3` with `CLONE_INTO_CGROUP`), so it never has to be migrated there.
-pub fn fork_into_namespaces(
-    cgroup: Option<BorrowedFd>,
-    with_net: bool,
-    owner: Option<u32>,
-) -> Result<Option<Pid>, JailError> {
+pub fn fork_into_namespaces(cgroup: Option<BorrowedFd>, owner: Option<u32>) -> Result<Option<Pid>, JailError> {
     ensure_single_threaded()?;
-    let namespaces = if with_net { JAIL_NAMESPACES } else { JAIL_NAMESPACES.difference(CloneFlags::CLONE_NEWNET) };
-    let names =
-        if with_net { "NEWUSER|NEWNS|NEWPID|NEWIPC|NEWUTS|NEWNET" } else { "NEWUSER|NEWNS|NEWPID|NEWIPC|NEWUTS" };
+    let namespaces = JAIL_NAMESPACES;
+    let names = "NEWUSER|NEWNS|NEWPID|NEWIPC|NEWUTS|NEWNET";
     // The new user namespace's owner is the creator's effective uid: the kernel charges the
     // jail's per-user counts up to that uid (see `idpool`), so not to root. Only the effective
     // uid changes, and only around the clone; the real and saved uids stay 0 to come back.
@@ -254,7 +248,7 @@ mod tests {
         // malloc usable in the child of a multi-threaded process.
         let pid = unsafe { libc::fork() };
         if pid == 0 {
-            let code = match fork_into_namespaces(Some(cg.as_fd()), true, None) {
+            let code = match fork_into_namespaces(Some(cg.as_fd()), None) {
                 Ok(None) => {
                     let mine = std::fs::read_to_string("/proc/self/cgroup").unwrap_or_default();
                     let inside = mine.lines().any(|l| l.starts_with("0::") && l.ends_with(&format!("/{name}")));

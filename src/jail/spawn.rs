@@ -1,157 +1,105 @@
-//! Step 9b: the command's process, started the way posix_spawn starts one.
+//! Step 9b: the command's process: a fork of the jail's init that execs the command.
 //!
-//! The jail's init is a copy of the supervisor, a large static binary: a fork copies its page
-//! tables, write-protects its memory for both copies, and the exec then throws the child's copy
-//! away. A clone with CLONE_VM | CLONE_VFORK instead runs the child on the init's own memory, on
-//! a stack of its own, while the init waits; the exec gives the child a new address space. The
-//! child therefore does nothing but system calls on data prepared before the clone: it must not
-//! allocate, take locks or touch anything the init still uses. It reports a failed step through
-//! `Prepared`'s atomics, which the init reads once the clone has returned.
+//! The child does nothing between the fork and the exec but system calls on data prepared
+//! before the fork (no allocation, no locks). A step that fails is reported through a
+//! close-on-exec pipe: end-of-file on it means the exec happened.
 
 use std::ffi::CString;
-use std::os::raw::{c_char, c_int, c_void};
-use std::sync::atomic::{AtomicI32, AtomicU8, Ordering};
+use std::os::fd::AsFd;
+use std::os::raw::c_char;
 
 use nix::sys::signal::{SigSet, SigmaskHow};
 use nix::unistd::Pid;
 
 use super::error::{JailError, Step};
 
-/// Everything the child needs, as raw pointers into buffers that outlive the clone.
-struct Prepared<'a> {
-    prog: &'a CString,
-    argv: Vec<*const c_char>,
-    envp: Vec<*const c_char>,
-    cwd: &'a CString,
-    /// The CPU set the command gets; the init keeps its own.
-    cpus: Option<&'a nix::sched::CpuSet>,
-    /// Which step failed (see `STEPS`), 0 for none; written by the child only.
-    failed: AtomicU8,
-    errno: AtomicI32,
-}
+const STEPS: [&str; 5] = ["", "setsid", "chdir", "close_range", "execve"];
 
-const STEPS: [&str; 6] = ["", "setsid", "chdir", "close_range", "sched_setaffinity", "execve"];
-
-/// Starts `prog` with `argv` and `env` in a new session, in `cwd`, on `cpus` when given, with an
-/// empty signal mask, SIGPIPE at its default and every descriptor above stderr closed at exec.
-/// Returns the command's pid once it has exec'd.
-pub fn spawn(
-    prog: &CString,
-    argv: &[CString],
-    env: &[CString],
-    cwd: &CString,
-    cpus: Option<&nix::sched::CpuSet>,
-) -> Result<Pid, JailError> {
-    let nul = |v: &[CString]| v.iter().map(|s| s.as_ptr()).chain(std::iter::once(std::ptr::null())).collect();
-    let prepared = Prepared {
-        prog,
-        argv: nul(argv),
-        envp: nul(env),
-        cwd,
-        cpus,
-        failed: AtomicU8::new(0),
-        errno: AtomicI32::new(0),
+/// Starts `prog` with `argv` and `env` in a new session, in `cwd`, with an empty signal mask,
+/// SIGPIPE at its default and every descriptor above stderr closed at exec. Returns the
+/// command's pid once it has exec'd.
+pub fn spawn(prog: &CString, argv: &[CString], env: &[CString], cwd: &CString) -> Result<Pid, JailError> {
+    let nul = |v: &[CString]| -> Vec<*const c_char> {
+        v.iter().map(|s| s.as_ptr()).chain(std::iter::once(std::ptr::null())).collect()
     };
-    let mut stack = super::rawsys::ChildStack::allocate();
-    // No signal handler may run on the child's borrowed memory: everything stays blocked until
-    // the child clears its own mask right before exec.
+    let (argv_p, envp) = (nul(argv), nul(env));
+    let (report_r, report_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
+        .map_err(|e| JailError::new(Step::Exec, format!("pipe for the command's start: {e}")))?;
+    // No signal handler may run in the child before its exec: everything stays blocked until it
+    // clears its own mask right before it.
     let mut old = SigSet::empty();
     nix::sys::signal::sigprocmask(SigmaskHow::SIG_SETMASK, Some(&SigSet::all()), Some(&mut old))
         .map_err(|e| JailError::new(Step::Exec, format!("block signals for the command's start: {e}")))?;
-    // With CLONE_VFORK this thread is suspended until the child has exec'd or exited, so nothing
-    // else touches the shared memory meanwhile; the child never returns into this process's code.
-    // SAFETY: `stack` and `prepared` outlive the child's use of them; it only makes system calls.
-    let pid = unsafe {
-        libc::clone(
-            child,
-            stack.top(),
-            libc::CLONE_VM | libc::CLONE_VFORK | libc::SIGCHLD,
-            &prepared as *const Prepared as *mut c_void,
-        )
-    };
-    let clone_err = std::io::Error::last_os_error();
+    // SAFETY: the jail's init is single-threaded, so the child's copy holds no lock another thread
+    // took; the child only makes system calls on the buffers above and leaves by exec or _exit.
+    let pid = unsafe { libc::fork() };
+    if pid == 0 {
+        use std::os::fd::AsRawFd;
+        let fail = |step: u8| -> ! {
+            let errno = std::io::Error::last_os_error().raw_os_error().unwrap_or(0);
+            let mut rec = [step, 0, 0, 0, 0];
+            rec[1..].copy_from_slice(&errno.to_ne_bytes());
+            // SAFETY: writing our own buffer to the report pipe, then leaving without running
+            // anything of the init's.
+            unsafe {
+                libc::write(report_w.as_raw_fd(), rec.as_ptr().cast(), rec.len());
+                libc::_exit(super::EXIT_SETUP_FAILED)
+            }
+        };
+        // SAFETY: plain system calls on valid, NUL-terminated strings and NULL-terminated pointer
+        // arrays built before the fork.
+        unsafe {
+            // A new session without a controlling terminal: TIOCSTI-style injection into the
+            // caller's terminal needs one (the seccomp filter refuses TIOCSTI as well).
+            if libc::setsid() < 0 {
+                fail(1);
+            }
+            if libc::chdir(cwd.as_ptr()) != 0 {
+                fail(2);
+            }
+            // Every descriptor above stderr is closed at exec, whatever the supervisor or a
+            // library left open (the report pipe is close-on-exec already).
+            if libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, libc::CLOSE_RANGE_CLOEXEC) != 0 {
+                fail(3);
+            }
+            // Stockade's runtime ignores SIGPIPE (Rust does, to see EPIPE as an error) and an
+            // ignored signal survives exec: the command gets the default back, as programs
+            // started by a shell do.
+            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+            let mut empty: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut empty);
+            libc::sigprocmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut());
+            libc::execve(prog.as_ptr(), argv_p.as_ptr(), envp.as_ptr());
+        }
+        fail(4);
+    }
+    let fork_err = std::io::Error::last_os_error();
     let _ = nix::sys::signal::sigprocmask(SigmaskHow::SIG_SETMASK, Some(&old), None);
-    drop(stack);
+    drop(report_w);
     if pid < 0 {
-        return Err(JailError::new(Step::Exec, format!("start the command: {clone_err}")));
+        return Err(JailError::new(Step::Exec, format!("start the command: {fork_err}")));
     }
     let pid = Pid::from_raw(pid);
-    let step = prepared.failed.load(Ordering::Acquire) as usize;
-    if step == 0 {
+    let mut rec = [0u8; 5];
+    let got = loop {
+        match nix::unistd::read(report_r.as_fd(), &mut rec) {
+            Err(nix::errno::Errno::EINTR) => continue,
+            r => break r.unwrap_or(0),
+        }
+    };
+    if got == 0 {
         return Ok(pid);
     }
     let _ = nix::sys::wait::waitpid(pid, None);
-    let errno = nix::errno::Errno::from_raw(prepared.errno.load(Ordering::Acquire));
-    Err(match STEPS.get(step).copied() {
+    let errno = nix::errno::Errno::from_raw(i32::from_ne_bytes([rec[1], rec[2], rec[3], rec[4]]));
+    Err(match STEPS.get(rec[0] as usize).copied() {
         Some("execve") => JailError {
             step: Step::Exec,
             msg: format!("{}: {}", prog.to_string_lossy(), errno.desc()),
             errno: Some(errno as i32),
         },
         Some("chdir") => JailError::new(Step::Exec, format!("chdir {}: {}", cwd.to_string_lossy(), errno.desc())),
-        Some(name) => JailError::new(Step::Exec, format!("{name}: {}", errno.desc())),
-        None => JailError::new(Step::Exec, "the command's start failed"),
+        Some(name) if got == rec.len() => JailError::new(Step::Exec, format!("{name}: {}", errno.desc())),
+        _ => JailError::new(Step::Exec, "the command's start failed"),
     })
-}
-
-/// The kernel's `struct sigaction` for rt_sigaction(2) (libc's differs in layout).
-#[repr(C)]
-struct KernelSigaction {
-    handler: libc::sighandler_t,
-    flags: u64,
-    restorer: usize,
-    mask: u64,
-}
-
-/// The child: system calls only, on data the init prepared.
-extern "C" fn child(arg: *mut c_void) -> c_int {
-    // SAFETY: `arg` is the `Prepared` the init passed to clone; it outlives this child's use of
-    // it (the init waits for the exec or the exit).
-    let p = unsafe { &*(arg as *const Prepared) };
-    let fail = |step: u8| -> c_int {
-        p.errno.store(nix::errno::Errno::last_raw(), Ordering::Release);
-        p.failed.store(step, Ordering::Release);
-        // SAFETY: _exit ends this child without running anything of the init's.
-        unsafe { libc::_exit(super::EXIT_SETUP_FAILED) }
-    };
-    // SAFETY: for the calls below, plain system calls on valid, NUL-terminated strings and
-    // NULL-terminated pointer arrays built before the clone.
-    unsafe {
-        // A new session without a controlling terminal: TIOCSTI-style injection into the
-        // caller's terminal needs one (the seccomp filter refuses TIOCSTI as well).
-        if libc::syscall(libc::SYS_setsid) < 0 {
-            return fail(1);
-        }
-        if libc::syscall(libc::SYS_chdir, p.cwd.as_ptr()) != 0 {
-            return fail(2);
-        }
-        // Every descriptor above stderr is closed at exec, whatever the supervisor or a library
-        // left open.
-        if libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, libc::CLOSE_RANGE_CLOEXEC) != 0 {
-            return fail(3);
-        }
-        // The caller's CPU set (see `affinity`: the init keeps the CPUs it was built on). CpuSet
-        // is a transparent cpu_set_t, the layout the kernel reads.
-        if let Some(set) = p.cpus {
-            let size = std::mem::size_of::<nix::sched::CpuSet>();
-            if libc::syscall(libc::SYS_sched_setaffinity, 0, size, set as *const nix::sched::CpuSet) != 0 {
-                return fail(4);
-            }
-        }
-        // Stockade's runtime ignores SIGPIPE (Rust does, to see EPIPE as an error) and an
-        // ignored signal survives exec: the command gets the default back, as programs started
-        // by a shell do. The child has its own copy of the dispositions (no CLONE_SIGHAND).
-        let default = KernelSigaction { handler: libc::SIG_DFL, flags: 0, restorer: 0, mask: 0 };
-        libc::syscall(libc::SYS_rt_sigaction, libc::SIGPIPE, &default as *const KernelSigaction, 0usize, 8usize);
-        let empty: u64 = 0;
-        libc::syscall(
-            libc::SYS_rt_sigprocmask,
-            libc::SIG_SETMASK,
-            &empty as *const u64,
-            std::ptr::null_mut::<u64>(),
-            8usize,
-        );
-        libc::execve(p.prog.as_ptr(), p.argv.as_ptr(), p.envp.as_ptr());
-    }
-    fail(5)
 }

@@ -2,8 +2,9 @@
 //!
 //! * `go`, a socket pair: the supervisor sends `G` once the uid/gid maps are written (and, in
 //!   veth mode, the session's network is up), then the jail's cgroup and seccomp program (see
-//!   [`Setup`]), which it makes while the jail builds its filesystem. EOF (the supervisor died)
-//!   is the order to exit.
+//!   [`Setup`]), which it makes while the jail builds its filesystem; with exec recording the
+//!   jail sends back its exec listener (`send_listener`). EOF (the supervisor died) is the order
+//!   to exit.
 //! * `report`: the jail writes at most one failure record; every copy of the write end is
 //!   close-on-exec, so EOF with no record means the command was exec'd.
 
@@ -42,33 +43,21 @@ pub fn send(fd: &OwnedFd, what: u8) -> nix::Result<()> {
 pub struct Setup {
     pub cgroup: Option<super::cgroups::Entry>,
     pub program: seccompiler::BpfProgram,
-    /// The program admits sched_setaffinity unconditionally, so the command can take back the
-    /// caller's CPU set itself.
-    pub affinity_allowed: bool,
-    /// The jail's network namespace, when a helper made it (see `netif::NetnsHelper`).
-    pub netns: Option<OwnedFd>,
 }
 
-const AFFINITY_ALLOWED: u8 = 1;
-const NETNS_FOLLOWS: u8 = 2;
-
-/// Supervisor side of [`Setup`], one datagram: `S`, a flags byte (`AFFINITY_ALLOWED`,
-/// `NETNS_FOLLOWS`), the program's length in instructions (u32, native order), the
-/// instructions, then the `tasks` paths, NUL-terminated, matching the descriptors passed with
-/// SCM_RIGHTS; the network namespace's descriptor, when sent, comes after theirs.
+/// Supervisor side of [`Setup`], one datagram: `S`, the program's length in instructions (u32,
+/// native order), the instructions, then the `tasks` paths, NUL-terminated, matching the
+/// descriptors passed with SCM_RIGHTS.
 pub fn send_setup(
     fd: &OwnedFd,
     entry: Option<&super::cgroups::Entry>,
     program: &[seccompiler::sock_filter],
-    affinity_allowed: bool,
-    netns: Option<&OwnedFd>,
 ) -> nix::Result<()> {
     use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
     use std::os::fd::AsRawFd;
     let (paths, fds) = entry.map(|e| e.for_sending()).unwrap_or_default();
     let mut msg = Vec::with_capacity(6 + program.len() * 8 + 256);
     msg.push(b'S');
-    msg.push(if affinity_allowed { AFFINITY_ALLOWED } else { 0 } | if netns.is_some() { NETNS_FOLLOWS } else { 0 });
     msg.extend_from_slice(&(program.len() as u32).to_ne_bytes());
     for i in program {
         msg.extend_from_slice(&i.code.to_ne_bytes());
@@ -80,7 +69,7 @@ pub fn send_setup(
         msg.extend_from_slice(p.as_os_str().as_encoded_bytes());
         msg.push(0);
     }
-    let raw: Vec<i32> = fds.iter().map(|f| f.as_raw_fd()).chain(netns.map(|n| n.as_raw_fd())).collect();
+    let raw: Vec<i32> = fds.iter().map(|f| f.as_raw_fd()).collect();
     let cmsg = [ControlMessage::ScmRights(&raw)];
     let iov = [std::io::IoSlice::new(&msg)];
     sendmsg::<()>(fd.as_raw_fd(), &iov, if raw.is_empty() { &[] } else { &cmsg }, MsgFlags::empty(), None).map(|_| ())
@@ -127,15 +116,14 @@ pub fn recv_setup(fd: &OwnedFd) -> Result<Setup, Option<String>> {
         return Err(None);
     }
     let buf = &buf[..n];
-    if buf[0] != b'S' || n < 6 || buf[1] & !(AFFINITY_ALLOWED | NETNS_FOLLOWS) != 0 {
+    if buf[0] != b'S' || n < 5 {
         return Err(bad("unexpected message"));
     }
-    let affinity_allowed = buf[1] & AFFINITY_ALLOWED != 0;
-    let count = u32::from_ne_bytes(buf[2..6].try_into().expect("4 bytes")) as usize;
-    let Some(rest) = buf[6..].get(count * 8..) else {
-        return Err(bad(&format!("{count} filter instructions announced, {} bytes sent", n - 6)));
+    let count = u32::from_ne_bytes(buf[1..5].try_into().expect("4 bytes")) as usize;
+    let Some(rest) = buf[5..].get(count * 8..) else {
+        return Err(bad(&format!("{count} filter instructions announced, {} bytes sent", n - 5)));
     };
-    let program: seccompiler::BpfProgram = buf[6..6 + count * 8]
+    let program: seccompiler::BpfProgram = buf[5..5 + count * 8]
         .chunks_exact(8)
         .map(|c| seccompiler::sock_filter {
             code: u16::from_ne_bytes([c[0], c[1]]),
@@ -152,16 +140,11 @@ pub fn recv_setup(fd: &OwnedFd) -> Result<Setup, Option<String>> {
         .filter(|p| !p.is_empty())
         .map(|p| std::path::PathBuf::from(std::ffi::OsStr::from_bytes(p)))
         .collect();
-    let mut fds = fds;
-    let netns = match buf[1] & NETNS_FOLLOWS != 0 {
-        true => Some(fds.pop().ok_or_else(|| bad("network namespace announced, not sent"))?),
-        false => None,
-    };
     if paths.len() != fds.len() {
         return Err(bad(&format!("{} cgroup paths but {} descriptors", paths.len(), fds.len())));
     }
     let cgroup = (!paths.is_empty()).then(|| super::cgroups::Entry::received(paths.into_iter().zip(fds).collect()));
-    Ok(Setup { cgroup, program, affinity_allowed, netns })
+    Ok(Setup { cgroup, program })
 }
 
 /// Jail side: sends the exec filter's listener (`N` and the descriptor), and closes its copy.

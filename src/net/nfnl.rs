@@ -382,19 +382,6 @@ fn with_socket<T>(f: impl FnOnce(&mut Socket) -> Result<T, String>) -> Result<T,
     r
 }
 
-/// In a jail child just forked from the supervisor: closes this process's copy of the socket
-/// (the jail must not hold a descriptor of the host's nftables), without touching the memory,
-/// which belongs to the supervisor's copy of the address space.
-pub fn close_in_forked_child() {
-    if let Ok(guard) = SOCKET.try_lock() {
-        if let Some(s) = guard.as_ref() {
-            // SAFETY: closes the descriptor number only; the OwnedFd is never dropped in the
-            // child, which leaves with _exit.
-            unsafe { libc::close(s.fd.as_raw_fd()) };
-        }
-    }
-}
-
 impl Socket {
     fn open() -> io::Result<Socket> {
         // SAFETY: plain socket(2); the result is checked and owned below.
