@@ -425,24 +425,54 @@ pub fn load_builtin(name: &str) -> Result<(Policy, Origins), PolicyError> {
     load_str(&format!("builtin:{name}"), text, None)
 }
 
-/// Validation and defaults: turns the merged layers into a `Policy`.
+/// Validation and defaults: turns the merged layers into a `Policy`, one step per section.
 fn finish(source: &str, raw: Raw, o: &Origins) -> Result<Policy, PolicyError> {
     let at = |key: &str| o.get(key).cloned().unwrap_or(Origin { file: source.to_owned(), line: 1, col: 1 });
     let bad = |key: &str, msg: String| PolicyError::invalid(&at(key), format!("{key}: {msg}"));
+    // In the order of the file's sections, so the first error reported is the first written.
+    let hostname = hostname(raw.hostname, &bad)?;
+    let user = user(raw.user, &bad)?;
+    let filesystem = filesystem(raw.filesystem, &bad)?;
+    let env = env(raw.env, &bad)?;
+    let limits = limits(raw.limits, &bad)?;
+    let network = network(raw.network, &bad)?;
+    Ok(Policy {
+        source: source.to_owned(),
+        hostname,
+        user,
+        filesystem,
+        env,
+        limits,
+        landlock: landlock(raw.landlock, &network),
+        network,
+        seccomp: seccomp(raw.seccomp, &bad)?,
+        capabilities: capabilities(raw.capabilities, &bad)?,
+        tools: Tools { confine_paths: raw.tools.confine_paths.unwrap_or(false) },
+        trail: trail(raw.trail, &bad)?,
+        retention: retention(raw.retention, &bad)?,
+        provision: provision(raw.provision, &bad)?,
+    })
+}
 
-    let hostname = raw.hostname.unwrap_or_else(|| "stockade".into());
+/// `hostname`.
+fn hostname(raw: Option<String>, bad: &Bad) -> Result<String, PolicyError> {
+    let hostname = raw.unwrap_or_else(|| "stockade".into());
     if hostname.is_empty()
         || hostname.len() > 64
         || !hostname.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.')
     {
         return Err(bad("hostname", format!("`{hostname}` is not a valid host name")));
     }
+    Ok(hostname)
+}
 
+/// `[user]`.
+fn user(raw: UserRaw, bad: &Bad) -> Result<User, PolicyError> {
     let user = User {
-        uid: raw.user.uid.unwrap_or(1000),
-        gid: raw.user.gid.unwrap_or(1000),
-        name: raw.user.name.unwrap_or_else(|| "agent".into()),
-        host_id_base: raw.user.host_id_base.unwrap_or(100_000),
+        uid: raw.uid.unwrap_or(1000),
+        gid: raw.gid.unwrap_or(1000),
+        name: raw.name.unwrap_or_else(|| "agent".into()),
+        host_id_base: raw.host_id_base.unwrap_or(100_000),
     };
     for (k, v) in [("user.uid", user.uid), ("user.gid", user.gid)] {
         if v >= 65536 {
@@ -458,18 +488,22 @@ fn finish(source: &str, raw: Raw, o: &Origins) -> Result<Policy, PolicyError> {
     if user.name.is_empty() || !user.name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-') {
         return Err(bad("user.name", format!("`{}` is not a valid user name", user.name)));
     }
+    Ok(user)
+}
 
+/// `[filesystem]`.
+fn filesystem(raw: FsRaw, bad: &Bad) -> Result<Filesystem, PolicyError> {
     let binds = |key: &str, list: Option<Vec<String>>| -> Result<Vec<Bind>, PolicyError> {
         let under_etc = key == "filesystem.etc";
         list.unwrap_or_default().iter().map(|s| parse_bind(s, under_etc).map_err(|m| bad(key, m))).collect()
     };
     let filesystem = Filesystem {
-        read_only: binds("filesystem.read_only", raw.filesystem.read_only)?,
-        read_write: binds("filesystem.read_write", raw.filesystem.read_write)?,
-        etc: binds("filesystem.etc", raw.filesystem.etc)?,
-        rootfs: raw.filesystem.rootfs.map(PathBuf::from),
-        sys: raw.filesystem.sys.map_or(SysMode::None, Into::into),
-        workspace: raw.filesystem.workspace.map_or(Access::ReadWrite, Into::into),
+        read_only: binds("filesystem.read_only", raw.read_only)?,
+        read_write: binds("filesystem.read_write", raw.read_write)?,
+        etc: binds("filesystem.etc", raw.etc)?,
+        rootfs: raw.rootfs.map(PathBuf::from),
+        sys: raw.sys.map_or(SysMode::None, Into::into),
+        workspace: raw.workspace.map_or(Access::ReadWrite, Into::into),
     };
     for b in &filesystem.etc {
         if !b.dst.starts_with("/etc") || b.dst == Path::new("/etc") {
@@ -481,12 +515,13 @@ fn finish(source: &str, raw: Raw, o: &Origins) -> Result<Policy, PolicyError> {
             return Err(bad("filesystem.rootfs", format!("`{}` must be an absolute path", r.display())));
         }
     }
+    Ok(filesystem)
+}
 
-    let env = Env {
-        set: raw.env.set,
-        pass: raw.env.pass.unwrap_or_default(),
-        allow_secrets: raw.env.allow_secrets.unwrap_or_default(),
-    };
+/// `[env]`.
+fn env(raw: EnvRaw, bad: &Bad) -> Result<Env, PolicyError> {
+    let env =
+        Env { set: raw.set, pass: raw.pass.unwrap_or_default(), allow_secrets: raw.allow_secrets.unwrap_or_default() };
     for name in env.set.keys().chain(env.pass.iter()) {
         if name.is_empty() || name.contains('=') || name.contains('\0') {
             return Err(bad("env", format!("`{name}` is not a valid variable name")));
@@ -501,7 +536,11 @@ fn finish(source: &str, raw: Raw, o: &Origins) -> Result<Policy, PolicyError> {
             ));
         }
     }
+    Ok(env)
+}
 
+/// `[limits]`.
+fn limits(raw: LimitsRaw, bad: &Bad) -> Result<Limits, PolicyError> {
     let size = |key: &str, v: Option<NumOrStr>| -> Result<Option<Size>, PolicyError> {
         match v {
             None => Ok(None),
@@ -509,24 +548,24 @@ fn finish(source: &str, raw: Raw, o: &Origins) -> Result<Policy, PolicyError> {
             Some(NumOrStr::Str(s)) => parse_size(&s).map(|n| Some(Size(n))).map_err(|m| bad(key, m)),
         }
     };
-    let timeout = match raw.limits.timeout {
+    let timeout = match raw.timeout {
         None => None,
         Some(NumOrStr::Num(n)) => Some(Dur(std::time::Duration::from_secs(n))),
         Some(NumOrStr::Str(s)) => Some(Dur(parse_duration(&s).map_err(|m| bad("limits.timeout", m))?)),
     };
     let limits = Limits {
-        memory: size("limits.memory", raw.limits.memory)?,
-        pids: raw.limits.pids,
-        cpu: raw.limits.cpu,
-        nofile: raw.limits.nofile,
-        nproc: raw.limits.nproc,
-        fsize: size("limits.fsize", raw.limits.fsize)?,
-        address_space: size("limits.address_space", raw.limits.address_space)?,
-        tmp_size: size("limits.tmp_size", raw.limits.tmp_size)?.unwrap_or(Size(256 << 20)),
-        workspace_size: size("limits.workspace_size", none_is_unset(raw.limits.workspace_size))?,
-        outputs_size: size("limits.outputs_size", none_is_unset(raw.limits.outputs_size))?,
+        memory: size("limits.memory", raw.memory)?,
+        pids: raw.pids,
+        cpu: raw.cpu,
+        nofile: raw.nofile,
+        nproc: raw.nproc,
+        fsize: size("limits.fsize", raw.fsize)?,
+        address_space: size("limits.address_space", raw.address_space)?,
+        tmp_size: size("limits.tmp_size", raw.tmp_size)?.unwrap_or(Size(256 << 20)),
+        workspace_size: size("limits.workspace_size", none_is_unset(raw.workspace_size))?,
+        outputs_size: size("limits.outputs_size", none_is_unset(raw.outputs_size))?,
         timeout,
-        enforcement: raw.limits.enforcement.map_or(Enforcement::Hard, Into::into),
+        enforcement: raw.enforcement.map_or(Enforcement::Hard, Into::into),
     };
     if let Some(c) = limits.cpu {
         if !(c > 0.0 && c <= 1024.0) {
@@ -561,14 +600,18 @@ fn finish(source: &str, raw: Raw, o: &Origins) -> Result<Policy, PolicyError> {
     if limits.timeout.is_some_and(|t| t.0.is_zero()) {
         return Err(bad("limits.timeout", "must be greater than zero; omit the field for no timeout".into()));
     }
+    Ok(limits)
+}
 
+/// `[network]`.
+fn network(raw: NetRaw, bad: &Bad) -> Result<Network, PolicyError> {
     let network = Network {
-        mode: raw.network.mode.map_or(NetMode::None, Into::into),
-        allow: raw.network.allow.unwrap_or_default(),
-        allow_domains: raw.network.allow_domains.unwrap_or_default(),
-        upstream_dns: raw.network.upstream_dns.unwrap_or_default(),
-        pool: raw.network.pool.unwrap_or_else(|| crate::net::DEFAULT_POOL.to_owned()),
-        on_deny: raw.network.on_deny.map_or(OnDeny::Reject, Into::into),
+        mode: raw.mode.map_or(NetMode::None, Into::into),
+        allow: raw.allow.unwrap_or_default(),
+        allow_domains: raw.allow_domains.unwrap_or_default(),
+        upstream_dns: raw.upstream_dns.unwrap_or_default(),
+        pool: raw.pool.unwrap_or_else(|| crate::net::DEFAULT_POOL.to_owned()),
+        on_deny: raw.on_deny.map_or(OnDeny::Reject, Into::into),
     };
     match network.mode {
         NetMode::Veth => {
@@ -602,27 +645,30 @@ fn finish(source: &str, raw: Raw, o: &Origins) -> Result<Policy, PolicyError> {
             }
         }
     }
+    Ok(network)
+}
 
+/// `[landlock]`, which reads the network's allowlist.
+fn landlock(raw: LandlockRaw, network: &Network) -> Landlock {
     // In veth mode, landlock's TCP connect rules mirror the allowlist as a second layer when
     // the allowlist pins every destination to ports (names admit any port, so then it cannot).
-    let mirrored =
-        (network.mode == NetMode::Veth && raw.landlock.tcp_connect.is_none() && network.allow_domains.is_empty())
-            .then(|| crate::net::rules::tcp_ports(&network.allow))
-            .flatten();
-    let landlock = Landlock {
-        compatibility: raw.landlock.compatibility.map_or(Compatibility::Hard, Into::into),
-        tcp_bind: raw.landlock.tcp_bind,
-        tcp_connect: raw.landlock.tcp_connect.or(mirrored),
-    };
+    let mirrored = (network.mode == NetMode::Veth && raw.tcp_connect.is_none() && network.allow_domains.is_empty())
+        .then(|| crate::net::rules::tcp_ports(&network.allow))
+        .flatten();
+    Landlock {
+        compatibility: raw.compatibility.map_or(Compatibility::Hard, Into::into),
+        tcp_bind: raw.tcp_bind,
+        tcp_connect: raw.tcp_connect.or(mirrored),
+    }
+}
 
+/// `[seccomp]`.
+fn seccomp(raw: SeccompRaw, bad: &Bad) -> Result<Seccomp, PolicyError> {
     let seccomp = Seccomp {
-        default_action: raw.seccomp.default_action.map_or(SeccompAction::Errno, Into::into),
-        allow: raw.seccomp.allow.unwrap_or_else(|| vec!["@system-service".into()]),
-        deny: raw.seccomp.deny.unwrap_or_default(),
-        socket_families: raw
-            .seccomp
-            .socket_families
-            .unwrap_or_else(|| vec!["unix".into(), "inet".into(), "inet6".into()]),
+        default_action: raw.default_action.map_or(SeccompAction::Errno, Into::into),
+        allow: raw.allow.unwrap_or_else(|| vec!["@system-service".into()]),
+        deny: raw.deny.unwrap_or_default(),
+        socket_families: raw.socket_families.unwrap_or_else(|| vec!["unix".into(), "inet".into(), "inet6".into()]),
     };
     for (key, list) in [("seccomp.allow", &seccomp.allow), ("seccomp.deny", &seccomp.deny)] {
         for e in list {
@@ -640,8 +686,12 @@ fn finish(source: &str, raw: Raw, o: &Origins) -> Result<Policy, PolicyError> {
             ));
         }
     }
+    Ok(seccomp)
+}
 
-    let capabilities = Capabilities { keep: raw.capabilities.keep.unwrap_or_default() };
+/// `[capabilities]`.
+fn capabilities(raw: CapsRaw, bad: &Bad) -> Result<Capabilities, PolicyError> {
+    let capabilities = Capabilities { keep: raw.keep.unwrap_or_default() };
     for c in &capabilities.keep {
         let norm = c.to_ascii_uppercase();
         let norm = if norm.starts_with("CAP_") { norm } else { format!("CAP_{norm}") };
@@ -649,23 +699,7 @@ fn finish(source: &str, raw: Raw, o: &Origins) -> Result<Policy, PolicyError> {
             return Err(bad("capabilities.keep", format!("unknown capability `{c}`")));
         }
     }
-
-    Ok(Policy {
-        source: source.to_owned(),
-        hostname,
-        user,
-        filesystem,
-        env,
-        limits,
-        network,
-        landlock,
-        seccomp,
-        capabilities,
-        tools: Tools { confine_paths: raw.tools.confine_paths.unwrap_or(false) },
-        trail: trail(raw.trail, &bad)?,
-        retention: retention(raw.retention, &bad)?,
-        provision: provision(raw.provision, &bad)?,
-    })
+    Ok(capabilities)
 }
 
 type Bad<'a> = dyn Fn(&str, String) -> PolicyError + 'a;
