@@ -919,7 +919,8 @@ fn a_worker_started_from_a_terminal_keeps_it_from_its_sessions() {
     let needle = format!("{}/items/", state.path().display());
     cp.wait_for("the session process", Duration::from_secs(20), || !processes_whose_cmdline_has(&needle).is_empty());
     for pid in processes_whose_cmdline_has(&needle) {
-        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        // A short-lived helper of the worker's (mkfs for the workspace) may be gone already.
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { continue };
         let fields: Vec<&str> = stat.rsplit_once(')').map(|(_, r)| r.split_whitespace().collect()).unwrap_or_default();
         assert_eq!(fields.get(4), Some(&"0"), "session process {pid} has a controlling terminal: {stat}");
     }
@@ -1552,4 +1553,24 @@ fn provisioning_copies_a_declared_directory_and_refuses_an_undeclared_repository
     assert!(trail2.contains("\"event\":\"provision\"") && trail2.contains("\"outcome\":\"refused\""), "{trail2}");
     assert!(!trail2.contains("should-not-run\"]"), "nothing ran");
     assert!(!trail2.contains("\"event\":\"exec\""), "{trail2}");
+}
+
+/// The worker reads its policy once: sessions run under the policy it started with (kept as
+/// STATE/policy.toml), whatever happens to the file afterwards.
+#[test]
+fn sessions_run_under_the_policy_the_worker_started_with() {
+    let cp = Cp::start(Duration::from_secs(30));
+    let state = TempDir::new("w-state");
+    let policy = state.path().join("p.toml");
+    std::fs::write(&policy, "extends = \"default\"\nhostname = \"before\"\n").unwrap();
+    let _w = start_worker(&cp, state.path(), &["--policy", policy.to_str().unwrap()]);
+    let snapshot = state.path().join("policy.toml");
+    cp.wait_for("the policy snapshot", Duration::from_secs(20), || snapshot.exists());
+    std::fs::write(&policy, "extends = \"default\"\nhostname = \"after\"\n").unwrap();
+    let (s, _) = cp.session(vec![bash("hostname")]);
+    let v = cp.wait_ended(&s, Duration::from_secs(60));
+    assert!(completed(&v), "{v:#?}");
+    assert_eq!(result_of(&v, 0), "before");
+    let text = std::fs::read_to_string(&snapshot).unwrap();
+    assert!(text.contains("extends = \"none\"") && text.contains("hostname = \"before\""), "{text}");
 }

@@ -242,6 +242,7 @@ async fn context(cfg: &WorkerConfig) -> Result<Arc<Ctx>, WorkerError> {
         retention.outputs = crate::policy::Keep::For(d);
     }
     state.sweep(&retention, std::time::SystemTime::now());
+    let snapshot = snapshot_policy(&state, &policy)?;
     let worker_id = cfg.worker_id.clone().unwrap_or_else(|| state.worker_id.clone());
     tracing::info!(
         worker_id = %worker_id,
@@ -254,7 +255,7 @@ async fn context(cfg: &WorkerConfig) -> Result<Arc<Ctx>, WorkerError> {
     Ok(Arc::new(Ctx {
         client,
         env: cfg.environment_id.clone(),
-        runner: RunnerConfig { exe: cfg.exe.clone(), policy: cfg.policy.clone(), log_json: cfg.log_json },
+        runner: RunnerConfig { exe: cfg.exe.clone(), policy: snapshot.display().to_string(), log_json: cfg.log_json },
         metrics,
         owner,
         disk,
@@ -269,6 +270,32 @@ async fn context(cfg: &WorkerConfig) -> Result<Arc<Ctx>, WorkerError> {
         lost: Default::default(),
         state,
     }))
+}
+
+/// Writes the resolved policy to `STATE/policy.toml`, which every session (and provisioning)
+/// jail of this worker is built from: the policy is read once, when the worker starts, and an
+/// edit of its file (or of a file it extends) reaches sessions with the worker's restart, never
+/// half of them.
+fn snapshot_policy(state: &StateDir, policy: &crate::policy::Policy) -> Result<PathBuf, WorkerError> {
+    let text = toml::to_string(policy).map_err(|e| WorkerError::Policy(format!("serialising the policy: {e}")))?;
+    let path = state.root().join("policy.toml");
+    let body = format!(
+        "# The policy this worker's sessions run under: {}, resolved when the worker started.\n\
+         extends = \"none\"\n{text}",
+        policy.source
+    );
+    let tmp = path.with_extension("toml.tmp");
+    std::fs::write(&tmp, body)
+        .and_then(|()| std::fs::rename(&tmp, &path))
+        .map_err(|e| WorkerError::Policy(format!("{}: {e}", path.display())))?;
+    // The snapshot must mean what the worker read; a policy that does not survive the trip is
+    // refused here rather than in every session.
+    let (again, _) = crate::policy::load_file(&path).map_err(|e| WorkerError::Policy(e.to_string()))?;
+    let again = crate::policy::Policy { source: policy.source.clone(), ..again };
+    if again != *policy {
+        return Err(WorkerError::Policy(format!("{}: the resolved policy does not read back the same", path.display())));
+    }
+    Ok(path)
 }
 
 /// Serves one work item that was claimed and acknowledged elsewhere (`stockade worker run`);

@@ -4,6 +4,7 @@
 //! ```text
 //! STATE/worker.lock              flock: one worker per state directory
 //! STATE/worker-id                the worker's identity across restarts (leases are held by it)
+//! STATE/policy.toml              the policy as the worker resolved it at start; sessions use it
 //! STATE/items/WORK/item.json     a held item
 //! STATE/items/WORK/workspace/    the session's /workspace
 //! STATE/items/WORK/outputs/      the session's /mnt/session/outputs
