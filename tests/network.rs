@@ -494,6 +494,9 @@ fn a_refused_nftables_transaction_changes_nothing() {
         r.verdict(Verdict::Goto("no_such_chain"));
     });
     let err = b.commit().unwrap_err();
+    // The refused message is named, and its errno kept.
+    assert_eq!(err.errno(), Some(libc::ENOENT), "{err}");
+    let err = err.to_string();
     assert!(err.contains("add rule to s4090002 (x)") && err.contains("No such file"), "{err}");
     let chains = stockade::net::nfnl::chains(NFPROTO_INET, "stockade").unwrap();
     assert!(!chains.iter().any(|c| c == "s4090002"), "{chains:?}");

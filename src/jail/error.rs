@@ -86,6 +86,13 @@ impl JailError {
     }
 }
 
+impl From<crate::net::NetError> for JailError {
+    /// A failure of the session's network: the network step, the errno kept.
+    fn from(e: crate::net::NetError) -> JailError {
+        JailError { step: Step::Network, errno: e.errno(), msg: e.to_string() }
+    }
+}
+
 /// Attaches a step and a description to any displayable error.
 pub(crate) trait StepExt<T> {
     fn step(self, step: Step, what: impl FnOnce() -> String) -> Result<T, JailError>;

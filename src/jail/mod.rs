@@ -273,9 +273,7 @@ fn preflight(spec: &JailSpec, payload: &Payload, report: &mut Report) -> Result<
         format!("jail uid {} -> host uid {host_uid}, gid {} -> host gid {host_gid}", p.user.uid, p.user.gid);
     // veth mode: a /30 for the jail, chosen before the clone so the jail knows its addresses.
     let net_plan = match p.network.mode {
-        crate::policy::NetMode::Veth => {
-            Some(crate::net::Plan::reserve(&p.network.pool).map_err(|e| JailError::new(Step::Network, e))?)
-        }
+        crate::policy::NetMode::Veth => Some(crate::net::Plan::reserve(&p.network.pool)?),
         _ => None,
     };
     Ok(Prepared {
@@ -525,8 +523,7 @@ fn session_net(spec: &JailSpec, plan: crate::net::Plan, child: Pid) -> Result<cr
             std::sync::Arc::new(move |allowed, proto, dst, dport| o.egress(allowed, proto, dst, dport));
         f
     });
-    crate::net::SessionNet::create(plan, child.as_raw(), &spec.policy.network, egress)
-        .map_err(|e| JailError::new(Step::Network, e))
+    crate::net::SessionNet::create(plan, child.as_raw(), &spec.policy.network, egress).map_err(JailError::from)
 }
 
 /// The cgroup stage's plan: the jail's cgroup name, its limits and where they go.

@@ -36,9 +36,8 @@ pub fn loopback_up() -> Result<(), JailError> {
 
 /// `eth0`: the jail's address in the session's /30, up, and the default route through the host end.
 pub fn veth_up(jail: std::net::Ipv4Addr, gateway: std::net::Ipv4Addr) -> Result<(), JailError> {
-    let e = |what: &str, err: std::io::Error| JailError::new(Step::Network, format!("{what}: {err}"));
-    let mut r = crate::net::rtnl::Rtnl::open().map_err(|err| e("netlink", err))?;
-    r.add_addr4("eth0", jail, 30).map_err(|err| e(&format!("address {jail} on eth0"), err))?;
-    r.set_up("eth0").map_err(|err| e("eth0 up", err))?;
-    r.add_default_route4("eth0", gateway).map_err(|err| e(&format!("default route via {gateway}"), err))
+    let mut r = crate::net::rtnl::Rtnl::open()?;
+    r.add_addr4("eth0", jail, 30)?;
+    r.set_up("eth0")?;
+    Ok(r.add_default_route4("eth0", gateway)?)
 }

@@ -116,7 +116,7 @@ pub struct DnsStats {
 }
 
 /// Admits answered addresses into the session's set, each for its TTL.
-pub type Admit = Box<dyn Fn(&[(Ipv4Addr, Duration)]) -> Result<(), String> + Send + Sync>;
+pub type Admit = Box<dyn Fn(&[(Ipv4Addr, Duration)]) -> Result<(), super::NetError> + Send + Sync>;
 
 pub struct Resolver {
     pub session: String,

@@ -8,11 +8,14 @@
 //! `reserve`.
 
 pub mod dns;
+pub mod netlink;
 pub mod nflog;
 pub mod nfnl;
 pub mod nft;
 pub mod rtnl;
 pub mod rules;
+
+pub use netlink::NetError;
 
 use std::fs::File;
 use std::net::{Ipv4Addr, SocketAddrV4, UdpSocket};
@@ -96,13 +99,16 @@ fn remove_leftovers(slot: u32, pool: Option<Net4>) {
 }
 
 impl Plan {
-    pub fn reserve(pool: &str) -> Result<Plan, String> {
+    pub fn reserve(pool: &str) -> Result<Plan, NetError> {
         if !nix::unistd::geteuid().is_root() {
-            return Err("network.mode \"veth\" needs root (links and nftables in the host's namespace)".into());
+            return Err(NetError::Invalid(
+                "network.mode \"veth\" needs root (links and nftables in the host's namespace)".into(),
+            ));
         }
-        let pool = Net4::parse(pool)?;
-        std::fs::create_dir_all(RUN_DIR).map_err(|e| format!("{RUN_DIR}: {e}"))?;
-        let base_lock = File::create(format!("{RUN_DIR}/.lock")).map_err(|e| format!("{RUN_DIR}/.lock: {e}"))?;
+        let pool = Net4::parse(pool).map_err(NetError::Invalid)?;
+        std::fs::create_dir_all(RUN_DIR).map_err(|e| NetError::sys(RUN_DIR, e))?;
+        let base_lock =
+            File::create(format!("{RUN_DIR}/.lock")).map_err(|e| NetError::sys(format!("{RUN_DIR}/.lock"), e))?;
         // SAFETY: flock on a descriptor we own; blocks until other Stockades are done choosing.
         unsafe { libc::flock(base_lock.as_raw_fd(), libc::LOCK_EX) };
         // Slots whose owner is gone: remove what it left.
@@ -157,7 +163,7 @@ impl Plan {
                 _lock: f,
             });
         }
-        Err(format!("network.pool {pool}: every /30 is in use"))
+        Err(NetError::Invalid(format!("network.pool {pool}: every /30 is in use")))
     }
 }
 
@@ -177,9 +183,9 @@ fn route_iface(dst: Ipv4Addr) -> Option<String> {
         .map(|(_, i)| i)
 }
 
-fn enable_forwarding(iface: &str) -> Result<(), String> {
+fn enable_forwarding(iface: &str) -> Result<(), NetError> {
     let p = format!("/proc/sys/net/ipv4/conf/{iface}/forwarding");
-    std::fs::write(&p, "1").map_err(|e| format!("{p}: {e}"))
+    std::fs::write(&p, "1").map_err(|e| NetError::sys(p, e))
 }
 
 /// Told of each logged connection attempt: (allowed, protocol, destination, port).
@@ -199,36 +205,45 @@ pub struct SessionNet {
 
 impl SessionNet {
     /// Builds the host side once the jail (pid `child`) has its network namespace.
-    pub fn create(plan: Plan, child: i32, net: &Network, egress: Option<EgressHook>) -> Result<SessionNet, String> {
-        let allow: Vec<AllowRule> = net.allow.iter().map(|a| AllowRule::parse(a)).collect::<Result<_, _>>()?;
-        let patterns: Vec<DomainPattern> =
-            net.allow_domains.iter().map(|d| DomainPattern::parse(d)).collect::<Result<_, _>>()?;
+    pub fn create(plan: Plan, child: i32, net: &Network, egress: Option<EgressHook>) -> Result<SessionNet, NetError> {
+        let allow: Vec<AllowRule> =
+            net.allow.iter().map(|a| AllowRule::parse(a)).collect::<Result<_, _>>().map_err(NetError::Invalid)?;
+        let patterns: Vec<DomainPattern> = net
+            .allow_domains
+            .iter()
+            .map(|d| DomainPattern::parse(d))
+            .collect::<Result<_, _>>()
+            .map_err(NetError::Invalid)?;
         let upstream: Vec<SocketAddrV4> = if net.upstream_dns.is_empty() {
             rules::host_resolvers()
         } else {
-            net.upstream_dns.iter().map(|u| rules::parse_upstream(u)).collect::<Result<_, _>>()?
+            net.upstream_dns
+                .iter()
+                .map(|u| rules::parse_upstream(u))
+                .collect::<Result<_, _>>()
+                .map_err(NetError::Invalid)?
         };
         let mut session = SessionNet {
             plan,
-            stop: Arc::new(Stop::new().map_err(|e| format!("pipe: {e}"))?),
+            stop: Arc::new(Stop::new().map_err(|e| NetError::sys("pipe", e))?),
             threads: Vec::new(),
             dns_stats: Arc::default(),
             conn_stats: Arc::default(),
             jail_gone: false,
         };
         let p = &session.plan;
-        let mut r = rtnl::Rtnl::open().map_err(|e| format!("netlink: {e}"))?;
+        let mut r = rtnl::Rtnl::open()?;
         if let Err(e) = r.add_veth(&p.host_if, "eth0", child, None) {
             // The previous user of this slot ended a moment ago and the kernel has not finished
             // tearing its namespace (and so its link) down yet.
-            if e.raw_os_error() != Some(libc::EEXIST) {
-                return Err(format!("veth {}: {e}", p.host_if));
+            if e.errno() != Some(libc::EEXIST) {
+                return Err(e);
             }
             let _ = r.del_link(&p.host_if);
-            r.add_veth(&p.host_if, "eth0", child, None).map_err(|e| format!("veth {}: {e}", p.host_if))?;
+            r.add_veth(&p.host_if, "eth0", child, None)?;
         }
-        r.add_addr4(&p.host_if, p.host_ip, 30).map_err(|e| format!("address {} on {}: {e}", p.host_ip, p.host_if))?;
-        r.set_up(&p.host_if).map_err(|e| format!("{} up: {e}", p.host_if))?;
+        r.add_addr4(&p.host_if, p.host_ip, 30)?;
+        r.set_up(&p.host_if)?;
         // Forwarding per interface: the session's link, and the links its destinations leave by
         // (replies come in there). Nothing host-wide is switched on.
         enable_forwarding(&p.host_if)?;
@@ -245,14 +260,14 @@ impl SessionNet {
             .map(|it| it.filter_map(|a| a.address.and_then(|s| s.as_sockaddr_in().map(|i| i.ip()))).collect())
             .unwrap_or_default();
         let group = nflog::group(p.slot);
-        let log_sock = nflog::open(group).map_err(|e| format!("NFLOG group {group}: {e}"))?;
+        let log_sock = nflog::open(group).map_err(|e| e.about(format!("NFLOG group {group}")))?;
         {
             let (id, stats, stop) = (p.id.clone(), session.conn_stats.clone(), session.stop.clone());
             session.threads.push(
                 std::thread::Builder::new()
                     .name("stockade-nflog".into())
                     .spawn(move || nflog::serve(log_sock, id, stats, stop, egress))
-                    .map_err(|e| format!("connection log thread: {e}"))?,
+                    .map_err(|e| NetError::sys("connection log thread", e))?,
             );
         }
         let p = &session.plan;
@@ -268,7 +283,7 @@ impl SessionNet {
             on_deny: net.on_deny,
         })?;
         let sock = UdpSocket::bind(SocketAddrV4::new(p.host_ip, 53))
-            .map_err(|e| format!("resolver on {}:53: {e}", p.host_ip))?;
+            .map_err(|e| NetError::sys(format!("resolver on {}:53", p.host_ip), e))?;
         let id = p.id.clone();
         let resolver = dns::Resolver {
             session: p.id.clone(),
@@ -288,21 +303,21 @@ impl SessionNet {
             ttl_floor: dns::ttl_floor(),
         };
         let tcp = std::net::TcpListener::bind(SocketAddrV4::new(p.host_ip, 53))
-            .map_err(|e| format!("resolver on {}:53/tcp: {e}", p.host_ip))?;
+            .map_err(|e| NetError::sys(format!("resolver on {}:53/tcp", p.host_ip), e))?;
         let resolver = Arc::new(resolver);
         let (r, stop) = (resolver.clone(), session.stop.clone());
         session.threads.push(
             std::thread::Builder::new()
                 .name("stockade-dns".into())
                 .spawn(move || r.serve(sock, stop))
-                .map_err(|e| format!("resolver thread: {e}"))?,
+                .map_err(|e| NetError::sys("resolver thread", e))?,
         );
         let stop = session.stop.clone();
         session.threads.push(
             std::thread::Builder::new()
                 .name("stockade-dns-tcp".into())
                 .spawn(move || resolver.serve_tcp(tcp, stop))
-                .map_err(|e| format!("resolver thread: {e}"))?,
+                .map_err(|e| NetError::sys("resolver thread", e))?,
         );
         Ok(session)
     }
@@ -367,7 +382,7 @@ mod tests {
         r.set_up(&host).unwrap();
         assert!(r.links().unwrap().contains(&host));
         let e = r.add_veth(&host, "eth0", child.id() as i32, None).unwrap_err();
-        assert_eq!(e.raw_os_error(), Some(libc::EEXIST));
+        assert_eq!(e.errno(), Some(libc::EEXIST));
         let l = std::net::TcpListener::bind("10.254.1.1:0").unwrap();
         let port = l.local_addr().unwrap().port();
         let ns = format!("/proc/{}/ns/net", child.id());

@@ -2,13 +2,13 @@
 //! connection and every denied packet (rate-limited) to an NFLOG group, and a thread reads that
 //! group over NETLINK_NETFILTER and logs each attempt through `tracing`.
 
-use std::io;
 use std::net::Ipv4Addr;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-const NETLINK_NETFILTER: i32 = 12;
+use super::netlink::{attrs, messages, Msg, NetError, Socket};
+
 const NFNL_SUBSYS_ULOG: u16 = 4;
 const NFULNL_MSG_PACKET: u16 = 0;
 const NFULNL_MSG_CONFIG: u16 = 1;
@@ -40,20 +40,6 @@ pub struct Record {
     pub dport: Option<u16>,
 }
 
-pub(super) fn attrs(mut b: &[u8]) -> Vec<(u16, &[u8])> {
-    let mut v = Vec::new();
-    while b.len() >= 4 {
-        let len = u16::from_ne_bytes([b[0], b[1]]) as usize;
-        let ty = u16::from_ne_bytes([b[2], b[3]]) & 0x7fff;
-        if len < 4 || len > b.len() {
-            break;
-        }
-        v.push((ty, &b[4..len]));
-        b = &b[((len + 3) & !3).min(b.len())..];
-    }
-    v
-}
-
 /// Parses an NFULNL_MSG_PACKET body (after the netlink header).
 pub fn parse_packet(body: &[u8]) -> Option<Record> {
     let a = attrs(body.get(4..)?);
@@ -74,57 +60,38 @@ pub fn parse_packet(body: &[u8]) -> Option<Record> {
     Some(Record { verdict, proto, dst: Ipv4Addr::new(p[16], p[17], p[18], p[19]), dport })
 }
 
-fn send(fd: &OwnedFd, msg: &[u8]) -> io::Result<()> {
-    // SAFETY: sending our own buffer on our own socket.
-    if unsafe { libc::send(fd.as_raw_fd(), msg.as_ptr().cast(), msg.len(), 0) } < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
-}
-
-fn config(group: u16, attr: u16, payload: &[u8]) -> Vec<u8> {
-    let mut m = vec![0u8; 16];
-    m[4..6].copy_from_slice(&((NFNL_SUBSYS_ULOG << 8) | NFULNL_MSG_CONFIG).to_ne_bytes());
-    m[6..8].copy_from_slice(&(libc::NLM_F_REQUEST as u16).to_ne_bytes());
-    m.extend_from_slice(&[libc::AF_UNSPEC as u8, 0]);
-    m.extend_from_slice(&group.to_be_bytes());
-    m.extend_from_slice(&((4 + payload.len()) as u16).to_ne_bytes());
-    m.extend_from_slice(&attr.to_ne_bytes());
-    m.extend_from_slice(payload);
-    m.resize((m.len() + 3) & !3, 0);
-    let len = m.len() as u32;
-    m[0..4].copy_from_slice(&len.to_ne_bytes());
-    m
+fn config(sock: &mut Socket, group: u16, attr: u16, payload: &[u8]) -> Result<(), NetError> {
+    let mut header = vec![libc::AF_UNSPEC as u8, 0];
+    header.extend_from_slice(&group.to_be_bytes());
+    let mut m = Msg::new((NFNL_SUBSYS_ULOG << 8) | NFULNL_MSG_CONFIG, 0, &header);
+    m.attr(attr, payload);
+    let seq = sock.next_seq();
+    sock.send(&m.finish(seq))
 }
 
 /// Binds to `group` and returns the socket (copying the first 64 bytes of each packet).
-pub fn open(group: u16) -> io::Result<OwnedFd> {
-    // SAFETY: plain socket(2); checked and owned below.
-    let fd = unsafe { libc::socket(libc::AF_NETLINK, libc::SOCK_RAW | libc::SOCK_CLOEXEC, NETLINK_NETFILTER) };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: a fresh descriptor nothing else owns.
-    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-    send(&fd, &config(group, NFULA_CFG_CMD, &[NFULNL_CFG_CMD_BIND, 0, 0, 0]))?;
+pub fn open(group: u16) -> Result<Socket, NetError> {
+    let mut sock = Socket::open(libc::NETLINK_NETFILTER, None)?;
+    config(&mut sock, group, NFULA_CFG_CMD, &[NFULNL_CFG_CMD_BIND, 0, 0, 0])?;
     let mut mode = 64u32.to_be_bytes().to_vec();
     mode.extend_from_slice(&[NFULNL_COPY_PACKET, 0]);
-    send(&fd, &config(group, NFULA_CFG_MODE, &mode))?;
+    config(&mut sock, group, NFULA_CFG_MODE, &mode)?;
     // One packet a message, sent at once: the kernel would otherwise hold up to a second's worth,
     // and a record must arrive while the tool call behind it is still the one in flight.
-    send(&fd, &config(group, NFULA_CFG_QTHRESH, &1u32.to_be_bytes()))?;
-    Ok(fd)
+    config(&mut sock, group, NFULA_CFG_QTHRESH, &1u32.to_be_bytes())?;
+    Ok(sock)
 }
 
 /// Logs records from `fd` until `stop` is signalled.
 pub fn serve(
-    fd: OwnedFd,
+    sock: Socket,
     session: String,
     stats: Arc<ConnStats>,
     stop: Arc<super::Stop>,
     hook: Option<super::EgressHook>,
 ) {
     use std::os::fd::AsFd;
+    let fd = sock.fd();
     let mut buf = vec![0u8; 65536];
     let mut stopping = false;
     loop {
@@ -141,29 +108,22 @@ pub fn serve(
             }
             continue;
         }
-        let mut off = 0usize;
-        while off + 16 <= n as usize {
-            let len = u32::from_ne_bytes(buf[off..off + 4].try_into().expect("4 bytes")) as usize;
-            let ty = u16::from_ne_bytes([buf[off + 4], buf[off + 5]]);
-            if len < 16 || off + len > n as usize {
-                break;
+        for (h, body) in messages(&buf[..n as usize]).map_while(Result::ok) {
+            if h.kind != (NFNL_SUBSYS_ULOG << 8) | NFULNL_MSG_PACKET {
+                continue;
             }
-            if ty == (NFNL_SUBSYS_ULOG << 8) | NFULNL_MSG_PACKET {
-                if let Some(r) = parse_packet(&buf[off + 16..off + len]) {
-                    if let Some(h) = &hook {
-                        h(r.verdict == "allow", r.proto, r.dst, r.dport);
-                    }
-                    let dport = r.dport.map(|p| p.to_string()).unwrap_or_default();
-                    if r.verdict == "allow" {
-                        stats.allowed.fetch_add(1, Ordering::Relaxed);
-                        tracing::info!(session = %session, proto = r.proto, dst = %r.dst, dport, "egress allowed");
-                    } else {
-                        stats.denied.fetch_add(1, Ordering::Relaxed);
-                        tracing::warn!(session = %session, proto = r.proto, dst = %r.dst, dport, "egress denied");
-                    }
-                }
+            let Some(r) = parse_packet(body) else { continue };
+            if let Some(hook) = &hook {
+                hook(r.verdict == "allow", r.proto, r.dst, r.dport);
             }
-            off += (len + 3) & !3;
+            let dport = r.dport.map(|p| p.to_string()).unwrap_or_default();
+            if r.verdict == "allow" {
+                stats.allowed.fetch_add(1, Ordering::Relaxed);
+                tracing::info!(session = %session, proto = r.proto, dst = %r.dst, dport, "egress allowed");
+            } else {
+                stats.denied.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(session = %session, proto = r.proto, dst = %r.dst, dport, "egress denied");
+            }
         }
     }
 }

@@ -11,24 +11,16 @@
 //! Values follow nf_tables' conventions: integer attributes big-endian; register contents in
 //! packet byte order, except ct state, which is a host-endian bitmask.
 
-use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::Mutex;
 
-use super::nflog::attrs;
-use super::rtnl::{align4, Msg};
+use super::netlink::{
+    ack_errno, attrs, Msg, NetError, Socket, NLA_F_NESTED, NLMSG_DONE, NLMSG_ERROR, NLM_F_ACK, NLM_F_APPEND,
+    NLM_F_CREATE, NLM_F_DUMP, NLM_F_MULTI,
+};
 
 const NFNL_SUBSYS_NFTABLES: u16 = 10;
 const NFNL_MSG_BATCH_BEGIN: u16 = 0x10;
 const NFNL_MSG_BATCH_END: u16 = 0x11;
-const NLMSG_ERROR: u16 = 2;
-const NLMSG_DONE: u16 = 3;
-const NLM_F_MULTI: u16 = 0x2;
-const NLM_F_ACK: u16 = 0x4;
-const NLM_F_DUMP: u16 = 0x300;
-const NLM_F_CREATE: u16 = 0x400;
-const NLM_F_APPEND: u16 = 0x800;
-const NLA_F_NESTED: u16 = 0x8000;
 /// `enum nft_reject_types` and the icmpx code of <linux/netfilter/nf_tables.h>.
 const NFT_REJECT_TCP_RST: u32 = 1;
 const NFT_REJECT_ICMPX_UNREACH: u32 = 2;
@@ -346,7 +338,7 @@ impl Batch {
     }
 
     /// Sends the transaction; the error names the first message the kernel refused.
-    pub fn commit(self) -> Result<(), String> {
+    pub fn commit(self) -> Result<(), NetError> {
         if self.msgs.is_empty() {
             return Ok(());
         }
@@ -362,17 +354,14 @@ pub fn ifname_key(name: &str) -> [u8; 16] {
     k
 }
 
-struct Socket {
-    fd: OwnedFd,
-    seq: u32,
-}
-
+/// The process's one nf_tables socket (see the module's doc for why it stays open), its receive
+/// buffer large enough for a dump of every session's rules.
 static SOCKET: Mutex<Option<Socket>> = Mutex::new(None);
 
-fn with_socket<T>(f: impl FnOnce(&mut Socket) -> Result<T, String>) -> Result<T, String> {
+fn with_socket<T>(f: impl FnOnce(&mut Socket) -> Result<T, NetError>) -> Result<T, NetError> {
     let mut guard = SOCKET.lock().unwrap_or_else(|p| p.into_inner());
     if guard.is_none() {
-        *guard = Some(Socket::open().map_err(|e| format!("nftables netlink socket: {e}"))?);
+        *guard = Some(Socket::open(libc::NETLINK_NETFILTER, Some(1 << 20)).map_err(|e| e.about("nftables"))?);
     }
     let r = f(guard.as_mut().expect("opened above"));
     if r.is_err() {
@@ -382,117 +371,57 @@ fn with_socket<T>(f: impl FnOnce(&mut Socket) -> Result<T, String>) -> Result<T,
     r
 }
 
-impl Socket {
-    fn open() -> io::Result<Socket> {
-        // SAFETY: plain socket(2); the result is checked and owned below.
-        let fd =
-            unsafe { libc::socket(libc::AF_NETLINK, libc::SOCK_RAW | libc::SOCK_CLOEXEC, libc::NETLINK_NETFILTER) };
-        if fd < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: `fd` is a fresh descriptor nothing else owns.
-        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-        let big: libc::c_int = 1 << 20;
-        // SAFETY: setsockopt with a valid int option value of the size given.
-        unsafe {
-            libc::setsockopt(
-                fd.as_raw_fd(),
-                libc::SOL_SOCKET,
-                libc::SO_RCVBUF,
-                (&big as *const libc::c_int).cast(),
-                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-            )
-        };
-        Ok(Socket { fd, seq: std::process::id().wrapping_mul(1 << 16) })
-    }
+/// The kernel answers a batch while it is being sent; this long without a word is a failure.
+const ANSWER_MS: i32 = 5000;
 
-    fn send(&self, bytes: &[u8]) -> Result<(), String> {
-        // SAFETY: sending our own buffer on our own socket; the kernel's address is implied.
-        let n = unsafe { libc::send(self.fd.as_raw_fd(), bytes.as_ptr().cast(), bytes.len(), 0) };
-        if n < 0 {
-            return Err(format!("nftables: send: {}", io::Error::last_os_error()));
-        }
-        Ok(())
-    }
+trait Transactions {
+    fn commit(&mut self, batch: Batch) -> Result<(), NetError>;
+    fn dump(&mut self, msg: u16, family: u8, attrs_of: &[(u16, &str)], each: impl FnMut(&[u8]))
+        -> Result<(), NetError>;
+}
 
-    /// Reads messages, calling `each(seq, type, flags, body)`, until `each` returns true.
-    /// Waits at most 5 s for the kernel, which answers a batch while it is being sent.
-    fn read(&self, mut each: impl FnMut(u32, u16, u16, &[u8]) -> bool) -> Result<(), String> {
-        let mut buf = vec![0u8; 64 * 1024];
-        loop {
-            let mut pfd = libc::pollfd { fd: self.fd.as_raw_fd(), events: libc::POLLIN, revents: 0 };
-            // SAFETY: one valid pollfd.
-            let r = unsafe { libc::poll(&mut pfd, 1, 5000) };
-            if r == 0 {
-                return Err("nftables: no answer from the kernel".into());
-            }
-            // SAFETY: receiving into our own buffer of the given length.
-            let n = unsafe { libc::recv(self.fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
-            if n < 0 {
-                let e = io::Error::last_os_error();
-                if e.kind() == io::ErrorKind::Interrupted {
-                    continue;
-                }
-                return Err(format!("nftables: recv: {e}"));
-            }
-            let (n, mut off) = (n as usize, 0usize);
-            while off + 16 <= n {
-                let len = u32::from_ne_bytes(buf[off..off + 4].try_into().expect("4 bytes")) as usize;
-                let kind = u16::from_ne_bytes(buf[off + 4..off + 6].try_into().expect("2 bytes"));
-                let flags = u16::from_ne_bytes(buf[off + 6..off + 8].try_into().expect("2 bytes"));
-                let seq = u32::from_ne_bytes(buf[off + 8..off + 12].try_into().expect("4 bytes"));
-                if len < 16 || off + len > n {
-                    return Err("nftables: truncated netlink message".into());
-                }
-                if each(seq, kind, flags, &buf[off + 16..off + len]) {
-                    return Ok(());
-                }
-                off += align4(len);
-            }
-        }
-    }
-
-    fn commit(&mut self, batch: Batch) -> Result<(), String> {
+impl Transactions for Socket {
+    fn commit(&mut self, batch: Batch) -> Result<(), NetError> {
         let res = nfgenmsg(0, NFNL_SUBSYS_NFTABLES);
         let mut bytes = Vec::new();
-        self.seq = self.seq.wrapping_add(1);
-        let begin = self.seq;
+        let begin = self.next_seq();
         bytes.extend(Msg::new(NFNL_MSG_BATCH_BEGIN, 0, &res).finish(begin));
-        let first = self.seq.wrapping_add(1);
+        let first = begin.wrapping_add(1);
         let mut what = Vec::new();
         for (m, w) in batch.msgs {
-            self.seq = self.seq.wrapping_add(1);
-            bytes.extend(m.finish(self.seq));
+            let seq = self.next_seq();
+            bytes.extend(m.finish(seq));
             what.push(w);
         }
-        self.seq = self.seq.wrapping_add(1);
-        bytes.extend(Msg::new(NFNL_MSG_BATCH_END, 0, &res).finish(self.seq));
-        self.send(&bytes)?;
+        let end = self.next_seq();
+        bytes.extend(Msg::new(NFNL_MSG_BATCH_END, 0, &res).finish(end));
+        self.send(&bytes).map_err(|e| e.about("nftables"))?;
         // One answer per message (each asked for an ack); the first refusal ends the wait (the
         // kernel rolls the whole batch back). Whatever answers are left unread go with the
         // socket, which `with_socket` drops after an error.
         let mut pending = what.len();
-        let mut failure: Option<String> = None;
-        self.read(|seq, kind, _, body| {
-            if kind != NLMSG_ERROR {
+        let mut failure: Option<NetError> = None;
+        self.read(ANSWER_MS, |h, body| {
+            if h.kind != NLMSG_ERROR {
                 return false;
             }
-            let errno = body.get(0..4).map(|b| i32::from_ne_bytes(b.try_into().expect("4 bytes"))).unwrap_or(0);
-            let idx = seq.wrapping_sub(first) as usize;
-            if seq == begin && errno != 0 {
-                failure = Some(format!("nftables: batch: {}", io::Error::from_raw_os_error(-errno)));
+            let errno = ack_errno(body);
+            let idx = h.seq.wrapping_sub(first) as usize;
+            if h.seq == begin && errno != 0 {
+                failure = Some(NetError::Kernel { what: "nftables: batch".into(), errno });
                 return true;
             }
             if idx >= what.len() {
                 return false;
             }
             if errno != 0 {
-                failure = Some(format!("nftables: {}: {}", what[idx], io::Error::from_raw_os_error(-errno)));
+                failure = Some(NetError::Kernel { what: format!("nftables: {}", what[idx]), errno });
                 return true;
             }
             pending -= 1;
             pending == 0
-        })?;
+        })
+        .map_err(|e| e.about("nftables"))?;
         failure.map_or(Ok(()), Err)
     }
 
@@ -503,25 +432,24 @@ impl Socket {
         family: u8,
         attrs_of: &[(u16, &str)],
         mut each: impl FnMut(&[u8]),
-    ) -> Result<(), String> {
+    ) -> Result<(), NetError> {
         let mut m = Msg::new(kind(msg), NLM_F_DUMP, &nfgenmsg(family, 0));
         for (a, v) in attrs_of {
             m.str_attr(*a, v);
         }
-        self.seq = self.seq.wrapping_add(1);
-        let seq = self.seq;
-        self.send(&m.finish(seq))?;
+        let seq = self.next_seq();
+        self.send(&m.finish(seq)).map_err(|e| e.about("nftables dump"))?;
         let mut err = None;
-        self.read(|s, kind, flags, body| {
-            if s != seq {
+        self.read(ANSWER_MS, |h, body| {
+            if h.seq != seq {
                 return false;
             }
-            match kind {
+            match h.kind {
                 NLMSG_DONE => true,
                 NLMSG_ERROR => {
-                    let errno = body.get(0..4).map(|b| i32::from_ne_bytes(b.try_into().expect("4 bytes"))).unwrap_or(0);
+                    let errno = ack_errno(body);
                     if errno != 0 {
-                        err = Some(io::Error::from_raw_os_error(-errno));
+                        err = Some(errno);
                     }
                     true
                 }
@@ -529,12 +457,13 @@ impl Socket {
                     if let Some(b) = body.get(4..) {
                         each(b);
                     }
-                    flags & NLM_F_MULTI == 0
+                    h.flags & NLM_F_MULTI == 0
                 }
             }
-        })?;
+        })
+        .map_err(|e| e.about("nftables dump"))?;
         match err {
-            Some(e) => Err(format!("nftables dump: {e}")),
+            Some(errno) => Err(NetError::Kernel { what: "nftables dump".into(), errno }),
             None => Ok(()),
         }
     }
@@ -545,7 +474,7 @@ fn nla_str(v: &[u8]) -> String {
 }
 
 /// Chains of a table, by name. `Err` when the table does not exist.
-pub fn chains(family: u8, table: &str) -> Result<Vec<String>, String> {
+pub fn chains(family: u8, table: &str) -> Result<Vec<String>, NetError> {
     let mut out = Vec::new();
     with_socket(|s| {
         s.dump(GETCHAIN, family, &[(NFTA_CHAIN_TABLE, table)], |b| {
@@ -562,7 +491,7 @@ pub fn chains(family: u8, table: &str) -> Result<Vec<String>, String> {
 }
 
 /// Sets of a table: (name, flags).
-pub fn sets(family: u8, table: &str) -> Result<Vec<(String, u32)>, String> {
+pub fn sets(family: u8, table: &str) -> Result<Vec<(String, u32)>, NetError> {
     let mut out = Vec::new();
     with_socket(|s| {
         s.dump(GETSET, family, &[(NFTA_SET_TABLE, table)], |b| {
@@ -593,7 +522,7 @@ pub struct RuleInfo {
 }
 
 /// Rules of a table, optionally of one chain only.
-pub fn rules(family: u8, table: &str, chain: Option<&str>) -> Result<Vec<RuleInfo>, String> {
+pub fn rules(family: u8, table: &str, chain: Option<&str>) -> Result<Vec<RuleInfo>, NetError> {
     let mut out = Vec::new();
     let mut filter = vec![(NFTA_RULE_TABLE, table)];
     if let Some(c) = chain {

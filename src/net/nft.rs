@@ -15,25 +15,26 @@ use std::net::Ipv4Addr;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
+use super::netlink::NetError;
 use super::nfnl::{self, base, meta, op, Batch, Elem, Rule, Verdict, NFPROTO_INET};
 use super::rules::{AllowRule, Net4, Proto, ALWAYS_DENIED};
 
 pub const TABLE: &str = "stockade";
 
-fn nft(script: &str) -> Result<(), String> {
+fn nft(script: &str) -> Result<(), NetError> {
     let mut child = Command::new("nft")
         .args(["-f", "-"])
         .stdin(Stdio::piped())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
-        .map_err(|e| format!("running nft (install the nftables package): {e}"))?;
-    child.stdin.take().expect("piped").write_all(script.as_bytes()).map_err(|e| format!("nft: {e}"))?;
-    let out = child.wait_with_output().map_err(|e| format!("nft: {e}"))?;
+        .map_err(|e| NetError::sys("running nft (install the nftables package)", e))?;
+    child.stdin.take().expect("piped").write_all(script.as_bytes()).map_err(|e| NetError::sys("nft", e))?;
+    let out = child.wait_with_output().map_err(|e| NetError::sys("nft", e))?;
     if out.status.success() {
         Ok(())
     } else {
-        Err(format!("nft: {}", String::from_utf8_lossy(&out.stderr).trim()))
+        Err(NetError::protocol("nft", String::from_utf8_lossy(&out.stderr).trim()))
     }
 }
 
@@ -42,7 +43,7 @@ fn nft(script: &str) -> Result<(), String> {
 /// table) would let sessions' traffic through unfiltered, so an incomplete base is rebuilt —
 /// atomically, in place, sessions' own chains untouched. Callers serialise this with the pool
 /// lock.
-pub fn ensure_base(host_prefix: &str) -> Result<Vec<String>, String> {
+pub fn ensure_base(host_prefix: &str) -> Result<Vec<String>, NetError> {
     let chains = nfnl::chains(NFPROTO_INET, TABLE).unwrap_or_default();
     // Only the base chains' rules are read: the sessions' own would make this dump grow with
     // every live session.
@@ -137,7 +138,7 @@ fn protos(a: &AllowRule) -> Vec<Option<(u8, (u16, u16))>> {
     }
 }
 
-pub fn add_session(s: &SessionRules) -> Result<(), String> {
+pub fn add_session(s: &SessionRules) -> Result<(), NetError> {
     let id = s.id;
     let (deny, dns_set, input) = (format!("{id}_deny"), format!("{id}_dns"), format!("{id}_in"));
     let mut denied: Vec<Net4> = ALWAYS_DENIED.iter().map(|d| Net4::parse(d).expect("constant")).collect();
@@ -239,7 +240,7 @@ pub fn add_session(s: &SessionRules) -> Result<(), String> {
 }
 
 /// Admits addresses into a session's DNS set, each until its timeout.
-pub fn admit(id: &str, addrs: &[(Ipv4Addr, Duration)]) -> Result<(), String> {
+pub fn admit(id: &str, addrs: &[(Ipv4Addr, Duration)]) -> Result<(), NetError> {
     let keys: Vec<[u8; 4]> = addrs.iter().map(|(a, _)| a.octets()).collect();
     let elems: Vec<Elem> = keys
         .iter()

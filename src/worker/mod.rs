@@ -293,7 +293,10 @@ fn snapshot_policy(state: &StateDir, policy: &crate::policy::Policy) -> Result<P
     let (again, _) = crate::policy::load_file(&path).map_err(|e| WorkerError::Policy(e.to_string()))?;
     let again = crate::policy::Policy { source: policy.source.clone(), ..again };
     if again != *policy {
-        return Err(WorkerError::Policy(format!("{}: the resolved policy does not read back the same", path.display())));
+        return Err(WorkerError::Policy(format!(
+            "{}: the resolved policy does not read back the same",
+            path.display()
+        )));
     }
     Ok(path)
 }
