@@ -10,13 +10,11 @@
 //! * clone3 answers ENOSYS: its flags live in memory that seccomp cannot inspect, and ENOSYS
 //!   makes libc fall back to clone, whose flags the filter does check.
 
-use seccompiler::{BpfProgram, SeccompCmpArgLen as Len, SeccompCmpOp as Op, SeccompCondition as Cond, SeccompRule};
-use std::collections::{BTreeMap, BTreeSet};
-
 use super::bpf::{self, Verdict};
 use super::error::{JailError, Step};
-use crate::policy::syscalls::{self, ArgCond};
+use crate::policy::syscalls::{self, Allowlist, ArgCond};
 use crate::policy::{Seccomp, SeccompAction, SOCKET_FAMILIES};
+use seccompiler::{BpfProgram, SeccompCmpArgLen as Len, SeccompCmpOp as Op, SeccompCondition as Cond, SeccompRule};
 
 const CLONE_NAMESPACE_FLAGS: u64 = (libc::CLONE_NEWNS
     | libc::CLONE_NEWCGROUP
@@ -49,104 +47,6 @@ const ARCH: (seccompiler::TargetArch, u32) =
 const ARCH: (seccompiler::TargetArch, u32) =
     (seccompiler::TargetArch::aarch64, 0xC000_00B7 /* AUDIT_ARCH_AARCH64 */);
 
-/// A syscall the allowlist admits.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Admitted {
-    pub name: &'static str,
-    /// `None`: unconditionally; otherwise when any of these conditions holds (sorted, no repeats).
-    pub conds: Option<Vec<ArgCond>>,
-}
-
-/// What a policy's allowlist admits, indexed by syscall number: every jail start computes it,
-/// and a vector slot per number costs no hashing, ordering or string comparison beyond the one
-/// lookup per name.
-#[derive(Debug, Clone, Default)]
-pub struct Allowlist {
-    slots: Vec<Option<Admitted>>,
-}
-
-impl Allowlist {
-    fn admit(&mut self, name: &'static str, nr: usize, cond: Option<ArgCond>) {
-        if self.slots.len() <= nr {
-            self.slots.resize(nr + 1, None);
-        }
-        let slot = &mut self.slots[nr];
-        match (slot.as_mut().map(|a| &mut a.conds), cond) {
-            // Unconditional already: a condition from another group cannot narrow it.
-            (Some(None), _) => {}
-            (Some(conds), None) => *conds = None,
-            (Some(Some(list)), Some(c)) => {
-                if let Err(at) = list.binary_search(&c) {
-                    list.insert(at, c);
-                }
-            }
-            (None, c) => *slot = Some(Admitted { name, conds: c.map(|c| vec![c]) }),
-        }
-    }
-
-    fn remove(&mut self, nr: usize) {
-        if let Some(slot) = self.slots.get_mut(nr) {
-            *slot = None;
-        }
-    }
-
-    /// What the allowlist says about `name`; `None` when it does not admit it.
-    pub fn get(&self, name: &str) -> Option<&Admitted> {
-        let nr = usize::try_from(syscalls::number(name)?).ok()?;
-        self.slots.get(nr)?.as_ref()
-    }
-
-    /// Whether `name` is admitted without an argument condition.
-    pub fn unconditional(&self, name: &str) -> bool {
-        matches!(self.get(name), Some(Admitted { conds: None, .. }))
-    }
-
-    /// Admitted syscalls by number, ascending.
-    pub fn iter(&self) -> impl Iterator<Item = (u32, &Admitted)> {
-        self.slots.iter().enumerate().filter_map(|(nr, a)| Some((nr as u32, a.as_ref()?)))
-    }
-
-    pub fn len(&self) -> usize {
-        self.iter().count()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-}
-
-/// Which syscalls a policy admits, and under which conditions.
-pub fn allowlist(p: &Seccomp) -> Result<Allowlist, JailError> {
-    let bad = |m: String| JailError::new(Step::Seccomp, m);
-    let nr_of = |name: &str| {
-        syscalls::number(name)
-            .and_then(|n| usize::try_from(n).ok())
-            .ok_or_else(|| JailError::new(Step::Seccomp, format!("unknown syscall {name}")))
-    };
-    let mut allowed = Allowlist::default();
-    for entry in &p.allow {
-        for m in syscalls::resolve_entry(entry).map_err(bad)? {
-            allowed.admit(m.name, nr_of(m.name)?, m.cond);
-        }
-    }
-    for entry in &p.deny {
-        for m in syscalls::resolve_entry(entry).map_err(bad)? {
-            allowed.remove(nr_of(m.name)?);
-        }
-    }
-    // clone3 always reaches the prelude's ENOSYS when clone is allowed, whatever the default
-    // action: a kill here would take down every program whose libc tries clone3 first.
-    if allowed.get("clone").is_some() {
-        allowed.admit("clone3", nr_of("clone3")?, None);
-    }
-    Ok(allowed)
-}
-
-/// [`allowlist`] by name, for the audit: `None` = unconditionally.
-pub fn allowed_set(p: &Seccomp) -> Result<BTreeMap<&'static str, Option<BTreeSet<ArgCond>>>, JailError> {
-    Ok(allowlist(p)?.iter().map(|(_, a)| (a.name, a.conds.as_ref().map(|c| c.iter().copied().collect()))).collect())
-}
-
 pub fn compile(p: &Seccomp) -> Result<Filters, JailError> {
     let err = |what: &str, e: &dyn std::fmt::Display| JailError::new(Step::Seccomp, format!("{what}: {e}"));
     if syscalls::native_table().is_empty() {
@@ -155,7 +55,7 @@ pub fn compile(p: &Seccomp) -> Result<Filters, JailError> {
             "no syscall table for this architecture; refusing to run unfiltered",
         ));
     }
-    let allowed = allowlist(p)?;
+    let allowed = p.allowed.clone();
     let families: Vec<u64> = p
         .socket_families
         .iter()
@@ -256,6 +156,15 @@ pub fn install(program: &[seccompiler::sock_filter]) -> Result<(), JailError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::collections::BTreeMap;
+
+    fn allowed_set(p: &Seccomp) -> Result<BTreeMap<&'static str, Option<std::collections::BTreeSet<ArgCond>>>, String> {
+        Ok(syscalls::by_name(&p.allowed))
+    }
+
+    fn policy_text(text: &str) -> crate::policy::Policy {
+        crate::policy::load_str("test.toml", text, None).unwrap().0
+    }
     use crate::policy::load_builtin;
 
     /// The kernel refuses a filter with any jump that leaves the program, reachable or not.
@@ -310,9 +219,7 @@ mod tests {
 
     #[test]
     fn namespaces_group_lifts_clone_condition_and_deny_wins() {
-        let (mut p, _) = load_builtin("default").unwrap();
-        p.seccomp.allow.push("@namespaces".into());
-        p.seccomp.deny.push("setns".into());
+        let p = policy_text("extends = \"default\"\n[seccomp]\nallow_add = [\"@namespaces\"]\ndeny_add = [\"setns\"]\n");
         let set = allowed_set(&p.seccomp).unwrap();
         assert_eq!(set["clone"], None);
         assert_eq!(set["unshare"], None);
@@ -378,10 +285,10 @@ mod tests {
         for name in ["default", "strict", "ci"] {
             policies.push(load_builtin(name).unwrap().0.seccomp);
         }
-        let (mut p, _) = load_builtin("default").unwrap();
-        p.seccomp.allow = vec!["@basic-io".into(), "@namespaces".into(), "ptrace".into()];
-        p.seccomp.default_action = SeccompAction::Log;
-        p.seccomp.socket_families.push("netlink".into());
+        let p = policy_text(
+            "extends = \"default\"\n[seccomp]\nallow = [\"@basic-io\", \"@namespaces\", \"ptrace\"]\n\
+             default_action = \"log\"\nsocket_families_add = [\"netlink\"]\n",
+        );
         policies.push(p.seccomp);
 
         let args_samples: Vec<[u64; 6]> = {

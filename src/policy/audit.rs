@@ -175,20 +175,9 @@ pub fn audit(p: &Policy, origins: &Origins) -> Report {
 }
 
 fn syscall_checks(p: &Policy, c: &mut Ctx) {
-    // A policy that loaded always resolves; should it not, every group is reported exposed
-    // rather than silently refused.
-    let allowed = match crate::jail::seccomp::allowed_set(&p.seccomp) {
-        Ok(a) => Some(a),
-        Err(e) => {
-            for (g, w) in GROUP_WEIGHTS {
-                let id = format!("syscalls.{}", g.trim_start_matches('@'));
-                c.add(&id, *w, Verdict::Fail, "seccomp.allow", format!("the allowlist does not resolve: {e}"));
-            }
-            None
-        }
-    };
-    for (g, w) in GROUP_WEIGHTS.iter().filter(|_| allowed.is_some()) {
-        let allowed = allowed.as_ref().expect("filtered");
+    // Resolved when the policy was read.
+    let allowed = syscalls::by_name(&p.seccomp.allowed);
+    for (g, w) in GROUP_WEIGHTS {
         let Some(group) = syscalls::group(g) else { continue };
         let members: BTreeSet<&str> = syscalls::expand_group(group.name).iter().map(|m| m.name).collect();
         // Exposed: admitted without an argument condition. Conditions come from Stockade's group
@@ -205,26 +194,21 @@ fn syscall_checks(p: &Policy, c: &mut Ctx) {
         };
         c.add(&format!("syscalls.{}", g.trim_start_matches('@')), *w, v, "seccomp.allow", reason);
     }
-    if let Some(allowed) = &allowed {
-        let open: Vec<&str> = syscalls::SETID_GUARDED
-            .iter()
-            .copied()
-            .chain(["openat2"])
-            .filter(|n| matches!(allowed.get(n), Some(None)))
-            .collect();
-        let (v, r) = if open.is_empty() {
-            (
-                Verdict::Pass,
-                "setuid/setgid bits refused in chmod, open, creat, mkdir and mknod modes; openat2 refused".to_owned(),
-            )
-        } else {
-            (
-                Verdict::Fail,
-                format!("setuid/setgid files can be made: {} allowed without a mode condition", open.join(" ")),
-            )
-        };
-        c.add("syscalls.setid_modes", 0.5, v, "seccomp.allow", r);
-    }
+    let open: Vec<&str> = syscalls::SETID_GUARDED
+        .iter()
+        .copied()
+        .chain(["openat2"])
+        .filter(|n| matches!(allowed.get(n), Some(None)))
+        .collect();
+    let (v, r) = if open.is_empty() {
+        (
+            Verdict::Pass,
+            "setuid/setgid bits refused in chmod, open, creat, mkdir and mknod modes; openat2 refused".to_owned(),
+        )
+    } else {
+        (Verdict::Fail, format!("setuid/setgid files can be made: {} allowed without a mode condition", open.join(" ")))
+    };
+    c.add("syscalls.setid_modes", 0.5, v, "seccomp.allow", r);
     let (v, r) = match p.seccomp.default_action {
         SeccompAction::Errno => (Verdict::Pass, "syscalls outside the allowlist fail with EPERM".to_owned()),
         SeccompAction::Kill => (Verdict::Pass, "syscalls outside the allowlist kill the process".to_owned()),

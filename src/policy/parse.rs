@@ -664,7 +664,8 @@ fn landlock(raw: LandlockRaw, network: &Network) -> Landlock {
 
 /// `[seccomp]`.
 fn seccomp(raw: SeccompRaw, bad: &Bad) -> Result<Seccomp, PolicyError> {
-    let seccomp = Seccomp {
+    let mut seccomp = Seccomp {
+        allowed: Default::default(),
         default_action: raw.default_action.map_or(SeccompAction::Errno, Into::into),
         allow: raw.allow.unwrap_or_else(|| vec!["@system-service".into()]),
         deny: raw.deny.unwrap_or_default(),
@@ -675,6 +676,7 @@ fn seccomp(raw: SeccompRaw, bad: &Bad) -> Result<Seccomp, PolicyError> {
             syscalls::resolve_entry(e).map_err(|m| bad(key, m))?;
         }
     }
+    seccomp.allowed = syscalls::allowlist(&seccomp.allow, &seccomp.deny).map_err(|m| bad("seccomp.allow", m))?;
     for f in &seccomp.socket_families {
         if !SOCKET_FAMILIES.iter().any(|(n, _)| n == f) {
             let hint = nearest(f, SOCKET_FAMILIES.iter().map(|(n, _)| *n))

@@ -722,6 +722,99 @@ fn unknown(kind: &str, entry: &str, known: &[&str]) -> String {
     }
 }
 
+/// A syscall the allowlist admits.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Admitted {
+    pub name: &'static str,
+    /// `None`: unconditionally; otherwise when any of these conditions holds (sorted, no repeats).
+    pub conds: Option<Vec<ArgCond>>,
+}
+
+/// What a policy's allowlist admits, indexed by syscall number: resolved once, when the policy
+/// is read; a vector slot per number costs no hashing or ordering.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Allowlist {
+    slots: Vec<Option<Admitted>>,
+}
+
+impl Allowlist {
+    fn admit(&mut self, name: &'static str, nr: usize, cond: Option<ArgCond>) {
+        if self.slots.len() <= nr {
+            self.slots.resize(nr + 1, None);
+        }
+        let slot = &mut self.slots[nr];
+        match (slot.as_mut().map(|a| &mut a.conds), cond) {
+            // Unconditional already: a condition from another group cannot narrow it.
+            (Some(None), _) => {}
+            (Some(conds), None) => *conds = None,
+            (Some(Some(list)), Some(c)) => {
+                if let Err(at) = list.binary_search(&c) {
+                    list.insert(at, c);
+                }
+            }
+            (None, c) => *slot = Some(Admitted { name, conds: c.map(|c| vec![c]) }),
+        }
+    }
+
+    fn remove(&mut self, nr: usize) {
+        if let Some(slot) = self.slots.get_mut(nr) {
+            *slot = None;
+        }
+    }
+
+    /// What the allowlist says about `name`; `None` when it does not admit it.
+    pub fn get(&self, name: &str) -> Option<&Admitted> {
+        let nr = usize::try_from(number(name)?).ok()?;
+        self.slots.get(nr)?.as_ref()
+    }
+
+    /// Whether `name` is admitted without an argument condition.
+    pub fn unconditional(&self, name: &str) -> bool {
+        matches!(self.get(name), Some(Admitted { conds: None, .. }))
+    }
+
+    /// Admitted syscalls by number, ascending.
+    pub fn iter(&self) -> impl Iterator<Item = (u32, &Admitted)> {
+        self.slots.iter().enumerate().filter_map(|(nr, a)| Some((nr as u32, a.as_ref()?)))
+    }
+
+    pub fn len(&self) -> usize {
+        self.iter().count()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// Which syscalls `allow` minus `deny` admits, and under which conditions.
+pub fn allowlist(allow: &[String], deny: &[String]) -> Result<Allowlist, String> {
+    let nr_of =
+        |name: &str| number(name).and_then(|n| usize::try_from(n).ok()).ok_or(format!("unknown syscall {name}"));
+    let mut allowed = Allowlist::default();
+    for entry in allow {
+        for m in resolve_entry(entry)? {
+            allowed.admit(m.name, nr_of(m.name)?, m.cond);
+        }
+    }
+    for entry in deny {
+        for m in resolve_entry(entry)? {
+            allowed.remove(nr_of(m.name)?);
+        }
+    }
+    // clone3 always reaches the prelude's ENOSYS when clone is allowed, whatever the default
+    // action: a kill here would take down every program whose libc tries clone3 first.
+    if allowed.get("clone").is_some() {
+        allowed.admit("clone3", nr_of("clone3")?, None);
+    }
+    Ok(allowed)
+}
+
+/// [`Allowlist`] by name, for the audit: `None` = unconditionally.
+pub fn by_name(a: &Allowlist) -> std::collections::BTreeMap<&'static str, Option<std::collections::BTreeSet<ArgCond>>> {
+    a.iter().map(|(_, a)| (a.name, a.conds.as_ref().map(|c| c.iter().copied().collect()))).collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

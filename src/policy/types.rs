@@ -224,6 +224,9 @@ pub struct Seccomp {
     pub deny: Vec<String>,
     /// Address families socket(2)/socketpair(2) may use: unix, inet, inet6, netlink.
     pub socket_families: Vec<String>,
+    /// `allow` minus `deny`, resolved when the policy was read: what the filter admits.
+    #[serde(skip)]
+    pub allowed: super::syscalls::Allowlist,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
