@@ -9,20 +9,13 @@
 //! the effective, permitted and inheritable sets, one ambient clear, one status read to verify
 //! (a capability at a time through the `caps` crate cost ~170 prctl calls).
 
-use caps::{CapSet, Capability, CapsHashSet};
+use caps::CapSet;
 
 use super::error::{JailError, Step, StepExt};
 
-pub fn drop_to(uid: u32, gid: u32, keep_names: &[String], clear_groups: bool) -> Result<(), JailError> {
-    let keep: CapsHashSet = keep_names
-        .iter()
-        .map(|n| {
-            let n = n.to_ascii_uppercase();
-            let n = if n.starts_with("CAP_") { n } else { format!("CAP_{n}") };
-            n.parse::<Capability>().map_err(|e| JailError::new(Step::Capabilities, format!("{n}: {e}")))
-        })
-        .collect::<Result<_, _>>()?;
-    let keep_mask = keep.iter().fold(0u64, |m, c| m | c.bitmask());
+/// Drops every capability but those of `keep` (the policy's set, resolved when it was read).
+pub fn drop_to(uid: u32, gid: u32, keep: &crate::policy::CapSet, clear_groups: bool) -> Result<(), JailError> {
+    let keep_mask = keep.mask();
 
     // Lock root out of privilege: uid 0 inside gains nothing from exec or setuid transitions.
     let mut bits = libc::SECBIT_NOROOT | libc::SECBIT_NOROOT_LOCKED | libc::SECBIT_NO_SETUID_FIXUP_LOCKED;
@@ -42,9 +35,9 @@ pub fn drop_to(uid: u32, gid: u32, keep_names: &[String], clear_groups: bool) ->
         .map_err(|e| JailError::new(Step::Capabilities, format!("become uid {uid} gid {gid}: {e}")))?;
 
     set_process_caps(keep_mask)?;
-    for cap in &keep {
+    for cap in keep.iter() {
         // Ambient capabilities are the only ones an unprivileged uid keeps across execve.
-        caps::raise(None, CapSet::Ambient, *cap).step(Step::Capabilities, || format!("raise ambient {cap}"))?;
+        caps::raise(None, CapSet::Ambient, cap).step(Step::Capabilities, || format!("raise ambient {cap}"))?;
     }
     prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, "PR_SET_NO_NEW_PRIVS")?;
     verify(keep_mask)

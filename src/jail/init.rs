@@ -181,7 +181,7 @@ fn setup(ctx: &ChildCtx) -> Result<Option<Pid>, JailError> {
     nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWCGROUP)
         .step(Step::Namespaces, || "unshare cgroup namespace".into())?;
     let root_mode = ctx.ids.setup_ids().is_some();
-    caps::drop_to(p.user.uid, p.user.gid, &p.capabilities.keep, root_mode)?;
+    caps::drop_to(p.user.uid, p.user.gid, &p.capabilities.set, root_mode)?;
     landlock::apply(p)?;
     caps::set_non_dumpable()?;
     arm_parent_death_signal(&ctx.pipes.go_read)?;

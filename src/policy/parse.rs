@@ -693,15 +693,12 @@ fn seccomp(raw: SeccompRaw, bad: &Bad) -> Result<Seccomp, PolicyError> {
 
 /// `[capabilities]`.
 fn capabilities(raw: CapsRaw, bad: &Bad) -> Result<Capabilities, PolicyError> {
-    let capabilities = Capabilities { keep: raw.keep.unwrap_or_default() };
-    for c in &capabilities.keep {
-        let norm = c.to_ascii_uppercase();
-        let norm = if norm.starts_with("CAP_") { norm } else { format!("CAP_{norm}") };
-        if norm.parse::<caps::Capability>().is_err() {
-            return Err(bad("capabilities.keep", format!("unknown capability `{c}`")));
-        }
+    let keep = raw.keep.unwrap_or_default();
+    let mut set = CapSet::default();
+    for c in &keep {
+        set.insert(CapSet::parse_name(c).map_err(|m| bad("capabilities.keep", m))?);
     }
-    Ok(capabilities)
+    Ok(Capabilities { keep, set })
 }
 
 type Bad<'a> = dyn Fn(&str, String) -> PolicyError + 'a;

@@ -231,7 +231,40 @@ pub struct Seccomp {
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Capabilities {
+    /// As written (`SYS_ADMIN` or `CAP_SYS_ADMIN`).
     pub keep: Vec<String>,
+    /// The same, resolved when the policy was read.
+    #[serde(skip)]
+    pub set: CapSet,
+}
+
+/// A set of capabilities.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CapSet(u64);
+
+impl CapSet {
+    /// A capability by name, with or without the `CAP_` prefix, any case.
+    pub fn parse_name(name: &str) -> Result<caps::Capability, String> {
+        let n = name.to_ascii_uppercase();
+        let n = if n.starts_with("CAP_") { n } else { format!("CAP_{n}") };
+        n.parse::<caps::Capability>().map_err(|_| format!("unknown capability `{name}`"))
+    }
+
+    pub fn insert(&mut self, c: caps::Capability) {
+        self.0 |= c.bitmask();
+    }
+
+    pub fn mask(self) -> u64 {
+        self.0
+    }
+
+    pub fn is_empty(self) -> bool {
+        self.0 == 0
+    }
+
+    pub fn iter(self) -> impl Iterator<Item = caps::Capability> {
+        caps::all().into_iter().filter(move |c| self.0 & c.bitmask() != 0)
+    }
 }
 
 /// Socket families a policy may name, with their numbers.
