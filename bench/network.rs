@@ -47,7 +47,7 @@ fn main() {
     for _ in 0..n {
         let j = jail();
         let t = Instant::now();
-        let plan = Plan::reserve(&policy.network.pool).unwrap();
+        let plan = Plan::reserve(stockade::net::egress_of(&policy.network).unwrap().pool).unwrap();
         let mut net = SessionNet::create(plan, j.id() as i32, &policy.network, None).unwrap();
         let up = t.elapsed();
         end(j);

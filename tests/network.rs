@@ -15,7 +15,8 @@ use std::time::{Duration, Instant};
 
 use stockade::net::dns;
 
-/// The tampering test flushes the shared base chain: the others must not run meanwhile.
+/// The tampering test flushes the shared base chain, and the killed-session test looks at
+/// leftovers any session's start would sweep: the others must not run meanwhile.
 static TABLE: std::sync::RwLock<()> = std::sync::RwLock::new(());
 use stockade::net::rtnl::Rtnl;
 
@@ -306,7 +307,8 @@ fn two_sessions_cannot_reach_each_other_and_a_killed_stockade_leaves_nothing() {
     if needs_root() {
         return;
     }
-    let _shared = TABLE.read().unwrap_or_else(|p| p.into_inner());
+    // Alone: any other session's start sweeps what the killed one left, which this test looks at.
+    let _alone = TABLE.write().unwrap_or_else(|p| p.into_inner());
     let inet = Internet::start([203, 0, 113], "b");
     let (_d, p) = veth_policy(&inet, "");
     // Session A listens; session B tries to reach it.
@@ -384,7 +386,7 @@ fn netlink_rules_read_back_as_the_intended_ruleset() {
     }
     let _shared = TABLE.read().unwrap_or_else(|p| p.into_inner());
     use stockade::net::nft::{self, SessionRules};
-    use stockade::net::rules::{AllowRule, Net4};
+    use stockade::policy::rules::{AllowRule, Net4};
     nft::ensure_base("stk").unwrap();
     let id = "s4090001";
     let allow: Vec<AllowRule> = ["198.51.100.0/24:443/tcp", "10.77.0.0/16:8000-8010", "203.0.113.5"]

@@ -273,7 +273,7 @@ fn preflight(spec: &JailSpec, payload: &Payload, report: &mut Report) -> Result<
         format!("jail uid {} -> host uid {host_uid}, gid {} -> host gid {host_gid}", p.user.uid, p.user.gid);
     // veth mode: a /30 for the jail, chosen before the clone so the jail knows its addresses.
     let net_plan = match p.network.mode {
-        crate::policy::NetMode::Veth => Some(crate::net::Plan::reserve(&p.network.pool)?),
+        crate::policy::NetMode::Veth => Some(crate::net::Plan::reserve(crate::net::egress_of(&p.network)?.pool)?),
         _ => None,
     };
     Ok(Prepared {

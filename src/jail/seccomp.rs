@@ -219,7 +219,8 @@ mod tests {
 
     #[test]
     fn namespaces_group_lifts_clone_condition_and_deny_wins() {
-        let p = policy_text("extends = \"default\"\n[seccomp]\nallow_add = [\"@namespaces\"]\ndeny_add = [\"setns\"]\n");
+        let p =
+            policy_text("extends = \"default\"\n[seccomp]\nallow_add = [\"@namespaces\"]\ndeny_add = [\"setns\"]\n");
         let set = allowed_set(&p.seccomp).unwrap();
         assert_eq!(set["clone"], None);
         assert_eq!(set["unshare"], None);

@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::rules::{DomainPattern, Net4};
+use crate::policy::rules::{DomainPattern, Net4};
 
 /// Shortest time an admitted address stays admitted, whatever the record's TTL (a short TTL
 /// must not cut a connection being set up). `STOCKADE_DNS_TTL_FLOOR` (seconds) overrides it,
@@ -171,7 +171,8 @@ impl Resolver {
             tracing::warn!(session = %self.session, name = %q.name, "dns: no upstream answered");
             return Some(reply(query, &q, 2));
         };
-        let private: Vec<Net4> = super::rules::PRIVATE.iter().map(|p| Net4::parse(p).expect("constant")).collect();
+        let private: Vec<Net4> =
+            crate::policy::rules::PRIVATE.iter().map(|p| Net4::parse(p).expect("constant")).collect();
         let mut admit = Vec::new();
         for (ip, ttl) in answers_a(&resp) {
             if private.iter().any(|n| n.contains(ip)) && !self.allowed_nets.iter().any(|n| n.contains(ip)) {
@@ -240,6 +241,18 @@ fn forward_tcp(up: SocketAddrV4, query: &[u8]) -> Option<Vec<u8>> {
     let _ = c.set_read_timeout(Some(Duration::from_secs(2)));
     write_framed(&mut c, query).ok()?;
     read_framed(&mut c).filter(|r| r.len() >= 12 && r[..2] == query[..2])
+}
+
+/// The host's resolvers, from /etc/resolv.conf (IPv4 ones; a loopback stub such as
+/// systemd-resolved's 127.0.0.53 is reachable from the host, where the resolver runs).
+pub fn host_resolvers() -> Vec<SocketAddrV4> {
+    std::fs::read_to_string("/etc/resolv.conf")
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("nameserver"))
+        .filter_map(|a| a.trim().parse::<Ipv4Addr>().ok())
+        .map(|a| SocketAddrV4::new(a, 53))
+        .collect()
 }
 
 #[cfg(test)]

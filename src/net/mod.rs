@@ -13,7 +13,6 @@ pub mod nflog;
 pub mod nfnl;
 pub mod nft;
 pub mod rtnl;
-pub mod rules;
 
 pub use netlink::NetError;
 
@@ -24,10 +23,9 @@ use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
+use crate::policy::rules::{Egress, Net4};
 use crate::policy::Network;
-use rules::{AllowRule, DomainPattern, Net4};
 
-pub const DEFAULT_POOL: &str = "10.199.0.0/16";
 /// Host-side interface names: `stk<slot>`.
 pub const HOST_PREFIX: &str = "stk";
 /// Slot locks: one file per /30 in use, flock'ed by its Stockade for the session's life.
@@ -99,13 +97,12 @@ fn remove_leftovers(slot: u32, pool: Option<Net4>) {
 }
 
 impl Plan {
-    pub fn reserve(pool: &str) -> Result<Plan, NetError> {
+    pub fn reserve(pool: Net4) -> Result<Plan, NetError> {
         if !nix::unistd::geteuid().is_root() {
             return Err(NetError::Invalid(
                 "network.mode \"veth\" needs root (links and nftables in the host's namespace)".into(),
             ));
         }
-        let pool = Net4::parse(pool).map_err(NetError::Invalid)?;
         std::fs::create_dir_all(RUN_DIR).map_err(|e| NetError::sys(RUN_DIR, e))?;
         let base_lock =
             File::create(format!("{RUN_DIR}/.lock")).map_err(|e| NetError::sys(format!("{RUN_DIR}/.lock"), e))?;
@@ -188,6 +185,11 @@ fn enable_forwarding(iface: &str) -> Result<(), NetError> {
     std::fs::write(&p, "1").map_err(|e| NetError::sys(p, e))
 }
 
+/// A veth policy's resolved egress (every veth policy has one: the parser makes it).
+pub fn egress_of(net: &Network) -> Result<&Egress, NetError> {
+    net.egress.as_ref().ok_or_else(|| NetError::Invalid("network.mode is not \"veth\"".into()))
+}
+
 /// Told of each logged connection attempt: (allowed, protocol, destination, port).
 pub type EgressHook = Arc<dyn Fn(bool, &str, Ipv4Addr, Option<u16>) + Send + Sync>;
 
@@ -206,23 +208,9 @@ pub struct SessionNet {
 impl SessionNet {
     /// Builds the host side once the jail (pid `child`) has its network namespace.
     pub fn create(plan: Plan, child: i32, net: &Network, egress: Option<EgressHook>) -> Result<SessionNet, NetError> {
-        let allow: Vec<AllowRule> =
-            net.allow.iter().map(|a| AllowRule::parse(a)).collect::<Result<_, _>>().map_err(NetError::Invalid)?;
-        let patterns: Vec<DomainPattern> = net
-            .allow_domains
-            .iter()
-            .map(|d| DomainPattern::parse(d))
-            .collect::<Result<_, _>>()
-            .map_err(NetError::Invalid)?;
-        let upstream: Vec<SocketAddrV4> = if net.upstream_dns.is_empty() {
-            rules::host_resolvers()
-        } else {
-            net.upstream_dns
-                .iter()
-                .map(|u| rules::parse_upstream(u))
-                .collect::<Result<_, _>>()
-                .map_err(NetError::Invalid)?
-        };
+        let Egress { allow, domains: patterns, upstream, .. } = egress_of(net)?;
+        let upstream: Vec<SocketAddrV4> = if upstream.is_empty() { dns::host_resolvers() } else { upstream.clone() };
+        let (allow, patterns) = (allow.clone(), patterns.clone());
         let mut session = SessionNet {
             plan,
             stop: Arc::new(Stop::new().map_err(|e| NetError::sys("pipe", e))?),

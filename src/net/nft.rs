@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use super::netlink::NetError;
 use super::nfnl::{self, base, meta, op, Batch, Elem, Rule, Verdict, NFPROTO_INET};
-use super::rules::{AllowRule, Net4, Proto, ALWAYS_DENIED};
+use crate::policy::rules::{AllowRule, Net4, Proto, ALWAYS_DENIED};
 
 pub const TABLE: &str = "stockade";
 

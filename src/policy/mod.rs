@@ -11,6 +11,7 @@
 pub mod audit;
 pub mod narrow;
 mod parse;
+pub mod rules;
 pub mod syscalls;
 mod types;
 

@@ -605,30 +605,41 @@ fn limits(raw: LimitsRaw, bad: &Bad) -> Result<Limits, PolicyError> {
 
 /// `[network]`.
 fn network(raw: NetRaw, bad: &Bad) -> Result<Network, PolicyError> {
-    let network = Network {
+    let mut network = Network {
+        egress: None,
         mode: raw.mode.map_or(NetMode::None, Into::into),
         allow: raw.allow.unwrap_or_default(),
         allow_domains: raw.allow_domains.unwrap_or_default(),
         upstream_dns: raw.upstream_dns.unwrap_or_default(),
-        pool: raw.pool.unwrap_or_else(|| crate::net::DEFAULT_POOL.to_owned()),
+        pool: raw.pool.unwrap_or_else(|| super::rules::DEFAULT_POOL.to_owned()),
         on_deny: raw.on_deny.map_or(OnDeny::Reject, Into::into),
     };
     match network.mode {
         NetMode::Veth => {
-            use crate::net::rules::{AllowRule, DomainPattern, Net4};
-            for a in &network.allow {
-                AllowRule::parse(a).map_err(|e| bad("network.allow", e))?;
-            }
-            for d in &network.allow_domains {
-                DomainPattern::parse(d).map_err(|e| bad("network.allow_domains", e))?;
-            }
-            for u in &network.upstream_dns {
-                crate::net::rules::parse_upstream(u).map_err(|e| bad("network.upstream_dns", e))?;
-            }
+            use super::rules::{parse_upstream, AllowRule, DomainPattern, Egress, Net4};
+            let allow = network
+                .allow
+                .iter()
+                .map(|a| AllowRule::parse(a))
+                .collect::<Result<_, _>>()
+                .map_err(|e| bad("network.allow", e))?;
+            let domains = network
+                .allow_domains
+                .iter()
+                .map(|d| DomainPattern::parse(d))
+                .collect::<Result<_, _>>()
+                .map_err(|e| bad("network.allow_domains", e))?;
+            let upstream = network
+                .upstream_dns
+                .iter()
+                .map(|u| parse_upstream(u))
+                .collect::<Result<_, _>>()
+                .map_err(|e| bad("network.upstream_dns", e))?;
             let pool = Net4::parse(&network.pool).map_err(|e| bad("network.pool", e))?;
             if pool.prefix > 28 {
                 return Err(bad("network.pool", format!("{pool} is too small: sessions take a /30 each")));
             }
+            network.egress = Some(Egress { allow, domains, upstream, pool });
         }
         NetMode::None | NetMode::Loopback => {
             for (k, l) in [
@@ -653,7 +664,7 @@ fn landlock(raw: LandlockRaw, network: &Network) -> Landlock {
     // In veth mode, landlock's TCP connect rules mirror the allowlist as a second layer when
     // the allowlist pins every destination to ports (names admit any port, so then it cannot).
     let mirrored = (network.mode == NetMode::Veth && raw.tcp_connect.is_none() && network.allow_domains.is_empty())
-        .then(|| crate::net::rules::tcp_ports(&network.allow))
+        .then(|| network.egress.as_ref().and_then(|e| super::rules::tcp_ports(&e.allow)))
         .flatten();
     Landlock {
         compatibility: raw.compatibility.map_or(Compatibility::Hard, Into::into),
@@ -804,10 +815,10 @@ fn provision(raw: ProvisionRaw, bad: &Bad) -> Result<Provision, PolicyError> {
     let allow = raw.allow.unwrap_or_default();
     let allow_domains = raw.allow_domains.unwrap_or_default();
     for a in &allow {
-        crate::net::rules::AllowRule::parse(a).map_err(|e| bad("provision.allow", e))?;
+        super::rules::AllowRule::parse(a).map_err(|e| bad("provision.allow", e))?;
     }
     for d in &allow_domains {
-        crate::net::rules::DomainPattern::parse(d).map_err(|e| bad("provision.allow_domains", e))?;
+        super::rules::DomainPattern::parse(d).map_err(|e| bad("provision.allow_domains", e))?;
     }
     if raw.git_url_key.is_some() && git_allow.is_empty() {
         return Err(bad("provision.git_allow", "provision.git_url_key is set but no URL prefix is allowed".into()));

@@ -179,6 +179,9 @@ pub struct Network {
     pub pool: String,
     /// veth only: what a denied connection gets.
     pub on_deny: OnDeny,
+    /// veth only: `allow`, `allow_domains`, `upstream_dns` and `pool`, resolved.
+    #[serde(skip)]
+    pub egress: Option<super::rules::Egress>,
 }
 
 /// What the egress filter does with a packet it denies (`network.on_deny`).

@@ -4,6 +4,19 @@
 
 use std::net::{Ipv4Addr, SocketAddrV4};
 
+/// The range session links take their /30s from unless `network.pool` says otherwise.
+pub const DEFAULT_POOL: &str = "10.199.0.0/16";
+
+/// A veth policy's egress, resolved when the policy was read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Egress {
+    pub allow: Vec<AllowRule>,
+    pub domains: Vec<DomainPattern>,
+    /// Empty: the host's own resolvers.
+    pub upstream: Vec<SocketAddrV4>,
+    pub pool: Net4,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Net4 {
     pub addr: Ipv4Addr,
@@ -114,11 +127,10 @@ impl AllowRule {
 
 /// The TCP ports of an allowlist, for landlock: None when an entry admits every port (or a UDP
 /// one only) or a range is too wide to list.
-pub fn tcp_ports(allow: &[String]) -> Option<Vec<u16>> {
+pub fn tcp_ports(allow: &[AllowRule]) -> Option<Vec<u16>> {
     // 53: DNS over TCP to the session's own resolver.
     let mut ports = std::collections::BTreeSet::from([53]);
-    for a in allow {
-        let r = AllowRule::parse(a).ok()?;
+    for r in allow {
         let (lo, hi) = r.ports?;
         if r.proto == Some(Proto::Udp) {
             continue;
@@ -186,18 +198,6 @@ pub fn parse_upstream(s: &str) -> Result<SocketAddrV4, String> {
     s.parse::<Ipv4Addr>()
         .map(|a| SocketAddrV4::new(a, 53))
         .map_err(|_| format!("{s:?} is not an IPv4 resolver address"))
-}
-
-/// The host's resolvers, from /etc/resolv.conf (IPv4 ones; a loopback stub such as
-/// systemd-resolved's 127.0.0.53 is reachable from the host, where the resolver runs).
-pub fn host_resolvers() -> Vec<SocketAddrV4> {
-    std::fs::read_to_string("/etc/resolv.conf")
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| l.trim().strip_prefix("nameserver"))
-        .filter_map(|a| a.trim().parse::<Ipv4Addr>().ok())
-        .map(|a| SocketAddrV4::new(a, 53))
-        .collect()
 }
 
 /// Destinations closed to every session unless an allow entry names them: link-local (cloud
