@@ -516,6 +516,89 @@ impl Seen {
     }
 }
 
+/// What the session asks of the worker next.
+enum Next {
+    /// A tool call to run.
+    Call(Call),
+    /// The item is over: the session ended, went idle, was stopped, or the lease or the worker is
+    /// going; `kill` when the jail must die at once rather than end.
+    Over { end: End, kill: bool },
+}
+
+/// The session's events, as the worker consumes them: the stream (reconnected, with the history
+/// listed again, whenever it drops), what was seen of it, and the signals that end an item.
+#[derive(Default)]
+struct Feed {
+    stream: Option<EventStream>,
+    seen: Seen,
+}
+
+impl Feed {
+    /// Waits for the next thing to do.
+    async fn next(
+        &mut self,
+        r: &Runner<'_>,
+        lease: &mut watch::Receiver<Lease>,
+        shutdown: &mut watch::Receiver<Shutdown>,
+    ) -> Next {
+        loop {
+            let stop = match signals(lease, shutdown) {
+                (Lease::Lost, _) => Some((true, End::Lost)),
+                (Lease::ForceRequested, _) => Some((true, End::Stopped { forced: true })),
+                (_, Shutdown::Force) => Some((true, End::Left { reason: "worker forced to stop".into() })),
+                (Lease::StopRequested, _) => Some((false, End::Stopped { forced: false })),
+                (_, Shutdown::Graceful) => Some((false, End::Left { reason: "worker shutting down".into() })),
+                (Lease::Held, Shutdown::Running) => None,
+            };
+            if let Some((kill, end)) = stop {
+                return Next::Over { end, kill };
+            }
+            if let Some(why) = self.seen.ended {
+                return Next::Over { end: End::Completed(why), kill: false };
+            }
+            if let Some(call) = self.seen.queue.pop_front() {
+                if self.seen.answered.contains(&call.id) {
+                    continue;
+                }
+                return Next::Call(call);
+            }
+            if let Some(since) = self.seen.idle_since {
+                if self.seen.asking.is_empty() && since.elapsed() >= r.ctx.max_idle {
+                    return Next::Over { end: End::Completed("idle after end_turn"), kill: false };
+                }
+            }
+            let Some(s) = self.stream.as_mut() else {
+                match r.connect(&mut self.seen, lease, shutdown).await {
+                    Ok(s) => self.stream = Some(s),
+                    Err(end) => return Next::Over { end, kill: true },
+                }
+                continue;
+            };
+            let wake = self
+                .seen
+                .idle_since
+                .map(|t| (t + r.ctx.max_idle).saturating_duration_since(Instant::now()))
+                .unwrap_or(Duration::from_secs(3600));
+            tokio::select! {
+                got = s.next() => match got {
+                    Ok(Some(ev)) => self.seen.take(&ev),
+                    Ok(None) => {
+                        tracing::debug!("the event stream closed; reconnecting");
+                        self.stream = None;
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "the event stream failed; reconnecting");
+                        self.stream = None;
+                        tokio::time::sleep(Duration::from_millis(500)).await;
+                    }
+                },
+                () = tokio::time::sleep(wake) => {}
+                () = changed(lease, shutdown) => {}
+            }
+        }
+    }
+}
+
 struct Runner<'a> {
     ctx: &'a Ctx,
     client: &'a Client,
@@ -694,13 +777,13 @@ impl Runner<'_> {
             Ok(p) => p,
             Err(e) => return End::Failed(e.to_string()),
         };
-        let mut seen = Seen::default();
+        let mut feed = Feed::default();
         // Results a crashed run produced: posted only once the session shows they are absent.
         for p in self.ctx.state.outbox(self.dirs) {
             let r = ToolResult { content: p.content.into_blocks(), is_error: p.is_error };
             match self.post_result(&p.tool_use_id, &r, &lease, true).await {
                 Ok(()) => {
-                    seen.answered.insert(p.tool_use_id);
+                    feed.seen.answered.insert(p.tool_use_id);
                 }
                 Err(end) => {
                     jail.kill().await;
@@ -708,119 +791,67 @@ impl Runner<'_> {
                 }
             }
         }
-        let mut stream: Option<EventStream> = None;
         let mut restarts = 0;
         loop {
-            let stop = match signals(&lease, &shutdown) {
-                (Lease::Lost, _) => Some((true, End::Lost)),
-                (Lease::ForceRequested, _) => Some((true, End::Stopped { forced: true })),
-                (_, Shutdown::Force) => Some((true, End::Left { reason: "worker forced to stop".into() })),
-                (Lease::StopRequested, _) => Some((false, End::Stopped { forced: false })),
-                (_, Shutdown::Graceful) => Some((false, End::Left { reason: "worker shutting down".into() })),
-                (Lease::Held, Shutdown::Running) => None,
+            let call = match feed.next(self, &mut lease, &mut shutdown).await {
+                Next::Call(call) => call,
+                Next::Over { end, kill } => {
+                    if kill {
+                        jail.kill().await;
+                    } else {
+                        jail.end(Duration::from_secs(5)).await;
+                    }
+                    return end;
+                }
             };
-            if let Some((kill, end)) = stop {
-                if kill {
+            let span = tracing::info_span!("tool", tool_use_id = %call.id, tool = %call.name);
+            let t = Instant::now();
+            // Recorded before it runs: a trail that cannot hold it refuses it.
+            let r = if self.trail.refusing() || !self.trail.call_start(&call.id, &call.name, &call.input) {
+                Ok(ToolResult::err(crate::session::trail_full()))
+            } else if let Some(why) = &refused {
+                Ok(ToolResult::err(why.clone()))
+            } else {
+                tokio::select! {
+                    r = jail.call(&call.id, &call.name, &call.input).instrument(span.clone()) => r,
+                    () = must_kill(lease.clone(), shutdown.clone()) => continue,
+                }
+            };
+            let result = match r {
+                Ok(r) => r,
+                Err(e) => {
+                    restarts += 1;
+                    tracing::warn!(parent: &span, error = %e, restarts, "the session jail died during a call");
                     jail.kill().await;
-                } else {
-                    jail.end(Duration::from_secs(5)).await;
-                }
-                return end;
-            }
-            if let Some(why) = seen.ended {
-                jail.end(Duration::from_secs(5)).await;
-                return End::Completed(why);
-            }
-            if let Some(call) = seen.queue.pop_front() {
-                if seen.answered.contains(&call.id) {
-                    continue;
-                }
-                let span = tracing::info_span!("tool", tool_use_id = %call.id, tool = %call.name);
-                let t = Instant::now();
-                // Recorded before it runs: a trail that cannot hold it refuses it.
-                let r = if self.trail.refusing() || !self.trail.call_start(&call.id, &call.name, &call.input) {
-                    Ok(ToolResult::err(crate::session::trail_full()))
-                } else if let Some(why) = &refused {
-                    Ok(ToolResult::err(why.clone()))
-                } else {
-                    tokio::select! {
-                        r = jail.call(&call.id, &call.name, &call.input).instrument(span.clone()) => r,
-                        () = must_kill(lease.clone(), shutdown.clone()) => continue,
+                    if restarts > 3 {
+                        return End::Failed(format!("the session jail died {restarts} times"));
                     }
-                };
-                let result = match r {
-                    Ok(r) => r,
-                    Err(e) => {
-                        restarts += 1;
-                        tracing::warn!(parent: &span, error = %e, restarts, "the session jail died during a call");
-                        jail.kill().await;
-                        if restarts > 3 {
-                            return End::Failed(format!("the session jail died {restarts} times"));
-                        }
-                        jail = match self.start_jail(narrow).await {
-                            Ok(p) => p,
-                            Err(e) => return End::Failed(e.to_string()),
-                        };
-                        ToolResult::err(format!(
-                            "The sandbox stopped while running this call ({e}). It was restarted with the same \
-                             workspace; shell state (working directory, variables) was lost."
-                        ))
-                    }
-                };
-                let took = t.elapsed();
-                let size = result.content.iter().map(crate::tools::Block::size).sum();
-                self.trail.call_end(&call.id, &call.name, result.is_error, took, size);
-                self.ctx.metrics.tool_call(&call.name, result.is_error, took);
-                tracing::info!(parent: &span, is_error = result.is_error, took_ms = took.as_millis() as u64, "tool call done");
-                if let Err(e) = self.ctx.state.put_outbox(self.dirs, &call.id, &result) {
-                    tracing::error!(error = %e, "could not persist a result before posting it");
+                    jail = match self.start_jail(narrow).await {
+                        Ok(p) => p,
+                        Err(e) => return End::Failed(e.to_string()),
+                    };
+                    ToolResult::err(format!(
+                        "The sandbox stopped while running this call ({e}). It was restarted with the same \
+                         workspace; shell state (working directory, variables) was lost."
+                    ))
                 }
-                match self.post_result(&call.id, &result, &lease, false).await {
-                    Ok(()) => {
-                        seen.answered.insert(call.id);
-                    }
-                    Err(end) => {
-                        jail.kill().await;
-                        return end;
-                    }
-                }
-                continue;
-            }
-            if let Some(since) = seen.idle_since {
-                if seen.asking.is_empty() && since.elapsed() >= self.ctx.max_idle {
-                    jail.end(Duration::from_secs(5)).await;
-                    return End::Completed("idle after end_turn");
-                }
-            }
-            let Some(s) = stream.as_mut() else {
-                match self.connect(&mut seen, &mut lease, &mut shutdown).await {
-                    Ok(s) => stream = Some(s),
-                    Err(end) => {
-                        jail.kill().await;
-                        return end;
-                    }
-                }
-                continue;
             };
-            let wake = seen
-                .idle_since
-                .map(|t| (t + self.ctx.max_idle).saturating_duration_since(Instant::now()))
-                .unwrap_or(Duration::from_secs(3600));
-            tokio::select! {
-                got = s.next() => match got {
-                    Ok(Some(ev)) => seen.take(&ev),
-                    Ok(None) => {
-                        tracing::debug!("the event stream closed; reconnecting");
-                        stream = None;
-                    }
-                    Err(e) => {
-                        tracing::warn!(error = %e, "the event stream failed; reconnecting");
-                        stream = None;
-                        tokio::time::sleep(Duration::from_millis(500)).await;
-                    }
-                },
-                () = tokio::time::sleep(wake) => {}
-                () = changed(&mut lease, &mut shutdown) => {}
+            let took = t.elapsed();
+            let size = result.content.iter().map(crate::tools::Block::size).sum();
+            self.trail.call_end(&call.id, &call.name, result.is_error, took, size);
+            self.ctx.metrics.tool_call(&call.name, result.is_error, took);
+            tracing::info!(parent: &span, is_error = result.is_error, took_ms = took.as_millis() as u64, "tool call done");
+            if let Err(e) = self.ctx.state.put_outbox(self.dirs, &call.id, &result) {
+                tracing::error!(error = %e, "could not persist a result before posting it");
+            }
+            match self.post_result(&call.id, &result, &lease, false).await {
+                Ok(()) => {
+                    feed.seen.answered.insert(call.id);
+                }
+                Err(end) => {
+                    jail.kill().await;
+                    return end;
+                }
             }
         }
     }
