@@ -137,14 +137,9 @@ fn access_for(kind: RuleKind, abi: ABI) -> BitFlags<AccessFs> {
     }
 }
 
-/// What landlock enforcement achieved, for the CLI's report.
-#[derive(Debug, Clone)]
-pub struct LandlockReport {
-    pub kernel_abi: i32,
-    pub dropped: Vec<&'static str>,
-}
-
-pub fn apply(p: &Policy) -> Result<LandlockReport, JailError> {
+/// Restricts the calling process as the policy's landlock section says (the supervisor reported
+/// what this kernel cannot enforce before the clone: see `missing_features`).
+pub fn apply(p: &Policy) -> Result<(), JailError> {
     let kabi = effective_abi();
     let dropped = missing_features(kabi, p);
     let hard = p.landlock.compatibility == Compatibility::Hard;
@@ -220,5 +215,5 @@ pub fn apply(p: &Policy) -> Result<LandlockReport, JailError> {
             return Err(JailError::new(Step::Landlock, format!("ruleset {other:?} on kernel ABI {kabi}")));
         }
     }
-    Ok(LandlockReport { kernel_abi: kabi, dropped: if hard { Vec::new() } else { dropped } })
+    Ok(())
 }

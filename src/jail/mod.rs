@@ -20,28 +20,28 @@
 //! | 8 seccomp | `seccomp` |
 //! | 9 exec, PID 1 | `init` |
 
-pub mod bpf;
-pub mod caps;
-pub mod cgroups;
+pub(crate) mod bpf;
+pub(crate) mod caps;
+pub(crate) mod cgroups;
 pub mod check;
-pub mod disk;
+pub(crate) mod disk;
 pub mod environ;
 pub mod error;
-pub mod etc;
+pub(crate) mod etc;
 pub mod execwatch;
-pub mod fsio;
-pub mod idmap;
-pub mod idpool;
+pub(crate) mod fsio;
+pub(crate) mod idmap;
+pub(crate) mod idpool;
 mod init;
-pub mod landlock;
+pub(crate) mod landlock;
 pub mod mounts;
-pub mod namespaces;
-pub mod netif;
-pub mod rlimits;
-pub mod seccomp;
+pub(crate) mod namespaces;
+pub(crate) mod netif;
+pub(crate) mod rlimits;
+pub(crate) mod seccomp;
 mod spawn;
 mod sync;
-pub mod uts;
+pub(crate) mod uts;
 
 use nix::sys::signal::{kill, SigSet, SigmaskHow, Signal};
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};

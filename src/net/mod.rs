@@ -8,8 +8,8 @@
 //! `reserve`.
 
 pub mod dns;
-pub mod netlink;
-pub mod nflog;
+pub(crate) mod netlink;
+pub(crate) mod nflog;
 pub mod nfnl;
 pub mod nft;
 pub mod rtnl;

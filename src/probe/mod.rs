@@ -3,7 +3,7 @@
 //! OOM kill or a fork bomb ends only that probe. `harness` is the host side: it sets up the
 //! targets probes aim at, builds the jail from the policy under test and reports.
 
-pub mod checks;
+pub(crate) mod checks;
 pub mod harness;
 mod syscalls;
 

@@ -13,12 +13,12 @@
 
 pub mod bash;
 mod files;
-pub mod format;
+pub(crate) mod format;
 mod glob;
 mod grep;
 mod input;
 mod paths;
-pub mod pyfmt;
+pub(crate) mod pyfmt;
 
 use serde::{Deserialize, Serialize};
 use std::path::PathBuf;

@@ -6,10 +6,10 @@ mod item;
 pub mod key;
 pub mod metrics;
 pub mod provision;
-pub mod runner;
-pub mod ship;
-pub mod skills;
-pub mod state;
+pub(crate) mod runner;
+pub(crate) mod ship;
+pub(crate) mod skills;
+pub(crate) mod state;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;

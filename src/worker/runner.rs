@@ -96,11 +96,6 @@ impl SessionProcess {
         Ok(SessionProcess { child, stdin, stdout, jail_pid: pid as i32, build_time: t.elapsed() })
     }
 
-    /// The supervising process's pid.
-    pub fn pid(&self) -> Option<u32> {
-        self.child.id()
-    }
-
     /// One tool call. `Err` means the jail is gone: the session needs a new one.
     pub async fn call(&mut self, id: &str, name: &str, input: &serde_json::Value) -> Result<ToolResult, RunnerError> {
         let gone = |e: String| RunnerError::Gone(e);
