@@ -122,14 +122,24 @@ impl Cp {
         let org = self.org();
         let body = stockade::control_plane::local::Faults { faults };
         self.rt
-            .block_on(org.local::<serde_json::Value, _>(reqwest::Method::POST, "/v1/local/faults", Some(&body)))
+            .block_on(stockade::control_plane::local::admin::<serde_json::Value, _>(
+                &org,
+                reqwest::Method::POST,
+                "/v1/local/faults",
+                Some(&body),
+            ))
             .unwrap();
     }
 
     fn clear_faults(&self) {
         let org = self.org();
         self.rt
-            .block_on(org.local::<serde_json::Value, ()>(reqwest::Method::DELETE, "/v1/local/faults", None))
+            .block_on(stockade::control_plane::local::admin::<serde_json::Value, ()>(
+                &org,
+                reqwest::Method::DELETE,
+                "/v1/local/faults",
+                None,
+            ))
             .unwrap();
     }
 }

@@ -761,9 +761,13 @@ fn session_command(c: SessionCommand) -> i32 {
                 }
                 let req =
                     CreateSession { environment_id, script: steps, metadata: Default::default(), skills: local_skills };
-                match client
-                    .local::<local::CreatedSession, _>(reqwest::Method::POST, "/v1/local/sessions", Some(&req))
-                    .await
+                match local::admin::<local::CreatedSession, _>(
+                    &client,
+                    reqwest::Method::POST,
+                    "/v1/local/sessions",
+                    Some(&req),
+                )
+                .await
                 {
                     Ok(Some(s)) => {
                         println!("{}", serde_json::to_string(&s).expect("serialises"));
@@ -775,7 +779,7 @@ fn session_command(c: SessionCommand) -> i32 {
             }
             SessionCommand::Show { id, json, .. } => {
                 let p = format!("/v1/local/sessions/{id}");
-                match client.local::<SessionView, ()>(reqwest::Method::GET, &p, None).await {
+                match local::admin::<SessionView, ()>(&client, reqwest::Method::GET, &p, None).await {
                     Ok(Some(v)) if json => {
                         println!("{}", serde_json::to_string_pretty(&v).expect("serialises"));
                         0

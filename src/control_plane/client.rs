@@ -274,6 +274,15 @@ impl Client {
     }
 
     /// A call with retries when `idempotent`; otherwise exactly one attempt.
+    pub(super) async fn call_raw_json(
+        &self,
+        method: Method,
+        p: &str,
+        body: Option<serde_json::Value>,
+    ) -> Result<Option<Vec<u8>>, ApiError> {
+        self.call_raw(method, p, Req { body, ..Req::default() }, false).await
+    }
+
     async fn call_raw(
         &self,
         method: Method,
@@ -466,23 +475,6 @@ impl Client {
         self.call_raw(Method::GET, &p, r, true)
             .await?
             .ok_or_else(|| ApiError::Malformed { what: format!("GET {p}"), detail: "empty response (204)".into() })
-    }
-
-    /// A raw call for local-only endpoints (the local control plane's admin API).
-    pub async fn local<T: DeserializeOwned, B: Serialize + ?Sized>(
-        &self,
-        method: Method,
-        p: &str,
-        body: Option<&B>,
-    ) -> Result<Option<T>, ApiError> {
-        let r = Req { body: body.map(|b| serde_json::to_value(b).expect("serialises")), ..Req::default() };
-        match self.call_raw(method.clone(), p, r, false).await? {
-            None => Ok(None),
-            Some(b) if b.is_empty() => Ok(None),
-            Some(b) => serde_json::from_slice(&b)
-                .map(Some)
-                .map_err(|e| ApiError::Malformed { what: format!("{method} {p}"), detail: e.to_string() }),
-        }
     }
 }
 

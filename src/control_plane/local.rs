@@ -1736,6 +1736,25 @@ async fn clear_faults(State(cp): State<LocalControlPlane>, h: HeaderMap) -> ApiR
     Ok(StatusCode::NO_CONTENT)
 }
 
+/// A call to the local control plane's own admin API (`/v1/local/...`: scripted sessions,
+/// faults, the request log), with the organisation key of `client`. The production client has
+/// no such call: only tools for the local control plane use it.
+pub async fn admin<T: serde::de::DeserializeOwned, B: Serialize + ?Sized>(
+    client: &super::Client,
+    method: reqwest::Method,
+    p: &str,
+    body: Option<&B>,
+) -> Result<Option<T>, super::ApiError> {
+    let body = body.map(|b| serde_json::to_value(b).expect("serialises"));
+    match client.call_raw_json(method.clone(), p, body).await? {
+        None => Ok(None),
+        Some(b) if b.is_empty() => Ok(None),
+        Some(b) => serde_json::from_slice(&b)
+            .map(Some)
+            .map_err(|e| super::ApiError::Malformed { what: format!("{method} {p}"), detail: e.to_string() }),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
