@@ -473,9 +473,19 @@ fn the_trail_records_each_exec_with_its_argv_and_redacts_secrets() {
     s.bash("(sleep 0.2; exec /bin/echo late) >/dev/null 2>&1 &");
     std::thread::sleep(Duration::from_millis(600));
     s.call("read", json!({"file_path": "/etc/hostname"}));
+    // A path the supervisor cannot read is refused (EFAULT, as the kernel would) and recorded.
+    let out = s.bash(
+        "python3 -c 'import ctypes; l = ctypes.CDLL(None, use_errno=True); \
+         print(l.execve(ctypes.c_void_p(16), None, None), ctypes.get_errno())'",
+    );
+    assert_eq!(out, "-1 14");
     assert_eq!(s.end(), 0);
 
     let recs = trail_records(&path);
+    assert!(
+        recs.iter().any(|r| r["event"] == "exec" && r["path"] == "" && r["tool_use_id"] == "c5"),
+        "the unreadable exec is recorded: {recs:#?}"
+    );
     let execs: Vec<&Value> = recs.iter().filter(|r| r["event"] == "exec").collect();
     let sh = execs
         .iter()
@@ -490,14 +500,14 @@ fn the_trail_records_each_exec_with_its_argv_and_redacts_secrets() {
     assert!(execs.iter().any(|r| r["argv"] == json!(["/bin/echo", "late"])), "{execs:#?}");
 
     let calls: Vec<&Value> = recs.iter().filter(|r| r["event"] == "tool_call").collect();
-    assert_eq!(calls.len(), 4, "{calls:#?}");
+    assert_eq!(calls.len(), 5, "{calls:#?}");
     assert_eq!(calls[0]["name"], "bash");
     assert_eq!(calls[0]["input"]["command"], "sh -c '/bin/true'");
     // Each call is recorded before it runs: its programs come after it.
     let at = |r: &Value| recs.iter().position(|x| x == r).unwrap();
     assert!(at(calls[0]) < at(sh));
     let results: Vec<&Value> = recs.iter().filter(|r| r["event"] == "tool_result").collect();
-    assert_eq!(results.len(), 4);
+    assert_eq!(results.len(), 5);
     assert_eq!(
         (&results[3]["tool_use_id"], &results[3]["output_bytes"], &results[3]["is_error"]),
         (&json!("c4"), &json!(9), &json!(false))

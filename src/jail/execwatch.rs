@@ -160,18 +160,37 @@ fn answer_one(listener: &OwnedFd, observer: &dyn Observer, limits: Limits) {
     let mut id = req.id;
     // SAFETY: ID_VALID reads the u64 we pass.
     let valid = unsafe { libc::ioctl(listener.as_raw_fd(), libc::SECCOMP_IOCTL_NOTIF_ID_VALID, &mut id) } == 0;
-    let allow = match (valid, exec) {
-        (true, Some(e)) => observer.exec(&e),
+    let error = match (valid, exec) {
+        (true, Some(e)) => {
+            if observer.exec(&e) {
+                0
+            } else {
+                -libc::EPERM
+            }
+        }
         (false, _) => return,
-        // Unreadable (its memory is gone or unmapped): the kernel will fail the call with EFAULT
-        // itself; there is nothing to run and nothing to record.
-        (true, None) => true,
+        // A path or argv that cannot be read here would fail the kernel's own read too, unless
+        // another thread mapped it back in between: such a call is refused (EFAULT), and
+        // recorded, rather than let through unread.
+        (true, None) => {
+            let e = Exec {
+                pid: jail_pid(req.pid).unwrap_or(0),
+                host_pid: req.pid,
+                path: String::new(),
+                dirfd: None,
+                argv: Vec::new(),
+                argv_truncated: true,
+                cwd: String::new(),
+            };
+            observer.exec(&e);
+            -libc::EFAULT
+        }
     };
     let mut resp = libc::seccomp_notif_resp {
         id: req.id,
         val: 0,
-        error: if allow { 0 } else { -libc::EPERM },
-        flags: if allow { libc::SECCOMP_USER_NOTIF_FLAG_CONTINUE as u32 } else { 0 },
+        error,
+        flags: if error == 0 { libc::SECCOMP_USER_NOTIF_FLAG_CONTINUE as u32 } else { 0 },
     };
     // SAFETY: SEND reads the seccomp_notif_resp we pass. A failure means the caller is gone.
     unsafe { libc::ioctl(listener.as_raw_fd(), libc::SECCOMP_IOCTL_NOTIF_SEND, &mut resp) };

@@ -377,15 +377,7 @@ impl Jail {
     /// from inside when its user namespace belongs to the jail user: the kernel checks the
     /// caller's uid for a clone, the opener's for a descriptor).
     fn early_cgroup(&mut self, cg: &mut CgroupStage, prep: &Prepared) -> Result<Option<cgroups::Entry>, JailError> {
-        if !cg.early {
-            return Ok(None);
-        }
-        let Some(l) = cg.layout.as_mut() else { return Ok(None) };
-        l.add_v1();
-        let (made, r) = JailCgroup::create(l, &cg.name, &cg.limits)?;
-        self.cgroup = made;
-        self.report.cgroup = r;
-        let mut entry = self.cgroup.as_ref().map(JailCgroup::entry).transpose()?;
+        let mut entry = if cg.early { self.make_cgroup(cg)? } else { None };
         if let (Some(e), Some(_)) = (entry.as_mut(), prep.owner) {
             e.enter_v2_from_inside()?;
         }
@@ -398,6 +390,10 @@ impl Jail {
         if cg.early {
             return Ok(None);
         }
+        self.make_cgroup(cg)
+    }
+
+    fn make_cgroup(&mut self, cg: &mut CgroupStage) -> Result<Option<cgroups::Entry>, JailError> {
         let Some(l) = cg.layout.as_mut() else { return Ok(None) };
         l.add_v1();
         let (made, r) = JailCgroup::create(l, &cg.name, &cg.limits)?;

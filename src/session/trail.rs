@@ -154,10 +154,13 @@ impl TrailWriter {
         }
         let size = f.metadata().map(|m| m.len()).unwrap_or(0);
         if size + line.len() as u64 <= self.max {
-            // A failed write (a full disk) loses this record, never the session: the trail
-            // stays well-formed since a line is written whole or not at all.
-            if let Err(e) = f.write_all(&line) {
-                tracing::error!(error = %e, "could not append to the audit trail");
+            let Err(e) = f.write_all(&line) else { return true };
+            // A write that fails (a full disk) is a trail that cannot hold more: with
+            // `on_full = "fail"` nothing runs unrecorded from here on.
+            tracing::error!(error = %e, "could not append to the audit trail");
+            if self.on_full == OnFull::Fail {
+                self.full.store(true, Ordering::Relaxed);
+                return false;
             }
             return true;
         }
