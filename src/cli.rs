@@ -18,7 +18,7 @@ with a NO line, `audit` over --fail-above, `probe` with an escape, an API error)
 (a bad flag or value, a policy that does not load, an unknown name): nothing was attempted.\n\
 `run` and `session` also: 125 Stockade could not build the jail; and `run`: the command's own status, 128+N \
 when it died of signal N, 124 on timeout, 126 when it is not executable, 127 when it is not found.")]
-pub struct Cli {
+pub(crate) struct Cli {
     #[command(flatten)]
     global: GlobalArgs,
     #[command(subcommand)]
@@ -287,7 +287,7 @@ enum PolicyCommand {
     },
 }
 
-pub fn main() -> i32 {
+pub(crate) fn main() -> i32 {
     let cli = Cli::parse_args();
     if prints_for_a_pipe(&cli.command) {
         // A command whose output is cut short by its reader (`stockade policy groups | head`)
@@ -350,10 +350,10 @@ fn init_logging(format: LogFormat, verbose: u8) {
 
 /// Exit status of a command that failed at its work (an API error, a session that did not
 /// complete); `run` and `session` use 125 for a jail they could not build (`jail_exit_code`).
-pub const EXIT_FAILURE: i32 = 1;
+pub(crate) const EXIT_FAILURE: i32 = 1;
 /// Exit status of a usage or input error: a bad flag value, a policy that does not load, an
 /// unknown name. Nothing was attempted.
-pub const EXIT_USAGE: i32 = 2;
+pub(crate) const EXIT_USAGE: i32 = 2;
 
 fn fail(msg: impl std::fmt::Display) -> i32 {
     eprintln!("stockade: {msg}");

@@ -112,7 +112,7 @@ fn page(cmd: &clap::Command, name: &str, out: &mut Vec<u8>) -> std::io::Result<(
 
 /// Every page as (file name, text): the command, each visible subcommand at any depth, and the
 /// policy format.
-pub fn pages(root: &clap::Command) -> std::io::Result<Vec<(String, Vec<u8>)>> {
+pub(super) fn pages(root: &clap::Command) -> std::io::Result<Vec<(String, Vec<u8>)>> {
     let mut v = Vec::new();
     fn walk(cmd: &clap::Command, name: &str, bin: &str, v: &mut Vec<(String, Vec<u8>)>) -> std::io::Result<()> {
         let c = cmd.clone().name(name.to_owned()).display_name(name.to_owned()).bin_name(bin.to_owned());
@@ -132,7 +132,7 @@ pub fn pages(root: &clap::Command) -> std::io::Result<Vec<(String, Vec<u8>)>> {
 }
 
 /// Writes every page into `dir`; returns their names.
-pub fn write_all(root: &clap::Command, dir: &Path) -> std::io::Result<Vec<String>> {
+pub(super) fn write_all(root: &clap::Command, dir: &Path) -> std::io::Result<Vec<String>> {
     std::fs::create_dir_all(dir)?;
     let mut names = Vec::new();
     for (name, text) in pages(root)? {

@@ -26,7 +26,7 @@ fn size(s: &str) -> Result<u64, String> {
 }
 
 #[derive(Args)]
-pub struct WorkerArgs {
+pub(super) struct WorkerArgs {
     #[command(subcommand)]
     command: Option<WorkerCommand>,
     #[command(flatten)]
@@ -44,7 +44,7 @@ enum WorkerCommand {
 }
 
 #[derive(Args)]
-pub struct WorkerRunArgs {
+pub(super) struct WorkerRunArgs {
     /// The claimed work item.
     #[arg(long, env = "ANTHROPIC_WORK_ID")]
     work_id: String,
@@ -56,7 +56,7 @@ pub struct WorkerRunArgs {
 }
 
 #[derive(Args)]
-pub struct WorkerCommon {
+pub(super) struct WorkerCommon {
     /// The environment whose work queue to serve.
     #[arg(long, env = "ANTHROPIC_ENVIRONMENT_ID")]
     environment_id: String,
@@ -122,7 +122,7 @@ pub struct WorkerCommon {
 }
 
 #[derive(Args)]
-pub struct WebhookArgs {
+pub(super) struct WebhookArgs {
     #[command(flatten)]
     worker: WorkerCommon,
     /// Where deliveries arrive (POST, any path).
@@ -134,7 +134,7 @@ pub struct WebhookArgs {
 }
 
 #[derive(Args)]
-pub struct ControlPlaneArgs {
+pub(super) struct ControlPlaneArgs {
     #[command(subcommand)]
     command: Option<CpCommand>,
     /// Address to serve on (loopback).
@@ -203,13 +203,13 @@ enum SessionCommand {
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum TrailFormat {
+pub(super) enum TrailFormat {
     Table,
     Json,
 }
 
 #[derive(Args)]
-pub struct TrailArgs {
+pub(super) struct TrailArgs {
     /// A session id (sesn_…), a work item id, or a trail file.
     session: String,
     /// The worker's state directory [default: /var/lib/stockade as root, else
@@ -252,7 +252,7 @@ fn trail_files(a: &TrailArgs) -> Result<Vec<PathBuf>, String> {
     Ok(v)
 }
 
-pub fn trail(a: TrailArgs) -> i32 {
+pub(super) fn trail(a: TrailArgs) -> i32 {
     use std::io::Write;
     let files = match trail_files(&a) {
         Ok(f) => f,
@@ -334,7 +334,7 @@ fn shell_word(w: &str) -> String {
 }
 
 #[derive(Args)]
-pub struct StatsArgs {
+pub(super) struct StatsArgs {
     /// The environment (env_…).
     #[arg(long, env = "ANTHROPIC_ENVIRONMENT_ID")]
     environment_id: String,
@@ -354,7 +354,7 @@ pub struct StatsArgs {
 }
 
 #[derive(Args)]
-pub struct WorkArgs {
+pub(super) struct WorkArgs {
     #[command(subcommand)]
     command: WorkListOrShow,
 }
@@ -403,7 +403,7 @@ struct ApiAccess {
 }
 
 #[derive(Args)]
-pub struct StopArgs {
+pub(super) struct StopArgs {
     /// The work item.
     #[arg(env = "ANTHROPIC_WORK_ID")]
     work_id: String,
@@ -502,7 +502,7 @@ fn worker_config_with(a: &WorkerCommon, log: LogFormat, k: Secret) -> Result<Wor
     Ok(c)
 }
 
-pub fn worker(a: WorkerArgs, wake: Option<Arc<Notify>>, log: LogFormat) -> i32 {
+pub(super) fn worker(a: WorkerArgs, wake: Option<Arc<Notify>>, log: LogFormat) -> i32 {
     let a = match a.command {
         None => a.common,
         Some(WorkerCommand::Poll(c)) => c,
@@ -564,7 +564,7 @@ fn worker_run(r: WorkerRunArgs, log: LogFormat) -> i32 {
     })
 }
 
-pub fn webhook(a: WebhookArgs, log: LogFormat) -> i32 {
+pub(super) fn webhook(a: WebhookArgs, log: LogFormat) -> i32 {
     let (text, origin) = match &a.secret_file {
         Some(f) => match std::fs::read_to_string(f) {
             Ok(t) => (t, format!("--secret-file {}", f.display())),
@@ -643,7 +643,7 @@ pub fn webhook(a: WebhookArgs, log: LogFormat) -> i32 {
     })
 }
 
-pub fn control_plane(a: ControlPlaneArgs) -> i32 {
+pub(super) fn control_plane(a: ControlPlaneArgs) -> i32 {
     match a.command {
         Some(CpCommand::Session { command }) => return session_command(command),
         None => {}
@@ -797,7 +797,7 @@ fn session_command(c: SessionCommand) -> i32 {
 }
 
 /// A human-readable transcript of a session.
-pub fn transcript(v: &SessionView) -> String {
+pub(super) fn transcript(v: &SessionView) -> String {
     use std::fmt::Write;
     let mut s = String::new();
     let _ = writeln!(
@@ -829,7 +829,7 @@ pub fn transcript(v: &SessionView) -> String {
     s
 }
 
-pub fn stats(a: StatsArgs) -> i32 {
+pub(super) fn stats(a: StatsArgs) -> i32 {
     let client = match org_client(&a.api_url, a.api_key_file.as_deref()) {
         Ok(c) => c,
         Err(e) => return usage(e),
@@ -875,7 +875,7 @@ fn work_line(w: &wire::WorkItem) -> String {
     )
 }
 
-pub fn work(a: WorkArgs) -> i32 {
+pub(super) fn work(a: WorkArgs) -> i32 {
     let access = match &a.command {
         WorkListOrShow::List { access, .. } | WorkListOrShow::Show { access, .. } => access,
     };
@@ -928,7 +928,7 @@ pub fn work(a: WorkArgs) -> i32 {
     })
 }
 
-pub fn stop(a: StopArgs) -> i32 {
+pub(super) fn stop(a: StopArgs) -> i32 {
     let client = match org_client(&a.api_url, a.api_key_file.as_deref()) {
         Ok(c) => c,
         Err(e) => return usage(e),
@@ -947,7 +947,7 @@ pub fn stop(a: StopArgs) -> i32 {
 const DEMO_SCRIPT: &str = include_str!("demo.jsonl");
 
 /// `stockade demo`: the whole main job in one process.
-pub fn demo() -> i32 {
+pub(super) fn demo() -> i32 {
     let steps = match local::parse_script(DEMO_SCRIPT, "demo.jsonl") {
         Ok(s) => s,
         Err(e) => return fail(e),

@@ -23,7 +23,7 @@ const DATA_ARCH: u32 = 4;
 
 /// What a syscall number leads to.
 #[derive(Debug, Clone)]
-pub enum Verdict {
+pub(crate) enum Verdict {
     Allow,
     /// A fixed return value (e.g. ERRNO|ENOSYS).
     Return(u32),
@@ -83,7 +83,7 @@ impl Builder {
 
 /// Builds the whole filter: arch check, x32 refusal, dispatch, verdict blocks. `syscalls` is
 /// sorted by number, each number once.
-pub fn build(arch: u32, x32_action: u32, default_action: u32, syscalls: &[(u32, Verdict)]) -> BpfProgram {
+pub(crate) fn build(arch: u32, x32_action: u32, default_action: u32, syscalls: &[(u32, Verdict)]) -> BpfProgram {
     debug_assert!(syscalls.windows(2).all(|w| w[0].0 < w[1].0), "syscalls not sorted by number");
     // The kernel's work at install (convert, JIT, emulate for its action cache) grows with the
     // program: the compact tree first, the wide one when a jump of the compact one would not
@@ -222,7 +222,7 @@ fn wide_tree(b: &mut Builder, runs: &[(u32, usize)]) {
 
 /// A classic-BPF interpreter for the instructions seccomp filters here use; for tests.
 #[cfg(test)]
-pub fn run(prog: &[sock_filter], nr: u32, arch: u32, args: [u64; 6]) -> u32 {
+pub(crate) fn run(prog: &[sock_filter], nr: u32, arch: u32, args: [u64; 6]) -> u32 {
     let mut data = [0u8; 64];
     data[0..4].copy_from_slice(&nr.to_le_bytes());
     data[4..8].copy_from_slice(&arch.to_le_bytes());

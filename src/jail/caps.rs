@@ -14,7 +14,7 @@ use caps::CapSet;
 use super::error::{JailError, Step, StepExt};
 
 /// Drops every capability but those of `keep` (the policy's set, resolved when it was read).
-pub fn drop_to(uid: u32, gid: u32, keep: &crate::policy::CapSet, clear_groups: bool) -> Result<(), JailError> {
+pub(crate) fn drop_to(uid: u32, gid: u32, keep: &crate::policy::CapSet, clear_groups: bool) -> Result<(), JailError> {
     let keep_mask = keep.mask();
 
     // Lock root out of privilege: uid 0 inside gains nothing from exec or setuid transitions.
@@ -133,7 +133,7 @@ fn verify(keep_mask: u64) -> Result<(), JailError> {
 /// thread only. The jail's init is single-threaded, so that is the whole process, and the command
 /// inherits the credentials of the thread that starts it, this one; libc's wrappers would add
 /// their all-threads signalling machinery for nothing.
-pub fn set_thread_ids(uid: u32, gid: u32, clear_groups: bool) -> Result<(), String> {
+pub(crate) fn set_thread_ids(uid: u32, gid: u32, clear_groups: bool) -> Result<(), String> {
     let check = |r: libc::c_long, what: &str| match r {
         0 => Ok(()),
         _ => Err(format!("{what}: {}", std::io::Error::last_os_error())),
@@ -159,6 +159,6 @@ fn prctl(op: libc::c_int, arg: libc::c_ulong, arg2: libc::c_ulong, name: &str) -
 
 /// Makes the calling process non-dumpable: its /proc entries become root-owned and it cannot be
 /// ptrace-attached, even by the jail user.
-pub fn set_non_dumpable() -> Result<(), JailError> {
+pub(crate) fn set_non_dumpable() -> Result<(), JailError> {
     prctl(libc::PR_SET_DUMPABLE, 0, 0, "PR_SET_DUMPABLE")
 }

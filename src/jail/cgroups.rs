@@ -19,7 +19,7 @@ use nix::sys::stat::Mode;
 use std::os::unix::ffi::OsStrExt;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Controller {
+pub(crate) enum Controller {
     Memory,
     Pids,
     Cpu,
@@ -37,7 +37,7 @@ impl Controller {
 
 /// What the host offers: the v2 mount (if any) and v1 mounts by controller.
 #[derive(Debug, Clone, Default)]
-pub struct Layout {
+pub(crate) struct Layout {
     pub v2_mount: Option<PathBuf>,
     /// Stockade's own cgroup in the v2 hierarchy.
     pub v2_self: Option<String>,
@@ -49,7 +49,7 @@ pub struct Layout {
 }
 
 impl Layout {
-    pub fn detect() -> Layout {
+    pub(crate) fn detect() -> Layout {
         let mut l = Layout::detect_v2();
         l.add_v1();
         l
@@ -58,7 +58,7 @@ impl Layout {
     /// The v2 half of [`Layout::detect`]: all a jail start needs before its clone (whether the jail
     /// is cloned into a v2 cgroup). Finds the v2 mount at its usual places by its filesystem magic
     /// and reads the mount table only when it is elsewhere.
-    pub fn detect_v2() -> Layout {
+    pub(crate) fn detect_v2() -> Layout {
         let mut l = Layout::default();
         let usual = ["/sys/fs/cgroup", "/sys/fs/cgroup/unified"].into_iter().find(|m| {
             nix::sys::statfs::statfs(*m).is_ok_and(|s| s.filesystem_type() == nix::sys::statfs::CGROUP2_SUPER_MAGIC)
@@ -82,7 +82,7 @@ impl Layout {
     }
 
     /// The v1 half of [`Layout::detect`]: the hierarchies of the controllers Stockade uses.
-    pub fn add_v1(&mut self) {
+    pub(crate) fn add_v1(&mut self) {
         let own = match std::mem::take(&mut self.own) {
             // A layout that did not come from `detect_v2`.
             o if o.is_empty() => read_kernel_file("/proc/self/cgroup").unwrap_or_default(),
@@ -109,12 +109,12 @@ impl Layout {
 
     /// Whether any limit the policy sets comes from cgroup v2: then the jail is cloned straight
     /// into its cgroup, which must exist before the clone.
-    pub fn uses_v2(&self, l: &Limits) -> bool {
+    pub(crate) fn uses_v2(&self, l: &Limits) -> bool {
         wanted(l).into_iter().any(|c| self.source(c) == Some("v2"))
     }
 
     /// Where a controller would come from: "v2", "v1", or None.
-    pub fn source(&self, c: Controller) -> Option<&'static str> {
+    pub(crate) fn source(&self, c: Controller) -> Option<&'static str> {
         if self.v2_controllers.iter().any(|x| x == c.name()) {
             Some("v2")
         } else if self.v1.iter().any(|(n, _, _)| n == c.name()) {
@@ -143,7 +143,7 @@ fn mounts() -> Vec<(String, String, String)> {
 }
 
 /// The controllers the policy's limits need.
-pub fn wanted(l: &Limits) -> Vec<Controller> {
+pub(crate) fn wanted(l: &Limits) -> Vec<Controller> {
     [(Controller::Memory, l.memory.is_some()), (Controller::Pids, l.pids.is_some()), (Controller::Cpu, l.cpu.is_some())]
         .into_iter()
         .filter(|(_, w)| *w)
@@ -179,7 +179,7 @@ fn make_dir(d: &Path) -> std::io::Result<()> {
 
 /// The jail's cgroup: one directory per hierarchy used.
 #[derive(Debug)]
-pub struct JailCgroup {
+pub(crate) struct JailCgroup {
     dirs: Vec<PathBuf>,
     v2_dir: Option<PathBuf>,
 }
@@ -193,7 +193,7 @@ pub struct CgroupReport {
 
 impl JailCgroup {
     /// Creates the cgroup and writes the limits. `Ok(None)` when the policy asks for no cgroup limit.
-    pub fn create(
+    pub(crate) fn create(
         layout: &Layout,
         name: &str,
         limits: &Limits,
@@ -301,7 +301,7 @@ impl JailCgroup {
 
     /// Opens what the jail needs to enter this cgroup by itself (see [`Entry`]): before the
     /// clone for a v2 cgroup, after it (sent to the jail) for v1 ones.
-    pub fn entry(&self) -> Result<Entry, JailError> {
+    pub(crate) fn entry(&self) -> Result<Entry, JailError> {
         let e =
             |what: &Path, err: std::io::Error| JailError::new(Step::Cgroups, format!("open {}: {err}", what.display()));
         let mut v1_tasks = Vec::new();
@@ -320,7 +320,7 @@ impl JailCgroup {
     /// Kills anything left and removes the directories. Called once the jail's init is gone, when
     /// the pid namespace teardown has already signalled every member; waits briefly for the
     /// kernel to finish reaping before rmdir.
-    pub fn remove(&mut self) {
+    pub(crate) fn remove(&mut self) {
         let deadline = Instant::now() + Duration::from_secs(5);
         for d in self.dirs.drain(..).rev() {
             // Usually empty by now: the removal is tried first, the killing only when it fails.
@@ -362,20 +362,20 @@ impl JailCgroup {
 /// The `tasks` files are opened by the supervisor, and the kernel checks the opener's
 /// credentials, so the jail needs no privilege to write them; it closes them right after.
 #[derive(Debug)]
-pub struct Entry {
+pub(crate) struct Entry {
     v1_tasks: Vec<(PathBuf, OwnedFd)>,
     v2_dir: Option<OwnedFd>,
 }
 
 impl Entry {
     /// The v2 cgroup directory to clone into, if any.
-    pub fn clone_into(&self) -> Option<BorrowedFd<'_>> {
+    pub(crate) fn clone_into(&self) -> Option<BorrowedFd<'_>> {
         self.v2_dir.as_ref().map(|f| f.as_fd())
     }
 
     /// Makes the jail enter its v2 cgroup itself, like the v1 ones, instead of being cloned into
     /// it: `cgroup.procs` opened here, by the supervisor, written `0` by the jail.
-    pub fn enter_v2_from_inside(&mut self) -> Result<(), JailError> {
+    pub(crate) fn enter_v2_from_inside(&mut self) -> Result<(), JailError> {
         let Some(dir) = self.v2_dir.take() else { return Ok(()) };
         let fd = nix::fcntl::openat(
             dir.as_fd(),
@@ -400,7 +400,7 @@ impl Entry {
 
     /// In the jail: enters every v1 cgroup, then closes the descriptors. Must run in the
     /// single-threaded jail child (`0` moves only the calling thread).
-    pub fn join_self(self) -> Result<(), JailError> {
+    pub(crate) fn join_self(self) -> Result<(), JailError> {
         for (path, fd) in &self.v1_tasks {
             nix::unistd::write(fd, b"0")
                 .map_err(|e| JailError::new(Step::Cgroups, format!("enter {}: {e}", path.display())))?;
@@ -430,7 +430,7 @@ const STALE_AFTER: std::time::Duration = std::time::Duration::from_secs(1);
 /// the pid in a cgroup's name is its owner's pid in the owner's pid namespace, which says nothing
 /// about a Stockade in another namespace (a sibling container, a concurrent CI job) whose live
 /// jails sit in the same hierarchy. An empty cgroup, whoever made it, holds no jail.
-pub fn remove_stale(parent: &Path) {
+pub(crate) fn remove_stale(parent: &Path) {
     let Ok(dir) = open(parent, OFlag::O_RDONLY | OFlag::O_DIRECTORY, Mode::empty()) else { return };
     let Some(names) = list_dir(&dir, SWEEP_LISTING_MAX) else { return };
     for (name, _) in names {
@@ -475,13 +475,13 @@ fn enable_v2_controller(jail_dir: &Path, ctrl: &str) -> Result<(), String> {
 
 /// `remove_stale` for every hierarchy this process's jails would be created in: for a long-lived
 /// worker, which clears what a killed session supervisor left without waiting for the next jail.
-pub fn remove_stale_all() {
+pub(crate) fn remove_stale_all() {
     remove_stale_near(&Layout::detect());
 }
 
 /// `remove_stale` in the hierarchies of `layout`. A jail's start runs it once its jail is up
 /// rather than before making the jail's cgroup, where it would delay the jail.
-pub fn remove_stale_near(layout: &Layout) {
+pub(crate) fn remove_stale_near(layout: &Layout) {
     if let (Some(m), Some(own)) = (&layout.v2_mount, &layout.v2_self) {
         remove_stale(&join(m, own));
     }

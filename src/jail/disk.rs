@@ -38,7 +38,7 @@ fn fs_bytes(dir: &Path) -> std::io::Result<u64> {
 
 /// Refuses a host-backed workspace or outputs directory whose filesystem is larger than the
 /// policy's limit for it: the limit would not hold.
-pub fn check(p: &Policy, workspace: Option<&Path>, outputs: Option<&Path>) -> Result<(), JailError> {
+pub(crate) fn check(p: &Policy, workspace: Option<&Path>, outputs: Option<&Path>) -> Result<(), JailError> {
     for (field, limit, dir) in [
         ("limits.workspace_size", p.limits.workspace_size, workspace),
         ("limits.outputs_size", p.limits.outputs_size, outputs),
@@ -65,7 +65,7 @@ pub fn check(p: &Policy, workspace: Option<&Path>, outputs: Option<&Path>) -> Re
 }
 
 /// Whether this host can provision limited filesystems: root, a loop device, mkfs.ext4.
-pub fn can_provision(field: &'static str, size: u64) -> Result<(), DiskError> {
+pub(crate) fn can_provision(field: &'static str, size: u64) -> Result<(), DiskError> {
     let refuse = |msg: String| DiskError::Refused { field, size: format_size(size), msg };
     if !nix::unistd::geteuid().is_root() {
         return Err(refuse("a filesystem per session needs root (loop devices and mount)".into()));
@@ -86,7 +86,7 @@ fn mkfs() -> Option<PathBuf> {
 }
 
 /// Whether `dir` is the root of a mount (its device differs from its parent's).
-pub fn is_mounted(dir: &Path) -> bool {
+pub(crate) fn is_mounted(dir: &Path) -> bool {
     use std::os::unix::fs::MetadataExt;
     match (std::fs::metadata(dir), dir.parent().map(std::fs::metadata)) {
         (Ok(a), Some(Ok(b))) => a.dev() != b.dev(),
@@ -96,7 +96,7 @@ pub fn is_mounted(dir: &Path) -> bool {
 
 /// Makes `dir` a filesystem of `size` bytes owned by `owner`, backed by `image` (made when it
 /// does not exist yet, reused when it does: a restarted worker keeps its sessions' data).
-pub fn provision(image: &Path, dir: &Path, size: u64, owner: (u32, u32)) -> Result<(), DiskError> {
+pub(crate) fn provision(image: &Path, dir: &Path, size: u64, owner: (u32, u32)) -> Result<(), DiskError> {
     let io = |p: &Path| {
         let p = p.to_path_buf();
         move |e: std::io::Error| DiskError::Io(p, e)
@@ -152,7 +152,7 @@ pub fn provision(image: &Path, dir: &Path, size: u64, owner: (u32, u32)) -> Resu
 }
 
 /// Unmounts a directory `provision` mounted; its loop device goes with it (autoclear).
-pub fn release(dir: &Path) -> Result<(), DiskError> {
+pub(crate) fn release(dir: &Path) -> Result<(), DiskError> {
     if !is_mounted(dir) {
         return Ok(());
     }

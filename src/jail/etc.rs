@@ -3,7 +3,7 @@
 use crate::policy::{NetMode, Policy};
 
 /// (file name under /etc, contents)
-pub fn generated_files(policy: &Policy, resolver: Option<std::net::Ipv4Addr>) -> Vec<(&'static str, String)> {
+pub(crate) fn generated_files(policy: &Policy, resolver: Option<std::net::Ipv4Addr>) -> Vec<(&'static str, String)> {
     let u = &policy.user;
     let h = &policy.hostname;
     let resolv = match policy.network.mode {

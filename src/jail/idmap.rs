@@ -25,13 +25,18 @@ use std::path::Path;
 use super::error::{JailError, Step};
 
 /// Ids below this are system accounts (login.defs UID_MIN/GID_MIN on Debian and Fedora).
-pub const FIRST_ORDINARY_ID: u32 = 1000;
+pub(crate) const FIRST_ORDINARY_ID: u32 = 1000;
 
 /// Returns a detached mount of `dir`, made by the supervisor so that the jail never walks the
 /// host path to it (a private parent directory, 0700, would stop the jail user there): a plain
 /// one when the jail user's host ids own the directory, an id-mapped one when an ordinary user
 /// does.
-pub fn prepare(dir: &Path, what: &str, jail_host_uid: u32, jail_host_gid: u32) -> Result<Option<OwnedFd>, JailError> {
+pub(crate) fn prepare(
+    dir: &Path,
+    what: &str,
+    jail_host_uid: u32,
+    jail_host_gid: u32,
+) -> Result<Option<OwnedFd>, JailError> {
     let meta = std::fs::metadata(dir)
         .map_err(|e| JailError::new(Step::Workspace, format!("{what} {}: {e}", dir.display())))?;
     if meta.uid() == jail_host_uid && meta.gid() == jail_host_gid {

@@ -19,20 +19,20 @@ use std::path::Path;
 
 use super::error::{JailError, Step};
 
-pub const DIR: &str = "/run/stockade/idranges";
+pub(crate) const DIR: &str = "/run/stockade/idranges";
 /// Slots tried before giving up; far more than the live jails a host can hold (pid_max).
 const MAX_SLOTS: u32 = 16_384;
 
 /// A held slot; dropping it frees the range.
 #[derive(Debug)]
-pub struct Slot {
+pub(crate) struct Slot {
     pub index: u32,
     _lock: OwnedFd,
 }
 
 impl Slot {
     /// The first host id of the slot's range.
-    pub fn host_base(&self, host_id_base: u32) -> u32 {
+    pub(crate) fn host_base(&self, host_id_base: u32) -> u32 {
         host_id_base + self.index * 65_536
     }
 }
@@ -44,7 +44,7 @@ fn slots_for(host_id_base: u32) -> u32 {
 
 /// Takes a free slot, starting at a random one so that a start costs a probe or two however many
 /// jails are live.
-pub fn take(host_id_base: u32) -> Result<Slot, JailError> {
+pub(crate) fn take(host_id_base: u32) -> Result<Slot, JailError> {
     take_in(Path::new(DIR), host_id_base)
 }
 

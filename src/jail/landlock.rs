@@ -16,15 +16,15 @@ use super::mounts::{OUTPUTS, WORKSPACE};
 use crate::policy::{Access as WsAccess, Compatibility, Policy, SysMode};
 
 /// The ABI whose rights Stockade asks for: 6 brings the IPC scopes.
-pub const TARGET_ABI: i32 = 6;
+pub(crate) const TARGET_ABI: i32 = 6;
 
 /// Environment variable that caps the landlock ABI Stockade uses below what the kernel offers,
 /// to check how a policy behaves on an older kernel. It can only lower protection, never raise
 /// it, and `hard` policies refuse to run under a cap that drops anything they need.
-pub const ABI_CAP_ENV: &str = "STOCKADE_LANDLOCK_ABI_CAP";
+pub(crate) const ABI_CAP_ENV: &str = "STOCKADE_LANDLOCK_ABI_CAP";
 
 /// The ABI Stockade will use: the kernel's, lowered by `STOCKADE_LANDLOCK_ABI_CAP` if set.
-pub fn effective_abi() -> i32 {
+pub(crate) fn effective_abi() -> i32 {
     let k = kernel_abi();
     match std::env::var(ABI_CAP_ENV).ok().and_then(|v| v.parse::<i32>().ok()) {
         Some(cap) => k.min(cap.max(0)),
@@ -33,7 +33,7 @@ pub fn effective_abi() -> i32 {
 }
 
 /// The running kernel's landlock ABI version (0 when landlock is unavailable or disabled).
-pub fn kernel_abi() -> i32 {
+pub(crate) fn kernel_abi() -> i32 {
     // SAFETY: LANDLOCK_CREATE_RULESET_VERSION with a NULL attribute and size 0 only queries the
     // ABI version; no memory is read or written.
     let v = unsafe {
@@ -47,13 +47,13 @@ pub fn kernel_abi() -> i32 {
 }
 
 /// The ABI a policy needs, and what is missing from a kernel with `abi`.
-pub fn requirements(policy: &Policy) -> i32 {
+pub(crate) fn requirements(policy: &Policy) -> i32 {
     let net = policy.landlock.tcp_bind.is_some() || policy.landlock.tcp_connect.is_some();
     let _ = net; // TCP rules need ABI 4, which the scopes' ABI 6 already implies.
     TARGET_ABI
 }
 
-pub fn missing_features(abi: i32, policy: &Policy) -> Vec<&'static str> {
+pub(crate) fn missing_features(abi: i32, policy: &Policy) -> Vec<&'static str> {
     let net = policy.landlock.tcp_bind.is_some() || policy.landlock.tcp_connect.is_some();
     let mut m = Vec::new();
     if abi < 1 {
@@ -80,13 +80,13 @@ pub fn missing_features(abi: i32, policy: &Policy) -> Vec<&'static str> {
 
 /// A path rule: jail path and whether it is writable / executable.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct PathRule {
+pub(crate) struct PathRule {
     pub path: PathBuf,
     pub kind: RuleKind,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum RuleKind {
+pub(crate) enum RuleKind {
     /// Read and list.
     Read,
     /// Read, list and execute.
@@ -100,7 +100,7 @@ pub enum RuleKind {
 }
 
 /// The path rules a policy implies, in jail paths.
-pub fn path_rules(p: &Policy) -> Vec<PathRule> {
+pub(crate) fn path_rules(p: &Policy) -> Vec<PathRule> {
     let mut rules = vec![
         PathRule { path: "/".into(), kind: RuleKind::ListOnly },
         PathRule { path: "/etc".into(), kind: RuleKind::Read },
@@ -139,7 +139,7 @@ fn access_for(kind: RuleKind, abi: ABI) -> BitFlags<AccessFs> {
 
 /// Restricts the calling process as the policy's landlock section says (the supervisor reported
 /// what this kernel cannot enforce before the clone: see `missing_features`).
-pub fn apply(p: &Policy) -> Result<(), JailError> {
+pub(crate) fn apply(p: &Policy) -> Result<(), JailError> {
     let kabi = effective_abi();
     let dropped = missing_features(kabi, p);
     let hard = p.landlock.compatibility == Compatibility::Hard;

@@ -12,7 +12,7 @@ use super::error::{JailError, Step, StepExt};
 use super::fsio::write_kernel_file;
 use crate::policy::User;
 
-pub const JAIL_NAMESPACES: CloneFlags = CloneFlags::CLONE_NEWUSER
+pub(crate) const JAIL_NAMESPACES: CloneFlags = CloneFlags::CLONE_NEWUSER
     .union(CloneFlags::CLONE_NEWNS)
     .union(CloneFlags::CLONE_NEWPID)
     .union(CloneFlags::CLONE_NEWIPC)
@@ -28,7 +28,7 @@ pub const JAIL_NAMESPACES: CloneFlags = CloneFlags::CLONE_NEWUSER
 ///
 /// With `cgroup` (a cgroup v2 directory) the child is created inside that cgroup
 /// (`clone3` with `CLONE_INTO_CGROUP`), so it never has to be migrated there.
-pub fn fork_into_namespaces(cgroup: Option<BorrowedFd>, owner: Option<u32>) -> Result<Option<Pid>, JailError> {
+pub(crate) fn fork_into_namespaces(cgroup: Option<BorrowedFd>, owner: Option<u32>) -> Result<Option<Pid>, JailError> {
     ensure_single_threaded()?;
     let namespaces = JAIL_NAMESPACES;
     let names = "NEWUSER|NEWNS|NEWPID|NEWIPC|NEWUTS|NEWNET";
@@ -145,7 +145,7 @@ fn ensure_single_threaded() -> Result<(), JailError> {
 
 /// How jail ids map to host ids.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum IdMapping {
+pub(crate) enum IdMapping {
     /// Stockade runs as host root: jail ids 0..65536 map to host_base.. (never host 0).
     Range { host_base: u32 },
     /// Stockade runs unprivileged: the jail user is the invoking user; nothing else is mapped.
@@ -153,7 +153,7 @@ pub enum IdMapping {
 }
 
 impl IdMapping {
-    pub fn for_host(user: &User) -> Self {
+    pub(crate) fn for_host(user: &User) -> Self {
         let euid = nix::unistd::geteuid().as_raw();
         if euid == 0 {
             IdMapping::Range { host_base: user.host_id_base }
@@ -168,7 +168,7 @@ impl IdMapping {
     }
 
     /// The host uid/gid the jailed command runs as.
-    pub fn host_ids(&self, user: &User) -> (u32, u32) {
+    pub(crate) fn host_ids(&self, user: &User) -> (u32, u32) {
         match *self {
             IdMapping::Range { host_base } => (host_base + user.uid, host_base + user.gid),
             IdMapping::Single { host_uid, host_gid, .. } => (host_uid, host_gid),
@@ -177,7 +177,7 @@ impl IdMapping {
 
     /// The id the jail's setup runs as inside (before dropping to the jail user): 0 where it is
     /// mapped, so setup creates root-owned files; otherwise the jail user itself.
-    pub fn setup_ids(&self) -> Option<(u32, u32)> {
+    pub(crate) fn setup_ids(&self) -> Option<(u32, u32)> {
         match *self {
             IdMapping::Range { .. } => Some((0, 0)),
             IdMapping::Single { .. } => None,
@@ -185,7 +185,7 @@ impl IdMapping {
     }
 
     /// Writes the child's maps. Runs in the supervisor.
-    pub fn write(&self, child: Pid) -> Result<(), JailError> {
+    pub(crate) fn write(&self, child: Pid) -> Result<(), JailError> {
         let (uid_map, gid_map, deny_setgroups) = match *self {
             IdMapping::Range { host_base } => {
                 if host_base == 0 {

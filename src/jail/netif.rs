@@ -6,7 +6,7 @@
 use super::error::{JailError, Step};
 
 /// Brings `lo` up (SIOCSIFFLAGS on a datagram socket of the jail's new namespace).
-pub fn loopback_up() -> Result<(), JailError> {
+pub(crate) fn loopback_up() -> Result<(), JailError> {
     let fail = |what: &str, e: std::io::Error| JailError::new(Step::Network, format!("{what}: {e}"));
     // SAFETY: plain socket(2); the result is checked and owned below.
     let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
@@ -35,7 +35,7 @@ pub fn loopback_up() -> Result<(), JailError> {
 }
 
 /// `eth0`: the jail's address in the session's /30, up, and the default route through the host end.
-pub fn veth_up(jail: std::net::Ipv4Addr, gateway: std::net::Ipv4Addr) -> Result<(), JailError> {
+pub(crate) fn veth_up(jail: std::net::Ipv4Addr, gateway: std::net::Ipv4Addr) -> Result<(), JailError> {
     let mut r = crate::net::rtnl::Rtnl::open()?;
     r.add_addr4("eth0", jail, 30)?;
     r.set_up("eth0")?;

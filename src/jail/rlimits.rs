@@ -6,7 +6,7 @@ use nix::sys::resource::{setrlimit, Resource};
 use super::error::{JailError, Step, StepExt};
 use crate::policy::Limits;
 
-pub fn apply(l: &Limits) -> Result<(), JailError> {
+pub(crate) fn apply(l: &Limits) -> Result<(), JailError> {
     let set = |res: Resource, name: &str, v: u64| setrlimit(res, v, v).step(Step::Rlimits, || format!("{name}={v}"));
     set(Resource::RLIMIT_CORE, "core", 0)?;
     if let Some(n) = l.nofile {

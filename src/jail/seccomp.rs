@@ -34,7 +34,7 @@ const SETID: u64 = (libc::S_ISUID | libc::S_ISGID) as u64;
 const CREATES: u64 = (libc::O_CREAT | (libc::O_TMPFILE & !libc::O_DIRECTORY)) as u64;
 const NETLINK_ROUTE: u64 = 0;
 
-pub struct Filters {
+pub(crate) struct Filters {
     pub program: BpfProgram,
     /// What the allowlist admits.
     pub allowed: Allowlist,
@@ -47,7 +47,7 @@ const ARCH: (seccompiler::TargetArch, u32) =
 const ARCH: (seccompiler::TargetArch, u32) =
     (seccompiler::TargetArch::aarch64, 0xC000_00B7 /* AUDIT_ARCH_AARCH64 */);
 
-pub fn compile(p: &Seccomp) -> Result<Filters, JailError> {
+pub(crate) fn compile(p: &Seccomp) -> Result<Filters, JailError> {
     let err = |what: &str, e: &dyn std::fmt::Display| JailError::new(Step::Seccomp, format!("{what}: {e}"));
     if syscalls::native_table().is_empty() {
         return Err(JailError::new(
@@ -149,7 +149,7 @@ fn rules_for(c: ArgCond, name: &str, families: &[u64]) -> Result<Vec<SeccompRule
 }
 
 /// Installs the filter on the calling thread. no_new_privs must already be set.
-pub fn install(program: &[seccompiler::sock_filter]) -> Result<(), JailError> {
+pub(crate) fn install(program: &[seccompiler::sock_filter]) -> Result<(), JailError> {
     seccompiler::apply_filter(program).map_err(|e| JailError::new(Step::Seccomp, format!("install filter: {e}")))
 }
 

@@ -18,7 +18,7 @@ const STEPS: [&str; 5] = ["", "setsid", "chdir", "close_range", "execve"];
 /// Starts `prog` with `argv` and `env` in a new session, in `cwd`, with an empty signal mask,
 /// SIGPIPE at its default and every descriptor above stderr closed at exec. Returns the
 /// command's pid once it has exec'd.
-pub fn spawn(prog: &CString, argv: &[CString], env: &[CString], cwd: &CString) -> Result<Pid, JailError> {
+pub(super) fn spawn(prog: &CString, argv: &[CString], env: &[CString], cwd: &CString) -> Result<Pid, JailError> {
     let nul = |v: &[CString]| -> Vec<*const c_char> {
         v.iter().map(|s| s.as_ptr()).chain(std::iter::once(std::ptr::null())).collect()
     };

@@ -15,7 +15,7 @@ use std::os::unix::ffi::OsStrExt;
 
 use super::error::{JailError, Step};
 
-pub struct SyncPipes {
+pub(super) struct SyncPipes {
     pub go_read: OwnedFd,
     pub go_write: OwnedFd,
     pub report_read: OwnedFd,
@@ -23,7 +23,7 @@ pub struct SyncPipes {
 }
 
 impl SyncPipes {
-    pub fn new() -> nix::Result<Self> {
+    pub(super) fn new() -> nix::Result<Self> {
         use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
         let (go_read, go_write) = socketpair(AddressFamily::Unix, SockType::SeqPacket, None, SockFlag::SOCK_CLOEXEC)?;
         let (report_read, report_write) = pipe2(OFlag::O_CLOEXEC)?;
@@ -31,16 +31,16 @@ impl SyncPipes {
     }
 }
 
-pub const GO: u8 = b'G';
+pub(super) const GO: u8 = b'G';
 
 /// Supervisor side: release the jail (`GO`).
-pub fn send(fd: &OwnedFd, what: u8) -> nix::Result<()> {
+pub(super) fn send(fd: &OwnedFd, what: u8) -> nix::Result<()> {
     write(fd.as_fd(), &[what]).map(|_| ())
 }
 
 /// What the jail receives after `GO`, once the supervisor has made it: the cgroup to enter (as
 /// the `tasks` files it enters by itself, possibly none) and the seccomp program to install.
-pub struct Setup {
+pub(super) struct Setup {
     pub cgroup: Option<super::cgroups::Entry>,
     pub program: seccompiler::BpfProgram,
 }
@@ -48,7 +48,7 @@ pub struct Setup {
 /// Supervisor side of [`Setup`], one datagram: `S`, the program's length in instructions (u32,
 /// native order), the instructions, then the `tasks` paths, NUL-terminated, matching the
 /// descriptors passed with SCM_RIGHTS.
-pub fn send_setup(
+pub(super) fn send_setup(
     fd: &OwnedFd,
     entry: Option<&super::cgroups::Entry>,
     program: &[seccompiler::sock_filter],
@@ -77,7 +77,7 @@ pub fn send_setup(
 
 /// Jail side of [`Setup`]. `Err(None)` when the supervisor went away first, `Err(Some)` when its
 /// message cannot be read (then the jail must not run: it would run unbounded or unfiltered).
-pub fn recv_setup(fd: &OwnedFd) -> Result<Setup, Option<String>> {
+pub(super) fn recv_setup(fd: &OwnedFd) -> Result<Setup, Option<String>> {
     use nix::sys::socket::{recv, recvmsg, ControlMessageOwned, MsgFlags};
     use std::os::fd::{AsRawFd, FromRawFd};
     let bad = |m: &str| Some(format!("receive the jail's setup: {m}"));
@@ -148,7 +148,7 @@ pub fn recv_setup(fd: &OwnedFd) -> Result<Setup, Option<String>> {
 }
 
 /// Jail side: sends the exec filter's listener (`N` and the descriptor), and closes its copy.
-pub fn send_listener(fd: &OwnedFd, listener: OwnedFd) -> nix::Result<()> {
+pub(super) fn send_listener(fd: &OwnedFd, listener: OwnedFd) -> nix::Result<()> {
     use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
     use std::os::fd::AsRawFd;
     let raw = [listener.as_raw_fd()];
@@ -157,7 +157,7 @@ pub fn send_listener(fd: &OwnedFd, listener: OwnedFd) -> nix::Result<()> {
 }
 
 /// Supervisor side of [`send_listener`]: `None` when the jail ended (or failed) first.
-pub fn recv_listener(fd: &OwnedFd) -> Option<OwnedFd> {
+pub(super) fn recv_listener(fd: &OwnedFd) -> Option<OwnedFd> {
     use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags};
     use std::os::fd::{AsRawFd, FromRawFd};
     let mut buf = [0u8; 1];
@@ -186,7 +186,7 @@ pub fn recv_listener(fd: &OwnedFd) -> Option<OwnedFd> {
 }
 
 /// Jail side: wait for `what`. Returns false when the supervisor went away.
-pub fn wait_for(fd: &OwnedFd, what: u8) -> bool {
+pub(super) fn wait_for(fd: &OwnedFd, what: u8) -> bool {
     let mut b = [0u8; 1];
     loop {
         match read(fd.as_fd(), &mut b) {
@@ -200,14 +200,14 @@ pub fn wait_for(fd: &OwnedFd, what: u8) -> bool {
 
 /// Jail side: a failure record, `step \t errno \t message`, written in one call so it is atomic
 /// (records are far below PIPE_BUF).
-pub fn send_failure(fd: &OwnedFd, err: &JailError) {
+pub(super) fn send_failure(fd: &OwnedFd, err: &JailError) {
     let msg: String = err.msg.chars().filter(|c| *c != '\t').take(3000).collect();
     let rec = format!("{}\t{}\t{}", err.step.name(), err.errno.unwrap_or(0), msg);
     let _ = write(fd.as_fd(), rec.as_bytes());
 }
 
 /// Supervisor side: read until EOF. `None` means the command was exec'd.
-pub fn read_report(fd: &OwnedFd) -> Option<JailError> {
+pub(super) fn read_report(fd: &OwnedFd) -> Option<JailError> {
     let mut buf = Vec::new();
     let mut chunk = [0u8; 4096];
     loop {

@@ -3,7 +3,7 @@
 
 use super::error::{JailError, Step, StepExt};
 
-pub fn set_names(hostname: &str) -> Result<(), JailError> {
+pub(crate) fn set_names(hostname: &str) -> Result<(), JailError> {
     nix::unistd::sethostname(hostname).step(Step::Hostname, || format!("sethostname {hostname}"))?;
     let domain = c"(none)";
     // SAFETY: the pointer and length describe a valid, NUL-free byte string that outlives the call.

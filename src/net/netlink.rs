@@ -5,16 +5,16 @@
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 
-pub const NLMSG_ERROR: u16 = 2;
-pub const NLMSG_DONE: u16 = 3;
-pub const NLM_F_REQUEST: u16 = 0x1;
-pub const NLM_F_MULTI: u16 = 0x2;
-pub const NLM_F_ACK: u16 = 0x4;
-pub const NLM_F_EXCL: u16 = 0x200;
-pub const NLM_F_CREATE: u16 = 0x400;
-pub const NLM_F_DUMP: u16 = 0x300;
-pub const NLM_F_APPEND: u16 = 0x800;
-pub const NLA_F_NESTED: u16 = 0x8000;
+pub(crate) const NLMSG_ERROR: u16 = 2;
+pub(crate) const NLMSG_DONE: u16 = 3;
+pub(crate) const NLM_F_REQUEST: u16 = 0x1;
+pub(crate) const NLM_F_MULTI: u16 = 0x2;
+pub(crate) const NLM_F_ACK: u16 = 0x4;
+pub(crate) const NLM_F_EXCL: u16 = 0x200;
+pub(crate) const NLM_F_CREATE: u16 = 0x400;
+pub(crate) const NLM_F_DUMP: u16 = 0x300;
+pub(crate) const NLM_F_APPEND: u16 = 0x800;
+pub(crate) const NLA_F_NESTED: u16 = 0x8000;
 
 /// What went wrong in `net/`, with the errno when there is one.
 #[derive(Debug, thiserror::Error)]
@@ -62,19 +62,19 @@ impl NetError {
     }
 }
 
-pub fn align4(n: usize) -> usize {
+pub(crate) fn align4(n: usize) -> usize {
     (n + 3) & !3
 }
 
 /// A request under construction: the netlink header, a fixed family header, attributes.
-pub struct Msg {
+pub(crate) struct Msg {
     buf: Vec<u8>,
     /// Offsets of nested attributes still open.
     nests: Vec<usize>,
 }
 
 impl Msg {
-    pub fn new(kind: u16, flags: u16, family_header: &[u8]) -> Msg {
+    pub(crate) fn new(kind: u16, flags: u16, family_header: &[u8]) -> Msg {
         let mut buf = vec![0u8; 16];
         buf[4..6].copy_from_slice(&kind.to_ne_bytes());
         buf[6..8].copy_from_slice(&(flags | NLM_F_REQUEST).to_ne_bytes());
@@ -83,7 +83,7 @@ impl Msg {
         Msg { buf, nests: Vec::new() }
     }
 
-    pub fn attr(&mut self, kind: u16, data: &[u8]) -> &mut Msg {
+    pub(crate) fn attr(&mut self, kind: u16, data: &[u8]) -> &mut Msg {
         let len = 4 + data.len();
         self.buf.extend_from_slice(&(len as u16).to_ne_bytes());
         self.buf.extend_from_slice(&kind.to_ne_bytes());
@@ -92,14 +92,14 @@ impl Msg {
         self
     }
 
-    pub fn str_attr(&mut self, kind: u16, s: &str) -> &mut Msg {
+    pub(crate) fn str_attr(&mut self, kind: u16, s: &str) -> &mut Msg {
         let mut d = s.as_bytes().to_vec();
         d.push(0);
         self.attr(kind, &d)
     }
 
     /// Opens a nested attribute, closed by `end`.
-    pub fn begin(&mut self, kind: u16) -> &mut Msg {
+    pub(crate) fn begin(&mut self, kind: u16) -> &mut Msg {
         self.nests.push(self.buf.len());
         self.buf.extend_from_slice(&[0, 0]);
         self.buf.extend_from_slice(&kind.to_ne_bytes());
@@ -107,13 +107,13 @@ impl Msg {
     }
 
     /// Raw bytes inside the innermost nest (a family header there, as a veth peer's).
-    pub fn raw(&mut self, data: &[u8]) -> &mut Msg {
+    pub(crate) fn raw(&mut self, data: &[u8]) -> &mut Msg {
         self.buf.extend_from_slice(data);
         self.buf.resize(align4(self.buf.len()), 0);
         self
     }
 
-    pub fn end(&mut self) -> &mut Msg {
+    pub(crate) fn end(&mut self) -> &mut Msg {
         let start = self.nests.pop().expect("balanced nests");
         let len = (self.buf.len() - start) as u16;
         self.buf[start..start + 2].copy_from_slice(&len.to_ne_bytes());
@@ -121,7 +121,7 @@ impl Msg {
     }
 
     /// The message's bytes, with its length and sequence number.
-    pub fn finish(mut self, seq: u32) -> Vec<u8> {
+    pub(crate) fn finish(mut self, seq: u32) -> Vec<u8> {
         let len = self.buf.len() as u32;
         self.buf[0..4].copy_from_slice(&len.to_ne_bytes());
         self.buf[8..12].copy_from_slice(&seq.to_ne_bytes());
@@ -131,7 +131,7 @@ impl Msg {
 
 /// The attributes in `b`: (type without the nested/byte-order flags, value). Stops at the first
 /// malformed one.
-pub fn attrs(mut b: &[u8]) -> Vec<(u16, &[u8])> {
+pub(crate) fn attrs(mut b: &[u8]) -> Vec<(u16, &[u8])> {
     let mut v = Vec::new();
     while b.len() >= 4 {
         let len = u16::from_ne_bytes([b[0], b[1]]) as usize;
@@ -147,14 +147,14 @@ pub fn attrs(mut b: &[u8]) -> Vec<(u16, &[u8])> {
 
 /// A received message's header.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Header {
+pub(crate) struct Header {
     pub kind: u16,
     pub flags: u16,
     pub seq: u32,
 }
 
 /// The messages in a datagram; `Err` for one whose length does not fit (the rest is dropped).
-pub fn messages(buf: &[u8]) -> impl Iterator<Item = Result<(Header, &[u8]), &'static str>> {
+pub(crate) fn messages(buf: &[u8]) -> impl Iterator<Item = Result<(Header, &[u8]), &'static str>> {
     let mut off = 0usize;
     std::iter::from_fn(move || {
         if off >= buf.len() {
@@ -180,12 +180,12 @@ pub fn messages(buf: &[u8]) -> impl Iterator<Item = Result<(Header, &[u8]), &'st
 }
 
 /// An NLMSG_ERROR body's errno (positive; 0 is an acknowledgement).
-pub fn ack_errno(body: &[u8]) -> i32 {
+pub(crate) fn ack_errno(body: &[u8]) -> i32 {
     body.get(0..4).map_or(0, |b| -i32::from_ne_bytes(b.try_into().expect("4 bytes")))
 }
 
 /// A netlink socket and its sequence numbers.
-pub struct Socket {
+pub(crate) struct Socket {
     fd: OwnedFd,
     seq: u32,
 }
@@ -193,7 +193,7 @@ pub struct Socket {
 impl Socket {
     /// A socket of `protocol` (NETLINK_ROUTE, NETLINK_NETFILTER), with a receive buffer of at least
     /// `rcvbuf` bytes when given.
-    pub fn open(protocol: i32, rcvbuf: Option<i32>) -> Result<Socket, NetError> {
+    pub(crate) fn open(protocol: i32, rcvbuf: Option<i32>) -> Result<Socket, NetError> {
         // SAFETY: plain socket(2); the result is checked and owned below.
         let fd = unsafe { libc::socket(libc::AF_NETLINK, libc::SOCK_RAW | libc::SOCK_CLOEXEC, protocol) };
         if fd < 0 {
@@ -218,16 +218,16 @@ impl Socket {
         Ok(Socket { fd, seq: std::process::id().wrapping_mul(1 << 16) })
     }
 
-    pub fn fd(&self) -> &OwnedFd {
+    pub(crate) fn fd(&self) -> &OwnedFd {
         &self.fd
     }
 
-    pub fn next_seq(&mut self) -> u32 {
+    pub(crate) fn next_seq(&mut self) -> u32 {
         self.seq = self.seq.wrapping_add(1);
         self.seq
     }
 
-    pub fn send(&self, bytes: &[u8]) -> Result<(), NetError> {
+    pub(crate) fn send(&self, bytes: &[u8]) -> Result<(), NetError> {
         // SAFETY: sending our own buffer on our own socket; the kernel's address is implied.
         let n = unsafe { libc::send(self.fd.as_raw_fd(), bytes.as_ptr().cast(), bytes.len(), 0) };
         if n < 0 {
@@ -238,7 +238,7 @@ impl Socket {
 
     /// Receives one datagram into `buf`, waiting at most `timeout_ms` (negative: for ever).
     /// Returns its length.
-    pub fn recv(&self, buf: &mut [u8], timeout_ms: i32) -> Result<usize, NetError> {
+    pub(crate) fn recv(&self, buf: &mut [u8], timeout_ms: i32) -> Result<usize, NetError> {
         loop {
             let mut pfd = libc::pollfd { fd: self.fd.as_raw_fd(), events: libc::POLLIN, revents: 0 };
             // SAFETY: one valid pollfd.
@@ -261,7 +261,7 @@ impl Socket {
 
     /// Reads messages, calling `each(header, body)`, until it returns true. `timeout_ms` bounds
     /// each wait for the kernel.
-    pub fn read(&self, timeout_ms: i32, mut each: impl FnMut(Header, &[u8]) -> bool) -> Result<(), NetError> {
+    pub(crate) fn read(&self, timeout_ms: i32, mut each: impl FnMut(Header, &[u8]) -> bool) -> Result<(), NetError> {
         let mut buf = vec![0u8; 64 * 1024];
         loop {
             let n = self.recv(&mut buf, timeout_ms)?;
@@ -276,7 +276,7 @@ impl Socket {
 
     /// Sends one request with an ack asked for and waits for the answer to it: data messages go
     /// to `each`; the ack ends the wait, an error answer is `NetError::Kernel`.
-    pub fn request(&mut self, what: &str, msg: Msg, mut each: impl FnMut(u16, &[u8])) -> Result<(), NetError> {
+    pub(crate) fn request(&mut self, what: &str, msg: Msg, mut each: impl FnMut(u16, &[u8])) -> Result<(), NetError> {
         let seq = self.next_seq();
         self.send(&msg.finish(seq)).map_err(|e| e.about(what))?;
         let mut failed = None;

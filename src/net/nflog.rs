@@ -21,7 +21,7 @@ const NFULA_PAYLOAD: u16 = 9;
 const NFULA_PREFIX: u16 = 10;
 
 /// The NFLOG group of a slot (groups are host-wide; 10000+ keeps clear of common ones).
-pub fn group(slot: u32) -> u16 {
+pub(crate) fn group(slot: u32) -> u16 {
     (10_000 + slot % 50_000) as u16
 }
 
@@ -33,7 +33,7 @@ pub struct ConnStats {
 
 /// One logged packet: the rule's prefix ("allow"/"deny") and the IPv4 header's essentials.
 #[derive(Debug, PartialEq, Eq)]
-pub struct Record {
+pub(crate) struct Record {
     pub verdict: String,
     pub proto: &'static str,
     pub dst: Ipv4Addr,
@@ -41,7 +41,7 @@ pub struct Record {
 }
 
 /// Parses an NFULNL_MSG_PACKET body (after the netlink header).
-pub fn parse_packet(body: &[u8]) -> Option<Record> {
+pub(crate) fn parse_packet(body: &[u8]) -> Option<Record> {
     let a = attrs(body.get(4..)?);
     let prefix = a.iter().find(|(t, _)| *t == NFULA_PREFIX).map(|(_, v)| v)?;
     let verdict = String::from_utf8_lossy(prefix.split(|c| *c == 0).next().unwrap_or(prefix)).into_owned();
@@ -70,7 +70,7 @@ fn config(sock: &mut Socket, group: u16, attr: u16, payload: &[u8]) -> Result<()
 }
 
 /// Binds to `group` and returns the socket (copying the first 64 bytes of each packet).
-pub fn open(group: u16) -> Result<Socket, NetError> {
+pub(crate) fn open(group: u16) -> Result<Socket, NetError> {
     let mut sock = Socket::open(libc::NETLINK_NETFILTER, None)?;
     config(&mut sock, group, NFULA_CFG_CMD, &[NFULNL_CFG_CMD_BIND, 0, 0, 0])?;
     let mut mode = 64u32.to_be_bytes().to_vec();
@@ -83,7 +83,7 @@ pub fn open(group: u16) -> Result<Socket, NetError> {
 }
 
 /// Logs records from `fd` until `stop` is signalled.
-pub fn serve(
+pub(crate) fn serve(
     sock: Socket,
     session: String,
     stats: Arc<ConnStats>,

@@ -26,7 +26,7 @@ fn escaped(why: impl Into<String>) -> Outcome {
 }
 
 /// One probe of the battery: what it tries, and the attempt itself.
-pub struct Probe {
+pub(crate) struct Probe {
     pub id: &'static str,
     pub category: &'static str,
     pub what: &'static str,
@@ -34,7 +34,7 @@ pub struct Probe {
 }
 
 /// The probes that are not single system calls (those are `syscalls::SYSCALL_PROBES`).
-pub const PROBES: &[Probe] = &[
+pub(crate) const PROBES: &[Probe] = &[
     Probe { id: "fs-write-usr", category: "filesystem", what: "create a file under /usr", run: fs_write_usr },
     Probe { id: "fs-write-root", category: "filesystem", what: "create a file in /", run: fs_write_root },
     Probe { id: "fs-write-etc", category: "filesystem", what: "create a file in /etc", run: fs_write_etc },
@@ -211,7 +211,7 @@ fn status_field(field: &str) -> String {
 }
 
 /// Runs the probe `id` of the table, if it is one.
-pub fn run(id: &str, ctx: &Ctx) -> Option<Outcome> {
+pub(crate) fn run(id: &str, ctx: &Ctx) -> Option<Outcome> {
     PROBES.iter().find(|p| p.id == id).map(|p| (p.run)(ctx))
 }
 
@@ -597,7 +597,7 @@ fn memory_hog(limit: Option<u64>) -> Outcome {
 
 /// Forks children that sleep `secs` and exit, until fork fails (`Err((forked, errno))`) or
 /// `max` succeed (`Ok(max)`).
-pub fn fork_children(max: usize, secs: u32) -> Result<usize, (usize, i32)> {
+pub(crate) fn fork_children(max: usize, secs: u32) -> Result<usize, (usize, i32)> {
     for n in 0..max {
         // SAFETY: probes run single-threaded; the children only sleep and exit.
         match unsafe { libc::fork() } {

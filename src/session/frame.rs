@@ -4,9 +4,9 @@ use serde::{de::DeserializeOwned, Serialize};
 use std::io::{self, Read, Write};
 
 /// Larger frames are refused: no tool input or result needs more.
-pub const MAX_FRAME: usize = 256 << 20;
+pub(super) const MAX_FRAME: usize = 256 << 20;
 
-pub fn write<W: Write, T: Serialize>(w: &mut W, msg: &T) -> io::Result<()> {
+pub(super) fn write<W: Write, T: Serialize>(w: &mut W, msg: &T) -> io::Result<()> {
     let body = serde_json::to_vec(msg).map_err(io::Error::other)?;
     if body.len() > MAX_FRAME {
         return Err(io::Error::other(format!("frame of {} bytes exceeds {MAX_FRAME}", body.len())));
@@ -18,7 +18,7 @@ pub fn write<W: Write, T: Serialize>(w: &mut W, msg: &T) -> io::Result<()> {
 }
 
 /// `Ok(None)` on a clean EOF between frames.
-pub fn read<R: Read, T: DeserializeOwned>(r: &mut R) -> io::Result<Option<T>> {
+pub(super) fn read<R: Read, T: DeserializeOwned>(r: &mut R) -> io::Result<Option<T>> {
     let mut len = [0u8; 4];
     match r.read_exact(&mut len) {
         Ok(()) => {}

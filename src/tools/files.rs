@@ -46,7 +46,7 @@ fn not_utf8_read(fp: &str) -> ToolResult {
     ))
 }
 
-pub fn read(ctx: &Ctx, i: &ReadInput) -> Res {
+pub(super) fn read(ctx: &Ctx, i: &ReadInput) -> Res {
     let fp = i.file_path.as_str();
     let target = resolve(ctx, fp).map_err(|e| ToolResult::err(format!("read: {e}")))?;
     let view_range = i.view_range.as_deref().filter(|v| !v.is_empty());
@@ -181,7 +181,7 @@ fn write_bytes(path: &Path, data: &[u8]) -> io::Result<()> {
     f.write_all(data)
 }
 
-pub fn write(ctx: &Ctx, i: &WriteInput) -> Res {
+pub(super) fn write(ctx: &Ctx, i: &WriteInput) -> Res {
     let fp = i.file_path.as_str();
     let target = resolve(ctx, fp).map_err(|e| ToolResult::err(format!("write: {e}")))?;
     let parent = target.parent().unwrap_or(Path::new("/"));
@@ -192,7 +192,7 @@ pub fn write(ctx: &Ctx, i: &WriteInput) -> Res {
     Ok(ToolResult::ok(format!("wrote {} bytes to {fp}", i.content.chars().count())))
 }
 
-pub fn edit(ctx: &Ctx, i: &EditInput) -> Res {
+pub(super) fn edit(ctx: &Ctx, i: &EditInput) -> Res {
     let fp = i.file_path.as_str();
     let target = resolve(ctx, fp).map_err(|e| ToolResult::err(format!("edit: {e}")))?;
     let fs_err = |e: io::Error| ToolResult::err(fs_error("edit", fp, &e));

@@ -232,7 +232,7 @@ fn mtime(p: &Path) -> f64 {
     std::fs::metadata(p).map(|m| m.mtime() as f64 + m.mtime_nsec() as f64 * 1e-9).unwrap_or(0.0)
 }
 
-pub fn glob(ctx: &Ctx, i: &GlobInput) -> Res {
+pub(super) fn glob(ctx: &Ctx, i: &GlobInput) -> Res {
     let pattern = i.pattern.as_str();
     if pattern.starts_with('/') {
         return Err(ToolResult::err(

@@ -73,7 +73,7 @@ fn pattern_error(pattern: &str, e: &grep_regex::Error) -> String {
     format!("{text}\n")
 }
 
-pub fn grep(ctx: &Ctx, i: &GrepInput) -> Res {
+pub(super) fn grep(ctx: &Ctx, i: &GrepInput) -> Res {
     let search = match i.path.as_deref().filter(|p| !p.is_empty()) {
         Some(p) => resolve(ctx, p).map_err(|e| ToolResult::err(format!("grep: {e}")))?,
         None => root(ctx),

@@ -9,29 +9,29 @@ use serde_json::{Map, Value};
 
 use super::ToolResult;
 
-pub struct ReadInput {
+pub(super) struct ReadInput {
     pub file_path: String,
     pub view_range: Option<Vec<i64>>,
 }
 
-pub struct WriteInput {
+pub(super) struct WriteInput {
     pub file_path: String,
     pub content: String,
 }
 
-pub struct EditInput {
+pub(super) struct EditInput {
     pub file_path: String,
     pub old_string: String,
     pub new_string: String,
     pub replace_all: bool,
 }
 
-pub struct GlobInput {
+pub(super) struct GlobInput {
     pub pattern: String,
     pub path: Option<String>,
 }
 
-pub struct GrepInput {
+pub(super) struct GrepInput {
     pub pattern: String,
     pub path: Option<String>,
 }
@@ -165,7 +165,7 @@ fn opt<T>(tool: &str, m: &Map<String, Value>, k: &str, f: impl Fn(&Value) -> Opt
     }
 }
 
-pub fn read(v: &Value) -> Res<ReadInput> {
+pub(super) fn read(v: &Value) -> Res<ReadInput> {
     let m = object("read", v, &["file_path", "view_range"])?;
     let view_range = opt("read", m, "view_range", |v| match v {
         Value::Array(a) => a.iter().map(lax_int).collect::<Option<Vec<i64>>>(),
@@ -174,12 +174,12 @@ pub fn read(v: &Value) -> Res<ReadInput> {
     Ok(ReadInput { file_path: req_str("read", m, "file_path")?, view_range })
 }
 
-pub fn write(v: &Value) -> Res<WriteInput> {
+pub(super) fn write(v: &Value) -> Res<WriteInput> {
     let m = object("write", v, &["file_path", "content"])?;
     Ok(WriteInput { file_path: req_str("write", m, "file_path")?, content: req_str("write", m, "content")? })
 }
 
-pub fn edit(v: &Value) -> Res<EditInput> {
+pub(super) fn edit(v: &Value) -> Res<EditInput> {
     let m = object("edit", v, &["file_path", "old_string", "new_string", "replace_all"])?;
     Ok(EditInput {
         file_path: req_str("edit", m, "file_path")?,
@@ -189,17 +189,17 @@ pub fn edit(v: &Value) -> Res<EditInput> {
     })
 }
 
-pub fn glob(v: &Value) -> Res<GlobInput> {
+pub(super) fn glob(v: &Value) -> Res<GlobInput> {
     let m = object("glob", v, &["pattern", "path"])?;
     Ok(GlobInput { pattern: req_str("glob", m, "pattern")?, path: opt_str("glob", m, "path")? })
 }
 
-pub fn grep(v: &Value) -> Res<GrepInput> {
+pub(super) fn grep(v: &Value) -> Res<GrepInput> {
     let m = object("grep", v, &["pattern", "path"])?;
     Ok(GrepInput { pattern: req_str("grep", m, "pattern")?, path: opt_str("grep", m, "path")? })
 }
 
-pub fn bash(v: &Value) -> Res<BashInput> {
+pub(super) fn bash(v: &Value) -> Res<BashInput> {
     let m = object("bash", v, &["command", "restart", "timeout_ms"])?;
     Ok(BashInput {
         command: opt_str("bash", m, "command")?,

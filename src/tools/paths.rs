@@ -9,7 +9,7 @@ use super::pyfmt;
 use super::Ctx;
 
 /// The runner's wording for a filesystem error: the same on every host, never a host path.
-pub fn reason(e: &io::Error) -> String {
+pub(super) fn reason(e: &io::Error) -> String {
     match e.raw_os_error() {
         Some(libc::ENOENT) => "no such file or directory".into(),
         Some(libc::ENOTDIR) => "not a directory".into(),
@@ -27,13 +27,13 @@ pub fn reason(e: &io::Error) -> String {
 }
 
 /// `OP: FILE_PATH: REASON`, as the runner reports a failed filesystem call.
-pub fn fs_error(op: &str, file_path: &str, e: &io::Error) -> String {
+pub(super) fn fs_error(op: &str, file_path: &str, e: &io::Error) -> String {
     format!("{op}: {file_path}: {}", reason(e))
 }
 
 /// `os.path.normpath`: `.` dropped, `..` taken back by spelling, repeated slashes folded (two
 /// leading slashes are kept, as POSIX allows).
-pub fn normpath(p: &str) -> PathBuf {
+pub(super) fn normpath(p: &str) -> PathBuf {
     if p.is_empty() {
         return PathBuf::from(".");
     }
@@ -71,7 +71,7 @@ fn eloop() -> io::Error {
 
 /// Every symlink of `path` followed; components that do not exist yet are kept as spelled, and
 /// a dangling symlink on the way is followed by hand.
-pub fn canonicalize(path: &Path) -> io::Result<PathBuf> {
+pub(super) fn canonicalize(path: &Path) -> io::Result<PathBuf> {
     let mut prefix = normpath(&path.to_string_lossy());
     let mut missing: Vec<std::ffi::OsString> = Vec::new();
     let mut hops = 0;
@@ -118,20 +118,20 @@ pub fn canonicalize(path: &Path) -> io::Result<PathBuf> {
 }
 
 /// `child` is `root` or inside it, comparing whole components.
-pub fn within(child: &Path, root: &Path) -> bool {
+pub(super) fn within(child: &Path, root: &Path) -> bool {
     let c: Vec<Component> = child.components().collect();
     let r: Vec<Component> = root.components().collect();
     c.len() >= r.len() && c[..r.len()] == r[..]
 }
 
 /// The canonical working directory.
-pub fn root(ctx: &Ctx) -> PathBuf {
+pub(super) fn root(ctx: &Ctx) -> PathBuf {
     std::fs::canonicalize(&ctx.cwd).unwrap_or_else(|_| ctx.cwd.clone())
 }
 
 /// A tool's path, resolved as the runner resolves it. The error is the runner's `ValueError`
 /// text, which the tool prefixes with its name.
-pub fn resolve(ctx: &Ctx, p: &str) -> Result<PathBuf, String> {
+pub(super) fn resolve(ctx: &Ctx, p: &str) -> Result<PathBuf, String> {
     if p.contains('\0') {
         return Err("embedded null byte".into());
     }

@@ -22,7 +22,7 @@ fn printable(c: char) -> bool {
 }
 
 /// `repr(s)` of a Python `str`.
-pub fn repr(s: &str) -> String {
+pub(crate) fn repr(s: &str) -> String {
     let quote = if s.contains('\'') && !s.contains('"') { '"' } else { '\'' };
     let mut out = String::with_capacity(s.len() + 2);
     out.push(quote);
@@ -50,7 +50,7 @@ pub fn repr(s: &str) -> String {
 
 /// `str(x)` of a Python float: the shortest text that reads back as `x`, with `.0` on whole
 /// numbers and an exponent outside [1e-4, 1e16).
-pub fn float(x: f64) -> String {
+pub(crate) fn float(x: f64) -> String {
     if x.is_nan() {
         return "nan".into();
     }

@@ -14,7 +14,7 @@ use crate::tools::ToolResult;
 
 /// How a session subprocess is started.
 #[derive(Debug, Clone)]
-pub struct RunnerConfig {
+pub(crate) struct RunnerConfig {
     /// The `stockade` binary (normally /proc/self/exe).
     pub exe: PathBuf,
     /// `--policy` for the jail: a built-in name or a file.
@@ -23,7 +23,7 @@ pub struct RunnerConfig {
 }
 
 #[derive(Debug, thiserror::Error)]
-pub enum RunnerError {
+pub(crate) enum RunnerError {
     #[error("starting the session process: {0}")]
     Spawn(std::io::Error),
     #[error("the session jail could not be built (exit status {0}); its error is in the log")]
@@ -32,7 +32,7 @@ pub enum RunnerError {
     Gone(String),
 }
 
-pub struct SessionProcess {
+pub(crate) struct SessionProcess {
     child: Child,
     stdin: Option<ChildStdin>,
     stdout: Lines<BufReader<ChildStdout>>,
@@ -42,7 +42,7 @@ pub struct SessionProcess {
 }
 
 impl SessionProcess {
-    pub async fn start(
+    pub(crate) async fn start(
         cfg: &RunnerConfig,
         workspace: &Path,
         outputs: &Path,
@@ -97,7 +97,12 @@ impl SessionProcess {
     }
 
     /// One tool call. `Err` means the jail is gone: the session needs a new one.
-    pub async fn call(&mut self, id: &str, name: &str, input: &serde_json::Value) -> Result<ToolResult, RunnerError> {
+    pub(crate) async fn call(
+        &mut self,
+        id: &str,
+        name: &str,
+        input: &serde_json::Value,
+    ) -> Result<ToolResult, RunnerError> {
         let gone = |e: String| RunnerError::Gone(e);
         let req = Request { id: id.into(), name: name.into(), input: input.clone() };
         let mut line = serde_json::to_vec(&req).expect("requests serialise");
@@ -114,7 +119,7 @@ impl SessionProcess {
     }
 
     /// Kills the jail at once (the supervisor's death takes the jail with it).
-    pub async fn kill(mut self) {
+    pub(crate) async fn kill(mut self) {
         let _ = self.child.start_kill();
         let _ = self.child.wait().await;
         // The killed supervisor could not remove the jail's cgroup.
@@ -124,7 +129,7 @@ impl SessionProcess {
 
     /// Ends the session cleanly: EOF makes the jail's init kill everything and exit; the
     /// supervisor removes the cgroup. Killed if that takes longer than `grace`.
-    pub async fn end(mut self, grace: Duration) {
+    pub(crate) async fn end(mut self, grace: Duration) {
         drop(self.stdin.take());
         match tokio::time::timeout(grace, self.child.wait()).await {
             Ok(_) => {}

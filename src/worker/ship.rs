@@ -16,7 +16,7 @@ use super::metrics::Metrics;
 
 /// Where records go besides the trail file.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Sink {
+pub(crate) enum Sink {
     Stdout,
     Syslog,
     Otlp(String),
@@ -24,7 +24,7 @@ pub enum Sink {
 
 impl Sink {
     /// The policy's `trail.ship` entries (checked when the policy was read).
-    pub fn from_policy(ship: &[String]) -> Vec<Sink> {
+    pub(crate) fn from_policy(ship: &[String]) -> Vec<Sink> {
         ship.iter()
             .map(|s| match s.as_str() {
                 "stdout" => Sink::Stdout,
@@ -35,7 +35,7 @@ impl Sink {
     }
 }
 
-pub struct Follow {
+pub(crate) struct Follow {
     pub path: PathBuf,
     pub session_id: String,
     pub work_id: String,
@@ -44,7 +44,7 @@ pub struct Follow {
 }
 
 /// Follows the trail until `done` turns true, then reads it to its end once more and returns.
-pub async fn follow(f: Follow, mut done: watch::Receiver<bool>) {
+pub(crate) async fn follow(f: Follow, mut done: watch::Receiver<bool>) {
     let http = reqwest::Client::builder().timeout(Duration::from_secs(10)).build().ok();
     let mut offset = 0u64;
     let mut partial = Vec::new();
@@ -147,7 +147,7 @@ fn syslog(records: &[Value]) -> std::io::Result<()> {
 
 /// An OTLP/HTTP JSON `ExportLogsServiceRequest` of the records: the record as the body, its
 /// event, session and tool call as attributes.
-pub fn otlp_body(records: &[Value]) -> Value {
+pub(crate) fn otlp_body(records: &[Value]) -> Value {
     let attr = |k: &str, v: &Value| v.as_str().map(|s| json!({"key": k, "value": {"stringValue": s}}));
     let logs: Vec<Value> = records
         .iter()

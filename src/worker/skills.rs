@@ -15,12 +15,12 @@ use crate::control_plane::wire::SkillRef;
 use crate::control_plane::Client;
 
 /// The most one archive may unpack to.
-pub const MAX_UNPACKED: u64 = 256 << 20;
+pub(crate) const MAX_UNPACKED: u64 = 256 << 20;
 /// The most members one archive may hold.
-pub const MAX_MEMBERS: usize = 20_000;
+pub(crate) const MAX_MEMBERS: usize = 20_000;
 
 #[derive(Debug, thiserror::Error)]
-pub enum SkillError {
+pub(crate) enum SkillError {
     #[error("{0}")]
     Api(#[from] crate::control_plane::ApiError),
     #[error("refusing archive member {0:?}: {1}")]
@@ -57,7 +57,7 @@ pub(super) async fn download(client: &Client, session: &str, workspace: &Path, o
 }
 
 /// The directory a skill lands in: the last component of its version's name, or its id.
-pub fn dir_name(name: &str, skill_id: &str) -> String {
+pub(crate) fn dir_name(name: &str, skill_id: &str) -> String {
     let base = name.trim().rsplit('/').next().unwrap_or("").to_owned();
     if matches!(base.as_str(), "" | "." | "..") || base.contains('\0') {
         skill_id.to_owned()
@@ -139,7 +139,7 @@ struct Member {
 
 /// A member's name as a confined relative path: `.` components dropped, absolute paths and
 /// `..` refused. An empty result means the member names nothing (e.g. `./`).
-pub fn safe_member_name(name: &str) -> Result<String, SkillError> {
+pub(crate) fn safe_member_name(name: &str) -> Result<String, SkillError> {
     let norm = name.replace('\\', "/");
     if norm.starts_with('/') {
         return Err(SkillError::Unsafe(name.into(), "absolute path"));
@@ -272,7 +272,7 @@ impl std::io::Write for Bounded {
 }
 
 /// Unpacks `archive` (zip or tar, plain, gzip, bzip2 or xz) into the empty directory `dest`.
-pub fn extract(archive: &[u8], dest: &Path) -> Result<(), SkillError> {
+pub(crate) fn extract(archive: &[u8], dest: &Path) -> Result<(), SkillError> {
     let members = if archive.starts_with(b"PK\x03\x04") || archive.starts_with(b"PK\x05\x06") {
         zip_members(archive)?
     } else {

@@ -44,7 +44,7 @@ fn io(p: &Path) -> impl FnOnce(std::io::Error) -> StateError + '_ {
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct ItemRecord {
+pub(crate) struct ItemRecord {
     /// The item as polled, without its secret: a restarted worker resumes with the environment
     /// key, and no credential but that key's file lives on disk.
     pub item: WorkItem,
@@ -57,7 +57,7 @@ pub struct ItemRecord {
 
 /// A result waiting in the outbox.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct Pending {
+pub(crate) struct Pending {
     pub tool_use_id: String,
     pub content: PendingContent,
     pub is_error: bool,
@@ -66,13 +66,13 @@ pub struct Pending {
 /// A pending result's content: blocks, or the single text an older Stockade wrote.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(untagged)]
-pub enum PendingContent {
+pub(crate) enum PendingContent {
     Blocks(Vec<crate::tools::Block>),
     Text(String),
 }
 
 impl PendingContent {
-    pub fn into_blocks(self) -> Vec<crate::tools::Block> {
+    pub(crate) fn into_blocks(self) -> Vec<crate::tools::Block> {
         match self {
             PendingContent::Blocks(b) => b,
             PendingContent::Text(t) => ToolResult::ok(t).content,
@@ -80,7 +80,7 @@ impl PendingContent {
     }
 }
 
-pub struct StateDir {
+pub(crate) struct StateDir {
     root: PathBuf,
     _lock: fs::File,
     pub worker_id: String,
@@ -88,14 +88,14 @@ pub struct StateDir {
 
 /// Sizes of the filesystems each session's workspace and outputs get (`None`: a plain directory).
 #[derive(Debug, Clone, Copy, Default)]
-pub struct DiskSizes {
+pub(crate) struct DiskSizes {
     pub workspace: Option<u64>,
     pub outputs: Option<u64>,
 }
 
 /// The directories of one held item.
 #[derive(Debug, Clone)]
-pub struct ItemDirs {
+pub(crate) struct ItemDirs {
     pub dir: PathBuf,
     pub workspace: PathBuf,
     pub outputs: PathBuf,
@@ -117,7 +117,7 @@ fn safe_component(s: &str) -> bool {
 
 impl StateDir {
     /// Opens (creating) the state directory and takes its lock.
-    pub fn open(root: &Path) -> Result<StateDir, StateError> {
+    pub(crate) fn open(root: &Path) -> Result<StateDir, StateError> {
         // 0711: the jail's supervisor must traverse into the session directories; nobody
         // needs to list them.
         mkdir(root, 0o711)?;
@@ -150,7 +150,7 @@ impl StateDir {
         Ok(StateDir { root: root.into(), _lock: lock, worker_id })
     }
 
-    pub fn root(&self) -> &Path {
+    pub(crate) fn root(&self) -> &Path {
         &self.root
     }
 
@@ -163,7 +163,7 @@ impl StateDir {
 
     /// Records a held item and makes its directories, owned by the jail user's host ids; with
     /// size limits, each of them is a filesystem of that size (kept in `NAME.img` beside it).
-    pub fn hold(&self, rec: &ItemRecord, owner: (u32, u32), disk: DiskSizes) -> Result<ItemDirs, StateError> {
+    pub(crate) fn hold(&self, rec: &ItemRecord, owner: (u32, u32), disk: DiskSizes) -> Result<ItemDirs, StateError> {
         let dir = self.item_dir(&rec.item.id)?;
         mkdir(&dir, 0o711)?;
         let dirs = ItemDirs {
@@ -189,7 +189,7 @@ impl StateDir {
     }
 
     /// Writes an item's record (again): after each heartbeat, so a restart can echo the last one.
-    pub fn record(&self, rec: &ItemRecord) -> Result<(), StateError> {
+    pub(crate) fn record(&self, rec: &ItemRecord) -> Result<(), StateError> {
         let mut rec = rec.clone();
         rec.item.secret = None;
         let p = self.item_dir(&rec.item.id)?.join("item.json");
@@ -197,7 +197,7 @@ impl StateDir {
     }
 
     /// Items recorded by an earlier run.
-    pub fn held(&self) -> Vec<ItemRecord> {
+    pub(crate) fn held(&self) -> Vec<ItemRecord> {
         let mut v = Vec::new();
         let Ok(rd) = fs::read_dir(self.root.join("items")) else { return v };
         for e in rd.flatten() {
@@ -219,7 +219,7 @@ impl StateDir {
         v
     }
 
-    pub fn put_outbox(&self, dirs: &ItemDirs, id: &str, r: &ToolResult) -> Result<(), StateError> {
+    pub(crate) fn put_outbox(&self, dirs: &ItemDirs, id: &str, r: &ToolResult) -> Result<(), StateError> {
         let p = dirs.outbox.join(format!("{}.json", outbox_name(id)));
         let rec = Pending {
             tool_use_id: id.into(),
@@ -229,11 +229,11 @@ impl StateDir {
         write_atomic(&p, &serde_json::to_vec(&rec).expect("serialises"))
     }
 
-    pub fn take_outbox(&self, dirs: &ItemDirs, id: &str) {
+    pub(crate) fn take_outbox(&self, dirs: &ItemDirs, id: &str) {
         let _ = fs::remove_file(dirs.outbox.join(format!("{}.json", outbox_name(id))));
     }
 
-    pub fn outbox(&self, dirs: &ItemDirs) -> Vec<Pending> {
+    pub(crate) fn outbox(&self, dirs: &ItemDirs) -> Vec<Pending> {
         let mut v: Vec<(SystemTime, Pending)> = Vec::new();
         if let Ok(rd) = fs::read_dir(&dirs.outbox) {
             for e in rd.flatten() {
@@ -252,7 +252,7 @@ impl StateDir {
     }
 
     /// An item's name in the retention areas: `SESSION-WORK`.
-    pub fn kept_name(rec: &ItemRecord) -> String {
+    pub(crate) fn kept_name(rec: &ItemRecord) -> String {
         format!(
             "{}-{}",
             if safe_component(&rec.item.data.id) { rec.item.data.id.as_str() } else { "session" },
@@ -261,13 +261,13 @@ impl StateDir {
     }
 
     /// Where an item's audit trail is written.
-    pub fn trail_path(&self, rec: &ItemRecord) -> PathBuf {
+    pub(crate) fn trail_path(&self, rec: &ItemRecord) -> PathBuf {
         self.root.join("trails").join(format!("{}.jsonl", Self::kept_name(rec)))
     }
 
     /// Lets go of an item: its outputs (and, if the policy keeps them, its workspace) move to
     /// the retention areas, everything else goes. Returns where the outputs are.
-    pub fn retire(&self, rec: &ItemRecord, retention: &Retention) -> Option<PathBuf> {
+    pub(crate) fn retire(&self, rec: &ItemRecord, retention: &Retention) -> Option<PathBuf> {
         let Ok(dir) = self.item_dir(&rec.item.id) else { return None };
         let name = Self::kept_name(rec);
         let outputs = dir.join("outputs");
@@ -323,7 +323,7 @@ impl StateDir {
     /// Removes what the retention policy no longer keeps, as of `now`: kept outputs, workspaces
     /// and trails whose session ended longer ago than their lifetime. Trails of items this
     /// worker still holds are never touched. Returns what it removed.
-    pub fn sweep(&self, retention: &Retention, now: SystemTime) -> Vec<PathBuf> {
+    pub(crate) fn sweep(&self, retention: &Retention, now: SystemTime) -> Vec<PathBuf> {
         let held: Vec<String> = self.held_ids();
         let mut removed = Vec::new();
         for (area, keep) in
@@ -388,7 +388,7 @@ fn touch(p: &Path) -> std::io::Result<()> {
 }
 
 /// Files under `root` (up to 1000), with their sizes and SHA-256 digests, for the trail.
-pub fn digest_files(root: &Path) -> Vec<(String, u64, String)> {
+pub(crate) fn digest_files(root: &Path) -> Vec<(String, u64, String)> {
     use sha2::Digest;
     let mut names = Vec::new();
     list_files(root, root, &mut names);

@@ -5,21 +5,21 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 
-pub const STOCKADE: &str = env!("CARGO_BIN_EXE_stockade");
+pub(crate) const STOCKADE: &str = env!("CARGO_BIN_EXE_stockade");
 /// Where tests bind the stockade binary inside jails, to run `__probe` there.
-pub const JAILED_STOCKADE: &str = "/.stockade/stockade";
+pub(crate) const JAILED_STOCKADE: &str = "/.stockade/stockade";
 
-pub fn is_root() -> bool {
+pub(crate) fn is_root() -> bool {
     nix::unistd::geteuid().is_root()
 }
 
 static SEQ: AtomicU32 = AtomicU32::new(0);
 
 /// A fresh directory under the host's temp dir, removed on drop.
-pub struct TempDir(pub PathBuf);
+pub(crate) struct TempDir(pub PathBuf);
 
 impl TempDir {
-    pub fn new(tag: &str) -> TempDir {
+    pub(crate) fn new(tag: &str) -> TempDir {
         let p = std::env::temp_dir().join(format!(
             "stockade-test-{tag}-{}-{}",
             std::process::id(),
@@ -29,11 +29,11 @@ impl TempDir {
         std::fs::create_dir_all(&p).unwrap();
         TempDir(p)
     }
-    pub fn path(&self) -> &Path {
+    pub(crate) fn path(&self) -> &Path {
         &self.0
     }
     /// Makes the directory owned by the jail user's host uid (root mode maps jail uid 1000 to 101000).
-    pub fn owned_by_jail_user(self) -> TempDir {
+    pub(crate) fn owned_by_jail_user(self) -> TempDir {
         if is_root() {
             std::os::unix::fs::chown(&self.0, Some(101000), Some(101000)).unwrap();
         }
@@ -59,7 +59,7 @@ impl Drop for TempDir {
 
 /// Writes a policy that extends `base` with `extra` TOML and binds the stockade binary in.
 /// The returned TempDir holds the file and must outlive the run.
-pub fn policy(base: &str, extra: &str) -> (TempDir, PathBuf) {
+pub(crate) fn policy(base: &str, extra: &str) -> (TempDir, PathBuf) {
     let dir = TempDir::new("policy");
     let path = dir.path().join("policy.toml");
     let bind = format!("read_only_add = [\"{STOCKADE}:{JAILED_STOCKADE}\"]");
@@ -77,7 +77,7 @@ pub fn policy(base: &str, extra: &str) -> (TempDir, PathBuf) {
 
 /// A policy for jails given host directories on the test machine's large disk: it lifts the
 /// workspace and outputs size limits, which such a directory could not hold.
-pub fn policy_for_host_dirs(base: &str, extra: &str) -> (TempDir, PathBuf) {
+pub(crate) fn policy_for_host_dirs(base: &str, extra: &str) -> (TempDir, PathBuf) {
     let lift = "workspace_size = \"none\"\noutputs_size = \"none\"";
     let extra = if extra.contains("[limits]") {
         extra.replacen("[limits]", &format!("[limits]\n{lift}"), 1)
@@ -87,7 +87,7 @@ pub fn policy_for_host_dirs(base: &str, extra: &str) -> (TempDir, PathBuf) {
     policy(base, &extra)
 }
 
-pub struct Run {
+pub(crate) struct Run {
     pub code: i32,
     pub stdout: String,
     pub stderr: String,
@@ -99,32 +99,32 @@ impl std::fmt::Debug for Run {
     }
 }
 
-pub fn to_run(o: Output) -> Run {
+pub(crate) fn to_run(o: Output) -> Run {
     use std::os::unix::process::ExitStatusExt;
     let code = o.status.code().unwrap_or_else(|| 128 + o.status.signal().unwrap_or(0));
     Run { code, stdout: String::from_utf8_lossy(&o.stdout).into(), stderr: String::from_utf8_lossy(&o.stderr).into() }
 }
 
 /// `stockade run [args] -- cmd...`
-pub fn stockade_run(args: &[&str], cmd: &[&str]) -> Run {
+pub(crate) fn stockade_run(args: &[&str], cmd: &[&str]) -> Run {
     let mut c = Command::new(STOCKADE);
     c.arg("run").args(args).arg("--").args(cmd).stdin(Stdio::null());
     to_run(c.output().unwrap())
 }
 
 /// Runs a shell snippet in a jail built from `policy_path`.
-pub fn sh(policy_path: &Path, script: &str) -> Run {
+pub(crate) fn sh(policy_path: &Path, script: &str) -> Run {
     stockade_run(&["--policy", policy_path.to_str().unwrap()], &["/bin/sh", "-c", script])
 }
 
-pub fn probe(policy_path: &Path, names: &[&str]) -> Run {
+pub(crate) fn probe(policy_path: &Path, names: &[&str]) -> Run {
     let mut cmd = vec![JAILED_STOCKADE, "__probe"];
     cmd.extend_from_slice(names);
     stockade_run(&["--policy", policy_path.to_str().unwrap()], &cmd)
 }
 
 /// Skips (returns true) when the test needs host root and we are not root.
-pub fn needs_root() -> bool {
+pub(crate) fn needs_root() -> bool {
     if !is_root() {
         eprintln!("skipped: needs host root (CI runs as root)");
         return true;
@@ -132,7 +132,7 @@ pub fn needs_root() -> bool {
     false
 }
 
-pub fn find_stockade_cgroups() -> Vec<String> {
+pub(crate) fn find_stockade_cgroups() -> Vec<String> {
     let mut out = Vec::new();
     for root in [
         "/sys/fs/cgroup/pids",
@@ -161,7 +161,7 @@ pub fn find_stockade_cgroups() -> Vec<String> {
     out
 }
 
-pub fn host_processes_matching(marker: &str) -> Vec<String> {
+pub(crate) fn host_processes_matching(marker: &str) -> Vec<String> {
     let mut v = Vec::new();
     for e in std::fs::read_dir("/proc").unwrap().flatten() {
         if let Ok(cmd) = std::fs::read(e.path().join("cmdline")) {
@@ -175,7 +175,7 @@ pub fn host_processes_matching(marker: &str) -> Vec<String> {
 }
 
 /// A process's peak resident memory (VmHWM), KiB.
-pub fn peak_rss_kib(pid: u32) -> u64 {
+pub(crate) fn peak_rss_kib(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .unwrap()
         .lines()
