@@ -136,6 +136,67 @@ fn item_client(ctx: &Ctx, item: &WorkItem) -> Client {
     }
 }
 
+/// A worker session's trail: its writer and the task that ships and counts it.
+struct SessionTrail {
+    path: std::path::PathBuf,
+    writer: TrailWriter,
+    shipped: watch::Sender<bool>,
+    shipper: tokio::task::JoinHandle<()>,
+}
+
+impl SessionTrail {
+    /// Opens the item's trail (appending, so a resumed session goes on in the same file), starts
+    /// following it, and records the start. The secrets in hand are redacted wherever they appear.
+    fn open(ctx: &Arc<Ctx>, rec: &ItemRecord, resumed: bool) -> Result<SessionTrail, String> {
+        let item = &rec.item;
+        let path = ctx.state.trail_path(rec);
+        let mut literals = vec![ctx.client.current_key()];
+        if let Some(s) = item.secret.as_deref() {
+            literals.push(s.to_owned());
+            if let Some(w) = WorkSecret::decode(s) {
+                literals.push(w.sessions_token);
+            }
+        }
+        let writer = TrailWriter::open(&path, &ctx.policy.trail, literals)?;
+        let (shipped, rx) = watch::channel(false);
+        let follow = super::ship::Follow {
+            path: path.clone(),
+            session_id: item.data.id.clone(),
+            work_id: item.id.clone(),
+            sinks: super::ship::Sink::from_policy(&ctx.policy.trail.ship),
+            metrics: ctx.metrics.clone(),
+        };
+        let shipper = tokio::spawn(super::ship::follow(follow, rx).in_current_span());
+        writer.record(
+            "session_start",
+            obj(serde_json::json!({
+                "session_id": item.data.id,
+                "work_id": item.id,
+                "environment_id": ctx.env,
+                "worker_id": ctx.worker_id,
+                "policy": ctx.policy.source,
+                "resumed": resumed,
+            })),
+        );
+        Ok(SessionTrail { path, writer, shipped, shipper })
+    }
+
+    /// Records the end (and, for a session that is over, the files it left in `outputs`), then
+    /// waits for the shipping to catch up.
+    async fn close(self, end: &End, outputs: Option<&std::path::Path>) {
+        if let Some(dir) = outputs {
+            for (path, size, sha256) in tokio::task::block_in_place(|| super::state::digest_files(dir)) {
+                self.writer
+                    .record("output_file", obj(serde_json::json!({"path": path, "size": size, "sha256": sha256})));
+            }
+        }
+        self.writer
+            .record("session_end", obj(serde_json::json!({"reason": end.describe(), "over": outputs.is_some()})));
+        let _ = self.shipped.send(true);
+        let _ = self.shipper.await;
+    }
+}
+
 fn obj(v: serde_json::Value) -> serde_json::Map<String, serde_json::Value> {
     match v {
         serde_json::Value::Object(m) => m,
@@ -175,15 +236,7 @@ pub(super) async fn run(
             }
         };
         // The audit trail: the session's record of what ran. Without it nothing runs.
-        let trail_path = ctx.state.trail_path(&rec);
-        let mut literals = vec![ctx.client.current_key()];
-        if let Some(s) = item.secret.as_deref() {
-            literals.push(s.to_owned());
-            if let Some(w) = WorkSecret::decode(s) {
-                literals.push(w.sessions_token);
-            }
-        }
-        let trail = match TrailWriter::open(&trail_path, &ctx.policy.trail, literals) {
+        let trail = match SessionTrail::open(&ctx, &rec, last_heartbeat.is_some()) {
             Ok(t) => t,
             Err(e) => {
                 tracing::error!(error = %e, "cannot open the session's audit trail");
@@ -192,31 +245,6 @@ pub(super) async fn run(
                 return false;
             }
         };
-        let (ship_done, ship_rx) = watch::channel(false);
-        let shipper = tokio::spawn(
-            super::ship::follow(
-                super::ship::Follow {
-                    path: trail_path.clone(),
-                    session_id: session_id.clone(),
-                    work_id: item.id.clone(),
-                    sinks: super::ship::Sink::from_policy(&ctx.policy.trail.ship),
-                    metrics: ctx.metrics.clone(),
-                },
-                ship_rx,
-            )
-            .in_current_span(),
-        );
-        trail.record(
-            "session_start",
-            obj(serde_json::json!({
-                "session_id": session_id,
-                "work_id": item.id,
-                "environment_id": ctx.env,
-                "worker_id": ctx.worker_id,
-                "policy": ctx.policy.source,
-                "resumed": last_heartbeat.is_some(),
-            })),
-        );
         // The heartbeat starts before anything slow (skills, the jail), as the official
         // worker's does.
         let clock = Arc::new(LeaseClock::new());
@@ -236,8 +264,8 @@ pub(super) async fn run(
             session: &session_id,
             dirs: &dirs,
             clock,
-            trail: &trail,
-            trail_path: &trail_path,
+            trail: &trail.writer,
+            trail_path: &trail.path,
         };
         let end = runner.drive(lease_rx.clone(), shutdown).await;
         hb.abort();
@@ -253,15 +281,8 @@ pub(super) async fn run(
         // A worker shutting down keeps its items for its restart; a lost lease keeps them for a
         // re-claim (see `Ctx::lost`); anything else is over.
         let over = !matches!(end, End::Left { .. } | End::Lost);
-        if over {
-            let outputs = dirs.outputs.clone();
-            for (path, size, sha256) in tokio::task::block_in_place(|| super::state::digest_files(&outputs)) {
-                trail.record("output_file", obj(serde_json::json!({"path": path, "size": size, "sha256": sha256})));
-            }
-        }
-        trail.record("session_end", obj(serde_json::json!({"reason": end.describe(), "over": over})));
-        let _ = ship_done.send(true);
-        let _ = shipper.await;
+        let trail_path = trail.path.clone();
+        trail.close(&end, over.then_some(dirs.outputs.as_path())).await;
         let kept = match end {
             End::Left { .. } => None,
             End::Lost => {
