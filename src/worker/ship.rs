@@ -18,7 +18,8 @@ use super::metrics::Metrics;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum Sink {
     Stdout,
-    Syslog,
+    /// The local syslog socket (`/dev/log`).
+    Syslog(std::path::PathBuf),
     Otlp(String),
 }
 
@@ -28,7 +29,7 @@ impl Sink {
         ship.iter()
             .map(|s| match s.as_str() {
                 "stdout" => Sink::Stdout,
-                "syslog" => Sink::Syslog,
+                "syslog" => Sink::Syslog("/dev/log".into()),
                 url => Sink::Otlp(url.to_owned()),
             })
             .collect()
@@ -114,9 +115,9 @@ async fn ship(sinks: &[Sink], records: &[Value], http: Option<&reqwest::Client>)
                 }
                 let _ = out.flush();
             }
-            Sink::Syslog => {
-                if let Err(e) = syslog(records) {
-                    tracing::warn!(error = %e, "could not send trail records to syslog (/dev/log)");
+            Sink::Syslog(path) => {
+                if let Err(e) = syslog(path, records) {
+                    tracing::warn!(error = %e, socket = %path.display(), "could not send trail records to syslog");
                 }
             }
             Sink::Otlp(url) => {
@@ -134,9 +135,9 @@ async fn ship(sinks: &[Sink], records: &[Value], http: Option<&reqwest::Client>)
 
 /// One datagram per record to the local syslog socket, RFC 3164 framing, facility local0:
 /// warning for denials and a full trail, info for the rest.
-fn syslog(records: &[Value]) -> std::io::Result<()> {
+fn syslog(path: &std::path::Path, records: &[Value]) -> std::io::Result<()> {
     let sock = std::os::unix::net::UnixDatagram::unbound()?;
-    sock.connect("/dev/log")?;
+    sock.connect(path)?;
     for r in records {
         let sev = if r["verdict"] == "deny" || r["event"] == "truncated" { 4 } else { 6 };
         let msg = format!("<{}>stockade[{}]: {r}", 16 * 8 + sev, std::process::id());
@@ -179,4 +180,45 @@ pub(crate) fn otlp_body(records: &[Value]) -> Value {
         "resource": {"attributes": [{"key": "service.name", "value": {"stringValue": "stockade"}}]},
         "scopeLogs": [{"scope": {"name": "stockade.trail"}, "logRecords": logs}],
     }]})
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn syslog_gets_one_datagram_per_record_with_a_severity_per_kind() {
+        let dir = std::env::temp_dir().join(format!("stockade-syslog-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("log");
+        let _ = std::fs::remove_file(&path);
+        let server = std::os::unix::net::UnixDatagram::bind(&path).unwrap();
+        let records = [
+            json!({"event": "exec", "argv": ["true"], "session_id": "sesn_1"}),
+            json!({"event": "egress", "verdict": "deny", "dst": "192.0.2.1"}),
+        ];
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        rt.block_on(ship(&[Sink::Syslog(path.clone())], &records, None));
+        let mut buf = [0u8; 4096];
+        let n = server.recv(&mut buf).unwrap();
+        let first = String::from_utf8_lossy(&buf[..n]).into_owned();
+        assert_eq!(first, format!("<134>stockade[{}]: {}", std::process::id(), records[0]));
+        let n = server.recv(&mut buf).unwrap();
+        assert!(String::from_utf8_lossy(&buf[..n]).starts_with("<132>stockade["), "a denial is a warning");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn otlp_bodies_carry_each_record_whole_with_its_ids() {
+        let r = json!({"ts": "2026-12-01T10:00:00.000Z", "event": "egress", "verdict": "deny",
+                       "session_id": "sesn_1", "work_id": "work_2", "tool_use_id": "toolu_3"});
+        let b = otlp_body(std::slice::from_ref(&r));
+        let log = &b["resourceLogs"][0]["scopeLogs"][0]["logRecords"][0];
+        assert_eq!(log["body"]["stringValue"], r.to_string());
+        assert_eq!(log["severityText"], "WARN");
+        assert_eq!(log["timeUnixNano"], "1796119200000000000");
+        let keys: Vec<&str> =
+            log["attributes"].as_array().unwrap().iter().map(|a| a["key"].as_str().unwrap()).collect();
+        assert_eq!(keys, ["event", "session.id", "work.id", "tool_use.id"]);
+    }
 }
