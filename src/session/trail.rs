@@ -45,8 +45,13 @@ impl Redactor {
     }
 
     pub fn text(&self, s: &str) -> String {
+        self.text_with(s, &[])
+    }
+
+    /// As `text`, with `more` literal secrets besides the redactor's own.
+    fn text_with(&self, s: &str, more: &[String]) -> String {
         let mut out = s.to_owned();
-        for l in &self.literals {
+        for l in self.literals.iter().chain(more.iter().filter(|l| l.len() >= 8)) {
             if out.contains(l.as_str()) {
                 out = out.replace(l.as_str(), REDACTED);
             }
@@ -60,14 +65,18 @@ impl Redactor {
     }
 
     pub fn value(&self, v: &mut Value) {
+        self.value_with(v, &[])
+    }
+
+    fn value_with(&self, v: &mut Value, more: &[String]) {
         match v {
-            Value::String(s) => *s = self.text(s),
-            Value::Array(a) => a.iter_mut().for_each(|x| self.value(x)),
+            Value::String(s) => *s = self.text_with(s, more),
+            Value::Array(a) => a.iter_mut().for_each(|x| self.value_with(x, more)),
             Value::Object(o) => {
                 let taken = std::mem::take(o);
                 for (k, mut x) in taken {
-                    self.value(&mut x);
-                    o.insert(self.text(&k), x);
+                    self.value_with(&mut x, more);
+                    o.insert(self.text_with(&k, more), x);
                 }
             }
             _ => {}
@@ -98,7 +107,13 @@ pub struct TrailWriter {
     call: Mutex<Option<String>>,
     /// This writer has seen the trail full.
     full: AtomicBool,
+    /// A secret that may change while the session runs (the environment key, which rotates),
+    /// asked for at each record.
+    current_secret: Option<SecretSource>,
 }
+
+/// Where a writer asks for a secret that may change.
+pub type SecretSource = Box<dyn Fn() -> String + Send + Sync>;
 
 impl TrailWriter {
     /// Opens (creating, mode 0600) the trail at `path` for appending. `literals` are secrets to
@@ -120,7 +135,18 @@ impl TrailWriter {
             redactor: Redactor::new(literals, &policy.redact)?,
             call: Mutex::new(None),
             full: AtomicBool::new(false),
+            current_secret: None,
         })
+    }
+
+    /// Also redacts whatever `source` returns at the time of each record.
+    pub fn redact_current(mut self, source: SecretSource) -> TrailWriter {
+        self.current_secret = Some(source);
+        self
+    }
+
+    fn more_secrets(&self) -> Vec<String> {
+        self.current_secret.as_ref().map(|f| vec![f()]).unwrap_or_default()
     }
 
     /// Sets (or clears) the tool call that what happens next in the jail belongs to.
@@ -145,7 +171,7 @@ impl TrailWriter {
         rec.insert("event".into(), Value::String(event.into()));
         rec.extend(fields);
         let mut rec = Value::Object(rec);
-        self.redactor.value(&mut rec);
+        self.redactor.value_with(&mut rec, &self.more_secrets());
         let mut line = serde_json::to_vec(&rec).expect("JSON values serialise");
         line.push(b'\n');
         let mut f = self.file.lock().unwrap_or_else(|e| e.into_inner());
@@ -183,7 +209,7 @@ impl TrailWriter {
     /// half a secret that the patterns no longer match.
     pub fn call_start(&self, id: &str, name: &str, input: &Value) -> bool {
         let mut input = input.clone();
-        self.redactor.value(&mut input);
+        self.redactor.value_with(&mut input, &self.more_secrets());
         let text = input.to_string();
         let mut m = Map::new();
         m.insert("tool_use_id".into(), json!(id));
@@ -303,6 +329,24 @@ mod tests {
         assert!(!s.contains("sk-ant-api03"), "{s}");
         assert!(s.contains("rest") && s.contains("short"), "{s}");
         assert_eq!(s.matches(REDACTED).count(), 4, "{s}");
+    }
+
+    #[test]
+    fn a_secret_that_changes_is_redacted_as_it_is_now() {
+        let dir = std::env::temp_dir().join(format!("stockade-trail-rot-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("t.jsonl");
+        let key = std::sync::Arc::new(Mutex::new("first-key-0123456789".to_owned()));
+        let k = key.clone();
+        let t = TrailWriter::open(&path, &policy(), vec![])
+            .unwrap()
+            .redact_current(Box::new(move || k.lock().unwrap().clone()));
+        t.call_start("c1", "bash", &json!({"command": "echo first-key-0123456789"}));
+        *key.lock().unwrap() = "second-key-0123456789".into();
+        t.call_start("c2", "bash", &json!({"command": "echo second-key-0123456789"}));
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert!(!text.contains("first-key") && !text.contains("second-key"), "{text}");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -147,17 +147,20 @@ struct SessionTrail {
 impl SessionTrail {
     /// Opens the item's trail (appending, so a resumed session goes on in the same file), starts
     /// following it, and records the start. The secrets in hand are redacted wherever they appear.
-    fn open(ctx: &Arc<Ctx>, rec: &ItemRecord, resumed: bool) -> Result<SessionTrail, String> {
+    fn open(ctx: &Arc<Ctx>, rec: &ItemRecord, dirs: &ItemDirs, resumed: bool) -> Result<SessionTrail, String> {
         let item = &rec.item;
         let path = ctx.state.trail_path(rec);
-        let mut literals = vec![ctx.client.current_key()];
+        // The environment key may rotate while the session runs: asked for at each record.
+        let mut literals = Vec::new();
         if let Some(s) = item.secret.as_deref() {
             literals.push(s.to_owned());
             if let Some(w) = WorkSecret::decode(s) {
                 literals.push(w.sessions_token);
             }
         }
-        let writer = TrailWriter::open(&path, &ctx.policy.trail, literals)?;
+        let client = ctx.client.clone();
+        let writer = TrailWriter::open(&path, &ctx.policy.trail, literals)?
+            .redact_current(Box::new(move || client.current_key()));
         let (shipped, rx) = watch::channel(false);
         let follow = super::ship::Follow {
             path: path.clone(),
@@ -165,6 +168,7 @@ impl SessionTrail {
             work_id: item.id.clone(),
             sinks: super::ship::Sink::from_policy(&ctx.policy.trail.ship),
             metrics: ctx.metrics.clone(),
+            mark: dirs.dir.join("trail.shipped"),
         };
         let shipper = tokio::spawn(super::ship::follow(follow, rx).in_current_span());
         writer.record(
@@ -236,7 +240,7 @@ pub(super) async fn run(
             }
         };
         // The audit trail: the session's record of what ran. Without it nothing runs.
-        let trail = match SessionTrail::open(&ctx, &rec, last_heartbeat.is_some()) {
+        let trail = match SessionTrail::open(&ctx, &rec, &dirs, last_heartbeat.is_some()) {
             Ok(t) => t,
             Err(e) => {
                 tracing::error!(error = %e, "cannot open the session's audit trail");

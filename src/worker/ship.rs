@@ -42,12 +42,21 @@ pub(crate) struct Follow {
     pub work_id: String,
     pub sinks: Vec<Sink>,
     pub metrics: Arc<Metrics>,
+    /// Where the offset of what was shipped is kept, so a restarted worker resumes after it
+    /// rather than shipping (and counting) the trail again.
+    pub mark: PathBuf,
 }
 
 /// Follows the trail until `done` turns true, then reads it to its end once more and returns.
 pub(crate) async fn follow(f: Follow, mut done: watch::Receiver<bool>) {
     let http = reqwest::Client::builder().timeout(Duration::from_secs(10)).build().ok();
-    let mut offset = 0u64;
+    let len = std::fs::metadata(&f.path).map_or(0, |m| m.len());
+    // A mark past the file's end is not this trail's: then everything is shipped.
+    let mut offset = std::fs::read_to_string(&f.mark)
+        .ok()
+        .and_then(|t| t.trim().parse::<u64>().ok())
+        .filter(|o| *o <= len)
+        .unwrap_or(0);
     let mut partial = Vec::new();
     loop {
         let finished = *done.borrow();
@@ -74,6 +83,10 @@ pub(crate) async fn follow(f: Follow, mut done: watch::Receiver<bool>) {
             if !records.is_empty() {
                 ship(&f.sinks, &records, http.as_ref()).await;
             }
+            // Whole lines only: a line cut at the read's end is read again from its start.
+            let shipped = offset - partial.len() as u64;
+            let tmp = f.mark.with_extension("tmp");
+            let _ = std::fs::write(&tmp, shipped.to_string()).and_then(|()| std::fs::rename(&tmp, &f.mark));
         }
         if finished {
             return;
@@ -205,6 +218,36 @@ mod tests {
         assert_eq!(first, format!("<134>stockade[{}]: {}", std::process::id(), records[0]));
         let n = server.recv(&mut buf).unwrap();
         assert!(String::from_utf8_lossy(&buf[..n]).starts_with("<132>stockade["), "a denial is a warning");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_restarted_follower_resumes_after_what_was_shipped() {
+        let dir = std::env::temp_dir().join(format!("stockade-follow-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("t.jsonl");
+        let first = "{\"event\":\"exec\"}\n";
+        std::fs::write(&path, format!("{first}{first}{first}")).unwrap();
+        let metrics = Arc::new(Metrics::default());
+        let spec = |mark: &str| Follow {
+            path: path.clone(),
+            session_id: "s".into(),
+            work_id: "w".into(),
+            sinks: Vec::new(),
+            metrics: metrics.clone(),
+            mark: dir.join(mark),
+        };
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let (_tx, rx) = watch::channel(true);
+        // Shipped up to the end of the first record before a restart: two are left.
+        std::fs::write(dir.join("m1"), first.len().to_string()).unwrap();
+        rt.block_on(follow(spec("m1"), rx.clone()));
+        assert_eq!(metrics.execs.load(Relaxed), 2);
+        assert_eq!(std::fs::read_to_string(dir.join("m1")).unwrap(), (3 * first.len()).to_string());
+        // Nothing shipped yet, or a mark that is not this trail's: all of it.
+        std::fs::write(dir.join("m2"), "999999").unwrap();
+        rt.block_on(follow(spec("m2"), rx));
+        assert_eq!(metrics.execs.load(Relaxed), 5);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
