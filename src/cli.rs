@@ -500,10 +500,11 @@ fn cmd_session(a: SessionArgs) -> i32 {
         Err(c) => return c,
     };
     if let Some(j) = &a.narrow {
-        let n = serde_json::from_str(j)
-            .map_err(|e| e.to_string())
-            .and_then(|v| policy::narrow::Narrowing::from_json(&v))
-            .and_then(|n| policy::narrow::apply(&mut policy, &n));
+        let n = serde_json::from_str(j).map_err(|e| e.to_string()).and_then(|v| {
+            policy::narrow::Narrowing::from_json(&v)
+                .and_then(|n| policy::narrow::apply(&mut policy, &n))
+                .map_err(|e| e.to_string())
+        });
         match n {
             Ok(kept) => {
                 for k in kept {

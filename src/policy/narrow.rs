@@ -33,9 +33,17 @@ pub struct Narrowing {
 }
 
 impl Narrowing {
-    pub fn from_json(v: &serde_json::Value) -> Result<Narrowing, String> {
-        serde_json::from_value(v.clone()).map_err(|e| format!("metadata {METADATA_KEY}: {e}"))
+    pub fn from_json(v: &serde_json::Value) -> Result<Narrowing, NarrowError> {
+        serde_json::from_value(v.clone()).map_err(|e| NarrowError { field: None, reason: e.to_string() })
     }
+}
+
+/// A narrowing request that cannot be applied, naming the metadata field at fault.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("metadata {METADATA_KEY}{}: {reason}", field.map(|f| format!(".{f}")).unwrap_or_default())]
+pub struct NarrowError {
+    pub field: Option<&'static str>,
+    pub reason: String,
 }
 
 /// The smaller of a limit and a request, where `None` is unlimited.
@@ -48,9 +56,9 @@ fn tighter<T: PartialOrd + Copy>(cur: Option<T>, req: T) -> (Option<T>, bool) {
 
 /// Applies `n` to `p`. Returns notes on requests that asked for more than the policy allows
 /// (those keep the policy's value).
-pub fn apply(p: &mut Policy, n: &Narrowing) -> Result<Vec<String>, String> {
+pub fn apply(p: &mut Policy, n: &Narrowing) -> Result<Vec<String>, NarrowError> {
     let mut kept = Vec::new();
-    let field = |f: &str, e: String| format!("metadata {METADATA_KEY}.{f}: {e}");
+    let field = |f: &'static str, reason: String| NarrowError { field: Some(f), reason };
     if let Some(m) = n.network {
         if m > p.network.mode {
             kept.push(format!("network {m:?} asked, policy allows only {:?}", p.network.mode));
@@ -139,8 +147,9 @@ mod tests {
         assert_eq!(kept.len(), 1);
 
         let e = Narrowing::from_json(&serde_json::json!({"netwrok": "none"})).unwrap_err();
-        assert!(e.contains("netwrok"), "{e}");
+        assert!(e.field.is_none() && e.reason.contains("netwrok"), "{e}");
         let e = apply(&mut p, &Narrowing { memory: Some("lots".into()), ..Default::default() }).unwrap_err();
-        assert!(e.contains("stockade_narrow.memory"), "{e}");
+        assert_eq!(e.field, Some("memory"));
+        assert!(e.to_string().starts_with("metadata stockade_narrow.memory: "), "{e}");
     }
 }

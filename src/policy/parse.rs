@@ -622,20 +622,20 @@ fn network(raw: NetRaw, bad: &Bad) -> Result<Network, PolicyError> {
                 .iter()
                 .map(|a| AllowRule::parse(a))
                 .collect::<Result<_, _>>()
-                .map_err(|e| bad("network.allow", e))?;
+                .map_err(|e| bad("network.allow", e.to_string()))?;
             let domains = network
                 .allow_domains
                 .iter()
                 .map(|d| DomainPattern::parse(d))
                 .collect::<Result<_, _>>()
-                .map_err(|e| bad("network.allow_domains", e))?;
+                .map_err(|e| bad("network.allow_domains", e.to_string()))?;
             let upstream = network
                 .upstream_dns
                 .iter()
                 .map(|u| parse_upstream(u))
                 .collect::<Result<_, _>>()
-                .map_err(|e| bad("network.upstream_dns", e))?;
-            let pool = Net4::parse(&network.pool).map_err(|e| bad("network.pool", e))?;
+                .map_err(|e| bad("network.upstream_dns", e.to_string()))?;
+            let pool = Net4::parse(&network.pool).map_err(|e| bad("network.pool", e.to_string()))?;
             if pool.prefix > 28 {
                 return Err(bad("network.pool", format!("{pool} is too small: sessions take a /30 each")));
             }
@@ -682,12 +682,14 @@ fn seccomp(raw: SeccompRaw, bad: &Bad) -> Result<Seccomp, PolicyError> {
         deny: raw.deny.unwrap_or_default(),
         socket_families: raw.socket_families.unwrap_or_else(|| vec!["unix".into(), "inet".into(), "inet6".into()]),
     };
-    for (key, list) in [("seccomp.allow", &seccomp.allow), ("seccomp.deny", &seccomp.deny)] {
-        for e in list {
-            syscalls::resolve_entry(e).map_err(|m| bad(key, m))?;
-        }
-    }
-    seccomp.allowed = syscalls::allowlist(&seccomp.allow, &seccomp.deny).map_err(|m| bad("seccomp.allow", m))?;
+    seccomp.allowed = syscalls::allowlist(&seccomp.allow, &seccomp.deny).map_err(|e| {
+        // `allow` is resolved first, so an entry of it is the first one wrong.
+        let name = match &e {
+            syscalls::UnknownEntry::Group { name, .. } | syscalls::UnknownEntry::Syscall { name, .. } => name,
+        };
+        let key = if seccomp.allow.contains(name) { "seccomp.allow" } else { "seccomp.deny" };
+        bad(key, e.to_string())
+    })?;
     for f in &seccomp.socket_families {
         if !SOCKET_FAMILIES.iter().any(|(n, _)| n == f) {
             let hint = nearest(f, SOCKET_FAMILIES.iter().map(|(n, _)| *n))
@@ -707,7 +709,7 @@ fn capabilities(raw: CapsRaw, bad: &Bad) -> Result<Capabilities, PolicyError> {
     let keep = raw.keep.unwrap_or_default();
     let mut set = CapSet::default();
     for c in &keep {
-        set.insert(CapSet::parse_name(c).map_err(|m| bad("capabilities.keep", m))?);
+        set.insert(CapSet::parse_name(c).map_err(|e| bad("capabilities.keep", e.to_string()))?);
     }
     Ok(Capabilities { keep, set })
 }
@@ -733,11 +735,12 @@ fn trail(raw: TrailRaw, bad: &Bad) -> Result<Trail, PolicyError> {
     }
     let redact = raw.redact.unwrap_or_default();
     for r in &redact {
-        if let Err(e) = regex_syntax::Parser::new().parse(r) {
-            return Err(bad("trail.redact", format!("`{r}` is not a regular expression: {e}")));
-        }
-        if regex_syntax::Parser::new().parse(r).is_ok_and(|h| h.properties().minimum_len() == Some(0)) {
-            return Err(bad("trail.redact", format!("`{r}` matches the empty string")));
+        match regex_syntax::Parser::new().parse(r) {
+            Err(e) => return Err(bad("trail.redact", format!("`{r}` is not a regular expression: {e}"))),
+            Ok(h) if h.properties().minimum_len() == Some(0) => {
+                return Err(bad("trail.redact", format!("`{r}` matches the empty string")));
+            }
+            Ok(_) => {}
         }
     }
     let ship = raw.ship.unwrap_or_default();
@@ -815,10 +818,10 @@ fn provision(raw: ProvisionRaw, bad: &Bad) -> Result<Provision, PolicyError> {
     let allow = raw.allow.unwrap_or_default();
     let allow_domains = raw.allow_domains.unwrap_or_default();
     for a in &allow {
-        super::rules::AllowRule::parse(a).map_err(|e| bad("provision.allow", e))?;
+        super::rules::AllowRule::parse(a).map_err(|e| bad("provision.allow", e.to_string()))?;
     }
     for d in &allow_domains {
-        super::rules::DomainPattern::parse(d).map_err(|e| bad("provision.allow_domains", e))?;
+        super::rules::DomainPattern::parse(d).map_err(|e| bad("provision.allow_domains", e.to_string()))?;
     }
     if raw.git_url_key.is_some() && git_allow.is_empty() {
         return Err(bad("provision.git_allow", "provision.git_url_key is set but no URL prefix is allowed".into()));

@@ -4,6 +4,37 @@
 
 use std::net::{Ipv4Addr, SocketAddrV4};
 
+/// Why an egress entry was refused; the message quotes the entry as the policy wrote it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RuleError {
+    #[error("bad prefix length in {0:?}")]
+    BadPrefix(String),
+    #[error("prefix length {len} > 32 in {entry:?}")]
+    PrefixTooLong { entry: String, len: u8 },
+    #[error("{0:?}: IPv6 destinations are not supported in this build (IPv6 stays unreachable)")]
+    Ipv6(String),
+    #[error("{0:?} is not an IPv4 address or CIDR")]
+    NotIpv4(String),
+    #[error("{entry:?} has host bits set (did you mean {network}/{len}?)")]
+    HostBits { entry: String, network: Ipv4Addr, len: u8 },
+    #[error("{entry:?}: bad port {port:?}")]
+    BadPort { entry: String, port: String },
+    #[error("{entry:?}: port range {lo}-{hi} is backwards")]
+    BackwardsRange { entry: String, lo: u16, hi: u16 },
+    #[error("{0:?}: a protocol needs a port (e.g. 10.0.0.0/8:53/udp)")]
+    ProtocolWithoutPort(String),
+    #[error("{0:?}: only a leading `*.` wildcard is allowed")]
+    InnerWildcard(String),
+    #[error("{0:?}: not a fully qualified domain name")]
+    NotQualified(String),
+    #[error("{0:?} is not a valid domain name")]
+    BadDomain(String),
+    #[error("{0:?}: a wildcard over a top-level domain admits too much")]
+    TopLevelWildcard(String),
+    #[error("{0:?} is not an IPv4 resolver address")]
+    BadResolver(String),
+}
+
 /// The range session links take their /30s from unless `network.pool` says otherwise.
 pub const DEFAULT_POOL: &str = "10.199.0.0/16";
 
@@ -24,24 +55,24 @@ pub struct Net4 {
 }
 
 impl Net4 {
-    pub fn parse(s: &str) -> Result<Net4, String> {
+    pub fn parse(s: &str) -> Result<Net4, RuleError> {
         let (a, p) = match s.split_once('/') {
-            Some((a, p)) => (a, p.parse::<u8>().map_err(|_| format!("bad prefix length in {s:?}"))?),
+            Some((a, p)) => (a, p.parse::<u8>().map_err(|_| RuleError::BadPrefix(s.to_owned()))?),
             None => (s, 32),
         };
         if p > 32 {
-            return Err(format!("prefix length {p} > 32 in {s:?}"));
+            return Err(RuleError::PrefixTooLong { entry: s.to_owned(), len: p });
         }
         let addr: Ipv4Addr = a.parse().map_err(|_| {
             if a.contains(':') || a.starts_with('[') {
-                format!("{s:?}: IPv6 destinations are not supported in this build (IPv6 stays unreachable)")
+                RuleError::Ipv6(s.to_owned())
             } else {
-                format!("{s:?} is not an IPv4 address or CIDR")
+                RuleError::NotIpv4(s.to_owned())
             }
         })?;
         let n = Net4 { addr, prefix: p };
         if n.network() != addr {
-            return Err(format!("{s:?} has host bits set (did you mean {}/{p}?)", n.network()));
+            return Err(RuleError::HostBits { entry: s.to_owned(), network: n.network(), len: p });
         }
         Ok(n)
     }
@@ -92,7 +123,7 @@ pub struct AllowRule {
 
 impl AllowRule {
     /// `CIDR[:PORT[-PORT]][/tcp|/udp]`; the CIDR's own `/len` comes first.
-    pub fn parse(entry: &str) -> Result<AllowRule, String> {
+    pub fn parse(entry: &str) -> Result<AllowRule, RuleError> {
         let mut s = entry.trim();
         let mut proto = None;
         for (suffix, p) in [("/tcp", Proto::Tcp), ("/udp", Proto::Udp)] {
@@ -108,18 +139,21 @@ impl AllowRule {
                     None => (p, p),
                 };
                 let port = |x: &str| {
-                    x.parse::<u16>().ok().filter(|v| *v > 0).ok_or_else(|| format!("{entry:?}: bad port {x:?}"))
+                    x.parse::<u16>()
+                        .ok()
+                        .filter(|v| *v > 0)
+                        .ok_or_else(|| RuleError::BadPort { entry: entry.to_owned(), port: x.to_owned() })
                 };
                 let (lo, hi) = (port(lo)?, port(hi)?);
                 if lo > hi {
-                    return Err(format!("{entry:?}: port range {lo}-{hi} is backwards"));
+                    return Err(RuleError::BackwardsRange { entry: entry.to_owned(), lo, hi });
                 }
                 (n, Some((lo, hi)))
             }
             _ => (s, None),
         };
         if proto.is_some() && ports.is_none() {
-            return Err(format!("{entry:?}: a protocol needs a port (e.g. 10.0.0.0/8:53/udp)"));
+            return Err(RuleError::ProtocolWithoutPort(entry.to_owned()));
         }
         Ok(AllowRule { net: Net4::parse(net)?, ports, proto })
     }
@@ -151,7 +185,7 @@ pub struct DomainPattern {
 }
 
 impl DomainPattern {
-    pub fn parse(p: &str) -> Result<DomainPattern, String> {
+    pub fn parse(p: &str) -> Result<DomainPattern, RuleError> {
         let t = p.trim().trim_end_matches('.').to_ascii_lowercase();
         let (wildcard, name) = match t.strip_prefix("*.") {
             Some(n) => (true, n.to_owned()),
@@ -165,15 +199,15 @@ impl DomainPattern {
         };
         if name.is_empty() || name.len() > 253 || !name.split('.').all(label_ok) || !name.contains('.') && !wildcard {
             if name.contains('*') {
-                return Err(format!("{p:?}: only a leading `*.` wildcard is allowed"));
+                return Err(RuleError::InnerWildcard(p.to_owned()));
             }
             if !name.contains('.') {
-                return Err(format!("{p:?}: not a fully qualified domain name"));
+                return Err(RuleError::NotQualified(p.to_owned()));
             }
-            return Err(format!("{p:?} is not a valid domain name"));
+            return Err(RuleError::BadDomain(p.to_owned()));
         }
         if wildcard && !name.contains('.') {
-            return Err(format!("{p:?}: a wildcard over a top-level domain admits too much"));
+            return Err(RuleError::TopLevelWildcard(p.to_owned()));
         }
         Ok(DomainPattern { suffix: name, wildcard })
     }
@@ -191,13 +225,13 @@ impl DomainPattern {
 }
 
 /// `ADDR` or `ADDR:PORT` of an upstream resolver.
-pub fn parse_upstream(s: &str) -> Result<SocketAddrV4, String> {
+pub fn parse_upstream(s: &str) -> Result<SocketAddrV4, RuleError> {
     if let Ok(a) = s.parse::<SocketAddrV4>() {
         return Ok(a);
     }
     s.parse::<Ipv4Addr>()
         .map(|a| SocketAddrV4::new(a, 53))
-        .map_err(|_| format!("{s:?} is not an IPv4 resolver address"))
+        .map_err(|_| RuleError::BadResolver(s.to_owned()))
 }
 
 /// Destinations closed to every session unless an allow entry names them: link-local (cloud
@@ -239,7 +273,11 @@ mod tests {
         ] {
             assert!(AllowRule::parse(bad).is_err(), "{bad}");
         }
-        assert!(AllowRule::parse("[2001:db8::]:443").unwrap_err().contains("IPv6"));
+        assert_eq!(AllowRule::parse("[2001:db8::]:443").unwrap_err(), RuleError::Ipv6("[2001:db8::]:443".into()));
+        assert_eq!(
+            AllowRule::parse("10.1.2.3/24:443").unwrap_err().to_string(),
+            "\"10.1.2.3/24\" has host bits set (did you mean 10.1.2.0/24?)"
+        );
     }
 
     #[test]

@@ -241,16 +241,21 @@ pub struct Capabilities {
     pub set: CapSet,
 }
 
+/// A `capabilities.keep` name that is no capability.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown capability `{0}`")]
+pub struct UnknownCapability(pub String);
+
 /// A set of capabilities.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct CapSet(u64);
 
 impl CapSet {
     /// A capability by name, with or without the `CAP_` prefix, any case.
-    pub fn parse_name(name: &str) -> Result<caps::Capability, String> {
+    pub fn parse_name(name: &str) -> Result<caps::Capability, UnknownCapability> {
         let n = name.to_ascii_uppercase();
         let n = if n.starts_with("CAP_") { n } else { format!("CAP_{n}") };
-        n.parse::<caps::Capability>().map_err(|_| format!("unknown capability `{name}`"))
+        n.parse::<caps::Capability>().map_err(|_| UnknownCapability(name.to_owned()))
     }
 
     pub fn insert(&mut self, c: caps::Capability) {

@@ -792,7 +792,7 @@ impl Runner<'_> {
         let narrow = match self.item.metadata.get(narrow::METADATA_KEY).map(Narrowing::from_json) {
             None => None,
             Some(Ok(n)) => Some(serde_json::to_string(&n).expect("serialises")),
-            Some(Err(e)) => return End::Failed(e),
+            Some(Err(e)) => return End::Failed(e.to_string()),
         };
         let narrow = narrow.as_deref();
         // The workspace as the session's metadata asks for it, before anything of the agent's
