@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 /// Levenshtein distance, for "did you mean" suggestions.
-pub fn edit_distance(a: &str, b: &str) -> usize {
+pub(crate) fn edit_distance(a: &str, b: &str) -> usize {
     let b: Vec<char> = b.chars().collect();
     let mut prev: Vec<usize> = (0..=b.len()).collect();
     let mut cur = vec![0; b.len() + 1];
@@ -19,7 +19,7 @@ pub fn edit_distance(a: &str, b: &str) -> usize {
 }
 
 /// The closest candidate within a distance that still reads as a typo (a third of the word).
-pub fn nearest<'a>(word: &str, candidates: impl IntoIterator<Item = &'a str>) -> Option<&'a str> {
+pub(crate) fn nearest<'a>(word: &str, candidates: impl IntoIterator<Item = &'a str>) -> Option<&'a str> {
     let limit = (word.chars().count() / 3).max(2);
     candidates
         .into_iter()
@@ -93,7 +93,7 @@ pub fn format_size(bytes: u64) -> String {
     bytes.to_string()
 }
 
-pub fn format_duration(d: Duration) -> String {
+pub(crate) fn format_duration(d: Duration) -> String {
     let s = d.as_secs();
     if d.subsec_millis() != 0 {
         format!("{}ms", d.as_millis())
@@ -109,7 +109,7 @@ pub fn format_duration(d: Duration) -> String {
 }
 
 /// Formats a time as RFC 3339 UTC with millisecond precision (`2026-11-23T10:00:00.000Z`).
-pub fn rfc3339(t: std::time::SystemTime) -> String {
+pub(crate) fn rfc3339(t: std::time::SystemTime) -> String {
     let d = t.duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
     let secs = d.as_secs() as i64;
     let (days, sod) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
@@ -190,7 +190,7 @@ pub fn parse_rfc3339(s: &str) -> Result<std::time::SystemTime, String> {
 /// Closing (or marking close-on-exec) descriptors that other code still owns makes its later use
 /// of them act on whatever reuses the numbers; callers close only descriptors nothing else in
 /// this process will touch again (typically right before exec or `_exit`).
-pub unsafe fn close_range(first: u32, last: u32, flags: u32) -> std::io::Result<()> {
+pub(crate) unsafe fn close_range(first: u32, last: u32, flags: u32) -> std::io::Result<()> {
     // SAFETY: the syscall takes integer arguments only; the caller vouches for the descriptors.
     let r = unsafe { libc::syscall(libc::SYS_close_range, first, last, flags) };
     if r == 0 {
@@ -205,7 +205,7 @@ pub unsafe fn close_range(first: u32, last: u32, flags: u32) -> std::io::Result<
 ///
 /// # Safety
 /// As for [`close_range`]: nothing may use a closed descriptor again.
-pub unsafe fn close_all_but(keep: &[i32]) -> std::io::Result<()> {
+pub(crate) unsafe fn close_all_but(keep: &[i32]) -> std::io::Result<()> {
     let mut keep: Vec<u32> = keep.iter().filter(|&&f| f > 2).map(|&f| f as u32).collect();
     keep.sort_unstable();
     keep.dedup();

@@ -538,7 +538,7 @@ fn worker_run(r: WorkerRunArgs, log: LogFormat) -> i32 {
         r.common.environment_key_file.as_deref(),
         r.common.allow_org_key_in_env,
     );
-    stockade::jail::environ::scrub_variables(&[key::WORK_SECRET_VAR]);
+    stockade::jail::scrub_variables(&[key::WORK_SECRET_VAR]);
     let k = match (loaded, &token) {
         (Ok((k, source)), _) => {
             tracing::info!(%source, "environment key loaded");
@@ -577,7 +577,7 @@ pub(super) fn webhook(a: WebhookArgs, log: LogFormat) -> i32 {
             }
         },
     };
-    stockade::jail::environ::scrub_variables(&[webhook::SIGNING_KEY_VAR]);
+    stockade::jail::scrub_variables(&[webhook::SIGNING_KEY_VAR]);
     let secret = match webhook::parse_secret(&text) {
         Ok(k) => k,
         Err(e) => return usage(format!("{origin}: {e}")),

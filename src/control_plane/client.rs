@@ -70,18 +70,18 @@ pub enum AuthScheme {
 /// Jittered exponential backoff ("full jitter"): attempt n waits a random time in
 /// [base·2ⁿ/2, base·2ⁿ], capped.
 #[derive(Debug, Clone, Copy)]
-pub struct Backoff {
+pub(crate) struct Backoff {
     pub base: Duration,
     pub cap: Duration,
     attempt: u32,
 }
 
 impl Backoff {
-    pub fn new(base: Duration, cap: Duration) -> Backoff {
+    pub(crate) fn new(base: Duration, cap: Duration) -> Backoff {
         Backoff { base, cap, attempt: 0 }
     }
 
-    pub fn next_delay(&mut self) -> Duration {
+    pub(crate) fn next_delay(&mut self) -> Duration {
         let exp = self.base.saturating_mul(1u32 << self.attempt.min(16)).min(self.cap);
         self.attempt = self.attempt.saturating_add(1);
         let half = exp / 2;
@@ -89,16 +89,12 @@ impl Backoff {
     }
 
     /// The delay for an error: the server's Retry-After when it gave one.
-    pub fn delay_for(&mut self, e: &ApiError) -> Duration {
+    pub(crate) fn delay_for(&mut self, e: &ApiError) -> Duration {
         let d = self.next_delay();
         match e {
             ApiError::RateLimited { retry_after: Some(r) } => (*r).max(d / 4),
             _ => d,
         }
-    }
-
-    pub fn reset(&mut self) {
-        self.attempt = 0;
     }
 }
 
@@ -124,7 +120,7 @@ impl std::fmt::Debug for Client {
 }
 
 /// The default cap on one response body: far above any page of events the API returns.
-pub const DEFAULT_MAX_BODY: usize = 64 << 20;
+pub(crate) const DEFAULT_MAX_BODY: usize = 64 << 20;
 
 /// One request's particulars beyond method and path.
 #[derive(Default)]

@@ -583,7 +583,7 @@ pub struct LocalControlPlane {
 
 type ApiResult<T> = Result<T, ApiErr>;
 
-pub struct ApiErr(StatusCode, &'static str, String, Option<Value>);
+pub(crate) struct ApiErr(StatusCode, &'static str, String, Option<Value>);
 
 impl IntoResponse for ApiErr {
     fn into_response(self) -> Response {

@@ -7,7 +7,8 @@ pub mod local;
 pub mod webhook;
 pub mod wire;
 
-pub use client::{ApiError, Backoff, Client};
+pub(crate) use client::Backoff;
+pub use client::{ApiError, Client};
 
 /// A credential held in memory. Its `Debug` and `Display` never show it, and its bytes are
 /// overwritten when it is dropped.
@@ -61,7 +62,7 @@ impl Drop for Secret {
 }
 
 /// A random token: `prefix` + 32 bytes of the kernel's randomness, URL-safe base64.
-pub fn random_token(prefix: &str) -> String {
+pub(crate) fn random_token(prefix: &str) -> String {
     use base64::Engine;
     let mut buf = [0u8; 32];
     let mut f = std::fs::File::open("/dev/urandom").expect("/dev/urandom");

@@ -9,16 +9,16 @@ use serde::{Deserialize, Serialize};
 
 /// The API version header value (`anthropic-version`), as the official SDK 2.15.0 sends it
 /// (`anthropic/_constants.py`).
-pub const API_VERSION: &str = "2026-10-21";
+pub(crate) const API_VERSION: &str = "2026-10-21";
 /// The beta that gates environments, work and sessions (`anthropic-beta`).
-pub const BETA: &str = "managed-agents-2026-04-01";
+pub(crate) const BETA: &str = "managed-agents-2026-04-01";
 pub const DEFAULT_API_URL: &str = "https://api.anthropic.com";
 /// The first heartbeat's `expected_last_heartbeat`: it claims the lease.
 pub const NO_HEARTBEAT: &str = "NO_HEARTBEAT";
 /// The longest `block_ms` a poll may ask for.
-pub const MAX_BLOCK_MS: u32 = 999;
+pub(crate) const MAX_BLOCK_MS: u32 = 999;
 /// The header that names the polling worker.
-pub const WORKER_ID_HEADER: &str = "anthropic-worker-id";
+pub(crate) const WORKER_ID_HEADER: &str = "anthropic-worker-id";
 
 /// Request paths, relative to the API base URL (the official SDK 2.15.0 sends no `?beta=true`).
 pub mod path {
@@ -215,14 +215,14 @@ pub struct HeartbeatResponse {
 
 /// `work.stop` body.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
-pub struct StopRequest {
+pub(crate) struct StopRequest {
     #[serde(default)]
     pub force: bool,
 }
 
 /// `work.update` body: a merge patch of the metadata (null removes a key).
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
-pub struct UpdateWork {
+pub(crate) struct UpdateWork {
     pub metadata: serde_json::Map<String, serde_json::Value>,
 }
 
@@ -265,18 +265,9 @@ impl ContentBlock {
     }
 }
 
-/// Why a session went idle.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct StopReason {
-    #[serde(rename = "type")]
-    pub kind: String,
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub event_ids: Vec<String>,
-}
-
 /// A session event, as far as the worker acts on it.
 #[derive(Debug, Clone, PartialEq)]
-pub enum Event {
+pub(crate) enum Event {
     ToolUse {
         name: String,
         input: serde_json::Value,
@@ -310,7 +301,7 @@ pub enum Permission {
 
 /// One event of a session's stream: its id and what it means to the worker.
 #[derive(Debug, Clone, PartialEq)]
-pub struct SessionEvent {
+pub(crate) struct SessionEvent {
     pub id: String,
     pub event: Event,
 }
@@ -319,7 +310,7 @@ impl SessionEvent {
     /// Reads an event leniently: an event of an unknown type, or a known type missing a field
     /// the worker does not need, still parses. Fails only without an id or a type, or when a
     /// known type lacks a field the worker acts on.
-    pub fn parse(v: &serde_json::Value) -> Result<SessionEvent, String> {
+    pub(crate) fn parse(v: &serde_json::Value) -> Result<SessionEvent, String> {
         let s = |k: &str| v.get(k).and_then(|x| x.as_str());
         let id = s("id").ok_or("an event without an id")?.to_owned();
         let kind = s("type").ok_or_else(|| format!("event {id} has no type"))?;
@@ -356,7 +347,7 @@ impl SessionEvent {
 
 /// The event a worker posts for one tool call.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct ToolResultEvent {
+pub(crate) struct ToolResultEvent {
     #[serde(rename = "type")]
     pub kind: String,
     pub tool_use_id: String,
@@ -365,7 +356,7 @@ pub struct ToolResultEvent {
 }
 
 impl ToolResultEvent {
-    pub fn new(tool_use_id: &str, is_error: bool, content: Vec<ContentBlock>) -> ToolResultEvent {
+    pub(crate) fn new(tool_use_id: &str, is_error: bool, content: Vec<ContentBlock>) -> ToolResultEvent {
         let content = if content.is_empty() { vec![ContentBlock::text("")] } else { content };
         ToolResultEvent { kind: "user.tool_result".into(), tool_use_id: tool_use_id.into(), is_error, content }
     }
@@ -373,7 +364,7 @@ impl ToolResultEvent {
 
 /// `events.send` body.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct SendEvents<E> {
+pub(crate) struct SendEvents<E> {
     pub events: Vec<E>,
 }
 
@@ -418,23 +409,20 @@ pub struct SkillVersion {
 
 /// The API's error body: `{"type":"error","error":{"type":"not_found_error","message":"…"}}`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct ErrorBody {
+pub(crate) struct ErrorBody {
     #[serde(rename = "type")]
     pub kind: String,
     pub error: ErrorDetail,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct ErrorDetail {
+pub(crate) struct ErrorDetail {
     #[serde(rename = "type")]
     pub kind: String,
     pub message: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub details: Option<serde_json::Value>,
 }
-
-/// Which webhook event types wake a worker.
-pub const WEBHOOK_WAKE_EVENTS: &[&str] = &["session.status_run_started"];
 
 /// Standard Webhooks headers.
 pub mod webhook_header {

@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 use super::error::{JailError, Step};
 use crate::policy::{is_secret_name, Policy};
 
-pub fn build(
+pub(crate) fn build(
     policy: &Policy,
     host_env: &[(String, String)],
     extra: &[(String, String)],
@@ -52,13 +52,13 @@ pub fn build(
 /// process's whole life. Read by the supervisor before the clone; the jail's child, a copy of it,
 /// has the same layout and scrubs both first thing.
 #[derive(Debug, Clone, Copy, Default)]
-pub struct OwnBlocks {
+pub(crate) struct OwnBlocks {
     args: Option<(usize, usize)>,
     env: Option<(usize, usize)>,
 }
 
 impl OwnBlocks {
-    pub fn read() -> OwnBlocks {
+    pub(crate) fn read() -> OwnBlocks {
         OwnBlocks { args: stat_range(45, 46), env: stat_range(47, 48) }
     }
 }
@@ -67,7 +67,7 @@ impl OwnBlocks {
 /// block that /proc/PID/environ keeps showing even after `clearenv`. The jail's processes are
 /// forks of the supervisor and would otherwise carry its environment — and any key in it — in
 /// memory for their whole life. Callers must not hold references into the environment.
-pub fn scrub_own_environment(blocks: &OwnBlocks) {
+pub(crate) fn scrub_own_environment(blocks: &OwnBlocks) {
     // SAFETY: clearenv only resets libc's `environ`; nothing in this single-threaded child reads
     // the environment concurrently.
     unsafe { libc::clearenv() };
@@ -80,13 +80,13 @@ pub fn scrub_own_environment(blocks: &OwnBlocks) {
 }
 
 /// The name the jail's init (and the helpers forked from it) shows in /proc/PID/cmdline.
-pub const INIT_NAME: &[u8] = b"stockade-init";
+pub(crate) const INIT_NAME: &[u8] = b"stockade-init";
 
 /// Overwrites this process's command line — the strings behind /proc/PID/cmdline — with
 /// `INIT_NAME`: the jail's init is a copy of the supervisor, whose arguments name host paths
 /// (the binary, the policy file, the workspace) that nothing in the jail should learn. Nothing
 /// in the child reads its arguments afterwards.
-pub fn scrub_own_arguments(blocks: &OwnBlocks) {
+pub(crate) fn scrub_own_arguments(blocks: &OwnBlocks) {
     let Some((start, end)) = blocks.args else { return };
     // SAFETY: [arg_start, arg_end) is this process's argument strings, mapped read-write at the
     // top of its stack by the kernel at exec; the child never reads its arguments again, so
@@ -99,7 +99,7 @@ pub fn scrub_own_arguments(blocks: &OwnBlocks) {
 
 /// Overwrites every occurrence of `secret` in this process's command line (as an argument of its
 /// own or after `=`) with `*`, so that /proc/PID/cmdline stops showing it.
-pub fn wipe_argument(secret: &str) {
+pub(crate) fn wipe_argument(secret: &str) {
     let Some((start, end)) = stat_range(45, 46) else { return };
     if secret.is_empty() {
         return;

@@ -25,16 +25,16 @@ pub(crate) mod caps;
 pub(crate) mod cgroups;
 pub mod check;
 pub(crate) mod disk;
-pub mod environ;
-pub mod error;
+pub(crate) mod environ;
+pub(crate) mod error;
 pub(crate) mod etc;
-pub mod execwatch;
+pub(crate) mod execwatch;
 pub(crate) mod fsio;
 pub(crate) mod idmap;
 pub(crate) mod idpool;
 mod init;
 pub(crate) mod landlock;
-pub mod mounts;
+pub(crate) mod mounts;
 pub(crate) mod namespaces;
 pub(crate) mod netif;
 pub(crate) mod rlimits;
@@ -52,6 +52,7 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
+pub use environ::scrub_variables;
 pub use error::{JailError, Step};
 
 use crate::policy::Policy;
@@ -59,7 +60,7 @@ use cgroups::{CgroupReport, JailCgroup};
 use namespaces::IdMapping;
 
 /// Exit status when the command ran past `--timeout` and the jail was killed (as timeout(1)).
-pub const EXIT_TIMEOUT: i32 = 124;
+pub(crate) const EXIT_TIMEOUT: i32 = 124;
 /// Exit status when Stockade could not build the jail.
 pub const EXIT_SETUP_FAILED: i32 = 125;
 /// Exit status when the command exists but cannot be executed.
@@ -68,7 +69,7 @@ pub const EXIT_NOT_EXECUTABLE: i32 = 126;
 pub const EXIT_NOT_FOUND: i32 = 127;
 
 /// How long a jail gets between a forwarded SIGTERM/SIGINT and SIGKILL.
-pub const KILL_GRACE: Duration = Duration::from_secs(2);
+pub(crate) const KILL_GRACE: Duration = Duration::from_secs(2);
 
 /// What to run and where.
 #[derive(Debug, Clone)]
@@ -156,7 +157,7 @@ pub enum Payload {
 }
 
 /// PID 1's work in a session jail: (channel, environment, policy) to an exit code.
-pub type ServeFn = fn(&std::os::fd::OwnedFd, &[(String, String)], &Policy) -> i32;
+pub(crate) type ServeFn = fn(&std::os::fd::OwnedFd, &[(String, String)], &Policy) -> i32;
 
 /// A jail: built, running, or — while `start` builds it — half built. Dropping it at any stage
 /// undoes exactly what was done: kills and reaps the init, stops the exec watch, removes the

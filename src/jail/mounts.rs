@@ -28,11 +28,11 @@ use crate::policy::{Access, Bind, Policy, SysMode};
 /// Where the new root is assembled, inside the jail's private mount namespace only.
 const STAGING: &str = "/tmp";
 
-pub const WORKSPACE: &str = "/workspace";
-pub const OUTPUTS: &str = "/mnt/session/outputs";
+pub(crate) const WORKSPACE: &str = "/workspace";
+pub(crate) const OUTPUTS: &str = "/mnt/session/outputs";
 
 /// Device nodes bound from the host's /dev. Nothing else: no block devices, no mem/kmem/port/kmsg.
-pub const DEVICES: &[&str] = &["null", "zero", "full", "random", "urandom", "tty"];
+pub(crate) const DEVICES: &[&str] = &["null", "zero", "full", "random", "urandom", "tty"];
 
 /// /proc entries hidden behind /dev/null (files) or a removed, empty directory (directories, see
 /// `build_proc`), but see `unreachable_from_jail`.
@@ -63,7 +63,7 @@ const PROC_READ_ONLY: &[&str] = &["sys", "sysrq-trigger", "irq", "bus", "fs"];
 const SYS_MASKED: &[&str] = &["firmware", "kernel/security", "kernel/debug", "fs/cgroup", "fs/bpf"];
 
 /// What the supervisor hands to the mount step.
-pub struct MountPlan<'a> {
+pub(crate) struct MountPlan<'a> {
     pub policy: &'a Policy,
     pub workspace: Option<&'a Path>,
     pub outputs: Option<&'a Path>,
@@ -95,7 +95,7 @@ struct Entry {
     owner: (u32, u32),
 }
 
-pub fn build_root(plan: &MountPlan) -> Result<(), JailError> {
+pub(crate) fn build_root(plan: &MountPlan) -> Result<(), JailError> {
     let p = plan.policy;
     mount(None::<&str>, "/", None::<&str>, MsFlags::MS_REC | MsFlags::MS_PRIVATE, None::<&str>)
         .step(Step::Mounts, || "make / private".into())?;

@@ -14,9 +14,9 @@ use crate::policy::rules::{DomainPattern, Net4};
 /// Shortest time an admitted address stays admitted, whatever the record's TTL (a short TTL
 /// must not cut a connection being set up). `STOCKADE_DNS_TTL_FLOOR` (seconds) overrides it,
 /// for tests and for operators who want tighter windows.
-pub const TTL_FLOOR: Duration = Duration::from_secs(30);
+pub(crate) const TTL_FLOOR: Duration = Duration::from_secs(30);
 
-pub fn ttl_floor() -> Duration {
+pub(crate) fn ttl_floor() -> Duration {
     std::env::var("STOCKADE_DNS_TTL_FLOOR")
         .ok()
         .and_then(|v| v.parse::<u64>().ok())
@@ -24,7 +24,7 @@ pub fn ttl_floor() -> Duration {
         .unwrap_or(TTL_FLOOR)
 }
 /// Longest: a huge TTL does not keep an address open for days.
-pub const TTL_CAP: Duration = Duration::from_secs(3600);
+pub(crate) const TTL_CAP: Duration = Duration::from_secs(3600);
 
 #[derive(Debug, PartialEq, Eq)]
 pub struct Question {
@@ -82,7 +82,7 @@ pub fn reply(query: &[u8], q: &Question, rcode: u8) -> Vec<u8> {
 }
 
 /// The A records in a response's answer section, with their TTLs.
-pub fn answers_a(resp: &[u8]) -> Vec<(Ipv4Addr, u32)> {
+pub(crate) fn answers_a(resp: &[u8]) -> Vec<(Ipv4Addr, u32)> {
     let mut out = Vec::new();
     let Some(h) = resp.get(..12) else { return out };
     let (qd, an) = (u16::from_be_bytes([h[4], h[5]]), u16::from_be_bytes([h[6], h[7]]));
@@ -116,9 +116,9 @@ pub struct DnsStats {
 }
 
 /// Admits answered addresses into the session's set, each for its TTL.
-pub type Admit = Box<dyn Fn(&[(Ipv4Addr, Duration)]) -> Result<(), super::NetError> + Send + Sync>;
+pub(crate) type Admit = Box<dyn Fn(&[(Ipv4Addr, Duration)]) -> Result<(), super::NetError> + Send + Sync>;
 
-pub struct Resolver {
+pub(crate) struct Resolver {
     pub session: String,
     pub patterns: Vec<DomainPattern>,
     pub upstream: Vec<SocketAddrV4>,
@@ -159,7 +159,7 @@ impl Resolver {
     }
 
     /// One query in, one answer out.
-    pub fn handle(&self, query: &[u8]) -> Option<Vec<u8>> {
+    pub(crate) fn handle(&self, query: &[u8]) -> Option<Vec<u8>> {
         let q = parse_question(query)?;
         if !self.allowed(&q.name) {
             self.stats.refused.fetch_add(1, Ordering::Relaxed);
@@ -193,7 +193,7 @@ impl Resolver {
     }
 
     /// DNS over TCP (RFC 7766 framing: a 2-byte length before each message) until `stop`.
-    pub fn serve_tcp(self: Arc<Self>, listener: std::net::TcpListener, stop: Arc<super::Stop>) {
+    pub(crate) fn serve_tcp(self: Arc<Self>, listener: std::net::TcpListener, stop: Arc<super::Stop>) {
         use std::os::fd::AsFd;
         while stop.wait(listener.as_fd()) {
             let Ok((mut c, _)) = listener.accept() else { continue };
@@ -210,7 +210,7 @@ impl Resolver {
     }
 
     /// Serves `sock` until `stop` is signalled.
-    pub fn serve(self: Arc<Self>, sock: UdpSocket, stop: Arc<super::Stop>) {
+    pub(crate) fn serve(self: Arc<Self>, sock: UdpSocket, stop: Arc<super::Stop>) {
         use std::os::fd::AsFd;
         let mut buf = [0u8; 1500];
         while stop.wait(sock.as_fd()) {
@@ -245,7 +245,7 @@ fn forward_tcp(up: SocketAddrV4, query: &[u8]) -> Option<Vec<u8>> {
 
 /// The host's resolvers, from /etc/resolv.conf (IPv4 ones; a loopback stub such as
 /// systemd-resolved's 127.0.0.53 is reachable from the host, where the resolver runs).
-pub fn host_resolvers() -> Vec<SocketAddrV4> {
+pub(crate) fn host_resolvers() -> Vec<SocketAddrV4> {
     std::fs::read_to_string("/etc/resolv.conf")
         .unwrap_or_default()
         .lines()

@@ -191,7 +191,7 @@ pub fn egress_of(net: &Network) -> Result<&Egress, NetError> {
 }
 
 /// Told of each logged connection attempt: (allowed, protocol, destination, port).
-pub type EgressHook = Arc<dyn Fn(bool, &str, Ipv4Addr, Option<u16>) + Send + Sync>;
+pub(crate) type EgressHook = Arc<dyn Fn(bool, &str, Ipv4Addr, Option<u16>) + Send + Sync>;
 
 /// The host side of one session's network; removed on drop.
 pub struct SessionNet {

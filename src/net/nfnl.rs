@@ -70,10 +70,10 @@ const NFTA_COUNTER_PACKETS: u16 = 2;
 /// libnftnl's rule-comment TLV inside NFTA_RULE_USERDATA (what `nft` shows as `comment`).
 const UDATA_RULE_COMMENT: u8 = 0;
 
-pub const SET_F_MAP: u32 = 0x8;
-pub const SET_F_TIMEOUT: u32 = 0x10;
+pub(crate) const SET_F_MAP: u32 = 0x8;
+pub(crate) const SET_F_TIMEOUT: u32 = 0x10;
 /// nft's data type of IPv4 addresses (for `nft list` to show the set's elements as addresses).
-pub const TYPE_IPADDR: u32 = 7;
+pub(crate) const TYPE_IPADDR: u32 = 7;
 
 /// Registers: the verdict register and the first 16-byte data register.
 pub mod reg {
@@ -347,7 +347,7 @@ impl Batch {
 }
 
 /// An ifname as a set key: NUL-padded to IFNAMSIZ.
-pub fn ifname_key(name: &str) -> [u8; 16] {
+pub(crate) fn ifname_key(name: &str) -> [u8; 16] {
     let mut k = [0u8; 16];
     let b = name.as_bytes();
     k[..b.len().min(15)].copy_from_slice(&b[..b.len().min(15)]);

@@ -52,7 +52,7 @@ pub struct Report {
     pub findings: Vec<Finding>,
 }
 
-pub fn label(exposure: f64) -> &'static str {
+pub(crate) fn label(exposure: f64) -> &'static str {
     match exposure {
         e if e < 2.0 => "OK",
         e if e < 5.0 => "MEDIUM",

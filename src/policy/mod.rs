@@ -21,13 +21,13 @@ pub use types::*;
 use std::path::PathBuf;
 
 /// The built-in policies, embedded so a fresh install works without `policies/`.
-pub const BUILTINS: &[(&str, &str)] = &[
+pub(crate) const BUILTINS: &[(&str, &str)] = &[
     ("default", include_str!("../../policies/default.toml")),
     ("strict", include_str!("../../policies/strict.toml")),
     ("ci", include_str!("../../policies/ci.toml")),
 ];
 
-pub fn builtin_text(name: &str) -> Option<&'static str> {
+pub(crate) fn builtin_text(name: &str) -> Option<&'static str> {
     BUILTINS.iter().find(|(n, _)| *n == name).map(|(_, t)| *t)
 }
 

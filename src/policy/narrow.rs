@@ -11,7 +11,7 @@ use crate::util::{format_duration, format_size, parse_duration, parse_size};
 
 /// The work item metadata key that carries a `Narrowing` (INFERRED: a Stockade convention, not
 /// part of the Managed Agents API).
-pub const METADATA_KEY: &str = "stockade_narrow";
+pub(crate) const METADATA_KEY: &str = "stockade_narrow";
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

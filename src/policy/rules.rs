@@ -36,7 +36,7 @@ pub enum RuleError {
 }
 
 /// The range session links take their /30s from unless `network.pool` says otherwise.
-pub const DEFAULT_POOL: &str = "10.199.0.0/16";
+pub(crate) const DEFAULT_POOL: &str = "10.199.0.0/16";
 
 /// A veth policy's egress, resolved when the policy was read.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -161,7 +161,7 @@ impl AllowRule {
 
 /// The TCP ports of an allowlist, for landlock: None when an entry admits every port (or a UDP
 /// one only) or a range is too wide to list.
-pub fn tcp_ports(allow: &[AllowRule]) -> Option<Vec<u16>> {
+pub(crate) fn tcp_ports(allow: &[AllowRule]) -> Option<Vec<u16>> {
     // 53: DNS over TCP to the session's own resolver.
     let mut ports = std::collections::BTreeSet::from([53]);
     for r in allow {
@@ -225,21 +225,19 @@ impl DomainPattern {
 }
 
 /// `ADDR` or `ADDR:PORT` of an upstream resolver.
-pub fn parse_upstream(s: &str) -> Result<SocketAddrV4, RuleError> {
+pub(crate) fn parse_upstream(s: &str) -> Result<SocketAddrV4, RuleError> {
     if let Ok(a) = s.parse::<SocketAddrV4>() {
         return Ok(a);
     }
-    s.parse::<Ipv4Addr>()
-        .map(|a| SocketAddrV4::new(a, 53))
-        .map_err(|_| RuleError::BadResolver(s.to_owned()))
+    s.parse::<Ipv4Addr>().map(|a| SocketAddrV4::new(a, 53)).map_err(|_| RuleError::BadResolver(s.to_owned()))
 }
 
 /// Destinations closed to every session unless an allow entry names them: link-local (cloud
 /// metadata), loopback, "this network", multicast, broadcast and reserved space.
-pub const ALWAYS_DENIED: &[&str] = &["169.254.0.0/16", "127.0.0.0/8", "0.0.0.0/8", "224.0.0.0/4", "240.0.0.0/4"];
+pub(crate) const ALWAYS_DENIED: &[&str] = &["169.254.0.0/16", "127.0.0.0/8", "0.0.0.0/8", "224.0.0.0/4", "240.0.0.0/4"];
 
 /// Ranges an allowed name may not resolve into (DNS rebinding) unless an allow entry covers them.
-pub const PRIVATE: &[&str] = &[
+pub(crate) const PRIVATE: &[&str] = &[
     "10.0.0.0/8",
     "172.16.0.0/12",
     "192.168.0.0/16",

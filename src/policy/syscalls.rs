@@ -36,7 +36,7 @@ pub enum ArgCond {
 /// The syscalls that could leave a setuid or setgid file (or directory) behind, with the
 /// condition that keeps them from doing so; `openat2` is absent because its mode lives in memory
 /// seccomp cannot read.
-pub const SETID_GUARDED: &[&str] =
+pub(crate) const SETID_GUARDED: &[&str] =
     &["open", "openat", "creat", "mkdir", "mkdirat", "chmod", "fchmod", "fchmodat", "fchmodat2", "mknod", "mknodat"];
 
 impl ArgCond {
@@ -657,7 +657,7 @@ pub static GROUPS: &[Group] = &[
 ];
 
 /// The syscall table of the architecture Stockade was built for, sorted by name.
-pub fn native_table() -> &'static [(&'static str, i64)] {
+pub(crate) fn native_table() -> &'static [(&'static str, i64)] {
     #[cfg(target_arch = "x86_64")]
     {
         table::X86_64
@@ -685,7 +685,7 @@ pub fn group(name: &str) -> Option<&'static Group> {
 
 /// Every member of a group, following includes. A syscall may appear more than once with
 /// different conditions; the compiler combines them.
-pub fn expand_group(name: &str) -> Vec<Member> {
+pub(crate) fn expand_group(name: &str) -> Vec<Member> {
     let mut out = Vec::new();
     if let Some(g) = group(name) {
         for inc in g.includes {
@@ -711,7 +711,7 @@ fn did_you_mean(nearest: Option<&str>) -> String {
 
 /// Resolves an allow/deny entry (a group or a single syscall) to its members.
 /// Errors carry a suggestion for the nearest known name.
-pub fn resolve_entry(entry: &str) -> Result<Vec<Member>, UnknownEntry> {
+pub(crate) fn resolve_entry(entry: &str) -> Result<Vec<Member>, UnknownEntry> {
     if entry.starts_with('@') {
         if group(entry).is_some() {
             return Ok(expand_group(entry));
@@ -820,7 +820,9 @@ pub fn allowlist(allow: &[String], deny: &[String]) -> Result<Allowlist, Unknown
 }
 
 /// [`Allowlist`] by name, for the audit: `None` = unconditionally.
-pub fn by_name(a: &Allowlist) -> std::collections::BTreeMap<&'static str, Option<std::collections::BTreeSet<ArgCond>>> {
+pub(crate) fn by_name(
+    a: &Allowlist,
+) -> std::collections::BTreeMap<&'static str, Option<std::collections::BTreeSet<ArgCond>>> {
     a.iter().map(|(_, a)| (a.name, a.conds.as_ref().map(|c| c.iter().copied().collect()))).collect()
 }
 

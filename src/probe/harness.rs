@@ -10,8 +10,8 @@ use std::process::{Command, Stdio};
 use super::{catalogue, Ctx, Outcome, ProbeReport};
 
 /// Where the stockade binary is bound inside the probe jail.
-pub const JAILED_EXE: &str = "/.stockade/stockade";
-pub const PLANTED_ENV: &str = "STOCKADE_PROBE_PLANTED_SECRET";
+pub(crate) const JAILED_EXE: &str = "/.stockade/stockade";
+pub(crate) const PLANTED_ENV: &str = "STOCKADE_PROBE_PLANTED_SECRET";
 
 pub struct Options {
     /// Policy file or built-in name; None for the default.

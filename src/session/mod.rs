@@ -22,7 +22,7 @@ use crate::tools::{unknown_tool, ToolResult, TOOLS};
 
 /// A tool call.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct Request {
+pub(crate) struct Request {
     pub id: String,
     pub name: String,
     #[serde(default)]
@@ -31,14 +31,14 @@ pub struct Request {
 
 /// A tool result, tagged with its call's id.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Response {
+pub(crate) struct Response {
     pub id: Option<String>,
     pub content: Vec<crate::tools::Block>,
     pub is_error: bool,
 }
 
 impl Response {
-    pub fn new(id: impl Into<Option<String>>, r: ToolResult) -> Response {
+    pub(crate) fn new(id: impl Into<Option<String>>, r: ToolResult) -> Response {
         Response { id: id.into(), content: r.content, is_error: r.is_error }
     }
 }
@@ -103,12 +103,9 @@ impl Session {
 }
 
 /// The answer to a tool call once a full trail refuses (`trail.on_full = "fail"`).
-pub fn trail_full() -> String {
+pub(crate) fn trail_full() -> String {
     "the session's audit trail is full (trail.max_size) and trail.on_full = \"fail\": no more tool calls run".into()
 }
-
-/// The default cap on one request line of `stockade session`.
-pub const DEFAULT_MAX_REQUEST: usize = 64 << 20;
 
 /// A line too long to keep: its first bytes (where the id is) and its length.
 type Oversize = (Vec<u8>, usize);

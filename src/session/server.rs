@@ -134,7 +134,7 @@ impl Server {
 
 /// PID 1 of a session jail (`jail::Payload::Session`): the tools work in /workspace, under the
 /// policy's path rule, and a timed-out command's leftovers are found in the whole pid namespace.
-pub fn serve_in_jail(channel: &OwnedFd, env: &[(String, String)], policy: &crate::policy::Policy) -> i32 {
+pub(crate) fn serve_in_jail(channel: &OwnedFd, env: &[(String, String)], policy: &crate::policy::Policy) -> i32 {
     let tools = Ctx { cwd: crate::jail::mounts::WORKSPACE.into(), confine: policy.tools.confine_paths };
     serve(channel, env, &tools, KillScope::Namespace)
 }

@@ -26,7 +26,7 @@ pub const REDACTED: &str = "[REDACTED]";
 
 /// Replaces secrets in text: literal values first, then the policy's patterns.
 #[derive(Debug, Clone)]
-pub struct Redactor {
+pub(crate) struct Redactor {
     literals: Vec<String>,
     patterns: Vec<regex::Regex>,
 }
@@ -34,7 +34,7 @@ pub struct Redactor {
 impl Redactor {
     /// `patterns` were checked when the policy was read; one that still fails to compile (a
     /// size limit) is an error rather than a pattern silently skipped.
-    pub fn new(literals: Vec<String>, patterns: &[String]) -> Result<Redactor, String> {
+    pub(crate) fn new(literals: Vec<String>, patterns: &[String]) -> Result<Redactor, String> {
         let patterns = patterns
             .iter()
             .map(|p| regex::Regex::new(p).map_err(|e| format!("trail.redact `{p}`: {e}")))
@@ -44,11 +44,7 @@ impl Redactor {
         Ok(Redactor { literals, patterns })
     }
 
-    pub fn text(&self, s: &str) -> String {
-        self.text_with(s, &[])
-    }
-
-    /// As `text`, with `more` literal secrets besides the redactor's own.
+    /// `s` with the redactor's secrets and `more` literal ones replaced.
     fn text_with(&self, s: &str, more: &[String]) -> String {
         let mut out = s.to_owned();
         for l in self.literals.iter().chain(more.iter().filter(|l| l.len() >= 8)) {
@@ -64,7 +60,8 @@ impl Redactor {
         out
     }
 
-    pub fn value(&self, v: &mut Value) {
+    #[cfg(test)]
+    fn value(&self, v: &mut Value) {
         self.value_with(v, &[])
     }
 
@@ -113,7 +110,7 @@ pub struct TrailWriter {
 }
 
 /// Where a writer asks for a secret that may change.
-pub type SecretSource = Box<dyn Fn() -> String + Send + Sync>;
+pub(crate) type SecretSource = Box<dyn Fn() -> String + Send + Sync>;
 
 impl TrailWriter {
     /// Opens (creating, mode 0600) the trail at `path` for appending. `literals` are secrets to

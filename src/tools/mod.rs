@@ -59,7 +59,7 @@ pub struct ToolResult {
 }
 
 /// The text the official runner puts where a tool returned nothing.
-pub const NO_OUTPUT: &str = "(no output)";
+pub(crate) const NO_OUTPUT: &str = "(no output)";
 
 impl ToolResult {
     /// A text result. An empty text reads `(no output)`, as the official runner sends it.
@@ -97,7 +97,7 @@ impl ToolResult {
 }
 
 /// The six tool names.
-pub const TOOLS: &[&str] = &["bash", "read", "write", "edit", "glob", "grep"];
+pub(crate) const TOOLS: &[&str] = &["bash", "read", "write", "edit", "glob", "grep"];
 
 /// How the file tools treat paths.
 #[derive(Debug, Clone)]
@@ -123,7 +123,7 @@ pub fn run_file_tool(ctx: &Ctx, name: &str, input: &serde_json::Value) -> ToolRe
     r.unwrap_or_else(|e| e)
 }
 
-pub fn unknown_tool(name: &str) -> String {
+pub(crate) fn unknown_tool(name: &str) -> String {
     match crate::util::nearest(name, TOOLS.iter().copied()) {
         Some(s) => format!("Unknown tool `{name}` (did you mean `{s}`?); tools: bash, read, write, edit, glob, grep"),
         None => format!("Unknown tool `{name}`; tools: bash, read, write, edit, glob, grep"),

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 
 use crate::control_plane::Secret;
 
-pub const ENV_KEY_VAR: &str = "ANTHROPIC_ENVIRONMENT_KEY";
+pub(crate) const ENV_KEY_VAR: &str = "ANTHROPIC_ENVIRONMENT_KEY";
 pub const ORG_KEY_VAR: &str = "ANTHROPIC_API_KEY";
 /// A claimed work item's secret, as `ant beta:worker poll --on-work` hands it on.
 pub const WORK_SECRET_VAR: &str = "ANTHROPIC_WORK_SECRET";
@@ -67,7 +67,7 @@ fn read_key_file(p: &Path, check_mode: bool) -> Result<Secret, KeyError> {
 
 /// The key as its file or credential holds it now, for a rotation; `None` for a key that came
 /// from the command line or the environment, which cannot change.
-pub fn reread(source: &KeySource) -> Option<Result<Secret, KeyError>> {
+pub(crate) fn reread(source: &KeySource) -> Option<Result<Secret, KeyError>> {
     match source {
         KeySource::File(p) => Some(read_key_file(p, true)),
         KeySource::Credential(p) => Some(read_key_file(p, false)),

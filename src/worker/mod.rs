@@ -147,7 +147,7 @@ pub(crate) struct Ctx {
 
 /// The default cap on one posted result: room for the largest block a tool returns (a 20 MiB PDF
 /// is about 27 MiB in base64).
-pub const DEFAULT_MAX_RESULT: usize = 32 << 20;
+pub(crate) const DEFAULT_MAX_RESULT: usize = 32 << 20;
 
 /// How often the worker removes the cgroups that killed session processes left.
 const STALE_SWEEP_EVERY: Duration = Duration::from_secs(60);
