@@ -360,47 +360,13 @@ const KEY_CHECK_EVERY: Duration = Duration::from_secs(5);
 /// Runs until `shutdown` leaves `Running` and every session has been wound down.
 pub async fn run(cfg: WorkerConfig, mut shutdown: watch::Receiver<Shutdown>) -> Result<(), WorkerError> {
     let ctx = context(&cfg).await?;
-    // Items follow `inner`, which mirrors the caller's signal and can escalate on its own when
-    // the shutdown timeout passes.
-    let (inner_tx, inner) = watch::channel(*shutdown.borrow());
-    let inner_tx = Arc::new(inner_tx);
-    {
-        let (mut outer, tx) = (shutdown.clone(), inner_tx.clone());
-        tokio::spawn(async move {
-            while outer.changed().await.is_ok() {
-                let s = *outer.borrow();
-                tx.send_if_modified(|cur| {
-                    let up = (*cur == Shutdown::Running) || (s == Shutdown::Force && *cur != Shutdown::Force);
-                    if up {
-                        *cur = s;
-                    }
-                    up
-                });
-            }
-        });
-    }
+    let (inner_tx, inner) = mirror_shutdown(&shutdown);
     if ctx.key_source.as_ref().is_some_and(|s| key::reread(s).is_some()) {
         tokio::spawn(watch_key(ctx.clone(), shutdown.clone()));
     }
     let slots = Arc::new(Semaphore::new(cfg.max_sessions.max(1)));
     let mut tasks = tokio::task::JoinSet::new();
-
-    // Items a previous run held: resumed when the lease still continues from the last
-    // heartbeat that run recorded (a 412 means it is someone else's now).
-    for rec in ctx.state.held() {
-        let Some(last) = rec.last_heartbeat.clone() else {
-            tracing::info!(work_id = %rec.item.id, "an item held before a restart never had a heartbeat; left to its lease");
-            ctx.state.retire(&rec, &ctx.retention);
-            continue;
-        };
-        let permit = slots.clone().acquire_owned().await.expect("semaphore open");
-        tracing::info!(work_id = %rec.item.id, "resuming an item held before a restart");
-        let (c, s) = (ctx.clone(), inner.clone());
-        tasks.spawn(async move {
-            let _ = item::run(c, rec.item, Some(last), s).await;
-            drop(permit);
-        });
-    }
+    resume_held(&ctx, &slots, &mut tasks, &inner).await;
 
     let mut poll_attempt: u32 = 0;
     let mut ack_attempt: u32 = 0;
@@ -442,35 +408,9 @@ pub async fn run(cfg: WorkerConfig, mut shutdown: watch::Receiver<Shutdown>) -> 
                 poll_attempt = 0;
                 drained = false;
                 ctx.metrics.poll("item");
-                match ctx.client.ack(&ctx.env, &item.id).await {
-                    Ok(_) => ack_attempt = 0,
-                    Err(e) if e.is_transient() => {
-                        ack_attempt += 1;
-                        let d = sdk_backoff(ack_attempt);
-                        tracing::warn!(work_id = %item.id, error = %e, retry_ms = d.as_millis() as u64, "ack failed; backing off");
-                        pause(d, &mut shutdown).await;
-                        continue;
-                    }
-                    Err(e) => {
-                        tracing::error!(work_id = %item.id, error = %e, "ack refused; force-stopping the item");
-                        if let Err(e) = ctx.client.stop(&ctx.env, &item.id, true).await {
-                            if !matches!(e, ApiError::Conflict(_)) {
-                                tracing::error!(work_id = %item.id, error = %e, "force-stop of an unprocessable item failed");
-                            }
-                        }
-                        continue;
-                    }
-                }
-                ctx.metrics.claims.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                let Some(session) = item.session_id().map(str::to_owned) else {
-                    tracing::info!(work_id = %item.id, work_type = %item.data.kind, "not a session; stopping it");
-                    match ctx.client.stop(&ctx.env, &item.id, true).await {
-                        Ok(_) | Err(ApiError::Conflict(_)) => {}
-                        Err(e) => tracing::warn!(work_id = %item.id, error = %e, "stopping a non-session item failed"),
-                    }
+                if !claim(&ctx, &item, &mut ack_attempt, &mut shutdown).await {
                     continue;
-                };
-                tracing::info!(work_id = %item.id, session_id = %session, "claimed");
+                }
                 item::supersede(&ctx, &item.id).await;
                 if ctx.lost.lock().unwrap_or_else(|p| p.into_inner()).remove(&item.id).is_some() {
                     tracing::info!(work_id = %item.id, "handed back after a lost lease: same workspace");
@@ -512,19 +452,109 @@ pub async fn run(cfg: WorkerConfig, mut shutdown: watch::Receiver<Shutdown>) -> 
             self::pause(d, &mut shutdown).await;
         }
     }
-    // Shutting down: sessions see the same signal. Past the timeout, escalate to force.
+    wind_down(&cfg, &mut tasks, &inner_tx).await;
+    Ok(())
+}
+
+/// Items follow the returned receiver, which mirrors the caller's signal and can escalate on
+/// its own (through the returned sender) when the shutdown timeout passes.
+fn mirror_shutdown(outer: &watch::Receiver<Shutdown>) -> (Arc<watch::Sender<Shutdown>>, watch::Receiver<Shutdown>) {
+    let (inner_tx, inner) = watch::channel(*outer.borrow());
+    let inner_tx = Arc::new(inner_tx);
+    let (mut outer, tx) = (outer.clone(), inner_tx.clone());
+    tokio::spawn(async move {
+        while outer.changed().await.is_ok() {
+            let s = *outer.borrow();
+            tx.send_if_modified(|cur| {
+                let up = (*cur == Shutdown::Running) || (s == Shutdown::Force && *cur != Shutdown::Force);
+                if up {
+                    *cur = s;
+                }
+                up
+            });
+        }
+    });
+    (inner_tx, inner)
+}
+
+/// Items a previous run held: resumed when the lease still continues from the last heartbeat
+/// that run recorded (a 412 means it is someone else's now).
+async fn resume_held(
+    ctx: &Arc<Ctx>,
+    slots: &Arc<Semaphore>,
+    tasks: &mut tokio::task::JoinSet<()>,
+    inner: &watch::Receiver<Shutdown>,
+) {
+    for rec in ctx.state.held() {
+        let Some(last) = rec.last_heartbeat.clone() else {
+            tracing::info!(work_id = %rec.item.id, "an item held before a restart never had a heartbeat; left to its lease");
+            ctx.state.retire(&rec, &ctx.retention);
+            continue;
+        };
+        let permit = slots.clone().acquire_owned().await.expect("semaphore open");
+        tracing::info!(work_id = %rec.item.id, "resuming an item held before a restart");
+        let (c, s) = (ctx.clone(), inner.clone());
+        tasks.spawn(async move {
+            let _ = item::run(c, rec.item, Some(last), s).await;
+            drop(permit);
+        });
+    }
+}
+
+/// Acknowledges a polled item and says whether it is a session to run. An ack that fails for a
+/// while backs off here (the item comes back on a later poll); an item the API refuses, or one
+/// that is not a session, is force-stopped.
+async fn claim(
+    ctx: &Ctx,
+    item: &crate::control_plane::wire::WorkItem,
+    ack_attempt: &mut u32,
+    shutdown: &mut watch::Receiver<Shutdown>,
+) -> bool {
+    match ctx.client.ack(&ctx.env, &item.id).await {
+        Ok(_) => *ack_attempt = 0,
+        Err(e) if e.is_transient() => {
+            *ack_attempt += 1;
+            let d = sdk_backoff(*ack_attempt);
+            tracing::warn!(work_id = %item.id, error = %e, retry_ms = d.as_millis() as u64, "ack failed; backing off");
+            pause(d, shutdown).await;
+            return false;
+        }
+        Err(e) => {
+            tracing::error!(work_id = %item.id, error = %e, "ack refused; force-stopping the item");
+            if let Err(e) = ctx.client.stop(&ctx.env, &item.id, true).await {
+                if !matches!(e, ApiError::Conflict(_)) {
+                    tracing::error!(work_id = %item.id, error = %e, "force-stop of an unprocessable item failed");
+                }
+            }
+            return false;
+        }
+    }
+    ctx.metrics.claims.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let Some(session) = item.session_id() else {
+        tracing::info!(work_id = %item.id, work_type = %item.data.kind, "not a session; stopping it");
+        match ctx.client.stop(&ctx.env, &item.id, true).await {
+            Ok(_) | Err(ApiError::Conflict(_)) => {}
+            Err(e) => tracing::warn!(work_id = %item.id, error = %e, "stopping a non-session item failed"),
+        }
+        return false;
+    };
+    tracing::info!(work_id = %item.id, session_id = %session, "claimed");
+    true
+}
+
+/// Shutting down: sessions see the same signal. Past the timeout, escalate to force.
+async fn wind_down(cfg: &WorkerConfig, tasks: &mut tokio::task::JoinSet<()>, inner_tx: &watch::Sender<Shutdown>) {
     tracing::info!(sessions = tasks.len(), "worker stopping");
-    if tokio::time::timeout(cfg.shutdown_timeout, join_all(&mut tasks)).await.is_err() {
+    if tokio::time::timeout(cfg.shutdown_timeout, join_all(tasks)).await.is_err() {
         tracing::warn!(timeout = ?cfg.shutdown_timeout, "sessions did not stop in time; forcing");
         inner_tx.send_replace(Shutdown::Force);
-        if tokio::time::timeout(Duration::from_secs(15), join_all(&mut tasks)).await.is_err() {
+        if tokio::time::timeout(Duration::from_secs(15), join_all(tasks)).await.is_err() {
             tasks.abort_all(); // dropping a session process kills it, and its jail with it
             while tasks.join_next().await.is_some() {}
             tokio::task::spawn_blocking(crate::jail::cgroups::remove_stale_all).await.ok();
         }
     }
     tracing::info!("worker stopped");
-    Ok(())
 }
 
 /// The official poller's back-off: `min(60, 2^attempt)` seconds plus up to one second of jitter.
