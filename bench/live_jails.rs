@@ -62,7 +62,7 @@ fn main() {
     }
     let t = Instant::now();
     let n = live.len();
-    for (i, s) in live.into_iter().rev().enumerate() {
+    for (i, s) in live.into_iter().enumerate() {
         let _ = s.end();
         if (i + 1) % 50 == 0 {
             eprintln!("ended {} of {n} live sessions in {:.1} s", i + 1, t.elapsed().as_secs_f64());

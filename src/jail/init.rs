@@ -200,6 +200,9 @@ fn setup(ctx: &ChildCtx) -> Result<Option<Pid>, JailError> {
 
     let prog = resolve_program(ctx)?;
     let cwd = CString::new(mounts::WORKSPACE).expect("no NUL in a constant");
+    // Blocked before the command exists, so that neither its end nor a signal to pass on can
+    // arrive before PID 1 waits for them (an unblocked SIGCHLD is discarded).
+    let _ = nix::sys::signal::sigprocmask(SigmaskHow::SIG_BLOCK, Some(&pid1_signals()), None);
     let child = super::spawn::spawn(&prog, ctx.argv, ctx.env, &cwd)?;
     // The command has exec'd: the supervisor sees EOF once our copies are closed.
     close_raw(ctx.pipes.report_write.as_raw_fd());
@@ -264,21 +267,9 @@ fn resolve_program(ctx: &ChildCtx) -> Result<CString, JailError> {
 
 /// PID 1's loop. Returns the exit code to leave with.
 fn supervise_command(child: Pid) -> i32 {
-    let mut set = SigSet::empty();
-    set.add(Signal::SIGCHLD);
-    for s in FORWARDED {
-        set.add(*s);
-    }
-    let _ = nix::sys::signal::sigprocmask(SigmaskHow::SIG_BLOCK, Some(&set), None);
+    let set = pid1_signals();
     loop {
-        let sig = match set.wait() {
-            Ok(s) => s,
-            Err(_) => continue,
-        };
-        if sig != Signal::SIGCHLD {
-            let _ = kill(child, sig);
-            continue;
-        }
+        // Reaps every exited process (orphans of the command end up here too) before waiting.
         loop {
             match waitpid(None, Some(WaitPidFlag::WNOHANG)) {
                 Ok(WaitStatus::Exited(pid, code)) if pid == child => return code,
@@ -287,5 +278,21 @@ fn supervise_command(child: Pid) -> i32 {
                 Ok(_) => continue,
             }
         }
+        match set.wait() {
+            Ok(Signal::SIGCHLD) | Err(_) => {}
+            Ok(sig) => {
+                let _ = kill(child, sig);
+            }
+        }
     }
+}
+
+/// What PID 1 waits for: its children's ends and the signals it passes on.
+fn pid1_signals() -> SigSet {
+    let mut set = SigSet::empty();
+    set.add(Signal::SIGCHLD);
+    for s in FORWARDED {
+        set.add(*s);
+    }
+    set
 }

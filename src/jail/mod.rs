@@ -43,10 +43,13 @@ mod spawn;
 mod sync;
 pub(crate) mod uts;
 
+use nix::poll::{PollFd, PollFlags, PollTimeout};
 use nix::sys::signal::{kill, SigSet, SigmaskHow, Signal};
+use nix::sys::signalfd::{SfdFlags, SignalFd};
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
 use std::ffi::{CString, OsString};
+use std::os::fd::AsFd;
 use std::os::unix::ffi::OsStrExt;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -167,8 +170,8 @@ pub struct Jail {
     cgroup: Option<JailCgroup>,
     /// Kept open for the jail's life: the jail reads its hang-up as "the supervisor died".
     go_write: Option<std::os::fd::OwnedFd>,
-    /// The signal mask before the jail blocked SIGCHLD and the termination signals.
-    old_mask: Option<SigSet>,
+    /// The thread whose signal mask `block_signals` changed (see `FORWARDED`).
+    mask_thread: Option<std::thread::ThreadId>,
     deadline: Option<Instant>,
     pub report: Report,
     t0: Instant,
@@ -304,7 +307,7 @@ impl Jail {
             init: None,
             cgroup: None,
             go_write: None,
-            old_mask: None,
+            mask_thread: None,
             deadline: None,
             report,
             t0,
@@ -403,16 +406,22 @@ impl Jail {
         self.cgroup.as_ref().map(JailCgroup::entry).transpose()
     }
 
-    /// SIGCHLD and the termination signals are taken by `sigtimedwait` in `wait`.
+    /// The termination signals are blocked while any jail started on this thread lives, so that
+    /// `wait` reads and forwards them; the thread's mask comes back when the last of them goes,
+    /// whatever the order they end in.
     fn block_signals(&mut self) -> Result<(), JailError> {
-        let mut blocked = SigSet::empty();
-        for s in [Signal::SIGCHLD, Signal::SIGINT, Signal::SIGTERM, Signal::SIGHUP, Signal::SIGQUIT] {
-            blocked.add(s);
-        }
-        let mut old = SigSet::empty();
-        nix::sys::signal::sigprocmask(SigmaskHow::SIG_BLOCK, Some(&blocked), Some(&mut old))
-            .map_err(|e| JailError::new(Step::Supervise, format!("sigprocmask: {e}")))?;
-        self.old_mask = Some(old);
+        BLOCKING.with(|b| {
+            let mut b = b.borrow_mut();
+            if b.0 == 0 {
+                let mut old = SigSet::empty();
+                nix::sys::signal::sigprocmask(SigmaskHow::SIG_BLOCK, Some(&forwarded()), Some(&mut old))
+                    .map_err(|e| JailError::new(Step::Supervise, format!("sigprocmask: {e}")))?;
+                b.1 = Some(old);
+            }
+            b.0 += 1;
+            Ok::<_, JailError>(())
+        })?;
+        self.mask_thread = Some(std::thread::current().id());
         Ok(())
     }
 
@@ -504,8 +513,16 @@ impl Drop for Jail {
             cg.remove();
         }
         drop(self.go_write.take());
-        if let Some(old) = self.old_mask.take() {
-            let _ = nix::sys::signal::sigprocmask(SigmaskHow::SIG_SETMASK, Some(&old), None);
+        // A jail dropped on another thread leaves its starter's mask alone: no thread can set
+        // another's.
+        if self.mask_thread.take() == Some(std::thread::current().id()) {
+            BLOCKING.with(|b| {
+                let mut b = b.borrow_mut();
+                b.0 = b.0.saturating_sub(1);
+                if let (0, Some(old)) = (b.0, b.1.take()) {
+                    let _ = nix::sys::signal::sigprocmask(SigmaskHow::SIG_SETMASK, Some(&old), None);
+                }
+            });
         }
         tracing::debug!(cleanup_us = t.elapsed().as_micros() as u64, "jail torn down");
     }
@@ -542,12 +559,29 @@ impl CgroupStage {
     }
 }
 
-/// Waits for the jail's init, enforcing the deadline and forwarding termination signals.
-fn supervise(init: Pid, deadline: Option<Instant>) -> Result<Status, JailError> {
+thread_local! {
+    /// Jails started on this thread and not yet dropped, and the thread's mask before the first.
+    static BLOCKING: std::cell::RefCell<(usize, Option<SigSet>)> = const { std::cell::RefCell::new((0, None)) };
+}
+
+/// The signals `wait` forwards to the jail (as timeout(1) does), then kills it after `KILL_GRACE`.
+fn forwarded() -> SigSet {
     let mut set = SigSet::empty();
-    for s in [Signal::SIGCHLD, Signal::SIGINT, Signal::SIGTERM, Signal::SIGHUP, Signal::SIGQUIT] {
+    for s in [Signal::SIGINT, Signal::SIGTERM, Signal::SIGHUP, Signal::SIGQUIT] {
         set.add(s);
     }
+    set
+}
+
+/// Waits for the jail's init, enforcing the deadline and forwarding termination signals. The
+/// init's exit is read from a pidfd, not from SIGCHLD: a process running several jails (or a
+/// thread that does not block SIGCHLD) would lose the signal, and with it the jail's end.
+fn supervise(init: Pid, deadline: Option<Instant>) -> Result<Status, JailError> {
+    let exited = pidfd_open(init)?;
+    // Reads the forwarded signals when this thread blocks them (`block_signals`); never ready
+    // otherwise.
+    let signals = SignalFd::with_flags(&forwarded(), SfdFlags::SFD_CLOEXEC | SfdFlags::SFD_NONBLOCK)
+        .map_err(|e| JailError::new(Step::Supervise, format!("signalfd: {e}")))?;
     let mut kill_at: Option<Instant> = None;
     let mut timed_out = false;
     loop {
@@ -577,18 +611,34 @@ fn supervise(init: Pid, deadline: Option<Instant>) -> Result<Status, JailError> 
             }
         }
         let next = [deadline.filter(|_| !timed_out), kill_at].into_iter().flatten().min();
-        let wait = next.map(|n| n.saturating_duration_since(now)).unwrap_or(Duration::from_secs(3600));
-        match wait_signal(&set, wait) {
-            Some(sig) if sig != libc::SIGCHLD => {
-                // Termination requested: let the command handle it, then make sure.
-                if let Ok(s) = Signal::try_from(sig) {
-                    let _ = kill(init, s);
-                }
-                kill_at.get_or_insert(Instant::now() + KILL_GRACE);
+        // Rounded up to the next millisecond, so a deadline is never polled for in a busy loop.
+        let wait = next.map(|n| n.saturating_duration_since(now) + Duration::from_micros(999));
+        let timeout = wait.map_or(PollTimeout::NONE, |w| PollTimeout::try_from(w).unwrap_or(PollTimeout::MAX));
+        let mut fds = [PollFd::new(exited.as_fd(), PollFlags::POLLIN), PollFd::new(signals.as_fd(), PollFlags::POLLIN)];
+        match nix::poll::poll(&mut fds, timeout) {
+            Ok(_) | Err(nix::errno::Errno::EINTR) => {}
+            Err(e) => return Err(JailError::new(Step::Supervise, format!("poll: {e}"))),
+        }
+        while let Ok(Some(info)) = signals.read_signal() {
+            // Termination requested: let the command handle it, then make sure.
+            if let Ok(s) = Signal::try_from(info.ssi_signo as i32) {
+                let _ = kill(init, s);
             }
-            _ => {}
+            kill_at.get_or_insert(Instant::now() + KILL_GRACE);
         }
     }
+}
+
+/// A descriptor that turns readable when `pid` exits (Linux 5.3).
+fn pidfd_open(pid: Pid) -> Result<std::os::fd::OwnedFd, JailError> {
+    // SAFETY: pidfd_open takes a pid and a flags word and returns a new descriptor or -1.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid.as_raw(), 0) };
+    if fd < 0 {
+        let e = std::io::Error::last_os_error();
+        return Err(JailError::new(Step::Supervise, format!("pidfd_open: {e}")));
+    }
+    // SAFETY: the kernel just returned this descriptor and nothing else owns it.
+    Ok(unsafe { std::os::fd::FromRawFd::from_raw_fd(fd as i32) })
 }
 
 /// The init exits with the command's status; 128+N stands for death by signal N.
@@ -598,14 +648,4 @@ fn split_status(code: i32) -> Status {
     } else {
         Status::Exited(code)
     }
-}
-
-fn wait_signal(set: &SigSet, timeout: Duration) -> Option<i32> {
-    let ts = libc::timespec {
-        tv_sec: timeout.as_secs().min(i64::MAX as u64) as _,
-        tv_nsec: timeout.subsec_nanos() as libc::c_long,
-    };
-    // SAFETY: `set` is a valid sigset_t, `ts` a valid timespec, and siginfo may be NULL.
-    let r = unsafe { libc::sigtimedwait(set.as_ref(), std::ptr::null_mut(), &ts) };
-    (r > 0).then_some(r)
 }
