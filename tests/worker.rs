@@ -1415,6 +1415,44 @@ fn otlp_collector() -> (String, std::sync::Arc<std::sync::Mutex<Vec<serde_json::
     (url, got)
 }
 
+/// `trail.ship = ["stdout"]`: each record of a session's trail reaches the worker's stdout as it
+/// is written, one JSON object a line, the record whole with the session's ids added.
+#[test]
+fn trail_records_ship_to_stdout_as_json_lines() {
+    use std::io::Read;
+    let cp = Cp::start(Duration::from_secs(30));
+    let state = TempDir::new("w-state");
+    let policy = state.path().join("stdout.toml");
+    std::fs::write(&policy, "extends = \"default\"\n[trail]\nship_add = [\"stdout\"]\n").unwrap();
+    let key = cp.key_file();
+    let mut c = worker_cmd(&cp, state.path(), &["--policy", policy.to_str().unwrap()]);
+    c.arg("--environment-key-file").arg(&key).stdout(Stdio::piped());
+    let mut w = Worker { child: c.spawn().unwrap() };
+    let (s, work) = cp.session(vec![bash("sh -c 'echo hi'")]);
+    let v = cp.wait_ended(&s, Duration::from_secs(60));
+    assert!(completed(&v), "{v:#?}");
+    // A stopping worker ships what its sessions' trails still hold before it exits.
+    assert!(w.sigterm().success());
+    let mut out = String::new();
+    w.child.stdout.take().unwrap().read_to_string(&mut out).unwrap();
+
+    let trail = state.path().join("trails").join(format!("{s}-{work}.jsonl"));
+    let recs: Vec<serde_json::Value> =
+        std::fs::read_to_string(&trail).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let shipped: Vec<serde_json::Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not a JSON line on stdout: {l:?}: {e}")))
+        .collect();
+    assert_eq!(shipped.len(), recs.len(), "stdout:\n{out}");
+    for (got, rec) in shipped.iter().zip(&recs) {
+        let mut expected = rec.clone();
+        expected["session_id"] = json!(s);
+        expected["work_id"] = json!(work);
+        assert_eq!(got, &expected);
+    }
+    assert!(recs.iter().any(|r| r["event"] == "exec" && r["argv"] == json!(["sh", "-c", "echo hi"])));
+}
+
 /// The worker keeps an audit trail of each session — the calls (secrets redacted, the
 /// environment key too), every program the jail ran with its argv, the files left in outputs
 /// with their digests, start and end — ships it to an OTLP collector, counts it in its metrics,
