@@ -170,7 +170,7 @@ pub struct Jail {
     cgroup: Option<JailCgroup>,
     /// Kept open for the jail's life: the jail reads its hang-up as "the supervisor died".
     go_write: Option<std::os::fd::OwnedFd>,
-    /// The thread whose signal mask `block_signals` changed (see `FORWARDED`).
+    /// The thread whose signal mask `block_signals` changed (see `forwarded`).
     mask_thread: Option<std::thread::ThreadId>,
     deadline: Option<Instant>,
     pub report: Report,
@@ -577,11 +577,17 @@ fn forwarded() -> SigSet {
 /// init's exit is read from a pidfd, not from SIGCHLD: a process running several jails (or a
 /// thread that does not block SIGCHLD) would lose the signal, and with it the jail's end.
 fn supervise(init: Pid, deadline: Option<Instant>) -> Result<Status, JailError> {
-    let exited = pidfd_open(init)?;
+    // Until it is reaped below, the init's pid cannot be reused: killing by pid is safe here.
+    let give_up = |e: JailError| {
+        let _ = kill(init, Signal::SIGKILL);
+        let _ = waitpid(init, None);
+        e
+    };
+    let exited = pidfd_open(init).map_err(give_up)?;
     // Reads the forwarded signals when this thread blocks them (`block_signals`); never ready
     // otherwise.
     let signals = SignalFd::with_flags(&forwarded(), SfdFlags::SFD_CLOEXEC | SfdFlags::SFD_NONBLOCK)
-        .map_err(|e| JailError::new(Step::Supervise, format!("signalfd: {e}")))?;
+        .map_err(|e| give_up(JailError::new(Step::Supervise, format!("signalfd: {e}"))))?;
     let mut kill_at: Option<Instant> = None;
     let mut timed_out = false;
     loop {
@@ -617,7 +623,7 @@ fn supervise(init: Pid, deadline: Option<Instant>) -> Result<Status, JailError> 
         let mut fds = [PollFd::new(exited.as_fd(), PollFlags::POLLIN), PollFd::new(signals.as_fd(), PollFlags::POLLIN)];
         match nix::poll::poll(&mut fds, timeout) {
             Ok(_) | Err(nix::errno::Errno::EINTR) => {}
-            Err(e) => return Err(JailError::new(Step::Supervise, format!("poll: {e}"))),
+            Err(e) => return Err(give_up(JailError::new(Step::Supervise, format!("poll: {e}")))),
         }
         while let Ok(Some(info)) = signals.read_signal() {
             // Termination requested: let the command handle it, then make sure.
