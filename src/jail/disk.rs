@@ -207,8 +207,9 @@ fn attach_loop(image: &Path) -> Result<(PathBuf, OwnedFd), DiskError> {
     let err = |m: String| DiskError::Loop(image.into(), m);
     let backing = std::fs::OpenOptions::new().read(true).write(true).open(image).map_err(|e| err(e.to_string()))?;
     let ctl = open("/dev/loop-control", libc::O_RDWR).map_err(|e| err(format!("/dev/loop-control: {e}")))?;
-    // Another process may take the free device between the two calls: try again.
-    for _ in 0..16 {
+    // Another session may take the free device between the two calls; when many start at once,
+    // each round leaves one of them a device, so the rest try again after a short random pause.
+    for _ in 0..LOOP_TRIES {
         // SAFETY: LOOP_CTL_GET_FREE takes no argument and returns a device number.
         let n = unsafe { libc::ioctl(ctl.as_raw_fd(), LOOP_CTL_GET_FREE as _) };
         if n < 0 {
@@ -229,6 +230,55 @@ fn attach_loop(image: &Path) -> Result<(PathBuf, OwnedFd), DiskError> {
         if e.raw_os_error() != Some(libc::EBUSY) {
             return Err(err(format!("LOOP_CONFIGURE {path}: {e}")));
         }
+        std::thread::sleep(std::time::Duration::from_micros(fastrand::u64(50..=1000)));
     }
-    Err(err("no free loop device after 16 tries".into()))
+    Err(err(format!("no free loop device after {LOOP_TRIES} tries")))
+}
+
+/// Attempts at a free loop device: enough for hundreds of sessions starting at once.
+const LOOP_TRIES: usize = 512;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Sessions starting together race for the lowest free loop device; every one of them gets
+    /// one (sixteen tries, once the bound here, lost this race to twenty concurrent sessions).
+    #[test]
+    fn concurrent_attaches_all_get_a_device() {
+        if !nix::unistd::geteuid().is_root() || !Path::new("/dev/loop-control").exists() {
+            eprintln!("skipped: needs root and /dev/loop-control");
+            return;
+        }
+        let dir = std::env::temp_dir().join(format!("stockade-loop-race-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        const N: usize = 40;
+        let images: Vec<PathBuf> = (0..N)
+            .map(|i| {
+                let p = dir.join(format!("{i}.img"));
+                std::fs::File::create(&p).unwrap().set_len(1 << 20).unwrap();
+                p
+            })
+            .collect();
+        let start = std::sync::Barrier::new(N);
+        let results: Vec<Result<(PathBuf, OwnedFd), DiskError>> = std::thread::scope(|s| {
+            let handles: Vec<_> = images
+                .iter()
+                .map(|img| {
+                    let start = &start;
+                    s.spawn(move || {
+                        start.wait();
+                        attach_loop(img)
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        let devices: std::collections::BTreeSet<PathBuf> =
+            results.iter().map(|r| r.as_ref().map(|(p, _)| p.clone()).map_err(|e| e.to_string()).unwrap()).collect();
+        assert_eq!(devices.len(), N, "two images on one device");
+        // Closing the last descriptor of an autoclear device detaches it.
+        drop(results);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }
