@@ -29,56 +29,81 @@ pub(crate) fn nearest<'a>(word: &str, candidates: impl IntoIterator<Item = &'a s
         .map(|(_, c)| c)
 }
 
+/// A size, duration or timestamp that does not read; the message quotes the text as given.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ValueError {
+    #[error("invalid size `{0}` (expected e.g. 512M, 1G)")]
+    Size(String),
+    #[error("invalid size unit in `{0}` (use K, M, G or T)")]
+    SizeUnit(String),
+    #[error("size `{0}` out of range")]
+    SizeRange(String),
+    #[error("empty duration")]
+    EmptyDuration,
+    #[error("invalid duration `{0}` (expected e.g. 30s, 5m, 1h)")]
+    Duration(String),
+    #[error("invalid duration unit `{unit}` in `{text}` (use ms, s, m, h, d)")]
+    DurationUnit { text: String, unit: String },
+    #[error("duration `{0}` out of range")]
+    DurationRange(String),
+    #[error("invalid RFC 3339 timestamp `{0}`")]
+    Timestamp(String),
+}
+
 /// Parses `512`, `64K`, `256M`, `1G`, `1.5G`, `2GiB` (binary units) into bytes.
-pub fn parse_size(s: &str) -> Result<u64, String> {
+pub fn parse_size(s: &str) -> Result<u64, ValueError> {
     let t = s.trim();
     let split = t.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(t.len());
     let (num, unit) = t.split_at(split);
-    let n: f64 = num.parse().map_err(|_| format!("invalid size `{s}` (expected e.g. 512M, 1G)"))?;
+    let n: f64 = num.parse().map_err(|_| ValueError::Size(s.to_owned()))?;
     let mult: u64 = match unit.trim().to_ascii_uppercase().as_str() {
         "" | "B" => 1,
         "K" | "KB" | "KIB" => 1 << 10,
         "M" | "MB" | "MIB" => 1 << 20,
         "G" | "GB" | "GIB" => 1 << 30,
         "T" | "TB" | "TIB" => 1 << 40,
-        _ => return Err(format!("invalid size unit in `{s}` (use K, M, G or T)")),
+        _ => return Err(ValueError::SizeUnit(s.to_owned())),
     };
     let bytes = n * mult as f64;
     if !bytes.is_finite() || bytes < 0.0 || bytes > u64::MAX as f64 {
-        return Err(format!("size `{s}` out of range"));
+        return Err(ValueError::SizeRange(s.to_owned()));
     }
     Ok(bytes as u64)
 }
 
-/// Parses `90`, `90s`, `1500ms`, `30m`, `2h`, `1h30m`, `7d` into a duration.
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
+/// Parses `90`, `90s`, `1500ms`, `30m`, `2h`, `1h30m`, `7d` into a duration. Text from outside
+/// (a session's metadata, a policy) may be hostile: a sum too large for a `Duration` is an
+/// error, not an overflow.
+pub fn parse_duration(s: &str) -> Result<Duration, ValueError> {
     let t = s.trim();
     if t.is_empty() {
-        return Err("empty duration".into());
+        return Err(ValueError::EmptyDuration);
     }
     if let Ok(secs) = t.parse::<u64>() {
         return Ok(Duration::from_secs(secs));
     }
+    let range = || ValueError::DurationRange(s.to_owned());
     let mut total = Duration::ZERO;
     let mut rest = t;
     while !rest.is_empty() {
         let d = rest.find(|c: char| !c.is_ascii_digit()).unwrap_or(rest.len());
         if d == 0 {
-            return Err(format!("invalid duration `{s}` (expected e.g. 30s, 5m, 1h)"));
+            return Err(ValueError::Duration(s.to_owned()));
         }
-        let n: u64 = rest[..d].parse().map_err(|_| format!("invalid duration `{s}`"))?;
+        let n: u64 = rest[..d].parse().map_err(|_| range())?;
         rest = &rest[d..];
         let u = rest.find(|c: char| c.is_ascii_digit()).unwrap_or(rest.len());
         let unit = &rest[..u];
         rest = &rest[u..];
-        total += match unit {
-            "ms" => Duration::from_millis(n),
-            "s" | "" => Duration::from_secs(n),
-            "m" | "min" => Duration::from_secs(n * 60),
-            "h" => Duration::from_secs(n * 3600),
-            "d" => Duration::from_secs(n * 86_400),
-            _ => return Err(format!("invalid duration unit `{unit}` in `{s}` (use ms, s, m, h, d)")),
+        let part = match unit {
+            "ms" => Some(Duration::from_millis(n)),
+            "s" | "" => Some(Duration::from_secs(n)),
+            "m" | "min" => n.checked_mul(60).map(Duration::from_secs),
+            "h" => n.checked_mul(3600).map(Duration::from_secs),
+            "d" => n.checked_mul(86_400).map(Duration::from_secs),
+            _ => return Err(ValueError::DurationUnit { text: s.to_owned(), unit: unit.to_owned() }),
         };
+        total = part.and_then(|p| total.checked_add(p)).ok_or_else(range)?;
     }
     Ok(total)
 }
@@ -133,8 +158,8 @@ pub(crate) fn rfc3339(t: std::time::SystemTime) -> String {
 }
 
 /// Parses an RFC 3339 timestamp (`Z` or a numeric offset, optional fraction).
-pub fn parse_rfc3339(s: &str) -> Result<std::time::SystemTime, String> {
-    let bad = || format!("invalid RFC 3339 timestamp `{s}`");
+pub fn parse_rfc3339(s: &str) -> Result<std::time::SystemTime, ValueError> {
+    let bad = || ValueError::Timestamp(s.to_owned());
     let b = s.as_bytes();
     if b.len() < 20 || b[4] != b'-' || b[7] != b'-' || !matches!(b[10], b'T' | b't' | b' ') {
         return Err(bad());
@@ -269,6 +294,24 @@ mod tests {
         assert_eq!(format_duration(Duration::from_secs(2 * 86_400)), "2d");
         assert!(parse_duration("5x").is_err());
         assert_eq!(format_duration(Duration::from_secs(1800)), "30m");
+    }
+
+    #[test]
+    fn values_too_large_for_a_duration_are_refused_with_the_text() {
+        // Each of these overflowed: a panic in the sum, a silent wrap in the multiplication.
+        for s in ["18446744073709551615s1s", "999999999999999999d", "307445734561825861m", "99999999999999999999999s"] {
+            assert_eq!(parse_duration(s), Err(ValueError::DurationRange(s.to_owned())), "{s}");
+        }
+        assert_eq!(parse_duration("213503982334601d").unwrap(), Duration::from_secs(213_503_982_334_601 * 86_400));
+        assert_eq!(
+            parse_duration("5x").unwrap_err().to_string(),
+            "invalid duration unit `x` in `5x` (use ms, s, m, h, d)"
+        );
+        assert_eq!(parse_duration(" ").unwrap_err().to_string(), "empty duration");
+        assert_eq!(parse_size("12X").unwrap_err().to_string(), "invalid size unit in `12X` (use K, M, G or T)");
+        assert_eq!(parse_size("1e400").unwrap_err().to_string(), "invalid size unit in `1e400` (use K, M, G or T)");
+        assert_eq!(parse_size("99999999999T").unwrap_err().to_string(), "size `99999999999T` out of range");
+        assert_eq!(parse_rfc3339("yesterday").unwrap_err().to_string(), "invalid RFC 3339 timestamp `yesterday`");
     }
 
     #[test]

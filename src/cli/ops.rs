@@ -17,11 +17,11 @@ use stockade::worker::{self, key, Shutdown, WorkerConfig};
 
 use super::{fail, usage, LogFormat};
 
-fn duration(s: &str) -> Result<Duration, String> {
+fn duration(s: &str) -> Result<Duration, stockade::util::ValueError> {
     parse_duration(s)
 }
 
-fn size(s: &str) -> Result<u64, String> {
+fn size(s: &str) -> Result<u64, stockade::util::ValueError> {
     stockade::util::parse_size(s)
 }
 

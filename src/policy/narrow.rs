@@ -61,13 +61,17 @@ pub fn apply(p: &mut Policy, n: &Narrowing) -> Result<Vec<String>, NarrowError> 
     let field = |f: &'static str, reason: String| NarrowError { field: Some(f), reason };
     if let Some(m) = n.network {
         if m > p.network.mode {
-            kept.push(format!("network {m:?} asked, policy allows only {:?}", p.network.mode));
+            kept.push(format!(
+                "network {} asked, policy allows only {}",
+                crate::policy::spelling(&m),
+                crate::policy::spelling(&p.network.mode)
+            ));
         } else {
             p.network.mode = m;
         }
     }
     if let Some(s) = &n.memory {
-        let req = parse_size(s).map_err(|e| field("memory", e))?;
+        let req = parse_size(s).map_err(|e| field("memory", e.to_string()))?;
         let (v, wider) = tighter(p.limits.memory.map(|m| m.0), req);
         if wider {
             kept.push(format!("memory {s} asked, policy allows {}", format_size(v.unwrap_or(0))));
@@ -95,7 +99,7 @@ pub fn apply(p: &mut Policy, n: &Narrowing) -> Result<Vec<String>, NarrowError> 
         p.limits.cpu = v;
     }
     if let Some(s) = &n.timeout {
-        let req = parse_duration(s).map_err(|e| field("timeout", e))?;
+        let req = parse_duration(s).map_err(|e| field("timeout", e.to_string()))?;
         if req.is_zero() {
             return Err(field("timeout", "must be greater than zero".into()));
         }
@@ -106,7 +110,7 @@ pub fn apply(p: &mut Policy, n: &Narrowing) -> Result<Vec<String>, NarrowError> 
         p.limits.timeout = v.map(Dur);
     }
     if let Some(s) = &n.tmp_size {
-        let req = parse_size(s).map_err(|e| field("tmp_size", e))?;
+        let req = parse_size(s).map_err(|e| field("tmp_size", e.to_string()))?;
         if req > p.limits.tmp_size.0 {
             kept.push(format!("tmp_size {s} asked, policy allows {}", format_size(p.limits.tmp_size.0)));
         } else {
@@ -144,12 +148,26 @@ mod tests {
         let s0 = strict.clone();
         let kept = apply(&mut strict, &Narrowing { network: Some(NetMode::Veth), ..Default::default() }).unwrap();
         assert_eq!(strict.network.mode, s0.network.mode);
-        assert_eq!(kept.len(), 1);
+        // In the policy file's words, as the session's note shows them.
+        assert_eq!(kept, ["network veth asked, policy allows only none"]);
 
         let e = Narrowing::from_json(&serde_json::json!({"netwrok": "none"})).unwrap_err();
         assert!(e.field.is_none() && e.reason.contains("netwrok"), "{e}");
         let e = apply(&mut p, &Narrowing { memory: Some("lots".into()), ..Default::default() }).unwrap_err();
         assert_eq!(e.field, Some("memory"));
         assert!(e.to_string().starts_with("metadata stockade_narrow.memory: "), "{e}");
+    }
+
+    #[test]
+    fn a_timeout_too_large_to_represent_is_refused_not_a_crash() {
+        let (mut p, _) = crate::policy::load_builtin("default").unwrap();
+        let before = p.clone();
+        for t in ["18446744073709551615s1s", "999999999999999999d"] {
+            let n = Narrowing::from_json(&serde_json::json!({ "timeout": t })).unwrap();
+            let e = apply(&mut p, &n).unwrap_err();
+            assert_eq!(e.field, Some("timeout"));
+            assert_eq!(e.to_string(), format!("metadata stockade_narrow.timeout: duration `{t}` out of range"));
+        }
+        assert_eq!(p.limits.timeout, before.limits.timeout);
     }
 }

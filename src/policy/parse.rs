@@ -545,13 +545,13 @@ fn limits(raw: LimitsRaw, bad: &Bad) -> Result<Limits, PolicyError> {
         match v {
             None => Ok(None),
             Some(NumOrStr::Num(n)) => Ok(Some(Size(n))),
-            Some(NumOrStr::Str(s)) => parse_size(&s).map(|n| Some(Size(n))).map_err(|m| bad(key, m)),
+            Some(NumOrStr::Str(s)) => parse_size(&s).map(|n| Some(Size(n))).map_err(|e| bad(key, e.to_string())),
         }
     };
     let timeout = match raw.timeout {
         None => None,
         Some(NumOrStr::Num(n)) => Some(Dur(std::time::Duration::from_secs(n))),
-        Some(NumOrStr::Str(s)) => Some(Dur(parse_duration(&s).map_err(|m| bad("limits.timeout", m))?)),
+        Some(NumOrStr::Str(s)) => Some(Dur(parse_duration(&s).map_err(|e| bad("limits.timeout", e.to_string()))?)),
     };
     let limits = Limits {
         memory: size("limits.memory", raw.memory)?,
@@ -721,7 +721,7 @@ fn trail(raw: TrailRaw, bad: &Bad) -> Result<Trail, PolicyError> {
     let max_size = match raw.max_size {
         None => Size(64 << 20),
         Some(NumOrStr::Num(n)) => Size(n),
-        Some(NumOrStr::Str(s)) => Size(parse_size(&s).map_err(|e| bad("trail.max_size", e))?),
+        Some(NumOrStr::Str(s)) => Size(parse_size(&s).map_err(|e| bad("trail.max_size", e.to_string()))?),
     };
     if max_size.0 < 64 << 10 {
         return Err(bad("trail.max_size", format!("{} is below the minimum, 64K", format_size(max_size.0))));
@@ -790,7 +790,7 @@ fn provision(raw: ProvisionRaw, bad: &Bad) -> Result<Provision, PolicyError> {
     let timeout = match raw.timeout {
         None => Dur(std::time::Duration::from_secs(600)),
         Some(NumOrStr::Num(n)) => Dur(std::time::Duration::from_secs(n)),
-        Some(NumOrStr::Str(s)) => Dur(parse_duration(&s).map_err(|e| bad("provision.timeout", e))?),
+        Some(NumOrStr::Str(s)) => Dur(parse_duration(&s).map_err(|e| bad("provision.timeout", e.to_string()))?),
     };
     let git_allow = raw.git_allow.unwrap_or_default();
     for u in &git_allow {
