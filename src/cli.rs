@@ -715,8 +715,9 @@ fn cmd_probe(a: ProbeArgs) -> i32 {
         Err(e) => return fail(format!("locating the stockade binary: {e}")),
     };
     // Input errors first: they get the usage status, a battery that could not run gets 1.
-    if let Err(e) =
-        policy::load(a.policy.as_deref()).map_err(|e| e.to_string()).and_then(|_| harness::check_only(&a.only))
+    if let Err(e) = policy::load(a.policy.as_deref())
+        .map_err(harness::HarnessError::from)
+        .and_then(|_| harness::check_only(&a.only))
     {
         return usage(e);
     }

@@ -109,7 +109,7 @@ fn junit_has_one_testcase_per_check_and_failures_for_weakenings() {
     let findings = json(&["default"])[0]["findings"].as_array().unwrap().len();
     assert_eq!(out.matches("<testcase ").count(), 2 * findings);
     assert_eq!(out.matches("<failure ").count(), 1, "{out}");
-    assert!(out.contains("name=\"capabilities\">\n      <failure type=\"Fail\" message=\"keeps SYS_ADMIN\">"), "{out}");
+    assert!(out.contains("name=\"capabilities\">\n      <failure type=\"fail\" message=\"keeps SYS_ADMIN\">"), "{out}");
 }
 
 #[test]

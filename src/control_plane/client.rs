@@ -21,18 +21,22 @@ pub enum ApiError {
     /// 409: the item is already stopped, or not in a state the call applies to.
     #[error("conflict: {0}")]
     Conflict(String),
-    #[error("rate limited (retry after {retry_after:?})")]
+    #[error("rate limited{}", retry_hint(*.retry_after))]
     RateLimited { retry_after: Option<Duration> },
     #[error("server error {status}: {message}")]
     Server { status: u16, message: String },
     #[error("request rejected ({status}): {message}")]
     Rejected { status: u16, message: String },
-    #[error("timed out after {0:?}")]
+    #[error("timed out after {}", crate::util::format_duration(*.0))]
     Timeout(Duration),
     #[error("connection failed: {0}")]
     Connect(String),
     #[error("malformed response to {what}: {detail}")]
     Malformed { what: String, detail: String },
+}
+
+fn retry_hint(after: Option<Duration>) -> String {
+    after.map(|d| format!(" (retry after {})", crate::util::format_duration(d))).unwrap_or_default()
 }
 
 impl ApiError {
@@ -583,6 +587,9 @@ mod tests {
         }
         let e = ApiError::RateLimited { retry_after: Some(Duration::from_secs(30)) };
         assert!(b.delay_for(&e) >= Duration::from_secs(30));
+        assert_eq!(e.to_string(), "rate limited (retry after 30s)");
+        assert_eq!(ApiError::RateLimited { retry_after: None }.to_string(), "rate limited");
+        assert_eq!(ApiError::Timeout(Duration::from_millis(2500)).to_string(), "timed out after 2500ms");
     }
 
     #[test]

@@ -57,36 +57,70 @@ pub struct ScriptStep {
     pub confirm: Option<String>,
 }
 
+/// What the local control plane refuses: a script or session it cannot run, an unknown id, a
+/// state file it cannot read.
+#[derive(Debug, thiserror::Error)]
+pub enum LocalError {
+    #[error("{}: {source}", path.display())]
+    StateRead { path: PathBuf, source: std::io::Error },
+    #[error("{}: {source}", path.display())]
+    StateFormat { path: PathBuf, source: serde_json::Error },
+    /// A script step (by its tool's name) whose permission settings do not fit together.
+    #[error("{tool}: {reason}")]
+    Step { tool: String, reason: String },
+    /// A line of a JSON-lines script, `source:line: ...`.
+    #[error("{script}:{line}: {error}")]
+    ScriptLine { script: String, line: usize, error: Box<LocalError> },
+    #[error("{script}:{line}: {error}")]
+    ScriptJson { script: String, line: usize, error: serde_json::Error },
+    #[error("{}the script has no tool calls", .0.as_deref().map(|s| format!("{s}: ")).unwrap_or_default())]
+    EmptyScript(Option<String>),
+    #[error("no environment {0:?}")]
+    NoEnvironment(String),
+    #[error("no session {0:?}")]
+    NoSession(String),
+    #[error("skill {name:?}: archive_base64: {source}")]
+    SkillArchive { name: String, source: base64::DecodeError },
+}
+
 impl ScriptStep {
     pub fn call(name: &str, input: Value) -> ScriptStep {
         ScriptStep { id: None, name: name.into(), input, end_session: false, permission: None, confirm: None }
     }
 
-    fn check(&self) -> Result<(), String> {
-        match self.permission.as_deref() {
-            None | Some("allow" | "deny") => {}
-            Some("ask") if matches!(self.confirm.as_deref(), Some("allow" | "deny")) => {}
-            Some("ask") => return Err(format!("{}: \"ask\" needs \"confirm\": \"allow\" or \"deny\"", self.name)),
-            Some(p) => return Err(format!("{}: permission {p:?} is not one of allow, ask, deny", self.name)),
-        }
-        Ok(())
+    fn check(&self) -> Result<(), LocalError> {
+        let reason = match self.permission.as_deref() {
+            None | Some("allow" | "deny") => return Ok(()),
+            Some("ask") if matches!(self.confirm.as_deref(), Some("allow" | "deny")) => return Ok(()),
+            Some("ask") => "\"ask\" needs \"confirm\": \"allow\" or \"deny\"".to_owned(),
+            Some(p) => format!("permission {p:?} is not one of allow, ask, deny"),
+        };
+        Err(LocalError::Step { tool: self.name.clone(), reason })
     }
 }
 
 /// Parses a JSON-lines script; blank lines and lines starting with `#` are skipped.
-pub fn parse_script(text: &str, source: &str) -> Result<Vec<ScriptStep>, String> {
+pub fn parse_script(text: &str, source: &str) -> Result<Vec<ScriptStep>, LocalError> {
     let mut steps = Vec::new();
     for (n, line) in text.lines().enumerate() {
         let l = line.trim();
         if l.is_empty() || l.starts_with('#') {
             continue;
         }
-        let step: ScriptStep = serde_json::from_str(l).map_err(|e| format!("{source}:{}: {e}", n + 1))?;
-        step.check().map_err(|e| format!("{source}:{}: {e}", n + 1))?;
+        let step: ScriptStep = serde_json::from_str(l).map_err(|error| LocalError::ScriptJson {
+            script: source.to_owned(),
+            line: n + 1,
+            error,
+        })?;
+        step.check().map_err(|e| LocalError::ScriptLine {
+            script: source.to_owned(),
+            line: n + 1,
+            error: Box::new(e),
+        })?;
         steps.push(step);
     }
     if steps.is_empty() {
-        return Err(format!("{source}: the script has no tool calls"));
+        return Err(LocalError::EmptyScript(Some(source.to_owned())));
     }
     Ok(steps)
 }
@@ -686,11 +720,13 @@ fn credential_of(db: &Db, h: &HeaderMap) -> String {
 
 impl LocalControlPlane {
     /// Loads the state file when there is one; makes sure the default environment exists.
-    pub fn new(cfg: LocalConfig) -> Result<LocalControlPlane, String> {
+    pub fn new(cfg: LocalConfig) -> Result<LocalControlPlane, LocalError> {
         let mut db = match &cfg.state_file {
             Some(f) if f.exists() => {
-                let text = std::fs::read_to_string(f).map_err(|e| format!("{}: {e}", f.display()))?;
-                serde_json::from_str::<Db>(&text).map_err(|e| format!("{}: {e}", f.display()))?
+                let text =
+                    std::fs::read_to_string(f).map_err(|source| LocalError::StateRead { path: f.clone(), source })?;
+                serde_json::from_str::<Db>(&text)
+                    .map_err(|source| LocalError::StateFormat { path: f.clone(), source })?
             }
             _ => Db::default(),
         };
@@ -857,16 +893,16 @@ impl LocalControlPlane {
     }
 
     /// Creates a scripted session and queues its work item (also used in-process by the demo).
-    pub fn create_session(&self, req: CreateSession) -> Result<CreatedSession, String> {
+    pub fn create_session(&self, req: CreateSession) -> Result<CreatedSession, LocalError> {
         if req.script.is_empty() {
-            return Err("the script has no tool calls".into());
+            return Err(LocalError::EmptyScript(None));
         }
         for s in &req.script {
             s.check()?;
         }
         let mut db = self.db();
         if !db.envs.contains_key(&req.environment_id) {
-            return Err(format!("no environment {:?}", req.environment_id));
+            return Err(LocalError::NoEnvironment(req.environment_id));
         }
         let session_id = db.next_id("sesn");
         let work_id = db.next_id("work");
@@ -875,7 +911,7 @@ impl LocalControlPlane {
             use base64::Engine;
             base64::engine::general_purpose::STANDARD
                 .decode(&sk.archive_base64)
-                .map_err(|e| format!("skill {:?}: archive_base64: {e}", sk.name))?;
+                .map_err(|source| LocalError::SkillArchive { name: sk.name.clone(), source })?;
             let id = db.next_id("skill");
             let version_id = db.next_id("skillver");
             db.skills.insert(
@@ -931,10 +967,10 @@ impl LocalControlPlane {
 
     /// Queues a health-check item (`data.type: healthcheck`), which a worker must stop without
     /// running anything; returns its id.
-    pub fn create_healthcheck(&self, env: &str) -> Result<String, String> {
+    pub fn create_healthcheck(&self, env: &str) -> Result<String, LocalError> {
         let mut db = self.db();
         if !db.envs.contains_key(env) {
-            return Err(format!("no environment {env:?}"));
+            return Err(LocalError::NoEnvironment(env.to_owned()));
         }
         let id = db.next_id("work");
         let probe = db.next_id("hc");
@@ -947,10 +983,10 @@ impl LocalControlPlane {
 
     /// Appends a raw event to a session, as the real service may send types and shapes this
     /// worker does not know (tests).
-    pub fn push_raw_event(&self, session: &str, event: Value) -> Result<(), String> {
+    pub fn push_raw_event(&self, session: &str, event: Value) -> Result<(), LocalError> {
         let mut db = self.db();
         if !db.sessions.contains_key(session) {
-            return Err(format!("no session {session:?}"));
+            return Err(LocalError::NoSession(session.to_owned()));
         }
         db.push_event(session, event);
         drop(db);
@@ -1697,7 +1733,7 @@ async fn create_session(
     Json(req): Json<CreateSession>,
 ) -> ApiResult<Json<CreatedSession>> {
     authorize(&cp.db(), &h, Need::Org)?;
-    cp.create_session(req).map(Json).map_err(invalid)
+    cp.create_session(req).map(Json).map_err(|e| invalid(e.to_string()))
 }
 
 async fn show_session(
@@ -1798,9 +1834,14 @@ mod tests {
     #[test]
     fn scripts_name_the_line_of_a_bad_step() {
         let e = parse_script("{\"name\": \"bash\"}\n{\"name\": \"bash\", \"permission\": \"ask\"}\n", "s.jsonl")
-            .unwrap_err();
+            .unwrap_err()
+            .to_string();
         assert!(e.starts_with("s.jsonl:2: bash: \"ask\" needs \"confirm\""), "{e}");
-        let e = parse_script("{\"name\": \"bash\", \"permision\": \"deny\"}\n", "s.jsonl").unwrap_err();
+        let e = parse_script("{\"name\": \"bash\", \"permision\": \"deny\"}\n", "s.jsonl").unwrap_err().to_string();
+        assert_eq!(
+            parse_script("# nothing\n\n", "s.jsonl").unwrap_err().to_string(),
+            "s.jsonl: the script has no tool calls"
+        );
         assert!(e.contains("s.jsonl:1:") && e.contains("permision"), "{e}");
     }
 }

@@ -630,8 +630,8 @@ pub fn junit(reports: &[Report]) -> String {
             } else {
                 let _ = writeln!(
                     s,
-                    ">\n      <failure type=\"{:?}\" message=\"{}\">{} {}:{}</failure>\n    </testcase>",
-                    f.verdict,
+                    ">\n      <failure type=\"{}\" message=\"{}\">{} {}:{}</failure>\n    </testcase>",
+                    crate::policy::spelling(&f.verdict),
                     xml_escape(&f.reason),
                     xml_escape(&f.field),
                     xml_escape(&f.file),

@@ -22,6 +22,26 @@ pub struct Options {
     pub exe: PathBuf,
 }
 
+/// Why the battery did not run, or its output could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum HarnessError {
+    #[error(transparent)]
+    Policy(#[from] crate::policy::PolicyError),
+    #[error("--only: no probe {name:?}{}", .nearest.map(|n| format!(" (did you mean {n}?)")).unwrap_or_default())]
+    UnknownProbe { name: String, nearest: Option<&'static str> },
+    /// A host-side target or file the battery needs (named by `what`) could not be made.
+    #[error("{what}: {source}")]
+    Setup { what: String, source: std::io::Error },
+    #[error("unreadable probe output {line:?}: {source}")]
+    Output { line: String, source: serde_json::Error },
+    #[error("the probe jail failed ({0}); see the error above")]
+    JailFailed(std::process::ExitStatus),
+}
+
+fn setup(what: impl std::fmt::Display) -> impl FnOnce(std::io::Error) -> HarnessError {
+    move |source| HarnessError::Setup { what: what.to_string(), source }
+}
+
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct Battery {
     pub policy: String,
@@ -38,23 +58,23 @@ struct Targets {
 }
 
 impl Targets {
-    fn new(policy: &crate::policy::Policy) -> Result<Targets, String> {
+    fn new(policy: &crate::policy::Policy) -> Result<Targets, HarnessError> {
         let pid = std::process::id();
         let abstract_name = format!("stockade-probe-{pid}");
         let addr = std::os::unix::net::SocketAddr::from_abstract_name(abstract_name.as_bytes())
-            .map_err(|e| format!("abstract socket name: {e}"))?;
-        let abs = std::os::unix::net::UnixListener::bind_addr(&addr).map_err(|e| format!("abstract socket: {e}"))?;
-        let tcp = std::net::TcpListener::bind("127.0.0.1:0").map_err(|e| format!("loopback listener: {e}"))?;
-        let port = tcp.local_addr().map_err(|e| e.to_string())?.port();
+            .map_err(setup("abstract socket name"))?;
+        let abs = std::os::unix::net::UnixListener::bind_addr(&addr).map_err(setup("abstract socket"))?;
+        let tcp = std::net::TcpListener::bind("127.0.0.1:0").map_err(setup("loopback listener"))?;
+        let port = tcp.local_addr().map_err(setup("loopback listener"))?.port();
         let sysv_key = 0x5354_0000 | (pid & 0xffff) as i32;
         // SAFETY: msgget with integer arguments creates a private queue the harness removes on drop.
         let sysv_id = unsafe { libc::msgget(sysv_key, libc::IPC_CREAT | 0o600) };
         if sysv_id < 0 {
-            return Err(format!("SysV queue: {}", std::io::Error::last_os_error()));
+            return Err(setup("SysV queue")(std::io::Error::last_os_error()));
         }
         let shm_name = format!("stockade-probe-{pid}");
         let shm = Path::new("/dev/shm").join(&shm_name);
-        std::fs::write(&shm, b"host shm").map_err(|e| format!("{}: {e}", shm.display()))?;
+        std::fs::write(&shm, b"host shm").map_err(setup(shm.display()))?;
         let l = &policy.limits;
         let ctx = Ctx {
             host_pid: pid,
@@ -66,7 +86,7 @@ impl Targets {
             memory_limit: l.memory.map(|m| m.0),
             tmp_size: l.tmp_size.0,
             fsize: l.fsize.map(|f| f.0),
-            network: format!("{:?}", policy.network.mode).to_lowercase(),
+            network: crate::policy::spelling(&policy.network.mode),
             startup_fds: Vec::new(),
         };
         Ok(Targets { _abstract: abs, _tcp: tcp, sysv_id, shm, ctx })
@@ -82,22 +102,19 @@ impl Drop for Targets {
 }
 
 /// The probe names of `--only`, each checked against the catalogue.
-pub fn check_only(only: &[String]) -> Result<(), String> {
+pub fn check_only(only: &[String]) -> Result<(), HarnessError> {
     let all = catalogue();
     for id in only {
         if !all.iter().any(|(i, _, _)| i == id) {
-            let near = crate::util::nearest(id, all.iter().map(|(i, _, _)| *i));
-            return Err(format!(
-                "--only: no probe {id:?}{}",
-                near.map(|n| format!(" (did you mean {n}?)")).unwrap_or_default()
-            ));
+            let nearest = crate::util::nearest(id, all.iter().map(|(i, _, _)| *i));
+            return Err(HarnessError::UnknownProbe { name: id.clone(), nearest });
         }
     }
     Ok(())
 }
 
-pub fn run(opts: &Options) -> Result<Battery, String> {
-    let (policy, _) = crate::policy::load(opts.policy.as_deref()).map_err(|e| e.to_string())?;
+pub fn run(opts: &Options) -> Result<Battery, HarnessError> {
+    let (policy, _) = crate::policy::load(opts.policy.as_deref())?;
     check_only(&opts.only)?;
     let all = catalogue();
     let ids: Vec<String> =
@@ -105,20 +122,20 @@ pub fn run(opts: &Options) -> Result<Battery, String> {
     let targets = Targets::new(&policy)?;
     // The policy under test, plus the stockade binary bound in read-only to run the battery.
     let dir = std::env::temp_dir().join(format!("stockade-probe-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    std::fs::create_dir_all(&dir).map_err(setup(dir.display()))?;
     let base = match opts.policy.as_deref() {
         None => "default".to_owned(),
         Some(p) if crate::policy::builtin_text(p).is_some() && !Path::new(p).exists() => p.to_owned(),
-        Some(p) => std::fs::canonicalize(p).map_err(|e| format!("{p}: {e}"))?.display().to_string(),
+        Some(p) => std::fs::canonicalize(p).map_err(setup(p))?.display().to_string(),
     };
-    let exe = std::fs::canonicalize(&opts.exe).map_err(|e| format!("{}: {e}", opts.exe.display()))?;
+    let exe = std::fs::canonicalize(&opts.exe).map_err(setup(opts.exe.display()))?;
     let file = dir.join("probe-policy.toml");
     let text = format!(
         "extends = {}\n[filesystem]\nread_only_add = [{}]\n",
         toml_str(&base),
         toml_str(&format!("{}:{JAILED_EXE}", exe.display()))
     );
-    std::fs::write(&file, text).map_err(|e| format!("{}: {e}", file.display()))?;
+    std::fs::write(&file, text).map_err(setup(file.display()))?;
     let ctx = serde_json::to_string(&targets.ctx).expect("serialises");
     let secret = crate::control_plane::random_token("planted-");
     let child = Command::new(&exe)
@@ -132,19 +149,19 @@ pub fn run(opts: &Options) -> Result<Battery, String> {
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .spawn()
-        .map_err(|e| format!("starting the jail: {e}"))?;
-    let out = child.wait_with_output().map_err(|e| format!("running the jail: {e}"))?;
+        .map_err(setup("starting the jail"))?;
+    let out = child.wait_with_output().map_err(setup("running the jail"))?;
     let _ = std::fs::remove_dir_all(&dir);
     drop(targets);
     let mut reports: Vec<ProbeReport> = Vec::new();
     for line in out.stdout.lines().map_while(Result::ok) {
         match serde_json::from_str::<ProbeReport>(&line) {
             Ok(r) => reports.push(r),
-            Err(e) => return Err(format!("unreadable probe output {line:?}: {e}")),
+            Err(source) => return Err(HarnessError::Output { line, source }),
         }
     }
     if reports.is_empty() && !out.status.success() {
-        return Err(format!("the probe jail failed ({}); see the error above", out.status));
+        return Err(HarnessError::JailFailed(out.status));
     }
     // A report for every probe asked for, even if the battery died part-way.
     for (id, cat, what) in all.iter().filter(|(i, _, _)| ids.iter().any(|x| x == i)) {

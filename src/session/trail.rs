@@ -24,6 +24,17 @@ use crate::policy::{OnFull, Trail as TrailPolicy};
 /// What replaces a secret.
 pub const REDACTED: &str = "[REDACTED]";
 
+/// Why a trail cannot be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum TrailError {
+    #[error("trail {}: {source}", path.display())]
+    Open { path: std::path::PathBuf, source: std::io::Error },
+    /// A `trail.redact` pattern that reads as a regular expression but does not compile (its
+    /// compiled size exceeds the regex crate's limit).
+    #[error("trail.redact `{pattern}`: {source}")]
+    Pattern { pattern: String, source: regex::Error },
+}
+
 /// Replaces secrets in text: literal values first, then the policy's patterns.
 #[derive(Debug, Clone)]
 pub(crate) struct Redactor {
@@ -34,10 +45,10 @@ pub(crate) struct Redactor {
 impl Redactor {
     /// `patterns` were checked when the policy was read; one that still fails to compile (a
     /// size limit) is an error rather than a pattern silently skipped.
-    pub(crate) fn new(literals: Vec<String>, patterns: &[String]) -> Result<Redactor, String> {
+    pub(crate) fn new(literals: Vec<String>, patterns: &[String]) -> Result<Redactor, TrailError> {
         let patterns = patterns
             .iter()
-            .map(|p| regex::Regex::new(p).map_err(|e| format!("trail.redact `{p}`: {e}")))
+            .map(|p| regex::Regex::new(p).map_err(|source| TrailError::Pattern { pattern: p.clone(), source }))
             .collect::<Result<_, _>>()?;
         // Short literals would redact ordinary words; a credential is never this short.
         let literals = literals.into_iter().filter(|l| l.len() >= 8).collect();
@@ -115,7 +126,7 @@ pub(crate) type SecretSource = Box<dyn Fn() -> String + Send + Sync>;
 impl TrailWriter {
     /// Opens (creating, mode 0600) the trail at `path` for appending. `literals` are secrets to
     /// redact wherever they appear (the environment key, the work item's secret).
-    pub fn open(path: &Path, policy: &TrailPolicy, literals: Vec<String>) -> Result<TrailWriter, String> {
+    pub fn open(path: &Path, policy: &TrailPolicy, literals: Vec<String>) -> Result<TrailWriter, TrailError> {
         let file = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -123,7 +134,7 @@ impl TrailWriter {
             .mode(0o600)
             .custom_flags(libc::O_CLOEXEC | libc::O_NOFOLLOW)
             .open(path)
-            .map_err(|e| format!("trail {}: {e}", path.display()))?;
+            .map_err(|source| TrailError::Open { path: path.to_owned(), source })?;
         Ok(TrailWriter {
             file: Mutex::new(file),
             max: policy.max_size.0,
@@ -326,6 +337,26 @@ mod tests {
         assert!(!s.contains("sk-ant-api03"), "{s}");
         assert!(s.contains("rest") && s.contains("short"), "{s}");
         assert_eq!(s.matches(REDACTED).count(), 4, "{s}");
+    }
+
+    #[test]
+    fn a_trail_that_cannot_be_opened_names_its_path_and_pattern() {
+        let dir = std::env::temp_dir().join(format!("stockade-trail-open-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        // A symlink planted where the trail goes is refused, not followed.
+        let link = dir.join("t.jsonl");
+        let _ = std::fs::remove_file(&link);
+        std::os::unix::fs::symlink("/etc/passwd", &link).unwrap();
+        let e = TrailWriter::open(&link, &policy(), vec![]).err().expect("opened through a symlink");
+        assert!(matches!(&e, TrailError::Open { source, .. } if source.raw_os_error() == Some(libc::ELOOP)), "{e}");
+        assert!(e.to_string().starts_with(&format!("trail {}: ", link.display())), "{e}");
+        // Valid syntax whose compiled program is over the regex crate's size limit.
+        let mut p = policy();
+        p.redact = vec!["\\w{1000}\\w{1000}".into()];
+        let e = TrailWriter::open(&dir.join("u.jsonl"), &p, vec![]).err().expect("compiled an oversized pattern");
+        assert!(matches!(&e, TrailError::Pattern { pattern, .. } if *pattern == p.redact[0]), "{e}");
+        assert!(e.to_string().starts_with("trail.redact `\\w{1000}\\w{1000}`: "), "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -147,7 +147,12 @@ struct SessionTrail {
 impl SessionTrail {
     /// Opens the item's trail (appending, so a resumed session goes on in the same file), starts
     /// following it, and records the start. The secrets in hand are redacted wherever they appear.
-    fn open(ctx: &Arc<Ctx>, rec: &ItemRecord, dirs: &ItemDirs, resumed: bool) -> Result<SessionTrail, String> {
+    fn open(
+        ctx: &Arc<Ctx>,
+        rec: &ItemRecord,
+        dirs: &ItemDirs,
+        resumed: bool,
+    ) -> Result<SessionTrail, crate::session::trail::TrailError> {
         let item = &rec.item;
         let path = ctx.state.trail_path(rec);
         // The environment key may rotate while the session runs: asked for at each record.
