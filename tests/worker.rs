@@ -1437,18 +1437,22 @@ fn trail_records_ship_to_stdout_as_json_lines() {
     w.child.stdout.take().unwrap().read_to_string(&mut out).unwrap();
 
     let trail = state.path().join("trails").join(format!("{s}-{work}.jsonl"));
-    let recs: Vec<serde_json::Value> =
-        std::fs::read_to_string(&trail).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let text = std::fs::read_to_string(&trail).unwrap();
+    let recs: Vec<serde_json::Value> = text.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
     let shipped: Vec<serde_json::Value> = out
         .lines()
         .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not a JSON line on stdout: {l:?}: {e}")))
         .collect();
     assert_eq!(shipped.len(), recs.len(), "stdout:\n{out}");
-    for (got, rec) in shipped.iter().zip(&recs) {
+    // Each record's id is the work item and where the record starts in its trail.
+    let mut at = 0;
+    for ((got, rec), line) in shipped.iter().zip(&recs).zip(text.lines()) {
         let mut expected = rec.clone();
         expected["session_id"] = json!(s);
         expected["work_id"] = json!(work);
+        expected["record_id"] = json!(format!("{work}:{at}"));
         assert_eq!(got, &expected);
+        at += line.len() + 1;
     }
     assert!(recs.iter().any(|r| r["event"] == "exec" && r["argv"] == json!(["sh", "-c", "echo hi"])));
 }

@@ -66,20 +66,24 @@ pub(crate) async fn follow(f: Follow, mut done: watch::Receiver<bool>) {
         if let Some(bytes) = chunk {
             offset += bytes.len() as u64;
             partial.extend_from_slice(&bytes);
+            // Where `partial` starts in the trail: each record's id is its own start, the same
+            // whenever it is read, so a receiver can drop a record shipped twice.
+            let mut at = offset - partial.len() as u64;
             let end = partial.iter().rposition(|b| *b == b'\n').map_or(0, |i| i + 1);
             let lines: Vec<u8> = partial.drain(..end).collect();
-            let records: Vec<Value> = String::from_utf8_lossy(&lines)
-                .lines()
-                .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-                .map(|mut r| {
-                    count(&f.metrics, &r);
-                    if let Value::Object(o) = &mut r {
-                        o.insert("session_id".into(), json!(f.session_id));
-                        o.insert("work_id".into(), json!(f.work_id));
-                    }
-                    r
-                })
-                .collect();
+            let mut records = Vec::new();
+            for line in lines.split_inclusive(|b| *b == b'\n') {
+                let id = format!("{}:{at}", f.work_id);
+                at += line.len() as u64;
+                let Ok(mut r) = serde_json::from_slice::<Value>(line) else { continue };
+                count(&f.metrics, &r);
+                if let Value::Object(o) = &mut r {
+                    o.insert("session_id".into(), json!(f.session_id));
+                    o.insert("work_id".into(), json!(f.work_id));
+                    o.insert("record_id".into(), json!(id));
+                }
+                records.push(r);
+            }
             if !records.is_empty() {
                 ship(&f.sinks, &records, http.as_ref()).await;
             }
@@ -176,6 +180,8 @@ pub(crate) fn otlp_body(records: &[Value]) -> Value {
                 ("session.id", &r["session_id"]),
                 ("work.id", &r["work_id"]),
                 ("tool_use.id", &r["tool_use_id"]),
+                // OpenTelemetry's attribute for a record's identity, meant for deduplication.
+                ("log.record.uid", &r["record_id"]),
             ]
             .into_iter()
             .filter_map(|(k, v)| attr(k, v))
@@ -237,24 +243,43 @@ mod tests {
             metrics: metrics.clone(),
             mark: dir.join(mark),
         };
+        let sock_path = dir.join("log.sock");
+        let sock = std::os::unix::net::UnixDatagram::bind(&sock_path).unwrap();
+        sock.set_nonblocking(true).unwrap();
+        let received = || {
+            let mut ids = Vec::new();
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = sock.recv(&mut buf) {
+                let text = String::from_utf8_lossy(&buf[..n]).into_owned();
+                let rec: Value = serde_json::from_str(text.split_once("]: ").unwrap().1).unwrap();
+                ids.push(rec["record_id"].as_str().unwrap().to_owned());
+            }
+            ids
+        };
+        let spec = |mark: &str| Follow { sinks: vec![Sink::Syslog(sock_path.clone())], ..spec(mark) };
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
         let (_tx, rx) = watch::channel(true);
+        let n = first.len();
         // Shipped up to the end of the first record before a restart: two are left.
-        std::fs::write(dir.join("m1"), first.len().to_string()).unwrap();
+        std::fs::write(dir.join("m1"), n.to_string()).unwrap();
         rt.block_on(follow(spec("m1"), rx.clone()));
         assert_eq!(metrics.execs.load(Relaxed), 2);
-        assert_eq!(std::fs::read_to_string(dir.join("m1")).unwrap(), (3 * first.len()).to_string());
-        // Nothing shipped yet, or a mark that is not this trail's: all of it.
+        assert_eq!(std::fs::read_to_string(dir.join("m1")).unwrap(), (3 * n).to_string());
+        assert_eq!(received(), [format!("w:{n}"), format!("w:{}", 2 * n)]);
+        // Nothing shipped yet, or a mark that is not this trail's: all of it, each record under
+        // the id it had the first time.
         std::fs::write(dir.join("m2"), "999999").unwrap();
         rt.block_on(follow(spec("m2"), rx));
         assert_eq!(metrics.execs.load(Relaxed), 5);
+        assert_eq!(received(), ["w:0".to_owned(), format!("w:{n}"), format!("w:{}", 2 * n)]);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
     fn otlp_bodies_carry_each_record_whole_with_its_ids() {
         let r = json!({"ts": "2026-12-01T10:00:00.000Z", "event": "egress", "verdict": "deny",
-                       "session_id": "sesn_1", "work_id": "work_2", "tool_use_id": "toolu_3"});
+                       "session_id": "sesn_1", "work_id": "work_2", "tool_use_id": "toolu_3",
+                       "record_id": "work_2:512"});
         let b = otlp_body(std::slice::from_ref(&r));
         let log = &b["resourceLogs"][0]["scopeLogs"][0]["logRecords"][0];
         assert_eq!(log["body"]["stringValue"], r.to_string());
@@ -262,6 +287,7 @@ mod tests {
         assert_eq!(log["timeUnixNano"], "1796119200000000000");
         let keys: Vec<&str> =
             log["attributes"].as_array().unwrap().iter().map(|a| a["key"].as_str().unwrap()).collect();
-        assert_eq!(keys, ["event", "session.id", "work.id", "tool_use.id"]);
+        assert_eq!(keys, ["event", "session.id", "work.id", "tool_use.id", "log.record.uid"]);
+        assert_eq!(log["attributes"][4]["value"]["stringValue"], "work_2:512");
     }
 }
