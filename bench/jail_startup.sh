@@ -7,8 +7,10 @@
 #   1. stockade as shipped (static musl binary, as the Containerfile builds it), full default jail
 #      (namespaces, mounts, landlock, seccomp, rlimits, cgroup limits)
 #   2. the same binary and jail without cgroup limits (what bwrap below also lacks)
-#   3. stockade as `cargo build --release` makes it (glibc, dynamically linked), full default jail
-#   4. bwrap --unshare-all --cap-drop ALL with /usr read-only, /proc, /dev and a /tmp tmpfs
+#   3. the same without cgroup limits or the copied /etc entries: the floor of the jail's own
+#      mechanism (policy, namespaces, mounts, landlock, seccomp, waiting for its teardown)
+#   4. stockade as `cargo build --release` makes it (glibc, dynamically linked), full default jail
+#   5. bwrap --unshare-all --cap-drop ALL with /usr read-only, /proc, /dev and a /tmp tmpfs
 # and prints mean and median times and the ratios stockade/bwrap. Installs bubblewrap, musl-tools
 # and the musl target when missing. Needs root (cgroup limits; bwrap as root needs no setuid).
 set -euo pipefail
@@ -24,12 +26,15 @@ rustup target list --installed | grep -qx "$musl" || rustup target add "$musl"
 
 cargo build --release --quiet
 cargo build --release --quiet --target "$musl"
-stockade=$PWD/target/$musl/release/stockade
-dynamic=$PWD/target/release/stockade
+target_dir=${CARGO_TARGET_DIR:-$PWD/target}
+stockade=$target_dir/$musl/release/stockade
+dynamic=$target_dir/release/stockade
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 # The default policy with its cgroup limits removed; everything else identical.
 sed -e '/^memory = /d' -e '/^pids = /d' -e '/^cpu = /d' policies/default.toml > "$tmp/nocgroup.toml"
+# ...and without the /etc entries (a multi-line list).
+sed -e '/^etc = \[/,/^\]/c etc = []' "$tmp/nocgroup.toml" > "$tmp/floor.toml"
 
 bwrap_cmd="bwrap --unshare-all --cap-drop ALL --ro-bind /usr /usr"
 for d in bin lib lib64 sbin; do
@@ -46,6 +51,7 @@ bwrap_cmd+=" --proc /proc --dev /dev --tmpfs /tmp -- /bin/true"
 python3 - "$runs" \
   "stockade (default policy)=$stockade run -- /bin/true" \
   "stockade (default, no cgroup limits)=$stockade run --policy $tmp/nocgroup.toml -- /bin/true" \
+  "stockade (no cgroup limits, no /etc)=$stockade run --policy $tmp/floor.toml -- /bin/true" \
   "stockade (default, glibc dynamic)=$dynamic run -- /bin/true" \
   "bwrap=$bwrap_cmd" <<'PY'
 import os, random, statistics, sys, time
