@@ -183,7 +183,8 @@ pub fn parse_rfc3339(s: &str) -> Result<std::time::SystemTime, ValueError> {
     }
     let offset = match rest {
         "Z" | "z" => 0,
-        o if o.len() == 6 && (o.starts_with('+') || o.starts_with('-')) && &o[3..4] == ":" => {
+        // `get`, not indexing: a multi-byte character across a boundary is a bad timestamp.
+        o if o.len() == 6 && (o.starts_with('+') || o.starts_with('-')) && o.get(3..4) == Some(":") => {
             let v = o[1..3].parse::<i64>().map_err(|_| bad())? * 3600 + o[4..6].parse::<i64>().map_err(|_| bad())? * 60;
             if o.starts_with('-') {
                 -v
@@ -312,6 +313,15 @@ mod tests {
         assert_eq!(parse_size("1e400").unwrap_err().to_string(), "invalid size unit in `1e400` (use K, M, G or T)");
         assert_eq!(parse_size("99999999999T").unwrap_err().to_string(), "size `99999999999T` out of range");
         assert_eq!(parse_rfc3339("yesterday").unwrap_err().to_string(), "invalid RFC 3339 timestamp `yesterday`");
+        // From a server's answer: text of any shape is an error, never a panic.
+        for s in [
+            "2026-12-01T10:00:00+0\u{e9}00",
+            "2026-12-01T10:00:00.\u{e9}Z",
+            "2026-12-01T10:00:0\u{e9}Z",
+            "2026-12-01T10:00:00+01\u{e9}0",
+        ] {
+            assert!(parse_rfc3339(s).is_err(), "{s}");
+        }
     }
 
     #[test]
