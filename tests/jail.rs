@@ -580,6 +580,14 @@ fn timeout_kills_everything_including_daemons() {
     assert_eq!(before, after, "host mount table changed");
 }
 
+/// A timeout longer than the clock can count to (from a policy, `--timeout` or a session's
+/// metadata) means no deadline: the command runs, rather than the supervisor overflowing.
+#[test]
+fn a_timeout_past_the_clocks_range_is_no_deadline() {
+    let r = stockade_run(&["--timeout", "213503982334601d"], &["/bin/sh", "-c", "exit 7"]);
+    assert_eq!(r.code, 7, "{r:?}");
+}
+
 #[test]
 fn killing_stockade_kills_the_jail() {
     let marker = format!("{}.{}", 5000 + std::process::id() % 1000, std::process::id());

@@ -85,7 +85,9 @@ impl Verifier {
         let ts = timestamp.ok_or(WebhookError::MissingHeader("webhook-timestamp"))?;
         let sig = signature.ok_or(WebhookError::MissingHeader("webhook-signature"))?;
         let secs: u64 = ts.trim().parse().map_err(|_| WebhookError::BadTimestamp(ts.into()))?;
-        let sent = UNIX_EPOCH + Duration::from_secs(secs);
+        // Checked: this header arrives before the signature is verified, from anyone.
+        let sent =
+            UNIX_EPOCH.checked_add(Duration::from_secs(secs)).ok_or_else(|| WebhookError::BadTimestamp(ts.into()))?;
         let skew = now.duration_since(sent).or_else(|e| Ok::<_, ()>(e.duration())).unwrap_or_default();
         if skew > self.tolerance {
             return Err(WebhookError::Stale(skew.as_secs(), self.tolerance.as_secs()));
@@ -146,5 +148,17 @@ mod tests {
         assert!(matches!(v.verify(Some("msg_3"), Some(&old), Some(&sig3), body, now), Err(WebhookError::Stale(..))));
         assert_eq!(v.verify(None, Some(&ts), Some(&sig), body, now), Err(WebhookError::MissingHeader("webhook-id")));
         assert!(matches!(v.verify(Some("m"), Some("soon"), Some(&sig), body, now), Err(WebhookError::BadTimestamp(_))));
+        // Unsigned and from anyone: a time past what the clock can hold is refused like any
+        // other bad header (it aborted the receiver).
+        let far = u64::MAX.to_string();
+        assert_eq!(
+            v.verify(Some("m"), Some(&far), Some(&sig), body, now),
+            Err(WebhookError::BadTimestamp(far.clone()))
+        );
+        let far_but_representable = (i64::MAX as u64 / 2).to_string();
+        assert!(matches!(
+            v.verify(Some("m"), Some(&far_but_representable), Some(&sig), body, now),
+            Err(WebhookError::Stale(..))
+        ));
     }
 }

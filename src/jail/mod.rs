@@ -373,7 +373,9 @@ impl Jail {
             jail_setup_us = (t0.elapsed() - t_released).as_micros() as u64,
             "jail started"
         );
-        jail.deadline = spec.timeout.or(spec.policy.limits.timeout.map(|d| d.0)).map(|t| Instant::now() + t);
+        // A timeout past what an Instant can hold is no deadline at all, not an overflow.
+        jail.deadline =
+            spec.timeout.or(spec.policy.limits.timeout.map(|d| d.0)).and_then(|t| Instant::now().checked_add(t));
         Ok(jail)
     }
 

@@ -210,7 +210,7 @@ git config --unset credential.helper || true
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .kill_on_drop(true);
-    let out = tokio::time::timeout(p.timeout.0 + Duration::from_secs(30), cmd.output())
+    let out = tokio::time::timeout(p.timeout.0.saturating_add(Duration::from_secs(30)), cmd.output())
         .await
         .map_err(|_| {
             Refusal(format!("workspace provisioning timed out after {}", crate::util::format_duration(p.timeout.0)))
