@@ -617,6 +617,7 @@ pub struct LocalControlPlane {
 
 type ApiResult<T> = Result<T, ApiErr>;
 
+#[derive(Debug)]
 pub(crate) struct ApiErr(StatusCode, &'static str, String, Option<Value>);
 
 impl IntoResponse for ApiErr {
@@ -1490,7 +1491,7 @@ fn page_of<T: Clone>(all: &[T], q: &PageQuery, default_limit: usize, max: usize)
             .and_then(|n| n.parse::<usize>().ok())
             .ok_or_else(|| invalid(format!("page: not a cursor this server issued: {p:?}")))?,
     };
-    let end = (start + limit).min(all.len());
+    let end = start.saturating_add(limit).min(all.len());
     let data = all.get(start..end).map(<[T]>::to_vec).unwrap_or_default();
     Ok(wire::Page { data, next_page: (end < all.len()).then(|| format!("page_{end}")) })
 }
@@ -1829,6 +1830,15 @@ mod tests {
         let again = LocalControlPlane::new(LocalConfig { state_file: Some(file), ..LocalConfig::default() }).unwrap();
         assert_eq!(again.db().sessions.len(), 160);
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_cursor_past_the_end_is_an_empty_page() {
+        let q = |page: &str| PageQuery { limit: Some(2), page: Some(page.into()), order: None };
+        let p = page_of(&[1, 2, 3], &q("page_2"), 20, 1000).unwrap();
+        assert_eq!((p.data, p.next_page), (vec![3], None));
+        let p = page_of(&[1, 2, 3], &q(&format!("page_{}", usize::MAX)), 20, 1000).unwrap();
+        assert_eq!((p.data, p.next_page), (Vec::<i32>::new(), None));
     }
 
     #[test]
