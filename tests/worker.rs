@@ -532,6 +532,8 @@ fn webhook_deliveries_wake_the_worker_and_bad_ones_are_refused() {
     assert_eq!(post("m2", now - 3600, &sign("m2", now - 3600, body), body), 401);
     assert_eq!(post("m3", now, &sign("m3", now, body), &body[..body.len() - 5]), 401);
     assert_eq!(post("m4", now, "v1,", body), 401);
+    // A timestamp past the clock's range, signed or not, is refused and the worker lives on.
+    assert_eq!(post("m6", u64::MAX, &sign("m6", u64::MAX, body), body), 401);
     std::thread::sleep(Duration::from_millis(700));
     assert_eq!(cp.view(&s).work_state, WorkState::Queued, "a rejected delivery woke the worker");
     assert_eq!(post("m5", now, &sign("m5", now, body), body), 204);
