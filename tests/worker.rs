@@ -543,6 +543,39 @@ fn webhook_deliveries_wake_the_worker_and_bad_ones_are_refused() {
     assert_eq!(post("m5", now, &sign("m5", now, body), body), 401, "a replayed delivery was accepted");
 }
 
+/// A `--max-idle` past the clock's range is no idle limit: the worker runs the session, keeps
+/// it while the agent's turn has ended, and stops cleanly (adding it to the time the session went
+/// idle overflowed).
+#[test]
+fn a_max_idle_past_the_clocks_range_is_no_idle_limit() {
+    let cp = Cp::start(Duration::from_secs(30));
+    let state = TempDir::new("w-state");
+    let key = cp.key_file();
+    let mut c = Command::new(STOCKADE);
+    c.args(["-v", "worker", "--environment-id", DEFAULT_ENVIRONMENT, "--api-url", &cp.url, "--state-dir"])
+        .arg(state.path())
+        .args(["--max-idle", "213503982334601d", "--api-timeout", "2s", "--shutdown-timeout", "20s"])
+        .arg("--environment-key-file")
+        .arg(&key)
+        .env_remove("ANTHROPIC_API_KEY")
+        .env_remove("ANTHROPIC_ENVIRONMENT_KEY")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    let mut w = Worker { child: c.spawn().unwrap() };
+    let (s, _) = cp.session(vec![bash("echo idle")]);
+    cp.wait_for("the result", Duration::from_secs(30), || result_of(&cp.view(&s), 0) == "idle");
+    // Idle now, past the point where the idle deadline is computed.
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(w.child.try_wait().unwrap().is_none(), "the worker ended while the session was idle");
+    assert_eq!(cp.view(&s).work_state, WorkState::Active, "the idle session was let go");
+    assert!(w.sigterm().success());
+    let mut log = String::new();
+    std::io::Read::read_to_string(&mut w.child.stderr.take().unwrap(), &mut log).unwrap();
+    // A release build aborts on a panic; a test build only loses the session's task, and says so.
+    assert!(!log.contains("panicked"), "{log}");
+}
+
 fn processes_whose_cmdline_has(needle: &str) -> Vec<u32> {
     let mut v = Vec::new();
     for e in std::fs::read_dir("/proc").unwrap().flatten() {

@@ -607,8 +607,8 @@ impl Feed {
             let wake = self
                 .seen
                 .idle_since
-                .map(|t| (t + r.ctx.max_idle).saturating_duration_since(Instant::now()))
-                .unwrap_or(Duration::from_secs(3600));
+                .and_then(|t| t.checked_add(r.ctx.max_idle))
+                .map_or(Duration::from_secs(3600), |end| end.saturating_duration_since(Instant::now()));
             tokio::select! {
                 got = s.next() => match got {
                     Ok(Some(ev)) => self.seen.take(&ev),
