@@ -332,7 +332,7 @@ impl Client {
         let mut r = Req { headers: vec![(wire::WORKER_ID_HEADER, worker_id.to_owned())], ..Req::default() };
         if let Some(b) = block_ms {
             r.query.push(("block_ms", b.clamp(1, wire::MAX_BLOCK_MS).to_string()));
-            r.timeout = Some(self.timeout + Duration::from_millis(b as u64));
+            r.timeout = Some(self.timeout.saturating_add(Duration::from_millis(b as u64)));
         }
         if let Some(ms) = reclaim_older_than_ms {
             r.query.push(("reclaim_older_than_ms", ms.to_string()));
