@@ -1515,6 +1515,10 @@ fn the_worker_keeps_and_ships_an_audit_trail_of_each_session() {
     assert!(completed(&v), "{v:#?}");
 
     let trail = state.path().join("trails").join(format!("{s}-{work}.jsonl"));
+    // The worker reports the item stopped first, then digests the outputs and closes the trail.
+    cp.wait_for("the trail's session_end", Duration::from_secs(20), || {
+        std::fs::read_to_string(&trail).is_ok_and(|t| t.lines().last().is_some_and(|l| l.contains("\"session_end\"")))
+    });
     let text = std::fs::read_to_string(&trail).unwrap();
     assert!(!text.contains(&env_key), "the environment key reached the trail");
     let recs: Vec<serde_json::Value> = text.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
