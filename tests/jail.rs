@@ -588,6 +588,15 @@ fn a_timeout_past_the_clocks_range_is_no_deadline() {
     assert_eq!(r.code, 7, "{r:?}");
 }
 
+/// A `/tmp` size as large as a size can be is no limit on the root tmpfs; adding what the root
+/// already holds to it overflowed in the jail's PID 1.
+#[test]
+fn a_tmp_size_at_the_top_of_the_range_is_no_overflow() {
+    let (_d, p) = policy("default", "[limits]\ntmp_size = \"18446744073709551615\"");
+    let r = stockade_run(&["--policy", p.to_str().unwrap()], &["/bin/sh", "-c", "echo x > /tmp/f && cat /tmp/f"]);
+    assert_eq!((r.code, r.stdout.as_str()), (0, "x\n"), "{r:?}");
+}
+
 #[test]
 fn killing_stockade_kills_the_jail() {
     let marker = format!("{}.{}", 5000 + std::process::id() % 1000, std::process::id());

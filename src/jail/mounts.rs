@@ -163,7 +163,7 @@ pub(crate) fn build_root(plan: &MountPlan) -> Result<(), JailError> {
     // The root's tmpfs also holds the writable scratch areas: room for them on top of what the
     // root holds by now.
     let used = nix::sys::statvfs::statvfs(root).map(|s| (s.blocks() - s.blocks_free()) * s.fragment_size());
-    let size = used.step(Step::Mounts, || "statvfs the new root".into())? + p.limits.tmp_size.0;
+    let size = used.step(Step::Mounts, || "statvfs the new root".into())?.saturating_add(p.limits.tmp_size.0);
     // A remount sets the mount's flags to exactly those given: keep nosuid and nodev.
     let flags = MsFlags::MS_REMOUNT | MsFlags::MS_NOSUID | MsFlags::MS_NODEV;
     mount(None::<&str>, root, None::<&str>, flags, Some(format!("size={size}").as_str()))
