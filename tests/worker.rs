@@ -180,16 +180,20 @@ impl Drop for Worker {
     }
 }
 
+/// The worker as the tests run it: `--max-idle 1s` unless `extra` sets it.
 fn worker_cmd(cp: &Cp, state: &Path, extra: &[&str]) -> Command {
     let mut c = Command::new(STOCKADE);
     c.args(["-v", "worker", "--environment-id", DEFAULT_ENVIRONMENT, "--api-url", &cp.url, "--state-dir"])
         .arg(state)
-        .args(["--max-idle", "1s", "--api-timeout", "2s", "--shutdown-timeout", "20s"])
+        .args(["--api-timeout", "2s", "--shutdown-timeout", "20s"])
         .args(extra)
         .env_remove("ANTHROPIC_API_KEY")
         .env_remove("ANTHROPIC_ENVIRONMENT_KEY")
         .stdin(Stdio::null())
         .stdout(Stdio::null());
+    if !extra.contains(&"--max-idle") {
+        c.args(["--max-idle", "1s"]);
+    }
     c
 }
 
@@ -551,17 +555,8 @@ fn a_max_idle_past_the_clocks_range_is_no_idle_limit() {
     let cp = Cp::start(Duration::from_secs(30));
     let state = TempDir::new("w-state");
     let key = cp.key_file();
-    let mut c = Command::new(STOCKADE);
-    c.args(["-v", "worker", "--environment-id", DEFAULT_ENVIRONMENT, "--api-url", &cp.url, "--state-dir"])
-        .arg(state.path())
-        .args(["--max-idle", "213503982334601d", "--api-timeout", "2s", "--shutdown-timeout", "20s"])
-        .arg("--environment-key-file")
-        .arg(&key)
-        .env_remove("ANTHROPIC_API_KEY")
-        .env_remove("ANTHROPIC_ENVIRONMENT_KEY")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped());
+    let mut c = worker_cmd(&cp, state.path(), &["--max-idle", "213503982334601d"]);
+    c.arg("--environment-key-file").arg(&key).stderr(Stdio::piped());
     let mut w = Worker { child: c.spawn().unwrap() };
     let (s, _) = cp.session(vec![bash("echo idle")]);
     cp.wait_for("the result", Duration::from_secs(30), || result_of(&cp.view(&s), 0) == "idle");
