@@ -120,7 +120,7 @@ fn main() {
     ];
 
     // In-process: the tool functions called directly.
-    let ctx = Ctx { cwd: ws.clone(), confine: false };
+    let ctx = Ctx::new(ws.clone(), false);
     let mut shell = Shell::new(ws.clone(), env.clone(), KillScope::ProcessGroup);
     let mut inproc = Vec::new();
     for (op, n, input) in ops(&ws) {

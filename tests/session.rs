@@ -100,11 +100,11 @@ fn timeout_kills_the_whole_process_group_and_the_session_continues() {
         "bash",
         json!({"command": "sleep 300 & (setsid sleep 301 &); echo waiting; sleep 302", "timeout_ms": 500}),
     );
-    assert_eq!((c.as_str(), e), ("bash: bash command timed out after 0.5s", true));
+    assert!(e && c.starts_with("\ncommand timed out after 0.5s\n\nwaiting\n[The shell is gone."), "{c}");
     assert!(t.elapsed() < Duration::from_secs(10));
     // As with the official runner, the shell stays down until a restart.
     let (c, e) = s.call("bash", json!({"command": "echo hi"}));
-    assert_eq!((c.as_str(), e), ("bash: bash session terminated; restart required", true));
+    assert!(e && c.starts_with("[This command did not run, because the shell is gone."), "{c}");
     let (c, e) = s.call("bash", json!({"restart": true}));
     assert_eq!((c.as_str(), e), ("bash session restarted", false));
     // Everything the command started is gone; the shell is fresh.
@@ -185,9 +185,9 @@ fn hostile_inputs_are_errors_not_failures() {
     s.bash("truncate -s 2G /tmp/huge");
     let t = Instant::now();
     let (c, e) = s.call("read", json!({"file_path": "/tmp/huge"}));
-    assert!(e && c.contains("is 2147483648 bytes, exceeds 262144-byte limit"), "{c}");
+    assert!(e && c.contains("is 2147483648 bytes, exceeds 110000-byte limit"), "{c}");
     let (c, e) = s.call("read", json!({"file_path": "/tmp/huge", "view_range": [1, 2]}));
-    assert!(e && c.contains("exceeds 262144-byte limit"), "{c}");
+    assert!(e && c.contains("exceeds 110000-byte limit"), "{c}");
     assert!(t.elapsed() < Duration::from_secs(20));
     // grep reads a named binary file to its end, as ripgrep does: a smaller one here.
     s.bash("truncate -s 64M /tmp/sparse");

@@ -173,6 +173,11 @@ impl Client {
         &self.base
     }
 
+    /// Whether the two present the same credential (one is a clone of the other).
+    pub(crate) fn same_credential(&self, other: &Client) -> bool {
+        std::sync::Arc::ptr_eq(&self.key, &other.key)
+    }
+
     fn key(&self) -> std::sync::RwLockReadGuard<'_, Secret> {
         self.key.read().unwrap_or_else(|p| p.into_inner())
     }
@@ -371,6 +376,18 @@ impl Client {
         self.call(Method::POST, &path::stop(env, work), r, false).await
     }
 
+    /// One stop, bounded by `timeout`.
+    pub(crate) async fn stop_within(
+        &self,
+        env: &str,
+        work: &str,
+        force: bool,
+        timeout: Duration,
+    ) -> Result<wire::WorkItem, ApiError> {
+        let r = Req { body: Some(serde_json::json!({ "force": force })), timeout: Some(timeout), ..Req::default() };
+        self.call(Method::POST, &path::stop(env, work), r, false).await
+    }
+
     pub async fn retrieve(&self, env: &str, work: &str) -> Result<wire::WorkItem, ApiError> {
         self.call(Method::GET, &path::work(env, work), Req::default(), true).await
     }
@@ -411,16 +428,19 @@ impl Client {
 
     /// One page of a session's events, oldest first. Events stay raw JSON: the caller parses
     /// each one on its own, so one it cannot read costs only itself.
+    /// `types` filters by event type (`types[]`, as the SDK sends it); empty for every type.
     pub async fn list_events(
         &self,
         session: &str,
         page: Option<&str>,
         limit: u32,
+        types: &[&str],
     ) -> Result<wire::Page<serde_json::Value>, ApiError> {
         let mut r = Req { query: vec![("limit", limit.to_string())], ..Req::default() };
         if let Some(p) = page {
             r.query.push(("page", p.to_owned()));
         }
+        r.query.extend(types.iter().map(|t| ("types[]", (*t).to_owned())));
         self.call(Method::GET, &path::events(session), r, true).await
     }
 

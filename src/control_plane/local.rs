@@ -7,7 +7,7 @@
 //! has no equivalent for live under `/v1/local/` and need the organisation key.
 
 use axum::body::Body;
-use axum::extract::{Path, Query, Request, State};
+use axum::extract::{Path, Query, RawQuery, Request, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
@@ -1563,13 +1563,24 @@ async fn list_events(
     State(cp): State<LocalControlPlane>,
     Path(session): Path<String>,
     Query(q): Query<PageQuery>,
+    RawQuery(raw): RawQuery,
     h: HeaderMap,
 ) -> ApiResult<Json<wire::Page<Value>>> {
     cp.housekeeping();
     let db = cp.db();
     let (env, work) = session_work(&db, &session)?;
     authorize(&db, &h, Need::Item(&env, &work))?;
-    let mut all = db.sessions[&session].events.clone();
+    // `types[]=A&types[]=B`: only those types, as the API filters.
+    let types: Vec<String> = form_urlencoded::parse(raw.unwrap_or_default().as_bytes())
+        .filter(|(k, _)| k == "types[]")
+        .map(|(_, v)| v.into_owned())
+        .collect();
+    let mut all: Vec<Value> = db.sessions[&session]
+        .events
+        .iter()
+        .filter(|e| types.is_empty() || e["type"].as_str().is_some_and(|t| types.iter().any(|w| w == t)))
+        .cloned()
+        .collect();
     match q.order.as_deref() {
         None | Some("asc") => {}
         Some("desc") => all.reverse(),

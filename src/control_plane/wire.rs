@@ -63,6 +63,25 @@ pub mod path {
     }
 }
 
+/// The event types the official session runner lists (`HISTORY_EVENT_TYPES`): those it acts on,
+/// except `session.deleted`, which is only streamed.
+pub(crate) const HISTORY_EVENT_TYPES: &[&str] = &[
+    "agent.tool_use",
+    "agent.custom_tool_use",
+    "agent.tool_result",
+    "user.tool_result",
+    "user.custom_tool_result",
+    "user.tool_confirmation",
+    "session.status_idle",
+    "session.status_running",
+    "session.status_rescheduled",
+    "session.status_terminated",
+    "session.thread_status_running",
+    "session.thread_status_rescheduled",
+    "session.thread_status_idle",
+    "session.thread_status_terminated",
+];
+
 /// The states of a work item.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -372,14 +391,59 @@ pub(crate) struct SendEvents<E> {
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct Session {
     pub id: String,
+    /// `idle`, `running`, `rescheduling` or `terminated`.
+    #[serde(default)]
+    pub status: Option<String>,
     #[serde(default)]
     pub agent: Option<SessionAgent>,
+}
+
+impl Session {
+    pub(crate) fn is_terminated(&self) -> bool {
+        self.status.as_deref() == Some("terminated")
+    }
+
+    /// The skills of the agent and of its subagents, the first version of a skill winning, as
+    /// the official worker downloads them.
+    pub(crate) fn skills_with_subagents(&self) -> Vec<SkillRef> {
+        let Some(agent) = &self.agent else { return Vec::new() };
+        let mut all = agent.skills.clone();
+        let member_skills = |members: Option<&serde_json::Value>, all: &mut Vec<SkillRef>| {
+            for m in members.and_then(|m| m.as_array()).into_iter().flatten() {
+                if m.get("type").and_then(|t| t.as_str()) != Some("agent") && m.get("type").is_some() {
+                    continue;
+                }
+                if let Some(skills) = m.get("skills").cloned() {
+                    all.extend(serde_json::from_value::<Vec<SkillRef>>(skills).unwrap_or_default());
+                }
+            }
+        };
+        if let Some(multi) = &agent.multiagent {
+            match multi.get("type").and_then(|t| t.as_str()) {
+                Some("coordinator") => member_skills(multi.get("agents"), &mut all),
+                Some("multiagent_20261001") => {
+                    for group in ["subagents", "workflows"].iter().filter_map(|g| multi.get(g)) {
+                        if group.get("type").and_then(|t| t.as_str()) == Some("enabled") {
+                            member_skills(group.get("predefined_agents"), &mut all);
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+        let mut seen = std::collections::HashSet::new();
+        all.retain(|s| seen.insert(s.skill_id.clone()));
+        all
+    }
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct SessionAgent {
     #[serde(default)]
     pub skills: Vec<SkillRef>,
+    /// Subagents, whose skills are downloaded too (read as the API spells them).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub multiagent: Option<serde_json::Value>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

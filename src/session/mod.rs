@@ -27,6 +27,9 @@ pub(crate) struct Request {
     pub name: String,
     #[serde(default)]
     pub input: serde_json::Value,
+    /// Set by the jail's PID 1 for its file tool helper: where bash saved long outputs.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub saved_outputs: Vec<std::path::PathBuf>,
 }
 
 /// A tool result, tagged with its call's id.
@@ -53,7 +56,7 @@ impl Channel {
 
     /// Sends one call and waits for its result; `Err` when the server is gone.
     pub fn call(&mut self, id: &str, name: &str, input: &serde_json::Value) -> std::io::Result<ToolResult> {
-        let req = Request { id: id.to_owned(), name: name.to_owned(), input: input.clone() };
+        let req = Request { id: id.to_owned(), name: name.to_owned(), input: input.clone(), saved_outputs: Vec::new() };
         frame::write(&mut self.0, &req)?;
         match frame::read::<_, Response>(&mut self.0)? {
             Some(r) => Ok(ToolResult { content: r.content, is_error: r.is_error }),

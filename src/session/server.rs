@@ -43,7 +43,8 @@ fn helper_main(mut chan: UnixStream, ctx: &Ctx) -> i32 {
             Ok(Some(r)) => r,
             _ => return 0,
         };
-        let result = run_file_tool(ctx, &req.name, &req.input);
+        let ctx = Ctx { saved_outputs: req.saved_outputs, ..ctx.clone() };
+        let result = run_file_tool(&ctx, &req.name, &req.input);
         if frame::write(&mut chan, &Response::new(req.id, result)).is_err() {
             return 0;
         }
@@ -96,6 +97,10 @@ impl Server {
     }
 
     fn file_tool(&mut self, req: &Request) -> ToolResult {
+        let req = &Request {
+            saved_outputs: self.shell.saved_output_dir().into_iter().map(Into::into).collect(),
+            ..req.clone()
+        };
         let h = match self.helper() {
             Ok(h) => h,
             Err(e) => return ToolResult::err(format!("could not start the file tool helper: {e}")),
@@ -135,7 +140,7 @@ impl Server {
 /// PID 1 of a session jail (`jail::Payload::Session`): the tools work in /workspace, under the
 /// policy's path rule, and a timed-out command's leftovers are found in the whole pid namespace.
 pub(crate) fn serve_in_jail(channel: &OwnedFd, env: &[(String, String)], policy: &crate::policy::Policy) -> i32 {
-    let tools = Ctx { cwd: crate::jail::mounts::WORKSPACE.into(), confine: policy.tools.confine_paths };
+    let tools = Ctx::new(crate::jail::mounts::WORKSPACE, policy.tools.confine_paths);
     serve(channel, env, &tools, KillScope::Namespace)
 }
 

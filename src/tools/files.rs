@@ -8,7 +8,7 @@ use std::path::Path;
 
 use super::format::*;
 use super::input::{EditInput, ReadInput, WriteInput};
-use super::paths::{fs_error, resolve};
+use super::paths::{fs_error, reject_saved_output, resolve, resolve_readable};
 use super::{Block, Ctx, Source, ToolResult};
 
 type Res = Result<ToolResult, ToolResult>;
@@ -48,7 +48,7 @@ fn not_utf8_read(fp: &str) -> ToolResult {
 
 pub(super) fn read(ctx: &Ctx, i: &ReadInput) -> Res {
     let fp = i.file_path.as_str();
-    let target = resolve(ctx, fp).map_err(|e| ToolResult::err(format!("read: {e}")))?;
+    let target = resolve_readable(ctx, fp).map_err(|e| ToolResult::err(format!("read: {e}")))?;
     let view_range = i.view_range.as_deref().filter(|v| !v.is_empty());
     if view_range.is_some_and(|v| v.len() != 2) {
         return Err(ToolResult::err("read: view_range must be [start_line, end_line]"));
@@ -79,10 +79,10 @@ pub(super) fn read(ctx: &Ctx, i: &ReadInput) -> Res {
         let block = if media == "application/pdf" { Block::Document { source } } else { Block::Image { source } };
         return Ok(ToolResult { content: vec![block], is_error: false });
     }
-    if size > MAX_FILE_BYTES {
+    if size > MAX_READ_BYTES {
         let Some(&[start, end]) = view_range else {
             return Err(ToolResult::err(format!(
-                "read: {fp} is {size} bytes, exceeds {MAX_FILE_BYTES}-byte limit. Use the view_range parameter to \
+                "read: {fp} is {size} bytes, exceeds {MAX_READ_BYTES}-byte limit. Use the view_range parameter to \
                  read specific line ranges, e.g. view_range: [1, 500]."
             )));
         };
@@ -109,13 +109,13 @@ fn read_line_range(f: &mut File, fp: &str, start_line: i64, end_line: i64) -> Re
     let over = || {
         if end - start == 1 {
             ToolResult::err(format!(
-                "read: line {} of {fp} alone exceeds {MAX_FILE_BYTES}-byte limit. The read tool cannot return part \
+                "read: line {} of {fp} alone exceeds {MAX_READ_BYTES}-byte limit. The read tool cannot return part \
                  of a line, so view_range cannot narrow this further.",
                 start + 1
             ))
         } else {
             ToolResult::err(format!(
-                "read: view_range [{start_line}, {end_line}] of {fp} exceeds {MAX_FILE_BYTES}-byte limit. Narrow the \
+                "read: view_range [{start_line}, {end_line}] of {fp} exceeds {MAX_READ_BYTES}-byte limit. Narrow the \
                  view_range to read a smaller portion."
             ))
         }
@@ -139,7 +139,7 @@ fn read_line_range(f: &mut File, fp: &str, start_line: i64, end_line: i64) -> Re
                 if nl.is_some() && line + 1 < end {
                     got.push(b'\n');
                 }
-                if got.len() as u64 > MAX_FILE_BYTES {
+                if got.len() as u64 > MAX_READ_BYTES {
                     return Err(over());
                 }
             }
@@ -184,6 +184,7 @@ fn write_bytes(path: &Path, data: &[u8]) -> io::Result<()> {
 pub(super) fn write(ctx: &Ctx, i: &WriteInput) -> Res {
     let fp = i.file_path.as_str();
     let target = resolve(ctx, fp).map_err(|e| ToolResult::err(format!("write: {e}")))?;
+    reject_saved_output(ctx, "write", fp, &target).map_err(ToolResult::err)?;
     let parent = target.parent().unwrap_or(Path::new("/"));
     mkdir_parents(parent)
         .and_then(|()| write_bytes(&target, i.content.as_bytes()))
@@ -195,6 +196,7 @@ pub(super) fn write(ctx: &Ctx, i: &WriteInput) -> Res {
 pub(super) fn edit(ctx: &Ctx, i: &EditInput) -> Res {
     let fp = i.file_path.as_str();
     let target = resolve(ctx, fp).map_err(|e| ToolResult::err(format!("edit: {e}")))?;
+    reject_saved_output(ctx, "edit", fp, &target).map_err(ToolResult::err)?;
     let fs_err = |e: io::Error| ToolResult::err(fs_error("edit", fp, &e));
     let (mut f, meta) = open_nonblocking(&target).map_err(fs_err)?;
     if !meta.file_type().is_file() {
@@ -218,6 +220,16 @@ pub(super) fn edit(ctx: &Ctx, i: &EditInput) -> Res {
     }
     if !i.replace_all && count > 1 {
         return Err(ToolResult::err(format!("edit: old_string appears {count} times in {fp} (must be unique)")));
+    }
+    if count > 1 {
+        // Refused before the replacement is built: it could be far larger than the file.
+        let grows = i.new_string.len() as i128 - i.old_string.len() as i128;
+        let size = meta.len() as i128 + count as i128 * grows;
+        if size > MAX_FILE_BYTES as i128 {
+            return Err(ToolResult::err(format!(
+                "edit: {count} replacements would make {fp} {size} bytes, exceeds {MAX_FILE_BYTES}-byte limit."
+            )));
+        }
     }
     let updated = if i.replace_all {
         text.replace(i.old_string.as_str(), &i.new_string)

@@ -13,7 +13,7 @@ use ignore::WalkBuilder;
 
 use super::format::*;
 use super::input::GrepInput;
-use super::paths::{resolve, root};
+use super::paths::{resolve_readable, root};
 use super::{Ctx, ToolResult};
 
 type Res = Result<ToolResult, ToolResult>;
@@ -75,7 +75,7 @@ fn pattern_error(pattern: &str, e: &grep_regex::Error) -> String {
 
 pub(super) fn grep(ctx: &Ctx, i: &GrepInput) -> Res {
     let search = match i.path.as_deref().filter(|p| !p.is_empty()) {
-        Some(p) => resolve(ctx, p).map_err(|e| ToolResult::err(format!("grep: {e}")))?,
+        Some(p) => resolve_readable(ctx, p).map_err(|e| ToolResult::err(format!("grep: {e}")))?,
         None => root(ctx),
     };
     if i.pattern.contains('\0') {

@@ -107,6 +107,17 @@ pub struct Ctx {
     /// Refuse paths that resolve outside `cwd`, exactly as the official runner does. Off in a
     /// jail by default: there the jail's mounts and landlock rules are the boundary.
     pub confine: bool,
+    /// The directories in which `bash` saved the whole of a long output, one per live shell:
+    /// `read` and `grep` may open them even under `confine`, and `write` and `edit` refuse them,
+    /// as the official tools do.
+    pub saved_outputs: Vec<PathBuf>,
+}
+
+impl Ctx {
+    /// The tools' context for a working directory, with no saved bash output yet.
+    pub fn new(cwd: impl Into<PathBuf>, confine: bool) -> Ctx {
+        Ctx { cwd: cwd.into(), confine, saved_outputs: Vec::new() }
+    }
 }
 
 /// Runs one of the file tools (everything but bash).

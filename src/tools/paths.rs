@@ -5,7 +5,6 @@
 use std::io;
 use std::path::{Component, Path, PathBuf};
 
-use super::pyfmt;
 use super::Ctx;
 
 /// The runner's wording for a filesystem error: the same on every host, never a host path.
@@ -137,11 +136,34 @@ pub(super) fn resolve(ctx: &Ctx, p: &str) -> Result<PathBuf, String> {
     }
     let root = root(ctx);
     let candidate = if p.starts_with('/') { PathBuf::from(p) } else { root.join(p) };
-    let full = canonicalize(&candidate).map_err(|e| format!("path {}: {}", pyfmt::repr(p), reason(&e)))?;
+    // The runner quotes the path as given, without escaping (`f'path "{p}"'`).
+    let full = canonicalize(&candidate).map_err(|e| format!("path \"{p}\": {}", reason(&e)))?;
     if ctx.confine && !within(&full, &root) {
-        return Err(format!("path {} is outside the session's working directory", pyfmt::repr(p)));
+        return Err(format!("path \"{p}\" is outside the session's working directory"));
     }
     Ok(full)
+}
+
+/// A path `read` or `grep` may open: inside a directory where bash saved a long output (a
+/// relative path resolved against the working directory), else as `resolve` has it.
+pub(super) fn resolve_readable(ctx: &Ctx, p: &str) -> Result<PathBuf, String> {
+    if !p.contains('\0') && !ctx.saved_outputs.is_empty() {
+        if let Ok(full) = canonicalize(&root(ctx).join(p)) {
+            if ctx.saved_outputs.iter().any(|d| within(&full, d)) {
+                return Ok(full);
+            }
+        }
+    }
+    resolve(ctx, p)
+}
+
+/// The runner's refusal to change a file inside a directory of saved bash output (a command can
+/// replace that directory, so it is compared as recorded, not resolved).
+pub(super) fn reject_saved_output(ctx: &Ctx, op: &str, fp: &str, target: &Path) -> Result<(), String> {
+    match ctx.saved_outputs.iter().find(|d| target.starts_with(d)) {
+        Some(d) => Err(format!("{op}: {fp} is inside read-only directory {}", d.display())),
+        None => Ok(()),
+    }
 }
 
 #[cfg(test)]

@@ -1,5 +1,5 @@
-//! Python's own spellings of a string and a float, for the messages where the official runner
-//! prints `{value!r}` or `{seconds}`.
+//! Python's own spelling of a string, for the messages where the official runner prints
+//! `{value!r}`.
 
 use unicode_general_category::{get_general_category, GeneralCategory as G};
 
@@ -48,38 +48,12 @@ pub(crate) fn repr(s: &str) -> String {
     out
 }
 
-/// `str(x)` of a Python float: the shortest text that reads back as `x`, with `.0` on whole
-/// numbers and an exponent outside [1e-4, 1e16).
-pub(crate) fn float(x: f64) -> String {
-    if x.is_nan() {
-        return "nan".into();
-    }
-    if x.is_infinite() {
-        return if x > 0.0 { "inf".into() } else { "-inf".into() };
-    }
-    let a = x.abs();
-    if a != 0.0 && !(1e-4..1e16).contains(&a) {
-        // Rust's `{:e}` is shortest round-trip too; Python writes the exponent with a sign and
-        // at least two digits.
-        let s = format!("{x:e}");
-        let (m, e) = s.split_once('e').expect("exponent form");
-        let e: i32 = e.parse().expect("exponent");
-        return format!("{m}e{}{:02}", if e < 0 { '-' } else { '+' }, e.abs());
-    }
-    let s = format!("{x}");
-    if s.contains('.') {
-        s
-    } else {
-        format!("{s}.0")
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn strings_and_floats_read_as_python_writes_them() {
+    fn strings_read_as_python_writes_them() {
         for (s, want) in [
             ("../x", "'../x'"),
             ("it's", "\"it's\""),
@@ -92,19 +66,6 @@ mod tests {
             ("back\\slash", "'back\\\\slash'"),
         ] {
             assert_eq!(repr(s), want, "{s:?}");
-        }
-        for (x, want) in [
-            (120.0, "120.0"),
-            (0.1, "0.1"),
-            (0.001, "0.001"),
-            (1.5, "1.5"),
-            (-0.001, "-0.001"),
-            (1e-5, "1e-05"),
-            (1e16, "1e+16"),
-            (1234.567, "1234.567"),
-            (9.2e18, "9.2e+18"),
-        ] {
-            assert_eq!(float(x), want, "{x}");
         }
     }
 }

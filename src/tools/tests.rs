@@ -29,7 +29,7 @@ impl Fixture {
         p.display().to_string()
     }
     fn ctx(&self) -> Ctx {
-        Ctx { cwd: self.0.clone(), confine: false }
+        Ctx::new(self.0.clone(), false)
     }
     fn age(&self, rel: &str, secs_ago: u64) {
         let t = SystemTime::now() - Duration::from_secs(secs_ago);
@@ -82,14 +82,14 @@ fn read_refuses_what_the_runner_refuses_in_its_words() {
     assert_eq!(
         run(&f, "read", json!({"file_path": "big.txt"})),
         ToolResult::err(
-            "read: big.txt is 307200 bytes, exceeds 262144-byte limit. Use the view_range parameter to read \
+            "read: big.txt is 307200 bytes, exceeds 110000-byte limit. Use the view_range parameter to read \
              specific line ranges, e.g. view_range: [1, 500]."
         )
     );
     assert_eq!(
         run(&f, "read", json!({"file_path": "big.txt", "view_range": [1, 1]})),
         ToolResult::err(
-            "read: line 1 of big.txt alone exceeds 262144-byte limit. The read tool cannot return part of a line, \
+            "read: line 1 of big.txt alone exceeds 110000-byte limit. The read tool cannot return part of a line, \
              so view_range cannot narrow this further."
         )
     );
@@ -184,16 +184,16 @@ fn paths_outside_the_workdir_are_refused_only_when_confined() {
     outside.file("o.txt", "outside\n");
     let rel = format!("../{}/o.txt", outside.0.file_name().unwrap().to_string_lossy());
     assert_eq!(run(&f, "read", json!({"file_path": rel})), ToolResult::ok("outside\n"));
-    let confined = Ctx { cwd: f.0.clone(), confine: true };
+    let confined = Ctx::new(f.0.clone(), true);
     assert_eq!(
         run_file_tool(&confined, "read", &json!({"file_path": rel})),
-        ToolResult::err(format!("read: path '{rel}' is outside the session's working directory"))
+        ToolResult::err(format!("read: path \"{rel}\" is outside the session's working directory"))
     );
     // A symlink inside that leads outside is outside too.
     std::os::unix::fs::symlink(outside.0.join("o.txt"), f.0.join("link")).unwrap();
     assert_eq!(
         run_file_tool(&confined, "read", &json!({"file_path": "link"})),
-        ToolResult::err("read: path 'link' is outside the session's working directory")
+        ToolResult::err("read: path \"link\" is outside the session's working directory")
     );
 }
 
@@ -271,54 +271,148 @@ fn shell() -> Shell {
     Shell::new(std::env::temp_dir(), env, KillScope::ProcessGroup)
 }
 
+const GONE: &str = "Call bash with restart set to true to start a new one. It starts in the original working \
+                    directory, without the old shell's variables, activated environments and background jobs.";
+
 #[test]
 fn bash_keeps_state_and_answers_as_the_runner_does() {
     let mut sh = shell();
     assert_eq!(sh.call(&json!({"command": "X=41; cd /"})), ToolResult::ok(NO_OUTPUT));
     assert_eq!(sh.call(&json!({"command": "echo $((X+1)); pwd"})), ToolResult::ok("42\n/"));
     assert_eq!(sh.call(&json!({"command": "printf '\\033[31mred\\033[0m\\n\\n\\n'"})), ToolResult::ok("red"));
+    // stdout, a newline, stderr; stderr first when the command failed.
+    assert_eq!(sh.call(&json!({"command": "echo a; echo b >&2; echo c"})), ToolResult::ok("a\nc\n\nb"));
+    assert_eq!(sh.call(&json!({"command": "echo x >&2"})), ToolResult::ok("\nx"));
     assert_eq!(
-        sh.call(&json!({"command": "echo oops >&2; exit_with() { return 3; }; exit_with"})),
-        ToolResult::err("oops")
+        sh.call(&json!({"command": "echo out; echo oops >&2; exit_with() { return 3; }; exit_with"})),
+        ToolResult::err("oops\n\nout")
     );
+    // Line 1 is the shell's set-up; each call before this one took six lines.
     assert_eq!(
         sh.call(&json!({"command": "nosuchcmd"})),
-        ToolResult::err("/bin/bash: line 9: nosuchcmd: command not found")
+        ToolResult::err("/bin/bash: line 39: nosuchcmd: command not found")
     );
-    assert_eq!(sh.call(&json!({"command": "echo $TERM; cat"})), ToolResult::ok("dumb"));
+    assert_eq!(sh.call(&json!({"command": "echo $TERM; echo \"[$HISTFILE]\"; cat"})), ToolResult::ok("dumb\n[]"));
     assert_eq!(sh.call(&json!({})), ToolResult::err("bash: command is required"));
-    assert_eq!(sh.call(&json!({"restart": true, "command": "echo no"})), ToolResult::ok("bash session restarted"));
-    assert_eq!(sh.call(&json!({"command": "echo ${X:-unset}"})), ToolResult::ok("unset"));
+    // A restart with a command restarts, then runs it.
+    assert_eq!(sh.call(&json!({"restart": true, "command": "echo ${X:-unset}"})), ToolResult::ok("unset"));
+    assert_eq!(sh.call(&json!({"restart": true})), ToolResult::ok("bash session restarted"));
 }
 
 #[test]
 fn bash_timeout_ends_the_shell_until_a_restart() {
     let mut sh = shell();
-    let r = sh.call(&json!({"command": "echo start; sleep 5", "timeout_ms": 300}));
-    assert_eq!(r, ToolResult::err("bash: bash command timed out after 0.3s"));
+    let r = sh.call(&json!({"command": "echo start; echo err >&2; sleep 5", "timeout_ms": 300}));
+    assert_eq!(
+        r,
+        ToolResult::err(format!("err\n\ncommand timed out after 0.3s\n\nstart\n[The shell is gone. {GONE}]"))
+    );
     assert_eq!(
         sh.call(&json!({"command": "echo hi"})),
-        ToolResult::err("bash: bash session terminated; restart required")
+        ToolResult::err(format!("[This command did not run, because the shell is gone. {GONE}]"))
     );
     assert_eq!(sh.call(&json!({"restart": true})), ToolResult::ok("bash session restarted"));
     assert_eq!(sh.call(&json!({"command": "echo hi"})), ToolResult::ok("hi"));
 }
 
 #[test]
-fn bash_after_exit_starts_a_new_shell_and_says_so() {
+fn bash_timeouts_are_capped_at_295_seconds() {
     let mut sh = shell();
-    let r = sh.call(&json!({"command": "echo bye; exit 3"}));
-    assert_eq!(r, ToolResult::err("bye\nbash: the shell exited with status 3; the next call starts a new shell"));
-    assert_eq!(sh.call(&json!({"command": "echo again"})), ToolResult::ok("again"));
+    // A negative or zero timeout is the default; the text names the capped value.
+    let r = sh.call(&json!({"command": "echo $BASHPID", "timeout_ms": -5}));
+    assert!(!r.is_error, "{r:?}");
+    assert_eq!(super::format::BASH_DEFAULT_TIMEOUT_S, 295.0);
 }
 
 #[test]
-fn bash_keeps_the_last_100_kib_behind_a_marker() {
+fn bash_after_exit_starts_a_new_shell_and_says_so() {
     let mut sh = shell();
-    let r = sh.call(&json!({"command": "seq 1 40000"}));
-    let text = r.text_content();
-    assert!(text.starts_with("[output truncated]\n"), "{}", &text[..50]);
-    assert!(text.ends_with("\n39999\n40000"));
-    // 100 KiB minus the sentinel line (1 + 49 + 1 + 1 bytes), after the marker.
-    assert_eq!(text.len() - "[output truncated]\n".len(), 102_400 - 52 - 1);
+    let r = sh.call(&json!({"command": "echo bye; exit 3"}));
+    let note = "[The shell is gone; the next call starts a new shell. It starts in the original working directory, \
+                without the old shell's variables, activated environments and background jobs.]";
+    assert_eq!(r, ToolResult::err(format!("bye\n{note}")));
+    assert_eq!(sh.call(&json!({"command": "echo again"})), ToolResult::ok("again"));
+    assert_eq!(sh.call(&json!({"command": "exit 0"})), ToolResult::ok(format!("{NO_OUTPUT}\n{note}")));
+}
+
+#[test]
+fn bash_cuts_after_30000_code_units_and_saves_the_whole_output_for_read_and_grep() {
+    let f = Fixture::new("bash-cut");
+    let mut sh = Shell::new(f.0.clone(), vec![("PATH".into(), "/usr/bin:/bin".into())], KillScope::ProcessGroup);
+    let text = sh.call(&json!({"command": "seq 1 40000"})).text_content();
+    let (kept, tail) = text.split_once("\n\n... [").expect("cut");
+    assert_eq!(kept.encode_utf16().count(), 30_000);
+    assert!(kept.starts_with("1\n2\n"));
+    let (lines, sentence) = tail.split_once(" lines truncated] Full output saved to: ").expect("sentence");
+    // The runner counts the cut line's part as a line of its own.
+    assert_eq!(lines.parse::<usize>().unwrap(), 40_001 - kept.matches('\n').count());
+    let (path, rest) = sentence.split_once(" — ").expect("dash");
+    assert_eq!(rest, "use read with view_range to read specific portions. ...");
+    let saved = std::fs::read_to_string(path).unwrap();
+    assert_eq!(saved.lines().count(), 40_000);
+    assert!(saved.ends_with("39999\n40000\n"));
+
+    // The file tools reach it even when confined to their working directory, and refuse to change it.
+    let dir = sh.saved_output_dir().expect("saved").to_path_buf();
+    assert!(path.starts_with(&*dir.to_string_lossy()));
+    let ctx = Ctx { saved_outputs: vec![dir.clone()], ..Ctx::new(f.0.clone(), true) };
+    let r = run_file_tool(&ctx, "read", &json!({"file_path": path, "view_range": [39999, 40000]}));
+    assert_eq!(r, ToolResult::ok("39999\n40000"));
+    let r = run_file_tool(&ctx, "grep", &json!({"pattern": "^39999$", "path": path}));
+    assert_eq!(r, ToolResult::ok("39999:39999\n"));
+    let r = run_file_tool(&ctx, "write", &json!({"file_path": path, "content": "x"}));
+    assert_eq!(r, ToolResult::err(format!("write: path \"{path}\" is outside the session's working directory")));
+    let open = Ctx { confine: false, ..ctx.clone() };
+    let r = run_file_tool(&open, "write", &json!({"file_path": path, "content": "x"}));
+    assert_eq!(r, ToolResult::err(format!("write: {path} is inside read-only directory {}", dir.display())));
+    // Without the shell's word the same path is outside.
+    let r = run_file_tool(&Ctx::new(f.0.clone(), true), "read", &json!({"file_path": path}));
+    assert_eq!(r, ToolResult::err(format!("read: path \"{path}\" is outside the session's working directory")));
+
+    // A restart removes it.
+    sh.call(&json!({"restart": true}));
+    assert!(!dir.exists());
+}
+
+#[test]
+fn a_cut_counts_utf16_units_so_astral_characters_take_two() {
+    let mut sh = shell();
+    let text = sh.call(&json!({"command": "printf '🎉%.0s' $(seq 1 20000)"})).text_content();
+    let (kept, _) = text.split_once("\n\n... [").expect("cut");
+    assert_eq!(kept.chars().count(), 15_000);
+    let mut sh = shell();
+    sh.call(&json!({"command": "true"}));
+    drop(sh);
+}
+
+#[test]
+fn a_replace_all_whose_result_would_pass_the_edit_cap_is_refused_unchanged() {
+    let f = Fixture::new("edit-grow");
+    f.file("w.txt", &"x".repeat(5000));
+    let r = run(
+        &f,
+        "edit",
+        json!({"file_path": "w.txt", "old_string": "x", "new_string": "y".repeat(200), "replace_all": true}),
+    );
+    assert_eq!(
+        r,
+        ToolResult::err("edit: 5000 replacements would make w.txt 1000000 bytes, exceeds 262144-byte limit.")
+    );
+    assert_eq!(std::fs::read_to_string(f.0.join("w.txt")).unwrap(), "x".repeat(5000));
+}
+
+#[test]
+fn read_refuses_past_110000_bytes_where_edit_still_loads_the_file() {
+    let f = Fixture::new("read-cap");
+    f.file("big.txt", &"a".repeat(110_001));
+    let r = run(&f, "read", json!({"file_path": "big.txt"}));
+    assert_eq!(
+        r,
+        ToolResult::err(
+            "read: big.txt is 110001 bytes, exceeds 110000-byte limit. Use the view_range parameter to read specific \
+             line ranges, e.g. view_range: [1, 500]."
+        )
+    );
+    let r = run(&f, "edit", json!({"file_path": "big.txt", "old_string": "aaaa", "new_string": "b"}));
+    assert!(r.is_error && r.text_content().contains("appears"), "{r:?}");
 }

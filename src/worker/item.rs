@@ -10,12 +10,13 @@ use std::time::{Duration, Instant, SystemTime};
 use tokio::sync::watch;
 use tracing::Instrument;
 
+use super::lease::{changed, heartbeat, must_kill, signals, stop_item, Lease, LeaseClock};
 use super::runner::{RunnerError, SessionProcess};
 use super::state::{ItemDirs, ItemRecord};
 use super::{Ctx, Shutdown};
 use crate::control_plane::client::EventStream;
 use crate::control_plane::wire::{
-    ContentBlock, Event, Permission, SessionEvent, ToolResultEvent, WorkItem, WorkSecret, WorkState, NO_HEARTBEAT,
+    ContentBlock, Event, Permission, SessionEvent, ToolResultEvent, WorkItem, WorkSecret, HISTORY_EVENT_TYPES,
 };
 use crate::control_plane::{ApiError, Backoff, Client, Secret};
 use crate::policy::narrow::{self, Narrowing};
@@ -23,25 +24,8 @@ use crate::session::trail::TrailWriter;
 use crate::tools::{ToolResult, TOOLS};
 use crate::util::rfc3339;
 
-/// The heartbeat period before the server has said how long a lease lasts.
-const HEARTBEAT_DEFAULT: Duration = Duration::from_secs(30);
-/// The lease assumed before the first answer: transient failures this long mean it is gone.
-const TTL_DEFAULT: Duration = Duration::from_secs(90);
 /// Events per listing page (the most the API gives).
 const LIST_LIMIT: u32 = 1000;
-
-/// What the lease heartbeat has learned, in increasing severity.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-pub(super) enum Lease {
-    Held,
-    /// `stopping`, a lease no longer extended, or a heartbeat refused for good: finish the
-    /// running call, then end.
-    StopRequested,
-    /// `stopped`: kill the jail now.
-    ForceRequested,
-    /// 412, or no heartbeat succeeded for a whole lease: the item is someone else's.
-    Lost,
-}
 
 /// How an item's session ended.
 #[derive(Debug)]
@@ -71,55 +55,6 @@ impl End {
             End::Lost => "lease lost".into(),
             End::Failed(m) => format!("failed: {m}"),
         }
-    }
-}
-
-/// What the heartbeat knows of the lease's timing, shared with the session loop: the lease's
-/// length as last granted, when a heartbeat last succeeded, and a way to ask for a beat now.
-struct LeaseClock {
-    inner: std::sync::Mutex<(Duration, Instant)>,
-    beat_now: tokio::sync::Notify,
-}
-
-impl LeaseClock {
-    fn new() -> LeaseClock {
-        LeaseClock { inner: std::sync::Mutex::new((TTL_DEFAULT, Instant::now())), beat_now: tokio::sync::Notify::new() }
-    }
-
-    fn get(&self) -> (Duration, Instant) {
-        *self.inner.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    fn ttl(&self) -> Duration {
-        self.get().0
-    }
-
-    fn beat(&self, ttl: Duration) {
-        *self.inner.lock().unwrap_or_else(|p| p.into_inner()) = (ttl, Instant::now());
-    }
-}
-
-/// The severity of the signals in force: the lease's and the worker's.
-fn signals(lease: &watch::Receiver<Lease>, shutdown: &watch::Receiver<Shutdown>) -> (Lease, Shutdown) {
-    (*lease.borrow(), *shutdown.borrow())
-}
-
-/// Resolves when either signal changes (never, once both senders are gone).
-async fn changed(lease: &mut watch::Receiver<Lease>, shutdown: &mut watch::Receiver<Shutdown>) {
-    tokio::select! {
-        r = lease.changed() => if r.is_err() { std::future::pending::<()>().await },
-        r = shutdown.changed() => if r.is_err() { std::future::pending::<()>().await },
-    }
-}
-
-/// Resolves when the jail must die at once.
-async fn must_kill(mut lease: watch::Receiver<Lease>, mut shutdown: watch::Receiver<Shutdown>) {
-    loop {
-        let (l, s) = signals(&lease, &shutdown);
-        if l >= Lease::ForceRequested || s == Shutdown::Force {
-            return;
-        }
-        changed(&mut lease, &mut shutdown).await;
     }
 }
 
@@ -261,22 +196,9 @@ pub(super) async fn run(
             heartbeat(ctx.clone(), client.clone(), rec.clone(), lease_tx.clone(), clock.clone()).in_current_span(),
         );
         tracing::info!(resume = last_heartbeat.is_some(), workspace = %dirs.workspace.display(), "session starting");
-        if dirs.fresh {
-            super::skills::download(&client, &session_id, &dirs.workspace, ctx.owner).await;
-        }
         ctx.metrics.active_sessions.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         ctx.active.lock().unwrap_or_else(|p| p.into_inner()).insert(item.id.clone(), lease_tx.clone());
-        let runner = Runner {
-            ctx: &ctx,
-            client: &client,
-            item: &item,
-            session: &session_id,
-            dirs: &dirs,
-            clock,
-            trail: &trail.writer,
-            trail_path: &trail.path,
-        };
-        let end = runner.drive(lease_rx.clone(), shutdown).await;
+        let end = serve(&ctx, &client, &item, &dirs, clock, &trail, lease_rx.clone(), shutdown).await;
         hb.abort();
         match &end {
             End::Lost => {}
@@ -322,127 +244,72 @@ pub(super) async fn run(
     .await
 }
 
-/// Ends the item on the control plane: `stop {"force": true}`, a 409 (already stopped) is fine.
-/// Not after a lost lease: the item is someone else's then.
-async fn stop_item(ctx: &Ctx, client: &Client, work_id: &str, lease: &watch::Receiver<Lease>) {
-    let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
-    for _ in 0..5 {
-        if *lease.borrow() == Lease::Lost {
-            return;
-        }
-        match client.stop(&ctx.env, work_id, true).await {
-            Ok(_) | Err(ApiError::Conflict(_)) => return,
-            Err(e) if e.is_transient() => {
-                tracing::warn!(error = %e, "stopping the item failed; retrying");
-                tokio::time::sleep(backoff.delay_for(&e)).await;
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "stopping the item failed");
-                return;
-            }
-        }
-    }
-}
-
-/// The control plane handed out `work_id` again while this worker still runs it: the lease that
-/// run holds has expired, so the run is told so (its jail dies at once) and waited for.
-pub(super) async fn supersede(ctx: &Ctx, work_id: &str) {
-    let old = ctx.active.lock().unwrap_or_else(|p| p.into_inner()).get(work_id).cloned();
-    let Some(tx) = old else { return };
-    tracing::warn!(work_id, "handed out again while still running it: the earlier lease expired; stopping that run");
-    if tx.send_replace(Lease::Lost) != Lease::Lost {
-        ctx.metrics.lease_losses.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    }
-    let t = Instant::now();
-    while ctx.active.lock().unwrap_or_else(|p| p.into_inner()).contains_key(work_id)
-        && t.elapsed() < Duration::from_secs(30)
-    {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
-/// Keeps the lease: `NO_HEARTBEAT` first (or the last beat a previous run saw), then each
-/// answer's `last_heartbeat` echoed, every `min(ttl/2, 30 s)`, each beat bounded by the interval.
-async fn heartbeat(
-    ctx: Arc<Ctx>,
-    client: Client,
-    mut rec: ItemRecord,
-    tx: Arc<watch::Sender<Lease>>,
+/// The session's part of an item, once the heartbeat claimed it: the session read (retried while
+/// the lease lasts; a terminated one is not served), the skills, then the calls.
+#[allow(clippy::too_many_arguments)]
+async fn serve(
+    ctx: &Arc<Ctx>,
+    client: &Client,
+    item: &WorkItem,
+    dirs: &ItemDirs,
     clock: Arc<LeaseClock>,
-) {
-    let raise = |to: Lease| {
-        tx.send_if_modified(|l| {
-            let up = to > *l;
-            if up {
-                *l = to;
-            }
-            up
-        })
+    trail: &SessionTrail,
+    mut lease: watch::Receiver<Lease>,
+    mut shutdown: watch::Receiver<Shutdown>,
+) -> End {
+    if !clock.claimed(&mut lease, &mut shutdown).await {
+        return match signals(&lease, &shutdown) {
+            (Lease::Lost, _) => End::Lost,
+            (Lease::ForceRequested, _) => End::Stopped { forced: true },
+            (Lease::StopRequested, _) => End::Stopped { forced: false },
+            _ => End::Left { reason: "worker shutting down before the claim".into() },
+        };
+    }
+    let session_id = item.data.id.as_str();
+    let session = match read_session(client, session_id, &mut lease, &mut shutdown).await {
+        Ok(s) => s,
+        Err(end) => return end,
     };
-    let mut interval = ctx.heartbeat_every.unwrap_or(HEARTBEAT_DEFAULT);
-    let mut ttl = TTL_DEFAULT;
-    let mut last = rec.last_heartbeat.clone().unwrap_or_else(|| NO_HEARTBEAT.to_owned());
-    let mut last_success = Instant::now();
+    if session.is_terminated() {
+        tracing::info!("skipping the work item of a terminated session");
+        return End::Completed("session terminated");
+    }
+    if dirs.fresh {
+        super::skills::download(client, &session, &dirs.workspace, ctx.owner).await;
+    }
+    let runner =
+        Runner { ctx, client, item, session: session_id, dirs, clock, trail: &trail.writer, trail_path: &trail.path };
+    runner.drive(lease, shutdown).await
+}
+
+/// `GET /v1/sessions/{id}`, retried for as long as the lease lasts (a failed read would stop
+/// the item); a refusal that retrying cannot fix ends it.
+async fn read_session(
+    client: &Client,
+    session: &str,
+    lease: &mut watch::Receiver<Lease>,
+    shutdown: &mut watch::Receiver<Shutdown>,
+) -> Result<crate::control_plane::wire::Session, End> {
+    let mut backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(8));
     loop {
-        match client.heartbeat(&ctx.env, &rec.item.id, &last, interval).await {
-            Ok(r) => {
-                last = r.last_heartbeat.clone();
-                last_success = Instant::now();
-                if r.ttl_seconds > 0 {
-                    ttl = Duration::from_secs(r.ttl_seconds);
-                    interval = ctx
-                        .heartbeat_every
-                        .unwrap_or_else(|| (ttl / 2).clamp(Duration::from_secs(1), HEARTBEAT_DEFAULT));
-                }
-                clock.beat(ttl);
-                rec.last_heartbeat = Some(r.last_heartbeat);
-                if let Err(e) = ctx.state.record(&rec) {
-                    tracing::warn!(error = %e, "could not record the heartbeat; a restart will not resume this item");
-                }
-                match r.state {
-                    WorkState::Stopped => {
-                        tracing::info!("the control plane stopped the item");
-                        raise(Lease::ForceRequested);
-                        return;
-                    }
-                    WorkState::Stopping => {
-                        tracing::info!("the control plane asks the item to stop");
-                        raise(Lease::StopRequested);
-                    }
-                    _ if !r.lease_extended => {
-                        tracing::info!("the lease was not extended");
-                        raise(Lease::StopRequested);
-                    }
-                    _ => {}
-                }
-            }
-            Err(e @ ApiError::LeaseLost(_)) => {
-                tracing::warn!(error = %e, "lease lost");
-                if raise(Lease::Lost) {
-                    ctx.metrics.lease_losses.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                }
-                return;
-            }
-            Err(e) if !e.is_transient() => {
-                tracing::error!(error = %e, "heartbeat refused; ending the session");
-                raise(Lease::StopRequested);
-                return;
-            }
-            Err(e) => {
-                ctx.metrics.heartbeat_failures.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                if last_success.elapsed() > ttl {
-                    tracing::warn!(error = %e, ttl_s = ttl.as_secs(), "no heartbeat succeeded for a whole lease; lease assumed lost");
-                    if raise(Lease::Lost) {
-                        ctx.metrics.lease_losses.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    }
-                    return;
-                }
-                tracing::warn!(error = %e, "heartbeat failed; retrying while the lease lasts");
-            }
-        }
+        let e = match client.session(session).await {
+            Ok(s) => return Ok(s),
+            Err(ApiError::NotFound(_)) => return Err(End::Completed("session not found")),
+            Err(e) if !e.is_transient() => return Err(End::Failed(format!("reading the session: {e}"))),
+            Err(e) => e,
+        };
+        let d = backoff.delay_for(&e);
+        tracing::warn!(error = %e, retry_ms = d.as_millis() as u64, "reading the session failed; retrying while the lease lasts");
         tokio::select! {
-            () = tokio::time::sleep(interval) => {}
-            () = clock.beat_now.notified() => {}
+            () = tokio::time::sleep(d) => {}
+            () = changed(lease, shutdown) => {}
+        }
+        match signals(lease, shutdown) {
+            (Lease::Held, Shutdown::Running) => {}
+            (Lease::Lost, _) => return Err(End::Lost),
+            (Lease::ForceRequested, _) => return Err(End::Stopped { forced: true }),
+            (Lease::StopRequested, _) => return Err(End::Stopped { forced: false }),
+            _ => return Err(End::Left { reason: "worker shutting down".into() }),
         }
     }
 }
@@ -739,7 +606,7 @@ impl Runner<'_> {
     async fn reconcile(&self, seen: &mut Seen) -> Result<(), ApiError> {
         let mut page: Option<String> = None;
         loop {
-            let got = self.client.list_events(self.session, page.as_deref(), LIST_LIMIT).await?;
+            let got = self.client.list_events(self.session, page.as_deref(), LIST_LIMIT, HISTORY_EVENT_TYPES).await?;
             for e in &got.data {
                 seen.take(e);
             }
@@ -762,14 +629,19 @@ impl Runner<'_> {
         let mut backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(10));
         let since = Instant::now();
         loop {
+            // The stream opens first, so an event too new for the listing arrives on it. The
+            // session is read at every connection: archiving it adds no event, only its status
+            // shows it.
             let r = async {
                 let stream = self.client.stream_events(self.session).await?;
+                let session = self.client.session(self.session).await?;
                 self.reconcile(seen).await?;
-                Ok::<_, ApiError>(stream)
+                Ok::<_, ApiError>((stream, session))
             }
             .await;
             match r {
-                Ok(s) => return Ok(s),
+                Ok((_, session)) if session.is_terminated() => return Err(End::Completed("session terminated")),
+                Ok((s, _)) => return Ok(s),
                 Err(ApiError::NotFound(_)) => return Err(End::Completed("session not found")),
                 Err(e) if !e.is_transient() => return Err(End::Failed(format!("reading the session's events: {e}"))),
                 Err(e) if since.elapsed() > self.ttl() => {
@@ -890,7 +762,8 @@ impl Runner<'_> {
     async fn already_posted(&self, id: &str) -> Option<bool> {
         let mut page: Option<String> = None;
         loop {
-            let l = self.client.list_events(self.session, page.as_deref(), LIST_LIMIT).await.ok()?;
+            let l =
+                self.client.list_events(self.session, page.as_deref(), LIST_LIMIT, HISTORY_EVENT_TYPES).await.ok()?;
             let found = l.data.iter().any(|e| {
                 e.get("type").and_then(|t| t.as_str()) == Some("user.tool_result")
                     && e.get("tool_use_id").and_then(|t| t.as_str()) == Some(id)

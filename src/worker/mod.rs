@@ -4,6 +4,7 @@
 
 mod item;
 pub mod key;
+mod lease;
 pub mod metrics;
 pub mod provision;
 pub(crate) mod runner;
@@ -139,7 +140,7 @@ pub(crate) struct Ctx {
     worker_id: String,
     /// Items being run, with their lease signal: an item the control plane hands out again
     /// (its lease expired meanwhile) must first be taken from the run that lost it.
-    active: std::sync::Mutex<std::collections::HashMap<String, Arc<watch::Sender<item::Lease>>>>,
+    active: std::sync::Mutex<std::collections::HashMap<String, Arc<watch::Sender<lease::Lease>>>>,
     /// Items whose lease this worker lost, with their directories kept: handed out to this
     /// worker again, the session continues in the same workspace. Retired after `LOST_KEEP`.
     lost: std::sync::Mutex<std::collections::HashMap<String, (state::ItemRecord, std::time::Instant)>>,
@@ -411,7 +412,7 @@ pub async fn run(cfg: WorkerConfig, mut shutdown: watch::Receiver<Shutdown>) -> 
                 if !claim(&ctx, &item, &mut ack_attempt, &mut shutdown).await {
                     continue;
                 }
-                item::supersede(&ctx, &item.id).await;
+                lease::supersede(&ctx, &item.id).await;
                 if ctx.lost.lock().unwrap_or_else(|p| p.into_inner()).remove(&item.id).is_some() {
                     tracing::info!(work_id = %item.id, "handed back after a lost lease: same workspace");
                 }
@@ -502,30 +503,23 @@ async fn resume_held(
 }
 
 /// Acknowledges a polled item and says whether it is a session to run. An ack that fails for a
-/// while backs off here (the item comes back on a later poll); an item the API refuses, or one
-/// that is not a session, is force-stopped.
+/// while backs off here (the item comes back on a later poll); an item that is not a session is
+/// force-stopped.
 async fn claim(
     ctx: &Ctx,
     item: &crate::control_plane::wire::WorkItem,
     ack_attempt: &mut u32,
     shutdown: &mut watch::Receiver<Shutdown>,
 ) -> bool {
+    // As the official poller: a failed ack, whatever the reason, is logged and the item skipped
+    // (not stopped); it comes back on a later poll if it is still queued.
     match ctx.client.ack(&ctx.env, &item.id).await {
         Ok(_) => *ack_attempt = 0,
-        Err(e) if e.is_transient() => {
+        Err(e) => {
             *ack_attempt += 1;
             let d = sdk_backoff(*ack_attempt);
-            tracing::warn!(work_id = %item.id, error = %e, retry_ms = d.as_millis() as u64, "ack failed; backing off");
+            tracing::warn!(work_id = %item.id, error = %e, retry_ms = d.as_millis() as u64, "ack failed; skipping the item");
             pause(d, shutdown).await;
-            return false;
-        }
-        Err(e) => {
-            tracing::error!(work_id = %item.id, error = %e, "ack refused; force-stopping the item");
-            if let Err(e) = ctx.client.stop(&ctx.env, &item.id, true).await {
-                if !matches!(e, ApiError::Conflict(_)) {
-                    tracing::error!(work_id = %item.id, error = %e, "force-stop of an unprocessable item failed");
-                }
-            }
             return false;
         }
     }

@@ -104,7 +104,7 @@ impl SessionProcess {
         input: &serde_json::Value,
     ) -> Result<ToolResult, RunnerError> {
         let gone = |e: String| RunnerError::Gone(e);
-        let req = Request { id: id.into(), name: name.into(), input: input.clone() };
+        let req = Request { id: id.into(), name: name.into(), input: input.clone(), saved_outputs: Vec::new() };
         let mut line = serde_json::to_vec(&req).expect("requests serialise");
         line.push(b'\n');
         let stdin = self.stdin.as_mut().ok_or_else(|| gone("already closed".into()))?;

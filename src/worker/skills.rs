@@ -1,5 +1,6 @@
 //! A session agent's skills, downloaded into `/workspace/skills/<name>/` before its first tool
-//! call, as the official worker does: the session names the skills, each version is looked up
+//! call, as the official worker does: the session names the skills (its agent's and its
+//! subagents'), each version is looked up
 //! (`latest` included), and its archive — zip, or tar plain or compressed with gzip, bzip2 or xz —
 //! is unpacked with the official extraction rules. Archives come from the network and may be a
 //! third party's, so: any member with an absolute path or a `..` component refuses the whole
@@ -35,14 +36,13 @@ pub(crate) enum SkillError {
 
 /// Downloads every skill of the session's agent into `workspace/skills/`, owned by `owner`.
 /// Returns the directories made; failures are logged, never fatal.
-pub(super) async fn download(client: &Client, session: &str, workspace: &Path, owner: (u32, u32)) -> Vec<PathBuf> {
-    let skills = match client.session(session).await {
-        Ok(s) => s.agent.map(|a| a.skills).unwrap_or_default(),
-        Err(e) => {
-            tracing::warn!(error = %e, "could not read the session's agent; no skills downloaded");
-            return Vec::new();
-        }
-    };
+pub(super) async fn download(
+    client: &Client,
+    session: &crate::control_plane::wire::Session,
+    workspace: &Path,
+    owner: (u32, u32),
+) -> Vec<PathBuf> {
+    let skills = session.skills_with_subagents();
     let mut made = Vec::new();
     for skill in &skills {
         match one(client, skill, workspace, owner).await {

@@ -1,4 +1,4 @@
-"""The official Python SDK (anthropic==2.15.0) against `stockade control-plane`.
+"""The official Python SDK (the pinned release, tests/sdk/README.md) against `stockade control-plane`.
 
 The SDK is the oracle for the wire format: its worker must complete scripted sessions served by
 the local control plane, and its client must parse every answer the local control plane gives,
@@ -198,7 +198,7 @@ def test_the_official_worker_completes_scripted_sessions(cp):
         assert v["duplicate_results"] == 0
         v2 = cp.view(s2)
         assert v2["calls"][0]["is_error"] is True
-        assert v2["calls"][0]["content"] == [{"type": "text", "text": "(no output)"}]
+        assert v2["calls"][0]["content"][0]["text"].startswith("(no output)\n[The shell is gone. "), v2["calls"]
 
 
 def test_the_official_client_parses_every_answer(cp):
@@ -315,6 +315,19 @@ def test_stockade_sends_what_the_official_worker_sends(cp):
             ))
         return out
 
+    # The claim comes first: the first heartbeat, then the session read, then the events with the
+    # SDK's type filter, in that order, on both.
+    def order(reqs):
+        routes = [route(r) for r in reqs]
+        hb = next(i for i, r in enumerate(routes) if r.endswith("/heartbeat"))
+        read = routes.index("GET /v1/sessions/sesn_ID")
+        listed = routes.index("GET /v1/sessions/sesn_ID/events")
+        return hb < read < listed
+    assert order(official) and order(ours), ([route(r) for r in official][:8], [route(r) for r in ours][:8])
+    listings = [r for r in ours if route(r) == "GET /v1/sessions/sesn_ID/events"]
+    assert listings and all({v for k, v in r["query"] if k == "types[]"} >= {"agent.tool_use", "session.status_idle",
+                                                                            "user.tool_confirmation"}
+                            for r in listings), listings[:1]
     theirs, mine = shape(official), shape(ours)
     assert set(theirs) == set(mine), (sorted(theirs), sorted(mine))
     for k in theirs:

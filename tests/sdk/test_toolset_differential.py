@@ -1,5 +1,5 @@
 """The six tools, differentially: every call goes through the official SDK's reference tools
-(anthropic==2.15.0, unjailed, in a scratch directory) and through `stockade session` (jailed,
+(the pinned `anthropic` release, unjailed, in a scratch directory) and through `stockade session` (jailed,
 the same tree at /workspace), and the two answers must be the same bytes once the scratch path
 reads /workspace.
 
@@ -9,6 +9,7 @@ KNOWN_DIVERGENCES (and in the README); each is checked for Stockade's own docume
 """
 
 import os
+import re
 import sys
 import json
 import random
@@ -186,6 +187,19 @@ SCRIPTED = [
     {"name": "bash", "input": {"command": "exit 3"}, "divergence": "bash-exit"},
     {"name": "bash", "input": {"restart": True}},
     {"name": "bash", "input": {"command": "nosuch; echo $?"}},
+    {"name": "bash", "input": {"command": "echo start; echo err >&2; sleep 5", "timeout_ms": 300}},
+    {"name": "bash", "input": {"command": "echo refused"}},
+    {"name": "bash", "input": {"restart": True, "command": "echo restarted-and-ran; echo \"[$HISTFILE]\""}},
+    {"name": "bash", "input": {"command": "printf '\U0001F389%.0s' $(seq 1 20000)"}},
+    {"name": "bash", "input": {"command": "seq 1 40000 >&2; echo out; false"}},
+    {"name": "bash", "input": {"command": "printf 'x%.0s' $(seq 1 30000)"}},
+    {"name": "bash", "input": {"command": "printf 'x%.0s' $(seq 1 30001)"}},
+    {"name": "bash", "input": {"command": "echo capped", "timeout_ms": 10000000}},
+    {"name": "bash", "input": {"command": "echo negative", "timeout_ms": -1}},
+    {"name": "bash", "input": {"command": "exit 0"}, "divergence": "bash-exit"},
+    {"name": "bash", "input": {"restart": True}},
+    {"name": "edit", "input": {"file_path": "w/deep/new.txt", "old_string": "y", "new_string": "y" * 200, "replace_all": True}},
+    {"name": "read", "input": {"file_path": "w/deep/new.txt", "view_range": [1, 1]}},
     {"name": "read", "input": {"file_path": "a.txt", "offset": 2}},
     {"name": "read", "input": [1, 2]},
     {"name": "read", "input": {"file_path": 7}},
@@ -221,7 +235,18 @@ def run_oracle(workdir, calls):
     p = subprocess.run([sys.executable, str(ORACLE), str(workdir)], input=lines.encode(), capture_output=True, timeout=900)
     assert p.returncode == 0, p.stderr.decode()
     out = [json.loads(l) for l in p.stdout.decode().splitlines()]
-    return [json.loads(json.dumps(o).replace(json.dumps(str(workdir))[1:-1], "/workspace")) for o in out]
+    return [saved_name(json.loads(json.dumps(o).replace(json.dumps(str(workdir))[1:-1], "/workspace"))) for o in out]
+
+
+SAVED = re.compile(r"/tmp/bash-output-[a-z0-9_]{8}/tmp[a-z0-9_]{8}\.txt")
+
+
+def saved_name(result):
+    """The file that holds a long bash output has a random name on each side: one name for all."""
+    for block in result.get("content", []):
+        if "text" in block:
+            block["text"] = SAVED.sub("/tmp/bash-output-SAVED/tmpSAVED.txt", block["text"])
+    return result
 
 
 HOST_DIRS = 'extends = "default"\n[limits]\nworkspace_size = "none"\noutputs_size = "none"\n'
@@ -238,7 +263,7 @@ def run_stockade(workspace, calls, policy=None):
     cmd = [STOCKADE, "session", "--workspace", str(workspace), "--policy", policy]
     p = subprocess.run(cmd, input=lines.encode(), capture_output=True, timeout=900)
     assert p.returncode == 0, p.stderr.decode()[-3000:]
-    return [json.loads(l) for l in p.stdout.decode().splitlines()]
+    return [saved_name(json.loads(l)) for l in p.stdout.decode().splitlines()]
 
 
 def grep_lines(r):
@@ -261,7 +286,7 @@ def same(call, a, b, touched=frozenset()):
         return sorted(la) == sorted(lb) and keep(la) == keep(lb)
     if call.get("divergence") == "bash-exit":
         text = b["content"][0]["text"]
-        return b["is_error"] and "the next call starts a new shell" in text
+        return b["is_error"] == a["is_error"] and "the next call starts a new shell" in text
     if call["name"] == "grep" and not a["is_error"] and not b["is_error"]:
         ta, tb = a["content"][0]["text"], b["content"][0]["text"]
         marker = "\n[output truncated at 102400 bytes]"
