@@ -20,6 +20,19 @@ import pytest
 from anthropic.lib.environments import EnvironmentWorker
 
 STOCKADE = os.environ.get("STOCKADE", str(Path(__file__).resolve().parents[2] / "target/debug/stockade"))
+
+
+def pinned(name: str) -> str:
+    """A release named in tests/sdk/pins.env, the suite's one pin."""
+    for line in Path(__file__).with_name("pins.env").read_text().splitlines():
+        if line.startswith(f"{name}="):
+            return line.split("=", 1)[1].strip()
+    raise KeyError(name)
+
+
+def test_the_suite_runs_the_pinned_release():
+    """A venv left over from an older pin would test an old contract in silence."""
+    assert anthropic.__version__ == pinned("ANTHROPIC_PY"), (anthropic.__version__, pinned("ANTHROPIC_PY"))
 ENV = "env_local"
 
 

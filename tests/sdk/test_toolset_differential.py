@@ -1,7 +1,10 @@
-"""The six tools, differentially: every call goes through the official SDK's reference tools
-(the pinned `anthropic` release, unjailed, in a scratch directory) and through `stockade session` (jailed,
-the same tree at /workspace), and the two answers must be the same bytes once the scratch path
-reads /workspace.
+"""The six tools, differentially: every call goes through the official SDKs' reference tools
+(the pinned `anthropic` release and, where STOCKADE_TS_SDK names an installed `@anthropic-ai/sdk`,
+the pinned TypeScript release; unjailed, in scratch directories) and through `stockade session`
+(jailed, the same tree at /workspace). Stockade's answer must be the same bytes as Python's once
+the scratch path reads /workspace; wherever Python and TypeScript agree, that is the contract and
+it must equal both. Where the two SDKs differ, Stockade follows Python and the difference is
+printed (and written to $STOCKADE_DIFF_REPORT when set), so it is seen, not hidden.
 
 Most calls are generated from a seed, which is printed; `STOCKADE_DIFF_SEED=N` replays a run.
 A failing call prints both answers. The cases where Stockade differs on purpose are listed in
@@ -23,6 +26,9 @@ import pytest
 HERE = Path(__file__).resolve().parent
 STOCKADE = os.environ.get("STOCKADE", str(HERE.parents[1] / "target/debug/stockade"))
 ORACLE = HERE / "toolset_oracle.py"
+TS_ORACLE = HERE / "ts_toolset_oracle.mjs"
+TS_SDK = os.environ.get("STOCKADE_TS_SDK")
+NODE = os.environ.get("STOCKADE_NODE", "node")
 ROOT = "{ROOT}"  # stands for the working directory in a call's input
 
 KNOWN_DIVERGENCES = {
@@ -229,16 +235,19 @@ SCRIPTED = [
 ]
 
 
-def run_oracle(workdir, calls):
-    lines = "".join(json.dumps({"id": str(i), **c}) + "\n" for i, c in enumerate(calls))
+def run_oracle(workdir, calls, typescript=False):
+    lines = "".join(json.dumps({"id": str(i), "name": c["name"], "input": c["input"]}) + "\n"
+                    for i, c in enumerate(calls))
     lines = lines.replace(ROOT, str(workdir))
-    p = subprocess.run([sys.executable, str(ORACLE), str(workdir)], input=lines.encode(), capture_output=True, timeout=900)
+    cmd = [NODE, str(TS_ORACLE), str(workdir)] if typescript else [sys.executable, str(ORACLE), str(workdir)]
+    p = subprocess.run(cmd, input=lines.encode(), capture_output=True, timeout=900)
     assert p.returncode == 0, p.stderr.decode()
     out = [json.loads(l) for l in p.stdout.decode().splitlines()]
     return [saved_name(json.loads(json.dumps(o).replace(json.dumps(str(workdir))[1:-1], "/workspace"))) for o in out]
 
 
-SAVED = re.compile(r"/tmp/bash-output-[a-z0-9_]{8}/tmp[a-z0-9_]{8}\.txt")
+# Python names it bash-output-XXXXXXXX/tmpXXXXXXXX.txt, TypeScript bash-output-XXXXXX/UUID.txt.
+SAVED = re.compile(r"/tmp/bash-output-[A-Za-z0-9_]{6,8}/[A-Za-z0-9_-]+\.txt")
 
 
 def saved_name(result):
@@ -329,12 +338,33 @@ def tree_pair(s):
     return base, a, b, fa, da
 
 
-def compare(calls, oracle, stockade, s):
+def tree_copy(s):
+    """A third copy of the seed's tree, for the TypeScript tools, in a directory as long as /workspace."""
+    alphabet = "abcdefghijklmnopqrstuvwxyz0123456789"
+    while True:
+        c = Path("/tmp/" + "".join(random.SystemRandom().choice(alphabet) for _ in range(5)))
+        try:
+            c.mkdir()
+            break
+        except FileExistsError:
+            continue
+    build_tree(random.Random(s), c)
+    return c
+
+
+def compare(calls, oracle, stockade, s, typescript=None):
+    """Stockade against Python, call by call; with `typescript`, also where the two SDKs agree."""
     assert len(oracle) == len(calls) and len(stockade) == len(calls), (len(oracle), len(stockade))
     bad = []
+    sdk_differences = []
     touched = set()
     for i, (c, a, b) in enumerate(zip(calls, oracle, stockade)):
-        if not same(c, a, b, frozenset(touched)):
+        t = typescript[i] if typescript is not None else None
+        agree = t is not None and same(c, a, t, frozenset(touched))
+        if t is not None and not agree:
+            sdk_differences.append(f"call {i}: {c['name']} {json.dumps(c['input'], ensure_ascii=False)[:300]}\n"
+                                   f"  python:     {show(a)}\n  typescript: {show(t)}")
+        if not same(c, a, b, frozenset(touched)) or (agree and not same(c, t, b, frozenset(touched))):
             bad.append(f"call {i}: {c['name']} {json.dumps(c['input'], ensure_ascii=False)[:300]}\n"
                        f"  official: {show(a)}\n  stockade: {show(b)}")
         if c["name"] in ("write", "edit", "bash") and isinstance(c["input"], dict):
@@ -345,6 +375,16 @@ def compare(calls, oracle, stockade, s):
                 touched.add(os.path.normpath(os.path.join("/workspace", p.replace(ROOT + "/", ""))))
                 p = os.path.dirname(p)
             touched.add("/workspace")
+    if typescript is not None:
+        print(f"seed {s}: the SDKs agree on {len(calls) - len(sdk_differences)} of {len(calls)} calls; "
+              f"{len(sdk_differences)} differ (Stockade follows Python there)")
+        for d in sdk_differences:
+            print(d)
+        report = os.environ.get("STOCKADE_DIFF_REPORT")
+        if report:
+            with open(report, "a") as f:
+                f.write(f"seed {s}: {len(sdk_differences)} of {len(calls)} calls differ between the SDKs\n")
+                f.writelines(d + "\n" for d in sdk_differences)
     assert not bad, f"seed {s}: {len(bad)} of {len(calls)} answers differ\n" + "\n".join(bad[:15])
 
 
@@ -356,7 +396,14 @@ def test_three_hundred_calls_answer_as_the_official_tools_do():
         rng = random.Random(s + 1)
         calls = calls_for(rng, files, dirs, 300) + SCRIPTED
         assert len(calls) >= 300
-        compare(calls, run_oracle(a, calls), run_stockade(b, calls), s)
+        ts = None
+        if TS_SDK:
+            c = tree_copy(s)
+            try:
+                ts = run_oracle(c, calls, typescript=True)
+            finally:
+                shutil.rmtree(c, ignore_errors=True)
+        compare(calls, run_oracle(a, calls), run_stockade(b, calls), s, ts)
     finally:
         shutil.rmtree(base / "oracle", ignore_errors=True)
         shutil.rmtree(Path(os.readlink(base / "oracle")), ignore_errors=True)
