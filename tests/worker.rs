@@ -1660,3 +1660,28 @@ fn sessions_run_under_the_policy_the_worker_started_with() {
     let text = std::fs::read_to_string(&snapshot).unwrap();
     assert!(text.contains("extends = \"none\"") && text.contains("hostname = \"before\""), "{text}");
 }
+
+/// Each session thread has a shell of its own (the official runner keeps one per thread): a
+/// subagent's `cd` and variables do not reach the primary thread's shell, or another subagent's,
+/// and all of them work in the session's one jail.
+#[test]
+fn session_threads_have_shells_of_their_own_in_one_jail() {
+    let cp = Cp::start(Duration::from_secs(30));
+    let state = TempDir::new("w-state");
+    let on = |thread: &str, cmd: &str| ScriptStep { thread: Some(thread.into()), ..bash(cmd) };
+    let (s, _) = cp.session(vec![
+        bash("cd /tmp && export WHO=primary && echo $$ > /tmp/primary.pid"),
+        on("sthr_a", "cd /mnt && export WHO=a; pwd"),
+        on("sthr_b", "echo \"$(pwd) ${WHO:-none}\""),
+        bash("echo \"$(pwd) $WHO $([ $$ = $(cat /tmp/primary.pid) ] && echo same-shell)\""),
+        on("sthr_a", "echo \"$(pwd) $WHO\"; ls /tmp/primary.pid"),
+    ]);
+    let _w = start_worker(&cp, state.path(), &[]);
+    let v = cp.wait_ended(&s, Duration::from_secs(60));
+    assert!(completed(&v), "{v:#?}");
+    assert_eq!(result_of(&v, 1), "/mnt");
+    assert_eq!(result_of(&v, 2), "/workspace none");
+    assert_eq!(result_of(&v, 3), "/tmp primary same-shell");
+    // The same jail: a's shell sees the file the primary thread wrote to the jail's /tmp.
+    assert_eq!(result_of(&v, 4), "/mnt a\n/tmp/primary.pid");
+}

@@ -55,6 +55,9 @@ pub struct ScriptStep {
     /// For "ask": what the scripted user answers, "allow" or "deny".
     #[serde(default)]
     pub confirm: Option<String>,
+    /// The session thread (a subagent's) the call comes from: its `session_thread_id`.
+    #[serde(default)]
+    pub thread: Option<String>,
 }
 
 /// What the local control plane refuses: a script or session it cannot run, an unknown id, a
@@ -85,7 +88,15 @@ pub enum LocalError {
 
 impl ScriptStep {
     pub fn call(name: &str, input: Value) -> ScriptStep {
-        ScriptStep { id: None, name: name.into(), input, end_session: false, permission: None, confirm: None }
+        ScriptStep {
+            id: None,
+            name: name.into(),
+            input,
+            end_session: false,
+            permission: None,
+            confirm: None,
+            thread: None,
+        }
     }
 
     fn check(&self) -> Result<(), LocalError> {
@@ -521,7 +532,7 @@ impl Db {
         self.push_event(
             session,
             json!({"type": "agent.tool_use", "id": id, "name": step.name, "input": step.input,
-                   "evaluated_permission": permission, "session_thread_id": null}),
+                   "evaluated_permission": permission, "session_thread_id": step.thread}),
         );
         self.push_event(
             session,

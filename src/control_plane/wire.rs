@@ -7,7 +7,7 @@
 
 use serde::{Deserialize, Serialize};
 
-/// The API version header value (`anthropic-version`), as the official SDK 2.15.0 sends it
+/// The API version header value (`anthropic-version`), as the pinned official SDK sends it
 /// (`anthropic/_constants.py`).
 pub(crate) const API_VERSION: &str = "2026-10-21";
 /// The beta that gates environments, work and sessions (`anthropic-beta`).
@@ -284,14 +284,20 @@ impl ContentBlock {
     }
 }
 
-/// A session event, as far as the worker acts on it.
+/// A session event, as far as the worker acts on it (the official runner's `SessionView`).
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) enum Event {
+    /// `agent.tool_use`, or `agent.custom_tool_use` (`custom`).
     ToolUse {
         name: String,
         input: serde_json::Value,
-        permission: Permission,
+        custom: bool,
+        /// `session_thread_id`: none for the primary thread.
+        thread: Option<String>,
+        /// `evaluated_permission` as sent: `allow`, `deny`, `ask`, or absent.
+        permission: Option<String>,
     },
+    /// A result for a call (`user.tool_result`, `agent.tool_result`, `user.custom_tool_result`).
     ToolResult {
         tool_use_id: String,
     },
@@ -299,23 +305,33 @@ pub(crate) enum Event {
         tool_use_id: String,
         allow: bool,
     },
+    /// `session.status_idle`, with the calls a `requires_action` stop lists.
     Idle {
         stop_reason: Option<String>,
+        event_ids: Vec<String>,
     },
-    Running,
+    /// `session.thread_status_{running,rescheduled,idle,terminated}`.
+    Thread {
+        thread: String,
+        status: ThreadStatus,
+        stop_reason: Option<String>,
+        event_ids: Vec<String>,
+    },
+    /// Another `session.status_*` (running, rescheduled): the turn goes on.
+    Status,
     Terminated,
     Deleted,
-    /// Any other type: kept so that it re-arms the idle clock, otherwise ignored.
+    /// Any other type, ignored.
     Other(String),
 }
 
-/// `agent.tool_use.evaluated_permission`.
+/// A session thread's status event.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Permission {
-    Allow,
-    /// `ask`, or a value this worker does not know: wait for a confirmation.
-    Ask,
-    Deny,
+pub(crate) enum ThreadStatus {
+    Running,
+    Rescheduled,
+    Idle,
+    Terminated,
 }
 
 /// One event of a session's stream: its id and what it means to the worker.
@@ -328,36 +344,49 @@ pub(crate) struct SessionEvent {
 impl SessionEvent {
     /// Reads an event leniently: an event of an unknown type, or a known type missing a field
     /// the worker does not need, still parses. Fails only without an id or a type, or when a
-    /// known type lacks a field the worker acts on.
+    /// field the worker acts on is missing.
     pub(crate) fn parse(v: &serde_json::Value) -> Result<SessionEvent, String> {
         let s = |k: &str| v.get(k).and_then(|x| x.as_str());
         let id = s("id").ok_or("an event without an id")?.to_owned();
         let kind = s("type").ok_or_else(|| format!("event {id} has no type"))?;
         let need = |k: &str| s(k).map(str::to_owned).ok_or_else(|| format!("{kind} event {id} has no {k}"));
+        let stop = v.get("stop_reason");
+        let stop_reason = || stop.and_then(|r| r.get("type")).and_then(|t| t.as_str()).map(str::to_owned);
+        let event_ids = || -> Vec<String> {
+            stop.and_then(|r| r.get("event_ids"))
+                .and_then(|e| e.as_array())
+                .map(|a| a.iter().filter_map(|x| x.as_str().map(str::to_owned)).collect())
+                .unwrap_or_default()
+        };
+        let thread_event = |status| -> Result<Event, String> {
+            Ok(Event::Thread {
+                thread: need("session_thread_id")?,
+                status,
+                stop_reason: stop_reason(),
+                event_ids: event_ids(),
+            })
+        };
         let event = match kind {
-            "agent.tool_use" => Event::ToolUse {
+            "agent.tool_use" | "agent.custom_tool_use" => Event::ToolUse {
                 name: need("name")?,
                 input: v.get("input").cloned().unwrap_or(serde_json::Value::Object(Default::default())),
-                permission: match s("evaluated_permission") {
-                    None | Some("allow") => Permission::Allow,
-                    Some("deny") => Permission::Deny,
-                    Some(_) => Permission::Ask,
-                },
+                custom: kind == "agent.custom_tool_use",
+                thread: s("session_thread_id").map(str::to_owned),
+                permission: s("evaluated_permission").map(str::to_owned),
             },
-            "user.tool_result" => Event::ToolResult { tool_use_id: need("tool_use_id")? },
+            "user.tool_result" | "agent.tool_result" => Event::ToolResult { tool_use_id: need("tool_use_id")? },
+            "user.custom_tool_result" => Event::ToolResult { tool_use_id: need("custom_tool_use_id")? },
             "user.tool_confirmation" => {
                 Event::ToolConfirmation { tool_use_id: need("tool_use_id")?, allow: s("result") == Some("allow") }
             }
-            "session.status_idle" => Event::Idle {
-                stop_reason: v
-                    .get("stop_reason")
-                    .and_then(|r| r.get("type"))
-                    .and_then(|t| t.as_str())
-                    .map(str::to_owned),
-            },
-            "session.status_running" => Event::Running,
+            "session.status_idle" => Event::Idle { stop_reason: stop_reason(), event_ids: event_ids() },
             "session.status_terminated" => Event::Terminated,
             "session.deleted" => Event::Deleted,
+            "session.thread_status_running" => thread_event(ThreadStatus::Running)?,
+            "session.thread_status_rescheduled" => thread_event(ThreadStatus::Rescheduled)?,
+            "session.thread_status_idle" => thread_event(ThreadStatus::Idle)?,
+            "session.thread_status_terminated" => thread_event(ThreadStatus::Terminated)?,
+            other if other.starts_with("session.status_") => Event::Status,
             other => Event::Other(other.to_owned()),
         };
         Ok(SessionEvent { id, event })
@@ -528,16 +557,29 @@ mod tests {
     fn events_parse_leniently() {
         let p = |v| SessionEvent::parse(&v);
         let e = p(json!({"id": "sevt_1", "type": "agent.tool_use", "name": "bash", "input": {"command": "ls"},
-                         "evaluated_permission": "ask", "processed_at": "x"}))
+                         "evaluated_permission": "ask", "processed_at": "x", "session_thread_id": "sthr_1"}))
         .unwrap();
-        assert!(matches!(e.event, Event::ToolUse { permission: Permission::Ask, .. }));
+        assert!(matches!(&e.event, Event::ToolUse { permission: Some(p), thread: Some(t), custom: false, .. }
+            if p == "ask" && t == "sthr_1"));
         let e =
             p(json!({"id": "sevt_2", "type": "agent.tool_use", "name": "read", "evaluated_permission": null})).unwrap();
-        assert!(matches!(e.event, Event::ToolUse { permission: Permission::Allow, .. }));
+        assert!(matches!(e.event, Event::ToolUse { permission: None, thread: None, .. }));
         let e = p(json!({"id": "sevt_3", "type": "span.model_request_start", "whatever": [1, 2]})).unwrap();
         assert_eq!(e.event, Event::Other("span.model_request_start".into()));
-        let e = p(json!({"id": "sevt_4", "type": "session.status_idle", "stop_reason": {"type": "end_turn"}})).unwrap();
-        assert_eq!(e.event, Event::Idle { stop_reason: Some("end_turn".into()) });
+        let e = p(json!({"id": "sevt_4", "type": "session.status_idle",
+                         "stop_reason": {"type": "requires_action", "event_ids": ["sevt_1", 7]}}))
+        .unwrap();
+        assert_eq!(
+            e.event,
+            Event::Idle { stop_reason: Some("requires_action".into()), event_ids: vec!["sevt_1".into()] }
+        );
+        let e = p(json!({"id": "sevt_5", "type": "session.status_rescheduled"})).unwrap();
+        assert_eq!(e.event, Event::Status);
+        let e = p(json!({"id": "sevt_6", "type": "user.custom_tool_result", "custom_tool_use_id": "sevt_9"})).unwrap();
+        assert_eq!(e.event, Event::ToolResult { tool_use_id: "sevt_9".into() });
+        assert!(p(json!({"id": "sevt_7", "type": "session.thread_status_idle"}))
+            .unwrap_err()
+            .contains("session_thread_id"));
         assert!(p(json!({"type": "agent.tool_use", "name": "bash"})).is_err());
         assert!(p(json!({"id": "x", "type": "user.tool_result"})).unwrap_err().contains("tool_use_id"));
     }

@@ -27,9 +27,25 @@ pub(crate) struct Request {
     pub name: String,
     #[serde(default)]
     pub input: serde_json::Value,
+    /// The session thread the call belongs to (its `session_thread_id`); none for the primary
+    /// thread. Each thread has a bash shell of its own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub thread: Option<String>,
     /// Set by the jail's PID 1 for its file tool helper: where bash saved long outputs.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub saved_outputs: Vec<std::path::PathBuf>,
+}
+
+impl Request {
+    pub(crate) fn new(thread: Option<&str>, id: &str, name: &str, input: &serde_json::Value) -> Request {
+        Request {
+            id: id.to_owned(),
+            name: name.to_owned(),
+            input: input.clone(),
+            thread: thread.map(str::to_owned),
+            saved_outputs: Vec::new(),
+        }
+    }
 }
 
 /// A tool result, tagged with its call's id.
@@ -54,9 +70,20 @@ impl Channel {
         Channel(s)
     }
 
-    /// Sends one call and waits for its result; `Err` when the server is gone.
+    /// Sends one call of the primary thread and waits for its result; `Err` when the server is gone.
     pub fn call(&mut self, id: &str, name: &str, input: &serde_json::Value) -> std::io::Result<ToolResult> {
-        let req = Request { id: id.to_owned(), name: name.to_owned(), input: input.clone(), saved_outputs: Vec::new() };
+        self.call_in(None, id, name, input)
+    }
+
+    /// Sends one call of a session thread (none: the primary one) and waits for its result.
+    pub fn call_in(
+        &mut self,
+        thread: Option<&str>,
+        id: &str,
+        name: &str,
+        input: &serde_json::Value,
+    ) -> std::io::Result<ToolResult> {
+        let req = Request::new(thread, id, name, input);
         frame::write(&mut self.0, &req)?;
         match frame::read::<_, Response>(&mut self.0)? {
             Some(r) => Ok(ToolResult { content: r.content, is_error: r.is_error }),
@@ -86,13 +113,25 @@ impl Session {
         self.jail.pid()
     }
 
-    /// Runs one tool call. `Err` means the jail itself is gone and the session cannot continue.
+    /// Runs one tool call of the primary thread. `Err` means the jail itself is gone and the
+    /// session cannot continue.
     pub fn call(&mut self, id: &str, name: &str, input: &serde_json::Value) -> Result<ToolResult, JailError> {
+        self.call_in(None, id, name, input)
+    }
+
+    /// Runs one tool call of a session thread (none: the primary one), in that thread's shell.
+    pub fn call_in(
+        &mut self,
+        thread: Option<&str>,
+        id: &str,
+        name: &str,
+        input: &serde_json::Value,
+    ) -> Result<ToolResult, JailError> {
         if !TOOLS.contains(&name) {
             return Ok(ToolResult::err(unknown_tool(name)));
         }
         self.chan
-            .call(id, name, input)
+            .call_in(thread, id, name, input)
             .map_err(|e| JailError::new(Step::Supervise, format!("session jail is gone: {e}")))
     }
 
@@ -213,14 +252,14 @@ pub fn run_json_lines<R: BufRead, W: Write>(
             }
             Ok(req) => {
                 let r = match trail {
-                    None => session.call(&req.id, &req.name, &req.input)?,
+                    None => session.call_in(req.thread.as_deref(), &req.id, &req.name, &req.input)?,
                     Some((t, record_calls)) => {
                         if t.refusing() || (record_calls && !t.call_start(&req.id, &req.name, &req.input)) {
                             ToolResult::err(trail_full())
                         } else {
                             t.set_call(Some(&req.id));
                             let t0 = std::time::Instant::now();
-                            let r = session.call(&req.id, &req.name, &req.input);
+                            let r = session.call_in(req.thread.as_deref(), &req.id, &req.name, &req.input);
                             t.set_call(None);
                             let r = r?;
                             if record_calls {

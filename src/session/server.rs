@@ -1,12 +1,14 @@
 //! The session's side inside the jail: PID 1 serves tool calls from the supervisor.
 //!
-//! PID 1 runs `bash` calls itself, through the persistent shell, and hands the file tools to a
+//! PID 1 runs `bash` calls itself, through a persistent shell for each session thread (the
+//! primary thread's and each subagent's, as the official runner keeps them), and hands the file tools to a
 //! helper process it forks (same landlock domain, seccomp filter and uid — the helper is a fork
 //! of this confined process). A helper that crashes costs at most the call it was running; the
 //! next call gets a new one. PID 1 also reaps every orphan the shell leaves behind.
 
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::{fork, ForkResult, Pid};
+use std::collections::HashMap;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 
@@ -52,13 +54,16 @@ fn helper_main(mut chan: UnixStream, ctx: &Ctx) -> i32 {
 }
 
 struct Server {
-    shell: Shell,
+    /// One shell per session thread; `None` is the primary thread.
+    shells: HashMap<Option<String>, Shell>,
+    env: Vec<(String, String)>,
+    scope: KillScope,
     helper: Option<Helper>,
     tools: Ctx,
 }
 
 impl Server {
-    /// Collects exited children: orphans of the shell, the shell, the helper.
+    /// Collects exited children: orphans of the shells, the shells, the helper.
     fn reap(&mut self) {
         loop {
             match waitpid(None, Some(WaitPidFlag::WNOHANG)) {
@@ -69,8 +74,10 @@ impl Server {
                         WaitStatus::Signaled(p, s, _) => (p, 128 + s as i32),
                         _ => continue,
                     };
-                    if Some(pid.as_raw()) == self.shell.pid() {
-                        self.shell.note_exit(code);
+                    for shell in self.shells.values_mut() {
+                        if Some(pid.as_raw()) == shell.pid() {
+                            shell.note_exit(code);
+                        }
                     }
                     if self.helper.as_ref().is_some_and(|h| h.pid == pid) {
                         self.helper = None;
@@ -78,6 +85,17 @@ impl Server {
                 }
             }
         }
+    }
+
+    /// A `bash` call, in its thread's shell. A kill after a timeout spares the helper and the
+    /// other threads' shells with everything they started.
+    fn bash(&mut self, req: &Request) -> ToolResult {
+        let mut spare: Vec<i32> = self.helper.as_ref().map(|h| h.pid.as_raw()).into_iter().collect();
+        spare.extend(self.shells.iter().filter(|(t, _)| **t != req.thread).filter_map(|(_, sh)| sh.pid()));
+        let (cwd, env, scope) = (self.tools.cwd.clone(), &self.env, self.scope);
+        let shell = self.shells.entry(req.thread.clone()).or_insert_with(|| Shell::new(cwd, env.clone(), scope));
+        shell.spare = spare;
+        shell.call(&req.input)
     }
 
     fn discard_helper(&mut self) {
@@ -90,17 +108,14 @@ impl Server {
     fn helper(&mut self) -> std::io::Result<&mut Helper> {
         if self.helper.is_none() {
             let h = Helper::spawn(&self.tools)?;
-            self.shell.spare = vec![h.pid.as_raw()];
             self.helper = Some(h);
         }
         Ok(self.helper.as_mut().expect("spawned"))
     }
 
     fn file_tool(&mut self, req: &Request) -> ToolResult {
-        let req = &Request {
-            saved_outputs: self.shell.saved_output_dir().into_iter().map(Into::into).collect(),
-            ..req.clone()
-        };
+        let saved = self.shells.values().filter_map(|sh| sh.saved_output_dir()).map(Into::into).collect();
+        let req = &Request { saved_outputs: saved, ..req.clone() };
         let h = match self.helper() {
             Ok(h) => h,
             Err(e) => return ToolResult::err(format!("could not start the file tool helper: {e}")),
@@ -158,16 +173,17 @@ pub fn serve(channel: &OwnedFd, env: &[(String, String)], tools: &Ctx, scope: Ki
         Ok(fd) => UnixStream::from(fd),
         Err(_) => return 1,
     };
-    let mut server =
-        Server { shell: Shell::new(tools.cwd.clone(), env.to_vec(), scope), helper: None, tools: tools.clone() };
+    let mut server = Server { shells: HashMap::new(), env: env.to_vec(), scope, helper: None, tools: tools.clone() };
     while let Ok(Some(req)) = frame::read::<_, Request>(&mut chan) {
         server.reap();
-        let result = if req.name == "bash" { server.shell.call(&req.input) } else { server.file_tool(&req) };
+        let result = if req.name == "bash" { server.bash(&req) } else { server.file_tool(&req) };
         server.reap();
         if frame::write(&mut chan, &Response::new(req.id, result)).is_err() {
             break;
         }
     }
-    server.shell.kill();
+    for shell in server.shells.values_mut() {
+        shell.kill();
+    }
     0
 }

@@ -580,16 +580,37 @@ impl Drop for Shell {
     }
 }
 
-/// SIGKILLs every process visible in /proc except ourselves and `spare`. Inside a jail, /proc
-/// shows only the jail's pid namespace.
+/// SIGKILLs every process visible in /proc except ourselves, PID 1, and the processes in `spare`
+/// with everything they started (another session thread's shell and its commands). Inside a jail,
+/// /proc shows only the jail's pid namespace.
 fn kill_namespace_except(spare: &[i32]) {
     let me = std::process::id() as i32;
     let Ok(rd) = std::fs::read_dir("/proc") else { return };
+    let mut parent = std::collections::HashMap::new();
     for e in rd.flatten() {
-        if let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) {
-            if pid != me && pid != 1 && !spare.contains(&pid) {
-                let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else { continue };
+        // The parent is the fourth field of /proc/PID/stat, after the command in parentheses.
+        let ppid = std::fs::read_to_string(e.path().join("stat"))
+            .ok()
+            .and_then(|st| st.rsplit_once(')').and_then(|(_, rest)| rest.split_whitespace().nth(1)?.parse().ok()))
+            .unwrap_or(0);
+        parent.insert(pid, ppid);
+    }
+    let spared = |mut pid: i32| {
+        for _ in 0..parent.len() {
+            if spare.contains(&pid) {
+                return true;
             }
+            match parent.get(&pid) {
+                Some(&p) if p > 1 => pid = p,
+                _ => return false,
+            }
+        }
+        false
+    };
+    for &pid in parent.keys() {
+        if pid != me && pid != 1 && !spared(pid) {
+            let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
         }
     }
 }

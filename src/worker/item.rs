@@ -4,7 +4,7 @@
 //! stream plus a full listing of its history, one tool call at a time, and a forced stop at the
 //! end unless the lease was lost.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 use tokio::sync::watch;
@@ -13,11 +13,10 @@ use tracing::Instrument;
 use super::lease::{changed, heartbeat, must_kill, signals, stop_item, Lease, LeaseClock};
 use super::runner::{RunnerError, SessionProcess};
 use super::state::{ItemDirs, ItemRecord};
+use super::view::{Decision, View};
 use super::{Ctx, Shutdown};
 use crate::control_plane::client::EventStream;
-use crate::control_plane::wire::{
-    ContentBlock, Event, Permission, SessionEvent, ToolResultEvent, WorkItem, WorkSecret, HISTORY_EVENT_TYPES,
-};
+use crate::control_plane::wire::{ContentBlock, ToolResultEvent, WorkItem, WorkSecret, HISTORY_EVENT_TYPES};
 use crate::control_plane::{ApiError, Backoff, Client, Secret};
 use crate::policy::narrow::{self, Narrowing};
 use crate::session::trail::TrailWriter;
@@ -325,92 +324,12 @@ fn too_large(id: &str, size: usize, limit: usize) -> ToolResultEvent {
     )
 }
 
-/// One tool call the session asked for.
-#[derive(Debug, Clone)]
+/// A tool call to run.
 struct Call {
     id: String,
     name: String,
     input: serde_json::Value,
-}
-
-/// What the worker knows of the session's events.
-#[derive(Default)]
-struct Seen {
-    ids: HashSet<String>,
-    answered: HashSet<String>,
-    /// Calls held for a `user.tool_confirmation`.
-    asking: HashMap<String, Call>,
-    /// Confirmations seen before their call.
-    confirmed: HashMap<String, bool>,
-    queue: VecDeque<Call>,
-    /// When an `end_turn` idle was seen with nothing outstanding.
-    idle_since: Option<Instant>,
-    ended: Option<&'static str>,
-    /// Event types this run could not read, logged once each.
-    unreadable: HashSet<String>,
-}
-
-impl Seen {
-    fn take(&mut self, raw: &serde_json::Value) {
-        let ev = match SessionEvent::parse(raw) {
-            Ok(e) => e,
-            Err(e) => {
-                let kind = raw.get("type").and_then(|t| t.as_str()).unwrap_or("?").to_owned();
-                if self.unreadable.insert(kind.clone()) {
-                    tracing::warn!(event_type = %kind, error = %e, "skipping an event this worker cannot read");
-                }
-                return;
-            }
-        };
-        if !self.ids.insert(ev.id.clone()) {
-            return;
-        }
-        tracing::debug!(event_id = %ev.id, event = ?ev.event, "event");
-        if !matches!(ev.event, Event::ToolConfirmation { .. } | Event::Idle { .. }) {
-            self.idle_since = None;
-        }
-        match ev.event {
-            Event::ToolUse { name, input, permission } => {
-                // A tool another client owns is left unanswered for it.
-                if !TOOLS.contains(&name.as_str()) || self.answered.contains(&ev.id) {
-                    return;
-                }
-                let call = Call { id: ev.id.clone(), name, input };
-                match (permission, self.confirmed.remove(&ev.id)) {
-                    (Permission::Deny, _) | (Permission::Ask, Some(false)) => {
-                        tracing::info!(tool_use_id = %ev.id, "call denied; not run");
-                    }
-                    (Permission::Allow, _) | (Permission::Ask, Some(true)) => self.queue.push_back(call),
-                    (Permission::Ask, None) => {
-                        tracing::info!(tool_use_id = %ev.id, "call waits for the user's confirmation");
-                        self.asking.insert(ev.id.clone(), call);
-                    }
-                }
-            }
-            Event::ToolConfirmation { tool_use_id, allow } => match self.asking.remove(&tool_use_id) {
-                Some(call) if allow => self.queue.push_back(call),
-                Some(_) => tracing::info!(%tool_use_id, "call denied by the user; not run"),
-                None => {
-                    self.confirmed.insert(tool_use_id, allow);
-                }
-            },
-            Event::ToolResult { tool_use_id } => {
-                self.queue.retain(|c| c.id != tool_use_id);
-                self.asking.remove(&tool_use_id);
-                self.answered.insert(tool_use_id);
-            }
-            Event::Idle { stop_reason } => {
-                if stop_reason.as_deref() == Some("end_turn") {
-                    self.idle_since.get_or_insert_with(Instant::now);
-                } else {
-                    self.idle_since = None;
-                }
-            }
-            Event::Terminated => self.ended = Some("session terminated"),
-            Event::Deleted => self.ended = Some("session deleted"),
-            Event::Running | Event::Other(_) => {}
-        }
-    }
+    thread: Option<String>,
 }
 
 /// What the session asks of the worker next.
@@ -423,14 +342,69 @@ enum Next {
 }
 
 /// The session's events, as the worker consumes them: the stream (reconnected, with the history
-/// listed again, whenever it drops), what was seen of it, and the signals that end an item.
-#[derive(Default)]
+/// listed again into a new view, whenever it drops), the view of them, the calls already taken
+/// on, and the signals that end an item.
 struct Feed {
     stream: Option<EventStream>,
-    seen: Seen,
+    view: View,
+    /// Calls run or left alone: never taken on again, whatever a later listing shows.
+    handled: HashSet<String>,
+    /// Calls logged as waiting for a confirmation.
+    held: HashSet<String>,
+    /// The last sign of activity: a call done, or a session found not idle at a connection.
+    /// The idle countdown runs from the later of this and the view's `idle_since`.
+    active_at: Instant,
 }
 
 impl Feed {
+    fn new() -> Feed {
+        Feed {
+            stream: None,
+            view: View::default(),
+            handled: HashSet::new(),
+            held: HashSet::new(),
+            active_at: Instant::now(),
+        }
+    }
+
+    /// The next call the session waits on that may run now, as the official runner picks it;
+    /// calls to leave alone are marked handled on the way.
+    fn next_call(&mut self) -> Option<Call> {
+        for c in self.view.unconfirmed() {
+            if self.held.insert(c.id.clone()) {
+                tracing::info!(tool_use_id = %c.id, tool = %c.name, "tool call awaiting confirmation; holding");
+            }
+        }
+        for d in self.view.decisions(TOOLS, &self.handled, &HashSet::new()) {
+            match d {
+                Decision::Skip(c, why) => {
+                    tracing::info!(tool_use_id = %c.id, tool = %c.name, reason = why, "not executing tool");
+                    self.handled.insert(c.id);
+                }
+                Decision::Run(c) => {
+                    self.handled.insert(c.id.clone());
+                    return Some(Call { id: c.id, name: c.name, input: c.input, thread: c.thread });
+                }
+            }
+        }
+        None
+    }
+
+    /// Applies the events the stream already holds, without waiting: what arrived while a
+    /// call ran (its thread may have ended meanwhile).
+    async fn catch_up(&mut self) {
+        let Some(s) = self.stream.as_mut() else { return };
+        while let Ok(got) = tokio::time::timeout(Duration::from_millis(1), s.next()).await {
+            match got {
+                Ok(Some(ev)) => self.view.apply_raw(&ev),
+                _ => {
+                    self.stream = None;
+                    return;
+                }
+            }
+        }
+    }
+
     /// Waits for the next thing to do.
     async fn next(
         &mut self,
@@ -450,35 +424,37 @@ impl Feed {
             if let Some((kill, end)) = stop {
                 return Next::Over { end, kill };
             }
-            if let Some(why) = self.seen.ended {
+            if let Some(why) = self.view.ended {
                 return Next::Over { end: End::Completed(why), kill: false };
             }
-            if let Some(call) = self.seen.queue.pop_front() {
-                if self.seen.answered.contains(&call.id) {
-                    continue;
+            // Calls start only while connected, so the view is the whole history.
+            if self.stream.is_some() {
+                if let Some(call) = self.next_call() {
+                    return Next::Call(call);
                 }
-                return Next::Call(call);
             }
-            if let Some(since) = self.seen.idle_since {
-                if self.seen.asking.is_empty() && since.elapsed() >= r.ctx.max_idle {
-                    return Next::Over { end: End::Completed("idle after end_turn"), kill: false };
-                }
+            let idle_ends =
+                self.view.idle_since.map(|since| since.max(self.active_at)).and_then(|t| t.checked_add(r.ctx.max_idle));
+            if idle_ends.is_some_and(|t| Instant::now() >= t) {
+                return Next::Over { end: End::Completed("idle after its turn ended"), kill: false };
             }
             let Some(s) = self.stream.as_mut() else {
-                match r.connect(&mut self.seen, lease, shutdown).await {
-                    Ok(s) => self.stream = Some(s),
+                match r.connect(&self.view, lease, shutdown).await {
+                    Ok((stream, view, idle)) => {
+                        self.stream = Some(stream);
+                        self.view = view;
+                        if !idle {
+                            self.active_at = Instant::now();
+                        }
+                    }
                     Err(end) => return Next::Over { end, kill: true },
                 }
                 continue;
             };
-            let wake = self
-                .seen
-                .idle_since
-                .and_then(|t| t.checked_add(r.ctx.max_idle))
-                .map_or(Duration::from_secs(3600), |end| end.saturating_duration_since(Instant::now()));
+            let wake = idle_ends.map_or(Duration::from_secs(3600), |end| end.saturating_duration_since(Instant::now()));
             tokio::select! {
                 got = s.next() => match got {
-                    Ok(Some(ev)) => self.seen.take(&ev),
+                    Ok(Some(ev)) => self.view.apply_raw(&ev),
                     Ok(None) => {
                         tracing::debug!("the event stream closed; reconnecting");
                         self.stream = None;
@@ -602,13 +578,13 @@ impl Runner<'_> {
         r
     }
 
-    /// The whole history, every page, into `seen`.
-    async fn reconcile(&self, seen: &mut Seen) -> Result<(), ApiError> {
+    /// The whole history of the types the runner acts on, every page, into `view`.
+    async fn reconcile(&self, view: &mut View) -> Result<(), ApiError> {
         let mut page: Option<String> = None;
         loop {
             let got = self.client.list_events(self.session, page.as_deref(), LIST_LIMIT, HISTORY_EVENT_TYPES).await?;
             for e in &got.data {
-                seen.take(e);
+                view.apply_raw(e);
             }
             match got.next_page {
                 Some(p) if !p.is_empty() => page = Some(p),
@@ -617,15 +593,16 @@ impl Runner<'_> {
         }
     }
 
-    /// Opens the stream, then lists the history (so nothing falls between the two); retried
-    /// with back-off while the lease holds. A listing that keeps failing for a whole lease ends
-    /// the item.
+    /// Opens the stream, reads the session, then lists the history into a new view (so nothing
+    /// falls between the two); retried with back-off while the lease holds. Returns the stream,
+    /// the view and whether the session was idle. A listing that keeps failing for a whole lease
+    /// ends the item, and so does a terminated session.
     async fn connect(
         &self,
-        seen: &mut Seen,
+        old: &View,
         lease: &mut watch::Receiver<Lease>,
         shutdown: &mut watch::Receiver<Shutdown>,
-    ) -> Result<EventStream, End> {
+    ) -> Result<(EventStream, View, bool), End> {
         let mut backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(10));
         let since = Instant::now();
         loop {
@@ -635,13 +612,16 @@ impl Runner<'_> {
             let r = async {
                 let stream = self.client.stream_events(self.session).await?;
                 let session = self.client.session(self.session).await?;
-                self.reconcile(seen).await?;
-                Ok::<_, ApiError>((stream, session))
+                let mut view = old.without_events();
+                self.reconcile(&mut view).await?;
+                Ok::<_, ApiError>((stream, session, view))
             }
             .await;
             match r {
-                Ok((_, session)) if session.is_terminated() => return Err(End::Completed("session terminated")),
-                Ok((s, _)) => return Ok(s),
+                Ok((_, session, view)) if session.is_terminated() || view.ended.is_some() => {
+                    return Err(End::Completed(view.ended.unwrap_or("session terminated")))
+                }
+                Ok((s, session, view)) => return Ok((s, view, session.status.as_deref() == Some("idle"))),
                 Err(ApiError::NotFound(_)) => return Err(End::Completed("session not found")),
                 Err(e) if !e.is_transient() => return Err(End::Failed(format!("reading the session's events: {e}"))),
                 Err(e) if since.elapsed() > self.ttl() => {
@@ -679,13 +659,13 @@ impl Runner<'_> {
             Ok(p) => p,
             Err(e) => return End::Failed(e.to_string()),
         };
-        let mut feed = Feed::default();
+        let mut feed = Feed::new();
         // Results a crashed run produced: posted only once the session shows they are absent.
         for p in self.ctx.state.outbox(self.dirs) {
             let r = ToolResult { content: p.content.into_blocks(), is_error: p.is_error };
             match self.post_result(&p.tool_use_id, &r, &lease, true).await {
                 Ok(()) => {
-                    feed.seen.answered.insert(p.tool_use_id);
+                    feed.handled.insert(p.tool_use_id);
                 }
                 Err(end) => {
                     jail.kill().await;
@@ -706,7 +686,9 @@ impl Runner<'_> {
                     return end;
                 }
             };
-            let span = tracing::info_span!("tool", tool_use_id = %call.id, tool = %call.name);
+            let thread = call.thread.as_deref().unwrap_or("");
+            let span =
+                tracing::info_span!("tool", tool_use_id = %call.id, tool = %call.name, session_thread_id = thread);
             let t = Instant::now();
             // Recorded before it runs: a trail that cannot hold it refuses it.
             let r = if self.trail.refusing() || !self.trail.call_start(&call.id, &call.name, &call.input) {
@@ -715,7 +697,7 @@ impl Runner<'_> {
                 Ok(ToolResult::err(why.clone()))
             } else {
                 tokio::select! {
-                    r = jail.call(&call.id, &call.name, &call.input).instrument(span.clone()) => r,
+                    r = jail.call(call.thread.as_deref(), &call.id, &call.name, &call.input).instrument(span.clone()) => r,
                     () = must_kill(lease.clone(), shutdown.clone()) => continue,
                 }
             };
@@ -743,12 +725,18 @@ impl Runner<'_> {
             self.trail.call_end(&call.id, &call.name, result.is_error, took, size);
             self.ctx.metrics.tool_call(&call.name, result.is_error, took);
             tracing::info!(parent: &span, is_error = result.is_error, took_ms = took.as_millis() as u64, "tool call done");
+            feed.catch_up().await;
+            if feed.view.has_terminated(call.thread.as_deref()) {
+                tracing::info!(parent: &span, "thread terminated; not posting the result");
+                feed.active_at = Instant::now();
+                continue;
+            }
             if let Err(e) = self.ctx.state.put_outbox(self.dirs, &call.id, &result) {
                 tracing::error!(error = %e, "could not persist a result before posting it");
             }
             match self.post_result(&call.id, &result, &lease, false).await {
                 Ok(()) => {
-                    feed.seen.answered.insert(call.id);
+                    feed.active_at = Instant::now();
                 }
                 Err(end) => {
                     jail.kill().await;

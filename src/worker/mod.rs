@@ -11,6 +11,7 @@ pub(crate) mod runner;
 pub(crate) mod ship;
 pub(crate) mod skills;
 pub(crate) mod state;
+mod view;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;

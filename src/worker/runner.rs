@@ -96,15 +96,17 @@ impl SessionProcess {
         Ok(SessionProcess { child, stdin, stdout, jail_pid: pid as i32, build_time: t.elapsed() })
     }
 
-    /// One tool call. `Err` means the jail is gone: the session needs a new one.
+    /// One tool call, in its session thread's shell. `Err` means the jail is gone: the session
+    /// needs a new one.
     pub(crate) async fn call(
         &mut self,
+        thread: Option<&str>,
         id: &str,
         name: &str,
         input: &serde_json::Value,
     ) -> Result<ToolResult, RunnerError> {
         let gone = |e: String| RunnerError::Gone(e);
-        let req = Request { id: id.into(), name: name.into(), input: input.clone(), saved_outputs: Vec::new() };
+        let req = Request::new(thread, id, name, input);
         let mut line = serde_json::to_vec(&req).expect("requests serialise");
         line.push(b'\n');
         let stdin = self.stdin.as_mut().ok_or_else(|| gone("already closed".into()))?;
