@@ -131,6 +131,22 @@ impl Cp {
             .unwrap();
     }
 
+    /// The faults not injected yet.
+    fn pending_faults(&self) -> Vec<Fault> {
+        let org = self.org();
+        let f: stockade::control_plane::local::Faults = self
+            .rt
+            .block_on(stockade::control_plane::local::admin::<_, ()>(
+                &org,
+                reqwest::Method::GET,
+                "/v1/local/faults",
+                None,
+            ))
+            .unwrap()
+            .expect("a body");
+        f.faults
+    }
+
     fn clear_faults(&self) {
         let org = self.org();
         self.rt
@@ -185,7 +201,7 @@ fn worker_cmd(cp: &Cp, state: &Path, extra: &[&str]) -> Command {
     let mut c = Command::new(STOCKADE);
     c.args(["-v", "worker", "--environment-id", DEFAULT_ENVIRONMENT, "--api-url", &cp.url, "--state-dir"])
         .arg(state)
-        .args(["--api-timeout", "2s", "--shutdown-timeout", "20s"])
+        .args(["--shutdown-timeout", "20s"])
         .args(extra)
         .env_remove("ANTHROPIC_API_KEY")
         .env_remove("ANTHROPIC_ENVIRONMENT_KEY")
@@ -193,6 +209,9 @@ fn worker_cmd(cp: &Cp, state: &Path, extra: &[&str]) -> Command {
         .stdout(Stdio::null());
     if !extra.contains(&"--max-idle") {
         c.args(["--max-idle", "1s"]);
+    }
+    if !extra.contains(&"--api-timeout") {
+        c.args(["--api-timeout", "2s"]);
     }
     c
 }
@@ -1684,4 +1703,66 @@ fn session_threads_have_shells_of_their_own_in_one_jail() {
     assert_eq!(result_of(&v, 3), "/tmp primary same-shell");
     // The same jail: a's shell sees the file the primary thread wrote to the jail's /tmp.
     assert_eq!(result_of(&v, 4), "/mnt a\n/tmp/primary.pid");
+}
+
+/// A stream that opens and then says nothing (a half-open connection, a proxy that buffers) is
+/// reopened after `--stream-silence`, and the history listed again: the session goes on. A
+/// redirect from the API is not followed: nothing goes to the other origin, and the call is tried
+/// again as after a 5xx.
+#[test]
+fn a_silent_stream_is_reopened_and_a_redirect_is_not_followed() {
+    let cp = Cp::start(Duration::from_secs(30));
+    let state = TempDir::new("w-state");
+    let fault = |kind, path: &str, method: &str| Fault {
+        kind,
+        count: 1,
+        path_contains: Some(path.into()),
+        method: Some(method.into()),
+        after: false,
+    };
+    cp.faults(vec![fault(FaultKind::Silent, "/events/stream", "GET"), fault(FaultKind::Redirect, "/events", "POST")]);
+    let (s, _) = cp.session(vec![bash("echo one"), bash("echo two")]);
+    let t = Instant::now();
+    let _w = start_worker(&cp, state.path(), &["--stream-silence", "1s"]);
+    let v = cp.wait_ended(&s, Duration::from_secs(60));
+    assert!(completed(&v), "{v:#?}");
+    assert_eq!((result_of(&v, 0), result_of(&v, 1)), ("one", "two"));
+    assert_eq!(v.duplicate_results, 0);
+    // Both faults fired: the first stream stayed silent and was given up, the first post was
+    // redirected and posted again.
+    assert!(cp.pending_faults().is_empty(), "{:?}", cp.pending_faults());
+    assert!(t.elapsed() >= Duration::from_secs(1));
+    let streams = cp
+        .cp
+        .requests()
+        .into_iter()
+        .filter(|r| {
+            r.path.ends_with("/events/stream")
+                && r.headers.get("user-agent").is_some_and(|u| u.starts_with("stockade/"))
+        })
+        .count();
+    assert!(streams >= 2, "the silent stream was not reopened: {streams} stream requests");
+}
+
+/// A result POST held on its way past the worker's request timeout (a proxy that delays it) lands
+/// after the worker gave up on it: the worker waits for it to land before it looks, finds it, and
+/// never posts it twice.
+#[test]
+fn a_result_delayed_in_flight_is_not_posted_twice() {
+    let cp = Cp::start(Duration::from_secs(30));
+    let state = TempDir::new("w-state");
+    let (s, _) = cp.session(vec![bash("echo once"), bash("echo after")]);
+    cp.faults(vec![Fault {
+        kind: FaultKind::Delayed,
+        count: 1,
+        path_contains: Some("/events".into()),
+        method: Some("POST".into()),
+        after: false,
+    }]);
+    let _w = start_worker(&cp, state.path(), &["--api-timeout", "1s"]);
+    let v = cp.wait_ended(&s, Duration::from_secs(60));
+    assert!(completed(&v), "{v:#?}");
+    assert!(cp.pending_faults().is_empty(), "the delay was never injected");
+    assert_eq!(v.duplicate_results, 0, "{v:#?}");
+    assert_eq!((result_of(&v, 0), result_of(&v, 1)), ("once", "after"));
 }

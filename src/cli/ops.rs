@@ -108,6 +108,10 @@ pub(super) struct WorkerCommon {
     /// Timeout of one API call.
     #[arg(long, default_value = "15s", value_parser = duration)]
     api_timeout: Duration,
+    /// How long a session's event stream may deliver nothing, not even the server's 5-second
+    /// ping, before it is taken for dead (a half-open connection, a buffering proxy) and reopened.
+    #[arg(long, default_value = "15s", value_parser = duration)]
+    stream_silence: Duration,
     /// The largest response body read from the control plane; a larger one is an error and the
     /// request is tried again. Far above any real page of events.
     #[arg(long, default_value = "64MiB", value_parser = size)]
@@ -496,6 +500,7 @@ fn worker_config_with(a: &WorkerCommon, log: LogFormat, k: Secret) -> Result<Wor
     c.log_json = log == LogFormat::Json;
     c.heartbeat_every = a.heartbeat_interval;
     c.api_timeout = a.api_timeout;
+    c.stream_silence = a.stream_silence;
     c.max_response_bytes = a.max_response_bytes as usize;
     c.max_result_bytes = a.max_result_bytes as usize;
     c.outputs_retention = a.outputs_retention;

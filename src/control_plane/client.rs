@@ -115,6 +115,9 @@ pub struct Client {
     pub attempts: u32,
     /// The largest response body read; a larger one is a transient error.
     pub max_body: usize,
+    /// How long an event stream may go without a frame (the server pings every 5 s) before it
+    /// is taken for dead and reopened.
+    pub stream_silence: Duration,
 }
 
 impl std::fmt::Debug for Client {
@@ -144,6 +147,7 @@ impl Client {
             .connect_timeout(Duration::from_secs(5))
             .pool_idle_timeout(Duration::from_secs(60))
             .user_agent(concat!("stockade/", env!("CARGO_PKG_VERSION")))
+            .redirect(same_origin_redirects())
             .build()
             .map_err(|e| ApiError::Connect(format!("building the HTTP client: {e}")))?;
         Ok(Client {
@@ -154,6 +158,7 @@ impl Client {
             timeout: Duration::from_secs(15),
             attempts: 4,
             max_body: DEFAULT_MAX_BODY,
+            stream_silence: Duration::from_secs(15),
         })
     }
 
@@ -229,6 +234,7 @@ impl Client {
         let what = format!("{method} {p}");
         let mut resp = self.request(method, p, r).send().await.map_err(|e| transport(e, timeout))?;
         let status = resp.status();
+        let location = resp.headers().get("location").and_then(|v| v.to_str().ok()).map(str::to_owned);
         let retry_after = resp
             .headers()
             .get("retry-after")
@@ -271,6 +277,12 @@ impl Client {
             404 => ApiError::NotFound(message),
             408 => ApiError::Timeout(timeout),
             409 => ApiError::Conflict(message),
+            // Not followed (to another origin, see `same_origin_redirects`); like a 5xx, worth
+            // trying again.
+            s @ 300..=399 => ApiError::Server {
+                status: s,
+                message: format!("redirect to {:?} not followed", location.as_deref().unwrap_or("(no location)")),
+            },
             412 => ApiError::LeaseLost(message),
             429 => ApiError::RateLimited { retry_after },
             s if s >= 500 => ApiError::Server { status: s, message },
@@ -480,7 +492,7 @@ impl Client {
                 s => ApiError::Rejected { status: s, message },
             });
         }
-        Ok(EventStream { resp, buf: Vec::new(), max: self.max_body })
+        Ok(EventStream { resp, frames: Frames::default(), max: self.max_body, silence: self.stream_silence })
     }
 
     pub async fn skill_version(&self, skill: &str, version: &str) -> Result<wire::SkillVersion, ApiError> {
@@ -498,20 +510,44 @@ impl Client {
     }
 }
 
-/// A session's live events, read off a server-sent event stream.
+/// Redirects within the API's origin are followed (as the official clients follow them); one to
+/// another origin is not: a 307 would carry a session's tool output there. The redirect is then
+/// the answer, an error tried again like a 5xx.
+fn same_origin_redirects() -> reqwest::redirect::Policy {
+    reqwest::redirect::Policy::custom(|attempt| {
+        let first = attempt.previous().first().map(|u| u.origin());
+        if attempt.previous().len() >= 10 || first.as_ref() != Some(&attempt.url().origin()) {
+            attempt.stop()
+        } else {
+            attempt.follow()
+        }
+    })
+}
+
+/// A session's live events (server-sent events), read frame by frame.
 pub struct EventStream {
     resp: reqwest::Response,
-    buf: Vec<u8>,
+    frames: Frames,
     max: usize,
+    /// The longest wait for the next frame (pings included) before the stream is taken for dead.
+    silence: Duration,
 }
+
+/// How fast a frame that takes longer than the silence bound must still arrive, in bytes per
+/// second, not to be taken for a stream that trickles forever.
+const TRICKLE_FLOOR: u64 = 64 * 1024;
 
 impl EventStream {
     /// The next event (its JSON, with `type` filled in from the SSE event name when the data
     /// lacks it); `Ok(None)` when the server closed the stream. Pings are skipped; an `error`
-    /// event is a server error.
+    /// event is a server error. A stream that delivers no frame, not even a ping, within the
+    /// silence bound (extended while a large frame arrives at a useful rate) is dead: a
+    /// half-open connection or a buffering proxy, an error the caller reconnects after.
     pub async fn next(&mut self) -> Result<Option<serde_json::Value>, ApiError> {
+        let mut last_frame = tokio::time::Instant::now();
         loop {
-            if let Some(frame) = take_frame(&mut self.buf) {
+            if let Some(frame) = self.frames.take() {
+                last_frame = tokio::time::Instant::now();
                 let (name, data) = parse_frame(&frame);
                 match name.as_deref() {
                     Some("ping") => continue,
@@ -533,34 +569,99 @@ impl EventStream {
                 }
                 return Ok(Some(v));
             }
-            match self.resp.chunk().await {
-                Ok(Some(c)) => {
-                    if self.buf.len() + c.len() > self.max {
+            let pending = self.frames.pending() as u64;
+            let deadline = last_frame + self.silence + Duration::from_secs(pending / TRICKLE_FLOOR);
+            match tokio::time::timeout_at(deadline, self.resp.chunk()).await {
+                Err(_) => {
+                    return Err(ApiError::Malformed {
+                        what: "event stream".into(),
+                        detail: format!(
+                            "no complete frame (not even a ping) for {}",
+                            crate::util::format_duration(deadline - last_frame)
+                        ),
+                    })
+                }
+                Ok(Ok(Some(c))) => {
+                    if self.frames.pending() + c.len() > self.max {
                         return Err(ApiError::Malformed {
                             what: "event stream".into(),
                             detail: format!("one event over the {}-byte limit", self.max),
                         });
                     }
-                    self.buf.extend_from_slice(&c);
+                    self.frames.push(&c);
                 }
-                Ok(None) => return Ok(None),
-                Err(e) => return Err(transport(e, Duration::ZERO)),
+                Ok(Ok(None)) => return Ok(None),
+                Ok(Err(e)) => return Err(transport(e, Duration::ZERO)),
             }
         }
     }
 }
 
-/// Takes one complete SSE frame (up to a blank line) off the front of `buf`.
-fn take_frame(buf: &mut Vec<u8>) -> Option<String> {
-    let lf = buf.windows(2).position(|w| w == b"\n\n").map(|i| (i, 2));
-    let crlf = buf.windows(4).position(|w| w == b"\r\n\r\n").map(|i| (i, 4));
-    let (i, sep) = match (lf, crlf) {
-        (Some(a), Some(b)) => a.min(b),
-        (a, b) => a.or(b)?,
-    };
-    let frame = String::from_utf8_lossy(&buf[..i]).into_owned();
-    buf.drain(..i + sep);
-    Some(frame)
+/// SSE framing: bytes in, whole frames (up to a blank line) out, in time linear in the bytes.
+/// Each byte is scanned once for the blank line that ends its frame, and taken frames are cut
+/// off the front only once they make up half the buffer.
+#[derive(Default)]
+pub(crate) struct Frames {
+    buf: Vec<u8>,
+    /// Where the frame being read starts.
+    start: usize,
+    /// How far the search for its end got.
+    scanned: usize,
+    /// Bytes looked at, for the test that the work is linear.
+    #[cfg(test)]
+    work: usize,
+}
+
+impl Frames {
+    pub(crate) fn push(&mut self, bytes: &[u8]) {
+        if self.start > 0 && self.start >= self.buf.len() / 2 {
+            self.buf.drain(..self.start);
+            self.scanned -= self.start;
+            self.start = 0;
+        }
+        self.buf.extend_from_slice(bytes);
+    }
+
+    /// The bytes of the frame being read.
+    pub(crate) fn pending(&self) -> usize {
+        self.buf.len() - self.start
+    }
+
+    /// The next whole frame, without its blank line. Lines may end in `\n` or `\r\n`.
+    pub(crate) fn take(&mut self) -> Option<String> {
+        let mut i = self.scanned.max(self.start);
+        while i < self.buf.len() {
+            #[cfg(test)]
+            {
+                self.work += 1;
+            }
+            if self.buf[i] == b'\n' {
+                // The line this newline ends is empty when a newline (and maybe a `\r`) is
+                // right before it.
+                let mut j = i;
+                if j > self.start && self.buf[j - 1] == b'\r' {
+                    j -= 1;
+                }
+                if j == self.start || (j > self.start && self.buf[j - 1] == b'\n') {
+                    // Without the end of its last line.
+                    let mut end = j;
+                    if end > self.start && self.buf[end - 1] == b'\n' {
+                        end -= 1;
+                        if end > self.start && self.buf[end - 1] == b'\r' {
+                            end -= 1;
+                        }
+                    }
+                    let frame = String::from_utf8_lossy(&self.buf[self.start..end]).into_owned();
+                    self.start = i + 1;
+                    self.scanned = self.start;
+                    return Some(frame);
+                }
+            }
+            i += 1;
+        }
+        self.scanned = i;
+        None
+    }
 }
 
 /// The event name and the joined data lines of one frame.
@@ -614,12 +715,132 @@ mod tests {
 
     #[test]
     fn sse_frames_split_on_blank_lines_and_join_data_lines() {
-        let mut buf =
-            b"event: ping\ndata: {}\n\nevent: agent.tool_use\ndata: {\"id\":\ndata: 1}\r\n\r\npartial".to_vec();
-        assert_eq!(parse_frame(&take_frame(&mut buf).unwrap()), (Some("ping".into()), "{}".into()));
-        let (name, data) = parse_frame(&take_frame(&mut buf).unwrap());
+        let mut f = Frames::default();
+        f.push(b"event: ping\ndata: {}\n\nevent: agent.tool_use\ndata: {\"id\":\ndata: 1}\r\n\r\npartial");
+        assert_eq!(parse_frame(&f.take().unwrap()), (Some("ping".into()), "{}".into()));
+        let (name, data) = parse_frame(&f.take().unwrap());
         assert_eq!((name.as_deref(), data.as_str()), (Some("agent.tool_use"), "{\"id\":\n1}"));
-        assert_eq!(take_frame(&mut buf), None);
-        assert_eq!(buf, b"partial");
+        assert_eq!(f.take(), None);
+        assert_eq!(f.pending(), b"partial".len());
+        // A blank line split across pushes, a frame at a time.
+        f.push(b"\n");
+        assert_eq!(f.take(), None);
+        f.push(b"\n");
+        assert_eq!(f.take().as_deref(), Some("partial"));
+        f.push(b"\r");
+        assert_eq!(f.take(), None);
+        f.push(b"\n");
+        assert_eq!(f.take().as_deref(), Some(""));
+    }
+
+    #[test]
+    fn sse_framing_is_linear_in_the_bytes_received() {
+        // A 10 MB event in 16 KiB chunks, then many small ones: each byte is looked at about once.
+        let event = format!("event: agent.tool_use\ndata: \"{}\"\n\n", "x".repeat(10 << 20));
+        let mut small = String::new();
+        for i in 0..20_000 {
+            small.push_str(&format!("event: ping\ndata: {{\"n\":{i}}}\n\n"));
+        }
+        let all = format!("{event}{small}");
+        let mut f = Frames::default();
+        let mut frames = 0;
+        for chunk in all.as_bytes().chunks(16 * 1024) {
+            f.push(chunk);
+            while let Some(frame) = f.take() {
+                frames += 1;
+                if frames == 1 {
+                    assert_eq!(frame.len(), event.len() - 2);
+                }
+            }
+        }
+        assert_eq!(frames, 20_001);
+        assert!(f.work <= all.len() + 2 * 16 * 1024, "looked at {} bytes for {}", f.work, all.len());
+        // What is kept is the frame being read, not what was taken.
+        assert!(f.buf.len() <= 2 * 16 * 1024 + 64, "{}", f.buf.len());
+    }
+
+    /// A server that answers the stream's request with SSE headers and then `body`, sent by
+    /// `send`; returns its address.
+    async fn sse_server<F, Fut>(send: F) -> String
+    where
+        F: FnOnce(tokio::net::TcpStream) -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = ()> + Send,
+    {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = format!("http://{}", l.local_addr().unwrap());
+        tokio::spawn(async move {
+            let (mut c, _) = l.accept().await.unwrap();
+            let mut req = [0u8; 4096];
+            let _ = c.read(&mut req).await;
+            c.write_all(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n\r\n").await.unwrap();
+            send(c).await;
+        });
+        addr
+    }
+
+    #[tokio::test]
+    async fn a_silent_stream_is_dead_after_the_silence_bound() {
+        use tokio::io::AsyncWriteExt;
+        let addr = sse_server(|mut c| async move {
+            c.write_all(b"event: ping\ndata: {}\n\nevent: x\ndata: {\"id\": \"e1\"}\n\n").await.unwrap();
+            // Then nothing, with the connection open: a half-open link or a buffering proxy.
+            tokio::time::sleep(Duration::from_secs(30)).await;
+        })
+        .await;
+        let mut client = Client::new(&addr, Secret::new(String::from("k")), AuthScheme::Bearer).unwrap();
+        client.stream_silence = Duration::from_millis(300);
+        let mut s = client.stream_events("sesn_1").await.unwrap();
+        assert_eq!(s.next().await.unwrap().unwrap()["id"], "e1");
+        let t = std::time::Instant::now();
+        let e = s.next().await.unwrap_err();
+        assert!(t.elapsed() >= Duration::from_millis(300) && t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
+        assert!(e.is_transient() && e.to_string().contains("no complete frame"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn a_frame_that_trickles_and_never_ends_is_dead_too() {
+        use tokio::io::AsyncWriteExt;
+        let addr = sse_server(|mut c| async move {
+            let _ = c.write_all(b"event: x\ndata: ").await;
+            for _ in 0..300 {
+                if c.write_all(b"y").await.is_err() {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await;
+        let mut client = Client::new(&addr, Secret::new(String::from("k")), AuthScheme::Bearer).unwrap();
+        client.stream_silence = Duration::from_millis(300);
+        let mut s = client.stream_events("sesn_1").await.unwrap();
+        let t = std::time::Instant::now();
+        assert!(s.next().await.is_err());
+        assert!(t.elapsed() < Duration::from_secs(3), "{:?}", t.elapsed());
+    }
+
+    #[tokio::test]
+    async fn redirects_to_another_origin_are_answered_not_followed() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let other = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let other_addr = other.local_addr().unwrap();
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = format!("http://{}", l.local_addr().unwrap());
+        tokio::spawn(async move {
+            let (mut c, _) = l.accept().await.unwrap();
+            let mut req = [0u8; 4096];
+            let _ = c.read(&mut req).await;
+            let answer = format!(
+                "HTTP/1.1 307 Temporary Redirect\r\nlocation: http://{other_addr}/v1/sessions/sesn_1/events\r\ncontent-length: 0\r\n\r\n"
+            );
+            c.write_all(answer.as_bytes()).await.unwrap();
+        });
+        let mut client = Client::new(&addr, Secret::new(String::from("k")), AuthScheme::Bearer).unwrap();
+        client.attempts = 1;
+        let e = client.send_event("sesn_1", &serde_json::json!({"type": "user.tool_result"})).await.unwrap_err();
+        assert!(matches!(e, ApiError::Server { status: 307, .. }), "{e}");
+        assert!(e.to_string().contains("not followed"), "{e}");
+        // Nothing reached the other origin.
+        assert!(tokio::time::timeout(Duration::from_millis(200), other.accept()).await.is_err());
     }
 }

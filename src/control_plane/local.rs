@@ -244,7 +244,18 @@ pub enum FaultKind {
     Truncated,
     /// 200 with a valid JSON body of `OVERSIZE_FAULT` bytes (mostly blanks).
     Oversize,
+    /// An event stream that opens (200, `text/event-stream`) and then sends nothing, not even a
+    /// ping, for `SILENT_FAULT`: a half-open connection or a buffering proxy.
+    Silent,
+    /// 307 to another origin (a closed loopback port), which a client must not follow.
+    Redirect,
+    /// The request reaches the server `DELAY_FAULT` late (a proxy holding it), then is served.
+    Delayed,
 }
+
+const DELAY_FAULT: Duration = Duration::from_millis(1500);
+
+const SILENT_FAULT: Duration = Duration::from_secs(600);
 
 const OVERSIZE_FAULT: usize = 96 << 20;
 
@@ -869,7 +880,7 @@ impl LocalControlPlane {
             .route("/v1/skills/{skill}/versions/{version}/content", get(skill_content))
             .route("/v1/local/sessions", post(create_session))
             .route("/v1/local/sessions/{session}", get(show_session))
-            .route("/v1/local/faults", post(add_faults).delete(clear_faults))
+            .route("/v1/local/faults", get(pending_faults).post(add_faults).delete(clear_faults))
             .route("/v1/local/requests", get(list_requests).delete(clear_requests))
             .layer(axum::middleware::from_fn_with_state(self.clone(), inject_faults))
             .layer(axum::middleware::from_fn_with_state(self.clone(), record_request))
@@ -1185,6 +1196,14 @@ async fn inject_faults(State(cp): State<LocalControlPlane>, req: Request, next: 
     };
     let Some(f) = fault else { return next.run(req).await };
     tracing::info!(path, kind = ?f.kind, after = f.after, "injecting a fault");
+    if f.kind == FaultKind::Delayed {
+        // Served whether or not the client still waits: the request is on its way already.
+        let late = tokio::spawn(async move {
+            tokio::time::sleep(DELAY_FAULT).await;
+            next.run(req).await
+        });
+        return late.await.unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response());
+    }
     if f.after {
         let _ = next.run(req).await;
     }
@@ -1211,6 +1230,24 @@ async fn inject_faults(State(cp): State<LocalControlPlane>, req: Request, next: 
             body[n - tail.len()..].copy_from_slice(tail);
             (StatusCode::OK, [("content-type", "application/json")], body).into_response()
         }
+        FaultKind::Silent => {
+            let (tx, rx) = tokio::sync::mpsc::channel::<Vec<u8>>(1);
+            tokio::spawn(async move {
+                tokio::time::sleep(SILENT_FAULT).await;
+                drop(tx);
+            });
+            Response::builder()
+                .status(StatusCode::OK)
+                .header("content-type", "text/event-stream")
+                .body(Body::from_stream(Chunks::Channel(rx)))
+                .expect("static response")
+        }
+        FaultKind::Delayed => unreachable!("served above"),
+        FaultKind::Redirect => Response::builder()
+            .status(StatusCode::TEMPORARY_REDIRECT)
+            .header("location", format!("http://127.0.0.1:1{path}"))
+            .body(Body::empty())
+            .expect("static response"),
         FaultKind::Truncated => {
             let body = Body::from_stream(Chunks::truncated());
             Response::builder()
@@ -1773,6 +1810,13 @@ async fn add_faults(State(cp): State<LocalControlPlane>, h: HeaderMap, Json(f): 
     authorize(&db, &h, Need::Org)?;
     db.faults.extend(f.faults);
     Ok(StatusCode::NO_CONTENT)
+}
+
+/// The faults not injected yet: a test shows its faults fired by finding none left.
+async fn pending_faults(State(cp): State<LocalControlPlane>, h: HeaderMap) -> ApiResult<Json<Faults>> {
+    let db = cp.db();
+    authorize(&db, &h, Need::Org)?;
+    Ok(Json(Faults { faults: db.faults.iter().cloned().collect() }))
 }
 
 async fn list_requests(State(cp): State<LocalControlPlane>, h: HeaderMap) -> ApiResult<Json<Vec<RecordedRequest>>> {

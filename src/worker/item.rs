@@ -23,6 +23,8 @@ use crate::session::trail::TrailWriter;
 use crate::tools::{ToolResult, TOOLS};
 use crate::util::rfc3339;
 
+/// How often the history is listed again while the worker waits on the agent.
+const RELIST_EVERY: Duration = Duration::from_secs(60);
 /// Events per listing page (the most the API gives).
 const LIST_LIMIT: u32 = 1000;
 
@@ -351,6 +353,9 @@ struct Feed {
     handled: HashSet<String>,
     /// Calls logged as waiting for a confirmation.
     held: HashSet<String>,
+    /// When the history was last listed: it is listed again every `RELIST_EVERY` while the
+    /// worker waits, so an event a stream lost without a sign is still seen.
+    listed_at: Instant,
     /// The last sign of activity: a call done, or a session found not idle at a connection.
     /// The idle countdown runs from the later of this and the view's `idle_since`.
     active_at: Instant,
@@ -363,6 +368,7 @@ impl Feed {
             view: View::default(),
             handled: HashSet::new(),
             held: HashSet::new(),
+            listed_at: Instant::now(),
             active_at: Instant::now(),
         }
     }
@@ -443,6 +449,7 @@ impl Feed {
                     Ok((stream, view, idle)) => {
                         self.stream = Some(stream);
                         self.view = view;
+                        self.listed_at = Instant::now();
                         if !idle {
                             self.active_at = Instant::now();
                         }
@@ -451,7 +458,10 @@ impl Feed {
                 }
                 continue;
             };
-            let wake = idle_ends.map_or(Duration::from_secs(3600), |end| end.saturating_duration_since(Instant::now()));
+            let relist = (self.listed_at + RELIST_EVERY).saturating_duration_since(Instant::now());
+            let wake = idle_ends
+                .map_or(Duration::from_secs(3600), |end| end.saturating_duration_since(Instant::now()))
+                .min(relist);
             tokio::select! {
                 got = s.next() => match got {
                     Ok(Some(ev)) => self.view.apply_raw(&ev),
@@ -465,7 +475,12 @@ impl Feed {
                         tokio::time::sleep(Duration::from_millis(500)).await;
                     }
                 },
-                () = tokio::time::sleep(wake) => {}
+                () = tokio::time::sleep(wake) => {
+                    if self.listed_at.elapsed() >= RELIST_EVERY {
+                        tracing::debug!("listing the session's history again");
+                        self.stream = None;
+                    }
+                }
                 () = changed(lease, shutdown) => {}
             }
         }
@@ -854,6 +869,12 @@ impl Runner<'_> {
             };
             self.ctx.metrics.result_post_retries.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             let d = match &err {
+                // A POST that may still be on its way (a timeout, a cut connection) is given one
+                // more request timeout to land before the session is looked at: a result found
+                // absent too early would be posted twice.
+                Some(e @ (ApiError::Timeout(_) | ApiError::Connect(_))) => {
+                    backoff.delay_for(e).max(self.client.timeout)
+                }
                 Some(e) => backoff.delay_for(e),
                 None => backoff.next_delay(),
             };

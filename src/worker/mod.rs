@@ -79,6 +79,8 @@ pub struct WorkerConfig {
     pub heartbeat_every: Option<Duration>,
     /// Timeout of one API call.
     pub api_timeout: Duration,
+    /// How long an event stream may deliver no frame before it is reopened.
+    pub stream_silence: Duration,
     /// The largest response body read from the control plane.
     pub max_response_bytes: usize,
     /// The largest result event posted; a larger result becomes an error result.
@@ -111,6 +113,7 @@ impl WorkerConfig {
             max_idle: Duration::from_secs(60),
             heartbeat_every: None,
             api_timeout: Duration::from_secs(15),
+            stream_silence: Duration::from_secs(15),
             max_response_bytes: crate::control_plane::client::DEFAULT_MAX_BODY,
             max_result_bytes: DEFAULT_MAX_RESULT,
             outputs_retention: None,
@@ -232,6 +235,7 @@ async fn context(cfg: &WorkerConfig) -> Result<Arc<Ctx>, WorkerError> {
     let state = StateDir::open(&cfg.state_dir)?;
     let mut client = Client::new(&cfg.api_url, cfg.key.clone(), AuthScheme::Bearer).map_err(WorkerError::Client)?;
     client.timeout = cfg.api_timeout;
+    client.stream_silence = cfg.stream_silence;
     client.max_body = cfg.max_response_bytes;
     let metrics = Arc::new(Metrics::default());
     if let Some(addr) = cfg.metrics {
