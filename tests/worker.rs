@@ -1766,3 +1766,54 @@ fn a_result_delayed_in_flight_is_not_posted_twice() {
     assert_eq!(v.duplicate_results, 0, "{v:#?}");
     assert_eq!((result_of(&v, 0), result_of(&v, 1)), ("once", "after"));
 }
+
+/// An item whose lease was lost just before the worker was killed is not resurrected by the
+/// restart: its filesystems were unmounted when the lease went (nothing the worker cannot resume
+/// stays mounted), the time it was lost is kept beside it, and the restarted worker does not
+/// resume it under its old lease (a 412 at every restart) but claims it afresh when it is handed
+/// back, in the same workspace.
+#[test]
+fn an_item_lost_before_a_restart_is_not_resumed_and_not_left_mounted() {
+    let cp = Cp::start(Duration::from_secs(2));
+    let state = TempDir::new("w-state");
+    let marker = format!("7.{}", std::process::id());
+    let (s, work) = cp.session(vec![
+        bash("echo kept > /workspace/first; echo one"),
+        bash(&format!("sleep {marker}; cat /workspace/first; echo done")),
+    ]);
+    let mut w = start_worker(&cp, state.path(), &[]);
+    cp.wait_for("the second call to start", Duration::from_secs(20), || {
+        !host_processes_matching(&format!("sleep {marker}")).is_empty()
+    });
+    let item_dir = state.path().join("items").join(&work);
+    let mounted = || std::fs::read_to_string("/proc/self/mountinfo").unwrap().contains(item_dir.to_str().unwrap());
+    assert!(mounted(), "the item's filesystems are mounted while it runs");
+    // The lease goes (heartbeats fail past it) and the item cannot be polled back.
+    let fault = |path: &str| Fault {
+        kind: FaultKind::ServerError,
+        count: 100_000,
+        path_contains: Some(path.into()),
+        method: None,
+        after: false,
+    };
+    cp.faults(vec![fault("/heartbeat"), fault("/work/poll")]);
+    cp.wait_for("the lost item to be set aside", Duration::from_secs(20), || item_dir.join("lost_at").exists());
+    cp.wait_for("its filesystems to be unmounted", Duration::from_secs(5), || !mounted());
+    w.kill9();
+    cp.clear_faults();
+    let n = cp.cp.requests().len();
+
+    let _w2 = start_worker(&cp, state.path(), &[]);
+    let v = cp.wait_ended(&s, Duration::from_secs(60));
+    assert!(completed(&v), "{v:#?}");
+    assert_eq!((result_of(&v, 0), result_of(&v, 1)), ("one", "kept\ndone"));
+    assert_eq!(v.duplicate_results, 0);
+    // The restarted worker claimed it afresh: its first heartbeat for the item is NO_HEARTBEAT,
+    // never the old lease's last beat.
+    let beats: Vec<String> = cp.cp.requests()[n..]
+        .iter()
+        .filter(|r| r.path.ends_with(&format!("{work}/heartbeat")))
+        .filter_map(|r| r.query.iter().find(|(k, _)| k == "expected_last_heartbeat").map(|(_, v)| v.clone()))
+        .collect();
+    assert_eq!(beats.first().map(String::as_str), Some("NO_HEARTBEAT"), "{beats:?}");
+}

@@ -199,7 +199,9 @@ pub(super) async fn run(
         tracing::info!(resume = last_heartbeat.is_some(), workspace = %dirs.workspace.display(), "session starting");
         ctx.metrics.active_sessions.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         ctx.active.lock().unwrap_or_else(|p| p.into_inner()).insert(item.id.clone(), lease_tx.clone());
-        let end = serve(&ctx, &client, &item, &dirs, clock, &trail, lease_rx.clone(), shutdown).await;
+        let resumed = last_heartbeat.is_some();
+        let end = serve(&ctx, &client, &item, &dirs, clock.clone(), &trail, lease_rx.clone(), shutdown).await;
+        let claimed = clock.is_claimed();
         hb.abort();
         match &end {
             End::Lost => {}
@@ -217,7 +219,20 @@ pub(super) async fn run(
         trail.close(&end, over.then_some(dirs.outputs.as_path())).await;
         let kept = match end {
             End::Left { .. } => None,
+            // Resumed after a restart and refused at once: the item moved on while this worker
+            // was down. Nothing of it is resumed again.
+            End::Lost if resumed && !claimed => {
+                let state = client.retrieve(&ctx.env, &item.id).await.map(|w| format!("{:?}", w.state).to_lowercase());
+                tracing::info!(
+                    state = state.as_deref().unwrap_or("unknown"),
+                    "the item was no longer this worker's when it restarted; its workspace goes"
+                );
+                tokio::task::block_in_place(|| ctx.state.retire(&rec, &ctx.retention))
+            }
             End::Lost => {
+                if let Err(e) = tokio::task::block_in_place(|| ctx.state.mark_lost(&rec)) {
+                    tracing::warn!(error = %e, "could not set aside the item whose lease was lost");
+                }
                 ctx.lost
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())

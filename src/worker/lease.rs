@@ -66,6 +66,11 @@ impl LeaseClock {
         self.claimed.send_replace(true);
     }
 
+    /// Whether a heartbeat of this run extended the lease.
+    pub(super) fn is_claimed(&self) -> bool {
+        *self.claimed.borrow()
+    }
+
     /// Waits for the claim: true once a heartbeat extended the lease, false when the lease or the
     /// worker ended first.
     pub(super) async fn claimed(

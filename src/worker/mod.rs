@@ -492,6 +492,22 @@ async fn resume_held(
     inner: &watch::Receiver<Shutdown>,
 ) {
     for rec in ctx.state.held() {
+        // An item whose lease a previous run lost is not resumed (it is someone else's), only
+        // kept for the rest of its keep time, in case it is handed back.
+        if let Some(at) = ctx.state.lost_at(&rec) {
+            let age = std::time::SystemTime::now().duration_since(at).unwrap_or_default();
+            match std::time::Instant::now().checked_sub(age) {
+                Some(since) if age <= LOST_KEEP => {
+                    tracing::info!(work_id = %rec.item.id, "an item whose lease was lost before a restart; kept for a re-claim");
+                    ctx.lost.lock().unwrap_or_else(|p| p.into_inner()).insert(rec.item.id.clone(), (rec, since));
+                }
+                _ => {
+                    tracing::info!(work_id = %rec.item.id, "an item whose lease was lost was not handed back; its workspace goes");
+                    ctx.state.retire(&rec, &ctx.retention);
+                }
+            }
+            continue;
+        }
         let Some(last) = rec.last_heartbeat.clone() else {
             tracing::info!(work_id = %rec.item.id, "an item held before a restart never had a heartbeat; left to its lease");
             ctx.state.retire(&rec, &ctx.retention);

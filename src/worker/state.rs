@@ -104,6 +104,9 @@ pub(crate) struct ItemDirs {
     pub fresh: bool,
 }
 
+/// Beside an item whose lease was lost: when, in seconds since the epoch.
+const LOST_MARK: &str = "lost_at";
+
 fn mkdir(p: &Path, mode: u32) -> Result<(), StateError> {
     match fs::DirBuilder::new().recursive(true).mode(mode).create(p) {
         Ok(()) => Ok(()),
@@ -184,8 +187,31 @@ impl StateDir {
             }
         }
         mkdir(&dirs.outbox, 0o700)?;
+        // Held again: no longer lost.
+        let _ = fs::remove_file(dir.join(LOST_MARK));
         self.record(rec)?;
         Ok(dirs)
+    }
+
+    /// Marks an item whose lease was lost: its directories stay for a re-claim (see
+    /// `Ctx::lost`), but its filesystems are unmounted (a re-claim mounts them again) and the
+    /// time is written beside it, so a restarted worker neither resumes it nor keeps it longer.
+    pub(crate) fn mark_lost(&self, rec: &ItemRecord) -> Result<(), StateError> {
+        let dir = self.item_dir(&rec.item.id)?;
+        for d in ["workspace", "outputs"] {
+            let d = dir.join(d);
+            crate::jail::disk::release(&d)
+                .map_err(|e| StateError::Io(d.clone(), std::io::Error::other(e.to_string())))?;
+        }
+        let secs = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default().as_secs();
+        write_atomic(&dir.join(LOST_MARK), secs.to_string().as_bytes())
+    }
+
+    /// When the item's lease was lost, if it was.
+    pub(crate) fn lost_at(&self, rec: &ItemRecord) -> Option<SystemTime> {
+        let dir = self.item_dir(&rec.item.id).ok()?;
+        let secs: u64 = fs::read_to_string(dir.join(LOST_MARK)).ok()?.trim().parse().ok()?;
+        SystemTime::UNIX_EPOCH.checked_add(std::time::Duration::from_secs(secs))
     }
 
     /// Writes an item's record (again): after each heartbeat, so a restart can echo the last one.
