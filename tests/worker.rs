@@ -1817,3 +1817,21 @@ fn an_item_lost_before_a_restart_is_not_resumed_and_not_left_mounted() {
         .collect();
     assert_eq!(beats.first().map(String::as_str), Some("NO_HEARTBEAT"), "{beats:?}");
 }
+
+/// One event nested past the JSON parser's depth, among good ones in the same listing page, costs
+/// only itself: the page is read event by event, and the session's calls still run.
+#[test]
+fn an_event_nested_too_deep_costs_only_itself() {
+    let cp = Cp::start(Duration::from_secs(30));
+    let state = TempDir::new("w-state");
+    let (s, _) = cp.session(vec![bash("echo past-the-deep-one")]);
+    let mut deep = json!(1);
+    for _ in 0..300 {
+        deep = json!([deep]);
+    }
+    cp.cp.push_raw_event(&s, json!({"type": "agent.tool_use", "name": "bash", "input": {"command": deep}})).unwrap();
+    let _w = start_worker(&cp, state.path(), &[]);
+    let v = cp.wait_ended(&s, Duration::from_secs(30));
+    assert!(completed(&v), "{v:#?}");
+    assert_eq!(result_of(&v, 0), "past-the-deep-one");
+}

@@ -3,7 +3,7 @@
 
 use reqwest::{Method, StatusCode};
 use serde::de::DeserializeOwned;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use std::time::Duration;
 
 use super::wire::{self, path};
@@ -438,22 +438,32 @@ impl Client {
         self.call(Method::GET, &path::session(session), Req::default(), true).await
     }
 
-    /// One page of a session's events, oldest first. Events stay raw JSON: the caller parses
-    /// each one on its own, so one it cannot read costs only itself.
-    /// `types` filters by event type (`types[]`, as the SDK sends it); empty for every type.
+    /// One page of a session's events, oldest first, as the body came: each event is parsed on
+    /// its own (`EventsPage::each`), so one the worker cannot read costs only itself and the
+    /// page is never held as a tree of values. `types` filters by event type (`types[]`, as the
+    /// SDK sends it); empty for every type.
     pub async fn list_events(
         &self,
         session: &str,
         page: Option<&str>,
         limit: u32,
         types: &[&str],
-    ) -> Result<wire::Page<serde_json::Value>, ApiError> {
+    ) -> Result<EventsPage, ApiError> {
         let mut r = Req { query: vec![("limit", limit.to_string())], ..Req::default() };
         if let Some(p) = page {
             r.query.push(("page", p.to_owned()));
         }
         r.query.extend(types.iter().map(|t| ("types[]", (*t).to_owned())));
-        self.call(Method::GET, &path::events(session), r, true).await
+        let what = format!("GET {}", path::events(session));
+        let body = self
+            .call_raw(Method::GET, &path::events(session), r, true)
+            .await?
+            .ok_or_else(|| ApiError::Malformed { what: what.clone(), detail: "empty response (204)".into() })?;
+        // The outline is checked here, so a page that is not one is an error tried again.
+        let next_page = serde_json::from_slice::<RawPage>(&body)
+            .map_err(|e| ApiError::Malformed { what, detail: e.to_string() })?
+            .next_page;
+        Ok(EventsPage { body, next_page })
     }
 
     /// Posts one event once. Not retried here: the worker checks whether an ambiguous failure
@@ -507,6 +517,37 @@ impl Client {
         self.call_raw(Method::GET, &p, r, true)
             .await?
             .ok_or_else(|| ApiError::Malformed { what: format!("GET {p}"), detail: "empty response (204)".into() })
+    }
+}
+
+/// A page of events as it came.
+pub struct EventsPage {
+    body: Vec<u8>,
+    pub next_page: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct RawPage<'a> {
+    #[serde(borrow)]
+    data: Vec<&'a serde_json::value::RawValue>,
+    #[serde(default)]
+    next_page: Option<String>,
+}
+
+impl EventsPage {
+    /// Calls `f` with each event in turn, parsed alone; an event that does not parse (nested
+    /// past the parser's depth, say) is logged and skipped.
+    pub fn each(&self, mut f: impl FnMut(serde_json::Value)) {
+        let Ok(page) = serde_json::from_slice::<RawPage>(&self.body) else { return };
+        for raw in page.data {
+            match serde_json::from_str::<serde_json::Value>(raw.get()) {
+                Ok(v) => f(v),
+                Err(e) => {
+                    let head: String = raw.get().chars().take(120).collect();
+                    tracing::warn!(error = %e, event = %head, "skipping an event this worker cannot read");
+                }
+            }
+        }
     }
 }
 
@@ -842,5 +883,16 @@ mod tests {
         assert!(e.to_string().contains("not followed"), "{e}");
         // Nothing reached the other origin.
         assert!(tokio::time::timeout(Duration::from_millis(200), other.accept()).await.is_err());
+    }
+
+    #[test]
+    fn a_page_is_read_event_by_event_and_a_bad_one_costs_only_itself() {
+        let deep = format!("{}1{}", "[".repeat(1000), "]".repeat(1000));
+        let body =
+            format!(r#"{{"data": [{{"id": "a"}}, {{"id": "b", "x": {deep}}}, {{"id": "c"}}], "next_page": "p2"}}"#);
+        let page = EventsPage { body: body.into_bytes(), next_page: Some("p2".into()) };
+        let mut ids = Vec::new();
+        page.each(|e| ids.push(e["id"].as_str().unwrap().to_owned()));
+        assert_eq!(ids, ["a", "c"]);
     }
 }

@@ -613,9 +613,7 @@ impl Runner<'_> {
         let mut page: Option<String> = None;
         loop {
             let got = self.client.list_events(self.session, page.as_deref(), LIST_LIMIT, HISTORY_EVENT_TYPES).await?;
-            for e in &got.data {
-                view.apply_raw(e);
-            }
+            got.each(|e| view.apply_raw(&e));
             match got.next_page {
                 Some(p) if !p.is_empty() => page = Some(p),
                 _ => return Ok(()),
@@ -782,8 +780,9 @@ impl Runner<'_> {
         loop {
             let l =
                 self.client.list_events(self.session, page.as_deref(), LIST_LIMIT, HISTORY_EVENT_TYPES).await.ok()?;
-            let found = l.data.iter().any(|e| {
-                e.get("type").and_then(|t| t.as_str()) == Some("user.tool_result")
+            let mut found = false;
+            l.each(|e| {
+                found |= e.get("type").and_then(|t| t.as_str()) == Some("user.tool_result")
                     && e.get("tool_use_id").and_then(|t| t.as_str()) == Some(id)
             });
             if found {
