@@ -544,3 +544,29 @@ fn a_full_trail_fails_closed_when_the_policy_says_so() {
     assert_eq!(recs.last().unwrap()["event"], "truncated");
     assert!(std::fs::metadata(&path).unwrap().len() <= 64 * 1024 + 256);
 }
+
+/// A directory named like a secret (`token=x`) does not hide where a program ran from: the trail
+/// keeps the path's structure and the cwd's, and redacts the value alone.
+#[test]
+fn a_secret_looking_directory_keeps_its_structure_in_the_trail() {
+    let dir = TempDir::new("trail-redact");
+    let path = dir.path().join("trail.jsonl");
+    let mut s = Sess::start(&["--trail", path.to_str().unwrap()]);
+    s.bash(
+        "mkdir -p '/tmp/token=x' && cp /bin/true '/tmp/token=x/evil' && cd '/tmp/token=x' && ./evil && /bin/echo ran",
+    );
+    assert_eq!(s.end(), 0);
+    let recs = trail_records(&path);
+    let evil = recs
+        .iter()
+        .find(|r| r["event"] == "exec" && r["argv"] == json!(["./evil"]))
+        .unwrap_or_else(|| panic!("no exec of ./evil in {recs:#?}"));
+    assert_eq!(evil["path"], "./evil");
+    assert!(
+        recs.iter()
+            .any(|r| r["event"] == "exec" && r["argv"] == json!(["cp", "/bin/true", "/tmp/token=[REDACTED]/evil"])),
+        "{recs:#?}"
+    );
+    let echo = recs.iter().find(|r| r["event"] == "exec" && r["argv"] == json!(["/bin/echo", "ran"])).unwrap();
+    assert_eq!(echo["cwd"], "/tmp/token=[REDACTED]");
+}

@@ -64,7 +64,24 @@ impl Redactor {
             }
         }
         for p in &self.patterns {
-            if p.is_match(&out) {
+            if !p.is_match(&out) {
+                continue;
+            }
+            // A pattern with a group named `secret` names the secret within its match (a
+            // `token=VALUE`'s value): only that is replaced, and what names it stays as evidence.
+            if p.capture_names().any(|n| n == Some("secret")) {
+                let mut kept = String::with_capacity(out.len());
+                let mut at = 0;
+                for c in p.captures_iter(&out) {
+                    if let Some(m) = c.name("secret") {
+                        kept.push_str(&out[at..m.start()]);
+                        kept.push_str(REDACTED);
+                        at = m.end();
+                    }
+                }
+                kept.push_str(&out[at..]);
+                out = kept;
+            } else {
                 out = p.replace_all(&out, REDACTED).into_owned();
             }
         }
@@ -337,6 +354,23 @@ mod tests {
         assert!(!s.contains("sk-ant-api03"), "{s}");
         assert!(s.contains("rest") && s.contains("short"), "{s}");
         assert_eq!(s.matches(REDACTED).count(), 4, "{s}");
+    }
+
+    #[test]
+    fn redaction_removes_the_secret_and_keeps_the_evidence_around_it() {
+        let r = Redactor::new(vec![], &policy().redact).unwrap();
+        let mut v = json!({
+            "path": "/dev/shm/token=x/evil",
+            "cwd": "/tmp/password=hunter22/deeper/dir",
+            "argv": ["curl", "-d", "password=a/b/c", "--header", "api-key: sk-live-123", "DB_PASSWORD=hunter22"],
+        });
+        r.value(&mut v);
+        assert_eq!(v["path"], "/dev/shm/token=[REDACTED]/evil");
+        assert_eq!(v["cwd"], "/tmp/password=[REDACTED]/deeper/dir");
+        // Outside a path a value runs to the next separator, slashes included.
+        assert_eq!(v["argv"][2], "password=[REDACTED]");
+        assert_eq!(v["argv"][4], "api-key: [REDACTED]");
+        assert_eq!(v["argv"][5], "DB_PASSWORD=[REDACTED]");
     }
 
     #[test]
