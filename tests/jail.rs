@@ -833,6 +833,34 @@ fn landlock_tcp_rules_admit_only_listed_ports() {
     assert!(r.stdout.contains("PermissionError"), "bind refused: {r:?}");
 }
 
+/// Landlock's port rules govern TCP only: where a policy sets them, an MPTCP or SCTP socket,
+/// which would bind and connect past them, cannot be made; without them, MPTCP works as before
+/// (the positive control that the protocol is there to refuse).
+#[test]
+fn with_landlock_tcp_rules_mptcp_and_sctp_sockets_are_refused() {
+    let probe = "python3 - <<'EOF'
+import socket
+for name, kind, proto in [('tcp', socket.SOCK_STREAM, 0), ('mptcp', socket.SOCK_STREAM, 262),
+                          ('sctp', socket.SOCK_SEQPACKET, 132), ('sctp-stream', socket.SOCK_STREAM, 132)]:
+    try:
+        s = socket.socket(socket.AF_INET, kind, proto)
+        s.bind(('127.0.0.1', 0))
+        print(name, 'bound')
+    except OSError as e:
+        print(name, 'refused' if e.errno in (1, 13) else 'unsupported' if e.errno in (93, 94, 97) else e.errno)
+EOF";
+    let (_d, ruled) = policy("default", "[landlock]\ntcp_connect = [9]\ntcp_bind = []");
+    let r = sh(&ruled, probe);
+    assert!(r.stdout.contains("tcp refused"), "landlock refuses the TCP bind: {r:?}");
+    assert!(r.stdout.contains("mptcp refused"), "{r:?}");
+    assert!(r.stdout.contains("sctp refused") && r.stdout.contains("sctp-stream refused"), "{r:?}");
+    let (_d2, open) = policy("default", "");
+    let r = sh(&open, probe);
+    assert!(r.stdout.contains("tcp bound"), "{r:?}");
+    // The kernel may lack MPTCP; where it has it, the socket is made without landlock rules.
+    assert!(r.stdout.contains("mptcp bound") || r.stdout.contains("mptcp unsupported"), "{r:?}");
+}
+
 #[test]
 fn sys_read_only_is_masked_and_unwritable() {
     let (_d, p) = policy("default", "[filesystem]\nsys = \"read_only\"");

@@ -339,7 +339,8 @@ impl Jail {
         let late_entry = jail.late_cgroup(&mut cg).map_err(&jail_gone)?;
         // Compiled now rather than in preflight: the jail needs it only after its filesystem is
         // built, and the supervisor is otherwise idle meanwhile.
-        let filters = seccomp::compile(&spec.policy.seccomp).map_err(&jail_gone)?;
+        let streams = seccomp::StreamProtocols::for_policy(&spec.policy);
+        let filters = seccomp::compile(&spec.policy.seccomp, streams).map_err(&jail_gone)?;
         jail.report.seccomp_allowed = filters.allowed.len();
         let go_write = jail.go_write.as_ref().expect("set above");
         sync::send_setup(go_write, late_entry.as_ref().or(entry.as_ref()), &filters.program)

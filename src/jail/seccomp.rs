@@ -47,7 +47,32 @@ const ARCH: (seccompiler::TargetArch, u32) =
 const ARCH: (seccompiler::TargetArch, u32) =
     (seccompiler::TargetArch::aarch64, 0xC000_00B7 /* AUDIT_ARCH_AARCH64 */);
 
-pub(crate) fn compile(p: &Seccomp) -> Result<Filters, JailError> {
+/// Which stream sockets the filter admits besides TCP.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum StreamProtocols {
+    /// Any protocol of an allowed family.
+    Any,
+    /// No MPTCP or SCTP socket: landlock's port rules govern TCP only, and these would bind,
+    /// listen and connect past them.
+    TcpOnly,
+}
+
+/// `IPPROTO_MPTCP` and `IPPROTO_SCTP`.
+const IPPROTO_MPTCP: u64 = 262;
+const IPPROTO_SCTP: u64 = 132;
+
+impl StreamProtocols {
+    /// `TcpOnly` whenever the policy sets landlock TCP port rules.
+    pub(crate) fn for_policy(p: &crate::policy::Policy) -> StreamProtocols {
+        if p.landlock.tcp_bind.is_some() || p.landlock.tcp_connect.is_some() {
+            StreamProtocols::TcpOnly
+        } else {
+            StreamProtocols::Any
+        }
+    }
+}
+
+pub(crate) fn compile(p: &Seccomp, streams: StreamProtocols) -> Result<Filters, JailError> {
     let err = |what: &str, e: &dyn std::fmt::Display| JailError::new(Step::Seccomp, format!("{what}: {e}"));
     if syscalls::native_table().is_empty() {
         return Err(JailError::new(
@@ -70,7 +95,7 @@ pub(crate) fn compile(p: &Seccomp) -> Result<Filters, JailError> {
             Some(conds) => {
                 let mut v = Vec::new();
                 for c in conds {
-                    for rule in rules_for(*c, a.name, &families).map_err(|e| err(a.name, &e))? {
+                    for rule in rules_for(*c, a.name, &families, streams).map_err(|e| err(a.name, &e))? {
                         v.push(BpfProgram::from(rule));
                     }
                 }
@@ -102,7 +127,12 @@ fn cond(arg: u8, len: Len, op: Op, v: u64) -> Result<Cond, seccompiler::BackendE
 }
 
 /// The seccompiler rules (OR-ed) that admit a call under one argument condition.
-fn rules_for(c: ArgCond, name: &str, families: &[u64]) -> Result<Vec<SeccompRule>, seccompiler::BackendError> {
+fn rules_for(
+    c: ArgCond,
+    name: &str,
+    families: &[u64],
+    streams: StreamProtocols,
+) -> Result<Vec<SeccompRule>, seccompiler::BackendError> {
     let one = |conds: Vec<Cond>| SeccompRule::new(conds);
     Ok(match c {
         ArgCond::NoNamespaceFlags => vec![one(vec![cond(0, Len::Qword, Op::MaskedEq(CLONE_NAMESPACE_FLAGS), 0)?])?],
@@ -126,11 +156,15 @@ fn rules_for(c: ArgCond, name: &str, families: &[u64]) -> Result<Vec<SeccompRule
                     v.push(one(vec![cond(0, Len::Dword, Op::Eq, f)?, cond(2, Len::Dword, Op::Eq, NETLINK_ROUTE)?])?);
                 } else {
                     // Stream, datagram and seqpacket only: never SOCK_RAW or SOCK_PACKET.
+                    let inet = f == libc::AF_INET as u64 || f == libc::AF_INET6 as u64;
                     for t in [libc::SOCK_STREAM, libc::SOCK_DGRAM, libc::SOCK_SEQPACKET] {
-                        v.push(one(vec![
-                            cond(0, Len::Dword, Op::Eq, f)?,
-                            cond(1, Len::Dword, Op::MaskedEq(0xf), t as u64)?,
-                        ])?);
+                        let mut conds =
+                            vec![cond(0, Len::Dword, Op::Eq, f)?, cond(1, Len::Dword, Op::MaskedEq(0xf), t as u64)?];
+                        if inet && streams == StreamProtocols::TcpOnly && name == "socket" {
+                            conds.push(cond(2, Len::Dword, Op::Ne, IPPROTO_MPTCP)?);
+                            conds.push(cond(2, Len::Dword, Op::Ne, IPPROTO_SCTP)?);
+                        }
+                        v.push(one(conds)?);
                     }
                 }
             }
@@ -172,7 +206,7 @@ mod tests {
     fn every_jump_of_every_shipped_policy_lands_inside_the_program() {
         for name in ["default", "strict", "ci"] {
             let (p, _) = load_builtin(name).unwrap();
-            let prog = compile(&p.seccomp).unwrap().program;
+            let prog = compile(&p.seccomp, StreamProtocols::Any).unwrap().program;
             let n = prog.len();
             for (i, ins) in prog.iter().enumerate() {
                 if ins.code & 0x07 != 0x05 {
@@ -192,7 +226,7 @@ mod tests {
     #[test]
     fn default_policy_compiles_within_bpf_limits() {
         let (p, _) = load_builtin("default").unwrap();
-        let f = compile(&p.seccomp).unwrap();
+        let f = compile(&p.seccomp, StreamProtocols::Any).unwrap();
         // A fraction of seccompiler's linear layout (~1,600 instructions for this policy): one
         // test per run of syscall numbers with the same verdict (272 here).
         assert!(f.program.len() < 400, "{} instructions", f.program.len());
@@ -242,7 +276,9 @@ mod tests {
         for (name, conds) in &allowed {
             let list = match conds {
                 None => Vec::new(),
-                Some(set) => set.iter().flat_map(|c| rules_for(*c, name, &families).unwrap()).collect(),
+                Some(set) => {
+                    set.iter().flat_map(|c| rules_for(*c, name, &families, StreamProtocols::Any).unwrap()).collect()
+                }
             };
             rules.insert(syscalls::number(name).unwrap(), list);
         }
@@ -324,7 +360,7 @@ mod tests {
             v
         };
         for sc in &policies {
-            let program = compile(sc).unwrap().program;
+            let program = compile(sc, StreamProtocols::Any).unwrap().program;
             let linear = reference_linear(sc);
             for nr in (0..520u32).chain([0x4000_0000 + 39, 0x4000_0000 + 16, u32::MAX]) {
                 let conditional = matches!(
@@ -344,5 +380,30 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn with_tcp_only_mptcp_and_sctp_sockets_get_the_default_action() {
+        let p = crate::policy::load_builtin("default").unwrap().0;
+        let nr = syscalls::number("socket").unwrap() as u32;
+        let call = |program: &[seccompiler::sock_filter], family: i32, kind: i32, proto: u64| {
+            bpf::run(program, nr, ARCH.1, [family as u64, kind as u64, proto, 0, 0, 0])
+        };
+        let any = compile(&p.seccomp, StreamProtocols::Any).unwrap().program;
+        let tcp = compile(&p.seccomp, StreamProtocols::TcpOnly).unwrap().program;
+        let denied = libc::SECCOMP_RET_ERRNO | libc::EPERM as u32;
+        for family in [libc::AF_INET, libc::AF_INET6] {
+            assert_eq!(call(&any, family, libc::SOCK_STREAM, IPPROTO_MPTCP), libc::SECCOMP_RET_ALLOW);
+            assert_eq!(call(&tcp, family, libc::SOCK_STREAM, IPPROTO_MPTCP), denied);
+            assert_eq!(call(&tcp, family, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, IPPROTO_MPTCP), denied);
+            assert_eq!(call(&tcp, family, libc::SOCK_SEQPACKET, IPPROTO_SCTP), denied);
+            assert_eq!(call(&tcp, family, libc::SOCK_STREAM, IPPROTO_SCTP), denied);
+            // TCP itself, by default protocol or by name, and UDP stay.
+            assert_eq!(call(&tcp, family, libc::SOCK_STREAM, 0), libc::SECCOMP_RET_ALLOW);
+            assert_eq!(call(&tcp, family, libc::SOCK_STREAM, libc::IPPROTO_TCP as u64), libc::SECCOMP_RET_ALLOW);
+            assert_eq!(call(&tcp, family, libc::SOCK_DGRAM, 0), libc::SECCOMP_RET_ALLOW);
+        }
+        // A unix socket's protocol is not looked at.
+        assert_eq!(call(&tcp, libc::AF_UNIX, libc::SOCK_STREAM, 0), libc::SECCOMP_RET_ALLOW);
     }
 }

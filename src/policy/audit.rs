@@ -393,7 +393,13 @@ fn network_checks(p: &Policy, c: &mut Ctx) {
     };
     c.add("network.allow_domains", 0.6, v, "network.allow_domains", r);
     let (v, r) = match &p.landlock.tcp_connect {
-        Some(ports) => (Verdict::Pass, format!("landlock limits TCP connect to ports {ports:?}")),
+        Some(ports) => (
+            Verdict::Pass,
+            format!(
+                "landlock limits TCP connect to ports {ports:?}; its rules cover TCP only, so MPTCP and SCTP \
+                 sockets are refused (seccomp)"
+            ),
+        ),
         None => (Verdict::Partial, "no landlock TCP port rules behind the veth allowlist".to_owned()),
     };
     c.add("network.landlock_ports", 0.3, v, "landlock.tcp_connect", r);

@@ -152,6 +152,12 @@ pub(crate) const PROBES: &[Probe] = &[
         what: "connect to a listener on the host's loopback",
         run: net_host_listener,
     },
+    Probe {
+        id: "net-mptcp-past-landlock",
+        category: "network",
+        what: "bind an MPTCP socket past landlock's TCP port rules",
+        run: net_mptcp_past_landlock,
+    },
     Probe { id: "res-fsize", category: "resources", what: "write past RLIMIT_FSIZE", run: res_fsize },
     Probe { id: "res-tmp-fill", category: "resources", what: "fill /tmp beyond its size", run: res_tmp_fill },
     Probe {
@@ -518,6 +524,36 @@ fn net_host_listener(ctx: &Ctx) -> Outcome {
     match std::net::TcpStream::connect_timeout(&addr, std::time::Duration::from_secs(2)) {
         Ok(_) => escaped(format!("connected to the host's {addr}")),
         Err(e) => blocked(format!("{addr}: {}", e.raw_os_error().map(en).unwrap_or_else(|| e.to_string()))),
+    }
+}
+
+fn net_mptcp_past_landlock(ctx: &Ctx) -> Outcome {
+    if !ctx.landlock_tcp {
+        return blocked("the policy sets no landlock TCP port rules to get past");
+    }
+    const IPPROTO_MPTCP: libc::c_int = 262;
+    // SAFETY: socket(2) with integer arguments; the descriptor is closed below.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM, IPPROTO_MPTCP) };
+    if fd < 0 {
+        return blocked(format!("socket(AF_INET, SOCK_STREAM, IPPROTO_MPTCP): {}", en(errno())));
+    }
+    let addr = libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: 0,
+        sin_addr: libc::in_addr { s_addr: u32::from_ne_bytes([127, 0, 0, 1]) },
+        sin_zero: [0; 8],
+    };
+    // SAFETY: binds the socket made above to a sockaddr_in that lives for the call.
+    let r = unsafe {
+        libc::bind(fd, (&addr as *const libc::sockaddr_in).cast(), std::mem::size_of::<libc::sockaddr_in>() as u32)
+    };
+    let e = errno();
+    // SAFETY: closes the descriptor this probe owns.
+    unsafe { libc::close(fd) };
+    if r == 0 {
+        escaped("an MPTCP socket bound to 127.0.0.1, which landlock's tcp_bind rules would refuse for TCP")
+    } else {
+        blocked(format!("bind: {}", en(e)))
     }
 }
 

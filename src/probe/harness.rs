@@ -87,6 +87,7 @@ impl Targets {
             tmp_size: l.tmp_size.0,
             fsize: l.fsize.map(|f| f.0),
             network: crate::policy::spelling(&policy.network.mode),
+            landlock_tcp: policy.landlock.tcp_bind.is_some() || policy.landlock.tcp_connect.is_some(),
             startup_fds: Vec::new(),
         };
         Ok(Targets { _abstract: abs, _tcp: tcp, sysv_id, shm, ctx })

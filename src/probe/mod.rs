@@ -34,6 +34,9 @@ pub struct Ctx {
     /// The policy's network mode: "none", "loopback" or "veth".
     #[serde(default)]
     pub network: String,
+    /// Whether the policy sets landlock TCP port rules (`tcp_bind` or `tcp_connect`).
+    #[serde(default)]
+    pub landlock_tcp: bool,
     /// Descriptors open when the battery started (filled in inside the jail).
     #[serde(default)]
     pub startup_fds: Vec<i32>,
