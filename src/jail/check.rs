@@ -12,6 +12,28 @@ pub struct Item {
     pub detail: String,
 }
 
+/// The host id slots jails take (as root, from the default `user.host_id_base`), and the ones
+/// skipped because the host gave those ids out already.
+fn id_ranges(base: u32) -> Item {
+    match super::idpool::reserved() {
+        Err(e) => Item { name: "host id ranges", ok: false, detail: e.to_string() },
+        Ok(reserved) => {
+            let skipped = super::idpool::skipped(base, &reserved);
+            let mut detail = format!("jail ranges from {base} in steps of 65536");
+            if skipped.is_empty() {
+                detail.push_str(", none over ids the host gave out");
+            } else {
+                let mut sources: Vec<&str> = skipped.iter().map(|(_, r)| r.source.as_str()).collect();
+                sources.dedup();
+                let shown = sources.iter().take(4).copied().collect::<Vec<_>>().join(", ");
+                let more = if sources.len() > 4 { format!(" and {} more", sources.len() - 4) } else { String::new() };
+                detail.push_str(&format!("; {} skipped over {shown}{more}", skipped.len()));
+            }
+            Item { name: "host id ranges", ok: true, detail }
+        }
+    }
+}
+
 pub fn run() -> Vec<Item> {
     let mut items = Vec::new();
     let uname = nix::sys::utsname::uname().ok();
@@ -39,6 +61,9 @@ pub fn run() -> Vec<Item> {
             "unprivileged (rootless): the jail user maps to the invoking user; network none/loopback".into()
         },
     });
+    if root {
+        items.push(id_ranges(100_000));
+    }
     let userns = probe_userns();
     items.push(Item { name: "user namespaces", ok: userns.is_ok(), detail: userns.unwrap_or_else(|e| e) });
     let abi = landlock::kernel_abi();

@@ -485,6 +485,15 @@ fn user(raw: UserRaw, bad: &Bad) -> Result<User, PolicyError> {
             format!("{} would map jail ids onto host root or overflow", user.host_id_base),
         ));
     }
+    if user.host_id_base < 65536 {
+        return Err(bad(
+            "user.host_id_base",
+            format!(
+                "{} would map jail ids onto the host's own users and groups (0..65535); use 65536 or more",
+                user.host_id_base
+            ),
+        ));
+    }
     if user.name.is_empty() || !user.name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-') {
         return Err(bad("user.name", format!("`{}` is not a valid user name", user.name)));
     }

@@ -111,6 +111,8 @@ fn hostile_values_rejected() {
         ("[limits]\nmemory = -5\n", "must not be negative"),
         ("[user]\nuid = 70000\n", "user.uid"),
         ("[user]\nhost_id_base = 0\n", "host root"),
+        ("[user]\nhost_id_base = 1\n", "the host's own users and groups"),
+        ("[user]\nhost_id_base = 65535\n", "use 65536 or more"),
         ("hostname = \"a b\"\n", "not a valid host name"),
         ("[network]\nmode = \"none\"\nallow = [\"1.2.3.4:80\"]\n", "has no effect"),
         ("[seccomp]\nsocket_families = [\"packet\"]\n", "unknown family `packet`"),
