@@ -1835,3 +1835,27 @@ fn an_event_nested_too_deep_costs_only_itself() {
     assert!(completed(&v), "{v:#?}");
     assert_eq!(result_of(&v, 0), "past-the-deep-one");
 }
+
+/// A session that fills its audit trail (long-argv execs) cannot go on unrecorded: by default a
+/// full trail fails closed and the worker ends the session; no later call runs.
+#[test]
+fn a_session_that_fills_its_trail_is_ended() {
+    let cp = Cp::start(Duration::from_secs(30));
+    let state = TempDir::new("w-state");
+    let policy = state.path().join("p.toml");
+    std::fs::write(&policy, "extends = \"default\"\n[trail]\nmax_size = \"64K\"\n").unwrap();
+    let _w = start_worker(&cp, state.path(), &["--policy", policy.to_str().unwrap()]);
+    let (s, _) = cp.session(vec![
+        bash("for i in $(seq 1 400); do /bin/true $(printf 'x%.0s' $(seq 1 200)); done 2>/dev/null; echo flooded"),
+        bash("echo refused"),
+        bash("echo ran-unrecorded"),
+    ]);
+    let v = cp.wait_ended(&s, Duration::from_secs(60));
+    assert_eq!(v.work_state, WorkState::Stopped, "{v:#?}");
+    assert!(!v.finished, "the session was ended by the worker, not by its agent: {v:#?}");
+    assert!(result_of(&v, 0).contains("flooded"), "{v:#?}");
+    // Nothing ran after the trail filled: a later call is either told why or never answered.
+    for c in &v.calls[1..] {
+        assert!(c.result.as_deref().is_none_or(|r| r.contains("audit trail is full")), "{v:#?}");
+    }
+}

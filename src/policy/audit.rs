@@ -486,6 +486,17 @@ fn trail_checks(p: &Policy, c: &mut Ctx) {
         ),
     };
     c.add("trail.redact", 0.2, v, "trail.redact", r);
+    let (v, r) = match t.on_full {
+        crate::policy::OnFull::Fail => {
+            (Verdict::Pass, "a full trail fails closed: nothing runs that the trail cannot record".to_owned())
+        }
+        crate::policy::OnFull::Truncate => (
+            Verdict::Fail,
+            "a full trail stops recording and the session goes on: a session can fill it, then run unrecorded"
+                .to_owned(),
+        ),
+    };
+    c.add("trail.on_full", 0.3, v, "trail.on_full", r);
     let pv = &p.provision;
     let plain: Vec<&String> =
         pv.git_allow.iter().filter(|u| u.starts_with("http://") || u.starts_with("git://")).collect();

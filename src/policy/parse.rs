@@ -767,7 +767,7 @@ fn trail(raw: TrailRaw, bad: &Bad) -> Result<Trail, PolicyError> {
         argv_max,
         input_max,
         max_size,
-        on_full: raw.on_full.map_or(OnFull::Truncate, Into::into),
+        on_full: raw.on_full.map_or(OnFull::Fail, Into::into),
         redact,
         ship,
     })

@@ -763,6 +763,11 @@ impl Runner<'_> {
                 tracing::error!(error = %e, "could not persist a result before posting it");
             }
             match self.post_result(&call.id, &result, &lease, false).await {
+                Ok(()) if self.trail.refusing() => {
+                    // The call was told; the session goes no further than its trail can record.
+                    jail.kill().await;
+                    return End::Failed(crate::session::trail_full());
+                }
                 Ok(()) => {
                     feed.active_at = Instant::now();
                 }
