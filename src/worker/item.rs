@@ -130,9 +130,12 @@ impl SessionTrail {
     /// waits for the shipping to catch up.
     async fn close(self, end: &End, outputs: Option<&std::path::Path>) {
         if let Some(dir) = outputs {
-            for (path, size, sha256) in tokio::task::block_in_place(|| super::state::digest_files(dir)) {
-                self.writer
-                    .record("output_file", obj(serde_json::json!({"path": path, "size": size, "sha256": sha256})));
+            for f in tokio::task::block_in_place(|| super::state::digest_files(dir)) {
+                let mut rec = serde_json::json!({"path": f.path, "size": f.size, "sha256": f.sha256});
+                if let Some(why) = f.skipped {
+                    rec["digest_skipped"] = serde_json::json!(why);
+                }
+                self.writer.record("output_file", obj(rec));
             }
         }
         self.writer

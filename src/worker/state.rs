@@ -413,27 +413,119 @@ fn touch(p: &Path) -> std::io::Result<()> {
     fs::File::open(p)?.set_modified(SystemTime::now())
 }
 
-/// Files under `root` (up to 1000), with their sizes and SHA-256 digests, for the trail.
-pub(crate) fn digest_files(root: &Path) -> Vec<(String, u64, String)> {
-    use sha2::Digest;
+/// The most bytes of a session's outputs digested, holes included (they are hashed as zeros
+/// without being read); files past it are recorded without a digest.
+pub(crate) const DIGEST_BUDGET: u64 = 256 << 20;
+
+/// One file a session left in its outputs, as its trail records it.
+pub(crate) struct OutputFile {
+    pub path: String,
+    pub size: u64,
+    /// None when it was not digested (`skipped` says why).
+    pub sha256: Option<String>,
+    pub skipped: Option<String>,
+}
+
+/// The regular files under `root` (at most 1,000, sorted), each with its SHA-256 while the
+/// digest budget lasts. A file's data is read segment by segment (`SEEK_DATA`), so a sparse file
+/// costs its data, not its size, in reads; hard links to one file are digested once.
+pub(crate) fn digest_files(root: &Path) -> Vec<OutputFile> {
+    use std::os::unix::fs::MetadataExt;
     let mut names = Vec::new();
     list_files(root, root, &mut names);
     names.sort();
     let mut out = Vec::new();
+    let mut left = DIGEST_BUDGET;
+    let mut seen: std::collections::HashMap<(u64, u64), String> = std::collections::HashMap::new();
     for n in names {
         let p = root.join(&n);
         let Ok(meta) = fs::symlink_metadata(&p) else { continue };
         if !meta.is_file() {
             continue;
         }
-        let mut h = sha2::Sha256::new();
-        let Ok(mut f) = fs::File::open(&p) else { continue };
-        if std::io::copy(&mut f, &mut h).is_err() {
-            continue;
-        }
-        out.push((n, meta.len(), h.finalize().iter().map(|b| format!("{b:02x}")).collect()));
+        let size = meta.len();
+        let (sha256, skipped) = if let Some(d) = seen.get(&(meta.dev(), meta.ino())) {
+            (Some(d.clone()), None)
+        } else if size > left {
+            (None, Some(format!("over what is left of the {} MiB digest budget", DIGEST_BUDGET >> 20)))
+        } else {
+            match sparse_sha256(&p) {
+                Ok(d) => {
+                    left -= size;
+                    seen.insert((meta.dev(), meta.ino()), d.clone());
+                    (Some(d), None)
+                }
+                Err(e) => (None, Some(format!("unreadable: {e}"))),
+            }
+        };
+        out.push(OutputFile { path: n, size, sha256, skipped });
     }
     out
+}
+
+/// The data segments of a file, `[start, end)`, found with `SEEK_DATA`/`SEEK_HOLE`; the holes
+/// between them read as zeros. A filesystem without them reports the whole file as data.
+fn data_segments(f: &fs::File, size: u64) -> std::io::Result<Vec<(u64, u64)>> {
+    use std::os::fd::AsRawFd;
+    let mut segs = Vec::new();
+    let mut pos = 0u64;
+    while pos < size {
+        // SAFETY: lseek on a descriptor `f` owns; no memory is passed.
+        let start = unsafe { libc::lseek(f.as_raw_fd(), pos as libc::off_t, libc::SEEK_DATA) };
+        if start < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.raw_os_error() == Some(libc::ENXIO) {
+                break;
+            }
+            return Err(e);
+        }
+        // SAFETY: as above.
+        let end = unsafe { libc::lseek(f.as_raw_fd(), start, libc::SEEK_HOLE) };
+        if end < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let (start, end) = (start as u64, (end as u64).min(size));
+        if end <= start {
+            break;
+        }
+        segs.push((start, end));
+        pos = end;
+    }
+    Ok(segs)
+}
+
+fn sparse_sha256(p: &Path) -> std::io::Result<String> {
+    use sha2::Digest;
+    use std::os::unix::fs::FileExt;
+    let f = fs::File::open(p)?;
+    let size = f.metadata()?.len();
+    let mut h = sha2::Sha256::new();
+    let zeros = vec![0u8; 64 * 1024];
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut at = 0u64;
+    let zero_fill = |h: &mut sha2::Sha256, mut n: u64| {
+        while n > 0 {
+            let k = n.min(zeros.len() as u64) as usize;
+            h.update(&zeros[..k]);
+            n -= k as u64;
+        }
+    };
+    for (start, end) in data_segments(&f, size)? {
+        zero_fill(&mut h, start - at);
+        let mut off = start;
+        while off < end {
+            let k = ((end - off) as usize).min(buf.len());
+            let got = f.read_at(&mut buf[..k], off)?;
+            if got == 0 {
+                break;
+            }
+            h.update(&buf[..got]);
+            off += got as u64;
+        }
+        at = off;
+    }
+    zero_fill(&mut h, size.saturating_sub(at));
+    Ok(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
 }
 
 /// A fixed-length name for any tool-use id, however long or odd: its SHA-256.
@@ -444,21 +536,63 @@ fn outbox_name(id: &str) -> String {
 
 /// Copies a tree without following its symlinks (they are copied as symlinks); anything but
 /// directories, files and symlinks is left out.
+/// Copies a session's outputs out of their filesystem without growing them: a sparse file keeps
+/// its holes (only its data segments are written) and hard links stay links, so the copy takes
+/// no more of the host's disk than the outputs filesystem held, which `outputs_size` bounds.
 fn copy_tree(from: &Path, to: &Path) -> std::io::Result<()> {
+    copy_tree_linked(from, to, &mut std::collections::HashMap::new())
+}
+
+fn copy_tree_linked(
+    from: &Path,
+    to: &Path,
+    linked: &mut std::collections::HashMap<(u64, u64), PathBuf>,
+) -> std::io::Result<()> {
+    use std::os::unix::fs::MetadataExt;
     fs::create_dir_all(to)?;
     for e in fs::read_dir(from)? {
         let e = e?;
         let (src, dst) = (e.path(), to.join(e.file_name()));
         let t = e.file_type()?;
         if t.is_dir() {
-            copy_tree(&src, &dst)?;
+            copy_tree_linked(&src, &dst, linked)?;
         } else if t.is_symlink() {
             std::os::unix::fs::symlink(fs::read_link(&src)?, &dst)?;
         } else if t.is_file() {
-            fs::copy(&src, &dst)?;
+            let meta = fs::symlink_metadata(&src)?;
+            let key = (meta.dev(), meta.ino());
+            if meta.nlink() > 1 {
+                if let Some(first) = linked.get(&key) {
+                    fs::hard_link(first, &dst)?;
+                    continue;
+                }
+                linked.insert(key, dst.clone());
+            }
+            copy_sparse(&src, &dst, meta.len())?;
         }
     }
     Ok(())
+}
+
+/// Copies a file's data segments and sets its length: its holes stay holes.
+fn copy_sparse(src: &Path, dst: &Path, size: u64) -> std::io::Result<()> {
+    use std::os::unix::fs::FileExt;
+    let from = fs::File::open(src)?;
+    let to = fs::OpenOptions::new().write(true).create_new(true).open(dst)?;
+    let mut buf = vec![0u8; 256 * 1024];
+    for (start, end) in data_segments(&from, size)? {
+        let mut off = start;
+        while off < end {
+            let k = ((end - off) as usize).min(buf.len());
+            let got = from.read_at(&mut buf[..k], off)?;
+            if got == 0 {
+                break;
+            }
+            to.write_all_at(&buf[..got], off)?;
+            off += got as u64;
+        }
+    }
+    to.set_len(size)
 }
 
 fn list_files(root: &Path, dir: &Path, out: &mut Vec<String>) {
@@ -600,5 +734,53 @@ mod tests {
         assert!(state.trail_path(&state.held()[0]).exists());
         assert!(root.join("items/work_1/workspace").exists());
         fs::remove_dir_all(&root).unwrap();
+    }
+
+    #[test]
+    fn kept_outputs_keep_their_holes_and_links_and_digests_are_bounded() {
+        use sha2::Digest;
+        use std::os::unix::fs::{FileExt, MetadataExt};
+        let base = std::env::temp_dir().join(format!("stockade-sparse-{}-{:x}", std::process::id(), fastrand::u64(..)));
+        let from = base.join("outputs");
+        fs::create_dir_all(from.join("sub")).unwrap();
+        // A 4 GiB file with one data block in the middle, and ten hard links to it.
+        let big = from.join("big.bin");
+        let f = fs::File::create(&big).unwrap();
+        f.set_len(4 << 30).unwrap();
+        f.write_all_at(b"payload", 1 << 30).unwrap();
+        drop(f);
+        for i in 0..10 {
+            fs::hard_link(&big, from.join("sub").join(format!("link{i}"))).unwrap();
+        }
+        fs::write(from.join("small.txt"), "hello\n").unwrap();
+
+        let to = base.join("kept");
+        copy_tree(&from, &to).unwrap();
+        let kept = fs::metadata(to.join("big.bin")).unwrap();
+        assert_eq!(kept.len(), 4 << 30);
+        assert!(kept.blocks() * 512 < 1 << 20, "the copy was written dense: {} blocks", kept.blocks());
+        assert_eq!(kept.nlink(), 11, "hard links stay links");
+        let mut got = [0u8; 7];
+        fs::File::open(to.join("sub/link3")).unwrap().read_exact_at(&mut got, 1 << 30).unwrap();
+        assert_eq!(&got, b"payload");
+        assert_eq!(fs::read_to_string(to.join("small.txt")).unwrap(), "hello\n");
+
+        // A small sparse file digests as its bytes do; the 4 GiB one is over the budget, once.
+        let sparse = base.join("digest");
+        fs::create_dir_all(&sparse).unwrap();
+        let f = fs::File::create(sparse.join("s.bin")).unwrap();
+        f.set_len(3 << 20).unwrap();
+        f.write_all_at(b"x", (1 << 20) + 5).unwrap();
+        drop(f);
+        let want: String =
+            sha2::Sha256::digest(fs::read(sparse.join("s.bin")).unwrap()).iter().map(|b| format!("{b:02x}")).collect();
+        let d = digest_files(&sparse);
+        assert_eq!(d[0].sha256.as_deref(), Some(want.as_str()));
+        let d = digest_files(&from);
+        let big_rec: Vec<&OutputFile> = d.iter().filter(|f| f.size == 4 << 30).collect();
+        assert_eq!(big_rec.len(), 11);
+        assert!(big_rec.iter().all(|f| f.sha256.is_none() && f.skipped.as_deref().unwrap().contains("digest budget")));
+        assert!(d.iter().any(|f| f.path == "small.txt" && f.sha256.is_some()));
+        fs::remove_dir_all(&base).unwrap();
     }
 }
