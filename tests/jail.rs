@@ -362,12 +362,58 @@ fn cgroup_is_created_and_removed() {
         return;
     }
     let (_d, p) = policy("default", "[limits]\npids = 99");
-    let r = sh(&p, "cat /proc/self/cgroup | grep pids");
-    assert_eq!(r.code, 0, "{r:?}");
-    // cgroup namespace: the jail's own cgroup is its root
-    assert!(r.stdout.trim().ends_with(":pids:/"), "{r:?}");
-    let leftovers = find_stockade_cgroups();
-    assert!(leftovers.iter().all(|l| !l.contains(&format!("stockade-{}-", std::process::id()))), "{leftovers:?}");
+    let marker = format!("2.{}{}", std::process::id(), fastrand::u32(..1000));
+    let mut run = std::process::Command::new(STOCKADE)
+        .args(["run", "--policy", p.to_str().unwrap(), "--", "/bin/sh", "-c"])
+        .arg(format!("grep pids /proc/self/cgroup; sleep {marker}"))
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The jailed sleep, seen from the host: its cgroup is the jail's, named after this run.
+    let t = std::time::Instant::now();
+    let sleeper = loop {
+        if let Some(l) = host_processes_matching(&format!("sleep {marker}")).first() {
+            break l.split_whitespace().next().unwrap().to_owned();
+        }
+        assert!(t.elapsed() < std::time::Duration::from_secs(20), "the jailed command never started");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    let host_view = std::fs::read_to_string(format!("/proc/{sleeper}/cgroup")).unwrap();
+    let dir = pids_cgroup_dir(&host_view).unwrap_or_else(|| panic!("no pids cgroup in {host_view}"));
+    assert!(
+        dir.to_string_lossy().contains(&format!("stockade-{}-", run.id())),
+        "the jail's cgroup is named after its `stockade run` ({}): {}",
+        run.id(),
+        dir.display()
+    );
+    // The positive control: the cgroup is there, with the policy's limit, while the jail runs.
+    assert_eq!(std::fs::read_to_string(dir.join("pids.max")).unwrap().trim(), "99");
+    let out = run.wait_with_output().unwrap();
+    assert!(out.status.success(), "{out:?}");
+    // Inside, the cgroup namespace makes the jail's cgroup its root.
+    assert!(String::from_utf8_lossy(&out.stdout).trim().ends_with(":pids:/") || String::from_utf8_lossy(&out.stdout).trim() == "0::/");
+    // And after it, the cgroup is gone.
+    assert!(!dir.exists(), "{} outlived its jail", dir.display());
+}
+
+/// The host directory of the pids cgroup a `/proc/PID/cgroup` names: the v1 pids hierarchy's, or
+/// the v2 one's (pure v2 at /sys/fs/cgroup, hybrid at /sys/fs/cgroup/unified).
+fn pids_cgroup_dir(proc_cgroup: &str) -> Option<std::path::PathBuf> {
+    for line in proc_cgroup.lines() {
+        let mut f = line.splitn(3, ':');
+        let (_, controllers, path) = (f.next()?, f.next()?, f.next()?);
+        let path = path.trim_start_matches('/');
+        if controllers.split(',').any(|c| c == "pids") {
+            return Some(std::path::Path::new("/sys/fs/cgroup/pids").join(path));
+        }
+    }
+    // No v1 pids hierarchy: the v2 one holds the limit.
+    let path = proc_cgroup.lines().find_map(|l| l.strip_prefix("0::"))?.trim_start_matches('/');
+    ["/sys/fs/cgroup/unified", "/sys/fs/cgroup"]
+        .iter()
+        .map(|root| std::path::Path::new(root).join(path))
+        .find(|d| d.join("pids.max").exists())
 }
 
 // ---------- step 6: capabilities ----------
