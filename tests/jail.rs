@@ -392,7 +392,10 @@ fn cgroup_is_created_and_removed() {
     let out = run.wait_with_output().unwrap();
     assert!(out.status.success(), "{out:?}");
     // Inside, the cgroup namespace makes the jail's cgroup its root.
-    assert!(String::from_utf8_lossy(&out.stdout).trim().ends_with(":pids:/") || String::from_utf8_lossy(&out.stdout).trim() == "0::/");
+    assert!(
+        String::from_utf8_lossy(&out.stdout).trim().ends_with(":pids:/")
+            || String::from_utf8_lossy(&out.stdout).trim() == "0::/"
+    );
     // And after it, the cgroup is gone.
     assert!(!dir.exists(), "{} outlived its jail", dir.display());
 }

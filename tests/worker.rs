@@ -1186,8 +1186,9 @@ fn an_oversized_response_is_refused_and_retried() {
     assert!(rss_kib < 48 * 1024, "peak RSS {rss_kib} KiB");
 }
 
-/// A result over the worker's limit, or one the control plane refuses as too large (413),
-/// becomes an error result the agent can act on; the session goes on.
+/// A result over the worker's limit becomes an error result the agent can act on; one the
+/// control plane refuses as too large (413) becomes the official runner's error result naming
+/// the refusal. Either way the session goes on.
 #[test]
 fn an_oversized_result_becomes_an_error_and_the_session_goes_on() {
     let cp = Cp::start_with(LocalConfig {
@@ -1208,7 +1209,7 @@ fn an_oversized_result_becomes_an_error_and_the_session_goes_on() {
     let v = cp.wait_ended(&s, Duration::from_secs(60));
     assert!(completed(&v), "{v:#?}");
     assert_eq!(v.calls[1].is_error, Some(true));
-    assert!(result_of(&v, 1).starts_with("output too large: "), "{}", result_of(&v, 1));
+    assert!(result_of(&v, 1).starts_with("The API refused the result of tool 'read': "), "{}", result_of(&v, 1));
     assert_eq!(result_of(&v, 2), "still-here");
     drop(w); // the next session is for a worker with a lower limit only,
              // and not for the poll the first one had open when it died (at most 999 ms).

@@ -694,7 +694,7 @@ impl Runner<'_> {
         // Results a crashed run produced: posted only once the session shows they are absent.
         for p in self.ctx.state.outbox(self.dirs) {
             let r = ToolResult { content: p.content.into_blocks(), is_error: p.is_error };
-            match self.post_result(&p.tool_use_id, &r, &lease, true).await {
+            match self.post_result(&p.tool_use_id, p.name.as_deref(), &r, &lease, true).await {
                 Ok(()) => {
                     feed.handled.insert(p.tool_use_id);
                 }
@@ -762,10 +762,10 @@ impl Runner<'_> {
                 feed.active_at = Instant::now();
                 continue;
             }
-            if let Err(e) = self.ctx.state.put_outbox(self.dirs, &call.id, &result) {
+            if let Err(e) = self.ctx.state.put_outbox(self.dirs, &call.id, &call.name, &result) {
                 tracing::error!(error = %e, "could not persist a result before posting it");
             }
-            match self.post_result(&call.id, &result, &lease, false).await {
+            match self.post_result(&call.id, Some(&call.name), &result, &lease, false).await {
                 Ok(()) if self.trail.refusing() => {
                     // The call was told; the session goes no further than its trail can record.
                     jail.kill().await;
@@ -809,6 +809,7 @@ impl Runner<'_> {
     async fn post_result(
         &self,
         id: &str,
+        name: Option<&str>,
         r: &ToolResult,
         lease: &watch::Receiver<Lease>,
         mut unsure: bool,
@@ -867,11 +868,14 @@ impl Runner<'_> {
                 }
                 match self.client.send_event(self.session, &ev).await {
                     Ok(()) => break,
-                    // The control plane refuses the body as too large: the agent gets an error it
-                    // can act on instead, and the session goes on.
-                    Err(ApiError::Rejected { status: 413, .. }) if !shrunk => {
-                        tracing::warn!(tool_use_id = id, size, "the control plane refused a result as too large (413)");
-                        ev = too_large(id, size, self.ctx.max_result_bytes.min(size.saturating_sub(1)));
+                    // The API refuses the result (400, 413): the call stays open, so it gets an
+                    // error result saying so, in the official runner's words, and the session
+                    // goes on.
+                    Err(ApiError::Rejected { status: status @ (400 | 413), message }) if !shrunk => {
+                        tracing::warn!(tool_use_id = id, size, status, "the control plane refused a result");
+                        let tool = crate::tools::pyfmt::repr(name.unwrap_or("unknown"));
+                        let text = format!("The API refused the result of tool {tool}: {message}");
+                        ev = ToolResultEvent::new(id, true, vec![ContentBlock::text(text)]);
                         shrunk = true;
                         continue;
                     }

@@ -59,6 +59,9 @@ pub(crate) struct ItemRecord {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub(crate) struct Pending {
     pub tool_use_id: String,
+    /// The tool's name (absent in entries an older Stockade wrote).
+    #[serde(default)]
+    pub name: Option<String>,
     pub content: PendingContent,
     pub is_error: bool,
 }
@@ -245,10 +248,11 @@ impl StateDir {
         v
     }
 
-    pub(crate) fn put_outbox(&self, dirs: &ItemDirs, id: &str, r: &ToolResult) -> Result<(), StateError> {
+    pub(crate) fn put_outbox(&self, dirs: &ItemDirs, id: &str, name: &str, r: &ToolResult) -> Result<(), StateError> {
         let p = dirs.outbox.join(format!("{}.json", outbox_name(id)));
         let rec = Pending {
             tool_use_id: id.into(),
+            name: Some(name.into()),
             content: PendingContent::Blocks(r.content.clone()),
             is_error: r.is_error,
         };
