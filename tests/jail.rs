@@ -363,7 +363,7 @@ fn cgroup_is_created_and_removed() {
     }
     let (_d, p) = policy("default", "[limits]\npids = 99");
     let marker = format!("2.{}{}", std::process::id(), fastrand::u32(..1000));
-    let mut run = std::process::Command::new(STOCKADE)
+    let run = std::process::Command::new(STOCKADE)
         .args(["run", "--policy", p.to_str().unwrap(), "--", "/bin/sh", "-c"])
         .arg(format!("grep pids /proc/self/cgroup; sleep {marker}"))
         .stdin(std::process::Stdio::null())

@@ -672,7 +672,7 @@ mod tests {
         let (root, state, _, dirs) = held_item();
         let long = format!("toolu_{}", "x".repeat(5000));
         for id in [long.as_str(), "../../etc/passwd", "sevt_1"] {
-            state.put_outbox(&dirs, id, &ToolResult::ok(format!("r {}", id.len()))).unwrap();
+            state.put_outbox(&dirs, id, "bash", &ToolResult::ok(format!("r {}", id.len()))).unwrap();
         }
         let names: Vec<String> = std::fs::read_dir(&dirs.outbox)
             .unwrap()
