@@ -108,7 +108,7 @@ macro_rules! section {
 
         impl $layer {
             #[allow(unused_variables)]
-            fn merge(self, into: &mut $raw, o: &mut Origins, src: &Source) {
+            fn merge(self, into: &mut $raw, o: &mut Origins, src: &Source) -> Result<(), PolicyError> {
                 $(
                     if let Some(v) = self.$s {
                         o.insert(concat!($sect, stringify!($s)).into(), src.origin(v.span().start));
@@ -131,11 +131,16 @@ macro_rules! section {
                         }
                     }
                     if let Some(v) = self.$lr {
-                        o.insert(key.clone(), src.origin(v.span().start));
+                        let at = src.origin(v.span().start);
+                        o.insert(key.clone(), at.clone());
                         let rm = v.into_inner();
-                        if let Some(list) = into.$l.as_mut() {
-                            list.retain(|x| !rm.contains(x));
+                        let list = into.$l.get_or_insert_with(Vec::new);
+                        // Removing what is not there is a typo, not a no-op: it would leave in
+                        // place what the author meant to take out.
+                        if let Some(x) = rm.iter().find(|x| !list.contains(x)) {
+                            return Err(not_in_list(&at, concat!($sect, stringify!($lr)), &key, x, list));
                         }
+                        list.retain(|x| !rm.contains(x));
                     }
                 )*
                 $(
@@ -144,9 +149,22 @@ macro_rules! section {
                         into.$mp.extend(v.into_inner());
                     }
                 )*
+                Ok(())
             }
         }
     };
+}
+
+/// `X_remove` naming an entry `X` does not hold, with the nearest entry it does.
+fn not_in_list<T: std::fmt::Display>(at: &Origin, field: &str, list_key: &str, x: &T, list: &[T]) -> PolicyError {
+    let names: Vec<String> = list.iter().map(|v| v.to_string()).collect();
+    let x = x.to_string();
+    let hint = match nearest(&x, names.iter().map(String::as_str)) {
+        Some(n) => format!(" (did you mean `{n}`?)"),
+        None if names.is_empty() => format!(" ({list_key} is empty here)"),
+        None => String::new(),
+    };
+    PolicyError::invalid(at, format!("{field}: `{x}` is not in {list_key}{hint}"))
 }
 
 section!("user.", UserLayer => UserRaw {
@@ -372,18 +390,18 @@ fn resolve_into(
         origins.insert("hostname".into(), src.origin(h.span().start));
         raw.hostname = Some(h.into_inner());
     }
-    layer.user.merge(&mut raw.user, origins, src);
-    layer.filesystem.merge(&mut raw.filesystem, origins, src);
-    layer.env.merge(&mut raw.env, origins, src);
-    layer.limits.merge(&mut raw.limits, origins, src);
-    layer.network.merge(&mut raw.network, origins, src);
-    layer.landlock.merge(&mut raw.landlock, origins, src);
-    layer.seccomp.merge(&mut raw.seccomp, origins, src);
-    layer.capabilities.merge(&mut raw.capabilities, origins, src);
-    layer.tools.merge(&mut raw.tools, origins, src);
-    layer.trail.merge(&mut raw.trail, origins, src);
-    layer.retention.merge(&mut raw.retention, origins, src);
-    layer.provision.merge(&mut raw.provision, origins, src);
+    layer.user.merge(&mut raw.user, origins, src)?;
+    layer.filesystem.merge(&mut raw.filesystem, origins, src)?;
+    layer.env.merge(&mut raw.env, origins, src)?;
+    layer.limits.merge(&mut raw.limits, origins, src)?;
+    layer.network.merge(&mut raw.network, origins, src)?;
+    layer.landlock.merge(&mut raw.landlock, origins, src)?;
+    layer.seccomp.merge(&mut raw.seccomp, origins, src)?;
+    layer.capabilities.merge(&mut raw.capabilities, origins, src)?;
+    layer.tools.merge(&mut raw.tools, origins, src)?;
+    layer.trail.merge(&mut raw.trail, origins, src)?;
+    layer.retention.merge(&mut raw.retention, origins, src)?;
+    layer.provision.merge(&mut raw.provision, origins, src)?;
     chain.pop();
     Ok(())
 }

@@ -112,6 +112,15 @@ fn hostile_values_rejected() {
         ("[user]\nuid = 70000\n", "user.uid"),
         ("[user]\nhost_id_base = 0\n", "host root"),
         ("[user]\nhost_id_base = 1\n", "the host's own users and groups"),
+        (
+            "extends = \"default\"\n[seccomp]\nallow_remove = [\"@system-servic\"]\n",
+            "seccomp.allow_remove: `@system-servic` is not in seccomp.allow (did you mean `@system-service`?)",
+        ),
+        (
+            "extends = \"default\"\n[filesystem]\nread_only_remove = [\"/usr/\"]\n",
+            "is not in filesystem.read_only (did you mean `/usr`?)",
+        ),
+        ("[env]\npass_remove = [\"HOME\"]\n", "`HOME` is not in env.pass (env.pass is empty here)"),
         ("[user]\nhost_id_base = 65535\n", "use 65536 or more"),
         ("hostname = \"a b\"\n", "not a valid host name"),
         ("[network]\nmode = \"none\"\nallow = [\"1.2.3.4:80\"]\n", "has no effect"),
