@@ -717,6 +717,22 @@ fn seccomp(raw: SeccompRaw, bad: &Bad) -> Result<Seccomp, PolicyError> {
         let key = if seccomp.allow.contains(name) { "seccomp.allow" } else { "seccomp.deny" };
         bad(key, e.to_string())
     })?;
+    // Every jailed command starts with an execve and ends with an exit_group; without them no
+    // program could start (and one that somehow did could not end), which would show as every
+    // command dying with no message.
+    let missing: Vec<&str> =
+        ["execve", "exit_group"].into_iter().filter(|n| seccomp.allowed.get(n).is_none()).collect();
+    if !missing.is_empty() && seccomp.default_action != SeccompAction::Log {
+        let key =
+            if seccomp.deny.iter().any(|d| missing.contains(&d.as_str())) { "seccomp.deny" } else { "seccomp.allow" };
+        return Err(bad(
+            key,
+            format!(
+                "the allowlist does not admit {}: no program could start in the jail (`@system-service` admits them)",
+                missing.join(" or ")
+            ),
+        ));
+    }
     for f in &seccomp.socket_families {
         if !SOCKET_FAMILIES.iter().any(|(n, _)| n == f) {
             let hint = nearest(f, SOCKET_FAMILIES.iter().map(|(n, _)| *n))

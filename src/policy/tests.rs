@@ -59,8 +59,9 @@ fn lists_replace_or_edit_uniformly() {
     assert_eq!(p.seccomp.allow, vec!["@system-service", "ptrace"]);
     assert_eq!(p.seccomp.deny, vec!["@timer"]);
     assert!(!p.filesystem.read_only.iter().any(|b| b.src == std::path::Path::new("/opt")));
-    let p = load_text("extends = \"default\"\n[seccomp]\nallow = [\"@basic-io\"]\n").unwrap();
-    assert_eq!(p.seccomp.allow, vec!["@basic-io"]);
+    let p =
+        load_text("extends = \"default\"\n[seccomp]\nallow = [\"@basic-io\", \"execve\", \"exit_group\"]\n").unwrap();
+    assert_eq!(p.seccomp.allow, vec!["@basic-io", "execve", "exit_group"]);
 }
 
 #[test]
@@ -121,6 +122,11 @@ fn hostile_values_rejected() {
             "is not in filesystem.read_only (did you mean `/usr`?)",
         ),
         ("[env]\npass_remove = [\"HOME\"]\n", "`HOME` is not in env.pass (env.pass is empty here)"),
+        ("[seccomp]\nallow = []\n", "seccomp.allow: the allowlist does not admit execve or exit_group"),
+        (
+            "[seccomp]\ndeny = [\"execve\"]\n",
+            "seccomp.deny: the allowlist does not admit execve: no program could start",
+        ),
         ("[user]\nhost_id_base = 65535\n", "use 65536 or more"),
         ("hostname = \"a b\"\n", "not a valid host name"),
         ("[network]\nmode = \"none\"\nallow = [\"1.2.3.4:80\"]\n", "has no effect"),
