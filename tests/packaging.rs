@@ -140,20 +140,22 @@ fn the_systemd_unit_uses_a_credential_and_real_flags() {
         assert!(unit.contains(want), "{want}");
     }
     // The score the README states, where systemd-analyze can compute it offline.
-    if let Ok(o) = Command::new("systemd-analyze")
+    if !tool_present("systemd-analyze") {
+        return skip("systemd-analyze is not installed (Debian: systemd); the unit's exposure score was not checked");
+    }
+    let o = Command::new("systemd-analyze")
         .args(["security", "--offline=true", &format!("{ROOT}/deploy/systemd/stockade.service")])
         .output()
-    {
-        let out = String::from_utf8_lossy(&o.stdout);
-        let score: f64 = out
-            .lines()
-            .find_map(|l| l.split("stockade.service: ").nth(1))
-            .and_then(|s| s.split_whitespace().next())
-            .and_then(|s| s.parse().ok())
-            .unwrap_or_else(|| panic!("no score in {out}"));
-        assert!(score <= 4.7, "exposure {score}");
-        assert!(read("README.md").contains(&format!("{score:.1} OK")), "README does not state the score {score}");
-    }
+        .unwrap();
+    let out = String::from_utf8_lossy(&o.stdout);
+    let score: f64 = out
+        .lines()
+        .find_map(|l| l.split("stockade.service: ").nth(1))
+        .and_then(|s| s.split_whitespace().next())
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no score in {out}"));
+    assert!(score <= 4.7, "exposure {score}");
+    assert!(read("README.md").contains(&format!("{score:.1} OK")), "README does not state the score {score}");
 }
 
 #[test]
@@ -267,7 +269,9 @@ fn man_pages_cover_every_subcommand_and_the_policy_format() {
     }
     let worker = std::fs::read_to_string(dir.path().join("stockade-worker.1")).unwrap();
     assert!(worker.contains("ANTHROPIC_ENVIRONMENT_KEY") && worker.contains("stockade\\-worker\\-run(1)"), "{worker}");
-    if Command::new("man").arg("--version").output().is_ok_and(|o| o.status.success()) {
+    if !tool_present("man") {
+        skip("man is not installed (Debian: man-db); the pages were not rendered");
+    } else {
         for n in ["stockade-policy-show.1", "stockade.toml.5"] {
             let r = Command::new("man").arg("-l").arg(dir.path().join(n)).env("MANWIDTH", "80").output().unwrap();
             let text = String::from_utf8_lossy(&r.stdout);
@@ -359,4 +363,9 @@ fn alert_rules_and_dashboard_read_only_metrics_stockade_exports() {
             }
         }
     }
+}
+
+/// Whether `tool` runs here.
+fn tool_present(tool: &str) -> bool {
+    Command::new(tool).arg("--version").output().is_ok_and(|o| o.status.success())
 }

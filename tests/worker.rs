@@ -389,6 +389,8 @@ fn control_plane_failures_lose_nothing_and_duplicate_nothing() {
             assert_eq!(result_of(&v, i), format!("s{n} c{i}"), "{v:#?}");
         }
     }
+    // Every injected fault fired: a renamed route would have made this a happy-path run.
+    assert!(cp.pending_faults().is_empty(), "faults never injected: {:?}", cp.pending_faults());
 }
 
 #[test]
@@ -1181,6 +1183,7 @@ fn an_oversized_response_is_refused_and_retried() {
     let v = cp.wait_ended(&s, Duration::from_secs(30));
     assert!(completed(&v), "{v:#?}");
     assert_eq!(result_of(&v, 0), "small");
+    assert!(cp.pending_faults().is_empty(), "the oversized answers were never sent: {:?}", cp.pending_faults());
     let rss_kib: u64 = peak_rss_kib(w.child.id());
     // Three 96 MiB answers were refused at 1 MiB each: the worker's peak stays far below one.
     assert!(rss_kib < 48 * 1024, "peak RSS {rss_kib} KiB");
@@ -1284,8 +1287,7 @@ fn a_result_that_cannot_be_checked_for_a_lease_ends_the_item_without_a_second_po
 #[test]
 fn workspace_and_outputs_are_filesystems_of_the_policys_size() {
     if !is_root() {
-        eprintln!("skipped: per-session filesystems need root");
-        return;
+        return skip("per-session filesystems need root");
     }
     let cp = Cp::start(Duration::from_secs(30));
     let state = TempDir::new("w-state");
