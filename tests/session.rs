@@ -570,3 +570,58 @@ fn a_secret_looking_directory_keeps_its_structure_in_the_trail() {
     let echo = recs.iter().find(|r| r["event"] == "exec" && r["argv"] == json!(["/bin/echo", "ran"])).unwrap();
     assert_eq!(echo["cwd"], "/tmp/token=[REDACTED]");
 }
+
+/// An exec record names the file the kernel runs, not only the caller's words: its device and
+/// inode, and for an exec of a descriptor (a memfd) what the descriptor was. A script runs its
+/// interpreter, which is no difference to record.
+#[test]
+fn exec_records_name_the_file_and_an_fd_exec_says_what_the_fd_was() {
+    use std::os::unix::fs::MetadataExt;
+    let dir = TempDir::new("trail-identity");
+    let path = dir.path().join("trail.jsonl");
+    let mut s = Sess::start(&["--trail", path.to_str().unwrap()]);
+    s.bash("/usr/bin/true");
+    let out = s.bash(
+        "python3 -c \"import os; fd = os.memfd_create('payload'); os.write(fd, open('/usr/bin/echo','rb').read()); \
+         os.execve(fd, ['echo', 'from-memfd'], {})\"",
+    );
+    assert_eq!(out, "from-memfd");
+    s.bash("printf '#!/bin/sh\\necho scripted\\n' > /tmp/s.sh; chmod +x /tmp/s.sh; /tmp/s.sh");
+    assert_eq!(s.end(), 0);
+    let recs = trail_records(&path);
+    let host = std::fs::metadata("/usr/bin/true").unwrap();
+    let t = recs.iter().find(|r| r["event"] == "exec" && r["argv"] == json!(["/usr/bin/true"])).unwrap();
+    assert_eq!((t["dev"].as_u64(), t["ino"].as_u64()), (Some(host.dev()), Some(host.ino())), "{t}");
+    let m = recs
+        .iter()
+        .find(|r| r["event"] == "exec" && r["argv"] == json!(["echo", "from-memfd"]))
+        .unwrap_or_else(|| panic!("no memfd exec in {recs:#?}"));
+    assert_eq!(m["path"], "");
+    assert!(m["fd"].as_str().unwrap().starts_with("/memfd:payload"), "{m}");
+    assert!(m["ino"].as_u64().is_some(), "{m}");
+    assert!(!recs.iter().any(|r| r["event"] == "exec_differs"), "{recs:#?}");
+}
+
+/// The attack on exec records: a path swapped between the supervisor's look and the kernel's.
+/// The record names the file that was there when it looked; the program the process then runs is
+/// compared with it, and each difference is a record of its own.
+#[test]
+fn an_exec_swapped_under_the_record_is_recorded_as_differing() {
+    let dir = TempDir::new("trail-race");
+    let path = dir.path().join("trail.jsonl");
+    let mut s = Sess::start(&["--trail", path.to_str().unwrap()]);
+    let out = s.bash(
+        "cd /tmp; cp /bin/sleep a; cp /bin/sleep b; \
+         python3 -c 'import os\nwhile True:\n  os.rename(\"a\",\"t\"); os.rename(\"b\",\"a\"); os.rename(\"t\",\"b\")' & \
+         sleep 0.3; for i in $(seq 1 200); do ./a 0.02 2>/dev/null; done; kill %1; echo done",
+    );
+    assert_eq!(out, "done");
+    assert_eq!(s.end(), 0);
+    let recs = trail_records(&path);
+    let differs: Vec<&Value> = recs.iter().filter(|r| r["event"] == "exec_differs").collect();
+    assert!(!differs.is_empty(), "200 racing execs and not one seen to differ");
+    for d in &differs {
+        assert_ne!(d["recorded"]["ino"], d["runs"]["ino"], "{d}");
+        assert!(d["runs"]["exe"].as_str().unwrap().starts_with("/tmp/"), "{d}");
+    }
+}

@@ -9,8 +9,12 @@
 //! lives, every exec waits for its answer; once it is gone, the kernel fails them with ENOSYS).
 //! What a record can get wrong: the path and argv are read from the caller's memory while the
 //! call waits, and another thread of a multi-threaded caller could rewrite them before the kernel
-//! reads them itself. A program that maps code on its own, without exec, is no new program to
-//! the kernel and is not recorded.
+//! reads them itself. So each record also names the file itself — its device and inode, resolved
+//! in the jail's view while the call waits (and what the descriptor was, for an exec of a
+//! descriptor: a memfd, an O_PATH file) — and once the call went on, the program the process
+//! then runs (`/proc/PID/exe`) is compared with it: a difference is recorded (`exec_differs`).
+//! What stays unknowable: a program that exits before it is looked at, argv[0] (the caller's
+//! word), and a program that maps code on its own, without exec (no new program to the kernel).
 
 use std::io::Read;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
@@ -35,6 +39,20 @@ pub struct Exec {
     /// Part of argv was left out: it held more than the byte budget or arguments.
     pub argv_truncated: bool,
     pub cwd: String,
+    /// The file the call names, as found while it waited.
+    pub target: Option<Target>,
+}
+
+/// The file an exec names: its identity, and for an exec of a descriptor what the descriptor was.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Target {
+    pub dev: u64,
+    pub ino: u64,
+    /// For `fexecve`/`execveat(fd, "", AT_EMPTY_PATH)` and `execveat(dirfd, name)`: what the
+    /// descriptor is (`/memfd:NAME (deleted)`, a path), as `/proc/PID/fd` names it.
+    pub fd: Option<String>,
+    /// For a script (`#!`): its interpreter's identity, which is what the process then runs.
+    pub interpreter: Option<(u64, u64)>,
 }
 
 /// Receives what a jail does that its caller records.
@@ -43,6 +61,9 @@ pub trait Observer: Send + Sync {
     fn exec(&self, e: &Exec) -> bool;
     /// A connection attempt left the jail's network and was allowed or denied (veth mode).
     fn egress(&self, allowed: bool, proto: &str, dst: std::net::Ipv4Addr, dport: Option<u16>);
+    /// After an exec went on, the process runs another file than the one recorded (`exe` is what
+    /// `/proc/PID/exe` names, `dev`/`ino` its identity).
+    fn exec_differs(&self, _host_pid: u32, _recorded: &Target, _exe: &str, _dev: u64, _ino: u64) {}
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -127,27 +148,132 @@ impl Drop for Watch {
 fn serve(listener: OwnedFd, observer: &dyn Observer, limits: Limits, stop: &AtomicBool) {
     use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
     use std::os::fd::AsFd;
+    let mut pending: Vec<Pending> = Vec::new();
     loop {
         if stop.load(Ordering::Relaxed) {
             return;
         }
+        let wait = if pending.is_empty() { 200u16 } else { 5 };
         let mut fds = [PollFd::new(listener.as_fd(), PollFlags::POLLIN)];
-        match poll(&mut fds, PollTimeout::from(200u16)) {
-            Ok(0) | Err(nix::errno::Errno::EINTR) => continue,
+        let ready = match poll(&mut fds, PollTimeout::from(wait)) {
+            Ok(0) | Err(nix::errno::Errno::EINTR) => false,
             Err(_) => return,
-            Ok(_) => {}
+            Ok(_) => true,
+        };
+        if ready {
+            let revents = fds[0].revents().unwrap_or(PollFlags::empty());
+            if revents.contains(PollFlags::POLLIN) {
+                answer_one(&listener, observer, limits, &mut pending);
+            } else if revents.intersects(PollFlags::POLLHUP | PollFlags::POLLERR | PollFlags::POLLNVAL) {
+                // Every process under the filter is gone.
+                return;
+            }
         }
-        let revents = fds[0].revents().unwrap_or(PollFlags::empty());
-        if revents.contains(PollFlags::POLLIN) {
-            answer_one(&listener, observer, limits);
-        } else if revents.intersects(PollFlags::POLLHUP | PollFlags::POLLERR | PollFlags::POLLNVAL) {
-            // Every process under the filter is gone.
-            return;
-        }
+        pending.retain(|p| p.check(observer));
     }
 }
 
-fn answer_one(listener: &OwnedFd, observer: &dyn Observer, limits: Limits) {
+/// An exec that went on, to be compared with what the process then runs.
+struct Pending {
+    host_pid: u32,
+    target: Target,
+    /// What the process ran before the exec: while `/proc/PID/exe` still names it, the exec has
+    /// not happened yet (or failed).
+    before: Option<(u64, u64)>,
+    since: std::time::Instant,
+}
+
+/// How long an exec is watched for before it is taken to have failed or ended unseen.
+const POST_EXEC_WATCH: std::time::Duration = std::time::Duration::from_millis(100);
+
+impl Pending {
+    /// Looks at the process once; returns whether to look again.
+    fn check(&self, observer: &dyn Observer) -> bool {
+        use std::os::unix::fs::MetadataExt;
+        let exe = format!("/proc/{}/exe", self.host_pid);
+        let Ok(m) = std::fs::metadata(&exe) else { return false };
+        let now = (m.dev(), m.ino());
+        if self.target.runs(now) {
+            return false;
+        }
+        if Some(now) == self.before {
+            return self.since.elapsed() < POST_EXEC_WATCH;
+        }
+        let name = std::fs::read_link(&exe).map(|p| p.display().to_string()).unwrap_or_default();
+        observer.exec_differs(self.host_pid, &self.target, &name, now.0, now.1);
+        false
+    }
+
+    /// The process makes another exec: it runs what this one started, so the look is final.
+    /// Returns false (drop it).
+    fn settle(&self, observer: &dyn Observer) -> bool {
+        use std::os::unix::fs::MetadataExt;
+        let exe = format!("/proc/{}/exe", self.host_pid);
+        if let Ok(m) = std::fs::metadata(&exe) {
+            let now = (m.dev(), m.ino());
+            if !self.target.runs(now) && Some(now) != self.before {
+                let name = std::fs::read_link(&exe).map(|p| p.display().to_string()).unwrap_or_default();
+                observer.exec_differs(self.host_pid, &self.target, &name, now.0, now.1);
+            }
+        }
+        false
+    }
+}
+
+impl Target {
+    /// Whether a process whose executable is `(dev, ino)` runs this file (or, for a script, its
+    /// interpreter).
+    fn runs(&self, now: (u64, u64)) -> bool {
+        now == (self.dev, self.ino) || self.interpreter == Some(now)
+    }
+}
+
+/// The identity of the file an exec names, found in the caller's view: through its root, its
+/// working directory or its descriptor under /proc, which the kernel resolves in the jail's
+/// mount namespace.
+fn target_of(host_pid: u32, path: &str, dirfd: Option<i32>, empty_path: bool) -> Option<Target> {
+    use std::os::unix::fs::MetadataExt;
+    let proc = format!("/proc/{host_pid}");
+    let (file, fd) = match dirfd {
+        Some(d) if empty_path && path.is_empty() => {
+            let f = format!("{proc}/fd/{d}");
+            let name = std::fs::read_link(&f).ok().map(|p| p.display().to_string());
+            (f, name)
+        }
+        Some(d) if !path.starts_with('/') => {
+            let name = std::fs::read_link(format!("{proc}/fd/{d}")).ok().map(|p| p.display().to_string());
+            (format!("{proc}/fd/{d}/{path}"), name)
+        }
+        _ if path.starts_with('/') => (format!("{proc}/root{path}"), None),
+        _ => (format!("{proc}/cwd/{path}"), None),
+    };
+    let m = std::fs::metadata(&file).ok()?;
+    // Only a regular file is opened: a FIFO would block this thread, and every exec with it.
+    let interpreter = m.is_file().then(|| interpreter_of(&file)).flatten().and_then(|i| {
+        let m = std::fs::metadata(format!("{proc}/root{i}")).ok()?;
+        Some((m.dev(), m.ino()))
+    });
+    Some(Target { dev: m.dev(), ino: m.ino(), fd, interpreter })
+}
+
+/// A script's `#!` interpreter, when it names an absolute path.
+fn interpreter_of(file: &str) -> Option<String> {
+    let mut head = [0u8; 256];
+    use std::os::unix::fs::OpenOptionsExt;
+    let n = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
+        .open(file)
+        .and_then(|mut f| f.read(&mut head))
+        .ok()?;
+    let line = head[..n].strip_prefix(b"#!")?;
+    let line = &line[..line.iter().position(|b| *b == b'\n').unwrap_or(line.len())];
+    let interp = std::str::from_utf8(line).ok()?.split_whitespace().next()?;
+    interp.starts_with('/').then(|| interp.to_owned())
+}
+
+/// Answers one exec; one that went on joins `pending`, for the post-exec look.
+fn answer_one(listener: &OwnedFd, observer: &dyn Observer, limits: Limits, pending: &mut Vec<Pending>) {
     // SAFETY: seccomp_notif is plain old data; the kernel wants it zeroed before RECV.
     let mut req: libc::seccomp_notif = unsafe { std::mem::zeroed() };
     // SAFETY: RECV fills the seccomp_notif we pass, which is valid and of the ioctl's size.
@@ -155,7 +281,15 @@ fn answer_one(listener: &OwnedFd, observer: &dyn Observer, limits: Limits) {
         // ENOENT: the caller died (or a signal restarted its call) before we got to it.
         return;
     }
+    // While this call waits, the caller runs what its previous exec started: the moment to
+    // compare that with what was recorded.
+    pending.retain(|p| p.host_pid != req.pid || p.settle(observer));
     let exec = read_exec(&req, limits);
+    let before = {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::metadata(format!("/proc/{}/exe", req.pid)).ok().map(|m| (m.dev(), m.ino()))
+    };
+    let watch = exec.as_ref().and_then(|e| e.target.clone());
     // The pid must still be the caller we read: were it not, the memory read was someone else's.
     let mut id = req.id;
     // SAFETY: ID_VALID reads the u64 we pass.
@@ -181,6 +315,7 @@ fn answer_one(listener: &OwnedFd, observer: &dyn Observer, limits: Limits) {
                 argv: Vec::new(),
                 argv_truncated: true,
                 cwd: String::new(),
+                target: None,
             };
             observer.exec(&e);
             -libc::EFAULT
@@ -193,17 +328,20 @@ fn answer_one(listener: &OwnedFd, observer: &dyn Observer, limits: Limits) {
         flags: if error == 0 { libc::SECCOMP_USER_NOTIF_FLAG_CONTINUE as u32 } else { 0 },
     };
     // SAFETY: SEND reads the seccomp_notif_resp we pass. A failure means the caller is gone.
-    unsafe { libc::ioctl(listener.as_raw_fd(), libc::SECCOMP_IOCTL_NOTIF_SEND, &mut resp) };
+    let sent = unsafe { libc::ioctl(listener.as_raw_fd(), libc::SECCOMP_IOCTL_NOTIF_SEND, &mut resp) } == 0;
+    if let (true, Some(target)) = (sent && error == 0, watch) {
+        pending.push(Pending { host_pid: req.pid, target, before, since: std::time::Instant::now() });
+    }
 }
 
 fn read_exec(req: &libc::seccomp_notif, limits: Limits) -> Option<Exec> {
     let host_pid = req.pid;
     let a = req.data.args;
-    let (dirfd, path_at, argv_at) = if req.data.nr == libc::SYS_execveat as i32 {
+    let (dirfd, path_at, argv_at, empty_path) = if req.data.nr == libc::SYS_execveat as i32 {
         let d = a[0] as i32;
-        (if d == libc::AT_FDCWD { None } else { Some(d) }, a[1], a[2])
+        (if d == libc::AT_FDCWD { None } else { Some(d) }, a[1], a[2], a[4] as i32 & libc::AT_EMPTY_PATH != 0)
     } else {
-        (None, a[0], a[1])
+        (None, a[0], a[1], false)
     };
     let mem = std::fs::File::open(format!("/proc/{host_pid}/mem")).ok()?;
     let path = read_cstr(&mem, path_at, libc::PATH_MAX as usize)?.0;
@@ -233,7 +371,17 @@ fn read_exec(req: &libc::seccomp_notif, limits: Limits) -> Option<Exec> {
         }
     }
     let cwd = std::fs::read_link(format!("/proc/{host_pid}/cwd")).map(|p| p.display().to_string()).unwrap_or_default();
-    Some(Exec { pid: jail_pid(host_pid).unwrap_or(0), host_pid, path, dirfd, argv, argv_truncated: truncated, cwd })
+    let target = target_of(host_pid, &path, dirfd, empty_path);
+    Some(Exec {
+        pid: jail_pid(host_pid).unwrap_or(0),
+        host_pid,
+        path,
+        dirfd,
+        argv,
+        argv_truncated: truncated,
+        cwd,
+        target,
+    })
 }
 
 /// A NUL-terminated string of at most `max` bytes at `at`: (the text, whether it was cut).

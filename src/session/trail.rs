@@ -18,7 +18,7 @@ use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 
-use crate::jail::execwatch::{Exec, Observer};
+use crate::jail::execwatch::{Exec, Observer, Target};
 use crate::policy::{OnFull, Trail as TrailPolicy};
 
 /// What replaces a secret.
@@ -294,7 +294,26 @@ impl Observer for TrailWriter {
         if let Some(d) = e.dirfd {
             m.insert("dirfd".into(), json!(d));
         }
+        if let Some(t) = &e.target {
+            m.insert("dev".into(), json!(t.dev));
+            m.insert("ino".into(), json!(t.ino));
+            if let Some(fd) = &t.fd {
+                m.insert("fd".into(), json!(fd));
+            }
+        }
         self.record("exec", m)
+    }
+
+    fn exec_differs(&self, host_pid: u32, recorded: &Target, exe: &str, dev: u64, ino: u64) {
+        self.record(
+            "exec_differs",
+            obj(json!({
+                "host_pid": host_pid,
+                "recorded": {"dev": recorded.dev, "ino": recorded.ino},
+                "runs": {"exe": exe, "dev": dev, "ino": ino},
+                "tool_use_id": self.call(),
+            })),
+        );
     }
 
     fn egress(&self, allowed: bool, proto: &str, dst: std::net::Ipv4Addr, dport: Option<u16>) {
