@@ -404,7 +404,7 @@ fn cmd_run(a: RunArgs) -> i32 {
     let watcher = match &a.trail {
         None => None,
         Some(path) => match stockade::session::trail::TrailWriter::open(path, &policy.trail, Vec::new()) {
-            Ok(t) => Some(stockade::session::trail::watcher(std::sync::Arc::new(t), &policy.trail)),
+            Ok(t) => Some(stockade::session::trail::watcher(std::sync::Arc::new(t), &policy)),
             Err(e) => return fail(format!("--trail: {e}")),
         },
     };
@@ -521,7 +521,7 @@ fn cmd_session(a: SessionArgs) -> i32 {
             Err(e) => return fail(format!("--trail: {e}")),
         },
     };
-    let watcher = trail.as_ref().map(|t| stockade::session::trail::watcher(t.clone(), &policy.trail));
+    let watcher = trail.as_ref().map(|t| stockade::session::trail::watcher(t.clone(), &policy));
     let spec = JailSpec {
         policy,
         workspace: a.jail.workspace,

@@ -1130,3 +1130,36 @@ fn a_workspace_under_a_private_parent_is_attached() {
     assert_eq!(r.stdout, "hi\n");
     assert_eq!(std::fs::read_to_string(ws.join("g.txt")).unwrap(), "made\n");
 }
+
+/// The supervisor's work on a session's execs (reading and recording them) is held to half the
+/// session's `limits.cpu`: an exec flood with long argvs under `cpu = 0.25` made it burn about
+/// 0.35 of a core beside the jail's 0.25; now the flood slows itself instead.
+#[test]
+fn an_exec_flood_cannot_work_the_supervisor_past_its_share() {
+    let (d, p) = policy("default", "[limits]\ncpu = 0.25\n");
+    let trail = d.path().join("trail.jsonl");
+    let mut run = Command::new(STOCKADE)
+        .args(["run", "--policy", p.to_str().unwrap(), "--trail", trail.to_str().unwrap(), "--", "/bin/sh", "-c"])
+        .arg(
+            "a=$(head -c 2000 /dev/zero | tr '\\0' x); i=0; while [ $i -lt 700 ]; do /bin/true $a $a; i=$((i+1)); done",
+        )
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let tck = 100.0; // USER_HZ, what /proc/PID/stat counts in
+    let t = Instant::now();
+    let mut cpu = 0.0;
+    while run.try_wait().unwrap().is_none() {
+        if let Ok(stat) = std::fs::read_to_string(format!("/proc/{}/stat", run.id())) {
+            let f: Vec<&str> = stat.rsplit_once(')').unwrap().1.split_whitespace().collect();
+            cpu = (f[11].parse::<f64>().unwrap() + f[12].parse::<f64>().unwrap()) / tck;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let wall = t.elapsed().as_secs_f64();
+    let records = std::fs::read_to_string(&trail).unwrap().lines().filter(|l| l.contains("\"event\":\"exec\"")).count();
+    assert!(records >= 700, "the flood was recorded: {records} exec records");
+    // Half of 0.25, with room for the supervisor's own start and end.
+    assert!(cpu / wall < 0.2, "the supervisor used {cpu:.2} s of CPU in {wall:.2} s");
+}

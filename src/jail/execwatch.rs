@@ -21,6 +21,7 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::fs::FileExt;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use super::error::{JailError, Step};
 
@@ -123,6 +124,53 @@ pub(crate) struct Watch {
 pub struct Limits {
     pub argv_bytes: usize,
     pub max_args: usize,
+    /// The most of a core the watch may spend on the jail's execs (reading them, recording them):
+    /// past it, execs wait. A session flooding execs slows itself, not the host.
+    pub cpu_share: f64,
+}
+
+/// CPU time the watch may spend in one burst before its share applies.
+const CPU_BURST: Duration = Duration::from_millis(50);
+
+/// This thread's CPU time.
+fn thread_cpu() -> Duration {
+    let mut t = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: clock_gettime writes the timespec we pass; CLOCK_THREAD_CPUTIME_ID always exists.
+    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut t) };
+    Duration::new(t.tv_sec as u64, t.tv_nsec as u32)
+}
+
+/// A bucket of CPU time the watch may spend: it fills at `share` of the wall clock, up to a
+/// burst, and each answered exec takes what it cost.
+struct CpuBudget {
+    share: f64,
+    credit: f64,
+    at: std::time::Instant,
+    used: Duration,
+}
+
+impl CpuBudget {
+    fn new(share: f64) -> CpuBudget {
+        CpuBudget {
+            share: share.max(0.01),
+            credit: CPU_BURST.as_secs_f64(),
+            at: std::time::Instant::now(),
+            used: thread_cpu(),
+        }
+    }
+
+    /// Charges what the thread spent since the last call and waits while the bucket is empty.
+    fn settle(&mut self) {
+        let now = std::time::Instant::now();
+        let cpu = thread_cpu();
+        self.credit = (self.credit + self.share * (now - self.at).as_secs_f64()).min(CPU_BURST.as_secs_f64());
+        self.credit -= (cpu.saturating_sub(self.used)).as_secs_f64();
+        self.at = now;
+        self.used = cpu;
+        if self.credit < 0.0 {
+            std::thread::sleep(Duration::from_secs_f64((-self.credit / self.share).min(1.0)));
+        }
+    }
 }
 
 impl Watch {
@@ -149,6 +197,7 @@ fn serve(listener: OwnedFd, observer: &dyn Observer, limits: Limits, stop: &Atom
     use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
     use std::os::fd::AsFd;
     let mut pending: Vec<Pending> = Vec::new();
+    let mut budget = CpuBudget::new(limits.cpu_share);
     loop {
         if stop.load(Ordering::Relaxed) {
             return;
@@ -163,6 +212,7 @@ fn serve(listener: OwnedFd, observer: &dyn Observer, limits: Limits, stop: &Atom
         if ready {
             let revents = fds[0].revents().unwrap_or(PollFlags::empty());
             if revents.contains(PollFlags::POLLIN) {
+                budget.settle();
                 answer_one(&listener, observer, limits, &mut pending);
             } else if revents.intersects(PollFlags::POLLHUP | PollFlags::POLLERR | PollFlags::POLLNVAL) {
                 // Every process under the filter is gone.

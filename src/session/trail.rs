@@ -330,12 +330,17 @@ impl Observer for TrailWriter {
     }
 }
 
-/// The jail watcher that records into `trail`, as the policy's `[trail]` asks.
-pub fn watcher(trail: std::sync::Arc<TrailWriter>, policy: &TrailPolicy) -> crate::jail::Watcher {
+/// The jail watcher that records into `trail`, as the policy's `[trail]` asks. Its work on the
+/// session's execs is held to half the session's `limits.cpu` (half a core without one).
+pub fn watcher(trail: std::sync::Arc<TrailWriter>, policy: &crate::policy::Policy) -> crate::jail::Watcher {
     crate::jail::Watcher {
         observer: trail,
-        exec: policy.exec,
-        limits: crate::jail::execwatch::Limits { argv_bytes: policy.argv_max as usize, max_args: 4096 },
+        exec: policy.trail.exec,
+        limits: crate::jail::execwatch::Limits {
+            argv_bytes: policy.trail.argv_max as usize,
+            max_args: 4096,
+            cpu_share: policy.limits.cpu.map_or(0.5, |c| c / 2.0),
+        },
     }
 }
 
