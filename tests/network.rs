@@ -8,6 +8,7 @@ use common::*;
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, TcpListener, UdpSocket};
 use std::os::fd::AsFd;
+use std::os::unix::process::CommandExt;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -598,15 +599,19 @@ fn provisioning_clones_through_its_own_egress_allowlist() {
     std::fs::create_dir_all(d.path().join("srv/acme")).unwrap();
     git(&["clone", "-q", "--bare", src.to_str().unwrap(), "srv/acme/app.git"], d.path());
     let server = inet.ip(2);
-    let mut daemon = Command::new("nsenter")
+    // `git daemon` runs as a child of `git` (and that of nsenter): the whole process group goes
+    // when the test ends, however it ends.
+    let daemon = Command::new("nsenter")
         .arg(format!("--net=/proc/{}/ns/net", inet.ns.id()))
         .args(["git", "daemon", "--reuseaddr", "--export-all", &format!("--listen={server}"), "--port=9418"])
         .arg(format!("--base-path={}", d.path().join("srv").display()))
         .arg(d.path().join("srv"))
         .stdout(Stdio::null())
         .stderr(Stdio::null())
+        .process_group(0)
         .spawn()
         .unwrap();
+    let daemon = GroupGuard(daemon);
     std::thread::sleep(Duration::from_millis(500));
     let creds = d.path().join("creds");
     std::fs::write(&creds, "https://u:p@git.example\n").unwrap();
@@ -650,6 +655,29 @@ fn provisioning_clones_through_its_own_egress_allowlist() {
     let e = r.unwrap_err().0;
     assert!(e.starts_with("workspace provisioning failed"), "{e}");
     assert_eq!(readme, None);
-    let _ = daemon.kill();
-    let _ = daemon.wait();
+    drop(daemon);
+    assert!(
+        !std::fs::read_dir("/proc").unwrap().flatten().any(|e| std::fs::read(e.path().join("cmdline")).is_ok_and(
+            |c| String::from_utf8_lossy(&c).contains(&format!("--base-path={}", d.path().join("srv").display()))
+        )),
+        "the git daemon outlived its test"
+    );
+}
+
+/// A child started in a process group of its own, killed with its whole group when dropped.
+struct GroupGuard(Child);
+
+impl Drop for GroupGuard {
+    fn drop(&mut self) {
+        let pgid = nix::unistd::Pid::from_raw(-(self.0.id() as i32));
+        let _ = nix::sys::signal::kill(pgid, nix::sys::signal::Signal::SIGKILL);
+        let _ = self.0.wait();
+        // Its children are reaped by init; wait until they are gone from /proc.
+        let t = Instant::now();
+        while t.elapsed() < Duration::from_secs(5)
+            && nix::sys::signal::killpg(nix::unistd::Pid::from_raw(self.0.id() as i32), None).is_ok()
+        {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
 }
