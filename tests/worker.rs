@@ -639,14 +639,21 @@ fn session_metadata_narrows_the_policy_but_never_widens_it() {
         m.insert("stockade_narrow".into(), v);
         m
     };
-    let probe = bash("touch /workspace/x 2>&1 || true; echo probed");
+    // What the jail lets the session do: write its workspace, and which interfaces it has.
+    let probe = bash(
+        "touch /workspace/x 2>&1 || true; echo \"ifaces: $(awk 'NR>2{print $1}' /proc/net/dev | tr '\\n' ' ')\"; \
+         (exec 3<>/dev/tcp/127.0.0.1/9) 2>&1 | grep -o 'Connection refused\\|Network is unreachable' | head -1",
+    );
     let (s, _) = cp.session_full(vec![probe.clone()], meta(json!({"workspace": "read_only", "network": "none"})));
     let v = cp.wait_ended(&s, Duration::from_secs(30));
     let out = result_of(&v, 0);
     assert!(out.contains("Read-only file system"), "{out}");
+    assert!(out.ends_with("ifaces: lo: \nNetwork is unreachable"), "network none leaves loopback down: {out:?}");
     let (s, _) = cp.session_full(vec![probe.clone()], serde_json::Map::new());
     let plain = cp.wait_ended(&s, Duration::from_secs(30));
     assert!(!result_of(&plain, 0).contains("Read-only"), "{}", result_of(&plain, 0));
+    // The policy's loopback network: lo, up, and nothing else.
+    assert!(result_of(&plain, 0).ends_with("ifaces: lo: \nConnection refused"), "{}", result_of(&plain, 0));
     // Asking for more than the policy allows changes nothing.
     let (s, _) = cp.session_full(vec![probe], meta(json!({"network": "veth", "memory": "512G"})));
     let wide = cp.wait_ended(&s, Duration::from_secs(30));
