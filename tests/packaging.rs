@@ -369,3 +369,20 @@ fn alert_rules_and_dashboard_read_only_metrics_stockade_exports() {
 fn tool_present(tool: &str) -> bool {
     Command::new(tool).arg("--version").output().is_ok_and(|o| o.status.success())
 }
+
+/// The README's table of trail events is the binary's own list: `stockade trail --event` takes
+/// every event the README names, and the README names every event a trail records.
+#[test]
+fn the_readme_names_every_trail_event_the_binary_records() {
+    let readme = read("README.md");
+    let table = readme.split("| event | fields |").nth(1).expect("the trail events table");
+    let named: Vec<&str> =
+        table.lines().skip(2).take_while(|l| l.starts_with("| `")).filter_map(|l| l.split('`').nth(1)).collect();
+    assert_eq!(named, stockade::session::trail::EVENTS, "README table against the binary's list");
+    let o = Command::new(STOCKADE)
+        .args(["trail", "x", "--state-dir", "/nonexistent", "--event", "nosuch"])
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(2), "{o:?}");
+    assert!(String::from_utf8_lossy(&o.stderr).contains(&stockade::session::trail::EVENTS.join(", ")), "{o:?}");
+}

@@ -224,7 +224,7 @@ pub(super) struct TrailArgs {
     #[arg(long, value_enum, default_value_t = TrailFormat::Table)]
     format: TrailFormat,
     /// Only records of these events (comma-separated: session_start, tool_call, tool_result,
-    /// exec, egress, output_file, session_end, truncated).
+    /// exec, exec_differs, egress, provision, output_file, session_end, truncated).
     #[arg(long, value_delimiter = ',', value_name = "EVENTS")]
     event: Vec<String>,
 }
@@ -258,15 +258,14 @@ fn trail_files(a: &TrailArgs) -> Result<Vec<PathBuf>, String> {
 
 pub(super) fn trail(a: TrailArgs) -> i32 {
     use std::io::Write;
+    let known = stockade::session::trail::EVENTS;
+    if let Some(bad) = a.event.iter().find(|e| !known.contains(&e.as_str())) {
+        return usage(format!("--event: unknown event `{bad}`; known: {}", known.join(", ")));
+    }
     let files = match trail_files(&a) {
         Ok(f) => f,
         Err(e) => return fail(e),
     };
-    let known =
-        ["session_start", "tool_call", "tool_result", "exec", "egress", "output_file", "session_end", "truncated"];
-    if let Some(bad) = a.event.iter().find(|e| !known.contains(&e.as_str())) {
-        return usage(format!("--event: unknown event `{bad}`; known: {}", known.join(", ")));
-    }
     let mut out = std::io::stdout().lock();
     for f in files {
         let records = match stockade::session::trail::read(&f) {

@@ -330,6 +330,20 @@ impl Observer for TrailWriter {
     }
 }
 
+/// Every event a trail records (the README's table lists them in this order).
+pub const EVENTS: &[&str] = &[
+    "session_start",
+    "tool_call",
+    "tool_result",
+    "exec",
+    "exec_differs",
+    "egress",
+    "provision",
+    "output_file",
+    "session_end",
+    "truncated",
+];
+
 /// The jail watcher that records into `trail`, as the policy's `[trail]` asks. Its work on the
 /// session's execs is held to half the session's `limits.cpu` (half a core without one).
 pub fn watcher(trail: std::sync::Arc<TrailWriter>, policy: &crate::policy::Policy) -> crate::jail::Watcher {
