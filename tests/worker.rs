@@ -1869,3 +1869,28 @@ fn a_session_that_fills_its_trail_is_ended() {
         assert!(c.result.as_deref().is_none_or(|r| r.contains("audit trail is full")), "{v:#?}");
     }
 }
+
+/// A listing page of millions of tiny events (about 60 MB, inside the body limit) is read event by
+/// event: the worker's memory stays near the body's size (it grew to ~18 times it when the page
+/// was parsed into one tree), and the session goes on.
+#[test]
+fn a_page_of_millions_of_tiny_events_does_not_blow_up_the_worker() {
+    let cp = Cp::start(Duration::from_secs(30));
+    let state = TempDir::new("w-state");
+    let (s, _) = cp.session(vec![bash("echo fine")]);
+    cp.faults(vec![Fault {
+        kind: FaultKind::TinyEvents,
+        count: 1,
+        path_contains: Some(format!("/v1/sessions/{s}/events")),
+        method: Some("GET".into()),
+        after: false,
+    }]);
+    let w = start_worker(&cp, state.path(), &[]);
+    let v = cp.wait_ended(&s, Duration::from_secs(60));
+    assert!(completed(&v), "{v:#?}");
+    assert!(cp.pending_faults().is_empty(), "the page was never served");
+    assert_eq!(result_of(&v, 0), "fine");
+    let rss_kib = peak_rss_kib(w.child.id());
+    // About twice the body here (125 MiB); the page as one tree of values took ~18 times it.
+    assert!(rss_kib < 256 * 1024, "peak RSS {rss_kib} KiB for a ~60 MB page");
+}

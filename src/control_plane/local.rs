@@ -251,7 +251,12 @@ pub enum FaultKind {
     Redirect,
     /// The request reaches the server `DELAY_FAULT` late (a proxy holding it), then is served.
     Delayed,
+    /// For an events listing (never its stream): a page of `TINY_FAULT_EVENTS` tiny events of a
+    /// type no worker acts on, about 60 MB, within the worker's default body limit.
+    TinyEvents,
 }
+
+const TINY_FAULT_EVENTS: usize = 2_000_000;
 
 const DELAY_FAULT: Duration = Duration::from_millis(1500);
 
@@ -1184,6 +1189,7 @@ async fn inject_faults(State(cp): State<LocalControlPlane>, req: Request, next: 
         let i = db.faults.iter().position(|f| {
             f.path_contains.as_deref().is_none_or(|p| path.contains(p))
                 && f.method.as_deref().is_none_or(|m| m.eq_ignore_ascii_case(&method))
+                && !(f.kind == FaultKind::TinyEvents && path.ends_with("/stream"))
         });
         i.map(|i| {
             let f = db.faults[i].clone();
@@ -1243,6 +1249,19 @@ async fn inject_faults(State(cp): State<LocalControlPlane>, req: Request, next: 
                 .expect("static response")
         }
         FaultKind::Delayed => unreachable!("served above"),
+        FaultKind::TinyEvents => {
+            let mut body = String::with_capacity(TINY_FAULT_EVENTS * 30 + 64);
+            body.push_str("{\"data\": [");
+            for i in 0..TINY_FAULT_EVENTS {
+                if i > 0 {
+                    body.push(',');
+                }
+                body.push_str(&format!("{{\"id\":\"t{i}\",\"type\":\"span.x\"}}"));
+            }
+            // The real history follows, from its start.
+            body.push_str("], \"next_page\": \"page_0\"}");
+            (StatusCode::OK, [("content-type", "application/json")], body).into_response()
+        }
         FaultKind::Redirect => Response::builder()
             .status(StatusCode::TEMPORARY_REDIRECT)
             .header("location", format!("http://127.0.0.1:1{path}"))

@@ -127,6 +127,11 @@ impl View {
     }
 
     pub(super) fn apply(&mut self, ev: SessionEvent) {
+        // An event the runner does not act on needs no place in the view: applying it again
+        // would change nothing, and a history of millions of them costs nothing to keep.
+        if matches!(ev.event, Event::Other(_)) {
+            return;
+        }
         if self.seen_at.contains_key(&ev.id) {
             return;
         }
