@@ -1133,9 +1133,10 @@ fn a_paused_worker_does_not_post_for_an_item_it_no_longer_holds() {
     // By now the paused worker's call has finished; it wakes with a result to post.
     std::thread::sleep(Duration::from_millis(1500));
     nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGCONT).unwrap();
-    // Within a second of waking it would have posted; a new run of the call (the second holder
-    // lets its lease lapse too) cannot answer that soon.
-    std::thread::sleep(Duration::from_secs(1));
+    // Not a fixed wait: the woken worker asks for a beat before posting, learns the lease is gone
+    // and sets the item aside. Once it has, it can no longer post; had it posted, that came first.
+    let lost = state.path().join("items").join(&work).join("lost_at");
+    cp.wait_for("the woken worker to set the item aside", Duration::from_secs(20), || lost.exists());
     let v = cp.view(&s);
     assert_eq!(v.calls[0].result, None, "the paused worker posted for an item it no longer held: {v:#?}");
     assert_eq!(v.duplicate_results, 0);
