@@ -130,6 +130,56 @@ const DANGEROUS_CAPS: &[&str] = &[
     "FOWNER",
 ];
 
+/// Names of credential files and directories, wherever they sit in a path.
+const CREDENTIAL_NAMES: &[(&str, &str)] = &[
+    (".ssh", "SSH keys"),
+    (".aws", "AWS credentials"),
+    (".kube", "Kubernetes credentials"),
+    (".docker", "registry credentials"),
+    (".gnupg", "GPG keys"),
+    (".netrc", "login credentials"),
+    (".git-credentials", "git credentials"),
+    (".npmrc", "registry tokens"),
+    (".pypirc", "registry tokens"),
+    (".azure", "Azure credentials"),
+    ("gcloud", "Google Cloud credentials"),
+    ("shadow", "password hashes"),
+    ("gshadow", "password hashes"),
+    ("sudoers", "privilege rules"),
+];
+
+/// Credential paths by where they are.
+const CREDENTIAL_PATHS: &[(&str, &str)] = &[
+    ("/etc/ssh", "host SSH keys"),
+    ("/var/run/secrets", "service account tokens"),
+    ("/run/secrets", "mounted secrets"),
+    ("/var/lib/kubelet", "kubelet credentials"),
+];
+
+/// Why a bound host path exposes credentials, read-only or not: it is one (at any depth), holds
+/// one, or is a home directory, which brings its `.ssh`, `.aws` and the like along.
+fn credential_exposure(path: &str) -> Option<String> {
+    let p = norm(path);
+    let comps: Vec<&str> = p.split('/').filter(|c| !c.is_empty()).collect();
+    if let Some((name, why)) = comps.iter().find_map(|c| CREDENTIAL_NAMES.iter().find(|(n, _)| n == c)) {
+        return Some(format!("`{name}`: {why}"));
+    }
+    if let Some(ext) = comps.last().and_then(|l| l.rsplit_once('.')).map(|(_, e)| e) {
+        if ["pem", "key", "p12", "pfx", "jks"].contains(&ext) {
+            return Some(format!("a `.{ext}` file: a private key or keystore"));
+        }
+    }
+    for (c, why) in CREDENTIAL_PATHS {
+        if covers(&p, c) || covers(c, &p) {
+            return Some(format!("{c}: {why}"));
+        }
+    }
+    match comps.as_slice() {
+        ["home", _] | ["root"] => Some("a home directory, with its .ssh, .aws and the like".into()),
+        _ => None,
+    }
+}
+
 fn norm(p: &str) -> String {
     let t = p.trim_end_matches('/');
     if t.is_empty() {
@@ -305,6 +355,28 @@ fn filesystem_checks(p: &Policy, c: &mut Ctx) {
         (Verdict::Fail, exposed.iter().map(|(p, why, _)| format!("{p} ({why})")).collect::<Vec<_>>().join("; "))
     };
     c.add("filesystem.host_paths", 1.0, v, field, r);
+    // Read-only is no protection for a secret: reading it is the exposure.
+    let etc = bind_paths(&p.filesystem.etc);
+    let secrets: Vec<(String, String, &str)> = rw
+        .iter()
+        .map(|s| (s, "filesystem.read_write"))
+        .chain(ro.iter().map(|s| (s, "filesystem.read_only")))
+        .chain(etc.iter().map(|s| (s, "filesystem.etc")))
+        .filter_map(|(s, field)| credential_exposure(s).map(|why| (s.clone(), why, field)))
+        .collect();
+    let field = secrets.first().map(|e| e.2).unwrap_or("filesystem.read_only");
+    let (v, r) = if secrets.is_empty() {
+        (Verdict::Pass, "no credential file or directory is bound, read-only or not".to_owned())
+    } else {
+        (
+            Verdict::Fail,
+            format!(
+                "credentials readable in the jail: {}",
+                secrets.iter().map(|(p, why, _)| format!("{p} ({why})")).collect::<Vec<_>>().join("; ")
+            ),
+        )
+    };
+    c.add("filesystem.credentials", 1.0, v, field, r);
     c.add(
         "filesystem.etc",
         0.5,
