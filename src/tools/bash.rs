@@ -113,6 +113,8 @@ struct Stream {
     dropped_newlines: usize,
     /// The status after the sentinel, once it and its line end arrived.
     status: Option<i32>,
+    /// Where the sentinel was found while its status line was still on its way.
+    sentinel_at: Option<usize>,
 }
 
 /// Bytes of a stream kept whole; the rest counts its lines only.
@@ -122,7 +124,7 @@ const WINDOW: usize = 4096;
 
 impl Stream {
     fn new() -> Stream {
-        Stream { head: Vec::new(), dropped_newlines: 0, status: None }
+        Stream { head: Vec::new(), dropped_newlines: 0, status: None, sentinel_at: None }
     }
 
     fn add(&mut self, chunk: &[u8], sentinel: &[u8]) {
@@ -131,7 +133,9 @@ impl Stream {
         }
         let from = self.head.len().saturating_sub(sentinel.len() + 1);
         self.head.extend_from_slice(chunk);
-        if let Some(at) = find(&self.head[from..], sentinel).map(|p| from + p) {
+        let found = self.sentinel_at.or_else(|| find(&self.head[from..], sentinel).map(|p| from + p));
+        if let Some(at) = found {
+            self.sentinel_at = Some(at);
             let after = &self.head[at + sentinel.len()..];
             if let Some(nl) = after.iter().position(|&b| b == b'\n') {
                 self.status = Some(std::str::from_utf8(&after[..nl]).ok().and_then(|s| s.parse().ok()).unwrap_or(-1));
@@ -653,5 +657,13 @@ mod tests {
         assert_eq!(st.status, Some(7));
         assert_eq!(st.head, b"hello\n");
         assert_eq!(st.newlines(), 1);
+        // The status line arriving after the sentinel, a digit at a time.
+        let mut st = Stream::new();
+        st.add(b"out\n__STK_CMD_0123_DONE__1", s);
+        st.add(b"2", s);
+        assert_eq!(st.status, None);
+        st.add(b"7\n", s);
+        assert_eq!(st.status, Some(127));
+        assert_eq!(st.head, b"out");
     }
 }
