@@ -625,3 +625,24 @@ fn an_exec_swapped_under_the_record_is_recorded_as_differing() {
         assert!(d["runs"]["exe"].as_str().unwrap().starts_with("/tmp/"), "{d}");
     }
 }
+
+/// The supervisor looks up an exec's file as the jail's kernel would: an absolute symlink the
+/// jail planted resolves inside the jail, never to the host file of that name (which the
+/// privileged supervisor would otherwise stat and open).
+#[test]
+fn an_exec_record_never_follows_a_planted_link_out_of_the_jail() {
+    let dir = TempDir::new("trail-link");
+    let host_only = dir.path().join("host-only.sh");
+    std::fs::write(&host_only, "#!/bin/sh\necho host\n").unwrap();
+    let path = dir.path().join("trail.jsonl");
+    let mut s = Sess::start(&["--trail", path.to_str().unwrap()]);
+    s.bash(&format!("ln -s {} /tmp/l; /tmp/l; true", host_only.display()));
+    assert_eq!(s.end(), 0);
+    let recs = trail_records(&path);
+    let l = recs
+        .iter()
+        .find(|r| r["event"] == "exec" && r["path"] == "/tmp/l")
+        .unwrap_or_else(|| panic!("no exec of /tmp/l in {recs:#?}"));
+    // Not in the jail: no identity, where the host file's would have been recorded.
+    assert!(l.get("ino").is_none(), "the host file behind the link was looked up: {l}");
+}

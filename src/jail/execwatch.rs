@@ -278,42 +278,64 @@ impl Target {
     }
 }
 
-/// The identity of the file an exec names, found in the caller's view: through its root, its
-/// working directory or its descriptor under /proc, which the kernel resolves in the jail's
-/// mount namespace.
+/// The identity of the file an exec names, found as the caller's kernel would find it: a path is
+/// resolved under the caller's root with `openat2(RESOLVE_IN_ROOT)`, so an absolute symlink or a
+/// `..` the jail planted stays in the jail and never leads this (host, privileged) thread to a
+/// host file; a descriptor is looked at through `/proc/PID/fd`, the open file itself.
 fn target_of(host_pid: u32, path: &str, dirfd: Option<i32>, empty_path: bool) -> Option<Target> {
-    use std::os::unix::fs::MetadataExt;
+    use nix::fcntl::{OFlag, OpenHow, ResolveFlag};
     let proc = format!("/proc/{host_pid}");
+    let in_root = |root: &OwnedFd, p: &str| {
+        let how = OpenHow::new()
+            .flags(OFlag::O_PATH | OFlag::O_CLOEXEC)
+            .resolve(ResolveFlag::RESOLVE_IN_ROOT | ResolveFlag::RESOLVE_NO_MAGICLINKS);
+        nix::fcntl::openat2(root, p, how).ok()
+    };
+    let root = nix::fcntl::open(
+        format!("{proc}/root").as_str(),
+        OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
+        nix::sys::stat::Mode::empty(),
+    )
+    .ok()?;
+    let link = |p: String| std::fs::read_link(p).ok().map(|l| l.display().to_string());
     let (file, fd) = match dirfd {
         Some(d) if empty_path && path.is_empty() => {
             let f = format!("{proc}/fd/{d}");
-            let name = std::fs::read_link(&f).ok().map(|p| p.display().to_string());
-            (f, name)
+            let opened =
+                nix::fcntl::open(f.as_str(), OFlag::O_PATH | OFlag::O_CLOEXEC, nix::sys::stat::Mode::empty()).ok()?;
+            (opened, link(f))
         }
-        Some(d) if !path.starts_with('/') => {
-            let name = std::fs::read_link(format!("{proc}/fd/{d}")).ok().map(|p| p.display().to_string());
-            (format!("{proc}/fd/{d}/{path}"), name)
+        _ => {
+            // A relative path starts from the caller's directory, as the caller sees it.
+            let (base, fd) = match dirfd {
+                _ if path.starts_with('/') => (String::new(), None),
+                Some(d) => {
+                    let name = link(format!("{proc}/fd/{d}"));
+                    (name.clone()?, name)
+                }
+                None => (link(format!("{proc}/cwd"))?, None),
+            };
+            (in_root(&root, &format!("{base}/{path}"))?, fd)
         }
-        _ if path.starts_with('/') => (format!("{proc}/root{path}"), None),
-        _ => (format!("{proc}/cwd/{path}"), None),
     };
-    let m = std::fs::metadata(&file).ok()?;
-    // Only a regular file is opened: a FIFO would block this thread, and every exec with it.
-    let interpreter = m.is_file().then(|| interpreter_of(&file)).flatten().and_then(|i| {
-        let m = std::fs::metadata(format!("{proc}/root{i}")).ok()?;
-        Some((m.dev(), m.ino()))
+    let m = nix::sys::stat::fstat(&file).ok()?;
+    let is_file = m.st_mode & libc::S_IFMT == libc::S_IFREG;
+    let interpreter = if is_file { interpreter_of(&file) } else { None }.and_then(|i| {
+        let m = nix::sys::stat::fstat(&in_root(&root, &i)?).ok()?;
+        Some((m.st_dev, m.st_ino))
     });
-    Some(Target { dev: m.dev(), ino: m.ino(), fd, interpreter })
+    Some(Target { dev: m.st_dev, ino: m.st_ino, fd, interpreter })
 }
 
-/// A script's `#!` interpreter, when it names an absolute path.
-fn interpreter_of(file: &str) -> Option<String> {
+/// A script's `#!` interpreter, when it names an absolute path. The file is read through the
+/// descriptor that named it (only a regular file gets here: a FIFO would block this thread).
+fn interpreter_of(file: &OwnedFd) -> Option<String> {
     let mut head = [0u8; 256];
     use std::os::unix::fs::OpenOptionsExt;
     let n = std::fs::OpenOptions::new()
         .read(true)
         .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
-        .open(file)
+        .open(format!("/proc/self/fd/{}", file.as_raw_fd()))
         .and_then(|mut f| f.read(&mut head))
         .ok()?;
     let line = head[..n].strip_prefix(b"#!")?;
