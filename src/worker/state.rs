@@ -552,7 +552,7 @@ fn copy_tree_linked(
     to: &Path,
     linked: &mut std::collections::HashMap<(u64, u64), PathBuf>,
 ) -> std::io::Result<()> {
-    use std::os::unix::fs::MetadataExt;
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
     fs::create_dir_all(to)?;
     for e in fs::read_dir(from)? {
         let e = e?;
@@ -573,6 +573,9 @@ fn copy_tree_linked(
                 linked.insert(key, dst.clone());
             }
             copy_sparse(&src, &dst, meta.len())?;
+            // The file's permission bits, without setuid, setgid or sticky: the copy belongs to
+            // the worker's user on the host, and a session's setuid file must not become one.
+            fs::set_permissions(&dst, fs::Permissions::from_mode(meta.mode() & 0o777))?;
         }
     }
     Ok(())
@@ -757,6 +760,9 @@ mod tests {
             fs::hard_link(&big, from.join("sub").join(format!("link{i}"))).unwrap();
         }
         fs::write(from.join("small.txt"), "hello\n").unwrap();
+        let tool = from.join("tool");
+        fs::write(&tool, "#!/bin/sh\n").unwrap();
+        fs::set_permissions(&tool, fs::Permissions::from_mode(0o4755)).unwrap();
 
         let to = base.join("kept");
         copy_tree(&from, &to).unwrap();
@@ -768,6 +774,8 @@ mod tests {
         fs::File::open(to.join("sub/link3")).unwrap().read_exact_at(&mut got, 1 << 30).unwrap();
         assert_eq!(&got, b"payload");
         assert_eq!(fs::read_to_string(to.join("small.txt")).unwrap(), "hello\n");
+        // Modes are kept, setuid is not.
+        assert_eq!(fs::metadata(to.join("tool")).unwrap().mode() & 0o7777, 0o755);
 
         // A small sparse file digests as its bytes do; the 4 GiB one is over the budget, once.
         let sparse = base.join("digest");
