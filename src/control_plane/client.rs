@@ -459,11 +459,7 @@ impl Client {
             .call_raw(Method::GET, &path::events(session), r, true)
             .await?
             .ok_or_else(|| ApiError::Malformed { what: what.clone(), detail: "empty response (204)".into() })?;
-        // The outline is checked here, so a page that is not one is an error tried again.
-        let next_page = serde_json::from_slice::<RawPage>(&body)
-            .map_err(|e| ApiError::Malformed { what, detail: e.to_string() })?
-            .next_page;
-        Ok(EventsPage { body, next_page })
+        Ok(EventsPage { body, what })
     }
 
     /// Posts one event once. Not retried here: the worker checks whether an ambiguous failure
@@ -520,10 +516,11 @@ impl Client {
     }
 }
 
-/// A page of events as it came.
+/// A page of events as it came, parsed once, by `each`.
 pub struct EventsPage {
     body: Vec<u8>,
-    pub next_page: Option<String>,
+    /// The request, for errors.
+    what: String,
 }
 
 #[derive(Deserialize)]
@@ -535,10 +532,12 @@ struct RawPage<'a> {
 }
 
 impl EventsPage {
-    /// Calls `f` with each event in turn, parsed alone; an event that does not parse (nested
-    /// past the parser's depth, say) is logged and skipped.
-    pub fn each(&self, mut f: impl FnMut(serde_json::Value)) {
-        let Ok(page) = serde_json::from_slice::<RawPage>(&self.body) else { return };
+    /// Calls `f` with each event in turn, parsed alone (an event that does not parse, nested
+    /// past the parser's depth say, is logged and skipped), and returns the next page's cursor.
+    /// A body that is not a page at all is an error, tried again like a cut-off one.
+    pub fn each(&self, mut f: impl FnMut(serde_json::Value)) -> Result<Option<String>, ApiError> {
+        let page = serde_json::from_slice::<RawPage>(&self.body)
+            .map_err(|e| ApiError::Malformed { what: self.what.clone(), detail: e.to_string() })?;
         for raw in page.data {
             match serde_json::from_str::<serde_json::Value>(raw.get()) {
                 Ok(v) => f(v),
@@ -548,6 +547,7 @@ impl EventsPage {
                 }
             }
         }
+        Ok(page.next_page.filter(|p| !p.is_empty()))
     }
 }
 
@@ -890,9 +890,11 @@ mod tests {
         let deep = format!("{}1{}", "[".repeat(1000), "]".repeat(1000));
         let body =
             format!(r#"{{"data": [{{"id": "a"}}, {{"id": "b", "x": {deep}}}, {{"id": "c"}}], "next_page": "p2"}}"#);
-        let page = EventsPage { body: body.into_bytes(), next_page: Some("p2".into()) };
+        let page = EventsPage { body: body.into_bytes(), what: "GET events".into() };
         let mut ids = Vec::new();
-        page.each(|e| ids.push(e["id"].as_str().unwrap().to_owned()));
+        assert_eq!(page.each(|e| ids.push(e["id"].as_str().unwrap().to_owned())).unwrap().as_deref(), Some("p2"));
         assert_eq!(ids, ["a", "c"]);
+        let garbage = EventsPage { body: b"<html>".to_vec(), what: "GET events".into() };
+        assert!(garbage.each(|_| panic!("no events in garbage")).unwrap_err().is_transient());
     }
 }

@@ -616,10 +616,9 @@ impl Runner<'_> {
         let mut page: Option<String> = None;
         loop {
             let got = self.client.list_events(self.session, page.as_deref(), LIST_LIMIT, HISTORY_EVENT_TYPES).await?;
-            got.each(|e| view.apply_raw(&e));
-            match got.next_page {
-                Some(p) if !p.is_empty() => page = Some(p),
-                _ => return Ok(()),
+            match got.each(|e| view.apply_raw(&e))? {
+                Some(p) => page = Some(p),
+                None => return Ok(()),
             }
         }
     }
@@ -789,16 +788,18 @@ impl Runner<'_> {
             let l =
                 self.client.list_events(self.session, page.as_deref(), LIST_LIMIT, HISTORY_EVENT_TYPES).await.ok()?;
             let mut found = false;
-            l.each(|e| {
-                found |= e.get("type").and_then(|t| t.as_str()) == Some("user.tool_result")
-                    && e.get("tool_use_id").and_then(|t| t.as_str()) == Some(id)
-            });
+            let next = l
+                .each(|e| {
+                    found |= e.get("type").and_then(|t| t.as_str()) == Some("user.tool_result")
+                        && e.get("tool_use_id").and_then(|t| t.as_str()) == Some(id)
+                })
+                .ok()?;
             if found {
                 return Some(true);
             }
-            match l.next_page {
-                Some(p) if !p.is_empty() => page = Some(p),
-                _ => return Some(false),
+            match next {
+                Some(p) => page = Some(p),
+                None => return Some(false),
             }
         }
     }
