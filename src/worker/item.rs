@@ -399,7 +399,7 @@ impl Feed {
                 tracing::info!(tool_use_id = %c.id, tool = %c.name, "tool call awaiting confirmation; holding");
             }
         }
-        for d in self.view.decisions(TOOLS, &self.handled, &HashSet::new()) {
+        for d in self.view.decisions(TOOLS, &self.handled) {
             match d {
                 Decision::Skip(c, why) => {
                     tracing::info!(tool_use_id = %c.id, tool = %c.name, reason = why, "not executing tool");

@@ -264,14 +264,9 @@ impl View {
             .any(|(_, earlier)| earlier.is_unanswered(event.thread.as_deref(), tools) && earlier.listed_at >= listed_at)
     }
 
-    /// What to do next, oldest first, skipping `handled` calls and threads in `busy`: calls to
+    /// What to do next, oldest first, skipping `handled` calls: calls to
     /// leave alone (denied, or a tool not in `tools`) and calls to run.
-    pub(super) fn decisions(
-        &self,
-        tools: &[&str],
-        handled: &HashSet<String>,
-        busy: &HashSet<Option<String>>,
-    ) -> Vec<Decision> {
+    pub(super) fn decisions(&self, tools: &[&str], handled: &HashSet<String>) -> Vec<Decision> {
         let mut out = Vec::new();
         for (_, c) in &self.calls {
             let Some(e) = &c.event else { continue };
@@ -283,7 +278,7 @@ impl View {
             } else if c.is_waited_on() && !c.is_unconfirmed() {
                 if !tools.contains(&e.name.as_str()) {
                     out.push(Decision::Skip(e.clone(), "a tool this worker does not run"));
-                } else if !busy.contains(&e.thread) && !self.is_behind_unanswered_call(e, tools) {
+                } else if !self.is_behind_unanswered_call(e, tools) {
                     out.push(Decision::Run(e.clone()));
                 }
             }
@@ -308,7 +303,7 @@ mod tests {
     }
 
     fn runs(v: &View) -> Vec<String> {
-        v.decisions(TOOLS, &HashSet::new(), &HashSet::new())
+        v.decisions(TOOLS, &HashSet::new())
             .into_iter()
             .filter_map(|d| match d {
                 Decision::Run(c) => Some(c.id),
@@ -354,7 +349,7 @@ mod tests {
             json!({"id": "k2", "type": "user.tool_confirmation", "tool_use_id": "c2", "result": "deny"}),
         ]);
         assert_eq!(
-            v.decisions(TOOLS, &HashSet::new(), &HashSet::new()),
+            v.decisions(TOOLS, &HashSet::new()),
             vec![Decision::Skip(
                 CallEvent {
                     id: "c2".into(),
@@ -392,10 +387,6 @@ mod tests {
         let t = |id: &str, thread: &str| call(id, json!({"session_thread_id": thread}));
         let mut v = view(&[t("a1", "sthr_a"), t("b1", "sthr_b")]);
         assert_eq!(runs(&v), ["a1", "b1"]);
-        // A busy thread's next call waits; another thread's does not.
-        let busy: HashSet<Option<String>> = [Some("sthr_a".to_owned())].into();
-        let d = v.decisions(TOOLS, &HashSet::new(), &busy);
-        assert_eq!(d.len(), 1);
         v.apply_raw(&json!({"id": "ts", "type": "session.thread_status_terminated", "session_thread_id": "sthr_b"}));
         assert!(v.has_terminated(Some("sthr_b")));
         assert_eq!(runs(&v), ["a1"]);
@@ -412,7 +403,7 @@ mod tests {
     fn unknown_tools_are_left_to_the_session_and_the_end_is_seen() {
         let mut v = view(&[json!({"id": "w", "type": "agent.tool_use", "name": "web_fetch", "input": {},
                                   "evaluated_permission": "allow"})]);
-        assert!(matches!(&v.decisions(TOOLS, &HashSet::new(), &HashSet::new())[..], [Decision::Skip(_, _)]));
+        assert!(matches!(&v.decisions(TOOLS, &HashSet::new())[..], [Decision::Skip(_, _)]));
         v.apply_raw(&json!({"id": "t", "type": "session.status_terminated"}));
         assert_eq!(v.ended, Some("session terminated"));
         // A rebuilt view keeps when events were first read.
