@@ -617,7 +617,7 @@ fn stdio_passes_through() {
 #[test]
 fn timeout_kills_everything_including_daemons() {
     let marker = format!("{}.{}", 4000 + std::process::id() % 1000, std::process::id());
-    let before = std::fs::read_to_string("/proc/self/mountinfo").unwrap().lines().count();
+    let before = jail_shaped_host_mounts();
     let t = Instant::now();
     let r = stockade_run(
         &["--timeout", "1s"],
@@ -633,8 +633,41 @@ fn timeout_kills_everything_including_daemons() {
     assert!(t.elapsed() < Duration::from_secs(10), "{:?}", t.elapsed());
     std::thread::sleep(Duration::from_millis(200));
     assert_eq!(host_processes_matching(&format!("sleep {marker}")), Vec::<String>::new());
-    let after = std::fs::read_to_string("/proc/self/mountinfo").unwrap().lines().count();
-    assert_eq!(before, after, "host mount table changed");
+    assert_eq!(jail_shaped_host_mounts(), before, "a jail's mount reached the host's mount table");
+}
+
+/// The host's mounts where a jail's would land if one leaked out of its namespace: its staging
+/// root `/tmp` and the tree it builds there (`/tmp/usr`, `/tmp/workspace`, …), in order. Not the
+/// whole table, which other jails and workers on the host change as they come and go.
+fn jail_shaped_host_mounts() -> Vec<String> {
+    const TREE: &[&str] = &[
+        "",
+        "usr",
+        "bin",
+        "lib",
+        "lib64",
+        "lib32",
+        "sbin",
+        "opt",
+        "etc",
+        "workspace",
+        "mnt",
+        "proc",
+        "dev",
+        "sys",
+        "tmp",
+        "run",
+    ];
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap()
+        .lines()
+        .filter(|l| {
+            let point = l.split_whitespace().nth(4).unwrap_or("");
+            point == "/tmp"
+                || point.strip_prefix("/tmp/").is_some_and(|rest| TREE.contains(&rest.split('/').next().unwrap_or("")))
+        })
+        .map(str::to_owned)
+        .collect()
 }
 
 /// A timeout longer than the clock can count to (from a policy, `--timeout` or a session's
@@ -1034,9 +1067,15 @@ fn the_sweep_never_touches_a_cgroup_that_holds_processes() {
         return skip("no cgroup v1 pids hierarchy here; the sweep of a v2 host is not checked by this test");
     };
     let parent = std::path::Path::new("/sys/fs/cgroup/pids").join(pids.trim_start_matches('/'));
-    // A pid no process here has: the "owner" lives in another pid namespace.
-    let foreign = parent.join("stockade-4194000-0");
-    let _ = std::fs::remove_dir(&foreign);
+    // A pid no process here has: the "owner" lives in another pid namespace. Near pid_max, and
+    // chosen per run, so that two runs of the suite on one host do not share it.
+    let owner = (0..300)
+        .map(|i| 4_194_000 + (std::process::id() + i) % 300)
+        .find(|n| {
+            !std::path::Path::new(&format!("/proc/{n}")).exists() && !parent.join(format!("stockade-{n}-0")).exists()
+        })
+        .expect("a free pid near pid_max");
+    let foreign = parent.join(format!("stockade-{owner}-0"));
     std::fs::create_dir(&foreign).unwrap();
     let mut sleeper = Command::new("sleep").arg("30").spawn().unwrap();
     std::fs::write(foreign.join("cgroup.procs"), sleeper.id().to_string()).unwrap();
