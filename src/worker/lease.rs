@@ -187,10 +187,10 @@ pub(super) async fn supersede(ctx: &Ctx, work_id: &str) {
     }
 }
 
-/// The SDK's retry pause for a failed beat: 2^n seconds capped at 30, drawn from its upper half.
-fn beat_retry(attempt: u32) -> Duration {
-    let d = 2f64.powi(attempt.min(8) as i32).min(HEARTBEAT_MAX.as_secs_f64());
-    Duration::from_secs_f64(d / 2.0 + fastrand::f64() * d / 2.0)
+/// The SDK's retry pause for failed beats: 2^n seconds (n from 1) capped at 30, drawn from its
+/// upper half, which is the shared backoff from a 2 s base.
+fn beat_backoff() -> Backoff {
+    Backoff::new(Duration::from_secs(2), HEARTBEAT_MAX)
 }
 
 /// Keeps the lease: `NO_HEARTBEAT` first (or the last beat a previous run saw), then each
@@ -225,7 +225,7 @@ pub(super) async fn heartbeat(
     let mut last = rec.last_heartbeat.clone().unwrap_or_else(|| NO_HEARTBEAT.to_owned());
     let mut expires = Instant::now() + TTL_DEFAULT;
     let mut due = Instant::now();
-    let mut attempt = 0u32;
+    let mut retry = beat_backoff();
     loop {
         tokio::select! {
             () = tokio::time::sleep_until(due.into()) => {}
@@ -239,7 +239,7 @@ pub(super) async fn heartbeat(
         let timeout = HEARTBEAT_MAX.min(expires - sent_at);
         match client.heartbeat(&ctx.env, &rec.item.id, &last, timeout).await {
             Ok(r) => {
-                attempt = 0;
+                retry = beat_backoff();
                 if !r.lease_extended {
                     tracing::info!(state = ?r.state, "the heartbeat was not extended: the item is to stop");
                     raise(if r.state == WorkState::Stopped { Lease::ForceRequested } else { Lease::StopRequested });
@@ -273,8 +273,7 @@ pub(super) async fn heartbeat(
             Err(e) if fatal(&e) => return lost("permanent heartbeat failure", Some(&e)),
             Err(e) => {
                 ctx.metrics.heartbeat_failures.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                attempt += 1;
-                let d = beat_retry(attempt);
+                let d = retry.delay_for(&e);
                 tracing::warn!(error = %e, retry_ms = d.as_millis() as u64, "transient heartbeat failure");
                 due = Instant::now() + d;
             }
@@ -288,10 +287,13 @@ mod tests {
 
     #[test]
     fn a_failed_beat_is_retried_as_the_sdk_retries_it() {
-        for (attempt, low, high) in [(1, 1.0, 2.0), (2, 2.0, 4.0), (4, 8.0, 16.0), (5, 15.0, 30.0), (40, 15.0, 30.0)] {
-            for _ in 0..50 {
-                let d = beat_retry(attempt).as_secs_f64();
-                assert!((low..=high).contains(&d), "attempt {attempt}: {d}");
+        // Attempts 1, 2, 3, 4, 5, then capped: [2^n / 2, 2^n] seconds, at most 30.
+        let want = [(1.0, 2.0), (2.0, 4.0), (4.0, 8.0), (8.0, 16.0), (15.0, 30.0), (15.0, 30.0), (15.0, 30.0)];
+        for _ in 0..50 {
+            let mut b = beat_backoff();
+            for (n, (low, high)) in want.iter().enumerate() {
+                let d = b.next_delay().as_secs_f64();
+                assert!((*low..=*high).contains(&d), "attempt {}: {d}", n + 1);
             }
         }
     }
