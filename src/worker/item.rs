@@ -4,33 +4,31 @@
 //! stream plus a full listing of its history, one tool call at a time, and a forced stop at the
 //! end unless the lease was lost.
 
-use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 use tokio::sync::watch;
 use tracing::Instrument;
 
+use super::feed::{Feed, Next};
 use super::lease::{changed, heartbeat, must_kill, signals, stop_item, Lease, LeaseClock};
 use super::runner::{RunnerError, SessionProcess};
 use super::state::{ItemDirs, ItemRecord};
-use super::view::{Decision, View};
+use super::view::View;
 use super::{Ctx, Shutdown};
 use crate::control_plane::client::EventStream;
 use crate::control_plane::wire::{ContentBlock, ToolResultEvent, WorkItem, WorkSecret, HISTORY_EVENT_TYPES};
 use crate::control_plane::{ApiError, Backoff, Client, Secret};
 use crate::policy::narrow::{self, Narrowing};
 use crate::session::trail::TrailWriter;
-use crate::tools::{ToolResult, TOOLS};
+use crate::tools::ToolResult;
 use crate::util::rfc3339;
 
-/// How often the history is listed again while the worker waits on the agent.
-const RELIST_EVERY: Duration = Duration::from_secs(60);
 /// Events per listing page (the most the API gives).
 const LIST_LIMIT: u32 = 1000;
 
 /// How an item's session ended.
 #[derive(Debug)]
-enum End {
+pub(super) enum End {
     /// The agent's turn ended and stayed ended for `max_idle`, or the session was terminated.
     Completed(&'static str),
     /// The control plane asked for it.
@@ -344,169 +342,8 @@ fn too_large(id: &str, size: usize, limit: usize) -> ToolResultEvent {
     )
 }
 
-/// A tool call to run.
-struct Call {
-    id: String,
-    name: String,
-    input: serde_json::Value,
-    thread: Option<String>,
-}
-
-/// What the session asks of the worker next.
-enum Next {
-    /// A tool call to run.
-    Call(Call),
-    /// The item is over: the session ended, went idle, was stopped, or the lease or the worker is
-    /// going; `kill` when the jail must die at once rather than end.
-    Over { end: End, kill: bool },
-}
-
-/// The session's events, as the worker consumes them: the stream (reconnected, with the history
-/// listed again into a new view, whenever it drops), the view of them, the calls already taken
-/// on, and the signals that end an item.
-struct Feed {
-    stream: Option<EventStream>,
-    view: View,
-    /// Calls run or left alone: never taken on again, whatever a later listing shows.
-    handled: HashSet<String>,
-    /// Calls logged as waiting for a confirmation.
-    held: HashSet<String>,
-    /// When the history was last listed: it is listed again every `RELIST_EVERY` while the
-    /// worker waits, so an event a stream lost without a sign is still seen.
-    listed_at: Instant,
-    /// The last sign of activity: a call done, or a session found not idle at a connection.
-    /// The idle countdown runs from the later of this and the view's `idle_since`.
-    active_at: Instant,
-}
-
-impl Feed {
-    fn new() -> Feed {
-        Feed {
-            stream: None,
-            view: View::default(),
-            handled: HashSet::new(),
-            held: HashSet::new(),
-            listed_at: Instant::now(),
-            active_at: Instant::now(),
-        }
-    }
-
-    /// The next call the session waits on that may run now, as the official runner picks it;
-    /// calls to leave alone are marked handled on the way.
-    fn next_call(&mut self) -> Option<Call> {
-        for c in self.view.unconfirmed() {
-            if self.held.insert(c.id.clone()) {
-                tracing::info!(tool_use_id = %c.id, tool = %c.name, "tool call awaiting confirmation; holding");
-            }
-        }
-        for d in self.view.decisions(TOOLS, &self.handled) {
-            match d {
-                Decision::Skip(c, why) => {
-                    tracing::info!(tool_use_id = %c.id, tool = %c.name, reason = why, "not executing tool");
-                    self.handled.insert(c.id);
-                }
-                Decision::Run(c) => {
-                    self.handled.insert(c.id.clone());
-                    return Some(Call { id: c.id, name: c.name, input: c.input, thread: c.thread });
-                }
-            }
-        }
-        None
-    }
-
-    /// Applies the events the stream already holds, without waiting: what arrived while a
-    /// call ran (its thread may have ended meanwhile).
-    async fn catch_up(&mut self) {
-        let Some(s) = self.stream.as_mut() else { return };
-        while let Ok(got) = tokio::time::timeout(Duration::from_millis(1), s.next()).await {
-            match got {
-                Ok(Some(ev)) => self.view.apply_raw(&ev),
-                _ => {
-                    self.stream = None;
-                    return;
-                }
-            }
-        }
-    }
-
-    /// Waits for the next thing to do.
-    async fn next(
-        &mut self,
-        r: &Runner<'_>,
-        lease: &mut watch::Receiver<Lease>,
-        shutdown: &mut watch::Receiver<Shutdown>,
-    ) -> Next {
-        loop {
-            let stop = match signals(lease, shutdown) {
-                (Lease::Lost, _) => Some((true, End::Lost)),
-                (Lease::ForceRequested, _) => Some((true, End::Stopped { forced: true })),
-                (_, Shutdown::Force) => Some((true, End::Left { reason: "worker forced to stop".into() })),
-                (Lease::StopRequested, _) => Some((false, End::Stopped { forced: false })),
-                (_, Shutdown::Graceful) => Some((false, End::Left { reason: "worker shutting down".into() })),
-                (Lease::Held, Shutdown::Running) => None,
-            };
-            if let Some((kill, end)) = stop {
-                return Next::Over { end, kill };
-            }
-            if let Some(why) = self.view.ended {
-                return Next::Over { end: End::Completed(why), kill: false };
-            }
-            // Calls start only while connected, so the view is the whole history.
-            if self.stream.is_some() {
-                if let Some(call) = self.next_call() {
-                    return Next::Call(call);
-                }
-            }
-            let idle_ends =
-                self.view.idle_since.map(|since| since.max(self.active_at)).and_then(|t| t.checked_add(r.ctx.max_idle));
-            if idle_ends.is_some_and(|t| Instant::now() >= t) {
-                return Next::Over { end: End::Completed("idle after its turn ended"), kill: false };
-            }
-            let Some(s) = self.stream.as_mut() else {
-                match r.connect(&self.view, lease, shutdown).await {
-                    Ok((stream, view, idle)) => {
-                        self.stream = Some(stream);
-                        self.view = view;
-                        self.listed_at = Instant::now();
-                        if !idle {
-                            self.active_at = Instant::now();
-                        }
-                    }
-                    Err(end) => return Next::Over { end, kill: true },
-                }
-                continue;
-            };
-            let relist = (self.listed_at + RELIST_EVERY).saturating_duration_since(Instant::now());
-            let wake = idle_ends
-                .map_or(Duration::from_secs(3600), |end| end.saturating_duration_since(Instant::now()))
-                .min(relist);
-            tokio::select! {
-                got = s.next() => match got {
-                    Ok(Some(ev)) => self.view.apply_raw(&ev),
-                    Ok(None) => {
-                        tracing::debug!("the event stream closed; reconnecting");
-                        self.stream = None;
-                    }
-                    Err(e) => {
-                        tracing::warn!(error = %e, "the event stream failed; reconnecting");
-                        self.stream = None;
-                        tokio::time::sleep(Duration::from_millis(500)).await;
-                    }
-                },
-                () = tokio::time::sleep(wake) => {
-                    if self.listed_at.elapsed() >= RELIST_EVERY {
-                        tracing::debug!("listing the session's history again");
-                        self.stream = None;
-                    }
-                }
-                () = changed(lease, shutdown) => {}
-            }
-        }
-    }
-}
-
-struct Runner<'a> {
-    ctx: &'a Ctx,
+pub(super) struct Runner<'a> {
+    pub(super) ctx: &'a Ctx,
     client: &'a Client,
     item: &'a WorkItem,
     session: &'a str,
@@ -627,7 +464,7 @@ impl Runner<'_> {
     /// falls between the two); retried with back-off while the lease holds. Returns the stream,
     /// the view and whether the session was idle. A listing that keeps failing for a whole lease
     /// ends the item, and so does a terminated session.
-    async fn connect(
+    pub(super) async fn connect(
         &self,
         old: &View,
         lease: &mut watch::Receiver<Lease>,

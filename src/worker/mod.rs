@@ -2,6 +2,7 @@
 //! the leases alive and posts results. See `item` for one item's life, `state` for what
 //! survives a crash.
 
+mod feed;
 mod item;
 pub mod key;
 mod lease;
