@@ -241,6 +241,11 @@ struct ProbeArgs {
     /// List the probes and exit.
     #[arg(long)]
     list: bool,
+    /// The positive control: run every probe outside any jail, as root, in a throwaway
+    /// environment arranged for each to escape (decoy files, private namespaces, no filter);
+    /// exit 1 unless every probe reports "escaped". Shows the battery can see what it guards.
+    #[arg(long, conflicts_with_all = ["policy", "expect_fail"])]
+    control: bool,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -721,17 +726,24 @@ fn cmd_probe(a: ProbeArgs) -> i32 {
     {
         return usage(e);
     }
-    let opts = harness::Options { policy: a.policy.clone(), only: a.only.clone(), exe };
-    let b = match harness::run(&opts) {
-        Ok(b) => b,
-        Err(e) => return fail(e),
+    let (b, expect) = if a.control {
+        match harness::run_control(&a.only, &exe) {
+            Ok(b) => (b, harness::Expect::Escaped),
+            Err(e) => return fail(e),
+        }
+    } else {
+        let opts = harness::Options { policy: a.policy.clone(), only: a.only.clone(), exe };
+        match harness::run(&opts) {
+            Ok(b) => (b, harness::Expect::Blocked { except: &a.expect_fail }),
+            Err(e) => return fail(e),
+        }
     };
     match a.format {
-        ProbeFormat::Table => print!("{}", harness::table(&b, &a.expect_fail)),
+        ProbeFormat::Table => print!("{}", harness::table(&b, &expect)),
         ProbeFormat::Json => println!("{}", serde_json::to_string_pretty(&b).expect("serialises")),
-        ProbeFormat::Junit => print!("{}", harness::junit(&b, &a.expect_fail)),
+        ProbeFormat::Junit => print!("{}", harness::junit(&b, &expect)),
     }
-    harness::exit_code(&b, &a.expect_fail)
+    harness::exit_code(&b, &expect)
 }
 
 /// One roff document: the top-level page, then a section per subcommand.

@@ -102,3 +102,54 @@ fn junit_and_bad_arguments() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// The positive control: outside any jail, in an environment arranged for each probe to succeed,
+/// every probe of the battery must report "escaped" — a probe that cannot is blind to the escape
+/// it names, and its "blocked" under a policy proves nothing.
+#[test]
+fn every_probe_reports_its_escape_in_the_positive_control() {
+    if needs_root() {
+        return;
+    }
+    let hostname = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap();
+    let (code, v) = probe(&["--control"]);
+    let reports = v["reports"].as_array().unwrap();
+    assert_eq!(reports.len(), stockade::probe::catalogue().len());
+    let unseen: Vec<&serde_json::Value> = reports.iter().filter(|r| r["outcome"] != "escaped").collect();
+    assert!(unseen.is_empty(), "probes that could not see their escape: {unseen:#?}");
+    assert_eq!(code, 0);
+    // What the escaping probes did stayed in the control's throwaway namespaces.
+    assert_eq!(std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap(), hostname);
+    for p in ["/usr/stockade-probe", "/stockade-probe", "/etc/stockade-probe"] {
+        assert!(!std::path::Path::new(p).exists(), "{p} left on the host");
+    }
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    assert!(!mounts.contains("stockade-control"), "{mounts}");
+}
+
+#[test]
+fn the_control_reports_in_junit_and_refuses_a_policy() {
+    if needs_root() {
+        return;
+    }
+    let out =
+        Command::new(STOCKADE).args(["probe", "--control", "--only", "keyctl", "--format", "junit"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("failures=\"0\""));
+    let out = Command::new(STOCKADE).args(["probe", "--control", "--policy", "strict"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--policy"), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// The counts the README states are the battery's.
+#[test]
+fn the_readme_states_the_number_of_probes() {
+    let readme = std::fs::read_to_string(format!("{}/README.md", env!("CARGO_MANIFEST_DIR"))).unwrap();
+    let number_before = |marker: &str| -> usize {
+        let head = readme.split(marker).next().unwrap_or_else(|| panic!("no {marker:?} in the README"));
+        head.rsplit(char::is_whitespace).next().unwrap().parse().unwrap()
+    };
+    let all = stockade::probe::catalogue();
+    assert_eq!(number_before(" escape probes inside"), all.len());
+    assert_eq!(number_before(" syscall probes (everything"), all.iter().filter(|(_, c, _)| *c == "syscalls").count());
+}

@@ -285,9 +285,21 @@ fn fs_sys_write(_: &Ctx) -> Outcome {
     write_file("/sys/kernel/uevent_helper", b"/tmp/x")
 }
 
+/// The binary behind /proc/self/exe is Stockade's own, from the host. While it runs the kernel
+/// refuses to open it for writing (ETXTBSY), but a process that outlives it could (the runc
+/// overwrite): so a busy binary counts as escaped when the kernel would let this process write it.
 fn fs_proc_self_exe(_: &Ctx) -> Outcome {
     match std::fs::OpenOptions::new().write(true).open("/proc/self/exe") {
         Ok(_) => escaped("/proc/self/exe opened for writing"),
+        Err(e) if e.raw_os_error() == Some(libc::ETXTBSY) => {
+            let p = CString::new("/proc/self/exe").expect("no NUL");
+            // SAFETY: faccessat on a NUL-terminated path that lives for the call.
+            if unsafe { libc::faccessat(libc::AT_FDCWD, p.as_ptr(), libc::W_OK, libc::AT_EACCESS) } == 0 {
+                escaped("/proc/self/exe is busy now, and writable once it stops running")
+            } else {
+                blocked(format!("/proc/self/exe: ETXTBSY, and {} once it stops", en(errno())))
+            }
+        }
         Err(e) => blocked(format!("/proc/self/exe: {}", en(e.raw_os_error().unwrap_or(0)))),
     }
 }

@@ -89,6 +89,7 @@ impl Targets {
             network: crate::policy::spelling(&policy.network.mode),
             landlock_tcp: policy.landlock.tcp_bind.is_some() || policy.landlock.tcp_connect.is_some(),
             startup_fds: Vec::new(),
+            control: false,
         };
         Ok(Targets { _abstract: abs, _tcp: tcp, sysv_id, shm, ctx })
     }
@@ -117,9 +118,7 @@ pub fn check_only(only: &[String]) -> Result<(), HarnessError> {
 pub fn run(opts: &Options) -> Result<Battery, HarnessError> {
     let (policy, _) = crate::policy::load(opts.policy.as_deref())?;
     check_only(&opts.only)?;
-    let all = catalogue();
-    let ids: Vec<String> =
-        all.iter().map(|(i, _, _)| i.to_string()).filter(|i| opts.only.is_empty() || opts.only.contains(i)).collect();
+    let ids = selected(&opts.only);
     let targets = Targets::new(&policy)?;
     // The policy under test, plus the stockade binary bound in read-only to run the battery.
     let dir = std::env::temp_dir().join(format!("stockade-probe-{}", std::process::id()));
@@ -154,6 +153,40 @@ pub fn run(opts: &Options) -> Result<Battery, HarnessError> {
     let out = child.wait_with_output().map_err(setup("running the jail"))?;
     let _ = std::fs::remove_dir_all(&dir);
     drop(targets);
+    collect(out, &ids, policy.source.clone())
+}
+
+/// The positive control: the battery outside any jail, in the throwaway environment of
+/// `control`, where every probe must report "escaped".
+pub fn run_control(only: &[String], exe: &Path) -> Result<Battery, HarnessError> {
+    super::control::prerequisites()
+        .map_err(|e| HarnessError::Setup { what: "--control".into(), source: std::io::Error::other(e.to_string()) })?;
+    check_only(only)?;
+    let ids = selected(only);
+    let (policy, _) = crate::policy::load(None)?;
+    let mut targets = Targets::new(&policy)?;
+    super::control::pretend_limits(&mut targets.ctx);
+    let ctx = serde_json::to_string(&targets.ctx).expect("serialises");
+    let secret = crate::control_plane::random_token("planted-");
+    let out = Command::new(exe)
+        .args(["__probe", "--battery", "--ctx", &ctx])
+        .args(&ids)
+        .env(PLANTED_ENV, &secret)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .output()
+        .map_err(setup("starting the control"))?;
+    drop(targets);
+    collect(out, &ids, "the positive control (no jail; every probe must escape)".into())
+}
+
+fn selected(only: &[String]) -> Vec<String> {
+    catalogue().iter().map(|(i, _, _)| i.to_string()).filter(|i| only.is_empty() || only.contains(i)).collect()
+}
+
+/// The reports of a finished battery: one per probe asked for, even if it died part-way.
+fn collect(out: std::process::Output, ids: &[String], policy: String) -> Result<Battery, HarnessError> {
     let mut reports: Vec<ProbeReport> = Vec::new();
     for line in out.stdout.lines().map_while(Result::ok) {
         match serde_json::from_str::<ProbeReport>(&line) {
@@ -164,8 +197,7 @@ pub fn run(opts: &Options) -> Result<Battery, HarnessError> {
     if reports.is_empty() && !out.status.success() {
         return Err(HarnessError::JailFailed(out.status));
     }
-    // A report for every probe asked for, even if the battery died part-way.
-    for (id, cat, what) in all.iter().filter(|(i, _, _)| ids.iter().any(|x| x == i)) {
+    for (id, cat, what) in catalogue().iter().filter(|(i, _, _)| ids.iter().any(|x| x == i)) {
         if !reports.iter().any(|r| r.id == *id) {
             reports.push(ProbeReport {
                 id: id.to_string(),
@@ -175,7 +207,7 @@ pub fn run(opts: &Options) -> Result<Battery, HarnessError> {
             });
         }
     }
-    Ok(Battery { policy: policy.source.clone(), reports })
+    Ok(Battery { policy, reports })
 }
 
 fn toml_str(s: &str) -> String {
@@ -186,14 +218,40 @@ fn xml_escape(s: &str) -> String {
     s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('"', "&quot;")
 }
 
-pub fn table(b: &Battery, expect_fail: &[String]) -> String {
+/// What a run expects of each probe.
+pub enum Expect<'a> {
+    /// Blocked, except these probes, which may escape (`--expect-fail`).
+    Blocked { except: &'a [String] },
+    /// Escaped: the positive control.
+    Escaped,
+}
+
+impl Expect<'_> {
+    /// The kind of failure this report is, or None when it is what was expected.
+    fn failure(&self, r: &ProbeReport) -> Option<&'static str> {
+        match (&r.outcome, self) {
+            (Outcome::Error(_), _) => Some("error"),
+            (Outcome::Escaped(_), Expect::Blocked { except }) if !except.contains(&r.id) => Some("escaped"),
+            (Outcome::Blocked(_), Expect::Escaped) => Some("not-seen"),
+            _ => None,
+        }
+    }
+}
+
+pub fn table(b: &Battery, expect: &Expect) -> String {
     use std::fmt::Write;
-    let mut s = format!("probes inside a jail built from {}\n", b.policy);
+    let mut s = match expect {
+        Expect::Blocked { .. } => format!("probes inside a jail built from {}\n", b.policy),
+        Expect::Escaped => format!("probes in {}\n", b.policy),
+    };
     for r in &b.reports {
+        let failed = expect.failure(r).is_some();
         let (mark, ev) = match &r.outcome {
+            Outcome::Blocked(e) if failed => ("NOT SEEN", e),
             Outcome::Blocked(e) => ("blocked", e),
-            Outcome::Escaped(e) if expect_fail.contains(&r.id) => ("ESCAPED (expected)", e),
-            Outcome::Escaped(e) => ("ESCAPED", e),
+            Outcome::Escaped(e) if failed => ("ESCAPED", e),
+            Outcome::Escaped(e) if matches!(expect, Expect::Escaped) => ("escaped", e),
+            Outcome::Escaped(e) => ("ESCAPED (expected)", e),
             Outcome::Error(e) => ("ERROR", e),
         };
         let _ = writeln!(s, "  {mark:<8} {:<11} {:<24} {}: {ev}", r.category, r.id, r.what);
@@ -210,16 +268,9 @@ pub fn table(b: &Battery, expect_fail: &[String]) -> String {
     s
 }
 
-pub fn junit(b: &Battery, expect_fail: &[String]) -> String {
+pub fn junit(b: &Battery, expect: &Expect) -> String {
     use std::fmt::Write;
-    let failures = b
-        .reports
-        .iter()
-        .filter(|r| {
-            matches!(r.outcome, Outcome::Error(_))
-                || (matches!(r.outcome, Outcome::Escaped(_)) && !expect_fail.contains(&r.id))
-        })
-        .count();
+    let failures = b.reports.iter().filter(|r| expect.failure(r).is_some()).count();
     let mut s = format!(
         "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<testsuites name=\"stockade probe\">\n  <testsuite name=\"{}\" tests=\"{}\" failures=\"{failures}\" errors=\"0\">\n",
         xml_escape(&b.policy),
@@ -227,24 +278,17 @@ pub fn junit(b: &Battery, expect_fail: &[String]) -> String {
     );
     for r in &b.reports {
         let _ = write!(s, "    <testcase classname=\"{}\" name=\"{}\"", xml_escape(&r.category), xml_escape(&r.id));
-        match &r.outcome {
-            Outcome::Escaped(e) if !expect_fail.contains(&r.id) => {
+        let (Outcome::Blocked(e) | Outcome::Escaped(e) | Outcome::Error(e)) = &r.outcome;
+        match expect.failure(r) {
+            Some(kind) => {
                 let _ = writeln!(
                     s,
-                    ">\n      <failure type=\"escaped\" message=\"{}\">{}</failure>\n    </testcase>",
+                    ">\n      <failure type=\"{kind}\" message=\"{}\">{}</failure>\n    </testcase>",
                     xml_escape(e),
                     xml_escape(&r.what)
                 );
             }
-            Outcome::Error(e) => {
-                let _ = writeln!(
-                    s,
-                    ">\n      <failure type=\"error\" message=\"{}\">{}</failure>\n    </testcase>",
-                    xml_escape(e),
-                    xml_escape(&r.what)
-                );
-            }
-            Outcome::Blocked(e) | Outcome::Escaped(e) => {
+            None => {
                 let _ = writeln!(s, ">\n      <system-out>{}</system-out>\n    </testcase>", xml_escape(e));
             }
         }
@@ -253,12 +297,41 @@ pub fn junit(b: &Battery, expect_fail: &[String]) -> String {
     s
 }
 
-/// Exit status: 0 when every probe was blocked (or escaped as expected), 1 otherwise.
-pub fn exit_code(b: &Battery, expect_fail: &[String]) -> i32 {
-    let bad = b.reports.iter().any(|r| match &r.outcome {
-        Outcome::Blocked(_) => false,
-        Outcome::Escaped(_) => !expect_fail.contains(&r.id),
-        Outcome::Error(_) => true,
-    });
-    i32::from(bad)
+/// Exit status: 0 when every probe did what was expected of it, 1 otherwise.
+pub fn exit_code(b: &Battery, expect: &Expect) -> i32 {
+    i32::from(b.reports.iter().any(|r| expect.failure(r).is_some()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn battery(outcomes: &[Outcome]) -> Battery {
+        let reports = outcomes
+            .iter()
+            .enumerate()
+            .map(|(i, o)| ProbeReport {
+                id: format!("p{i}"),
+                category: "c".into(),
+                what: "w".into(),
+                outcome: o.clone(),
+            })
+            .collect();
+        Battery { policy: "test".into(), reports }
+    }
+
+    #[test]
+    fn a_blocked_probe_fails_the_control_and_an_escape_fails_a_policy_run() {
+        let b = battery(&[Outcome::Escaped("e".into()), Outcome::Blocked("b".into())]);
+        assert_eq!(exit_code(&b, &Expect::Escaped), 1);
+        assert!(table(&b, &Expect::Escaped).contains("NOT SEEN"));
+        assert!(junit(&b, &Expect::Escaped).contains("type=\"not-seen\""));
+        assert_eq!(exit_code(&b, &Expect::Blocked { except: &[] }), 1);
+        assert_eq!(exit_code(&b, &Expect::Blocked { except: &["p0".into()] }), 0);
+        let all = battery(&[Outcome::Escaped("e".into())]);
+        assert_eq!(exit_code(&all, &Expect::Escaped), 0);
+        let err = battery(&[Outcome::Error("x".into())]);
+        assert_eq!(exit_code(&err, &Expect::Escaped), 1);
+        assert_eq!(exit_code(&err, &Expect::Blocked { except: &[] }), 1);
+    }
 }

@@ -4,6 +4,7 @@
 //! targets probes aim at, builds the jail from the policy under test and reports.
 
 pub(crate) mod checks;
+pub mod control;
 pub mod harness;
 mod syscalls;
 
@@ -40,6 +41,9 @@ pub struct Ctx {
     /// Descriptors open when the battery started (filled in inside the jail).
     #[serde(default)]
     pub startup_fds: Vec<i32>,
+    /// The positive control: no jail, an environment arranged for every probe to escape.
+    #[serde(default)]
+    pub control: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -120,6 +124,18 @@ pub fn battery(ctx_json: &str, ids: &[String]) -> i32 {
             return 2;
         }
     };
+    // Held open (and inheritable) for the whole battery: the control's leaked descriptor.
+    let _terminal = if ctx.control {
+        match control::arrange(&ctx) {
+            Ok(t) => Some(t),
+            Err(e) => {
+                eprintln!("stockade probe --control: {e}");
+                return 1;
+            }
+        }
+    } else {
+        None
+    };
     ctx.startup_fds = open_fds();
     let cat = catalogue();
     let mut out = std::io::stdout().lock();
@@ -149,7 +165,7 @@ fn in_child(id: &str, ctx: &Ctx) -> Outcome {
             drop(r);
             // SAFETY: alarm takes an integer; a probe that hangs dies of SIGALRM.
             unsafe { libc::alarm(30) };
-            let o = run_one(id, ctx);
+            let o = if ctx.control { control::run(id, ctx) } else { run_one(id, ctx) };
             let mut f = std::fs::File::from(w);
             let _ = f.write_all(serde_json::to_string(&o).expect("serialises").as_bytes());
             let _ = f.write_all(b"\n");

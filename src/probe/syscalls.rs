@@ -116,7 +116,8 @@ pub fn run(name: &str) -> Option<ProbeResult> {
         "perf_event_open" => sys!(libc::SYS_perf_event_open, null, 0, -1, -1, 0),
         "userfaultfd" => sys!(libc::SYS_userfaultfd, 0),
         "io_uring_setup" => sys!(libc::SYS_io_uring_setup, 1, null),
-        "kexec_load" => sys!(libc::SYS_kexec_load, 0, 0, null, 0),
+        // More segments than the kernel takes (16): refused before anything is loaded or unloaded.
+        "kexec_load" => sys!(libc::SYS_kexec_load, 0, 1000, null, 0),
         "init_module" => {
             let e = cpath("");
             sys!(libc::SYS_init_module, null, 0, e.as_ptr())
