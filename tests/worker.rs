@@ -523,8 +523,11 @@ fn webhook_deliveries_wake_the_worker_and_bad_ones_are_refused() {
     cp.wait_for("the webhook listener", Duration::from_secs(10), || {
         std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
     });
-    // The first drain at start finds nothing; then only a delivery wakes the worker.
-    std::thread::sleep(Duration::from_millis(500));
+    // The first drain at start finds nothing; then only a delivery wakes the worker (its own
+    // timer is 30 s). Polls are counted from the control plane's log.
+    let polls = || cp.cp.requests().iter().filter(|r| r.method == "GET" && r.path.ends_with("/work/poll")).count();
+    cp.wait_for("the first drain", Duration::from_secs(10), || polls() >= 1);
+    let drained = polls();
     let (s, _) = cp.session(vec![bash("echo woken")]);
     let body = br#"{"type":"event","data":{"type":"session.status_run_started","id":"sesn_x"}}"#;
     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
@@ -559,9 +562,20 @@ fn webhook_deliveries_wake_the_worker_and_bad_ones_are_refused() {
     assert_eq!(post("m4", now, "v1,", body), 401);
     // A timestamp past the clock's range, signed or not, is refused and the worker lives on.
     assert_eq!(post("m6", u64::MAX, &sign("m6", u64::MAX, body), body), 401);
-    std::thread::sleep(Duration::from_millis(700));
+    // A wrong wake would show as a poll: watch for one over a window, then show (below) that a
+    // real wake is seen well within such a window.
+    const WINDOW: Duration = Duration::from_secs(2);
+    let t = std::time::Instant::now();
+    while t.elapsed() < WINDOW {
+        assert_eq!(polls(), drained, "a rejected delivery woke the worker");
+        std::thread::sleep(Duration::from_millis(20));
+    }
     assert_eq!(cp.view(&s).work_state, WorkState::Queued, "a rejected delivery woke the worker");
+    let t = std::time::Instant::now();
     assert_eq!(post("m5", now, &sign("m5", now, body), body), 204);
+    cp.wait_for("the delivery's drain", Duration::from_secs(10), || polls() > drained);
+    let woke_in = t.elapsed();
+    assert!(woke_in * 4 < WINDOW, "a real wake took {woke_in:?}: the window could miss a wrong one");
     let v = cp.wait_ended(&s, Duration::from_secs(30));
     assert!(completed(&v), "{v:#?}");
     assert_eq!(result_of(&v, 0), "woken");
@@ -1029,9 +1043,15 @@ fn skills_are_unpacked_into_the_workspace_and_a_hostile_one_is_skipped() {
             ("hello/bin/run.sh", b"#!/bin/sh\necho skill ran in $(pwd)\n", 0o755),
         ]),
     };
+    // Enough `..` to climb out of any staging directory under the state dir: where the member
+    // would land if it were joined as written is /tmp itself, so that is where to look for it.
+    let planted = format!("skill-{}", std::process::id());
+    let evil_name = format!("{}tmp/{planted}", "../".repeat(25));
+    let landing = lexical(&state.path().join("items/ITEM/workspace/skills/.skill-0123456789abcdef").join(&evil_name));
+    assert_eq!(landing, Path::new("/tmp").join(&planted), "the traversal would land elsewhere");
     let evil = LocalSkill {
         name: "evil".into(),
-        archive_base64: skill_archive(&[("evil/ok", b"x", 0o644), ("../../../../tmp/planted-by-skill", b"x", 0o644)]),
+        archive_base64: skill_archive(&[("evil/ok", b"x", 0o644), (&evil_name, b"x", 0o644)]),
     };
     let (s, _) = cp.session_with_skills(
         vec![bash(
@@ -1042,8 +1062,26 @@ fn skills_are_unpacked_into_the_workspace_and_a_hostile_one_is_skipped() {
     );
     let v = cp.wait_ended(&s, Duration::from_secs(30));
     assert!(completed(&v), "{v:#?}");
+    let escaped = landing.exists();
+    let _ = std::fs::remove_file(&landing);
+    assert!(!escaped, "{} was written by a skill archive", landing.display());
     assert_eq!(result_of(&v, 0), "skill ran in /workspace\nhello\n644", "{v:#?}");
-    assert!(!Path::new("/tmp/planted-by-skill").exists());
+}
+
+/// `p` with `.` and `..` resolved by name alone (`..` at the root stays there), as a naive
+/// extractor joining a member name would.
+fn lexical(p: &Path) -> std::path::PathBuf {
+    let mut out = std::path::PathBuf::from("/");
+    for c in p.components() {
+        match c {
+            std::path::Component::ParentDir => {
+                out.pop();
+            }
+            std::path::Component::Normal(n) => out.push(n),
+            _ => {}
+        }
+    }
+    out
 }
 
 /// The local control plane delivers `session.status_run_started` itself, signed; a webhook
@@ -1075,7 +1113,10 @@ fn the_control_planes_own_deliveries_wake_a_webhook_worker() {
     cp.wait_for("the webhook listener", Duration::from_secs(10), || {
         std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
     });
-    std::thread::sleep(Duration::from_millis(500));
+    // Only a delivery can serve the session: the start-up drain is over, the timer is 30 s away.
+    cp.wait_for("the first drain", Duration::from_secs(10), || {
+        cp.cp.requests().iter().any(|r| r.method == "GET" && r.path.ends_with("/work/poll"))
+    });
     let (s, _) = cp.session(vec![bash("echo delivered")]);
     let v = cp.wait_ended(&s, Duration::from_secs(20));
     assert!(completed(&v), "{v:#?}");
