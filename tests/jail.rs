@@ -388,7 +388,7 @@ fn cgroup_is_created_and_removed() {
         std::thread::sleep(std::time::Duration::from_millis(20));
     };
     let host_view = std::fs::read_to_string(format!("/proc/{sleeper}/cgroup")).unwrap();
-    let dir = pids_cgroup_dir(&host_view).unwrap_or_else(|| panic!("no pids cgroup in {host_view}"));
+    let dir = cgroup_dir(&host_view, "pids").unwrap_or_else(|| panic!("no pids cgroup in {host_view}"));
     assert!(
         dir.to_string_lossy().contains(&format!("stockade-{}-", run.id())),
         "the jail's cgroup is named after its `stockade run` ({}): {}",
@@ -406,25 +406,6 @@ fn cgroup_is_created_and_removed() {
     );
     // And after it, the cgroup is gone.
     assert!(!dir.exists(), "{} outlived its jail", dir.display());
-}
-
-/// The host directory of the pids cgroup a `/proc/PID/cgroup` names: the v1 pids hierarchy's, or
-/// the v2 one's (pure v2 at /sys/fs/cgroup, hybrid at /sys/fs/cgroup/unified).
-fn pids_cgroup_dir(proc_cgroup: &str) -> Option<std::path::PathBuf> {
-    for line in proc_cgroup.lines() {
-        let mut f = line.splitn(3, ':');
-        let (_, controllers, path) = (f.next()?, f.next()?, f.next()?);
-        let path = path.trim_start_matches('/');
-        if controllers.split(',').any(|c| c == "pids") {
-            return Some(std::path::Path::new("/sys/fs/cgroup/pids").join(path));
-        }
-    }
-    // No v1 pids hierarchy: the v2 one holds the limit.
-    let path = proc_cgroup.lines().find_map(|l| l.strip_prefix("0::"))?.trim_start_matches('/');
-    ["/sys/fs/cgroup/unified", "/sys/fs/cgroup"]
-        .iter()
-        .map(|root| std::path::Path::new(root).join(path))
-        .find(|d| d.join("pids.max").exists())
 }
 
 // ---------- step 6: capabilities ----------
@@ -1061,12 +1042,10 @@ fn the_sweep_never_touches_a_cgroup_that_holds_processes() {
     if needs_root() {
         return;
     }
-    // Where this process's jails go: the pids hierarchy, beside our own cgroup.
+    // Where this process's jails go: the pids hierarchy (v1 or v2, whichever has it), beside our
+    // own cgroup.
     let own = std::fs::read_to_string("/proc/self/cgroup").unwrap();
-    let Some(pids) = own.lines().find_map(|l| l.split_once(":pids:").map(|(_, p)| p.to_owned())) else {
-        return skip("no cgroup v1 pids hierarchy here; the sweep of a v2 host is not checked by this test");
-    };
-    let parent = std::path::Path::new("/sys/fs/cgroup/pids").join(pids.trim_start_matches('/'));
+    let parent = cgroup_dir(&own, "pids").unwrap_or_else(|| panic!("no cgroup hierarchy in {own}"));
     // A pid no process here has: the "owner" lives in another pid namespace. Near pid_max, and
     // chosen per run, so that two runs of the suite on one host do not share it.
     let owner = (0..300)

@@ -403,7 +403,7 @@ impl Jail {
     fn make_cgroup(&mut self, cg: &mut CgroupStage) -> Result<Option<cgroups::Entry>, JailError> {
         let Some(l) = cg.layout.as_mut() else { return Ok(None) };
         l.add_v1();
-        let (made, r) = JailCgroup::create(l, &cg.name, &cg.limits)?;
+        let (made, r) = JailCgroup::create(cgroups::Kernel, l, &cg.name, &cg.limits)?;
         self.cgroup = made;
         self.report.cgroup = r;
         self.cgroup.as_ref().map(JailCgroup::entry).transpose()

@@ -142,16 +142,49 @@ pub(crate) fn skip(why: &str) {
     eprintln!("skipped: {why}");
 }
 
+/// (mount point, fstype, super options) of every cgroup (v1) and cgroup2 mount, from the mount
+/// table: tests find the hierarchies this host has rather than assume a layout.
+#[allow(dead_code)]
+pub(crate) fn cgroup_mounts() -> Vec<(std::path::PathBuf, String, String)> {
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|line| {
+            let (pre, post) = line.split_once(" - ")?;
+            let mut f = post.split(' ');
+            let (fstype, _, opts) = (f.next()?, f.next()?, f.next()?);
+            let mount_point = pre.split(' ').nth(4)?;
+            (fstype == "cgroup" || fstype == "cgroup2")
+                .then(|| (std::path::PathBuf::from(mount_point), fstype.to_owned(), opts.to_owned()))
+        })
+        .collect()
+}
+
+/// The host directory of the cgroup that a `/proc/PID/cgroup` text gives `controller`: in the v1
+/// hierarchy holding the controller when there is one, else in the v2 hierarchy.
+#[allow(dead_code)]
+pub(crate) fn cgroup_dir(proc_cgroup: &str, controller: &str) -> Option<std::path::PathBuf> {
+    let mounts = cgroup_mounts();
+    for line in proc_cgroup.lines() {
+        let mut f = line.splitn(3, ':');
+        let (_, ctrls, path) = (f.next()?, f.next()?, f.next()?);
+        if !ctrls.is_empty() && ctrls.split(',').any(|c| c == controller) {
+            let (m, _, _) = mounts.iter().find(|(_, t, o)| t == "cgroup" && o.split(',').any(|c| c == controller))?;
+            return Some(m.join(path.trim_start_matches('/')));
+        }
+    }
+    let path = proc_cgroup.lines().find_map(|l| l.strip_prefix("0::"))?;
+    let (m, _, _) = mounts.iter().find(|(_, t, _)| t == "cgroup2")?;
+    Some(m.join(path.trim_start_matches('/')))
+}
+
+/// Every jail cgroup (`stockade-*`, not the supervisor's leaf) in this host's cgroup hierarchies.
+#[allow(dead_code)]
 pub(crate) fn find_stockade_cgroups() -> Vec<String> {
     let mut out = Vec::new();
-    for root in [
-        "/sys/fs/cgroup/pids",
-        "/sys/fs/cgroup/memory",
-        "/sys/fs/cgroup/cpu",
-        "/sys/fs/cgroup/unified",
-        "/sys/fs/cgroup",
-    ] {
-        let Ok(rd) = std::fs::read_dir(root) else { continue };
+    for (root, _, _) in cgroup_mounts() {
+        let Ok(rd) = std::fs::read_dir(&root) else { continue };
+        let depth = root.components().count();
         let mut stack: Vec<std::path::PathBuf> = rd.flatten().map(|e| e.path()).collect();
         while let Some(p) = stack.pop() {
             if !p.is_dir() {
@@ -161,7 +194,7 @@ pub(crate) fn find_stockade_cgroups() -> Vec<String> {
             if name.starts_with("stockade-") && name != "stockade-supervisor" {
                 out.push(p.display().to_string());
             }
-            if p.components().count() < 9 {
+            if p.components().count() < depth + 5 {
                 if let Ok(rd) = std::fs::read_dir(&p) {
                     stack.extend(rd.flatten().map(|e| e.path()));
                 }

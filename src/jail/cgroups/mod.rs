@@ -6,17 +6,20 @@
 //! without touching the rest of the host. A limit that cannot be applied is an error unless
 //! `limits.enforcement = "best_effort"`.
 
-use std::fs;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use super::error::{JailError, Step};
-use super::fsio::{list_dir, open, read_kernel_file, write_kernel_file};
+use super::fsio::{open, read_kernel_file};
 use crate::policy::{Enforcement, Limits};
 use nix::fcntl::OFlag;
 use nix::sys::stat::Mode;
-use std::os::unix::ffi::OsStrExt;
+
+#[cfg(test)]
+mod fake;
+mod fs;
+pub(crate) use fs::{CgroupFs, Kernel};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Controller {
@@ -68,43 +71,66 @@ impl Layout {
             None => mounts().into_iter().find(|(fstype, _, _)| fstype == "cgroup2").map(|(_, mp, _)| PathBuf::from(mp)),
         };
         l.own = read_kernel_file("/proc/self/cgroup").unwrap_or_default();
-        if let Some(m) = &l.v2_mount {
-            let own_path = l.own.lines().find_map(|c| c.strip_prefix("0::")).unwrap_or("/").to_owned();
+        l.read_v2_controllers(&Kernel);
+        l
+    }
+
+    /// The layout a host with this mount table and this `/proc/self/cgroup` offers, its files
+    /// read through `fs`.
+    #[cfg_attr(not(test), allow(dead_code))]
+    pub(crate) fn from_view(mountinfo: &str, own: &str, fs: &impl CgroupFs) -> Layout {
+        let mounts = parse_mounts(mountinfo);
+        let mut l = Layout {
+            v2_mount: mounts.iter().find(|(t, _, _)| t == "cgroup2").map(|(_, m, _)| PathBuf::from(m)),
+            own: own.to_owned(),
+            ..Layout::default()
+        };
+        l.read_v2_controllers(fs);
+        l.add_v1_from(&mounts);
+        l
+    }
+
+    fn read_v2_controllers(&mut self, fs: &impl CgroupFs) {
+        if let Some(m) = &self.v2_mount {
+            let own_path = self.own.lines().find_map(|c| c.strip_prefix("0::")).unwrap_or("/").to_owned();
             let dir = join(m, &own_path);
-            l.v2_controllers = read_kernel_file(dir.join("cgroup.controllers"))
+            self.v2_controllers = fs
+                .read(&dir.join("cgroup.controllers"))
                 .unwrap_or_default()
                 .split_whitespace()
                 .map(str::to_owned)
                 .collect();
-            l.v2_self = Some(own_path);
+            self.v2_self = Some(own_path);
         }
-        l
     }
 
     /// The v1 half of [`Layout::detect`]: the hierarchies of the controllers Stockade uses.
     pub(crate) fn add_v1(&mut self) {
-        let own = match std::mem::take(&mut self.own) {
+        if self.own.is_empty() {
             // A layout that did not come from `detect_v2`.
-            o if o.is_empty() => read_kernel_file("/proc/self/cgroup").unwrap_or_default(),
-            o => o,
-        };
-        for (fstype, mount_point, superopts) in mounts() {
+            self.own = read_kernel_file("/proc/self/cgroup").unwrap_or_default();
+        }
+        self.add_v1_from(&parse_mounts(&read_kernel_file("/proc/self/mountinfo").unwrap_or_default()));
+    }
+
+    fn add_v1_from(&mut self, mounts: &[(String, String, String)]) {
+        for (fstype, mount_point, superopts) in mounts {
             if fstype != "cgroup" {
                 continue;
             }
             for opt in superopts.split(',') {
                 if ["memory", "pids", "cpu"].contains(&opt) {
-                    let own_path = own
+                    let own_path = self
+                        .own
                         .lines()
                         .filter_map(|c| c.splitn(3, ':').collect::<Vec<_>>().try_into().ok())
                         .find(|[_, ctrls, _]: &[&str; 3]| ctrls.split(',').any(|c| c == opt))
                         .map(|[_, _, p]| p.to_owned())
                         .unwrap_or_else(|| "/".into());
-                    self.v1.push((opt.to_owned(), PathBuf::from(&mount_point), own_path));
+                    self.v1.push((opt.to_owned(), PathBuf::from(mount_point), own_path));
                 }
             }
         }
-        self.own = own;
     }
 
     /// Whether any limit the policy sets comes from cgroup v2: then the jail is cloned straight
@@ -127,7 +153,11 @@ impl Layout {
 
 /// (fstype, mount point, super options) of every mount, from /proc/self/mountinfo.
 fn mounts() -> Vec<(String, String, String)> {
-    let mountinfo = read_kernel_file("/proc/self/mountinfo").unwrap_or_default();
+    parse_mounts(&read_kernel_file("/proc/self/mountinfo").unwrap_or_default())
+}
+
+/// (fstype, mount point, super options) of every mount in a mountinfo text.
+fn parse_mounts(mountinfo: &str) -> Vec<(String, String, String)> {
     mountinfo
         .lines()
         .filter_map(|line| {
@@ -160,18 +190,18 @@ fn join(mount: &Path, cg: &str) -> PathBuf {
 /// one in another pid namespace. An empty one is taken over; one that holds processes is left
 /// alone and the jail is refused (the general sweep runs once the jail is up, see
 /// `remove_stale_near`).
-fn make_dir(d: &Path) -> std::io::Result<()> {
-    match fs::create_dir(d) {
+fn make_dir(fs: &impl CgroupFs, d: &Path) -> std::io::Result<()> {
+    match fs.create_dir(d) {
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-            let empty = read_kernel_file(d.join("cgroup.procs")).is_ok_and(|p| p.trim().is_empty());
+            let empty = fs.read(&d.join("cgroup.procs")).is_ok_and(|p| p.trim().is_empty());
             if !empty {
                 return Err(std::io::Error::new(
                     std::io::ErrorKind::AlreadyExists,
                     "a cgroup of this name exists and holds processes (a Stockade in another pid namespace?)",
                 ));
             }
-            fs::remove_dir(d)?;
-            fs::create_dir(d)
+            fs.remove_dir(d)?;
+            fs.create_dir(d)
         }
         r => r,
     }
@@ -179,7 +209,8 @@ fn make_dir(d: &Path) -> std::io::Result<()> {
 
 /// The jail's cgroup: one directory per hierarchy used.
 #[derive(Debug)]
-pub(crate) struct JailCgroup {
+pub(crate) struct JailCgroup<F: CgroupFs = Kernel> {
+    fs: F,
     dirs: Vec<PathBuf>,
     v2_dir: Option<PathBuf>,
 }
@@ -191,20 +222,21 @@ pub struct CgroupReport {
     pub skipped: Vec<String>,
 }
 
-impl JailCgroup {
+impl<F: CgroupFs> JailCgroup<F> {
     /// Creates the cgroup and writes the limits. `Ok(None)` when the policy asks for no cgroup limit.
     pub(crate) fn create(
+        fs: F,
         layout: &Layout,
         name: &str,
         limits: &Limits,
-    ) -> Result<(Option<JailCgroup>, CgroupReport), JailError> {
+    ) -> Result<(Option<JailCgroup<F>>, CgroupReport), JailError> {
         let wanted = wanted(limits);
         let mut report = CgroupReport::default();
         if wanted.is_empty() {
             return Ok((None, report));
         }
         let best_effort = limits.enforcement == Enforcement::BestEffort;
-        let mut cg = JailCgroup { dirs: Vec::new(), v2_dir: None };
+        let mut cg = JailCgroup { fs, dirs: Vec::new(), v2_dir: None };
 
         let result = (|| -> Result<(), JailError> {
             for c in &wanted {
@@ -236,7 +268,7 @@ impl JailCgroup {
                     let mount = layout.v2_mount.as_ref().expect("v2 controllers imply a v2 mount");
                     let parent = join(mount, layout.v2_self.as_deref().unwrap_or("/"));
                     let d = parent.join(name);
-                    make_dir(&d).map_err(|err| e(format!("create {}: {err}", d.display())))?;
+                    make_dir(&self.fs, &d).map_err(|err| e(format!("create {}: {err}", d.display())))?;
                     self.dirs.push(d.clone());
                     self.v2_dir = Some(d.clone());
                     d
@@ -250,16 +282,16 @@ impl JailCgroup {
             let d = parent.join(name);
             // Controllers that share a hierarchy (cpu,cpuacct) share the directory too.
             if !self.dirs.contains(&d) {
-                make_dir(&d).map_err(|err| e(format!("create {}: {err}", d.display())))?;
+                make_dir(&self.fs, &d).map_err(|err| e(format!("create {}: {err}", d.display())))?;
                 self.dirs.push(d.clone());
             }
             d
         };
         if use_v2 {
-            enable_v2_controller(&dir, c.name()).map_err(e)?;
+            enable_v2_controller(&self.fs, &dir, c.name()).map_err(e)?;
         }
         let write = |file: &str, v: &str, optional: bool| -> Result<(), JailError> {
-            match write_kernel_file(dir.join(file), v) {
+            match self.fs.write(&dir.join(file), v) {
                 // Swap accounting is off on this host: there is no swap limit to set.
                 Err(err) if optional && err.kind() == std::io::ErrorKind::NotFound => Ok(()),
                 r => r.map_err(|err| e(format!("write {} = {v}: {err}", dir.join(file).display()))),
@@ -326,7 +358,7 @@ impl JailCgroup {
             // Usually empty by now: the removal is tried first, the killing only when it fails.
             let mut killed = false;
             loop {
-                match fs::remove_dir(&d) {
+                match self.fs.remove_dir(&d) {
                     Ok(()) => break,
                     Err(e) if e.kind() == std::io::ErrorKind::NotFound => break,
                     Err(e) if Instant::now() > deadline => {
@@ -335,15 +367,11 @@ impl JailCgroup {
                     }
                     Err(_) if !killed => {
                         killed = true;
-                        // v2's cgroup.kill takes the whole subtree at once, new forks included.
-                        let _ = fs::write(d.join("cgroup.kill"), "1");
+                        self.fs.kill_all(&d);
                     }
-                    Err(_) => std::thread::sleep(Duration::from_millis(5)),
-                }
-                for pid in fs::read_to_string(d.join("cgroup.procs")).unwrap_or_default().lines() {
-                    if let Ok(p) = pid.trim().parse::<i32>() {
-                        let _ =
-                            nix::sys::signal::kill(nix::unistd::Pid::from_raw(p), nix::sys::signal::Signal::SIGKILL);
+                    Err(_) => {
+                        std::thread::sleep(Duration::from_millis(5));
+                        self.fs.kill_all(&d);
                     }
                 }
             }
@@ -409,7 +437,7 @@ impl Entry {
     }
 }
 
-impl Drop for JailCgroup {
+impl<F: CgroupFs> Drop for JailCgroup<F> {
     fn drop(&mut self) {
         self.remove();
     }
@@ -430,21 +458,18 @@ const STALE_AFTER: std::time::Duration = std::time::Duration::from_secs(1);
 /// the pid in a cgroup's name is its owner's pid in the owner's pid namespace, which says nothing
 /// about a Stockade in another namespace (a sibling container, a concurrent CI job) whose live
 /// jails sit in the same hierarchy. An empty cgroup, whoever made it, holds no jail.
-pub(crate) fn remove_stale(parent: &Path) {
-    let Ok(dir) = open(parent, OFlag::O_RDONLY | OFlag::O_DIRECTORY, Mode::empty()) else { return };
-    let Some(names) = list_dir(&dir, SWEEP_LISTING_MAX) else { return };
-    for (name, _) in names {
-        let Some(rest) = name.to_str().ok().and_then(|n| n.strip_prefix("stockade-")) else { continue };
+pub(crate) fn remove_stale(fs: &impl CgroupFs, parent: &Path) {
+    let Some(names) = fs.list(parent, SWEEP_LISTING_MAX) else { return };
+    for name in names {
+        let Some(rest) = name.strip_prefix("stockade-") else { continue };
         let Some(owner) = rest.split('-').next().and_then(|p| p.parse::<u32>().ok()) else { continue };
         if owner == std::process::id() {
             continue; // this process's own jails
         }
-        let path = parent.join(std::ffi::OsStr::from_bytes(name.to_bytes()));
-        let empty = read_kernel_file(path.join("cgroup.procs")).is_ok_and(|p| p.trim().is_empty());
-        let old = fs::metadata(&path)
-            .and_then(|m| m.modified())
-            .is_ok_and(|t| t.elapsed().is_ok_and(|age| age >= STALE_AFTER));
-        if empty && old && fs::remove_dir(&path).is_ok() {
+        let path = parent.join(&name);
+        let empty = fs.read(&path.join("cgroup.procs")).is_ok_and(|p| p.trim().is_empty());
+        let old = fs.age(&path).is_some_and(|age| age >= STALE_AFTER);
+        if empty && old && fs.remove_dir(&path).is_ok() {
             tracing::info!(cgroup = %path.display(), "removed an empty cgroup a killed Stockade left behind");
         }
     }
@@ -453,19 +478,19 @@ pub(crate) fn remove_stale(parent: &Path) {
 /// Enables a controller for the jail's cgroup in its parent's cgroup.subtree_control. A v2
 /// cgroup holding processes cannot delegate controllers ("no internal processes"), so when
 /// Stockade's own cgroup is such a cgroup, Stockade first moves itself into a leaf beside the jails.
-fn enable_v2_controller(jail_dir: &Path, ctrl: &str) -> Result<(), String> {
+fn enable_v2_controller(fs: &impl CgroupFs, jail_dir: &Path, ctrl: &str) -> Result<(), String> {
     let parent = jail_dir.parent().ok_or("cgroup has no parent")?;
-    let enabled = fs::read_to_string(parent.join("cgroup.subtree_control")).unwrap_or_default();
+    let enabled = fs.read(&parent.join("cgroup.subtree_control")).unwrap_or_default();
     if enabled.split_whitespace().any(|c| c == ctrl) {
         return Ok(());
     }
-    let write = || fs::write(parent.join("cgroup.subtree_control"), format!("+{ctrl}"));
+    let write = || fs.write(&parent.join("cgroup.subtree_control"), &format!("+{ctrl}"));
     match write() {
         Ok(()) => Ok(()),
         Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
             let leaf = parent.join("stockade-supervisor");
-            let _ = fs::create_dir(&leaf);
-            fs::write(leaf.join("cgroup.procs"), std::process::id().to_string())
+            let _ = fs.create_dir(&leaf);
+            fs.write(&leaf.join("cgroup.procs"), &std::process::id().to_string())
                 .map_err(|e| format!("move Stockade into {}: {e}", leaf.display()))?;
             write().map_err(|e| format!("enable {ctrl} in {}: {e}", parent.display()))
         }
@@ -482,11 +507,15 @@ pub(crate) fn remove_stale_all() {
 /// `remove_stale` in the hierarchies of `layout`. A jail's start runs it once its jail is up
 /// rather than before making the jail's cgroup, where it would delay the jail.
 pub(crate) fn remove_stale_near(layout: &Layout) {
+    remove_stale_in(&Kernel, layout);
+}
+
+fn remove_stale_in(fs: &impl CgroupFs, layout: &Layout) {
     if let (Some(m), Some(own)) = (&layout.v2_mount, &layout.v2_self) {
-        remove_stale(&join(m, own));
+        remove_stale(fs, &join(m, own));
     }
     for (_, mount, own) in &layout.v1 {
-        remove_stale(&join(mount, own));
+        remove_stale(fs, &join(mount, own));
     }
 }
 
@@ -518,9 +547,9 @@ mod tests {
                 join(mount, own).join(&name)
             }
         };
-        fs::create_dir(&dir).unwrap();
-        write_kernel_file(dir.join("pids.max"), "7").unwrap();
-        let (cg, report) = JailCgroup::create(&layout, &name, &limits).unwrap();
+        std::fs::create_dir(&dir).unwrap();
+        super::super::fsio::write_kernel_file(dir.join("pids.max"), "7").unwrap();
+        let (cg, report) = JailCgroup::create(Kernel, &layout, &name, &limits).unwrap();
         assert_eq!(report.applied.len(), 1, "{report:?}");
         assert_eq!(read_kernel_file(dir.join("pids.max")).unwrap().trim(), "64", "the limit was not written");
         drop(cg);
