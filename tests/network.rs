@@ -510,6 +510,98 @@ fn a_refused_nftables_transaction_changes_nothing() {
     assert!(chains.iter().any(|c| c == "forward"));
 }
 
+/// The IPv6 addresses `/proc/net/if_inet6` lists for an interface, as the reader's namespace sees it.
+fn ipv6_addresses(table: &str, ifname: &str) -> Vec<String> {
+    table.lines().filter(|l| l.split_whitespace().nth(5) == Some(ifname)).map(|l| l[..32].to_owned()).collect()
+}
+
+/// The other direction, and IPv6. A connection from the "internet" to a listener in the jail
+/// never reaches it: the internet routes the jail's range back through the host, so only the
+/// firewall stands between, and it drops new connections into jails. IPv6 does not cross the
+/// veth at all: neither end has an address (no link-local, so no neighbour discovery towards
+/// the host), the host end drops IPv6, and a jail's IPv6 connection fails at once. Each listener
+/// is shown live first.
+#[test]
+fn inbound_connections_and_ipv6_are_refused() {
+    if needs_root() {
+        return;
+    }
+    let _shared = TABLE.read().unwrap_or_else(|p| p.into_inner());
+    let inet = Internet::start([198, 18, 11], "i");
+    let gateway = Ipv4Addr::new(198, 18, 11, 1);
+    in_netns(inet.ns.id(), move || Rtnl::open().unwrap().add_default_route4("eth0", gateway).unwrap());
+    let (_d, p) = veth_policy(&inet, "");
+    let code = format!(
+        r#"
+import socket, sys, time
+s = socket.socket(); s.bind(("0.0.0.0", 9099)); s.listen(8); s.settimeout(0.5)
+u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); u.connect(("{inet}", 9)); ip = u.getsockname()[0]
+c = socket.create_connection((ip, 9099), 1); a, _ = s.accept(); a.close(); c.close()
+print("listener live", flush=True)
+print("eth0 ipv6", len([l for l in open("/proc/net/if_inet6") if l.split()[5] == "eth0"]))
+t = time.time()
+try:
+    socket.create_connection(("fe80::1%eth0", 80), timeout=2); print("ipv6 ok")
+except OSError as e:
+    print("ipv6 fail", type(e).__name__, e.errno, "at once" if time.time() - t < 1 else "late")
+print("ready", ip, flush=True)
+sys.stdin.readline()
+try:
+    s.accept(); print("inbound arrived")
+except socket.timeout:
+    print("inbound none")
+"#,
+        inet = inet.ip(2),
+    );
+    let mut child = Command::new(STOCKADE)
+        .args(["run", "--report", "--policy", p.to_str().unwrap(), "--", "python3", "-c", &code])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
+    let mut said = String::new();
+    let jail_ip: Ipv4Addr = loop {
+        let mut line = String::new();
+        assert!(std::io::BufRead::read_line(&mut out, &mut line).unwrap() > 0, "the jail ended early: {said}");
+        said += &line;
+        if let Some(ip) = line.trim().strip_prefix("ready ") {
+            break ip.parse().unwrap();
+        }
+    };
+    let host_if = format!("{}{}", stockade::net::HOST_PREFIX, slot_of_ip(jail_ip));
+    // The host end, while the jail runs: IPv6 off, no address.
+    let sysctl = std::fs::read_to_string(format!("/proc/sys/net/ipv6/conf/{host_if}/disable_ipv6")).unwrap();
+    assert_eq!(sysctl.trim(), "1", "IPv6 is on at the host end {host_if}");
+    let host_table = std::fs::read_to_string("/proc/net/if_inet6").unwrap();
+    assert_eq!(ipv6_addresses(&host_table, &host_if), Vec::<String>::new(), "{host_table}");
+    // From the internet to the jail's listener, routed through the host.
+    let inbound = in_netns(inet.ns.id(), move || {
+        std::net::TcpStream::connect_timeout(&(jail_ip, 9099).into(), Duration::from_secs(2)).map(|_| ())
+    });
+    writeln!(stdin, "done").unwrap();
+    drop(stdin);
+    let mut rest = String::new();
+    out.read_to_string(&mut rest).unwrap();
+    said += &rest;
+    let status = child.wait().unwrap();
+    let mut err = String::new();
+    child.stderr.take().unwrap().read_to_string(&mut err).unwrap();
+    assert!(status.success(), "{said}\n{err}");
+    assert!(said.starts_with("listener live\n"), "{said}");
+    // The jail end has no IPv6 address; an IPv6 connection is refused by the jail's own kernel
+    // at once (ENETUNREACH), before any packet leaves.
+    assert!(said.contains("eth0 ipv6 0\n"), "{said}");
+    assert!(said.contains("ipv6 fail OSError 101 at once\n"), "{said}");
+    // Inbound is dropped without an answer, and nothing reached the jail's listener.
+    let e = inbound.expect_err("a connection from outside reached the jail");
+    assert!(matches!(e.kind(), std::io::ErrorKind::TimedOut | std::io::ErrorKind::WouldBlock), "{e:?}");
+    assert!(said.contains("inbound none"), "{said}\n{err}");
+    assert_no_leftovers(slot_of_ip(jail_ip));
+}
+
 /// `network.on_deny = "drop"`: a denied connection gets no answer and runs into the client's
 /// own timeout (the default, "reject", refuses it at once: see the test above).
 #[test]

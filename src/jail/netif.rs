@@ -34,9 +34,11 @@ pub(crate) fn loopback_up() -> Result<(), JailError> {
     Ok(())
 }
 
-/// `eth0`: the jail's address in the session's /30, up, and the default route through the host end.
+/// `eth0`: no IPv6 address (see `net::disable_ipv6` for the host end), the jail's address in the session's /30, up, and the default route through
+/// the host end.
 pub(crate) fn veth_up(jail: std::net::Ipv4Addr, gateway: std::net::Ipv4Addr) -> Result<(), JailError> {
     let mut r = crate::net::rtnl::Rtnl::open()?;
+    r.no_ipv6_addresses("eth0")?;
     r.add_addr4("eth0", jail, 30)?;
     r.set_up("eth0")?;
     Ok(r.add_default_route4("eth0", gateway)?)

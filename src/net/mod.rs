@@ -180,6 +180,21 @@ fn route_iface(dst: Ipv4Addr) -> Option<String> {
         .map(|(_, i)| i)
 }
 
+/// IPv6 off on the host end of a session's veth, before it goes up: the policy has no IPv6
+/// rules, so the host end gets no address (not even link-local) and drops every IPv6 packet that
+/// arrives on it, neighbour discovery included. The jail end gets no address either
+/// (`Rtnl::no_ipv6_addresses`: its /proc/sys is read-only by then), so a jail's IPv6 connection
+/// fails at once. A kernel without IPv6 has nothing to turn off.
+pub(crate) fn disable_ipv6(iface: &str) -> Result<(), NetError> {
+    let p = format!("/proc/sys/net/ipv6/conf/{iface}/disable_ipv6");
+    match std::fs::write(&p, "1") {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound && !std::path::Path::new("/proc/sys/net/ipv6").exists() => {
+            Ok(())
+        }
+        r => r.map_err(|e| NetError::sys(p, e)),
+    }
+}
+
 fn enable_forwarding(iface: &str) -> Result<(), NetError> {
     let p = format!("/proc/sys/net/ipv4/conf/{iface}/forwarding");
     std::fs::write(&p, "1").map_err(|e| NetError::sys(p, e))
@@ -230,6 +245,7 @@ impl SessionNet {
             let _ = r.del_link(&p.host_if);
             r.add_veth(&p.host_if, "eth0", child, None)?;
         }
+        disable_ipv6(&p.host_if)?;
         r.add_addr4(&p.host_if, p.host_ip, 30)?;
         r.set_up(&p.host_if)?;
         // Forwarding per interface: the session's link, and the links its destinations leave by

@@ -14,6 +14,9 @@ const IFLA_IFNAME: u16 = 3;
 const IFLA_MTU: u16 = 4;
 const IFLA_LINKINFO: u16 = 18;
 const IFLA_NET_NS_PID: u16 = 19;
+const IFLA_AF_SPEC: u16 = 26;
+const IFLA_INET6_ADDR_GEN_MODE: u16 = 8;
+const IN6_ADDR_GEN_MODE_NONE: u8 = 1;
 const IFLA_INFO_KIND: u16 = 1;
 const IFLA_INFO_DATA: u16 = 2;
 const VETH_INFO_PEER: u16 = 1;
@@ -79,6 +82,19 @@ impl Rtnl {
         let i = Self::index(name)?;
         let up = libc::IFF_UP as u32;
         self.call(&format!("{name} up"), Msg::new(RTM_NEWLINK, NLM_F_ACK, &ifinfomsg(i, up, up)))
+    }
+
+    /// No IPv6 address is made for the link, link-local included, so nothing on it speaks IPv6
+    /// (set before it goes up). A kernel without IPv6 has nothing to stop.
+    pub fn no_ipv6_addresses(&mut self, name: &str) -> Result<(), NetError> {
+        let i = Self::index(name)?;
+        let mut m = Msg::new(RTM_NEWLINK, NLM_F_ACK, &ifinfomsg(i, 0, 0));
+        m.begin(IFLA_AF_SPEC).begin(libc::AF_INET6 as u16).attr(IFLA_INET6_ADDR_GEN_MODE, &[IN6_ADDR_GEN_MODE_NONE]);
+        m.end().end();
+        match self.call(&format!("{name} without IPv6 addresses"), m) {
+            Err(e) if e.errno() == Some(libc::EAFNOSUPPORT) => Ok(()),
+            r => r,
+        }
     }
 
     pub fn add_addr4(&mut self, name: &str, addr: std::net::Ipv4Addr, prefix: u8) -> Result<(), NetError> {
