@@ -314,8 +314,9 @@ fn descendants(pid: u32) -> Vec<u32> {
 
 #[test]
 fn no_jailed_process_carries_the_supervisors_secrets_in_proc_environ() {
+    // Reading other processes' environ from the host needs root.
     if needs_root() {
-        return; // reading other processes' environ from the host needs root
+        return;
     }
     let mut s = Sess::start(&[]);
     s.call("read", json!({"file_path": "/etc/hostname"})); // starts the helper

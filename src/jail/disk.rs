@@ -247,7 +247,7 @@ mod tests {
     #[test]
     fn concurrent_attaches_all_get_a_device() {
         if !nix::unistd::geteuid().is_root() || !Path::new("/dev/loop-control").exists() {
-            eprintln!("skipped: needs root and /dev/loop-control");
+            crate::util::skip_test("needs root and /dev/loop-control");
             return;
         }
         let dir = std::env::temp_dir().join(format!("stockade-loop-race-{}", std::process::id()));

@@ -528,7 +528,7 @@ mod tests {
     #[test]
     fn a_leftover_of_the_same_name_is_replaced_and_then_removed() {
         if !nix::unistd::geteuid().is_root() {
-            eprintln!("skipped: needs root to make cgroups");
+            crate::util::skip_test("needs root to make cgroups");
             return;
         }
         let (policy, _) = crate::policy::load_builtin("default").unwrap();
@@ -536,7 +536,7 @@ mod tests {
         (limits.memory, limits.cpu, limits.pids) = (None, None, Some(64));
         let layout = Layout::detect();
         if layout.source(Controller::Pids).is_none() {
-            eprintln!("skipped: no pids controller");
+            crate::util::skip_test("no pids controller");
             return;
         }
         let name = format!("stockade-{}-leftover-test", std::process::id());
