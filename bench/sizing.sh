@@ -40,7 +40,7 @@ descendants() { # every process below $1
 }
 
 "$bin" worker --environment-id env_local --base-url "http://127.0.0.1:$port" --state-dir "$tmp/w" \
-  --environment-key-file "$tmp/cp/env_local.key" --max-sessions $((n + 4)) 2>/dev/null & worker=$!
+  --environment-key-file "$tmp/cp/env_local.key" --max-sessions $((n + 4)) --image-overcommit 100000 2>/dev/null & worker=$!
 sleep 1
 sync; echo 3 > /proc/sys/vm/drop_caches 2>/dev/null || true
 k0=$(kernel); w0=$(pss_of $worker)

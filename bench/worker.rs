@@ -57,6 +57,8 @@ fn main() {
     let state = dir.join("state");
     let mut worker = Command::new(STOCKADE)
         .args(["worker", "--environment-id", DEFAULT_ENVIRONMENT, "--api-url", &url, "--max-sessions", "32"])
+        // The bench measures throughput, not disk: its sessions write little.
+        .args(["--image-overcommit", "1000"])
         .arg("--state-dir")
         .arg(&state)
         .arg("--environment-key-file")

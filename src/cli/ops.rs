@@ -82,9 +82,16 @@ pub(super) struct WorkerCommon {
     /// Policy file or built-in name for every session jail.
     #[arg(long, short = 'p', default_value = "default")]
     policy: String,
-    /// Sessions run at once.
+    /// Sessions run at once (fewer, said at start, when the state directory cannot back their
+    /// size-limited images; see --image-overcommit).
     #[arg(long, default_value_t = 8)]
     max_sessions: usize,
+    /// How many times over the state directory's free space the sessions' sparse images
+    /// (limits.workspace_size + limits.outputs_size each) may promise. 1, the default, backs every
+    /// image in full, so no write is ever lost behind a session's back; more packs sessions
+    /// densely and relies on the worker ending the sessions owing most when the disk runs short.
+    #[arg(long, default_value_t = 1.0, value_parser = overcommit, value_name = "RATIO")]
+    image_overcommit: f64,
     /// Held items, workspaces and retained outputs [default: /var/lib/stockade as root,
     /// ~/.local/state/stockade otherwise].
     #[arg(long)]
@@ -486,12 +493,20 @@ fn worker_config(a: &WorkerCommon, log: LogFormat) -> Result<WorkerConfig, Strin
     Ok(c)
 }
 
+fn overcommit(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if v.is_finite() && v >= 1.0 => Ok(v),
+        _ => Err(format!("{s:?}: a ratio of 1 or more (1 backs every image in full)")),
+    }
+}
+
 fn worker_config_with(a: &WorkerCommon, log: LogFormat, k: Secret) -> Result<WorkerConfig, String> {
     let mut c = WorkerConfig::new(&a.environment_id, &a.base_url, k);
     c.worker_id = a.worker_id.clone();
     c.max_idle = a.max_idle;
     c.policy = a.policy.clone();
     c.max_sessions = a.max_sessions;
+    c.image_overcommit = a.image_overcommit;
     c.state_dir = a.state_dir.clone().unwrap_or_else(default_state_dir);
     c.workdir = a.workdir.clone();
     c.metrics = a.metrics;

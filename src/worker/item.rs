@@ -202,6 +202,11 @@ pub(super) async fn run(
         ctx.active.lock().unwrap_or_else(|p| p.into_inner()).insert(item.id.clone(), lease_tx.clone());
         let resumed = last_heartbeat.is_some();
         let end = serve(&ctx, &client, &item, &dirs, clock.clone(), &trail, lease_rx.clone(), shutdown).await;
+        // Ended by the worker itself (no room for its images): a failure, and said so.
+        let end = match (end, ctx.doomed.lock().unwrap_or_else(|p| p.into_inner()).remove(&item.id)) {
+            (End::Stopped { .. }, Some(why)) => End::Failed(why),
+            (end, _) => end,
+        };
         let claimed = clock.is_claimed();
         hb.abort();
         match &end {
@@ -598,14 +603,30 @@ impl Runner<'_> {
                 feed.active_at = Instant::now();
                 continue;
             }
-            if let Err(e) = self.ctx.state.put_outbox(self.dirs, &call.id, &call.name, &result) {
-                tracing::error!(error = %e, "could not persist a result before posting it");
-            }
+            // A result not saved is not reposted after a crash: the state directory follows
+            // the trail's `on_full`, like the trail itself.
+            let unsaved = match self.ctx.state.put_outbox(self.dirs, &call.id, &call.name, &result) {
+                Ok(()) => None,
+                Err(e) => {
+                    self.ctx.metrics.outbox_failures.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    tracing::error!(error = %e, "could not save a result before posting it: a crash now would lose it");
+                    (self.ctx.policy.trail.on_full == crate::policy::OnFull::Fail).then(|| {
+                        format!(
+                            "the worker could not save a tool result before posting it ({e}): with trail.on_full = \"fail\" \
+                             the session goes no further without crash-safe posting"
+                        )
+                    })
+                }
+            };
             match self.post_result(&call.id, Some(&call.name), &result, &lease, false).await {
                 Ok(()) if self.trail.refusing() => {
                     // The call was told; the session goes no further than its trail can record.
                     jail.kill().await;
                     return End::Failed(crate::session::trail_full());
+                }
+                Ok(()) if unsaved.is_some() => {
+                    jail.kill().await;
+                    return End::Failed(unsaved.unwrap_or_default());
                 }
                 Ok(()) => {
                     feed.active_at = Instant::now();

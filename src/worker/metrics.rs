@@ -54,6 +54,15 @@ pub struct Metrics {
     pub execs: AtomicU64,
     /// Trails that filled up (`trail.max_size`).
     pub trails_full: AtomicU64,
+    /// The state directory's free bytes, and what the sessions' images may still take of them.
+    pub state_free_bytes: AtomicU64,
+    pub images_owed_bytes: AtomicU64,
+    /// 1 while no new session is taken for want of room for its images.
+    pub admission_paused: AtomicI64,
+    /// Sessions ended because their images could have lost writes.
+    pub sessions_ended_for_room: AtomicU64,
+    /// Results that could not be saved in the outbox before they were posted.
+    pub outbox_failures: AtomicU64,
     polls: Mutex<BTreeMap<&'static str, u64>>,
     tool_calls: Mutex<BTreeMap<(String, &'static str), u64>>,
     tool_latency: Mutex<BTreeMap<String, Histogram>>,
@@ -135,6 +144,36 @@ impl Metrics {
             "counter",
             "Session audit trails that reached trail.max_size.",
             self.trails_full.load(Relaxed).to_string(),
+        );
+        simple(
+            "stockade_state_free_bytes",
+            "gauge",
+            "Free bytes on the state directory's filesystem (when sessions have size-limited images).",
+            self.state_free_bytes.load(Relaxed).to_string(),
+        );
+        simple(
+            "stockade_images_owed_bytes",
+            "gauge",
+            "Bytes the sessions' sparse images may still take on the state directory's filesystem.",
+            self.images_owed_bytes.load(Relaxed).to_string(),
+        );
+        simple(
+            "stockade_admission_paused",
+            "gauge",
+            "1 while no new session is taken for want of room for its images.",
+            self.admission_paused.load(Relaxed).to_string(),
+        );
+        simple(
+            "stockade_sessions_ended_for_room_total",
+            "counter",
+            "Sessions ended because the state directory could no longer back their images.",
+            self.sessions_ended_for_room.load(Relaxed).to_string(),
+        );
+        simple(
+            "stockade_outbox_failures_total",
+            "counter",
+            "Tool results that could not be saved before posting (crash-safe posting off for them).",
+            self.outbox_failures.load(Relaxed).to_string(),
         );
         simple(
             "stockade_result_post_retries_total",

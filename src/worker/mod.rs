@@ -8,7 +8,8 @@ pub mod key;
 mod lease;
 pub mod metrics;
 pub mod provision;
-pub(crate) mod runner;
+pub(crate) mod room;
+mod runner;
 pub(crate) mod ship;
 pub(crate) mod skills;
 pub(crate) mod state;
@@ -50,6 +51,8 @@ pub enum WorkerError {
     Workdir(String),
     #[error("policy {0}: {1}")]
     Disk(String, crate::jail::disk::DiskError),
+    #[error("--state-dir: {0}")]
+    Room(String),
 }
 
 pub struct WorkerConfig {
@@ -65,6 +68,9 @@ pub struct WorkerConfig {
     /// Built-in policy name or policy file for every session jail.
     pub policy: String,
     pub max_sessions: usize,
+    /// How many times over the state directory's free space the sessions' images may promise
+    /// (see `room`); 1 backs every image in full.
+    pub image_overcommit: f64,
     pub state_dir: PathBuf,
     pub workdir: String,
     pub metrics: Option<SocketAddr>,
@@ -104,6 +110,7 @@ impl WorkerConfig {
             worker_id: None,
             policy: "default".into(),
             max_sessions: 8,
+            image_overcommit: 1.0,
             state_dir: PathBuf::from("/var/lib/stockade"),
             workdir: "/workspace".into(),
             metrics: None,
@@ -146,6 +153,12 @@ pub(crate) struct Ctx {
     /// Items being run, with their lease signal: an item the control plane hands out again
     /// (its lease expired meanwhile) must first be taken from the run that lost it.
     active: std::sync::Mutex<std::collections::HashMap<String, Arc<watch::Sender<lease::Lease>>>>,
+    /// Room on the state directory for the sessions' images, and its last reading (with the
+    /// sessions admitted since counted in).
+    room: room::Room,
+    room_now: std::sync::Mutex<Option<room::Reading>>,
+    /// Sessions the worker ends itself, and why (their end is a failure, not a stop).
+    doomed: std::sync::Mutex<std::collections::HashMap<String, String>>,
     /// Items whose lease this worker lost, with their directories kept: handed out to this
     /// worker again, the session continues in the same workspace. Retired after `LOST_KEEP`.
     lost: std::sync::Mutex<std::collections::HashMap<String, (state::ItemRecord, std::time::Instant)>>,
@@ -274,6 +287,13 @@ async fn context(cfg: &WorkerConfig) -> Result<Arc<Ctx>, WorkerError> {
         policy: Arc::new(policy),
         worker_id,
         active: Default::default(),
+        room: room::Room::new(
+            state.root(),
+            disk.workspace.unwrap_or(0) + disk.outputs.unwrap_or(0),
+            cfg.image_overcommit,
+        ),
+        room_now: Default::default(),
+        doomed: Default::default(),
         lost: Default::default(),
         state,
     }))
@@ -371,7 +391,8 @@ pub async fn run(cfg: WorkerConfig, mut shutdown: watch::Receiver<Shutdown>) -> 
     if ctx.key_source.as_ref().is_some_and(|s| key::reread(s).is_some()) {
         tokio::spawn(watch_key(ctx.clone(), shutdown.clone()));
     }
-    let slots = Arc::new(Semaphore::new(cfg.max_sessions.max(1)));
+    let slots = Arc::new(Semaphore::new(session_slots(&ctx, cfg.max_sessions.max(1))?));
+    tokio::spawn(watch_room(ctx.clone(), shutdown.clone()));
     let mut tasks = tokio::task::JoinSet::new();
     resume_held(&ctx, &slots, &mut tasks, &inner).await;
 
@@ -396,6 +417,11 @@ pub async fn run(cfg: WorkerConfig, mut shutdown: watch::Receiver<Shutdown>) -> 
             p = slots.clone().acquire_owned() => p.expect("semaphore open"),
             _ = shutdown.changed() => break,
         };
+        if !admit(&ctx) {
+            drop(permit);
+            self::pause(ROOM_EVERY, &mut shutdown).await;
+            continue;
+        }
         if let (Some(wake), true) = (&cfg.wake, drained) {
             tokio::select! {
                 () = wake.notified() => tracing::debug!("woken by a webhook"),
@@ -486,6 +512,99 @@ fn mirror_shutdown(outer: &watch::Receiver<Shutdown>) -> (Arc<watch::Sender<Shut
 
 /// Items a previous run held: resumed when the lease still continues from the last heartbeat
 /// that run recorded (a 412 means it is someone else's now).
+/// How often the room for the sessions' images is read again.
+const ROOM_EVERY: Duration = Duration::from_secs(2);
+
+/// The sessions this worker serves at once: `--max-sessions`, or fewer when the state
+/// directory cannot back that many sessions' images (said), or an error when not one.
+fn session_slots(ctx: &Ctx, max: usize) -> Result<usize, WorkerError> {
+    if !ctx.room.matters() {
+        return Ok(max);
+    }
+    let r = ctx.room.read().map_err(|e| WorkerError::Room(format!("{}: {e}", ctx.state.root().display())))?;
+    let held = ctx.state.held().len();
+    let n = ctx.room.slots(max, held, &r).map_err(WorkerError::Room)?;
+    if n < max {
+        tracing::warn!(
+            slots = n,
+            max_sessions = max,
+            free = %crate::util::format_size(r.free),
+            per_session = %crate::util::format_size(ctx.room.per_session),
+            "the state directory can back the images of {n} of --max-sessions {max} sessions: serving {n} at a time"
+        );
+    }
+    *ctx.room_now.lock().unwrap_or_else(|p| p.into_inner()) = Some(r);
+    Ok(n)
+}
+
+/// Whether a new session fits now (see `room`); a session admitted is counted at once, before
+/// the next reading sees its images.
+fn admit(ctx: &Ctx) -> bool {
+    if !ctx.room.matters() {
+        return true;
+    }
+    let mut now = ctx.room_now.lock().unwrap_or_else(|p| p.into_inner());
+    let Some(r) = now.as_mut() else { return true };
+    match ctx.room.refuses(r) {
+        Some(why) => {
+            if ctx.metrics.admission_paused.swap(1, std::sync::atomic::Ordering::Relaxed) == 0 {
+                tracing::warn!(reason = %why, "not taking new sessions until there is room for their images");
+            }
+            false
+        }
+        None => {
+            if ctx.metrics.admission_paused.swap(0, std::sync::atomic::Ordering::Relaxed) == 1 {
+                tracing::info!("room for new sessions' images again: taking new sessions");
+            }
+            r.owed.push(room::Owed { work_id: String::new(), bytes: ctx.room.per_session });
+            true
+        }
+    }
+}
+
+/// Reads the room every few seconds. When what the images may still take no longer fits (the
+/// filesystem was filled by something else), writes would be lost: the sessions owing most are
+/// ended, as failures, until the rest fit.
+async fn watch_room(ctx: Arc<Ctx>, mut shutdown: watch::Receiver<Shutdown>) {
+    if !ctx.room.matters() {
+        return;
+    }
+    use std::sync::atomic::Ordering::Relaxed;
+    loop {
+        let c = ctx.clone();
+        if let Ok(Ok(r)) = tokio::task::spawn_blocking(move || c.room.read()).await {
+            ctx.metrics.state_free_bytes.store(r.free, Relaxed);
+            ctx.metrics.images_owed_bytes.store(r.owed_total(), Relaxed);
+            for o in r.to_end(ctx.room.overcommit()) {
+                let why = format!(
+                    "the worker's state directory has {} free, less than the sessions' images may still take                      ({}); this session's images could lose writes, so it was ended",
+                    crate::util::format_size(r.free),
+                    crate::util::format_size(r.owed_total())
+                );
+                let lease = ctx.active.lock().unwrap_or_else(|p| p.into_inner()).get(&o.work_id).cloned();
+                let Some(lease) = lease else { continue };
+                if ctx.doomed.lock().unwrap_or_else(|p| p.into_inner()).insert(o.work_id.clone(), why.clone()).is_none()
+                {
+                    tracing::error!(work_id = %o.work_id, owed = %crate::util::format_size(o.bytes), reason = %why, "ending a session: no room for its images");
+                    ctx.metrics.sessions_ended_for_room.fetch_add(1, Relaxed);
+                    lease.send_if_modified(|l| {
+                        let raise = *l < lease::Lease::ForceRequested;
+                        if raise {
+                            *l = lease::Lease::ForceRequested;
+                        }
+                        raise
+                    });
+                }
+            }
+            *ctx.room_now.lock().unwrap_or_else(|p| p.into_inner()) = Some(r);
+        }
+        tokio::select! {
+            () = tokio::time::sleep(ROOM_EVERY) => {}
+            r = shutdown.changed() => if r.is_err() || *shutdown.borrow() != Shutdown::Running { return },
+        }
+    }
+}
+
 async fn resume_held(
     ctx: &Arc<Ctx>,
     slots: &Arc<Semaphore>,

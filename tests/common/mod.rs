@@ -5,6 +5,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 
+pub(crate) mod worker;
+
 pub(crate) const STOCKADE: &str = env!("CARGO_BIN_EXE_stockade");
 /// Where tests bind the stockade binary inside jails, to run `__probe` there.
 pub(crate) const JAILED_STOCKADE: &str = "/.stockade/stockade";
