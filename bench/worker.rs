@@ -55,6 +55,7 @@ fn main() {
     std::fs::create_dir_all(&dir).unwrap();
     cp.write_keys(&dir).unwrap();
     let state = dir.join("state");
+    let cgroups_before = stockade_cgroups();
     let mut worker = Command::new(STOCKADE)
         .args(["worker", "--environment-id", DEFAULT_ENVIRONMENT, "--api-url", &url, "--max-sessions", "32"])
         // The bench measures throughput, not disk: its sessions write little.
@@ -162,9 +163,12 @@ fn main() {
         }
     }
     // Soak: items one after another, the worker's RSS after each hundred. Finished items must not
-    // leave state behind, so after warm-up it stays flat. STOCKADE_BENCH_SOAK sets the count.
+    // leave state behind, so after warm-up it stays flat: the slope (least squares over the
+    // hundreds after the first) is reported, and what is left once the worker is gone.
+    // STOCKADE_BENCH_SOAK sets the count.
     let soak: usize = std::env::var("STOCKADE_BENCH_SOAK").ok().and_then(|n| n.parse().ok()).unwrap_or(600);
     let mut line = String::new();
+    let mut points: Vec<(f64, f64)> = Vec::new();
     let t = Instant::now();
     for k in 1..=soak {
         let id = create(vec![call("bash", json!({"command": "true"}))]);
@@ -172,14 +176,71 @@ fn main() {
             std::thread::sleep(Duration::from_millis(2));
         }
         if k % 100 == 0 {
-            line.push_str(&format!(" {k}:{}", status_kib(wpid, "VmRSS:")));
+            let rss = status_kib(wpid, "VmRSS:");
+            line.push_str(&format!(" {k}:{rss}"));
+            if k > 100 {
+                points.push((k as f64, rss as f64));
+            }
         }
     }
+    let took = t.elapsed().as_secs_f64();
     println!(
-        "soak: {soak} items in {:.0} s; worker RSS KiB after each hundred:{line} (idle at start {idle_rss})",
-        t.elapsed().as_secs_f64()
+        "soak: {soak} items in {took:.0} s ({:.1} items/s); worker RSS KiB after each hundred:{line} (idle at start {idle_rss})",
+        soak as f64 / took
     );
+    println!("soak: RSS slope after the first hundred: {:.1} KiB per 100 items", slope(&points) * 100.0);
     let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(wpid as i32), nix::sys::signal::Signal::SIGTERM);
     let _ = worker.wait();
+    // Leftovers: item directories, mounts under the state directory, the worker's processes and
+    // cgroups. Each must be none.
+    let items = std::fs::read_dir(state.join("items")).map(|r| r.count()).unwrap_or(0);
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| l.contains(state.to_str().unwrap()))
+        .count();
+    let procs = children_with(state.to_str().unwrap()).len();
+    let cgroups = stockade_cgroups().difference(&cgroups_before).count();
+    println!("soak: left after the worker's exit: {items} item directories, {mounts} mounts, {procs} processes, {cgroups} cgroups");
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The least-squares slope of y over x.
+fn slope(points: &[(f64, f64)]) -> f64 {
+    let n = points.len() as f64;
+    if n < 2.0 {
+        return 0.0;
+    }
+    let (mx, my) = (points.iter().map(|p| p.0).sum::<f64>() / n, points.iter().map(|p| p.1).sum::<f64>() / n);
+    let num: f64 = points.iter().map(|(x, y)| (x - mx) * (y - my)).sum();
+    let den: f64 = points.iter().map(|(x, _)| (x - mx) * (x - mx)).sum();
+    num / den
+}
+
+/// Every jail cgroup (`stockade-*`, not the supervisor's leaf) in the host's cgroup hierarchies.
+fn stockade_cgroups() -> std::collections::HashSet<std::path::PathBuf> {
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let mut n = std::collections::HashSet::new();
+    for l in mounts.lines() {
+        let Some((pre, post)) = l.split_once(" - ") else { continue };
+        if !post.starts_with("cgroup") {
+            continue;
+        }
+        let Some(mp) = pre.split(' ').nth(4) else { continue };
+        let mut stack = vec![std::path::PathBuf::from(mp)];
+        while let Some(d) = stack.pop() {
+            for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+                if e.file_type().is_ok_and(|t| t.is_dir()) {
+                    let name = e.file_name().to_string_lossy().into_owned();
+                    if name.starts_with("stockade-") && name != "stockade-supervisor" {
+                        n.insert(e.path());
+                    }
+                    if stack.len() < 10_000 {
+                        stack.push(e.path());
+                    }
+                }
+            }
+        }
+    }
+    n
 }
