@@ -776,8 +776,15 @@ mod tests {
 
     #[test]
     fn sse_framing_is_linear_in_the_bytes_received() {
-        // A 10 MB event in 16 KiB chunks, then many small ones: each byte is looked at about once.
-        let event = format!("event: agent.tool_use\ndata: \"{}\"\n\n", "x".repeat(10 << 20));
+        // A 10 MB and a 70 MB event in 16 KiB chunks, then many small ones: each byte is looked
+        // at about once (a rescan per chunk made the 70 MB one never finish).
+        for mib in [10, 70] {
+            sse_framing_of_one_big_event(mib);
+        }
+    }
+
+    fn sse_framing_of_one_big_event(mib: usize) {
+        let event = format!("event: agent.tool_use\ndata: \"{}\"\n\n", "x".repeat(mib << 20));
         let mut small = String::new();
         for i in 0..20_000 {
             small.push_str(&format!("event: ping\ndata: {{\"n\":{i}}}\n\n"));
