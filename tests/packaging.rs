@@ -386,3 +386,30 @@ fn the_readme_names_every_trail_event_the_binary_records() {
     assert_eq!(o.status.code(), Some(2), "{o:?}");
     assert!(String::from_utf8_lossy(&o.stderr).contains(&stockade::session::trail::EVENTS.join(", ")), "{o:?}");
 }
+
+/// What `.ci/run` installs on a fresh machine is what the README's Development section lists as
+/// the suite's prerequisites: a newcomer running `cargo test` by hand learns it from there.
+#[test]
+fn the_readme_lists_every_prerequisite_ci_installs() {
+    let root = env!("CARGO_MANIFEST_DIR");
+    let ci = std::fs::read_to_string(format!("{root}/.ci/run")).unwrap();
+    let readme = std::fs::read_to_string(format!("{root}/README.md")).unwrap();
+    let dev = readme.split("## Development").nth(1).expect("a Development section");
+    let mut named = Vec::new();
+    for (marker, end) in [("apt-get install -y -qq ", [';', ' ', '&']), ("pip install --quiet ", [';', ' ', '\n'])] {
+        for part in ci.split(marker).skip(1) {
+            let pkg: String = part.chars().take_while(|c| !end.contains(c)).collect();
+            if !pkg.starts_with('"') {
+                named.push(pkg);
+            }
+        }
+    }
+    for target in ["x86_64-unknown-linux-musl", "clippy"] {
+        assert!(ci.contains(target), "{target} is no longer in .ci/run: update this test");
+        named.push(target.to_owned());
+    }
+    assert!(named.len() >= 10, "{named:?}");
+    let missing: Vec<&String> = named.iter().filter(|p| !dev.contains(&format!("`{p}`"))).collect();
+    assert!(missing.is_empty(), "installed by .ci/run but not listed in the README's Development section: {missing:?}");
+    assert!(ci.contains("cargo test --locked --no-fail-fast"), "a failing suite must not hide the others");
+}
