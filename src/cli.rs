@@ -38,7 +38,8 @@ struct GlobalArgs {
         display_order = 1000
     )]
     log: LogFormat,
-    /// More output (-v: info, -vv: debug). RUST_LOG overrides.
+    /// More output (-v: info, -vv: debug; worker, webhook and control-plane log at info without
+    /// it, and -v gives them debug). RUST_LOG overrides.
     #[arg(short, long, global = true, action = clap::ArgAction::Count, display_order = 1001)]
     verbose: u8,
 }
@@ -301,7 +302,10 @@ pub(crate) fn main() -> i32 {
         unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
     }
     let log = cli.global.log;
-    init_logging(log, cli.global.verbose);
+    // A service's operators need to see it work: it says at the default level what it started
+    // with, what it claimed and how that ended. A command run by hand says only what went wrong.
+    let service = matches!(cli.command, Command::Worker(_) | Command::Webhook(_) | Command::ControlPlane(_));
+    init_logging(log, cli.global.verbose.saturating_add(u8::from(service)));
     match cli.command {
         Command::Run(args) => cmd_run(args),
         Command::Check { json, policy } => cmd_check(json, policy),

@@ -1723,3 +1723,45 @@ fn a_page_of_millions_of_tiny_events_does_not_blow_up_the_worker() {
     // About twice the body here (125 MiB); the page as one tree of values took ~18 times it.
     assert!(rss_kib < 256 * 1024, "peak RSS {rss_kib} KiB for a ~60 MB page");
 }
+
+/// At the default log level (no -v) a worker says what it started with, each item it claims and
+/// how it ended: an operator sees it work without turning on debugging.
+#[test]
+fn at_the_default_level_the_worker_says_it_started_what_it_claimed_and_how_it_ended() {
+    let cp = Cp::start(Duration::from_secs(30));
+    let state = TempDir::new("w-state");
+    let log = cp.dir.path().join("worker.log");
+    let mut c = Command::new(STOCKADE);
+    c.args(["worker", "--environment-id", DEFAULT_ENVIRONMENT, "--api-url", &cp.url, "--state-dir"])
+        .arg(state.path())
+        .args(["--max-idle", "1s", "--environment-key-file"])
+        .arg(cp.key_file())
+        .env_remove("ANTHROPIC_API_KEY")
+        .env_remove("RUST_LOG")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::from(std::fs::File::create(&log).unwrap()));
+    let mut w = Worker { child: c.spawn().unwrap() };
+    let (s, work) = cp.session(vec![bash("echo seen")]);
+    let v = cp.wait_ended(&s, Duration::from_secs(30));
+    assert!(completed(&v), "{v:#?}");
+    // The end is logged after the item is stopped: wait for the line, then stop the worker.
+    let ended =
+        || std::fs::read_to_string(&log).unwrap().lines().any(|l| l.contains("session ended") && l.contains(&work));
+    cp.wait_for("the end in the log", Duration::from_secs(10), ended);
+    assert!(w.sigterm().success());
+    let text = std::fs::read_to_string(&log).unwrap();
+    let line = |needle: &str| {
+        text.lines().find(|l| l.contains(needle)).unwrap_or_else(|| panic!("no {needle:?} in:\n{text}")).to_owned()
+    };
+    let start = line("worker starting");
+    assert!(
+        start.contains("policy=default") && start.contains(&format!("state_dir={}", state.path().display())),
+        "{start}"
+    );
+    assert!(line("taking work").contains("slots="), "{text}");
+    assert!(line("claimed").contains(&work), "{text}");
+    assert!(line("session ended").contains("completed"), "{text}");
+    // Nothing of debug level.
+    assert!(!text.contains("DEBUG"), "{text}");
+}

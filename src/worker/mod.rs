@@ -270,6 +270,7 @@ async fn context(cfg: &WorkerConfig) -> Result<Arc<Ctx>, WorkerError> {
         api = %cfg.api_url,
         policy = %cfg.policy,
         max_sessions = cfg.max_sessions,
+        state_dir = %cfg.state_dir.display(),
         "worker starting"
     );
     Ok(Arc::new(Ctx {
@@ -391,7 +392,9 @@ pub async fn run(cfg: WorkerConfig, mut shutdown: watch::Receiver<Shutdown>) -> 
     if ctx.key_source.as_ref().is_some_and(|s| key::reread(s).is_some()) {
         tokio::spawn(watch_key(ctx.clone(), shutdown.clone()));
     }
-    let slots = Arc::new(Semaphore::new(session_slots(&ctx, cfg.max_sessions.max(1))?));
+    let n = session_slots(&ctx, cfg.max_sessions.max(1))?;
+    tracing::info!(slots = n, "taking work: up to {n} sessions at a time");
+    let slots = Arc::new(Semaphore::new(n));
     tokio::spawn(watch_room(ctx.clone(), shutdown.clone()));
     let mut tasks = tokio::task::JoinSet::new();
     resume_held(&ctx, &slots, &mut tasks, &inner).await;

@@ -47,10 +47,12 @@ class ControlPlane:
         self.dir = tempfile.TemporaryDirectory(prefix="stockade-sdk-")
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        # Its log goes to a file: it logs as a service does, and a pipe nobody reads would fill.
+        self.log = Path(self.dir.name, "control-plane.log")
         self.proc = subprocess.Popen(
             [STOCKADE, "control-plane", "--listen", f"127.0.0.1:{self.port}", "--state", self.dir.name,
              "--lease", lease, *(extra or [])],
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+            stdout=subprocess.DEVNULL, stderr=open(self.log, "wb"),
         )
         deadline = time.time() + 20
         while True:
@@ -58,7 +60,7 @@ class ControlPlane:
                 socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
                 break
             except OSError:
-                assert self.proc.poll() is None, self.proc.stderr.read().decode()
+                assert self.proc.poll() is None, self.log.read_text()
                 assert time.time() < deadline, "control plane did not start"
                 time.sleep(0.05)
         self.env_key = Path(self.dir.name, f"{ENV}.key").read_text().strip()
