@@ -139,6 +139,20 @@ fn the_systemd_unit_uses_a_credential_and_real_flags() {
     {
         assert!(unit.contains(want), "{want}");
     }
+    // A configuration error is not restarted forever: the worker exits 2 for one, and the unit
+    // does not restart on 2 (nor more than five times in ten minutes on anything else).
+    assert!(unit.contains("RestartPreventExitStatus=2"), "{unit}");
+    assert!(unit.contains("StartLimitBurst=5") && unit.contains("StartLimitIntervalSec=600"), "{unit}");
+    let state = std::env::temp_dir().join(format!("stockade-unit-test-{}", std::process::id()));
+    let o = Command::new(STOCKADE)
+        .args(["worker", "--environment-id", "env_x", "--api-url", "http://127.0.0.1:9", "--environment-key", "k"])
+        .args(["--policy", "/nonexistent/policy.toml", "--state-dir"])
+        .arg(&state)
+        .env_remove("ANTHROPIC_API_KEY")
+        .output()
+        .unwrap();
+    let _ = std::fs::remove_dir_all(&state);
+    assert_eq!(o.status.code(), Some(2), "{}", String::from_utf8_lossy(&o.stderr));
     // The score the README states, where systemd-analyze can compute it offline.
     if !tool_present("systemd-analyze") {
         return skip("systemd-analyze is not installed (Debian: systemd); the unit's exposure score was not checked");
