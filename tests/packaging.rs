@@ -255,11 +255,20 @@ fn man_pages_cover_every_subcommand_and_the_policy_format() {
     let dir = TempDir::new("man");
     let out = Command::new(STOCKADE).args(["man", "--out"]).arg(dir.path()).output().unwrap();
     assert!(out.status.success(), "{out:?}");
-    let names: std::collections::BTreeSet<String> = std::fs::read_dir(dir.path())
+    // An installable tree: man1/ and man5/, nothing else.
+    let sections: std::collections::BTreeSet<String> = std::fs::read_dir(dir.path())
         .unwrap()
         .flatten()
         .map(|e| e.file_name().to_string_lossy().into_owned())
         .collect();
+    assert_eq!(sections, ["man1", "man5"].map(String::from).into(), "{sections:?}");
+    let names: std::collections::BTreeSet<String> = sections
+        .iter()
+        .flat_map(|s| std::fs::read_dir(dir.path().join(s)).unwrap().flatten())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(names.iter().all(|n| n.ends_with(".1") || n == "stockade.toml.5"), "{names:?}");
+    let page_path = |n: &str| dir.path().join(if n.ends_with(".5") { "man5" } else { "man1" }).join(n);
     for want in [
         "stockade.1",
         "stockade-run.1",
@@ -274,22 +283,30 @@ fn man_pages_cover_every_subcommand_and_the_policy_format() {
     }
     assert!(!names.iter().any(|n| n.contains("__probe") || n.contains("help")), "{names:?}");
     for n in names.iter().filter(|n| n.ends_with(".1")) {
-        let text = std::fs::read_to_string(dir.path().join(n)).unwrap();
+        let text = std::fs::read_to_string(page_path(n)).unwrap();
         for section in
             [".SH NAME", ".SH SYNOPSIS", ".SH \"EXIT STATUS\"", ".SH ENVIRONMENT", ".SH FILES", ".SH EXAMPLES"]
         {
             assert!(text.contains(section), "{n}: no {section}");
         }
     }
-    let worker = std::fs::read_to_string(dir.path().join("stockade-worker.1")).unwrap();
+    let worker = std::fs::read_to_string(page_path("stockade-worker.1")).unwrap();
     assert!(worker.contains("ANTHROPIC_ENVIRONMENT_KEY") && worker.contains("stockade\\-worker\\-run(1)"), "{worker}");
     if !tool_present("man") {
         skip("man is not installed (Debian: man-db); the pages were not rendered");
     } else {
-        for n in ["stockade-policy-show.1", "stockade.toml.5"] {
-            let r = Command::new("man").arg("-l").arg(dir.path().join(n)).env("MANWIDTH", "80").output().unwrap();
+        // Found by name in the tree, as an installed page is.
+        for (section, n) in [("1", "stockade-policy-show"), ("5", "stockade.toml")] {
+            let r = Command::new("man")
+                .arg("-M")
+                .arg(dir.path())
+                .args([section, n])
+                .env("MANWIDTH", "80")
+                .env("MANPAGER", "cat")
+                .output()
+                .unwrap();
             let text = String::from_utf8_lossy(&r.stdout);
-            assert!(r.status.success() && text.contains("EXIT STATUS") || n.ends_with(".5"), "{n}: {r:?}");
+            assert!(r.status.success() && (text.contains("EXIT STATUS") || section == "5"), "{n}: {r:?}");
             assert!(!String::from_utf8_lossy(&r.stderr).contains("warning"), "{n}: {r:?}");
         }
     }

@@ -132,14 +132,19 @@ pub(super) fn pages(root: &clap::Command) -> std::io::Result<Vec<(String, Vec<u8
 }
 
 /// Writes every page into `dir`; returns their names.
+/// Writes every page into an installable tree under `dir`: `man1/NAME.1`, `man5/NAME.5` (so
+/// `stockade man --out /usr/local/share/man` installs them, and `man -M DIR` reads them).
+/// Returns the paths written, relative to `dir`.
 pub(super) fn write_all(root: &clap::Command, dir: &Path) -> std::io::Result<Vec<String>> {
-    std::fs::create_dir_all(dir)?;
-    let mut names = Vec::new();
+    let mut written = Vec::new();
     for (name, text) in pages(root)? {
-        std::fs::write(dir.join(&name), text)?;
-        names.push(name);
+        let section = name.rsplit('.').next().unwrap_or("1");
+        let sub = dir.join(format!("man{section}"));
+        std::fs::create_dir_all(&sub)?;
+        std::fs::write(sub.join(&name), text)?;
+        written.push(format!("man{section}/{name}"));
     }
-    Ok(names)
+    Ok(written)
 }
 
 const POLICY_PAGE: &str = r#".TH stockade.toml 5 "" "stockade" "File Formats"

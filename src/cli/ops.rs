@@ -540,9 +540,9 @@ pub(super) fn worker(a: WorkerArgs, wake: Option<Arc<Notify>>, log: LogFormat) -
             Ok(()) => 0,
             // What the operator must change before a restart can help: the usage status, which
             // the systemd unit does not restart on.
-            Err(e @ (worker::WorkerError::Policy(_) | worker::WorkerError::Workdir(_) | worker::WorkerError::Disk(..))) => {
-                usage(e)
-            }
+            Err(
+                e @ (worker::WorkerError::Policy(_) | worker::WorkerError::Workdir(_) | worker::WorkerError::Disk(..)),
+            ) => usage(e),
             Err(e) => fail(e),
         }
     })
