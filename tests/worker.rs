@@ -1431,6 +1431,22 @@ fn the_worker_keeps_and_ships_an_audit_trail_of_each_session() {
     let o = Command::new(STOCKADE).args(["trail", "sesn_nope", "--state-dir"]).arg(state.path()).output().unwrap();
     assert_eq!(o.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&o.stderr).contains("no trail of `sesn_nope`"));
+    // Without an id: the list of trails, this one with its end.
+    let o = Command::new(STOCKADE).args(["trail", "--state-dir"]).arg(state.path()).output().unwrap();
+    assert!(o.status.success(), "{o:?}");
+    let list = String::from_utf8(o.stdout).unwrap();
+    assert!(list.starts_with("SESSION "), "{list}");
+    let row = list.lines().find(|l| l.starts_with(s.as_str())).unwrap_or_else(|| panic!("{s} not listed: {list}"));
+    assert!(row.contains(&work) && row.contains("completed"), "{row}");
+    let o =
+        Command::new(STOCKADE).args(["trail", "--format", "json", "--state-dir"]).arg(state.path()).output().unwrap();
+    let rows: Vec<serde_json::Value> =
+        String::from_utf8(o.stdout).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert!(
+        rows.iter()
+            .any(|r| r["session_id"] == s.as_str() && r["work_id"] == work.as_str() && r["bytes"].as_u64() > Some(0)),
+        "{rows:?}"
+    );
 }
 
 fn sha256_hex(b: &[u8]) -> String {

@@ -221,8 +221,9 @@ pub(super) enum TrailFormat {
 
 #[derive(Args)]
 pub(super) struct TrailArgs {
-    /// A session id (sesn_…), a work item id, or a trail file.
-    session: String,
+    /// A session id (sesn_…), a work item id, or a trail file; without one, every trail in the
+    /// state directory is listed: session, work item, start, end, size.
+    session: Option<String>,
     /// The worker's state directory [default: /var/lib/stockade as root, else
     /// $XDG_STATE_HOME/stockade].
     #[arg(long, value_name = "DIR")]
@@ -238,9 +239,9 @@ pub(super) struct TrailArgs {
 
 /// The trail files a `stockade trail` argument names: the file itself, or every trail under the
 /// state directory whose name has the session or work id (a session claimed twice has two).
-fn trail_files(a: &TrailArgs) -> Result<Vec<PathBuf>, String> {
-    let as_path = PathBuf::from(&a.session);
-    if a.session.contains('/') || a.session.ends_with(".jsonl") {
+fn trail_files(a: &TrailArgs, session: &str) -> Result<Vec<PathBuf>, String> {
+    let as_path = PathBuf::from(session);
+    if session.contains('/') || session.ends_with(".jsonl") {
         return match as_path.is_file() {
             true => Ok(vec![as_path]),
             false => Err(format!("{}: no such trail file", as_path.display())),
@@ -253,14 +254,63 @@ fn trail_files(a: &TrailArgs) -> Result<Vec<PathBuf>, String> {
         .map(|e| e.path())
         .filter(|p| {
             let n = p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-            n.ends_with(".jsonl") && n.trim_end_matches(".jsonl").split('-').any(|part| part == a.session)
+            n.ends_with(".jsonl") && n.trim_end_matches(".jsonl").split('-').any(|part| part == session)
         })
         .collect();
     v.sort();
     if v.is_empty() {
-        return Err(format!("no trail of `{}` in {}", a.session, dir.display()));
+        return Err(format!("no trail of `{session}` in {}", dir.display()));
     }
     Ok(v)
+}
+
+/// `stockade trail` alone: a line per trail in the state directory, oldest first, from its first
+/// and last records only (a trail may be large).
+fn list_trails(a: &TrailArgs) -> i32 {
+    use std::io::Write;
+    let dir = a.state_dir.clone().unwrap_or_else(default_state_dir).join("trails");
+    let rd = match std::fs::read_dir(&dir) {
+        Ok(rd) => rd,
+        Err(e) => return fail(format!("{}: {e}", dir.display())),
+    };
+    let mut rows: Vec<serde_json::Value> = Vec::new();
+    for p in rd.flatten().map(|e| e.path()).filter(|p| p.extension().is_some_and(|x| x == "jsonl")) {
+        let (first, last) = stockade::session::trail::ends(&p);
+        let size = std::fs::metadata(&p).map(|m| m.len()).unwrap_or(0);
+        let field = |r: &Option<serde_json::Value>, k: &str| r.as_ref().and_then(|r| r[k].as_str()).map(str::to_owned);
+        let ended = last.as_ref().filter(|r| r["event"] == "session_end");
+        rows.push(serde_json::json!({
+            "session_id": field(&first, "session_id"),
+            "work_id": field(&first, "work_id"),
+            "started": field(&first, "ts"),
+            "ended": ended.and_then(|r| r["ts"].as_str()),
+            "end": ended.and_then(|r| r["reason"].as_str()),
+            "bytes": size,
+            "file": p.display().to_string(),
+        }));
+    }
+    rows.sort_by(|x, y| x["started"].as_str().cmp(&y["started"].as_str()));
+    let mut out = std::io::stdout().lock();
+    let s = |r: &serde_json::Value, k: &str| r[k].as_str().unwrap_or("-").to_owned();
+    let r = match a.format {
+        TrailFormat::Json => rows.iter().try_for_each(|r| writeln!(out, "{r}")),
+        TrailFormat::Table => writeln!(out, "{:<24} {:<24} {:<24} {:>10}  END", "SESSION", "WORK", "STARTED", "BYTES")
+            .and_then(|()| {
+                rows.iter().try_for_each(|r| {
+                    let end = if r["end"].is_null() { "(no end recorded)".to_owned() } else { s(r, "end") };
+                    writeln!(
+                        out,
+                        "{:<24} {:<24} {:<24} {:>10}  {end}",
+                        s(r, "session_id"),
+                        s(r, "work_id"),
+                        s(r, "started"),
+                        r["bytes"]
+                    )
+                })
+            }),
+    };
+    let _ = r; // a reader that went away is not an error
+    0
 }
 
 pub(super) fn trail(a: TrailArgs) -> i32 {
@@ -269,7 +319,8 @@ pub(super) fn trail(a: TrailArgs) -> i32 {
     if let Some(bad) = a.event.iter().find(|e| !known.contains(&e.as_str())) {
         return usage(format!("--event: unknown event `{bad}`; known: {}", known.join(", ")));
     }
-    let files = match trail_files(&a) {
+    let Some(session) = a.session.as_deref() else { return list_trails(&a) };
+    let files = match trail_files(&a, session) {
         Ok(f) => f,
         Err(e) => return fail(e),
     };

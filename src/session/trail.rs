@@ -369,6 +369,20 @@ pub fn read(path: &Path) -> std::io::Result<Vec<Value>> {
         .collect())
 }
 
+/// The first and the last record of a trail file, read from its two ends only.
+pub fn ends(path: &Path) -> (Option<Value>, Option<Value>) {
+    use std::io::{BufRead, Read, Seek, SeekFrom};
+    let Ok(mut f) = std::fs::File::open(path) else { return (None, None) };
+    let mut first = String::new();
+    let _ = std::io::BufReader::new(&mut f).take(1 << 20).read_line(&mut first);
+    let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+    let mut tail = Vec::new();
+    let _ = f.seek(SeekFrom::Start(len.saturating_sub(64 << 10))).and_then(|_| f.read_to_end(&mut tail));
+    let last =
+        tail.split(|b| *b == b'\n').filter(|l| !l.is_empty()).next_back().and_then(|l| serde_json::from_slice(l).ok());
+    (serde_json::from_str(first.trim_end()).ok(), last)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
