@@ -158,7 +158,8 @@ enum Command {
 /// Where a jail's policy, workspace and outputs come from (run and session).
 #[derive(Args)]
 struct JailArgs {
-    /// Policy file, or a built-in name (default, strict, ci).
+    /// Policy file, or a built-in name (default, strict, ci) [default: $STOCKADE_POLICY, then
+    /// /etc/stockade/policy.toml if it exists, then the built-in default].
     #[arg(long, short = 'p')]
     policy: Option<String>,
     /// Host directory mounted read-write at /workspace (default: an empty tmpfs).
@@ -227,7 +228,8 @@ enum ProbeFormat {
 
 #[derive(Args)]
 struct ProbeArgs {
-    /// Policy file or built-in name (default: the built-in default policy).
+    /// Policy file or built-in name [default: $STOCKADE_POLICY, then /etc/stockade/policy.toml if
+    /// it exists, then the built-in default].
     #[arg(long, short = 'p')]
     policy: Option<String>,
     /// Report format: a table for people, JSON, or JUnit XML for CI.
@@ -375,7 +377,32 @@ fn usage(msg: impl std::fmt::Display) -> i32 {
 }
 
 fn load_policy(spec: Option<&str>) -> Result<Policy, i32> {
-    policy::load(spec).map(|(p, _)| p).map_err(usage)
+    let from_env = spec.is_none() && std::env::var_os(POLICY_ENV).is_some_and(|v| !v.is_empty());
+    policy::load(policy_spec(spec).as_deref()).map(|(p, _)| p).map_err(|e| {
+        if from_env {
+            usage(format!("${POLICY_ENV}: {e}"))
+        } else {
+            usage(e)
+        }
+    })
+}
+
+/// The variable naming the policy a command uses when it is given no --policy.
+pub(crate) const POLICY_ENV: &str = "STOCKADE_POLICY";
+/// The host's own default policy, when it has one.
+pub(crate) const SYSTEM_POLICY: &str = "/etc/stockade/policy.toml";
+
+/// The policy a command uses: --policy; else $STOCKADE_POLICY; else /etc/stockade/policy.toml
+/// when it exists; else (None) the built-in default.
+pub(crate) fn policy_spec(explicit: Option<&str>) -> Option<String> {
+    resolve_policy_spec(explicit, std::env::var(POLICY_ENV).ok(), std::path::Path::new(SYSTEM_POLICY))
+}
+
+fn resolve_policy_spec(explicit: Option<&str>, env: Option<String>, system: &std::path::Path) -> Option<String> {
+    explicit
+        .map(str::to_owned)
+        .or_else(|| env.filter(|v| !v.is_empty()))
+        .or_else(|| system.is_file().then(|| system.display().to_string()))
 }
 
 fn jail_exit_code(e: &JailError) -> i32 {
@@ -724,9 +751,9 @@ fn cmd_probe(a: ProbeArgs) -> i32 {
         Err(e) => return fail(format!("locating the stockade binary: {e}")),
     };
     // Input errors first: they get the usage status, a battery that could not run gets 1.
-    if let Err(e) = policy::load(a.policy.as_deref())
-        .map_err(harness::HarnessError::from)
-        .and_then(|_| harness::check_only(&a.only))
+    let spec = if a.control { None } else { policy_spec(a.policy.as_deref()) };
+    if let Err(e) =
+        policy::load(spec.as_deref()).map_err(harness::HarnessError::from).and_then(|_| harness::check_only(&a.only))
     {
         return usage(e);
     }
@@ -736,7 +763,7 @@ fn cmd_probe(a: ProbeArgs) -> i32 {
             Err(e) => return fail(e),
         }
     } else {
-        let opts = harness::Options { policy: a.policy.clone(), only: a.only.clone(), exe };
+        let opts = harness::Options { policy: spec, only: a.only.clone(), exe };
         match harness::run(&opts) {
             Ok(b) => (b, harness::Expect::Blocked { except: &a.expect_fail }),
             Err(e) => return fail(e),
@@ -777,6 +804,22 @@ fn cmd_man(out: Option<&std::path::Path>) -> i32 {
 mod tests {
     use super::*;
     use clap::CommandFactory;
+
+    #[test]
+    fn the_policy_is_the_flag_then_the_variable_then_the_system_file_then_the_built_in() {
+        let dir = std::env::temp_dir().join(format!("stockade-policy-spec-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let system = dir.join("policy.toml");
+        let r = resolve_policy_spec;
+        assert_eq!(r(None, None, &system), None, "no system file: the built-in default");
+        std::fs::write(&system, "extends = \"strict\"\n").unwrap();
+        assert_eq!(r(None, None, &system).as_deref(), Some(system.to_str().unwrap()));
+        assert_eq!(r(None, Some("ci".into()), &system).as_deref(), Some("ci"));
+        let empty = r(None, Some(String::new()), &system);
+        assert_eq!(empty.as_deref(), Some(system.to_str().unwrap()), "an empty variable is unset");
+        assert_eq!(r(Some("default"), Some("ci".into()), &system).as_deref(), Some("default"));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 
     fn walk(cmd: &clap::Command, path: &str, missing: &mut Vec<String>) {
         for a in cmd.get_arguments() {

@@ -1070,6 +1070,35 @@ fn the_sweep_never_touches_a_cgroup_that_holds_processes() {
     assert!(!foreign.exists(), "an empty leftover stayed");
 }
 
+/// Without --policy, a command uses $STOCKADE_POLICY (then /etc/stockade/policy.toml, then the
+/// built-in default: see the unit test of that order); a bad one is a usage error that says where
+/// the name came from.
+#[test]
+fn the_default_policy_comes_from_stockade_policy() {
+    let run = |env: &str| {
+        Command::new(STOCKADE)
+            .args(["run", "--report", "--", "/bin/true"])
+            .env("STOCKADE_POLICY", env)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap()
+    };
+    let o = run("strict");
+    assert!(o.status.success(), "{o:?}");
+    assert!(String::from_utf8_lossy(&o.stderr).contains("confined by policy builtin:strict"), "{o:?}");
+    let o = run("strct");
+    assert_eq!(o.status.code(), Some(2), "{o:?}");
+    assert!(String::from_utf8_lossy(&o.stderr).contains("$STOCKADE_POLICY: "), "{o:?}");
+    // --policy wins over the variable.
+    let o = Command::new(STOCKADE)
+        .args(["run", "--report", "--policy", "ci", "--", "/bin/true"])
+        .env("STOCKADE_POLICY", "strct")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&o.stderr).contains("confined by policy builtin:ci"), "{o:?}");
+}
+
 /// A policy file without `extends` starts from nothing: that is said, unless written on purpose.
 #[test]
 fn a_policy_without_extends_is_warned_about() {

@@ -79,9 +79,10 @@ pub(super) struct WorkerCommon {
     /// work item is stopped.
     #[arg(long, default_value = "60s", value_parser = duration)]
     max_idle: Duration,
-    /// Policy file or built-in name for every session jail.
-    #[arg(long, short = 'p', default_value = "default")]
-    policy: String,
+    /// Policy file or built-in name for every session jail [default: $STOCKADE_POLICY, then
+    /// /etc/stockade/policy.toml if it exists, then the built-in default].
+    #[arg(long, short = 'p')]
+    policy: Option<String>,
     /// Sessions run at once (fewer, said at start, when the state directory cannot back their
     /// size-limited images; see --image-overcommit).
     #[arg(long, default_value_t = 8)]
@@ -555,7 +556,7 @@ fn worker_config_with(a: &WorkerCommon, log: LogFormat, k: Secret) -> Result<Wor
     let mut c = WorkerConfig::new(&a.environment_id, &a.base_url, k);
     c.worker_id = a.worker_id.clone();
     c.max_idle = a.max_idle;
-    c.policy = a.policy.clone();
+    c.policy = super::policy_spec(a.policy.as_deref()).unwrap_or_else(|| "default".into());
     c.max_sessions = a.max_sessions;
     c.image_overcommit = a.image_overcommit;
     c.state_dir = a.state_dir.clone().unwrap_or_else(default_state_dir);
