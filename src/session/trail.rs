@@ -378,8 +378,7 @@ pub fn ends(path: &Path) -> (Option<Value>, Option<Value>) {
     let len = f.metadata().map(|m| m.len()).unwrap_or(0);
     let mut tail = Vec::new();
     let _ = f.seek(SeekFrom::Start(len.saturating_sub(64 << 10))).and_then(|_| f.read_to_end(&mut tail));
-    let last =
-        tail.split(|b| *b == b'\n').filter(|l| !l.is_empty()).next_back().and_then(|l| serde_json::from_slice(l).ok());
+    let last = tail.split(|b| *b == b'\n').rfind(|l| !l.is_empty()).and_then(|l| serde_json::from_slice(l).ok());
     (serde_json::from_str(first.trim_end()).ok(), last)
 }
 
