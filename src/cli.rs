@@ -655,8 +655,10 @@ fn cmd_policy(c: PolicyCommand) -> i32 {
                     println!("{s}");
                     0
                 }
+                // Everything is resolved, so it extends nothing: saved to a file, it loads back as
+                // the same policy, without the warning a policy with no `extends` gets.
                 Ok(s) => {
-                    println!("# resolved from {}\n{s}", p.source);
+                    println!("# resolved from {}\nextends = \"none\"\n{s}", p.source);
                     0
                 }
                 Err(e) => fail(e),

@@ -774,6 +774,19 @@ fn policy_show_resolves_extends() {
     let o = Command::new(STOCKADE).args(["policy", "show", p.to_str().unwrap(), "--json"]).output().unwrap();
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("policy show --json prints only JSON");
     assert_eq!(v["hostname"], "shown");
+    // What it prints loads back as the same policy, silently.
+    let d = TempDir::new("policy-show");
+    let saved = d.path().join("saved.toml");
+    std::fs::write(&saved, &s).unwrap();
+    let o = Command::new(STOCKADE).args(["policy", "show", saved.to_str().unwrap(), "--json"]).output().unwrap();
+    assert!(o.status.success() && o.stderr.is_empty(), "{o:?}");
+    let mut again: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let mut first = v.clone();
+    // Only where it came from differs.
+    for x in [&mut again, &mut first] {
+        x.as_object_mut().unwrap().remove("source");
+    }
+    assert_eq!(again, first);
 }
 
 /// A reader that stops early (`| head`) ends the listing quietly: no panic, no backtrace.
