@@ -843,6 +843,9 @@ fn rootless_jail_as_an_unprivileged_user() {
     assert!(lines[2].ends_with("0000000000000000"));
     assert_eq!(lines[3], "ws-ok");
     assert!(r.stderr.contains("NOT applied"), "best_effort reports the skipped cgroup limits: {r:?}");
+    // And says so in the log, once for each of the default's three limits, report or not.
+    let warned = r.stderr.lines().filter(|l| l.contains("WARN") && l.contains("a limit was not applied")).count();
+    assert_eq!(warned, 3, "{r:?}");
 
     // With the default (hard) enforcement, missing cgroup delegation is a refusal, not a silent run.
     let (_d2, hard) = policy("default", "[network]\nmode = \"none\"");

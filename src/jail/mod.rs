@@ -404,6 +404,11 @@ impl Jail {
         let Some(l) = cg.layout.as_mut() else { return Ok(None) };
         l.add_v1();
         let (made, r) = JailCgroup::create(cgroups::Kernel, l, &cg.name, &cg.limits)?;
+        // A weaker jail than the policy reads is said, once per limit, whether or not a report
+        // was asked for.
+        for why in &r.skipped {
+            tracing::warn!(reason = %why, "limits.enforcement = \"best_effort\": a limit was not applied");
+        }
         self.cgroup = made;
         self.report.cgroup = r;
         self.cgroup.as_ref().map(JailCgroup::entry).transpose()
