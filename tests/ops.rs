@@ -236,3 +236,37 @@ fn exit_statuses_follow_the_documented_table() {
         assert_eq!(out.status.code(), Some(125), "a jail the host cannot build");
     }
 }
+
+/// Every subcommand that talks to an API takes its address the same way: `--base-url` (alias
+/// `--api-url`), else $ANTHROPIC_BASE_URL.
+#[test]
+fn every_api_subcommand_takes_base_url_and_anthropic_base_url() {
+    let commands: &[&[&str]] = &[
+        &["worker"],
+        &["worker", "run"],
+        &["webhook"],
+        &["stats"],
+        &["stop"],
+        &["work", "show"],
+        &["control-plane", "session", "create"],
+        &["control-plane", "session", "show"],
+    ];
+    for c in commands {
+        let o = Command::new(STOCKADE).args(*c).arg("--help").output().unwrap();
+        let help = String::from_utf8_lossy(&o.stdout);
+        assert!(
+            help.contains("--base-url <URL>") && help.contains("ANTHROPIC_BASE_URL") && help.contains("--api-url"),
+            "stockade {}: {help}",
+            c.join(" ")
+        );
+    }
+    // The variable is read: an unreachable address from it is the error's.
+    let o = Command::new(STOCKADE)
+        .args(["stats", "--environment-id", "env_x"])
+        .env("ANTHROPIC_BASE_URL", "http://127.0.0.1:9")
+        .env("ANTHROPIC_API_KEY", "k")
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("127.0.0.1:9"), "{o:?}");
+}

@@ -61,7 +61,7 @@ pub(super) struct WorkerCommon {
     #[arg(long, env = "ANTHROPIC_ENVIRONMENT_ID")]
     environment_id: String,
     /// API base URL.
-    #[arg(long, visible_alias = "api-url", env = "ANTHROPIC_BASE_URL", default_value = wire::DEFAULT_API_URL)]
+    #[arg(long, visible_alias = "api-url", value_name = "URL", env = "ANTHROPIC_BASE_URL", default_value = wire::DEFAULT_API_URL)]
     base_url: String,
     /// File holding the environment key (mode 0600). Otherwise the systemd credential
     /// `anthropic-environment-key`, then $ANTHROPIC_ENVIRONMENT_KEY.
@@ -167,8 +167,14 @@ pub(super) struct ControlPlaneArgs {
 
 #[derive(Args)]
 struct OrgAccess {
-    /// API base URL.
-    #[arg(long, default_value = "http://127.0.0.1:8787")]
+    /// API base URL (the local control plane's by default).
+    #[arg(
+        long = "base-url",
+        visible_alias = "api-url",
+        value_name = "URL",
+        env = "ANTHROPIC_BASE_URL",
+        default_value = "http://127.0.0.1:8787"
+    )]
     api_url: String,
     /// File holding the organisation key; otherwise $ANTHROPIC_API_KEY.
     #[arg(long)]
@@ -401,7 +407,7 @@ pub(super) struct StatsArgs {
     #[arg(long, env = "ANTHROPIC_ENVIRONMENT_ID")]
     environment_id: String,
     /// API base URL.
-    #[arg(long, default_value = wire::DEFAULT_API_URL)]
+    #[arg(long = "base-url", visible_alias = "api-url", value_name = "URL", env = "ANTHROPIC_BASE_URL", default_value = wire::DEFAULT_API_URL)]
     api_url: String,
     /// File holding the organisation key; otherwise $ANTHROPIC_API_KEY.
     #[arg(long)]
@@ -457,7 +463,7 @@ enum WorkListOrShow {
 #[derive(Args)]
 struct ApiAccess {
     /// API base URL.
-    #[arg(long, visible_alias = "base-url", env = "ANTHROPIC_BASE_URL", default_value = wire::DEFAULT_API_URL)]
+    #[arg(long = "base-url", visible_alias = "api-url", value_name = "URL", env = "ANTHROPIC_BASE_URL", default_value = wire::DEFAULT_API_URL)]
     api_url: String,
     /// File holding the organisation key; otherwise $ANTHROPIC_API_KEY.
     #[arg(long)]
@@ -476,7 +482,7 @@ pub(super) struct StopArgs {
     #[arg(long)]
     force: bool,
     /// API base URL.
-    #[arg(long, default_value = wire::DEFAULT_API_URL)]
+    #[arg(long = "base-url", visible_alias = "api-url", value_name = "URL", env = "ANTHROPIC_BASE_URL", default_value = wire::DEFAULT_API_URL)]
     api_url: String,
     /// File holding the organisation key; otherwise $ANTHROPIC_API_KEY.
     #[arg(long)]
