@@ -137,20 +137,10 @@ pub fn run(opts: &Options) -> Result<Battery, HarnessError> {
     );
     std::fs::write(&file, text).map_err(setup(file.display()))?;
     let ctx = serde_json::to_string(&targets.ctx).expect("serialises");
-    let secret = crate::control_plane::random_token("planted-");
-    let child = Command::new(&exe)
-        .arg("run")
-        .arg("--policy")
-        .arg(&file)
-        .args(["--", JAILED_EXE, "__probe", "--battery", "--ctx", &ctx])
-        .args(&ids)
-        .env(PLANTED_ENV, &secret)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .map_err(setup("starting the jail"))?;
-    let out = child.wait_with_output().map_err(setup("running the jail"))?;
+    let file = file.display().to_string();
+    let out = battery(&exe, &["run", "--policy", &file, "--", JAILED_EXE, "__probe", "--battery", "--ctx", &ctx], &ids)
+        .output()
+        .map_err(setup("running the jail"))?;
     let _ = std::fs::remove_dir_all(&dir);
     drop(targets);
     collect(out, &ids, policy.source.clone())
@@ -167,18 +157,23 @@ pub fn run_control(only: &[String], exe: &Path) -> Result<Battery, HarnessError>
     let mut targets = Targets::new(&policy)?;
     super::control::pretend_limits(&mut targets.ctx);
     let ctx = serde_json::to_string(&targets.ctx).expect("serialises");
-    let secret = crate::control_plane::random_token("planted-");
-    let out = Command::new(exe)
-        .args(["__probe", "--battery", "--ctx", &ctx])
-        .args(&ids)
-        .env(PLANTED_ENV, &secret)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .output()
-        .map_err(setup("starting the control"))?;
+    let out =
+        battery(exe, &["__probe", "--battery", "--ctx", &ctx], &ids).output().map_err(setup("running the control"))?;
     drop(targets);
     collect(out, &ids, "the positive control (no jail; every probe must escape)".into())
+}
+
+/// The battery's process: `args`, then the probe ids, with a fresh secret planted in its
+/// environment for `proc-env-secret` to look for.
+fn battery(exe: &Path, args: &[&str], ids: &[String]) -> Command {
+    let mut c = Command::new(exe);
+    c.args(args)
+        .args(ids)
+        .env(PLANTED_ENV, crate::control_plane::random_token("planted-"))
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit());
+    c
 }
 
 fn selected(only: &[String]) -> Vec<String> {
