@@ -578,11 +578,20 @@ async fn watch_room(ctx: Arc<Ctx>, mut shutdown: watch::Receiver<Shutdown>) {
         if let Ok(Ok(r)) = tokio::task::spawn_blocking(move || c.room.read()).await {
             ctx.metrics.state_free_bytes.store(r.free, Relaxed);
             ctx.metrics.images_owed_bytes.store(r.owed_total(), Relaxed);
-            for o in r.to_end(ctx.room.overcommit()) {
+            // Only mounted images, the live sessions', can lose writes; a lost item's stay
+            // unmounted until it is handed back (and admitted like a new one).
+            let active: std::collections::HashSet<String> =
+                ctx.active.lock().unwrap_or_else(|p| p.into_inner()).keys().cloned().collect();
+            let live = room::Reading {
+                free: r.free,
+                owed: r.owed.iter().filter(|o| active.contains(&o.work_id)).cloned().collect(),
+            };
+            for o in live.to_end(ctx.room.overcommit()) {
                 let why = format!(
-                    "the worker's state directory has {} free, less than the sessions' images may still take                      ({}); this session's images could lose writes, so it was ended",
-                    crate::util::format_size(r.free),
-                    crate::util::format_size(r.owed_total())
+                    "the worker's state directory has {} free, less than the live sessions' images may still \
+                     take ({}); this session's images could lose writes, so it was ended",
+                    crate::util::format_size(live.free),
+                    crate::util::format_size(live.owed_total())
                 );
                 let lease = ctx.active.lock().unwrap_or_else(|p| p.into_inner()).get(&o.work_id).cloned();
                 let Some(lease) = lease else { continue };
