@@ -223,7 +223,7 @@ pub(crate) fn run(id: &str, ctx: &Ctx) -> Outcome {
                 })
                 .unwrap_or(0);
             if seen < n {
-                if let Err((_, e)) = super::checks::fork_children(n - seen, 5) {
+                if let Err((_, e)) = super::checks::fork_children(n - seen, 1) {
                     return Outcome::Error(format!("fork: {}", super::errno_name(e)));
                 }
             }
