@@ -9,6 +9,7 @@ use stockade::policy::{self, syscalls, Policy};
 
 mod man;
 mod ops;
+mod overrides;
 use ops::{ControlPlaneArgs, StatsArgs, StopArgs, WebhookArgs, WorkArgs, WorkerArgs};
 
 #[derive(Parser)]
@@ -162,6 +163,8 @@ struct JailArgs {
     /// /etc/stockade/policy.toml if it exists, then the built-in default].
     #[arg(long, short = 'p')]
     policy: Option<String>,
+    #[command(flatten)]
+    overrides: overrides::Overrides,
     /// Host directory mounted read-write at /workspace (default: an empty tmpfs).
     #[arg(long)]
     workspace: Option<PathBuf>,
@@ -276,6 +279,9 @@ struct AuditArgs {
     /// With --diff: exit 1 when anything became weaker.
     #[arg(long, requires = "diff")]
     fail_on_weaker: bool,
+    /// The same overrides `run` takes, applied to each policy: audit what a run would use.
+    #[command(flatten)]
+    overrides: overrides::Overrides,
 }
 
 #[derive(Subcommand)]
@@ -376,9 +382,9 @@ fn usage(msg: impl std::fmt::Display) -> i32 {
     EXIT_USAGE
 }
 
-fn load_policy(spec: Option<&str>) -> Result<Policy, i32> {
+fn load_policy(spec: Option<&str>, over: &overrides::Overrides) -> Result<Policy, i32> {
     let from_env = spec.is_none() && std::env::var_os(POLICY_ENV).is_some_and(|v| !v.is_empty());
-    policy::load(policy_spec(spec).as_deref()).map(|(p, _)| p).map_err(|e| {
+    over.load(policy_spec(spec).as_deref()).map(|(p, _)| p).map_err(|e| {
         if from_env {
             usage(format!("${POLICY_ENV}: {e}"))
         } else {
@@ -414,7 +420,7 @@ fn jail_exit_code(e: &JailError) -> i32 {
 }
 
 fn cmd_run(a: RunArgs) -> i32 {
-    let mut policy = match load_policy(a.jail.policy.as_deref()) {
+    let mut policy = match load_policy(a.jail.policy.as_deref(), &a.jail.overrides) {
         Ok(p) => p,
         Err(c) => return c,
     };
@@ -531,7 +537,7 @@ fn describe(p: &Policy, r: &jail::Report) -> String {
 }
 
 fn cmd_session(a: SessionArgs) -> i32 {
-    let mut policy = match load_policy(a.jail.policy.as_deref()) {
+    let mut policy = match load_policy(a.jail.policy.as_deref(), &a.jail.overrides) {
         Ok(p) => p,
         Err(c) => return c,
     };
@@ -640,7 +646,7 @@ fn prints_for_a_pipe(c: &Command) -> bool {
 fn cmd_policy(c: PolicyCommand) -> i32 {
     match c {
         PolicyCommand::Show { file, json } => {
-            let p = match load_policy(Some(&file)) {
+            let p = match load_policy(Some(&file), &overrides::Overrides::default()) {
                 Ok(p) => p,
                 Err(c) => return c,
             };
@@ -696,7 +702,7 @@ fn cmd_audit(a: AuditArgs) -> i32 {
     use stockade::policy::audit;
     let mut reports = Vec::new();
     for spec in &a.policies {
-        match policy::load(Some(spec)) {
+        match a.overrides.load(Some(spec)) {
             Ok((p, origins)) => reports.push(audit::audit(&p, &origins)),
             Err(e) => return usage(e),
         }

@@ -1226,3 +1226,56 @@ fn an_exec_flood_cannot_work_the_supervisor_past_its_share() {
     // Half of 0.25, with room for the supervisor's own start and end.
     assert!(cpu / wall < 0.2, "the supervisor used {cpu:.2} s of CPU in {wall:.2} s");
 }
+
+/// Whether the jail's loopback carries a connection.
+const LOOPBACK: &str = "import socket\ntry:\n    s = socket.socket(); s.bind(('127.0.0.1', 0)); s.listen()\n    \
+                        socket.create_connection(s.getsockname(), 1); print('loopback up')\nexcept OSError:\n    \
+                        print('loopback down')";
+
+/// The common knobs on the command line (`--net`, `--ro-bind`, `--bind`, `--memory`, `--pids`):
+/// a policy extending the chosen one, so the jail has them, `--report` names them, `audit` scores
+/// them, and a bad value is the policy's usage error naming the flag.
+#[test]
+fn command_line_overrides_reach_the_jail_the_report_and_the_audit() {
+    if needs_root() {
+        return;
+    }
+    let d = TempDir::new("overrides");
+    std::fs::write(d.path().join("seen.txt"), "bound\n").unwrap();
+    let bind = format!("{}:/data", d.path().display());
+    let o = Command::new(STOCKADE)
+        .args(["run", "--report", "--policy", "default", "--net", "none", "--memory", "256M", "--pids", "50"])
+        .args(["--ro-bind", &bind, "--", "python3", "-c"])
+        .arg(format!(
+            "print(open('/data/seen.txt').read().strip())\n{LOOPBACK}\n\
+             try:\n    open('/data/new', 'w')\nexcept OSError as e:\n    print('read-only', e.errno)"
+        ))
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let (out, err) = (String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
+    assert!(o.status.success(), "{out}\n{err}");
+    assert_eq!(out, "bound\nloopback down\nread-only 30\n", "{err}");
+    assert!(err.contains("confined by policy default + command line (--net none --ro-bind"), "{err}");
+    assert!(err.contains("memory 256M") && err.contains("pids 50"), "{err}");
+    // Without the flag the same policy has its loopback up: the flag did it.
+    let o = Command::new(STOCKADE)
+        .args(["run", "--policy", "default", "--", "python3", "-c", LOOPBACK])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&o.stdout), "loopback up\n", "{o:?}");
+    // The audit scores what a run with the same flags would use.
+    let o = Command::new(STOCKADE)
+        .args(["audit", "default", "--ro-bind", "/root/.ssh", "--format", "json"])
+        .output()
+        .unwrap();
+    let a: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let f = a[0]["findings"].as_array().unwrap().iter().find(|f| f["id"] == "filesystem.credentials").unwrap();
+    assert_ne!(f["verdict"], "pass", "{f}");
+    // A bad value: the usage status, and the flag named.
+    let o = Command::new(STOCKADE).args(["run", "--memory", "lots", "--", "/bin/true"]).output().unwrap();
+    assert_eq!(o.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("--memory lots") && err.contains("limits.memory"), "{err}");
+}

@@ -51,6 +51,11 @@ impl PolicyError {
 
 /// Loads a policy given on the command line: a path, or a built-in name when no such file
 /// exists and the name is one of the built-ins.
+/// Whether `name` is a built-in policy's (default, strict, ci).
+pub fn is_builtin(name: &str) -> bool {
+    builtin_text(name).is_some()
+}
+
 pub fn load(spec: Option<&str>) -> Result<(Policy, Origins), PolicyError> {
     match spec {
         None => load_builtin("default"),
