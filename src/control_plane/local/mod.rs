@@ -190,6 +190,9 @@ pub struct SessionView {
     pub calls: Vec<CallView>,
     /// Results posted for a call that already had one. Should stay 0.
     pub duplicate_results: u64,
+    /// Requests made with the credential of an earlier holder of the item after it was handed to
+    /// another (`METHOD PATH`): a worker touching a session it no longer holds. Should stay empty.
+    pub late_requests: Vec<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -258,8 +261,14 @@ struct WorkRec {
     polled: Option<(String, u64)>,
     polls: u32,
     queue_seq: u64,
-    /// This item's sessions token (the bearer of its `secret`).
+    /// This item's sessions token (the bearer of its `secret`). Each holder gets its own: when
+    /// an item that was held is handed out again, the old token is kept (still accepted, as a
+    /// real server may) among `superseded`, and its later use is recorded in `late`.
     token: String,
+    #[serde(default)]
+    superseded: Vec<String>,
+    #[serde(default)]
+    late: Vec<String>,
 }
 
 /// Something the scripted world does later, unless the call was answered first.
@@ -351,7 +360,16 @@ impl WorkRec {
             polls: 0,
             queue_seq: seq,
             token: random_token("sk-ant-req-local-"),
+            superseded: Vec::new(),
+            late: Vec::new(),
         }
+    }
+}
+
+impl WorkRec {
+    /// Every token this item's holders were given, the current one first.
+    fn tokens(&self) -> impl Iterator<Item = &str> {
+        std::iter::once(self.token.as_str()).chain(self.superseded.iter().map(String::as_str))
     }
 }
 
@@ -638,13 +656,14 @@ fn authorize(db: &Db, h: &HeaderMap, need: Need) -> ApiResult<()> {
             Need::Org => false,
             Need::Any => bearer.is_some_and(|k| {
                 db.envs.values().any(|e| Secret::new(e.key.clone()).matches(k))
-                    || db.work.values().any(|w| Secret::new(w.token.clone()).matches(k))
+                    || db.work.values().any(|w| w.tokens().any(|t| Secret::new(t.to_owned()).matches(k)))
             }),
             Need::Env(env) => env_ok(env),
             Need::Item(env, work) => {
                 env_ok(env)
-                    || bearer
-                        .is_some_and(|k| db.work.get(work).is_some_and(|w| Secret::new(w.token.clone()).matches(k)))
+                    || bearer.is_some_and(|k| {
+                        db.work.get(work).is_some_and(|w| w.tokens().any(|t| Secret::new(t.to_owned()).matches(k)))
+                    })
             }
         };
     if ok {
@@ -663,8 +682,11 @@ fn credential_of(db: &Db, h: &HeaderMap) -> String {
         if let Some((id, _)) = db.envs.iter().find(|(_, e)| Secret::new(e.key.clone()).matches(k)) {
             return format!("environment:{id}");
         }
-        match db.work.values().find(|w| Secret::new(w.token.clone()).matches(k)) {
-            Some(w) => format!("item:{}", w.id),
+        if let Some(w) = db.work.values().find(|w| Secret::new(w.token.clone()).matches(k)) {
+            return format!("item:{}", w.id);
+        }
+        match db.work.values().find(|w| w.superseded.iter().any(|t| Secret::new(t.clone()).matches(k))) {
+            Some(w) => format!("item:{}:superseded", w.id),
             None => "unknown".to_owned(),
         }
     };
@@ -1018,6 +1040,7 @@ impl LocalControlPlane {
             polls: w.polls,
             calls,
             duplicate_results: s.duplicate_results,
+            late_requests: w.late.clone(),
         })
     }
 }
@@ -1080,6 +1103,22 @@ async fn record_request(State(cp): State<LocalControlPlane>, req: Request, next:
             body: serde_json::from_slice(&bytes).ok(),
             body_len: bytes.len(),
         };
+        // An earlier holder's credential: recorded against the item it no longer holds. A claim
+        // (the first heartbeat, `NO_HEARTBEAT`) is not a touch: its sender never held the item,
+        // which was handed out again before the claim came.
+        let claim = rec.path.ends_with("/heartbeat")
+            && rec.query.iter().any(|(k, v)| k == "expected_last_heartbeat" && v == wire::NO_HEARTBEAT);
+        let late = rec
+            .credential
+            .split(' ')
+            .find_map(|c| c.strip_suffix(":superseded").and_then(|c| c.rsplit_once("item:")).map(|(_, w)| w.to_owned()))
+            .filter(|_| !claim);
+        if let Some(work) = late {
+            let what = format!("{} {}", rec.method, rec.path);
+            if let Some(w) = db.work.get_mut(&work) {
+                w.late.push(what);
+            }
+        }
         if db.requests.len() >= REQUESTS_KEPT {
             db.requests.pop_front();
         }
@@ -1161,6 +1200,11 @@ async fn poll(
             let w = db.work.get_mut(&id).expect("just found");
             w.polled = Some((worker.clone(), now));
             w.polls += 1;
+            // Held before: the new holder gets a token of its own (see `WorkRec::token`).
+            if w.acked_ms.is_some() {
+                let old = std::mem::replace(&mut w.token, random_token("sk-ant-req-local-"));
+                w.superseded.push(old);
+            }
             Some(db.view(&db.work[&id], true))
         })
         .await;
@@ -1233,7 +1277,13 @@ async fn heartbeat(
         let w = item(&mut db, &env, &work)?;
         let current = w.last_heartbeat.clone().unwrap_or_else(|| wire::NO_HEARTBEAT.to_owned());
         let held = matches!(w.state, WorkState::Starting | WorkState::Active | WorkState::Stopping);
-        if !held || current != expected {
+        // An earlier holder's credential extends nothing, a claim included: the item was handed
+        // to another since.
+        let superseded = h
+            .get("authorization")
+            .and_then(|v| v.as_bytes().strip_prefix(b"Bearer "))
+            .is_some_and(|k| w.superseded.iter().any(|t| Secret::new(t.clone()).matches(k)));
+        if !held || current != expected || superseded {
             let details = json!({
                 "error_code": "heartbeat_precondition_failed",
                 "error_visibility": "user_facing",
