@@ -203,6 +203,15 @@ fn the_kubernetes_manifests_parse_and_match_the_worker() {
     {
         assert!(flags.contains(a), "the Deployment passes {a}, which `stockade worker` does not have");
     }
+    // A pod being scaled in gets the worker's whole shutdown (in-flight calls finish, then the
+    // worker's own escalation) before the kubelet's SIGKILL: the grace period outlasts
+    // --shutdown-timeout, with slack for the escalation.
+    let args: Vec<&str> = c["args"].as_array().unwrap().iter().filter_map(|a| a.as_str()).collect();
+    let timeout =
+        args.iter().position(|a| *a == "--shutdown-timeout").map(|i| args[i + 1]).expect("--shutdown-timeout");
+    let timeout = stockade::util::parse_duration(timeout).unwrap().as_secs();
+    let grace = pod["terminationGracePeriodSeconds"].as_u64().expect("terminationGracePeriodSeconds");
+    assert!(grace >= timeout + 10, "terminationGracePeriodSeconds {grace} vs --shutdown-timeout {timeout}s");
     // The key arrives as a file from the Secret, never as an environment variable.
     assert!(c["env"].as_array().unwrap().iter().all(|e| !e["name"].as_str().unwrap().contains("KEY")));
     assert_eq!(c["securityContext"]["privileged"], false);
