@@ -105,6 +105,40 @@ fn control_plane_worker_stats_and_stop_from_the_command_line() {
         (Some("work_queue_stats"), Some(1), Some(0))
     );
     assert!(stats["oldest_queued_at"].is_string());
+    // Served for an autoscaler: the same JSON on /stats, the gauges on /metrics, no key asked of
+    // the scraper (KEDA's metrics-api trigger cannot send the API's headers).
+    let sport = free_port();
+    let _serving = Killed(
+        Command::new(STOCKADE)
+            .args(["stats", "--environment-id", "env_local", "--api-url", &url])
+            .args(["--serve", &format!("127.0.0.1:{sport}")])
+            .env("ANTHROPIC_API_KEY", &org)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let get = |path: &str| -> Option<String> {
+        use std::io::{Read, Write};
+        let mut c = std::net::TcpStream::connect(("127.0.0.1", sport)).ok()?;
+        write!(c, "GET {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n").ok()?;
+        let mut r = String::new();
+        c.read_to_string(&mut r).ok()?;
+        Some(r)
+    };
+    let t = Instant::now();
+    let served = loop {
+        if let Some(r) = get("/stats") {
+            break r;
+        }
+        assert!(t.elapsed() < Duration::from_secs(10), "stats --serve did not start");
+        std::thread::sleep(Duration::from_millis(25));
+    };
+    assert!(served.starts_with("HTTP/1.1 200"), "{served}");
+    let body: serde_json::Value = serde_json::from_str(served.split("\r\n\r\n").nth(1).unwrap()).unwrap();
+    assert_eq!(body["depth"], 1, "{body}");
+    let metrics = get("/metrics").unwrap();
+    assert!(metrics.contains("stockade_queue_depth{environment_id=\"env_local\"} 1\n"), "{metrics}");
     // Stopping a queued item needs the organisation key, and an environment key is refused.
     let env_key = std::fs::read_to_string(state.path().join("env_local.key")).unwrap();
     let refused = cli(&env_key, &["stop", &work, "--environment-id", "env_local", "--api-url", &url]);

@@ -191,10 +191,10 @@ fn the_kubernetes_manifests_parse_and_match_the_worker() {
     let docs: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     let all: Vec<&serde_json::Value> = docs.as_object().unwrap().values().flat_map(|v| v.as_array().unwrap()).collect();
     let kinds: Vec<&str> = all.iter().map(|d| d["kind"].as_str().unwrap()).collect();
-    for k in ["Deployment", "Secret", "ConfigMap", "Service", "ScaledObject", "TriggerAuthentication"] {
+    for k in ["Deployment", "Secret", "ConfigMap", "Service", "ScaledObject"] {
         assert!(kinds.contains(&k), "no {k}");
     }
-    let dep = all.iter().find(|d| d["kind"] == "Deployment").unwrap();
+    let dep = all.iter().find(|d| d["kind"] == "Deployment" && d["metadata"]["name"] == "stockade-worker").unwrap();
     let pod = &dep["spec"]["template"]["spec"];
     let c = &pod["containers"][0];
     let flags = worker_flags();
@@ -217,8 +217,30 @@ fn the_kubernetes_manifests_parse_and_match_the_worker() {
     assert_eq!(c["securityContext"]["privileged"], false);
     assert_eq!(c["securityContext"]["capabilities"]["drop"][0], "ALL");
     assert!(c["volumeMounts"].as_array().unwrap().iter().any(|m| m["name"] == "key"));
+    // Autoscaling as shipped: the trigger reads the exporter's /stats (no header it cannot send),
+    // and the exporter runs a real `stockade stats --serve` with the organisation key as a file.
     let so = all.iter().find(|d| d["kind"] == "ScaledObject").unwrap();
-    assert_eq!(so["spec"]["triggers"][0]["metadata"]["valueLocation"], "depth");
+    let trigger = &so["spec"]["triggers"][0];
+    assert_eq!(trigger["metadata"]["valueLocation"], "depth");
+    assert!(trigger["authenticationRef"].is_null(), "{trigger}");
+    let url = trigger["metadata"]["url"].as_str().unwrap();
+    let exporter =
+        all.iter().find(|d| d["kind"] == "Deployment" && d["metadata"]["name"] == "stockade-queue-exporter").unwrap();
+    let svc =
+        all.iter().find(|d| d["kind"] == "Service" && d["metadata"]["name"] == "stockade-queue-exporter").unwrap();
+    let port = svc["spec"]["ports"][0]["port"].as_u64().unwrap();
+    assert_eq!(url, format!("http://stockade-queue-exporter.stockade.svc:{port}/stats"));
+    let ec = &exporter["spec"]["template"]["spec"]["containers"][0];
+    let eargs: Vec<&str> = ec["args"].as_array().unwrap().iter().filter_map(|a| a.as_str()).collect();
+    assert!(eargs.contains(&"stats") && eargs.contains(&"--serve"), "{eargs:?}");
+    let stats_help =
+        String::from_utf8(Command::new(STOCKADE).args(["stats", "--help"]).output().unwrap().stdout).unwrap();
+    for f in eargs.iter().filter(|a| a.starts_with("--") && **a != "--log") {
+        assert!(stats_help.contains(f), "the exporter passes {f}, which `stockade stats` does not have");
+    }
+    let serve = eargs[eargs.iter().position(|a| *a == "--serve").unwrap() + 1];
+    assert!(serve.ends_with(&format!(":{port}")), "{serve} vs the Service's {port}");
+    assert!(ec["env"].as_array().unwrap().iter().all(|e| !e["name"].as_str().unwrap().contains("KEY")));
     // The shipped policy parses and says what it relaxes.
     let cm = all.iter().find(|d| d["kind"] == "ConfigMap").unwrap();
     let d = TempDir::new("k8s-policy");

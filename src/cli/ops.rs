@@ -419,6 +419,11 @@ pub(super) struct StatsArgs {
     /// (deploy/prometheus/alerts.yml alerts on them).
     #[arg(long)]
     prometheus: bool,
+    /// Serve them instead, read from the API at most every 5 s: GET /stats (the API's JSON, for
+    /// an autoscaler such as KEDA's metrics-api trigger, which cannot send the API's headers)
+    /// and GET /metrics (the Prometheus gauges). The organisation key stays in this process.
+    #[arg(long, value_name = "ADDR", conflicts_with_all = ["json", "prometheus"])]
+    serve: Option<std::net::SocketAddr>,
 }
 
 #[derive(Args)]
@@ -916,6 +921,9 @@ pub(super) fn stats(a: StatsArgs) -> i32 {
         Ok(c) => c,
         Err(e) => return usage(e),
     };
+    if let Some(addr) = a.serve {
+        return runtime().block_on(serve_stats(client, a.environment_id.clone(), addr));
+    }
     runtime().block_on(async move {
         match client.stats(&a.environment_id).await {
             Ok(s) if a.json => {
@@ -942,6 +950,73 @@ pub(super) fn stats(a: StatsArgs) -> i32 {
             Err(e) => fail(e),
         }
     })
+}
+
+/// How long one reading of the queue is served before the API is asked again.
+const STATS_FRESH: Duration = Duration::from_secs(5);
+
+/// `stockade stats --serve`: the queue's statistics over HTTP, each reading kept `STATS_FRESH`
+/// so that any number of scrapers costs the API one request per interval.
+async fn serve_stats(client: Client, env: String, addr: std::net::SocketAddr) -> i32 {
+    use axum::http::StatusCode;
+    type Cache = Arc<tokio::sync::Mutex<Option<(std::time::Instant, wire::WorkQueueStats)>>>;
+    let listener = match tokio::net::TcpListener::bind(addr).await {
+        Ok(l) => l,
+        Err(e) => return usage(format!("--serve {addr}: {e}")),
+    };
+    let cache: Cache = Arc::default();
+    let read = {
+        let (client, env, cache) = (client.clone(), env.clone(), cache.clone());
+        move || {
+            let (client, env, cache) = (client.clone(), env.clone(), cache.clone());
+            async move {
+                let mut c = cache.lock().await;
+                if let Some((_, s)) = c.as_ref().filter(|(at, _)| at.elapsed() < STATS_FRESH) {
+                    return Ok(s.clone());
+                }
+                let s = client.stats(&env).await.map_err(|e| {
+                    tracing::warn!(error = %e, "reading the queue's statistics failed");
+                    (StatusCode::BAD_GATEWAY, format!("{e}\n"))
+                })?;
+                *c = Some((std::time::Instant::now(), s.clone()));
+                Ok::<_, (StatusCode, String)>(s)
+            }
+        }
+    };
+    let (r1, r2) = (read.clone(), read);
+    let env2 = env.clone();
+    let app = axum::Router::new()
+        .route(
+            "/stats",
+            axum::routing::get(move || {
+                let r = r1.clone();
+                async move { r().await.map(axum::Json) }
+            }),
+        )
+        .route(
+            "/metrics",
+            axum::routing::get(move || {
+                let (r, env) = (r2.clone(), env2.clone());
+                async move {
+                    r().await.map(|s| {
+                        (
+                            [("content-type", "text/plain; version=0.0.4")],
+                            stockade::worker::metrics::queue_gauges(&env, &s, std::time::SystemTime::now()),
+                        )
+                    })
+                }
+            }),
+        );
+    tracing::info!(%addr, environment_id = %env, "serving the queue's statistics on /stats and /metrics");
+    let (tx, mut rx) = watch::channel(Shutdown::Running);
+    watch_signals(tx);
+    let stop = async move {
+        let _ = rx.changed().await;
+    };
+    match axum::serve(listener, app).with_graceful_shutdown(stop).await {
+        Ok(()) => 0,
+        Err(e) => fail(format!("--serve {addr}: {e}")),
+    }
 }
 
 /// One line per work item: id, state, session, times.
