@@ -197,6 +197,14 @@ fn a_killed_worker_is_restarted_and_the_session_completes_without_leftovers() {
     // The worker's session processes: their pids name the jails' cgroups.
     let session_pids = processes_whose_cmdline_has(&format!("{}/items/", state.path().display()));
     assert!(!session_pids.is_empty());
+    // Their jails' cgroups, seen while they run: these, and only these, must go.
+    let jail_cgroups: Vec<String> = find_stockade_cgroups()
+        .into_iter()
+        .filter(|c| session_pids.iter().any(|p| c.contains(&format!("/stockade-{p}-"))))
+        .collect();
+    if is_root() {
+        assert!(!jail_cgroups.is_empty(), "the session's jail has no cgroup");
+    }
     w.kill9();
     cp.wait_for("the jail to die with its worker", Duration::from_secs(5), || {
         host_processes_matching(&format!("sleep {marker}")).is_empty()
@@ -218,11 +226,8 @@ fn a_killed_worker_is_restarted_and_the_session_completes_without_leftovers() {
     assert_eq!(result_of(&v, 2), "one\ntwo\nthree");
     if is_root() {
         // The restarted worker removed the cgroups the killed one's jails left.
-        let left: Vec<String> = find_stockade_cgroups()
-            .into_iter()
-            .filter(|c| session_pids.iter().any(|p| c.contains(&format!("/stockade-{p}-"))))
-            .collect();
-        assert_eq!(left, Vec::<String>::new());
+        let left: Vec<&String> = jail_cgroups.iter().filter(|c| Path::new(c.as_str()).exists()).collect();
+        assert_eq!(left, Vec::<&String>::new());
     }
 }
 

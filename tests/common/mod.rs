@@ -206,12 +206,15 @@ pub(crate) fn find_stockade_cgroups() -> Vec<String> {
     out
 }
 
+/// The host's processes whose arguments include `marker` as whole words (`sleep 3.1234` is not
+/// `sleep 3.12345`, another run's), leaving out Stockade itself and the shells that started them.
 pub(crate) fn host_processes_matching(marker: &str) -> Vec<String> {
     let mut v = Vec::new();
+    let words = format!(" {marker} ");
     for e in std::fs::read_dir("/proc").unwrap().flatten() {
         if let Ok(cmd) = std::fs::read(e.path().join("cmdline")) {
-            let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
-            if cmd.contains(marker) && !cmd.contains("stockade") && !cmd.contains("/bin/sh -c") {
+            let cmd = String::from_utf8_lossy(&cmd).split('\0').filter(|a| !a.is_empty()).collect::<Vec<_>>().join(" ");
+            if format!(" {cmd} ").contains(&words) && !cmd.contains("stockade") && !cmd.contains("/bin/sh -c") {
                 v.push(format!("{} {cmd}", e.file_name().to_string_lossy()));
             }
         }
