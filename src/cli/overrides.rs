@@ -36,9 +36,7 @@ pub(super) struct Overrides {
     allow_domain: Vec<String>,
 }
 
-fn quote(s: &str) -> String {
-    toml::Value::String(s.to_owned()).to_string()
-}
+use stockade::policy::toml_string as quote;
 
 fn list(v: &[String]) -> String {
     format!("[{}]", v.iter().map(|s| quote(s)).collect::<Vec<_>>().join(", "))

@@ -51,6 +51,12 @@ impl PolicyError {
 
 /// Loads a policy given on the command line: a path, or a built-in name when no such file
 /// exists and the name is one of the built-ins.
+/// `s` as a TOML string, for policy text written by Stockade itself (overlays that extend a
+/// policy): quotes, backslashes and newlines stay inside the string.
+pub fn toml_string(s: &str) -> String {
+    toml::Value::String(s.to_owned()).to_string()
+}
+
 /// Whether `name` is a built-in policy's (default, strict, ci).
 pub fn is_builtin(name: &str) -> bool {
     builtin_text(name).is_some()

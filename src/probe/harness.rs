@@ -132,8 +132,8 @@ pub fn run(opts: &Options) -> Result<Battery, HarnessError> {
     let file = dir.join("probe-policy.toml");
     let text = format!(
         "extends = {}\n[filesystem]\nread_only_add = [{}]\n",
-        toml_str(&base),
-        toml_str(&format!("{}:{JAILED_EXE}", exe.display()))
+        crate::policy::toml_string(&base),
+        crate::policy::toml_string(&format!("{}:{JAILED_EXE}", exe.display()))
     );
     std::fs::write(&file, text).map_err(setup(file.display()))?;
     let ctx = serde_json::to_string(&targets.ctx).expect("serialises");
@@ -203,10 +203,6 @@ fn collect(out: std::process::Output, ids: &[String], policy: String) -> Result<
         }
     }
     Ok(Battery { policy, reports })
-}
-
-fn toml_str(s: &str) -> String {
-    format!("\"{}\"", s.replace('\\', "\\\\").replace('"', "\\\""))
 }
 
 fn xml_escape(s: &str) -> String {

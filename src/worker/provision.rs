@@ -113,10 +113,6 @@ fn credentials_path(spec: &str) -> Result<PathBuf, Refusal> {
     }
 }
 
-fn toml_str(s: &str) -> String {
-    serde_json::to_string(s).expect("strings serialise")
-}
-
 pub struct Job<'a> {
     pub exe: &'a Path,
     /// The worker's policy (a built-in name or a file), which the provisioning jail extends.
@@ -183,16 +179,16 @@ git config --unset credential.helper || true
     let net = if matches!(plan, Plan::Git { .. }) && !(p.allow.is_empty() && p.allow_domains.is_empty()) {
         format!(
             "[network]\nmode = \"veth\"\nallow = [{}]\nallow_domains = [{}]\n",
-            p.allow.iter().map(|a| toml_str(a)).collect::<Vec<_>>().join(", "),
-            p.allow_domains.iter().map(|a| toml_str(a)).collect::<Vec<_>>().join(", "),
+            p.allow.iter().map(|a| crate::policy::toml_string(a)).collect::<Vec<_>>().join(", "),
+            p.allow_domains.iter().map(|a| crate::policy::toml_string(a)).collect::<Vec<_>>().join(", "),
         )
     } else {
         "[network]\nmode = \"none\"\n".to_owned()
     };
     let policy_text = format!(
         "# The provisioning jail of one session, made by the worker.\nextends = {}\n{net}[filesystem]\nread_only_add = [{}]\n",
-        toml_str(&base),
-        binds.iter().map(|b| toml_str(b)).collect::<Vec<_>>().join(", "),
+        crate::policy::toml_string(&base),
+        binds.iter().map(|b| crate::policy::toml_string(b)).collect::<Vec<_>>().join(", "),
     );
     let policy_file = job.scratch.join("provision.toml");
     std::fs::write(&policy_file, policy_text).map_err(|e| failed("policy", &e))?;
