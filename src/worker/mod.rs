@@ -447,6 +447,7 @@ pub async fn run(cfg: WorkerConfig, mut shutdown: watch::Receiver<Shutdown>) -> 
                 if !claim(&ctx, &item, &mut ack_attempt, &mut shutdown).await {
                     continue;
                 }
+                count_admitted(&ctx);
                 lease::supersede(&ctx, &item.id).await;
                 if ctx.lost.lock().unwrap_or_else(|p| p.into_inner()).remove(&item.id).is_some() {
                     tracing::info!(work_id = %item.id, "handed back after a lost lease: same workspace");
@@ -540,8 +541,7 @@ fn session_slots(ctx: &Ctx, max: usize) -> Result<usize, WorkerError> {
     Ok(n)
 }
 
-/// Whether a new session fits now (see `room`); a session admitted is counted at once, before
-/// the next reading sees its images.
+/// Whether a new session fits now (see `room`).
 fn admit(ctx: &Ctx) -> bool {
     if !ctx.room.matters() {
         return true;
@@ -559,9 +559,18 @@ fn admit(ctx: &Ctx) -> bool {
             if ctx.metrics.admission_paused.swap(0, std::sync::atomic::Ordering::Relaxed) == 1 {
                 tracing::info!("room for new sessions' images again: taking new sessions");
             }
-            r.owed.push(room::Owed { work_id: String::new(), bytes: ctx.room.per_session });
             true
         }
+    }
+}
+
+/// Counts a session just taken in the last reading, before the next one sees its images.
+fn count_admitted(ctx: &Ctx) {
+    if !ctx.room.matters() {
+        return;
+    }
+    if let Some(r) = ctx.room_now.lock().unwrap_or_else(|p| p.into_inner()).as_mut() {
+        r.owed.push(room::Owed { work_id: String::new(), bytes: ctx.room.per_session });
     }
 }
 
