@@ -575,8 +575,12 @@ fn cmd_session(a: SessionArgs) -> i32 {
         sweep_stale: !a.announce,
         watcher,
     };
-    let stdin = std::io::stdin().lock();
-    let stdout = std::io::stdout().lock();
+    // Unbuffered, so that what waits in a buffer is never missed by a wait for the descriptor.
+    let stdin = match std::os::fd::AsFd::as_fd(&std::io::stdin()).try_clone_to_owned() {
+        Ok(fd) => std::fs::File::from(fd),
+        Err(e) => return fail(format!("standard input: {e}")),
+    };
+    let stdout = std::io::stdout();
     let trail = trail.as_deref().map(|t| (t, !a.trail_no_calls));
     match stockade::session::run_json_lines(&spec, stdin, stdout, a.announce, a.max_request_bytes as usize, trail) {
         Ok(()) => 0,

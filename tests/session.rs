@@ -117,8 +117,9 @@ fn timeout_kills_the_whole_process_group_and_the_session_continues() {
 fn a_crashed_helper_does_not_end_the_session() {
     let mut s = Sess::start(&[]);
     s.call("write", json!({"file_path": "/workspace/x", "content": "1\n"}));
-    // The helper is PID 1's first child; kill it from inside, as a crash would.
-    let helper = s.bash("ps -eo pid,ppid,args | awk '$2 == 1 && $3 ~ /stockade/ {print $1}'");
+    // The helper is the child of the primary thread's lane (PID 1's child); kill it from
+    // inside, as a crash would.
+    let helper = s.bash("ps -eo pid,ppid,args | awk '$2 > 1 && $3 ~ /stockade/ {print $1}'");
     assert!(!helper.trim().is_empty(), "helper not found");
     // Kill it and wait until it is dead (a zombie awaiting PID 1), i.e. it died between calls.
     let pid = helper.trim();
@@ -127,6 +128,19 @@ fn a_crashed_helper_does_not_end_the_session() {
     ));
     assert_eq!(s.call("read", json!({"file_path": "/workspace/x"})), ("1\n".into(), false));
     assert_eq!(s.bash("echo still here"), "still here");
+    assert_eq!(s.end(), 0);
+}
+
+#[test]
+fn a_killed_thread_process_costs_its_call_and_shell_only() {
+    let mut s = Sess::start(&[]);
+    s.bash("cd /tmp; X=1");
+    // The shell's parent is its thread's lane.
+    let (c, e) = s.call("bash", json!({"command": "kill -9 $PPID; sleep 5"}));
+    assert!(e, "{c}");
+    assert!(c.contains("the session thread's tool process was killed by SIGKILL while running `bash`"), "{c}");
+    // A new lane, with a new shell, takes the next call.
+    assert_eq!(s.bash("pwd; echo ${X:-unset}"), "/workspace\nunset");
     assert_eq!(s.end(), 0);
 }
 
@@ -242,9 +256,10 @@ fn fifty_sessions_in_parallel_share_nothing() {
     for (i, s) in sessions.iter_mut().enumerate() {
         assert_eq!(s.call("read", json!({"file_path": "/workspace/id.txt"})), (format!("session {i}\n"), false));
         assert_eq!(s.bash("ls /dev/shm; cat /dev/shm/m"), format!("m\nmarker-{i}"));
-        // Its own processes only: init, helper, shell, its one background sleep, and ps.
+        // Its own processes only: init, the thread's lane, helper, shell, its one background
+        // sleep, ps and wc.
         let procs = s.bash("ps -e --no-headers | wc -l");
-        assert!(procs.trim().parse::<u32>().unwrap() <= 6, "session {i} sees {procs} processes");
+        assert!(procs.trim().parse::<u32>().unwrap() <= 7, "session {i} sees {procs} processes");
         let r = s.bash(&format!("n=0; for p in {targets}; do kill -0 $p 2>/dev/null && n=$((n+1)); done; echo $n"));
         assert_eq!(r, "0", "session {i} reached another session's process");
     }
@@ -646,4 +661,103 @@ fn an_exec_record_never_follows_a_planted_link_out_of_the_jail() {
         .unwrap_or_else(|| panic!("no exec of /tmp/l in {recs:#?}"));
     // Not in the jail: no identity, where the host file's would have been recorded.
     assert!(l.get("ino").is_none(), "the host file behind the link was looked up: {l}");
+}
+
+impl Sess {
+    fn send(&mut self, v: Value) {
+        let w = self.stdin.as_mut().unwrap();
+        writeln!(w, "{v}").unwrap();
+        w.flush().unwrap();
+    }
+
+    fn answer(&mut self) -> Value {
+        let mut out = String::new();
+        self.stdout.read_line(&mut out).unwrap();
+        assert!(!out.is_empty(), "session ended unexpectedly");
+        serde_json::from_str(&out).unwrap()
+    }
+}
+
+/// Calls of different session threads run at the same time, each thread in its own shell: a
+/// call that waits for another thread's call finishes only because that one ran meanwhile, and
+/// its result comes after it. A call of the same thread waits its turn.
+#[test]
+fn calls_of_different_threads_overlap_and_one_thread_runs_in_order() {
+    let mut s = Sess::start(&[]);
+    let wait_for = |f: &str| format!("until [ -e /workspace/{f} ]; do sleep 0.02; done; echo saw {f}");
+    s.send(json!({"id": "a1", "name": "bash", "thread": "sub", "input": {"command": format!("cd /tmp; {}", wait_for("flag"))}}));
+    // The same thread's next call runs after a1, in a1's shell (its directory).
+    s.send(json!({"id": "a2", "name": "bash", "thread": "sub", "input": {"command": "pwd"}}));
+    s.send(json!({"id": "p1", "name": "write", "input": {"file_path": "/workspace/flag", "content": "x"}}));
+    let order: Vec<Value> = (0..3).map(|_| s.answer()).collect();
+    let ids: Vec<&str> = order.iter().map(|v| v["id"].as_str().unwrap()).collect();
+    assert_eq!(ids, ["p1", "a1", "a2"], "{order:?}");
+    assert_eq!(text_of(&order[1]["content"]), "saw flag");
+    assert_eq!(text_of(&order[2]["content"]), "/tmp");
+    // The primary thread's shell is another one.
+    assert_eq!(s.bash("pwd"), "/workspace");
+    assert_eq!(s.end(), 0);
+}
+
+/// A stop ends a running call at once with the official runner's text, kills what it started
+/// (its background jobs included) and leaves its thread's shell gone until a restart, as the
+/// runner's; the other threads' calls and processes are untouched.
+#[test]
+fn a_stopped_call_ends_at_once_and_takes_only_its_own_processes() {
+    let mut s = Sess::start(&[]);
+    // Another thread's background job, which must live through the stop.
+    s.send(json!({"id": "k", "name": "bash", "thread": "keep", "input": {"command": "sleep 300 & echo started"}}));
+    assert_eq!(text_of(&s.answer()["content"]), "started");
+    s.send(json!({"id": "x", "name": "bash", "thread": "sub", "input": {"command": "(setsid sleep 301 &); echo go > /workspace/go; sleep 302"}}));
+    let t0 = Instant::now();
+    assert_eq!(s.bash("until [ -e /workspace/go ]; do sleep 0.02; done; echo ok"), "ok");
+    // A stop for a call that is not running changes nothing.
+    s.send(json!({"stop": "no-such-call"}));
+    s.send(json!({"stop": "x"}));
+    let v = s.answer();
+    assert_eq!(v["id"], "x");
+    assert_eq!(v["is_error"], true);
+    assert_eq!(text_of(&v["content"]), "tool 'bash' was stopped, and may have already done some or all of its work");
+    assert!(t0.elapsed() < Duration::from_secs(60), "the stop did not end the call");
+    // The stopped call's processes are gone, orphans included; the other thread's job lives.
+    let ps = s.bash("ps -eo args");
+    assert!(!ps.lines().any(|l| l == "sleep 301" || l == "sleep 302"), "{ps}");
+    assert!(ps.lines().any(|l| l == "sleep 300"), "{ps}");
+    s.send(json!({"id": "y", "name": "bash", "thread": "sub", "input": {"command": "echo again"}}));
+    let v = s.answer();
+    assert!(text_of(&v["content"]).contains("This command did not run, because the shell is gone"), "{v}");
+    s.send(json!({"id": "z", "name": "bash", "thread": "sub", "input": {"restart": true, "command": "echo again"}}));
+    assert_eq!(text_of(&s.answer()["content"]), "again");
+    assert_eq!(s.end(), 0);
+}
+
+/// While calls of two threads run, what the jail runs is put down to both: `tool_use_id` names
+/// no single call, `tool_use_ids` lists the two.
+#[test]
+fn the_trail_names_every_call_that_could_have_run_a_program() {
+    let dir = TempDir::new("trail-overlap");
+    let path = dir.path().join("trail.jsonl");
+    let mut s = Sess::start(&["--trail", path.to_str().unwrap()]);
+    s.send(json!({"id": "a", "name": "bash", "thread": "sub", "input": {"command": "until [ -e /workspace/f ]; do sleep 0.02; done; /bin/true overlap-a"}}));
+    s.send(json!({"id": "b", "name": "bash", "input": {"command": "/bin/true alone-b; touch /workspace/f"}}));
+    let ids: Vec<Value> = (0..2).map(|_| s.answer()["id"].clone()).collect();
+    assert_eq!(ids, [json!("b"), json!("a")]);
+    s.bash("/bin/true alone-c");
+    assert_eq!(s.end(), 0);
+    let recs = trail_records(&path);
+    let exec = |arg: &str| {
+        recs.iter()
+            .find(|r| r["event"] == "exec" && r["argv"].as_array().is_some_and(|a| a.iter().any(|x| x == arg)))
+            .unwrap_or_else(|| panic!("no exec of {arg}: {recs:?}"))
+            .clone()
+    };
+    let b = exec("alone-b");
+    assert_eq!(b["tool_use_id"], Value::Null, "{b}");
+    let mut both: Vec<String> =
+        b["tool_use_ids"].as_array().unwrap().iter().map(|v| v.as_str().unwrap().to_owned()).collect();
+    both.sort();
+    assert_eq!(both, ["a", "b"]);
+    let c = exec("alone-c");
+    assert_eq!(c["tool_use_ids"], Value::Null, "{c}");
+    assert_ne!(c["tool_use_id"], Value::Null, "{c}");
 }

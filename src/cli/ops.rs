@@ -79,6 +79,11 @@ pub(super) struct WorkerCommon {
     /// work item is stopped.
     #[arg(long, default_value = "60s", value_parser = duration)]
     max_idle: Duration,
+    /// Tool calls of one session that run at once: calls of one session thread always run one
+    /// at a time, calls of different threads (subagents) overlap up to this many; `none` sets no
+    /// limit. The official worker's `max_concurrent_calls`.
+    #[arg(long, default_value = "1", value_parser = concurrent_calls, value_name = "N|none")]
+    max_concurrent_calls: usize,
     /// Policy file or built-in name for every session jail [default: $STOCKADE_POLICY, then
     /// /etc/stockade/policy.toml if it exists, then the built-in default].
     #[arg(long, short = 'p')]
@@ -563,10 +568,22 @@ fn overcommit(s: &str) -> Result<f64, String> {
     }
 }
 
+/// `--max-concurrent-calls`: at least 1, or `none` (no limit), as the official worker checks it.
+fn concurrent_calls(s: &str) -> Result<usize, String> {
+    match s {
+        "none" => Ok(usize::MAX),
+        _ => match s.parse::<usize>() {
+            Ok(n) if n >= 1 => Ok(n),
+            _ => Err(format!("{s:?}: max_concurrent_calls must be at least 1, or none for no limit")),
+        },
+    }
+}
+
 fn worker_config_with(a: &WorkerCommon, log: LogFormat, k: Secret) -> Result<WorkerConfig, String> {
     let mut c = WorkerConfig::new(&a.environment_id, &a.base_url, k);
     c.worker_id = a.worker_id.clone();
     c.max_idle = a.max_idle;
+    c.max_concurrent_calls = a.max_concurrent_calls;
     c.policy = super::policy_spec(a.policy.as_deref()).unwrap_or_else(|| "default".into());
     c.max_sessions = a.max_sessions;
     c.image_overcommit = a.image_overcommit;

@@ -9,6 +9,7 @@
 //! the same code through a subprocess, since jails must be built from single-threaded processes.
 
 mod frame;
+mod lane;
 pub mod server;
 pub mod trail;
 
@@ -48,17 +49,30 @@ impl Request {
     }
 }
 
+/// What goes to a session: a tool call, or a stop for a call that runs (`{"stop": ID}`), which
+/// ends it at once with the runner's text for a stopped call. A stop for a call that is not
+/// running does nothing.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(untagged)]
+pub(crate) enum Inbound {
+    Call(Request),
+    Stop { stop: String },
+}
+
 /// A tool result, tagged with its call's id.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub(crate) struct Response {
     pub id: Option<String>,
     pub content: Vec<crate::tools::Block>,
     pub is_error: bool,
+    /// From a lane to PID 1 only: where its shell saved its last long output.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub saved_output: Option<std::path::PathBuf>,
 }
 
 impl Response {
     pub(crate) fn new(id: impl Into<Option<String>>, r: ToolResult) -> Response {
-        Response { id: id.into(), content: r.content, is_error: r.is_error }
+        Response { id: id.into(), content: r.content, is_error: r.is_error, saved_output: None }
     }
 }
 
@@ -89,6 +103,12 @@ impl Channel {
             Some(r) => Ok(ToolResult { content: r.content, is_error: r.is_error }),
             None => Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "the session server exited")),
         }
+    }
+
+    /// Stops a call that runs (in another thread of the caller's): it ends at once with the
+    /// runner's text for a stopped call.
+    pub fn stop(&mut self, id: &str) -> std::io::Result<()> {
+        frame::write(&mut self.0, &Inbound::Stop { stop: id.to_owned() })
     }
 }
 
@@ -201,83 +221,213 @@ fn id_from_head(head: &[u8]) -> Option<String> {
     (!id.contains('\\')).then(|| id.to_owned())
 }
 
-/// `stockade session`: one JSON object per input line (`{"id", "name", "input"}`), one result
-/// per output line (`{"id", "content", "is_error"}`), in order. EOF ends the session. A line
-/// that is not a valid request gets an error result and the session goes on, and so does one
-/// longer than `max_request` bytes, which is never held in memory whole. With `announce`, a
+/// The calls a JSON-lines session has in flight: id → tool and start.
+#[derive(Default)]
+struct Flight {
+    calls: std::sync::Mutex<std::collections::HashMap<String, (String, std::time::Instant)>>,
+    /// Set when the jail's answers end: nothing in flight will be answered any more.
+    gone: std::sync::atomic::AtomicBool,
+    changed: std::sync::Condvar,
+}
+
+impl Flight {
+    fn lock(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<String, (String, std::time::Instant)>> {
+        self.calls.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Waits until nothing is in flight or the jail is gone.
+    fn drain(&self) {
+        let mut calls = self.lock();
+        while !calls.is_empty() && !self.gone.load(std::sync::atomic::Ordering::SeqCst) {
+            calls = self.changed.wait(calls).unwrap_or_else(|e| e.into_inner());
+        }
+    }
+}
+
+fn emit<W: Write>(out: &std::sync::Mutex<W>, resp: &Response) -> std::io::Result<()> {
+    let mut out = out.lock().unwrap_or_else(|e| e.into_inner());
+    serde_json::to_writer(&mut *out, resp)?;
+    out.write_all(b"\n")?;
+    out.flush()
+}
+
+/// One input line, taken apart: a call, a stop, or a line to answer with an error.
+fn parse_line(line: &str) -> Result<Inbound, Response> {
+    if let Ok(serde_json::Value::Object(o)) = serde_json::from_str::<serde_json::Value>(line) {
+        if let (Some(serde_json::Value::String(id)), None) = (o.get("stop"), o.get("name")) {
+            return Ok(Inbound::Stop { stop: id.clone() });
+        }
+    }
+    serde_json::from_str::<Request>(line).map(Inbound::Call).map_err(|e| {
+        let id = serde_json::from_str::<serde_json::Value>(line)
+            .ok()
+            .and_then(|v| v.get("id").and_then(|i| i.as_str()).map(str::to_owned));
+        Response::new(id, ToolResult::err(format!("invalid request line: {e}")))
+    })
+}
+
+/// `stockade session`: one JSON object per input line (`{"id", "name", "input"}`, and
+/// `"thread"` for a session thread other than the primary one), one result per output line
+/// (`{"id", "content", "is_error"}`). Calls of one thread run in order, one at a time; calls of
+/// different threads run at the same time, and their results come as they finish. A line
+/// `{"stop": ID}` stops that call if it runs. EOF ends the session once every call is answered.
+/// A line that is not a valid request gets an error result and the session goes on, and so does
+/// one longer than `max_request` bytes, which is never held in memory whole. With `announce`, a
 /// first line `{"ready": true, "pid": N}` tells the caller that the jail is built.
 ///
-/// With a trail, what the jail runs is attributed to the call in flight, and calls are
+/// With a trail, what the jail runs is attributed to the calls in flight, and calls are
 /// recorded too when `record_calls` (a worker records its calls itself).
-pub fn run_json_lines<R: BufRead, W: Write>(
+pub fn run_json_lines<R: std::io::Read + std::os::fd::AsFd, W: Write + Send>(
     spec: &JailSpec,
-    mut input: R,
-    mut out: W,
+    input: R,
+    out: W,
     announce: bool,
     max_request: usize,
     trail: Option<(&trail::TrailWriter, bool)>,
 ) -> Result<(), JailError> {
-    let mut session = Session::start(spec)?;
     let io_err = |e: std::io::Error| JailError::new(Step::Supervise, format!("writing results: {e}"));
+    let gone_err = || JailError::new(Step::Supervise, "session jail is gone".to_owned());
+    let Session { jail, chan } = Session::start(spec)?;
+    let out = std::sync::Mutex::new(out);
     if announce {
-        let line = serde_json::json!({"ready": true, "pid": session.pid()});
-        writeln!(out, "{line}").and_then(|()| out.flush()).map_err(io_err)?;
+        let line = serde_json::json!({"ready": true, "pid": jail.pid()});
+        let mut o = out.lock().unwrap_or_else(|e| e.into_inner());
+        writeln!(o, "{line}").and_then(|()| o.flush()).map_err(io_err)?;
     }
+    let mut to_jail = chan.0;
+    let mut from_jail =
+        to_jail.try_clone().map_err(|e| JailError::new(Step::Supervise, format!("the session's channel: {e}")))?;
+    // Readable once the jail's answers end, so that waiting for input does not outlive the jail.
+    let (gone_r, gone_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
+        .map_err(|e| JailError::new(Step::Supervise, format!("pipe: {e}")))?;
+    let flight = Flight::default();
+    let relayed = std::thread::scope(|s| {
+        s.spawn(|| {
+            let gone_w = gone_w;
+            while let Ok(Some(resp)) = frame::read::<_, Response>(&mut from_jail) {
+                let Some(id) = resp.id.clone() else { continue };
+                let Some((name, t0)) = flight.lock().remove(&id) else { continue };
+                if let Some((t, record_calls)) = trail {
+                    t.call_ended(&id);
+                    if record_calls {
+                        let size = resp.content.iter().map(crate::tools::Block::size).sum();
+                        t.call_end(&id, &name, resp.is_error, t0.elapsed(), size);
+                    }
+                }
+                let written = emit(&out, &resp);
+                flight.changed.notify_all();
+                if written.is_err() {
+                    break;
+                }
+            }
+            flight.gone.store(true, std::sync::atomic::Ordering::SeqCst);
+            flight.changed.notify_all();
+            drop(gone_w);
+        });
+        let r = relay_requests(input, &mut to_jail, &out, &flight, gone_r, max_request, trail);
+        if r.is_ok() {
+            flight.drain();
+        }
+        // PID 1 sees EOF, ends every lane and exits; the answers' reader then ends too.
+        let _ = to_jail.shutdown(std::net::Shutdown::Both);
+        r
+    });
+    let gone = flight.gone.load(std::sync::atomic::Ordering::SeqCst) && !flight.lock().is_empty();
+    let ended = jail.wait();
+    match relayed {
+        Err(Relay::Out(e)) => Err(io_err(e)),
+        Err(Relay::In(e)) => Err(JailError::new(Step::Supervise, format!("reading requests: {e}"))),
+        Err(Relay::Gone) => Err(gone_err()),
+        Ok(()) if gone => Err(gone_err()),
+        Ok(()) => ended.map(|_| ()),
+    }
+}
+
+/// Why relaying requests stopped early.
+enum Relay {
+    In(std::io::Error),
+    Out(std::io::Error),
+    Gone,
+}
+
+/// Reads requests until EOF and hands each to the jail, answering at once those that cannot
+/// go (invalid, too long, an unknown tool, an id already in flight, a full trail).
+fn relay_requests<R: std::io::Read + std::os::fd::AsFd, W: Write>(
+    input: R,
+    to_jail: &mut UnixStream,
+    out: &std::sync::Mutex<W>,
+    flight: &Flight,
+    gone: std::os::fd::OwnedFd,
+    max_request: usize,
+    trail: Option<(&trail::TrailWriter, bool)>,
+) -> Result<(), Relay> {
+    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+    use std::os::fd::AsFd;
+    let mut input = std::io::BufReader::new(input);
+    let answer = |resp: Response| emit(out, &resp).map_err(Relay::Out);
     loop {
-        let got = read_line_bounded(&mut input, max_request)
-            .map_err(|e| JailError::new(Step::Supervise, format!("reading requests: {e}")))?;
-        let line = match got {
-            None => break,
+        if input.buffer().is_empty() {
+            let ready = loop {
+                let mut fds = [
+                    PollFd::new(input.get_ref().as_fd(), PollFlags::POLLIN),
+                    PollFd::new(gone.as_fd(), PollFlags::POLLIN),
+                ];
+                match poll(&mut fds, PollTimeout::NONE) {
+                    Ok(_) => break fds.map(|f| f.revents().is_some_and(|e| !e.is_empty())),
+                    Err(nix::errno::Errno::EINTR) => continue,
+                    Err(e) => return Err(Relay::In(e.into())),
+                }
+            };
+            if ready[1] && !ready[0] {
+                return Err(Relay::Gone);
+            }
+        }
+        let line = match read_line_bounded(&mut input, max_request).map_err(Relay::In)? {
+            None => return Ok(()),
             Some(Ok(l)) => String::from_utf8_lossy(&l).into_owned(),
             Some(Err((head, len))) => {
-                let resp = Response::new(
-                    id_from_head(&head),
-                    ToolResult::err(format!("request too large: {len} bytes; limit {max_request}")),
-                );
-                serde_json::to_writer(&mut out, &resp).map_err(|e| io_err(e.into()))?;
-                out.write_all(b"\n").map_err(io_err)?;
-                out.flush().map_err(io_err)?;
+                let r = ToolResult::err(format!("request too large: {len} bytes; limit {max_request}"));
+                answer(Response::new(id_from_head(&head), r))?;
                 continue;
             }
         };
         if line.trim().is_empty() {
             continue;
         }
-        let resp = match serde_json::from_str::<Request>(&line) {
-            Err(e) => {
-                let id = serde_json::from_str::<serde_json::Value>(&line)
-                    .ok()
-                    .and_then(|v| v.get("id").and_then(|i| i.as_str()).map(str::to_owned));
-                Response::new(id, ToolResult::err(format!("invalid request line: {e}")))
+        let req = match parse_line(&line) {
+            Err(resp) => {
+                answer(resp)?;
+                continue;
             }
-            Ok(req) => {
-                let r = match trail {
-                    None => session.call_in(req.thread.as_deref(), &req.id, &req.name, &req.input)?,
-                    Some((t, record_calls)) => {
-                        if t.refusing() || (record_calls && !t.call_start(&req.id, &req.name, &req.input)) {
-                            ToolResult::err(trail_full())
-                        } else {
-                            t.set_call(Some(&req.id));
-                            let t0 = std::time::Instant::now();
-                            let r = session.call_in(req.thread.as_deref(), &req.id, &req.name, &req.input);
-                            t.set_call(None);
-                            let r = r?;
-                            if record_calls {
-                                let size = r.content.iter().map(crate::tools::Block::size).sum();
-                                t.call_end(&req.id, &req.name, r.is_error, t0.elapsed(), size);
-                            }
-                            r
-                        }
-                    }
-                };
-                Response::new(req.id, r)
+            Ok(stop @ Inbound::Stop { .. }) => {
+                frame::write(to_jail, &stop).map_err(|_| Relay::Gone)?;
+                continue;
             }
+            Ok(Inbound::Call(req)) => req,
         };
-        serde_json::to_writer(&mut out, &resp).map_err(|e| io_err(e.into()))?;
-        out.write_all(b"\n").map_err(io_err)?;
-        out.flush().map_err(io_err)?;
+        if !TOOLS.contains(&req.name.as_str()) {
+            answer(Response::new(req.id, ToolResult::err(unknown_tool(&req.name))))?;
+            continue;
+        }
+        if flight.lock().contains_key(&req.id) {
+            answer(Response::new(
+                req.id.clone(),
+                ToolResult::err(format!("a call with id {:?} is already running", req.id)),
+            ))?;
+            continue;
+        }
+        if let Some((t, record_calls)) = trail {
+            if t.refusing() || (record_calls && !t.call_start(&req.id, &req.name, &req.input)) {
+                answer(Response::new(req.id, ToolResult::err(trail_full())))?;
+                continue;
+            }
+            t.call_began(&req.id);
+        }
+        flight.lock().insert(req.id.clone(), (req.name.clone(), std::time::Instant::now()));
+        if frame::write(to_jail, &Inbound::Call(req)).is_err() {
+            return Err(Relay::Gone);
+        }
     }
-    session.end().map(|_| ())
 }
 
 #[cfg(test)]

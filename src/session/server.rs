@@ -1,162 +1,208 @@
-//! The session's side inside the jail: PID 1 serves tool calls from the supervisor.
+//! The session's side inside the jail: PID 1 routes tool calls from the supervisor to lanes.
 //!
-//! PID 1 runs `bash` calls itself, through a persistent shell for each session thread (the
-//! primary thread's and each subagent's, as the official runner keeps them), and hands the file tools to a
-//! helper process it forks (same landlock domain, seccomp filter and uid — the helper is a fork
-//! of this confined process). A helper that crashes costs at most the call it was running; the
-//! next call gets a new one. PID 1 also reaps every orphan the shell leaves behind.
+//! Each session thread (the primary thread and each subagent, as the official runner keeps
+//! them) gets a lane, a process PID 1 forks that holds the thread's shell and runs its calls one
+//! at a time (see `lane`). PID 1 only passes frames: a call to its thread's lane (queued while
+//! that lane is busy), a stop to the lane running that call, and every answer back to the
+//! supervisor as it comes, so calls of different threads overlap. It also reaps whatever is
+//! orphaned to it and answers for a lane that dies mid-call.
 
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+use nix::sys::signal::{kill, Signal};
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
-use nix::unistd::{fork, ForkResult, Pid};
-use std::collections::HashMap;
-use std::os::fd::{AsRawFd, OwnedFd};
+use nix::unistd::Pid;
+use std::collections::{HashMap, VecDeque};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
 
 use super::frame;
-use super::{Request, Response};
-use crate::tools::bash::{KillScope, Shell};
-use crate::tools::{run_file_tool, Ctx, ToolResult};
+use super::lane::Lane;
+use super::{Inbound, Request, Response};
+use crate::tools::bash::KillScope;
+use crate::tools::{Ctx, ToolResult};
 
-struct Helper {
-    pid: Pid,
-    chan: UnixStream,
+type Thread = Option<String>;
+
+/// A lane as PID 1 tracks it.
+struct Tracked {
+    lane: Lane,
+    /// The call it runs: id and tool.
+    busy: Option<(String, String)>,
+    /// Calls of its thread that arrived while it was busy, in order.
+    queue: VecDeque<Request>,
+    /// How it ended, once reaped.
+    status: Option<WaitStatus>,
 }
 
-impl Helper {
-    fn spawn(ctx: &Ctx) -> std::io::Result<Helper> {
-        let (ours, theirs) = UnixStream::pair()?;
-        // SAFETY: PID 1 of the jail is single-threaded, so the forked helper starts with no
-        // lock held by another thread.
-        match unsafe { fork() }.map_err(std::io::Error::from)? {
-            ForkResult::Child => {
-                drop(ours);
-                let code = helper_main(theirs, ctx);
-                // SAFETY: leave without running destructors that belong to PID 1.
-                unsafe { libc::_exit(code) }
-            }
-            ForkResult::Parent { child } => Ok(Helper { pid: child, chan: ours }),
-        }
-    }
-}
-
-fn helper_main(mut chan: UnixStream, ctx: &Ctx) -> i32 {
-    loop {
-        let req: Request = match frame::read(&mut chan) {
-            Ok(Some(r)) => r,
-            _ => return 0,
-        };
-        let ctx = Ctx { saved_outputs: req.saved_outputs, ..ctx.clone() };
-        let result = run_file_tool(&ctx, &req.name, &req.input);
-        if frame::write(&mut chan, &Response::new(req.id, result)).is_err() {
-            return 0;
-        }
-    }
-}
-
-struct Server {
-    /// One shell per session thread; `None` is the primary thread.
-    shells: HashMap<Option<String>, Shell>,
+struct Router {
+    lanes: HashMap<Thread, Tracked>,
+    /// Where each thread's shell saved its last long output: `read` and `grep` of any thread
+    /// may open it.
+    saved: HashMap<Thread, PathBuf>,
     env: Vec<(String, String)>,
     scope: KillScope,
-    helper: Option<Helper>,
     tools: Ctx,
 }
 
-impl Server {
-    /// Collects exited children: orphans of the shells, the shells, the helper.
+impl Router {
+    /// Collects exited children: lanes (whose status is kept for the answer about them) and
+    /// the orphans of a lane that died.
     fn reap(&mut self) {
         loop {
             match waitpid(None, Some(WaitPidFlag::WNOHANG)) {
                 Ok(WaitStatus::StillAlive) | Err(_) => return,
                 Ok(st) => {
-                    let (pid, code) = match st {
-                        WaitStatus::Exited(p, c) => (p, c),
-                        WaitStatus::Signaled(p, s, _) => (p, 128 + s as i32),
-                        _ => continue,
-                    };
-                    for shell in self.shells.values_mut() {
-                        if Some(pid.as_raw()) == shell.pid() {
-                            shell.note_exit(code);
-                        }
-                    }
-                    if self.helper.as_ref().is_some_and(|h| h.pid == pid) {
-                        self.helper = None;
+                    let Some(pid) = st.pid() else { continue };
+                    if let Some(t) = self.lanes.values_mut().find(|t| t.lane.pid == pid) {
+                        t.status = Some(st);
                     }
                 }
             }
         }
     }
 
-    /// A `bash` call, in its thread's shell. A kill after a timeout spares the helper and the
-    /// other threads' shells with everything they started.
-    fn bash(&mut self, req: &Request) -> ToolResult {
-        let mut spare: Vec<i32> = self.helper.as_ref().map(|h| h.pid.as_raw()).into_iter().collect();
-        spare.extend(self.shells.iter().filter(|(t, _)| **t != req.thread).filter_map(|(_, sh)| sh.pid()));
-        let (cwd, env, scope) = (self.tools.cwd.clone(), &self.env, self.scope);
-        let shell = self.shells.entry(req.thread.clone()).or_insert_with(|| Shell::new(cwd, env.clone(), scope));
-        shell.spare = spare;
-        shell.call(&req.input)
-    }
-
-    fn discard_helper(&mut self) {
-        if let Some(h) = self.helper.take() {
-            let _ = nix::sys::signal::kill(h.pid, nix::sys::signal::Signal::SIGKILL);
-            let _ = waitpid(h.pid, None);
-        }
-    }
-
-    fn helper(&mut self) -> std::io::Result<&mut Helper> {
-        if self.helper.is_none() {
-            let h = Helper::spawn(&self.tools)?;
-            self.helper = Some(h);
-        }
-        Ok(self.helper.as_mut().expect("spawned"))
-    }
-
-    fn file_tool(&mut self, req: &Request) -> ToolResult {
-        let saved = self.shells.values().filter_map(|sh| sh.saved_output_dir()).map(Into::into).collect();
-        let req = &Request { saved_outputs: saved, ..req.clone() };
-        let h = match self.helper() {
-            Ok(h) => h,
-            Err(e) => return ToolResult::err(format!("could not start the file tool helper: {e}")),
-        };
-        if frame::write(&mut h.chan, req).is_err() {
-            // The helper was already gone: the request never reached it, so it is safe to
-            // hand it to a new one.
-            self.discard_helper();
-            let resent = self.helper().and_then(|h| frame::write(&mut h.chan, req));
-            if let Err(e) = resent {
-                return ToolResult::err(format!("could not start the file tool helper: {e}"));
+    /// Takes a call: to its lane now, or into the lane's queue while it runs another.
+    fn dispatch(&mut self, req: Request, out: &mut UnixStream) -> std::io::Result<()> {
+        if let Some(t) = self.lanes.get_mut(&req.thread) {
+            if t.busy.is_some() {
+                t.queue.push_back(req);
+                return Ok(());
             }
         }
-        let h = self.helper.as_mut().expect("helper present");
-        let got: std::io::Result<Option<Response>> = frame::read(&mut h.chan);
-        match got {
-            Ok(Some(r)) => ToolResult { content: r.content, is_error: r.is_error },
-            _ => {
-                // The helper died mid-call. Report how, and start afresh on the next call.
-                let pid = h.pid;
-                let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
-                let how = match waitpid(pid, None) {
-                    Ok(WaitStatus::Signaled(_, s, _)) => format!("was killed by {s}"),
-                    Ok(WaitStatus::Exited(_, c)) => format!("exited with status {c}"),
-                    _ => "died".into(),
+        self.start(req, out)
+    }
+
+    /// Hands a call to its thread's lane, forking one when there is none (or a new one when
+    /// the old one turns out to be gone before it read the call).
+    fn start(&mut self, req: Request, out: &mut UnixStream) -> std::io::Result<()> {
+        let thread = req.thread.clone();
+        let req = Request { saved_outputs: self.saved.values().cloned().collect(), ..req };
+        for attempt in 0..2 {
+            if !self.lanes.contains_key(&thread) {
+                match Lane::spawn(&self.tools, &self.env, self.scope) {
+                    Ok(lane) => {
+                        let t = Tracked { lane, busy: None, queue: VecDeque::new(), status: None };
+                        self.lanes.insert(thread.clone(), t);
+                    }
+                    Err(e) => {
+                        let r = ToolResult::err(format!("could not start a process for the session thread: {e}"));
+                        return frame::write(out, &Response::new(req.id, r));
+                    }
+                }
+            }
+            let t = self.lanes.get_mut(&thread).expect("inserted above");
+            if frame::write(&mut t.lane.chan, &Inbound::Call(req.clone())).is_ok() {
+                t.busy = Some((req.id.clone(), req.name.clone()));
+                return Ok(());
+            }
+            // The lane died between calls (it had nothing queued): nothing of this call
+            // reached it, so a new lane may take it.
+            self.bury(&thread);
+            if attempt == 1 {
+                let r = ToolResult::err("could not hand the call to a process for the session thread");
+                frame::write(out, &Response::new(req.id.clone(), r))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Passes a stop to the lane running that call. A call still queued is answered at once.
+    fn stop(&mut self, id: &str, out: &mut UnixStream) -> std::io::Result<()> {
+        for t in self.lanes.values_mut() {
+            if t.busy.as_ref().is_some_and(|(b, _)| b == id) {
+                // A lane that already answered reads it as a late stop and drops it.
+                let _ = frame::write(&mut t.lane.chan, &Inbound::Stop { stop: id.to_owned() });
+                return Ok(());
+            }
+            if let Some(at) = t.queue.iter().position(|r| r.id == id) {
+                let req = t.queue.remove(at).expect("found");
+                return frame::write(out, &Response::new(req.id, ToolResult::err(crate::tools::stopped(&req.name))));
+            }
+        }
+        Ok(())
+    }
+
+    /// A lane's answer, or its end: passed on, and the lane's next queued call started.
+    fn lane_spoke(&mut self, thread: &Thread, out: &mut UnixStream) -> std::io::Result<()> {
+        let t = self.lanes.get_mut(thread).expect("a lane being read");
+        let queue = match frame::read::<_, Response>(&mut t.lane.chan) {
+            Ok(Some(mut resp)) => {
+                if t.busy.as_ref().map(|(id, _)| id) != resp.id.as_ref() {
+                    // Not an answer to the call it was given: a lane gone wrong is replaced.
+                    let _ = kill(t.lane.pid, Signal::SIGKILL);
+                    return self.lane_died(thread, out);
+                }
+                t.busy = None;
+                match resp.saved_output.take() {
+                    Some(dir) => self.saved.insert(thread.clone(), dir),
+                    None => self.saved.remove(thread),
                 };
-                self.helper = None;
-                ToolResult::err(format!(
-                    "the file tool helper {how} while running `{}`; the session continues and the next call gets a new helper",
-                    req.name
-                ))
+                frame::write(out, &resp)?;
+                let t = self.lanes.get_mut(thread).expect("still there");
+                std::mem::take(&mut t.queue)
             }
+            _ => return self.lane_died(thread, out),
+        };
+        self.restart_queue(thread, queue, out)
+    }
+
+    /// A lane died: its call gets an answer saying how, and its thread's queue a new lane.
+    fn lane_died(&mut self, thread: &Thread, out: &mut UnixStream) -> std::io::Result<()> {
+        let t = self.lanes.get_mut(thread).expect("a lane being read");
+        let busy = t.busy.take();
+        let queue = std::mem::take(&mut t.queue);
+        let how = self.bury(thread);
+        if let Some((id, name)) = busy {
+            let r = ToolResult::err(format!(
+                "the session thread's tool process {how} while running `{name}`; the session continues, and the \
+                 thread's next call starts a new shell"
+            ));
+            frame::write(out, &Response::new(id, r))?;
+        }
+        self.restart_queue(thread, queue, out)
+    }
+
+    fn restart_queue(
+        &mut self,
+        thread: &Thread,
+        mut queue: VecDeque<Request>,
+        out: &mut UnixStream,
+    ) -> std::io::Result<()> {
+        let Some(next) = queue.pop_front() else { return Ok(()) };
+        self.start(next, out)?;
+        if let Some(t) = self.lanes.get_mut(thread) {
+            t.queue = queue;
+        } else {
+            // Not even a new lane could be had: every waiting call is told so.
+            for req in queue {
+                let r = ToolResult::err("could not start a process for the session thread");
+                frame::write(out, &Response::new(req.id, r))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Kills and collects a lane; says how it had ended.
+    fn bury(&mut self, thread: &Thread) -> String {
+        let Some(t) = self.lanes.remove(thread) else { return "died".into() };
+        self.saved.remove(thread);
+        let _ = kill(t.lane.pid, Signal::SIGKILL);
+        let status = t.status.or_else(|| waitpid(t.lane.pid, None).ok());
+        match status {
+            Some(WaitStatus::Signaled(_, s, _)) => format!("was killed by {s}"),
+            Some(WaitStatus::Exited(_, c)) => format!("exited with status {c}"),
+            _ => "died".into(),
         }
     }
 }
 
 /// PID 1 of a session jail (`jail::Payload::Session`): the tools work in /workspace, under the
-/// policy's path rule, and a timed-out command's leftovers are found in the whole pid namespace.
+/// policy's path rule, and a timed-out or stopped command's leftovers are found among the
+/// descendants of its thread's lane.
 pub(crate) fn serve_in_jail(channel: &OwnedFd, env: &[(String, String)], policy: &crate::policy::Policy) -> i32 {
     let tools = Ctx::new(crate::jail::mounts::WORKSPACE, policy.tools.confine_paths);
-    serve(channel, env, &tools, KillScope::Namespace)
+    serve(channel, env, &tools, KillScope::Descendants)
 }
 
 /// PID 1's loop. Returns the exit code when the supervisor closes the channel. `tools` holds
@@ -173,17 +219,43 @@ pub fn serve(channel: &OwnedFd, env: &[(String, String)], tools: &Ctx, scope: Ki
         Ok(fd) => UnixStream::from(fd),
         Err(_) => return 1,
     };
-    let mut server = Server { shells: HashMap::new(), env: env.to_vec(), scope, helper: None, tools: tools.clone() };
-    while let Ok(Some(req)) = frame::read::<_, Request>(&mut chan) {
-        server.reap();
-        let result = if req.name == "bash" { server.bash(&req) } else { server.file_tool(&req) };
-        server.reap();
-        if frame::write(&mut chan, &Response::new(req.id, result)).is_err() {
-            break;
+    let mut router =
+        Router { lanes: HashMap::new(), saved: HashMap::new(), env: env.to_vec(), scope, tools: tools.clone() };
+    'serve: loop {
+        router.reap();
+        let threads: Vec<Thread> = router.lanes.keys().cloned().collect();
+        let (supervisor, ready) = {
+            let mut fds = vec![PollFd::new(chan.as_fd(), PollFlags::POLLIN)];
+            fds.extend(threads.iter().map(|t| PollFd::new(router.lanes[t].lane.chan.as_fd(), PollFlags::POLLIN)));
+            // Woken at least every second to reap what is orphaned to it.
+            match poll(&mut fds, PollTimeout::from(1000u16)) {
+                Ok(_) | Err(nix::errno::Errno::EINTR) => {}
+                Err(_) => break,
+            }
+            let ready = |f: &PollFd| f.revents().is_some_and(|e| !e.is_empty());
+            (ready(&fds[0]), fds[1..].iter().map(ready).collect::<Vec<_>>())
+        };
+        for (thread, _) in threads.iter().zip(ready).filter(|(_, r)| *r) {
+            if router.lane_spoke(thread, &mut chan).is_err() {
+                break 'serve;
+            }
+        }
+        if supervisor {
+            let r = match frame::read::<_, Inbound>(&mut chan) {
+                Ok(Some(Inbound::Call(req))) => router.dispatch(req, &mut chan),
+                Ok(Some(Inbound::Stop { stop })) => router.stop(&stop, &mut chan),
+                _ => break,
+            };
+            if r.is_err() {
+                break;
+            }
         }
     }
-    for shell in server.shells.values_mut() {
-        shell.kill();
+    // Each lane sees its channel close, kills what its thread started and exits.
+    let lanes: Vec<Pid> = router.lanes.values().map(|t| t.lane.pid).collect();
+    router.lanes.clear();
+    for pid in lanes {
+        let _ = waitpid(pid, None);
     }
     0
 }

@@ -128,8 +128,8 @@ pub struct TrailWriter {
     on_full: OnFull,
     input_max: usize,
     redactor: Redactor,
-    /// The tool call in flight, which the jail's execs and connections belong to.
-    call: Mutex<Option<String>>,
+    /// The tool calls in flight, which the jail's execs and connections belong to.
+    call: Mutex<Vec<String>>,
     /// This writer has seen the trail full.
     full: AtomicBool,
     /// A secret that may change while the session runs (the environment key, which rotates),
@@ -158,7 +158,7 @@ impl TrailWriter {
             on_full: policy.on_full,
             input_max: policy.input_max as usize,
             redactor: Redactor::new(literals, &policy.redact)?,
-            call: Mutex::new(None),
+            call: Mutex::new(Vec::new()),
             full: AtomicBool::new(false),
             current_secret: None,
         })
@@ -174,13 +174,28 @@ impl TrailWriter {
         self.current_secret.as_ref().map(|f| vec![f()]).unwrap_or_default()
     }
 
-    /// Sets (or clears) the tool call that what happens next in the jail belongs to.
-    pub fn set_call(&self, id: Option<&str>) {
-        *self.call.lock().unwrap_or_else(|e| e.into_inner()) = id.map(str::to_owned);
+    /// A tool call began running in the jail: what happens there until it ends may be its doing.
+    pub fn call_began(&self, id: &str) {
+        self.call.lock().unwrap_or_else(|e| e.into_inner()).push(id.to_owned());
     }
 
-    fn call(&self) -> Value {
-        self.call.lock().unwrap_or_else(|e| e.into_inner()).clone().map_or(Value::Null, Value::String)
+    pub fn call_ended(&self, id: &str) {
+        self.call.lock().unwrap_or_else(|e| e.into_inner()).retain(|c| c != id);
+    }
+
+    /// Adds whose doing a record may be: `tool_use_id`, the call running when it happened
+    /// (`null` when none or several ran), and with several running, `tool_use_ids`, all of them.
+    fn attribute(&self, mut m: Map<String, Value>) -> Map<String, Value> {
+        let calls = self.call.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        match calls.as_slice() {
+            [one] => m.insert("tool_use_id".into(), json!(one)),
+            [] => m.insert("tool_use_id".into(), Value::Null),
+            several => {
+                m.insert("tool_use_id".into(), Value::Null);
+                m.insert("tool_use_ids".into(), json!(several))
+            }
+        };
+        m
     }
 
     /// True when the trail is full and the policy says to refuse what it cannot record.
@@ -282,15 +297,15 @@ fn obj(v: Value) -> Map<String, Value> {
 
 impl Observer for TrailWriter {
     fn exec(&self, e: &Exec) -> bool {
-        let mut m = obj(json!({
+        let m = obj(json!({
             "pid": e.pid,
             "host_pid": e.host_pid,
             "path": e.path,
             "argv": e.argv,
             "argv_truncated": e.argv_truncated,
             "cwd": e.cwd,
-            "tool_use_id": self.call(),
         }));
+        let mut m = self.attribute(m);
         if let Some(d) = e.dirfd {
             m.insert("dirfd".into(), json!(d));
         }
@@ -305,28 +320,22 @@ impl Observer for TrailWriter {
     }
 
     fn exec_differs(&self, host_pid: u32, recorded: &Target, exe: &str, dev: u64, ino: u64) {
-        self.record(
-            "exec_differs",
-            obj(json!({
-                "host_pid": host_pid,
-                "recorded": {"dev": recorded.dev, "ino": recorded.ino},
-                "runs": {"exe": exe, "dev": dev, "ino": ino},
-                "tool_use_id": self.call(),
-            })),
-        );
+        let m = obj(json!({
+            "host_pid": host_pid,
+            "recorded": {"dev": recorded.dev, "ino": recorded.ino},
+            "runs": {"exe": exe, "dev": dev, "ino": ino},
+        }));
+        self.record("exec_differs", self.attribute(m));
     }
 
     fn egress(&self, allowed: bool, proto: &str, dst: std::net::Ipv4Addr, dport: Option<u16>) {
-        self.record(
-            "egress",
-            obj(json!({
-                "verdict": if allowed { "allow" } else { "deny" },
-                "proto": proto,
-                "dst": dst.to_string(),
-                "dport": dport,
-                "tool_use_id": self.call(),
-            })),
-        );
+        let m = obj(json!({
+            "verdict": if allowed { "allow" } else { "deny" },
+            "proto": proto,
+            "dst": dst.to_string(),
+            "dport": dport,
+        }));
+        self.record("egress", self.attribute(m));
     }
 }
 

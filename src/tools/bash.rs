@@ -24,7 +24,7 @@ use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, BorrowedFd};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -39,8 +39,10 @@ use super::{input, ToolResult, NO_OUTPUT};
 pub enum KillScope {
     /// Only the shell's process group (outside a jail, e.g. in tests).
     ProcessGroup,
-    /// Every process of the pid namespace except the callers listed in `spare` (inside a jail).
-    Namespace,
+    /// The process group and every other descendant of this process except those under `spare`
+    /// (a session thread's process in a jail, which is its children's subreaper, so a command's
+    /// orphans are its descendants too).
+    Descendants,
 }
 
 struct Running {
@@ -57,7 +59,8 @@ pub struct Shell {
     cwd: PathBuf,
     env: Vec<(String, String)>,
     scope: KillScope,
-    /// Processes a namespace-wide kill must spare (the jail's init and tool helper).
+    /// Processes a kill of the descendants must spare, with what they started (the file tool
+    /// helper).
     pub spare: Vec<i32>,
     running: Option<Running>,
     /// A call timed out: as with the runner, every call is refused until a restart.
@@ -102,6 +105,8 @@ enum Outcome {
     /// The shell ended first, with this status.
     Exited(i32),
     TimedOut,
+    /// The caller asked for the call to stop.
+    Stopped,
 }
 
 /// One of the command's two streams, as read so far.
@@ -306,8 +311,8 @@ impl Shell {
     pub fn kill(&mut self) -> Option<i32> {
         let r = self.running.take()?;
         let _ = kill(Pid::from_raw(-r.pid.as_raw()), Signal::SIGKILL);
-        if self.scope == KillScope::Namespace {
-            kill_namespace_except(&self.spare);
+        if self.scope == KillScope::Descendants {
+            kill_descendants_except(&self.spare);
         }
         match self.noted_exit.take() {
             Some(c) => Some(c),
@@ -337,6 +342,13 @@ impl Shell {
 
     /// Runs one `bash` tool call.
     pub fn call(&mut self, input: &serde_json::Value) -> ToolResult {
+        self.call_until(input, None)
+    }
+
+    /// Runs one `bash` tool call that stops as soon as `stop` turns readable: the shell and
+    /// everything it started are killed, as after a timeout, and the runner's text for a stopped
+    /// call is the answer.
+    pub fn call_until(&mut self, input: &serde_json::Value, stop: Option<BorrowedFd<'_>>) -> ToolResult {
         let i = match input::bash(input) {
             Ok(i) => i,
             Err(e) => return e,
@@ -357,10 +369,10 @@ impl Shell {
         if self.terminated {
             return ToolResult::err(command_not_run());
         }
-        self.run(command, timeout)
+        self.run(command, timeout, stop)
     }
 
-    fn run(&mut self, command: &str, timeout: f64) -> ToolResult {
+    fn run(&mut self, command: &str, timeout: f64, stop: Option<BorrowedFd<'_>>) -> ToolResult {
         let (marker, report) = sentinel();
         let script = frame(command, &report);
         if self.running.is_some() && self.noted_exit.is_some() {
@@ -387,8 +399,14 @@ impl Shell {
         }
         let mut out = Stream::new();
         let mut err = Stream::new();
-        match self.collect(marker.as_bytes(), timeout, &mut out, &mut err) {
+        match self.collect(marker.as_bytes(), timeout, stop, &mut out, &mut err) {
             Outcome::Done(code) => ToolResult::text(self.answer(&out, &err, code, ""), code != 0),
+            Outcome::Stopped => {
+                // As the runner's shell after a cancellation: gone until a restart.
+                self.kill();
+                self.terminated = true;
+                ToolResult::err(super::stopped("bash"))
+            }
             Outcome::TimedOut => {
                 self.kill();
                 self.terminated = true;
@@ -439,7 +457,14 @@ impl Shell {
     }
 
     /// Reads both streams until both sentinels, the shell's end or the deadline.
-    fn collect(&mut self, marker: &[u8], timeout: f64, out: &mut Stream, err: &mut Stream) -> Outcome {
+    fn collect(
+        &mut self,
+        marker: &[u8],
+        timeout: f64,
+        stop: Option<BorrowedFd<'_>>,
+        out: &mut Stream,
+        err: &mut Stream,
+    ) -> Outcome {
         use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
         let deadline = Instant::now() + Duration::from_secs_f64(timeout.clamp(0.0, 1e9));
         let r = self.running.as_mut().expect("running");
@@ -461,12 +486,15 @@ impl Shell {
                 }
             }
             let wait = (deadline - now).min(Duration::from_millis(50));
-            let mut fds = Vec::with_capacity(2);
+            let mut fds = Vec::with_capacity(3);
             if out_open {
                 fds.push(PollFd::new(r.stdout.as_fd(), PollFlags::POLLIN));
             }
             if err_open {
                 fds.push(PollFd::new(r.stderr.as_fd(), PollFlags::POLLIN));
+            }
+            if let Some(fd) = stop {
+                fds.push(PollFd::new(fd, PollFlags::POLLIN));
             }
             let ready: Vec<bool> = if fds.is_empty() {
                 std::thread::sleep(wait);
@@ -480,6 +508,9 @@ impl Shell {
                     Err(_) => vec![true; fds.len()],
                 }
             };
+            if stop.is_some() && ready.last() == Some(&true) {
+                return Outcome::Stopped;
+            }
             let mut k = 0;
             if out_open {
                 if ready[k] {
@@ -584,39 +615,53 @@ impl Drop for Shell {
     }
 }
 
-/// SIGKILLs every process visible in /proc except ourselves, PID 1, and the processes in `spare`
-/// with everything they started (another session thread's shell and its commands). Inside a jail,
-/// /proc shows only the jail's pid namespace.
-fn kill_namespace_except(spare: &[i32]) {
+/// SIGKILLs every descendant of this process except the processes in `spare` and what they
+/// started, in rounds until none is left (a process can fork while the others die).
+fn kill_descendants_except(spare: &[i32]) {
     let me = std::process::id() as i32;
-    let Ok(rd) = std::fs::read_dir("/proc") else { return };
+    for _ in 0..5 {
+        let parent = process_parents();
+        let mut killed = false;
+        for &pid in parent.keys() {
+            if pid != me && descends(&parent, pid, me, spare) {
+                killed |= kill(Pid::from_raw(pid), Signal::SIGKILL).is_ok();
+            }
+        }
+        if !killed {
+            return;
+        }
+    }
+}
+
+/// Every visible process with its parent: the fourth field of /proc/PID/stat, after the
+/// command in parentheses.
+fn process_parents() -> std::collections::HashMap<i32, i32> {
     let mut parent = std::collections::HashMap::new();
+    let Ok(rd) = std::fs::read_dir("/proc") else { return parent };
     for e in rd.flatten() {
         let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else { continue };
-        // The parent is the fourth field of /proc/PID/stat, after the command in parentheses.
         let ppid = std::fs::read_to_string(e.path().join("stat"))
             .ok()
             .and_then(|st| st.rsplit_once(')').and_then(|(_, rest)| rest.split_whitespace().nth(1)?.parse().ok()))
             .unwrap_or(0);
         parent.insert(pid, ppid);
     }
-    let spared = |mut pid: i32| {
-        for _ in 0..parent.len() {
-            if spare.contains(&pid) {
-                return true;
-            }
-            match parent.get(&pid) {
-                Some(&p) if p > 1 => pid = p,
-                _ => return false,
-            }
+    parent
+}
+
+/// Whether `pid` descends from `root` through no process in `spare`.
+fn descends(parent: &std::collections::HashMap<i32, i32>, mut pid: i32, root: i32, spare: &[i32]) -> bool {
+    for _ in 0..parent.len() {
+        if spare.contains(&pid) {
+            return false;
         }
-        false
-    };
-    for &pid in parent.keys() {
-        if pid != me && pid != 1 && !spared(pid) {
-            let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+        match parent.get(&pid) {
+            Some(&p) if p == root => return true,
+            Some(&p) if p > 0 => pid = p,
+            _ => return false,
         }
     }
+    false
 }
 
 fn random_u64() -> u64 {

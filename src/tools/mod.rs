@@ -134,6 +134,12 @@ pub fn run_file_tool(ctx: &Ctx, name: &str, input: &serde_json::Value) -> ToolRe
     r.unwrap_or_else(|e| e)
 }
 
+/// The official runner's answer for a call it stopped: the session no longer waits on it, or
+/// the runner is stopping.
+pub(crate) fn stopped(name: &str) -> String {
+    format!("tool {} was stopped, and may have already done some or all of its work", pyfmt::repr(name))
+}
+
 pub(crate) fn unknown_tool(name: &str) -> String {
     match crate::util::nearest(name, TOOLS.iter().copied()) {
         Some(s) => format!("Unknown tool `{name}` (did you mean `{s}`?); tools: bash, read, write, edit, glob, grep"),

@@ -1,13 +1,15 @@
 //! The session's events as an item consumes them: the stream, reconnected with the history
 //! listed again into a new view whenever it drops (and every minute while waiting), and the next
-//! call the official runner's rules let run, or the signal that ends the item.
+//! thing to do: a call the official runner's rules let run, a running call to stop, an answer
+//! from the jail, or the signal that ends the item.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 
 use super::item::{End, Runner};
 use super::lease::{changed, signals, Lease};
+use super::runner::Answer;
 use super::view::{Decision, View};
 use super::Shutdown;
 use crate::control_plane::client::EventStream;
@@ -24,10 +26,17 @@ pub(super) struct Call {
     pub(super) thread: Option<String>,
 }
 
+/// The calls running, by session thread (none: the primary one): thread → call id.
+pub(super) type Busy = HashMap<Option<String>, String>;
+
 /// What the session asks of the worker next.
 pub(super) enum Next {
     /// A tool call to run.
     Call(Call),
+    /// A running call the session no longer takes a result for: stop it.
+    Stop(String),
+    /// The jail answered a call, or is gone.
+    Answer(Answer),
     /// The item is over: the session ended, went idle, was stopped, or the lease or the worker is
     /// going; `kill` when the jail must die at once rather than end.
     Over { end: End, kill: bool },
@@ -43,6 +52,8 @@ pub(super) struct Feed {
     pub(super) handled: HashSet<String>,
     /// Calls logged as waiting for a confirmation.
     pub(super) held: HashSet<String>,
+    /// Running calls already told to stop.
+    stopped: HashSet<String>,
     /// When the history was last listed: it is listed again every `RELIST_EVERY` while the
     /// worker waits, so an event a stream lost without a sign is still seen.
     pub(super) listed_at: Instant,
@@ -58,14 +69,16 @@ impl Feed {
             view: View::default(),
             handled: HashSet::new(),
             held: HashSet::new(),
+            stopped: HashSet::new(),
             listed_at: Instant::now(),
             active_at: Instant::now(),
         }
     }
 
-    /// The next call the session waits on that may run now, as the official runner picks it;
-    /// calls to leave alone are marked handled on the way.
-    fn next_call(&mut self) -> Option<Call> {
+    /// The next call the session waits on that may run now, as the official runner picks it:
+    /// the oldest whose thread runs nothing, while fewer than `limit` calls run. Calls to leave
+    /// alone are marked handled on the way.
+    fn next_call(&mut self, busy: &Busy, limit: usize) -> Option<Call> {
         for c in self.view.unconfirmed() {
             if self.held.insert(c.id.clone()) {
                 tracing::info!(tool_use_id = %c.id, tool = %c.name, "tool call awaiting confirmation; holding");
@@ -77,10 +90,11 @@ impl Feed {
                     tracing::info!(tool_use_id = %c.id, tool = %c.name, reason = why, "not executing tool");
                     self.handled.insert(c.id);
                 }
-                Decision::Run(c) => {
+                Decision::Run(c) if busy.len() < limit && !busy.contains_key(&c.thread) => {
                     self.handled.insert(c.id.clone());
                     return Some(Call { id: c.id, name: c.name, input: c.input, thread: c.thread });
                 }
+                Decision::Run(_) => {}
             }
         }
         None
@@ -101,12 +115,21 @@ impl Feed {
         }
     }
 
-    /// Waits for the next thing to do.
+    /// A running call the session no longer takes a result for, not yet told to stop.
+    fn call_to_stop(&mut self, busy: &Busy) -> Option<String> {
+        let id = busy.values().find(|id| self.view.is_resolved(id) && !self.stopped.contains(*id))?;
+        self.stopped.insert(id.clone());
+        Some(id.clone())
+    }
+
+    /// Waits for the next thing to do while the calls in `busy` run.
     pub(super) async fn next(
         &mut self,
         r: &Runner<'_>,
         lease: &mut watch::Receiver<Lease>,
         shutdown: &mut watch::Receiver<Shutdown>,
+        answers: &mut mpsc::UnboundedReceiver<Answer>,
+        busy: &Busy,
     ) -> Next {
         loop {
             let stop = match signals(lease, shutdown) {
@@ -123,14 +146,26 @@ impl Feed {
             if let Some(why) = self.view.ended {
                 return Next::Over { end: End::Completed(why), kill: false };
             }
-            // Calls start only while connected, so the view is the whole history.
+            // An answer that already came is taken before anything new starts.
+            if let Ok(a) = answers.try_recv() {
+                return Next::Answer(a);
+            }
+            // Calls start, and are stopped, only while connected, so the view is the whole history.
             if self.stream.is_some() {
-                if let Some(call) = self.next_call() {
+                if let Some(id) = self.call_to_stop(busy) {
+                    return Next::Stop(id);
+                }
+                if let Some(call) = self.next_call(busy, r.ctx.max_concurrent_calls) {
                     return Next::Call(call);
                 }
             }
-            let idle_ends =
-                self.view.idle_since.map(|since| since.max(self.active_at)).and_then(|t| t.checked_add(r.ctx.max_idle));
+            // The idle countdown runs only while no call does.
+            let idle_ends = self
+                .view
+                .idle_since
+                .filter(|_| busy.is_empty())
+                .map(|since| since.max(self.active_at))
+                .and_then(|t| t.checked_add(r.ctx.max_idle));
             if idle_ends.is_some_and(|t| Instant::now() >= t) {
                 return Next::Over { end: End::Completed("idle after its turn ended"), kill: false };
             }
@@ -172,6 +207,7 @@ impl Feed {
                     }
                 }
                 () = changed(lease, shutdown) => {}
+                a = answers.recv() => return Next::Answer(a.unwrap_or_else(|| Answer::Gone("exited".into()))),
             }
         }
     }

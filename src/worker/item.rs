@@ -1,7 +1,7 @@
 //! One work item, from ack to stop: its directories, its jail, the lease heartbeat, the
 //! session's tool calls and their results. The flow is the official worker's
 //! (`anthropic.lib.environments.EnvironmentWorker`): heartbeat first, then the session's event
-//! stream plus a full listing of its history, one tool call at a time, and a forced stop at the
+//! stream plus a full listing of its history, the tool calls (`calls`), and a forced stop at the
 //! end unless the lease was lost.
 
 use std::sync::Arc;
@@ -9,22 +9,19 @@ use std::time::{Duration, Instant, SystemTime};
 use tokio::sync::watch;
 use tracing::Instrument;
 
-use super::feed::{Feed, Next};
-use super::lease::{changed, heartbeat, must_kill, signals, stop_item, Lease, LeaseClock};
+use super::lease::{changed, heartbeat, signals, stop_item, Lease, LeaseClock};
 use super::runner::{RunnerError, SessionProcess};
 use super::state::{ItemDirs, ItemRecord};
 use super::view::View;
 use super::{Ctx, Shutdown};
 use crate::control_plane::client::EventStream;
-use crate::control_plane::wire::{ContentBlock, ToolResultEvent, WorkItem, WorkSecret, HISTORY_EVENT_TYPES};
+use crate::control_plane::wire::{WorkItem, WorkSecret, HISTORY_EVENT_TYPES};
 use crate::control_plane::{ApiError, Backoff, Client, Secret};
-use crate::policy::narrow::{self, Narrowing};
 use crate::session::trail::TrailWriter;
-use crate::tools::ToolResult;
 use crate::util::rfc3339;
 
 /// Events per listing page (the most the API gives).
-const LIST_LIMIT: u32 = 1000;
+pub(super) const LIST_LIMIT: u32 = 1000;
 
 /// How an item's session ended.
 #[derive(Debug)]
@@ -336,37 +333,26 @@ async fn read_session(
     }
 }
 
-/// The error result that stands in for one too large to post.
-fn too_large(id: &str, size: usize, limit: usize) -> ToolResultEvent {
-    ToolResultEvent::new(
-        id,
-        true,
-        vec![ContentBlock::text(format!(
-            "output too large: {size} bytes; limit {limit}. Narrow the call (a smaller range, a filter, head/tail) and try again."
-        ))],
-    )
-}
-
 pub(super) struct Runner<'a> {
     pub(super) ctx: &'a Ctx,
-    client: &'a Client,
-    item: &'a WorkItem,
-    session: &'a str,
-    dirs: &'a ItemDirs,
+    pub(super) client: &'a Client,
+    pub(super) item: &'a WorkItem,
+    pub(super) session: &'a str,
+    pub(super) dirs: &'a ItemDirs,
     clock: Arc<LeaseClock>,
-    trail: &'a TrailWriter,
+    pub(super) trail: &'a TrailWriter,
     trail_path: &'a std::path::Path,
 }
 
 impl Runner<'_> {
-    fn ttl(&self) -> Duration {
+    pub(super) fn ttl(&self) -> Duration {
         self.clock.ttl()
     }
 
     /// Whether this worker may still act for the item. After a pause (a stopped process, a
     /// suspended host) longer than the lease, the lease may be another worker's: a heartbeat is
     /// asked for and awaited before anything is posted.
-    async fn confirm_lease(&self, lease: &watch::Receiver<Lease>) -> bool {
+    pub(super) async fn confirm_lease(&self, lease: &watch::Receiver<Lease>) -> bool {
         let (ttl, last) = self.clock.get();
         if last.elapsed() <= ttl {
             return *lease.borrow() != Lease::Lost;
@@ -391,7 +377,7 @@ impl Runner<'_> {
         }
     }
 
-    async fn start_jail(&self, narrow: Option<&str>) -> Result<SessionProcess, RunnerError> {
+    pub(super) async fn start_jail(&self, narrow: Option<&str>) -> Result<SessionProcess, RunnerError> {
         let p =
             SessionProcess::start(&self.ctx.runner, &self.dirs.workspace, &self.dirs.outputs, narrow, self.trail_path)
                 .await
@@ -405,7 +391,7 @@ impl Runner<'_> {
 
     /// Provisions the workspace as `[provision]` and the item's metadata say, once per item
     /// (a restarted worker finds it done). Refusals and outcomes go to the trail.
-    async fn provision(&self) -> Result<(), super::provision::Refusal> {
+    pub(super) async fn provision(&self) -> Result<(), super::provision::Refusal> {
         use super::provision::{self, Plan};
         let p = &self.ctx.policy.provision;
         let plan = match provision::plan(p, &self.item.metadata) {
@@ -513,287 +499,4 @@ impl Runner<'_> {
             }
         }
     }
-
-    /// Runs the session until it ends, is stopped, or the lease is lost. The jail is gone when
-    /// it returns.
-    async fn drive(&self, mut lease: watch::Receiver<Lease>, mut shutdown: watch::Receiver<Shutdown>) -> End {
-        // Session metadata may narrow the worker's policy, never widen it (see policy::narrow).
-        let narrow = match self.item.metadata.get(narrow::METADATA_KEY).map(Narrowing::from_json) {
-            None => None,
-            Some(Ok(n)) => Some(serde_json::to_string(&n).expect("serialises")),
-            Some(Err(e)) => return End::Failed(e.to_string()),
-        };
-        let narrow = narrow.as_deref();
-        // The workspace as the session's metadata asks for it, before anything of the agent's
-        // runs; if that is refused or fails, every call is answered with why.
-        let refused = self.provision().await.err().map(|r| r.0);
-        let mut jail = match self.start_jail(narrow).await {
-            Ok(p) => p,
-            Err(e) => return End::Failed(e.to_string()),
-        };
-        let mut feed = Feed::new();
-        // Results a crashed run produced: posted only once the session shows they are absent.
-        for p in self.ctx.state.outbox(self.dirs) {
-            let r = ToolResult { content: p.content.into_blocks(), is_error: p.is_error };
-            match self.post_result(&p.tool_use_id, p.name.as_deref(), &r, &lease, true).await {
-                Ok(()) => {
-                    feed.handled.insert(p.tool_use_id);
-                }
-                Err(end) => {
-                    jail.kill().await;
-                    return end;
-                }
-            }
-        }
-        let mut restarts = 0;
-        loop {
-            let call = match feed.next(self, &mut lease, &mut shutdown).await {
-                Next::Call(call) => call,
-                Next::Over { end, kill } => {
-                    if kill {
-                        jail.kill().await;
-                    } else {
-                        jail.end(Duration::from_secs(5)).await;
-                    }
-                    return end;
-                }
-            };
-            let thread = call.thread.as_deref().unwrap_or("");
-            let span =
-                tracing::info_span!("tool", tool_use_id = %call.id, tool = %call.name, session_thread_id = thread);
-            let t = Instant::now();
-            // Recorded before it runs: a trail that cannot hold it refuses it.
-            let r = if self.trail.refusing() || !self.trail.call_start(&call.id, &call.name, &call.input) {
-                Ok(ToolResult::err(crate::session::trail_full()))
-            } else if let Some(why) = &refused {
-                Ok(ToolResult::err(why.clone()))
-            } else {
-                tokio::select! {
-                    r = jail.call(call.thread.as_deref(), &call.id, &call.name, &call.input).instrument(span.clone()) => r,
-                    () = must_kill(lease.clone(), shutdown.clone()) => continue,
-                }
-            };
-            let result = match r {
-                Ok(r) => r,
-                Err(e) => {
-                    restarts += 1;
-                    tracing::warn!(parent: &span, error = %e, restarts, "the session jail died during a call");
-                    jail.kill().await;
-                    if restarts > 3 {
-                        return End::Failed(format!("the session jail died {restarts} times"));
-                    }
-                    jail = match self.start_jail(narrow).await {
-                        Ok(p) => p,
-                        Err(e) => return End::Failed(e.to_string()),
-                    };
-                    ToolResult::err(format!(
-                        "The sandbox stopped while running this call ({e}). It was restarted with the same \
-                         workspace; shell state (working directory, variables) was lost."
-                    ))
-                }
-            };
-            let took = t.elapsed();
-            let size = result.content.iter().map(crate::tools::Block::size).sum();
-            self.trail.call_end(&call.id, &call.name, result.is_error, took, size);
-            self.ctx.metrics.tool_call(&call.name, result.is_error, took);
-            tracing::info!(parent: &span, is_error = result.is_error, took_ms = took.as_millis() as u64, "tool call done");
-            feed.catch_up().await;
-            if feed.view.has_terminated(call.thread.as_deref()) {
-                tracing::info!(parent: &span, "thread terminated; not posting the result");
-                feed.active_at = Instant::now();
-                continue;
-            }
-            // A result not saved is not reposted after a crash: the state directory follows
-            // the trail's `on_full`, like the trail itself.
-            let unsaved = match self.ctx.state.put_outbox(self.dirs, &call.id, &call.name, &result) {
-                Ok(()) => None,
-                Err(e) => {
-                    self.ctx.metrics.outbox_failures.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    tracing::error!(error = %e, "could not save a result before posting it: a crash now would lose it");
-                    (self.ctx.policy.trail.on_full == crate::policy::OnFull::Fail).then(|| {
-                        format!(
-                            "the worker could not save a tool result before posting it ({e}): with trail.on_full = \"fail\" \
-                             the session goes no further without crash-safe posting"
-                        )
-                    })
-                }
-            };
-            match self.post_result(&call.id, Some(&call.name), &result, &lease, false).await {
-                Ok(()) if self.trail.refusing() => {
-                    // The call was told; the session goes no further than its trail can record.
-                    jail.kill().await;
-                    return End::Failed(crate::session::trail_full());
-                }
-                Ok(()) if unsaved.is_some() => {
-                    jail.kill().await;
-                    return End::Failed(unsaved.unwrap_or_default());
-                }
-                Ok(()) => {
-                    feed.active_at = Instant::now();
-                }
-                Err(end) => {
-                    jail.kill().await;
-                    return end;
-                }
-            }
-        }
-    }
-
-    /// Whether the session holds a result for `id`; None when that cannot be told now.
-    async fn already_posted(&self, id: &str) -> Option<bool> {
-        let mut page: Option<String> = None;
-        loop {
-            let l =
-                self.client.list_events(self.session, page.as_deref(), LIST_LIMIT, HISTORY_EVENT_TYPES).await.ok()?;
-            let mut found = false;
-            let next = l
-                .each(|e| {
-                    found |= e.get("type").and_then(|t| t.as_str()) == Some("user.tool_result")
-                        && e.get("tool_use_id").and_then(|t| t.as_str()) == Some(id)
-                })
-                .ok()?;
-            if found {
-                return Some(true);
-            }
-            match next {
-                Some(p) => page = Some(p),
-                None => return Some(false),
-            }
-        }
-    }
-
-    /// Posts a result exactly once: after any failure that may have taken effect — and, with
-    /// `unsure`, before the first attempt — the session is checked for it, and nothing is posted
-    /// again until the session shows it absent. Retried while the lease holds.
-    async fn post_result(
-        &self,
-        id: &str,
-        name: Option<&str>,
-        r: &ToolResult,
-        lease: &watch::Receiver<Lease>,
-        mut unsure: bool,
-    ) -> Result<(), End> {
-        let mut ev = ToolResultEvent::new(id, r.is_error, wire_blocks(r));
-        let size = serde_json::to_vec(&ev).map(|v| v.len()).unwrap_or(usize::MAX);
-        let mut shrunk = size > self.ctx.max_result_bytes;
-        if shrunk {
-            tracing::warn!(
-                tool_use_id = id,
-                size,
-                limit = self.ctx.max_result_bytes,
-                "a result over the limit becomes an error"
-            );
-            ev = too_large(id, size, self.ctx.max_result_bytes);
-        }
-        let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
-        let mut permanent = 0;
-        let mut lease = lease.clone();
-        // Since when the session's events could not be read to tell whether the result landed.
-        let mut blind_since: Option<Instant> = None;
-        loop {
-            match *lease.borrow() {
-                Lease::Lost => return Err(End::Lost),
-                // A forced stop ends the item now; the heartbeat no longer runs, so nothing else
-                // would end this loop.
-                Lease::ForceRequested => return Err(End::Stopped { forced: true }),
-                Lease::Held | Lease::StopRequested => {}
-            }
-            let err = if unsure {
-                match self.already_posted(id).await {
-                    Some(true) => {
-                        tracing::info!(tool_use_id = id, "the result had been recorded already");
-                        break;
-                    }
-                    Some(false) => {
-                        unsure = false;
-                        blind_since = None;
-                        continue;
-                    }
-                    // Still never posted again without looking: after a whole lease of not being
-                    // able to look, the item ends instead of holding its slot.
-                    None if blind_since.get_or_insert_with(Instant::now).elapsed() > self.ttl() => {
-                        return Err(End::Failed(format!(
-                            "could not tell whether the result of {id} was recorded: the session's events could \
-                             not be read for a whole lease"
-                        )));
-                    }
-                    None => None,
-                }
-            } else {
-                if !self.confirm_lease(&lease).await {
-                    tracing::warn!(tool_use_id = id, "the lease is no longer this worker's; the result is dropped");
-                    self.ctx.state.take_outbox(self.dirs, id);
-                    return Err(End::Lost);
-                }
-                match self.client.send_event(self.session, &ev).await {
-                    Ok(()) => break,
-                    // The API refuses the result (400, 413): the call stays open, so it gets an
-                    // error result saying so, in the official runner's words, and the session
-                    // goes on.
-                    Err(ApiError::Rejected { status: status @ (400 | 413), message }) if !shrunk => {
-                        tracing::warn!(tool_use_id = id, size, status, "the control plane refused a result");
-                        let tool = crate::tools::pyfmt::repr(name.unwrap_or("unknown"));
-                        let text = format!("The API refused the result of tool {tool}: {message}");
-                        ev = ToolResultEvent::new(id, true, vec![ContentBlock::text(text)]);
-                        shrunk = true;
-                        continue;
-                    }
-                    Err(e) => {
-                        // Only a 429 or a refusal certainly did nothing; anything else may have
-                        // landed, so the next step is to look, not to post.
-                        unsure = e.is_ambiguous();
-                        if matches!(e, ApiError::Rejected { .. } | ApiError::NotFound(_) | ApiError::Auth { .. }) {
-                            permanent += 1;
-                            if permanent >= 3 {
-                                return Err(End::Failed(format!("the control plane refuses the result of {id}: {e}")));
-                            }
-                        }
-                        Some(e)
-                    }
-                }
-            };
-            self.ctx.metrics.result_post_retries.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            let d = match &err {
-                // A POST that may still be on its way (a timeout, a cut connection) is given one
-                // more request timeout to land before the session is looked at: a result found
-                // absent too early would be posted twice.
-                Some(e @ (ApiError::Timeout(_) | ApiError::Connect(_))) => {
-                    backoff.delay_for(e).max(self.client.timeout)
-                }
-                Some(e) => backoff.delay_for(e),
-                None => backoff.next_delay(),
-            };
-            match &err {
-                Some(e) => {
-                    tracing::warn!(tool_use_id = id, error = %e, retry_ms = d.as_millis() as u64, "posting a result failed")
-                }
-                None => tracing::warn!(
-                    tool_use_id = id,
-                    retry_ms = d.as_millis() as u64,
-                    "cannot tell whether a result was posted; looking again"
-                ),
-            }
-            tokio::select! {
-                () = tokio::time::sleep(d) => {}
-                r = lease.changed() => if r.is_err() { tokio::time::sleep(d).await },
-            }
-        }
-        self.ctx.state.take_outbox(self.dirs, id);
-        Ok(())
-    }
-}
-
-/// A tool result's blocks as the Sessions API takes them.
-fn wire_blocks(r: &ToolResult) -> Vec<ContentBlock> {
-    use crate::tools::Block;
-    r.content
-        .iter()
-        .map(|b| match b {
-            Block::Text { text } => ContentBlock::text(text.clone()),
-            Block::Image { source } => ContentBlock::Image { source: serde_json::to_value(source).unwrap_or_default() },
-            Block::Document { source } => {
-                ContentBlock::Document { source: serde_json::to_value(source).unwrap_or_default() }
-            }
-        })
-        .collect()
 }

@@ -2,11 +2,13 @@
 //! the leases alive and posts results. See `item` for one item's life, `state` for what
 //! survives a crash.
 
+mod calls;
 mod feed;
 mod item;
 pub mod key;
 mod lease;
 pub mod metrics;
+mod post;
 pub mod provision;
 pub(crate) mod room;
 mod runner;
@@ -82,6 +84,9 @@ pub struct WorkerConfig {
     pub block: Duration,
     /// How long a session stays idle after `end_turn` before its item ends.
     pub max_idle: Duration,
+    /// Calls of one session that run at once (of different session threads); `usize::MAX` is
+    /// no limit.
+    pub max_concurrent_calls: usize,
     /// Heartbeat period; by default `min(ttl/2, 30 s)` as the server's lease says.
     pub heartbeat_every: Option<Duration>,
     /// Timeout of one API call.
@@ -119,6 +124,7 @@ impl WorkerConfig {
             exe: PathBuf::from("/proc/self/exe"),
             block: Duration::from_millis(999),
             max_idle: Duration::from_secs(60),
+            max_concurrent_calls: 1,
             heartbeat_every: None,
             api_timeout: Duration::from_secs(15),
             stream_silence: Duration::from_secs(15),
@@ -145,6 +151,7 @@ pub(crate) struct Ctx {
     key_source: Option<key::KeySource>,
     heartbeat_every: Option<Duration>,
     max_idle: Duration,
+    max_concurrent_calls: usize,
     max_result_bytes: usize,
     /// The sessions' policy: its `[trail]`, `[retention]` and `[provision]` are the worker's to apply.
     policy: Arc<crate::policy::Policy>,
@@ -283,6 +290,7 @@ async fn context(cfg: &WorkerConfig) -> Result<Arc<Ctx>, WorkerError> {
         key_source: cfg.key_source.clone(),
         heartbeat_every: cfg.heartbeat_every,
         max_idle: cfg.max_idle,
+        max_concurrent_calls: cfg.max_concurrent_calls,
         max_result_bytes: cfg.max_result_bytes,
         retention,
         policy: Arc::new(policy),

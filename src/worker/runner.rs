@@ -2,12 +2,16 @@
 //! and the worker is a tokio runtime, so each session runs `stockade session --announce` as a
 //! child with an empty environment; the child builds the jail and relays tool calls as JSON
 //! lines. The child dies with the worker (PDEATHSIG), and the jail with the child.
+//!
+//! Several calls can be in flight (one per session thread): each is sent as it starts, and the
+//! answers come back on one channel as they finish, tagged with their calls' ids.
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader, Lines};
-use tokio::process::{Child, ChildStdin, ChildStdout, Command};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::process::{Child, ChildStdin, Command};
+use tokio::sync::mpsc;
 
 use crate::session::{Request, Response};
 use crate::tools::ToolResult;
@@ -32,10 +36,17 @@ pub(crate) enum RunnerError {
     Gone(String),
 }
 
+/// What the jail says: a call's answer, or that it is gone.
+pub(crate) enum Answer {
+    Result { id: String, result: ToolResult },
+    Gone(String),
+}
+
 pub(crate) struct SessionProcess {
     child: Child,
     stdin: Option<ChildStdin>,
-    stdout: Lines<BufReader<ChildStdout>>,
+    /// The answers, as they come; the jail's end is the last.
+    pub answers: mpsc::UnboundedReceiver<Answer>,
     /// The jail's init, as seen from the host.
     pub jail_pid: i32,
     pub build_time: Duration,
@@ -93,31 +104,52 @@ impl SessionProcess {
             let status = child.wait().await.map(|s| s.to_string()).unwrap_or_else(|e| e.to_string());
             return Err(RunnerError::Build(status));
         };
-        Ok(SessionProcess { child, stdin, stdout, jail_pid: pid as i32, build_time: t.elapsed() })
+        let (tx, answers) = mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            let why = loop {
+                match stdout.next_line().await {
+                    Ok(Some(l)) => match serde_json::from_str::<Response>(&l) {
+                        Ok(Response { id: Some(id), content, is_error, .. }) => {
+                            let _ = tx.send(Answer::Result { id, result: ToolResult { content, is_error } });
+                        }
+                        Ok(_) => break "a result without an id".to_owned(),
+                        Err(e) => break format!("unreadable result: {e}"),
+                    },
+                    Ok(None) => break "exited".to_owned(),
+                    Err(e) => break e.to_string(),
+                }
+            };
+            let _ = tx.send(Answer::Gone(why));
+        });
+        Ok(SessionProcess { child, stdin, answers, jail_pid: pid as i32, build_time: t.elapsed() })
     }
 
-    /// One tool call, in its session thread's shell. `Err` means the jail is gone: the session
-    /// needs a new one.
-    pub(crate) async fn call(
+    async fn send(&mut self, line: &[u8]) -> Result<(), RunnerError> {
+        let gone = |e: String| RunnerError::Gone(e);
+        let stdin = self.stdin.as_mut().ok_or_else(|| gone("already closed".into()))?;
+        stdin.write_all(line).await.map_err(|e| gone(e.to_string()))?;
+        stdin.flush().await.map_err(|e| gone(e.to_string()))
+    }
+
+    /// Starts one tool call, in its session thread's shell; its answer comes on `answers`.
+    /// `Err` means the jail is gone: the session needs a new one.
+    pub(crate) async fn start_call(
         &mut self,
         thread: Option<&str>,
         id: &str,
         name: &str,
         input: &serde_json::Value,
-    ) -> Result<ToolResult, RunnerError> {
-        let gone = |e: String| RunnerError::Gone(e);
-        let req = Request::new(thread, id, name, input);
-        let mut line = serde_json::to_vec(&req).expect("requests serialise");
+    ) -> Result<(), RunnerError> {
+        let mut line = serde_json::to_vec(&Request::new(thread, id, name, input)).expect("requests serialise");
         line.push(b'\n');
-        let stdin = self.stdin.as_mut().ok_or_else(|| gone("already closed".into()))?;
-        stdin.write_all(&line).await.map_err(|e| gone(e.to_string()))?;
-        stdin.flush().await.map_err(|e| gone(e.to_string()))?;
-        let l = self.stdout.next_line().await.map_err(|e| gone(e.to_string()))?.ok_or_else(|| gone("exited".into()))?;
-        let r: Response = serde_json::from_str(&l).map_err(|e| gone(format!("unreadable result: {e}")))?;
-        if r.id.as_deref() != Some(id) {
-            return Err(gone(format!("result for {:?} while waiting for {id}", r.id)));
-        }
-        Ok(ToolResult { content: r.content, is_error: r.is_error })
+        self.send(&line).await
+    }
+
+    /// Stops a running call: it is answered at once with the runner's text for a stopped call.
+    pub(crate) async fn stop_call(&mut self, id: &str) -> Result<(), RunnerError> {
+        let mut line = serde_json::to_vec(&serde_json::json!({ "stop": id })).expect("serialises");
+        line.push(b'\n');
+        self.send(&line).await
     }
 
     /// Kills the jail at once (the supervisor's death takes the jail with it).

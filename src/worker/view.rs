@@ -108,6 +108,17 @@ impl View {
         View { seen_before: self.seen_at.clone(), unreadable: self.unreadable.clone(), ..View::default() }
     }
 
+    /// Whether the session no longer takes a result for a call that was read: its result came
+    /// from elsewhere, or its thread's latest idle or end did not list it (a thread that ran out
+    /// of retries still takes the results it waited on). A running call that is resolved is
+    /// stopped.
+    pub(super) fn is_resolved(&self, id: &str) -> bool {
+        match self.calls.iter().find(|(i, _)| i == id) {
+            None => true,
+            Some((_, c)) => !matches!(c.thread_stop_reason.as_deref(), None | Some("retries_exhausted")),
+        }
+    }
+
     /// Whether the call's thread terminated: its result is not posted.
     pub(super) fn has_terminated(&self, thread: Option<&str>) -> bool {
         thread.is_some_and(|t| self.terminated.get(t).copied().unwrap_or(false))
