@@ -117,13 +117,13 @@ def sdk_client(cp: ControlPlane, key: str | None = None, **kw) -> anthropic.Anth
     return anthropic.Anthropic(api_key=key or cp.org_key, base_url=cp.url, max_retries=0, **kw)
 
 
-def run_official_worker(cp: ControlPlane, workdir: str, until, limit: float = 60):
+def run_official_worker(cp: ControlPlane, workdir: str, until, limit: float = 60, **options):
     """Runs EnvironmentWorker.run() until `until()` holds, then cancels it."""
 
     async def main():
         client = anthropic.AsyncAnthropic(api_key="unused", base_url=cp.url)
         worker = EnvironmentWorker(client, environment_id=ENV, environment_key=cp.env_key, workdir=workdir,
-                                   max_idle=1.0)
+                                   max_idle=1.0, **options)
         task = asyncio.create_task(worker.run())
         deadline = time.time() + limit
         try:
@@ -161,7 +161,7 @@ def route(r: dict) -> str:
     return f'{r["method"]} {p}'
 
 
-def run_stockade_worker(cp: ControlPlane, session: str) -> tuple[dict, str]:
+def run_stockade_worker(cp: ControlPlane, session: str, *extra: str) -> tuple[dict, str]:
     """Runs `stockade worker` until `session` has ended; returns its view and the worker's log."""
     state = tempfile.mkdtemp(prefix="stockade-sdk-worker-")
     # The jail's user still walks the host path to the workspace, so the state directory must not
@@ -169,7 +169,7 @@ def run_stockade_worker(cp: ControlPlane, session: str) -> tuple[dict, str]:
     os.chmod(state, 0o755)
     key = Path(cp.dir.name, f"{ENV}.key")
     w = subprocess.Popen([STOCKADE, "worker", "--environment-id", ENV, "--base-url", cp.url, "--state-dir", state,
-                          "--environment-key-file", str(key), "--max-idle", "1s"],
+                          "--environment-key-file", str(key), "--max-idle", "1s", *extra],
                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                          env={k: v for k, v in os.environ.items() if not k.startswith("ANTHROPIC_")})
     try:
@@ -298,6 +298,49 @@ def test_stockade_worker_completes_the_same_sessions(cp):
     assert [c["answered_by"] for c in calls] == ["worker", "other", "none", "worker", "worker"], (calls, err)
     assert calls[3]["result"].strip() == "confirmed"
     assert "alpha" in calls[4]["result"]
+    assert v["duplicate_results"] == 0
+
+
+THREAD_STEPS = [
+    {"name": "bash", "thread": "sthr_sub", "with_next": True,
+     "input": {"command": "until [ -e flag ]; do sleep 0.05; done; echo saw flag", "timeout_ms": 20000}},
+    {"name": "write", "input": {"file_path": "flag", "content": "x"}},
+    {"name": "bash", "thread": "sthr_two", "abandon_after_ms": 1500, "input": {"command": "sleep 60; echo never"}},
+    {"name": "bash", "input": {"command": "echo after"}},
+]
+"""A subagent's call and the primary thread's issued at once, then a subagent's call its thread
+stops waiting on, then one more."""
+
+THREAD_ANSWERS = [
+    ("saw flag", False, "worker"),
+    ("wrote 1 bytes to flag", False, "worker"),
+    ("tool 'bash' was stopped, and may have already done some or all of its work", True, "worker"),
+    ("after", False, "worker"),
+]
+
+
+def ended(v: dict) -> bool:
+    return v["finished"] and v["work_state"] == "stopped"
+
+
+def answers(calls: list) -> list:
+    return [(c["result"], c["is_error"], c["answered_by"]) for c in calls]
+
+
+def test_session_threads_run_and_stop_as_the_official_worker_runs_them(cp):
+    """Two calls of different threads issued at once overlap (the subagent's waits for the file the
+    primary thread's call writes), and a subagent whose thread goes idle without its running call
+    has that call stopped; the official worker with `max_concurrent_calls=2` and Stockade's with
+    `--max-concurrent-calls 2` answer every call alike."""
+    official = cp.create(THREAD_STEPS)
+    with tempfile.TemporaryDirectory() as wd:
+        run_official_worker(cp, wd, lambda: ended(cp.view(official)), max_concurrent_calls=2)
+    theirs = cp.view(official)["calls"]
+    v, err = run_stockade_worker(cp, cp.create(THREAD_STEPS), "--max-concurrent-calls", "2")
+    ours = v["calls"]
+    assert ended(v), err
+    assert answers(theirs) == THREAD_ANSWERS, theirs
+    assert answers(ours) == answers(theirs), (ours, err)
     assert v["duplicate_results"] == 0
 
 

@@ -15,7 +15,9 @@ import time
 
 import pytest
 
-from test_official_sdk import ControlPlane, ENV, route, skill_zip  # noqa: F401  (the fixture's class)
+from test_official_sdk import (  # noqa: F401  (the fixture's class)
+    ControlPlane, ENV, THREAD_ANSWERS, THREAD_STEPS, answers, ended, route, skill_zip,
+)
 
 TS_SDK = os.environ.get("STOCKADE_TS_SDK")
 NODE = os.environ.get("STOCKADE_NODE", "node")
@@ -42,10 +44,11 @@ def cp():
     c.close()
 
 
-def run_ts_worker(cp, workdir, until, limit=60):
+def run_ts_worker(cp, workdir, until, limit=60, max_concurrent_calls=None):
+    extra = {"STOCKADE_TS_MAX_CONCURRENT_CALLS": str(max_concurrent_calls)} if max_concurrent_calls else {}
     proc = subprocess.Popen(
         [NODE, os.path.join(HERE, "ts_worker.mjs"), cp.url, ENV, workdir],
-        env={**os.environ, "ANTHROPIC_ENVIRONMENT_KEY": cp.env_key, "STOCKADE_TS_SDK": TS_SDK},
+        env={**os.environ, "ANTHROPIC_ENVIRONMENT_KEY": cp.env_key, "STOCKADE_TS_SDK": TS_SDK, **extra},
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
     )
     deadline = time.time() + limit
@@ -99,3 +102,15 @@ def test_the_official_typescript_worker_completes_scripted_sessions(cp):
     assert hb < routes.index("GET /v1/sessions/sesn_ID") < routes.index("GET /v1/sessions/sesn_ID/events"), routes
     listing = next(r for r in ts if route(r) == "GET /v1/sessions/sesn_ID/events")
     assert "types[]" in {k for k, _ in listing["query"]}, listing
+
+
+def test_the_official_typescript_worker_runs_session_threads_as_python_does(cp):
+    """The script of the Python worker's thread test (overlapping threads, a call its thread stops
+    waiting on): the TypeScript worker with `maxConcurrentCalls: 2` gives the same answers."""
+    require_ts()
+    s = cp.create(THREAD_STEPS)
+    with tempfile.TemporaryDirectory() as wd:
+        run_ts_worker(cp, wd, lambda: ended(cp.view(s)), max_concurrent_calls=2)
+    v = cp.view(s)
+    assert answers(v["calls"]) == THREAD_ANSWERS, v["calls"]
+    assert v["duplicate_results"] == 0

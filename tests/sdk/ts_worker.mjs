@@ -2,7 +2,8 @@
 // for the conformance tests: it runs until stdin closes, then stops and exits.
 //
 // Usage: node ts_worker.mjs BASE_URL ENVIRONMENT_ID WORKDIR; the environment key comes from
-// ANTHROPIC_ENVIRONMENT_KEY and the package from STOCKADE_TS_SDK (…/node_modules/@anthropic-ai/sdk).
+// ANTHROPIC_ENVIRONMENT_KEY and the package from STOCKADE_TS_SDK (…/node_modules/@anthropic-ai/sdk);
+// STOCKADE_TS_MAX_CONCURRENT_CALLS, when set, is the worker's maxConcurrentCalls.
 import path from 'node:path';
 
 const sdk = process.env.STOCKADE_TS_SDK;
@@ -21,6 +22,9 @@ const worker = new EnvironmentWorker({
   environmentKey: process.env.ANTHROPIC_ENVIRONMENT_KEY,
   workdir,
   maxIdleMs: 1000,
+  ...(process.env.STOCKADE_TS_MAX_CONCURRENT_CALLS
+    ? { maxConcurrentCalls: Number(process.env.STOCKADE_TS_MAX_CONCURRENT_CALLS) }
+    : {}),
 });
 try {
   await worker.run(stop.signal);

@@ -22,47 +22,21 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tokio::sync::{broadcast, Notify};
 
 mod faults;
+mod script;
 
 use super::wire::{self, ContentBlock, WorkItem, WorkSecret, WorkState};
 use super::{random_token, Secret};
 use crate::util::rfc3339;
 use faults::{add_faults, clear_faults, inject_faults, pending_faults, Chunks};
 pub use faults::{Fault, FaultKind, Faults};
+use script::Later;
+pub use script::{parse_script, ScriptStep};
 
 pub const DEFAULT_ENVIRONMENT: &str = "env_local";
 
 /// The tools a Stockade worker answers; a scripted call to any other name is left to "another
 /// client", which the local control plane plays itself.
 const WORKER_TOOLS: &[&str] = &["bash", "read", "write", "edit", "glob", "grep"];
-
-/// How long the scripted agent waits for a call nobody should answer (a denied call, a tool
-/// another client owns) before it moves on.
-const GRACE: Duration = Duration::from_millis(600);
-/// How long the scripted user takes to answer an `ask`.
-const CONFIRM_AFTER: Duration = Duration::from_millis(150);
-
-/// One step of a scripted agent: a tool call, optionally ending the session after its result.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ScriptStep {
-    #[serde(default)]
-    pub id: Option<String>,
-    pub name: String,
-    #[serde(default)]
-    pub input: Value,
-    /// After this call's result the session is terminated instead of going on.
-    #[serde(default)]
-    pub end_session: bool,
-    /// `evaluated_permission` of the call: "allow" (default), "ask" or "deny".
-    #[serde(default)]
-    pub permission: Option<String>,
-    /// For "ask": what the scripted user answers, "allow" or "deny".
-    #[serde(default)]
-    pub confirm: Option<String>,
-    /// The session thread (a subagent's) the call comes from: its `session_thread_id`.
-    #[serde(default)]
-    pub thread: Option<String>,
-}
 
 /// What the local control plane refuses: a script or session it cannot run, an unknown id, a
 /// state file it cannot read.
@@ -88,56 +62,6 @@ pub enum LocalError {
     NoSession(String),
     #[error("skill {name:?}: archive_base64: {source}")]
     SkillArchive { name: String, source: base64::DecodeError },
-}
-
-impl ScriptStep {
-    pub fn call(name: &str, input: Value) -> ScriptStep {
-        ScriptStep {
-            id: None,
-            name: name.into(),
-            input,
-            end_session: false,
-            permission: None,
-            confirm: None,
-            thread: None,
-        }
-    }
-
-    fn check(&self) -> Result<(), LocalError> {
-        let reason = match self.permission.as_deref() {
-            None | Some("allow" | "deny") => return Ok(()),
-            Some("ask") if matches!(self.confirm.as_deref(), Some("allow" | "deny")) => return Ok(()),
-            Some("ask") => "\"ask\" needs \"confirm\": \"allow\" or \"deny\"".to_owned(),
-            Some(p) => format!("permission {p:?} is not one of allow, ask, deny"),
-        };
-        Err(LocalError::Step { tool: self.name.clone(), reason })
-    }
-}
-
-/// Parses a JSON-lines script; blank lines and lines starting with `#` are skipped.
-pub fn parse_script(text: &str, source: &str) -> Result<Vec<ScriptStep>, LocalError> {
-    let mut steps = Vec::new();
-    for (n, line) in text.lines().enumerate() {
-        let l = line.trim();
-        if l.is_empty() || l.starts_with('#') {
-            continue;
-        }
-        let step: ScriptStep = serde_json::from_str(l).map_err(|error| LocalError::ScriptJson {
-            script: source.to_owned(),
-            line: n + 1,
-            error,
-        })?;
-        step.check().map_err(|e| LocalError::ScriptLine {
-            script: source.to_owned(),
-            line: n + 1,
-            error: Box::new(e),
-        })?;
-        steps.push(step);
-    }
-    if steps.is_empty() {
-        return Err(LocalError::EmptyScript(Some(source.to_owned())));
-    }
-    Ok(steps)
 }
 
 /// `POST /v1/local/sessions`.
@@ -271,17 +195,6 @@ struct WorkRec {
     late: Vec<String>,
 }
 
-/// Something the scripted world does later, unless the call was answered first.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-enum Later {
-    /// The user answers an `ask`.
-    Confirm { allow: bool },
-    /// Nobody will answer (denied): the agent moves on.
-    GiveUp,
-    /// The client that owns this tool answers it.
-    OtherClient,
-}
-
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct SessionRec {
     id: String,
@@ -299,9 +212,18 @@ struct SessionRec {
     /// The agent's skills (ids into `Db::skills`).
     #[serde(default)]
     skills: Vec<String>,
-    /// The call the agent waits on, and what happens to it at which time.
+    /// The last call of the batch the agent waits on, and what happens to it at which time.
     waiting: Option<String>,
     later: Option<(u64, Later)>,
+    /// The calls of the batch the agent waits on that are not over yet.
+    #[serde(default)]
+    batch: std::collections::BTreeSet<String>,
+    /// Subagent calls whose thread goes idle without them, and when: (time, thread, call).
+    #[serde(default)]
+    abandon: Vec<(u64, String, String)>,
+    /// The subagent threads that have made a call.
+    #[serde(default)]
+    threads: std::collections::BTreeSet<String>,
     duplicate_results: u64,
 }
 
@@ -461,106 +383,6 @@ impl Db {
         self.outbox.push((session.to_owned(), event.clone()));
         self.sessions.get_mut(session).expect("session exists").events.push(event);
         id
-    }
-
-    /// Issues the session's next scripted call, or ends the turn when the script is done.
-    fn advance(&mut self, session: &str) {
-        let s = &self.sessions[session];
-        if s.next > 0 && s.script[s.next - 1].end_session {
-            let s = self.sessions.get_mut(session).expect("session exists");
-            s.status = "terminated".into();
-            s.finished = true;
-            self.push_event(session, json!({"type": "session.status_terminated"}));
-            return;
-        }
-        if s.next >= s.script.len() {
-            self.push_event(session, json!({"type": "agent.message", "content": [{"type": "text", "text": "Done."}]}));
-            let s = self.sessions.get_mut(session).expect("session exists");
-            s.status = "idle".into();
-            s.finished = true;
-            self.push_event(session, json!({"type": "session.status_idle", "stop_reason": {"type": "end_turn"}}));
-            return;
-        }
-        let step = s.script[s.next].clone();
-        let id = match step.id.clone() {
-            Some(id) => id,
-            None => self.next_id("sevt"),
-        };
-        let permission = step.permission.clone().unwrap_or_else(|| "allow".into());
-        let later = match (permission.as_str(), step.confirm.as_deref()) {
-            ("deny", _) => Some((now_ms() + GRACE.as_millis() as u64, Later::GiveUp)),
-            ("ask", c) => {
-                Some((now_ms() + CONFIRM_AFTER.as_millis() as u64, Later::Confirm { allow: c == Some("allow") }))
-            }
-            _ if !WORKER_TOOLS.contains(&step.name.as_str()) => {
-                Some((now_ms() + GRACE.as_millis() as u64, Later::OtherClient))
-            }
-            _ => None,
-        };
-        let s = self.sessions.get_mut(session).expect("session exists");
-        s.next += 1;
-        s.issued_ms.insert(id.clone(), now_ms());
-        s.waiting = Some(id.clone());
-        s.later = later;
-        self.push_event(
-            session,
-            json!({"type": "agent.tool_use", "id": id, "name": step.name, "input": step.input,
-                   "evaluated_permission": permission, "session_thread_id": step.thread}),
-        );
-        self.push_event(
-            session,
-            json!({"type": "session.status_idle", "stop_reason": {"type": "requires_action", "event_ids": [id]}}),
-        );
-        let s = self.sessions.get_mut(session).expect("session exists");
-        s.status = "idle".into();
-    }
-
-    /// Runs what the scripted world does when its time comes.
-    fn tick(&mut self) -> bool {
-        let now = now_ms();
-        let due: Vec<(String, String, Later)> = self
-            .sessions
-            .values()
-            .filter_map(|s| match (&s.waiting, &s.later) {
-                (Some(id), Some((at, l))) if *at <= now => Some((s.id.clone(), id.clone(), l.clone())),
-                _ => None,
-            })
-            .collect();
-        for (session, id, later) in &due {
-            let s = self.sessions.get_mut(session).expect("session exists");
-            s.later = None;
-            match later {
-                Later::Confirm { allow } => {
-                    let result = if *allow { "allow" } else { "deny" };
-                    if !allow {
-                        s.later = Some((now + GRACE.as_millis() as u64, Later::GiveUp));
-                    }
-                    self.push_event(
-                        session,
-                        json!({"type": "user.tool_confirmation", "tool_use_id": id, "result": result}),
-                    );
-                }
-                Later::GiveUp => {
-                    s.answered_by.insert(id.clone(), "none".into());
-                    s.waiting = None;
-                    self.push_event(session, json!({"type": "session.status_running"}));
-                    self.advance(session);
-                }
-                Later::OtherClient => {
-                    s.answered_by.entry(id.clone()).or_insert_with(|| "other".into());
-                    s.answered_ms.insert(id.clone(), now);
-                    s.waiting = None;
-                    self.push_event(
-                        session,
-                        json!({"type": "user.tool_result", "tool_use_id": id, "is_error": false,
-                               "content": [{"type": "text", "text": "answered by the client that owns this tool"}]}),
-                    );
-                    self.push_event(session, json!({"type": "session.status_running"}));
-                    self.advance(session);
-                }
-            }
-        }
-        !due.is_empty()
     }
 
     fn find_tool_use<'a>(&'a self, session: &str, id: &str) -> Option<&'a Value> {
@@ -932,6 +754,9 @@ impl LocalControlPlane {
                 answered_by: BTreeMap::new(),
                 skills,
                 waiting: None,
+                batch: Default::default(),
+                abandon: Vec::new(),
+                threads: Default::default(),
                 later: None,
                 duplicate_results: 0,
             },
@@ -1548,18 +1373,10 @@ async fn send_events(
                     }
                     s.answered_ms.insert(r.tool_use_id.clone(), now_ms());
                     s.answered_by.insert(r.tool_use_id.clone(), "worker".into());
-                    let waited = s.waiting.as_deref() == Some(r.tool_use_id.as_str());
                     let stored = serde_json::to_value(&r).expect("serialises");
                     let id = db.push_event(&session, stored);
                     sent.push(db.sessions[&session].events.iter().find(|e| e["id"] == id.as_str()).cloned());
-                    if waited {
-                        let s = db.sessions.get_mut(&session).expect("exists");
-                        s.waiting = None;
-                        s.later = None;
-                        s.status = "running".into();
-                        db.push_event(&session, json!({"type": "session.status_running"}));
-                        db.advance(&session);
-                    }
+                    db.call_over(&session, &r.tool_use_id);
                 }
                 "user.tool_confirmation" | "user.message" | "user.interrupt" | "user.custom_tool_result" => {
                     let id = db.push_event(&session, ev);
