@@ -135,3 +135,41 @@ fn the_control_plane_records_an_earlier_holders_touch() {
     assert_eq!(late.len(), 1, "{late:?}");
     assert!(late[0].starts_with("POST ") && late[0].ends_with("/heartbeat"), "{late:?}");
 }
+
+/// Scale-in: a worker told to stop (SIGTERM, as Kubernetes does to a pod it removes) while it runs
+/// a call finishes that call and posts its result, then leaves the item without a word; the item
+/// returns to the queue when its lease runs out, and another worker resumes the session where it
+/// was. Nothing is answered twice and the leaving worker touches nothing after.
+#[test]
+fn a_worker_scaled_in_finishes_its_call_and_another_resumes_the_session() {
+    let lease = Duration::from_secs(4);
+    let cp = Cp::start(lease);
+    let states: Vec<TempDir> = (0..2).map(|i| TempDir::new(&format!("scale-in-{i}"))).collect();
+    let logs: Vec<std::path::PathBuf> = (0..2).map(|i| cp.dir.path().join(format!("worker-{i}.log"))).collect();
+    let marker = format!("sleep 2.{}", std::process::id());
+    let (s, _) = cp.session(vec![
+        bash("echo a"),
+        bash(&format!("{marker}; echo b")),
+        bash("echo c > /workspace/c; cat /workspace/c"),
+        bash("echo d"),
+    ]);
+    let mut leaving = spawn(&cp, states[0].path(), &logs[0]);
+    cp.wait_for("the second call to run", Duration::from_secs(60), || !host_processes_matching(&marker).is_empty());
+    let _staying = spawn(&cp, states[1].path(), &logs[1]);
+    assert!(leaving.sigterm().success(), "the leaving worker's shutdown failed");
+    let left_at = Instant::now();
+    let v = cp.view(&s);
+    assert_eq!(result_of(&v, 1), "b", "the call in flight was not finished before the worker left: {v:#?}");
+    cp.wait_for("the item to be handed out again", lease + Duration::from_secs(6), || cp.view(&s).polls >= 2);
+    let handed_back = left_at.elapsed();
+    let v = cp.wait_ended(&s, Duration::from_secs(60));
+    assert!(completed(&v), "{v:#?}");
+    let results: Vec<&str> = (0..4).map(|i| result_of(&v, i)).collect();
+    assert_eq!(results, ["a", "b", "c", "d"]);
+    assert_eq!(v.duplicate_results, 0);
+    assert_eq!(v.polls, 2, "{v:#?}");
+    assert!(v.late_requests.is_empty(), "the worker that left touched the item: {:?}", v.late_requests);
+    let said = std::fs::read_to_string(&logs[0]).unwrap();
+    assert!(said.contains("left to its lease"), "{said}");
+    eprintln!("handed to the other worker {handed_back:?} after the first left (lease {lease:?})");
+}

@@ -561,6 +561,43 @@ fn a_full_trail_fails_closed_when_the_policy_says_so() {
     assert!(std::fs::metadata(&path).unwrap().len() <= 64 * 1024 + 256);
 }
 
+/// `trail.max_rate` holds a flood of execs to its rate: every exec is recorded, none is lost, and
+/// the jail waits for its records instead (in no second does the trail take much more than the
+/// rate and one second's burst).
+#[test]
+fn an_exec_flood_is_held_to_the_trail_rate_and_fully_recorded() {
+    let dir = TempDir::new("trail-rate");
+    let policy = dir.path().join("p.toml");
+    std::fs::write(&policy, "extends = \"default\"\n[trail]\nmax_rate = \"16K\"\n").unwrap();
+    let path = dir.path().join("trail.jsonl");
+    let mut s = Sess::start(&["--policy", policy.to_str().unwrap(), "--trail", path.to_str().unwrap()]);
+    let long = "x".repeat(1000);
+    s.bash(&format!("for i in $(seq 1 40); do /bin/true flood-$i {long}; done"));
+    assert_eq!(s.end(), 0);
+    let text = std::fs::read_to_string(&path).unwrap();
+    let recs: Vec<(f64, usize, Value)> = text
+        .lines()
+        .map(|l| {
+            let v: Value = serde_json::from_str(l).unwrap();
+            let ts = v["ts"].as_str().unwrap();
+            // Seconds within the day are enough: the test runs for seconds.
+            let hms: Vec<f64> = ts[11..23].split(':').map(|x| x.parse().unwrap()).collect();
+            (hms[0] * 3600.0 + hms[1] * 60.0 + hms[2], l.len() + 1, v)
+        })
+        .collect();
+    let floods = recs
+        .iter()
+        .filter(|(_, _, v)| v["event"] == "exec" && v["argv"][1].as_str().is_some_and(|a| a.starts_with("flood-")))
+        .count();
+    assert_eq!(floods, 40, "every exec is recorded");
+    let total: usize = recs.iter().map(|r| r.1).sum();
+    assert!(total > 3 * (16 << 10), "the flood ({total} bytes) is too small to show the rate");
+    for (t, _, _) in &recs {
+        let window: usize = recs.iter().filter(|(u, _, _)| *u >= *t && *u < t + 1.0).map(|r| r.1).sum();
+        assert!(window <= 2 * (16 << 10) + 4096, "{window} bytes within a second from {t}");
+    }
+}
+
 /// A directory named like a secret (`token=x`) does not hide where a program ran from: the trail
 /// keeps the path's structure and the cwd's, and redacts the value alone.
 #[test]

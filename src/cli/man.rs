@@ -201,7 +201,7 @@ Capabilities kept (none by default).
 \fB[tools]\fR confine_paths
 true: the agent's file tools refuse paths outside /workspace, as the official runner does.
 .TP
-\fB[trail]\fR exec, argv_max, input_max, max_size, on_full, redact, ship
+\fB[trail]\fR exec, argv_max, input_max, max_size, max_rate, on_full, redact, ship
 The session audit trail (stockade\-trail(1)): record every program executed (a seccomp user
 notification answered outside the jail), how much of argv and of tool inputs to keep, the most a
 trail may hold and what a full one does ("truncate", or "fail": no program starts, no call

@@ -569,6 +569,21 @@ fn trail_checks(p: &Policy, c: &mut Ctx) {
         ),
     };
     c.add("trail.on_full", 0.3, v, "trail.on_full", r);
+    let (v, r) = match t.max_rate {
+        Some(rate) => (
+            Verdict::Pass,
+            format!(
+                "the jail adds at most {}/s to its trail: an exec waits for its record, egress past it is counted",
+                crate::util::format_size(rate.0)
+            ),
+        ),
+        None => (
+            Verdict::Partial,
+            "the jail's records have no rate bound: a flood of execs fills the trail (trail.max_size) within seconds"
+                .to_owned(),
+        ),
+    };
+    c.add("trail.max_rate", 0.1, v, "trail.max_rate", r);
     let pv = &p.provision;
     let plain: Vec<&String> =
         pv.git_allow.iter().filter(|u| u.starts_with("http://") || u.starts_with("git://")).collect();

@@ -221,7 +221,7 @@ section!("tools.", ToolsLayer => ToolsRaw {
     maps {}
 });
 section!("trail.", TrailLayer => TrailRaw {
-    scalars { exec: bool, argv_max: u64, input_max: u64, max_size: NumOrStr, on_full: OnFullW }
+    scalars { exec: bool, argv_max: u64, input_max: u64, max_size: NumOrStr, max_rate: NumOrStr, on_full: OnFullW }
     lists {
         redact / redact_add / redact_remove: String,
         ship / ship_add / ship_remove: String,
@@ -769,6 +769,18 @@ fn trail(raw: TrailRaw, bad: &Bad) -> Result<Trail, PolicyError> {
     if max_size.0 < 64 << 10 {
         return Err(bad("trail.max_size", format!("{} is below the minimum, 64K", format_size(max_size.0))));
     }
+    let max_rate = match raw.max_rate {
+        None => Some(Size(1 << 20)),
+        Some(NumOrStr::Str(s)) if s == "none" => None,
+        Some(NumOrStr::Num(n)) => Some(Size(n)),
+        Some(NumOrStr::Str(s)) => Some(Size(parse_size(&s).map_err(|e| bad("trail.max_rate", e.to_string()))?)),
+    };
+    if let Some(r) = max_rate.filter(|r| r.0 < 16 << 10) {
+        return Err(bad(
+            "trail.max_rate",
+            format!("{} a second is below the minimum, 16K (\"none\" sets no bound)", format_size(r.0)),
+        ));
+    }
     let argv_max = raw.argv_max.unwrap_or(4096);
     let input_max = raw.input_max.unwrap_or(16384);
     for (k, v) in [("trail.argv_max", argv_max), ("trail.input_max", input_max)] {
@@ -801,6 +813,7 @@ fn trail(raw: TrailRaw, bad: &Bad) -> Result<Trail, PolicyError> {
         argv_max,
         input_max,
         max_size,
+        max_rate,
         on_full: raw.on_full.map_or(OnFull::Fail, Into::into),
         redact,
         ship,

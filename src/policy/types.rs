@@ -122,6 +122,14 @@ impl Serialize for Size {
     }
 }
 
+/// An optional size as a policy spells it: the size, or "none".
+fn size_or_none<S: Serializer>(v: &Option<Size>, s: S) -> Result<S::Ok, S::Error> {
+    match v {
+        Some(size) => size.serialize(s),
+        None => s.serialize_str("none"),
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Dur(pub Duration);
 impl Serialize for Dur {
@@ -321,6 +329,10 @@ pub struct Trail {
     pub input_max: u64,
     /// The most one session's trail may hold.
     pub max_size: Size,
+    /// The most the jail's own records (execs, egress) may add to the trail per second; none is
+    /// no bound. Past it an exec waits for its record, and egress records are counted instead.
+    #[serde(serialize_with = "size_or_none")]
+    pub max_rate: Option<Size>,
     pub on_full: OnFull,
     /// Regular expressions whose matches never reach the trail.
     pub redact: Vec<String>,

@@ -227,8 +227,9 @@ pub fn serve(channel: &OwnedFd, env: &[(String, String)], tools: &Ctx, scope: Ki
         let (supervisor, ready) = {
             let mut fds = vec![PollFd::new(chan.as_fd(), PollFlags::POLLIN)];
             fds.extend(threads.iter().map(|t| PollFd::new(router.lanes[t].lane.chan.as_fd(), PollFlags::POLLIN)));
-            // Woken at least every second to reap what is orphaned to it.
-            match poll(&mut fds, PollTimeout::from(1000u16)) {
+            // No timer: an idle session costs nothing. What is orphaned to PID 1 (the children of
+            // a lane that died) is reaped at the next call.
+            match poll(&mut fds, PollTimeout::NONE) {
                 Ok(_) | Err(nix::errno::Errno::EINTR) => {}
                 Err(_) => break,
             }

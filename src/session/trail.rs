@@ -135,6 +135,43 @@ pub struct TrailWriter {
     /// A secret that may change while the session runs (the environment key, which rotates),
     /// asked for at each record.
     current_secret: Option<SecretSource>,
+    /// `trail.max_rate`: what the jail's own records may add per second.
+    pace: Option<Pace>,
+    /// Egress records left out over `max_rate` since the last one written.
+    suppressed: std::sync::atomic::AtomicU64,
+}
+
+/// A byte budget that fills at `rate` a second, up to one second's worth.
+struct Pace {
+    rate: f64,
+    state: Mutex<(f64, std::time::Instant)>,
+}
+
+impl Pace {
+    fn new(rate: u64) -> Pace {
+        Pace { rate: rate as f64, state: Mutex::new((rate as f64, std::time::Instant::now())) }
+    }
+
+    /// Takes `n` bytes of budget. With `wait`, always, and returns how long to wait before
+    /// writing (the budget goes into debt, so waiters queue up in order); without, only when
+    /// there is enough, and `None` otherwise.
+    fn take(&self, n: usize, wait: bool) -> Option<std::time::Duration> {
+        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let now = std::time::Instant::now();
+        let (tokens, at) = &mut *st;
+        *tokens = (*tokens + now.duration_since(*at).as_secs_f64() * self.rate).min(self.rate);
+        *at = now;
+        let n = n as f64;
+        if *tokens >= n {
+            *tokens -= n;
+            return Some(std::time::Duration::ZERO);
+        }
+        if !wait {
+            return None;
+        }
+        *tokens -= n;
+        Some(std::time::Duration::from_secs_f64(-*tokens / self.rate))
+    }
 }
 
 /// Where a writer asks for a secret that may change.
@@ -158,6 +195,8 @@ impl TrailWriter {
             on_full: policy.on_full,
             input_max: policy.input_max as usize,
             redactor: Redactor::new(literals, &policy.redact)?,
+            pace: policy.max_rate.map(|r| Pace::new(r.0)),
+            suppressed: std::sync::atomic::AtomicU64::new(0),
             call: Mutex::new(Vec::new()),
             full: AtomicBool::new(false),
             current_secret: None,
@@ -206,6 +245,10 @@ impl TrailWriter {
     /// Appends one record (`ts`, `event` and `fields`, redacted). `false` when the
     /// trail is full and `on_full = "fail"`: the caller must not do what was to be recorded.
     pub fn record(&self, event: &str, fields: Map<String, Value>) -> bool {
+        self.write(&self.line(event, fields))
+    }
+
+    fn line(&self, event: &str, fields: Map<String, Value>) -> Vec<u8> {
         let mut rec = Map::new();
         rec.insert("ts".into(), Value::String(crate::util::rfc3339(std::time::SystemTime::now())));
         rec.insert("event".into(), Value::String(event.into()));
@@ -214,13 +257,43 @@ impl TrailWriter {
         self.redactor.value_with(&mut rec, &self.more_secrets());
         let mut line = serde_json::to_vec(&rec).expect("JSON values serialise");
         line.push(b'\n');
+        line
+    }
+
+    /// A record of what the jail did, within `trail.max_rate`: one that must not be lost (an
+    /// exec, which waits for it) is written once its bytes fit the budget, holding up its
+    /// caller until then; one that may be (`may_drop`: an egress record, which nothing can hold
+    /// up) is counted instead, and the count is written with the next record that fits.
+    fn record_paced(&self, event: &str, fields: Map<String, Value>, may_drop: bool) -> bool {
+        let line = self.line(event, fields);
+        let Some(pace) = &self.pace else { return self.write(&line) };
+        match pace.take(line.len(), !may_drop) {
+            None => {
+                self.suppressed.fetch_add(1, Ordering::Relaxed);
+                return true;
+            }
+            Some(wait) if !wait.is_zero() => std::thread::sleep(wait),
+            Some(_) => {}
+        }
+        let left_out = self.suppressed.swap(0, Ordering::Relaxed);
+        if left_out > 0 {
+            let rate = self.pace.as_ref().map_or(0, |p| p.rate as u64);
+            let m = obj(json!({"egress": left_out, "max_rate": rate}));
+            if !self.write(&self.line("suppressed", m)) {
+                return false;
+            }
+        }
+        self.write(&line)
+    }
+
+    fn write(&self, line: &[u8]) -> bool {
         let mut f = self.file.lock().unwrap_or_else(|e| e.into_inner());
         if self.full.load(Ordering::Relaxed) {
             return self.on_full == OnFull::Truncate;
         }
         let size = f.metadata().map(|m| m.len()).unwrap_or(0);
         if size + line.len() as u64 <= self.max {
-            let Err(e) = f.write_all(&line) else { return true };
+            let Err(e) = f.write_all(line) else { return true };
             // A write that fails (a full disk) is a trail that cannot hold more: with
             // `on_full = "fail"` nothing runs unrecorded from here on.
             tracing::error!(error = %e, "could not append to the audit trail");
@@ -316,7 +389,7 @@ impl Observer for TrailWriter {
                 m.insert("fd".into(), json!(fd));
             }
         }
-        self.record("exec", m)
+        self.record_paced("exec", m, false)
     }
 
     fn exec_differs(&self, host_pid: u32, recorded: &Target, exe: &str, dev: u64, ino: u64) {
@@ -325,7 +398,7 @@ impl Observer for TrailWriter {
             "recorded": {"dev": recorded.dev, "ino": recorded.ino},
             "runs": {"exe": exe, "dev": dev, "ino": ino},
         }));
-        self.record("exec_differs", self.attribute(m));
+        self.record_paced("exec_differs", self.attribute(m), false);
     }
 
     fn egress(&self, allowed: bool, proto: &str, dst: std::net::Ipv4Addr, dport: Option<u16>) {
@@ -335,7 +408,7 @@ impl Observer for TrailWriter {
             "dst": dst.to_string(),
             "dport": dport,
         }));
-        self.record("egress", self.attribute(m));
+        self.record_paced("egress", self.attribute(m), true);
     }
 }
 
@@ -351,6 +424,7 @@ pub const EVENTS: &[&str] = &[
     "output_file",
     "session_end",
     "truncated",
+    "suppressed",
 ];
 
 /// The jail watcher that records into `trail`, as the policy's `[trail]` asks. Its work on the
@@ -397,6 +471,69 @@ mod tests {
 
     fn policy() -> TrailPolicy {
         crate::policy::load_builtin("default").unwrap().0.trail
+    }
+
+    fn lines(path: &Path) -> Vec<Value> {
+        std::fs::read_to_string(path).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+    }
+
+    /// Past `max_rate`, egress records are counted, never lost without a trace: each is either
+    /// written or in the count of a `suppressed` record, written with the next record that fits.
+    #[test]
+    fn egress_past_the_rate_is_counted_not_lost() {
+        let dir = std::env::temp_dir().join(format!("stockade-pace-{}", std::process::id()));
+        let _ = std::fs::remove_file(&dir);
+        let t =
+            TrailWriter::open(&dir, &TrailPolicy { max_rate: Some(crate::policy::Size(16 << 10)), ..policy() }, vec![])
+                .unwrap();
+        let sent = 2000;
+        for i in 0..sent {
+            t.egress(false, "tcp", std::net::Ipv4Addr::new(10, 0, 0, 1), Some(i as u16));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(1100));
+        t.egress(true, "tcp", std::net::Ipv4Addr::new(10, 0, 0, 2), Some(443));
+        let recs = lines(&dir);
+        let _ = std::fs::remove_file(&dir);
+        let written = recs.iter().filter(|r| r["event"] == "egress").count() as u64;
+        let counted: u64 =
+            recs.iter().filter(|r| r["event"] == "suppressed").map(|r| r["egress"].as_u64().unwrap()).sum();
+        assert!(written < sent, "{written} of {sent} written: the rate held nothing back");
+        assert_eq!(written + counted, sent + 1, "{recs:?}");
+        let bytes: usize = recs.iter().map(|r| r.to_string().len() + 1).sum();
+        assert!(bytes <= 2 * (16 << 10) + 1024, "{bytes} bytes in about a second at 16K/s");
+    }
+
+    /// An exec's record is never dropped: past `max_rate` the exec waits until it fits, so the
+    /// records of a flood are spread out at the rate.
+    #[test]
+    fn execs_past_the_rate_wait_for_their_records() {
+        let dir = std::env::temp_dir().join(format!("stockade-pace-exec-{}", std::process::id()));
+        let _ = std::fs::remove_file(&dir);
+        let t =
+            TrailWriter::open(&dir, &TrailPolicy { max_rate: Some(crate::policy::Size(16 << 10)), ..policy() }, vec![])
+                .unwrap();
+        let e = Exec {
+            pid: 2,
+            host_pid: 99,
+            path: "/bin/true".into(),
+            dirfd: None,
+            argv: vec!["true".into(), "x".repeat(2000)],
+            argv_truncated: false,
+            cwd: "/workspace".into(),
+            target: None,
+        };
+        let t0 = std::time::Instant::now();
+        for _ in 0..20 {
+            assert!(t.exec(&e));
+        }
+        let took = t0.elapsed();
+        let recs = lines(&dir);
+        let _ = std::fs::remove_file(&dir);
+        assert_eq!(recs.iter().filter(|r| r["event"] == "exec").count(), 20);
+        let bytes: usize = recs.iter().map(|r| r.to_string().len() + 1).sum();
+        // One second's worth may go at once; the rest only as the budget fills.
+        let least = (bytes - (16 << 10)) as f64 / (16 << 10) as f64;
+        assert!(took.as_secs_f64() >= least * 0.95, "{bytes} bytes written in {took:?} at 16K/s");
     }
 
     #[test]
