@@ -47,7 +47,7 @@ k0=$(kernel); w0=$(pss_of $worker)
 for _ in $(seq "$n"); do
   ANTHROPIC_API_KEY=$org "$bin" control-plane session create --api-url "http://127.0.0.1:$port" --script "$tmp/idle.jsonl" >/dev/null
 done
-# Each session: its supervisor, the jail's init, the shell and its sleep.
+# Each session: its supervisor, the jail's init, the primary thread's lane, the shell and its sleep.
 for _ in $(seq 600); do
   [ "$(pgrep -fc 'sleep 3600' || true)" -ge "$n" ] && break; sleep 0.1
 done
@@ -58,4 +58,4 @@ s=$(pss_of $procs)
 echo "sessions: $n ($(echo $procs | wc -w) processes below the worker)"
 echo "per session: PSS $((s / n)) KiB of its processes, kernel +$(((k1 - k0) / n)) KiB (slab, page tables, stacks), worker +$(((w1 - w0) / n)) KiB"
 echo "=> about $(( (s + k1 - k0 + w1 - w0) / n )) KiB per idle session"
-echo "pid_max: $(cat /proc/sys/kernel/pid_max); an idle session holds 4 pids"
+echo "pid_max: $(cat /proc/sys/kernel/pid_max); an idle session holds $(( $(echo $procs | wc -w) / n )) pids"

@@ -250,6 +250,28 @@ fn the_kubernetes_manifests_parse_and_match_the_worker() {
     let a: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     let f = a[0]["findings"].as_array().unwrap().iter().find(|f| f["id"] == "limits.enforcement").unwrap();
     assert_eq!(f["verdict"], "partial");
+    // The pod's resources hold --max-sessions sessions of that policy: their memory, CPU and disk
+    // limits added up, and the measured idle cost of each on top of the memory.
+    let (policy, _) = stockade::policy::load(Some(p.to_str().unwrap())).unwrap();
+    let n = args.iter().position(|a| *a == "--max-sessions").map(|i| args[i + 1].parse::<u64>().unwrap()).unwrap();
+    let limits = &c["resources"]["limits"];
+    let quantity = |q: &serde_json::Value| -> u64 {
+        let q = q.as_str().map(str::to_owned).unwrap_or_else(|| q.to_string());
+        let (num, mult) = match q.trim_end_matches(char::is_alphabetic) {
+            x if q.ends_with("Gi") => (x, 1u64 << 30),
+            x if q.ends_with("Mi") => (x, 1 << 20),
+            x => (x, 1),
+        };
+        num.parse::<u64>().unwrap_or_else(|_| panic!("quantity {q}")) * mult
+    };
+    let l = &policy.limits;
+    let per_session_memory = l.memory.expect("the pod policy sets limits.memory").0 + (3 << 20);
+    assert!(quantity(&limits["memory"]) >= n * per_session_memory + (64 << 20), "memory for {n} sessions");
+    let disk =
+        l.workspace_size.expect("workspace_size").0 + l.outputs_size.expect("outputs_size").0 + policy.trail.max_size.0;
+    assert!(quantity(&limits["ephemeral-storage"]) >= n * disk, "ephemeral-storage for {n} sessions");
+    let cpu: f64 = limits["cpu"].as_str().unwrap().parse().unwrap();
+    assert!(cpu >= n as f64 * l.cpu.expect("limits.cpu"), "cpu for {n} sessions");
 }
 
 #[test]

@@ -54,6 +54,8 @@ pub struct Metrics {
     pub execs: AtomicU64,
     /// Trails that filled up (`trail.max_size`).
     pub trails_full: AtomicU64,
+    /// Egress records a trail counted instead of writing (`trail.max_rate`).
+    pub trail_records_suppressed: AtomicU64,
     /// The state directory's free bytes, and what the sessions' images may still take of them.
     pub state_free_bytes: AtomicU64,
     pub images_owed_bytes: AtomicU64,
@@ -126,6 +128,12 @@ impl Metrics {
             "counter",
             "Connection attempts from session jails that the egress allowlist denied.",
             self.egress_denied.load(Relaxed).to_string(),
+        );
+        simple(
+            "stockade_trail_records_suppressed_total",
+            "counter",
+            "Egress records the sessions' trails counted instead of writing, over trail.max_rate.",
+            self.trail_records_suppressed.load(Relaxed).to_string(),
         );
         simple(
             "stockade_egress_allowed_total",

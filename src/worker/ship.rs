@@ -117,6 +117,7 @@ fn count(m: &Metrics, r: &Value) {
         Some("egress") => m.egress_allowed.fetch_add(1, Relaxed),
         Some("exec") => m.execs.fetch_add(1, Relaxed),
         Some("truncated") => m.trails_full.fetch_add(1, Relaxed),
+        Some("suppressed") => m.trail_records_suppressed.fetch_add(r["egress"].as_u64().unwrap_or(0), Relaxed),
         _ => 0,
     };
 }
@@ -204,6 +205,22 @@ pub(crate) fn otlp_body(records: &[Value]) -> Value {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_metrics_count_what_the_trail_records_and_what_it_only_counted() {
+        let m = Metrics::default();
+        for r in [
+            json!({"event": "exec"}),
+            json!({"event": "egress", "verdict": "deny"}),
+            json!({"event": "suppressed", "egress": 7}),
+            json!({"event": "suppressed", "egress": 5}),
+        ] {
+            count(&m, &r);
+        }
+        assert_eq!(m.execs.load(Relaxed), 1);
+        assert_eq!(m.egress_denied.load(Relaxed), 1);
+        assert_eq!(m.trail_records_suppressed.load(Relaxed), 12);
+    }
 
     #[test]
     fn syslog_gets_one_datagram_per_record_with_a_severity_per_kind() {
