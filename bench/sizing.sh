@@ -13,7 +13,14 @@ cargo build --release --quiet
 bin=${CARGO_TARGET_DIR:-$PWD/target}/release/stockade
 tmp=$(mktemp -d); chmod 755 "$tmp"
 port=$((20000 + RANDOM % 20000))
-cleanup() { kill "${worker:-}" "${cp:-}" 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$tmp"; }
+cleanup() {
+  # The worker first, and waited for: it leaves its items' images mounted for a restart, which
+  # are then unmounted here before the directory goes.
+  kill "${worker:-}" 2>/dev/null || true; wait "${worker:-}" 2>/dev/null || true
+  kill "${cp:-}" 2>/dev/null || true; wait 2>/dev/null || true
+  awk -v t="$tmp" 'index($5, t) == 1 { print $5 }' /proc/self/mountinfo | sort -r | xargs -r -n1 umount -l
+  rm -rf "$tmp"
+}
 trap cleanup EXIT
 
 "$bin" control-plane --listen "127.0.0.1:$port" --state "$tmp/cp" --lease 120s 2>/dev/null & cp=$!

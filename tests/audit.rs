@@ -47,7 +47,11 @@ fn shipped_policies_pass_every_check() {
         let r = &json(&[&path])[0];
         assert!(r["exposure"].as_f64().unwrap() <= 2.0, "{name}: {r:#}");
         for f in r["findings"].as_array().unwrap() {
-            assert_eq!(f["verdict"], "pass", "{name}: {f:#}");
+            // ci's jobs work on the runner's checkout, a host directory no size limit can hold:
+            // the runner's disk bounds it, and the audit says so.
+            let host_disk =
+                name == "ci" && ["limits.workspace_size", "limits.outputs_size"].contains(&f["id"].as_str().unwrap());
+            assert_eq!(f["verdict"], if host_disk { "partial" } else { "pass" }, "{name}: {f:#}");
         }
         assert_eq!(audit(&[&path, "--fail-above", "2.0"]).0, 0);
     }

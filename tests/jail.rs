@@ -966,7 +966,7 @@ fn sys_read_only_is_masked_and_unwritable() {
 }
 
 #[test]
-fn foreign_owned_workspace_is_id_mapped_and_system_owned_refused() {
+fn foreign_owned_workspace_is_id_mapped_and_system_owned_needs_setid_refused() {
     if needs_root() {
         return;
     }
@@ -991,13 +991,69 @@ fn foreign_owned_workspace_is_id_mapped_and_system_owned_refused() {
     assert_eq!((m.uid(), m.gid()), (4321, 4322), "created files belong to the directory's owner");
     assert_eq!(std::fs::read_to_string(ws.path().join("existing")).unwrap(), "hi\nmore\n");
 
+    // A system account's directory (root's here) is mapped too, since the default allowlist
+    // refuses setuid/setgid modes: what the jail makes there is root's, and never setuid.
     let root_owned = TempDir::new("idmap-root");
     let r = stockade_run(
         &["--policy", p.to_str().unwrap(), "--workspace", root_owned.path().to_str().unwrap()],
+        &[
+            "/bin/sh",
+            "-c",
+            "echo x > made; stat -c '%u:%g' made; chmod u+s made || echo refused; mkdir -m 2755 d || echo refused",
+        ],
+    );
+    assert_eq!(r.code, 0, "{r:?}");
+    assert_eq!(r.stdout, "1000:1000\nrefused\nrefused\n", "{r:?}");
+    let m = std::fs::metadata(root_owned.path().join("made")).unwrap();
+    assert_eq!((m.uid(), m.gid(), m.mode() & 0o6000), (0, 0, 0));
+    // A policy that lets the jail make setuid files may not map a system account's directory.
+    let (_d2, loose) = policy_for_host_dirs("default", "[seccomp]\nallow_add = [\"openat2\"]");
+    let r = stockade_run(
+        &["--policy", loose.to_str().unwrap(), "--workspace", root_owned.path().to_str().unwrap()],
         &["/bin/true"],
     );
     assert_eq!(r.code, 125, "{r:?}");
-    assert!(r.stderr.contains("refusing to id-map it onto a system account") && r.stderr.contains("chown"), "{r:?}");
+    assert!(
+        r.stderr.contains("refusing to id-map it onto a system account (uid 0, gid 0)") && r.stderr.contains("openat2"),
+        "{r:?}"
+    );
+}
+
+/// The CI use as a new user tries it: the shipped `ci` policy as it is, a checkout and a results
+/// directory just made by root on an ordinary (large) disk. The job runs, what it writes lands in
+/// the checkout and the results as root's files, and the audit says what bounds the disk.
+#[test]
+fn the_ci_policy_runs_a_job_on_a_checkout_root_just_made() {
+    if needs_root() {
+        return;
+    }
+    let repo = TempDir::new("ci-repo");
+    let results = TempDir::new("ci-results");
+    std::fs::write(repo.path().join("Makefile"), "test:\n\techo ok > build.log\n").unwrap();
+    let r = stockade_run(
+        &[
+            "--policy",
+            "ci",
+            "--workspace",
+            repo.path().to_str().unwrap(),
+            "--outputs",
+            results.path().to_str().unwrap(),
+        ],
+        &[
+            "/bin/sh",
+            "-c",
+            "sh -c 'cat Makefile >/dev/null; echo ok > build.log' && cp build.log /mnt/session/outputs/",
+        ],
+    );
+    assert_eq!(r.code, 0, "{r:?}");
+    use std::os::unix::fs::MetadataExt;
+    for f in [repo.path().join("build.log"), results.path().join("build.log")] {
+        assert_eq!(std::fs::read_to_string(&f).unwrap(), "ok\n");
+        assert_eq!(std::fs::metadata(&f).unwrap().uid(), 0, "{}", f.display());
+    }
+    let a = Command::new(STOCKADE).args(["audit", "ci"]).output().unwrap();
+    let text = String::from_utf8_lossy(&a.stdout);
+    assert!(text.contains("partial limits.workspace_size") && text.contains("fill the filesystem it is on"), "{text}");
 }
 
 #[test]

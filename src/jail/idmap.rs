@@ -6,9 +6,11 @@
 //! the jail can work on the files, and what it creates is stored as owned by the directory's real
 //! owner. Other owners' files appear as the overflow id and keep their permission bits.
 //!
-//! Mapping onto a system account (uid or gid below 1000, root above all) is refused: a file the
-//! jail creates and marks setuid would become a setuid-root (or setuid-daemon) program for the
-//! host's users. Such directories must be chowned to the jail user instead.
+//! Mapping onto a system account (uid or gid below 1000, root above all) needs a seccomp
+//! allowlist that refuses setuid and setgid modes (the default's does): otherwise a file the jail
+//! creates and marks setuid would become a setuid-root (or setuid-daemon) program for the host's
+//! users, and the mapping is refused. Either way what the jail creates there is owned by the
+//! directory's owner, as if that owner had run the command.
 //!
 //! The mapping is a user namespace whose only line maps the owner to the jail user's host id; it
 //! is created by a short-lived child and referenced by fd. The tree is attached inside the jail's
@@ -31,11 +33,14 @@ pub(crate) const FIRST_ORDINARY_ID: u32 = 1000;
 /// host path to it (a private parent directory, 0700, would stop the jail user there): a plain
 /// one when the jail user's host ids own the directory, an id-mapped one when an ordinary user
 /// does.
+/// `setid_openings` are the calls the policy lets make a setuid/setgid file (see
+/// `policy::syscalls::setid_openings`).
 pub(crate) fn prepare(
     dir: &Path,
     what: &str,
     jail_host_uid: u32,
     jail_host_gid: u32,
+    setid_openings: &[&str],
 ) -> Result<Option<OwnedFd>, JailError> {
     let meta = std::fs::metadata(dir)
         .map_err(|e| JailError::new(Step::Workspace, format!("{what} {}: {e}", dir.display())))?;
@@ -57,11 +62,14 @@ pub(crate) fn prepare(
             ),
         )
     };
-    if meta.uid() < FIRST_ORDINARY_ID || meta.gid() < FIRST_ORDINARY_ID {
+    let system = meta.uid() < FIRST_ORDINARY_ID || meta.gid() < FIRST_ORDINARY_ID;
+    if system && !setid_openings.is_empty() {
         return Err(fail(format!(
-            "refusing to id-map it onto a system account (gid {}): files the jail creates would be owned by that \
-             account on the host, and a setuid one would hand its privileges to any host user",
-            meta.gid()
+            "refusing to id-map it onto a system account (uid {}, gid {}) while the policy's seccomp.allow lets the \
+             jail make setuid/setgid files ({}): one would hand that account's privileges to any host user",
+            meta.uid(),
+            meta.gid(),
+            setid_openings.join(" ")
         )));
     }
     let userns = mapping_namespace(meta.uid(), jail_host_uid, meta.gid(), jail_host_gid)

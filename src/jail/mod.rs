@@ -266,11 +266,12 @@ fn preflight(spec: &JailSpec, payload: &Payload, report: &mut Report) -> Result<
     // mount; rootless, the jail user is the invoking user and owns what it reaches.
     let (mut workspace_tree, mut outputs_tree) = (None, None);
     if matches!(ids, IdMapping::Range { .. }) {
+        let setid = crate::policy::syscalls::setid_openings(&p.seccomp.allowed);
         if let Some(w) = &spec.workspace {
-            workspace_tree = idmap::prepare(w, "workspace", host_uid, host_gid)?;
+            workspace_tree = idmap::prepare(w, "workspace", host_uid, host_gid, &setid)?;
         }
         if let Some(o) = &spec.outputs {
-            outputs_tree = idmap::prepare(o, "outputs", host_uid, host_gid)?;
+            outputs_tree = idmap::prepare(o, "outputs", host_uid, host_gid, &setid)?;
         }
     }
     report.id_mapping =

@@ -244,12 +244,7 @@ fn syscall_checks(p: &Policy, c: &mut Ctx) {
         };
         c.add(&format!("syscalls.{}", g.trim_start_matches('@')), *w, v, "seccomp.allow", reason);
     }
-    let open: Vec<&str> = syscalls::SETID_GUARDED
-        .iter()
-        .copied()
-        .chain(["openat2"])
-        .filter(|n| matches!(allowed.get(n), Some(None)))
-        .collect();
+    let open = syscalls::setid_openings(&p.seccomp.allowed);
     let (v, r) = if open.is_empty() {
         (
             Verdict::Pass,
@@ -524,9 +519,15 @@ fn limit_checks(p: &Policy, c: &mut Ctx) {
             Some(s) => {
                 (Verdict::Pass, format!("{what} limited to {} by its filesystem", crate::util::format_size(s.0)))
             }
-            None => (Verdict::Fail, format!("{what} may fill the host's disk (no size limit)")),
+            // A full disk is an outage, not a way out: partial, not failed.
+            None => (
+                Verdict::Partial,
+                format!("{what} has no size limit of its own: a session can fill the filesystem it is on"),
+            ),
         };
-        c.add(id, 0.4, v, id, r);
+        // Weighed as the other limits on how much a session uses (files, file size): what it
+        // costs is the host's room, not its confinement.
+        c.add(id, 0.2, v, id, r);
     }
     let (v, r) = match l.enforcement {
         Enforcement::Hard => (Verdict::Pass, "refuses to run without its cgroup limits".to_owned()),

@@ -826,6 +826,13 @@ pub(crate) fn by_name(
     a.iter().map(|(_, a)| (a.name, a.conds.as_ref().map(|c| c.iter().copied().collect()))).collect()
 }
 
+/// The calls of `a` that could make a setuid or setgid file: a guarded one admitted without its
+/// mode condition, or openat2 at all. None means the jail cannot leave such a file behind.
+pub(crate) fn setid_openings(a: &Allowlist) -> Vec<&'static str> {
+    let allowed = by_name(a);
+    SETID_GUARDED.iter().copied().chain(["openat2"]).filter(|n| matches!(allowed.get(n), Some(None))).collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
