@@ -525,12 +525,14 @@ fn describe(p: &Policy, r: &jail::Report) -> String {
     }
     let l = &p.limits;
     let num = |v: Option<u64>| v.map_or_else(|| "unlimited".to_owned(), |n| n.to_string());
+    let size = |v: Option<policy::Size>| v.map_or_else(|| "unlimited".to_owned(), |f| stockade::util::format_size(f.0));
     let _ = writeln!(
         s,
-        "  rlimits      nofile {}, nproc {}, fsize {}, core 0; /tmp {}",
+        "  rlimits      nofile {}, nproc {}, fsize {}, as {}, core 0; /tmp {}",
         num(l.nofile),
         num(l.nproc),
-        l.fsize.map(|f| stockade::util::format_size(f.0)).unwrap_or_else(|| "unlimited".into()),
+        size(l.fsize),
+        size(l.address_space),
         stockade::util::format_size(l.tmp_size.0)
     );
     s
@@ -591,10 +593,27 @@ fn cmd_session(a: SessionArgs) -> i32 {
     }
 }
 
+/// `stockade check`: what the host offers, line by line, then the verdict that matters — whether
+/// `run` with the policy in effect (`--policy`, else the one `run` would pick) works here, found by
+/// building a jail from it. When it does not, the built-ins are tried and the first that works
+/// is named. The exit status is that verdict: a line `run` does not need (nftables without veth,
+/// the worker's disk limits) does not fail it.
 fn cmd_check(json: bool, policy: Option<String>) -> i32 {
     let mut items = jail::check::run();
-    if let Some(name) = &policy {
-        items.push(enforce_check(name));
+    let name = policy_spec(policy.as_deref()).unwrap_or_else(|| "default".into());
+    let verdict = enforce_check(&name);
+    let works = verdict.ok;
+    items.push(verdict);
+    if !works {
+        let instead = policy::BUILTIN_NAMES.iter().filter(|b| **b != name).find(|b| enforce_check(b).ok);
+        items.push(jail::check::Item {
+            name: "instead",
+            ok: instead.is_some(),
+            detail: match instead {
+                Some(b) => format!("the built-in policy `{b}` runs here: stockade run --policy {b} -- …"),
+                None => "no built-in policy runs here; the lines above say what is missing".into(),
+            },
+        });
     }
     if json {
         println!("{}", serde_json::to_string_pretty(&items).unwrap_or_default());
@@ -603,7 +622,7 @@ fn cmd_check(json: bool, policy: Option<String>) -> i32 {
             println!("{:<4} {:<16} {}", if i.ok { "ok" } else { "NO" }, i.name, i.detail);
         }
     }
-    i32::from(items.iter().any(|i| !i.ok))
+    i32::from(!works)
 }
 
 /// Whether this host enforces `name`: the only sure answer is a jail built from it, since every

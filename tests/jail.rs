@@ -866,6 +866,65 @@ fn rootless_jail_as_an_unprivileged_user() {
     assert!(r.stderr.starts_with("stockade: cgroups:") && r.stderr.contains("best_effort"), "{r:?}");
 }
 
+/// What a user without root gets from the shipped built-ins, as they would try it: `check` says
+/// the default cannot run here and names `rootless`, which then runs a command, a session (a
+/// bash call included: the shell is spawned by its thread's lane) and the demo; a trail that
+/// asks for execs is refused at once, saying why, rather than failing every program.
+#[test]
+fn a_user_without_root_gets_a_working_jail_from_the_rootless_built_in() {
+    if needs_root() {
+        return;
+    }
+    use std::os::unix::process::CommandExt;
+    let dir = TempDir::new("rootless-home");
+    std::fs::set_permissions(dir.path(), std::os::unix::fs::PermissionsExt::from_mode(0o777)).unwrap();
+    let as_nobody = |args: &[&str], stdin: &str| -> Run {
+        let mut c = Command::new(STOCKADE);
+        c.args(args)
+            .uid(65534)
+            .gid(65534)
+            .env_clear()
+            .env("HOME", dir.path())
+            .env("TMPDIR", dir.path())
+            .current_dir(dir.path())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = c.spawn().unwrap();
+        std::io::Write::write_all(&mut child.stdin.take().unwrap(), stdin.as_bytes()).unwrap();
+        to_run(child.wait_with_output().unwrap())
+    };
+    let r = as_nobody(&["check"], "");
+    assert_eq!(r.code, 1, "{r:?}");
+    let line =
+        |name: &str| r.stdout.lines().find(|l| l[5..].starts_with(name)).unwrap_or_else(|| panic!("{name}: {r:?}"));
+    assert!(line("cgroup memory").starts_with("NO "), "a cgroup this user cannot make is not ok: {r:?}");
+    assert!(line("policy").starts_with("NO ") && line("policy").contains("default"), "{r:?}");
+    assert!(line("instead").contains("`rootless`"), "{r:?}");
+    let r = as_nobody(&["check", "--policy", "rootless"], "");
+    assert_eq!(r.code, 0, "rootless runs here, whatever the lines it does not need say: {r:?}");
+
+    let r = as_nobody(&["run", "--policy", "rootless", "--", "/bin/sh", "-c", "id -u; ulimit -v"], "");
+    assert_eq!((r.code, r.stdout.as_str()), (0, "1000\n4194304\n"), "{r:?}");
+    let r = as_nobody(
+        &["session", "--policy", "rootless"],
+        "{\"id\":\"1\",\"name\":\"bash\",\"input\":{\"command\":\"echo shell-ok\"}}\n",
+    );
+    assert_eq!(r.code, 0, "{r:?}");
+    assert!(r.stdout.contains("shell-ok") && !r.stdout.contains("\"is_error\":true"), "{r:?}");
+    let r = as_nobody(&["run", "--policy", "rootless", "--trail", "t.jsonl", "--", "/bin/true"], "");
+    // rootless records no execs; the default asks for them, which needs root.
+    assert_eq!(r.code, 0, "{r:?}");
+    let r = as_nobody(&["run", "--policy", "default", "--trail", "t.jsonl", "--", "/bin/true"], "");
+    assert_eq!(r.code, 125, "{r:?}");
+    assert!(r.stderr.contains("trail.exec = true needs Stockade to run as root"), "{r:?}");
+
+    let r = as_nobody(&["demo"], "");
+    assert_eq!(r.code, 0, "{r:?}");
+    assert!(r.stdout.contains("(policy: rootless)") && r.stdout.contains("demo finished"), "{r:?}");
+    assert!(!r.stdout.contains("error: bash"), "{r:?}");
+}
+
 // ---------- rootfs ----------
 
 #[test]

@@ -265,7 +265,7 @@ fn the_kubernetes_manifests_parse_and_match_the_worker() {
         num.parse::<u64>().unwrap_or_else(|_| panic!("quantity {q}")) * mult
     };
     let l = &policy.limits;
-    let per_session_memory = l.memory.expect("the pod policy sets limits.memory").0 + (3 << 20);
+    let per_session_memory = l.memory.expect("the pod policy sets limits.memory").0 + (4 << 20);
     assert!(quantity(&limits["memory"]) >= n * per_session_memory + (64 << 20), "memory for {n} sessions");
     let disk =
         l.workspace_size.expect("workspace_size").0 + l.outputs_size.expect("outputs_size").0 + policy.trail.max_size.0;

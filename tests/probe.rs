@@ -45,6 +45,36 @@ fn shipped_policies_block_every_probe() {
     }
 }
 
+/// The rootless built-in, run as a user without root (its purpose): every probe is blocked but
+/// the one a cgroup would stop, the memory hog — without a cgroup, memory is bounded per process
+/// (RLIMIT_AS), not for the jail as a whole, which the audit reports (limits.enforcement).
+#[test]
+fn the_rootless_built_in_blocks_every_probe_but_the_jail_wide_memory_limit() {
+    if needs_root() {
+        return;
+    }
+    use std::os::unix::process::CommandExt;
+    let out = Command::new(STOCKADE)
+        .args(["probe", "--policy", "rootless", "--format", "json", "--expect-fail", "res-memory-hog"])
+        .uid(65534)
+        .gid(65534)
+        .env_clear()
+        .current_dir("/")
+        .output()
+        .unwrap();
+    let v: serde_json::Value =
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stderr)));
+    let escaped: Vec<&str> = v["reports"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| r["outcome"] != "blocked")
+        .map(|r| r["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(escaped, ["res-memory-hog"], "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
 /// (fixture, the audit check that fails, the probes that must escape under it)
 const WEAKENED: &[(&str, &str, &[&str])] = &[
     ("weak-keyring.toml", "syscalls.keyring", &["keyctl", "add_key"]),

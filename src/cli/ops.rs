@@ -1132,6 +1132,10 @@ pub(super) fn demo() -> i32 {
     };
     let state = std::env::temp_dir().join(format!("stockade-demo-{}", std::process::id()));
     let env_key = cp.environment_key(local::DEFAULT_ENVIRONMENT).expect("default environment");
+    // The policy `run` would pick; without one, the built-in this user can run: a user without
+    // root cannot make the default's cgroups and per-session filesystems.
+    let policy = super::policy_spec(None)
+        .unwrap_or_else(|| if nix::unistd::geteuid().is_root() { "default" } else { "rootless" }.to_owned());
     let code = runtime().block_on(async {
         let listener = match tokio::net::TcpListener::bind("127.0.0.1:0").await {
             Ok(l) => l,
@@ -1153,10 +1157,11 @@ pub(super) fn demo() -> i32 {
             Err(e) => return fail(e),
         };
         println!(
-            "session {} queued as work item {}; starting a worker (policy: default)\n",
+            "session {} queued as work item {}; starting a worker (policy: {policy})\n",
             created.session_id, created.work_id
         );
         let mut cfg = WorkerConfig::new(local::DEFAULT_ENVIRONMENT, &url, env_key);
+        cfg.policy = policy.clone();
         cfg.state_dir = state.clone();
         cfg.max_sessions = 1;
         cfg.max_idle = Duration::from_secs(1);
@@ -1175,11 +1180,12 @@ pub(super) fn demo() -> i32 {
         let worker_result = w.await;
         let _ = stop_cp.send(());
         print!("{}", transcript(&view));
-        println!("\n{}", confinement_summary());
         let answered = view.calls.iter().all(|c| c.result.is_some());
         match worker_result {
             Ok(Err(e)) => fail(e),
             _ if view.work_state == wire::WorkState::Stopped && view.finished && answered => {
+                // Said only of a session that ran.
+                println!("\n{}", confinement_summary(&policy));
                 println!(
                     "demo finished: {} tool calls, all answered, in {:.1} s",
                     view.calls.len(),
@@ -1194,8 +1200,8 @@ pub(super) fn demo() -> i32 {
     code
 }
 
-fn confinement_summary() -> String {
-    let Ok((p, _)) = stockade::policy::load(None) else { return String::new() };
+fn confinement_summary(policy: &str) -> String {
+    let Ok((p, _)) = stockade::policy::load(Some(policy)) else { return String::new() };
     let l = &p.limits;
     format!(
         "what confined the session (policy {}):\n  \
@@ -1203,7 +1209,7 @@ fn confinement_summary() -> String {
          filesystem   tmpfs root, read-only system dirs, rw /workspace, /mnt/session/outputs, /tmp\n  \
          privileges   no capabilities, no_new_privs, jail uid {}\n  \
          landlock     {}; seccomp allowlist of groups {}, default {}\n  \
-         limits       memory {}, pids {}, the worker's environment key never entered the jail",
+         limits       memory {}, pids {}{}, the worker's environment key never entered the jail",
         p.source,
         stockade::policy::spelling(&p.network.mode),
         p.hostname,
@@ -1213,5 +1219,10 @@ fn confinement_summary() -> String {
         stockade::policy::spelling(&p.seccomp.default_action),
         l.memory.map(|m| stockade::util::format_size(m.0)).unwrap_or_else(|| "unlimited".into()),
         l.pids.map(|n| n.to_string()).unwrap_or_else(|| "unlimited".into()),
+        match l.enforcement {
+            stockade::policy::Enforcement::BestEffort =>
+                " where the host let them apply (best_effort; the log says which not)",
+            stockade::policy::Enforcement::Hard => "",
+        },
     )
 }

@@ -106,15 +106,16 @@ pub fn run() -> Vec<Item> {
     for (c, name) in
         [(Controller::Memory, "cgroup memory"), (Controller::Pids, "cgroup pids"), (Controller::Cpu, "cgroup cpu")]
     {
-        let src = layout.source(c);
-        items.push(Item {
-            name,
-            ok: src.is_some(),
-            detail: match src {
-                Some(v) => format!("from cgroup {v}"),
-                None => "unavailable: policies with this limit need limits.enforcement = \"best_effort\"".into(),
-            },
+        let detail = match (layout.source(c), try_controller(&layout, c)) {
+            (Some(v), Ok(())) => Ok(format!("from cgroup {v}: a jail's cgroup was made and removed")),
+            (None, _) => Err("no such controller on this host".to_owned()),
+            (Some(_), Err(e)) => Err(e),
+        };
+        let ok = detail.is_ok();
+        let detail = detail.unwrap_or_else(|e| {
+            format!("{e}: policies with this limit need limits.enforcement = \"best_effort\" (the rootless built-in)")
         });
+        items.push(Item { name, ok, detail });
     }
     let nft = ["/usr/sbin/nft", "/sbin/nft", "/usr/bin/nft"].iter().find(|p| std::path::Path::new(p).exists());
     items.push(Item {
@@ -139,6 +140,25 @@ pub fn run() -> Vec<Item> {
         },
     });
     items
+}
+
+/// Makes and removes the cgroup a jail would get for one controller's limit, as this process: the
+/// controller being on the host says nothing of whether this user may use it.
+fn try_controller(layout: &Layout, c: Controller) -> Result<(), String> {
+    let mut limits = crate::policy::load_builtin("default").map_err(|e| e.to_string())?.0.limits;
+    limits.memory = (c == Controller::Memory).then_some(crate::policy::Size(256 << 20));
+    limits.pids = (c == Controller::Pids).then_some(64);
+    limits.cpu = (c == Controller::Cpu).then_some(1.0);
+    limits.enforcement = crate::policy::Enforcement::Hard;
+    let name = format!("stockade-check-{}", std::process::id());
+    match super::cgroups::JailCgroup::create(super::cgroups::Kernel, layout, &name, &limits) {
+        Ok((Some(mut cg), _)) => {
+            cg.remove();
+            Ok(())
+        }
+        Ok((None, _)) => Ok(()),
+        Err(e) => Err(e.msg.trim_end_matches(" (set limits.enforcement = \"best_effort\" to run without)").to_owned()),
+    }
 }
 
 /// Forks a child that creates a user namespace, the way a jail would.

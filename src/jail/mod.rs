@@ -241,6 +241,19 @@ fn preflight(spec: &JailSpec, payload: &Payload, report: &mut Report) -> Result<
     if matches!(payload, Payload::Command) && spec.argv.is_empty() {
         return Err(JailError::new(Step::Exec, "no command given"));
     }
+    // The exec watch reads each exec's path and argv from the caller's memory. The jail's init
+    // and its forks keep the memory of the supervisor's user namespace until they exec, and the
+    // kernel lets only a supervisor with CAP_SYS_PTRACE there read it: as a user without root
+    // every exec would be refused.
+    if spec.watcher.as_ref().is_some_and(|w| w.exec) && !nix::unistd::geteuid().is_root() {
+        return Err(JailError::new(
+            Step::Preflight,
+            "trail.exec = true needs Stockade to run as root (it reads each exec from the jailed process's memory, \
+             which the kernel lets only a privileged supervisor do); set trail.exec = false, as the rootless built-in \
+             does, to keep the trail's calls and egress without its execs"
+                .to_owned(),
+        ));
+    }
     let argv_c: Vec<CString> = spec
         .argv
         .iter()

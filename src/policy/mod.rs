@@ -21,10 +21,14 @@ pub use types::*;
 use std::path::PathBuf;
 
 /// The built-in policies, embedded so a fresh install works without `policies/`.
+/// The built-in policies' names, the one `run` uses by default first.
+pub const BUILTIN_NAMES: &[&str] = &["default", "strict", "ci", "rootless"];
+
 pub(crate) const BUILTINS: &[(&str, &str)] = &[
     ("default", include_str!("../../policies/default.toml")),
     ("strict", include_str!("../../policies/strict.toml")),
     ("ci", include_str!("../../policies/ci.toml")),
+    ("rootless", include_str!("../../policies/rootless.toml")),
 ];
 
 pub(crate) fn builtin_text(name: &str) -> Option<&'static str> {

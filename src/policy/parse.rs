@@ -83,6 +83,20 @@ impl<'de> Deserialize<'de> for NumOrStr {
     }
 }
 
+/// A number, or `"none"` for no limit: how a policy lifts a limit the one it extends sets.
+#[derive(Debug, Clone)]
+pub(crate) struct OrNone<T>(Option<T>);
+
+impl<'de, T: de::DeserializeOwned> Deserialize<'de> for OrNone<T> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let v = toml::Value::deserialize(d)?;
+        if v.as_str() == Some("none") {
+            return Ok(OrNone(None));
+        }
+        T::deserialize(v).map(|t| OrNone(Some(t))).map_err(|e| de::Error::custom(format!("{e}, or \"none\"")))
+    }
+}
+
 /// Declares a policy section twice: as written in one file (`$layer`, every field optional and
 /// spanned, `X_add`/`X_remove` beside every list `X`) and as merged across files (`$raw`).
 macro_rules! section {
@@ -191,7 +205,7 @@ section!("env.", EnvLayer => EnvRaw {
 });
 section!("limits.", LimitsLayer => LimitsRaw {
     scalars {
-        memory: NumOrStr, pids: u64, cpu: f64, nofile: u64, nproc: u64, fsize: NumOrStr,
+        memory: NumOrStr, pids: OrNone<u64>, cpu: OrNone<f64>, nofile: OrNone<u64>, nproc: OrNone<u64>, fsize: NumOrStr,
         address_space: NumOrStr, tmp_size: NumOrStr, timeout: NumOrStr, enforcement: EnforcementW,
         workspace_size: NumOrStr, outputs_size: NumOrStr,
     }
@@ -575,19 +589,19 @@ fn limits(raw: LimitsRaw, bad: &Bad) -> Result<Limits, PolicyError> {
             Some(NumOrStr::Str(s)) => parse_size(&s).map(|n| Some(Size(n))).map_err(|e| bad(key, e.to_string())),
         }
     };
-    let timeout = match raw.timeout {
+    let timeout = match none_is_unset(raw.timeout) {
         None => None,
         Some(NumOrStr::Num(n)) => Some(Dur(std::time::Duration::from_secs(n))),
         Some(NumOrStr::Str(s)) => Some(Dur(parse_duration(&s).map_err(|e| bad("limits.timeout", e.to_string()))?)),
     };
     let limits = Limits {
-        memory: size("limits.memory", raw.memory)?,
-        pids: raw.pids,
-        cpu: raw.cpu,
-        nofile: raw.nofile,
-        nproc: raw.nproc,
-        fsize: size("limits.fsize", raw.fsize)?,
-        address_space: size("limits.address_space", raw.address_space)?,
+        memory: size("limits.memory", none_is_unset(raw.memory))?,
+        pids: raw.pids.and_then(|v| v.0),
+        cpu: raw.cpu.and_then(|v| v.0),
+        nofile: raw.nofile.and_then(|v| v.0),
+        nproc: raw.nproc.and_then(|v| v.0),
+        fsize: size("limits.fsize", none_is_unset(raw.fsize))?,
+        address_space: size("limits.address_space", none_is_unset(raw.address_space))?,
         tmp_size: size("limits.tmp_size", raw.tmp_size)?.unwrap_or(Size(256 << 20)),
         workspace_size: size("limits.workspace_size", none_is_unset(raw.workspace_size))?,
         outputs_size: size("limits.outputs_size", none_is_unset(raw.outputs_size))?,
@@ -843,7 +857,7 @@ fn retention(raw: RetentionRaw, bad: &Bad) -> Result<Retention, PolicyError> {
 
 /// `[provision]`.
 fn provision(raw: ProvisionRaw, bad: &Bad) -> Result<Provision, PolicyError> {
-    let timeout = match raw.timeout {
+    let timeout = match none_is_unset(raw.timeout) {
         None => Dur(std::time::Duration::from_secs(600)),
         Some(NumOrStr::Num(n)) => Dur(std::time::Duration::from_secs(n)),
         Some(NumOrStr::Str(s)) => Dur(parse_duration(&s).map_err(|e| bad("provision.timeout", e.to_string()))?),
