@@ -469,6 +469,13 @@ fn cmd_run(a: RunArgs) -> i32 {
             if out.status == jail::Status::TimedOut {
                 eprintln!("stockade: timed out; the jail was killed");
             }
+            if let Some(call) = &out.report.seccomp_kill {
+                eprintln!(
+                    "stockade: the command was killed by the seccomp filter (SIGSYS) at {call}, which seccomp.allow does \
+                     not admit (seccomp.default_action = \"{}\")",
+                    stockade::policy::spelling(&spec.policy.seccomp.default_action)
+                );
+            }
             out.status.code()
         }
         Err(e) => {

@@ -1265,6 +1265,24 @@ fn reports_use_the_policy_files_spellings() {
     assert!(text.contains("clone[no namespace flags]") && !text.contains("NoNamespaceFlags"), "{text}");
 }
 
+/// A command the seccomp filter kills (`default_action = "kill"`) dies of SIGSYS, and Stockade
+/// says which system call did it, from the kernel's log, rather than leave a bare status 159.
+#[test]
+fn a_command_killed_by_seccomp_is_told_which_system_call() {
+    if needs_root() {
+        return;
+    }
+    let (_d, p) = policy("default", "[seccomp]\ndefault_action = \"kill\"");
+    // mount(2) is outside every shipped allowlist; perl makes the raw call (165 on x86_64).
+    let r = stockade_run(&["--policy", p.to_str().unwrap()], &["/usr/bin/perl", "-e", "syscall(165, 0, 0, 0, 0, 0)"]);
+    assert_eq!(r.code, 128 + libc::SIGSYS, "{r:?}");
+    assert!(
+        r.stderr.contains("killed by the seccomp filter (SIGSYS) at mount (165)")
+            && r.stderr.contains("seccomp.default_action = \"kill\""),
+        "{r:?}"
+    );
+}
+
 /// `check --policy P` answers whether this host enforces P — by building a jail from it — and
 /// says so in its exit status, for CI preflights and `ExecStartPre=`.
 #[test]

@@ -33,6 +33,7 @@ pub(crate) mod fsio;
 pub(crate) mod idmap;
 pub(crate) mod idpool;
 mod init;
+mod kmsg;
 pub(crate) mod landlock;
 pub(crate) mod mounts;
 pub(crate) mod namespaces;
@@ -139,6 +140,9 @@ pub struct Report {
     pub id_mapping: String,
     /// veth mode: the session's link and, once it ended, its packet and DNS counts.
     pub network: Option<String>,
+    /// The command died of SIGSYS: the system call the seccomp filter killed it for, as the
+    /// kernel logged it (`name (number)`), or why that cannot be told.
+    pub seccomp_kill: Option<String>,
 }
 
 #[derive(Debug)]
@@ -182,6 +186,10 @@ pub struct Jail {
     _ids: Option<idpool::Slot>,
     /// Answers the jail's exec notifications; stopped after the jail is gone.
     exec_watch: Option<execwatch::Watch>,
+    /// The host uid the jail's processes run as, and when the jail started on the kernel's log
+    /// clock: what finds a seccomp kill in the kernel's log.
+    host_uid: u32,
+    started_usec: u64,
 }
 
 /// Builds the jail, runs the command to completion and tears everything down.
@@ -329,6 +337,8 @@ impl Jail {
             net: None,
             _ids: prep.id_slot.take(),
             exec_watch: None,
+            host_uid: prep.ids.host_ids(&spec.policy.user).0,
+            started_usec: kmsg::now_usec(),
         };
         let mut cg = CgroupStage::new(&spec.policy);
         let entry = jail.early_cgroup(&mut cg, &prep)?;
@@ -500,6 +510,16 @@ impl Jail {
         let init = self.init.expect("a started jail has its init");
         let status = supervise(init, self.deadline);
         self.finished = true;
+        if let Ok(Status::Signaled(libc::SIGSYS)) = status {
+            let table = crate::policy::syscalls::native_table();
+            self.report.seccomp_kill = Some(match kmsg::seccomp_kill(self.host_uid, self.started_usec) {
+                Some(nr) => match table.iter().find(|(_, n)| *n == i64::from(nr)) {
+                    Some((name, _)) => format!("{name} ({nr})"),
+                    None => format!("system call {nr}"),
+                },
+                None => "a system call the kernel's log (dmesg, type=1326) names; it cannot be read here".into(),
+            });
+        }
         if let Some(n) = &self.net {
             let plan = &n.plan;
             self.report.network =
