@@ -21,6 +21,7 @@ fn spec(sweep_stale: bool) -> JailSpec {
         timeout: None,
         sweep_stale,
         watcher: None,
+        observe: false,
     }
 }
 

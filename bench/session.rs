@@ -159,6 +159,7 @@ fn main() {
         timeout: None,
         sweep_stale: true,
         watcher: None,
+        observe: false,
     };
     let t = Instant::now();
     let mut session = Session::start(&spec).unwrap();

@@ -173,6 +173,12 @@ struct JailArgs {
     outputs: Option<PathBuf>,
 }
 
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum ReportFormat {
+    Text,
+    Json,
+}
+
 #[derive(Args)]
 struct RunArgs {
     #[command(flatten)]
@@ -186,9 +192,16 @@ struct RunArgs {
     /// Uid of the command inside the jail; overrides user.uid.
     #[arg(long)]
     uid: Option<u32>,
-    /// Print what confined the command on stderr when it ends.
+    /// Print what confined the command on stderr when it ends, as the jail saw itself (its
+    /// mount table, credentials, limits) and as the supervisor applied it (cgroups, network).
     #[arg(long)]
     report: bool,
+    /// The report's form: text for people, json for tools (implies --report).
+    #[arg(long, value_enum, value_name = "FORMAT")]
+    report_format: Option<ReportFormat>,
+    /// Print the plan the policy makes for this command, and run nothing.
+    #[arg(long)]
+    dry_run: bool,
     /// Record every program the command runs in this audit trail (JSON lines, appended; see
     /// `[trail]` in stockade.toml(5)).
     #[arg(long, value_name = "FILE")]
@@ -459,12 +472,20 @@ fn cmd_run(a: RunArgs) -> i32 {
         timeout,
         sweep_stale: true,
         watcher,
+        observe: a.report || a.report_format.is_some(),
     };
+    if a.dry_run {
+        print!("{}", plan(&spec));
+        return 0;
+    }
     match jail::run(&spec) {
         Ok(out) => {
             tracing::info!(status = ?out.status, "jail finished");
-            if a.report {
-                eprint!("{}", describe(&spec.policy, &out.report));
+            match a.report_format {
+                Some(ReportFormat::Json) => eprintln!("{}", report_json(&spec.policy, &out)),
+                Some(ReportFormat::Text) => eprint!("{}", describe(&spec.policy, &out.report)),
+                None if a.report => eprint!("{}", describe(&spec.policy, &out.report)),
+                None => {}
             }
             if out.status == jail::Status::TimedOut {
                 eprintln!("stockade: timed out; the jail was killed");
@@ -485,15 +506,88 @@ fn cmd_run(a: RunArgs) -> i32 {
     }
 }
 
-/// A human summary of what confines a jail.
+/// What the policy would do with a command, without building anything (`run --dry-run`).
+fn plan(spec: &JailSpec) -> String {
+    use std::fmt::Write;
+    let p = &spec.policy;
+    let mut s = String::new();
+    let _ = writeln!(s, "plan of policy {} (nothing was run; `--report` says what a run did):", p.source);
+    let _ =
+        writeln!(s, "  command      {}", spec.argv.iter().map(|a| a.to_string_lossy()).collect::<Vec<_>>().join(" "));
+    let _ = writeln!(s, "  namespaces   user, mount, pid, ipc, uts, net, cgroup; hostname \"{}\"", p.hostname);
+    let host = |d: &Option<PathBuf>| d.as_ref().map_or("a tmpfs".to_owned(), |d| d.display().to_string());
+    let _ = writeln!(
+        s,
+        "  filesystem   tmpfs root, read-only; /workspace {} from {}; /mnt/session/outputs from {}",
+        policy::spelling(&p.filesystem.workspace),
+        host(&spec.workspace),
+        host(&spec.outputs)
+    );
+    for b in &p.filesystem.read_write {
+        let _ = writeln!(s, "               rw bind {b}");
+    }
+    let _ = writeln!(s, "  network      {}", policy::spelling(&p.network.mode));
+    let _ = writeln!(
+        s,
+        "  seccomp      allow {}, default {}",
+        p.seccomp.allow.join(" "),
+        policy::spelling(&p.seccomp.default_action)
+    );
+    let l = &p.limits;
+    let size = |v: Option<policy::Size>| v.map_or_else(|| "none".to_owned(), |v| stockade::util::format_size(v.0));
+    let _ = writeln!(
+        s,
+        "  limits       memory {}, pids {}, cpu {}, timeout {} ({})",
+        size(l.memory),
+        l.pids.map_or_else(|| "none".to_owned(), |n| n.to_string()),
+        l.cpu.map_or_else(|| "none".to_owned(), |c| c.to_string()),
+        spec.timeout.or(l.timeout.map(|t| t.0)).map_or_else(|| "none".to_owned(), stockade::util::format_duration),
+        policy::spelling(&l.enforcement)
+    );
+    s
+}
+
+/// The report as JSON: the jail's own view (`seen`), what the supervisor applied, the status.
+fn report_json(p: &Policy, out: &jail::Outcome) -> String {
+    let r = &out.report;
+    serde_json::json!({
+        "policy": p.source,
+        "status": match out.status {
+            jail::Status::Exited(c) => serde_json::json!({"exited": c}),
+            jail::Status::Signaled(s) => serde_json::json!({"signaled": s}),
+            jail::Status::TimedOut => serde_json::json!("timed_out"),
+        },
+        "seen": r.seen,
+        "identity": r.id_mapping,
+        "landlock": {"abi": r.landlock_abi, "dropped": r.landlock_dropped, "compatibility": policy::spelling(&p.landlock.compatibility)},
+        "seccomp": {"allowed": r.seccomp_allowed, "default_action": policy::spelling(&p.seccomp.default_action), "killed_at": r.seccomp_kill},
+        "cgroup": {"applied": r.cgroup.applied, "not_applied": r.cgroup.skipped},
+        "network": r.network.clone().unwrap_or_else(|| policy::spelling(&p.network.mode)),
+    })
+    .to_string()
+}
+
+/// A human summary of what confined a jail: its own view where it gave one (mounts,
+/// credentials, limits), what the supervisor applied (cgroups, network), the policy's words for
+/// the rest.
 fn describe(p: &Policy, r: &jail::Report) -> String {
     use std::fmt::Write;
     let mut s = String::new();
     let _ = writeln!(s, "confined by policy {}:", p.source);
     let _ = writeln!(s, "  namespaces   user, mount, pid, ipc, uts, net, cgroup; hostname \"{}\"", p.hostname);
     let _ = writeln!(s, "  identity     {}", r.id_mapping);
-    let _ =
-        writeln!(s, "  filesystem   new tmpfs root, read-only; rw: /workspace, /mnt/session/outputs, /tmp, /dev/shm");
+    match &r.seen {
+        Some(seen) => {
+            let root = seen.mounts.iter().find(|m| m.path == "/");
+            let root = root.map_or("no root seen".to_owned(), |m| {
+                format!("{} root, {}", m.fstype, if m.writable { "WRITABLE" } else { "read-only" })
+            });
+            let _ = writeln!(s, "  filesystem   {root}; rw: {}", seen.writable().join(", "));
+        }
+        None => {
+            let _ = writeln!(s, "  filesystem   (not observed)");
+        }
+    }
     match &r.network {
         Some(n) => {
             let _ = writeln!(s, "  network      {n}");
@@ -502,10 +596,22 @@ fn describe(p: &Policy, r: &jail::Report) -> String {
             let _ = writeln!(s, "  network      {}", policy::spelling(&p.network.mode));
         }
     }
-    if p.capabilities.keep.is_empty() {
-        let _ = writeln!(s, "  capabilities none (all five sets empty), no_new_privs");
-    } else {
-        let _ = writeln!(s, "  capabilities kept: {}; no_new_privs", p.capabilities.keep.join(", "));
+    match &r.seen {
+        Some(seen) if seen.no_capabilities() => {
+            let nnp = if seen.no_new_privs { "no_new_privs" } else { "NO no_new_privs" };
+            let _ = writeln!(s, "  capabilities none (all five sets empty), {nnp}");
+        }
+        Some(seen) => {
+            let sets: Vec<String> = seen.capabilities.iter().map(|(k, v)| format!("{k} {v}")).collect();
+            let nnp = if seen.no_new_privs { "no_new_privs" } else { "NO no_new_privs" };
+            let _ = writeln!(
+                s,
+                "  capabilities kept: {} (as the command has them: {}); {nnp}",
+                p.capabilities.keep.join(", "),
+                sets.join(", ")
+            );
+        }
+        None => {}
     }
     let dropped = if r.landlock_dropped.is_empty() {
         String::new()
@@ -518,9 +624,14 @@ fn describe(p: &Policy, r: &jail::Report) -> String {
         r.landlock_abi,
         policy::spelling(&p.landlock.compatibility)
     );
+    let filters = match &r.seen {
+        Some(seen) if seen.seccomp_mode == 2 => format!("; {} filters on the command", seen.seccomp_filters),
+        Some(_) => "; NO seccomp filter on the command".to_owned(),
+        None => String::new(),
+    };
     let _ = writeln!(
         s,
-        "  seccomp      {} syscalls allowed ({}), default {}, x32/ia32 refused",
+        "  seccomp      {} syscalls allowed ({}), default {}, x32/ia32 refused{filters}",
         r.seccomp_allowed,
         p.seccomp.allow.join(" "),
         policy::spelling(&p.seccomp.default_action)
@@ -530,18 +641,19 @@ fn describe(p: &Policy, r: &jail::Report) -> String {
     if !r.cgroup.skipped.is_empty() {
         let _ = writeln!(s, "  NOT applied  {} (best_effort)", r.cgroup.skipped.join("; "));
     }
-    let l = &p.limits;
-    let num = |v: Option<u64>| v.map_or_else(|| "unlimited".to_owned(), |n| n.to_string());
-    let size = |v: Option<policy::Size>| v.map_or_else(|| "unlimited".to_owned(), |f| stockade::util::format_size(f.0));
-    let _ = writeln!(
-        s,
-        "  rlimits      nofile {}, nproc {}, fsize {}, as {}, core 0; /tmp {}",
-        num(l.nofile),
-        num(l.nproc),
-        size(l.fsize),
-        size(l.address_space),
-        stockade::util::format_size(l.tmp_size.0)
-    );
+    if let Some(seen) = &r.seen {
+        let lim = |name: &str| seen.limit(name).unwrap_or("?").to_owned();
+        let _ = writeln!(
+            s,
+            "  rlimits      nofile {}, nproc {}, fsize {}, as {}, core {}",
+            lim("Max open files"),
+            lim("Max processes"),
+            lim("Max file size"),
+            lim("Max address space"),
+            lim("Max core file size")
+        );
+    }
+    let _ = writeln!(s, "  /tmp         {}", stockade::util::format_size(p.limits.tmp_size.0));
     s
 }
 
@@ -583,6 +695,7 @@ fn cmd_session(a: SessionArgs) -> i32 {
         // A worker's session (announced) leaves the sweep to the worker.
         sweep_stale: !a.announce,
         watcher,
+        observe: false,
     };
     // Unbuffered, so that what waits in a buffer is never missed by a wait for the descriptor.
     let stdin = match std::os::fd::AsFd::as_fd(&std::io::stdin()).try_clone_to_owned() {
@@ -649,6 +762,7 @@ fn enforce_check(name: &str) -> jail::check::Item {
         timeout: Some(std::time::Duration::from_secs(30)),
         sweep_stale: false,
         watcher: None,
+        observe: false,
     };
     match jail::Jail::start(&spec, jail::Payload::Command).and_then(jail::Jail::wait) {
         Ok(o) if o.status.code() == 0 => item(true, format!("{name}: a jail built from it ran /bin/true")),

@@ -118,7 +118,7 @@ pub fn format_size(bytes: u64) -> String {
     bytes.to_string()
 }
 
-pub(crate) fn format_duration(d: Duration) -> String {
+pub fn format_duration(d: Duration) -> String {
     let s = d.as_secs();
     if d.subsec_millis() != 0 {
         format!("{}ms", d.as_millis())

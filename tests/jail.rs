@@ -1249,6 +1249,44 @@ fn a_policy_without_extends_is_warned_about() {
     assert!(String::from_utf8_lossy(&o.stdout).contains("hostname = \"bare\""));
 }
 
+/// The report is what the jail saw of itself, not what the policy says: a workspace the policy
+/// makes read-only is not listed writable, a host directory it binds read-write is, with the
+/// device it comes from; `--report-format json` gives the same view to tools; `--dry-run` runs
+/// nothing and says so.
+#[test]
+fn the_report_is_the_jails_own_view() {
+    if needs_root() {
+        return;
+    }
+    let data = TempDir::new("report-data");
+    let (_d, p) = policy_for_host_dirs(
+        "default",
+        &format!("[filesystem]\nworkspace = \"read_only\"\nread_write_add = [\"{}:/data\"]", data.path().display()),
+    );
+    let r = stockade_run(&["--report", "--policy", p.to_str().unwrap()], &["/bin/true"]);
+    assert_eq!(r.code, 0, "{r:?}");
+    let fs = r.stderr.lines().find(|l| l.trim_start().starts_with("filesystem")).unwrap_or_else(|| panic!("{r:?}"));
+    assert!(fs.contains("read-only; rw: ") && fs.contains("/data (/dev/"), "{fs}");
+    assert!(!fs.contains("/workspace"), "the read-only workspace is not writable: {fs}");
+    assert!(r.stderr.contains("no_new_privs") && r.stderr.contains("filters on the command"), "{r:?}");
+
+    let r = stockade_run(&["--report-format", "json", "--policy", p.to_str().unwrap()], &["/bin/true"]);
+    assert_eq!(r.code, 0, "{r:?}");
+    let v: serde_json::Value = serde_json::from_str(r.stderr.lines().last().unwrap()).unwrap();
+    let mounts = v["seen"]["mounts"].as_array().unwrap();
+    let at = |path: &str| mounts.iter().find(|m| m["path"] == path).unwrap_or_else(|| panic!("{path}: {v}"));
+    assert_eq!((at("/data")["writable"].as_bool(), at("/workspace")["writable"].as_bool()), (Some(true), Some(false)));
+    assert_eq!(at("/")["writable"], false);
+    assert_eq!(v["seen"]["no_new_privs"], true);
+    assert_eq!(v["status"]["exited"], 0);
+
+    let marker = data.path().join("ran");
+    let r = stockade_run(&["--dry-run", "--policy", p.to_str().unwrap()], &["/bin/touch", "/data/ran"]);
+    assert_eq!(r.code, 0, "{r:?}");
+    assert!(r.stdout.starts_with("plan of policy") && r.stdout.contains("nothing was run"), "{r:?}");
+    assert!(!marker.exists(), "--dry-run ran the command");
+}
+
 /// People read the policy file's spellings, never Rust's Debug forms.
 #[test]
 fn reports_use_the_policy_files_spellings() {

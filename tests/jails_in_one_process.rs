@@ -20,6 +20,7 @@ fn spec(cmd: &str) -> JailSpec {
         timeout: Some(TIMEOUT),
         sweep_stale: false,
         watcher: None,
+        observe: false,
     }
 }
 

@@ -49,6 +49,8 @@ pub(crate) struct ChildCtx<'a> {
     pub veth: Option<(std::net::Ipv4Addr, std::net::Ipv4Addr)>,
     /// Report every exec to the supervisor (see `execwatch`).
     pub watch_exec: bool,
+    /// Send the supervisor what the jail sees of itself before the command runs (see `observe`).
+    pub observe: bool,
     /// Where the supervisor's arguments and environment are, for the child to wipe its copies.
     pub own_blocks: &'a super::environ::OwnBlocks,
 }
@@ -198,6 +200,10 @@ fn setup(ctx: &ChildCtx) -> Result<Option<Pid>, JailError> {
         return Ok(None);
     }
 
+    // Read here, with every step applied: what the command starts with is this, as its own.
+    if ctx.observe {
+        super::sync::send_seen(&ctx.pipes.report_write, &super::observe::read_own());
+    }
     let prog = resolve_program(ctx)?;
     let cwd = CString::new(mounts::WORKSPACE).expect("no NUL in a constant");
     // Blocked before the command exists, so that neither its end nor a signal to pass on can

@@ -38,6 +38,7 @@ pub(crate) mod landlock;
 pub(crate) mod mounts;
 pub(crate) mod namespaces;
 pub(crate) mod netif;
+pub mod observe;
 pub(crate) mod rlimits;
 pub(crate) mod seccomp;
 mod spawn;
@@ -94,6 +95,10 @@ pub struct JailSpec {
     pub sweep_stale: bool,
     /// Told every program the jail runs (with `exec`) and every connection it tries.
     pub watcher: Option<Watcher>,
+    /// Have the jail say what it sees of itself once built, before its command runs (its mount
+    /// table, credentials, limits: `Report::seen`), for a report that is the jail's, not the
+    /// policy's.
+    pub observe: bool,
 }
 
 /// Who is told what a jail runs and connects to.
@@ -143,6 +148,8 @@ pub struct Report {
     /// The command died of SIGSYS: the system call the seccomp filter killed it for, as the
     /// kernel logged it (`name (number)`), or why that cannot be told.
     pub seccomp_kill: Option<String>,
+    /// With `JailSpec::observe`: the jail's own view of itself once built.
+    pub seen: Option<observe::Seen>,
 }
 
 #[derive(Debug)]
@@ -386,11 +393,13 @@ impl Jail {
         if let (Some(l), true) = (&cg.layout, spec.sweep_stale) {
             cgroups::remove_stale_near(l);
         }
-        if let Some(err) = sync::read_report(&report_read) {
+        let (seen, failed) = sync::read_report_seen(&report_read);
+        if let Some(err) = failed {
             let _ = waitpid(child, None);
             jail.finished = true;
             return Err(err);
         }
+        jail.report.seen = seen.map(|raw| observe::Seen::parse(&raw));
         tracing::debug!(
             preflight_us = t_pre.as_micros() as u64,
             cgroup_us = (t_cg - t_pre).as_micros() as u64,
@@ -488,6 +497,7 @@ impl Jail {
                 payload: &payload,
                 veth,
                 watch_exec: spec.watcher.as_ref().is_some_and(|w| w.exec),
+                observe: spec.observe,
                 own_blocks: &prep.own_blocks,
             }),
             Some(pid) => self.init = Some(pid),

@@ -206,8 +206,27 @@ pub(super) fn send_failure(fd: &OwnedFd, err: &JailError) {
     let _ = write(fd.as_fd(), rec.as_bytes());
 }
 
-/// Supervisor side: read until EOF. `None` means the command was exec'd.
-pub(super) fn read_report(fd: &OwnedFd) -> Option<JailError> {
+/// Marks the jail's view of itself on the report pipe: `SEEN`, the view, then a NUL; a failure
+/// record may follow.
+const SEEN: &[u8] = b"seen\0";
+
+/// Jail side: the files that make up the jail's view of itself (see `observe`).
+pub(super) fn send_seen(fd: &OwnedFd, raw: &[(&str, String)]) {
+    let mut rec = SEEN.to_vec();
+    for (name, text) in raw {
+        rec.extend_from_slice(name.as_bytes());
+        rec.push(b'\n');
+        rec.extend_from_slice(text.replace('\0', "").as_bytes());
+        rec.push(b'\x1e');
+    }
+    rec.push(0);
+    let _ = write(fd.as_fd(), &rec);
+}
+
+/// Supervisor side: read until EOF. The jail's view of itself when it sent one (file name and
+/// text, as `send_seen` put them), and the failure when there was one; `(_, None)` means the
+/// command was exec'd.
+pub(super) fn read_report_seen(fd: &OwnedFd) -> (Option<Vec<(String, String)>>, Option<JailError>) {
     let mut buf = Vec::new();
     let mut chunk = [0u8; 4096];
     loop {
@@ -218,10 +237,32 @@ pub(super) fn read_report(fd: &OwnedFd) -> Option<JailError> {
             Err(_) => break,
         }
     }
+    let mut seen = None;
+    if let Some(rest) = buf.strip_prefix(SEEN) {
+        let end = rest.iter().position(|&b| b == 0).unwrap_or(rest.len());
+        let text = String::from_utf8_lossy(&rest[..end]);
+        seen = Some(
+            text.split('\x1e')
+                .filter_map(|part| part.split_once('\n'))
+                .map(|(name, body)| (name.to_owned(), body.to_owned()))
+                .collect(),
+        );
+        buf = rest.get(end + 1..).unwrap_or_default().to_vec();
+    }
+    (seen, parse_failure(&buf))
+}
+
+/// Supervisor side: read until EOF. `None` means the command was exec'd.
+pub(super) fn read_report(fd: &OwnedFd) -> Option<JailError> {
+    read_report_seen(fd).1
+}
+
+/// A failure record (`step`, errno, message, tab-separated); none in an empty report.
+fn parse_failure(buf: &[u8]) -> Option<JailError> {
     if buf.is_empty() {
         return None;
     }
-    let text = String::from_utf8_lossy(&buf);
+    let text = String::from_utf8_lossy(buf);
     let mut parts = text.splitn(3, '\t');
     let step = Step::from_name(parts.next().unwrap_or(""));
     let errno = parts.next().and_then(|e| e.parse::<i32>().ok()).filter(|e| *e != 0);
