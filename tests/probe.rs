@@ -75,6 +75,54 @@ fn the_rootless_built_in_blocks_every_probe_but_the_jail_wide_memory_limit() {
     assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
 }
 
+/// Credentials bound into a jail, read-only, each as a policy could bind it: the audit's
+/// `filesystem.credentials` flags the bind, and the probe battery's `fs-credentials` then reads
+/// it inside the jail — the same finding from both sides, for every kind the audit names.
+#[test]
+fn every_credential_the_audit_flags_the_probes_find_readable() {
+    if needs_root() {
+        return;
+    }
+    let host = TempDir::new("creds");
+    let key = "-----BEGIN OPENSSH PRIVATE KEY-----\ndecoy\n-----END OPENSSH PRIVATE KEY-----\n";
+    // (what is bound, a file in it, its content)
+    let cases: &[(&str, Option<&str>, &str)] = &[
+        (".ssh", Some("id_ed25519"), key),
+        (".aws", Some("credentials"), "[default]\naws_secret_access_key = decoy\n"),
+        (".kube", Some("config"), "apiVersion: v1\n"),
+        (".docker", Some("config.json"), "{\"auths\": {}}\n"),
+        (".gnupg", Some("pubring.kbx"), "decoy"),
+        (".netrc", None, "machine example.com login a password decoy\n"),
+        ("deploy.pem", None, key),
+        ("shadow", None, "root:!decoy:20000:0:99999:7:::\n"),
+    ];
+    for (name, inner, body) in cases {
+        let src = host.path().join(name);
+        match inner {
+            Some(f) => {
+                std::fs::create_dir_all(&src).unwrap();
+                std::fs::write(src.join(f), body).unwrap();
+            }
+            None => std::fs::write(&src, body).unwrap(),
+        }
+        let d = TempDir::new("cred-policy");
+        let policy = d.path().join("p.toml");
+        std::fs::write(
+            &policy,
+            format!("extends = \"default\"\n[filesystem]\nread_only_add = [\"{}:/srv/host/{name}\"]\n", src.display()),
+        )
+        .unwrap();
+        let a = Command::new(STOCKADE).args(["audit", policy.to_str().unwrap(), "--format", "json"]).output().unwrap();
+        let a: serde_json::Value = serde_json::from_slice(&a.stdout).unwrap();
+        let f = a[0]["findings"].as_array().unwrap().iter().find(|f| f["id"] == "filesystem.credentials").unwrap();
+        assert_eq!(f["verdict"], "fail", "{name}: the audit did not flag it: {f}");
+        let (_, v) = probe(&["--policy", policy.to_str().unwrap(), "--only", "fs-credentials"]);
+        let r = &v["reports"][0];
+        assert_eq!(r["outcome"], "escaped", "{name}: the probe did not read it: {r}");
+        assert!(r["evidence"].as_str().unwrap().contains(&format!("/srv/host/{name}")), "{name}: {r}");
+    }
+}
+
 /// (fixture, the audit check that fails, the probes that must escape under it)
 const WEAKENED: &[(&str, &str, &[&str])] = &[
     ("weak-keyring.toml", "syscalls.keyring", &["keyctl", "add_key"]),

@@ -130,8 +130,9 @@ const DANGEROUS_CAPS: &[&str] = &[
     "FOWNER",
 ];
 
-/// Names of credential files and directories, wherever they sit in a path.
-const CREDENTIAL_NAMES: &[(&str, &str)] = &[
+/// Names of credential files and directories, wherever they sit in a path. The probe battery's
+/// `fs-credentials` looks for the same names inside a jail.
+pub(crate) const CREDENTIAL_NAMES: &[(&str, &str)] = &[
     (".ssh", "SSH keys"),
     (".aws", "AWS credentials"),
     (".kube", "Kubernetes credentials"),
@@ -147,6 +148,9 @@ const CREDENTIAL_NAMES: &[(&str, &str)] = &[
     ("gshadow", "password hashes"),
     ("sudoers", "privilege rules"),
 ];
+
+/// Extensions of private keys and keystores.
+pub(crate) const KEY_EXTENSIONS: &[&str] = &["pem", "key", "p12", "pfx", "jks"];
 
 /// Credential paths by where they are.
 const CREDENTIAL_PATHS: &[(&str, &str)] = &[
@@ -165,7 +169,7 @@ fn credential_exposure(path: &str) -> Option<String> {
         return Some(format!("`{name}`: {why}"));
     }
     if let Some(ext) = comps.last().and_then(|l| l.rsplit_once('.')).map(|(_, e)| e) {
-        if ["pem", "key", "p12", "pfx", "jks"].contains(&ext) {
+        if KEY_EXTENSIONS.contains(&ext) {
             return Some(format!("a `.{ext}` file: a private key or keystore"));
         }
     }

@@ -41,6 +41,12 @@ pub(crate) const PROBES: &[Probe] = &[
     Probe { id: "fs-read-shadow", category: "filesystem", what: "read /etc/shadow", run: fs_read_shadow },
     Probe { id: "fs-host-homes", category: "filesystem", what: "list /root and /home", run: fs_host_homes },
     Probe {
+        id: "fs-credentials",
+        category: "filesystem",
+        what: "read host credentials bound in (.ssh, .aws, .kube, *.pem, private keys …)",
+        run: fs_credentials,
+    },
+    Probe {
         id: "fs-runtime-sockets",
         category: "filesystem",
         what: "find docker/containerd/systemd sockets",
@@ -248,6 +254,110 @@ fn fs_host_homes(_: &Ctx) -> Outcome {
         blocked("/root and /home absent or empty")
     } else {
         escaped(seen.join("; "))
+    }
+}
+
+/// Where the jail's own files are, and the host's system directories (whose public
+/// certificates would read as keys): not searched for host credentials.
+const NOT_HOST_CREDENTIALS: &[&str] = &[
+    "/",
+    "/tmp",
+    "/dev",
+    "/proc",
+    "/sys",
+    "/workspace",
+    "/mnt/session/outputs",
+    "/usr",
+    "/bin",
+    "/sbin",
+    "/lib",
+    "/lib32",
+    "/lib64",
+    "/libx32",
+    "/opt",
+    "/etc/ssl/certs",
+    "/etc/ca-certificates",
+    "/etc/alternatives",
+];
+
+/// Every other mount of the jail (what a policy binds in) is searched, a few levels deep, for
+/// what the audit's `filesystem.credentials` names (`.ssh`, `.aws`, …, `*.pem`) and for private
+/// key material wherever it lies; escaped when one such file can be read.
+fn fs_credentials(_: &Ctx) -> Outcome {
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let roots: Vec<String> = mounts
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4).map(str::to_owned))
+        .filter(|m| {
+            !NOT_HOST_CREDENTIALS.iter().any(|n| m == n || (*n != "/" && m.starts_with(&format!("{n}/"))))
+                && !m.starts_with("/etc/ld.so")
+        })
+        .collect();
+    let mut found = Vec::new();
+    let mut budget = 20_000usize;
+    for r in &roots {
+        let p = std::path::Path::new(r);
+        // The mount itself may be one (a bound `.ssh`) or a key file.
+        if credential_named(&p.file_name().unwrap_or_default().to_string_lossy()) {
+            if std::fs::read_dir(p).is_ok() || std::fs::File::open(p).is_ok() {
+                found.push(r.clone());
+            }
+        } else if p.is_file() {
+            if is_private_key(p) {
+                found.push(r.clone());
+            }
+        } else {
+            search_credentials(p, 0, &mut budget, &mut found);
+        }
+    }
+    if found.is_empty() {
+        blocked(format!("no readable credential in the {} bound-in mounts searched", roots.len()))
+    } else {
+        found.sort();
+        found.dedup();
+        escaped(format!("readable: {}", found.join(", ")))
+    }
+}
+
+/// A name the audit counts as a credential (`.aws`, `shadow`, `deploy.pem` …).
+fn credential_named(name: &str) -> bool {
+    use crate::policy::audit::{CREDENTIAL_NAMES, KEY_EXTENSIONS};
+    CREDENTIAL_NAMES.iter().any(|(n, _)| *n == name)
+        || name.rsplit_once('.').is_some_and(|(_, ext)| KEY_EXTENSIONS.contains(&ext))
+}
+
+/// A readable file that starts as a private key does, whatever its name.
+fn is_private_key(path: &std::path::Path) -> bool {
+    let mut head = [0u8; 64];
+    std::fs::File::open(path).and_then(|mut f| f.read(&mut head)).is_ok_and(|n| {
+        let h = String::from_utf8_lossy(&head[..n]);
+        h.starts_with("-----BEGIN") && h.contains("PRIVATE KEY")
+    })
+}
+
+fn search_credentials(dir: &std::path::Path, depth: usize, budget: &mut usize, found: &mut Vec<String>) {
+    let Ok(rd) = std::fs::read_dir(dir) else { return };
+    for e in rd.flatten() {
+        if *budget == 0 {
+            return;
+        }
+        *budget -= 1;
+        let path = e.path();
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Ok(ft) = e.file_type() else { continue };
+        let named = credential_named(&name);
+        if ft.is_dir() {
+            if NOT_HOST_CREDENTIALS.contains(&path.to_string_lossy().as_ref()) {
+                continue;
+            }
+            if named && std::fs::read_dir(&path).is_ok() {
+                found.push(path.display().to_string());
+            } else if depth < 5 {
+                search_credentials(&path, depth + 1, budget, found);
+            }
+        } else if ft.is_file() && ((named && std::fs::File::open(&path).is_ok()) || is_private_key(&path)) {
+            found.push(path.display().to_string());
+        }
     }
 }
 

@@ -174,6 +174,10 @@ fn decoys(root: &Path, ctx: &Ctx) -> Result<(), ControlError> {
     }
     nix::mount::mount(Some("proc"), &root.join("proc"), Some("proc"), nix::mount::MsFlags::empty(), None::<&str>)
         .map_err(|e| ControlError::Sys { what: "mounting proc".into(), source: e.into() })?;
+    // A directory of host credentials bound in, as a policy could: a mount of its own.
+    std::fs::create_dir_all(root.join("srv")).map_err(sys("srv"))?;
+    mount_tmpfs(&root.join("srv"))?;
+    write("srv/.aws/credentials", b"[default]\naws_access_key_id = decoy\n")?;
     Ok(())
 }
 
