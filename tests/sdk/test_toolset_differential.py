@@ -235,6 +235,12 @@ SCRIPTED = [
 ]
 
 
+def json_lines(out: bytes):
+    """One JSON document per line. Only "\\n" ends a line: str.splitlines would also cut at the
+    U+2028, U+0085 and the like that a binary file's text can hold, inside a document."""
+    return [l for l in out.decode().split("\n") if l]
+
+
 def run_oracle(workdir, calls, typescript=False):
     lines = "".join(json.dumps({"id": str(i), "name": c["name"], "input": c["input"]}) + "\n"
                     for i, c in enumerate(calls))
@@ -242,7 +248,7 @@ def run_oracle(workdir, calls, typescript=False):
     cmd = [NODE, str(TS_ORACLE), str(workdir)] if typescript else [sys.executable, str(ORACLE), str(workdir)]
     p = subprocess.run(cmd, input=lines.encode(), capture_output=True, timeout=900)
     assert p.returncode == 0, p.stderr.decode()
-    out = [json.loads(l) for l in p.stdout.decode().splitlines()]
+    out = [json.loads(l) for l in json_lines(p.stdout)]
     return [saved_name(json.loads(json.dumps(o).replace(json.dumps(str(workdir))[1:-1], "/workspace"))) for o in out]
 
 
@@ -272,7 +278,7 @@ def run_stockade(workspace, calls, policy=None):
     cmd = [STOCKADE, "session", "--workspace", str(workspace), "--policy", policy]
     p = subprocess.run(cmd, input=lines.encode(), capture_output=True, timeout=900)
     assert p.returncode == 0, p.stderr.decode()[-3000:]
-    return [saved_name(json.loads(l)) for l in p.stdout.decode().splitlines()]
+    return [saved_name(json.loads(l)) for l in json_lines(p.stdout)]
 
 
 def grep_lines(r):
