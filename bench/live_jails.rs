@@ -22,6 +22,7 @@ fn spec(sweep_stale: bool) -> JailSpec {
         sweep_stale,
         watcher: None,
         observe: false,
+        tty: None,
     }
 }
 

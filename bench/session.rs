@@ -160,6 +160,7 @@ fn main() {
         sweep_stale: true,
         watcher: None,
         observe: false,
+        tty: None,
     };
     let t = Instant::now();
     let mut session = Session::start(&spec).unwrap();

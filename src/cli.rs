@@ -10,6 +10,7 @@ use stockade::policy::{self, syscalls, Policy};
 mod man;
 mod ops;
 mod overrides;
+mod tty;
 use ops::{ControlPlaneArgs, StatsArgs, StopArgs, WebhookArgs, WorkArgs, WorkerArgs};
 
 #[derive(Parser)]
@@ -202,6 +203,15 @@ struct RunArgs {
     /// Print the plan the policy makes for this command, and run nothing.
     #[arg(long)]
     dry_run: bool,
+    /// Give the command a terminal of its own: a pty Stockade relays to this one (which is put
+    /// in raw mode meanwhile), never the caller's terminal itself. An interactive shell gets job
+    /// control. The window size is the caller's at the start.
+    #[arg(long, short = 't')]
+    tty: bool,
+    /// Keep stdin open for the command (it always is; accepted so that `-it` reads as it does
+    /// elsewhere).
+    #[arg(long, short = 'i')]
+    interactive: bool,
     /// Record every program the command runs in this audit trail (JSON lines, appended; see
     /// `[trail]` in stockade.toml(5)).
     #[arg(long, value_name = "FILE")]
@@ -473,12 +483,36 @@ fn cmd_run(a: RunArgs) -> i32 {
         sweep_stale: true,
         watcher,
         observe: a.report || a.report_format.is_some(),
+        tty: None,
     };
     if a.dry_run {
         print!("{}", plan(&spec));
         return 0;
     }
-    match jail::run(&spec) {
+    let _ = a.interactive;
+    let pty = match a.tty.then(tty::open).transpose() {
+        Ok(p) => p,
+        Err(e) => return fail(format!("-t: a pty for the command: {e}")),
+    };
+    let mut spec = spec;
+    spec.tty = pty.as_ref().map(|(_, slave)| std::os::fd::AsRawFd::as_raw_fd(slave));
+    let ran = jail::Jail::start(&spec, jail::Payload::Command).and_then(|j| {
+        let Some((master, slave)) = pty else { return j.wait() };
+        // The jail has its copies; ours would keep the master from ever seeing the end.
+        drop(slave);
+        let relay = match tty::Relay::start(master) {
+            Ok(r) => r,
+            Err(e) => {
+                let mut j = j;
+                j.kill();
+                return Err(jail::JailError::new(jail::Step::Supervise, format!("relaying the pty: {e}")));
+            }
+        };
+        let out = j.wait();
+        relay.finish();
+        out
+    });
+    match ran {
         Ok(out) => {
             tracing::info!(status = ?out.status, "jail finished");
             match a.report_format {
@@ -696,6 +730,7 @@ fn cmd_session(a: SessionArgs) -> i32 {
         sweep_stale: !a.announce,
         watcher,
         observe: false,
+        tty: None,
     };
     // Unbuffered, so that what waits in a buffer is never missed by a wait for the descriptor.
     let stdin = match std::os::fd::AsFd::as_fd(&std::io::stdin()).try_clone_to_owned() {
@@ -763,6 +798,7 @@ fn enforce_check(name: &str) -> jail::check::Item {
         sweep_stale: false,
         watcher: None,
         observe: false,
+        tty: None,
     };
     match jail::Jail::start(&spec, jail::Payload::Command).and_then(jail::Jail::wait) {
         Ok(o) if o.status.code() == 0 => item(true, format!("{name}: a jail built from it ran /bin/true")),

@@ -1287,6 +1287,29 @@ fn the_report_is_the_jails_own_view() {
     assert!(!marker.exists(), "--dry-run ran the command");
 }
 
+/// `run -t` gives the command a terminal of its own, a pty Stockade relays: an interactive shell
+/// there has job control, while the caller's stdin (here /dev/null) is no terminal at all.
+#[test]
+fn run_t_gives_the_command_a_terminal_of_its_own() {
+    if needs_root() {
+        return;
+    }
+    let script = "case $- in *m*) echo job-control;; esac; [ -t 0 ] && echo stdin-is-a-tty; sleep 30 & jobs; kill %1";
+    let o =
+        Command::new(STOCKADE).args(["run", "-it", "--", "bash", "-ic", script]).stdin(Stdio::null()).output().unwrap();
+    let out = String::from_utf8_lossy(&o.stdout).replace('\r', "");
+    assert!(o.status.success(), "{o:?}");
+    assert!(out.contains("job-control\nstdin-is-a-tty\n"), "{out}");
+    assert!(out.contains("Running") && out.contains("sleep 30 &"), "{out}");
+    // Without -t the command has what the caller gave it: no terminal.
+    let o = Command::new(STOCKADE)
+        .args(["run", "--", "bash", "-c", "[ -t 0 ] && echo tty || echo no-tty"])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&o.stdout), "no-tty\n");
+}
+
 /// People read the policy file's spellings, never Rust's Debug forms.
 #[test]
 fn reports_use_the_policy_files_spellings() {

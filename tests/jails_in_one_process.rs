@@ -21,6 +21,7 @@ fn spec(cmd: &str) -> JailSpec {
         sweep_stale: false,
         watcher: None,
         observe: false,
+        tty: None,
     }
 }
 

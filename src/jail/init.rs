@@ -51,6 +51,9 @@ pub(crate) struct ChildCtx<'a> {
     pub watch_exec: bool,
     /// Send the supervisor what the jail sees of itself before the command runs (see `observe`).
     pub observe: bool,
+    /// `run -t`: the slave end of the pty the supervisor made, to be the command's stdin, stdout,
+    /// stderr and controlling terminal.
+    pub tty: Option<std::os::fd::RawFd>,
     /// Where the supervisor's arguments and environment are, for the child to wipe its copies.
     pub own_blocks: &'a super::environ::OwnBlocks,
 }
@@ -67,6 +70,7 @@ pub(crate) fn child_main(ctx: ChildCtx) -> ! {
         keep.push(channel.as_raw_fd());
     }
     keep.extend([ctx.plan.workspace_tree, ctx.plan.outputs_tree].into_iter().flatten().map(|t| t.as_raw_fd()));
+    keep.extend(ctx.tty);
     // SAFETY: only descriptors nothing in this child uses again are closed: everything but the
     // keep-list belongs to the supervisor's copy (its OwnedFds are never dropped here, the child
     // leaves with _exit).
@@ -74,6 +78,17 @@ pub(crate) fn child_main(ctx: ChildCtx) -> ! {
         send_failure(&ctx.pipes.report_write, &JailError::new(Step::Preflight, format!("close_range: {e}")));
         // SAFETY: see the end of this function.
         unsafe { libc::_exit(EXIT_SETUP_FAILED) };
+    }
+    // The pty in place of the supervisor's stdio: nothing in the jail keeps the caller's.
+    if let Some(t) = ctx.tty {
+        // SAFETY: dup2 onto the standard descriptors, then close the fd the supervisor passed,
+        // all of them this process's own.
+        unsafe {
+            for fd in 0..3 {
+                libc::dup2(t, fd);
+            }
+            libc::close(t);
+        }
     }
     let detached = match ctx.payload {
         super::Payload::Session { .. } => detach_from_terminal(),
@@ -209,7 +224,7 @@ fn setup(ctx: &ChildCtx) -> Result<Option<Pid>, JailError> {
     // Blocked before the command exists, so that neither its end nor a signal to pass on can
     // arrive before PID 1 waits for them (an unblocked SIGCHLD is discarded).
     let _ = nix::sys::signal::sigprocmask(SigmaskHow::SIG_BLOCK, Some(&pid1_signals()), None);
-    let child = super::spawn::spawn(&prog, ctx.argv, ctx.env, &cwd)?;
+    let child = super::spawn::spawn(&prog, ctx.argv, ctx.env, &cwd, ctx.tty.is_some())?;
     // The command has exec'd: the supervisor sees EOF once our copies are closed.
     close_raw(ctx.pipes.report_write.as_raw_fd());
     close_raw(ctx.pipes.go_read.as_raw_fd());

@@ -99,6 +99,9 @@ pub struct JailSpec {
     /// table, credentials, limits: `Report::seen`), for a report that is the jail's, not the
     /// policy's.
     pub observe: bool,
+    /// The slave end of a pty the caller made and holds open until `Jail::start` returns: the
+    /// command's stdin, stdout, stderr and controlling terminal (`run -t`).
+    pub tty: Option<std::os::fd::RawFd>,
 }
 
 /// Who is told what a jail runs and connects to.
@@ -498,6 +501,7 @@ impl Jail {
                 veth,
                 watch_exec: spec.watcher.as_ref().is_some_and(|w| w.exec),
                 observe: spec.observe,
+                tty: spec.tty,
                 own_blocks: &prep.own_blocks,
             }),
             Some(pid) => self.init = Some(pid),

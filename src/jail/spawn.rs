@@ -13,12 +13,19 @@ use nix::unistd::Pid;
 
 use super::error::{JailError, Step};
 
-const STEPS: [&str; 5] = ["", "setsid", "chdir", "close_range", "execve"];
+const STEPS: [&str; 6] = ["", "setsid", "chdir", "close_range", "execve", "TIOCSCTTY"];
 
 /// Starts `prog` with `argv` and `env` in a new session, in `cwd`, with an empty signal mask,
-/// SIGPIPE at its default and every descriptor above stderr closed at exec. Returns the
-/// command's pid once it has exec'd.
-pub(super) fn spawn(prog: &CString, argv: &[CString], env: &[CString], cwd: &CString) -> Result<Pid, JailError> {
+/// SIGPIPE at its default and every descriptor above stderr closed at exec. With `ctty`, the
+/// terminal on its stdin (a pty of the jail's own) becomes the session's controlling terminal.
+/// Returns the command's pid once it has exec'd.
+pub(super) fn spawn(
+    prog: &CString,
+    argv: &[CString],
+    env: &[CString],
+    cwd: &CString,
+    ctty: bool,
+) -> Result<Pid, JailError> {
     let nul = |v: &[CString]| -> Vec<*const c_char> {
         v.iter().map(|s| s.as_ptr()).chain(std::iter::once(std::ptr::null())).collect()
     };
@@ -53,6 +60,10 @@ pub(super) fn spawn(prog: &CString, argv: &[CString], env: &[CString], cwd: &CSt
             // caller's terminal needs one (the seccomp filter refuses TIOCSTI as well).
             if libc::setsid() < 0 {
                 fail(1);
+            }
+            // `run -t`: the pty the supervisor made for the jail, never the caller's terminal.
+            if ctty && libc::ioctl(0, libc::TIOCSCTTY, 0) != 0 {
+                fail(5);
             }
             if libc::chdir(cwd.as_ptr()) != 0 {
                 fail(2);
