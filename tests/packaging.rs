@@ -250,6 +250,10 @@ fn the_kubernetes_manifests_parse_and_match_the_worker() {
     let a: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     let f = a[0]["findings"].as_array().unwrap().iter().find(|f| f["id"] == "limits.enforcement").unwrap();
     assert_eq!(f["verdict"], "partial");
+    // As shipped: the pod is not root, and the policy is one a user without root can run.
+    assert_eq!(pod["securityContext"]["runAsNonRoot"], true);
+    let (pp, _) = stockade::policy::load(Some(p.to_str().unwrap())).unwrap();
+    assert!(!pp.trail.exec && pp.limits.workspace_size.is_none(), "the pod's policy needs root");
     // The pod's resources hold --max-sessions sessions of that policy: their memory, CPU and disk
     // limits added up, and the measured idle cost of each on top of the memory.
     let (policy, _) = stockade::policy::load(Some(p.to_str().unwrap())).unwrap();
@@ -267,11 +271,54 @@ fn the_kubernetes_manifests_parse_and_match_the_worker() {
     let l = &policy.limits;
     let per_session_memory = l.memory.expect("the pod policy sets limits.memory").0 + (4 << 20);
     assert!(quantity(&limits["memory"]) >= n * per_session_memory + (64 << 20), "memory for {n} sessions");
-    let disk =
-        l.workspace_size.expect("workspace_size").0 + l.outputs_size.expect("outputs_size").0 + policy.trail.max_size.0;
+    // Without a filesystem per session (the pod is not root) the pod's ephemeral-storage is the
+    // bound, sized for the default policy's per-session room.
+    let (default, _) = stockade::policy::load(Some("default")).unwrap();
+    let room = |p: &stockade::policy::Policy| {
+        p.limits.workspace_size.map(|s| s.0).zip(p.limits.outputs_size.map(|s| s.0)).map(|(w, o)| w + o)
+    };
+    let disk = room(&policy).or_else(|| room(&default)).unwrap() + policy.trail.max_size.0;
     assert!(quantity(&limits["ephemeral-storage"]) >= n * disk, "ephemeral-storage for {n} sessions");
     let cpu: f64 = limits["cpu"].as_str().unwrap().parse().unwrap();
     assert!(cpu >= n as f64 * l.cpu.expect("limits.cpu"), "cpu for {n} sessions");
+}
+
+/// The worker as the shipped Deployment runs it: as uid 10001 (no root), with the ConfigMap's
+/// policy as it is. The demo (a local control plane and a worker in one process) serves its
+/// scripted session, bash calls included, under that policy.
+#[test]
+fn the_kubernetes_pods_user_and_policy_serve_a_session() {
+    if needs_root() {
+        return;
+    }
+    use std::os::unix::process::CommandExt;
+    let cm = std::fs::read_to_string(Path::new(ROOT).join("deploy/k8s/configmap.yaml")).unwrap();
+    let text: String = cm
+        .split("worker.toml: |\n")
+        .nth(1)
+        .unwrap()
+        .lines()
+        .take_while(|l| l.starts_with("    ") || l.is_empty())
+        .map(|l| format!("{}\n", l.strip_prefix("    ").unwrap_or(l)))
+        .collect();
+    let dir = TempDir::new("k8s-pod");
+    std::fs::set_permissions(dir.path(), std::os::unix::fs::PermissionsExt::from_mode(0o777)).unwrap();
+    let policy = dir.path().join("worker.toml");
+    std::fs::write(&policy, text).unwrap();
+    let o = Command::new(STOCKADE)
+        .arg("demo")
+        .uid(10001)
+        .gid(10001)
+        .env_clear()
+        .env("HOME", dir.path())
+        .env("TMPDIR", dir.path())
+        .env("STOCKADE_POLICY", &policy)
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "{out}\n{}", String::from_utf8_lossy(&o.stderr));
+    assert!(out.contains("demo finished") && !out.contains("error: bash"), "{out}");
 }
 
 #[test]
