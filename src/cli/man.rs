@@ -181,7 +181,8 @@ Variables set, passed from the host, and secret\-looking names allowed through.
 \fB[limits]\fR memory, pids, cpu, nofile, nproc, fsize, address_space, tmp_size, timeout, enforcement, workspace_size, outputs_size
 cgroup limits (memory, pids, cpu), rlimits, the scratch tmpfs, a wall\-clock timeout,
 "hard" (refuse) or "best_effort" when a cgroup limit cannot be applied, and the size of the
-filesystems behind /workspace and /mnt/session/outputs ("none" lifts them).
+filesystems behind /workspace and /mnt/session/outputs. Any of them may be "none", which lifts
+what an extended policy sets.
 .TP
 \fB[network]\fR mode, allow, allow_domains, upstream_dns, pool, on_deny
 "none", "loopback" or "veth"; in veth mode the egress allowlist ("CIDR[:PORT[\-PORT]][/tcp|/udp]"),

@@ -93,7 +93,9 @@ impl<'de, T: de::DeserializeOwned> Deserialize<'de> for OrNone<T> {
         if v.as_str() == Some("none") {
             return Ok(OrNone(None));
         }
-        T::deserialize(v).map(|t| OrNone(Some(t))).map_err(|e| de::Error::custom(format!("{e}, or \"none\"")))
+        T::deserialize(v)
+            .map(|t| OrNone(Some(t)))
+            .map_err(|e| de::Error::custom(format!("{}, or \"none\"", e.to_string().trim_end())))
     }
 }
 

@@ -165,3 +165,17 @@ fn disk_sizes_and_the_tools_switch_parse_and_a_tiny_size_is_refused() {
     let err = load_text("extends = \"default\"\n[limits]\nworkspace_size = \"1M\"\n").unwrap_err().to_string();
     assert!(err.contains("limits.workspace_size") && err.contains("minimum 16M"), "{err}");
 }
+
+#[test]
+fn none_lifts_any_limit_an_extended_policy_sets() {
+    let p = load_text(
+        "extends = \"default\"\n[limits]\nmemory = \"none\"\npids = \"none\"\ncpu = \"none\"\nnproc = \"none\"\nfsize = \"none\"\ntimeout = \"none\"\n",
+    )
+    .unwrap();
+    let l = &p.limits;
+    assert_eq!((l.memory, l.pids, l.cpu, l.nproc, l.fsize, l.timeout), (None, None, None, None, None, None));
+    // The defaults' others stay.
+    assert_eq!(l.nofile, Some(4096));
+    let e = load_text("extends = \"default\"\n[limits]\npids = \"lots\"\n").unwrap_err().to_string();
+    assert!(e.starts_with("test.toml:3:8: ") && e.ends_with("expected u64, or \"none\""), "{e}");
+}
