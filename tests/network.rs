@@ -55,7 +55,18 @@ fn dns_answer(query: &[u8], zone: &[(&str, Ipv4Addr)], ttl: u32) -> Option<Vec<u
 
 impl Internet {
     fn start(net: [u8; 3], tag: &str) -> Internet {
-        let ns = Command::new("unshare").args(["--net", "sleep", "600"]).spawn().unwrap();
+        // The namespace lives as long as this process: should the test be killed, the sleep dies
+        // with it and takes the namespace, its veth pair and its subnet's route along (a later
+        // run would otherwise find 198.18.x.0/24 routed to a dead end).
+        let mut unshare = Command::new("unshare");
+        unshare.args(["--net", "sleep", "600"]);
+        // SAFETY: prctl in the forked child before exec touches nothing of the parent's.
+        unsafe {
+            std::os::unix::process::CommandExt::pre_exec(&mut unshare, || {
+                nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL).map_err(std::io::Error::from)
+            });
+        }
+        let ns = unshare.spawn().unwrap();
         std::thread::sleep(Duration::from_millis(100));
         let host_if = format!("sti{tag}{}", std::process::id() % 1000);
         let ip = move |last: u8| Ipv4Addr::new(net[0], net[1], net[2], last);
