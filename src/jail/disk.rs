@@ -94,45 +94,126 @@ pub(crate) fn is_mounted(dir: &Path) -> bool {
     }
 }
 
+fn io_err(p: &Path) -> impl FnOnce(std::io::Error) -> DiskError {
+    let p = p.to_path_buf();
+    move |e| DiskError::Io(p, e)
+}
+
 /// Makes `dir` a filesystem of `size` bytes owned by `owner`, backed by `image` (made when it
-/// does not exist yet, reused when it does: a restarted worker keeps its sessions' data).
-pub(crate) fn provision(image: &Path, dir: &Path, size: u64, owner: (u32, u32)) -> Result<(), DiskError> {
-    let io = |p: &Path| {
-        let p = p.to_path_buf();
-        move |e: std::io::Error| DiskError::Io(p, e)
-    };
-    std::fs::create_dir_all(dir).map_err(io(dir))?;
+/// does not exist yet, reused when it does: a restarted worker keeps its sessions' data). With
+/// `templates`, a new image is a copy of a formatted one kept there for that size and owner (made
+/// once): a session's start runs no mkfs, whose fork from a large worker and read of the host's
+/// mount table grow with the live sessions.
+pub(crate) fn provision(
+    image: &Path,
+    dir: &Path,
+    size: u64,
+    owner: (u32, u32),
+    templates: Option<&Path>,
+) -> Result<(), DiskError> {
+    std::fs::create_dir_all(dir).map_err(io_err(dir))?;
     if is_mounted(dir) {
         return Ok(());
     }
     if !image.exists() {
         let tmp = image.with_extension("img-new");
-        let f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).open(&tmp).map_err(io(&tmp))?;
-        f.set_len(size).map_err(io(&tmp))?;
-        drop(f);
-        let mkfs = mkfs().ok_or_else(|| DiskError::Mkfs(image.into(), "mkfs.ext4 not found".into()))?;
-        // No journal (a session's scratch space needs no crash consistency of its own), no
-        // reserved blocks (all of the limit is the session's), the root directory the jail user's.
-        let mut cmd = Command::new(mkfs);
-        cmd.args(["-q", "-F", "-m", "0", "-O", "^has_journal", "-E"])
-            .arg(format!("root_owner={}:{},nodiscard", owner.0, owner.1))
-            .arg(&tmp)
-            .stdin(std::process::Stdio::null());
-        // A worker started from a terminal lends it to nothing it starts.
-        // SAFETY: between fork and exec the closure only calls setsid(2), async-signal-safe.
-        unsafe {
-            std::os::unix::process::CommandExt::pre_exec(&mut cmd, || {
-                libc::setsid();
-                Ok(())
-            });
+        match templates {
+            Some(t) => {
+                let template = template(t, size, owner)?;
+                copy_sparse(&template, &tmp, size)?;
+            }
+            None => format(&tmp, size, owner, image)?,
         }
-        let out = cmd.output().map_err(|e| DiskError::Mkfs(image.into(), e.to_string()))?;
-        if !out.status.success() {
-            let _ = std::fs::remove_file(&tmp);
-            return Err(DiskError::Mkfs(image.into(), String::from_utf8_lossy(&out.stderr).trim().to_owned()));
-        }
-        std::fs::rename(&tmp, image).map_err(io(image))?;
+        std::fs::rename(&tmp, image).map_err(io_err(image))?;
     }
+    mount_image(image, dir)
+}
+
+/// The formatted, empty image for `size` and `owner` in `dir`, made when missing.
+fn template(dir: &Path, size: u64, owner: (u32, u32)) -> Result<PathBuf, DiskError> {
+    let path = dir.join(format!("ext4-{size}-{}-{}.img", owner.0, owner.1));
+    if path.exists() {
+        return Ok(path);
+    }
+    std::fs::create_dir_all(dir).map_err(io_err(dir))?;
+    // Made under a name of this call's own, then renamed: two sessions (or workers) making the
+    // same template at once each finish a whole one, and the last rename wins.
+    static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let tmp = dir.join(format!(".{}-{n}-{size}.img-new", std::process::id()));
+    format(&tmp, size, owner, &path)?;
+    std::fs::rename(&tmp, &path).map_err(io_err(&path))?;
+    Ok(path)
+}
+
+/// Copies the data segments of `from` (a sparse image) to a new `to` of `size` bytes, leaving
+/// its holes holes: a fresh ext4 of 8G holds about 4 MB of data in 16 segments.
+fn copy_sparse(from: &Path, to: &Path, size: u64) -> Result<(), DiskError> {
+    use std::os::fd::AsRawFd;
+    let src = std::fs::File::open(from).map_err(io_err(from))?;
+    let dst = std::fs::OpenOptions::new().write(true).create(true).truncate(true).open(to).map_err(io_err(to))?;
+    dst.set_len(size).map_err(io_err(to))?;
+    let mut off: i64 = 0;
+    loop {
+        // SAFETY: lseek on a descriptor this function owns; no memory is passed.
+        let data = unsafe { libc::lseek(src.as_raw_fd(), off, libc::SEEK_DATA) };
+        if data < 0 {
+            // ENXIO: no data past `off`.
+            break;
+        }
+        // SAFETY: as above.
+        let hole = unsafe { libc::lseek(src.as_raw_fd(), data, libc::SEEK_HOLE) };
+        let (mut at_src, mut at_dst) = (data, data);
+        let mut left = (hole - data) as usize;
+        while left > 0 {
+            // SAFETY: copy_file_range between two descriptors this function owns, with offsets
+            // it passes by pointer and the kernel advances.
+            let n =
+                unsafe { libc::copy_file_range(src.as_raw_fd(), &mut at_src, dst.as_raw_fd(), &mut at_dst, left, 0) };
+            if n <= 0 {
+                let e = if n < 0 { std::io::Error::last_os_error() } else { std::io::ErrorKind::UnexpectedEof.into() };
+                let _ = std::fs::remove_file(to);
+                return Err(DiskError::Io(to.into(), e));
+            }
+            left -= n as usize;
+        }
+        off = hole;
+    }
+    dst.sync_data().map_err(io_err(to))?;
+    Ok(())
+}
+
+/// Formats `tmp`, a new image file of `size`, as the empty filesystem a session gets.
+fn format(tmp: &Path, size: u64, owner: (u32, u32), image: &Path) -> Result<(), DiskError> {
+    let f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).open(tmp).map_err(io_err(tmp))?;
+    f.set_len(size).map_err(io_err(tmp))?;
+    drop(f);
+    let mkfs = mkfs().ok_or_else(|| DiskError::Mkfs(image.into(), "mkfs.ext4 not found".into()))?;
+    // No journal (a session's scratch space needs no crash consistency of its own), no
+    // reserved blocks (all of the limit is the session's), the root directory the jail user's.
+    let mut cmd = Command::new(mkfs);
+    cmd.args(["-q", "-F", "-m", "0", "-O", "^has_journal", "-E"])
+        .arg(format!("root_owner={}:{},nodiscard", owner.0, owner.1))
+        .arg(tmp)
+        .stdin(std::process::Stdio::null());
+    // A worker started from a terminal lends it to nothing it starts.
+    // SAFETY: between fork and exec the closure only calls setsid(2), async-signal-safe.
+    unsafe {
+        std::os::unix::process::CommandExt::pre_exec(&mut cmd, || {
+            libc::setsid();
+            Ok(())
+        });
+    }
+    let out = cmd.output().map_err(|e| DiskError::Mkfs(image.into(), e.to_string()))?;
+    if !out.status.success() {
+        let _ = std::fs::remove_file(tmp);
+        return Err(DiskError::Mkfs(image.into(), String::from_utf8_lossy(&out.stderr).trim().to_owned()));
+    }
+    Ok(())
+}
+
+/// Mounts `image` on `dir` through a loop device.
+fn mount_image(image: &Path, dir: &Path) -> Result<(), DiskError> {
     // The device's descriptor stays open until the mount holds it: autoclear would detach a
     // device nobody uses.
     let (dev, _held) = attach_loop(image)?;
@@ -279,6 +360,54 @@ mod tests {
         assert_eq!(devices.len(), N, "two images on one device");
         // Closing the last descriptor of an autoclear device detaches it.
         drop(results);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// Images copied from one template are filesystems of their own: the right size, empty,
+    /// the owner's, holding what is written to each alone; the template is made once and the
+    /// copies keep its holes.
+    #[test]
+    fn images_copied_from_a_template_are_separate_empty_filesystems() {
+        if !nix::unistd::geteuid().is_root() || mkfs().is_none() || !Path::new("/dev/loop-control").exists() {
+            crate::util::skip_test("needs root, mkfs.ext4 and /dev/loop-control");
+            return;
+        }
+        use std::os::unix::fs::MetadataExt;
+        let dir = std::env::temp_dir().join(format!("stockade-template-{}", std::process::id()));
+        let templates = dir.join("templates");
+        let size = 64 << 20;
+        // At once, as sessions a worker starts together: both may find no template yet.
+        let mounted: Vec<PathBuf> = std::thread::scope(|s| {
+            let made: Vec<_> = ["a", "b"]
+                .map(|name| {
+                    let (dir, templates) = (&dir, &templates);
+                    s.spawn(move || {
+                        let d = dir.join(name);
+                        provision(&dir.join(format!("{name}.img")), &d, size, (4321, 4322), Some(templates)).unwrap();
+                        d
+                    })
+                })
+                .into_iter()
+                .collect();
+            made.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        let made: Vec<_> = std::fs::read_dir(&templates).unwrap().flatten().map(|e| e.file_name()).collect();
+        assert_eq!(made.len(), 1, "one template for one size and owner, no half-made one: {made:?}");
+        for (i, d) in mounted.iter().enumerate() {
+            assert!(is_mounted(d));
+            let m = std::fs::metadata(d).unwrap();
+            assert_eq!((m.uid(), m.gid()), (4321, 4322));
+            assert_eq!(std::fs::read_dir(d).unwrap().count(), 0, "not empty");
+            std::fs::write(d.join("mine"), format!("{i}")).unwrap();
+            let img = std::fs::metadata(dir.join(format!("{}.img", ["a", "b"][i]))).unwrap();
+            assert_eq!(img.len(), size);
+            assert!(img.blocks() * 512 < size / 4, "the copy lost its holes: {} blocks", img.blocks());
+        }
+        assert_eq!(std::fs::read_to_string(mounted[0].join("mine")).unwrap(), "0");
+        assert_eq!(std::fs::read_to_string(mounted[1].join("mine")).unwrap(), "1");
+        for d in &mounted {
+            release(d).unwrap();
+        }
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -181,8 +181,14 @@ impl StateDir {
         };
         for (d, size) in [(&dirs.workspace, disk.workspace), (&dirs.outputs, disk.outputs)] {
             if let Some(size) = size {
-                crate::jail::disk::provision(&d.with_extension("img"), d, size, owner)
-                    .map_err(|e| StateError::Io(d.clone(), std::io::Error::other(e.to_string())))?;
+                crate::jail::disk::provision(
+                    &d.with_extension("img"),
+                    d,
+                    size,
+                    owner,
+                    Some(&self.root.join("templates")),
+                )
+                .map_err(|e| StateError::Io(d.clone(), std::io::Error::other(e.to_string())))?;
             } else if !d.exists() {
                 mkdir(d, 0o755)?;
                 nix::unistd::chown(d.as_path(), Some(owner.0.into()), Some(owner.1.into()))
