@@ -158,11 +158,22 @@ fn copy_sparse(from: &Path, to: &Path, size: u64) -> Result<(), DiskError> {
         // SAFETY: lseek on a descriptor this function owns; no memory is passed.
         let data = unsafe { libc::lseek(src.as_raw_fd(), off, libc::SEEK_DATA) };
         if data < 0 {
-            // ENXIO: no data past `off`.
-            break;
+            let e = std::io::Error::last_os_error();
+            // ENXIO: no data past `off`. Anything else would leave the copy without the
+            // template's metadata: refused, not mounted half-made.
+            if e.raw_os_error() == Some(libc::ENXIO) {
+                break;
+            }
+            let _ = std::fs::remove_file(to);
+            return Err(DiskError::Io(from.into(), e));
         }
         // SAFETY: as above.
         let hole = unsafe { libc::lseek(src.as_raw_fd(), data, libc::SEEK_HOLE) };
+        if hole < 0 {
+            let e = std::io::Error::last_os_error();
+            let _ = std::fs::remove_file(to);
+            return Err(DiskError::Io(from.into(), e));
+        }
         let (mut at_src, mut at_dst) = (data, data);
         let mut left = (hole - data) as usize;
         while left > 0 {

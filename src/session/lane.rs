@@ -63,8 +63,16 @@ impl Helper {
         // another thread.
         match unsafe { fork() }.map_err(std::io::Error::from)? {
             ForkResult::Child => {
-                drop(ours);
-                let code = helper_main(theirs, ctx);
+                // Closed below with every other descriptor the lane holds (its channel to PID 1,
+                // its shell's pipes): the helper, which handles whatever paths the agent names,
+                // keeps only its own channel.
+                std::mem::forget(ours);
+                // SAFETY: nothing in this process uses another descriptor again: the objects that
+                // own them live in the lane's frames, which _exit abandons.
+                let code = match unsafe { crate::util::close_all_but(&[theirs.as_raw_fd()]) } {
+                    Ok(()) => helper_main(theirs, ctx),
+                    Err(_) => 1,
+                };
                 // SAFETY: leave without running destructors that belong to the lane.
                 unsafe { libc::_exit(code) }
             }
