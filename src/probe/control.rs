@@ -288,6 +288,8 @@ fn in_pid_namespace(id: &str, ctx: &Ctx) -> Outcome {
             // SAFETY: as above; the grandchild runs the probe and reports through the pipe.
             match unsafe { nix::unistd::fork() } {
                 Ok(nix::unistd::ForkResult::Child) => {
+                    // SAFETY: alarm takes an integer; a fork does not pass the caller's alarm on.
+                    unsafe { libc::alarm(super::PROBE_SECS) };
                     let proc = nix::mount::mount(
                         Some("proc"),
                         "/proc",

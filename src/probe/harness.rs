@@ -138,9 +138,11 @@ pub fn run(opts: &Options) -> Result<Battery, HarnessError> {
     std::fs::write(&file, text).map_err(setup(file.display()))?;
     let ctx = serde_json::to_string(&targets.ctx).expect("serialises");
     let file = file.display().to_string();
-    let out = battery(&exe, &["run", "--policy", &file, "--", JAILED_EXE, "__probe", "--battery", "--ctx", &ctx], &ids)
-        .output()
-        .map_err(setup("running the jail"))?;
+    let out = watch(
+        battery(&exe, &["run", "--policy", &file, "--", JAILED_EXE, "__probe", "--battery", "--ctx", &ctx], &ids),
+        LINE_WAIT,
+    )
+    .map_err(setup("running the jail"))?;
     let _ = std::fs::remove_dir_all(&dir);
     drop(targets);
     collect(out, &ids, policy.source.clone())
@@ -157,8 +159,8 @@ pub fn run_control(only: &[String], exe: &Path) -> Result<Battery, HarnessError>
     let mut targets = Targets::new(&policy)?;
     super::control::pretend_limits(&mut targets.ctx);
     let ctx = serde_json::to_string(&targets.ctx).expect("serialises");
-    let out =
-        battery(exe, &["__probe", "--battery", "--ctx", &ctx], &ids).output().map_err(setup("running the control"))?;
+    let out = watch(battery(exe, &["__probe", "--battery", "--ctx", &ctx], &ids), LINE_WAIT)
+        .map_err(setup("running the control"))?;
     drop(targets);
     collect(out, &ids, "the positive control (no jail; every probe must escape)".into())
 }
@@ -180,25 +182,84 @@ fn selected(only: &[String]) -> Vec<String> {
     catalogue().iter().map(|(i, _, _)| i.to_string()).filter(|i| only.is_empty() || only.contains(i)).collect()
 }
 
+/// How long the harness waits for the battery's next report: a probe's own bound, the battery's
+/// wait for it and room for the jail to start.
+const LINE_WAIT: std::time::Duration = std::time::Duration::from_secs(45);
+
+/// What a battery printed, and how it ended.
+struct Finished {
+    lines: Vec<String>,
+    status: std::process::ExitStatus,
+    /// The battery gave no report within `LINE_WAIT` and was killed.
+    stalled: bool,
+}
+
+/// Runs the battery, reading its reports as they come; a battery silent for `limit` is
+/// killed (with it the jail), so a probe that hangs is a report, never a harness that waits on.
+fn watch(mut cmd: Command, limit: std::time::Duration) -> std::io::Result<Finished> {
+    let mut child = cmd.spawn()?;
+    let stdout = child.stdout.take().expect("stdout is piped");
+    let (tx, rx) = std::sync::mpsc::channel();
+    // Not joined: a process the battery left behind may hold its stdout open after it exits.
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout).lines() {
+            if tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    let mut lines = Vec::new();
+    let mut stalled = false;
+    loop {
+        match rx.recv_timeout(limit) {
+            Ok(Ok(l)) => lines.push(l),
+            Ok(Err(_)) | Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                if child.try_wait()?.is_none() {
+                    stalled = true;
+                    // The control's battery leads a session of its own, and its probes are in
+                    // its group: they go with it, not to hold the caller's stderr open. (A
+                    // jail's processes die with its `stockade run`.)
+                    let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+                    let _ = nix::sys::signal::killpg(pid, nix::sys::signal::Signal::SIGKILL);
+                    let _ = child.kill();
+                }
+                break;
+            }
+        }
+    }
+    let status = child.wait()?;
+    Ok(Finished { lines, status, stalled })
+}
+
 /// The reports of a finished battery: one per probe asked for, even if it died part-way.
-fn collect(out: std::process::Output, ids: &[String], policy: String) -> Result<Battery, HarnessError> {
+fn collect(out: Finished, ids: &[String], policy: String) -> Result<Battery, HarnessError> {
     let mut reports: Vec<ProbeReport> = Vec::new();
-    for line in out.stdout.lines().map_while(Result::ok) {
+    for line in out.lines {
         match serde_json::from_str::<ProbeReport>(&line) {
             Ok(r) => reports.push(r),
             Err(source) => return Err(HarnessError::Output { line, source }),
         }
     }
-    if reports.is_empty() && !out.status.success() {
+    if reports.is_empty() && !out.status.success() && !out.stalled {
         return Err(HarnessError::JailFailed(out.status));
     }
+    let mut first_missing = true;
     for (id, cat, what) in catalogue().iter().filter(|(i, _, _)| ids.iter().any(|x| x == i)) {
         if !reports.iter().any(|r| r.id == *id) {
+            let why = if out.stalled && first_missing {
+                format!("no report within {} s: the battery stalled in this probe and was killed", LINE_WAIT.as_secs())
+            } else if out.stalled {
+                "not run: the battery was killed in an earlier probe".to_owned()
+            } else {
+                format!("no report (the battery exited with {})", out.status)
+            };
+            first_missing = false;
             reports.push(ProbeReport {
                 id: id.to_string(),
                 category: cat.to_string(),
                 what: what.clone(),
-                outcome: Outcome::Error(format!("no report (the battery exited with {})", out.status)),
+                outcome: Outcome::Error(why),
             });
         }
     }
@@ -309,6 +370,27 @@ mod tests {
             })
             .collect();
         Battery { policy: "test".into(), reports }
+    }
+
+    /// A battery that stops answering is killed, and the probe it stalled in is named.
+    #[test]
+    fn a_stalled_battery_is_killed_and_its_probe_named() {
+        let mut cmd = Command::new("sh");
+        let first = r#"{"id":"fs-write-usr","category":"filesystem","what":"x","outcome":"blocked","evidence":"e"}"#;
+        cmd.args(["-c", &format!("echo '{first}'; exec sleep 60")]).stdout(Stdio::piped());
+        let t = std::time::Instant::now();
+        let out = watch(cmd, std::time::Duration::from_millis(500)).unwrap();
+        assert!(t.elapsed() < std::time::Duration::from_secs(30), "{:?}", t.elapsed());
+        assert!(out.stalled);
+        let ids: Vec<String> = ["fs-write-usr", "fs-write-root", "fs-write-etc"].map(String::from).to_vec();
+        let b = collect(out, &ids, "p".into()).unwrap();
+        let why = |id: &str| match &b.reports.iter().find(|r| r.id == id).unwrap().outcome {
+            Outcome::Error(e) => e.clone(),
+            o => panic!("{id}: {o:?}"),
+        };
+        assert!(matches!(b.reports[0].outcome, Outcome::Blocked(_)));
+        assert!(why("fs-write-root").contains("stalled in this probe"), "{}", why("fs-write-root"));
+        assert!(why("fs-write-etc").contains("earlier probe"), "{}", why("fs-write-etc"));
     }
 
     #[test]

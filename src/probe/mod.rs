@@ -137,6 +137,9 @@ pub fn battery(ctx_json: &str, ids: &[String]) -> i32 {
         None
     };
     ctx.startup_fds = open_fds();
+    // What a probe leaves running comes back to the battery, which ends it before the next probe.
+    // SAFETY: prctl with integer arguments; on failure the orphans go to the jail's init instead.
+    unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
     let cat = catalogue();
     let mut out = std::io::stdout().lock();
     for id in ids {
@@ -152,6 +155,11 @@ pub fn battery(ctx_json: &str, ids: &[String]) -> i32 {
     0
 }
 
+/// How long one probe may take: its child dies of SIGALRM then.
+pub(crate) const PROBE_SECS: u32 = 30;
+/// How long the battery waits for a probe's report before it kills what the probe started.
+const REPORT_WAIT: std::time::Duration = std::time::Duration::from_secs(PROBE_SECS as u64 + 5);
+
 fn in_child(id: &str, ctx: &Ctx) -> Outcome {
     let (r, w) = match nix::unistd::pipe() {
         Ok(p) => p,
@@ -164,7 +172,7 @@ fn in_child(id: &str, ctx: &Ctx) -> Outcome {
         Ok(nix::unistd::ForkResult::Child) => {
             drop(r);
             // SAFETY: alarm takes an integer; a probe that hangs dies of SIGALRM.
-            unsafe { libc::alarm(30) };
+            unsafe { libc::alarm(PROBE_SECS) };
             let o = if ctx.control { control::run(id, ctx) } else { run_one(id, ctx) };
             let mut f = std::fs::File::from(w);
             let _ = f.write_all(serde_json::to_string(&o).expect("serialises").as_bytes());
@@ -175,21 +183,23 @@ fn in_child(id: &str, ctx: &Ctx) -> Outcome {
         }
         Ok(nix::unistd::ForkResult::Parent { child }) => {
             drop(w);
-            // Read one line: children the probe left behind (the fork bomb's) may hold the pipe.
-            let mut f = std::fs::File::from(r);
-            let mut buf = Vec::new();
-            let mut b = [0u8; 4096];
-            while !buf.contains(&b'\n') {
-                match f.read(&mut b) {
-                    Ok(0) | Err(_) => break,
-                    Ok(n) => buf.extend_from_slice(&b[..n]),
-                }
+            // One line, within a bound: what the probe left behind (the fork bomb's children, a
+            // pid namespace's init) may hold the pipe open, and a process the alarm cannot stop
+            // must not stall the battery.
+            let (buf, in_time) = read_line_within(r, REPORT_WAIT);
+            if !in_time {
+                let _ = nix::sys::signal::kill(child, nix::sys::signal::Signal::SIGKILL);
             }
             let status = nix::sys::wait::waitpid(child, None);
+            kill_leftovers();
             use nix::sys::signal::Signal;
             use nix::sys::wait::WaitStatus;
             match (serde_json::from_slice::<Outcome>(buf.split(|c| *c == b'\n').next().unwrap_or(&[])), status) {
                 (Ok(o), _) => o,
+                (Err(_), _) if !in_time => Outcome::Error(format!(
+                    "no report within {} s; the probe and what it started were killed",
+                    REPORT_WAIT.as_secs()
+                )),
                 (Err(_), Ok(WaitStatus::Signaled(_, Signal::SIGSYS, _))) => {
                     Outcome::Blocked("killed by SIGSYS (seccomp)".into())
                 }
@@ -197,10 +207,84 @@ fn in_child(id: &str, ctx: &Ctx) -> Outcome {
                     Outcome::Blocked("killed by the OOM killer at the memory limit".into())
                 }
                 (Err(_), Ok(WaitStatus::Signaled(_, Signal::SIGALRM, _))) => {
-                    Outcome::Error("timed out after 30 s".into())
+                    Outcome::Error(format!("timed out after {PROBE_SECS} s"))
                 }
                 (Err(_), s) => Outcome::Error(format!("the probe died: {s:?}")),
             }
         }
+    }
+}
+
+/// Reads from `fd` until a newline, end of file or `limit`; false when the limit came first.
+fn read_line_within(fd: std::os::fd::OwnedFd, limit: std::time::Duration) -> (Vec<u8>, bool) {
+    use std::os::fd::AsFd;
+    let deadline = std::time::Instant::now() + limit;
+    let mut f = std::fs::File::from(fd);
+    let mut buf = Vec::new();
+    let mut b = [0u8; 4096];
+    while !buf.contains(&b'\n') {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        let ms = u16::try_from(left.as_millis()).unwrap_or(u16::MAX);
+        let mut fds = [nix::poll::PollFd::new(f.as_fd(), nix::poll::PollFlags::POLLIN)];
+        match nix::poll::poll(&mut fds, nix::poll::PollTimeout::from(ms)) {
+            Ok(0) if left.is_zero() => return (buf, false),
+            Ok(0) | Err(nix::errno::Errno::EINTR) => continue,
+            Err(_) => break,
+            Ok(_) => {}
+        }
+        match f.read(&mut b) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => buf.extend_from_slice(&b[..n]),
+        }
+    }
+    (buf, true)
+}
+
+/// Kills and reaps every process the battery still has below it. The battery is a subreaper,
+/// so whatever a finished probe left running is its child by now.
+fn kill_leftovers() {
+    let me = std::process::id().to_string();
+    for _ in 0..100 {
+        let children: Vec<i32> = std::fs::read_dir("/proc")
+            .map(|rd| {
+                rd.flatten()
+                    .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+                    .filter(|pid| {
+                        std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
+                            // The parent's pid is the second field after the command's closing ')'.
+                            s.rsplit_once(')').and_then(|(_, rest)| rest.split_whitespace().nth(1)) == Some(&me)
+                        })
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        if children.is_empty() {
+            return;
+        }
+        for pid in children {
+            let pid = nix::unistd::Pid::from_raw(pid);
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+            let _ = nix::sys::wait::waitpid(pid, None);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    /// A writer that never writes nor closes (a probe's leftover holding the pipe) costs the
+    /// battery the bound, not forever; a line that comes is read whole.
+    #[test]
+    fn a_report_is_awaited_within_its_bound() {
+        let (r, w) = nix::unistd::pipe().unwrap();
+        let t = std::time::Instant::now();
+        let (buf, in_time) = super::read_line_within(r, std::time::Duration::from_millis(300));
+        assert!(!in_time && buf.is_empty());
+        assert!(t.elapsed() >= std::time::Duration::from_millis(300));
+        let (r, w2) = nix::unistd::pipe().unwrap();
+        nix::unistd::write(&w2, b"{\"outcome\":\"blocked\"}\nrest").unwrap();
+        let (buf, in_time) = super::read_line_within(r, std::time::Duration::from_secs(30));
+        assert!(in_time);
+        assert!(buf.starts_with(b"{\"outcome\":\"blocked\"}\n"));
+        drop(w);
     }
 }
