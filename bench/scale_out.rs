@@ -65,6 +65,7 @@ fn run(workers: usize, items: usize) {
                 ],
                 metadata: Default::default(),
                 skills: Vec::new(),
+                memory_stores: Vec::new(),
             })
             .unwrap()
             .session_id

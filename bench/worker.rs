@@ -79,6 +79,7 @@ fn main() {
             script: steps,
             metadata: Default::default(),
             skills: Vec::new(),
+            memory_stores: Vec::new(),
         })
         .unwrap()
         .session_id

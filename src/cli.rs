@@ -243,6 +243,12 @@ struct SessionArgs {
     /// With --trail: leave tool calls to the caller, which records them itself (the worker).
     #[arg(long, requires = "trail", hide = true)]
     trail_no_calls: bool,
+    /// A memory store's folder: HOST_DIR bound at JAIL_DIR, read-only with `:ro`; repeatable.
+    /// The file tools reach it even with `confine_paths`, and a `write` or `edit` into a
+    /// writable one is not made but answered with a `memory_write` for the caller to save
+    /// (the worker saves it to the store, then writes the file).
+    #[arg(long = "memory-store", value_name = "HOST_DIR:JAIL_DIR[:ro]")]
+    memory_stores: Vec<String>,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -710,6 +716,31 @@ fn cmd_session(a: SessionArgs) -> i32 {
             }
             Err(e) => return usage(format!("--narrow: {e}")),
         }
+    }
+    for spec in &a.memory_stores {
+        let (rest, read_only) = match spec.strip_suffix(":ro") {
+            Some(r) => (r, true),
+            None => (spec.as_str(), false),
+        };
+        let Some((host, jail)) = rest.split_once(':') else {
+            return usage(format!("--memory-store {spec}: expected HOST_DIR:JAIL_DIR[:ro]"));
+        };
+        let jail = PathBuf::from(jail);
+        let clean = jail.is_absolute()
+            && jail.components().all(|c| matches!(c, std::path::Component::RootDir | std::path::Component::Normal(_)));
+        if !clean || jail == std::path::Path::new("/") {
+            return usage(format!("--memory-store {spec}: {} is not a clean absolute path below /", jail.display()));
+        }
+        if !std::path::Path::new(host).is_dir() {
+            return usage(format!("--memory-store {spec}: {host} is not a directory"));
+        }
+        let bind = policy::Bind { src: host.into(), dst: jail.clone(), optional: false };
+        if read_only {
+            policy.filesystem.read_only.push(bind);
+        } else {
+            policy.filesystem.read_write.push(bind);
+        }
+        policy.tools.memory.push(policy::MemoryMount { path: jail, read_only });
     }
     let trail = match &a.trail {
         None => None,

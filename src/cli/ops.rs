@@ -193,6 +193,49 @@ enum CpCommand {
         #[command(subcommand)]
         command: SessionCommand,
     },
+    /// Memory stores of a running local control plane (the API's `/v1/memory_stores`).
+    MemoryStore {
+        #[command(subcommand)]
+        command: MemoryStoreCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum MemoryStoreCommand {
+    /// Create a memory store; prints it (its `id` is what `session create --memory-store` takes).
+    Create {
+        /// Its name; its default mount path is /mnt/memory/ and the name lowercased, every run
+        /// of other characters than letters and digits one hyphen.
+        #[arg(long)]
+        name: String,
+        /// What it holds, for the agent's prompt.
+        #[arg(long, default_value = "")]
+        description: String,
+        #[command(flatten)]
+        access: OrgAccess,
+    },
+    /// Write a memory: PATH (e.g. /notes/todo.md) with the content of FILE, or of standard input.
+    Put {
+        /// The store (memstore_…).
+        store: String,
+        /// The memory's path in the store, starting with /.
+        path: String,
+        /// Read the content from this file instead of standard input.
+        #[arg(long)]
+        file: Option<PathBuf>,
+        #[command(flatten)]
+        access: OrgAccess,
+    },
+    /// Print a store's memories: path, size and SHA-256, or with --json every memory whole.
+    Show {
+        /// The store (memstore_…).
+        store: String,
+        /// The memories as JSON, content included.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        access: OrgAccess,
+    },
 }
 
 #[derive(Subcommand)]
@@ -207,6 +250,10 @@ enum SessionCommand {
         /// repeatable.
         #[arg(long = "skill", value_name = "NAME=ARCHIVE")]
         skills: Vec<String>,
+        /// Attach a memory store (`stockade control-plane memory-store create`): its id, the path
+        /// it is mounted at [default: /mnt/memory/<its name>], and `read_only`; repeatable.
+        #[arg(long = "memory-store", value_name = "STORE_ID[:MOUNT_PATH][:read_only]")]
+        memory_stores: Vec<String>,
         /// The environment whose queue gets the session's work item [env: ANTHROPIC_ENVIRONMENT_ID].
         #[arg(long, env = "ANTHROPIC_ENVIRONMENT_ID", default_value = local::DEFAULT_ENVIRONMENT)]
         environment_id: String,
@@ -750,6 +797,7 @@ pub(super) fn webhook(a: WebhookArgs, log: LogFormat) -> i32 {
 pub(super) fn control_plane(a: ControlPlaneArgs) -> i32 {
     match a.command {
         Some(CpCommand::Session { command }) => return session_command(command),
+        Some(CpCommand::MemoryStore { command }) => return memory_store_command(command),
         None => {}
     }
     if let Some(d) = &a.state {
@@ -830,6 +878,112 @@ fn webhook_key(dir: &Path) -> Result<Vec<u8>, String> {
     Ok(key.to_vec())
 }
 
+fn memory_store_command(c: MemoryStoreCommand) -> i32 {
+    let access = match &c {
+        MemoryStoreCommand::Create { access, .. }
+        | MemoryStoreCommand::Put { access, .. }
+        | MemoryStoreCommand::Show { access, .. } => access,
+    };
+    let client = match org_client(&access.api_url, access.api_key_file.as_deref()) {
+        Ok(c) => c,
+        Err(e) => return usage(e),
+    };
+    let call = |method: reqwest::Method, path: String, body: Option<serde_json::Value>| {
+        let client = client.clone();
+        async move { local::admin::<serde_json::Value, _>(&client, method, &path, body.as_ref()).await }
+    };
+    runtime().block_on(async move {
+        match c {
+            MemoryStoreCommand::Create { name, description, .. } => {
+                let body = serde_json::json!({"name": name, "description": description});
+                match call(reqwest::Method::POST, "/v1/memory_stores".into(), Some(body)).await {
+                    Ok(Some(v)) => {
+                        println!("{v}");
+                        0
+                    }
+                    Ok(None) => fail("empty answer"),
+                    Err(e) => fail(e),
+                }
+            }
+            MemoryStoreCommand::Put { store, path, file, .. } => {
+                let content = match &file {
+                    Some(f) => std::fs::read_to_string(f).map_err(|e| format!("--file {}: {e}", f.display())),
+                    None => std::io::read_to_string(std::io::stdin()).map_err(|e| format!("standard input: {e}")),
+                };
+                let content = match content {
+                    Ok(c) => c,
+                    Err(e) => return usage(e),
+                };
+                let list = format!("/v1/memory_stores/{store}/memories?limit=100&path_prefix=/");
+                let mut found = None;
+                let mut page = list.clone();
+                loop {
+                    let v = match call(reqwest::Method::GET, page.clone(), None).await {
+                        Ok(Some(v)) => v,
+                        Ok(None) => return fail("empty answer"),
+                        Err(e) => return fail(e),
+                    };
+                    let items = v["data"].as_array().cloned().unwrap_or_default();
+                    found = found.or_else(|| items.iter().find(|m| m["path"] == path.as_str()).cloned());
+                    match v["next_page"].as_str() {
+                        Some(n) if found.is_none() => page = format!("{list}&page={n}"),
+                        _ => break,
+                    }
+                }
+                let r = match found {
+                    Some(m) => {
+                        let p = format!("/v1/memory_stores/{store}/memories/{}", m["id"].as_str().unwrap_or(""));
+                        call(reqwest::Method::POST, p, Some(serde_json::json!({"content": content}))).await
+                    }
+                    None => {
+                        let p = format!("/v1/memory_stores/{store}/memories");
+                        call(reqwest::Method::POST, p, Some(serde_json::json!({"path": path, "content": content})))
+                            .await
+                    }
+                };
+                match r {
+                    Ok(Some(v)) => {
+                        println!("{v}");
+                        0
+                    }
+                    Ok(None) => fail("empty answer"),
+                    Err(e) => fail(e),
+                }
+            }
+            MemoryStoreCommand::Show { store, json, .. } => {
+                let list = format!("/v1/memory_stores/{store}/memories?view=full&limit=20");
+                let mut all = Vec::new();
+                let mut page = list.clone();
+                loop {
+                    let v = match call(reqwest::Method::GET, page.clone(), None).await {
+                        Ok(Some(v)) => v,
+                        Ok(None) => return fail("empty answer"),
+                        Err(e) => return fail(e),
+                    };
+                    all.extend(v["data"].as_array().cloned().unwrap_or_default());
+                    match v["next_page"].as_str() {
+                        Some(n) => page = format!("{list}&page={n}"),
+                        None => break,
+                    }
+                }
+                if json {
+                    println!("{}", serde_json::to_string_pretty(&all).expect("serialises"));
+                } else {
+                    for m in &all {
+                        println!(
+                            "{}  {} bytes  sha256 {}",
+                            m["path"].as_str().unwrap_or(""),
+                            m["content_size_bytes"],
+                            m["content_sha256"].as_str().unwrap_or("")
+                        );
+                    }
+                }
+                0
+            }
+        }
+    })
+}
+
 fn session_command(c: SessionCommand) -> i32 {
     let access = match &c {
         SessionCommand::Create { access, .. } | SessionCommand::Show { access, .. } => access,
@@ -840,7 +994,14 @@ fn session_command(c: SessionCommand) -> i32 {
     };
     runtime().block_on(async move {
         match c {
-            SessionCommand::Create { script, skills, environment_id, .. } => {
+            SessionCommand::Create { script, skills, memory_stores, environment_id, .. } => {
+                let mut attached = Vec::new();
+                for spec in &memory_stores {
+                    match local::memory::Attached::parse(spec) {
+                        Ok(a) => attached.push(a),
+                        Err(e) => return usage(format!("--memory-store {e}")),
+                    }
+                }
                 let text = match std::fs::read_to_string(&script) {
                     Ok(t) => t,
                     Err(e) => return usage(format!("--script {}: {e}", script.display())),
@@ -863,8 +1024,13 @@ fn session_command(c: SessionCommand) -> i32 {
                         Err(e) => return usage(format!("--skill {spec}: {file}: {e}")),
                     }
                 }
-                let req =
-                    CreateSession { environment_id, script: steps, metadata: Default::default(), skills: local_skills };
+                let req = CreateSession {
+                    environment_id,
+                    script: steps,
+                    metadata: Default::default(),
+                    skills: local_skills,
+                    memory_stores: attached,
+                };
                 match local::admin::<local::CreatedSession, _>(
                     &client,
                     reqwest::Method::POST,
@@ -1152,6 +1318,7 @@ pub(super) fn demo() -> i32 {
             script: steps,
             metadata: Default::default(),
             skills: Vec::new(),
+            memory_stores: Vec::new(),
         }) {
             Ok(c) => c,
             Err(e) => return fail(e),

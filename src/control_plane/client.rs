@@ -141,6 +141,16 @@ struct Req<'a> {
     no_beta: bool,
 }
 
+/// The memory endpoints' requests: their own beta, and the official worker's 30 s per try.
+fn memory_req() -> Req<'static> {
+    Req {
+        no_beta: true,
+        headers: vec![("anthropic-beta", wire::MEMORY_BETA.to_owned())],
+        timeout: Some(Duration::from_secs(30)),
+        ..Req::default()
+    }
+}
+
 impl Client {
     pub fn new(base: &str, key: Secret, auth: AuthScheme) -> Result<Client, ApiError> {
         let http = reqwest::Client::builder()
@@ -504,6 +514,56 @@ impl Client {
     pub async fn skill_version(&self, skill: &str, version: &str) -> Result<wire::SkillVersion, ApiError> {
         let r = Req { no_beta: true, ..Req::default() };
         self.call(Method::GET, &path::skill_version(skill, version), r, true).await
+    }
+
+    /// One page of a memory store's memories (`basic`: no content, 100 a page; `full`: 20).
+    pub async fn list_memories(
+        &self,
+        store: &str,
+        full: bool,
+        page: Option<&str>,
+    ) -> Result<wire::Page<wire::Memory>, ApiError> {
+        let mut query = vec![("view", if full { "full" } else { "basic" }.to_owned())];
+        query.push(("limit", if full { "20" } else { "100" }.to_owned()));
+        if let Some(p) = page {
+            query.push(("page", p.to_owned()));
+        }
+        let r = Req { query, ..memory_req() };
+        self.call(Method::GET, &path::memories(store), r, true).await
+    }
+
+    /// A memory with its content.
+    pub async fn get_memory(&self, store: &str, id: &str) -> Result<wire::Memory, ApiError> {
+        let r = Req { query: vec![("view", "full".to_owned())], ..memory_req() };
+        self.call(Method::GET, &path::memory(store, id), r, true).await
+    }
+
+    /// Creates a memory at `path` (starting with `/`).
+    pub async fn create_memory(&self, store: &str, path: &str, content: &str) -> Result<wire::Memory, ApiError> {
+        let r = Req { body: Some(serde_json::json!({"path": path, "content": content})), ..memory_req() };
+        self.call(Method::POST, &path::memories(store), r, true).await
+    }
+
+    /// Replaces a memory's content if it still has `expect_sha` (409 otherwise).
+    pub async fn update_memory(
+        &self,
+        store: &str,
+        id: &str,
+        content: &str,
+        expect_sha: &str,
+    ) -> Result<wire::Memory, ApiError> {
+        let body = serde_json::json!({
+            "content": content,
+            "precondition": {"type": "content_sha256", "content_sha256": expect_sha},
+        });
+        let r = Req { body: Some(body), ..memory_req() };
+        self.call(Method::POST, &path::memory(store, id), r, true).await
+    }
+
+    /// Deletes a memory if it still has `expect_sha` (409 otherwise).
+    pub async fn delete_memory(&self, store: &str, id: &str, expect_sha: &str) -> Result<(), ApiError> {
+        let r = Req { query: vec![("expected_content_sha256", expect_sha.to_owned())], ..memory_req() };
+        self.call_raw(Method::DELETE, &path::memory(store, id), r, true).await.map(|_| ())
     }
 
     /// A skill version's archive (zip or tar, possibly compressed).

@@ -61,7 +61,16 @@ pub mod path {
     pub fn skill_content(skill: &str, version: &str) -> String {
         format!("/v1/skills/{skill}/versions/{version}/content")
     }
+    pub fn memories(store: &str) -> String {
+        format!("/v1/memory_stores/{store}/memories")
+    }
+    pub fn memory(store: &str, memory: &str) -> String {
+        format!("/v1/memory_stores/{store}/memories/{memory}")
+    }
 }
+
+/// The beta the official clients send on the memory endpoints.
+pub(crate) const MEMORY_BETA: &str = "agent-memory-2026-07-22";
 
 /// The event types the official session runner lists (`HISTORY_EVENT_TYPES`): those it acts on,
 /// except `session.deleted`, which is only streamed.
@@ -425,6 +434,54 @@ pub struct Session {
     pub status: Option<String>,
     #[serde(default)]
     pub agent: Option<SessionAgent>,
+    /// What is attached to the session; the worker reads the memory stores.
+    #[serde(default)]
+    pub resources: Vec<serde_json::Value>,
+}
+
+/// A `memory_store` entry of a session's `resources[]`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MemoryStoreResource {
+    pub memory_store_id: String,
+    #[serde(default)]
+    pub mount_path: Option<String>,
+    /// `read_write` (the default) or `read_only`.
+    #[serde(default)]
+    pub access: Option<String>,
+    #[serde(default)]
+    pub name: Option<String>,
+}
+
+impl MemoryStoreResource {
+    pub fn read_only(&self) -> bool {
+        self.access.as_deref() == Some("read_only")
+    }
+}
+
+/// A memory, as the memory endpoints return it (`content` only with `view=full`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Memory {
+    pub id: String,
+    pub path: String,
+    pub content_sha256: String,
+    #[serde(default)]
+    pub content_size_bytes: u64,
+    #[serde(default)]
+    pub content: Option<String>,
+    /// `memory`; a listing may also hold `memory_prefix` items, which the worker skips.
+    #[serde(rename = "type", default)]
+    pub kind: String,
+}
+
+impl Session {
+    /// The memory stores attached to the session, in order.
+    pub(crate) fn memory_stores(&self) -> Vec<MemoryStoreResource> {
+        self.resources
+            .iter()
+            .filter(|r| r.get("type").and_then(|t| t.as_str()) == Some("memory_store"))
+            .filter_map(|r| serde_json::from_value(r.clone()).ok())
+            .collect()
+    }
 }
 
 impl Session {

@@ -481,7 +481,7 @@ fn finish(source: &str, raw: Raw, o: &Origins) -> Result<Policy, PolicyError> {
         network,
         seccomp: seccomp(raw.seccomp, &bad)?,
         capabilities: capabilities(raw.capabilities, &bad)?,
-        tools: Tools { confine_paths: raw.tools.confine_paths.unwrap_or(false) },
+        tools: Tools { confine_paths: raw.tools.confine_paths.unwrap_or(false), memory: Vec::new() },
         trail: trail(raw.trail, &bad)?,
         retention: retention(raw.retention, &bad)?,
         provision: provision(raw.provision, &bad)?,

@@ -305,12 +305,24 @@ pub fn is_secret_name(name: &str) -> bool {
 }
 
 /// How the agent's file tools treat paths.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Default)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Default)]
 pub struct Tools {
     /// Refuse paths that resolve outside /workspace, exactly as the official runner does. Off by
     /// default: the jail's mounts and landlock rules are the boundary, so /tmp and
     /// /mnt/session/outputs work.
     pub confine_paths: bool,
+    /// The session's memory store folders, bound in by `stockade session --memory` (never read
+    /// from a policy file): the file tools may reach them, refuse writes into read-only ones, and
+    /// leave writes into the others to the worker, which saves them to the store first.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub memory: Vec<MemoryMount>,
+}
+
+/// A memory store's folder in the jail.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct MemoryMount {
+    pub path: PathBuf,
+    pub read_only: bool,
 }
 
 /// The smallest `limits.workspace_size` / `limits.outputs_size`: room for a filesystem's own

@@ -18,7 +18,7 @@ use std::os::unix::net::UnixStream;
 use super::frame;
 use super::{Inbound, Request, Response};
 use crate::tools::bash::{KillScope, Shell};
-use crate::tools::{run_file_tool, stopped, Ctx, ToolResult};
+use crate::tools::{answer_file_tool, stopped, Ctx, ToolResult};
 
 /// PID 1's handle on a lane.
 pub(super) struct Lane {
@@ -88,8 +88,8 @@ fn helper_main(mut chan: UnixStream, ctx: &Ctx) -> i32 {
             _ => return 0,
         };
         let ctx = Ctx { saved_outputs: req.saved_outputs, ..ctx.clone() };
-        let result = run_file_tool(&ctx, &req.name, &req.input);
-        if frame::write(&mut chan, &Response::new(req.id, result)).is_err() {
+        let answer = answer_file_tool(&ctx, &req.name, &req.input);
+        if frame::write(&mut chan, &Response::of(req.id, answer)).is_err() {
             return 0;
         }
     }
@@ -103,7 +103,7 @@ struct LaneState {
 
 /// What became of a call handed to the helper.
 enum HelperAnswer {
-    Done(ToolResult),
+    Done(ToolResult, Option<crate::tools::MemoryWrite>),
     /// The lane's channel turned readable: a stop, or PID 1 is gone.
     Stopped,
 }
@@ -150,10 +150,22 @@ impl LaneState {
         self.shell.call_until(&req.input, Some(chan.as_fd()))
     }
 
-    fn file_tool(&mut self, req: &Request, chan: &UnixStream) -> ToolResult {
+    /// A file tool's result, or the memory write it leaves to the worker.
+    fn file_tool(&mut self, req: &Request, chan: &UnixStream) -> (ToolResult, Option<crate::tools::MemoryWrite>) {
+        match self.file_tool_answer(req, chan) {
+            Ok((r, m)) => (r, m),
+            Err(r) => (r, None),
+        }
+    }
+
+    fn file_tool_answer(
+        &mut self,
+        req: &Request,
+        chan: &UnixStream,
+    ) -> Result<(ToolResult, Option<crate::tools::MemoryWrite>), ToolResult> {
         let h = match self.helper() {
             Ok(h) => h,
-            Err(e) => return ToolResult::err(format!("could not start the file tool helper: {e}")),
+            Err(e) => return Err(ToolResult::err(format!("could not start the file tool helper: {e}"))),
         };
         if frame::write(&mut h.chan, req).is_err() {
             // The helper was already gone: the request never reached it, so it is safe to
@@ -161,15 +173,15 @@ impl LaneState {
             self.discard_helper();
             let resent = self.helper().and_then(|h| frame::write(&mut h.chan, req));
             if let Err(e) = resent {
-                return ToolResult::err(format!("could not start the file tool helper: {e}"));
+                return Err(ToolResult::err(format!("could not start the file tool helper: {e}")));
             }
         }
         match self.helper_answer(chan) {
-            Ok(HelperAnswer::Done(r)) => r,
+            Ok(HelperAnswer::Done(r, m)) => Ok((r, m)),
             Ok(HelperAnswer::Stopped) => {
                 // What the helper was doing is cut short where it stands.
                 self.discard_helper();
-                ToolResult::err(stopped(&req.name))
+                Err(ToolResult::err(stopped(&req.name)))
             }
             Err(()) => {
                 // The helper died mid-call. Report how, and start afresh on the next call.
@@ -180,10 +192,10 @@ impl LaneState {
                     Ok(WaitStatus::Exited(_, c)) => format!("exited with status {c}"),
                     _ => "died".into(),
                 };
-                ToolResult::err(format!(
+                Err(ToolResult::err(format!(
                     "the file tool helper {how} while running `{}`; the session continues and the next call gets a new helper",
                     req.name
-                ))
+                )))
             }
         }
     }
@@ -203,7 +215,9 @@ impl LaneState {
             let ready = |f: &PollFd| f.revents().is_some_and(|e| !e.is_empty());
             if ready(&fds[0]) {
                 return match frame::read::<_, Response>(&mut h.chan) {
-                    Ok(Some(r)) => Ok(HelperAnswer::Done(ToolResult { content: r.content, is_error: r.is_error })),
+                    Ok(Some(r)) => {
+                        Ok(HelperAnswer::Done(ToolResult { content: r.content, is_error: r.is_error }, r.memory_write))
+                    }
                     _ => Err(()),
                 };
             }
@@ -230,9 +244,11 @@ fn lane_main(mut chan: UnixStream, tools: &Ctx, env: &[(String, String)], scope:
             _ => break,
         };
         lane.reap();
-        let result = if req.name == "bash" { lane.bash(&req, &chan) } else { lane.file_tool(&req, &chan) };
+        let (result, memory_write) =
+            if req.name == "bash" { (lane.bash(&req, &chan), None) } else { lane.file_tool(&req, &chan) };
         lane.reap();
         let mut resp = Response::new(req.id, result);
+        resp.memory_write = memory_write;
         resp.saved_output = lane.shell.saved_output_dir().map(Into::into);
         if frame::write(&mut chan, &resp).is_err() {
             break;

@@ -68,11 +68,29 @@ pub(crate) struct Response {
     /// From a lane to PID 1 only: where its shell saved its last long output.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub saved_output: Option<std::path::PathBuf>,
+    /// A `write` or `edit` into a memory store's folder, not made: the caller saves it to the
+    /// store, writes the file and answers the call (`content` is empty then).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_write: Option<crate::tools::MemoryWrite>,
 }
 
 impl Response {
     pub(crate) fn new(id: impl Into<Option<String>>, r: ToolResult) -> Response {
-        Response { id: id.into(), content: r.content, is_error: r.is_error, saved_output: None }
+        Response { id: id.into(), content: r.content, is_error: r.is_error, saved_output: None, memory_write: None }
+    }
+
+    /// A file tool's answer: its result, or the memory write it leaves to the caller.
+    pub(crate) fn of(id: impl Into<Option<String>>, a: crate::tools::FileAnswer) -> Response {
+        match a {
+            crate::tools::FileAnswer::Done(r) => Response::new(id, r),
+            crate::tools::FileAnswer::Memory(m) => Response {
+                id: id.into(),
+                content: Vec::new(),
+                is_error: false,
+                saved_output: None,
+                memory_write: Some(m),
+            },
+        }
     }
 }
 

@@ -201,7 +201,10 @@ impl Router {
 /// policy's path rule, and a timed-out or stopped command's leftovers are found among the
 /// descendants of its thread's lane.
 pub(crate) fn serve_in_jail(channel: &OwnedFd, env: &[(String, String)], policy: &crate::policy::Policy) -> i32 {
-    let tools = Ctx::new(crate::jail::mounts::WORKSPACE, policy.tools.confine_paths);
+    let tools = Ctx {
+        memory: policy.tools.memory.clone(),
+        ..Ctx::new(crate::jail::mounts::WORKSPACE, policy.tools.confine_paths)
+    };
     serve(channel, env, &tools, KillScope::Descendants)
 }
 

@@ -8,8 +8,8 @@ use std::path::Path;
 
 use super::format::*;
 use super::input::{EditInput, ReadInput, WriteInput};
-use super::paths::{fs_error, reject_saved_output, resolve, resolve_readable};
-use super::{Block, Ctx, Source, ToolResult};
+use super::paths::{fs_error, memory_root_of, reject_read_only, resolve, resolve_readable};
+use super::{Block, Ctx, FileAnswer, MemoryWrite, Source, ToolResult};
 
 type Res = Result<ToolResult, ToolResult>;
 
@@ -181,22 +181,47 @@ fn write_bytes(path: &Path, data: &[u8]) -> io::Result<()> {
     f.write_all(data)
 }
 
-pub(super) fn write(ctx: &Ctx, i: &WriteInput) -> Res {
+/// A change to a memory store's file, left to the caller; else `None`.
+fn for_memory(
+    ctx: &Ctx,
+    target: &Path,
+    content: &str,
+    replacing: Option<&str>,
+    op: &str,
+    fp: &str,
+    done: &str,
+) -> Option<FileAnswer> {
+    memory_root_of(ctx, target)?;
+    Some(FileAnswer::Memory(MemoryWrite {
+        path: target.to_path_buf(),
+        content: content.to_owned(),
+        replacing: replacing.map(str::to_owned),
+        op: op.to_owned(),
+        file_path: fp.to_owned(),
+        done: done.to_owned(),
+    }))
+}
+
+pub(super) fn write(ctx: &Ctx, i: &WriteInput) -> Result<FileAnswer, ToolResult> {
     let fp = i.file_path.as_str();
     let target = resolve(ctx, fp).map_err(|e| ToolResult::err(format!("write: {e}")))?;
-    reject_saved_output(ctx, "write", fp, &target).map_err(ToolResult::err)?;
+    reject_read_only(ctx, "write", fp, &target).map_err(ToolResult::err)?;
+    // Python counts characters, and so does the message.
+    let done = format!("wrote {} bytes to {fp}", i.content.chars().count());
+    if let Some(m) = for_memory(ctx, &target, &i.content, None, "write", fp, &done) {
+        return Ok(m);
+    }
     let parent = target.parent().unwrap_or(Path::new("/"));
     mkdir_parents(parent)
         .and_then(|()| write_bytes(&target, i.content.as_bytes()))
         .map_err(|e| ToolResult::err(fs_error("write", fp, &e)))?;
-    // Python counts characters, and so does the message.
-    Ok(ToolResult::ok(format!("wrote {} bytes to {fp}", i.content.chars().count())))
+    Ok(FileAnswer::Done(ToolResult::ok(done)))
 }
 
-pub(super) fn edit(ctx: &Ctx, i: &EditInput) -> Res {
+pub(super) fn edit(ctx: &Ctx, i: &EditInput) -> Result<FileAnswer, ToolResult> {
     let fp = i.file_path.as_str();
     let target = resolve(ctx, fp).map_err(|e| ToolResult::err(format!("edit: {e}")))?;
-    reject_saved_output(ctx, "edit", fp, &target).map_err(ToolResult::err)?;
+    reject_read_only(ctx, "edit", fp, &target).map_err(ToolResult::err)?;
     let fs_err = |e: io::Error| ToolResult::err(fs_error("edit", fp, &e));
     let (mut f, meta) = open_nonblocking(&target).map_err(fs_err)?;
     if !meta.file_type().is_file() {
@@ -236,6 +261,10 @@ pub(super) fn edit(ctx: &Ctx, i: &EditInput) -> Res {
     } else {
         text.replacen(i.old_string.as_str(), &i.new_string, 1)
     };
+    let done = format!("edited {fp} ({} replacement(s))", if i.replace_all { count } else { 1 });
+    if let Some(m) = for_memory(ctx, &target, &updated, Some(&text), "edit", fp, &done) {
+        return Ok(m);
+    }
     write_bytes(&target, updated.as_bytes()).map_err(fs_err)?;
-    Ok(ToolResult::ok(format!("edited {fp} ({} replacement(s))", if i.replace_all { count } else { 1 })))
+    Ok(FileAnswer::Done(ToolResult::ok(done)))
 }

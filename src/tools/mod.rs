@@ -111,27 +111,64 @@ pub struct Ctx {
     /// `read` and `grep` may open them even under `confine`, and `write` and `edit` refuse them,
     /// as the official tools do.
     pub saved_outputs: Vec<PathBuf>,
+    /// Memory store folders: reachable under `confine` too; `write` and `edit` refuse the
+    /// read-only ones and leave the others to the caller (`FileAnswer::Memory`), as the official
+    /// tools leave them to the worker, which saves a change to its store before the file.
+    pub memory: Vec<crate::policy::MemoryMount>,
 }
 
 impl Ctx {
     /// The tools' context for a working directory, with no saved bash output yet.
     pub fn new(cwd: impl Into<PathBuf>, confine: bool) -> Ctx {
-        Ctx { cwd: cwd.into(), confine, saved_outputs: Vec::new() }
+        Ctx { cwd: cwd.into(), confine, saved_outputs: Vec::new(), memory: Vec::new() }
     }
+}
+
+/// A change to a file in a memory store's folder, computed by `write` or `edit` and not made:
+/// whoever runs the tools saves it to the store, writes the file and answers the call.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemoryWrite {
+    /// The file, resolved (in the jail's view).
+    pub path: PathBuf,
+    pub content: String,
+    /// For `edit`: the text the file must still hold.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replacing: Option<String>,
+    /// `write` or `edit`, and the path as the call gave it, for the error text.
+    pub op: String,
+    pub file_path: String,
+    /// The call's answer once the change is made.
+    pub done: String,
+}
+
+/// What a file tool comes to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FileAnswer {
+    Done(ToolResult),
+    Memory(MemoryWrite),
 }
 
 /// Runs one of the file tools (everything but bash).
 pub fn run_file_tool(ctx: &Ctx, name: &str, input: &serde_json::Value) -> ToolResult {
-    let r = match name {
-        "read" => input::read(input).and_then(|i| files::read(ctx, &i)),
-        "write" => input::write(input).and_then(|i| files::write(ctx, &i)),
-        "edit" => input::edit(input).and_then(|i| files::edit(ctx, &i)),
-        "glob" => input::glob(input).and_then(|i| glob::glob(ctx, &i)),
-        "grep" => input::grep(input).and_then(|i| grep::grep(ctx, &i)),
-        "bash" => Err(ToolResult::err("bash runs in the session's shell, not as a file tool")),
-        other => Err(ToolResult::err(unknown_tool(other))),
-    };
-    r.unwrap_or_else(|e| e)
+    match answer_file_tool(ctx, name, input) {
+        FileAnswer::Done(r) => r,
+        FileAnswer::Memory(m) => ToolResult::err(format!("{}: {}: no memory store to save it to", m.op, m.file_path)),
+    }
+}
+
+/// Runs one of the file tools; a change to a memory store's file comes back unmade.
+pub fn answer_file_tool(ctx: &Ctx, name: &str, input: &serde_json::Value) -> FileAnswer {
+    let done = |r: Result<ToolResult, ToolResult>| FileAnswer::Done(r.unwrap_or_else(|e| e));
+    let changed = |r: Result<FileAnswer, ToolResult>| r.unwrap_or_else(FileAnswer::Done);
+    match name {
+        "read" => done(input::read(input).and_then(|i| files::read(ctx, &i))),
+        "write" => changed(input::write(input).and_then(|i| files::write(ctx, &i))),
+        "edit" => changed(input::edit(input).and_then(|i| files::edit(ctx, &i))),
+        "glob" => done(input::glob(input).and_then(|i| glob::glob(ctx, &i))),
+        "grep" => done(input::grep(input).and_then(|i| grep::grep(ctx, &i))),
+        "bash" => done(Err(ToolResult::err("bash runs in the session's shell, not as a file tool"))),
+        other => done(Err(ToolResult::err(unknown_tool(other)))),
+    }
 }
 
 /// The official runner's answer for a call it stopped: the session no longer waits on it, or

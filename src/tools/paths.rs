@@ -138,8 +138,9 @@ pub(super) fn resolve(ctx: &Ctx, p: &str) -> Result<PathBuf, String> {
     let candidate = if p.starts_with('/') { PathBuf::from(p) } else { root.join(p) };
     // The runner quotes the path as given, without escaping (`f'path "{p}"'`).
     let full = canonicalize(&candidate).map_err(|e| format!("path \"{p}\": {}", reason(&e)))?;
-    if ctx.confine && !within(&full, &root) {
-        return Err(format!("path \"{p}\" is outside the session's working directory"));
+    if ctx.confine && !within(&full, &root) && !ctx.memory.iter().any(|m| within(&full, &real(&m.path))) {
+        let others = if ctx.memory.is_empty() { "" } else { " and its other permitted directories" };
+        return Err(format!("path \"{p}\" is outside the session's working directory{others}"));
     }
     Ok(full)
 }
@@ -157,13 +158,26 @@ pub(super) fn resolve_readable(ctx: &Ctx, p: &str) -> Result<PathBuf, String> {
     resolve(ctx, p)
 }
 
-/// The runner's refusal to change a file inside a directory of saved bash output (a command can
-/// replace that directory, so it is compared as recorded, not resolved).
-pub(super) fn reject_saved_output(ctx: &Ctx, op: &str, fp: &str, target: &Path) -> Result<(), String> {
-    match ctx.saved_outputs.iter().find(|d| target.starts_with(d)) {
-        Some(d) => Err(format!("{op}: {fp} is inside read-only directory {}", d.display())),
+/// A directory as it resolves now, or as given when it does not.
+fn real(p: &Path) -> PathBuf {
+    std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf())
+}
+
+/// The runner's refusal to change a file inside a read-only memory store's folder (resolved
+/// now, as the runner resolves it) or a directory of saved bash output (a command can replace
+/// that directory, so it is compared as recorded, not resolved).
+pub(super) fn reject_read_only(ctx: &Ctx, op: &str, fp: &str, target: &Path) -> Result<(), String> {
+    let memory = ctx.memory.iter().filter(|m| m.read_only).map(|m| (m.path.clone(), real(&m.path)));
+    let saved = ctx.saved_outputs.iter().map(|d| (d.clone(), d.clone()));
+    match memory.chain(saved).find(|(_, r)| target.starts_with(r)) {
+        Some((d, _)) => Err(format!("{op}: {fp} is inside read-only directory {}", d.display())),
         None => Ok(()),
     }
+}
+
+/// The writable memory store folder holding `target`, if any.
+pub(super) fn memory_root_of(ctx: &Ctx, target: &Path) -> Option<PathBuf> {
+    ctx.memory.iter().filter(|m| !m.read_only).map(|m| real(&m.path)).find(|r| target.starts_with(r))
 }
 
 #[cfg(test)]

@@ -78,6 +78,17 @@ impl Cp {
         metadata: serde_json::Map<String, serde_json::Value>,
         skills: Vec<LocalSkill>,
     ) -> (String, String) {
+        self.session_with(steps, metadata, skills, Vec::new())
+    }
+
+    /// A session with skills and memory stores attached.
+    pub(crate) fn session_with(
+        &self,
+        steps: Vec<ScriptStep>,
+        metadata: serde_json::Map<String, serde_json::Value>,
+        skills: Vec<LocalSkill>,
+        memory_stores: Vec<stockade::control_plane::local::memory::Attached>,
+    ) -> (String, String) {
         let c = self
             .cp
             .create_session(CreateSession {
@@ -85,6 +96,7 @@ impl Cp {
                 script: steps,
                 metadata,
                 skills,
+                memory_stores,
             })
             .unwrap();
         (c.session_id, c.work_id)

@@ -22,6 +22,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tokio::sync::{broadcast, Notify};
 
 mod faults;
+pub mod memory;
 mod script;
 
 use super::wire::{self, ContentBlock, WorkItem, WorkSecret, WorkState};
@@ -60,6 +61,8 @@ pub enum LocalError {
     NoEnvironment(String),
     #[error("no session {0:?}")]
     NoSession(String),
+    #[error("no memory store {0:?}")]
+    NoMemoryStore(String),
     #[error("skill {name:?}: archive_base64: {source}")]
     SkillArchive { name: String, source: base64::DecodeError },
 }
@@ -74,6 +77,9 @@ pub struct CreateSession {
     /// Skills of the session's agent, each served as one version with this archive.
     #[serde(default)]
     pub skills: Vec<LocalSkill>,
+    /// Memory stores to attach (`resources[]` of type `memory_store`).
+    #[serde(default)]
+    pub memory_stores: Vec<memory::Attached>,
 }
 
 /// A skill the local control plane serves: its name and the archive bytes (zip or tar, any
@@ -212,6 +218,9 @@ struct SessionRec {
     /// The agent's skills (ids into `Db::skills`).
     #[serde(default)]
     skills: Vec<String>,
+    /// The memory stores attached to the session.
+    #[serde(default)]
+    memory_stores: Vec<memory::Attached>,
     /// The last call of the batch the agent waits on, and what happens to it at which time.
     waiting: Option<String>,
     later: Option<(u64, Later)>,
@@ -234,6 +243,8 @@ struct Db {
     work: BTreeMap<String, WorkRec>,
     sessions: BTreeMap<String, SessionRec>,
     skills: BTreeMap<String, SkillRec>,
+    #[serde(default)]
+    memory_stores: BTreeMap<String, memory::StoreRec>,
     seq: u64,
     #[serde(skip)]
     polls: HashMap<(String, String), Instant>,
@@ -457,6 +468,8 @@ enum Need<'a> {
     Env(&'a str),
     /// Per-item calls: the environment's key, that item's sessions token, or the org key.
     Item(&'a str, &'a str),
+    /// That item's sessions token (or the org key), not the environment's key.
+    ItemToken(&'a str, &'a str),
 }
 
 fn authorize(db: &Db, h: &HeaderMap, need: Need) -> ApiResult<()> {
@@ -487,6 +500,11 @@ fn authorize(db: &Db, h: &HeaderMap, need: Need) -> ApiResult<()> {
                         db.work.get(work).is_some_and(|w| w.tokens().any(|t| Secret::new(t.to_owned()).matches(k)))
                     })
             }
+            Need::ItemToken(env, work) => bearer.is_some_and(|k| {
+                db.work
+                    .get(work)
+                    .is_some_and(|w| w.env == env && w.tokens().any(|t| Secret::new(t.to_owned()).matches(k)))
+            }),
         };
     if ok {
         Ok(())
@@ -652,7 +670,7 @@ impl LocalControlPlane {
     }
 
     pub fn router(&self) -> Router {
-        Router::new()
+        memory::routes()
             .route("/v1/environments/{env}/work", get(list_work))
             .route("/v1/environments/{env}/work/poll", get(poll))
             .route("/v1/environments/{env}/work/stats", get(stats))
@@ -715,6 +733,9 @@ impl LocalControlPlane {
         if !db.envs.contains_key(&req.environment_id) {
             return Err(LocalError::NoEnvironment(req.environment_id));
         }
+        if let Some(a) = req.memory_stores.iter().find(|a| !db.memory_stores.contains_key(&a.memory_store_id)) {
+            return Err(LocalError::NoMemoryStore(a.memory_store_id.clone()));
+        }
         let session_id = db.next_id("sesn");
         let work_id = db.next_id("work");
         let mut skills = Vec::new();
@@ -753,6 +774,7 @@ impl LocalControlPlane {
                 answered_ms: BTreeMap::new(),
                 answered_by: BTreeMap::new(),
                 skills,
+                memory_stores: req.memory_stores,
                 waiting: None,
                 batch: Default::default(),
                 abandon: Vec::new(),
@@ -1299,6 +1321,7 @@ async fn get_session(
     let created = db.work[&work].created_ms;
     let skills: Vec<Value> =
         s.skills.iter().map(|id| json!({"type": "custom", "skill_id": id, "version": "latest"})).collect();
+    let resources: Vec<Value> = s.memory_stores.iter().map(|a| memory::resource(&db, a)).collect();
     Ok(Json(json!({
         "type": "session", "id": s.id, "status": s.status, "environment_id": s.env, "title": null,
         "created_at": ts(created), "updated_at": ts(now_ms()), "archived_at": null,
@@ -1306,7 +1329,7 @@ async fn get_session(
                   "description": null, "system": null, "model": {"id": "scripted"},
                   "execution_identity": {"type": "agent"}, "mcp_servers": [], "skills": skills,
                   "tools": [{"type": "agent_toolset_20260401"}]},
-        "metadata": db.work[&work].metadata, "resources": [], "outcome_evaluations": [], "vault_ids": [],
+        "metadata": db.work[&work].metadata, "resources": resources, "outcome_evaluations": [], "vault_ids": [],
         "stats": {"active_seconds": 0.0, "duration_seconds": 0.0}, "usage": {"input_tokens": 0, "output_tokens": 0},
     })))
 }
@@ -1554,6 +1577,7 @@ mod tests {
                             script: vec![ScriptStep::call("bash", json!({"command": "true"}))],
                             metadata: Default::default(),
                             skills: Vec::new(),
+                            memory_stores: Vec::new(),
                         })
                         .unwrap();
                     }
