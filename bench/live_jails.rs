@@ -23,6 +23,7 @@ fn spec(sweep_stale: bool) -> JailSpec {
         watcher: None,
         observe: false,
         tty: None,
+        id_mapped: Vec::new(),
     }
 }
 

@@ -161,6 +161,7 @@ fn main() {
         watcher: None,
         observe: false,
         tty: None,
+        id_mapped: Vec::new(),
     };
     let t = Instant::now();
     let mut session = Session::start(&spec).unwrap();

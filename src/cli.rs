@@ -490,6 +490,7 @@ fn cmd_run(a: RunArgs) -> i32 {
         watcher,
         observe: a.report || a.report_format.is_some(),
         tty: None,
+        id_mapped: Vec::new(),
     };
     if a.dry_run {
         print!("{}", plan(&spec));
@@ -717,6 +718,7 @@ fn cmd_session(a: SessionArgs) -> i32 {
             Err(e) => return usage(format!("--narrow: {e}")),
         }
     }
+    let mut id_mapped = Vec::new();
     for spec in &a.memory_stores {
         let (rest, read_only) = match spec.strip_suffix(":ro") {
             Some(r) => (r, true),
@@ -735,6 +737,7 @@ fn cmd_session(a: SessionArgs) -> i32 {
             return usage(format!("--memory-store {spec}: {host} is not a directory"));
         }
         let bind = policy::Bind { src: host.into(), dst: jail.clone(), optional: false };
+        id_mapped.push(std::path::PathBuf::from(host));
         if read_only {
             policy.filesystem.read_only.push(bind);
         } else {
@@ -762,6 +765,7 @@ fn cmd_session(a: SessionArgs) -> i32 {
         watcher,
         observe: false,
         tty: None,
+        id_mapped,
     };
     // Unbuffered, so that what waits in a buffer is never missed by a wait for the descriptor.
     let stdin = match std::os::fd::AsFd::as_fd(&std::io::stdin()).try_clone_to_owned() {
@@ -830,6 +834,7 @@ fn enforce_check(name: &str) -> jail::check::Item {
         watcher: None,
         observe: false,
         tty: None,
+        id_mapped: Vec::new(),
     };
     match jail::Jail::start(&spec, jail::Payload::Command).and_then(jail::Jail::wait) {
         Ok(o) if o.status.code() == 0 => item(true, format!("{name}: a jail built from it ran /bin/true")),

@@ -22,6 +22,7 @@ fn spec(cmd: &str) -> JailSpec {
         watcher: None,
         observe: false,
         tty: None,
+        id_mapped: Vec::new(),
     }
 }
 

@@ -84,6 +84,15 @@ pub(super) struct WorkerCommon {
     /// limit. The official worker's `max_concurrent_calls`.
     #[arg(long, default_value = "1", value_parser = concurrent_calls, value_name = "N|none")]
     max_concurrent_calls: usize,
+    /// How often a session's attached memory stores sync back while it runs (checked after
+    /// each tool call; at least 5s); `none` runs sessions without their memory stores. The
+    /// official worker's `memory_sync_interval`.
+    #[arg(long, default_value = "15s", value_parser = sync_interval, value_name = "DURATION|none")]
+    memory_sync_interval: SyncEvery,
+    /// Whether a file deleted in a memory store's folder deletes its memory: `log_only` runs
+    /// every check and only logs. The official worker's `memory_sync_deletions`.
+    #[arg(long, value_enum, default_value = "enabled")]
+    memory_sync_deletions: stockade::worker::memory::DeleteMode,
     /// Policy file or built-in name for every session jail [default: $STOCKADE_POLICY, then
     /// /etc/stockade/policy.toml if it exists, then the built-in default].
     #[arg(long, short = 'p')]
@@ -615,6 +624,22 @@ fn overcommit(s: &str) -> Result<f64, String> {
     }
 }
 
+/// A memory sync interval, or none (no memory).
+#[derive(Clone, Copy)]
+struct SyncEvery(Option<Duration>);
+
+/// `--memory-sync-interval`: at least 5 seconds, or `none`.
+fn sync_interval(s: &str) -> Result<SyncEvery, String> {
+    if s == "none" {
+        return Ok(SyncEvery(None));
+    }
+    let d = duration(s).map_err(|e| e.to_string())?;
+    if d < stockade::worker::memory::MIN_SYNC_INTERVAL {
+        return Err(format!("{s:?}: the sync interval must be at least 5s, or none to run without memory"));
+    }
+    Ok(SyncEvery(Some(d)))
+}
+
 /// `--max-concurrent-calls`: at least 1, or `none` (no limit), as the official worker checks it.
 fn concurrent_calls(s: &str) -> Result<usize, String> {
     match s {
@@ -631,6 +656,8 @@ fn worker_config_with(a: &WorkerCommon, log: LogFormat, k: Secret) -> Result<Wor
     c.worker_id = a.worker_id.clone();
     c.max_idle = a.max_idle;
     c.max_concurrent_calls = a.max_concurrent_calls;
+    c.memory_sync_interval = a.memory_sync_interval.0;
+    c.memory_sync_deletions = a.memory_sync_deletions;
     c.policy = super::policy_spec(a.policy.as_deref()).unwrap_or_else(|| "default".into());
     c.max_sessions = a.max_sessions;
     c.image_overcommit = a.image_overcommit;

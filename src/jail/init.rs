@@ -70,6 +70,7 @@ pub(crate) fn child_main(ctx: ChildCtx) -> ! {
         keep.push(channel.as_raw_fd());
     }
     keep.extend([ctx.plan.workspace_tree, ctx.plan.outputs_tree].into_iter().flatten().map(|t| t.as_raw_fd()));
+    keep.extend(ctx.plan.bind_trees.iter().map(|(_, t)| t.as_raw_fd()));
     keep.extend(ctx.tty);
     // SAFETY: only descriptors nothing in this child uses again are closed: everything but the
     // keep-list belongs to the supervisor's copy (its OwnedFds are never dropped here, the child
@@ -171,6 +172,9 @@ fn setup(ctx: &ChildCtx) -> Result<Option<Pid>, JailError> {
     mounts::build_root(&ctx.plan)?;
     // The id-mapped trees are attached now; their descriptors must not linger in the jail.
     for tree in [ctx.plan.workspace_tree, ctx.plan.outputs_tree].into_iter().flatten() {
+        close_raw(tree.as_raw_fd());
+    }
+    for (_, tree) in ctx.plan.bind_trees {
         close_raw(tree.as_raw_fd());
     }
     uts::set_names(&p.hostname)?;

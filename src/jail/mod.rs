@@ -102,6 +102,10 @@ pub struct JailSpec {
     /// The slave end of a pty the caller made and holds open until `Jail::start` returns: the
     /// command's stdin, stdout, stderr and controlling terminal (`run -t`).
     pub tty: Option<std::os::fd::RawFd>,
+    /// Host directories of the policy's binds (`filesystem.read_write`/`read_only` sources)
+    /// that the jail user owns through an id-mapped mount, as the workspace: their owner, the
+    /// worker's jail user, may not be the host ids this jail's slot gets.
+    pub id_mapped: Vec<PathBuf>,
 }
 
 /// Who is told what a jail runs and connects to.
@@ -221,6 +225,8 @@ struct Prepared {
     owner: Option<u32>,
     workspace_tree: Option<std::os::fd::OwnedFd>,
     outputs_tree: Option<std::os::fd::OwnedFd>,
+    /// Id-mapped trees of the binds named by `JailSpec::id_mapped`, by their place in the jail.
+    bind_trees: Vec<(PathBuf, std::os::fd::OwnedFd)>,
     net_plan: Option<crate::net::Plan>,
 }
 
@@ -295,7 +301,7 @@ fn preflight(spec: &JailSpec, payload: &Payload, report: &mut Report) -> Result<
     let (host_uid, host_gid) = ids.host_ids(&p.user);
     // As root, a workspace owned by someone else is shown to the jail user through an id-mapped
     // mount; rootless, the jail user is the invoking user and owns what it reaches.
-    let (mut workspace_tree, mut outputs_tree) = (None, None);
+    let (mut workspace_tree, mut outputs_tree, mut bind_trees) = (None, None, Vec::new());
     if matches!(ids, IdMapping::Range { .. }) {
         let setid = crate::policy::syscalls::setid_openings(&p.seccomp.allowed);
         if let Some(w) = &spec.workspace {
@@ -303,6 +309,14 @@ fn preflight(spec: &JailSpec, payload: &Payload, report: &mut Report) -> Result<
         }
         if let Some(o) = &spec.outputs {
             outputs_tree = idmap::prepare(o, "outputs", host_uid, host_gid, &setid)?;
+        }
+        for b in p.filesystem.read_write.iter().chain(&p.filesystem.read_only) {
+            if spec.id_mapped.contains(&b.src) {
+                let what = b.dst.display().to_string();
+                if let Some(t) = idmap::prepare(&b.src, &what, host_uid, host_gid, &setid)? {
+                    bind_trees.push((b.dst.clone(), t));
+                }
+            }
         }
     }
     report.id_mapping =
@@ -322,6 +336,7 @@ fn preflight(spec: &JailSpec, payload: &Payload, report: &mut Report) -> Result<
         id_slot,
         workspace_tree,
         outputs_tree,
+        bind_trees,
         net_plan,
     })
 }
@@ -486,6 +501,7 @@ impl Jail {
             outputs: spec.outputs.as_deref(),
             workspace_tree: prep.workspace_tree.as_ref(),
             outputs_tree: prep.outputs_tree.as_ref(),
+            bind_trees: &prep.bind_trees,
             resolver: veth.map(|(_, host)| host),
         };
         match namespaces::fork_into_namespaces(entry.and_then(|e| e.clone_into()), prep.owner)? {

@@ -71,6 +71,8 @@ pub(crate) struct MountPlan<'a> {
     /// by another host user (see `idmap`). When present they replace the plain bind.
     pub workspace_tree: Option<&'a OwnedFd>,
     pub outputs_tree: Option<&'a OwnedFd>,
+    /// Id-mapped trees that replace the plain bind of the policy entry with that destination.
+    pub bind_trees: &'a [(PathBuf, OwnedFd)],
     /// veth mode: the session's resolver, for /etc/resolv.conf.
     pub resolver: Option<std::net::Ipv4Addr>,
 }
@@ -103,13 +105,26 @@ pub(crate) fn build_root(plan: &MountPlan) -> Result<(), JailError> {
     // --- resolve everything first ---
     let system_root = p.filesystem.rootfs.as_deref();
     let mut entries = Vec::new();
+    let owner = (p.user.uid, p.user.gid);
+    let tree = |b: &crate::policy::Bind, read_only: bool| {
+        plan.bind_trees.iter().find(|(d, _)| *d == b.dst).map(|(_, t)| Entry {
+            dst: b.dst.clone(),
+            src: Source::Tree(t.as_raw_fd()),
+            read_only,
+            owner,
+        })
+    };
     for b in &p.filesystem.read_only {
-        if let Some(e) = resolve(b, system_root, true)? {
+        if let Some(e) = tree(b, true) {
+            entries.push(e);
+        } else if let Some(e) = resolve(b, system_root, true)? {
             entries.push(e);
         }
     }
     for b in &p.filesystem.read_write {
-        if let Some(e) = resolve(b, None, false)? {
+        if let Some(e) = tree(b, false) {
+            entries.push(e);
+        } else if let Some(e) = resolve(b, None, false)? {
             entries.push(e);
         }
     }
@@ -120,7 +135,6 @@ pub(crate) fn build_root(plan: &MountPlan) -> Result<(), JailError> {
         }
     }
     let ws_ro = p.filesystem.workspace == Access::ReadOnly;
-    let owner = (p.user.uid, p.user.gid);
     let workspace = match (plan.workspace_tree, plan.workspace) {
         (Some(t), _) => Entry { dst: WORKSPACE.into(), src: Source::Tree(t.as_raw_fd()), read_only: ws_ro, owner },
         (None, Some(w)) => Entry { dst: WORKSPACE.into(), src: open_dir(w, "workspace")?, read_only: ws_ro, owner },

@@ -36,6 +36,8 @@ struct Calls {
     running: HashMap<Option<String>, Running>,
     restarts: u32,
     narrow: Option<String>,
+    /// Calls told to stop, not answered yet.
+    stopped: std::collections::HashSet<String>,
 }
 
 impl Calls {
@@ -76,8 +78,9 @@ impl Runner<'_> {
             Ok(p) => p,
             Err(e) => return End::Failed(e.to_string()),
         };
-        let mut calls = Calls { jail, running: HashMap::new(), restarts: 0, narrow };
+        let mut calls = Calls { jail, running: HashMap::new(), restarts: 0, narrow, stopped: Default::default() };
         let mut feed = Feed::new();
+        let mut idles_seen = 0u64;
         // Results a crashed run produced: posted only once the session shows they are absent.
         for p in self.ctx.state.outbox(self.dirs) {
             let r = ToolResult { content: p.content.into_blocks(), is_error: p.is_error };
@@ -99,6 +102,7 @@ impl Runner<'_> {
                     tracing::info!(tool_use_id = %id, "the session no longer waits on a running call; stopping it");
                     // A jail that is gone says so on its answers.
                     let _ = calls.jail.stop_call(&id).await;
+                    calls.stopped.insert(id);
                     After::Go
                 }
                 Next::Answer(a) => self.answered(&mut calls, &mut feed, a, &lease, true).await,
@@ -108,6 +112,30 @@ impl Runner<'_> {
                 calls.jail.kill().await;
                 return end;
             }
+            // The session went idle with nothing running: the memory stores push what changed.
+            if let Some(m) = self.memory {
+                if feed.view.idles != idles_seen && calls.running.is_empty() {
+                    idles_seen = feed.view.idles;
+                    let mut m = m.lock().await;
+                    if tokio::time::timeout(super::memory::FLUSH_TIMEOUT, m.flush_writes()).await.is_err() {
+                        tracing::warn!("memory flush after idle cut off after 30s");
+                    }
+                }
+            }
+        }
+    }
+
+    /// A `write` or `edit` into a memory store's folder, which the jail left unmade: saved to
+    /// the store, then written, as the official worker does; the answer is the tool's.
+    async fn save_memory(&self, m: crate::tools::MemoryWrite) -> ToolResult {
+        let Some(memory) = self.memory else {
+            return ToolResult::err(format!("{}: {}: no memory store to save it to", m.op, m.file_path));
+        };
+        let saved = memory.lock().await.write_file(&m.path, &m.content, m.replacing.as_deref()).await;
+        match saved {
+            Ok(true) => ToolResult::ok(m.done),
+            Ok(false) => ToolResult::err(format!("{}: {}: not in a memory store's folder", m.op, m.file_path)),
+            Err(e) => ToolResult::err(format!("{}: {}: {e}", m.op, m.file_path)),
         }
     }
 
@@ -159,8 +187,24 @@ impl Runner<'_> {
         post: bool,
     ) -> After {
         match a {
-            Answer::Result { id, result } => match calls.take(&id) {
-                Some(r) => self.finish(feed, r, result, lease, post).await,
+            Answer::Result { id, result, memory_write } => match calls.take(&id) {
+                Some(r) => {
+                    let result = match memory_write {
+                        Some(m) => self.save_memory(m).await,
+                        None => result,
+                    };
+                    if calls.stopped.remove(&id) {
+                        // A stopped call may have moved files away: pulled again, not deleted.
+                        if let Some(m) = self.memory {
+                            m.lock().await.restore_missing();
+                        }
+                    }
+                    let after = self.finish(feed, r, result, lease, post).await;
+                    if let (After::Go, Some(m), true) = (&after, self.memory, post) {
+                        m.lock().await.sync_if_due().await;
+                    }
+                    after
+                }
                 None => {
                     tracing::warn!(tool_use_id = %id, "an answer for a call that is not running; dropped");
                     After::Go

@@ -70,7 +70,7 @@ fn item_client(ctx: &Ctx, item: &WorkItem) -> Client {
 /// A worker session's trail: its writer and the task that ships and counts it.
 struct SessionTrail {
     path: std::path::PathBuf,
-    writer: TrailWriter,
+    writer: Arc<TrailWriter>,
     shipped: watch::Sender<bool>,
     shipper: tokio::task::JoinHandle<()>,
 }
@@ -95,8 +95,10 @@ impl SessionTrail {
             }
         }
         let client = ctx.client.clone();
-        let writer = TrailWriter::open(&path, &ctx.policy.trail, literals)?
-            .redact_current(Box::new(move || client.current_key()));
+        let writer = Arc::new(
+            TrailWriter::open(&path, &ctx.policy.trail, literals)?
+                .redact_current(Box::new(move || client.current_key())),
+        );
         let (shipped, rx) = watch::channel(false);
         let follow = super::ship::Follow {
             path: path.clone(),
@@ -293,12 +295,97 @@ async fn serve(
         tracing::info!("skipping the work item of a terminated session");
         return End::Completed("session terminated");
     }
+    // The memory stores come before the skills, as the official worker puts them in place.
+    let memory = match memory(ctx, client, item, dirs, &session, &trail.writer).await {
+        Ok(m) => m,
+        Err(e) => return End::Failed(e),
+    };
     if dirs.fresh {
         super::skills::download(client, &session, &dirs.workspace, ctx.owner).await;
     }
-    let runner =
-        Runner { ctx, client, item, session: session_id, dirs, clock, trail: &trail.writer, trail_path: &trail.path };
-    runner.drive(lease, shutdown).await
+    let memory_mounts = memory.as_ref().map(|m| m.placed().mounts).unwrap_or_default();
+    let memory = memory.map(tokio::sync::Mutex::new);
+    let runner = Runner {
+        ctx,
+        client,
+        item,
+        session: session_id,
+        dirs,
+        clock,
+        trail: &trail.writer,
+        trail_path: &trail.path,
+        memory: memory.as_ref(),
+        memory_mounts,
+    };
+    let end = runner.drive(lease, shutdown).await;
+    if let Some(m) = memory {
+        memory_end(m.into_inner(), &end).await;
+    }
+    end
+}
+
+/// The largest filesystem the memory folders get when sessions have disk limits: room for two
+/// stores at the API's most (2,000 memories of 100 kB).
+const MEMORY_FS_MAX: u64 = 512 << 20;
+
+/// The session's memory stores, downloaded into their folders (or taken up again after a
+/// restart); none when nothing is attached or the worker runs without memory.
+async fn memory(
+    ctx: &Arc<Ctx>,
+    client: &Client,
+    item: &WorkItem,
+    dirs: &ItemDirs,
+    session: &crate::control_plane::wire::Session,
+    trail: &Arc<TrailWriter>,
+) -> Result<Option<super::memory::SessionMemory>, String> {
+    let stores = session.memory_stores();
+    let Some(interval) = ctx.memory_sync else { return Ok(None) };
+    if stores.is_empty() {
+        return Ok(None);
+    }
+    let token = item.secret.as_deref().and_then(WorkSecret::decode).is_some_and(|s| !s.sessions_token.is_empty());
+    if !token {
+        return Err(format!(
+            "cannot mount the session's memories: the work item carried no sessions token (work_id={}, session_id={}); \
+             the memory endpoints reject the environment key, so the poller must issue a per-item `secret` carrying \
+             `sessions_token`, or run the worker with --memory-sync-interval none to run without memory",
+            item.id, item.data.id
+        ));
+    }
+    let size = ctx.disk.workspace.map(|w| w.min(MEMORY_FS_MAX));
+    let dir = tokio::task::block_in_place(|| ctx.state.memory_dir(dirs, ctx.owner, size)).map_err(|e| e.to_string())?;
+    let mut m = super::memory::SessionMemory::plan(
+        client.clone(),
+        &stores,
+        &dir,
+        &ctx.workdir,
+        ctx.owner,
+        interval,
+        ctx.memory_deletes,
+        Some(trail.clone()),
+    )
+    .map_err(|e| e.0)?;
+    m.download().await.map_err(|e| e.0)?;
+    Ok(Some(m))
+}
+
+/// At the item's end: the last sync after a clean end, then a flush, each within 30 s; the
+/// folders go unless the item is kept for a restart or a re-claim. A lost lease touches
+/// nothing: the session may be another worker's now.
+async fn memory_end(mut m: super::memory::SessionMemory, end: &End) {
+    use super::memory::FLUSH_TIMEOUT;
+    if matches!(end, End::Lost) {
+        return;
+    }
+    if matches!(end, End::Completed(_)) && tokio::time::timeout(FLUSH_TIMEOUT, m.finish()).await.is_err() {
+        tracing::warn!("final memory sync cut off after 30s; the flush that follows still uploads changed files");
+    }
+    if tokio::time::timeout(FLUSH_TIMEOUT, m.flush_writes()).await.is_err() {
+        tracing::warn!("memory flush cut off after 30s; changed files it had not uploaded yet are not saved");
+    }
+    if !matches!(end, End::Left { .. }) {
+        tokio::task::block_in_place(|| m.dispose());
+    }
 }
 
 /// `GET /v1/sessions/{id}`, retried for as long as the lease lasts (a failed read would stop
@@ -342,6 +429,10 @@ pub(super) struct Runner<'a> {
     clock: Arc<LeaseClock>,
     pub(super) trail: &'a TrailWriter,
     trail_path: &'a std::path::Path,
+    /// The session's memory stores, if any (a sync, a flush and a write take turns).
+    pub(super) memory: Option<&'a tokio::sync::Mutex<super::memory::SessionMemory>>,
+    /// Their folders, bound into every jail the session gets.
+    memory_mounts: Vec<(std::path::PathBuf, std::path::PathBuf, bool)>,
 }
 
 impl Runner<'_> {
@@ -379,8 +470,15 @@ impl Runner<'_> {
 
     pub(super) async fn start_jail(&self, narrow: Option<&str>) -> Result<SessionProcess, RunnerError> {
         let p =
-            SessionProcess::start(&self.ctx.runner, &self.dirs.workspace, &self.dirs.outputs, narrow, self.trail_path)
-                .await
+        SessionProcess::start(
+            &self.ctx.runner,
+            &self.dirs.workspace,
+            &self.dirs.outputs,
+            narrow,
+            self.trail_path,
+            &self.memory_mounts,
+        )
+        .await
                 .inspect_err(|_| {
                     self.ctx.metrics.jail_build_failures.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 })?;

@@ -7,6 +7,7 @@ mod feed;
 mod item;
 pub mod key;
 mod lease;
+pub mod memory;
 pub mod metrics;
 mod post;
 pub mod provision;
@@ -87,6 +88,11 @@ pub struct WorkerConfig {
     /// Calls of one session that run at once (of different session threads); `usize::MAX` is
     /// no limit.
     pub max_concurrent_calls: usize,
+    /// How often attached memory stores sync back while a session runs; `None` runs sessions
+    /// without their memory stores.
+    pub memory_sync_interval: Option<Duration>,
+    /// Whether a file deleted in a memory folder deletes its memory.
+    pub memory_sync_deletions: memory::DeleteMode,
     /// Heartbeat period; by default `min(ttl/2, 30 s)` as the server's lease says.
     pub heartbeat_every: Option<Duration>,
     /// Timeout of one API call.
@@ -125,6 +131,8 @@ impl WorkerConfig {
             block: Duration::from_millis(999),
             max_idle: Duration::from_secs(60),
             max_concurrent_calls: 1,
+            memory_sync_interval: Some(memory::DEFAULT_SYNC_INTERVAL),
+            memory_sync_deletions: memory::DeleteMode::Enabled,
             heartbeat_every: None,
             api_timeout: Duration::from_secs(15),
             stream_silence: Duration::from_secs(15),
@@ -152,6 +160,9 @@ pub(crate) struct Ctx {
     heartbeat_every: Option<Duration>,
     max_idle: Duration,
     max_concurrent_calls: usize,
+    memory_sync: Option<Duration>,
+    memory_deletes: memory::DeleteMode,
+    workdir: String,
     max_result_bytes: usize,
     /// The sessions' policy: its `[trail]`, `[retention]` and `[provision]` are the worker's to apply.
     policy: Arc<crate::policy::Policy>,
@@ -291,6 +302,9 @@ async fn context(cfg: &WorkerConfig) -> Result<Arc<Ctx>, WorkerError> {
         heartbeat_every: cfg.heartbeat_every,
         max_idle: cfg.max_idle,
         max_concurrent_calls: cfg.max_concurrent_calls,
+        memory_sync: cfg.memory_sync_interval,
+        memory_deletes: cfg.memory_sync_deletions,
+        workdir: cfg.workdir.clone(),
         max_result_bytes: cfg.max_result_bytes,
         retention,
         policy: Arc::new(policy),

@@ -38,7 +38,9 @@ pub(crate) enum RunnerError {
 
 /// What the jail says: a call's answer, or that it is gone.
 pub(crate) enum Answer {
-    Result { id: String, result: ToolResult },
+    /// A call's result; for a `write` or `edit` into a memory store's folder, the change the
+    /// worker must save and make (`result` is empty then).
+    Result { id: String, result: ToolResult, memory_write: Option<crate::tools::MemoryWrite> },
     Gone(String),
 }
 
@@ -59,6 +61,7 @@ impl SessionProcess {
         outputs: &Path,
         narrow: Option<&str>,
         trail: &Path,
+        memory: &[(std::path::PathBuf, std::path::PathBuf, bool)],
     ) -> Result<SessionProcess, RunnerError> {
         let t = Instant::now();
         let mut cmd = Command::new(&cfg.exe);
@@ -70,6 +73,10 @@ impl SessionProcess {
             .arg("--outputs")
             .arg(outputs)
             .args(narrow.map(|n| ["--narrow", n]).into_iter().flatten())
+            .args(memory.iter().flat_map(|(host, jail, ro)| {
+                let spec = format!("{}:{}{}", host.display(), jail.display(), if *ro { ":ro" } else { "" });
+                ["--memory-store".to_owned(), spec]
+            }))
             // The jail's execs and connections; the worker records the calls itself.
             .arg("--trail")
             .arg(trail)
@@ -109,8 +116,9 @@ impl SessionProcess {
             let why = loop {
                 match stdout.next_line().await {
                     Ok(Some(l)) => match serde_json::from_str::<Response>(&l) {
-                        Ok(Response { id: Some(id), content, is_error, .. }) => {
-                            let _ = tx.send(Answer::Result { id, result: ToolResult { content, is_error } });
+                        Ok(Response { id: Some(id), content, is_error, memory_write, .. }) => {
+                            let result = ToolResult { content, is_error };
+                            let _ = tx.send(Answer::Result { id, result, memory_write });
                         }
                         Ok(_) => break "a result without an id".to_owned(),
                         Err(e) => break format!("unreadable result: {e}"),

@@ -202,12 +202,31 @@ impl StateDir {
         Ok(dirs)
     }
 
+    /// The item's memory store folders' parent, made when missing: with size limits, a
+    /// filesystem of its own (`memory.img`) of `size`, so that what the agent puts in a memory
+    /// folder counts against a limit as what it puts in its workspace does.
+    pub(crate) fn memory_dir(&self, dirs: &ItemDirs, owner: (u32, u32), size: Option<u64>) -> Result<PathBuf, StateError> {
+        let d = dirs.dir.join("memory");
+        match size {
+            Some(size) => crate::jail::disk::provision(
+                &d.with_extension("img"),
+                &d,
+                size,
+                owner,
+                Some(&self.root.join("templates")),
+            )
+            .map_err(|e| StateError::Io(d.clone(), std::io::Error::other(e.to_string())))?,
+            None => mkdir(&d, 0o711)?,
+        }
+        Ok(d)
+    }
+
     /// Marks an item whose lease was lost: its directories stay for a re-claim (see
     /// `Ctx::lost`), but its filesystems are unmounted (a re-claim mounts them again) and the
     /// time is written beside it, so a restarted worker neither resumes it nor keeps it longer.
     pub(crate) fn mark_lost(&self, rec: &ItemRecord) -> Result<(), StateError> {
         let dir = self.item_dir(&rec.item.id)?;
-        for d in ["workspace", "outputs"] {
+        for d in ["workspace", "outputs", "memory"] {
             let d = dir.join(d);
             crate::jail::disk::release(&d)
                 .map_err(|e| StateError::Io(d.clone(), std::io::Error::other(e.to_string())))?;
@@ -332,7 +351,7 @@ impl StateDir {
                 }
             }
         };
-        for d in [&workspace, &outputs] {
+        for d in [&workspace, &outputs, &dir.join("memory")] {
             if let Err(e) = crate::jail::disk::release(d) {
                 tracing::error!(dir = %d.display(), error = %e, "could not unmount a session's filesystem");
             }

@@ -100,6 +100,8 @@ pub(super) struct View {
     calls: Vec<(String, Tracked)>,
     /// Event types that could not be read, logged once each.
     unreadable: HashSet<String>,
+    /// `session.status_idle` events applied: a change is when memory stores flush.
+    pub idles: u64,
 }
 
 impl View {
@@ -179,6 +181,7 @@ impl View {
             Event::Terminated => self.ended = Some("session terminated"),
             Event::Deleted => self.ended = Some("session deleted"),
             Event::Idle { stop_reason, event_ids } => {
+                self.idles += 1;
                 if stop_reason.as_deref() == Some("requires_action") {
                     self.idle_since = None;
                     self.listed(&event_ids);

@@ -1,0 +1,889 @@
+//! A session's memory stores, as the official worker keeps them (`lib/tools/_memories.py` of
+//! anthropic 2.17.0, `tools/agent-toolset/memories.js` of @anthropic-ai/sdk 1.17.0): each
+//! attached store is downloaded into a folder before the skills, stamped with a marker naming
+//! it, and reconciled with the API while the session runs — after calls when a sync is due, a
+//! push-only flush when the session goes idle, a last sync and flush at the end. The merge rules
+//! are the SDK's (see `sync_store`); deletes wait for corroboration and go out with the content
+//! hash they expect; a file the API refuses is retried only once it changes.
+//!
+//! What differs is where the folder is. The official worker runs the agent's tools on its own
+//! host; here the folder lives in the item's directory on the host and is bound into the jail
+//! at the store's `mount_path` (read-only by the kernel for a `read_only` store). The agent owns
+//! its content, so the worker only ever touches it through `files::FileStore`, which never
+//! follows a link. A `write` or `edit` into a writable folder comes back from the jail unmade
+//! (`tools::MemoryWrite`); `write_file` saves it to the store first, then writes the file.
+
+pub(crate) mod files;
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+use sha2::Digest;
+
+use crate::control_plane::wire::{Memory, MemoryStoreResource};
+use crate::control_plane::{ApiError, Client};
+use crate::session::trail::TrailWriter;
+use files::{FileError, FileStore};
+
+/// How often the stores sync back while the session runs, checked after each call.
+pub const DEFAULT_SYNC_INTERVAL: Duration = Duration::from_secs(15);
+/// The shortest interval allowed: each sync lists every attached store.
+pub const MIN_SYNC_INTERVAL: Duration = Duration::from_secs(5);
+/// Bound on each teardown pass (the final sync, then the flush), and on one memory write.
+pub(crate) const FLUSH_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a file must stay missing before its server delete goes out.
+const DELETE_CORROBORATION: Duration = Duration::from_secs(30);
+const DELETE_CAP_FLOOR: usize = 8;
+const DELETE_CAP_CEILING: usize = 50;
+/// The reserved file at every store root: `version 1` and the store's id.
+pub(crate) const MARKER: &str = ".anthropic-memory-store";
+
+const NOT_SAVED: &str = "not saved to memory, so the change was not made";
+const NOT_CONFIRMED: &str = "the memory store did not confirm the change, so read the file again before you retry";
+
+/// Whether a file deleted in a folder may delete its memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+#[clap(rename_all = "snake_case")]
+pub enum DeleteMode {
+    Enabled,
+    /// Run every check and only log what would be deleted.
+    LogOnly,
+    Disabled,
+}
+
+/// A store that cannot be put in place: the session fails with it, as the official worker's.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub(crate) struct MemoryError(pub String);
+
+fn marker_text(id: &str) -> String {
+    format!("version 1\n{id}")
+}
+
+fn sha(b: &[u8]) -> String {
+    sha2::Sha256::digest(b).iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// A `mount_path` usable as is: absolute, without `..`.
+fn legal(path: &str) -> bool {
+    path.starts_with('/') && !path.split('/').any(|c| c == "..")
+}
+
+/// What is kept of a store between runs of the worker (beside its folder, outside the jail),
+/// so a restarted worker goes on syncing instead of taking the folder for new.
+#[derive(Debug, Default, Clone, Serialize, Deserialize)]
+struct Kept {
+    baseline: BTreeMap<String, String>,
+    ids: BTreeMap<String, String>,
+    refused: BTreeMap<String, String>,
+}
+
+struct Store {
+    id: String,
+    /// Where the jail sees it.
+    mount: PathBuf,
+    files: FileStore,
+    read_only: bool,
+    /// rel → content sha as of the last download or successful sync.
+    baseline: BTreeMap<String, String>,
+    /// rel → sha the server refused; retried once the file changes.
+    refused: HashMap<String, String>,
+    /// rel → when first seen missing.
+    pending_deletes: HashMap<String, Instant>,
+    /// rel → shas sent whose outcome is unknown.
+    sent: HashMap<String, HashSet<String>>,
+    /// rel → sha on disk before a write whose send is in `sent`.
+    before_write: HashMap<String, Option<String>>,
+    /// Missing after a stopped call: pulled again, never deleted.
+    to_restore: HashSet<String>,
+    /// rel → memory id.
+    ids: HashMap<String, String>,
+    state_file: PathBuf,
+}
+
+impl Store {
+    fn keep(&self) {
+        let k = Kept {
+            baseline: self.baseline.clone(),
+            ids: self.ids.iter().map(|(a, b)| (a.clone(), b.clone())).collect(),
+            refused: self.refused.iter().map(|(a, b)| (a.clone(), b.clone())).collect(),
+        };
+        let tmp = self.state_file.with_extension("json-new");
+        let data = serde_json::to_vec(&k).expect("serialises");
+        if std::fs::write(&tmp, data).and_then(|()| std::fs::rename(&tmp, &self.state_file)).is_err() {
+            tracing::warn!(memory_store_id = %self.id, "could not keep the store's sync state; a restart re-downloads it");
+        }
+    }
+}
+
+/// What one scan found: the files, and whether the marker names this store.
+struct Scan {
+    files: BTreeMap<String, String>,
+    marker_ok: bool,
+    why: &'static str,
+    skipped: usize,
+    truncated: bool,
+}
+
+/// Counts of one sync, for the trail.
+#[derive(Debug, Default, Serialize)]
+struct Counts {
+    uploaded: usize,
+    pulled: usize,
+    deleted_remote: usize,
+    deleted_local: usize,
+    refused: usize,
+    held_deletes: usize,
+    skipped: usize,
+    truncated: bool,
+}
+
+/// Where the folders go and what the jail is given of them.
+pub(crate) struct Placed {
+    /// (host folder, jail path, read-only) per store: `stockade session --memory-store`.
+    pub mounts: Vec<(PathBuf, PathBuf, bool)>,
+}
+
+pub(crate) struct SessionMemory {
+    client: Client,
+    stores: Vec<Store>,
+    interval: Duration,
+    deletes: DeleteMode,
+    last_sync: Instant,
+    finished: bool,
+    trail: Option<std::sync::Arc<TrailWriter>>,
+}
+
+impl SessionMemory {
+    /// The stores of `session`, each given a folder under `dir` (the item's `memory/`). Fails
+    /// as the official worker does on a `mount_path` it cannot use verbatim.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn plan(
+        client: Client,
+        resources: &[MemoryStoreResource],
+        dir: &Path,
+        workdir: &str,
+        owner: (u32, u32),
+        interval: Duration,
+        deletes: DeleteMode,
+        trail: Option<std::sync::Arc<TrailWriter>>,
+    ) -> Result<SessionMemory, MemoryError> {
+        let mut stores = Vec::new();
+        for (i, r) in resources.iter().enumerate() {
+            let mount = match r.mount_path.as_deref().filter(|p| !p.is_empty()) {
+                Some(p) if !legal(p) => {
+                    return Err(MemoryError(format!(
+                        "memory store mount_path is not a clean absolute path: {} (memory_store_id={})",
+                        crate::tools::pyfmt::repr(p),
+                        r.memory_store_id
+                    )))
+                }
+                Some(p) => Path::new(p).components().collect(),
+                None => Path::new(workdir).join("memory").join(r.name.as_deref().unwrap_or(&r.memory_store_id)),
+            };
+            if stores.iter().any(|s: &Store| s.mount.starts_with(&mount) || mount.starts_with(&s.mount)) {
+                return Err(MemoryError(format!(
+                    "two memory stores would share the folder {} (memory_store_id={})",
+                    mount.display(),
+                    r.memory_store_id
+                )));
+            }
+            stores.push(Store {
+                id: r.memory_store_id.clone(),
+                mount,
+                files: FileStore::new(dir.join(i.to_string()), owner),
+                read_only: r.read_only(),
+                baseline: BTreeMap::new(),
+                refused: HashMap::new(),
+                pending_deletes: HashMap::new(),
+                sent: HashMap::new(),
+                before_write: HashMap::new(),
+                to_restore: HashSet::new(),
+                ids: HashMap::new(),
+                state_file: dir.join(format!("{i}.json")),
+            });
+        }
+        Ok(SessionMemory { client, stores, interval, deletes, last_sync: Instant::now(), finished: false, trail })
+    }
+
+    pub(crate) fn placed(&self) -> Placed {
+        Placed { mounts: self.stores.iter().map(|s| (s.files.root().to_path_buf(), s.mount.clone(), s.read_only)).collect() }
+    }
+
+    fn record(&self, event: &str, v: serde_json::Value) {
+        if let (Some(t), serde_json::Value::Object(m)) = (&self.trail, v) {
+            t.record(event, m);
+        }
+    }
+
+    /// Puts every store in place: a store a previous run of this worker left (its sync state
+    /// kept beside it) goes on from where it was; any other is downloaded into a new folder.
+    pub(crate) async fn download(&mut self) -> Result<(), MemoryError> {
+        for i in 0..self.stores.len() {
+            let resumed = {
+                let s = &mut self.stores[i];
+                match std::fs::read(&s.state_file).ok().and_then(|b| serde_json::from_slice::<Kept>(&b).ok()) {
+                    Some(k) if s.files.root().is_dir() => {
+                        s.baseline = k.baseline;
+                        s.ids = k.ids.into_iter().collect();
+                        s.refused = k.refused.into_iter().collect();
+                        true
+                    }
+                    _ => false,
+                }
+            };
+            if resumed {
+                tracing::info!(memory_store_id = %self.stores[i].id, "memory store folder kept from before a restart");
+                continue;
+            }
+            let s = &self.stores[i];
+            let _ = s.files.dispose();
+            if let Err(e) = s.files.create_root() {
+                return Err(MemoryError(format!(
+                    "cannot create the memory store's folder: {} (memory_store_id={}): {e}; the worker host must make \
+                     this mount path writable",
+                    s.mount.display(),
+                    s.id
+                )));
+            }
+            if let Err(e) = self.stamp_and_pull(i).await {
+                let s = &self.stores[i];
+                let _ = s.files.dispose();
+                return Err(MemoryError(format!("failed to download memory store memory_store_id={}: {e}", s.id)));
+            }
+            let s = &self.stores[i];
+            tracing::info!(memory_store_id = %s.id, memories = s.baseline.len(), mount = %s.mount.display(), "memory store downloaded");
+            self.record(
+                "memory",
+                serde_json::json!({"action": "download", "memory_store_id": s.id, "mount_path": s.mount,
+                                   "memories": s.baseline.len(), "read_only": s.read_only}),
+            );
+        }
+        self.last_sync = Instant::now();
+        Ok(())
+    }
+
+    /// Writes the marker, then pulls every memory; pushes nothing.
+    async fn stamp_and_pull(&mut self, i: usize) -> Result<(), String> {
+        let client = self.client.clone();
+        let s = &mut self.stores[i];
+        s.baseline.clear();
+        s.sent.clear();
+        s.pending_deletes.clear();
+        s.to_restore.clear();
+        s.files.put(MARKER, marker_text(&s.id).as_bytes(), false).map_err(|e| e.to_string())?;
+        let mut page: Option<String> = None;
+        let mut n = 0usize;
+        loop {
+            let p = client.list_memories(&s.id, true, page.as_deref()).await.map_err(|e| e.to_string())?;
+            for m in p.data.into_iter().filter(|m| m.kind == "memory" || m.kind.is_empty()) {
+                let rel = m.path.trim_start_matches('/').to_owned();
+                if rel == MARKER {
+                    continue;
+                }
+                n += 1;
+                if n > crate::control_plane::local::memory::MAX_MEMORIES * 2 {
+                    return Err("the store lists more memories than a store may hold".into());
+                }
+                s.ids.insert(rel.clone(), m.id.clone());
+                match s.files.put(&rel, m.content.unwrap_or_default().as_bytes(), false) {
+                    Ok(()) => {
+                        s.baseline.insert(rel, m.content_sha256);
+                    }
+                    Err(e) => tracing::warn!(memory_store_id = %s.id, path = %rel, error = %e, "failed to write memory"),
+                }
+            }
+            match p.next_page {
+                Some(n) if !n.is_empty() => page = Some(n),
+                _ => break,
+            }
+        }
+        s.keep();
+        Ok(())
+    }
+
+    fn scan(&mut self, i: usize) -> Scan {
+        let s = &mut self.stores[i];
+        let recorded = std::mem::take(&mut s.to_restore);
+        let tree = match s.files.hashtree() {
+            Ok(t) => t,
+            Err(e) => {
+                tracing::warn!(memory_store_id = %s.id, error = %e, "cannot read the memory store folder");
+                s.to_restore = recorded;
+                return Scan { files: BTreeMap::new(), marker_ok: false, why: "the folder cannot be read", skipped: 0, truncated: false };
+            }
+        };
+        let mut files = tree.files;
+        let marker = files.remove(MARKER);
+        let ok = marker.as_deref() == Some(&sha(marker_text(&s.id).as_bytes()));
+        s.to_restore = if ok { recorded.into_iter().filter(|r| !files.contains_key(r)).collect() } else { recorded };
+        Scan {
+            files,
+            marker_ok: ok,
+            why: if marker.is_some() { "the marker file does not match this store" } else { "the marker file is gone" },
+            skipped: tree.skipped,
+            truncated: tree.truncated,
+        }
+    }
+
+    /// One sync when the interval has passed since the last.
+    pub(crate) async fn sync_if_due(&mut self) {
+        if self.last_sync.elapsed() < self.interval {
+            return;
+        }
+        self.sync_all(false).await;
+    }
+
+    /// The session's last sync, at a clean end: deletes skip their waiting window.
+    pub(crate) async fn finish(&mut self) {
+        if std::mem::replace(&mut self.finished, true) {
+            return;
+        }
+        self.sync_all(true).await;
+    }
+
+    async fn sync_all(&mut self, last: bool) {
+        for i in 0..self.stores.len() {
+            self.sync_store(i, last).await;
+        }
+        self.last_sync = Instant::now();
+    }
+
+    /// Files missing now (after a stopped call) are pulled again instead of deleted.
+    pub(crate) fn restore_missing(&mut self) {
+        for s in &mut self.stores {
+            let local: BTreeSet<String> = s.files.hashtree().map(|t| t.files.into_keys().collect()).unwrap_or_default();
+            let known: Vec<String> = s.baseline.keys().chain(s.sent.keys()).cloned().collect();
+            s.to_restore.extend(known.into_iter().filter(|r| !local.contains(r)));
+        }
+    }
+
+    async fn recover(&mut self, i: usize, why: &str) {
+        let s = &self.stores[i];
+        tracing::warn!(memory_store_id = %s.id, reason = why, "re-downloading the memory store folder instead of syncing");
+        self.record("memory", serde_json::json!({"action": "recover", "memory_store_id": s.id, "reason": why}));
+        if let Err(e) = s.files.create_root() {
+            tracing::warn!(memory_store_id = %s.id, error = %e, "cannot re-create the memory store folder");
+            return;
+        }
+        if let Err(e) = self.stamp_and_pull(i).await {
+            tracing::warn!(memory_store_id = %self.stores[i].id, error = %e, "memory store re-download failed");
+        }
+    }
+
+    /// Lists a store (content-free) and settles sends whose answer never came.
+    async fn list_and_settle(&mut self, i: usize) -> Result<HashMap<String, Memory>, ApiError> {
+        let client = self.client.clone();
+        let s = &mut self.stores[i];
+        let mut remote = HashMap::new();
+        let mut page: Option<String> = None;
+        loop {
+            let p = client.list_memories(&s.id, false, page.as_deref()).await?;
+            for m in p.data.into_iter().filter(|m| m.kind == "memory" || m.kind.is_empty()) {
+                let rel = m.path.trim_start_matches('/').to_owned();
+                if rel != MARKER {
+                    remote.insert(rel, m);
+                }
+            }
+            match p.next_page {
+                Some(n) if !n.is_empty() => page = Some(n),
+                _ => break,
+            }
+        }
+        s.ids = remote.iter().map(|(r, m)| (r.clone(), m.id.clone())).collect();
+        let local = if s.sent.is_empty() { BTreeMap::new() } else { s.files.hashtree().map(|t| t.files).unwrap_or_default() };
+        let mut kept = HashMap::new();
+        for (rel, shas) in std::mem::take(&mut s.sent) {
+            let Some(listed) = remote.get(&rel) else { continue };
+            if !shas.contains(&listed.content_sha256) {
+                continue;
+            }
+            let before = s.before_write.get(&rel);
+            if before.is_some_and(|b| local.get(&rel).is_none() || local.get(&rel) == b.as_ref()) {
+                kept.insert(rel, shas);
+            } else {
+                s.baseline.insert(rel, listed.content_sha256.clone());
+            }
+        }
+        s.before_write.retain(|r, _| kept.contains_key(r));
+        s.sent = kept;
+        Ok(remote)
+    }
+
+    async fn sync_store(&mut self, i: usize, last: bool) {
+        let scan = self.scan(i);
+        let mut counts = Counts { skipped: scan.skipped, truncated: scan.truncated, ..Counts::default() };
+        if !scan.marker_ok {
+            if !scan.files.is_empty() {
+                let s = &self.stores[i];
+                tracing::warn!(memory_store_id = %s.id, reason = scan.why, "leaving the memory store folder as found and not syncing");
+                self.record("memory", serde_json::json!({"action": "sync_refused", "memory_store_id": s.id, "reason": scan.why}));
+                return;
+            }
+            self.recover(i, "the folder or its marker is gone").await;
+            return;
+        }
+        let remote = match self.list_and_settle(i).await {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!(memory_store_id = %self.stores[i].id, error = %e, "memory sync failed");
+                return;
+            }
+        };
+        let local = scan.files;
+        if local.is_empty() && self.stores[i].baseline.len() > 1 {
+            self.recover(i, "every memory file is gone at once").await;
+            return;
+        }
+        let cap = (self.stores[i].baseline.len() / 4).clamp(DELETE_CAP_FLOOR, DELETE_CAP_CEILING);
+        let mut attempted = 0usize;
+        let mut pulls: Vec<(String, Memory)> = Vec::new();
+        let paths: BTreeSet<String> =
+            remote.keys().chain(local.keys()).chain(self.stores[i].baseline.keys()).cloned().collect();
+        for rel in paths {
+            let r = remote.get(&rel).cloned();
+            let local_sha = local.get(&rel).cloned();
+            let s = &self.stores[i];
+            let base = s.baseline.get(&rel).cloned();
+            let delete_candidate = local_sha.is_none()
+                && base.is_some()
+                && r.as_ref().is_some_and(|m| Some(&m.content_sha256) == base.as_ref())
+                && !s.read_only
+                && !s.to_restore.contains(&rel);
+            let new = if delete_candidate {
+                let (r, base) = (r.expect("checked"), base.expect("checked"));
+                self.corroborated_delete(i, &rel, &r, &base, last, cap, &mut attempted, &mut counts).await
+            } else {
+                self.sync_path(i, &rel, r, local_sha, &mut pulls, &mut counts).await
+            };
+            let s = &mut self.stores[i];
+            match new {
+                Some(sha) => s.baseline.insert(rel, sha),
+                None => s.baseline.remove(&rel),
+            };
+        }
+        self.pull_all(i, pulls, &mut counts).await;
+        let s = &self.stores[i];
+        s.keep();
+        if counts.held_deletes > 0 {
+            tracing::warn!(memory_store_id = %s.id, sent = attempted, held = counts.held_deletes, "delete cap reached; the rest wait for later syncs");
+        }
+        self.record(
+            "memory",
+            serde_json::json!({"action": if last { "final_sync" } else { "sync" }, "memory_store_id": s.id, "counts": counts}),
+        );
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn corroborated_delete(
+        &mut self,
+        i: usize,
+        rel: &str,
+        remote: &Memory,
+        base: &str,
+        waive_window: bool,
+        cap: usize,
+        attempted: &mut usize,
+        counts: &mut Counts,
+    ) -> Option<String> {
+        if self.deletes == DeleteMode::Disabled {
+            return Some(base.to_owned());
+        }
+        let s = &mut self.stores[i];
+        let first = *s.pending_deletes.entry(rel.to_owned()).or_insert_with(Instant::now);
+        if !waive_window && first.elapsed() < DELETE_CORROBORATION {
+            return Some(base.to_owned());
+        }
+        // Checked again now: the folder may have gone meanwhile.
+        let marker_ok = s.files.hash_file(MARKER).ok().flatten() == Some(sha(marker_text(&s.id).as_bytes()));
+        let still_absent = matches!(s.files.hash_file(rel), Ok(None));
+        if !marker_ok {
+            return Some(base.to_owned());
+        }
+        if !still_absent {
+            s.pending_deletes.remove(rel);
+            return Some(base.to_owned());
+        }
+        if *attempted >= cap {
+            counts.held_deletes += 1;
+            return Some(base.to_owned());
+        }
+        *attempted += 1;
+        if self.deletes == DeleteMode::LogOnly {
+            tracing::info!(memory_store_id = %s.id, path = rel, "log-only: sync would delete this memory on the server");
+            return Some(base.to_owned());
+        }
+        match self.client.delete_memory(&s.id, &remote.id, base).await {
+            Ok(()) | Err(ApiError::NotFound(_)) => {
+                tracing::info!(memory_store_id = %s.id, path = rel, "propagated local deletion");
+                s.pending_deletes.remove(rel);
+                counts.deleted_remote += 1;
+                None
+            }
+            Err(ApiError::Conflict(_)) | Err(ApiError::LeaseLost(_)) => {
+                tracing::warn!(memory_store_id = %s.id, path = rel, "memory deleted locally but changed remotely; keeping the remote version");
+                Some(base.to_owned())
+            }
+            Err(e) => {
+                tracing::warn!(memory_store_id = %s.id, path = rel, error = %e, "failed to delete memory");
+                Some(base.to_owned())
+            }
+        }
+    }
+
+    /// The SDK's per-path merge; returns the path's new baseline.
+    async fn sync_path(
+        &mut self,
+        i: usize,
+        rel: &str,
+        remote: Option<Memory>,
+        local_sha: Option<String>,
+        pulls: &mut Vec<(String, Memory)>,
+        counts: &mut Counts,
+    ) -> Option<String> {
+        let s = &mut self.stores[i];
+        let base = s.baseline.get(rel).cloned();
+        if local_sha.is_some() {
+            s.pending_deletes.remove(rel);
+        }
+        let Some(remote) = remote else {
+            let mut local_sha = match local_sha {
+                None => {
+                    s.pending_deletes.remove(rel);
+                    return None;
+                }
+                Some(l) => l,
+            };
+            if let Some(base) = &base {
+                if local_sha == *base {
+                    // Deleted on the server, unchanged here: removed here too, if still so.
+                    match s.files.hash_file(rel) {
+                        Ok(None) => return None,
+                        Ok(Some(fresh)) if fresh == *base => {
+                            return match s.files.remove(rel) {
+                                Ok(()) => {
+                                    counts.deleted_local += 1;
+                                    None
+                                }
+                                Err(_) => Some(base.clone()),
+                            }
+                        }
+                        Ok(Some(fresh)) => local_sha = fresh,
+                        Err(_) => return Some(base.clone()),
+                    }
+                }
+                if s.read_only {
+                    tracing::warn!(memory_store_id = %s.id, path = rel, "memory deleted remotely but edited locally; a read-only store keeps the file unsynced");
+                }
+            }
+            if s.read_only || s.refused.get(rel) == Some(&local_sha) {
+                return None;
+            }
+            return self.upload(i, rel, &local_sha, None, counts).await;
+        };
+        let remote_sha = remote.content_sha256.clone();
+        let remote_changed = Some(&remote_sha) != base.as_ref();
+        let edited = local_sha.as_ref().is_some_and(|l| Some(l) != base.as_ref() && *l != remote_sha);
+        let local_changed = !s.read_only && edited;
+        if local_sha.is_none() && base.is_some() {
+            if remote_changed {
+                tracing::warn!(memory_store_id = %s.id, path = rel, "memory deleted locally but changed remotely; restoring the remote version");
+            }
+            if remote_changed || s.to_restore.contains(rel) {
+                s.pending_deletes.remove(rel);
+                pulls.push((rel.to_owned(), remote));
+            }
+            return base;
+        }
+        if remote_changed {
+            if local_sha.as_ref() == Some(&remote_sha) {
+                return Some(remote_sha);
+            }
+            if edited {
+                tracing::warn!(memory_store_id = %s.id, path = rel, "memory changed both locally and remotely; keeping the remote version");
+            }
+            pulls.push((rel.to_owned(), remote));
+            return base;
+        }
+        if local_changed {
+            let l = local_sha.expect("local_changed implies a file");
+            if s.refused.get(rel) == Some(&l) {
+                return Some(remote_sha);
+            }
+            return Some(self.upload(i, rel, &l, Some(&remote), counts).await.unwrap_or(remote_sha));
+        }
+        Some(remote_sha)
+    }
+
+    /// Fetches and writes the memories a sync decided to pull.
+    async fn pull_all(&mut self, i: usize, pulls: Vec<(String, Memory)>, counts: &mut Counts) {
+        let client = self.client.clone();
+        for (rel, listed) in pulls {
+            let s = &mut self.stores[i];
+            let m = match client.get_memory(&s.id, &listed.id).await {
+                Ok(m) => m,
+                Err(ApiError::NotFound(_)) => continue,
+                Err(e) => {
+                    tracing::warn!(memory_store_id = %s.id, path = %rel, error = %e, "failed to fetch memory content");
+                    continue;
+                }
+            };
+            match s.files.put(&rel, m.content.unwrap_or_default().as_bytes(), false) {
+                Ok(()) => {
+                    s.baseline.insert(rel.clone(), m.content_sha256);
+                    s.to_restore.remove(&rel);
+                    counts.pulled += 1;
+                }
+                Err(e) => tracing::warn!(memory_store_id = %s.id, path = %rel, error = %e, "failed to write memory"),
+            }
+        }
+    }
+
+    /// Pushes one file; `None` keeps the old baseline so that the next pass tries again.
+    async fn upload(
+        &mut self,
+        i: usize,
+        rel: &str,
+        local_sha: &str,
+        existing: Option<&Memory>,
+        counts: &mut Counts,
+    ) -> Option<String> {
+        let s = &mut self.stores[i];
+        let data = match s.files.get_text(rel) {
+            Ok(Some(d)) => d,
+            Ok(None) => return None,
+            Err(e) => {
+                if e.refused().is_some() {
+                    self.refuse(i, rel, local_sha, &e.to_string(), counts);
+                } else {
+                    tracing::warn!(memory_store_id = %s.id, path = rel, error = %e, "failed to upload memory");
+                }
+                return None;
+            }
+        };
+        let existing = existing.map(|m| (m.id.clone(), m.content_sha256.clone()));
+        match self.send(i, rel, &data, existing.clone()).await {
+            Ok(sha) => {
+                counts.uploaded += 1;
+                Some(sha)
+            }
+            Err(ApiError::NotFound(_)) if existing.is_some() => match self.send(i, rel, &data, None).await {
+                Ok(sha) => {
+                    counts.uploaded += 1;
+                    Some(sha)
+                }
+                Err(e) => {
+                    self.upload_failed(i, rel, local_sha, false, e, counts);
+                    None
+                }
+            },
+            Err(e) => {
+                self.upload_failed(i, rel, local_sha, existing.is_some(), e, counts);
+                None
+            }
+        }
+    }
+
+    fn upload_failed(&mut self, i: usize, rel: &str, local_sha: &str, existing: bool, e: ApiError, counts: &mut Counts) {
+        let id = self.stores[i].id.clone();
+        match e {
+            ApiError::Conflict(_) if existing => {
+                tracing::warn!(memory_store_id = %id, path = rel, "memory changed both locally and remotely; the upload was refused and the local edit loses");
+            }
+            ApiError::Rejected { status: 400 | 413, message } => self.refuse(i, rel, local_sha, &message, counts),
+            e => tracing::warn!(memory_store_id = %id, path = rel, error = %e, "failed to upload memory"),
+        }
+    }
+
+    /// A file the API (or the bounds) will not take: kept unsynced until it changes.
+    fn refuse(&mut self, i: usize, rel: &str, local_sha: &str, why: &str, counts: &mut Counts) {
+        let s = &mut self.stores[i];
+        s.refused.insert(rel.to_owned(), local_sha.to_owned());
+        counts.refused += 1;
+        tracing::warn!(memory_store_id = %s.id, path = rel, rejection = why, "the memory file stays un-synced until its content changes");
+        let id = s.id.clone();
+        self.record("memory", serde_json::json!({"action": "refused", "memory_store_id": id, "path": rel, "reason": why}));
+    }
+
+    async fn send(&mut self, i: usize, rel: &str, data: &str, existing: Option<(String, String)>) -> Result<String, ApiError> {
+        let client = self.client.clone();
+        let s = &mut self.stores[i];
+        let digest = sha(data.as_bytes());
+        let unsettled = s.sent.get(rel).cloned().unwrap_or_default();
+        s.sent.entry(rel.to_owned()).or_default().insert(digest);
+        let r = match &existing {
+            None => client.create_memory(&s.id, &format!("/{rel}"), data).await,
+            Some((id, base)) => client.update_memory(&s.id, id, data, base).await,
+        };
+        match r {
+            Ok(m) => {
+                s.refused.remove(rel);
+                s.sent.remove(rel);
+                s.ids.insert(rel.to_owned(), m.id.clone());
+                Ok(m.content_sha256)
+            }
+            Err(e @ ApiError::Rejected { status: 400 | 413, .. }) => {
+                s.sent.remove(rel);
+                if !unsettled.is_empty() {
+                    s.sent.insert(rel.to_owned(), unsettled);
+                }
+                Err(e)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Push-only: uploads new and changed files, sends no deletes and pulls nothing.
+    pub(crate) async fn flush_writes(&mut self) {
+        for i in 0..self.stores.len() {
+            if self.stores[i].read_only {
+                continue;
+            }
+            let scan = self.scan(i);
+            if !scan.marker_ok {
+                tracing::warn!(memory_store_id = %self.stores[i].id, reason = scan.why, "not uploading anything from the memory store folder");
+                continue;
+            }
+            let s = &self.stores[i];
+            let dirty: BTreeMap<String, String> = scan
+                .files
+                .into_iter()
+                .filter(|(rel, sha)| {
+                    (Some(sha) != s.baseline.get(rel) || s.sent.contains_key(rel)) && s.refused.get(rel) != Some(sha)
+                })
+                .collect();
+            if dirty.is_empty() {
+                continue;
+            }
+            let remote = match self.list_and_settle(i).await {
+                Ok(r) => r,
+                Err(e) => {
+                    tracing::warn!(memory_store_id = %self.stores[i].id, error = %e, "memory flush failed");
+                    continue;
+                }
+            };
+            let mut counts = Counts::default();
+            for (rel, local_sha) in dirty {
+                let s = &mut self.stores[i];
+                let base = s.baseline.get(&rel).cloned();
+                let existing = remote.get(&rel);
+                if Some(&local_sha) == base.as_ref() {
+                    continue;
+                }
+                if existing.is_some_and(|m| m.content_sha256 == local_sha) {
+                    s.baseline.insert(rel, local_sha);
+                    continue;
+                }
+                if existing.is_some_and(|m| Some(&m.content_sha256) != base.as_ref()) {
+                    tracing::warn!(memory_store_id = %s.id, path = %rel, "memory changed both locally and remotely; the flush leaves the remote version");
+                    continue;
+                }
+                if let Some(sha) = self.upload(i, &rel, &local_sha, existing, &mut counts).await {
+                    self.stores[i].baseline.insert(rel, sha);
+                }
+            }
+            let s = &self.stores[i];
+            s.keep();
+            self.record("memory", serde_json::json!({"action": "flush", "memory_store_id": s.id, "counts": counts}));
+        }
+    }
+
+    /// Saves a `write` or `edit` of a file in a writable store's folder, then writes the file.
+    /// `Ok(false)`: the path is in no store's folder. The error is the text the tool reports.
+    pub(crate) async fn write_file(&mut self, path: &Path, content: &str, replacing: Option<&str>) -> Result<bool, String> {
+        let Some(i) = self.stores.iter().position(|s| !s.read_only && path.starts_with(&s.mount)) else {
+            return Ok(false);
+        };
+        let rel = path.strip_prefix(&self.stores[i].mount).map(|r| r.to_string_lossy().into_owned()).unwrap_or_default();
+        match tokio::time::timeout(FLUSH_TIMEOUT, self.save(i, &rel, content, replacing)).await {
+            Ok(r) => r.map(|()| true),
+            Err(_) => Err(format!("{NOT_CONFIRMED}: no answer within {} seconds", FLUSH_TIMEOUT.as_secs())),
+        }
+    }
+
+    async fn save(&mut self, i: usize, rel: &str, content: &str, replacing: Option<&str>) -> Result<(), String> {
+        if rel == MARKER {
+            return Err(format!("{NOT_SAVED}: this file marks the folder as a memory store."));
+        }
+        if rel.contains('\\') {
+            return Err(format!("{NOT_SAVED}: a path with a backslash cannot sync."));
+        }
+        let fs_refusal = |e: FileError| match e {
+            FileError::Refused { why, .. } => format!("{NOT_SAVED}: the path {why}"),
+            FileError::Io { source, .. } => source.to_string(),
+        };
+        let s = &self.stores[i];
+        if s.files.hash_file(MARKER).ok().flatten() != Some(sha(marker_text(&s.id).as_bytes())) {
+            return Err(format!("{NOT_SAVED}: the folder cannot sync without its original {MARKER} file."));
+        }
+        let on_disk = s.files.hash_file(rel).map_err(fs_refusal)?;
+        if let Some(r) = replacing {
+            if on_disk.as_deref() != Some(sha(r.as_bytes()).as_str()) {
+                return Err(format!("{NOT_SAVED}: the file changed in the meantime. Read it again before you retry."));
+            }
+        }
+        if self.stores[i].sent.contains_key(rel) {
+            let _ = self.list_and_settle(i).await;
+        }
+        let s = &mut self.stores[i];
+        let existing = match (s.ids.get(rel), s.baseline.get(rel)) {
+            (Some(id), Some(base)) => Some((id.clone(), base.clone())),
+            _ => None,
+        };
+        s.before_write.insert(rel.to_owned(), on_disk);
+        let sent = match self.send(i, rel, content, existing.clone()).await {
+            Err(ApiError::NotFound(_)) if existing.is_some() => self.send(i, rel, content, None).await,
+            r => r,
+        };
+        let digest = match sent {
+            Ok(d) => d,
+            Err(ApiError::Conflict(m)) => {
+                // A retry of an upload that was saved is refused too: the listing tells.
+                let want = sha(content.as_bytes());
+                let listed = self.list_and_settle(i).await.ok().and_then(|r| r.get(rel).map(|m| m.content_sha256.clone()));
+                if listed.as_deref() != Some(want.as_str()) {
+                    self.sync_store(i, false).await;
+                    return Err(format!("{NOT_SAVED}: {m}. Read the file again before you retry."));
+                }
+                want
+            }
+            Err(ApiError::Rejected { message, .. }) | Err(ApiError::Auth { message, .. }) => {
+                return Err(format!("{NOT_SAVED}: {message}"))
+            }
+            Err(ApiError::NotFound(m)) => return Err(format!("{NOT_SAVED}: {m}")),
+            Err(ApiError::Server { message, .. }) => return Err(format!("{NOT_CONFIRMED}: {message}")),
+            Err(e) => return Err(format!("{NOT_CONFIRMED}: {e}")),
+        };
+        let s = &mut self.stores[i];
+        let executable = s.files.executable(rel);
+        if let Err(e) = s.files.put(rel, content.as_bytes(), executable) {
+            tracing::warn!(memory_store_id = %s.id, path = rel, error = %e, "saved to the store but not written");
+            s.sent.insert(rel.to_owned(), [digest].into());
+            return Err("the memory store saved this, but the file could not be written.".into());
+        }
+        s.baseline.insert(rel.to_owned(), digest);
+        s.sent.remove(rel);
+        s.keep();
+        Ok(())
+    }
+
+    /// Removes the folders, and their kept state, at the item's end; a folder whose files fail
+    /// the marker check is kept, as found.
+    pub(crate) fn dispose(&mut self) {
+        for i in 0..self.stores.len() {
+            let scan = self.scan(i);
+            let s = &self.stores[i];
+            if !scan.marker_ok && !scan.files.is_empty() {
+                tracing::warn!(memory_store_id = %s.id, reason = scan.why, root = %s.files.root().display(), "leaving the memory store folder on disk");
+                continue;
+            }
+            if let Err(e) = s.files.dispose() {
+                tracing::warn!(memory_store_id = %s.id, error = %e, "failed to remove the memory store folder");
+            }
+            let _ = std::fs::remove_file(&s.state_file);
+        }
+    }
+}

@@ -1,0 +1,166 @@
+//! Memory stores end to end: `stockade worker` serving sessions with attached stores from the
+//! local control plane — the folders in the jail, write-through, the syncs, and what the agent
+//! may try against the host through them.
+
+mod common;
+
+use common::worker::*;
+use common::*;
+use serde_json::json;
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use stockade::control_plane::local::memory::Attached;
+
+fn attach(id: &str, mount: &str, read_only: bool) -> Attached {
+    Attached { memory_store_id: id.into(), mount_path: Some(mount.into()), read_only }
+}
+
+fn store(cp: &Cp, name: &str, seed: &[(&str, &str)]) -> String {
+    let id = cp.cp.create_memory_store(name, "").unwrap();
+    for (p, c) in seed {
+        cp.cp.put_memory(&id, p, c).unwrap();
+    }
+    id
+}
+
+fn contents(cp: &Cp, id: &str) -> BTreeMap<String, String> {
+    cp.cp.memories(id).unwrap()
+}
+
+fn is_error(v: &stockade::control_plane::local::SessionView, i: usize) -> bool {
+    v.calls[i].is_error == Some(true)
+}
+
+#[test]
+fn stores_are_mounted_written_through_synced_and_removed_at_the_end() {
+    if needs_root() {
+        return;
+    }
+    let cp = Cp::start(Duration::from_secs(30));
+    let state = TempDir::new("w-mem");
+    let _w = start_worker(&cp, state.path(), &[]);
+    let notes = store(&cp, "notes", &[("/seed.md", "seed line\n"), ("/old.md", "to be deleted\n"), ("/keep/a.md", "a")]);
+    let shared = store(&cp, "shared", &[("/rules.md", "be kind\n")]);
+    let (s, _) = cp.session_with(
+        vec![
+            step("read", json!({"file_path": "/mnt/memory/notes/seed.md"})),
+            step("write", json!({"file_path": "/mnt/memory/notes/new/n.md", "content": "from write\n"})),
+            step("edit", json!({"file_path": "/mnt/memory/notes/seed.md", "old_string": "seed", "new_string": "edited"})),
+            bash(
+                "cat /mnt/memory/notes/.anthropic-memory-store; echo; echo bash > /mnt/memory/notes/viabash.md; \
+                 rm /mnt/memory/notes/old.md; echo x > /mnt/memory/shared/rules.md; cat /mnt/memory/shared/rules.md",
+            ),
+            step("write", json!({"file_path": "/mnt/memory/shared/rules.md", "content": "be mean"})),
+            step("write", json!({"file_path": "/mnt/memory/notes/big.md", "content": "y".repeat(150_000)})),
+            step("write", json!({"file_path": "/mnt/memory/notes/.anthropic-memory-store", "content": "x"})),
+        ],
+        serde_json::Map::new(),
+        Vec::new(),
+        vec![attach(&notes, "/mnt/memory/notes", false), attach(&shared, "/mnt/memory/shared", true)],
+    );
+    let v = cp.wait_ended(&s, Duration::from_secs(60));
+    assert!(completed(&v), "{v:#?}");
+    assert_eq!(result_of(&v, 0), "seed line\n");
+    assert_eq!(result_of(&v, 1), "wrote 11 bytes to /mnt/memory/notes/new/n.md");
+    assert_eq!(result_of(&v, 2), "edited /mnt/memory/notes/seed.md (1 replacement(s))");
+    let b = result_of(&v, 3);
+    assert!(b.starts_with(&format!("version 1\n{notes}\n")), "{b}");
+    assert!(b.contains("/mnt/memory/shared/rules.md: Read-only file system"), "{b}");
+    assert!(b.contains("be kind"), "{b}");
+    assert!(is_error(&v, 4));
+    assert_eq!(result_of(&v, 4), "write: /mnt/memory/shared/rules.md is inside read-only directory /mnt/memory/shared");
+    assert!(is_error(&v, 5));
+    assert!(
+        result_of(&v, 5).starts_with("write: /mnt/memory/notes/big.md: not saved to memory, so the change was not made: "),
+        "{}",
+        result_of(&v, 5)
+    );
+    assert_eq!(
+        result_of(&v, 6),
+        "write: /mnt/memory/notes/.anthropic-memory-store: not saved to memory, so the change was not made: this file \
+         marks the folder as a memory store."
+    );
+    // Written through at once, and the rest by the last sync at the end (the delete included:
+    // it needs no corroboration then).
+    let want: BTreeMap<String, String> = [
+        ("/seed.md", "edited line\n"),
+        ("/new/n.md", "from write\n"),
+        ("/viabash.md", "bash\n"),
+        ("/keep/a.md", "a"),
+    ]
+    .into_iter()
+    .map(|(a, b)| (a.to_owned(), b.to_owned()))
+    .collect();
+    cp.wait_for("the last sync", Duration::from_secs(20), || contents(&cp, &notes) == want);
+    assert_eq!(contents(&cp, &shared).get("/rules.md").map(String::as_str), Some("be kind\n"));
+    // Nothing of the folders is left once the item is over.
+    cp.wait_for("the item's directory to go", Duration::from_secs(20), || {
+        !state.path().join("items").read_dir().is_ok_and(|mut d| d.next().is_some())
+    });
+}
+
+/// What the agent plants in a memory folder cannot make the worker read or write a host file:
+/// a symlink to a host file is not followed (its target is not uploaded), a FIFO does not block
+/// the sync, a file past the API's size is refused and recorded, and a symlinked directory is
+/// not descended.
+#[test]
+fn planted_links_fifos_and_oversized_files_never_reach_the_host_or_the_store() {
+    if needs_root() {
+        return;
+    }
+    let cp = Cp::start(Duration::from_secs(30));
+    let state = TempDir::new("w-mem-hostile");
+    let secret_dir = TempDir::new("w-mem-secret");
+    let secret = secret_dir.path().join("host-secret.txt");
+    std::fs::write(&secret, "HOST-SECRET-abc123").unwrap();
+    let _w = start_worker(&cp, state.path(), &["--memory-sync-interval", "5s"]);
+    let notes = store(&cp, "notes", &[("/a.md", "a")]);
+    let planted = format!(
+        "cd /mnt/memory/notes && ln -s {s} link.md && ln -s {d} dirlink && mkfifo pipe.md && \
+         head -c 200000 /dev/zero | tr '\\0' z > huge.md && echo fine > ok.md && sleep 6",
+        s = secret.display(),
+        d = secret_dir.path().display()
+    );
+    let (s, _) = cp.session_with(
+        vec![bash(&planted), bash("echo second"), step("read", json!({"file_path": "/mnt/memory/notes/ok.md"}))],
+        serde_json::Map::new(),
+        Vec::new(),
+        vec![attach(&notes, "/mnt/memory/notes", false)],
+    );
+    let v = cp.wait_ended(&s, Duration::from_secs(60));
+    assert!(completed(&v), "{v:#?}");
+    assert_eq!(result_of(&v, 2), "fine\n");
+    let want: BTreeMap<String, String> =
+        [("/a.md", "a"), ("/ok.md", "fine\n")].into_iter().map(|(a, b)| (a.to_owned(), b.to_owned())).collect();
+    cp.wait_for("the last sync", Duration::from_secs(20), || contents(&cp, &notes) == want);
+    for (p, c) in contents(&cp, &notes) {
+        assert!(!c.contains("HOST-SECRET"), "{p} holds the host file");
+    }
+    assert_eq!(std::fs::read_to_string(&secret).unwrap(), "HOST-SECRET-abc123");
+    // The refusal is in the session's trail.
+    let trails: Vec<_> = std::fs::read_dir(state.path().join("trails")).unwrap().flatten().collect();
+    let text: String = trails.iter().map(|t| std::fs::read_to_string(t.path()).unwrap()).collect();
+    assert!(text.contains("\"action\":\"refused\"") && text.contains("huge.md"), "{text}");
+}
+
+/// A `mount_path` the official worker would not use verbatim fails the session before any call.
+#[test]
+fn a_mount_path_with_dot_dot_fails_the_session_before_anything_runs() {
+    if needs_root() {
+        return;
+    }
+    let cp = Cp::start(Duration::from_secs(30));
+    let state = TempDir::new("w-mem-bad");
+    let _w = start_worker(&cp, state.path(), &[]);
+    let notes = store(&cp, "notes", &[]);
+    let (s, _) = cp.session_with(
+        vec![bash("echo never")],
+        serde_json::Map::new(),
+        Vec::new(),
+        vec![attach(&notes, "/mnt/memory/../etc", false)],
+    );
+    let v = cp.wait_ended(&s, Duration::from_secs(30));
+    assert_eq!(v.work_state, stockade::control_plane::wire::WorkState::Stopped, "{v:#?}");
+    assert!(v.calls[0].result.is_none(), "{v:#?}");
+}
