@@ -430,3 +430,74 @@ def test_the_control_planes_webhooks_verify_with_the_official_sdk():
     finally:
         cp.close()
         server.shutdown()
+
+
+def memory_store(cp: ControlPlane, name: str, seed: dict) -> str:
+    env = {**os.environ, "ANTHROPIC_API_KEY": cp.org_key}
+    base = [STOCKADE, "control-plane", "memory-store"]
+    out = subprocess.run([*base, "create", "--name", name, "--api-url", cp.url], env=env, capture_output=True,
+                         text=True, timeout=30)
+    assert out.returncode == 0, out.stderr
+    store = json.loads(out.stdout)["id"]
+    for path, content in seed.items():
+        out = subprocess.run([*base, "put", store, path, "--api-url", cp.url], input=content, env=env,
+                             capture_output=True, text=True, timeout=30)
+        assert out.returncode == 0, out.stderr
+    return store
+
+
+def memories(cp: ControlPlane, store: str) -> dict:
+    out = subprocess.run([STOCKADE, "control-plane", "memory-store", "show", store, "--json", "--api-url", cp.url],
+                         env={**os.environ, "ANTHROPIC_API_KEY": cp.org_key}, capture_output=True, text=True,
+                         timeout=30)
+    assert out.returncode == 0, out.stderr
+    return {m["path"]: m["content"] for m in json.loads(out.stdout)}
+
+
+def test_memory_stores_end_as_the_official_worker_leaves_them(cp):
+    """The same scripted session with a writable and a read-only memory store, served once by the
+    official worker and once by Stockade's: the same answers, and the stores end the same."""
+    root = f"/mnt/stockade-sdk-{os.getpid()}-{time.time_ns()}"
+    notes, shared = f"{root}/notes", f"{root}/shared"
+    steps = [
+        {"name": "read", "input": {"file_path": f"{notes}/seed.md"}},
+        {"name": "write", "input": {"file_path": f"{notes}/new/n.md", "content": "from write\n"}},
+        {"name": "edit", "input": {"file_path": f"{notes}/seed.md", "old_string": "seed", "new_string": "edited"}},
+        {"name": "bash", "input": {"command": f"head -1 {notes}/.anthropic-memory-store; echo bash > {notes}/b.md; "
+                                              f"rm {notes}/old.md; cat {shared}/rules.md"}},
+        {"name": "write", "input": {"file_path": f"{shared}/rules.md", "content": "be mean"}},
+        {"name": "write", "input": {"file_path": f"{notes}/.anthropic-memory-store", "content": "x"}},
+        {"name": "write", "input": {"file_path": f"{notes}/big.md", "content": "y" * 150_000}},
+        {"name": "edit", "input": {"file_path": f"{notes}/new/n.md", "old_string": "nowhere", "new_string": "x"}},
+        {"name": "glob", "input": {"pattern": "**/*.md", "path": notes}},
+    ]
+    seed_notes = {"/seed.md": "seed line\n", "/old.md": "to go\n", "/keep/a.md": "a"}
+    seed_shared = {"/rules.md": "be kind\n"}
+
+    def session():
+        n = memory_store(cp, "notes", seed_notes)
+        s = memory_store(cp, "shared", seed_shared)
+        script = Path(cp.dir.name, f"script-{time.time_ns()}.jsonl")
+        script.write_text("\n".join(json.dumps(x) for x in steps) + "\n")
+        out = cp.cli("create", "--script", str(script), "--memory-store", f"{n}:{notes}",
+                     "--memory-store", f"{s}:{shared}:read_only")
+        return json.loads(out)["session_id"], n, s
+
+    try:
+        official, n1, s1 = session()
+        with tempfile.TemporaryDirectory() as wd:
+            run_official_worker(cp, wd, lambda: ended(cp.view(official)))
+        theirs = cp.view(official)["calls"]
+        ours_session, n2, s2 = session()
+        v, err = run_stockade_worker(cp, ours_session)
+        ours = v["calls"]
+    finally:
+        subprocess.run(["rm", "-rf", root])
+    assert ended(v), err
+    assert theirs[0]["result"] == "seed line\n", theirs
+    assert theirs[4]["is_error"] and "read-only directory" in theirs[4]["result"], theirs
+    assert answers(ours) == answers(theirs), (ours, theirs, err)
+    want = memories(cp, n1)
+    assert want == {"/seed.md": "edited line\n", "/new/n.md": "from write\n", "/b.md": "bash\n", "/keep/a.md": "a"}
+    assert memories(cp, n2) == want, err
+    assert memories(cp, s1) == memories(cp, s2) == seed_shared
