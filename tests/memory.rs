@@ -40,13 +40,17 @@ fn stores_are_mounted_written_through_synced_and_removed_at_the_end() {
     let cp = Cp::start(Duration::from_secs(30));
     let state = TempDir::new("w-mem");
     let _w = start_worker(&cp, state.path(), &[]);
-    let notes = store(&cp, "notes", &[("/seed.md", "seed line\n"), ("/old.md", "to be deleted\n"), ("/keep/a.md", "a")]);
+    let notes =
+        store(&cp, "notes", &[("/seed.md", "seed line\n"), ("/old.md", "to be deleted\n"), ("/keep/a.md", "a")]);
     let shared = store(&cp, "shared", &[("/rules.md", "be kind\n")]);
     let (s, _) = cp.session_with(
         vec![
             step("read", json!({"file_path": "/mnt/memory/notes/seed.md"})),
             step("write", json!({"file_path": "/mnt/memory/notes/new/n.md", "content": "from write\n"})),
-            step("edit", json!({"file_path": "/mnt/memory/notes/seed.md", "old_string": "seed", "new_string": "edited"})),
+            step(
+                "edit",
+                json!({"file_path": "/mnt/memory/notes/seed.md", "old_string": "seed", "new_string": "edited"}),
+            ),
             bash(
                 "cat /mnt/memory/notes/.anthropic-memory-store; echo; echo bash > /mnt/memory/notes/viabash.md; \
                  rm /mnt/memory/notes/old.md; echo x > /mnt/memory/shared/rules.md; cat /mnt/memory/shared/rules.md",
@@ -72,7 +76,8 @@ fn stores_are_mounted_written_through_synced_and_removed_at_the_end() {
     assert_eq!(result_of(&v, 4), "write: /mnt/memory/shared/rules.md is inside read-only directory /mnt/memory/shared");
     assert!(is_error(&v, 5));
     assert!(
-        result_of(&v, 5).starts_with("write: /mnt/memory/notes/big.md: not saved to memory, so the change was not made: "),
+        result_of(&v, 5)
+            .starts_with("write: /mnt/memory/notes/big.md: not saved to memory, so the change was not made: "),
         "{}",
         result_of(&v, 5)
     );
@@ -83,15 +88,11 @@ fn stores_are_mounted_written_through_synced_and_removed_at_the_end() {
     );
     // Written through at once, and the rest by the last sync at the end (the delete included:
     // it needs no corroboration then).
-    let want: BTreeMap<String, String> = [
-        ("/seed.md", "edited line\n"),
-        ("/new/n.md", "from write\n"),
-        ("/viabash.md", "bash\n"),
-        ("/keep/a.md", "a"),
-    ]
-    .into_iter()
-    .map(|(a, b)| (a.to_owned(), b.to_owned()))
-    .collect();
+    let want: BTreeMap<String, String> =
+        [("/seed.md", "edited line\n"), ("/new/n.md", "from write\n"), ("/viabash.md", "bash\n"), ("/keep/a.md", "a")]
+            .into_iter()
+            .map(|(a, b)| (a.to_owned(), b.to_owned()))
+            .collect();
     cp.wait_for("the last sync", Duration::from_secs(20), || contents(&cp, &notes) == want);
     assert_eq!(contents(&cp, &shared).get("/rules.md").map(String::as_str), Some("be kind\n"));
     // Nothing of the folders is left once the item is over.
@@ -163,4 +164,60 @@ fn a_mount_path_with_dot_dot_fails_the_session_before_anything_runs() {
     let v = cp.wait_ended(&s, Duration::from_secs(30));
     assert_eq!(v.work_state, stockade::control_plane::wire::WorkState::Stopped, "{v:#?}");
     assert!(v.calls[0].result.is_none(), "{v:#?}");
+}
+
+/// A folder the agent empties (its marker too) is taken for destroyed, not for "delete every
+/// memory": the next sync downloads it again and the store keeps everything.
+#[test]
+fn an_emptied_folder_is_downloaded_again_and_nothing_is_deleted() {
+    if needs_root() {
+        return;
+    }
+    let cp = Cp::start(Duration::from_secs(30));
+    let state = TempDir::new("w-mem-wipe");
+    let _w = start_worker(&cp, state.path(), &["--memory-sync-interval", "5s"]);
+    let seed = [("/a.md", "a"), ("/b.md", "b"), ("/c/d.md", "d")];
+    let notes = store(&cp, "notes", &seed);
+    let (s, _) = cp.session_with(
+        vec![
+            bash("rm -rf /mnt/memory/notes/* /mnt/memory/notes/.anthropic-memory-store; ls -A /mnt/memory/notes; sleep 6"),
+            bash("echo after"),
+            bash("cd /mnt/memory/notes && ls -A && cat c/d.md"),
+        ],
+        serde_json::Map::new(),
+        Vec::new(),
+        vec![attach(&notes, "/mnt/memory/notes", false)],
+    );
+    let v = cp.wait_ended(&s, Duration::from_secs(60));
+    assert!(completed(&v), "{v:#?}");
+    assert_eq!(result_of(&v, 0), "(no output)");
+    assert_eq!(result_of(&v, 2), ".anthropic-memory-store\na.md\nb.md\nc\nd");
+    let want: BTreeMap<String, String> = seed.iter().map(|(a, b)| (a.to_string(), b.to_string())).collect();
+    assert_eq!(contents(&cp, &notes), want);
+}
+
+/// More files than a store may hold: the sync saves up to the API's bound, the rest are
+/// refused and recorded, and the session ends normally.
+#[test]
+fn thousands_of_files_sync_up_to_the_stores_bound() {
+    if needs_root() {
+        return;
+    }
+    let cp = Cp::start(Duration::from_secs(30));
+    let state = TempDir::new("w-mem-many");
+    let _w = start_worker(&cp, state.path(), &[]);
+    let notes = store(&cp, "notes", &[]);
+    let (s, _) = cp.session_with(
+        vec![bash("cd /mnt/memory/notes && for i in $(seq 1 2100); do echo $i > f$i.md; done; ls | wc -l")],
+        serde_json::Map::new(),
+        Vec::new(),
+        vec![attach(&notes, "/mnt/memory/notes", false)],
+    );
+    let v = cp.wait_ended(&s, Duration::from_secs(120));
+    assert!(completed(&v), "{v:#?}");
+    assert_eq!(result_of(&v, 0), "2100");
+    cp.wait_for("the last sync", Duration::from_secs(60), || contents(&cp, &notes).len() == 2000);
+    let trails: Vec<_> = std::fs::read_dir(state.path().join("trails")).unwrap().flatten().collect();
+    let text: String = trails.iter().map(|t| std::fs::read_to_string(t.path()).unwrap()).collect();
+    assert_eq!(text.matches("\"action\":\"refused\"").count(), 100, "one record per file refused");
 }

@@ -300,7 +300,8 @@ pub(super) struct TrailArgs {
     #[arg(long, value_enum, default_value_t = TrailFormat::Table)]
     format: TrailFormat,
     /// Only records of these events (comma-separated: session_start, tool_call, tool_result,
-    /// exec, exec_differs, egress, provision, output_file, session_end, truncated).
+    /// exec, exec_differs, egress, provision, memory, output_file, session_end, truncated,
+    /// suppressed).
     #[arg(long, value_delimiter = ',', value_name = "EVENTS")]
     event: Vec<String>,
 }

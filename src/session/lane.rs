@@ -103,7 +103,7 @@ struct LaneState {
 
 /// What became of a call handed to the helper.
 enum HelperAnswer {
-    Done(ToolResult, Option<crate::tools::MemoryWrite>),
+    Done(ToolResult, Option<Box<crate::tools::MemoryWrite>>),
     /// The lane's channel turned readable: a stop, or PID 1 is gone.
     Stopped,
 }
@@ -151,7 +151,7 @@ impl LaneState {
     }
 
     /// A file tool's result, or the memory write it leaves to the worker.
-    fn file_tool(&mut self, req: &Request, chan: &UnixStream) -> (ToolResult, Option<crate::tools::MemoryWrite>) {
+    fn file_tool(&mut self, req: &Request, chan: &UnixStream) -> (ToolResult, Option<Box<crate::tools::MemoryWrite>>) {
         match self.file_tool_answer(req, chan) {
             Ok((r, m)) => (r, m),
             Err(r) => (r, None),
@@ -162,7 +162,7 @@ impl LaneState {
         &mut self,
         req: &Request,
         chan: &UnixStream,
-    ) -> Result<(ToolResult, Option<crate::tools::MemoryWrite>), ToolResult> {
+    ) -> Result<(ToolResult, Option<Box<crate::tools::MemoryWrite>>), ToolResult> {
         let h = match self.helper() {
             Ok(h) => h,
             Err(e) => return Err(ToolResult::err(format!("could not start the file tool helper: {e}"))),

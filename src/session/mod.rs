@@ -71,7 +71,7 @@ pub(crate) struct Response {
     /// A `write` or `edit` into a memory store's folder, not made: the caller saves it to the
     /// store, writes the file and answers the call (`content` is empty then).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub memory_write: Option<crate::tools::MemoryWrite>,
+    pub memory_write: Option<Box<crate::tools::MemoryWrite>>,
 }
 
 impl Response {
@@ -88,7 +88,7 @@ impl Response {
                 content: Vec::new(),
                 is_error: false,
                 saved_output: None,
-                memory_write: Some(m),
+                memory_write: Some(Box::new(m)),
             },
         }
     }

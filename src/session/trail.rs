@@ -421,6 +421,7 @@ pub const EVENTS: &[&str] = &[
     "exec_differs",
     "egress",
     "provision",
+    "memory",
     "output_file",
     "session_end",
     "truncated",

@@ -190,7 +190,7 @@ impl Runner<'_> {
             Answer::Result { id, result, memory_write } => match calls.take(&id) {
                 Some(r) => {
                     let result = match memory_write {
-                        Some(m) => self.save_memory(m).await,
+                        Some(m) => self.save_memory(*m).await,
                         None => result,
                     };
                     if calls.stopped.remove(&id) {

@@ -469,8 +469,7 @@ impl Runner<'_> {
     }
 
     pub(super) async fn start_jail(&self, narrow: Option<&str>) -> Result<SessionProcess, RunnerError> {
-        let p =
-        SessionProcess::start(
+        let p = SessionProcess::start(
             &self.ctx.runner,
             &self.dirs.workspace,
             &self.dirs.outputs,
@@ -479,9 +478,9 @@ impl Runner<'_> {
             &self.memory_mounts,
         )
         .await
-                .inspect_err(|_| {
-                    self.ctx.metrics.jail_build_failures.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                })?;
+        .inspect_err(|_| {
+            self.ctx.metrics.jail_build_failures.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        })?;
         self.ctx.metrics.jail_built(p.build_time);
         tracing::info!(jail_pid = p.jail_pid, build_ms = p.build_time.as_millis() as u64, "session jail ready");
         Ok(p)

@@ -40,7 +40,11 @@ pub(crate) enum RunnerError {
 pub(crate) enum Answer {
     /// A call's result; for a `write` or `edit` into a memory store's folder, the change the
     /// worker must save and make (`result` is empty then).
-    Result { id: String, result: ToolResult, memory_write: Option<crate::tools::MemoryWrite> },
+    Result {
+        id: String,
+        result: ToolResult,
+        memory_write: Option<Box<crate::tools::MemoryWrite>>,
+    },
     Gone(String),
 }
 

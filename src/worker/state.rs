@@ -205,7 +205,12 @@ impl StateDir {
     /// The item's memory store folders' parent, made when missing: with size limits, a
     /// filesystem of its own (`memory.img`) of `size`, so that what the agent puts in a memory
     /// folder counts against a limit as what it puts in its workspace does.
-    pub(crate) fn memory_dir(&self, dirs: &ItemDirs, owner: (u32, u32), size: Option<u64>) -> Result<PathBuf, StateError> {
+    pub(crate) fn memory_dir(
+        &self,
+        dirs: &ItemDirs,
+        owner: (u32, u32),
+        size: Option<u64>,
+    ) -> Result<PathBuf, StateError> {
         let d = dirs.dir.join("memory");
         match size {
             Some(size) => crate::jail::disk::provision(

@@ -110,8 +110,7 @@ fn how(flags: OFlag) -> OpenHow {
 /// components and NUL refuse it.
 pub(crate) fn components(rel: &str) -> Result<Vec<&str>, FileError> {
     let parts: Vec<&str> = rel.trim_start_matches('/').split('/').collect();
-    if parts.iter().any(|p| p.is_empty() || *p == "." || *p == ".." || p.contains('\0')) || parts.len() > MAX_DEPTH
-    {
+    if parts.iter().any(|p| p.is_empty() || *p == "." || *p == ".." || p.contains('\0')) || parts.len() > MAX_DEPTH {
         return Err(refused(rel, Refused::Escapes));
     }
     Ok(parts)
@@ -172,8 +171,12 @@ impl FileStore {
 
     fn open_root(&self) -> Result<OwnedFd, FileError> {
         let p = self.root.display().to_string();
-        nix::fcntl::open(&self.root, OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC | OFlag::O_NOFOLLOW, Mode::empty())
-            .map_err(io(&p))
+        nix::fcntl::open(
+            &self.root,
+            OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC | OFlag::O_NOFOLLOW,
+            Mode::empty(),
+        )
+        .map_err(io(&p))
     }
 
     /// Opens `rel` beneath the root; `Ok(None)` when absent.
@@ -237,7 +240,13 @@ impl FileStore {
         self.digest(&rel, fd, &m, now_ns()).map(Some)
     }
 
-    fn digest(&self, rel: &str, fd: OwnedFd, m: &nix::sys::stat::FileStat, walk_start: i128) -> Result<String, FileError> {
+    fn digest(
+        &self,
+        rel: &str,
+        fd: OwnedFd,
+        m: &nix::sys::stat::FileStat,
+        walk_start: i128,
+    ) -> Result<String, FileError> {
         let st = stamp(m);
         if st.size > MAX_FILE_BYTES {
             return Ok(oversize_digest(st.size, st.mtime_ns));
@@ -420,7 +429,11 @@ impl FileStore {
         let root = self.open_root()?;
         let dir = match parts.len() {
             1 => nix::fcntl::openat2(&root, ".", how(OFlag::O_PATH | OFlag::O_DIRECTORY)).map_err(io(&rel))?,
-            _ => match self.open_beneath(&root, &parts[..parts.len() - 1].join("/"), OFlag::O_PATH | OFlag::O_DIRECTORY)? {
+            _ => match self.open_beneath(
+                &root,
+                &parts[..parts.len() - 1].join("/"),
+                OFlag::O_PATH | OFlag::O_DIRECTORY,
+            )? {
                 Some(d) => d,
                 None => return Ok(()),
             },
@@ -444,5 +457,122 @@ impl FileStore {
         let Ok(root) = self.open_root() else { return false };
         let Ok(Some(fd)) = self.open_beneath(&root, &parts.join("/"), OFlag::O_PATH) else { return false };
         nix::sys::stat::fstat(&fd).is_ok_and(|m| is_reg(&m) && m.st_mode & 0o111 != 0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn store() -> (PathBuf, FileStore) {
+        let base = std::env::temp_dir().join(format!("stockade-mfs-{}-{:x}", std::process::id(), fastrand::u64(..)));
+        std::fs::create_dir_all(&base).unwrap();
+        let me = (nix::unistd::geteuid().as_raw(), nix::unistd::getegid().as_raw());
+        let s = FileStore::new(base.join("root"), me);
+        s.create_root().unwrap();
+        (base, s)
+    }
+
+    #[test]
+    fn paths_that_leave_the_root_are_refused() {
+        for bad in ["../x", "a/../../x", "", "a//b", "./a", "a/\0"] {
+            assert!(components(bad).is_err(), "{bad:?}");
+        }
+        assert_eq!(components("/a/b.md").unwrap(), ["a", "b.md"]);
+    }
+
+    #[test]
+    fn links_are_never_followed_and_special_files_never_block() {
+        let (base, s) = store();
+        let outside = base.join("outside");
+        std::fs::create_dir(&outside).unwrap();
+        std::fs::write(outside.join("secret"), "HOST").unwrap();
+        let root = s.root().to_path_buf();
+        std::os::unix::fs::symlink(outside.join("secret"), root.join("link.md")).unwrap();
+        std::os::unix::fs::symlink(&outside, root.join("dir")).unwrap();
+        nix::unistd::mkfifo(&root.join("pipe.md"), Mode::from_bits_truncate(0o600)).unwrap();
+        std::fs::write(root.join("ok.md"), "fine").unwrap();
+        std::fs::write(root.join("big.md"), vec![b'z'; MAX_FILE_BYTES as usize + 1]).unwrap();
+        let t = s.hashtree().unwrap();
+        assert_eq!(t.files.keys().collect::<Vec<_>>(), ["big.md", "ok.md"]);
+        assert!(t.files["big.md"].starts_with("oversize:"));
+        assert_eq!(t.skipped, 3, "the two links and the FIFO: {t:?}");
+        assert!(matches!(s.get("link.md").unwrap_err().refused(), Some(Refused::Symlink)));
+        assert!(matches!(s.get("pipe.md").unwrap_err().refused(), Some(Refused::NotAFile)));
+        assert!(matches!(s.get("big.md").unwrap_err().refused(), Some(Refused::TooLarge)));
+        assert!(matches!(s.get("dir/secret").unwrap_err().refused(), Some(Refused::Symlink)));
+        // A write through the linked directory is refused and writes nothing there.
+        assert!(s.put("dir/secret", b"overwritten", false).is_err());
+        assert!(s.put("dir/new.md", b"x", false).is_err());
+        assert!(s.remove("dir/secret").is_err() || outside.join("secret").exists());
+        assert_eq!(std::fs::read_to_string(outside.join("secret")).unwrap(), "HOST");
+        assert!(!outside.join("new.md").exists());
+        // A write over the link replaces the link, not its target.
+        s.put("link.md", b"mine", false).unwrap();
+        assert_eq!(std::fs::read_to_string(outside.join("secret")).unwrap(), "HOST");
+        assert!(!std::fs::symlink_metadata(root.join("link.md")).unwrap().file_type().is_symlink());
+        std::fs::remove_dir_all(&base).unwrap();
+    }
+
+    /// A directory swapped for a link to the host while the worker walks and writes: whatever
+    /// the interleaving, no host file is read into a digest or written.
+    #[test]
+    fn a_directory_swapped_for_a_link_mid_walk_leads_nowhere() {
+        let (base, s) = store();
+        let outside = base.join("outside");
+        std::fs::create_dir(&outside).unwrap();
+        std::fs::write(outside.join("x.md"), "HOST").unwrap();
+        let root = s.root().to_path_buf();
+        std::fs::create_dir(root.join("d")).unwrap();
+        std::fs::write(root.join("d/x.md"), "mine").unwrap();
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let swapper = {
+            let (root, outside, stop) = (root.clone(), outside.clone(), stop.clone());
+            std::thread::spawn(move || {
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let _ = std::fs::rename(root.join("d"), root.join("d-real"));
+                    let _ = std::os::unix::fs::symlink(&outside, root.join("d"));
+                    let _ = std::fs::remove_file(root.join("d"));
+                    let _ = std::fs::rename(root.join("d-real"), root.join("d"));
+                }
+            })
+        };
+        let host_sha: String = sha2::Sha256::digest(b"HOST").iter().map(|b| format!("{b:02x}")).collect();
+        for _ in 0..300 {
+            if let Ok(t) = s.hashtree() {
+                assert!(t.files.values().all(|v| *v != host_sha), "{t:?}");
+            }
+            let _ = s.put("d/x.md", b"mine", false);
+            if let Ok(Some(b)) = s.get("d/x.md") {
+                assert_eq!(b, b"mine");
+            }
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        swapper.join().unwrap();
+        assert_eq!(std::fs::read_to_string(outside.join("x.md")).unwrap(), "HOST");
+        assert_eq!(std::fs::read_dir(&outside).unwrap().count(), 1);
+        std::fs::remove_dir_all(&base).unwrap();
+    }
+
+    #[test]
+    fn a_walk_stops_at_its_bound_and_writes_are_whole_and_owned() {
+        let (base, s) = store();
+        let root = s.root().to_path_buf();
+        for i in 0..MAX_ENTRIES + 5 {
+            std::fs::write(root.join(format!("f{i}")), "").unwrap();
+        }
+        let t = s.hashtree().unwrap();
+        assert!(t.truncated);
+        assert!(t.files.len() <= MAX_ENTRIES);
+        s.put("a/b/c.md", b"text", true).unwrap();
+        let m = std::fs::metadata(root.join("a/b/c.md")).unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(m.permissions().mode() & 0o777, 0o700);
+        assert_eq!(s.get_text("a/b/c.md").unwrap().as_deref(), Some("text"));
+        assert!(s.executable("a/b/c.md"));
+        assert!(matches!(s.remove("a").unwrap_err().refused(), Some(Refused::NotAFile)));
+        s.remove("a/b/c.md").unwrap();
+        assert_eq!(s.get("a/b/c.md").unwrap(), None);
+        std::fs::remove_dir_all(&base).unwrap();
     }
 }

@@ -210,7 +210,9 @@ impl SessionMemory {
     }
 
     pub(crate) fn placed(&self) -> Placed {
-        Placed { mounts: self.stores.iter().map(|s| (s.files.root().to_path_buf(), s.mount.clone(), s.read_only)).collect() }
+        Placed {
+            mounts: self.stores.iter().map(|s| (s.files.root().to_path_buf(), s.mount.clone(), s.read_only)).collect(),
+        }
     }
 
     fn record(&self, event: &str, v: serde_json::Value) {
@@ -293,7 +295,9 @@ impl SessionMemory {
                     Ok(()) => {
                         s.baseline.insert(rel, m.content_sha256);
                     }
-                    Err(e) => tracing::warn!(memory_store_id = %s.id, path = %rel, error = %e, "failed to write memory"),
+                    Err(e) => {
+                        tracing::warn!(memory_store_id = %s.id, path = %rel, error = %e, "failed to write memory")
+                    }
                 }
             }
             match p.next_page {
@@ -313,7 +317,13 @@ impl SessionMemory {
             Err(e) => {
                 tracing::warn!(memory_store_id = %s.id, error = %e, "cannot read the memory store folder");
                 s.to_restore = recorded;
-                return Scan { files: BTreeMap::new(), marker_ok: false, why: "the folder cannot be read", skipped: 0, truncated: false };
+                return Scan {
+                    files: BTreeMap::new(),
+                    marker_ok: false,
+                    why: "the folder cannot be read",
+                    skipped: 0,
+                    truncated: false,
+                };
             }
         };
         let mut files = tree.files;
@@ -394,7 +404,8 @@ impl SessionMemory {
             }
         }
         s.ids = remote.iter().map(|(r, m)| (r.clone(), m.id.clone())).collect();
-        let local = if s.sent.is_empty() { BTreeMap::new() } else { s.files.hashtree().map(|t| t.files).unwrap_or_default() };
+        let local =
+            if s.sent.is_empty() { BTreeMap::new() } else { s.files.hashtree().map(|t| t.files).unwrap_or_default() };
         let mut kept = HashMap::new();
         for (rel, shas) in std::mem::take(&mut s.sent) {
             let Some(listed) = remote.get(&rel) else { continue };
@@ -402,7 +413,7 @@ impl SessionMemory {
                 continue;
             }
             let before = s.before_write.get(&rel);
-            if before.is_some_and(|b| local.get(&rel).is_none() || local.get(&rel) == b.as_ref()) {
+            if before.is_some_and(|b| !local.contains_key(&rel) || local.get(&rel) == b.as_ref()) {
                 kept.insert(rel, shas);
             } else {
                 s.baseline.insert(rel, listed.content_sha256.clone());
@@ -420,7 +431,10 @@ impl SessionMemory {
             if !scan.files.is_empty() {
                 let s = &self.stores[i];
                 tracing::warn!(memory_store_id = %s.id, reason = scan.why, "leaving the memory store folder as found and not syncing");
-                self.record("memory", serde_json::json!({"action": "sync_refused", "memory_store_id": s.id, "reason": scan.why}));
+                self.record(
+                    "memory",
+                    serde_json::json!({"action": "sync_refused", "memory_store_id": s.id, "reason": scan.why}),
+                );
                 return;
             }
             self.recover(i, "the folder or its marker is gone").await;
@@ -687,7 +701,15 @@ impl SessionMemory {
         }
     }
 
-    fn upload_failed(&mut self, i: usize, rel: &str, local_sha: &str, existing: bool, e: ApiError, counts: &mut Counts) {
+    fn upload_failed(
+        &mut self,
+        i: usize,
+        rel: &str,
+        local_sha: &str,
+        existing: bool,
+        e: ApiError,
+        counts: &mut Counts,
+    ) {
         let id = self.stores[i].id.clone();
         match e {
             ApiError::Conflict(_) if existing => {
@@ -705,10 +727,19 @@ impl SessionMemory {
         counts.refused += 1;
         tracing::warn!(memory_store_id = %s.id, path = rel, rejection = why, "the memory file stays un-synced until its content changes");
         let id = s.id.clone();
-        self.record("memory", serde_json::json!({"action": "refused", "memory_store_id": id, "path": rel, "reason": why}));
+        self.record(
+            "memory",
+            serde_json::json!({"action": "refused", "memory_store_id": id, "path": rel, "reason": why}),
+        );
     }
 
-    async fn send(&mut self, i: usize, rel: &str, data: &str, existing: Option<(String, String)>) -> Result<String, ApiError> {
+    async fn send(
+        &mut self,
+        i: usize,
+        rel: &str,
+        data: &str,
+        existing: Option<(String, String)>,
+    ) -> Result<String, ApiError> {
         let client = self.client.clone();
         let s = &mut self.stores[i];
         let digest = sha(data.as_bytes());
@@ -793,11 +824,17 @@ impl SessionMemory {
 
     /// Saves a `write` or `edit` of a file in a writable store's folder, then writes the file.
     /// `Ok(false)`: the path is in no store's folder. The error is the text the tool reports.
-    pub(crate) async fn write_file(&mut self, path: &Path, content: &str, replacing: Option<&str>) -> Result<bool, String> {
+    pub(crate) async fn write_file(
+        &mut self,
+        path: &Path,
+        content: &str,
+        replacing: Option<&str>,
+    ) -> Result<bool, String> {
         let Some(i) = self.stores.iter().position(|s| !s.read_only && path.starts_with(&s.mount)) else {
             return Ok(false);
         };
-        let rel = path.strip_prefix(&self.stores[i].mount).map(|r| r.to_string_lossy().into_owned()).unwrap_or_default();
+        let rel =
+            path.strip_prefix(&self.stores[i].mount).map(|r| r.to_string_lossy().into_owned()).unwrap_or_default();
         match tokio::time::timeout(FLUSH_TIMEOUT, self.save(i, &rel, content, replacing)).await {
             Ok(r) => r.map(|()| true),
             Err(_) => Err(format!("{NOT_CONFIRMED}: no answer within {} seconds", FLUSH_TIMEOUT.as_secs())),
@@ -843,7 +880,8 @@ impl SessionMemory {
             Err(ApiError::Conflict(m)) => {
                 // A retry of an upload that was saved is refused too: the listing tells.
                 let want = sha(content.as_bytes());
-                let listed = self.list_and_settle(i).await.ok().and_then(|r| r.get(rel).map(|m| m.content_sha256.clone()));
+                let listed =
+                    self.list_and_settle(i).await.ok().and_then(|r| r.get(rel).map(|m| m.content_sha256.clone()));
                 if listed.as_deref() != Some(want.as_str()) {
                     self.sync_store(i, false).await;
                     return Err(format!("{NOT_SAVED}: {m}. Read the file again before you retry."));
