@@ -34,8 +34,11 @@ fn demo_runs_the_main_job_and_exits_zero() {
         "NoNewPrivs:\t1",
         "Read-only file system",
         "wrote the report to outputs",
+        "    The user prefers short answers.",
+        "edited /mnt/memory/notes/preferences.md (1 replacement(s))",
+        "now holds /preferences.md: The user prefers short answers with an example.",
         "what confined the session (policy builtin:default)",
-        "demo finished: 11 tool calls, all answered",
+        "demo finished: 13 tool calls, all answered",
     ] {
         assert!(out.contains(want), "missing {want:?} in:\n{out}");
     }

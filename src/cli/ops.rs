@@ -1341,12 +1341,24 @@ pub(super) fn demo() -> i32 {
             let _ = stopped.await;
         }));
         println!("local control plane on {url}; environment {}", local::DEFAULT_ENVIRONMENT);
+        // A memory store the agent reads and changes: the worker mounts it in the jail and saves
+        // the change back to the store.
+        let store = match cp.create_memory_store("notes", "what the agent learnt about the user").and_then(|id| {
+            cp.put_memory(&id, "/preferences.md", "The user prefers short answers.\n").map(|()| id)
+        }) {
+            Ok(id) => id,
+            Err(e) => return fail(e),
+        };
         let created = match cp.create_session(CreateSession {
             environment_id: local::DEFAULT_ENVIRONMENT.into(),
             script: steps,
             metadata: Default::default(),
             skills: Vec::new(),
-            memory_stores: Vec::new(),
+            memory_stores: vec![local::memory::Attached {
+                memory_store_id: store.clone(),
+                mount_path: Some("/mnt/memory/notes".into()),
+                read_only: false,
+            }],
         }) {
             Ok(c) => c,
             Err(e) => return fail(e),
@@ -1375,6 +1387,9 @@ pub(super) fn demo() -> i32 {
         let worker_result = w.await;
         let _ = stop_cp.send(());
         print!("{}", transcript(&view));
+        for (path, content) in cp.memories(&store).unwrap_or_default() {
+            println!("\nthe memory store notes ({store}) now holds {path}: {}", content.trim_end());
+        }
         let answered = view.calls.iter().all(|c| c.result.is_some());
         match worker_result {
             Ok(Err(e)) => fail(e),
@@ -1401,7 +1416,8 @@ fn confinement_summary(policy: &str) -> String {
     format!(
         "what confined the session (policy {}):\n  \
          namespaces   user, mount, pid, ipc, uts, net, cgroup; network {}; hostname \"{}\"\n  \
-         filesystem   tmpfs root, read-only system dirs, rw /workspace, /mnt/session/outputs, /tmp\n  \
+         filesystem   tmpfs root, read-only system dirs, rw /workspace, /mnt/session/outputs, /tmp,\n               \
+         memory store folders (read-only when attached so)\n  \
          privileges   no capabilities, no_new_privs, jail uid {}\n  \
          landlock     {}; seccomp allowlist of groups {}, default {}\n  \
          limits       memory {}, pids {}{}, the worker's environment key never entered the jail",
