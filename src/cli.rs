@@ -724,7 +724,8 @@ fn cmd_session(a: SessionArgs) -> i32 {
             Some(r) => (r, true),
             None => (spec.as_str(), false),
         };
-        let Some((host, jail)) = rest.split_once(':') else {
+        // The jail path is absolute: the last ":/" ends the host path, which may hold a colon.
+        let Some((host, jail)) = rest.rfind(":/").map(|i| (&rest[..i], &rest[i + 1..])) else {
             return usage(format!("--memory-store {spec}: expected HOST_DIR:JAIL_DIR[:ro]"));
         };
         let jail = PathBuf::from(jail);

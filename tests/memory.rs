@@ -221,3 +221,30 @@ fn thousands_of_files_sync_up_to_the_stores_bound() {
     let text: String = trails.iter().map(|t| std::fs::read_to_string(t.path()).unwrap()).collect();
     assert_eq!(text.matches("\"action\":\"refused\"").count(), 100, "one record per file refused");
 }
+
+/// A store mounted below the workspace or /tmp is not hidden by them.
+#[test]
+fn stores_below_the_workspace_and_tmp_are_in_view() {
+    if needs_root() {
+        return;
+    }
+    let cp = Cp::start(Duration::from_secs(30));
+    let state = TempDir::new("w-mem-below");
+    let _w = start_worker(&cp, state.path(), &[]);
+    let a = store(&cp, "a", &[("/x.md", "in the workspace")]);
+    let b = store(&cp, "b", &[("/y.md", "in tmp")]);
+    let (s, _) = cp.session_with(
+        vec![
+            bash("cat /workspace/mem/x.md; echo; cat /tmp/mem/y.md"),
+            step("write", json!({"file_path": "/workspace/mem/z.md", "content": "z"})),
+        ],
+        serde_json::Map::new(),
+        Vec::new(),
+        vec![attach(&a, "/workspace/mem", false), attach(&b, "/tmp/mem", true)],
+    );
+    let v = cp.wait_ended(&s, Duration::from_secs(60));
+    assert!(completed(&v), "{v:#?}");
+    assert_eq!(result_of(&v, 0), "in the workspace\nin tmp");
+    assert_eq!(result_of(&v, 1), "wrote 1 bytes to /workspace/mem/z.md");
+    assert_eq!(contents(&cp, &a).get("/z.md").map(String::as_str), Some("z"));
+}

@@ -1343,9 +1343,10 @@ pub(super) fn demo() -> i32 {
         println!("local control plane on {url}; environment {}", local::DEFAULT_ENVIRONMENT);
         // A memory store the agent reads and changes: the worker mounts it in the jail and saves
         // the change back to the store.
-        let store = match cp.create_memory_store("notes", "what the agent learnt about the user").and_then(|id| {
-            cp.put_memory(&id, "/preferences.md", "The user prefers short answers.\n").map(|()| id)
-        }) {
+        let store = match cp
+            .create_memory_store("notes", "what the agent learnt about the user")
+            .and_then(|id| cp.put_memory(&id, "/preferences.md", "The user prefers short answers.\n").map(|()| id))
+        {
             Ok(id) => id,
             Err(e) => return fail(e),
         };

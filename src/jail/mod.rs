@@ -502,6 +502,15 @@ impl Jail {
             workspace_tree: prep.workspace_tree.as_ref(),
             outputs_tree: prep.outputs_tree.as_ref(),
             bind_trees: &prep.bind_trees,
+            late: spec
+                .policy
+                .filesystem
+                .read_write
+                .iter()
+                .chain(&spec.policy.filesystem.read_only)
+                .filter(|b| spec.id_mapped.contains(&b.src))
+                .map(|b| b.dst.clone())
+                .collect(),
             resolver: veth.map(|(_, host)| host),
         };
         match namespaces::fork_into_namespaces(entry.and_then(|e| e.clone_into()), prep.owner)? {

@@ -73,6 +73,9 @@ pub(crate) struct MountPlan<'a> {
     pub outputs_tree: Option<&'a OwnedFd>,
     /// Id-mapped trees that replace the plain bind of the policy entry with that destination.
     pub bind_trees: &'a [(PathBuf, OwnedFd)],
+    /// Policy binds (by destination) attached after the workspace, the outputs and /tmp: a
+    /// session's memory folders, which may lie below them.
+    pub late: Vec<PathBuf>,
     /// veth mode: the session's resolver, for /etc/resolv.conf.
     pub resolver: Option<std::net::Ipv4Addr>,
 }
@@ -114,18 +117,20 @@ pub(crate) fn build_root(plan: &MountPlan) -> Result<(), JailError> {
             owner,
         })
     };
-    for b in &p.filesystem.read_only {
-        if let Some(e) = tree(b, true) {
-            entries.push(e);
-        } else if let Some(e) = resolve(b, system_root, true)? {
-            entries.push(e);
-        }
-    }
-    for b in &p.filesystem.read_write {
-        if let Some(e) = tree(b, false) {
-            entries.push(e);
-        } else if let Some(e) = resolve(b, None, false)? {
-            entries.push(e);
+    // A session's memory folders go on last, so that one placed below the workspace, the
+    // outputs or /tmp is not hidden by them.
+    let mut late = Vec::new();
+    for (b, read_only) in
+        p.filesystem.read_only.iter().map(|b| (b, true)).chain(p.filesystem.read_write.iter().map(|b| (b, false)))
+    {
+        let e = match tree(b, read_only) {
+            Some(e) => Some(e),
+            None => resolve(b, if read_only { system_root } else { None }, read_only)?,
+        };
+        match e {
+            Some(e) if plan.late.contains(&b.dst) => late.push(e),
+            Some(e) => entries.push(e),
+            None => {}
         }
     }
     let mut etc_entries = Vec::new();
@@ -186,6 +191,10 @@ pub(crate) fn build_root(plan: &MountPlan) -> Result<(), JailError> {
     attach(root, &workspace)?;
     attach(root, &outputs)?;
     shared_scratch(&root.join("tmp"))?;
+    late.sort_by_key(|e| e.dst.components().count());
+    for e in &late {
+        attach(root, e)?;
+    }
 
     build_dev(root, &devices)?;
     build_proc(root)?;

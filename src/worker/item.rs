@@ -365,6 +365,7 @@ async fn memory(
         Some(trail.clone()),
     )
     .map_err(|e| e.0)?;
+    tokio::task::block_in_place(|| m.make_mount_points(&dirs.workspace, &dirs.outputs, ctx.owner)).map_err(|e| e.0)?;
     m.download().await.map_err(|e| e.0)?;
     Ok(Some(m))
 }

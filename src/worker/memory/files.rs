@@ -364,11 +364,22 @@ impl FileStore {
         Ok(tree)
     }
 
+    /// Makes the directories of `rel` below the root that are missing, owned by the jail's user.
+    pub(crate) fn make_dirs(&self, rel: &str) -> Result<(), FileError> {
+        let parts = components(rel)?;
+        let root = self.open_root()?;
+        self.open_dirs(&root, &parts, rel).map(|_| ())
+    }
+
     /// Opens (making what is missing, owned by the jail's user) the directory holding `parts`'
     /// last component; never the root itself, which only `create_root` makes.
     fn parent_dir(&self, root: &OwnedFd, parts: &[&str], rel: &str) -> Result<OwnedFd, FileError> {
+        self.open_dirs(root, &parts[..parts.len() - 1], rel)
+    }
+
+    fn open_dirs(&self, root: &OwnedFd, dirs: &[&str], rel: &str) -> Result<OwnedFd, FileError> {
         let mut dir = nix::fcntl::openat2(root, ".", how(OFlag::O_PATH | OFlag::O_DIRECTORY)).map_err(io(rel))?;
-        for p in &parts[..parts.len() - 1] {
+        for p in dirs {
             match nix::sys::stat::mkdirat(&dir, *p, Mode::from_bits_truncate(0o700)) {
                 Ok(()) => {
                     let _ = nix::unistd::fchownat(

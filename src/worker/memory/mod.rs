@@ -209,6 +209,34 @@ impl SessionMemory {
         Ok(SessionMemory { client, stores, interval, deletes, last_sync: Instant::now(), finished: false, trail })
     }
 
+    /// Makes the mount points of folders placed below the workspace or the outputs, in those
+    /// host directories (the jail cannot make them in an id-mapped tree); never through a link
+    /// the agent left there.
+    pub(crate) fn make_mount_points(
+        &self,
+        workspace: &Path,
+        outputs: &Path,
+        owner: (u32, u32),
+    ) -> Result<(), MemoryError> {
+        for s in &self.stores {
+            for (inside, host) in [("/workspace", workspace), ("/mnt/session/outputs", outputs)] {
+                let Ok(rel) = s.mount.strip_prefix(inside) else { continue };
+                let rel = rel.to_string_lossy();
+                if rel.is_empty() {
+                    return Err(MemoryError(format!(
+                        "memory store mount_path {} would hide {inside} (memory_store_id={})",
+                        s.mount.display(),
+                        s.id
+                    )));
+                }
+                FileStore::new(host.to_path_buf(), owner).make_dirs(&rel).map_err(|e| {
+                    MemoryError(format!("cannot make the memory store's folder {}: {e}", s.mount.display()))
+                })?;
+            }
+        }
+        Ok(())
+    }
+
     pub(crate) fn placed(&self) -> Placed {
         Placed {
             mounts: self.stores.iter().map(|s| (s.files.root().to_path_buf(), s.mount.clone(), s.read_only)).collect(),
