@@ -248,3 +248,58 @@ fn stores_below_the_workspace_and_tmp_are_in_view() {
     assert_eq!(result_of(&v, 1), "wrote 1 bytes to /workspace/mem/z.md");
     assert_eq!(contents(&cp, &a).get("/z.md").map(String::as_str), Some("z"));
 }
+
+/// `--memory-sync-deletions log_only` runs the checks and deletes nothing, even at the end.
+#[test]
+fn log_only_deletes_nothing() {
+    if needs_root() {
+        return;
+    }
+    let cp = Cp::start(Duration::from_secs(30));
+    let state = TempDir::new("w-mem-logonly");
+    let _w = start_worker(&cp, state.path(), &["--memory-sync-deletions", "log_only"]);
+    let notes = store(&cp, "notes", &[("/a.md", "a"), ("/b.md", "b")]);
+    let (s, _) = cp.session_with(
+        vec![bash("rm /mnt/memory/notes/a.md && echo gone")],
+        serde_json::Map::new(),
+        Vec::new(),
+        vec![attach(&notes, "/mnt/memory/notes", false)],
+    );
+    let v = cp.wait_ended(&s, Duration::from_secs(60));
+    assert!(completed(&v), "{v:#?}");
+    cp.wait_for("the item's directory to go", Duration::from_secs(20), || {
+        !state.path().join("items").read_dir().is_ok_and(|mut d| d.next().is_some())
+    });
+    assert_eq!(contents(&cp, &notes).len(), 2, "{:?}", contents(&cp, &notes));
+}
+
+/// A call the session stopped may have moved a file away: it is pulled back, not taken for a
+/// deletion, even by the last sync (which sends deletes without waiting).
+#[test]
+fn a_file_a_stopped_call_moved_away_is_restored_not_deleted() {
+    if needs_root() {
+        return;
+    }
+    let cp = Cp::start(Duration::from_secs(30));
+    let state = TempDir::new("w-mem-stopped");
+    let _w = start_worker(&cp, state.path(), &["--max-concurrent-calls", "2"]);
+    let notes = store(&cp, "notes", &[("/a.md", "a"), ("/b.md", "b")]);
+    let mut stopped = bash("mv /mnt/memory/notes/a.md /tmp/a.md; sleep 60");
+    stopped.thread = Some("sthr_sub".into());
+    stopped.abandon_after_ms = Some(1500);
+    let (s, _) = cp.session_with(
+        vec![stopped, bash("sleep 1; ls /mnt/memory/notes")],
+        serde_json::Map::new(),
+        Vec::new(),
+        vec![attach(&notes, "/mnt/memory/notes", false)],
+    );
+    let v = cp.wait_ended(&s, Duration::from_secs(60));
+    assert!(completed(&v), "{v:#?}");
+    assert!(result_of(&v, 0).contains("was stopped"), "{v:#?}");
+    cp.wait_for("the item's directory to go", Duration::from_secs(20), || {
+        !state.path().join("items").read_dir().is_ok_and(|mut d| d.next().is_some())
+    });
+    let want: BTreeMap<String, String> =
+        [("/a.md", "a"), ("/b.md", "b")].into_iter().map(|(a, b)| (a.to_owned(), b.to_owned())).collect();
+    assert_eq!(contents(&cp, &notes), want);
+}

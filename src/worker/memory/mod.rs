@@ -919,7 +919,9 @@ impl SessionMemory {
             Err(ApiError::Rejected { message, .. }) | Err(ApiError::Auth { message, .. }) => {
                 return Err(format!("{NOT_SAVED}: {message}"))
             }
-            Err(ApiError::NotFound(m)) => return Err(format!("{NOT_SAVED}: {m}")),
+            Err(ApiError::NotFound(m)) | Err(ApiError::LeaseLost(m)) => return Err(format!("{NOT_SAVED}: {m}")),
+            // A status below 500 is a refusal, as the official worker reads it.
+            Err(e @ ApiError::RateLimited { .. }) => return Err(format!("{NOT_SAVED}: {e}")),
             Err(ApiError::Server { message, .. }) => return Err(format!("{NOT_CONFIRMED}: {message}")),
             Err(e) => return Err(format!("{NOT_CONFIRMED}: {e}")),
         };
