@@ -501,3 +501,55 @@ def test_memory_stores_end_as_the_official_worker_leaves_them(cp):
     assert want == {"/seed.md": "edited line\n", "/new/n.md": "from write\n", "/b.md": "bash\n", "/keep/a.md": "a"}
     assert memories(cp, n2) == want, err
     assert memories(cp, s1) == memories(cp, s2) == seed_shared
+
+
+def test_the_official_client_parses_every_memory_answer(cp):
+    """`client.beta.memory_stores` against the local control plane: stores, memories in both
+    views and pages, the content-hash preconditions, versions, and who may call."""
+    import hashlib
+    org = sdk_client(cp)
+    ms = org.beta.memory_stores
+    store = ms.create(name="User Preferences", description="what the user likes")
+    assert store.type == "memory_store" and store.id.startswith("memstore_") and store.archived_at is None
+    assert ms.retrieve(store.id).name == "User Preferences"
+    assert store.id in [s.id for s in ms.list()]
+    m = ms.memories.create(store.id, path="/notes/todo.md", content="buy milk")
+    sha = hashlib.sha256(b"buy milk").hexdigest()
+    assert m.type == "memory" and m.content is None and m.content_sha256 == sha and m.content_size_bytes == 8
+    full = ms.memories.retrieve(m.id, memory_store_id=store.id)
+    assert full.content == "buy milk" and full.memory_version_id
+    for i in range(25):
+        ms.memories.create(store.id, path=f"/bulk/{i:02}.md", content=str(i))
+    basic = list(ms.memories.list(store.id, limit=10))
+    assert len(basic) == 26 and all(x.content is None for x in basic)
+    fulls = list(ms.memories.list(store.id, view="full"))
+    assert len(fulls) == 26 and all(x.content is not None for x in fulls)
+    rolled = ms.memories.list(store.id, depth=1).data
+    assert {x.type for x in rolled} == {"memory_prefix"} and {x.path for x in rolled} == {"/bulk/", "/notes/"}
+    upd = ms.memories.update(m.id, memory_store_id=store.id, content="buy oat milk",
+                             precondition={"type": "content_sha256", "content_sha256": sha})
+    assert upd.content_sha256 == hashlib.sha256(b"buy oat milk").hexdigest()
+    with pytest.raises(anthropic.ConflictError):
+        ms.memories.update(m.id, memory_store_id=store.id, content="x",
+                                 precondition={"type": "content_sha256", "content_sha256": sha})
+    with pytest.raises(anthropic.ConflictError):
+        ms.memories.delete(m.id, memory_store_id=store.id, expected_content_sha256=sha)
+    with pytest.raises(anthropic.APIStatusError) as e:
+        ms.memories.create(store.id, path="/big.md", content="y" * 102_401)
+    assert e.value.status_code == 413
+    with pytest.raises(anthropic.BadRequestError):
+        ms.memories.create(store.id, path="/a/../b.md", content="")
+    gone = ms.memories.delete(m.id, memory_store_id=store.id, expected_content_sha256=upd.content_sha256)
+    assert gone.type == "memory_deleted" and gone.id == m.id
+    with pytest.raises(anthropic.NotFoundError):
+        ms.memories.retrieve(m.id, memory_store_id=store.id)
+    versions = list(ms.memory_versions.list(store.id, memory_id=m.id))
+    assert [v.operation for v in versions] == ["deleted", "modified", "created"], versions
+    assert ms.memory_versions.retrieve(versions[1].id, memory_store_id=store.id).content == "buy oat milk"
+    # The environment key may not use a store.
+    env_client = anthropic.Anthropic(auth_token=cp.env_key, api_key=None, base_url=cp.url, max_retries=0)
+    with pytest.raises(anthropic.PermissionDeniedError):
+        env_client.beta.memory_stores.memories.list(store.id).data
+    archived = ms.archive(store.id)
+    assert archived.archived_at is not None
+    assert ms.delete(store.id).type == "memory_store_deleted"
