@@ -303,3 +303,25 @@ fn a_file_a_stopped_call_moved_away_is_restored_not_deleted() {
         [("/a.md", "a"), ("/b.md", "b")].into_iter().map(|(a, b)| (a.to_owned(), b.to_owned())).collect();
     assert_eq!(contents(&cp, &notes), want);
 }
+
+/// With disk limits, the memory folders are on a filesystem of their own: filling one stops at
+/// its size (the workspace's, at most 512 MiB), never at the host's disk.
+#[test]
+fn a_memory_folder_fills_up_at_its_filesystems_size() {
+    if needs_root() {
+        return;
+    }
+    let cp = Cp::start(Duration::from_secs(30));
+    let state = TempDir::new("w-mem-full");
+    let _w = start_worker(&cp, state.path(), &[]);
+    let notes = store(&cp, "notes", &[]);
+    let (s, _) = cp.session_with(
+        vec![bash("fallocate -l 600M /mnt/memory/notes/big 2>&1 || dd if=/dev/zero of=/mnt/memory/notes/big bs=1M count=600 2>&1 | tail -1; rm -f /mnt/memory/notes/big")],
+        serde_json::Map::new(),
+        Vec::new(),
+        vec![attach(&notes, "/mnt/memory/notes", false)],
+    );
+    let v = cp.wait_ended(&s, Duration::from_secs(60));
+    assert!(completed(&v), "{v:#?}");
+    assert!(result_of(&v, 0).contains("No space left on device"), "{}", result_of(&v, 0));
+}
