@@ -325,3 +325,31 @@ fn a_memory_folder_fills_up_at_its_filesystems_size() {
     assert!(completed(&v), "{v:#?}");
     assert!(result_of(&v, 0).contains("No space left on device"), "{}", result_of(&v, 0));
 }
+
+/// One sync sends at most a quarter of the store's deletes (at least 8, at most 50); the rest
+/// wait for a later sync — here none comes, so they stay on the server.
+#[test]
+fn one_sync_deletes_no_more_than_its_cap() {
+    if needs_root() {
+        return;
+    }
+    let cp = Cp::start(Duration::from_secs(30));
+    let state = TempDir::new("w-mem-cap");
+    let _w = start_worker(&cp, state.path(), &[]);
+    let seed: Vec<(String, String)> = (0..20).map(|i| (format!("/f{i:02}.md"), format!("{i}"))).collect();
+    let seed_refs: Vec<(&str, &str)> = seed.iter().map(|(a, b)| (a.as_str(), b.as_str())).collect();
+    let notes = store(&cp, "notes", &seed_refs);
+    let (s, _) = cp.session_with(
+        vec![bash("cd /mnt/memory/notes && rm f0*.md f10.md f11.md && ls | wc -l")],
+        serde_json::Map::new(),
+        Vec::new(),
+        vec![attach(&notes, "/mnt/memory/notes", false)],
+    );
+    let v = cp.wait_ended(&s, Duration::from_secs(60));
+    assert!(completed(&v), "{v:#?}");
+    assert_eq!(result_of(&v, 0), "8");
+    cp.wait_for("the item's directory to go", Duration::from_secs(20), || {
+        !state.path().join("items").read_dir().is_ok_and(|mut d| d.next().is_some())
+    });
+    assert_eq!(contents(&cp, &notes).len(), 20 - 8, "{:?}", contents(&cp, &notes).keys());
+}
