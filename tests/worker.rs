@@ -1786,3 +1786,39 @@ fn at_the_default_level_the_worker_says_it_started_what_it_claimed_and_how_it_en
     // Nothing of debug level.
     assert!(!text.contains("DEBUG"), "{text}");
 }
+
+/// `--max-jail-builds 1`: sessions claimed at once have their jails built one after another,
+/// never two at a time (what bounds a restart that resumes many held items).
+#[test]
+fn jails_are_built_no_more_than_max_jail_builds_at_a_time() {
+    let cp = Cp::start(Duration::from_secs(30));
+    let state = TempDir::new("w-builds");
+    let key = cp.key_file();
+    let mut c = worker_cmd(&cp, state.path(), &["--max-jail-builds", "1", "--max-sessions", "6"]);
+    c.arg("--environment-key-file").arg(&key).stderr(Stdio::piped());
+    let mut w = Worker { child: c.spawn().unwrap() };
+    let sessions: Vec<String> = (0..6).map(|n| cp.session(vec![bash(&format!("echo {n}"))]).0).collect();
+    for s in &sessions {
+        assert!(completed(&cp.wait_ended(s, Duration::from_secs(60))), "{s}");
+    }
+    assert!(w.sigterm().success());
+    let mut log = String::new();
+    std::io::Read::read_to_string(&mut w.child.stderr.take().unwrap(), &mut log).unwrap();
+    // Each build is [ready - build_ms, ready]: no two may overlap.
+    let mut builds: Vec<(f64, f64)> = log
+        .lines()
+        .filter(|l| l.contains("session jail ready"))
+        .map(|l| {
+            let ts = stockade::util::parse_rfc3339(l.split_whitespace().next().unwrap()).unwrap();
+            let end = ts.duration_since(std::time::UNIX_EPOCH).unwrap().as_secs_f64();
+            let ms: f64 = l.split("build_ms=").nth(1).unwrap().split_whitespace().next().unwrap().parse().unwrap();
+            (end - ms / 1000.0, end)
+        })
+        .collect();
+    assert_eq!(builds.len(), 6, "{log}");
+    builds.sort_by(|a, b| a.0.total_cmp(&b.0));
+    for pair in builds.windows(2) {
+        // Log times are to the microsecond, build times to the millisecond.
+        assert!(pair[1].0 >= pair[0].1 - 0.002, "two builds overlapped: {pair:?}\n{log}");
+    }
+}

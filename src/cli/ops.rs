@@ -84,6 +84,10 @@ pub(super) struct WorkerCommon {
     /// limit. The official worker's `max_concurrent_calls`.
     #[arg(long, default_value = "1", value_parser = concurrent_calls, value_name = "N|none")]
     max_concurrent_calls: usize,
+    /// Session jails built at once [default: two per CPU]; the other sessions wait their turn
+    /// with their leases kept alive (a restart resuming many held items, many claimed at once).
+    #[arg(long, value_name = "N")]
+    max_jail_builds: Option<usize>,
     /// How often a session's attached memory stores sync back while it runs (checked after
     /// each tool call; at least 5s); `none` runs sessions without their memory stores. The
     /// official worker's `memory_sync_interval`.
@@ -657,6 +661,7 @@ fn worker_config_with(a: &WorkerCommon, log: LogFormat, k: Secret) -> Result<Wor
     c.worker_id = a.worker_id.clone();
     c.max_idle = a.max_idle;
     c.max_concurrent_calls = a.max_concurrent_calls;
+    c.max_jail_builds = a.max_jail_builds.unwrap_or_else(stockade::worker::default_jail_builds).max(1);
     c.memory_sync_interval = a.memory_sync_interval.0;
     c.memory_sync_deletions = a.memory_sync_deletions;
     c.policy = super::policy_spec(a.policy.as_deref()).unwrap_or_else(|| "default".into());

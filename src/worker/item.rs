@@ -470,6 +470,12 @@ impl Runner<'_> {
     }
 
     pub(super) async fn start_jail(&self, narrow: Option<&str>) -> Result<SessionProcess, RunnerError> {
+        // Builds wait their turn (`--max-jail-builds`); the lease's heartbeat goes on meanwhile.
+        let m = &self.ctx.metrics;
+        m.jail_builds_waiting.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let permit = self.ctx.builds.acquire().await;
+        m.jail_builds_waiting.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+        let _permit = permit.map_err(|_| RunnerError::Spawn(std::io::Error::other("the worker is stopping")))?;
         let p = SessionProcess::start(
             &self.ctx.runner,
             &self.dirs.workspace,

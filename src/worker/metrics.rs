@@ -47,6 +47,8 @@ pub struct Metrics {
     pub lease_losses: AtomicU64,
     pub result_post_retries: AtomicU64,
     pub jail_build_failures: AtomicU64,
+    /// Sessions waiting for one of the `--max-jail-builds` slots to build their jail.
+    pub jail_builds_waiting: AtomicI64,
     /// Connection attempts the sessions' egress filters denied / allowed (from their trails).
     pub egress_denied: AtomicU64,
     pub egress_allowed: AtomicU64,
@@ -122,6 +124,12 @@ impl Metrics {
             "counter",
             "Session jails that could not be built (the item failed).",
             self.jail_build_failures.load(Relaxed).to_string(),
+        );
+        simple(
+            "stockade_jail_builds_waiting",
+            "gauge",
+            "Sessions waiting for a jail build slot (--max-jail-builds): after a restart, how far resuming is behind.",
+            self.jail_builds_waiting.load(Relaxed).to_string(),
         );
         simple(
             "stockade_egress_denied_total",

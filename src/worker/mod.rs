@@ -88,6 +88,9 @@ pub struct WorkerConfig {
     /// Calls of one session that run at once (of different session threads); `usize::MAX` is
     /// no limit.
     pub max_concurrent_calls: usize,
+    /// Jails built at once; the other sessions (resumed ones after a restart, many claimed at
+    /// once) wait their turn with their leases kept alive meanwhile.
+    pub max_jail_builds: usize,
     /// How often attached memory stores sync back while a session runs; `None` runs sessions
     /// without their memory stores.
     pub memory_sync_interval: Option<Duration>,
@@ -111,6 +114,12 @@ pub struct WorkerConfig {
     pub webhook_poll: Duration,
 }
 
+/// Jails built at once by default: two per CPU the worker may use, so that building never
+/// starves the heartbeats of the sessions that already run.
+pub fn default_jail_builds() -> usize {
+    2 * std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+}
+
 impl WorkerConfig {
     pub fn new(environment_id: &str, api_url: &str, key: Secret) -> WorkerConfig {
         WorkerConfig {
@@ -131,6 +140,7 @@ impl WorkerConfig {
             block: Duration::from_millis(999),
             max_idle: Duration::from_secs(60),
             max_concurrent_calls: 1,
+            max_jail_builds: default_jail_builds(),
             memory_sync_interval: Some(memory::DEFAULT_SYNC_INTERVAL),
             memory_sync_deletions: memory::DeleteMode::Enabled,
             heartbeat_every: None,
@@ -160,6 +170,8 @@ pub(crate) struct Ctx {
     heartbeat_every: Option<Duration>,
     max_idle: Duration,
     max_concurrent_calls: usize,
+    /// One permit per jail being built (`max_jail_builds`).
+    builds: Arc<Semaphore>,
     memory_sync: Option<Duration>,
     memory_deletes: memory::DeleteMode,
     workdir: String,
@@ -302,6 +314,7 @@ async fn context(cfg: &WorkerConfig) -> Result<Arc<Ctx>, WorkerError> {
         heartbeat_every: cfg.heartbeat_every,
         max_idle: cfg.max_idle,
         max_concurrent_calls: cfg.max_concurrent_calls,
+        builds: Arc::new(Semaphore::new(cfg.max_jail_builds.max(1))),
         memory_sync: cfg.memory_sync_interval,
         memory_deletes: cfg.memory_sync_deletions,
         workdir: cfg.workdir.clone(),
