@@ -66,6 +66,7 @@ fn run(workers: usize, items: usize) {
                 metadata: Default::default(),
                 skills: Vec::new(),
                 memory_stores: Vec::new(),
+                no_secret: false,
             })
             .unwrap()
             .session_id

@@ -80,6 +80,7 @@ fn main() {
             metadata: Default::default(),
             skills: Vec::new(),
             memory_stores: Vec::new(),
+            no_secret: false,
         })
         .unwrap()
         .session_id

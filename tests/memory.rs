@@ -353,3 +353,60 @@ fn one_sync_deletes_no_more_than_its_cap() {
     });
     assert_eq!(contents(&cp, &notes).len(), 20 - 8, "{:?}", contents(&cp, &notes).keys());
 }
+
+/// A resource without a `mount_path` lands where the official worker puts it: the working
+/// directory's `memory/<store name>`.
+#[test]
+fn a_store_without_a_mount_path_lands_in_the_workspace() {
+    if needs_root() {
+        return;
+    }
+    let cp = Cp::start(Duration::from_secs(30));
+    let state = TempDir::new("w-mem-fallback");
+    let _w = start_worker(&cp, state.path(), &[]);
+    let notes = store(&cp, "notes", &[("/a.md", "a")]);
+    let (s, _) = cp.session_with(
+        vec![step("read", json!({"file_path": "/workspace/memory/notes/a.md"}))],
+        serde_json::Map::new(),
+        Vec::new(),
+        vec![attach(&notes, "", false)],
+    );
+    let v = cp.wait_ended(&s, Duration::from_secs(60));
+    assert!(completed(&v), "{v:#?}");
+    assert_eq!(result_of(&v, 0), "a");
+}
+
+/// The memory endpoints refuse the environment key: an item without a sessions token fails
+/// when its session has a store attached, as the official worker's does, and runs without its
+/// memory when the worker is told to (`--memory-sync-interval none`).
+#[test]
+fn an_item_without_a_sessions_token_fails_unless_memory_is_off() {
+    if needs_root() {
+        return;
+    }
+    let cp = Cp::start(Duration::from_secs(30));
+    let state = TempDir::new("w-mem-token");
+    let notes = store(&cp, "notes", &[("/a.md", "a")]);
+    let steps = || vec![bash("ls /mnt/memory 2>&1; echo ran")];
+    let attached = || vec![attach(&notes, "/mnt/memory/notes", false)];
+    {
+        let key = cp.key_file();
+        let mut c = worker_cmd(&cp, state.path(), &[]);
+        c.arg("--environment-key-file").arg(&key).stderr(std::process::Stdio::piped());
+        let mut w = Worker { child: c.spawn().unwrap() };
+        let (s, _) = cp.session_without_token(steps(), attached());
+        let v = cp.wait_ended(&s, Duration::from_secs(30));
+        assert_eq!(v.work_state, stockade::control_plane::wire::WorkState::Stopped, "{v:#?}");
+        assert!(v.calls[0].result.is_none(), "{v:#?}");
+        assert!(w.sigterm().success());
+        let mut log = String::new();
+        std::io::Read::read_to_string(&mut w.child.stderr.take().unwrap(), &mut log).unwrap();
+        assert!(log.contains("cannot mount the session's memories: the work item carried no sessions token"), "{log}");
+    }
+    let _w = start_worker(&cp, state.path(), &["--memory-sync-interval", "none"]);
+    let (s, _) = cp.session_without_token(steps(), attached());
+    let v = cp.wait_ended(&s, Duration::from_secs(30));
+    assert!(completed(&v), "{v:#?}");
+    assert!(result_of(&v, 0).ends_with("ran"), "{}", result_of(&v, 0));
+    assert!(result_of(&v, 0).contains("No such file or directory"), "{}", result_of(&v, 0));
+}

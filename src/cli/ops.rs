@@ -1063,6 +1063,7 @@ fn session_command(c: SessionCommand) -> i32 {
                     metadata: Default::default(),
                     skills: local_skills,
                     memory_stores: attached,
+                    no_secret: false,
                 };
                 match local::admin::<local::CreatedSession, _>(
                     &client,
@@ -1365,6 +1366,7 @@ pub(super) fn demo() -> i32 {
                 mount_path: Some("/mnt/memory/notes".into()),
                 read_only: false,
             }],
+            no_secret: false,
         }) {
             Ok(c) => c,
             Err(e) => return fail(e),

@@ -81,6 +81,26 @@ impl Cp {
         self.session_with(steps, metadata, skills, Vec::new())
     }
 
+    /// A session with memory stores attached whose item carries no sessions token.
+    pub(crate) fn session_without_token(
+        &self,
+        steps: Vec<ScriptStep>,
+        memory_stores: Vec<stockade::control_plane::local::memory::Attached>,
+    ) -> (String, String) {
+        let c = self
+            .cp
+            .create_session(CreateSession {
+                environment_id: DEFAULT_ENVIRONMENT.into(),
+                script: steps,
+                metadata: serde_json::Map::new(),
+                skills: Vec::new(),
+                memory_stores,
+                no_secret: true,
+            })
+            .unwrap();
+        (c.session_id, c.work_id)
+    }
+
     /// A session with skills and memory stores attached.
     pub(crate) fn session_with(
         &self,
@@ -97,6 +117,7 @@ impl Cp {
                 metadata,
                 skills,
                 memory_stores,
+                no_secret: false,
             })
             .unwrap();
         (c.session_id, c.work_id)

@@ -63,7 +63,8 @@ struct VersionRec {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Attached {
     pub memory_store_id: String,
-    /// Where it is mounted; none for the store's default (`/mnt/memory/<slug of its name>`).
+    /// Where it is mounted; none for the store's default (`/mnt/memory/<slug of its name>`), and
+    /// empty for a resource without one.
     #[serde(default)]
     pub mount_path: Option<String>,
     #[serde(default)]
@@ -117,7 +118,12 @@ pub fn slug(name: &str) -> String {
 pub(super) fn resource(db: &Db, a: &Attached) -> Value {
     let store = db.memory_stores.get(&a.memory_store_id);
     let name = store.map(|s| s.name.clone());
-    let mount = a.mount_path.clone().or_else(|| name.as_ref().map(|n| format!("/mnt/memory/{}", slug(n))));
+    // An empty mount_path stands for a resource that carries none (the worker's fallback).
+    let mount = match a.mount_path.as_deref() {
+        Some("") => None,
+        Some(p) => Some(p.to_owned()),
+        None => name.as_ref().map(|n| format!("/mnt/memory/{}", slug(n))),
+    };
     json!({
         "type": "memory_store", "memory_store_id": a.memory_store_id,
         "access": if a.read_only { "read_only" } else { "read_write" },

@@ -80,6 +80,9 @@ pub struct CreateSession {
     /// Memory stores to attach (`resources[]` of type `memory_store`).
     #[serde(default)]
     pub memory_stores: Vec<memory::Attached>,
+    /// Hand the item out without a `secret` (no sessions token), as a server that issues none.
+    #[serde(default)]
+    pub no_secret: bool,
 }
 
 /// A skill the local control plane serves: its name and the archive bytes (zip or tar, any
@@ -199,6 +202,9 @@ struct WorkRec {
     superseded: Vec<String>,
     #[serde(default)]
     late: Vec<String>,
+    /// Handed out without a `secret`, as a server that issues no per-item token does.
+    #[serde(default)]
+    no_secret: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -295,6 +301,7 @@ impl WorkRec {
             token: random_token("sk-ant-req-local-"),
             superseded: Vec::new(),
             late: Vec::new(),
+            no_secret: false,
         }
     }
 }
@@ -377,7 +384,8 @@ impl Db {
             stop_requested_at: w.stop_requested_ms.map(ts),
             stopped_at: w.stopped_ms.map(ts),
             metadata: w.metadata.clone(),
-            secret: with_secret.then(|| WorkSecret { sessions_token: w.token.clone(), api_base_url: None }.encode()),
+            secret: (with_secret && !w.no_secret)
+                .then(|| WorkSecret { sessions_token: w.token.clone(), api_base_url: None }.encode()),
         }
     }
 
@@ -783,7 +791,8 @@ impl LocalControlPlane {
                 duplicate_results: 0,
             },
         );
-        let rec = WorkRec::queued(&work_id, &req.environment_id, "session", session_id.clone(), seq, req.metadata);
+        let mut rec = WorkRec::queued(&work_id, &req.environment_id, "session", session_id.clone(), seq, req.metadata);
+        rec.no_secret = req.no_secret;
         db.work.insert(work_id.clone(), rec);
         if self.shared.cfg.webhook.is_some() {
             let id = db.next_id("wevt");
@@ -1578,6 +1587,7 @@ mod tests {
                             metadata: Default::default(),
                             skills: Vec::new(),
                             memory_stores: Vec::new(),
+                            no_secret: false,
                         })
                         .unwrap();
                     }
