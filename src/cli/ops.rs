@@ -911,6 +911,24 @@ fn webhook_key(dir: &Path) -> Result<Vec<u8>, String> {
     Ok(key.to_vec())
 }
 
+/// Every item of a listing, page after page.
+async fn all_pages<F, Fut>(call: &F, list: &str) -> Result<Vec<serde_json::Value>, String>
+where
+    F: Fn(reqwest::Method, String, Option<serde_json::Value>) -> Fut,
+    Fut: std::future::Future<Output = Result<Option<serde_json::Value>, stockade::control_plane::ApiError>>,
+{
+    let mut all = Vec::new();
+    let mut page = list.to_owned();
+    loop {
+        let v = call(reqwest::Method::GET, page, None).await.map_err(|e| e.to_string())?.ok_or("empty answer")?;
+        all.extend(v["data"].as_array().cloned().unwrap_or_default());
+        match v["next_page"].as_str() {
+            Some(n) => page = format!("{list}&page={n}"),
+            None => return Ok(all),
+        }
+    }
+}
+
 fn memory_store_command(c: MemoryStoreCommand) -> i32 {
     let access = match &c {
         MemoryStoreCommand::Create { access, .. }
@@ -947,22 +965,10 @@ fn memory_store_command(c: MemoryStoreCommand) -> i32 {
                     Ok(c) => c,
                     Err(e) => return usage(e),
                 };
-                let list = format!("/v1/memory_stores/{store}/memories?limit=100&path_prefix=/");
-                let mut found = None;
-                let mut page = list.clone();
-                loop {
-                    let v = match call(reqwest::Method::GET, page.clone(), None).await {
-                        Ok(Some(v)) => v,
-                        Ok(None) => return fail("empty answer"),
-                        Err(e) => return fail(e),
-                    };
-                    let items = v["data"].as_array().cloned().unwrap_or_default();
-                    found = found.or_else(|| items.iter().find(|m| m["path"] == path.as_str()).cloned());
-                    match v["next_page"].as_str() {
-                        Some(n) if found.is_none() => page = format!("{list}&page={n}"),
-                        _ => break,
-                    }
-                }
+                let found = match all_pages(&call, &format!("/v1/memory_stores/{store}/memories?limit=100")).await {
+                    Ok(all) => all.into_iter().find(|m| m["path"] == path.as_str()),
+                    Err(e) => return fail(e),
+                };
                 let r = match found {
                     Some(m) => {
                         let p = format!("/v1/memory_stores/{store}/memories/{}", m["id"].as_str().unwrap_or(""));
@@ -984,21 +990,11 @@ fn memory_store_command(c: MemoryStoreCommand) -> i32 {
                 }
             }
             MemoryStoreCommand::Show { store, json, .. } => {
-                let list = format!("/v1/memory_stores/{store}/memories?view=full&limit=20");
-                let mut all = Vec::new();
-                let mut page = list.clone();
-                loop {
-                    let v = match call(reqwest::Method::GET, page.clone(), None).await {
-                        Ok(Some(v)) => v,
-                        Ok(None) => return fail("empty answer"),
+                let all =
+                    match all_pages(&call, &format!("/v1/memory_stores/{store}/memories?view=full&limit=20")).await {
+                        Ok(all) => all,
                         Err(e) => return fail(e),
                     };
-                    all.extend(v["data"].as_array().cloned().unwrap_or_default());
-                    match v["next_page"].as_str() {
-                        Some(n) => page = format!("{list}&page={n}"),
-                        None => break,
-                    }
-                }
                 if json {
                     println!("{}", serde_json::to_string_pretty(&all).expect("serialises"));
                 } else {

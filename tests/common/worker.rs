@@ -87,18 +87,7 @@ impl Cp {
         steps: Vec<ScriptStep>,
         memory_stores: Vec<stockade::control_plane::local::memory::Attached>,
     ) -> (String, String) {
-        let c = self
-            .cp
-            .create_session(CreateSession {
-                environment_id: DEFAULT_ENVIRONMENT.into(),
-                script: steps,
-                metadata: serde_json::Map::new(),
-                skills: Vec::new(),
-                memory_stores,
-                no_secret: true,
-            })
-            .unwrap();
-        (c.session_id, c.work_id)
+        self.create(CreateSession { memory_stores, no_secret: true, ..self.request(steps, serde_json::Map::new()) })
     }
 
     /// A session with skills and memory stores attached.
@@ -109,17 +98,22 @@ impl Cp {
         skills: Vec<LocalSkill>,
         memory_stores: Vec<stockade::control_plane::local::memory::Attached>,
     ) -> (String, String) {
-        let c = self
-            .cp
-            .create_session(CreateSession {
-                environment_id: DEFAULT_ENVIRONMENT.into(),
-                script: steps,
-                metadata,
-                skills,
-                memory_stores,
-                no_secret: false,
-            })
-            .unwrap();
+        self.create(CreateSession { skills, memory_stores, ..self.request(steps, metadata) })
+    }
+
+    fn request(&self, steps: Vec<ScriptStep>, metadata: serde_json::Map<String, serde_json::Value>) -> CreateSession {
+        CreateSession {
+            environment_id: DEFAULT_ENVIRONMENT.into(),
+            script: steps,
+            metadata,
+            skills: Vec::new(),
+            memory_stores: Vec::new(),
+            no_secret: false,
+        }
+    }
+
+    fn create(&self, req: CreateSession) -> (String, String) {
+        let c = self.cp.create_session(req).unwrap();
         (c.session_id, c.work_id)
     }
 

@@ -222,8 +222,18 @@ fn authorize_store(db: &Db, h: &HeaderMap, id: &str) -> ApiResult<Option<String>
     ))
 }
 
+fn store_ref<'a>(db: &'a Db, id: &str) -> ApiResult<&'a StoreRec> {
+    db.memory_stores.get(id).ok_or_else(|| not_found(format!("memory store {id} not found")))
+}
+
 fn store_mut<'a>(db: &'a mut Db, id: &str) -> ApiResult<&'a mut StoreRec> {
     db.memory_stores.get_mut(id).ok_or_else(|| not_found(format!("memory store {id} not found")))
+}
+
+/// One page of a listing: 20 items unless `limit` says otherwise, at most `max`.
+fn page(all: &[Value], limit: Option<usize>, page: Option<String>, max: usize) -> ApiResult<Json<Value>> {
+    let q = super::PageQuery { limit, page, order: None };
+    Ok(Json(serde_json::to_value(super::page_of(all, &q, 20, max)?).expect("serialises")))
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -445,8 +455,7 @@ async fn list_stores(
         .filter(|s| q.include_archived.unwrap_or(false) || s.archived_ms.is_none())
         .map(store_json)
         .collect();
-    let pq = super::PageQuery { limit: q.limit, page: q.page, order: None };
-    Ok(Json(serde_json::to_value(super::page_of(&all, &pq, 20, 100)?).expect("serialises")))
+    page(&all, q.limit, q.page, 100)
 }
 
 async fn get_store(
@@ -456,7 +465,7 @@ async fn get_store(
 ) -> ApiResult<Json<Value>> {
     let db = cp.db();
     authorize_store(&db, &h, &store)?;
-    db.memory_stores.get(&store).map(|s| Json(store_json(s))).ok_or_else(|| not_found(format!("{store} not found")))
+    store_ref(&db, &store).map(|s| Json(store_json(s)))
 }
 
 #[derive(Debug, Deserialize)]
@@ -544,7 +553,7 @@ async fn list_memories(
 ) -> ApiResult<Json<Value>> {
     let db = cp.db();
     authorize_store(&db, &h, &store)?;
-    let s = db.memory_stores.get(&store).ok_or_else(|| not_found(format!("memory store {store} not found")))?;
+    let s = store_ref(&db, &store)?;
     let full = full_view(&q.view, false)?;
     let prefix = q.path_prefix.clone().unwrap_or_else(|| "/".into());
     if !prefix.starts_with('/') || !prefix.ends_with('/') {
@@ -566,9 +575,7 @@ async fn list_memories(
             _ => all.push(memory_json(&store, m, full)),
         }
     }
-    let pq = super::PageQuery { limit: q.limit, page: q.page.clone(), order: None };
-    let page = super::page_of(&all, &pq, 20, if full { 20 } else { 100 })?;
-    Ok(Json(serde_json::to_value(page).expect("serialises")))
+    page(&all, q.limit, q.page, if full { 20 } else { 100 })
 }
 
 #[derive(Debug, Deserialize)]
@@ -608,7 +615,7 @@ async fn get_memory(
     let db = cp.db();
     authorize_store(&db, &h, &store)?;
     let full = full_view(&q.view, true)?;
-    let s = db.memory_stores.get(&store).ok_or_else(|| not_found(format!("memory store {store} not found")))?;
+    let s = store_ref(&db, &store)?;
     let m = s.memories.get(&mem).ok_or_else(|| not_found(format!("memory {mem} not found")))?;
     Ok(Json(memory_json(&store, m, full)))
 }
@@ -707,7 +714,7 @@ async fn list_versions(
     let db = cp.db();
     authorize_store(&db, &h, &store)?;
     let full = full_view(&q.view, false)?;
-    let s = db.memory_stores.get(&store).ok_or_else(|| not_found(format!("memory store {store} not found")))?;
+    let s = store_ref(&db, &store)?;
     let all: Vec<Value> = s
         .versions
         .iter()
@@ -717,8 +724,7 @@ async fn list_versions(
         .filter(|v| q.operation.as_deref().is_none_or(|o| o == v.operation))
         .map(|v| version_json(&store, v, full))
         .collect();
-    let pq = super::PageQuery { limit: q.limit, page: q.page.clone(), order: None };
-    Ok(Json(serde_json::to_value(super::page_of(&all, &pq, 20, if full { 20 } else { 100 })?).expect("serialises")))
+    page(&all, q.limit, q.page, if full { 20 } else { 100 })
 }
 
 async fn get_version(
@@ -730,7 +736,7 @@ async fn get_version(
     let db = cp.db();
     authorize_store(&db, &h, &store)?;
     let full = full_view(&q.view, true)?;
-    let s = db.memory_stores.get(&store).ok_or_else(|| not_found(format!("memory store {store} not found")))?;
+    let s = store_ref(&db, &store)?;
     let v = s.versions.iter().find(|v| v.id == ver).ok_or_else(|| not_found(format!("version {ver} not found")))?;
     Ok(Json(version_json(&store, v, full)))
 }

@@ -191,10 +191,11 @@ impl FileStore {
         }
     }
 
-    /// A regular file's bytes, at most `MAX_FILE_BYTES`; `None` when absent.
-    pub(crate) fn get(&self, rel: &str) -> Result<Option<Vec<u8>>, FileError> {
-        let parts = components(rel)?;
-        let rel = parts.join("/");
+    /// `rel` opened for reading beneath the root (never blocking on a FIFO), with its status:
+    /// its path as normalised, the descriptor and what `fstat` says; `None` when absent, refused
+    /// when it is not a regular file.
+    fn open_regular(&self, rel: &str) -> Result<Option<(String, OwnedFd, nix::sys::stat::FileStat)>, FileError> {
+        let rel = components(rel)?.join("/");
         let root = self.open_root()?;
         let Some(fd) = self.open_beneath(&root, &rel, OFlag::O_RDONLY | OFlag::O_NONBLOCK | OFlag::O_NOCTTY)? else {
             return Ok(None);
@@ -203,6 +204,12 @@ impl FileStore {
         if !is_reg(&m) {
             return Err(refused(&rel, Refused::NotAFile));
         }
+        Ok(Some((rel, fd, m)))
+    }
+
+    /// A regular file's bytes, at most `MAX_FILE_BYTES`; `None` when absent.
+    pub(crate) fn get(&self, rel: &str) -> Result<Option<Vec<u8>>, FileError> {
+        let Some((rel, fd, m)) = self.open_regular(rel)? else { return Ok(None) };
         if m.st_size as u64 > MAX_FILE_BYTES {
             return Err(refused(&rel, Refused::TooLarge));
         }
@@ -227,16 +234,7 @@ impl FileStore {
 
     /// One file's digest, as `hashtree` gives it; `None` when absent.
     pub(crate) fn hash_file(&self, rel: &str) -> Result<Option<String>, FileError> {
-        let parts = components(rel)?;
-        let rel = parts.join("/");
-        let root = self.open_root()?;
-        let Some(fd) = self.open_beneath(&root, &rel, OFlag::O_RDONLY | OFlag::O_NONBLOCK | OFlag::O_NOCTTY)? else {
-            return Ok(None);
-        };
-        let m = nix::sys::stat::fstat(&fd).map_err(io(&rel))?;
-        if !is_reg(&m) {
-            return Err(refused(&rel, Refused::NotAFile));
-        }
+        let Some((rel, fd, m)) = self.open_regular(rel)? else { return Ok(None) };
         self.digest(&rel, fd, &m, now_ns()).map(Some)
     }
 
