@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use stockade::jail::{self, JailError, JailSpec, Step, EXIT_NOT_EXECUTABLE, EXIT_NOT_FOUND, EXIT_SETUP_FAILED};
 use stockade::policy::{self, syscalls, Policy};
 
+mod cp;
 mod man;
 mod ops;
 mod overrides;
