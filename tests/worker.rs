@@ -1822,3 +1822,31 @@ fn jails_are_built_no_more_than_max_jail_builds_at_a_time() {
         assert!(pair[1].0 >= pair[0].1 - 0.002, "two builds overlapped: {pair:?}\n{log}");
     }
 }
+
+/// The worker raises its own open-file limit to the hard one (a few descriptors per live
+/// session), and its sessions get back the limit it was started with: a jail whose policy sets
+/// no `limits.nofile` inherits the operator's, not the worker's.
+#[test]
+fn the_worker_raises_its_open_file_limit_and_its_jails_do_not_inherit_it() {
+    use std::os::unix::process::CommandExt;
+    let cp = Cp::start(Duration::from_secs(30));
+    let state = TempDir::new("w-nofile");
+    let (_d, pol) = policy("default", "[limits]\nnofile = \"none\"\n");
+    let mut c = worker_cmd(&cp, state.path(), &["--policy", pol.to_str().unwrap()]);
+    c.arg("--environment-key-file").arg(cp.key_file());
+    // SAFETY: setrlimit is async-signal-safe; nothing else runs in the child before exec.
+    unsafe {
+        c.pre_exec(|| {
+            nix::sys::resource::setrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE, 300, 4096)
+                .map_err(std::io::Error::from)
+        });
+    }
+    let w = Worker { child: c.spawn().unwrap() };
+    let (s, _) = cp.session(vec![bash("ulimit -Sn; ulimit -Hn")]);
+    let v = cp.wait_ended(&s, Duration::from_secs(60));
+    assert!(completed(&v), "{v:#?}");
+    assert_eq!(result_of(&v, 0), "300\n4096");
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", w.child.id())).unwrap();
+    let line = limits.lines().find(|l| l.starts_with("Max open files")).unwrap();
+    assert_eq!(line.split_whitespace().collect::<Vec<_>>()[3..5], ["4096", "4096"], "{line}");
+}

@@ -114,6 +114,29 @@ pub struct WorkerConfig {
     pub webhook_poll: Duration,
 }
 
+/// Raises the worker's soft open-file limit to its hard one: each live session holds a few
+/// descriptors in the worker (its event stream, its session process's pipes), and the usual soft
+/// limit of 1,024 would end a worker at a few hundred sessions. Returns the limits it started
+/// with, which its sessions get back. Says so when even the hard limit is short of what
+/// `max_sessions` need.
+fn raise_open_files(max_sessions: usize) -> Option<(u64, u64)> {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE).ok()?;
+    let need = (max_sessions as u64).saturating_mul(8).saturating_add(256);
+    if soft < hard && setrlimit(Resource::RLIMIT_NOFILE, hard, hard).is_ok() {
+        tracing::info!(from = soft, to = hard, "raised the open-file limit");
+    }
+    if hard < need {
+        tracing::warn!(
+            limit = hard,
+            need,
+            "the open-file limit is short of what --max-sessions needs (about 8 per session); raise it \
+             (LimitNOFILE= in the systemd unit, ulimit -Hn, or the container runtime's nofile)"
+        );
+    }
+    Some((soft, hard))
+}
+
 /// Jails built at once by default: two per CPU the worker may use, so that building never
 /// starves the heartbeats of the sessions that already run.
 pub fn default_jail_builds() -> usize {
@@ -306,7 +329,12 @@ async fn context(cfg: &WorkerConfig) -> Result<Arc<Ctx>, WorkerError> {
     Ok(Arc::new(Ctx {
         client,
         env: cfg.environment_id.clone(),
-        runner: RunnerConfig { exe: cfg.exe.clone(), policy: snapshot.display().to_string(), log_json: cfg.log_json },
+        runner: RunnerConfig {
+            exe: cfg.exe.clone(),
+            policy: snapshot.display().to_string(),
+            log_json: cfg.log_json,
+            nofile: raise_open_files(cfg.max_sessions),
+        },
         metrics,
         owner,
         disk,

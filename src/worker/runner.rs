@@ -24,6 +24,10 @@ pub(crate) struct RunnerConfig {
     /// `--policy` for the jail: a built-in name or a file.
     pub policy: String,
     pub log_json: bool,
+    /// The open-file limit the worker was started with, before it raised its own (see
+    /// `worker::raise_open_files`): what a session's process gets back, so a jail whose policy
+    /// sets no `limits.nofile` inherits the operator's limit, not the worker's.
+    pub nofile: Option<(u64, u64)>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -91,13 +95,18 @@ impl SessionProcess {
             .stderr(Stdio::inherit())
             .kill_on_drop(true);
         // SAFETY: the closure runs in the forked child before exec and only calls setsid,
-        // close_range and prctl, which are async-signal-safe; it touches no memory shared with
-        // the parent.
+        // setrlimit, close_range and prctl, which are async-signal-safe; it touches no memory
+        // shared with the parent.
         unsafe {
-            cmd.pre_exec(|| {
+            let nofile = cfg.nofile;
+            cmd.pre_exec(move || {
                 // A worker started from a terminal must not lend it to its sessions: a session of
                 // their own leaves them without a controlling terminal.
                 nix::unistd::setsid().map_err(std::io::Error::from)?;
+                if let Some((soft, hard)) = nofile {
+                    nix::sys::resource::setrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE, soft, hard)
+                        .map_err(std::io::Error::from)?;
+                }
                 // Only stdio passes: descriptors the worker inherited from whoever started it
                 // stay out of the session process.
                 let _ = crate::util::close_range(3, u32::MAX, libc::CLOSE_RANGE_CLOEXEC);
