@@ -250,6 +250,12 @@ struct SessionArgs {
     /// (the worker saves it to the store, then writes the file).
     #[arg(long = "memory-store", value_name = "HOST_DIR:JAIL_DIR[:ro]")]
     memory_stores: Vec<String>,
+    /// Started by this worker: leave its session, close its descriptors, die with it.
+    #[arg(long, hide = true, value_name = "PID")]
+    worker_pid: Option<i32>,
+    /// With --worker-pid: the open-file limit to take back, SOFT:HARD.
+    #[arg(long, hide = true, value_name = "SOFT:HARD", requires = "worker_pid")]
+    nofile: Option<String>,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -700,6 +706,15 @@ fn describe(p: &Policy, r: &jail::Report) -> String {
 }
 
 fn cmd_session(a: SessionArgs) -> i32 {
+    if let Some(worker) = a.worker_pid {
+        let nofile = a.nofile.as_deref().and_then(|n| {
+            let (s, h) = n.split_once(':')?;
+            Some((s.parse().ok()?, h.parse().ok()?))
+        });
+        if let Err(e) = stockade::worker::become_session_process(worker, nofile) {
+            return fail(e);
+        }
+    }
     let mut policy = match load_policy(a.jail.policy.as_deref(), &a.jail.overrides) {
         Ok(p) => p,
         Err(c) => return c,

@@ -255,6 +255,7 @@ fn the_environment_key_never_reaches_a_jailed_process() {
     let tail = &key[key.len() - 16..];
     // Split, so that the command line holding the pattern does not itself match.
     let (a, b) = tail.split_at(8);
+    let key_path = cp.key_file();
     let (s, _) = cp.session(vec![
         bash(&format!(
             "printf '%s' '{a}' > /tmp/.pat; printf '%s' '{b}' >> /tmp/.pat; \
@@ -264,6 +265,19 @@ fn the_environment_key_never_reaches_a_jailed_process() {
         )),
         step("grep", json!({"pattern": tail, "path": "/etc", "output_mode": "files_with_matches"})),
     ]);
+    // While the session lives, its session process (outside the jail) holds no descriptor of the
+    // worker's either.
+    cp.wait_for("the first result", Duration::from_secs(60), || {
+        cp.view(&s).calls.first().is_some_and(|c| c.result.is_some())
+    });
+    let session_pids = processes_whose_cmdline_has(&format!("{}/items/", state.path().display()));
+    assert!(!session_pids.is_empty(), "no session process to look at");
+    for pid in session_pids {
+        for fd in std::fs::read_dir(format!("/proc/{pid}/fd")).into_iter().flatten().flatten() {
+            let target = std::fs::read_link(fd.path()).unwrap_or_default();
+            assert_ne!(target, key_path, "the session process {pid} holds the worker's descriptor");
+        }
+    }
     let v = cp.wait_ended(&s, Duration::from_secs(60));
     assert!(completed(&v), "{v:#?}");
     let out = result_of(&v, 0);

@@ -13,6 +13,7 @@ mod post;
 pub mod provision;
 pub(crate) mod room;
 mod runner;
+pub use runner::become_session_process;
 pub(crate) mod ship;
 pub(crate) mod skills;
 pub(crate) mod state;

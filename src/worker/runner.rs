@@ -62,6 +62,26 @@ pub(crate) struct SessionProcess {
     pub build_time: Duration,
 }
 
+/// The first thing a session process the worker started does (`stockade session --worker-pid`):
+/// it leaves the worker's session (a worker started from a terminal must not lend it to its
+/// jails), takes back the open-file limit the worker was started with, closes every descriptor
+/// but stdio (the worker's, inherited from whoever started it, stay out), and dies with the
+/// worker — or exits at once if the worker is already gone.
+pub fn become_session_process(worker: i32, nofile: Option<(u64, u64)>) -> Result<(), String> {
+    nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL).map_err(|e| format!("PR_SET_PDEATHSIG: {e}"))?;
+    if nix::unistd::getppid().as_raw() != worker {
+        return Err(format!("the worker (pid {worker}) is gone"));
+    }
+    nix::unistd::setsid().map_err(|e| format!("setsid: {e}"))?;
+    if let Some((soft, hard)) = nofile {
+        nix::sys::resource::setrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE, soft, hard)
+            .map_err(|e| format!("RLIMIT_NOFILE: {e}"))?;
+    }
+    // SAFETY: nothing in this process holds a descriptor above stderr yet: it is the first
+    // thing the session process does after parsing its arguments.
+    unsafe { crate::util::close_range(3, u32::MAX, 0) }.map_err(|e| format!("close_range: {e}"))
+}
+
 impl SessionProcess {
     pub(crate) async fn start(
         cfg: &RunnerConfig,
@@ -94,24 +114,14 @@ impl SessionProcess {
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .kill_on_drop(true);
-        // SAFETY: the closure runs in the forked child before exec and only calls setsid,
-        // setrlimit, close_range and prctl, which are async-signal-safe; it touches no memory
-        // shared with the parent.
-        unsafe {
-            let nofile = cfg.nofile;
-            cmd.pre_exec(move || {
-                // A worker started from a terminal must not lend it to its sessions: a session of
-                // their own leaves them without a controlling terminal.
-                nix::unistd::setsid().map_err(std::io::Error::from)?;
-                if let Some((soft, hard)) = nofile {
-                    nix::sys::resource::setrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE, soft, hard)
-                        .map_err(std::io::Error::from)?;
-                }
-                // Only stdio passes: descriptors the worker inherited from whoever started it
-                // stay out of the session process.
-                let _ = crate::util::close_range(3, u32::MAX, libc::CLOSE_RANGE_CLOEXEC);
-                nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL).map_err(std::io::Error::from)
-            });
+        // What the session process must be (a session of its own, the operator's open-file
+        // limit, no descriptor of the worker's, dead with the worker) it makes itself at its
+        // start (`become_session_process`): with no code to run between fork and exec, the
+        // spawn is a vfork-style posix_spawn, whose cost does not grow with the worker's memory
+        // as a fork's page-table copy does with every live session.
+        cmd.arg("--worker-pid").arg(std::process::id().to_string());
+        if let Some((soft, hard)) = cfg.nofile {
+            cmd.arg("--nofile").arg(format!("{soft}:{hard}"));
         }
         let mut child = cmd.spawn().map_err(RunnerError::Spawn)?;
         let stdin = child.stdin.take();
