@@ -49,9 +49,11 @@ const NOT_CONFIRMED: &str = "the memory store did not confirm the change, so rea
 #[serde(rename_all = "snake_case")]
 #[clap(rename_all = "snake_case")]
 pub enum DeleteMode {
+    /// A file deleted in the folder (and still missing 30 s later) deletes its memory.
     Enabled,
     /// Run every check and only log what would be deleted.
     LogOnly,
+    /// Never delete a memory because its file is gone.
     Disabled,
 }
 
