@@ -796,17 +796,23 @@ fn a_worker_started_from_a_terminal_keeps_it_from_its_sessions() {
         while nix::unistd::read(&master, &mut buf).is_ok_and(|n| n > 0) {}
     });
     nix::unistd::write(&pty.master, b"operator-typed-password-hunter2\n").unwrap();
+    let marker = format!("1.5{}", std::process::id() % 1000);
     let (s, _) = cp.session(vec![
-        bash("sleep 1.5"),
+        bash(&format!("sleep {marker}")),
         bash(
             "( : <>/dev/tty ) 2>/dev/null && echo OPENED || echo REFUSED; timeout 1 cat /dev/stderr 2>/dev/null; true",
         ),
     ]);
     // While the first call runs: the session process the worker started has a session of its
-    // own, without a terminal (field 7 of /proc/PID/stat, tty_nr, is 0).
+    // own, without a terminal (field 7 of /proc/PID/stat, tty_nr, is 0). It leaves the worker's
+    // as the first thing it does, before it builds the jail: a call running is past that.
     let needle = format!("{}/items/", state.path().display());
-    cp.wait_for("the session process", Duration::from_secs(20), || !processes_whose_cmdline_has(&needle).is_empty());
-    for pid in processes_whose_cmdline_has(&needle) {
+    cp.wait_for("the first call to run", Duration::from_secs(20), || {
+        !host_processes_matching(&format!("sleep {marker}")).is_empty()
+    });
+    let sessions = processes_whose_cmdline_has(&needle);
+    assert!(!sessions.is_empty(), "no session process to look at");
+    for pid in sessions {
         // A short-lived helper of the worker's (mkfs for the workspace) may be gone already.
         let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { continue };
         let fields: Vec<&str> = stat.rsplit_once(')').map(|(_, r)| r.split_whitespace().collect()).unwrap_or_default();
