@@ -16,7 +16,8 @@ impl SessionMemory {
     pub(super) fn scan(&mut self, i: usize) -> Scan {
         let s = &mut self.stores[i];
         let recorded = std::mem::take(&mut s.to_restore);
-        let tree = match s.files.hashtree() {
+        // A walk reads up to 10,000 names (and hashes what changed): off the runtime's threads.
+        let tree = match tokio::task::block_in_place(|| s.files.hashtree()) {
             Ok(t) => t,
             Err(e) => {
                 tracing::warn!(memory_store_id = %s.id, error = %e, "cannot read the memory store folder");
@@ -69,7 +70,9 @@ impl SessionMemory {
     /// Files missing now (after a stopped call) are pulled again instead of deleted.
     pub(crate) fn restore_missing(&mut self) {
         for s in &mut self.stores {
-            let local: BTreeSet<String> = s.files.hashtree().map(|t| t.files.into_keys().collect()).unwrap_or_default();
+            let local: BTreeSet<String> = tokio::task::block_in_place(|| s.files.hashtree())
+                .map(|t| t.files.into_keys().collect())
+                .unwrap_or_default();
             let known: Vec<String> = s.baseline.keys().chain(s.sent.keys()).cloned().collect();
             s.to_restore.extend(known.into_iter().filter(|r| !local.contains(r)));
         }
@@ -108,8 +111,11 @@ impl SessionMemory {
             }
         }
         s.ids = remote.iter().map(|(r, m)| (r.clone(), m.id.clone())).collect();
-        let local =
-            if s.sent.is_empty() { BTreeMap::new() } else { s.files.hashtree().map(|t| t.files).unwrap_or_default() };
+        let local = if s.sent.is_empty() {
+            BTreeMap::new()
+        } else {
+            tokio::task::block_in_place(|| s.files.hashtree()).map(|t| t.files).unwrap_or_default()
+        };
         let mut kept = HashMap::new();
         for (rel, shas) in std::mem::take(&mut s.sent) {
             let Some(listed) = remote.get(&rel) else { continue };
