@@ -284,15 +284,26 @@ fn a_file_a_stopped_call_moved_away_is_restored_not_deleted() {
     let state = TempDir::new("w-mem-stopped");
     let _w = start_worker(&cp, state.path(), &["--max-concurrent-calls", "2"]);
     let notes = store(&cp, "notes", &[("/a.md", "a"), ("/b.md", "b")]);
-    let mut stopped = bash("mv /mnt/memory/notes/a.md /tmp/a.md; sleep 60");
+    let marker = format!("sleep 60.{}", std::process::id());
+    let mut stopped = bash(&format!("mv /mnt/memory/notes/a.md /tmp/a.md; {marker}"));
     stopped.thread = Some("sthr_sub".into());
-    stopped.abandon_after_ms = Some(1500);
     let (s, _) = cp.session_with(
         vec![stopped, bash("sleep 1; ls /mnt/memory/notes")],
         serde_json::Map::new(),
         Vec::new(),
         vec![attach(&notes, "/mnt/memory/notes", false)],
     );
+    // The thread stops waiting once the file is moved away and the command sleeps.
+    cp.wait_for("the subagent's command to move the file", Duration::from_secs(30), || {
+        !host_processes_matching(&marker).is_empty()
+    });
+    cp.cp
+        .push_raw_event(
+            &s,
+            serde_json::json!({"type": "session.thread_status_idle", "session_thread_id": "sthr_sub",
+                               "stop_reason": {"type": "end_turn"}}),
+        )
+        .unwrap();
     let v = cp.wait_ended(&s, Duration::from_secs(60));
     assert!(completed(&v), "{v:#?}");
     assert!(result_of(&v, 0).contains("was stopped"), "{v:#?}");

@@ -19,7 +19,9 @@ fn on(thread: &str, step: ScriptStep) -> ScriptStep {
 /// waits its turn and the subagent's times out first.
 #[test]
 fn calls_of_different_threads_overlap_up_to_the_limit() {
-    let script = || {
+    // The subagent's command lingers a second after it sees the flag, so that the primary call's
+    // answer coming first shows it was answered at once, not held back until the batch was over.
+    let script = |timeout_ms: u64| {
         vec![
             on(
                 "sthr_sub",
@@ -27,8 +29,8 @@ fn calls_of_different_threads_overlap_up_to_the_limit() {
                     with_next: true,
                     ..step(
                         "bash",
-                        serde_json::json!({"command": "until [ -e /workspace/flag ]; do sleep 0.05; done; echo saw flag",
-                                           "timeout_ms": 3000}),
+                        serde_json::json!({"command": "until [ -e /workspace/flag ]; do sleep 0.05; done; sleep 1; echo saw flag",
+                                           "timeout_ms": timeout_ms}),
                     )
                 },
             ),
@@ -36,10 +38,12 @@ fn calls_of_different_threads_overlap_up_to_the_limit() {
             bash("echo after"),
         ]
     };
-    for (limit, overlap) in [("2", true), ("1", false)] {
+    // With room for both, the subagent's wait is bounded generously: the flag comes as soon as
+    // the primary call runs. With room for one, its timeout is what lets the primary call run.
+    for (limit, overlap, timeout_ms) in [("2", true, 20_000), ("1", false, 3000)] {
         let cp = Cp::start(Duration::from_secs(30));
         let state = TempDir::new("w-state");
-        let (s, _) = cp.session(script());
+        let (s, _) = cp.session(script(timeout_ms));
         let _w = start_worker(&cp, state.path(), &["--max-concurrent-calls", limit]);
         let v = cp.wait_ended(&s, Duration::from_secs(60));
         assert!(completed(&v), "limit {limit}: {v:#?}");
@@ -65,14 +69,20 @@ fn a_call_the_session_stops_waiting_on_is_stopped() {
     let cp = Cp::start(Duration::from_secs(30));
     let state = TempDir::new("w-state");
     let marker = format!("sleep 120.{}", std::process::id());
-    let (s, _) = cp.session(vec![
-        ScriptStep { abandon_after_ms: Some(1500), ..on("sthr_sub", bash(&format!("{marker}; echo never"))) },
-        bash("echo next"),
-    ]);
+    let (s, _) = cp.session(vec![on("sthr_sub", bash(&format!("{marker}; echo never"))), bash("echo next")]);
     let _w = start_worker(&cp, state.path(), &[]);
     cp.wait_for("the subagent's command to start", Duration::from_secs(30), || {
         !host_processes_matching(&marker).is_empty()
     });
+    // The thread stops waiting once the command runs (a scripted delay would race the worker's
+    // start on a slow machine, and stop a call that never ran).
+    cp.cp
+        .push_raw_event(
+            &s,
+            serde_json::json!({"type": "session.thread_status_idle", "session_thread_id": "sthr_sub",
+                               "stop_reason": {"type": "end_turn"}}),
+        )
+        .unwrap();
     let v = cp.wait_ended(&s, Duration::from_secs(60));
     assert!(completed(&v), "{v:#?}");
     assert_eq!(result_of(&v, 0), "tool 'bash' was stopped, and may have already done some or all of its work");
