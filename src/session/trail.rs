@@ -16,7 +16,7 @@ use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use crate::jail::execwatch::{Exec, Observer, Target};
 use crate::policy::{OnFull, Trail as TrailPolicy};
@@ -39,17 +39,36 @@ pub enum TrailError {
 #[derive(Debug, Clone)]
 pub(crate) struct Redactor {
     literals: Vec<String>,
-    patterns: Vec<regex::Regex>,
+    patterns: Arc<[regex::Regex]>,
+}
+
+/// The policy's patterns compiled, shared by every trail the process opens with the same list: a
+/// worker's sessions all have its policy, and a compiled set with its match caches is ~100 KiB —
+/// per session, the largest part of an idle session's cost to the worker. Shared, not cloned: a
+/// cloned `Regex` gets caches of its own.
+fn compiled(patterns: &[String]) -> Result<Arc<[regex::Regex]>, TrailError> {
+    type Compiled = (Vec<String>, Arc<[regex::Regex]>);
+    static LAST: Mutex<Option<Compiled>> = Mutex::new(None);
+    let mut last = LAST.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some((p, c)) = &*last {
+        if p.as_slice() == patterns {
+            return Ok(c.clone());
+        }
+    }
+    let c: Arc<[regex::Regex]> = patterns
+        .iter()
+        .map(|p| regex::Regex::new(p).map_err(|source| TrailError::Pattern { pattern: p.clone(), source }))
+        .collect::<Result<Vec<_>, _>>()?
+        .into();
+    *last = Some((patterns.to_vec(), c.clone()));
+    Ok(c)
 }
 
 impl Redactor {
     /// `patterns` were checked when the policy was read; one that still fails to compile (a
     /// size limit) is an error rather than a pattern silently skipped.
     pub(crate) fn new(literals: Vec<String>, patterns: &[String]) -> Result<Redactor, TrailError> {
-        let patterns = patterns
-            .iter()
-            .map(|p| regex::Regex::new(p).map_err(|source| TrailError::Pattern { pattern: p.clone(), source }))
-            .collect::<Result<_, _>>()?;
+        let patterns = compiled(patterns)?;
         // Short literals would redact ordinary words; a credential is never this short.
         let literals = literals.into_iter().filter(|l| l.len() >= 8).collect();
         Ok(Redactor { literals, patterns })
@@ -63,7 +82,7 @@ impl Redactor {
                 out = out.replace(l.as_str(), REDACTED);
             }
         }
-        for p in &self.patterns {
+        for p in self.patterns.iter() {
             if !p.is_match(&out) {
                 continue;
             }

@@ -107,6 +107,7 @@ impl SessionTrail {
             sinks: super::ship::Sink::from_policy(&ctx.policy.trail.ship),
             metrics: ctx.metrics.clone(),
             mark: dirs.dir.join("trail.shipped"),
+            trails: ctx.trails.clone(),
         };
         let shipper = tokio::spawn(super::ship::follow(follow, rx).in_current_span());
         writer.record(

@@ -17,6 +17,7 @@ pub use runner::become_session_process;
 pub(crate) mod ship;
 pub(crate) mod skills;
 pub(crate) mod state;
+mod trail_watch;
 mod view;
 
 use std::net::SocketAddr;
@@ -216,6 +217,8 @@ pub(crate) struct Ctx {
     /// Items whose lease this worker lost, with their directories kept: handed out to this
     /// worker again, the session continues in the same workspace. Retired after `LOST_KEEP`.
     lost: std::sync::Mutex<std::collections::HashMap<String, (state::ItemRecord, std::time::Instant)>>,
+    /// What the sessions' trail followers share.
+    trails: Arc<trail_watch::Trails>,
 }
 
 /// The default cap on one posted result: room for the largest block a tool returns (a 20 MiB PDF
@@ -360,6 +363,7 @@ async fn context(cfg: &WorkerConfig) -> Result<Arc<Ctx>, WorkerError> {
         room_now: Default::default(),
         doomed: Default::default(),
         lost: Default::default(),
+        trails: Default::default(),
         state,
     }))
 }

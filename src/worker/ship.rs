@@ -9,10 +9,10 @@ use std::io::{Read, Seek, SeekFrom};
 use std::path::PathBuf;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
-use std::time::Duration;
 use tokio::sync::watch;
 
 use super::metrics::Metrics;
+use super::trail_watch::Trails;
 
 /// Where records go besides the trail file.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -45,11 +45,14 @@ pub(crate) struct Follow {
     /// Where the offset of what was shipped is kept, so a restarted worker resumes after it
     /// rather than shipping (and counting) the trail again.
     pub mark: PathBuf,
+    /// What all followers share: the watch that wakes them, the OTLP client.
+    pub trails: Arc<Trails>,
 }
 
 /// Follows the trail until `done` turns true, then reads it to its end once more and returns.
 pub(crate) async fn follow(f: Follow, mut done: watch::Receiver<bool>) {
-    let http = reqwest::Client::builder().timeout(Duration::from_secs(10)).build().ok();
+    let wake = f.trails.wake_on_write(&f.path);
+    let http = f.sinks.iter().any(|s| matches!(s, Sink::Otlp(_))).then(|| f.trails.http()).flatten();
     let len = std::fs::metadata(&f.path).map_or(0, |m| m.len());
     // A mark past the file's end is not this trail's: then everything is shipped.
     let mut offset = std::fs::read_to_string(&f.mark)
@@ -85,7 +88,7 @@ pub(crate) async fn follow(f: Follow, mut done: watch::Receiver<bool>) {
                 records.push(r);
             }
             if !records.is_empty() {
-                ship(&f.sinks, &records, http.as_ref()).await;
+                ship(&f.sinks, &records, http).await;
             }
             // Whole lines only: a line cut at the read's end is read again from its start.
             let shipped = offset - partial.len() as u64;
@@ -96,7 +99,7 @@ pub(crate) async fn follow(f: Follow, mut done: watch::Receiver<bool>) {
             return;
         }
         tokio::select! {
-            () = tokio::time::sleep(Duration::from_millis(500)) => {}
+            () = wake.next() => {}
             _ = done.changed() => {}
         }
     }
@@ -259,6 +262,7 @@ mod tests {
             sinks: Vec::new(),
             metrics: metrics.clone(),
             mark: dir.join(mark),
+            trails: Arc::new(Trails::default()),
         };
         let sock_path = dir.join("log.sock");
         let sock = std::os::unix::net::UnixDatagram::bind(&sock_path).unwrap();
