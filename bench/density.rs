@@ -4,7 +4,8 @@
 //! last step, the worker's PSS per live session, the kernel's memory per live session (`Slab +
 //! PageTables + KernelStack`), the worker's CPU per idle session over 10 s in which nothing
 //! happens, and its descriptors. At the end: how long the worker's SIGTERM took and the jail cgroups
-//! it left.
+//! it left; then a restart on the same state directory — how long until every held item's lease
+//! was heartbeated and every jail rebuilt, the leases lost — and its own SIGTERM.
 //!
 //! `DENSITY_N=2000 cargo bench --bench density` (root; about 4 MiB of memory and a few MiB of disk
 //! per live session). Figures go to stdout.
@@ -77,6 +78,34 @@ fn stockade_cgroups() -> usize {
     n
 }
 
+/// A worker holding up to `total` sessions at once, idle ones kept, its log in `log`.
+fn start_worker(url: &str, dir: &std::path::Path, total: usize, log: &str) -> std::process::Child {
+    Command::new(STOCKADE)
+        .args(["worker", "--environment-id", DEFAULT_ENVIRONMENT, "--api-url", url])
+        .args(["--max-sessions", &(total + 4).to_string(), "--image-overcommit", "100000", "--max-idle", "1d"])
+        .arg("--state-dir")
+        .arg(dir.join("state"))
+        .arg("--environment-key-file")
+        .arg(dir.join(format!("{DEFAULT_ENVIRONMENT}.key")))
+        .env_remove("ANTHROPIC_API_KEY")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(dir.join(log)).unwrap())
+        .spawn()
+        .unwrap()
+}
+
+/// SIGTERM, timed, and the jail cgroups it left.
+fn sigterm(worker: &mut std::process::Child, total: usize, cgroups_before: usize) {
+    let t = Instant::now();
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(worker.id() as i32), nix::sys::signal::Signal::SIGTERM).unwrap();
+    let status = worker.wait().unwrap();
+    println!(
+        "SIGTERM with {total} live sessions: the worker exited ({status}) after {:.1} s; jail cgroups left: {}",
+        t.elapsed().as_secs_f64(),
+        stockade_cgroups().saturating_sub(cgroups_before)
+    );
+}
+
 fn main() {
     let total = env_usize("DENSITY_N", 2000);
     let step = env_usize("DENSITY_STEP", 500).max(1);
@@ -90,18 +119,7 @@ fn main() {
     std::fs::create_dir_all(&dir).unwrap();
     cp.write_keys(&dir).unwrap();
     let cgroups_before = stockade_cgroups();
-    let mut worker = Command::new(STOCKADE)
-        .args(["worker", "--environment-id", DEFAULT_ENVIRONMENT, "--api-url", &url])
-        .args(["--max-sessions", &(total + 4).to_string(), "--image-overcommit", "100000", "--max-idle", "1d"])
-        .arg("--state-dir")
-        .arg(dir.join("state"))
-        .arg("--environment-key-file")
-        .arg(dir.join(format!("{DEFAULT_ENVIRONMENT}.key")))
-        .env_remove("ANTHROPIC_API_KEY")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut worker = start_worker(&url, &dir, total, "worker.log");
     let wpid = worker.id();
     std::thread::sleep(Duration::from_secs(1));
     let (k0, w0) = (kernel_kib(), pss_kib(wpid));
@@ -110,6 +128,7 @@ fn main() {
         "live", "start p50 ms", "start p99 ms", "worker KiB/s.", "kernel KiB/s.", "worker CPU/idle s.", "worker fds"
     );
     let mut starts = Vec::new();
+    let mut sessions = Vec::new();
     for n in 1..=total {
         let c = cp
             .create_session(CreateSession {
@@ -121,6 +140,7 @@ fn main() {
                 no_secret: false,
             })
             .unwrap();
+        sessions.push(c.session_id.clone());
         let t = Instant::now();
         loop {
             let v = cp.session_view(&c.session_id).unwrap();
@@ -153,14 +173,41 @@ fn main() {
             starts.clear();
         }
     }
+    sigterm(&mut worker, total, cgroups_before);
+    // A new worker on the same state directory takes the held items back: their leases first
+    // (a heartbeat each), their jails as `--max-jail-builds` allows.
+    let requests_before = cp.requests().len();
     let t = Instant::now();
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(wpid as i32), nix::sys::signal::Signal::SIGTERM).unwrap();
-    let status = worker.wait().unwrap();
+    let mut worker = start_worker(&url, &dir, total, "restart.log");
+    let (mut beaten_at, mut rebuilt_at) = (None, None);
+    while beaten_at.is_none() || rebuilt_at.is_none() {
+        assert!(t.elapsed() < Duration::from_secs(900), "the restarted worker did not take every item back");
+        assert!(worker.try_wait().unwrap().is_none(), "the restarted worker exited");
+        std::thread::sleep(Duration::from_millis(250));
+        let requests = cp.requests();
+        let beaten: std::collections::HashSet<&str> = requests[requests_before..]
+            .iter()
+            .filter(|r| r.method == "POST" && r.path.ends_with("/heartbeat"))
+            .filter_map(|r| r.path.split('/').nth(5))
+            .collect();
+        if beaten_at.is_none() && beaten.len() >= total {
+            beaten_at = Some(t.elapsed());
+        }
+        let log = std::fs::read_to_string(dir.join("restart.log")).unwrap_or_default();
+        if rebuilt_at.is_none() && log.matches("session jail ready").count() >= total {
+            rebuilt_at = Some(t.elapsed());
+        }
+    }
+    let log = std::fs::read_to_string(dir.join("restart.log")).unwrap_or_default();
+    let handed_again = sessions.iter().filter(|s| cp.session_view(s).is_some_and(|v| v.polls > 1)).count();
     println!(
-        "SIGTERM with {total} live sessions: the worker exited ({status}) after {:.1} s; jail cgroups left: {}",
-        t.elapsed().as_secs_f64(),
-        stockade_cgroups().saturating_sub(cgroups_before)
+        "restart with {total} held: every lease heartbeated after {:.1} s, every jail rebuilt after {:.1} s; \
+         leases lost: {} (items handed out again: {handed_again})",
+        beaten_at.unwrap().as_secs_f64(),
+        rebuilt_at.unwrap().as_secs_f64(),
+        log.matches("lease lost").count(),
     );
+    sigterm(&mut worker, total, cgroups_before);
     // The images a stopped worker keeps for its restart are unmounted before the directory goes.
     let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
     let mut ours: Vec<&str> =

@@ -105,6 +105,12 @@ impl Backoff {
 #[derive(Clone)]
 pub struct Client {
     http: reqwest::Client,
+    /// For the sessions' event streams only, HTTP/1.1 only: a stream lasts as long as its session,
+    /// and over HTTP/2 the streams would share one connection, whose concurrent-stream limit (100
+    /// to 256 at common servers) they would fill — hyper's pool then queues every further request
+    /// on it, heartbeats included, for as long as the streams live. A connection per stream is
+    /// what the official SDKs hold too (httpx, node's fetch: HTTP/1.1).
+    streams: reqwest::Client,
     base: String,
     /// Shared by the clones of one client, so a rotated key (`set_key`) reaches them all.
     key: std::sync::Arc<std::sync::RwLock<Secret>>,
@@ -153,15 +159,19 @@ fn memory_req() -> Req<'static> {
 
 impl Client {
     pub fn new(base: &str, key: Secret, auth: AuthScheme) -> Result<Client, ApiError> {
-        let http = reqwest::Client::builder()
-            .connect_timeout(Duration::from_secs(5))
-            .pool_idle_timeout(Duration::from_secs(60))
-            .user_agent(concat!("stockade/", env!("CARGO_PKG_VERSION")))
-            .redirect(same_origin_redirects())
-            .build()
-            .map_err(|e| ApiError::Connect(format!("building the HTTP client: {e}")))?;
+        let builder = || {
+            reqwest::Client::builder()
+                .connect_timeout(Duration::from_secs(5))
+                .pool_idle_timeout(Duration::from_secs(60))
+                .user_agent(concat!("stockade/", env!("CARGO_PKG_VERSION")))
+                .redirect(same_origin_redirects())
+        };
+        let built = |b: reqwest::ClientBuilder| {
+            b.build().map_err(|e| ApiError::Connect(format!("building the HTTP client: {e}")))
+        };
         Ok(Client {
-            http,
+            http: built(builder())?,
+            streams: built(builder().http1_only())?,
             base: base.trim_end_matches('/').to_owned(),
             key: std::sync::Arc::new(std::sync::RwLock::new(key)),
             auth,
@@ -214,8 +224,11 @@ impl Client {
     }
 
     fn request(&self, method: &Method, p: &str, r: &Req<'_>) -> reqwest::RequestBuilder {
-        let mut req = self
-            .http
+        self.request_on(&self.http, method, p, r)
+    }
+
+    fn request_on(&self, http: &reqwest::Client, method: &Method, p: &str, r: &Req<'_>) -> reqwest::RequestBuilder {
+        let mut req = http
             .request(method.clone(), format!("{}{p}", self.base))
             .timeout(r.timeout.unwrap_or(self.timeout))
             .header("anthropic-version", wire::API_VERSION);
@@ -486,7 +499,7 @@ impl Client {
         // No overall timeout: the stream lives as long as the session; liveness comes from the
         // server's pings, which the reader bounds.
         let send = self
-            .request(&Method::GET, &p, &Req::default())
+            .request_on(&self.streams, &Method::GET, &p, &Req::default())
             .timeout(Duration::from_secs(365 * 86_400))
             .header("accept", "text/event-stream")
             .send();

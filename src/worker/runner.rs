@@ -9,7 +9,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::io::AsyncWriteExt;
 use tokio::process::{Child, ChildStdin, Command};
 use tokio::sync::mpsc;
 
@@ -125,7 +125,8 @@ impl SessionProcess {
         }
         let mut child = cmd.spawn().map_err(RunnerError::Spawn)?;
         let stdin = child.stdin.take();
-        let mut stdout = BufReader::new(child.stdout.take().expect("piped")).lines();
+        let stdout = child.stdout.take().expect("piped").into_owned_fd().map_err(RunnerError::Spawn)?;
+        let mut stdout = Lines::new(stdout).map_err(RunnerError::Spawn)?;
         let ready = match stdout.next_line().await {
             Ok(Some(l)) => serde_json::from_str::<serde_json::Value>(&l).ok(),
             _ => None,
@@ -200,5 +201,96 @@ impl SessionProcess {
             Ok(_) => {}
             Err(_) => self.kill().await,
         }
+    }
+}
+
+/// The session process's answers, a JSON line each, read only when there is something to read:
+/// an idle session's reader holds no buffer (a `BufReader` held 8 KiB per session for its whole
+/// life), and what a read brings is kept only until its lines are taken.
+struct Lines {
+    pipe: tokio::net::unix::pipe::Receiver,
+    pending: Vec<u8>,
+    /// How far `pending` is known to hold no newline: a long answer read in many pieces is
+    /// searched once, not once per piece.
+    scanned: usize,
+}
+
+impl Lines {
+    /// The largest read at once.
+    const CHUNK: usize = 64 << 10;
+
+    fn new(fd: std::os::fd::OwnedFd) -> std::io::Result<Lines> {
+        Ok(Lines { pipe: tokio::net::unix::pipe::Receiver::from_owned_fd(fd)?, pending: Vec::new(), scanned: 0 })
+    }
+
+    /// The next line without its newline; at the end, what is left (a last line without one),
+    /// then `None`.
+    async fn next_line(&mut self) -> std::io::Result<Option<String>> {
+        loop {
+            if let Some(i) = self.pending[self.scanned..].iter().position(|b| *b == b'\n') {
+                let end = self.scanned + i;
+                let rest = self.pending.split_off(end + 1);
+                let mut line = std::mem::replace(&mut self.pending, rest);
+                line.pop();
+                if self.pending.is_empty() {
+                    // The split left the read's capacity here: an idle reader holds none.
+                    self.pending = Vec::new();
+                }
+                self.scanned = 0;
+                return Self::text(line).map(Some);
+            }
+            self.scanned = self.pending.len();
+            self.pipe.readable().await?;
+            self.pending.reserve(Self::CHUNK);
+            match self.pipe.try_read_buf(&mut self.pending) {
+                Ok(0) if self.pending.is_empty() => return Ok(None),
+                Ok(0) => {
+                    self.scanned = 0;
+                    return Self::text(std::mem::take(&mut self.pending)).map(Some);
+                }
+                Ok(_) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    fn text(line: Vec<u8>) -> std::io::Result<String> {
+        String::from_utf8(line).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    #[test]
+    fn lines_come_whole_from_any_pieces_and_an_idle_reader_keeps_no_buffer() {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        rt.block_on(async {
+            let (r, w) = nix::unistd::pipe().unwrap();
+            let mut lines = Lines::new(r).unwrap();
+            let mut w = std::fs::File::from(w);
+            let long = "x".repeat(300 << 10);
+            let (go, wait) = std::sync::mpsc::channel::<()>();
+            let writer = std::thread::spawn(move || {
+                w.write_all(b"{\"a\":1}\n{\"b\"").unwrap();
+                std::thread::sleep(Duration::from_millis(50));
+                w.write_all(b":2}\n").unwrap();
+                wait.recv().unwrap();
+                // Longer than a read: in many pieces.
+                w.write_all(long.as_bytes()).unwrap();
+                w.write_all(b"\nlast").unwrap();
+            });
+            assert_eq!(lines.next_line().await.unwrap().as_deref(), Some("{\"a\":1}"));
+            assert_eq!(lines.next_line().await.unwrap().as_deref(), Some("{\"b\":2}"));
+            assert_eq!(lines.pending.capacity(), 0, "a reader with nothing pending holds no buffer");
+            go.send(()).unwrap();
+            assert_eq!(lines.next_line().await.unwrap().map(|l| l.len()), Some(300 << 10));
+            writer.join().unwrap();
+            assert_eq!(lines.next_line().await.unwrap().as_deref(), Some("last"), "a last line without a newline");
+            assert_eq!(lines.next_line().await.unwrap(), None);
+        });
     }
 }
