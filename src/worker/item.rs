@@ -208,7 +208,7 @@ pub(super) async fn run(
             (end, _) => end,
         };
         let claimed = clock.is_claimed();
-        hb.abort();
+        clock.stop_beating(hb).await;
         match &end {
             End::Lost => {}
             End::Left { .. } => {}

@@ -42,6 +42,9 @@ pub(super) struct LeaseClock {
     inner: std::sync::Mutex<(Duration, Instant)>,
     claimed: watch::Sender<bool>,
     pub(super) beat_now: tokio::sync::Notify,
+    /// The item is over for this run: no more beats (one in flight still has its answer
+    /// recorded).
+    done: watch::Sender<bool>,
 }
 
 impl LeaseClock {
@@ -50,6 +53,19 @@ impl LeaseClock {
             inner: std::sync::Mutex::new((TTL_DEFAULT, Instant::now())),
             claimed: watch::channel(false).0,
             beat_now: tokio::sync::Notify::new(),
+            done: watch::channel(false).0,
+        }
+    }
+
+    /// Ends the heartbeat between beats, never inside one: a beat the server applied but whose
+    /// answer was dropped would leave the item's record a beat behind, and a restart resuming it
+    /// would be refused (412) and lose the session.
+    pub(super) async fn stop_beating(&self, hb: tokio::task::JoinHandle<()>) {
+        self.done.send_replace(true);
+        let abort = hb.abort_handle();
+        // A beat is bounded by its own timeout (at most 30 s); this bound is only a backstop.
+        if tokio::time::timeout(HEARTBEAT_MAX + Duration::from_secs(5), hb).await.is_err() {
+            abort.abort();
         }
     }
 
@@ -226,10 +242,15 @@ pub(super) async fn heartbeat(
     let mut expires = Instant::now() + TTL_DEFAULT;
     let mut due = Instant::now();
     let mut retry = beat_backoff();
+    let mut done = clock.done.subscribe();
     loop {
+        if *done.borrow_and_update() {
+            return;
+        }
         tokio::select! {
             () = tokio::time::sleep_until(due.into()) => {}
             () = clock.beat_now.notified() => {}
+            _ = done.changed() => continue,
         }
         let sent_at = Instant::now();
         if sent_at >= expires {
