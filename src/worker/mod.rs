@@ -16,6 +16,7 @@ mod runner;
 pub use runner::become_session_process;
 pub(crate) mod ship;
 pub(crate) mod skills;
+mod spawner;
 pub(crate) mod state;
 mod trail_watch;
 mod view;

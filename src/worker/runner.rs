@@ -123,7 +123,7 @@ impl SessionProcess {
         if let Some((soft, hard)) = cfg.nofile {
             cmd.arg("--nofile").arg(format!("{soft}:{hard}"));
         }
-        let mut child = cmd.spawn().map_err(RunnerError::Spawn)?;
+        let mut child = super::spawner::spawn(cmd).await.map_err(RunnerError::Spawn)?;
         let stdin = child.stdin.take();
         let stdout = child.stdout.take().expect("piped").into_owned_fd().map_err(RunnerError::Spawn)?;
         let mut stdout = Lines::new(stdout).map_err(RunnerError::Spawn)?;
