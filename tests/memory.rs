@@ -294,16 +294,7 @@ fn a_file_a_stopped_call_moved_away_is_restored_not_deleted() {
         vec![attach(&notes, "/mnt/memory/notes", false)],
     );
     // The thread stops waiting once the file is moved away and the command sleeps.
-    cp.wait_for("the subagent's command to move the file", Duration::from_secs(30), || {
-        !host_processes_matching(&marker).is_empty()
-    });
-    cp.cp
-        .push_raw_event(
-            &s,
-            serde_json::json!({"type": "session.thread_status_idle", "session_thread_id": "sthr_sub",
-                               "stop_reason": {"type": "end_turn"}}),
-        )
-        .unwrap();
+    cp.stop_waiting_once_running(&s, "sthr_sub", &marker);
     let v = cp.wait_ended(&s, Duration::from_secs(60));
     assert!(completed(&v), "{v:#?}");
     assert!(result_of(&v, 0).contains("was stopped"), "{v:#?}");

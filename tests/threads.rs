@@ -71,18 +71,7 @@ fn a_call_the_session_stops_waiting_on_is_stopped() {
     let marker = format!("sleep 120.{}", std::process::id());
     let (s, _) = cp.session(vec![on("sthr_sub", bash(&format!("{marker}; echo never"))), bash("echo next")]);
     let _w = start_worker(&cp, state.path(), &[]);
-    cp.wait_for("the subagent's command to start", Duration::from_secs(30), || {
-        !host_processes_matching(&marker).is_empty()
-    });
-    // The thread stops waiting once the command runs (a scripted delay would race the worker's
-    // start on a slow machine, and stop a call that never ran).
-    cp.cp
-        .push_raw_event(
-            &s,
-            serde_json::json!({"type": "session.thread_status_idle", "session_thread_id": "sthr_sub",
-                               "stop_reason": {"type": "end_turn"}}),
-        )
-        .unwrap();
+    cp.stop_waiting_once_running(&s, "sthr_sub", &marker);
     let v = cp.wait_ended(&s, Duration::from_secs(60));
     assert!(completed(&v), "{v:#?}");
     assert_eq!(result_of(&v, 0), "tool 'bash' was stopped, and may have already done some or all of its work");

@@ -141,6 +141,22 @@ impl Cp {
         }
     }
 
+    /// Once a command matching `marker` runs on the host, the session's `thread` goes idle
+    /// without listing its running call: the subagent no longer waits on it. (A scripted delay
+    /// would race the worker's start on a slow machine, and could stop a call that never ran.)
+    pub(crate) fn stop_waiting_once_running(&self, session: &str, thread: &str, marker: &str) {
+        self.wait_for("the subagent's command to start", Duration::from_secs(30), || {
+            !host_processes_matching(marker).is_empty()
+        });
+        self.cp
+            .push_raw_event(
+                session,
+                serde_json::json!({"type": "session.thread_status_idle", "session_thread_id": thread,
+                                   "stop_reason": {"type": "end_turn"}}),
+            )
+            .unwrap();
+    }
+
     pub(crate) fn faults(&self, faults: Vec<Fault>) {
         let org = self.org();
         let body = stockade::control_plane::local::Faults { faults };
