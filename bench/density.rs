@@ -176,7 +176,7 @@ fn main() {
     sigterm(&mut worker, total, cgroups_before);
     // A new worker on the same state directory takes the held items back: their leases first
     // (a heartbeat each), their jails as `--max-jail-builds` allows.
-    let requests_before = cp.requests().len();
+    let restarted_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64;
     let t = Instant::now();
     let mut worker = start_worker(&url, &dir, total, "restart.log");
     let (mut beaten_at, mut rebuilt_at) = (None, None);
@@ -184,13 +184,11 @@ fn main() {
         assert!(t.elapsed() < Duration::from_secs(900), "the restarted worker did not take every item back");
         assert!(worker.try_wait().unwrap().is_none(), "the restarted worker exited");
         std::thread::sleep(Duration::from_millis(250));
-        let requests = cp.requests();
-        let beaten: std::collections::HashSet<&str> = requests[requests_before..]
+        let beaten = sessions
             .iter()
-            .filter(|r| r.method == "POST" && r.path.ends_with("/heartbeat"))
-            .filter_map(|r| r.path.split('/').nth(5))
-            .collect();
-        if beaten_at.is_none() && beaten.len() >= total {
+            .filter(|s| cp.session_view(s).and_then(|v| v.heartbeat_ms).is_some_and(|ms| ms >= restarted_ms))
+            .count();
+        if beaten_at.is_none() && beaten >= total {
             beaten_at = Some(t.elapsed());
         }
         let log = std::fs::read_to_string(dir.join("restart.log")).unwrap_or_default();
@@ -202,10 +200,11 @@ fn main() {
     let handed_again = sessions.iter().filter(|s| cp.session_view(s).is_some_and(|v| v.polls > 1)).count();
     println!(
         "restart with {total} held: every lease heartbeated after {:.1} s, every jail rebuilt after {:.1} s; \
-         leases lost: {} (items handed out again: {handed_again})",
+         leases lost: {} (items handed out again: {handed_again}); jails that died: {}",
         beaten_at.unwrap().as_secs_f64(),
         rebuilt_at.unwrap().as_secs_f64(),
         log.matches("lease lost").count(),
+        log.matches("the session jail died").count(),
     );
     sigterm(&mut worker, total, cgroups_before);
     // The images a stopped worker keeps for its restart are unmounted before the directory goes.

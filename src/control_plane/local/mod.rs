@@ -126,6 +126,10 @@ pub struct SessionView {
     /// Requests made with the credential of an earlier holder of the item after it was handed to
     /// another (`METHOD PATH`): a worker touching a session it no longer holds. Should stay empty.
     pub late_requests: Vec<String>,
+    /// When the control plane last accepted a heartbeat of the item (milliseconds since the
+    /// epoch), whoever held it.
+    #[serde(default)]
+    pub heartbeat_ms: Option<u64>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -897,6 +901,7 @@ impl LocalControlPlane {
             calls,
             duplicate_results: s.duplicate_results,
             late_requests: w.late.clone(),
+            heartbeat_ms: w.heartbeat_ms,
         })
     }
 }
