@@ -16,7 +16,9 @@ use stockade::control_plane::wire::WorkState;
 /// would be refused (412): the session lost, its item handed out again.
 #[test]
 fn a_heartbeat_in_flight_at_shutdown_is_recorded_and_the_restart_keeps_the_lease() {
-    let cp = Cp::start(Duration::from_secs(4));
+    // A lease long enough for a slow machine's restart (the old worker's exit, two seconds, the
+    // new one's start) to come well within it.
+    let cp = Cp::start(Duration::from_secs(8));
     let state = TempDir::new("w-restart");
     let (s, _) = cp.session(vec![bash("echo one")]);
     let mut w = start_worker(&cp, state.path(), &["--max-idle", "1h"]);
@@ -36,7 +38,7 @@ fn a_heartbeat_in_flight_at_shutdown_is_recorded_and_the_restart_keeps_the_lease
     let _w = start_worker(&cp, state.path(), &["--max-idle", "1h"]);
     // Past a whole lease: a restart refused its lease would have let the item go back to the
     // queue, and it would have been handed out again.
-    std::thread::sleep(Duration::from_secs(7));
+    std::thread::sleep(Duration::from_secs(12));
     let v = cp.view(&s);
     assert_eq!(v.polls, 1, "the item was handed out again: the restart lost its lease: {v:#?}");
     assert_eq!(v.work_state, WorkState::Active, "{v:#?}");
