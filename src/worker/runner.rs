@@ -249,7 +249,12 @@ impl Lines {
                     return Self::text(std::mem::take(&mut self.pending)).map(Some);
                 }
                 Ok(_) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                // A readiness with nothing to read: the reserved room is not kept while idle.
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    if self.pending.is_empty() {
+                        self.pending = Vec::new();
+                    }
+                }
                 Err(e) => return Err(e),
             }
         }
