@@ -385,6 +385,20 @@ mod tests {
         }
         use std::os::unix::fs::MetadataExt;
         let dir = std::env::temp_dir().join(format!("stockade-template-{}", std::process::id()));
+        /// Unmounts the test's images and removes its directory, whether it passes or fails (a
+        /// failed run otherwise left two mounts behind for good).
+        struct Cleanup<'a>(&'a Path);
+        impl Drop for Cleanup<'_> {
+            fn drop(&mut self) {
+                for d in ["a", "b"].map(|n| self.0.join(n)) {
+                    if is_mounted(&d) {
+                        let _ = release(&d);
+                    }
+                }
+                let _ = std::fs::remove_dir_all(self.0);
+            }
+        }
+        let _cleanup = Cleanup(&dir);
         let templates = dir.join("templates");
         let size = 64 << 20;
         // At once, as sessions a worker starts together: both may find no template yet.
@@ -419,6 +433,5 @@ mod tests {
         for d in &mounted {
             release(d).unwrap();
         }
-        std::fs::remove_dir_all(&dir).unwrap();
     }
 }
