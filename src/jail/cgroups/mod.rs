@@ -501,7 +501,14 @@ fn enable_v2_controller(fs: &impl CgroupFs, jail_dir: &Path, ctrl: &str) -> Resu
 /// `remove_stale` for every hierarchy this process's jails would be created in: for a long-lived
 /// worker, which clears what a killed session supervisor left without waiting for the next jail.
 pub(crate) fn remove_stale_all() {
-    remove_stale_near(&Layout::detect());
+    // Where the v1 hierarchies are mounted does not change while a worker runs, but the mount
+    // table grows with its sessions (megabytes at 2,000 live): it is read once, not at every
+    // sweep and every killed jail.
+    static V1_MOUNTS: std::sync::OnceLock<Vec<(String, String, String)>> = std::sync::OnceLock::new();
+    let v1 = V1_MOUNTS.get_or_init(|| mounts().into_iter().filter(|(fstype, _, _)| fstype == "cgroup").collect());
+    let mut layout = Layout::detect_v2();
+    layout.add_v1_from(v1);
+    remove_stale_near(&layout);
 }
 
 /// `remove_stale` in the hierarchies of `layout`. A jail's start runs it once its jail is up
