@@ -707,10 +707,17 @@ fn describe(p: &Policy, r: &jail::Report) -> String {
 
 fn cmd_session(a: SessionArgs) -> i32 {
     if let Some(worker) = a.worker_pid {
-        let nofile = a.nofile.as_deref().and_then(|n| {
-            let (s, h) = n.split_once(':')?;
-            Some((s.parse().ok()?, h.parse().ok()?))
-        });
+        // A limit that does not parse is refused, not dropped: the jails would keep the worker's
+        // raised one.
+        let nofile = match a
+            .nofile
+            .as_deref()
+            .map(|n| n.split_once(':').and_then(|(s, h)| Some((s.parse::<u64>().ok()?, h.parse::<u64>().ok()?))))
+        {
+            None => None,
+            Some(Some(l)) => Some(l),
+            Some(None) => return usage(format!("--nofile {}: expected SOFT:HARD", a.nofile.unwrap_or_default())),
+        };
         if let Err(e) = stockade::worker::become_session_process(worker, nofile) {
             return fail(e);
         }

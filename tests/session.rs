@@ -287,7 +287,7 @@ fn ending_the_session_leaves_workspace_and_outputs_and_nothing_else() {
     }
     let ws = TempDir::new("sess-ws").owned_by_jail_user();
     let out = TempDir::new("sess-out").owned_by_jail_user();
-    let marker = format!("sleep 7{}", std::process::id() % 1000);
+    let marker = format!("sleep 7.{}", std::process::id());
     let (_p, p) = policy_for_host_dirs("default", "");
     let mut s = Sess::start(&[
         "--policy",
@@ -797,4 +797,18 @@ fn the_trail_names_every_call_that_could_have_run_a_program() {
     let c = exec("alone-c");
     assert_eq!(c["tool_use_ids"], Value::Null, "{c}");
     assert_ne!(c["tool_use_id"], Value::Null, "{c}");
+}
+
+/// The open-file limit a worker hands its session process is taken whole or refused: one that
+/// does not parse must not leave the jails with the worker's raised limit.
+#[test]
+fn a_session_process_refuses_an_open_file_limit_it_cannot_read() {
+    let o = Command::new(STOCKADE)
+        .args(["session", "--worker-pid", &std::process::id().to_string(), "--nofile", "1024"])
+        .args(["--policy", "default", "--workspace", "/tmp"])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(2), "{o:?}");
+    assert!(String::from_utf8_lossy(&o.stderr).contains("--nofile 1024: expected SOFT:HARD"), "{o:?}");
 }
